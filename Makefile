@@ -1,0 +1,37 @@
+# slimrank: every target installs what it needs into .venv first.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Where `make demo` keeps its run (bundles, reports); data goes to $SLIMRANK_DATA or the user cache.
+RUN_DIR ?= runs/demo
+
+.PHONY: install test lint unit demo bench protos check-protos clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check slimrank tests bench
+	$(BIN)/ruff format --check slimrank tests bench
+
+unit: install
+	$(BIN)/python -m pytest -q
+
+test: lint unit
+
+demo: install
+	$(BIN)/slimrank data fetch movielens-100k
+	$(BIN)/slimrank data info movielens-100k
+	$(BIN)/slimrank baseline --dataset movielens-100k
+
+bench: install
+	$(BIN)/python bench/retrieval.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""The versioned model bundle: manifest, checksums, atomic publish, safe load."""

@@ -1,0 +1,1 @@
+"""Distillation, pruning, int8 quantization and the accuracy gate."""

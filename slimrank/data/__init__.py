@@ -1,0 +1,1 @@
+"""Datasets (MovieLens-100k, user logs, synthetic catalogs), id maps, splits and feature tables."""

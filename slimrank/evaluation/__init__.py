@@ -1,0 +1,1 @@
+"""Ranking metrics and the evaluation protocol every stage is measured with."""

@@ -1,0 +1,89 @@
+"""The evaluation protocol shared by every stage (DESIGN.md, RecBole's full ranking).
+
+Full ranking over all items minus the items the user already has (training items when
+validating; training and validation items when testing), metrics averaged over the users with
+at least one item in the evaluated part. Ties in score are broken by the lower item index, so a
+ranking, and every metric computed from it, does not depend on how the scorer orders equal
+scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import scipy.sparse as sp
+
+from slimrank.evaluation.metrics import ranking_metrics
+
+# Scores for a batch of user indices: (B,) -> (B, n_items).
+ScoreFn = Callable[[np.ndarray], np.ndarray]
+
+
+def topk_items(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None) -> np.ndarray:
+    """Return the ``(B, k)`` indices of the top-``k`` scores per row, best first.
+
+    ``exclude`` (``(B, n_items)``) marks items that may not be ranked. Rows with fewer than
+    ``k`` rankable items are padded with ``-1``. Ties go to the lower item index.
+    """
+    scores = np.array(scores, dtype=np.float64, copy=True)  # (B, I)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D (batch, items), got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    n_rows, n_items = scores.shape
+    if exclude is not None:
+        exclude = sp.csr_matrix(exclude)
+        if exclude.shape != scores.shape:
+            raise ValueError(f"exclude shape {exclude.shape} != scores shape {scores.shape}")
+        rows = np.repeat(np.arange(n_rows), np.diff(exclude.indptr))
+        scores[rows, exclude.indices] = -np.inf
+    k_eff = min(k, n_items)
+    # Stable sort of -score keeps lower indices first among equal scores.
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]  # (B, k_eff)
+    top = np.where(np.take_along_axis(scores, order, axis=1) == -np.inf, -1, order)
+    if k_eff < k:
+        top = np.pad(top, ((0, 0), (0, k - k_eff)), constant_values=-1)
+    return top
+
+
+def rank_users(
+    score_fn: ScoreFn,
+    users: np.ndarray,
+    exclude: sp.csr_matrix,
+    k: int,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Return the ``(len(users), k)`` top-k items for ``users``, excluding ``exclude[users]``."""
+    exclude = sp.csr_matrix(exclude)
+    parts = []
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        scores = np.asarray(score_fn(batch))
+        if scores.shape != (len(batch), exclude.shape[1]):
+            raise ValueError(
+                f"score_fn returned shape {scores.shape}, expected {(len(batch), exclude.shape[1])}"
+            )
+        parts.append(topk_items(scores, k, exclude[batch]))
+    return np.concatenate(parts) if parts else np.empty((0, k), dtype=np.int64)
+
+
+def evaluate_full_ranking(
+    score_fn: ScoreFn,
+    truth: sp.csr_matrix,
+    exclude: sp.csr_matrix,
+    ks: Iterable[int] = (10,),
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """Return metrics of ``score_fn`` ranking all items for users with a relevant item.
+
+    ``truth`` holds the evaluated part (validation or test) and ``exclude`` the items the user
+    already has (training, or training plus validation), both ``(n_users, n_items)``.
+    """
+    ks = tuple(ks)
+    truth = sp.csr_matrix(truth)
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    top = rank_users(score_fn, users, exclude, max(ks), batch_size)
+    metrics = ranking_metrics(top, truth[users], ks)
+    metrics["users"] = float(len(users))
+    return metrics

@@ -1,0 +1,1 @@
+"""Offline jobs that chain data, retrieval, ranking and compression into a bundle."""

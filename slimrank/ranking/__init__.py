@@ -1,0 +1,1 @@
+"""Teacher and student rankers, candidate features and the serving-time scorer."""

@@ -1,0 +1,1 @@
+"""Two-tower embeddings and the FAISS product-quantization index."""

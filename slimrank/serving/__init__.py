@@ -1,0 +1,1 @@
+"""gRPC servicer, server, hot reload, interceptors, metrics and client."""
