@@ -35,3 +35,13 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+
+# Generated stubs are committed; check-protos (CI) fails when they differ from the .proto files.
+protos: install
+	rm -rf slimrank/serving/proto
+	PYTHON=$(BIN)/python scripts/gen_protos.sh slimrank/serving/proto
+
+check-protos: install
+	@tmp=$$(mktemp -d) && PYTHON=$(BIN)/python scripts/gen_protos.sh $$tmp/proto && \
+	diff -r -x __pycache__ $$tmp/proto slimrank/serving/proto; rc=$$?; rm -rf $$tmp; \
+	if [ $$rc -ne 0 ]; then echo "stubs are stale: run make protos" >&2; fi; exit $$rc

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of protos/ (make protos); do not edit."""
