@@ -1,0 +1,196 @@
+"""User interaction logs (CSV or Parquet) with optional user and item feature tables.
+
+Logs need ``user_id``, ``item_id``, ``timestamp`` and may have ``rating`` (1.0 when absent).
+Ids are read as strings and indexed in first-seen order. ``timestamp`` is unix seconds, or an
+ISO-8601 date-time (taken as UTC when it names no zone). Feature files have ``user_id`` (or
+``item_id``) plus feature columns, typed as in :func:`slimrank.data.features.table_from_frame`.
+
+Every check raises :class:`~slimrank.errors.DataError` naming the file, the column and the first
+bad row (0-based, header excluded) and, for CSV, the line (row + 2). Loading only reads files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from slimrank.data.dataset import Dataset, FeatureTable, IdMap, Interactions
+from slimrank.data.features import table_from_frame
+from slimrank.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+LOG_COLUMNS = ("user_id", "item_id", "timestamp")
+CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def load_logs(
+    path: str | Path,
+    user_features: str | Path | None = None,
+    item_features: str | Path | None = None,
+) -> Dataset:
+    """Return the dataset of a logs file and its optional feature files."""
+    path = Path(path)
+    frame = read_table(path)
+    _require(frame, LOG_COLUMNS, path)
+    if frame.empty:
+        raise DataError("no interactions", path=path)
+    for column in ("user_id", "item_id"):
+        _check_ids(frame[column], path, column)
+    user_ids = _id_strings(frame["user_id"])
+    item_ids = _id_strings(frame["item_id"])
+    timestamp = parse_timestamps(frame["timestamp"], path)
+    if "rating" in frame.columns:
+        rating = _numbers(frame["rating"], path, "rating")
+    else:
+        rating = np.ones(len(frame))  # (n,)
+    keys = pd.DataFrame({"u": user_ids, "i": item_ids, "t": timestamp})
+    duplicated = keys.duplicated().to_numpy()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated)[0])
+        first = int(np.flatnonzero((keys == keys.iloc[row]).all(axis=1).to_numpy())[0])
+        raise DataError(
+            f"duplicate interaction (same user_id, item_id, timestamp as row {first})",
+            **_where(path, "user_id", row),
+        )
+    users, items = IdMap.from_ids(user_ids), IdMap.from_ids(item_ids)
+    interactions = Interactions(
+        user=users.index(user_ids),
+        item=items.index(item_ids),
+        rating=rating.astype(np.float32),
+        timestamp=timestamp,
+    )
+    user_table = (
+        load_feature_table(user_features, "user_id", users)
+        if user_features is not None
+        else FeatureTable.empty(len(users))
+    )
+    item_table = (
+        load_feature_table(item_features, "item_id", items)
+        if item_features is not None
+        else FeatureTable.empty(len(items))
+    )
+    name = path.name.split(".")[0]
+    return Dataset(name, users, items, interactions, user_table, item_table, None)
+
+
+def load_feature_table(path: str | Path, id_column: str, ids: IdMap) -> FeatureTable:
+    """Return the features of ``ids`` read from ``path``; every row must name a known id."""
+    path = Path(path)
+    frame = read_table(path)
+    _require(frame, (id_column,), path)
+    _check_ids(frame[id_column], path, id_column)
+    external = _id_strings(frame[id_column])
+    duplicated = pd.Series(external).duplicated().to_numpy()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated)[0])
+        raise DataError(f"duplicate id {external[row]!r}", **_where(path, id_column, row))
+    index = ids.index(external, unknown="minus_one")
+    unknown = index < 0
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        raise DataError(
+            f"id {external[row]!r} does not appear in the interaction log",
+            **_where(path, id_column, row),
+        )
+    missing = len(ids) - len(index)
+    if missing:
+        logger.info("%s: %d of %d ids have no feature row (unknown)", path, missing, len(ids))
+    features = frame.drop(columns=[id_column])
+    if _is_csv(path):
+        features = features.apply(_infer_csv_column)
+    return table_from_frame(features, index, len(ids))
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Return a CSV (all columns as strings, empty cells null) or Parquet file as a frame."""
+    if not path.is_file():
+        raise DataError("file not found", path=path)
+    try:
+        if _is_csv(path):
+            sep = "\t" if path.name.endswith(".tsv") else ","
+            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+        if path.name.endswith(PARQUET_SUFFIXES):
+            return pd.read_parquet(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot parse: {err}", path=path) from err
+    except (OSError, ValueError) as err:  # pyarrow's errors subclass these
+        raise DataError(f"cannot read: {err}", path=path) from err
+    raise DataError(
+        f"unknown file type; expected one of {CSV_SUFFIXES + PARQUET_SUFFIXES}", path=path
+    )
+
+
+def parse_timestamps(column: pd.Series, path: Path) -> np.ndarray:
+    """Return int64 unix seconds of numbers or ISO-8601 date-times; the first bad row raises."""
+    seconds = np.zeros(len(column), dtype=np.int64)  # (n,)
+    if pd.api.types.is_datetime64_any_dtype(column):
+        numeric = np.full(len(column), np.nan)
+        dates = column.notna().to_numpy()
+    else:
+        numeric = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+        dates = ~np.isfinite(numeric) & column.notna().to_numpy()
+    bad = ~np.isfinite(numeric)
+    seconds[~bad] = numeric[~bad].astype(np.int64)
+    if dates.any():
+        parsed = pd.to_datetime(column[dates], utc=True, errors="coerce", format="ISO8601")
+        ok = parsed.notna().to_numpy()
+        rows = np.flatnonzero(dates)[ok]
+        delta = parsed[ok] - pd.Timestamp(0, tz="UTC")
+        seconds[rows] = (delta // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
+        bad[rows] = False
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"not a unix time or ISO-8601 date-time: {column.iloc[row]!r}",
+            **_where(path, "timestamp", row),
+        )
+    return seconds
+
+
+def _numbers(column: pd.Series, path: Path, name: str) -> np.ndarray:
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"not a finite number: {column.iloc[row]!r}", **_where(path, name, row))
+    return values
+
+
+def _check_ids(column: pd.Series, path: Path, name: str) -> None:
+    null = (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
+    if null.any():
+        raise DataError("null or empty id", **_where(path, name, int(np.flatnonzero(null)[0])))
+
+
+def _id_strings(column: pd.Series) -> np.ndarray:
+    return column.astype(str).to_numpy(dtype=object)  # (n,)
+
+
+def _require(frame: pd.DataFrame, needed: tuple[str, ...], path: Path) -> None:
+    for name in needed:
+        if name not in frame.columns:
+            have = ", ".join(map(str, frame.columns))
+            raise DataError(f"missing column (have: {have})", path=path, column=name)
+
+
+def _is_csv(path: Path) -> bool:
+    return path.name.endswith(CSV_SUFFIXES)
+
+
+def _where(path: Path, column: str, row: int) -> dict[str, object]:
+    """Return DataError's location keywords for a 0-based data row."""
+    return {"path": path, "column": column, "row": row, "line": row + 2 if _is_csv(path) else None}
+
+
+def _infer_csv_column(column: pd.Series) -> pd.Series:
+    """Return a CSV string column as float when every present value is a number."""
+    present = column.dropna()
+    numeric = pd.to_numeric(present, errors="coerce")
+    if len(present) and numeric.notna().all():
+        return pd.to_numeric(column, errors="coerce")
+    return column
