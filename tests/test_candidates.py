@@ -1,0 +1,111 @@
+"""Candidate mining against brute force, labels by hand, and the history / target folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from slimrank.ranking.candidates import (
+    Candidates,
+    exact_search,
+    label_candidates,
+    mine_candidates,
+    pair_lookup,
+    split_history,
+)
+
+
+def random_data(seed: int = 0, n_users: int = 30, n_items: int = 50, d: int = 8):
+    rng = np.random.default_rng(seed)
+    user_vecs = rng.normal(size=(n_users, d)).astype(np.float32)
+    item_vecs = rng.normal(size=(n_items, d)).astype(np.float32)
+    seen = sp.random(n_users, n_items, density=0.2, random_state=seed, format="csr")
+    seen.data[:] = 1.0
+    return user_vecs, item_vecs, seen
+
+
+def test_mining_equals_brute_force_without_excluded_items() -> None:
+    user_vecs, item_vecs, seen = random_data()
+    users = np.arange(0, 30, 2)
+    cands = mine_candidates(user_vecs, exact_search(item_vecs), users, n=10, exclude=seen)
+    dense_seen = seen.toarray().astype(bool)
+    for row, u in enumerate(users):
+        scores = item_vecs @ user_vecs[u]
+        scores[dense_seen[u]] = -np.inf
+        expected = np.argsort(-scores, kind="stable")[:10]
+        np.testing.assert_array_equal(cands.items[row], expected)
+        np.testing.assert_allclose(cands.retrieval_score[row], scores[expected], rtol=1e-5)
+        assert not dense_seen[u, cands.items[row]].any()
+    np.testing.assert_array_equal(cands.user, users)
+
+
+def test_mining_pads_when_too_few_items_remain() -> None:
+    user_vecs, item_vecs, _ = random_data(n_items=6)
+    exclude = sp.csr_matrix(np.array([[1, 1, 0, 1, 0, 0]] + [[0] * 6] * 29, dtype=np.float32))
+    cands = mine_candidates(
+        user_vecs, exact_search(item_vecs), np.array([0, 1]), n=5, exclude=exclude
+    )
+    assert cands.items.shape == (2, 5)
+    assert sorted(cands.items[0, :3].tolist()) == [2, 4, 5]
+    np.testing.assert_array_equal(cands.items[0, 3:], [-1, -1])
+    np.testing.assert_array_equal(cands.retrieval_score[0, 3:], [0.0, 0.0])
+    np.testing.assert_array_equal(cands.mask.sum(axis=1), [3, 5])
+
+
+def test_mining_drops_minus_one_results_of_the_index() -> None:
+    def short_search(queries: np.ndarray, k: int):
+        idx = np.tile(np.array([3, -1, 1, 0]), (len(queries), 1))
+        return np.tile(np.array([4.0, 0.0, 2.0, 1.0], dtype=np.float32), (len(queries), 1)), idx
+
+    cands = mine_candidates(np.zeros((2, 4)), short_search, np.array([0, 1]), n=4)
+    np.testing.assert_array_equal(cands.items, [[3, 1, 0, -1], [3, 1, 0, -1]])
+    np.testing.assert_array_equal(cands.retrieval_score[0], [4.0, 2.0, 1.0, 0.0])
+
+
+def test_labels_by_hand() -> None:
+    cands = Candidates(
+        user=np.array([2, 0]),
+        items=np.array([[4, 1, -1], [0, 3, 2]]),
+        retrieval_score=np.zeros((2, 3)),
+    )
+    positives = sp.csr_matrix(
+        np.array([[0, 0, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 1]], dtype=np.float32)
+    )
+    np.testing.assert_array_equal(
+        label_candidates(cands, positives), [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]
+    )
+
+
+def test_pair_lookup_matches_dense_indexing() -> None:
+    m = sp.random(7, 9, density=0.3, random_state=1, format="csr", dtype=np.float32)
+    rng = np.random.default_rng(1)
+    rows, cols = rng.integers(0, 7, size=(4, 5)), rng.integers(0, 9, size=(4, 5))
+    np.testing.assert_array_equal(pair_lookup(m, rows, cols), m.toarray()[rows, cols])
+    assert pair_lookup(m, np.array([-1]), np.array([0]))[0] == 0.0
+
+
+def test_split_history_partitions_each_user() -> None:
+    _, _, train = random_data(seed=3, n_users=40, n_items=60)
+    history, target = split_history(train, target_frac=0.2, seed=5)
+    assert (history + target - train).nnz == 0  # a partition of train
+    assert history.multiply(target).nnz == 0
+    counts = np.diff(train.indptr)
+    n_target = np.diff(target.indptr)
+    expected = np.where(counts >= 2, np.clip(np.rint(0.2 * counts), 1, counts - 1), 0)
+    np.testing.assert_array_equal(n_target, expected)
+    again = split_history(train, target_frac=0.2, seed=5)[1]
+    assert (again != target).nnz == 0  # seeded
+    other = split_history(train, target_frac=0.2, seed=6)[1]
+    assert (other != target).nnz > 0
+
+
+def test_training_view_has_positives_among_candidates() -> None:
+    """Mining on the history fold with target labels yields positives; on all of train, none."""
+    user_vecs, item_vecs, train = random_data(seed=4, n_users=20, n_items=40)
+    history, target = split_history(train, 0.25, seed=0)
+    users = np.arange(20)
+    search = exact_search(item_vecs)
+    cands = mine_candidates(user_vecs, search, users, n=40, exclude=history)
+    assert label_candidates(cands, target).sum() == target.nnz  # n covers the whole catalog
+    leaky = mine_candidates(user_vecs, search, users, n=40, exclude=train)
+    assert label_candidates(leaky, train).sum() == 0
