@@ -1,0 +1,243 @@
+"""Loaders: CSV / Parquet logs with their errors, RecBole atomic files, the ml-100k fetch."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slimrank.cli import main
+from slimrank.data.dataset import load_dataset
+from slimrank.data.fetch import extract_movielens, fetch_movielens_100k, is_fetched
+from slimrank.data.logs import load_logs
+from slimrank.data.movielens import load_atomic_dataset
+from slimrank.errors import DataError, IntegrityError
+
+LOGS_CSV = """user_id,item_id,timestamp,rating
+u1,i1,100,5
+u2,i1,2020-01-01T00:00:00Z,3
+u1,i2,2020-01-01,4
+007,i3,200,1
+"""
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_csv_logs_load(tmp_path: Path) -> None:
+    ds = load_logs(_write(tmp_path / "shop.csv", LOGS_CSV))
+    assert ds.name == "shop"
+    assert list(ds.users.ids) == ["u1", "u2", "007"]  # leading zeros kept: ids are strings
+    assert list(ds.items.ids) == ["i1", "i2", "i3"]
+    np.testing.assert_array_equal(ds.interactions.user, [0, 1, 0, 2])
+    np.testing.assert_array_equal(ds.interactions.item, [0, 0, 1, 2])
+    np.testing.assert_array_equal(ds.interactions.rating, [5, 3, 4, 1])
+    np.testing.assert_array_equal(ds.interactions.timestamp, [100, 1577836800, 1577836800, 200])
+    assert ds.user_features.n_rows == 3 and ds.user_features.names == []
+
+
+def test_parquet_logs_without_rating_and_with_features(tmp_path: Path) -> None:
+    logs = pd.DataFrame(
+        {
+            "user_id": [10, 20, 10],
+            "item_id": ["a", "b", "b"],
+            "timestamp": pd.to_datetime(["2021-01-01", "2021-01-02", "2021-01-03"], utc=True),
+        }
+    )
+    logs.to_parquet(tmp_path / "logs.parquet")
+    items = pd.DataFrame({"item_id": ["b", "a"], "price": [2.5, 1.0], "tags": [["x"], ["x", "y"]]})
+    items.to_parquet(tmp_path / "items.parquet")
+    ds = load_logs(tmp_path / "logs.parquet", item_features=tmp_path / "items.parquet")
+    np.testing.assert_array_equal(ds.interactions.rating, [1, 1, 1])
+    assert ds.interactions.timestamp[0] == 1609459200
+    assert list(ds.users.ids) == ["10", "20"]
+    # Feature rows are aligned to the dense item index ("a" is 0, "b" is 1).
+    np.testing.assert_array_equal(ds.item_features.numeric["price"], [1.0, 2.5])
+    assert ds.item_features.vocab["tags"] == ["x", "y"]
+    np.testing.assert_array_equal(ds.item_features.multi_hot["tags"], [[1, 1], [1, 0]])
+
+
+def test_csv_feature_file_types(tmp_path: Path) -> None:
+    logs = _write(tmp_path / "l.csv", LOGS_CSV)
+    users = _write(tmp_path / "u.csv", "user_id,age,segment\nu2,31,gold\n007,,\n")
+    ds = load_logs(logs, user_features=users)
+    feats = ds.user_features
+    np.testing.assert_array_equal(feats.numeric["age"], [31, 31, 31])  # median fill
+    np.testing.assert_array_equal(feats.numeric["age_missing"], [1, 0, 1])
+    np.testing.assert_array_equal(feats.categorical["segment"], [0, 1, 0])
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "row", "message"),
+    [
+        ("user_id,timestamp\nu1,1\n", "item_id", None, "missing column"),
+        ("user_id,item_id,timestamp\nu1,i1,1\nu2,i1,yesterday\n", "timestamp", 1, "unix time"),
+        ("user_id,item_id,timestamp\nu1,i1,1\n,i2,2\n", "user_id", 1, "null"),
+        ("user_id,item_id,timestamp\nu1,i1,1\nu1,,2\n", "item_id", 1, "null"),
+        ("user_id,item_id,timestamp,rating\nu1,i1,1,4\nu1,i2,2,good\n", "rating", 1, "number"),
+        ("user_id,item_id,timestamp\nu1,i1,1\nu2,i1,1\nu1,i1,1\n", "user_id", 2, "duplicate"),
+    ],
+)
+def test_bad_csv_logs_name_file_column_row_and_line(
+    tmp_path: Path, text: str, column: str, row: int | None, message: str
+) -> None:
+    path = _write(tmp_path / "bad.csv", text)
+    with pytest.raises(DataError, match=message) as info:
+        load_logs(path)
+    err = info.value
+    assert err.path == str(path)
+    assert err.column == column
+    assert err.row == row
+    assert err.line == (None if row is None else row + 2)
+    assert str(path) in str(err)
+
+
+def test_bad_parquet_logs_have_row_but_no_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    pd.DataFrame({"user_id": ["a", None], "item_id": ["x", "y"], "timestamp": [1, 2]}).to_parquet(
+        path
+    )
+    with pytest.raises(DataError) as info:
+        load_logs(path)
+    assert (info.value.column, info.value.row, info.value.line) == ("user_id", 1, None)
+
+
+@pytest.mark.parametrize(
+    ("features", "row", "message"),
+    [
+        ("user_id,age\nu1,30\nghost,40\n", 1, "does not appear"),
+        ("user_id,age\nu1,30\nu1,31\n", 1, "duplicate id"),
+        ("user_id,age\nu1,30\n,31\n", 1, "null"),
+    ],
+)
+def test_bad_feature_rows(tmp_path: Path, features: str, row: int, message: str) -> None:
+    logs = _write(tmp_path / "l.csv", LOGS_CSV)
+    users = _write(tmp_path / "users.csv", features)
+    with pytest.raises(DataError, match=message) as info:
+        load_logs(logs, user_features=users)
+    assert info.value.path == str(users)
+    assert (info.value.column, info.value.row, info.value.line) == ("user_id", row, row + 2)
+
+
+def test_unreadable_inputs(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        load_logs(tmp_path / "absent.csv")
+    with pytest.raises(DataError, match="unknown file type"):
+        load_logs(_write(tmp_path / "logs.json", "{}"))
+    with pytest.raises(DataError, match="no interactions"):
+        load_logs(_write(tmp_path / "empty.csv", "user_id,item_id,timestamp\n"))
+
+
+def test_cli_reports_data_errors_with_exit_2(tmp_path: Path, capsys) -> None:
+    path = _write(tmp_path / "bad.csv", "user_id,item_id,timestamp\nu1,i1,soon\n")
+    assert main(["data", "info", str(path)]) == 2
+    assert f"{path}:2" in capsys.readouterr().err
+    good = _write(tmp_path / "good.csv", LOGS_CSV)
+    assert main(["data", "info", str(good)]) == 0
+    assert "interactions" in capsys.readouterr().out
+
+
+# A tiny dataset in ml-100k's atomic schema (header types as in RecBole's files).
+INTER = (
+    "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+    "196\t242\t3\t881250949\n186\t302\t3\t891717742\n196\t302\t5\t881250950\n"
+)
+USER = (
+    "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+    "186\t39\tF\texecutive\t00000\n196\t49\tM\twriter\t55105\n999\t20\tM\tnone\t1\n"
+)
+ITEM = (
+    "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+    "242\tKolya\t1996\tComedy\n302\tL.A. Confidential\tunkonwn\tCrime Film-Noir Mystery\n"
+)
+
+
+def _atomic_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "atomic"
+    directory.mkdir()
+    for suffix, text in (("inter", INTER), ("user", USER), ("item", ITEM)):
+        _write(directory / f"ml-100k.{suffix}", text)
+    return directory
+
+
+def test_atomic_dataset_features(tmp_path: Path) -> None:
+    ds = load_atomic_dataset(_atomic_dir(tmp_path), "ml-100k", name="tiny")
+    assert list(ds.users.ids) == ["196", "186"]  # user 999 never interacts: dropped
+    assert list(ds.items.ids) == ["242", "302"]
+    np.testing.assert_array_equal(ds.interactions.rating, [3, 3, 5])
+    np.testing.assert_array_equal(ds.interactions.timestamp, [881250949, 891717742, 881250950])
+    uf = ds.user_features
+    assert [uf.vocab["age_bucket"][c] for c in uf.categorical["age_bucket"]] == ["45-49", "35-44"]
+    assert [uf.vocab["gender"][c] for c in uf.categorical["gender"]] == ["M", "F"]
+    assert [uf.vocab["occupation"][c] for c in uf.categorical["occupation"]] == [
+        "writer",
+        "executive",
+    ]
+    itf = ds.item_features
+    assert itf.vocab["genre"] == ["Comedy", "Crime", "Film-Noir", "Mystery"]
+    np.testing.assert_array_equal(itf.multi_hot["genre"], [[1, 0, 0, 0], [0, 1, 1, 1]])
+    np.testing.assert_array_equal(itf.numeric["release_year"], [1996, 1996])  # median fill
+    np.testing.assert_array_equal(itf.numeric["release_year_missing"], [0, 1])
+    assert list(ds.item_titles) == ["Kolya", "L.A. Confidential"]
+
+
+def test_atomic_errors(tmp_path: Path) -> None:
+    directory = _atomic_dir(tmp_path)
+    _write(directory / "ml-100k.inter", INTER.replace("\t5\t", "\tfive\t"))
+    with pytest.raises(DataError, match="not a number") as info:
+        load_atomic_dataset(directory, "ml-100k", name="tiny")
+    assert (info.value.column, info.value.row, info.value.line) == ("rating", 2, 4)
+    _write(directory / "ml-100k.inter", INTER.replace("rating:float", "rating"))
+    with pytest.raises(DataError, match="name:type"):
+        load_atomic_dataset(directory, "ml-100k", name="tiny")
+
+
+def _fake_wheel(path: Path, with_files: bool = True) -> str:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("recbole/__init__.py", "")
+        if with_files:
+            for suffix, text in (("inter", INTER), ("user", USER), ("item", ITEM)):
+                zf.writestr(f"recbole/dataset_example/ml-100k/ml-100k.{suffix}", text)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_extract_checks_sha256_and_writes_nothing_on_mismatch(tmp_path: Path) -> None:
+    wheel = tmp_path / "recbole-1.2.1-py3-none-any.whl"
+    digest = _fake_wheel(wheel)
+    home = tmp_path / "home"
+    target = home / "movielens-100k"
+    with pytest.raises(IntegrityError, match="sha256"):
+        extract_movielens(wheel, target, expected_sha256="0" * 64)
+    assert not target.exists()
+    extract_movielens(wheel, target, expected_sha256=digest)
+    assert is_fetched(home)
+    assert (target / "ml-100k.inter").read_text(encoding="utf-8") == INTER
+    assert sorted(p.name for p in home.iterdir()) == ["movielens-100k"]  # no staging left
+
+
+def test_extract_missing_member_leaves_nothing(tmp_path: Path) -> None:
+    wheel = tmp_path / "recbole-1.2.1-py3-none-any.whl"
+    digest = _fake_wheel(wheel, with_files=False)
+    home = tmp_path / "home"
+    with pytest.raises(IntegrityError, match="ml-100k"):
+        extract_movielens(wheel, home / "movielens-100k", expected_sha256=digest)
+    assert list(home.iterdir()) == []
+
+
+def test_fetch_is_a_no_op_when_cached_and_load_uses_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("SLIMRANK_DATA", str(home))
+    wheel = tmp_path / "recbole-1.2.1-py3-none-any.whl"
+    extract_movielens(wheel, home / "movielens-100k", expected_sha256=_fake_wheel(wheel))
+    directory, fetched = fetch_movielens_100k()  # would need the network if not cached
+    assert (directory, fetched) == (home / "movielens-100k", False)
+    ds = load_dataset("movielens-100k")
+    assert ds.name == "movielens-100k" and len(ds.interactions) == 3
