@@ -1,0 +1,86 @@
+"""The server's configuration: ports, thread and concurrency bounds, request limits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from slimrank.config import Config, require
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig(Config):
+    """How the gRPC server binds, bounds its work and validates requests.
+
+    Recommender calls beyond ``max_inflight`` are shed at once with RESOURCE_EXHAUSTED (and
+    counted); ``max_workers`` must exceed it so that rejections and health checks still find a
+    thread while ``max_inflight`` calls are busy. ``max_pending_rpcs`` is grpc's own hard bound
+    on accepted calls of every kind; calls beyond it are rejected by grpc before any
+    interceptor runs, so they are not in the shed metric.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 picks a free port
+    max_workers: int = 12
+    max_inflight: int = 8
+    max_pending_rpcs: int = 64
+    max_message_bytes: int = 1 << 20
+    max_k: int = 100
+    n_candidates: int = 200  # retrieved per request, before exclusions and ranking
+    max_exclude: int = 1000  # bound on exclude_item_ids and on recent_item_ids
+    max_id_length: int = 256
+    min_time_left_s: float = 0.001  # abort DEADLINE_EXCEEDED below this before ranking
+    reflection: bool = False
+    metrics_port: int | None = None  # HTTP /metrics; None: not started, 0: a free port
+    metrics_host: str = "127.0.0.1"
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        require(bool(self.host), self, "host", self.host, "must not be empty")
+        require(0 <= self.port < 65536, self, "port", self.port, "must be in [0, 65535]")
+        require(self.max_inflight >= 1, self, "max_inflight", self.max_inflight, "must be >= 1")
+        require(
+            self.max_workers > self.max_inflight,
+            self,
+            "max_workers",
+            self.max_workers,
+            f"must exceed max_inflight={self.max_inflight} so shed calls are answered at once",
+        )
+        require(
+            self.max_pending_rpcs >= self.max_workers,
+            self,
+            "max_pending_rpcs",
+            self.max_pending_rpcs,
+            f"must be >= max_workers={self.max_workers}",
+        )
+        require(
+            self.max_message_bytes >= 1024,
+            self,
+            "max_message_bytes",
+            self.max_message_bytes,
+            "must be >= 1024",
+        )
+        require(self.max_k >= 1, self, "max_k", self.max_k, "must be >= 1")
+        require(
+            self.n_candidates >= self.max_k,
+            self,
+            "n_candidates",
+            self.n_candidates,
+            f"must be >= max_k={self.max_k}",
+        )
+        require(self.max_exclude >= 0, self, "max_exclude", self.max_exclude, "must be >= 0")
+        require(self.max_id_length >= 1, self, "max_id_length", self.max_id_length, "must be >= 1")
+        require(
+            self.min_time_left_s >= 0,
+            self,
+            "min_time_left_s",
+            self.min_time_left_s,
+            "must be >= 0",
+        )
+        require(
+            self.metrics_port is None or 0 <= self.metrics_port < 65536,
+            self,
+            "metrics_port",
+            self.metrics_port,
+            "must be None or in [0, 65535]",
+        )
+        require(self.grace_s >= 0, self, "grace_s", self.grace_s, "must be >= 0")

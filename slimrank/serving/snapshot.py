@@ -1,0 +1,309 @@
+"""The served model: an immutable :class:`ModelSnapshot` per bundle version and its holder.
+
+A snapshot holds plain arrays and callables, so the production pieces (a FAISS IVF-PQ index,
+the ONNX int8 scorer and its feature tables) and the exact reference built here by
+:func:`build_flat_snapshot` (``IndexFlatIP`` and a linear dot-product + popularity ranker)
+are interchangeable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# (B, d) float32 queries, n -> (B, n) scores and (B, n) int64 item rows, -1 where none.
+Retriever = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# user row (-1 if unknown), (d,) user vector, (m,) candidate item rows -> (m, F) features.
+Featurizer = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+# (m, F) features -> (m,) scores, higher is better.
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+class UserSource(enum.IntEnum):
+    """Where a request's user vector came from (values match the proto enum)."""
+
+    KNOWN = 1
+    RECENT = 2
+    POPULAR = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMetadata:
+    """What a bundle's manifest says about the model."""
+
+    created: dt.datetime | None = None
+    parent_teacher_version: str = ""
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class UserQuery:
+    """The user side of one request: its source, table row (-1 if none) and vector."""
+
+    source: UserSource
+    row: int
+    vector: np.ndarray | None  # (d,) float32, None for the popularity fallback
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelSnapshot:
+    """One bundle version's index, tables and ranker; never mutated once built."""
+
+    version: str
+    item_ids: np.ndarray  # (n_items,) str
+    item_vectors: np.ndarray  # (n_items, d) float32, pooled for users known only by recent items
+    user_ids: np.ndarray  # (n_users,) str
+    user_vectors: np.ndarray  # (n_users, d) float32
+    popularity: np.ndarray  # (n_items,) float32, the cold-start score
+    retrieve: Retriever
+    featurize: Featurizer
+    score: Scorer
+    metadata: ModelMetadata = dataclasses.field(default_factory=ModelMetadata)
+    item_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
+    user_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
+    popular_order: np.ndarray = dataclasses.field(init=False, repr=False)  # (n_items,) rows
+
+    def __post_init__(self) -> None:
+        if self.item_vectors.ndim != 2:
+            raise ValueError(f"ModelSnapshot: item_vectors {self.item_vectors.shape} must be 2-d")
+        n_items, dim = self.item_vectors.shape
+        if not self.version:
+            raise ValueError("ModelSnapshot.version must not be empty")
+        if self.item_ids.shape != (n_items,) or self.popularity.shape != (n_items,):
+            raise ValueError(
+                f"ModelSnapshot {self.version}: item_ids {self.item_ids.shape} and popularity "
+                f"{self.popularity.shape} must both be ({n_items},) like item_vectors"
+            )
+        if self.user_vectors.ndim != 2 or self.user_vectors.shape[1] != dim:
+            raise ValueError(
+                f"ModelSnapshot {self.version}: user_vectors {self.user_vectors.shape} "
+                f"must be (n_users, {dim})"
+            )
+        if self.user_ids.shape != (self.user_vectors.shape[0],):
+            raise ValueError(
+                f"ModelSnapshot {self.version}: user_ids {self.user_ids.shape} do not match "
+                f"user_vectors {self.user_vectors.shape}"
+            )
+        item_row = {str(item): i for i, item in enumerate(self.item_ids)}
+        user_row = {str(user): i for i, user in enumerate(self.user_ids)}
+        if len(item_row) != n_items or len(user_row) != len(self.user_ids):
+            raise ValueError(f"ModelSnapshot {self.version}: item or user ids are not unique")
+        order = np.argsort(-self.popularity, kind="stable")
+        for name, array in (
+            ("item_vectors", self.item_vectors),
+            ("user_vectors", self.user_vectors),
+        ):
+            if array.dtype != np.float32:
+                raise ValueError(f"ModelSnapshot {self.version}: {name} must be float32")
+        object.__setattr__(self, "item_row", MappingProxyType(item_row))
+        object.__setattr__(self, "user_row", MappingProxyType(user_row))
+        object.__setattr__(self, "popular_order", order)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension of users, items and search queries."""
+        return int(self.item_vectors.shape[1])
+
+    @property
+    def n_items(self) -> int:
+        """Number of items in the index."""
+        return int(self.item_vectors.shape[0])
+
+    def item_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """Return the ``(m,)`` int64 rows of the ids this snapshot knows, skipping unknown ids."""
+        rows = [self.item_row[i] for i in ids if i in self.item_row]
+        return np.asarray(rows, dtype=np.int64)
+
+    def user_query(self, user_id: str, recent_item_ids: Sequence[str]) -> UserQuery:
+        """Resolve the user: known id, else the mean of known recent items, else popularity."""
+        row = self.user_row.get(user_id, -1) if user_id else -1
+        if row >= 0:
+            return UserQuery(UserSource.KNOWN, row, self.user_vectors[row])
+        recent = self.item_rows(recent_item_ids)
+        if recent.size:
+            pooled = self.item_vectors[recent].mean(axis=0, dtype=np.float32)  # (d,)
+            return UserQuery(UserSource.RECENT, -1, pooled)
+        return UserQuery(UserSource.POPULAR, -1, None)
+
+    def candidates(self, vector: np.ndarray, n: int, drop: np.ndarray) -> np.ndarray:
+        """Return up to ``n`` retrieved item rows for a ``(d,)`` vector, best first, minus ``drop``.
+
+        Retrieves ``n + len(drop)`` so that dropping never leaves fewer than ``n`` when the
+        catalog has enough items.
+        """
+        want = min(n + int(drop.size), self.n_items)
+        _, rows = self.retrieve(vector.reshape(1, -1), want)  # (1, want)
+        rows = rows[0]
+        keep = (rows >= 0) & ~np.isin(rows, drop)
+        return rows[keep][:n].astype(np.int64, copy=False)
+
+    def popular_candidates(self, n: int, drop: np.ndarray) -> np.ndarray:
+        """Return the ``n`` most popular item rows minus ``drop``."""
+        order = self.popular_order[: n + int(drop.size)]
+        return order[~np.isin(order, drop)][:n]
+
+    def rank(self, query: UserQuery, candidates: np.ndarray) -> np.ndarray:
+        """Return ``(m,)`` float32 scores of the candidates for the query (ranker or popularity)."""
+        if query.vector is None:
+            return self.popularity[candidates].astype(np.float32, copy=False)
+        features = self.featurize(query.row, query.vector, candidates)  # (m, F)
+        return np.asarray(self.score(features), dtype=np.float32).reshape(-1)
+
+
+def top_k(candidates: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the ``k`` best ``(rows, scores)`` by descending score; ties keep retrieval order."""
+    order = np.argsort(-scores, kind="stable")[:k]
+    return candidates[order], scores[order]
+
+
+def warm_up(snapshot: ModelSnapshot, n: int = 50) -> None:
+    """Run retrieval and ranking once so a new snapshot's first real call is not the slow one."""
+    query = UserQuery(
+        UserSource.RECENT, -1, snapshot.item_vectors[snapshot.popular_order[:10]].mean(0)
+    )
+    candidates = snapshot.candidates(query.vector, n, np.empty(0, dtype=np.int64))
+    scores = snapshot.rank(query, candidates)
+    if scores.shape != candidates.shape or not np.isfinite(scores).all():
+        raise ValueError(
+            f"snapshot {snapshot.version}: warm-up scores {scores.shape} are not finite "
+            f"or do not match {candidates.shape} candidates"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """The served snapshot and when it was swapped in."""
+
+    snapshot: ModelSnapshot
+    loaded_at: dt.datetime
+
+
+class SnapshotHolder:
+    """The one mutable reference to the served snapshot.
+
+    ``get`` is a single attribute read, so a request that took a snapshot keeps it for its
+    whole life even if ``swap`` replaces it meanwhile. Listeners run after each swap, in swap
+    order, e.g. to update the model-info metrics.
+    """
+
+    def __init__(self, snapshot: ModelSnapshot) -> None:
+        self._lock = threading.Lock()
+        self._served = Served(snapshot, dt.datetime.now(dt.UTC))
+        self._listeners: list[Callable[[ModelSnapshot], None]] = []
+
+    def get(self) -> ModelSnapshot:
+        """Return the current snapshot."""
+        return self._served.snapshot
+
+    def served(self) -> Served:
+        """Return the current snapshot with its load time, read together."""
+        return self._served
+
+    def swap(self, new: ModelSnapshot) -> ModelSnapshot:
+        """Serve ``new`` from now on and return the snapshot it replaced."""
+        with self._lock:
+            previous = self._served.snapshot
+            self._served = Served(new, dt.datetime.now(dt.UTC))
+            for listener in self._listeners:
+                listener(new)
+        log.info("serving model %s (was %s)", new.version, previous.version)
+        return previous
+
+    def subscribe(self, listener: Callable[[ModelSnapshot], None]) -> None:
+        """Call ``listener(snapshot)`` now and after every swap."""
+        with self._lock:
+            self._listeners.append(listener)
+            listener(self._served.snapshot)
+
+
+@dataclasses.dataclass(frozen=True)
+class DotPopularityRanker:
+    """The simplest real ranker: ``user . item + weight * log1p(popularity)``.
+
+    Features per candidate are ``[user . item, log1p(popularity)]``; the score is their
+    weighted sum. It is the exact-search reference that compressed rankers are compared to.
+    """
+
+    item_vectors: np.ndarray  # (n_items, d) float32
+    popularity: np.ndarray  # (n_items,) float32
+    popularity_weight: float = 0.1
+
+    def featurize(self, user_row: int, vector: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Return ``(m, 2)`` float32 features of the candidates."""
+        dot = self.item_vectors[candidates] @ vector  # (m,)
+        pop = np.log1p(self.popularity[candidates])  # (m,)
+        return np.stack([dot, pop], axis=1).astype(np.float32, copy=False)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Return ``(m,)`` float32 scores of ``(m, 2)`` features."""
+        weights = np.asarray([1.0, self.popularity_weight], dtype=np.float32)
+        return features @ weights
+
+
+def build_flat_snapshot(
+    version: str,
+    item_ids: Sequence[str],
+    item_vectors: np.ndarray,
+    user_ids: Sequence[str],
+    user_vectors: np.ndarray,
+    popularity: np.ndarray,
+    metadata: ModelMetadata | None = None,
+    popularity_weight: float = 0.1,
+) -> ModelSnapshot:
+    """Build an exact snapshot: inner-product ``IndexFlatIP`` retrieval, dot + popularity ranker."""
+    items = np.ascontiguousarray(item_vectors, dtype=np.float32)  # (n_items, d)
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
+    pop = np.asarray(popularity, dtype=np.float32)
+    ranker = DotPopularityRanker(items, pop, popularity_weight)
+
+    def retrieve(queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return index.search(np.ascontiguousarray(queries, dtype=np.float32), n)
+
+    return ModelSnapshot(
+        version=version,
+        item_ids=np.asarray(item_ids, dtype=str),
+        item_vectors=items,
+        user_ids=np.asarray(user_ids, dtype=str),
+        user_vectors=np.ascontiguousarray(user_vectors, dtype=np.float32),
+        popularity=pop,
+        retrieve=retrieve,
+        featurize=ranker.featurize,
+        score=ranker.score,
+        metadata=metadata or ModelMetadata(),
+    )
+
+
+def random_snapshot(
+    version: str, n_items: int = 500, n_users: int = 100, dim: int = 16, seed: int = 0
+) -> ModelSnapshot:
+    """Build an exact snapshot over seeded random unit vectors (ids ``i0..``, ``u0..``)."""
+    rng = np.random.default_rng(seed)
+    items = rng.standard_normal((n_items, dim)).astype(np.float32)  # (n_items, d)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    users = rng.standard_normal((n_users, dim)).astype(np.float32)  # (n_users, d)
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    popularity = rng.zipf(1.5, n_items).astype(np.float32)  # (n_items,)
+    return build_flat_snapshot(
+        version,
+        [f"i{i}" for i in range(n_items)],
+        items,
+        [f"u{u}" for u in range(n_users)],
+        users,
+        popularity,
+        ModelMetadata(
+            created=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+            parent_teacher_version="teacher-random",
+            metrics={"seed": float(seed)},
+        ),
+    )
