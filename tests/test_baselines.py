@@ -1,0 +1,141 @@
+"""Most-popular and EASE baselines against hand-computed metrics and a ridge reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from slimrank.cli import main
+from slimrank.data.dataset import Interactions, Split, item_popularity, split_random
+from slimrank.evaluation.baselines import (
+    EaseConfig,
+    ease_scorer,
+    ease_weights,
+    evaluate_most_popular,
+    evaluate_split,
+    most_popular_scorer,
+    tune_ease,
+)
+
+
+def _inter(pairs: list[tuple[int, int]]) -> Interactions:
+    user, item = np.array(pairs).T
+    n = len(pairs)
+    return Interactions(user, item, np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.int64))
+
+
+def _hand_split() -> Split:
+    """3 users, 4 items; train popularity is i0: 3, i1: 1, i2: 1, i3: 0."""
+    return Split(
+        train=_inter([(0, 0), (0, 1), (1, 0), (2, 0), (2, 2)]),
+        valid=_inter([(0, 2), (1, 3)]),
+        test=_inter([(0, 3), (2, 3)]),
+        n_users=3,
+        n_items=4,
+    )
+
+
+def test_most_popular_by_hand() -> None:
+    result = evaluate_most_popular(_hand_split(), ks=(2,))
+    # valid, top-2 after removing training items:
+    #   u0 -> [i2, i3], truth {i2}: all 1, precision 0.5
+    #   u1 -> [i1, i2] (tie broken by lower index), truth {i3}: all 0
+    #   u2 has no validation item and is not averaged.
+    valid = result["valid"]
+    assert valid["users"] == 2
+    assert valid["recall@2"] == pytest.approx(0.5)
+    assert valid["ndcg@2"] == pytest.approx(0.5)
+    assert valid["mrr@2"] == pytest.approx(0.5)
+    assert valid["hit@2"] == pytest.approx(0.5)
+    assert valid["precision@2"] == pytest.approx(0.25)
+    # test, removing training and validation items:
+    #   u0 -> [i3], truth {i3}: all 1, precision 0.5
+    #   u2 -> [i1, i3], truth {i3} at rank 2: ndcg 1/log2(3), mrr 0.5
+    test = result["test"]
+    assert test["users"] == 2
+    assert test["recall@2"] == pytest.approx(1.0)
+    assert test["ndcg@2"] == pytest.approx((1 + 1 / np.log2(3)) / 2)
+    assert test["mrr@2"] == pytest.approx(0.75)
+    assert test["hit@2"] == pytest.approx(1.0)
+    assert test["precision@2"] == pytest.approx(0.5)
+    assert result["test_seconds"] >= 0
+
+
+def test_most_popular_scorer_uses_train_counts_only() -> None:
+    split = _hand_split()
+    pop = item_popularity(split.train, 4)
+    np.testing.assert_array_equal(pop, [3, 1, 1, 0])  # i3 is in valid and test, not train
+    scores = most_popular_scorer(pop)(np.array([0, 2]))
+    assert scores.shape == (2, 4)
+    np.testing.assert_array_equal(scores[1], [3, 1, 1, 0])
+
+
+def test_ease_matches_per_item_ridge_regression() -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.random((25, 6)) < 0.4).astype(np.float64)  # (U, I)
+    l2 = 3.0
+    b = ease_weights(sp.csr_matrix(x), EaseConfig(l2=l2))
+    assert b.shape == (6, 6)
+    np.testing.assert_array_equal(np.diag(b), 0)
+    # Column j of B is the ridge regression of item j on the other items.
+    for j in range(6):
+        others = [k for k in range(6) if k != j]
+        xo = x[:, others]
+        coef = np.linalg.solve(xo.T @ xo + l2 * np.eye(5), xo.T @ x[:, j])
+        np.testing.assert_allclose(b[others, j], coef, rtol=1e-4, atol=1e-5)
+    scores = ease_scorer(sp.csr_matrix(x), b)(np.array([3, 1]))
+    np.testing.assert_allclose(scores, x[[3, 1]] @ b, rtol=1e-5, atol=1e-6)
+
+
+def test_ease_config_checks_and_round_trips() -> None:
+    with pytest.raises(ValueError, match=r"EaseConfig\.l2=0"):
+        EaseConfig(l2=0)
+    config = EaseConfig(l2=300.0)
+    assert EaseConfig.from_dict(config.to_dict()) == config
+
+
+def _random_split(n_users: int, n_items: int, per_user: int, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    # Users like items near a user-specific centre, so EASE has structure to learn.
+    centre = rng.integers(0, n_items, n_users)
+    offsets = rng.integers(-per_user, per_user, (n_users, per_user * 2))
+    items = (centre[:, None] + offsets) % n_items  # (U, 2P)
+    pairs = {(u, int(i)) for u in range(n_users) for i in items[u]}
+    user, item = np.array(sorted(pairs)).T
+    inter = Interactions(user, item, np.ones(len(user)), np.zeros(len(user)))
+    return split_random(inter, n_users, n_items, seed=seed)
+
+
+def test_tune_ease_picks_best_validation_l2_and_beats_popularity() -> None:
+    split = _random_split(120, 80, 10, seed=5)
+    config, result, trials = tune_ease(split, (1.0, 10.0, 100.0))
+    assert set(trials) == {1.0, 10.0, 100.0}
+    assert trials[config.l2] == max(trials.values())
+    assert result["valid"]["ndcg@10"] == pytest.approx(trials[config.l2])
+    weights = ease_weights(split.train_matrix(), config)
+    again = evaluate_split(ease_scorer(split.train_matrix(), weights), split)
+    assert again["test"]["ndcg@10"] == pytest.approx(result["test"]["ndcg@10"])
+    assert result["test"]["ndcg@10"] > evaluate_most_popular(split)["test"]["ndcg@10"]
+
+
+def test_most_popular_evaluation_is_fast_at_ml100k_size() -> None:
+    split = _random_split(943, 1682, 50, seed=1)  # ml-100k's shape, ~100k interactions
+    result = evaluate_most_popular(split)
+    assert result["test"]["users"] == 943
+    assert result["test_seconds"] < 1.0
+
+
+def test_baseline_cli_on_a_logs_file(tmp_path: Path, capsys) -> None:
+    split_rows = ["user_id,item_id,timestamp"]
+    rng = np.random.default_rng(3)
+    for u in range(30):
+        for i in sorted(set(rng.integers(0, 25, 12).tolist())):
+            split_rows.append(f"u{u},i{i},{u * 100 + i}")
+    path = tmp_path / "logs.csv"
+    path.write_text("\n".join(split_rows) + "\n", encoding="utf-8")
+    assert main(["baseline", "--dataset", str(path), "--ease-l2", "5", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "MostPop" in out and "EASE" in out and "RecBole" not in out
