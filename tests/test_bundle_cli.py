@@ -1,0 +1,89 @@
+"""``slimrank bundle ...`` run in-process through the real top-level CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from slimrank.bundle.store import current_version, publish
+from slimrank.cli import main
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "bundles"
+    publish(r, {"ranker.onnx": b"one"}, metrics={"test": {"ndcg@10": 0.301}}, parent="t-1")
+    publish(r, {"ranker.onnx": b"two"}, metrics={"test": {"ndcg@10": 0.312}}, gate={"passed": True})
+    return r
+
+
+def run(capsys, *argv):
+    code = main(["bundle", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_marks_current_and_shows_metrics(root, capsys):
+    v1, v2 = sorted(p.name for p in root.iterdir() if p.name.startswith("v"))
+    code, out, _ = run(capsys, "list", "--root", str(root))
+    assert code == 0
+    rows = {line.split("│")[2].strip(): line for line in out.splitlines() if "│ v0000" in line}
+    assert set(rows) == {v1, v2}
+    assert "*" in rows[v2].split("│")[1] and "*" not in rows[v1].split("│")[1]
+    assert "test.ndcg@10=0.312" in rows[v2] and "pass" in rows[v2]
+    assert "t-1" in rows[v1]
+
+
+def test_root_from_environment_and_empty_root(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLIMRANK_BUNDLES", str(tmp_path / "none"))
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    assert "no bundles in" in out and "none" in out
+
+
+def test_show_and_verify(root, capsys):
+    code, out, _ = run(capsys, "show", "1", "--root", str(root))
+    assert code == 0
+    assert json.loads(out)["parent"] == "t-1"
+    code, out, _ = run(capsys, "verify", "--root", str(root))
+    assert code == 0
+    assert out.startswith(current_version(root)) and "OK (1 files, 3 bytes" in out
+
+
+def test_verify_and_promote_of_corrupt_bundle_exit_2_naming_the_file(root, capsys):
+    current = current_version(root)
+    old = next(p for p in sorted(root.iterdir()) if p.name.startswith("v"))
+    target = old / "ranker.onnx"
+    os.chmod(target, 0o644)
+    target.write_bytes(b"ONE")
+    code, _, err = run(capsys, "verify", "1", "--root", str(root))
+    assert code == 2
+    assert f"altered: {target}" in err
+    code, _, err = run(capsys, "promote", "1", "--root", str(root))
+    assert code == 2 and str(target) in err
+    assert current_version(root) == current
+    code, _, err = run(capsys, "rollback", "--root", str(root))
+    assert code == 2 and "no version older" in err
+    assert current_version(root) == current
+
+
+def test_rollback_then_promote(root, capsys):
+    v1, v2 = sorted(p.name for p in root.iterdir() if p.name.startswith("v"))
+    code, out, _ = run(capsys, "rollback", "--root", str(root))
+    assert code == 0
+    assert f"rolled back CURRENT: {v2} -> {v1}" in out
+    assert current_version(root) == v1
+    code, out, _ = run(capsys, "promote", v2, "--root", str(root))
+    assert (code, out.strip()) == (0, f"CURRENT: {v1} -> {v2}")
+
+
+def test_unknown_version_and_diff(root, capsys):
+    code, _, err = run(capsys, "show", "7", "--root", str(root))
+    assert code == 2 and "no published version '7'" in err
+    code, out, _ = run(capsys, "diff", "1", "--root", str(root))
+    assert code == 0
+    d = json.loads(out)
+    assert d["changed"] == ["ranker.onnx"]
+    assert d["metrics"] == {"test.ndcg@10": [0.301, 0.312]}
