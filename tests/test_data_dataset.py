@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slimrank.data.dataset import FeatureTable, IdMap, Interactions
+from slimrank.data.dataset import Dataset, FeatureTable, IdMap, Interactions
 from slimrank.data.features import (
     UNKNOWN,
     age_buckets,
@@ -120,3 +120,14 @@ def test_table_from_frame_types_and_alignment() -> None:
     assert table.vocab["city"] == [UNKNOWN, "paris"]
     np.testing.assert_array_equal(table.categorical["city"], [0, 0, 1])
     assert table.cardinality["city"] == 2
+
+
+def test_dataset_checks_indices_and_table_sizes() -> None:
+    inter = Interactions(np.array([0, 1]), np.array([0, 2]), np.ones(2), np.zeros(2))
+    users, items = IdMap(["a", "b"]), IdMap(["x", "y", "z"])
+    ds = Dataset("d", users, items, inter, FeatureTable.empty(2), FeatureTable.empty(3))
+    assert (ds.n_users, ds.n_items) == (2, 3)
+    with pytest.raises(ValueError, match="item indices"):
+        Dataset("d", users, IdMap(["x"]), inter, FeatureTable.empty(2), FeatureTable.empty(1))
+    with pytest.raises(ValueError, match="user_features"):
+        Dataset("d", users, items, inter, FeatureTable.empty(5), FeatureTable.empty(3))

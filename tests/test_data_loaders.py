@@ -82,6 +82,7 @@ def test_csv_feature_file_types(tmp_path: Path) -> None:
         ("user_id,item_id,timestamp\nu1,i1,1\nu1,,2\n", "item_id", 1, "null"),
         ("user_id,item_id,timestamp,rating\nu1,i1,1,4\nu1,i2,2,good\n", "rating", 1, "number"),
         ("user_id,item_id,timestamp\nu1,i1,1\nu2,i1,1\nu1,i1,1\n", "user_id", 2, "duplicate"),
+        ("user_id,item_id,timestamp\nu1,i1,1600000000000\n", "timestamp", 0, "milliseconds"),
     ],
 )
 def test_bad_csv_logs_name_file_column_row_and_line(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from slimrank.data.dataset import Interactions, item_popularity, split_random
-from slimrank.data.split import part_sizes, split_parts
+from slimrank.data.split import SplitConfig, part_sizes, split_parts
 
 
 def _interactions(n_users: int = 30, seed: int | None = None) -> Interactions:
@@ -102,3 +102,14 @@ def test_seen_matrices_and_popularity_use_the_right_parts() -> None:
     assert pop.dtype == np.float32 and pop.shape == (41,)
     np.testing.assert_array_equal(pop, np.bincount(split.train.item, minlength=41))
     assert pop.sum() == len(split.train) < len(inter)
+
+
+def test_split_config_checks_and_round_trips() -> None:
+    config = SplitConfig(ratios=(0.7, 0.2, 0.1), seed=5)
+    assert SplitConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"SplitConfig\.ratios"):
+        SplitConfig(ratios=(0.8, 0.2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"SplitConfig\.ratios"):
+        SplitConfig(ratios=(0.0, 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"SplitConfig\.seed=-1"):
+        SplitConfig(seed=-1)

@@ -21,8 +21,7 @@ class IdMap:
     """External ids (str) <-> dense indices ``0..n-1``; index ``i`` is ``ids[i]``."""
 
     def __init__(self, ids: Iterable[object]) -> None:
-        ids = np.asarray([str(x) for x in ids] if not isinstance(ids, np.ndarray) else ids)
-        ids = ids.astype(str).astype(object)  # (n,)
+        ids = _as_strings(ids)  # (n,)
         lookup = pd.Index(ids)
         if not lookup.is_unique:
             dup = lookup[lookup.duplicated()][0]
@@ -33,8 +32,7 @@ class IdMap:
     @classmethod
     def from_ids(cls, ids: Iterable[object]) -> IdMap:
         """Return the map of the distinct ``ids`` in first-seen order (repeats collapse)."""
-        values = pd.Series(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids))
-        return cls(pd.unique(values.astype(str)))
+        return cls(pd.unique(pd.Series(_as_strings(ids))))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,11 +55,7 @@ class IdMap:
         """
         if unknown not in ("error", "drop", "minus_one"):
             raise ValueError(f"unknown={unknown!r}: expected 'error', 'drop' or 'minus_one'")
-        if not isinstance(external_ids, np.ndarray):
-            external_ids = list(external_ids)
-        query = np.asarray(external_ids).astype(str).astype(object)
-        if query.ndim != 1:
-            query = query.reshape(-1)
+        query = _as_strings(external_ids)
         out = self._lookup.get_indexer(query).astype(np.int64)  # (q,)
         missing = out < 0
         if missing.any():
@@ -78,6 +72,12 @@ class IdMap:
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"indices must lie in [0, {len(self)})")
         return self.ids[idx]
+
+
+def _as_strings(ids: Iterable[object]) -> np.ndarray:
+    """Return ``ids`` as a flat object array of str (ids are compared as strings)."""
+    values = ids if isinstance(ids, np.ndarray) else np.asarray(list(ids), dtype=object)
+    return values.reshape(-1).astype(str).astype(object)  # (n,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +185,19 @@ class Dataset:
     user_features: FeatureTable
     item_features: FeatureTable
     item_titles: np.ndarray | None = None  # (n_items,) str
+
+    def __post_init__(self) -> None:
+        inter = self.interactions
+        if len(inter) and (inter.user.min() < 0 or inter.user.max() >= len(self.users)):
+            raise ValueError(f"Dataset {self.name!r}: user indices outside [0, {len(self.users)})")
+        if len(inter) and (inter.item.min() < 0 or inter.item.max() >= len(self.items)):
+            raise ValueError(f"Dataset {self.name!r}: item indices outside [0, {len(self.items)})")
+        if self.user_features.n_rows != len(self.users):
+            raise ValueError(f"Dataset {self.name!r}: user_features rows != {len(self.users)}")
+        if self.item_features.n_rows != len(self.items):
+            raise ValueError(f"Dataset {self.name!r}: item_features rows != {len(self.items)}")
+        if self.item_titles is not None and len(self.item_titles) != len(self.items):
+            raise ValueError(f"Dataset {self.name!r}: item_titles length != {len(self.items)}")
 
     @property
     def n_users(self) -> int:

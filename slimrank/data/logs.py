@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 LOG_COLUMNS = ("user_id", "item_id", "timestamp")
 CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+# 1e11 s is the year 5138: larger numbers are almost surely milliseconds or microseconds.
+MAX_UNIX_SECONDS = 10**11
 
 
 def load_logs(
@@ -147,6 +149,14 @@ def parse_timestamps(column: pd.Series, path: Path) -> np.ndarray:
         row = int(np.flatnonzero(bad)[0])
         raise DataError(
             f"not a unix time or ISO-8601 date-time: {column.iloc[row]!r}",
+            **_where(path, "timestamp", row),
+        )
+    too_big = np.abs(seconds) >= MAX_UNIX_SECONDS
+    if too_big.any():
+        row = int(np.flatnonzero(too_big)[0])
+        raise DataError(
+            f"{column.iloc[row]!r} is after the year 5000 in seconds: milliseconds? "
+            "timestamps must be unix seconds",
             **_where(path, "timestamp", row),
         )
     return seconds

@@ -11,9 +11,26 @@ the split is the same on every machine, though not the same permutation as RecBo
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from slimrank.config import Config, require
 from slimrank.data.dataset import Interactions, Split
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig(Config):
+    """Per-user random split: train / valid / test ratios (normalized) and the shuffle seed."""
+
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 2020
+
+    def __post_init__(self) -> None:
+        require(len(self.ratios) == 3, self, "ratios", self.ratios, "need three ratios")
+        ok = all(r >= 0 for r in self.ratios) and self.ratios[0] > 0
+        require(ok, self, "ratios", self.ratios, "must be non-negative, train positive")
+        require(isinstance(self.seed, int) and self.seed >= 0, self, "seed", self.seed, ">= 0")
 
 
 def part_sizes(total: int, ratios: tuple[float, ...]) -> list[int]:
