@@ -1,0 +1,194 @@
+"""A small synchronous client: deadlines on every call, retries on UNAVAILABLE only."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Self, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from slimrank.serving.proto.slimrank.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranked:
+    """Items best first with their scores, and the model version that ranked them."""
+
+    item_ids: tuple[str, ...]
+    scores: tuple[float, ...]
+    model_version: str
+    candidates: int
+    user_source: str = ""  # KNOWN, RECENT or POPULAR for recommend; empty for search
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the server says about the model it serves."""
+
+    version: str
+    created: dt.datetime | None
+    parent_teacher_version: str
+    n_items: int
+    dim: int
+    metrics: dict[str, float]
+    loaded_at: dt.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadResult:
+    """The outcome of a reload request."""
+
+    version: str
+    previous_version: str
+    reloaded: bool
+    message: str
+
+
+def _datetime(message: Any, field: str) -> dt.datetime | None:
+    if not message.HasField(field):
+        return None
+    return getattr(message, field).ToDatetime(tzinfo=dt.UTC)
+
+
+def _ranked(response: Any, user_source: str = "") -> Ranked:
+    return Ranked(
+        item_ids=tuple(item.item_id for item in response.items),
+        scores=tuple(item.score for item in response.items),
+        model_version=response.model_version,
+        candidates=response.candidates,
+        user_source=user_source,
+    )
+
+
+class SlimrankClient:
+    """Talks to one slimrank server; use as a context manager or call ``close``.
+
+    Every call carries a deadline of ``timeout`` seconds. Calls that fail with UNAVAILABLE
+    (server restarting, connection refused) are retried up to ``retries`` times with
+    exponential backoff from ``backoff`` seconds; every other error is raised at once as
+    ``grpc.RpcError``, since retrying INVALID_ARGUMENT or RESOURCE_EXHAUSTED immediately
+    would not help.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 1.0,
+        retries: int = 2,
+        backoff: float = 0.05,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"SlimrankClient.timeout={timeout!r}: must be > 0")
+        if retries < 0:
+            raise ValueError(f"SlimrankClient.retries={retries!r}: must be >= 0")
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._channel = channel or grpc.insecure_channel(target)
+        self._recommender = recommender_pb2_grpc.RecommenderStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout if timeout is None else timeout)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise
+                log.debug(
+                    "%s unavailable (attempt %d), retrying in %.3f s", self.target, attempt, delay
+                )
+                time.sleep(delay)
+                delay *= 2
+        raise RuntimeError("unreachable: the last attempt returns or raises")
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int,
+        recent: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Ranked:
+        """Return the top-``k`` items for a user (known, known by ``recent`` items, or new)."""
+        request = recommender_pb2.RecommendRequest(
+            user_id=user_id, recent_item_ids=list(recent), k=k, exclude_item_ids=list(exclude)
+        )
+        response = self._call(self._recommender.Recommend, request, timeout)
+        source = recommender_pb2.UserSource.Name(response.user_source).removeprefix("USER_SOURCE_")
+        return _ranked(response, source)
+
+    def search(
+        self,
+        vector: Sequence[float],
+        k: int,
+        exclude: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Ranked:
+        """Return the top-``k`` items for a query vector."""
+        request = recommender_pb2.SearchRequest(
+            query_vector=[float(x) for x in vector], k=k, exclude_item_ids=list(exclude)
+        )
+        return _ranked(self._call(self._recommender.Search, request, timeout))
+
+    def model_info(self, timeout: float | None = None) -> ModelInfo:
+        """Return the served model's version, metadata and load time."""
+        response = self._call(self._admin.GetModelInfo, admin_pb2.GetModelInfoRequest(), timeout)
+        return ModelInfo(
+            version=response.version,
+            created=_datetime(response, "created"),
+            parent_teacher_version=response.parent_teacher_version,
+            n_items=response.n_items,
+            dim=response.dim,
+            metrics=dict(response.metrics),
+            loaded_at=_datetime(response, "loaded_at"),
+        )
+
+    def reload(self, version: str | None = None, timeout: float | None = None) -> ReloadResult:
+        """Ask the server to load ``version`` (None: the newest) and swap it in."""
+        request = (
+            admin_pb2.ReloadRequest()
+            if version is None
+            else admin_pb2.ReloadRequest(version=version)
+        )
+        response = self._call(self._admin.Reload, request, timeout)
+        return ReloadResult(
+            version=response.version,
+            previous_version=response.previous_version,
+            reloaded=response.reloaded,
+            message=response.message,
+        )
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """Return the health status name of ``service`` ("" = the whole server), e.g. SERVING."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._call(self._health.Check, request, timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

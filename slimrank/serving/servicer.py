@@ -1,0 +1,227 @@
+"""The gRPC edge: requests in, snapshot calls, responses or status codes out.
+
+Domain errors turn into status codes here and only here: a :class:`ValidationError` becomes
+INVALID_ARGUMENT naming the field, a deadline too close to do the work DEADLINE_EXCEEDED, and
+a reload that fails NOT_FOUND / FAILED_PRECONDITION / INTERNAL with the served model kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import NoReturn
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from slimrank.errors import SlimrankError
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.metrics import ServingMetrics
+from slimrank.serving.proto.slimrank.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
+from slimrank.serving.snapshot import (
+    ModelSnapshot,
+    SnapshotHolder,
+    UserQuery,
+    UserSource,
+    top_k,
+    warm_up,
+)
+from slimrank.serving.validation import (
+    ValidationError,
+    check_ids,
+    check_k,
+    check_user_id,
+    check_vector,
+)
+
+log = logging.getLogger(__name__)
+
+# Loads the snapshot of a bundle version (None: the newest); raises on any failure.
+ReloadFn = Callable[[str | None], ModelSnapshot]
+
+
+def _abort_invalid(context: grpc.ServicerContext, error: ValidationError) -> NoReturn:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
+    """Recommend and Search over the snapshot current when the call starts."""
+
+    def __init__(
+        self, holder: SnapshotHolder, config: ServerConfig, metrics: ServingMetrics
+    ) -> None:
+        self._holder = holder
+        self._config = config
+        self._metrics = metrics
+
+    def _require_time(self, context: grpc.ServicerContext, before: str) -> None:
+        left = context.time_remaining()
+        if left is not None and left < self._config.min_time_left_s:
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline reached before {before} ({left * 1000:.1f} ms left)",
+            )
+
+    def _rank(
+        self,
+        context: grpc.ServicerContext,
+        snapshot: ModelSnapshot,
+        query: UserQuery,
+        drop: np.ndarray,
+        k: int,
+    ) -> tuple[list[recommender_pb2.ScoredItem], int]:
+        """Retrieve, drop, rank and cut to ``k``; returns the items and the candidate count."""
+        n = self._config.n_candidates
+        with self._metrics.stage("retrieve"):
+            if query.vector is None:
+                candidates = snapshot.popular_candidates(n, drop)
+            else:
+                candidates = snapshot.candidates(query.vector, n, drop)  # (m,)
+        self._metrics.candidates.observe(candidates.size)
+        self._require_time(context, "ranking")
+        if query.vector is None:
+            scores = snapshot.popularity[candidates]
+        else:
+            with self._metrics.stage("features"):
+                features = snapshot.featurize(query.row, query.vector, candidates)  # (m, F)
+            with self._metrics.stage("rank"):
+                scores = np.asarray(snapshot.score(features), dtype=np.float32).reshape(-1)
+        rows, best = top_k(candidates, scores, k)
+        items = [
+            recommender_pb2.ScoredItem(item_id=str(snapshot.item_ids[r]), score=float(s))
+            for r, s in zip(rows, best, strict=True)
+        ]
+        return items, int(candidates.size)
+
+    def Recommend(
+        self, request: recommender_pb2.RecommendRequest, context: grpc.ServicerContext
+    ) -> recommender_pb2.RecommendResponse:
+        cfg = self._config
+        try:
+            k = check_k(request.k, cfg.max_k)
+            user_id = check_user_id(request.user_id, cfg.max_id_length)
+            recent = check_ids(
+                request.recent_item_ids, cfg.max_exclude, cfg.max_id_length, "recent_item_ids"
+            )
+            exclude = check_ids(
+                request.exclude_item_ids, cfg.max_exclude, cfg.max_id_length, "exclude_item_ids"
+            )
+        except ValidationError as error:
+            _abort_invalid(context, error)
+        self._require_time(context, "retrieval")
+        snapshot = self._holder.get()
+        query = snapshot.user_query(user_id, recent)
+        drop = np.unique(snapshot.item_rows(exclude + recent))
+        items, n_candidates = self._rank(context, snapshot, query, drop, k)
+        return recommender_pb2.RecommendResponse(
+            items=items,
+            model_version=snapshot.version,
+            candidates=n_candidates,
+            user_source=int(query.source),
+        )
+
+    def Search(
+        self, request: recommender_pb2.SearchRequest, context: grpc.ServicerContext
+    ) -> recommender_pb2.SearchResponse:
+        cfg = self._config
+        snapshot = self._holder.get()  # before validation: the vector must match its dimension
+        try:
+            k = check_k(request.k, cfg.max_k)
+            vector = check_vector(request.query_vector, snapshot.dim)
+            exclude = check_ids(
+                request.exclude_item_ids, cfg.max_exclude, cfg.max_id_length, "exclude_item_ids"
+            )
+        except ValidationError as error:
+            _abort_invalid(context, error)
+        self._require_time(context, "retrieval")
+        query = UserQuery(UserSource.RECENT, -1, vector)
+        drop = np.unique(snapshot.item_rows(exclude))
+        items, n_candidates = self._rank(context, snapshot, query, drop, k)
+        return recommender_pb2.SearchResponse(
+            items=items, model_version=snapshot.version, candidates=n_candidates
+        )
+
+
+def _timestamp(value: object) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)  # type: ignore[arg-type]
+    return stamp
+
+
+def _reload_status(error: Exception) -> grpc.StatusCode:
+    if isinstance(error, LookupError | FileNotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, SlimrankError | ValueError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INTERNAL
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    """Model info and reload; reloads are serialized and swap only a warmed-up snapshot."""
+
+    def __init__(
+        self, holder: SnapshotHolder, metrics: ServingMetrics, reload_fn: ReloadFn | None = None
+    ) -> None:
+        self._holder = holder
+        self._metrics = metrics
+        self._reload_fn = reload_fn
+        self._reload_lock = threading.Lock()
+
+    def GetModelInfo(
+        self, request: admin_pb2.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.GetModelInfoResponse:
+        served = self._holder.served()
+        snapshot, meta = served.snapshot, served.snapshot.metadata
+        return admin_pb2.GetModelInfoResponse(
+            version=snapshot.version,
+            created=_timestamp(meta.created),
+            parent_teacher_version=meta.parent_teacher_version,
+            n_items=snapshot.n_items,
+            dim=snapshot.dim,
+            metrics={str(name): float(value) for name, value in meta.metrics.items()},
+            loaded_at=_timestamp(served.loaded_at),
+        )
+
+    def Reload(
+        self, request: admin_pb2.ReloadRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.ReloadResponse:
+        if self._reload_fn is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no bundle source")
+        version = request.version if request.HasField("version") else None
+        with self._reload_lock:
+            previous = self._holder.get()
+            try:
+                new = self._reload_fn(version)
+                warm_up(new)
+            except Exception as error:  # any load failure must leave the served model in place
+                self._metrics.reload_failures.inc()
+                log.exception("reload of %s failed; still serving %s", version, previous.version)
+                context.abort(
+                    _reload_status(error),
+                    f"reload of {version or 'the newest bundle'} failed, still serving "
+                    f"{previous.version}: {type(error).__name__}: {error}",
+                )
+            if new.version == previous.version:
+                return admin_pb2.ReloadResponse(
+                    version=previous.version,
+                    previous_version=previous.version,
+                    reloaded=False,
+                    message=f"already serving {previous.version}",
+                )
+            self._holder.swap(new)
+            self._metrics.reloads.inc()
+        return admin_pb2.ReloadResponse(
+            version=new.version,
+            previous_version=previous.version,
+            reloaded=True,
+            message=f"swapped {previous.version} -> {new.version}",
+        )

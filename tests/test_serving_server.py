@@ -1,0 +1,434 @@
+"""The real gRPC server on port 0, through the real client, over real small snapshots."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from slimrank.errors import IntegrityError
+from slimrank.serving.client import SlimrankClient
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.proto.slimrank.v1 import recommender_pb2, recommender_pb2_grpc
+from slimrank.serving.server import SlimrankServer, create_server
+from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
+
+DIM = 16
+RECOMMEND = "/slimrank.v1.Recommender/Recommend"
+
+
+@dataclasses.dataclass
+class Running:
+    server: SlimrankServer
+    port: int
+    holder: SnapshotHolder
+    registry: CollectorRegistry
+    client: SlimrankClient
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., Running]]:
+    """Start servers on port 0 (marked SERVING); all are stopped after the test."""
+    running: list[Running] = []
+
+    def _start(
+        snapshot: ModelSnapshot | None = None,
+        config: ServerConfig | None = None,
+        reload_fn: Callable[[str | None], ModelSnapshot] | None = None,
+        serving: bool = True,
+    ) -> Running:
+        holder = SnapshotHolder(snapshot or random_snapshot("v1", dim=DIM))
+        registry = CollectorRegistry()
+        server, port = create_server(config or ServerConfig(), holder, registry, reload_fn)
+        if serving:
+            server.mark_serving()
+        client = SlimrankClient(f"127.0.0.1:{port}", timeout=5.0)
+        running.append(Running(server, port, holder, registry, client))
+        return running[-1]
+
+    yield _start
+    for r in running:
+        r.client.close()
+        r.server.shutdown(0).wait(5)
+
+
+def reference(
+    snap: ModelSnapshot, vector: np.ndarray, drop_ids: list[str], k: int, n: int = 200
+) -> tuple[list[str], np.ndarray]:
+    """Retrieve + rank by brute force in numpy, independent of FAISS and of the servicer."""
+    dots = snap.item_vectors @ vector  # (n_items,)
+    order = np.argsort(-dots, kind="stable")
+    order = [i for i in order if snap.item_ids[i] not in drop_ids][:n]
+    scores = dots[order] + 0.1 * np.log1p(snap.popularity[order])
+    best = np.argsort(-scores, kind="stable")[:k]
+    return [str(snap.item_ids[order[i]]) for i in best], scores[best]
+
+
+def blocking(snap: ModelSnapshot) -> tuple[ModelSnapshot, threading.Semaphore, threading.Event]:
+    """A snapshot whose scorer signals ``entered`` and then waits for ``release``.
+
+    The first call, the server's warm-up, is let through.
+    """
+    entered, release = threading.Semaphore(0), threading.Event()
+    warmed = threading.Event()
+
+    def score(features: np.ndarray) -> np.ndarray:
+        if warmed.is_set():
+            entered.release()
+            release.wait(10)
+        warmed.set()
+        return snap.score(features)
+
+    return dataclasses.replace(snap, score=score), entered, release
+
+
+def test_known_user_matches_direct_retrieve_and_rank(start: Callable[..., Running]) -> None:
+    r = start()
+    snap = r.holder.get()
+    got = r.client.recommend("u5", 10, exclude=["i3", "i77"])
+    ids, scores = reference(snap, snap.user_vectors[5], ["i3", "i77"], 10)
+    assert got.item_ids == tuple(ids)
+    np.testing.assert_allclose(got.scores, scores, rtol=1e-5)
+    assert got.model_version == "v1" and got.user_source == "KNOWN" and got.candidates == 200
+
+
+def test_unknown_user_with_recent_items_pools_them(start: Callable[..., Running]) -> None:
+    r = start()
+    snap = r.holder.get()
+    recent = ["i10", "i20", "i30"]
+    got = r.client.recommend("newcomer", 5, recent=[*recent, "not-an-item"])
+    pooled = snap.item_vectors[[10, 20, 30]].mean(axis=0)
+    ids, _ = reference(snap, pooled, recent, 5)
+    assert got.item_ids == tuple(ids) and got.user_source == "RECENT"
+    assert not set(got.item_ids) & set(recent)
+
+
+def test_unknown_user_without_history_gets_popular(start: Callable[..., Running]) -> None:
+    r = start()
+    snap = r.holder.get()
+    top = [str(snap.item_ids[i]) for i in snap.popular_order[:6]]
+    got = r.client.recommend("", 5, exclude=[top[0]])
+    assert got.item_ids == tuple(top[1:6]) and got.user_source == "POPULAR"
+    np.testing.assert_allclose(got.scores, snap.popularity[snap.popular_order[1:6]])
+
+
+def test_search_matches_direct(start: Callable[..., Running]) -> None:
+    r = start()
+    snap = r.holder.get()
+    vector = np.random.default_rng(9).standard_normal(DIM).astype(np.float32)
+    got = r.client.search(vector.tolist(), 7, exclude=["i1"])
+    ids, scores = reference(snap, vector, ["i1"], 7)
+    assert got.item_ids == tuple(ids) and got.model_version == "v1"
+    np.testing.assert_allclose(got.scores, scores, rtol=1e-5)
+
+
+INVALID = [
+    ("recommend", {"user_id": "u1", "k": 0}, "k"),
+    ("recommend", {"user_id": "u1", "k": 101}, "k"),
+    ("recommend", {"user_id": "u1", "k": 5, "exclude": ["i1"] * 11}, "exclude_item_ids"),
+    ("recommend", {"user_id": "u1", "k": 5, "recent": ["i1", ""]}, "recent_item_ids"),
+    ("recommend", {"user_id": "u" * 300, "k": 5}, "user_id"),
+    ("search", {"vector": [0.1] * (DIM - 1), "k": 5}, "query_vector"),
+    ("search", {"vector": [math.nan] + [0.1] * (DIM - 1), "k": 5}, "query_vector"),
+    ("search", {"vector": [math.inf] + [0.1] * (DIM - 1), "k": 5}, "query_vector"),
+    ("search", {"vector": [0.1] * DIM, "k": -3}, "k"),
+]
+
+
+def test_validation_errors_are_invalid_argument_naming_the_field(
+    start: Callable[..., Running],
+) -> None:
+    r = start(config=ServerConfig(max_exclude=10))
+    for method, kwargs, field in INVALID:
+        with pytest.raises(grpc.RpcError) as info:
+            getattr(r.client, method)(**kwargs)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, kwargs)
+        assert info.value.details().startswith(f"{field}: "), info.value.details()
+    invalid = r.sample(
+        "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "INVALID_ARGUMENT"}
+    )
+    assert invalid == 5
+
+
+def test_message_size_limit(start: Callable[..., Running]) -> None:
+    r = start(config=ServerConfig(max_message_bytes=4096))
+    with pytest.raises(grpc.RpcError) as info:
+        r.client.search([0.5] * 2000, 5)  # 8 kB of floats
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_deadline_reached_during_retrieval_skips_ranking(start: Callable[..., Running]) -> None:
+    base = random_snapshot("v1", dim=DIM)
+    ranked = []
+
+    def slow_retrieve(queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        time.sleep(0.3)
+        return base.retrieve(queries, n)
+
+    def counting_score(features: np.ndarray) -> np.ndarray:
+        ranked.append(len(features))
+        return base.score(features)
+
+    slow = dataclasses.replace(base, retrieve=slow_retrieve, score=counting_score)
+    r = start(slow)
+    ranked.clear()  # the warm-up
+    with pytest.raises(grpc.RpcError) as info:
+        r.client.recommend("u1", 5, timeout=0.1)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    labels = {"method": RECOMMEND, "code": "DEADLINE_EXCEEDED"}
+    for _ in range(100):  # the server notices after its retrieval step ends
+        if r.sample("slimrank_grpc_requests_total", labels):
+            break
+        time.sleep(0.02)
+    assert r.sample("slimrank_grpc_requests_total", labels) == 1
+    assert ranked == []
+    assert r.client.recommend("u1", 5).item_ids  # a call with time to spare is ranked
+    assert ranked == [200]
+
+
+def test_calls_beyond_max_inflight_are_shed_at_once(start: Callable[..., Running]) -> None:
+    snap, entered, release = blocking(random_snapshot("v1", dim=DIM))
+    r = start(snap, ServerConfig(max_inflight=2, max_workers=4))
+    stub = recommender_pb2_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{r.port}"))
+    request = recommender_pb2.RecommendRequest(user_id="u1", k=3)
+    busy = [stub.Recommend.future(request, timeout=10) for _ in range(2)]
+    try:
+        for _ in busy:
+            assert entered.acquire(timeout=5)
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            r.client.recommend("u2", 3)
+        shed_after = time.perf_counter() - t0
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert shed_after < 0.5
+        assert r.client.health() == "SERVING"  # health and admin are not bounded
+        assert r.client.model_info().version == "v1"
+        assert r.sample("slimrank_inflight_requests") == 2
+    finally:
+        release.set()
+    assert all(len(f.result(timeout=5).items) == 3 for f in busy)
+    assert r.sample("slimrank_shed_requests_total") == 1
+    shed = {"method": RECOMMEND, "code": "RESOURCE_EXHAUSTED"}
+    assert r.sample("slimrank_grpc_requests_total", shed) == 1
+    assert r.sample("slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}) == 2
+    assert len(r.client.recommend("u2", 3).item_ids) == 3  # slots were given back
+
+
+def test_health_transitions(start: Callable[..., Running]) -> None:
+    r = start(serving=False)
+    assert r.client.health() == "NOT_SERVING"
+    assert r.client.health("slimrank.v1.Recommender") == "NOT_SERVING"
+    r.server.mark_serving()
+    assert r.client.health() == "SERVING"
+    assert r.client.health("slimrank.v1.Admin") == "SERVING"
+    with pytest.raises(grpc.RpcError) as info:
+        r.client.health("no.such.Service")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{r.port}")
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    stopped = r.server.shutdown(grace=2)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    watch.cancel()
+    assert stopped.wait(5)
+    channel.close()
+
+
+def test_graceful_shutdown_lets_in_flight_call_finish(start: Callable[..., Running]) -> None:
+    snap, entered, release = blocking(random_snapshot("v1", dim=DIM))
+    r = start(snap)
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        result["ranked"] = r.client.recommend("u1", 4)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert entered.acquire(timeout=5)
+    stopped = r.server.shutdown(grace=5)
+    late = SlimrankClient(f"127.0.0.1:{r.port}", timeout=1.0, retries=0)
+    with pytest.raises(grpc.RpcError) as info:
+        late.recommend("u2", 4)  # new calls are refused during the grace period
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    late.close()
+    assert not stopped.is_set()
+    release.set()
+    caller.join(5)
+    assert stopped.wait(5)
+    assert result["ranked"].item_ids and result["ranked"].model_version == "v1"  # type: ignore[attr-defined]
+
+
+def test_swap_under_load_fails_no_call(start: Callable[..., Running]) -> None:
+    v1, v2 = random_snapshot("v1", dim=DIM, seed=0), random_snapshot("v2", dim=DIM, seed=1)
+    r = start(v1)
+    stop = threading.Event()
+    versions: list[str] = []
+    errors: list[BaseException] = []
+
+    def hammer(user: str) -> None:
+        with SlimrankClient(f"127.0.0.1:{r.port}", timeout=5.0, retries=0) as client:
+            while not stop.is_set():
+                try:
+                    versions.append(client.recommend(user, 10).model_version)
+                except grpc.RpcError as error:
+                    errors.append(error)
+
+    threads = [threading.Thread(target=hammer, args=(f"u{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(40):
+        r.holder.swap(v2 if i % 2 == 0 else v1)
+        time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert set(versions) == {"v1", "v2"} and len(versions) > 40
+    assert r.sample("slimrank_model_info", {"version": "v1"}) == 1  # 40 swaps: back on v1
+    assert r.sample("slimrank_model_info", {"version": "v2"}) == 0
+
+
+def test_reload_swaps_and_failures_keep_the_served_model(start: Callable[..., Running]) -> None:
+    good = {"v2": random_snapshot("v2", dim=DIM, seed=2)}
+
+    def load(version: str | None) -> ModelSnapshot:
+        version = version or "v2"
+        if version == "corrupt":
+            raise IntegrityError("model.onnx: sha256 mismatch")
+        if version == "nan":
+            bad = random_snapshot("nan", dim=DIM)
+            return dataclasses.replace(bad, score=lambda f: np.full(len(f), np.nan, np.float32))
+        return good[version]  # KeyError: no such bundle
+
+    r = start(reload_fn=load)
+    for version, code in [
+        ("corrupt", grpc.StatusCode.FAILED_PRECONDITION),
+        ("nan", grpc.StatusCode.FAILED_PRECONDITION),
+        ("v9", grpc.StatusCode.NOT_FOUND),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            r.client.reload(version)
+        assert info.value.code() == code
+        assert "still serving v1" in info.value.details()
+        assert r.client.recommend("u1", 3).model_version == "v1"
+    assert r.sample("slimrank_model_reload_failures_total") == 3
+    assert r.sample("slimrank_model_reloads_total") == 0
+
+    before = r.client.model_info()
+    result = r.client.reload()
+    assert (result.version, result.previous_version, result.reloaded) == ("v2", "v1", True)
+    assert r.client.recommend("u1", 3).model_version == "v2"
+    after = r.client.model_info()
+    assert after.version == "v2" and after.loaded_at > before.loaded_at
+    assert r.sample("slimrank_model_reloads_total") == 1
+    assert r.sample("slimrank_model_info", {"version": "v2"}) == 1
+    assert r.sample("slimrank_model_info", {"version": "v1"}) == 0
+
+    again = r.client.reload("v2")
+    assert not again.reloaded and again.message == "already serving v2"
+
+
+def test_reload_without_a_bundle_source_is_refused(start: Callable[..., Running]) -> None:
+    r = start()
+    with pytest.raises(grpc.RpcError) as info:
+        r.client.reload()
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_model_info(start: Callable[..., Running]) -> None:
+    r = start()
+    info = r.client.model_info()
+    assert (info.version, info.n_items, info.dim) == ("v1", 500, DIM)
+    assert info.parent_teacher_version == "teacher-random" and info.metrics == {"seed": 0.0}
+    assert info.created is not None and info.created.year == 2026
+    assert info.loaded_at is not None
+
+
+def test_metrics_endpoint_exposes_counts(start: Callable[..., Running]) -> None:
+    r = start(config=ServerConfig(metrics_port=0))
+    assert r.server.metrics_port
+    for user in ("u1", "u2", ""):
+        r.client.recommend(user, 5)
+    r.client.search([0.1] * DIM, 5)
+    url = f"http://127.0.0.1:{r.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("slimrank_grpc_requests_total", method=RECOMMEND, code="OK") == 3
+    assert value("slimrank_grpc_request_duration_seconds_count", method=RECOMMEND) == 3
+    assert value("slimrank_stage_duration_seconds_count", stage="retrieve") == 4
+    assert value("slimrank_stage_duration_seconds_count", stage="rank") == 3  # not the popular one
+    assert value("slimrank_stage_duration_seconds_count", stage="features") == 3
+    assert value("slimrank_stage_duration_seconds_count", stage="queue") == 4
+    assert value("slimrank_candidates_per_request_count") == 4
+    assert value("slimrank_index_items") == 500
+    assert value("slimrank_model_info", version="v1") == 1
+    assert value("slimrank_inflight_requests") == 0
+    assert value("slimrank_shed_requests_total") == 0
+    assert (
+        "slimrank_grpc_request_duration_seconds_bucket",
+        (("le", "0.0005"), ("method", RECOMMEND)),
+    ) in samples
+
+
+def test_reflection_only_when_enabled(start: Callable[..., Running]) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    on = start(config=ServerConfig(reflection=True))
+    with grpc.insecure_channel(f"127.0.0.1:{on.port}") as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"slimrank.v1.Recommender", "slimrank.v1.Admin", "grpc.health.v1.Health"} <= services
+
+    off = start()
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{off.port}") as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_client_retries_unavailable_then_succeeds(start: Callable[..., Running]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a free port, for a server that starts late
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = SlimrankClient(f"127.0.0.1:{port}", timeout=1.0, retries=8, backoff=0.05)
+    late: list[Running] = []
+    starter = threading.Timer(0.3, lambda: late.append(start(config=ServerConfig(port=port))))
+    starter.start()
+    try:
+        assert client.recommend("u1", 3).model_version == "v1"
+    finally:
+        starter.join()
+        client.close()
+    none = SlimrankClient("127.0.0.1:1", timeout=0.5, retries=0)
+    with pytest.raises(grpc.RpcError) as info:
+        none.health()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    none.close()
