@@ -188,6 +188,14 @@ def test_atomic_dataset_features(tmp_path: Path) -> None:
     assert list(ds.item_titles) == ["Kolya", "L.A. Confidential"]
 
 
+def test_load_dataset_reads_a_recbole_directory(tmp_path: Path) -> None:
+    directory = _atomic_dir(tmp_path)
+    ds = load_dataset(str(directory))
+    assert ds.name == "ml-100k" and len(ds.interactions) == 3
+    with pytest.raises(DataError, match=r"one \*\.inter"):
+        load_dataset(str(tmp_path))
+
+
 def test_atomic_errors(tmp_path: Path) -> None:
     directory = _atomic_dir(tmp_path)
     _write(directory / "ml-100k.inter", INTER.replace("\t5\t", "\tfive\t"))

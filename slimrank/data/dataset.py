@@ -239,12 +239,25 @@ class Split:
 
 
 def load_dataset(name_or_path: str) -> Dataset:
-    """Return ``"movielens-100k"`` (fetched on demand) or the logs file at a path."""
+    """Return ``"movielens-100k"`` (fetched on demand), a logs file, or a RecBole directory.
+
+    A directory must hold one ``<stem>.inter`` atomic file (``.user``, ``.item`` optional).
+    """
+    from pathlib import Path
+
     from slimrank.data import logs, movielens
+    from slimrank.errors import DataError
 
     if name_or_path in movielens.NAMES:
         return movielens.load_movielens_100k()
-    return logs.load_logs(name_or_path)
+    path = Path(name_or_path)
+    if path.is_dir():
+        inter = sorted(path.glob("*.inter"))
+        if len(inter) != 1:
+            raise DataError(f"expected one *.inter file, found {len(inter)}", path=path)
+        stem = inter[0].name.removesuffix(".inter")
+        return movielens.load_atomic_dataset(path, stem, name=stem)
+    return logs.load_logs(path)
 
 
 def split_random(
