@@ -65,7 +65,7 @@ def test_verify_and_promote_of_corrupt_bundle_exit_2_naming_the_file(root, capsy
     assert code == 2 and str(target) in err
     assert current_version(root) == current
     code, _, err = run(capsys, "rollback", "--root", str(root))
-    assert code == 2 and "no version older" in err
+    assert code == 2 and "no earlier served version" in err
     assert current_version(root) == current
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -40,6 +42,13 @@ def test_npy_refuses_objects_both_ways(tmp_path):
     (tmp_path / "junk.npy").write_bytes(b"\x80\x04not an npy")
     with pytest.raises(IntegrityError, match=r"junk\.npy"):
         read_npy(tmp_path / "junk.npy")
+    write_npy(tmp_path / "short.npy", np.arange(100))
+    os.truncate(tmp_path / "short.npy", 200)  # header intact, data cut
+    for mmap in (False, True):
+        with pytest.raises(IntegrityError, match=r"short\.npy"):
+            read_npy(tmp_path / "short.npy", mmap=mmap)
+    with pytest.raises(FileNotFoundError):
+        read_npy(tmp_path / "absent.npy")
 
 
 def test_tensors_round_trip_numpy_and_torch(tmp_path):

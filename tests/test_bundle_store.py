@@ -145,12 +145,28 @@ def test_rollback_restores_previous_and_skips_corrupt(tmp_path):
     v1, v2, v3 = (publish(tmp_path, _files(i)) for i in range(3))
     _corrupt(tmp_path / v2 / "ranker.onnx", truncate=0)
     old, new, skipped = rollback(tmp_path)
-    assert (old, new, skipped) == (v3, v1, [v2])
+    assert (old, new, skipped) == (v3, v1, [f"{v2}: failed verification"])
     assert current_version(tmp_path) == v1
-    with pytest.raises(BundleError, match="no version older"):
+    with pytest.raises(BundleError, match="no earlier served version"):
         rollback(tmp_path)
     assert current_version(tmp_path) == v1
     assert promote(tmp_path, v3) == (v1, v3)
+    assert rollback(tmp_path)[1] == v1
+
+
+def test_rollback_follows_what_was_served_not_sequence_order(tmp_path):
+    v1 = publish(tmp_path, _files(1))
+    failed_gate = publish(tmp_path, _files(2), gate={"passed": False}, make_current=False)
+    v3 = publish(tmp_path, _files(3))
+    assert rollback(tmp_path) == (v3, v1, [])  # never onto the unserved, gate-failed bundle
+    v4 = publish(tmp_path, _files(4))
+    assert rollback(tmp_path) == (v4, v1, [])  # not back onto v3, which was rolled away from
+    assert failed_gate in list_versions(tmp_path)
+    # A lost history (say, a crash right after CURRENT moved) degrades to "nothing to undo".
+    (tmp_path / "HISTORY").write_text('{"version": "v0000')
+    with pytest.raises(BundleError, match="promote VERSION"):
+        rollback(tmp_path)
+    assert store.served_stack(tmp_path) == [v1]
 
 
 def test_rollback_without_current(tmp_path):
@@ -203,7 +219,7 @@ def test_failed_staging_leaves_nothing(tmp_path):
         publish(tmp_path, {"a": b"x"}, metrics={"ndcg": float("nan")})
     assert list_versions(tmp_path) == [v]
     assert current_version(tmp_path) == v
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "CURRENT", v]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "CURRENT", "HISTORY", v]
 
 
 def test_corrupt_current_pointer_is_an_integrity_error(tmp_path):

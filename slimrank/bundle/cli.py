@@ -155,10 +155,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    """Move CURRENT back to the newest older version that verifies."""
+    """Move CURRENT back to the most recently served earlier version that verifies."""
     old, new, skipped = store.rollback(bundles_root(args))
-    for version in skipped:
-        print(f"skipped {version}: failed verification")
+    for reason in skipped:
+        print(f"skipped {reason}")
     print(f"rolled back CURRENT: {old} -> {new}")
     return 0
 

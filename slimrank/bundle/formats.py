@@ -34,9 +34,7 @@ def read_npy(path: str | Path, mmap: bool = False) -> np.ndarray:
     """Return the array in a ``.npy`` file, memory-mapped read-only if ``mmap``."""
     try:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except (ValueError, OSError, EOFError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
+    except (ValueError, EOFError) as err:
         raise IntegrityError(f"{path}: not a valid pickle-free .npy file: {err}") from None
 
 

@@ -4,6 +4,7 @@ Layout of a bundles root::
 
     bundles/
       CURRENT                         one line: the served version's name
+      HISTORY                         JSON lines: every move of CURRENT (publish/promote/rollback)
       v000011-20261122T120000Z/       manifest.json + the files it lists
       v000012-20261122T143000Z/
       .tmp-<uuid>/                    a publish in progress, or left by a killed one
@@ -21,9 +22,12 @@ Invariants:
   verifies the size and sha256 of every file before anything is deserialized, and refuses
   files on disk that the manifest does not list: whatever a loader reads was checksummed.
 * Promote and rollback verify the target first, so a corrupt bundle never becomes current.
-* Pruning keeps the newest ``keep`` versions, ``CURRENT``, and the version just before
-  ``CURRENT`` (the rollback target); a pruned version is renamed to ``.tmp-*`` first, so it
-  disappears from listings atomically.
+* Rollback returns to the version that was served before ``CURRENT`` (from ``HISTORY``), not
+  to the next-lower sequence number: a version published with ``make_current=False`` (say,
+  one that failed the accuracy gate) was never served and is never a rollback target, and a
+  version rolled away from is not returned to by the next rollback.
+* Pruning keeps the newest ``keep`` versions, ``CURRENT``, and the rollback target; a pruned
+  version is renamed to ``.tmp-*`` first, so it disappears from listings atomically.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -49,6 +54,7 @@ from slimrank.errors import IntegrityError, SlimrankError
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
+HISTORY = "HISTORY"
 _TMP_PREFIX = ".tmp-"
 _LOCK = ".lock"
 
@@ -222,11 +228,72 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _set_current(root: Path, version: str) -> None:
+def _set_current(root: Path, version: str, action: str, old: str | None) -> None:
     tmp = root / (CURRENT + ".tmp")
     _write_durable(tmp, (version + "\n").encode())
     os.replace(tmp, root / CURRENT)
     _fsync_dir(root)
+    # After the move: if we die in between, served_stack still ends with CURRENT (it appends
+    # CURRENT when the history does not end with it).
+    entry = {"at": utc_iso(dt.datetime.now(dt.UTC)), "action": action, "version": version}
+    with open(root / HISTORY, "a", encoding="utf-8") as f:
+        f.write(json.dumps({**entry, "from": old}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_history(root: str | Path) -> list[dict[str, Any]]:
+    """Return the ``HISTORY`` entries, oldest first; unparsable lines are logged and skipped.
+
+    A line torn by a crash during an append is the expected cause of a bad line.
+    """
+    path = Path(root) / HISTORY
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not (isinstance(entry, dict) and isinstance(entry.get("version"), str)):
+            log.warning("%s:%d: skipping unparsable history line %r", path, number, line)
+            continue
+        out.append(entry)
+    return out
+
+
+def served_stack(root: str | Path) -> list[str]:
+    """Return the versions served so far as a stack whose top is ``CURRENT``.
+
+    Publish and promote push; a rollback pops down to its target. Consecutive duplicates are
+    dropped.
+    """
+    stack: list[str] = []
+    for entry in read_history(root):
+        version = entry["version"]
+        if entry.get("action") == "rollback":
+            while stack and stack[-1] != version:
+                stack.pop()
+        if not stack or stack[-1] != version:
+            stack.append(version)
+    current = current_version(root)
+    if current is not None and (not stack or stack[-1] != current):
+        stack.append(current)
+    return stack
+
+
+def rollback_candidates(root: str | Path) -> list[str]:
+    """Return the versions served before ``CURRENT``, most recent first, without ``CURRENT``."""
+    stack = served_stack(root)
+    current = stack[-1] if stack else None
+    out: list[str] = []
+    for version in reversed(stack[:-1]):
+        if version != current and version not in out:
+            out.append(version)
+    return out
 
 
 def _remove_stale(root: Path) -> None:
@@ -318,15 +385,9 @@ def publish(
         _fsync_dir(root)
         log.info("published %s (%d files, %d bytes)", version, len(digests), manifest.total_bytes)
         if make_current:
-            _set_current(root, version)
+            _set_current(root, version, "publish", current_version(root))
         _prune(root, store.keep)
     return version
-
-
-def previous_version(root: str | Path, version: str) -> str | None:
-    """Return the newest visible version older than ``version``, or ``None``."""
-    older = [v for v in list_versions(root) if version_key(v) < version_key(version)]
-    return older[-1] if older else None
 
 
 def _prune(root: Path, keep: int) -> list[str]:
@@ -335,9 +396,10 @@ def _prune(root: Path, keep: int) -> list[str]:
     current = current_version(root)
     if current is not None:
         protected.add(current)
-        before = previous_version(root, current)
-        if before is not None:
-            protected.add(before)
+    visible = set(versions)
+    target = next((v for v in rollback_candidates(root) if v in visible), None)
+    if target is not None:
+        protected.add(target)
     removed = [v for v in versions if v not in protected]
     for version in removed:
         doomed = root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
@@ -350,7 +412,7 @@ def _prune(root: Path, keep: int) -> list[str]:
 
 
 def prune(root: str | Path, store: StoreConfig | None = None) -> list[str]:
-    """Delete versions beyond the newest ``store.keep`` (never CURRENT or its predecessor)."""
+    """Delete versions beyond the newest ``store.keep``; never CURRENT or the rollback target."""
     root = Path(root)
     with _locked(root):
         return _prune(root, (store or StoreConfig()).keep)
@@ -366,31 +428,38 @@ def promote(root: str | Path, version: str) -> tuple[str | None, str]:
         version = resolve_version(root, version)
         open_bundle(root, version)
         old = current_version(root)
-        _set_current(root, version)
+        _set_current(root, version, "promote", old)
     log.info("CURRENT %s -> %s", old, version)
     return old, version
 
 
 def rollback(root: str | Path) -> tuple[str, str, list[str]]:
-    """Move ``CURRENT`` to the newest older version that verifies.
+    """Move ``CURRENT`` back to the most recently served earlier version that verifies.
 
-    Returns ``(old current, new current, skipped versions that failed to verify)``. Raises
-    ``BundleError`` if there is no ``CURRENT`` or no older version verifies.
+    Returns ``(old current, new current, skipped)`` where ``skipped`` says which earlier
+    versions were passed over and why (pruned, or failed verification). Raises
+    ``BundleError`` if there is no ``CURRENT`` or no earlier served version verifies.
     """
     root = Path(root)
     with _locked(root):
         old = resolve_version(root, None)
+        visible = set(list_versions(root))
         skipped: list[str] = []
-        candidate = previous_version(root, old)
-        while candidate is not None:
+        for candidate in rollback_candidates(root):
+            if candidate not in visible:
+                skipped.append(f"{candidate}: no longer present")
+                continue
             try:
                 open_bundle(root, candidate)
             except IntegrityError as err:
                 log.warning("rollback skips %s: %s", candidate, err)
-                skipped.append(candidate)
-                candidate = previous_version(root, candidate)
+                skipped.append(f"{candidate}: failed verification")
                 continue
-            _set_current(root, candidate)
+            _set_current(root, candidate, "rollback", old)
             log.info("rolled back CURRENT %s -> %s", old, candidate)
             return old, candidate, skipped
-    raise BundleError(f"{root}: no version older than {old} verifies; CURRENT stays {old}")
+    raise BundleError(
+        f"{root}: no earlier served version verifies; CURRENT stays {old}"
+        + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+        + "; use `slimrank bundle promote VERSION` to pick one"
+    )
