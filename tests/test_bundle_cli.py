@@ -77,6 +77,16 @@ def test_rollback_then_promote(root, capsys):
     assert current_version(root) == v1
     code, out, _ = run(capsys, "promote", v2, "--root", str(root))
     assert (code, out.strip()) == (0, f"CURRENT: {v1} -> {v2}")
+    code, out, _ = run(capsys, "history", "--root", str(root))
+    rows = [
+        [c.strip() for c in line.split("│")[2:5]] for line in out.splitlines() if "│ 20" in line
+    ]
+    assert rows == [
+        ["publish", "-", v1],
+        ["publish", v1, v2],
+        ["rollback", v2, v1],
+        ["promote", v1, v2],
+    ]
 
 
 def test_unknown_version_and_diff(root, capsys):

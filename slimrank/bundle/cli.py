@@ -1,4 +1,4 @@
-"""``slimrank bundle list | show | verify | promote | rollback | diff``.
+"""``slimrank bundle list | show | verify | promote | rollback | history | diff``.
 
 Every subcommand takes ``--root DIR`` (default ``$SLIMRANK_BUNDLES``, else ``./bundles``).
 Integrity failures raise ``IntegrityError``, which the top-level CLI prints, exiting 2.
@@ -53,8 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("promote", parents=[common], help="verify a version, then make it CURRENT")
     p.add_argument("version", help="version name or sequence number")
     p.set_defaults(func=cmd_promote)
-    p = cmds.add_parser("rollback", parents=[common], help="CURRENT -> previous good version")
+    p = cmds.add_parser(
+        "rollback", parents=[common], help="CURRENT -> the previously served version that verifies"
+    )
     p.set_defaults(func=cmd_rollback)
+    p = cmds.add_parser("history", parents=[common], help="every move of CURRENT, newest last")
+    p.set_defaults(func=cmd_history)
     p = cmds.add_parser("diff", parents=[common], help="files and metrics that differ")
     p.add_argument("old", help="version name or sequence number")
     p.add_argument("new", nargs="?", help="version name or sequence number (default CURRENT)")
@@ -160,6 +164,23 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     for reason in skipped:
         print(f"skipped {reason}")
     print(f"rolled back CURRENT: {old} -> {new}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Print every publish, promote and rollback that moved CURRENT."""
+    root = bundles_root(args)
+    table = Table(title=f"CURRENT history in {root}")
+    for column in ("at", "action", "from", "to"):
+        table.add_column(column, no_wrap=True)
+    for entry in store.read_history(root):
+        table.add_row(
+            str(entry.get("at", "")),
+            str(entry.get("action", "")),
+            str(entry.get("from") or "-"),
+            entry["version"],
+        )
+    _console().print(table)
     return 0
 
 
