@@ -97,3 +97,10 @@ def test_unknown_version_and_diff(root, capsys):
     d = json.loads(out)
     assert d["changed"] == ["ranker.onnx"]
     assert d["metrics"] == {"test.ndcg@10": [0.301, 0.312]}
+
+
+@pytest.mark.parametrize("argv", [["promote", "1"], ["rollback"], ["verify"], ["show"]])
+def test_missing_root_is_a_clean_error(tmp_path, capsys, argv):
+    code, _, err = run(capsys, *argv, "--root", str(tmp_path / "nope"))
+    assert code == 2
+    assert err.startswith("slimrank: error: ") and "nope" in err

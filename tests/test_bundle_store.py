@@ -93,8 +93,11 @@ def test_versions_increase_and_resolve_by_sequence(tmp_path):
     assert store.resolve_version(tmp_path, "2") == vs[1]
     with pytest.raises(BundleError, match="'9'"):
         store.resolve_version(tmp_path, "9")
-    with pytest.raises(BundleError):
-        store.resolve_version(tmp_path, "../etc")
+    for bad in ("../etc", "latest"):
+        with pytest.raises(BundleError):
+            store.resolve_version(tmp_path, bad)
+        with pytest.raises(BundleError):
+            store.verify_version(tmp_path, bad)
 
 
 @pytest.mark.parametrize(

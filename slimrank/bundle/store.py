@@ -159,6 +159,8 @@ def verify_version(root: str | Path, version: str) -> tuple[Manifest, list[Probl
     Raises ``IntegrityError`` if the manifest itself is missing, malformed, or names another
     version (a copied or renamed directory).
     """
+    if parse_version(version) is None:
+        raise BundleError(f"{version!r} is not a bundle version name")
     path = Path(root) / version
     manifest = read_manifest(path / MANIFEST)
     if manifest.version != version:
@@ -197,6 +199,8 @@ def open_bundle(root: str | Path, version: str | None = None) -> Bundle:
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """Hold the store's exclusive lock; the kernel drops it if the process dies."""
+    if not root.is_dir():
+        raise BundleError(f"{root}: no bundles directory")
     fd = os.open(root / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
