@@ -37,20 +37,20 @@ def load_logs(
 ) -> Dataset:
     """Return the dataset of a logs file and its optional feature files."""
     path = Path(path)
-    frame = read_table(path)
+    frame = read_table(path, id_columns=("user_id", "item_id"))
     _require(frame, LOG_COLUMNS, path)
     if frame.empty:
         raise DataError("no interactions", path=path)
     for column in ("user_id", "item_id"):
         _check_ids(frame[column], path, column)
-    user_ids = _id_strings(frame["user_id"])
-    item_ids = _id_strings(frame["item_id"])
+    user, users = _factorize_ids(frame["user_id"])
+    item, items = _factorize_ids(frame["item_id"])
     timestamp = parse_timestamps(frame["timestamp"], path)
     if "rating" in frame.columns:
         rating = _numbers(frame["rating"], path, "rating")
     else:
         rating = np.ones(len(frame))  # (n,)
-    keys = pd.DataFrame({"u": user_ids, "i": item_ids, "t": timestamp})
+    keys = pd.DataFrame({"u": user, "i": item, "t": timestamp})  # int64 columns: fast hashing
     duplicated = keys.duplicated().to_numpy()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])
@@ -59,13 +59,7 @@ def load_logs(
             f"duplicate interaction (same user_id, item_id, timestamp as row {first})",
             **_where(path, "user_id", row),
         )
-    users, items = IdMap.from_ids(user_ids), IdMap.from_ids(item_ids)
-    interactions = Interactions(
-        user=users.index(user_ids),
-        item=items.index(item_ids),
-        rating=rating.astype(np.float32),
-        timestamp=timestamp,
-    )
+    interactions = Interactions(user, item, rating.astype(np.float32), timestamp)
     user_table = (
         load_feature_table(user_features, "user_id", users)
         if user_features is not None
@@ -83,7 +77,7 @@ def load_logs(
 def load_feature_table(path: str | Path, id_column: str, ids: IdMap) -> FeatureTable:
     """Return the features of ``ids`` read from ``path``; every row must name a known id."""
     path = Path(path)
-    frame = read_table(path)
+    frame = read_table(path, id_columns=(id_column,))
     _require(frame, (id_column,), path)
     _check_ids(frame[id_column], path, id_column)
     external = _id_strings(frame[id_column])
@@ -103,19 +97,22 @@ def load_feature_table(path: str | Path, id_column: str, ids: IdMap) -> FeatureT
     if missing:
         logger.info("%s: %d of %d ids have no feature row (unknown)", path, missing, len(ids))
     features = frame.drop(columns=[id_column])
-    if _is_csv(path):
-        features = features.apply(_infer_csv_column)
     return table_from_frame(features, index, len(ids))
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Return a CSV (all columns as strings, empty cells null) or Parquet file as a frame."""
+def read_table(path: Path, id_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Return a CSV or Parquet file as a frame.
+
+    CSV: ``id_columns`` are read as strings (``007`` stays ``007``), the other column types
+    are inferred; only empty cells are null (``NA`` or ``null`` are ordinary strings).
+    """
     if not path.is_file():
         raise DataError("file not found", path=path)
     try:
         if _is_csv(path):
             sep = "\t" if path.name.endswith(".tsv") else ","
-            return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+            dtype = dict.fromkeys(id_columns, str)
+            return pd.read_csv(path, sep=sep, dtype=dtype, keep_default_na=False, na_values=[""])
         if path.name.endswith(PARQUET_SUFFIXES):
             return pd.read_parquet(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -181,6 +178,20 @@ def _id_strings(column: pd.Series) -> np.ndarray:
     return column.astype(str).to_numpy(dtype=object)  # (n,)
 
 
+def _factorize_ids(column: pd.Series) -> tuple[np.ndarray, IdMap]:
+    """Return int64 dense codes ``(n,)`` in first-seen order and their :class:`IdMap`.
+
+    Factorizes the raw values (fast for integer Parquet ids) and names them as strings; a column
+    whose distinct values collide as strings (e.g. ``1`` and ``"1"``) is factorized as strings.
+    """
+    codes, uniques = pd.factorize(column)
+    names = pd.Series(uniques).astype(str)
+    if names.duplicated().any():
+        codes, uniques = pd.factorize(column.astype(str))
+        names = pd.Series(uniques)
+    return codes.astype(np.int64), IdMap(names.to_numpy(dtype=object))
+
+
 def _require(frame: pd.DataFrame, needed: tuple[str, ...], path: Path) -> None:
     for name in needed:
         if name not in frame.columns:
@@ -195,12 +206,3 @@ def _is_csv(path: Path) -> bool:
 def _where(path: Path, column: str, row: int) -> dict[str, object]:
     """Return DataError's location keywords for a 0-based data row."""
     return {"path": path, "column": column, "row": row, "line": row + 2 if _is_csv(path) else None}
-
-
-def _infer_csv_column(column: pd.Series) -> pd.Series:
-    """Return a CSV string column as float when every present value is a number."""
-    present = column.dropna()
-    numeric = pd.to_numeric(present, errors="coerce")
-    if len(present) and numeric.notna().all():
-        return pd.to_numeric(column, errors="coerce")
-    return column
