@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -13,6 +16,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -432,3 +437,69 @@ def test_client_retries_unavailable_then_succeeds(start: Callable[..., Running])
         none.health()
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     none.close()
+
+
+SERVE_SCRIPT = """
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.server import serve_forever
+from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
+
+serve_forever(
+    ServerConfig(grace_s=5),
+    SnapshotHolder(random_snapshot("v1")),
+    CollectorRegistry(),
+    on_ready=lambda server, port: print(port, flush=True),
+)
+print("stopped", flush=True)
+"""
+
+
+def test_serve_forever_stops_gracefully_on_sigterm() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())  # type: ignore[union-attr]
+        with SlimrankClient(f"127.0.0.1:{port}", timeout=5.0) as client:
+            assert client.health() == "SERVING"
+            assert client.recommend("u1", 3).model_version == "v1"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == "stopped"
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Running]:
+    holder = SnapshotHolder(random_snapshot("v1", n_items=120, dim=DIM, seed=5))
+    registry = CollectorRegistry()
+    server, port = create_server(ServerConfig(max_k=50, n_candidates=60), holder, registry)
+    server.mark_serving()
+    client = SlimrankClient(f"127.0.0.1:{port}", timeout=5.0)
+    yield Running(server, port, holder, registry, client)
+    client.close()
+    server.shutdown(0).wait(5)
+
+
+ITEM_IDS = st.sampled_from([f"i{i}" for i in range(130)])  # includes ids the model lacks
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    user=st.sampled_from(["", "u3", "u50", "stranger"]),
+    k=st.integers(1, 50),
+    recent=st.lists(ITEM_IDS, max_size=8),
+    exclude=st.lists(ITEM_IDS, max_size=100),
+)
+def test_recommend_never_returns_excluded_or_seen_and_is_sorted(
+    shared: Running, user: str, k: int, recent: list[str], exclude: list[str]
+) -> None:
+    got = shared.client.recommend(user, k, recent=recent, exclude=exclude)
+    known = set(shared.holder.get().item_row)
+    assert not set(got.item_ids) & (set(recent) | set(exclude))
+    assert len(set(got.item_ids)) == len(got.item_ids) and set(got.item_ids) <= known
+    available = len(known - set(recent) - set(exclude))
+    assert len(got.item_ids) == min(k, available, 60)
+    assert list(got.scores) == sorted(got.scores, reverse=True)

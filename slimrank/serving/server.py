@@ -8,7 +8,9 @@ balancers stop sending, then lets in-flight calls finish within the grace period
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 RECOMMENDER = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICES = ("", RECOMMENDER, ADMIN)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class SlimrankServer:
@@ -129,3 +132,29 @@ def create_server(
     server.start()
     log.info("gRPC on %s:%d, model %s", config.host, port, holder.get().version)
     return SlimrankServer(server, health_servicer, metrics, endpoint, config.grace_s), port
+
+
+def serve_forever(
+    config: ServerConfig,
+    holder: SnapshotHolder,
+    registry: CollectorRegistry,
+    reload_fn: ReloadFn | None = None,
+    on_ready: Callable[[SlimrankServer, int], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; call from the main thread.
+
+    ``on_ready(server, port)`` runs once the server reports SERVING.
+    """
+    server, port = create_server(config, holder, registry, reload_fn)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
+    try:
+        server.mark_serving()
+        if on_ready is not None:
+            on_ready(server, port)
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.shutdown().wait()
+        log.info("stopped")
