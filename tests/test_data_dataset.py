@@ -131,3 +131,19 @@ def test_dataset_checks_indices_and_table_sizes() -> None:
         Dataset("d", users, IdMap(["x"]), inter, FeatureTable.empty(2), FeatureTable.empty(1))
     with pytest.raises(ValueError, match="user_features"):
         Dataset("d", users, items, inter, FeatureTable.empty(5), FeatureTable.empty(3))
+
+
+def test_standardized_numeric_columns() -> None:
+    table = FeatureTable(
+        3,
+        numeric={
+            "year": np.array([1990, 2000, 2010], dtype=np.float32),
+            "flat": np.array([5, 5, 5], dtype=np.float32),
+            "year_missing": np.array([0, 1, 0], dtype=np.float32),
+        },
+    )
+    out = table.standardized()
+    np.testing.assert_allclose(out.numeric["year"], [-np.sqrt(1.5), 0, np.sqrt(1.5)], rtol=1e-6)
+    np.testing.assert_array_equal(out.numeric["flat"], [0, 0, 0])
+    np.testing.assert_array_equal(out.numeric["year_missing"], [0, 1, 0])
+    np.testing.assert_array_equal(table.numeric["year"], [1990, 2000, 2010])  # a copy

@@ -168,6 +168,21 @@ class FeatureTable:
         """Return a table of ``n_rows`` rows and no columns."""
         return cls(n_rows=n_rows)
 
+    def standardized(self) -> FeatureTable:
+        """Return a copy whose numeric columns have mean 0 and std 1 (constant ones become 0).
+
+        ``<name>_missing`` 0/1 flags are left as they are.
+        """
+        numeric = {}
+        for name, values in self.numeric.items():
+            if name.endswith("_missing"):
+                numeric[name] = values
+                continue
+            x = values.astype(np.float64)
+            std = x.std()
+            numeric[name] = ((x - x.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+        return dataclasses.replace(self, numeric=numeric)
+
     @property
     def names(self) -> list[str]:
         """Return every column name: categorical, then numeric, then multi-hot."""
