@@ -503,3 +503,23 @@ def test_recommend_never_returns_excluded_or_seen_and_is_sorted(
     available = len(known - set(recent) - set(exclude))
     assert len(got.item_ids) == min(k, available, 60)
     assert list(got.scores) == sorted(got.scores, reverse=True)
+
+
+def test_a_failing_ranker_answers_internal_without_details(start: Callable[..., Running]) -> None:
+    base = random_snapshot("v1", dim=DIM)
+    calls = []
+
+    def flaky(features: np.ndarray) -> np.ndarray:
+        calls.append(len(features))
+        if len(calls) == 2:  # the first call is the warm-up
+            raise RuntimeError("onnxruntime: secret internal path /models/x")
+        return base.score(features)
+
+    r = start(dataclasses.replace(base, score=flaky))
+    with pytest.raises(grpc.RpcError) as info:
+        r.client.recommend("u1", 3)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in info.value.details()
+    assert r.client.recommend("u1", 3).model_version == "v1"
+    labels = {"method": RECOMMEND, "code": "INTERNAL"}
+    assert r.sample("slimrank_grpc_requests_total", labels) == 1

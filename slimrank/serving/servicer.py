@@ -7,10 +7,11 @@ a reload that fails NOT_FOUND / FAILED_PRECONDITION / INTERNAL with the served m
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -43,12 +44,32 @@ from slimrank.serving.validation import (
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
 # Loads the snapshot of a bundle version (None: the newest); raises on any failure.
 ReloadFn = Callable[[str | None], ModelSnapshot]
 
 
 def _abort_invalid(context: grpc.ServicerContext, error: ValidationError) -> NoReturn:
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+def _internal_errors(method: Handler) -> Handler:
+    """Answer INTERNAL for unexpected exceptions, logged here rather than sent to the client.
+
+    ``context.abort`` raises too, after setting the code; those pass through unchanged.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception:
+            if context.code() is not None:
+                raise
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    return wrapper
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
@@ -69,7 +90,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 f"deadline reached before {before} ({left * 1000:.1f} ms left)",
             )
 
-    def _rank(
+    def _retrieve_and_rank(
         self,
         context: grpc.ServicerContext,
         snapshot: ModelSnapshot,
@@ -100,6 +121,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         ]
         return items, int(candidates.size)
 
+    @_internal_errors
     def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: grpc.ServicerContext
     ) -> recommender_pb2.RecommendResponse:
@@ -119,7 +141,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         snapshot = self._holder.get()
         query = snapshot.user_query(user_id, recent)
         drop = np.unique(snapshot.item_rows(exclude + recent))
-        items, n_candidates = self._rank(context, snapshot, query, drop, k)
+        items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
         return recommender_pb2.RecommendResponse(
             items=items,
             model_version=snapshot.version,
@@ -127,6 +149,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             user_source=int(query.source),
         )
 
+    @_internal_errors
     def Search(
         self, request: recommender_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> recommender_pb2.SearchResponse:
@@ -143,7 +166,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._require_time(context, "retrieval")
         query = UserQuery(UserSource.RECENT, -1, vector)
         drop = np.unique(snapshot.item_rows(exclude))
-        items, n_candidates = self._rank(context, snapshot, query, drop, k)
+        items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
         return recommender_pb2.SearchResponse(
             items=items, model_version=snapshot.version, candidates=n_candidates
         )
@@ -176,6 +199,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._reload_fn = reload_fn
         self._reload_lock = threading.Lock()
 
+    @_internal_errors
     def GetModelInfo(
         self, request: admin_pb2.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetModelInfoResponse:
@@ -191,6 +215,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             loaded_at=_timestamp(served.loaded_at),
         )
 
+    @_internal_errors
     def Reload(
         self, request: admin_pb2.ReloadRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ReloadResponse:
