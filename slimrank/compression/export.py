@@ -1,0 +1,100 @@
+"""Write rankers in formats that load without unpickling: ONNX graphs and safetensors weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimrank.config import require
+from slimrank.ranking.mlp import MLPConfig, MLPRanker
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "features"
+OUTPUT_NAME = "scores"
+# The dynamo exporter implements opset 18 and up; asking for less triggers a lossy conversion.
+OPSET = 18
+
+
+class _Flat(nn.Module):
+    """Present any ranker as ``(M, F) -> (M,)`` for export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model(features).reshape(-1)  # (M,)
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_dim: int) -> Path:
+    """Write ``model`` as an ONNX graph ``features (M, F) float32 -> scores (M,)``; return path.
+
+    Uses the ``torch.export``-based exporter (``dynamo=True``; the TorchScript one is deprecated
+    in torch 2.9+) with a dynamic candidate axis, in eval mode, on a copy-free wrapper.
+    """
+    require(input_dim > 0, "export_onnx", "input_dim", input_dim, "must be positive")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    wrapper = _Flat(model).eval()
+    sample = torch.zeros(4, input_dim, dtype=torch.float32)  # (M, F); M > 1 so M stays symbolic
+    try:
+        with warnings.catch_warnings():
+            # Deprecation notices from torch.export internals; nothing the caller can act on.
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(
+                wrapper,
+                (sample,),
+                None,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamo=True,
+                opset_version=OPSET,
+                dynamic_shapes=({0: torch.export.Dim("candidates")},),
+                verbose=False,
+            )
+    finally:
+        model.train(was_training)
+    program.save(str(path))
+    onnx.checker.check_model(str(path))
+    log.info("exported %s to %s (opset %d)", type(model).__name__, path, OPSET)
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_mlp(model: MLPRanker, path: str | Path) -> Path:
+    """Write an :class:`MLPRanker`'s weights as safetensors, its config in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"mlp_config": json.dumps(model.config.to_dict())})
+    return path
+
+
+def load_mlp(path: str | Path) -> MLPRanker:
+    """Return the :class:`MLPRanker` written by :func:`save_mlp` (in eval mode)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    require("mlp_config" in metadata, "load_mlp", "path", str(path), "has no mlp_config metadata")
+    model = MLPRanker(MLPConfig.from_dict(json.loads(metadata["mlp_config"])))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
