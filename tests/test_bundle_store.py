@@ -316,3 +316,21 @@ def test_concurrent_reader_sees_only_complete_versions(tmp_path):
     assert seen <= {first, *published}
     assert len(seen) >= 3  # the reader really ran while CURRENT moved
     assert current_version(tmp_path) == published[-1]
+
+
+def test_concurrent_publishers_get_distinct_consecutive_versions(tmp_path):
+    results: list[str] = []
+
+    def worker(k: int) -> None:
+        results.extend(
+            publish(tmp_path, _files(k * 10 + i), store=StoreConfig(keep=20)) for i in range(3)
+        )
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list_versions(tmp_path)
+    assert [int(v[1:7]) for v in list_versions(tmp_path)] == list(range(1, 13))
+    assert current_version(tmp_path) in results
