@@ -165,11 +165,15 @@ def test_rollback_follows_what_was_served_not_sequence_order(tmp_path):
     v4 = publish(tmp_path, _files(4))
     assert rollback(tmp_path) == (v4, v1, [])  # not back onto v3, which was rolled away from
     assert failed_gate in list_versions(tmp_path)
-    # A lost history (say, a crash right after CURRENT moved) degrades to "nothing to undo".
+    # A lost history (say, a crash mid-append) degrades to "nothing to undo" ...
     (tmp_path / "HISTORY").write_text('{"version": "v0000')
     with pytest.raises(BundleError, match="promote VERSION"):
         rollback(tmp_path)
     assert store.served_stack(tmp_path) == [v1]
+    # ... and the next move of CURRENT is recorded on a line of its own, with where it came from.
+    promote(tmp_path, v4)
+    assert store.served_stack(tmp_path) == [v1, v4]
+    assert rollback(tmp_path) == (v4, v1, [])
 
 
 def test_rollback_without_current(tmp_path):

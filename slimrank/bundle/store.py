@@ -240,8 +240,13 @@ def _set_current(root: Path, version: str, action: str, old: str | None) -> None
     # After the move: if we die in between, served_stack still ends with CURRENT (it appends
     # CURRENT when the history does not end with it).
     entry = {"at": utc_iso(dt.datetime.now(dt.UTC)), "action": action, "version": version}
-    with open(root / HISTORY, "a", encoding="utf-8") as f:
-        f.write(json.dumps({**entry, "from": old}) + "\n")
+    line = (json.dumps({**entry, "from": old}) + "\n").encode()
+    with open(root / HISTORY, "a+b") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line torn by a crash: do not glue ours onto it
+                line = b"\n" + line
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
@@ -272,15 +277,17 @@ def read_history(root: str | Path) -> list[dict[str, Any]]:
 def served_stack(root: str | Path) -> list[str]:
     """Return the versions served so far as a stack whose top is ``CURRENT``.
 
-    Publish and promote push; a rollback pops down to its target. Consecutive duplicates are
-    dropped.
+    Publish and promote push (after the ``from`` version, if an entry was lost and it is not
+    on top); a rollback pops down to its target. Consecutive duplicates are dropped.
     """
     stack: list[str] = []
     for entry in read_history(root):
-        version = entry["version"]
+        version, before = entry["version"], entry.get("from")
         if entry.get("action") == "rollback":
             while stack and stack[-1] != version:
                 stack.pop()
+        elif isinstance(before, str) and (not stack or stack[-1] != before):
+            stack.append(before)
         if not stack or stack[-1] != version:
             stack.append(version)
     current = current_version(root)
