@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 COLUMNS = ("recall@10", "ndcg@10", "mrr@10", "hit@10", "precision@10")
+HEADERS = ("Recall@10", "NDCG@10", "MRR@10", "Hit@10", "Prec@10")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,8 +62,8 @@ def _baseline(args: argparse.Namespace) -> int:
     table = Table(title=title)
     table.add_column("model", no_wrap=True)
     table.add_column("part")
-    for column in COLUMNS:
-        table.add_column(column, justify="right")
+    for header in HEADERS:
+        table.add_column(header, justify="right", no_wrap=True)
     for model, part, metrics in rows:
         cells = [f"{metrics[c]:.4f}" if c in metrics else "-" for c in COLUMNS]
         table.add_row(model, part, *cells)
