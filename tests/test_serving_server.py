@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -523,3 +524,36 @@ def test_a_failing_ranker_answers_internal_without_details(start: Callable[..., 
     assert r.client.recommend("u1", 3).model_version == "v1"
     labels = {"method": RECOMMEND, "code": "INTERNAL"}
     assert r.sample("slimrank_grpc_requests_total", labels) == 1
+
+
+def test_queue_stage_measures_the_wait_for_a_worker(start: Callable[..., Running]) -> None:
+    snap, entered, release = blocking(random_snapshot("v1", dim=DIM))
+    reload_entered, reload_release = threading.Event(), threading.Event()
+
+    def slow_load(version: str | None) -> ModelSnapshot:
+        reload_entered.set()
+        reload_release.wait(10)
+        return random_snapshot("v2", dim=DIM, seed=2)
+
+    # Two workers: one held by the reload, one by a Recommend; a third call must queue.
+    r = start(snap, ServerConfig(max_inflight=1, max_workers=2, max_pending_rpcs=8), slow_load)
+    pool = futures.ThreadPoolExecutor(3)
+    reloading = pool.submit(r.client.reload, "v2")
+    assert reload_entered.wait(5)
+    first = pool.submit(r.client.recommend, "u1", 3)
+    assert entered.acquire(timeout=5)
+    queued = pool.submit(r.client.recommend, "u2", 3)
+    time.sleep(0.4)
+    assert not queued.done()
+    reload_release.set()
+    with pytest.raises(grpc.RpcError) as info:
+        queued.result(timeout=5)  # got the reload's worker, then found the one slot taken
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    release.set()
+    assert first.result(timeout=5).model_version == "v1"
+    assert reloading.result(timeout=5).reloaded
+    pool.shutdown()
+    waited = r.sample("slimrank_stage_duration_seconds_count", {"stage": "queue"}) - r.sample(
+        "slimrank_stage_duration_seconds_bucket", {"stage": "queue", "le": "0.25"}
+    )
+    assert waited == 1  # only the queued call waited more than 0.25 s
