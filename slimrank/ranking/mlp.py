@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -60,3 +61,27 @@ def hidden_widths(model: nn.Module) -> tuple[int, ...]:
     """Return the output widths of every Linear layer of ``model`` but the last."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return tuple(m.out_features for m in linears[:-1])
+
+
+@torch.no_grad()
+def fold_standardization(model: MLPRanker, mean: torch.Tensor, std: torch.Tensor) -> MLPRanker:
+    """Return a copy of ``model`` for raw features ``x``, ``model`` trained on ``(x - mean) / std``.
+
+    The first Linear layer absorbs the standardization, so it costs nothing at run time:
+    ``W' = W / std`` (per input column) and ``b' = b - W' @ mean``; ``mean``, ``std`` are ``(F,)``.
+    """
+    folded = copy.deepcopy(model)
+    first = next(m for m in folded.modules() if isinstance(m, nn.Linear))
+    mean = torch.as_tensor(mean, dtype=first.weight.dtype).reshape(-1)  # (F,)
+    std = torch.as_tensor(std, dtype=first.weight.dtype).reshape(-1)  # (F,)
+    require(
+        mean.shape == std.shape == (first.in_features,),
+        "fold_standardization",
+        "mean/std",
+        (tuple(mean.shape), tuple(std.shape)),
+        f"must both be ({first.in_features},)",
+    )
+    require(bool((std > 0).all()), "fold_standardization", "std", "min", "must be > 0")
+    first.weight.div_(std)  # (H, F) / (F,)
+    first.bias.sub_(first.weight @ mean)
+    return folded
