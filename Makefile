@@ -23,7 +23,7 @@ lint: install
 unit: install
 	$(BIN)/python -m pytest -q
 
-test: lint unit
+test: lint check-protos unit
 
 demo: install
 	$(BIN)/slimrank data fetch movielens-100k
