@@ -1,0 +1,161 @@
+"""Training the teacher on mined candidates, early-stopped on the pipeline's validation NDCG."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from slimrank.config import Config, require
+from slimrank.ranking.features import CandidateFeatures
+from slimrank.ranking.teacher import DCNv2, TeacherConfig
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("softmax", "bce")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """How the teacher is trained."""
+
+    epochs: int = 20
+    batch_users: int = 32
+    list_size: int = 64  # candidates sampled per user and step; 0 uses the whole list
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    loss: str = "softmax"  # listwise softmax over each user's candidates, or pointwise BCE
+    patience: int = 3  # epochs without a better validation metric before stopping
+    metric: str = "ndcg@10"
+    seed: int = 2020
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.epochs > 0, self, "epochs", self.epochs, "> 0")
+        require(self.batch_users > 0, self, "batch_users", self.batch_users, "> 0")
+        require(self.list_size >= 0, self, "list_size", self.list_size, ">= 0")
+        require(self.lr > 0, self, "lr", self.lr, "> 0")
+        require(self.weight_decay >= 0, self, "weight_decay", self.weight_decay, ">= 0")
+        require(self.loss in LOSSES, self, "loss", self.loss, f"one of {LOSSES}")
+        require(self.patience > 0, self, "patience", self.patience, "> 0")
+        require(self.threads > 0, self, "threads", self.threads, "> 0")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """The best model (by the validation metric), when it was reached, and every epoch's log."""
+
+    model: DCNv2
+    best_epoch: int
+    best_metric: float
+    history: list[dict[str, float]]
+
+
+def listwise_softmax_loss(
+    scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Return the mean over lists with a positive of ``-mean_pos log softmax(scores)``.
+
+    ``scores``, ``labels`` and ``mask`` are (B, N); pads (mask False) take no probability.
+    """
+    s = scores.masked_fill(~mask, float("-inf"))
+    log_p = torch.log_softmax(s, dim=1)  # (B, N)
+    pos = (labels > 0) & mask
+    n_pos = pos.sum(dim=1)
+    per_list = -(log_p.masked_fill(~pos, 0.0)).sum(dim=1) / n_pos.clamp_min(1)
+    keep = n_pos > 0
+    return per_list[keep].mean() if keep.any() else scores.sum() * 0.0
+
+
+def bce_loss(scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Return the binary cross-entropy over real candidates."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(scores[mask], labels[mask])
+
+
+def train_teacher(
+    model_config: TeacherConfig,
+    feats: CandidateFeatures,
+    labels: np.ndarray,
+    validate: Callable[[DCNv2], dict[str, float]] | None = None,
+    config: TrainConfig | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Return a DCN-v2 trained on ``feats`` (U, N, F) with ``labels`` (U, N).
+
+    After each epoch ``validate(model)`` (e.g. a :class:`~slimrank.ranking.pipeline_eval.
+    PipelineView` run) gives metrics; training stops after ``patience`` epochs without a better
+    ``metric`` and returns the best model. Without ``validate`` the last epoch is returned.
+    """
+    config = config or TrainConfig()
+    require(
+        labels.shape == feats.items.shape,
+        "train_teacher",
+        "labels",
+        labels.shape,
+        f"expected {feats.items.shape}",
+    )
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    lists = np.flatnonzero(((labels > 0) & feats.mask).any(axis=1))
+    if config.loss == "bce":
+        lists = np.flatnonzero(feats.mask.any(axis=1))
+    require(len(lists) > 0, "train_teacher", "labels", int(labels.sum()), "no list to learn")
+    model = DCNv2(model_config)
+    model.fit_normalization(feats.values, feats.mask)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    loss_fn = listwise_softmax_loss if config.loss == "softmax" else bce_loss
+    x_all = torch.from_numpy(feats.values)  # (U, N, F)
+    y_all = torch.from_numpy(labels.astype(np.float32))
+    users_all = torch.from_numpy(feats.user)
+    items_all = torch.from_numpy(feats.items)
+    n = feats.items.shape[1]
+    width = n if config.list_size == 0 else min(config.list_size, n)
+    best_state, best_metric, best_epoch = None, -np.inf, 0
+    history: list[dict[str, float]] = []
+    steps = int(np.ceil(len(lists) / config.batch_users))
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("teacher", total=config.epochs * steps)
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            order = rng.permutation(lists)
+            total, count = 0.0, 0
+            for start in range(0, len(order), config.batch_users):
+                rows = torch.from_numpy(order[start : start + config.batch_users])
+                # A random subset of each list: softmax over sampled negatives keeps steps cheap.
+                cols = torch.from_numpy(np.argsort(rng.random((len(rows), n)), axis=1)[:, :width])
+                x = x_all[rows[:, None], cols]  # (B, W, F)
+                y = y_all[rows[:, None], cols]  # (B, W)
+                items = items_all[rows[:, None], cols]  # (B, W)
+                scores = model(x, users_all[rows][:, None], items)  # (B, W)
+                loss = loss_fn(scores, y, items >= 0)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(rows)
+                count += len(rows)
+                bar.advance(task)
+            record = {"epoch": float(epoch), "loss": total / max(count, 1)}
+            if validate is not None:
+                record.update({f"valid_{k}": v for k, v in validate(model).items()})
+                metric = record[f"valid_{config.metric}"]
+                if metric > best_metric:
+                    best_state = copy.deepcopy(model.state_dict())
+                    best_metric, best_epoch = metric, epoch
+            log.info("teacher epoch %d: %s", epoch, record)
+            history.append(record)
+            if validate is not None and epoch - best_epoch >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch, best_metric = len(history), float("nan")
+    model.eval()
+    return TrainResult(model, best_epoch, best_metric, history)

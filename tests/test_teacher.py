@@ -1,0 +1,130 @@
+"""The DCN-v2 teacher: shapes, size, FLOPs, the listwise loss, training on a planted signal,
+early stopping on the pipeline metric, and save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from slimrank.compression.flops import count_cost
+from slimrank.ranking.candidates import Candidates, label_candidates
+from slimrank.ranking.features import CandidateFeatures
+from slimrank.ranking.pipeline_eval import pipeline_metrics, rank_candidates
+from slimrank.ranking.teacher import (
+    DCNv2,
+    TeacherConfig,
+    count_parameters,
+    load_teacher,
+    multiply_adds_per_candidate,
+    save_teacher,
+    teacher_scores,
+)
+from slimrank.ranking.train import TrainConfig, listwise_softmax_loss, train_teacher
+
+SMALL = {"id_dim": 4, "n_cross": 2, "deep": (32, 16)}
+
+
+def planted(seed: int, n_users: int = 120, n: int = 20, n_items: int = 60, f: int = 6):
+    """Candidates whose relevance is a hidden feature, while the retrieval score is noise."""
+    rng = np.random.default_rng(seed)
+    items = np.stack([rng.permutation(n_items)[:n] for _ in range(n_users)])  # (U, N)
+    items[:, -2:] = -1  # two pads per list
+    x = rng.normal(size=(n_users, n, f)).astype(np.float32)  # (U, N, F)
+    logit = 2.0 * x[:, :, 1] - 1.5 * x[:, :, 3] * x[:, :, 4]
+    relevant = (logit > np.quantile(logit, 0.85)) & (items >= 0)
+    x[items < 0] = 0.0
+    users = np.arange(n_users)
+    retrieval = x[:, :, 0]  # the retrieval order carries no signal
+    cands = Candidates(users, items, retrieval)
+    truth = sp.csr_matrix(
+        (np.ones(relevant.sum()), (np.nonzero(relevant)[0], items[relevant])),
+        shape=(n_users, n_items),
+    )
+    names = tuple(f"f{j}" for j in range(f))
+    return cands, CandidateFeatures(x, names, users, items), truth
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"TeacherConfig\.deep"):
+        TeacherConfig(n_features=3, n_users=2, n_items=2, deep=())
+    with pytest.raises(ValueError, match=r"TrainConfig\.loss='hinge'"):
+        TrainConfig(loss="hinge")
+    cfg = TeacherConfig(n_features=3, n_users=2, n_items=5, **SMALL)
+    assert TeacherConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_default_teacher_is_large_and_its_flops_match_the_counter() -> None:
+    cfg = TeacherConfig(n_features=250, n_users=943, n_items=1682)
+    model = DCNv2(cfg)
+    assert count_parameters(model) >= 1_000_000
+    macs = multiply_adds_per_candidate(cfg)
+    # torch's counter sees the matmuls (2 FLOPs per multiply-add), not the cross products.
+    counted = count_cost(model, cfg.n_features).flops_per_candidate
+    d = cfg.input_dim
+    assert counted == 2 * (macs - cfg.n_cross * d)
+
+
+def test_scores_shape_pads_and_unknown_ids() -> None:
+    torch.manual_seed(0)
+    _, feats, _ = planted(0, n_users=5)
+    model = DCNv2(TeacherConfig(n_features=6, n_users=5, n_items=60, **SMALL))
+    scores = teacher_scores(model, feats)
+    assert scores.shape == (5, 20) and scores.dtype == np.float32
+    assert np.isneginf(scores[:, -2:]).all() and np.isfinite(scores[:, :-2]).all()
+    # U=1 scoring equals the batch row; out-of-range ids use the unknown row.
+    np.testing.assert_allclose(teacher_scores(model, feats.take(np.array([3])))[0], scores[3])
+    x = torch.from_numpy(feats.values[:1])
+    a = model(x, torch.tensor([[99]]), torch.full((1, 20), -1))
+    b = model(x)
+    torch.testing.assert_close(a, b)
+
+
+def test_listwise_loss_by_hand() -> None:
+    scores = torch.tensor([[1.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    # Row 0: pad excluded, one positive: -log(e / (e + 1)). Row 1 has no positive: skipped.
+    expected = -np.log(np.e / (np.e + 1.0))
+    assert float(listwise_softmax_loss(scores, labels, mask)) == pytest.approx(expected)
+
+
+def test_rank_candidates_skips_pads_and_keeps_retrieval_order_on_ties() -> None:
+    items = np.array([[5, 3, -1, 7]])
+    scores = np.array([[1.0, 2.0, 9.0, 1.0]])
+    np.testing.assert_array_equal(rank_candidates(items, scores, 5), [[3, 5, 7, -1, -1]])
+
+
+def test_teacher_beats_retrieval_order_on_a_planted_signal(tmp_path) -> None:
+    cands, feats, truth = planted(1)
+    v_cands, v_feats, v_truth = planted(2)
+    labels = label_candidates(cands, truth)
+
+    def validate(model: DCNv2) -> dict[str, float]:
+        return pipeline_metrics(v_cands, teacher_scores(model, v_feats), v_truth)
+
+    cfg = TeacherConfig(n_features=6, n_users=120, n_items=60, **SMALL)
+    train = TrainConfig(epochs=10, batch_users=16, list_size=0, lr=5e-3, patience=10)
+    result = train_teacher(cfg, feats, labels, validate, train, progress=False)
+    baseline = pipeline_metrics(v_cands, v_cands.retrieval_score, v_truth)["ndcg@10"]
+    assert result.best_metric > baseline + 0.3
+    assert result.best_metric == max(h["valid_ndcg@10"] for h in result.history)
+    assert validate(result.model)["ndcg@10"] == pytest.approx(result.best_metric)
+
+    save_teacher(result.model, tmp_path, feats.names, {"note": "test"})
+    loaded, names = load_teacher(tmp_path)
+    assert names == feats.names and loaded.config == cfg
+    np.testing.assert_array_equal(
+        teacher_scores(loaded, v_feats), teacher_scores(result.model, v_feats)
+    )
+
+
+def test_training_is_seeded() -> None:
+    cands, feats, truth = planted(3, n_users=40)
+    labels = label_candidates(cands, truth)
+    cfg = TeacherConfig(n_features=6, n_users=40, n_items=60, **SMALL)
+    train = TrainConfig(epochs=2, batch_users=8, list_size=10)
+    a = train_teacher(cfg, feats, labels, None, train, progress=False).model
+    b = train_teacher(cfg, feats, labels, None, train, progress=False).model
+    np.testing.assert_array_equal(teacher_scores(a, feats), teacher_scores(b, feats))
