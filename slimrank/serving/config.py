@@ -33,6 +33,8 @@ class ServerConfig(Config):
     metrics_port: int | None = None  # HTTP /metrics; None: not started, 0: a free port
     metrics_host: str = "127.0.0.1"
     grace_s: float = 5.0
+    # Let several processes bind the same port (the kernel spreads connections among them).
+    so_reuseport: bool = False
 
     def __post_init__(self) -> None:
         require(bool(self.host), self, "host", self.host, "must not be empty")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -91,10 +91,16 @@ def create_server(
     registry: CollectorRegistry,
     reload_fn: ReloadFn | None = None,
     warm: bool = True,
+    *,
+    reload_lock: threading.Lock | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[SlimrankServer, int]:
     """Build, bind and start the server; returns it (health NOT_SERVING) and its bound port.
 
-    With ``warm`` the served snapshot is warmed up before the port opens.
+    With ``warm`` the served snapshot is warmed up before the port opens. ``reload_lock`` is
+    shared with a bundle watcher; ``credentials`` bind a TLS port instead of a plaintext one;
+    ``interceptors`` (e.g. admin auth) run after the metrics one and before the load bound.
     """
     if warm:
         warm_up(holder.get())
@@ -104,18 +110,22 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="slimrank"),
         interceptors=[
             MetricsInterceptor(metrics),
+            *interceptors,
             ConcurrencyLimitInterceptor(config.max_inflight, metrics),
         ],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", int(config.so_reuseport)),
         ],
         maximum_concurrent_rpcs=config.max_pending_rpcs,
     )
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(holder, config, metrics), server
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(holder, metrics, reload_fn), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminServicer(holder, metrics, reload_fn, reload_lock), server
+    )
     health_servicer = health.HealthServicer()
     for service in HEALTH_SERVICES:
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -123,7 +133,11 @@ def create_server(
     if config.reflection:
         names = (RECOMMENDER, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     endpoint = None
@@ -140,12 +154,25 @@ def serve_forever(
     registry: CollectorRegistry,
     reload_fn: ReloadFn | None = None,
     on_ready: Callable[[SlimrankServer, int], None] | None = None,
+    *,
+    reload_lock: threading.Lock | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; call from the main thread.
 
-    ``on_ready(server, port)`` runs once the server reports SERVING.
+    ``on_ready(server, port)`` runs once the server reports SERVING; the keyword arguments
+    are passed to :func:`create_server`.
     """
-    server, port = create_server(config, holder, registry, reload_fn)
+    server, port = create_server(
+        config,
+        holder,
+        registry,
+        reload_fn,
+        reload_lock=reload_lock,
+        credentials=credentials,
+        interceptors=interceptors,
+    )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
     try:

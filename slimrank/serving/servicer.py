@@ -192,12 +192,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Model info and reload; reloads are serialized and swap only a warmed-up snapshot."""
 
     def __init__(
-        self, holder: SnapshotHolder, metrics: ServingMetrics, reload_fn: ReloadFn | None = None
+        self,
+        holder: SnapshotHolder,
+        metrics: ServingMetrics,
+        reload_fn: ReloadFn | None = None,
+        reload_lock: threading.Lock | None = None,
     ) -> None:
         self._holder = holder
         self._metrics = metrics
         self._reload_fn = reload_fn
-        self._reload_lock = threading.Lock()
+        # Shared with a bundle watcher, if any, so that reloads never interleave.
+        self._reload_lock = reload_lock or threading.Lock()
 
     @_internal_errors
     def GetModelInfo(

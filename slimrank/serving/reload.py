@@ -1,0 +1,158 @@
+"""Hot reload from a bundles root: ``Admin.Reload`` and a watcher that follows ``CURRENT``.
+
+A reload verifies the bundle (``open_bundle``), loads it (a :data:`SnapshotLoader`) and warms
+it up beside the served snapshot, then swaps it in with one ``SnapshotHolder.swap``. Anything
+that fails leaves the served snapshot in place and counts ``slimrank_model_reload_failures``.
+
+The watcher acts when ``CURRENT`` names another version than it last saw (a publish, promote
+or rollback). A version that failed is tried again only when ``CURRENT`` moves again, or
+after ``backoff_s`` if it does not. An operator's ``Admin.Reload`` of a version other than
+``CURRENT`` therefore holds until ``CURRENT`` next moves. The watcher and ``Admin.Reload``
+share one lock, so reloads never interleave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from slimrank.bundle import current_version, open_bundle
+from slimrank.config import Config, require
+from slimrank.errors import IntegrityError
+from slimrank.serving.loader import SnapshotLoader, load_snapshot
+from slimrank.serving.metrics import ServingMetrics
+from slimrank.serving.servicer import ReloadFn
+from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, warm_up
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadConfig(Config):
+    """How often the watcher reads ``CURRENT`` and how long a failed version waits for a retry.
+
+    ``poll_interval_s`` of 0 turns the watcher off (``Admin.Reload`` still works).
+    """
+
+    poll_interval_s: float = 5.0
+    backoff_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        require(
+            self.poll_interval_s >= 0,
+            self,
+            "poll_interval_s",
+            self.poll_interval_s,
+            "must be >= 0 (0: no watcher)",
+        )
+        require(self.backoff_s >= 0, self, "backoff_s", self.backoff_s, "must be >= 0")
+
+
+def bundle_reload_fn(
+    root: str | Path, loaders: Mapping[str, SnapshotLoader] | None = None
+) -> ReloadFn:
+    """Return ``load(version)``: verify bundle ``version`` (None: ``CURRENT``) and load it."""
+    root = Path(root)
+
+    def load(version: str | None) -> ModelSnapshot:
+        return load_snapshot(open_bundle(root, version), loaders)
+
+    return load
+
+
+def load_current(
+    root: str | Path, loaders: Mapping[str, SnapshotLoader] | None = None
+) -> ModelSnapshot:
+    """Return the verified, loaded and warmed-up snapshot of ``CURRENT`` (for start-up)."""
+    snapshot = bundle_reload_fn(root, loaders)(None)
+    warm_up(snapshot)
+    return snapshot
+
+
+class BundleWatcher:
+    """Polls ``CURRENT`` under ``root`` and swaps in each new version that loads and warms up.
+
+    ``poll_once`` does one check (tests call it directly); ``start`` runs it every
+    ``config.poll_interval_s`` seconds in a daemon thread until ``stop``. ``lock`` must be the
+    one ``Admin.Reload`` holds (``create_server(..., reload_lock=...)``).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        holder: SnapshotHolder,
+        load: ReloadFn,
+        metrics: ServingMetrics,
+        lock: threading.Lock,
+        config: ReloadConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.root = Path(root)
+        self.config = config or ReloadConfig()
+        self._holder = holder
+        self._load = load
+        self._metrics = metrics
+        self._lock = lock
+        self._clock = clock
+        self._seen: str | None = holder.get().version
+        self._failed_at: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self) -> bool:
+        """Check ``CURRENT`` once; return True if a new snapshot was swapped in."""
+        try:
+            current = current_version(self.root)
+        except (OSError, IntegrityError) as err:  # e.g. CURRENT names a missing version
+            log.warning("cannot read CURRENT under %s: %s", self.root, err)
+            return False
+        if current is None:
+            return False
+        if current == self._seen:
+            failed_at = self._failed_at
+            if failed_at is None or self._clock() - failed_at < self.config.backoff_s:
+                return False
+            log.info("retrying %s after %.0f s back-off", current, self.config.backoff_s)
+        self._seen = current
+        self._failed_at = None
+        return self._reload(current)
+
+    def _reload(self, version: str) -> bool:
+        with self._lock:
+            previous = self._holder.get()
+            if previous.version == version:
+                return False
+            try:
+                snapshot = self._load(version)
+                warm_up(snapshot)
+            except Exception:  # any failure must leave the served model in place
+                self._failed_at = self._clock()
+                self._metrics.reload_failures.inc()
+                log.exception("reload of %s failed; still serving %s", version, previous.version)
+                return False
+            self._holder.swap(snapshot)
+            self._metrics.reloads.inc()
+        return True
+
+    def start(self) -> None:
+        """Poll in a daemon thread (no-op when ``poll_interval_s`` is 0)."""
+        if self.config.poll_interval_s == 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="slimrank-watcher", daemon=True)
+        self._thread.start()
+        log.info("watching %s every %.1f s", self.root / "CURRENT", self.config.poll_interval_s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.poll_interval_s):
+            self.poll_once()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop polling and wait (up to ``timeout`` s) for a reload in progress to finish."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
