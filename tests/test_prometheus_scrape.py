@@ -43,6 +43,8 @@ pytestmark = pytest.mark.slow
 
 DIM = 16
 SLO_BUCKET = 0.025  # le="0.025" in the latency SLI and the dashboard
+# While the server's bucket list lacks 0.025, the queries that read it are strict xfails (they
+# must come back empty); once the bucket exists they run as ordinary tests.
 MISSING_SLO_BUCKET = SLO_BUCKET not in serving_metrics.LATENCY_BUCKETS
 
 
