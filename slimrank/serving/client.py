@@ -18,6 +18,7 @@ from slimrank.serving.proto.slimrank.v1 import (
     recommender_pb2,
     recommender_pb2_grpc,
 )
+from slimrank.serving.security import bearer
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class SlimrankClient:
     (server restarting, connection refused) are retried up to ``retries`` times with
     exponential backoff from ``backoff`` seconds; every other error is raised at once as
     ``grpc.RpcError``, since retrying INVALID_ARGUMENT or RESOURCE_EXHAUSTED immediately
-    would not help.
+    would not help. ``tls`` (see ``security.channel_credentials``) opens a TLS channel;
+    ``admin_token`` is sent as ``authorization: Bearer <token>`` on Admin calls only.
     """
 
     def __init__(
@@ -91,6 +93,8 @@ class SlimrankClient:
         retries: int = 2,
         backoff: float = 0.05,
         channel: grpc.Channel | None = None,
+        tls: grpc.ChannelCredentials | None = None,
+        admin_token: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"SlimrankClient.timeout={timeout!r}: must be > 0")
@@ -100,7 +104,12 @@ class SlimrankClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._channel = channel or grpc.insecure_channel(target)
+        if channel is None:
+            channel = (
+                grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target, tls)
+            )
+        self._channel = channel
+        self._admin_metadata = None if admin_token is None else bearer(admin_token)
         self._recommender = recommender_pb2_grpc.RecommenderStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -115,11 +124,21 @@ class SlimrankClient:
         """Close the channel."""
         self._channel.close()
 
-    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+    def _call(
+        self,
+        method: Callable[..., T],
+        request: Any,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> T:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return method(request, timeout=self.timeout if timeout is None else timeout)
+                return method(
+                    request,
+                    timeout=self.timeout if timeout is None else timeout,
+                    metadata=metadata,
+                )
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
                     raise
@@ -161,7 +180,12 @@ class SlimrankClient:
 
     def model_info(self, timeout: float | None = None) -> ModelInfo:
         """Return the served model's version, metadata and load time."""
-        response = self._call(self._admin.GetModelInfo, admin_pb2.GetModelInfoRequest(), timeout)
+        response = self._call(
+            self._admin.GetModelInfo,
+            admin_pb2.GetModelInfoRequest(),
+            timeout,
+            self._admin_metadata,
+        )
         return ModelInfo(
             version=response.version,
             created=_datetime(response, "created"),
@@ -179,7 +203,7 @@ class SlimrankClient:
             if version is None
             else admin_pb2.ReloadRequest(version=version)
         )
-        response = self._call(self._admin.Reload, request, timeout)
+        response = self._call(self._admin.Reload, request, timeout, self._admin_metadata)
         return ReloadResult(
             version=response.version,
             previous_version=response.previous_version,
