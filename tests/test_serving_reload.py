@@ -18,10 +18,7 @@ from slimrank.bundle import BundleError, open_bundle, promote, publish, rollback
 from slimrank.errors import IntegrityError
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
-from slimrank.serving.loader import (
-    flat_bundle_writer,
-    load_snapshot,
-)
+from slimrank.serving.loader import load_snapshot, random_flat_bundle
 from slimrank.serving.reload import BundleWatcher, ReloadConfig, bundle_reload_fn, load_current
 from slimrank.serving.server import SlimrankServer, create_server
 from slimrank.serving.snapshot import SnapshotHolder
@@ -33,18 +30,8 @@ N_USERS = 40
 
 def publish_flat(root: Path, prefix: str, seed: int) -> str:
     """Publish a flat bundle whose item ids all start with ``prefix``; return its version."""
-    rng = np.random.default_rng(seed)
-    items = rng.standard_normal((N_ITEMS, DIM)).astype(np.float32)  # (n_items, d)
-    users = rng.standard_normal((N_USERS, DIM)).astype(np.float32)  # (n_users, d)
-    popularity = rng.zipf(1.5, N_ITEMS).astype(np.float32)  # (n_items,)
-    writer = flat_bundle_writer(
-        [f"{prefix}{i}" for i in range(N_ITEMS)],
-        items,
-        [f"u{u}" for u in range(N_USERS)],
-        users,
-        popularity,
-    )
-    return publish(root, writer, metrics={"test": {"ndcg@10": 0.25 + seed / 100}}, parent="t1")
+    source = random_flat_bundle(prefix, N_ITEMS, N_USERS, DIM, seed)
+    return publish(root, source, metrics={"test": {"ndcg@10": 0.25 + seed / 100}}, parent="t1")
 
 
 def corrupt(root: Path, version: str, name: str = "items.npy") -> None:

@@ -1,4 +1,4 @@
-"""The server's configuration: ports, thread and concurrency bounds, request limits."""
+"""The server's configuration: ports, thread and concurrency bounds, request limits, reload."""
 
 from __future__ import annotations
 
@@ -86,3 +86,24 @@ class ServerConfig(Config):
             "must be None or in [0, 65535]",
         )
         require(self.grace_s >= 0, self, "grace_s", self.grace_s, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadConfig(Config):
+    """How often the watcher reads ``CURRENT`` and how long a failed version waits for a retry.
+
+    ``poll_interval_s`` of 0 turns the watcher off (``Admin.Reload`` still works).
+    """
+
+    poll_interval_s: float = 5.0
+    backoff_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        require(
+            self.poll_interval_s >= 0,
+            self,
+            "poll_interval_s",
+            self.poll_interval_s,
+            "must be >= 0 (0: no watcher)",
+        )
+        require(self.backoff_s >= 0, self, "backoff_s", self.backoff_s, "must be >= 0")

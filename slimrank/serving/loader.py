@@ -142,3 +142,23 @@ def flat_bundle_writer(
         write_npy(directory / "user_vectors.npy", np.asarray(user_vectors, dtype=np.float32))
 
     return write
+
+
+def random_flat_bundle(
+    prefix: str = "i", n_items: int = 300, n_users: int = 40, dim: int = 8, seed: int = 0
+) -> Callable[[Path], None]:
+    """Return a ``publish`` source of a flat bundle over seeded Gaussian vectors.
+
+    Item ids are ``{prefix}0..``, user ids ``u0..``; for tests and local trials.
+    """
+    rng = np.random.default_rng(seed)
+    items = rng.standard_normal((n_items, dim)).astype(np.float32)  # (n_items, d)
+    users = rng.standard_normal((n_users, dim)).astype(np.float32)  # (n_users, d)
+    popularity = rng.zipf(1.5, n_items).astype(np.float32)  # (n_items,)
+    return flat_bundle_writer(
+        [f"{prefix}{i}" for i in range(n_items)],
+        items,
+        [f"u{u}" for u in range(n_users)],
+        users,
+        popularity,
+    )

@@ -13,7 +13,6 @@ share one lock, so reloads never interleave.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -21,35 +20,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from slimrank.bundle import current_version, open_bundle
-from slimrank.config import Config, require
 from slimrank.errors import IntegrityError
+from slimrank.serving.config import ReloadConfig
 from slimrank.serving.loader import SnapshotLoader, load_snapshot
 from slimrank.serving.metrics import ServingMetrics
 from slimrank.serving.servicer import ReloadFn
 from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, warm_up
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ReloadConfig(Config):
-    """How often the watcher reads ``CURRENT`` and how long a failed version waits for a retry.
-
-    ``poll_interval_s`` of 0 turns the watcher off (``Admin.Reload`` still works).
-    """
-
-    poll_interval_s: float = 5.0
-    backoff_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        require(
-            self.poll_interval_s >= 0,
-            self,
-            "poll_interval_s",
-            self.poll_interval_s,
-            "must be >= 0 (0: no watcher)",
-        )
-        require(self.backoff_s >= 0, self, "backoff_s", self.backoff_s, "must be >= 0")
 
 
 def bundle_reload_fn(

@@ -1,0 +1,164 @@
+"""``slimrank serve``: serve the bundle ``CURRENT`` names, follow ``CURRENT``, stop on SIGTERM.
+
+Once every server process reports SERVING, one line goes to stdout for scripts to read::
+
+    serving on 127.0.0.1:50051 metrics 127.0.0.1:9100 pids 1234
+
+(``metrics -`` when there is no metrics endpoint). SIGTERM or SIGINT drain in-flight calls
+for ``--grace`` seconds and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slimrank.serving.config import ReloadConfig, ServerConfig
+
+if TYPE_CHECKING:
+    from slimrank.serving.workers import ServeSpec
+
+log = logging.getLogger(__name__)
+
+ENV_ROOT = "SLIMRANK_BUNDLES"
+ENV_ADMIN_TOKEN_FILE = "SLIMRANK_ADMIN_TOKEN_FILE"
+# Threads beyond max_inflight, so that shed calls, health checks and admin calls get one.
+SPARE_THREADS = 4
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` command."""
+    defaults = ServerConfig()
+    reload_defaults = ReloadConfig()
+    p = sub.add_parser(
+        "serve",
+        help="serve the CURRENT bundle over gRPC and follow CURRENT",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--bundles",
+        type=Path,
+        default=None,
+        help=f"bundles directory (default: ${ENV_ROOT}, else ./bundles)",
+    )
+    p.add_argument("--host", default=defaults.host, help="gRPC bind address (default %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port, 0 picks one (%(default)s)")
+    p.add_argument("--metrics-host", default=defaults.metrics_host, help="/metrics bind address")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9100,
+        help="/metrics port, 0 picks one, -1 turns it off (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="server processes sharing the port (default 1)"
+    )
+    p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=defaults.max_inflight,
+        help="model calls run at once per process; more are shed (default %(default)s)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=defaults.grace_s,
+        help="seconds in-flight calls get at shutdown (default %(default)s)",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=reload_defaults.poll_interval_s,
+        help="seconds between reads of CURRENT, 0 turns the watcher off (default %(default)s)",
+    )
+    p.add_argument(
+        "--reload-backoff",
+        type=float,
+        default=reload_defaults.backoff_s,
+        help="seconds before a failed CURRENT is tried again (default %(default)s)",
+    )
+    p.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM); enables TLS")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument(
+        "--tls-client-ca", type=Path, help="CA (PEM) that client certificates must chain to (mTLS)"
+    )
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the Admin bearer token (default: ${ENV_ADMIN_TOKEN_FILE})",
+    )
+    p.add_argument(
+        "--admin-insecure",
+        action="store_true",
+        help="without a token, open the Admin service to anyone (default: refuse it)",
+    )
+    p.set_defaults(func=cmd_serve, parser=p)
+
+
+def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
+    """Return the serve spec the arguments describe; exits with a usage error on a bad one."""
+    from slimrank.serving.security import TLSConfig, read_token
+    from slimrank.serving.workers import ServeSpec
+
+    parser: argparse.ArgumentParser = args.parser
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be >= 1")
+    token_file = args.admin_token_file or os.environ.get(ENV_ADMIN_TOKEN_FILE)
+    if token_file and args.admin_insecure:
+        parser.error("--admin-insecure and an admin token exclude each other")
+    try:
+        token = read_token(token_file) if token_file else None
+        tls = None
+        if args.tls_cert is not None:
+            client_ca = None if args.tls_client_ca is None else str(args.tls_client_ca)
+            tls = TLSConfig(str(args.tls_cert), str(args.tls_key), client_ca)
+        server = ServerConfig(
+            host=args.host,
+            port=args.port,
+            max_inflight=args.max_inflight,
+            max_workers=max(ServerConfig.max_workers, args.max_inflight + SPARE_THREADS),
+            max_pending_rpcs=max(
+                ServerConfig.max_pending_rpcs, 4 * (args.max_inflight + SPARE_THREADS)
+            ),
+            reflection=args.reflection,
+            metrics_host=args.metrics_host,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            grace_s=args.grace,
+        )
+        reload = ReloadConfig(poll_interval_s=args.poll_interval, backoff_s=args.reload_backoff)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    bundles = args.bundles or Path(os.environ.get(ENV_ROOT) or "bundles")
+    return ServeSpec(bundles, server, reload, tls, token, args.admin_insecure)
+
+
+def _announce(host: str, metrics_host: str, port: int, mport: int | None, pids: list[int]) -> None:
+    metrics = "-" if mport is None else f"{metrics_host}:{mport}"
+    pid_list = ",".join(str(p) for p in pids)
+    print(f"serving on {host}:{port} metrics {metrics} pids {pid_list}", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; 0 after a clean stop."""
+    from slimrank.serving.workers import serve_one, serve_workers
+
+    spec = _spec_from_args(args)
+    if spec.admin_token is None and not spec.admin_insecure:
+        log.warning("no admin token: the Admin service is refused (see --admin-token-file)")
+
+    def ready(port: int, mport: int | None, pids: list[int]) -> None:
+        _announce(spec.server.host, spec.server.metrics_host, port, mport, pids)
+
+    if args.workers == 1:
+        return serve_one(spec, ready)
+    return serve_workers(spec, args.workers, ready)

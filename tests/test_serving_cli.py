@@ -1,0 +1,186 @@
+"""``slimrank serve`` in a subprocess on port 0: load CURRENT, answer, follow CURRENT, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from slimrank.bundle import publish
+from slimrank.cli import main
+from slimrank.serving.client import SlimrankClient
+from slimrank.serving.loader import random_flat_bundle
+from slimrank.serving.security import channel_credentials
+
+READY = re.compile(r"serving on (\S+):(\d+) metrics (\S+) pids ([\d,]+)")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gen_certs.sh"
+
+
+def publish_flat(root: Path, prefix: str, seed: int) -> str:
+    return publish(root, random_flat_bundle(prefix, seed=seed))
+
+
+def corrupt(root: Path, version: str, name: str = "items.npy") -> None:
+    """Flip one byte of a published (read-only) file."""
+    path = root / version / name
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+class Server:
+    """A ``slimrank serve`` subprocess and the ports its ready line announced."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "slimrank.cli", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        match = READY.search(line)
+        if match is None:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=30)
+            raise AssertionError(f"no ready line, got {line!r}; stderr:\n{err}")
+        self.target = f"{match[1]}:{match[2]}"
+        self.metrics = None if match[3] == "-" else match[3]
+        self.pids = [int(p) for p in match[4].split(",")]
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Sum of the samples of ``name`` on the /metrics endpoint whose labels include these."""
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and (labels or {}).items() <= sample.labels.items():
+                    total += sample.value
+        return total
+
+    def terminate(self) -> tuple[int, str]:
+        """SIGTERM the server; return its exit code and stderr."""
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def launch() -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def _launch(args: list[str], env: dict[str, str] | None = None) -> Server:
+        servers.append(Server(args, env))
+        return servers[-1]
+
+    yield _launch
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.communicate(timeout=30)
+
+
+def test_serve_answers_follows_current_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    root = tmp_path / "bundles"
+    v1 = publish_flat(root, "a", seed=1)
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    server = launch(
+        [
+            "--bundles",
+            str(root),
+            "--metrics-port",
+            "0",
+            "--poll-interval",
+            "0.1",
+            "--admin-token-file",
+            str(token),
+        ]
+    )
+    with SlimrankClient(server.target, timeout=10.0, admin_token="t0ken") as client:
+        assert client.health("slimrank.v1.Recommender") == "SERVING"
+        got = client.recommend("u3", 5)
+        assert got.model_version == v1 and len(got.item_ids) == 5
+        v2 = publish_flat(root, "b", seed=2)
+        deadline = time.monotonic() + 60  # the watcher polls every 0.1 s
+        while client.model_info().version != v2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.recommend("u3", 5).model_version == v2
+    assert server.metric("slimrank_model_reloads_total") == 1
+    assert server.metric("slimrank_grpc_requests_total", {"code": "OK"}) >= 2
+    code, err = server.terminate()
+    assert code == 0, err
+    assert "stopped" in err
+
+
+def test_serve_with_mutual_tls_and_no_admin_token(
+    tmp_path: Path, launch: Callable[..., Server]
+) -> None:
+    subprocess.run(["bash", str(SCRIPT), str(tmp_path)], check=True, capture_output=True)
+    root = tmp_path / "bundles"
+    v1 = publish_flat(root, "a", seed=1)
+    server = launch(
+        [
+            "--bundles",
+            str(root),
+            "--metrics-port",
+            "-1",
+            "--tls-cert",
+            str(tmp_path / "server.pem"),
+            "--tls-key",
+            str(tmp_path / "server.key"),
+            "--tls-client-ca",
+            str(tmp_path / "ca.pem"),
+        ]
+    )
+    assert server.metrics is None
+    tls = channel_credentials(tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key")
+    with SlimrankClient(server.target, timeout=10.0, retries=0, tls=tls) as client:
+        assert client.recommend("u3", 5).model_version == v1
+        with pytest.raises(grpc.RpcError) as err:
+            client.model_info()
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    code, stderr = server.terminate()
+    assert code == 0, stderr
+
+
+def test_serve_refuses_a_corrupt_current(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = publish_flat(tmp_path, "a", seed=1)
+    corrupt(tmp_path, version)
+    assert main(["serve", "--bundles", str(tmp_path), "--port", "0", "--metrics-port", "-1"]) == 2
+    assert "items.npy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tls-cert", "x.pem"], "go together"),
+        (["--workers", "0"], "must be >= 1"),
+        (["--max-inflight", "0"], "max_inflight"),
+        (["--admin-token-file", "missing-token-file"], "missing-token-file"),
+    ],
+)
+def test_serve_rejects_bad_arguments(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "0", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
