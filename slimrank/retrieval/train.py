@@ -1,0 +1,331 @@
+"""Training of the two-tower model on the training split, with early stopping on validation.
+
+Each training example is one (user, item) interaction; a batch holds all the examples of a
+shuffled group of users, so each user's history is pooled once per batch. The user tower
+pools the user's training history with the target item left out (it would otherwise find the
+answer in its input) and, optionally, with history dropout. Losses:
+
+- ``softmax``: a full softmax over every item (cheap when the catalog is small, e.g. the
+  1,682 items of MovieLens-100k);
+- ``sampled_softmax``: in-batch negatives with the logQ correction (subtracting the log of
+  each item's sampling probability, its training popularity) so that popular items are not
+  pushed down just for appearing often as negatives;
+- ``bpr``: one uniformly drawn negative per positive.
+
+After every ``eval_every`` epochs the model ranks all items for the validation users (exact
+dot products, the protocol of :mod:`slimrank.evaluation.protocol`); training stops after
+``patience`` evaluations without a better Recall@k and the best weights are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slimrank.config import Config, require
+from slimrank.data.dataset import FeatureTable, Split, item_popularity
+from slimrank.evaluation.protocol import evaluate_full_ranking
+from slimrank.retrieval.embeddings import export_embeddings, history_for
+from slimrank.retrieval.two_tower import (
+    TwoTower,
+    TwoTowerConfig,
+    UserHistory,
+    bag_rows,
+    feature_tensors,
+    take_rows,
+)
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("softmax", "sampled_softmax", "bpr")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """How to train a :class:`TwoTower`."""
+
+    epochs: int = 100
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # AdamW, decoupled
+    loss: str = "softmax"  # one of LOSSES
+    logq: bool = True  # logQ correction of the sampled softmax
+    history_dropout: float = 0.0  # drop each history item with this probability
+    patience: int = 10  # evaluations without a better validation Recall@k before stopping
+    eval_every: int = 1  # epochs between validations
+    k: int = 10  # cut-off of the early-stopping metric
+    seed: int = 0
+    # One thread: the ops are small, and on a shared machine more threads mostly wait.
+    threads: int = 1  # torch intra-op threads while training
+    progress: bool = True  # show a rich progress bar
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, self, "epochs", self.epochs, "must be >= 1")
+        require(self.batch_size >= 2, self, "batch_size", self.batch_size, "must be >= 2")
+        require(self.lr > 0, self, "lr", self.lr, "must be > 0")
+        require(self.weight_decay >= 0, self, "weight_decay", self.weight_decay, "must be >= 0")
+        require(self.loss in LOSSES, self, "loss", self.loss, f"must be one of {LOSSES}")
+        require(
+            0.0 <= self.history_dropout < 1.0,
+            self,
+            "history_dropout",
+            self.history_dropout,
+            "must be in [0, 1)",
+        )
+        require(self.patience >= 1, self, "patience", self.patience, "must be >= 1")
+        require(self.eval_every >= 1, self, "eval_every", self.eval_every, "must be >= 1")
+        require(self.k >= 1, self, "k", self.k, "must be >= 1")
+        require(self.threads >= 1, self, "threads", self.threads, "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """The best model (eval mode), when it was reached, and the per-evaluation log."""
+
+    model: TwoTower
+    best_epoch: int
+    best_valid: dict[str, float]
+    log: list[dict[str, float]]  # one row per evaluation: epoch, loss, valid metrics
+
+
+def softmax_loss(
+    user_vecs: torch.Tensor, item_vecs: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Return the mean cross entropy of ``targets`` (B,) over all items ``item_vecs`` (I, d)."""
+    logits = scale * user_vecs @ item_vecs.T  # (B, I)
+    return F.cross_entropy(logits, targets)
+
+
+def sampled_softmax_loss(
+    user_vecs: torch.Tensor,
+    item_vecs: torch.Tensor,
+    items: torch.Tensor,
+    scale: torch.Tensor,
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return the in-batch softmax loss: row ``b``'s positive is column ``b``.
+
+    ``item_vecs`` (B, d) are the vectors of ``items`` (B,); ``log_q`` (B,) is the log sampling
+    probability of each, subtracted from its logits (logQ correction). A column holding the
+    row's own positive item elsewhere in the batch is not counted as a negative.
+    """
+    logits = scale * user_vecs @ item_vecs.T  # (B, B)
+    if log_q is not None:
+        logits = logits - log_q[None, :]
+    same = items[:, None] == items[None, :]  # (B, B)
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(items)))
+
+
+def bpr_loss(
+    user_vecs: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Return the mean of -log sigmoid(score(pos) - score(neg)), all (B, d)."""
+    diff = scale * ((user_vecs * pos_vecs).sum(-1) - (user_vecs * neg_vecs).sum(-1))  # (B,)
+    return F.softplus(-diff).mean()
+
+
+def evaluate_model(
+    model: TwoTower,
+    split: Split,
+    view: str = "valid",
+    user_features: FeatureTable | None = None,
+    item_features: FeatureTable | None = None,
+    ks: tuple[int, ...] = (10,),
+) -> dict[str, float]:
+    """Return the protocol's full-ranking metrics of ``model`` on the ``view`` part.
+
+    ``view="valid"``: user vectors pool the training items, which are excluded from ranking;
+    ``"test"``: they pool training and validation items, both excluded.
+    """
+    if view not in ("valid", "test"):
+        raise ValueError(f"view={view!r}: expected 'valid' or 'test'")
+    history = history_for(split, view, model.config.max_history)  # type: ignore[arg-type]
+    user_vecs, item_vecs = export_embeddings(model, history, user_features, item_features)
+    if view == "valid":
+        truth, exclude = split.valid_matrix(), split.seen_for_valid()
+    else:
+        truth, exclude = split.test_matrix(), split.seen_for_test()
+    return evaluate_full_ranking(lambda users: user_vecs[users] @ item_vecs.T, truth, exclude, ks)
+
+
+def train_two_tower(
+    model_config: TwoTowerConfig,
+    config: TrainConfig,
+    split: Split,
+    user_features: FeatureTable | None = None,
+    item_features: FeatureTable | None = None,
+) -> TrainResult:
+    """Train on ``split.train``, validate on ``split.valid``, return the best model."""
+    if (model_config.n_users, model_config.n_items) != (split.n_users, split.n_items):
+        raise ValueError(
+            f"model is for {model_config.n_users} users x {model_config.n_items} items, "
+            f"the split has {split.n_users} x {split.n_items}"
+        )
+    if len(split.train) == 0:
+        raise ValueError("the training split is empty")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _train(model_config, config, split, user_features, item_features)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    model_config: TwoTowerConfig,
+    config: TrainConfig,
+    split: Split,
+    user_features: FeatureTable | None,
+    item_features: FeatureTable | None,
+) -> TrainResult:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = TwoTower(model_config)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+
+    history = UserHistory.from_interactions(split.train, split.n_users, model_config.max_history)
+    ufeat = None
+    if not model_config.user_features.empty:
+        ufeat = feature_tensors(_need(user_features, "user"), model_config.user_features)
+    ifeat = None
+    if not model_config.item_features.empty:
+        ifeat = feature_tensors(_need(item_features, "item"), model_config.item_features)
+    popularity = item_popularity(split.train, split.n_items)
+    log_q = torch.as_tensor(np.log(np.maximum(popularity, 1.0) / popularity.sum()))  # (I,)
+    all_items = torch.arange(split.n_items)
+    # The training examples, grouped by user: each batch holds whole users.
+    targets = UserHistory.from_interactions(split.train, split.n_users)
+
+    best_recall, best_epoch, best_valid, best_state = -1.0, 0, {}, None
+    evals: list[dict[str, float]] = []
+    stale = 0
+    metric = f"recall@{config.k}"
+    columns = (
+        TextColumn("two-tower"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    with Progress(*columns, disable=not config.progress) as progress:
+        task = progress.add_task("train", total=config.epochs, status="")
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            total, batches = 0.0, 0
+            for group in _user_batches(targets, config.batch_size, rng):
+                items_np, offsets = targets.bags(group)  # every training item of the group
+                rows = bag_rows(offsets, len(items_np))  # (B,) position of each user in group
+                users, items = torch.as_tensor(group[rows]), torch.as_tensor(items_np)
+                pooled = None
+                if model_config.use_history:
+                    pooled = _pooled_history(
+                        model, history, group, rows, items_np, config.history_dropout, rng
+                    )
+                user_vecs = model.user_vectors_pooled(
+                    users, None if ufeat is None else take_rows(ufeat, users), pooled
+                )  # (B, d)
+                scale = model.scale()
+                if config.loss == "softmax":
+                    item_vecs = model.item_vectors(all_items, ifeat)  # (I, d)
+                    loss = softmax_loss(user_vecs, item_vecs, items, scale)
+                elif config.loss == "sampled_softmax":
+                    feats = None if ifeat is None else take_rows(ifeat, items)
+                    item_vecs = model.item_vectors(items, feats)  # (B, d)
+                    correction = log_q[items] if config.logq else None
+                    loss = sampled_softmax_loss(user_vecs, item_vecs, items, scale, correction)
+                else:
+                    negatives = torch.as_tensor(rng.integers(0, split.n_items, len(items)))
+                    both = torch.cat([items, negatives])
+                    feats = None if ifeat is None else take_rows(ifeat, both)
+                    pos_vecs, neg_vecs = model.item_vectors(both, feats).split(len(items))
+                    loss = bpr_loss(user_vecs, pos_vecs, neg_vecs, scale)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach())
+                batches += 1
+            mean_loss = total / batches
+            status = f"loss {mean_loss:.4f}"
+            if epoch % config.eval_every == 0 or epoch == config.epochs:
+                valid = evaluate_model(
+                    model, split, "valid", user_features, item_features, ks=(config.k,)
+                )
+                evals.append({"epoch": float(epoch), "loss": mean_loss, **valid})
+                log.info(
+                    "epoch %d loss %.4f valid %s %.4f", epoch, mean_loss, metric, valid[metric]
+                )
+                if valid[metric] > best_recall:
+                    best_recall, best_epoch, best_valid = valid[metric], epoch, valid
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    stale = 0
+                else:
+                    stale += 1
+                status += (
+                    f" | valid {metric} {valid[metric]:.4f} (best {best_recall:.4f} @ {best_epoch})"
+                )
+            progress.update(task, advance=1, status=status)
+            if stale >= config.patience:
+                log.info("early stop at epoch %d, best epoch %d", epoch, best_epoch)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model=model, best_epoch=best_epoch, best_valid=best_valid, log=evals)
+
+
+def _user_batches(
+    targets: UserHistory, batch_size: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """Yield shuffled groups of whole users with about ``batch_size`` examples each."""
+    users = rng.permutation(np.flatnonzero(targets.lengths(np.arange(targets.n_users)) > 0))
+    batch = (np.cumsum(targets.lengths(users)) - 1) // batch_size  # (U,) batch of each user
+    yield from np.split(users, np.flatnonzero(np.diff(batch)) + 1)
+
+
+def _pooled_history(
+    model: TwoTower,
+    history: UserHistory,
+    group: np.ndarray,
+    rows: np.ndarray,
+    targets: np.ndarray,
+    drop: float,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Return the (B, D) mean history of each example with its own target item left out.
+
+    The bags of the users in ``group`` are summed once; example ``b`` (user ``group[rows[b]]``,
+    item ``targets[b]``) subtracts its target's embedding when the target is in the bag.
+    """
+    n_items = model.config.n_items
+    bag_items, bag_offsets = history.bags(group, drop=drop, rng=rng)
+    keys = np.sort(bag_rows(bag_offsets, len(bag_items)) * n_items + bag_items)
+    query = rows * n_items + targets  # (B,)
+    if len(keys):
+        found = keys[np.minimum(np.searchsorted(keys, query), len(keys) - 1)] == query
+    else:
+        found = np.zeros(len(query), dtype=bool)
+    tower = model.user_tower
+    sums, counts = tower.pool(torch.as_tensor(bag_items), torch.as_tensor(bag_offsets))
+    rows_t = torch.as_tensor(rows)
+    in_bag = torch.as_tensor(found, dtype=sums.dtype)  # (B,)
+    target_vecs = tower.history.weight[torch.as_tensor(targets)]  # (B, D)
+    sums = sums[rows_t] - in_bag[:, None] * target_vecs  # (B, D)
+    counts = counts[rows_t].to(sums.dtype) - in_bag  # (B,)
+    return sums / counts.clamp(min=1)[:, None]
+
+
+def _need(table: FeatureTable | None, side: str) -> FeatureTable:
+    if table is None:
+        raise ValueError(f"the model reads {side} features; pass {side}_features=")
+    return table

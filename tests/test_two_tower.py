@@ -1,0 +1,276 @@
+"""The two-tower model, its inputs and its files, on small hand-made data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slimrank.data.dataset import FeatureTable, Interactions, Split
+from slimrank.retrieval.embeddings import (
+    Embeddings,
+    export_embeddings,
+    history_for,
+    load_embeddings,
+    save_embeddings,
+)
+from slimrank.retrieval.train import TrainConfig, bpr_loss, sampled_softmax_loss
+from slimrank.retrieval.two_tower import (
+    FeatureSpec,
+    TwoTower,
+    TwoTowerConfig,
+    UserHistory,
+    bag_rows,
+    feature_tensors,
+    load_model,
+    save_model,
+    take_rows,
+)
+
+
+def interactions(user, item, timestamp=None) -> Interactions:
+    n = len(user)
+    ts = np.arange(n) if timestamp is None else timestamp
+    return Interactions(np.array(user), np.array(item), np.ones(n, np.float32), np.array(ts))
+
+
+def tables(n_users: int, n_items: int, seed: int = 0) -> tuple[FeatureTable, FeatureTable]:
+    rng = np.random.default_rng(seed)
+    users = FeatureTable(
+        n_rows=n_users,
+        categorical={"gender": rng.integers(0, 3, n_users)},
+        cardinality={"gender": 3},
+        numeric={"age": rng.uniform(15, 70, n_users).astype(np.float32)},
+    )
+    items = FeatureTable(
+        n_rows=n_items,
+        numeric={"year": rng.uniform(1950, 2000, n_items).astype(np.float32)},
+        multi_hot={"genre": (rng.random((n_items, 4)) < 0.3).astype(np.float32)},
+    )
+    return users, items
+
+
+def featured_config(n_users: int, n_items: int, **kwargs) -> TwoTowerConfig:
+    users, items = tables(n_users, n_items)
+    fields = {
+        "n_users": n_users,
+        "n_items": n_items,
+        "dim": 8,
+        "id_dim": 8,
+        "hidden": (16,),
+        "user_features": FeatureSpec.from_table(users),
+        "item_features": FeatureSpec.from_table(items),
+    }
+    return TwoTowerConfig(**{**fields, **kwargs})
+
+
+def test_history_keeps_the_most_recent_items_oldest_first():
+    logs = interactions(
+        user=[0, 1, 0, 0, 2, 0],
+        item=[5, 7, 3, 9, 1, 4],
+        timestamp=[30, 5, 10, 40, 1, 20],
+    )
+    full = UserHistory.from_interactions(logs, n_users=4)
+    assert full.items[full.indptr[0] : full.indptr[1]].tolist() == [3, 4, 5, 9]
+    assert full.lengths(np.arange(4)).tolist() == [4, 1, 1, 0]
+    recent = UserHistory.from_interactions(logs, n_users=4, max_history=2)
+    assert recent.items[recent.indptr[0] : recent.indptr[1]].tolist() == [5, 9]
+    assert recent.lengths(np.arange(4)).tolist() == [2, 1, 1, 0]
+
+    items, offsets = full.bags(np.array([3, 0, 1]))
+    assert items.tolist() == [3, 4, 5, 9, 7]
+    assert offsets.tolist() == [0, 0, 4]
+    assert bag_rows(offsets, len(items)).tolist() == [1, 1, 1, 1, 2]
+
+
+def test_history_dropout_drops_about_that_share_and_keeps_bags_aligned():
+    rng = np.random.default_rng(0)
+    logs = interactions(user=np.repeat(np.arange(50), 40), item=np.tile(np.arange(40), 50))
+    history = UserHistory.from_interactions(logs, n_users=50)
+    items, offsets = history.bags(np.arange(50), drop=0.5, rng=rng)
+    assert 0.4 < len(items) / 2000 < 0.6
+    rows = bag_rows(offsets, len(items))
+    # Within a bag the kept items stay in time order: strictly increasing here.
+    assert np.all((np.diff(items) > 0) | (np.diff(rows) > 0))
+    with pytest.raises(ValueError, match="rng"):
+        history.bags(np.arange(3), drop=0.5)
+
+
+def test_history_for_test_view_adds_the_validation_items():
+    split = Split(
+        train=interactions([0, 0, 1], [1, 2, 3]),
+        valid=interactions([0], [4]),
+        test=interactions([1], [5]),
+        n_users=2,
+        n_items=6,
+    )
+    valid = history_for(split, "valid")
+    test = history_for(split, "test")
+    assert sorted(valid.items[valid.indptr[0] : valid.indptr[1]]) == [1, 2]
+    assert sorted(test.items[test.indptr[0] : test.indptr[1]]) == [1, 2, 4]
+    with pytest.raises(ValueError, match="view"):
+        history_for(split, "train")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"dim": 0}, "dim"),
+        ({"id_dim": -1}, "id_dim"),
+        ({"hidden": (8, 0)}, "hidden"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"max_history": -2}, "max_history"),
+        ({"n_items": 0}, "n_items"),
+        ({"use_user_id": False, "use_history": False}, "use_user_id"),
+        ({"use_item_id": False}, "use_item_id"),
+    ],
+)
+def test_model_config_errors_name_the_field_and_value(kwargs, field):
+    with pytest.raises(ValueError, match=rf"TwoTowerConfig\.{field}=") as err:
+        TwoTowerConfig(**{"n_users": 3, "n_items": 4, **kwargs})
+    assert repr(next(iter(kwargs.values()))) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"lr": 0.0}, "lr"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"loss": "hinge"}, "loss"),
+        ({"history_dropout": 1.0}, "history_dropout"),
+        ({"patience": 0}, "patience"),
+        ({"eval_every": 0}, "eval_every"),
+        ({"k": 0}, "k"),
+        ({"threads": 0}, "threads"),
+    ],
+)
+def test_train_config_errors_name_the_field_and_value(kwargs, field):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field}="):
+        TrainConfig(**kwargs)
+
+
+def test_feature_spec_checks_and_config_round_trips_through_a_dict():
+    with pytest.raises(ValueError, match=r"FeatureSpec\.numeric_std="):
+        FeatureSpec(numeric_mean={"age": 1.0}, numeric_std={"age": 0.0})
+    with pytest.raises(ValueError, match=r"FeatureSpec\.categorical="):
+        FeatureSpec(categorical={"gender": 0})
+    config = featured_config(5, 7, max_history=3, hidden=(16, 8))
+    again = TwoTowerConfig.from_dict(config.to_dict())
+    assert again == config
+    assert again.user_features.categorical == {"gender": 3}
+    assert again.item_features.multi_hot == {"genre": 4}
+
+
+def test_constant_numeric_column_standardizes_to_zero():
+    table = FeatureTable(n_rows=3, numeric={"x": np.full(3, 5.0, np.float32)})
+    spec = FeatureSpec.from_table(table)
+    assert spec.numeric_std == {"x": 1.0}
+    assert spec.numeric_mean == {"x": 5.0}
+
+
+def test_exported_user_vector_is_the_tower_output_on_the_mean_history():
+    torch.manual_seed(0)
+    users, items = tables(4, 6)
+    config = featured_config(4, 6)
+    model = TwoTower(config).eval()
+    logs = interactions(user=[2, 2, 2, 0], item=[1, 4, 5, 3])
+    user_vecs, item_vecs = export_embeddings(
+        model, UserHistory.from_interactions(logs, 4), users, items
+    )
+    assert user_vecs.shape == (4, 8) and item_vecs.shape == (6, 8)
+    assert user_vecs.dtype == np.float32 and item_vecs.dtype == np.float32
+    ufeat = feature_tensors(users, config.user_features)
+    ifeat = feature_tensors(items, config.item_features)
+    with torch.no_grad():
+        # Reference: the mean of the user's history rows, by hand, through the tower.
+        pooled = model.user_tower.history.weight[[1, 4, 5]].mean(0, keepdim=True)  # (1, D)
+        expected = model.user_vectors_pooled(
+            torch.tensor([2]), take_rows(ufeat, torch.tensor([2])), pooled
+        )
+        # A user without history pools zeros.
+        empty = model.user_vectors_pooled(
+            torch.tensor([1]), take_rows(ufeat, torch.tensor([1])), torch.zeros(1, 8)
+        )
+        item_expected = model.item_vectors(torch.arange(6), ifeat)
+    np.testing.assert_allclose(user_vecs[2], expected[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(user_vecs[1], empty[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(item_vecs, item_expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(user_vecs, axis=1), 1.0, rtol=1e-5)
+
+
+def test_export_needs_what_the_model_reads():
+    users, items = tables(4, 6)
+    model = TwoTower(featured_config(4, 6))
+    history = UserHistory.from_interactions(interactions([0], [1]), 4)
+    with pytest.raises(ValueError, match="history"):
+        export_embeddings(model, None, users, items)
+    with pytest.raises(ValueError, match="user_features"):
+        export_embeddings(model, history, None, items)
+    with pytest.raises(ValueError, match="rows"):
+        export_embeddings(model, history, users, tables(4, 5)[1])
+
+
+def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
+    torch.manual_seed(1)
+    users, items = tables(5, 7)
+    model = TwoTower(featured_config(5, 7, learn_temperature=True))
+    with torch.no_grad():
+        model.log_scale.fill_(2.5)
+    history = UserHistory.from_interactions(interactions([0, 0, 3], [1, 6, 2]), 5)
+    before = export_embeddings(model, history, users, items)
+    loaded = load_model(save_model(model, tmp_path / "model"))
+    after = export_embeddings(loaded, history, users, items)
+    assert loaded.config == model.config
+    assert float(loaded.scale().detach()) == pytest.approx(float(np.exp(2.5)))
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+    assert not list((tmp_path / "model").glob("*.pt"))
+
+
+def test_embedding_files_round_trip_without_pickle(tmp_path):
+    rng = np.random.default_rng(0)
+    saved = Embeddings(
+        user=rng.normal(size=(3, 4)).astype(np.float32),
+        item=rng.normal(size=(5, 4)).astype(np.float32),
+        user_ids=np.array(["u1", "u2", "u3"], dtype=object),
+        item_ids=np.array(["10", "20", "30", "40", "50"], dtype=object),
+    )
+    save_embeddings(tmp_path, saved)
+    loaded = load_embeddings(tmp_path)
+    np.testing.assert_array_equal(loaded.user, saved.user)
+    np.testing.assert_array_equal(loaded.item, saved.item)
+    assert loaded.item_ids.tolist() == ["10", "20", "30", "40", "50"]
+    assert np.load(tmp_path / "item_embeddings.npy", allow_pickle=False).dtype == np.float32
+    bare = tmp_path / "bare"
+    save_embeddings(bare, Embeddings(saved.user, saved.item))
+    assert load_embeddings(bare).user_ids is None
+
+
+def test_sampled_softmax_matches_a_by_hand_reference():
+    rng = np.random.default_rng(0)
+    users = torch.tensor(rng.normal(size=(4, 3)), dtype=torch.float32)
+    item_vecs = torch.tensor(rng.normal(size=(4, 3)), dtype=torch.float32)
+    items = torch.tensor([7, 2, 7, 5])  # item 7 twice: not a negative of its own rows
+    log_q = torch.tensor([-1.0, -2.0, -1.0, -3.0])
+    scale = torch.tensor(2.0)
+    got = sampled_softmax_loss(users, item_vecs, items, scale, log_q)
+    losses = []
+    u, v, q = users.numpy(), item_vecs.numpy(), log_q.numpy()
+    for b in range(4):
+        cols = [c for c in range(4) if c == b or items[c] != items[b]]
+        logits = np.array([2.0 * u[b] @ v[c] - q[c] for c in cols])
+        target = cols.index(b)
+        losses.append(np.log(np.exp(logits).sum()) - logits[target])
+    assert float(got) == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_bpr_loss_matches_a_by_hand_reference():
+    u = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    pos = torch.tensor([[2.0, 0.0], [0.0, -1.0]])
+    neg = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    got = bpr_loss(u, pos, neg, torch.tensor(1.0))
+    expected = np.mean([np.log1p(np.exp(-2.0)), np.log1p(np.exp(4.0))])
+    assert float(got) == pytest.approx(expected, rel=1e-6)
