@@ -1,0 +1,91 @@
+"""``slimrank serve --workers 2``: two processes on one port, one merged metrics endpoint."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from slimrank.bundle import publish
+from slimrank.serving.client import SlimrankClient
+from slimrank.serving.loader import random_flat_bundle
+
+READY = re.compile(r"serving on (\S+):(\d+) metrics (\S+) pids ([\d,]+)")
+RECOMMEND = "/slimrank.v1.Recommender/Recommend"
+CONNECTIONS = 24
+
+
+def requests_by_pid(metrics_dir: Path, pids: list[int]) -> dict[int, float]:
+    """Recommend calls answered OK per worker, read from each worker's own metric file."""
+    out = {}
+    for pid in pids:
+        total = 0.0
+        for metric in MultiProcessCollector.merge([str(metrics_dir / f"counter_{pid}.db")]):
+            for sample in metric.samples:
+                if sample.name == "slimrank_grpc_requests_total" and sample.labels == {
+                    "method": RECOMMEND,
+                    "code": "OK",
+                }:
+                    total += sample.value
+        out[pid] = total
+    return out
+
+
+def test_two_workers_share_the_port_and_both_answer(tmp_path: Path) -> None:
+    root = tmp_path / "bundles"
+    version = publish(root, random_flat_bundle("a", seed=1))
+    metrics_dir = tmp_path / "metrics"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "slimrank.cli",
+            "serve",
+            "--bundles",
+            str(root),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        match = READY.search(line)
+        assert match is not None, f"no ready line in {line!r}: {proc.stderr and proc.stderr.read()}"
+        target, metrics, pids = f"{match[1]}:{match[2]}", match[3], match[4].split(",")
+        pids = [int(p) for p in pids]
+        assert len(set(pids)) == 2 and proc.pid not in pids
+        # Each new channel is a new TCP connection, which the kernel hands to either worker.
+        for i in range(CONNECTIONS):
+            with SlimrankClient(target, timeout=10.0) as client:
+                assert client.recommend(f"u{i}", 3).model_version == version
+        per_worker = requests_by_pid(metrics_dir, pids)
+        assert sum(per_worker.values()) == CONNECTIONS
+        assert all(n > 0 for n in per_worker.values()), per_worker
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        merged = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        key = ("slimrank_grpc_requests_total", (("code", "OK"), ("method", RECOMMEND)))
+        assert merged[key] == CONNECTIONS
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
