@@ -1,0 +1,161 @@
+"""Training the two-tower model on planted structure, seeding, and the retrieval CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from slimrank.cli import main
+from slimrank.data.dataset import Interactions, load_dataset, split_random
+from slimrank.evaluation.protocol import topk_items
+from slimrank.retrieval.embeddings import export_embeddings, history_for, load_embeddings
+from slimrank.retrieval.train import (
+    TrainConfig,
+    _pooled_history,
+    evaluate_model,
+    train_two_tower,
+)
+from slimrank.retrieval.two_tower import TwoTower, TwoTowerConfig, UserHistory, load_model
+
+N_USERS, N_ITEMS, PER_USER = 60, 40, 12
+
+
+def planted(seed: int = 0) -> Interactions:
+    """Two user groups, each taking items only from its own half of the catalog."""
+    rng = np.random.default_rng(seed)
+    users, items = [], []
+    half = N_ITEMS // 2
+    for u in range(N_USERS):
+        group = u % 2
+        users += [u] * PER_USER
+        items += list(group * half + rng.choice(half, PER_USER, replace=False))
+    n = len(users)
+    return Interactions(
+        np.array(users), np.array(items), np.ones(n, np.float32), rng.permutation(n)
+    )
+
+
+def small_config(**kwargs) -> TwoTowerConfig:
+    fields = {"n_users": N_USERS, "n_items": N_ITEMS, "dim": 16, "id_dim": 16, "hidden": (32,)}
+    return TwoTowerConfig(**{**fields, **kwargs})
+
+
+def in_group_share(model: TwoTower, split, k: int = 5) -> float:
+    """Return the share of each user's top-k unseen items that lie in the user's own half."""
+    user_vecs, item_vecs = export_embeddings(model, history_for(split, "valid"))
+    top = topk_items(user_vecs @ item_vecs.T, k, split.seen_for_valid())  # (U, k)
+    group = np.arange(N_USERS)[:, None] % 2
+    return float(np.mean(top // (N_ITEMS // 2) == group))
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sampled_softmax", "bpr"])
+def test_training_lowers_the_loss_and_recovers_the_planted_groups(loss):
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+    config = TrainConfig(
+        epochs=30, batch_size=128, lr=1e-2, loss=loss, patience=30, seed=0, progress=False
+    )
+    # Ids off: the groups must come through the pooled history.
+    result = train_two_tower(small_config(use_user_id=False), config, split)
+    assert result.log[-1]["loss"] < result.log[0]["loss"]
+    # About 12 * 0.8 of a user's 20 own items are seen, leaving ~10 own among ~30 unseen:
+    # a random ranking puts ~1/3 of its top 5 in the user's half.
+    assert in_group_share(result.model, split) > 0.9
+    assert result.best_valid["recall@10"] == max(row["recall@10"] for row in result.log)
+    assert result.best_valid["recall@10"] > 0.5
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+    config = TrainConfig(epochs=40, batch_size=64, lr=5e-2, patience=2, seed=0, progress=False)
+    result = train_two_tower(small_config(), config, split)
+    epochs = [int(row["epoch"]) for row in result.log]
+    best_row = next(row for row in result.log if int(row["epoch"]) == result.best_epoch)
+    assert epochs[-1] == 40 or epochs[-1] - result.best_epoch == 2
+    # The returned model is the best epoch's, not the last one's.
+    again = evaluate_model(result.model, split, "valid")
+    assert again["recall@10"] == pytest.approx(best_row["recall@10"])
+
+
+def test_seeded_runs_are_identical_and_seeds_differ():
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+
+    def run(seed: int):
+        config = TrainConfig(
+            epochs=3, batch_size=64, history_dropout=0.2, seed=seed, progress=False
+        )
+        return train_two_tower(small_config(dropout=0.1), config, split)
+
+    first, second, other = run(7), run(7), run(8)
+    assert first.log == second.log
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[name]), name
+    weight = "item_tower.id_embedding.weight"
+    assert not torch.equal(first.model.state_dict()[weight], other.model.state_dict()[weight])
+
+
+def test_training_pools_the_history_without_the_target():
+    torch.manual_seed(0)
+    model = TwoTower(small_config())
+    logs = Interactions(
+        np.array([0, 0, 0, 3]), np.array([1, 4, 5, 2]), np.ones(4, np.float32), np.arange(4)
+    )
+    history = UserHistory.from_interactions(logs, N_USERS)
+    group = np.array([3, 0])
+    rows = np.array([1, 1, 0, 1])  # examples: (0, 4), (0, 9 not in history), (3, 2), (0, 1)
+    targets = np.array([4, 9, 2, 1])
+    rng = np.random.default_rng(0)
+    got = _pooled_history(model, history, group, rows, targets, 0.0, rng).detach()
+    table = model.user_tower.history.weight.detach()
+    expected = torch.stack(
+        [
+            table[[1, 5]].mean(0),
+            table[[1, 4, 5]].mean(0),
+            torch.zeros(table.shape[1]),  # user 3's only item is the target
+            table[[4, 5]].mean(0),
+        ]
+    )
+    torch.testing.assert_close(got, expected)
+
+
+def test_training_rejects_a_model_of_another_shape():
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+    with pytest.raises(ValueError, match="users"):
+        train_two_tower(TwoTowerConfig(n_users=N_USERS + 1, n_items=N_ITEMS), TrainConfig(), split)
+
+
+def test_cli_trains_evaluates_and_writes_item_embeddings(tmp_path, capsys):
+    logs = planted(1)
+    frame = pd.DataFrame(
+        {
+            "user_id": [f"u{u}" for u in logs.user],
+            "item_id": [f"i{i}" for i in logs.item],
+            "timestamp": logs.timestamp + 1_600_000_000,
+        }
+    )
+    path = tmp_path / "logs.csv"
+    frame.to_csv(path, index=False)
+    run = tmp_path / "run"
+    args = ["--dataset", str(path), "--out", str(run), "--epochs", "3", "--dim", "8"]
+    assert main(["retrieval", "train", *args, "--no-progress", "--no-features"]) == 0
+    assert main(["retrieval", "evaluate", "--model", str(run)]) == 0
+    assert "test" in capsys.readouterr().out
+
+    dataset = load_dataset(str(path))
+    embeddings = load_embeddings(run)
+    assert embeddings.item.shape == (dataset.n_items, 8)
+    assert embeddings.item_ids.tolist() == dataset.items.ids.tolist()
+    # The files hold the saved model's vectors, users pooling train + valid (the test view).
+    split = split_random(dataset.interactions, dataset.n_users, dataset.n_items, seed=2020)
+    model = load_model(run)
+    user_vecs, item_vecs = export_embeddings(model, history_for(split, "test"))
+    np.testing.assert_array_equal(embeddings.item, item_vecs)
+    np.testing.assert_array_equal(embeddings.user, user_vecs)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["ndcg@10"] == pytest.approx(
+        evaluate_model(model, split, "test")["ndcg@10"]
+    )
+    assert json.loads((run / "train.json").read_text())["split_seed"] == 2020
