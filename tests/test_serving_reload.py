@@ -18,7 +18,7 @@ from slimrank.bundle import BundleError, open_bundle, promote, publish, rollback
 from slimrank.errors import IntegrityError
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
-from slimrank.serving.loader import load_snapshot, random_flat_bundle
+from slimrank.serving.loader import default_loaders, load_flat, load_snapshot, random_flat_bundle
 from slimrank.serving.reload import BundleWatcher, ReloadConfig, bundle_reload_fn, load_current
 from slimrank.serving.server import SlimrankServer, create_server
 from slimrank.serving.snapshot import SnapshotHolder
@@ -94,6 +94,18 @@ def test_bundle_without_serving_json_or_with_unknown_kind_is_refused(tmp_path: P
     odd = publish(tmp_path, {"serving.json": b'{"kind": "exotic"}'})
     with pytest.raises(BundleError, match="exotic"):
         load_snapshot(open_bundle(tmp_path, odd))
+
+
+def test_extra_loaders_serve_their_own_kind(tmp_path: Path) -> None:
+    def write(directory: Path) -> None:
+        random_flat_bundle("a", N_ITEMS, N_USERS, DIM, seed=1)(directory)
+        (directory / "serving.json").write_text('{"kind": "custom"}')
+
+    version = publish(tmp_path, write)
+    with pytest.raises(BundleError, match="custom"):
+        load_current(tmp_path)
+    loaders = {**default_loaders(), "custom": load_flat}
+    assert load_current(tmp_path, loaders).version == version
 
 
 def test_watcher_swaps_in_a_new_current_bundle(served: Served) -> None:

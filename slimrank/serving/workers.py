@@ -31,6 +31,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from slimrank.serving.config import ServerConfig
+from slimrank.serving.loader import SnapshotLoader, default_loaders
 from slimrank.serving.metrics import start_metrics_endpoint
 from slimrank.serving.reload import (
     BundleWatcher,
@@ -63,6 +64,12 @@ class ServeSpec:
     tls: TLSConfig | None = None
     admin_token: str | None = dataclasses.field(default=None, repr=False)
     admin_insecure: bool = False
+    # Extra bundle kinds -> loader; module-level functions, so a spawned worker can unpickle them.
+    loaders: dict[str, SnapshotLoader] = dataclasses.field(default_factory=dict)
+
+    def all_loaders(self) -> dict[str, SnapshotLoader]:
+        """Return the built-in loaders with ``loaders`` added (and overriding)."""
+        return {**default_loaders(), **self.loaders}
 
 
 def serve_one(spec: ServeSpec, on_ready: OnReady | None = None) -> int:
@@ -70,10 +77,11 @@ def serve_one(spec: ServeSpec, on_ready: OnReady | None = None) -> int:
 
     Raises the load error (e.g. ``IntegrityError``) if ``CURRENT`` cannot be served.
     """
-    holder = SnapshotHolder(load_current(spec.bundles))
+    loaders = spec.all_loaders()
+    holder = SnapshotHolder(load_current(spec.bundles, loaders))
     registry = CollectorRegistry()
     lock = threading.Lock()
-    load = bundle_reload_fn(spec.bundles)
+    load = bundle_reload_fn(spec.bundles, loaders)
     watchers: list[BundleWatcher] = []
 
     def ready(server: SlimrankServer, port: int) -> None:
@@ -213,7 +221,9 @@ def serve_workers(spec: ServeSpec, n: int, on_ready: OnReady | None = None) -> i
                 proc.start()
                 procs.append(proc)
             pids = _await_ready(procs, reports, stop)
-            if pids is not None:
+            if pids is None and stop.is_set():
+                code = 0  # asked to stop while starting
+            elif pids is not None:
                 if spec.server.metrics_port is not None:
                     registry = CollectorRegistry()
                     multiprocess.MultiProcessCollector(registry, path=str(metrics_dir))
