@@ -1,0 +1,150 @@
+"""``slimrank pipeline`` and ``slimrank retrain``: the offline flow, ending in a bundle."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from slimrank.pipeline.config import PipelineConfig
+    from slimrank.pipeline.run import RunResult
+
+EXIT_GATE_FAILED = 3
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``pipeline`` and ``retrain`` commands."""
+    parser = sub.add_parser(
+        "pipeline",
+        help="run every offline step and publish a bundle if the ranker passes the gate",
+        description="Data, two-tower, FAISS index, candidates, teacher, students, pruning, "
+        "int8 and the accuracy gate (each step cached, so an interrupted run resumes), then "
+        "an atomic bundle publish. A ranker that fails the gate is not published and the "
+        f"command exits {EXIT_GATE_FAILED}.",
+    )
+    parser.add_argument("--config", default="configs/pipeline.toml", help="pipeline TOML file")
+    _common(parser)
+    parser.set_defaults(func=_pipeline)
+
+    retrain = sub.add_parser(
+        "retrain",
+        help="re-distill, re-prune and re-quantize the ranker from a bundle's teacher",
+        description="Appends new logs to a bundle's training interactions, re-mines the "
+        "candidates, re-distills and re-prunes the student from the bundle's teacher (or "
+        "retrains the teacher), quantizes, gates and publishes with the parent teacher "
+        "recorded.",
+    )
+    retrain.add_argument(
+        "--teacher", required=True, help="bundle directory, or a version under --bundles"
+    )
+    retrain.add_argument("--logs", required=True, help="new interaction logs (CSV or Parquet)")
+    retrain.add_argument(
+        "--retrain-teacher", action="store_true", help="train a new teacher on the new data"
+    )
+    retrain.add_argument(
+        "--config", help="pipeline TOML file (default: the config in the bundle's manifest)"
+    )
+    _common(retrain)
+    retrain.set_defaults(func=_retrain)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundles", default="bundles", help="bundle store root")
+    parser.add_argument("--cache-dir", help="step cache directory (default: from the config)")
+    parser.add_argument("--out", default="runs/pipeline", help="directory for the report files")
+    parser.add_argument(
+        "--min-ratio", type=float, help="override the gate's minimum int8/teacher NDCG ratio"
+    )
+
+
+def _configure(config: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
+    import dataclasses
+
+    if args.cache_dir:
+        config = dataclasses.replace(config, cache_dir=args.cache_dir)
+    if args.min_ratio is not None:
+        gate = dataclasses.replace(config.int8.gate, min_ratio=args.min_ratio)
+        config = dataclasses.replace(config, int8=dataclasses.replace(config.int8, gate=gate))
+    return config
+
+
+def _finish(result: RunResult, args: argparse.Namespace, console: Console, title: str) -> int:
+    """Report, publish if the gate passed, print the closing summary; return the exit code."""
+    import json
+    from pathlib import Path
+
+    from slimrank.pipeline.console import print_report
+    from slimrank.pipeline.publish import publish_run
+    from slimrank.pipeline.report import build_report, plot_report, render_markdown
+
+    with console.status("measuring latency ..."):
+        report = build_report(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compression.md").write_text(render_markdown(report))
+    (out / "compression.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    plot_report(report, out / "compression.png")
+    print_report(report, console, title)
+    gate = result.gate()
+    version = publish_run(result, args.bundles, report.to_dict())
+    console.print(f"teacher version: {result.teacher_version}")
+    if version is None:
+        attempts = {mode: d["ratio"] for mode, d in gate["decisions"].items()}
+        console.print(
+            f"[red]gate failed[/]: no int8 ranker kept validation NDCG@{result.config.k} "
+            f">= {gate['min_ratio']} x the teacher's {gate['teacher_valid']:.4f} "
+            f"(best ratio per mode, every fallback tried: "
+            + ", ".join(f"{m} {r:.3f}" for m, r in attempts.items())
+            + "); nothing published"
+        )
+        return EXIT_GATE_FAILED
+    console.print(
+        f"[green]published[/] {version} to {args.bundles} (current); int8 mode {gate['mode']}, "
+        f"report in {out}"
+    )
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from slimrank.pipeline.config import load_config
+    from slimrank.pipeline.console import hook_for
+    from slimrank.pipeline.run import run_pipeline
+
+    console = Console()
+    config = _configure(load_config(args.config), args)
+    hook = hook_for(console)
+    try:
+        result = run_pipeline(config, hook)
+    finally:
+        hook.close()
+    return _finish(result, args, console, "Pipeline")
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from slimrank.pipeline.cache import StepCache
+    from slimrank.pipeline.config import load_config
+    from slimrank.pipeline.console import hook_for
+    from slimrank.pipeline.retrain import bundle_config, find_bundle, import_bundle
+    from slimrank.pipeline.run import run_pipeline
+
+    console = Console()
+    bundle = find_bundle(args.teacher, args.bundles)
+    config = load_config(args.config) if args.config else bundle_config(bundle)
+    config = _configure(config, args)
+    provided, teacher, counts = import_bundle(bundle, args.logs, StepCache(config.cache_dir))
+    console.print(
+        f"retraining from {bundle.version} (teacher {teacher.version}): "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items())
+    )
+    hook = hook_for(console)
+    try:
+        result = run_pipeline(config, hook, provided, None if args.retrain_teacher else teacher)
+    finally:
+        hook.close()
+    return _finish(result, args, console, "Retrain")

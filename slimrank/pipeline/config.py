@@ -1,0 +1,200 @@
+"""The offline pipeline's configuration: one nested frozen config, read from a TOML file.
+
+Each ``[section]`` of the TOML file is one step's config; a step's cache key is its own
+section plus the digests of the steps it reads, so changing ``[student]`` re-runs the students
+and what follows them, not the two-tower model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from slimrank.compression.distill import DistillConfig
+from slimrank.compression.gate import GateConfig
+from slimrank.config import Config, require
+from slimrank.data.split import SplitConfig
+from slimrank.ranking.features import FeatureConfig
+from slimrank.ranking.train import TrainConfig as TeacherTrainConfig
+from slimrank.retrieval.index import IndexConfig
+from slimrank.retrieval.train import TrainConfig as TwoTowerTrainConfig
+
+SOURCES_SYNTHETIC = "synthetic"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Config):
+    """Where interactions come from: a ``load_dataset`` name or path, or ``"synthetic"``.
+
+    The ``synthetic_*`` fields shape the seeded latent-factor catalog used by tests.
+    """
+
+    source: str = "movielens-100k"
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    synthetic_users: int = 60
+    synthetic_items: int = 80
+    synthetic_per_user: int = 20
+    synthetic_seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(bool(self.source), self, "source", self.source, "must name a dataset")
+        for name in ("synthetic_users", "synthetic_items", "synthetic_per_user"):
+            value = getattr(self, name)
+            require(value >= 1, self, name, value, "must be >= 1")
+        require(
+            self.synthetic_per_user < self.synthetic_items,
+            self,
+            "synthetic_per_user",
+            self.synthetic_per_user,
+            "must be below synthetic_items",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoTowerStepConfig(Config):
+    """The two-tower model's shape (sizes and feature specs come from the data) and training."""
+
+    dim: int = 64
+    id_dim: int = 64
+    hidden: tuple[int, ...] = (128,)
+    dropout: float = 0.0
+    use_features: bool = True
+    use_history: bool = True
+    max_history: int = 0
+    temperature: float = 0.1
+    train: TwoTowerTrainConfig = dataclasses.field(default_factory=TwoTowerTrainConfig)
+
+    def __post_init__(self) -> None:
+        require(self.dim >= 1, self, "dim", self.dim, "must be >= 1")
+        require(self.id_dim >= 1, self, "id_dim", self.id_dim, "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateConfig(Config):
+    """Candidates per user (``n``), the history/target fold of training users, features."""
+
+    n: int = 200
+    target_frac: float = 0.2
+    fold_seed: int = 0
+    features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
+
+    def __post_init__(self) -> None:
+        require(self.n >= 1, self, "n", self.n, "must be >= 1")
+        require(0 < self.target_frac < 1, self, "target_frac", self.target_frac, "in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherStepConfig(Config):
+    """The DCN-v2 teacher's shape (input sizes come from the candidates) and training."""
+
+    id_dim: int = 32
+    n_cross: int = 3
+    deep: tuple[int, ...] = (1024, 512, 256)
+    dropout: float = 0.2
+    id_dropout: float = 0.1
+    train: TeacherTrainConfig = dataclasses.field(default_factory=TeacherTrainConfig)
+
+    def __post_init__(self) -> None:
+        require(len(self.deep) > 0, self, "deep", self.deep, "needs at least one layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig(Config):
+    """The student MLP and its training; the plain student uses labels only, same settings."""
+
+    hidden: tuple[int, ...] = (64, 32)
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        require(len(self.hidden) > 0, self, "hidden", self.hidden, "needs at least one layer")
+        require(self.epochs >= 1, self, "epochs", self.epochs, "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig(Config):
+    """Structured pruning of hidden units, then gradual magnitude pruning while distilling."""
+
+    structured_fraction: float = 0.5
+    final_sparsity: float = 0.5
+    epochs: int = 10
+    lr: float = 1e-3
+    updates: int = 10  # magnitude-mask updates over the first 80 % of the fine-tune steps
+
+    def __post_init__(self) -> None:
+        require(
+            0 <= self.structured_fraction < 1,
+            self,
+            "structured_fraction",
+            self.structured_fraction,
+            "in [0, 1)",
+        )
+        require(0 <= self.final_sparsity < 1, self, "final_sparsity", self.final_sparsity, "[0,1)")
+        require(self.epochs >= 1, self, "epochs", self.epochs, "must be >= 1")
+        require(self.updates >= 1, self, "updates", self.updates, "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Config(Config):
+    """int8 modes to try (the faster one that passes the gate is kept) and the gate itself."""
+
+    modes: tuple[str, ...] = ("dynamic", "static")
+    calibration_candidates: int = 4096
+    bench_repeats: int = 200
+    gate: GateConfig = dataclasses.field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        ok = len(self.modes) > 0 and all(m in ("dynamic", "static") for m in self.modes)
+        require(ok, self, "modes", self.modes, "one or more of 'dynamic', 'static'")
+        require(self.calibration_candidates >= 1, self, "calibration_candidates", 0, ">= 1")
+        require(self.bench_repeats >= 1, self, "bench_repeats", self.bench_repeats, ">= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyConfig(Config):
+    """The side-by-side latency benchmark: one thread, ``candidates`` rows per call."""
+
+    candidates: int = 200
+    repeats: int = 300
+    warmup: int = 20
+
+    def __post_init__(self) -> None:
+        require(self.candidates >= 1, self, "candidates", self.candidates, "must be >= 1")
+        require(self.repeats >= 1, self, "repeats", self.repeats, "must be >= 1")
+        require(self.warmup >= 0, self, "warmup", self.warmup, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig(Config):
+    """Every step's config, plus where step outputs are cached and reports written."""
+
+    cache_dir: str = "runs/cache"
+    k: int = 10
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    two_tower: TwoTowerStepConfig = dataclasses.field(default_factory=TwoTowerStepConfig)
+    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
+    candidates: CandidateConfig = dataclasses.field(default_factory=CandidateConfig)
+    teacher: TeacherStepConfig = dataclasses.field(default_factory=TeacherStepConfig)
+    student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    int8: Int8Config = dataclasses.field(default_factory=Int8Config)
+    latency: LatencyConfig = dataclasses.field(default_factory=LatencyConfig)
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, self, "k", self.k, "must be >= 1")
+        require(self.candidates.n >= self.k, self, "k", self.k, "must be <= candidates.n")
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Return the :class:`PipelineConfig` of a TOML file; unknown keys are errors.
+
+    A relative ``cache_dir`` is taken relative to the current directory, not the file.
+    """
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    return PipelineConfig.from_dict(data)

@@ -1,0 +1,169 @@
+"""Assemble a serving bundle from a pipeline run and publish it through the bundle store.
+
+Bundle files (all pickle-free; ``serving.json`` says how they fit together)::
+
+    ranker.onnx                  gated int8 ranker: "features" (M, F) float32 -> "scores" (M,)
+    serving.json                 feature layout, ranker and index description, versions
+    index/index.faiss            FAISS index over item_vectors (rows = dense item index)
+    index/item_ids.npy           int64 dense item index of each FAISS id (identity)
+    index/index.json             factory string, tuned search parameters, config
+    items.npy, users.npy         (I,), (U,) external ids (unicode); row = dense index
+    item_vectors.npy             (I, d) float32 item tower outputs
+    user_vectors.npy             (U, d) float32 user vectors pooling train + valid history
+    popularity.npy               (I,) float32 interactions per item in train + valid
+    features.safetensors         tables candidate features read (history CSR, co-occurrence,
+                                 EASE, side features); see serving.json["features"]
+    teacher/teacher.safetensors  the teacher (DCN-v2) weights, teacher/teacher.json its config
+    two_tower/...                the two-tower model (safetensors + JSON config)
+    data/...                     split, ids and raw side features, so retraining needs only
+                                 the bundle
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from slimrank.bundle import publish
+from slimrank.bundle.formats import read_npy, write_json, write_npy
+from slimrank.pipeline.run import RunResult
+
+log = logging.getLogger(__name__)
+
+SERVING_FORMAT = 1
+
+
+def variant_metrics(result: RunResult) -> dict[str, Any]:
+    """Return ``{step: {"valid": {...}, "test": {...}}}`` of every evaluated variant."""
+    keys = ("two_tower", "candidates", "teacher", "student_plain", "student_distill")
+    keys += ("student_pruned", "int8")
+    out = {}
+    for key in keys:
+        m = result.metrics(key)
+        out["retrieval" if key == "candidates" else key] = {
+            view: m[view] for view in ("valid", "test")
+        }
+    return out
+
+
+def _copytree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("step.json"))
+
+
+def bundle_writer(result: RunResult) -> Callable[[Path], None]:
+    """Return the function that writes the bundle files of ``result`` into a directory."""
+
+    def write(out: Path) -> None:
+        from slimrank.pipeline.steps import load_data, load_embeddings
+
+        gate = result.gate()
+        data = load_data(result.path("data"))
+        split = data.split
+        emb = load_embeddings(result.path("embeddings"), split.n_users, split.n_items)
+        shutil.copyfile(result.path("int8") / gate["model"], out / "ranker.onnx")
+        _copytree(result.path("index") / "index", out / "index")
+        write_npy(out / "items.npy", np.asarray(data.item_ids).astype(str))
+        write_npy(out / "users.npy", np.asarray(data.user_ids).astype(str))
+        write_npy(out / "item_vectors.npy", emb.item.astype(np.float32))
+        write_npy(out / "user_vectors.npy", emb.user["test"].astype(np.float32))
+        seen = sp.csr_matrix(split.seen_for_test())
+        write_npy(out / "popularity.npy", np.asarray(seen.sum(axis=0)).ravel().astype(np.float32))
+        cand = result.path("candidates")
+        shutil.copyfile(cand / "serving_tables.safetensors", out / "features.safetensors")
+        layout = json.loads((cand / "serving_layout.json").read_text())
+        _copytree(result.path("teacher") / "teacher", out / "teacher")
+        _copytree(result.path("two_tower") / "model", out / "two_tower")
+        (out / "data").mkdir()
+        for name in ("split.safetensors", "users.npy", "items.npy", "data.json"):
+            shutil.copyfile(result.path("data") / name, out / "data" / name)
+        for name in ("user_features.safetensors", "item_features.safetensors"):
+            shutil.copyfile(result.path("data") / name, out / "data" / name)
+        decision = gate["decisions"][gate["mode"]]
+        serving = {
+            "format": SERVING_FORMAT,
+            "k": result.config.k,
+            "candidates": result.config.candidates.n,
+            "teacher_version": result.teacher_version,
+            "ranker": {
+                "file": "ranker.onnx",
+                "input": "features",
+                "output": "scores",
+                "input_dim": len(layout["feature_names"]),
+                "int8_mode": gate["mode"],
+                "fp32_nodes": decision["excluded_nodes"],
+                "takes": "raw candidate features (standardization is folded into the graph)",
+            },
+            "index": {
+                "directory": "index",
+                "metric": "ip",
+                "returns": "dense item rows; items.npy maps them to external ids",
+            },
+            "users": {
+                "ids": "users.npy",
+                "vectors": "user_vectors.npy",
+                "pooled_history": "train + valid interactions",
+            },
+            "items": {"ids": "items.npy", "vectors": "item_vectors.npy"},
+            "popularity": "popularity.npy",
+            "features": {
+                "file": "features.safetensors",
+                "loader": "slimrank.pipeline.artifacts.load_serving_tables",
+                "featurizer": "slimrank.ranking.features.candidate_features",
+                **layout,
+            },
+        }
+        write_json(out / "serving.json", serving)
+
+    return write
+
+
+def publish_run(
+    result: RunResult, root: str | Path, report: dict[str, Any] | None = None
+) -> str | None:
+    """Publish ``result`` as a new current bundle version if the gate passed; return its name.
+
+    A run whose int8 ranker failed the gate is not published at all (``None``): it has no
+    ranker fit to serve, and the run's report keeps the evidence.
+    """
+    gate = result.gate()
+    if not gate["accepted"]:
+        log.warning("gate failed: not publishing")
+        return None
+    metrics: dict[str, Any] = {"variants": variant_metrics(result)}
+    if report is not None:
+        metrics["report"] = report
+    config = {**result.config.to_dict(), "teacher_version": result.teacher_version}
+    return publish(
+        root,
+        bundle_writer(result),
+        config=config,
+        metrics=metrics,
+        gate=gate,
+        parent=result.teacher_version,
+        make_current=True,
+    )
+
+
+def read_serving(bundle_dir: Path) -> dict[str, Any]:
+    """Return a bundle's ``serving.json``."""
+    return json.loads((bundle_dir / "serving.json").read_text())
+
+
+def load_bundle_tables(bundle_dir: Path) -> Any:
+    """Return the :class:`FeatureTables` of a bundle (for serving or checks)."""
+    from slimrank.pipeline.artifacts import load_serving_tables
+
+    serving = read_serving(bundle_dir)
+    return load_serving_tables(
+        bundle_dir / "features.safetensors",
+        serving["features"],
+        read_npy(bundle_dir / "user_vectors.npy"),
+        read_npy(bundle_dir / "item_vectors.npy"),
+    )

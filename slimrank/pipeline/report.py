@@ -1,0 +1,299 @@
+"""The compression table: quality, size and latency of every ranker variant of one run.
+
+Quality is the pipeline protocol on the test view (retrieve ``n``, rank, top ``k``); latency is
+the median time to score ``latency.candidates`` candidates of one test user on one thread,
+measured side by side in one process (:func:`~slimrank.pipeline.latency.interleaved_latency`):
+the teacher in torch (its training runtime), the students in onnxruntime (their serving
+runtime).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimrank.pipeline.latency import interleaved_latency
+from slimrank.pipeline.run import RunResult
+
+EASE_TEST_NDCG = 0.330  # RecBole 1.2.1 EASE on ml-100k, the protocol's anchor (DESIGN.md)
+
+VARIANTS = (
+    ("retrieval", "retrieval only", "candidates"),
+    ("teacher", "teacher fp32", "teacher"),
+    ("student_plain", "student, no KD", "student_plain"),
+    ("student_distill", "student, KD", "student_distill"),
+    ("student_pruned", "pruned, KD", "student_pruned"),
+    ("int8", "pruned int8", "int8"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One variant: test metrics, size and latency (``None`` where it does not apply)."""
+
+    key: str
+    label: str
+    ndcg: float
+    recall: float
+    valid_ndcg: float
+    params: int | None
+    bytes: int | None
+    p50_seconds: float | None
+    speedup: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The table's rows, the goals and where each landed."""
+
+    rows: tuple[Row, ...]
+    goals: tuple[tuple[str, bool, str], ...]  # (goal, met, what was measured)
+    k: int
+    candidates: int
+    repeats: int
+    gate: dict[str, Any]
+
+    def row(self, key: str) -> Row:
+        return next(r for r in self.rows if r.key == key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return plain JSON-able values (for bundle manifests and ``report.json``)."""
+        return {
+            "k": self.k,
+            "candidates": self.candidates,
+            "repeats": self.repeats,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "goals": [{"goal": g, "met": m, "measured": s} for g, m, s in self.goals],
+        }
+
+
+def _ranker_paths(result: RunResult) -> dict[str, Path]:
+    gate = result.gate()
+    return {
+        "student_plain": result.path("student_plain") / "model.onnx",
+        "student_distill": result.path("student_distill") / "model.onnx",
+        "student_pruned": result.path("student_pruned") / "model.onnx",
+        "int8": result.path("int8") / gate["model"],
+    }
+
+
+def _bench_inputs(result: RunResult, n: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Return ``(features (n, F), user, items (n,))`` of the first test user, tiled to ``n``."""
+    from slimrank.pipeline.artifacts import load_view
+
+    cands, feats, _ = load_view(result.path("candidates") / "test.safetensors")
+    real = feats.mask[0]
+    x = feats.values[0][real]
+    items = cands.items[0][real]
+    reps = int(np.ceil(n / max(len(x), 1)))
+    return np.tile(x, (reps, 1))[:n], int(cands.user[0]), np.tile(items, reps)[:n]
+
+
+def measure_latency(result: RunResult) -> dict[str, dict[str, float]]:
+    """Return p50/p90 seconds of each ranker scoring the same candidates on one thread."""
+    import torch
+
+    from slimrank.pipeline.steps import onnx_score_fn
+    from slimrank.ranking.candidates import Candidates
+    from slimrank.ranking.features import CandidateFeatures
+    from slimrank.ranking.teacher import load_teacher
+
+    cfg = result.config.latency
+    x, user, items = _bench_inputs(result, cfg.candidates)
+    teacher, _ = load_teacher(result.path("teacher") / "teacher")
+    tx = torch.from_numpy(x[None])  # (1, n, F)
+    tu = torch.tensor([[user]])  # (1, 1)
+    ti = torch.from_numpy(items[None])  # (1, n)
+    cands = Candidates(np.array([user]), items[None], np.zeros((1, len(items)), np.float32))
+    feats = CandidateFeatures(x[None], (), cands.user, cands.items)
+    scorers = {key: onnx_score_fn(path) for key, path in _ranker_paths(result).items()}
+
+    def teacher_fn() -> object:
+        with torch.no_grad():
+            return teacher(tx, tu, ti)
+
+    fns = {"teacher": teacher_fn}
+    fns.update({key: (lambda s=s: s(feats)) for key, s in scorers.items()})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return interleaved_latency(fns, cfg.repeats, cfg.warmup)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _params(result: RunResult, key: str) -> tuple[int | None, int | None]:
+    """Return ``(non-zero parameters, file bytes)`` of a variant."""
+    if key == "retrieval":
+        return None, None
+    if key == "teacher":
+        from slimrank.ranking.teacher import count_parameters, load_teacher
+
+        directory = result.path("teacher") / "teacher"
+        model, _ = load_teacher(directory)
+        return count_parameters(model), (directory / "teacher.safetensors").stat().st_size
+    step = "student_pruned" if key == "int8" else key
+    info = json.loads((result.path(step) / "model.json").read_text())
+    return int(info["nonzero_params"]), _ranker_paths(result)[key].stat().st_size
+
+
+def build_report(result: RunResult, latency: dict[str, dict[str, float]] | None = None) -> Report:
+    """Return the compression table of ``result`` (measuring latency unless given)."""
+    latency = latency if latency is not None else measure_latency(result)
+    k = result.config.k
+    metric, recall = f"ndcg@{k}", f"recall@{k}"
+    teacher_p50 = latency["teacher"]["p50"]
+    rows = []
+    for key, label, step in VARIANTS:
+        m = result.metrics(step)
+        params, size = _params(result, key)
+        p50 = latency[key]["p50"] if key in latency else None
+        rows.append(
+            Row(
+                key=key,
+                label=label,
+                ndcg=float(m["test"][metric]),
+                recall=float(m["test"][recall]),
+                valid_ndcg=float(m["valid"][metric]),
+                params=params,
+                bytes=size,
+                p50_seconds=p50,
+                speedup=None if p50 is None else teacher_p50 / p50,
+            )
+        )
+    by = {r.key: r for r in rows}
+    teacher, int8 = by["teacher"], by["int8"]
+    ratio = int8.ndcg / teacher.ndcg if teacher.ndcg > 0 else float("nan")
+    goals = (
+        (
+            f"pipeline with teacher > EASE {EASE_TEST_NDCG:.3f} test NDCG@{k}",
+            teacher.ndcg > EASE_TEST_NDCG,
+            f"{teacher.ndcg:.4f}",
+        ),
+        (
+            "pruned int8 student >= 0.99 x teacher test NDCG",
+            ratio >= 0.99,
+            f"{ratio:.3f} x",
+        ),
+        (
+            "pruned int8 student >= 10x faster than teacher fp32",
+            (int8.speedup or 0.0) >= 10.0,
+            f"{int8.speedup:.1f}x" if int8.speedup else "n/a",
+        ),
+        (
+            "distillation beats the same student without it (test NDCG)",
+            by["student_distill"].ndcg > by["student_plain"].ndcg,
+            f"{by['student_distill'].ndcg:.4f} vs {by['student_plain'].ndcg:.4f}",
+        ),
+    )
+    cfg = result.config.latency
+    return Report(tuple(rows), goals, k, cfg.candidates, cfg.repeats, result.gate())
+
+
+def _fmt_int(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _fmt_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1e6:.2f} MB" if value >= 1e6 else f"{value / 1e3:.1f} kB"
+
+
+def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Return the header and the rows of the table as strings (shared by Markdown and rich)."""
+    k = report.k
+    header = [
+        "variant",
+        f"NDCG@{k}",
+        f"Recall@{k}",
+        "params",
+        "bytes",
+        "p50 µs",
+        "speedup",
+    ]
+    rows = []
+    for r in report.rows:
+        rows.append(
+            [
+                r.label,
+                f"{r.ndcg:.4f}",
+                f"{r.recall:.4f}",
+                _fmt_int(r.params),
+                _fmt_bytes(r.bytes),
+                "-" if r.p50_seconds is None else f"{r.p50_seconds * 1e6:,.0f}",
+                "-" if r.speedup is None else f"{r.speedup:.1f}x",
+            ]
+        )
+    return header, rows
+
+
+def render_markdown(report: Report, command: str = "") -> str:
+    """Return the table, the gate and the goals as Markdown."""
+    header, rows = table_cells(report)
+    lines = ["# Compression report", ""]
+    if command:
+        lines += [f"Reproduce: `{command}`", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    gate = report.gate
+    lines += [
+        "",
+        f"Test view: retrieve, rank, top {report.k}. params: non-zero parameters (the "
+        "teacher's include its id embeddings). p50: median of "
+        f"{report.repeats} interleaved calls scoring {report.candidates} candidates on one "
+        "thread; teacher in torch, students in onnxruntime; speedup over the teacher's p50.",
+        "",
+        f"Gate (validation NDCG vs teacher, min ratio {gate['min_ratio']}): "
+        + (f"passed with int8 mode {gate['mode']}" if gate["accepted"] else "FAILED"),
+        "",
+        "## Goals",
+        "",
+    ]
+    lines += [f"- [{'x' if met else ' '}] {goal}: {seen}" for goal, met, seen in report.goals]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: Report, path: str | Path) -> Path:
+    """Write a PNG of test NDCG against p50 latency (log scale) for the ranked variants."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in report.rows:
+        if r.p50_seconds is None:
+            ax.axhline(r.ndcg, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(r.label, (0.01, r.ndcg), xycoords=("axes fraction", "data"), fontsize=8)
+            continue
+        ax.scatter(r.p50_seconds * 1e6, r.ndcg, s=40)
+        ax.annotate(
+            r.label,
+            (r.p50_seconds * 1e6, r.ndcg),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    ax.axhline(EASE_TEST_NDCG, color="tab:red", linestyle=":", linewidth=1)
+    ax.annotate(
+        f"EASE {EASE_TEST_NDCG}",
+        (0.01, EASE_TEST_NDCG),
+        fontsize=8,
+        color="tab:red",
+        xycoords=("axes fraction", "data"),
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency to score {report.candidates} candidates, 1 thread (µs)")
+    ax.set_ylabel(f"test NDCG@{report.k}")
+    ax.set_title("Quality against latency")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,635 @@
+"""The offline steps, each a function that writes its outputs into the directory it is given.
+
+Order and inputs (each step's cache key is its config plus the digests of these inputs)::
+
+    data -> two_tower -> embeddings -> index -> candidates -> teacher
+         -> student_plain, student_distill -> student_pruned -> int8
+
+``embeddings`` holds three user views: ``fold`` (pools the history fold of the training
+items; training candidates are mined with it), ``valid`` (pools the training items) and
+``test`` (training and validation items: what a server knows). Every ranker variant is
+evaluated with the pipeline protocol (retrieve ``n``, rank, top ``k``) on the validation view
+(selection, the gate) and the test view (reported). Loaders (``load_*``) read a step's
+directory back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from slimrank.bundle.formats import read_npy, read_tensors, write_json, write_npy, write_tensors
+from slimrank.data.dataset import FeatureTable, Split, load_dataset, split_random
+from slimrank.pipeline import artifacts
+from slimrank.pipeline.config import (
+    SOURCES_SYNTHETIC,
+    CandidateConfig,
+    DataConfig,
+    Int8Config,
+    PruneConfig,
+    StudentConfig,
+    TeacherStepConfig,
+    TwoTowerStepConfig,
+)
+from slimrank.pipeline.synthetic import synthetic_dataset
+from slimrank.ranking.candidates import Candidates, label_candidates, mine_candidates, split_history
+from slimrank.ranking.features import CandidateFeatures, build_feature_tables
+from slimrank.ranking.features import candidate_features as featurize
+from slimrank.ranking.pipeline_eval import pipeline_metrics
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("train", "valid", "test")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataArtifacts:
+    """The split with its external ids and raw side-feature tables."""
+
+    split: Split
+    user_ids: np.ndarray  # (U,) str
+    item_ids: np.ndarray  # (I,) str
+    user_features: FeatureTable
+    item_features: FeatureTable
+
+    def truth(self, view: str) -> sp.csr_matrix:
+        """Return the relevant items of ``view`` ("valid" or "test"), ``(U, I)``."""
+        return self.split.valid_matrix() if view == "valid" else self.split.test_matrix()
+
+    def seen(self, view: str) -> sp.csr_matrix:
+        """Return what users already have in ``view``: train, or train plus valid."""
+        return self.split.seen_for_valid() if view == "valid" else self.split.seen_for_test()
+
+
+def write_data(out: Path, data: DataArtifacts) -> None:
+    """Write the data step's files."""
+    artifacts.save_split(out / "split.safetensors", data.split)
+    write_npy(out / "users.npy", np.asarray(data.user_ids).astype(str))
+    write_npy(out / "items.npy", np.asarray(data.item_ids).astype(str))
+    artifacts.save_feature_table(out / "user_features.safetensors", data.user_features)
+    artifacts.save_feature_table(out / "item_features.safetensors", data.item_features)
+    split = data.split
+    write_json(
+        out / "data.json",
+        {
+            "n_users": split.n_users,
+            "n_items": split.n_items,
+            "train": len(split.train),
+            "valid": len(split.valid),
+            "test": len(split.test),
+        },
+    )
+
+
+def data_step(config: DataConfig, out: Path) -> None:
+    """Load (or generate) the interactions and split them."""
+    if config.source == SOURCES_SYNTHETIC:
+        dataset = synthetic_dataset(
+            config.synthetic_users,
+            config.synthetic_items,
+            config.synthetic_per_user,
+            config.synthetic_seed,
+        )
+    else:
+        dataset = load_dataset(config.source)
+    split = split_random(
+        dataset.interactions,
+        dataset.n_users,
+        dataset.n_items,
+        tuple(config.split.ratios),
+        config.split.seed,
+    )
+    write_data(
+        out,
+        DataArtifacts(
+            split,
+            dataset.users.ids,
+            dataset.items.ids,
+            dataset.user_features,
+            dataset.item_features,
+        ),
+    )
+
+
+def load_data(path: Path) -> DataArtifacts:
+    """Return what :func:`write_data` wrote."""
+    return DataArtifacts(
+        split=artifacts.load_split(path / "split.safetensors"),
+        user_ids=read_npy(path / "users.npy"),
+        item_ids=read_npy(path / "items.npy"),
+        user_features=artifacts.load_feature_table(path / "user_features.safetensors"),
+        item_features=artifacts.load_feature_table(path / "item_features.safetensors"),
+    )
+
+
+# -- two-tower and embeddings -----------------------------------------------------------------
+
+
+def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int) -> None:
+    """Train the two-tower model on the training split; save it and its full-ranking metrics."""
+    from slimrank.retrieval.train import evaluate_model, train_two_tower
+    from slimrank.retrieval.two_tower import FeatureSpec, TwoTowerConfig, save_model
+
+    data = load_data(data_dir)
+    split = data.split
+    spec_u = FeatureSpec.from_table(data.user_features) if config.use_features else FeatureSpec()
+    spec_i = FeatureSpec.from_table(data.item_features) if config.use_features else FeatureSpec()
+    model_config = TwoTowerConfig(
+        n_users=split.n_users,
+        n_items=split.n_items,
+        dim=config.dim,
+        id_dim=config.id_dim,
+        hidden=config.hidden,
+        dropout=config.dropout,
+        use_history=config.use_history,
+        max_history=config.max_history,
+        temperature=config.temperature,
+        user_features=spec_u,
+        item_features=spec_i,
+    )
+    result = train_two_tower(
+        model_config, config.train, split, data.user_features, data.item_features
+    )
+    save_model(result.model, out / "model")
+    metrics = {
+        view: evaluate_model(
+            result.model, split, view, data.user_features, data.item_features, ks=(k,)
+        )
+        for view in ("valid", "test")
+    }
+    write_json(out / "metrics.json", {"best_epoch": result.best_epoch, **metrics})
+
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+    """Item vectors, user vectors of each view, and the training items' history/target fold."""
+
+    item: np.ndarray  # (I, d)
+    user: dict[str, np.ndarray]  # view -> (U, d); views "fold", "valid", "test"
+    history: sp.csr_matrix  # (U, I) history fold of the training items
+    target: sp.csr_matrix  # (U, I) target fold
+
+
+def embeddings_step(config: CandidateConfig, data_dir: Path, model_dir: Path, out: Path) -> None:
+    """Export item vectors and the user vectors of each view; cut the training fold."""
+    from slimrank.retrieval.embeddings import export_embeddings, history_for
+    from slimrank.retrieval.two_tower import UserHistory, load_model
+
+    data = load_data(data_dir)
+    split = data.split
+    model = load_model(model_dir / "model")
+    history, target = split_history(split.train_matrix(), config.target_frac, config.fold_seed)
+    fold = UserHistory.from_interactions(
+        artifacts.interactions_from_matrix(history), split.n_users, model.config.max_history
+    )
+    views = {
+        "fold": fold,
+        "valid": history_for(split, "valid", model.config.max_history),
+        "test": history_for(split, "test", model.config.max_history),
+    }
+    tensors: dict[str, np.ndarray] = {}
+    for name, hist in views.items():
+        user, item = export_embeddings(model, hist, data.user_features, data.item_features)
+        tensors[f"user/{name}"] = user
+        tensors["item"] = item
+    for name, m in (("history", history), ("target", target)):
+        tensors[f"{name}/indptr"] = m.indptr.astype(np.int64)
+        tensors[f"{name}/indices"] = m.indices.astype(np.int64)
+    write_tensors(out / "embeddings.safetensors", tensors)
+
+
+def load_embeddings(path: Path, n_users: int, n_items: int) -> Embeddings:
+    """Return what :func:`embeddings_step` wrote."""
+    t = read_tensors(path / "embeddings.safetensors")
+
+    def csr(name: str) -> sp.csr_matrix:
+        idx = t[f"{name}/indices"]
+        data = np.ones(len(idx), dtype=np.float32)
+        return sp.csr_matrix((data, idx, t[f"{name}/indptr"]), shape=(n_users, n_items))
+
+    user = {v: t[f"user/{v}"] for v in ("fold", "valid", "test")}
+    return Embeddings(t["item"], user, csr("history"), csr("target"))
+
+
+# -- index -------------------------------------------------------------------------------------
+
+
+def index_step(config: Any, data_dir: Path, emb_dir: Path, out: Path) -> None:
+    """Build the FAISS index over item vectors, tuned on the test view's user vectors."""
+    from slimrank.retrieval.index import build_index
+    from slimrank.retrieval.index_io import save_index
+
+    split = artifacts.load_split(data_dir / "split.safetensors")
+    emb = load_embeddings(emb_dir, split.n_users, split.n_items)
+    rng = np.random.default_rng(config.seed)
+    queries = emb.user["test"]
+    pick = np.sort(rng.choice(len(queries), min(len(queries), config.tuning.n_queries), False))
+    index = build_index(emb.item, config, tune_queries=queries[pick], progress=False)
+    save_index(index, out / "index")
+
+
+def load_search(index_dir: Path) -> Any:
+    """Return the saved :class:`RetrievalIndex` (its ``search`` is a ``SearchFn``)."""
+    from slimrank.retrieval.index_io import load_index
+
+    return load_index(index_dir / "index", mmap=False)
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+
+def candidates_step(
+    config: CandidateConfig, k: int, data_dir: Path, emb_dir: Path, index_dir: Path, out: Path
+) -> None:
+    """Mine and featurize the candidates of each view; keep the test view's serving tables.
+
+    Training users: retrieval, features and exclusion see only the history fold, the target
+    fold gives the labels. Validation and test: the protocol's seen items, truth as labels.
+    """
+    data = load_data(data_dir)
+    split = data.split
+    emb = load_embeddings(emb_dir, split.n_users, split.n_items)
+    index = load_search(index_dir)
+    metrics: dict[str, Any] = {}
+    for view in VIEWS:
+        if view == "train":
+            observed, truth = emb.history, emb.target
+            user_vecs = emb.user["fold"]
+        else:
+            observed, truth = data.seen(view), data.truth(view)
+            user_vecs = emb.user[view]
+        tables = build_feature_tables(
+            observed, user_vecs, emb.item, data.user_features, data.item_features, config.features
+        )
+        users = np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
+        cands = mine_candidates(user_vecs, index.search, users, config.n, observed)
+        feats = featurize(tables, cands)
+        labels = label_candidates(cands, truth)
+        artifacts.save_view(out / f"{view}.safetensors", cands, feats, labels)
+        if view != "train":
+            metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))
+        if view == "test":
+            layout = artifacts.save_serving_tables(out / "serving_tables.safetensors", tables)
+            write_json(out / "serving_layout.json", layout)
+    write_json(out / "metrics.json", metrics)
+
+
+def load_views(path: Path) -> dict[str, tuple[Candidates, CandidateFeatures, np.ndarray]]:
+    """Return ``{view: (candidates, features, labels)}`` of the candidates step."""
+    return {view: artifacts.load_view(path / f"{view}.safetensors") for view in VIEWS}
+
+
+def evaluate_views(
+    views: dict[str, tuple[Candidates, CandidateFeatures, np.ndarray]],
+    data: DataArtifacts,
+    score: Any,
+    k: int,
+) -> dict[str, dict[str, float]]:
+    """Return the pipeline metrics on "valid" and "test" of ``score(features) -> (U, N)``."""
+    out = {}
+    for view in ("valid", "test"):
+        cands, feats, _ = views[view]
+        out[view] = pipeline_metrics(cands, score(feats), data.truth(view), (k,))
+    return out
+
+
+# -- teacher -----------------------------------------------------------------------------------
+
+
+def teacher_step(
+    config: TeacherStepConfig, k: int, data_dir: Path, cand_dir: Path, out: Path
+) -> None:
+    """Train the DCN-v2 teacher, early-stopped on validation NDCG; save it and its scores."""
+    from slimrank.ranking.pipeline_eval import PipelineView
+    from slimrank.ranking.teacher import TeacherConfig, save_teacher, teacher_scores
+    from slimrank.ranking.train import train_teacher
+
+    data = load_data(data_dir)
+    views = load_views(cand_dir)
+    _, feats, labels = views["train"]
+    model_config = TeacherConfig(
+        n_features=feats.values.shape[-1],
+        n_users=data.split.n_users,
+        n_items=data.split.n_items,
+        id_dim=config.id_dim,
+        n_cross=config.n_cross,
+        deep=config.deep,
+        dropout=config.dropout,
+        id_dropout=config.id_dropout,
+    )
+    v_cands, v_feats, _ = views["valid"]
+    valid = PipelineView(v_cands, v_feats, data.truth("valid"))
+    train_config = dataclasses.replace(config.train, metric=f"ndcg@{k}")
+    result = train_teacher(
+        model_config,
+        feats,
+        labels,
+        validate=lambda m: valid.evaluate(lambda f: teacher_scores(m, f), (k,)),
+        config=train_config,
+        progress=False,
+    )
+    save_teacher(result.model, out / "teacher", feats.names, {"best_epoch": result.best_epoch})
+    scores = {view: teacher_scores(result.model, views[view][1]) for view in VIEWS}
+    write_tensors(out / "scores.safetensors", scores)
+    metrics = evaluate_views(views, data, lambda f: teacher_scores(result.model, f), k)
+    write_json(out / "metrics.json", {"best_epoch": result.best_epoch, **metrics})
+
+
+def rescore_teacher_step(
+    source: Path, version: str, k: int, data_dir: Path, cand_dir: Path, out: Path
+) -> None:
+    """Reuse a trained teacher: copy it, score the (new) candidates, record its version."""
+    from slimrank.ranking.teacher import load_teacher, teacher_scores
+
+    model, names = load_teacher(source)
+    data = load_data(data_dir)
+    views = load_views(cand_dir)
+    if tuple(names) != tuple(views["train"][1].names):
+        raise ValueError(
+            f"teacher {version} expects {len(names)} features that differ from the "
+            f"{len(views['train'][1].names)} the candidates have: retrain it (--retrain-teacher)"
+        )
+    shutil.copytree(source, out / "teacher", ignore=shutil.ignore_patterns("step.json"))
+    scores = {view: teacher_scores(model, views[view][1]) for view in VIEWS}
+    write_tensors(out / "scores.safetensors", scores)
+    metrics = evaluate_views(views, data, lambda f: teacher_scores(model, f), k)
+    write_json(out / "metrics.json", {"imported": version, **metrics})
+    (out / "teacher_version.txt").write_text(version + "\n")
+
+
+def load_teacher_scores(path: Path) -> dict[str, np.ndarray]:
+    """Return the teacher's ``(U, N)`` scores of each view (``-inf`` at pads)."""
+    return read_tensors(path / "scores.safetensors")
+
+
+# -- students ----------------------------------------------------------------------------------
+
+
+def _standardization(feats: CandidateFeatures) -> tuple[np.ndarray, np.ndarray]:
+    x = feats.values[feats.mask].astype(np.float64)  # (M, F)
+    mean = x.mean(axis=0) if len(x) else np.zeros(feats.values.shape[-1])
+    std = x.std(axis=0) if len(x) else np.ones(feats.values.shape[-1])
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def list_data(
+    feats: CandidateFeatures, labels: np.ndarray, teacher: np.ndarray, mean: Any, std: Any
+) -> Any:
+    """Return the distillation lists of standardized features, labels and teacher scores."""
+    from slimrank.compression.distill import ListData
+
+    mask = feats.mask
+    x = (feats.values - mean) / std  # (U, N, F)
+    x[~mask] = 0.0
+    return ListData(
+        torch.from_numpy(x.astype(np.float32)),
+        torch.from_numpy(np.where(mask, teacher, 0.0).astype(np.float32)),
+        torch.from_numpy(labels.astype(np.float32)),
+        torch.from_numpy(mask),
+    )
+
+
+def onnx_score_fn(path: Path) -> Any:
+    """Return ``score(features) -> (U, N)`` running the ONNX ranker at ``path`` (fp32 or int8)."""
+    from slimrank.compression.export import sha256_file
+    from slimrank.compression.scorer import Scorer, ScorerConfig
+
+    scorer = Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
+
+    def score(feats: CandidateFeatures) -> np.ndarray:
+        u, n, f = feats.values.shape
+        return scorer.score(feats.values.reshape(u * n, f)).reshape(u, n)
+
+    return score
+
+
+def _save_student(
+    out: Path, model: Any, mean: np.ndarray, std: np.ndarray, extra: dict[str, Any]
+) -> Path:
+    """Save the student (standardized-input weights), export the folded ONNX; return its path."""
+    from slimrank.compression.export import export_onnx, save_mlp
+    from slimrank.compression.flops import count_cost
+    from slimrank.ranking.mlp import fold_standardization
+
+    save_mlp(model, out / "student.safetensors")
+    write_tensors(out / "standardization.safetensors", {"mean": mean, "std": std})
+    folded = fold_standardization(model, torch.from_numpy(mean), torch.from_numpy(std))
+    path = export_onnx(folded, out / "model.onnx", model.config.input_dim)
+    cost = count_cost(folded, model.config.input_dim)
+    write_json(out / "model.json", {"hidden": list(model.config.hidden), **cost.to_dict(), **extra})
+    return path
+
+
+def _student_train_config(config: StudentConfig, epochs: int, lr: float) -> Any:
+    from slimrank.compression.distill import TrainConfig
+
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=config.batch_size,
+        lr=lr,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+    )
+
+
+def student_step(
+    config: StudentConfig,
+    distill: bool,
+    k: int,
+    data_dir: Path,
+    cand_dir: Path,
+    teacher_dir: Path,
+    out: Path,
+) -> None:
+    """Train the student MLP from labels only (``distill=False``) or with distillation."""
+    from slimrank.compression.distill import DistillConfig, train_student
+    from slimrank.ranking.mlp import MLPConfig, MLPRanker
+
+    torch.manual_seed(config.seed)
+    data = load_data(data_dir)
+    views = load_views(cand_dir)
+    _, feats, labels = views["train"]
+    teacher = load_teacher_scores(teacher_dir)["train"]
+    mean, std = _standardization(feats)
+    lists = list_data(feats, labels, teacher, mean, std)
+    loss = config.distill
+    if not distill:
+        loss = DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=config.distill.hard_loss)
+    student = MLPRanker(MLPConfig(input_dim=feats.values.shape[-1], hidden=config.hidden))
+    result = train_student(
+        student, lists, loss, _student_train_config(config, config.epochs, config.lr)
+    )
+    path = _save_student(out, result.model, mean, std, {"epoch_loss": list(result.epoch_loss)})
+    write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
+
+
+def pruned_step(
+    config: StudentConfig,
+    prune: PruneConfig,
+    k: int,
+    data_dir: Path,
+    cand_dir: Path,
+    teacher_dir: Path,
+    student_dir: Path,
+    out: Path,
+) -> None:
+    """Prune the distilled student: drop hidden units, then prune weights while distilling."""
+    from slimrank.compression.distill import train_student
+    from slimrank.compression.export import load_mlp
+    from slimrank.compression.pruning import (
+        MagnitudePruner,
+        PruningSchedule,
+        fold_masks,
+        sparsity_report,
+    )
+    from slimrank.compression.structured import prune_units
+
+    torch.manual_seed(config.seed)
+    data = load_data(data_dir)
+    views = load_views(cand_dir)
+    _, feats, labels = views["train"]
+    teacher = load_teacher_scores(teacher_dir)["train"]
+    norm = read_tensors(student_dir / "standardization.safetensors")
+    mean, std = norm["mean"], norm["std"]
+    lists = list_data(feats, labels, teacher, mean, std)
+    student = load_mlp(student_dir / "student.safetensors")
+    shrunk = (
+        prune_units(student, prune.structured_fraction) if prune.structured_fraction else student
+    )
+    steps = prune.epochs * math.ceil(len(lists) / config.batch_size)
+    frequency = max(1, int(0.8 * steps) // prune.updates)
+    schedule = PruningSchedule(
+        initial_sparsity=0.0,
+        final_sparsity=prune.final_sparsity,
+        begin_step=0,
+        end_step=frequency * prune.updates,
+        frequency=frequency,
+    )
+    pruner = MagnitudePruner(schedule)
+    result = train_student(
+        shrunk,
+        lists,
+        config.distill,
+        _student_train_config(config, prune.epochs, prune.lr),
+        pruner=pruner if prune.final_sparsity > 0 else None,
+    )
+    model = fold_masks(result.model, pruner) if prune.final_sparsity > 0 else result.model
+    extra = {"sparsity": sparsity_report(model), "schedule": schedule.to_dict()}
+    path = _save_student(out, model, mean, std, extra)
+    write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
+
+
+# -- int8 and the gate -------------------------------------------------------------------------
+
+
+def bench_scorer(path: Path, features: np.ndarray, repeats: int) -> float:
+    """Return the median seconds of scoring ``features`` (M, F) with the ONNX file, 1 thread."""
+    score = onnx_score_fn(path)
+    x = CandidateFeatures(
+        features[None],
+        (),
+        np.zeros(1, np.int64),
+        np.zeros((1, len(features)), np.int64),
+    )
+    for _ in range(5):
+        score(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        score(x)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def int8_step(
+    config: Int8Config,
+    k: int,
+    data_dir: Path,
+    cand_dir: Path,
+    teacher_dir: Path,
+    pruned_dir: Path,
+    out: Path,
+) -> None:
+    """Quantize the pruned student in each mode through the gate; keep the fastest that passes.
+
+    The gate compares validation NDCG@k with the teacher's. When no mode passes, nothing is
+    kept as ``ranker.int8.onnx``; an ungated full-int8 copy (``rejected.int8.onnx``) is kept
+    for the report only.
+    """
+    from slimrank.compression.gate import gate_int8
+    from slimrank.compression.quantize import quantize_onnx_dynamic, quantize_onnx_static
+
+    data = load_data(data_dir)
+    views = load_views(cand_dir)
+    teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    metric = f"ndcg@{k}"
+    teacher_valid = float(teacher_metrics["valid"][metric])
+    src = pruned_dir / "model.onnx"
+    v_cands, v_feats, _ = views["valid"]
+    truth = data.truth("valid")
+    _, t_feats, _ = views["train"]
+    rows = t_feats.values[t_feats.mask]  # (M, F) real training candidates
+    rng = np.random.default_rng(0)
+    calibration = rows[
+        np.sort(rng.choice(len(rows), min(len(rows), config.calibration_candidates), False))
+    ]
+    bench_x = v_feats.values[0]  # (N, F) one user's candidates, pads included as zeros
+
+    def valid_metric(scorer: Any) -> float:
+        u, n, f = v_feats.values.shape
+        scores = scorer.score(v_feats.values.reshape(u * n, f)).reshape(u, n)
+        return pipeline_metrics(v_cands, scores, truth, (k,))[metric]
+
+    decisions: dict[str, Any] = {}
+    latency: dict[str, float] = {}
+    for mode in config.modes:
+        gate = dataclasses.replace(config.gate, mode=mode)
+        decision = gate_int8(src, out / mode, valid_metric, teacher_valid, calibration, gate)
+        record = decision.to_dict()
+        record["model_path"] = f"{mode}/ranker.int8.onnx" if decision.accepted else None
+        decisions[mode] = record
+        if decision.accepted:
+            latency[mode] = bench_scorer(
+                out / mode / "ranker.int8.onnx", bench_x, config.bench_repeats
+            )
+    # A mode that needed fewer fp32 fallbacks is more int8; among equals the faster one wins.
+    chosen = (
+        min(latency, key=lambda m: (len(decisions[m]["excluded_nodes"]), latency[m]))
+        if latency
+        else None
+    )
+    if chosen is not None:
+        shutil.copyfile(out / chosen / "ranker.int8.onnx", out / "ranker.int8.onnx")
+        final = out / "ranker.int8.onnx"
+    else:
+        final = out / "rejected.int8.onnx"
+        mode = config.modes[0]
+        if mode == "static":
+            quantize_onnx_static(src, final, calibration, config.gate.quant)
+        else:
+            quantize_onnx_dynamic(src, final, config.gate.quant)
+    metrics = evaluate_views(views, data, onnx_score_fn(final), k)
+    summary = {
+        "accepted": chosen is not None,
+        "mode": chosen,
+        "min_ratio": config.gate.min_ratio,
+        "teacher_valid": teacher_valid,
+        "median_seconds": latency,
+        "decisions": decisions,
+        "model": final.name,
+    }
+    write_json(out / "gate.json", summary)
+    write_json(out / "metrics.json", metrics)
