@@ -10,12 +10,17 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from slimrank.bundle import publish
 from slimrank.serving.client import SlimrankClient
+from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import random_flat_bundle
+from slimrank.serving.server import create_server
+from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
 
 READY = re.compile(r"serving on (\S+):(\d+) metrics (\S+) pids ([\d,]+)")
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
@@ -89,3 +94,23 @@ def test_two_workers_share_the_port_and_both_answer(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, err
+
+
+def test_a_port_is_shared_only_when_every_server_asks_for_it() -> None:
+    first, port = create_server(
+        ServerConfig(so_reuseport=True), SnapshotHolder(random_snapshot("v1")), CollectorRegistry()
+    )
+    try:
+        with pytest.raises(RuntimeError, match="Failed to bind"):
+            create_server(
+                ServerConfig(port=port), SnapshotHolder(random_snapshot("v2")), CollectorRegistry()
+            )
+        second, same = create_server(
+            ServerConfig(port=port, so_reuseport=True),
+            SnapshotHolder(random_snapshot("v2")),
+            CollectorRegistry(),
+        )
+        assert same == port
+        second.shutdown(0).wait(5)
+    finally:
+        first.shutdown(0).wait(5)
