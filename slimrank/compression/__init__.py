@@ -1,1 +1,15 @@
-"""Distillation, pruning, int8 quantization and the accuracy gate."""
+"""Distillation, pruning, int8 quantization and the accuracy gate.
+
+The pieces, in the order a ``compress`` job chains them (each returns a new object)::
+
+    data = pad_lists(features_per_user, teacher_scores_per_user, labels_per_user)  # distill
+    student = train_student(MLPRanker(MLPConfig(F)), data, DistillConfig(), TrainConfig()).model
+    pruner = MagnitudePruner(PruningSchedule(final_sparsity=0.5, end_step=..., frequency=...))
+    sparse = train_student(student, data, DistillConfig(), TrainConfig(), pruner).model  # pruning
+    small = train_student(prune_units(student, 0.5), data, ...).model  # structured + fine-tune
+    check count_cost(small, F).flops_per_candidate <= 0.1 * count_cost(teacher, F)...  # flops
+    onnx_path = export_onnx(fold_standardization(small, mean, std), dir / "fp32.onnx", F)
+    decision = gate_int8(onnx_path, dir, metric=ndcg_at_10_of, teacher_metric=teacher_ndcg,
+                         calibration=sample_candidates)  # quantize + gate
+    Scorer(decision.model_path, decision.sha256).score(candidates)  # serving
+"""

@@ -166,10 +166,21 @@ def quantize_onnx_dynamic(
 
 
 class CandidateReader(CalibrationDataReader):
-    """Feeds ``(M, F)`` calibration candidates to ORT's calibrator in batches."""
+    """Feeds ``(M, F)`` calibration candidates to ORT's calibrator in equal batches.
+
+    A last, shorter batch is dropped (and logged): ORT's histogram calibrators (percentile,
+    entropy) stack batches and fail on unequal shapes.
+    """
 
     def __init__(self, features: np.ndarray, batch: int) -> None:
-        self.features = np.ascontiguousarray(features, dtype=np.float32)  # (M, F)
+        features = np.ascontiguousarray(features, dtype=np.float32)  # (M, F)
+        batch = min(batch, len(features))
+        keep = len(features) - len(features) % batch
+        if keep < len(features):
+            log.info(
+                "calibration: dropping the last %d of %d rows", len(features) - keep, len(features)
+            )
+        self.features = features[:keep]
         self.batch = batch
         self._it: Iterator[dict[str, np.ndarray]] | None = None
 
