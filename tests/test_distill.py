@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slimrank.compression.distill import (
     DistillConfig,
@@ -146,3 +148,26 @@ def test_flops_counter_matches_hand_count() -> None:
     # (B, N, F) input gives (B, N) scores.
     assert model(torch.zeros(3, 7, 20)).shape == (3, 7)
     assert model(torch.zeros(7, 20)).shape == (7,)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scores=st.lists(st.floats(-5, 5), min_size=2, max_size=8),
+    noise=st.lists(st.floats(-5, 5), min_size=8, max_size=8),
+    shift=st.floats(-10, 10),
+    temperature=st.floats(0.5, 4.0),
+    n_pad=st.integers(0, 3),
+)
+def test_soft_loss_properties(scores, noise, shift, temperature, n_pad) -> None:
+    """KL >= 0, 0 iff equal up to a shift, and padded candidates never count."""
+    n = len(scores)
+    teacher = torch.tensor([scores + [0.0] * n_pad])
+    student = torch.tensor([noise[:n] + [99.0] * n_pad])
+    mask = torch.tensor([[True] * n + [False] * n_pad])
+    loss = soft_loss(student, teacher, mask, temperature)
+    unpadded = soft_loss(student[:, :n], teacher[:, :n], mask[:, :n], temperature)
+    assert loss.item() >= -1e-6
+    assert loss.item() == pytest.approx(unpadded.item(), rel=1e-5, abs=1e-6)
+    assert soft_loss(teacher + shift, teacher, mask, temperature).item() == pytest.approx(
+        0.0, abs=1e-5
+    )

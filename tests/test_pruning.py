@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from slimrank.compression.distill import (
@@ -208,3 +210,29 @@ def test_prune_then_finetune_under_distillation_recovers_teacher_order() -> None
 
     assert held_loss(tuned) < held_loss(pruned)
     assert held_loss(tuned) < 2 * held_loss(student) + 1e-3
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(2, 9), min_size=1, max_size=3),
+    seed=st.integers(0, 10_000),
+    data=st.data(),
+)
+def test_shrinking_any_units_equals_zeroing_them(widths: list[int], seed: int, data) -> None:
+    torch.manual_seed(seed)
+    model = MLPRanker(MLPConfig(5, tuple(widths))).eval()
+    keep = [
+        sorted(data.draw(st.sets(st.integers(0, w - 1), min_size=1, max_size=w))) for w in widths
+    ]
+    zeroed = MLPRanker(model.config).eval()
+    zeroed.load_state_dict(model.state_dict())
+    linears = [m for m in zeroed.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for layer, kept, w in zip(linears, keep, widths, strict=False):
+            dropped = [i for i in range(w) if i not in kept]
+            layer.weight[dropped] = 0.0
+            layer.bias[dropped] = 0.0
+    x = torch.randn(16, 5)
+    shrunk = shrink_units(model, keep)
+    assert shrunk.config.hidden == tuple(len(k) for k in keep)
+    torch.testing.assert_close(shrunk(x), zeroed(x), rtol=0, atol=1e-5)
