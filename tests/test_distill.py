@@ -64,6 +64,14 @@ def test_loss_matches_hand_computed_values(pad: bool) -> None:
     assert torch.isfinite(s.grad).all()
     if pad:
         assert s.grad[0, 3].item() == 0.0
+        # teacher.teacher_scores marks pads with -inf: same loss, finite gradients.
+        t_inf = t.clone()
+        t_inf[0, 3] = -torch.inf
+        s.grad = None
+        again = distillation_loss(s, t_inf, y, m, DistillConfig(temperature=2.0, hard_weight=0.5))
+        assert again.total.item() == pytest.approx(TOTAL, abs=1e-6)
+        again.total.backward()
+        assert torch.isfinite(s.grad).all()
 
 
 def test_bce_hard_loss_and_soft_loss_zero_when_student_equals_teacher() -> None:
