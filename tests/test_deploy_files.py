@@ -2,11 +2,11 @@
 
 There is no container engine or cluster here, so nothing is built or applied: these tests
 parse every file and check what can be checked without one. Paths the Dockerfile copies
-exist; every ``slimrank`` command line parses with the real CLI parser (subcommands not
-written yet are listed in PENDING_SUBCOMMANDS, and a test fails once they exist so their flags
-get checked); ports, image tags, mounts and label selectors agree across files; and the
-health probes name services the server registers. The image's health-check script runs
-against a real server.
+exist; every ``slimrank`` command line (including the one in retrain.sh, with each
+deployment's environment filled in) parses with the real CLI parser; ports, image tags,
+mounts and label selectors agree across files; and the health probes name services the server
+registers. The image's health-check script runs against a real server, and retrain.sh runs
+with the real ``slimrank`` on its no-logs and failure paths.
 """
 
 from __future__ import annotations
@@ -38,11 +38,7 @@ PROMETHEUS_PORT = 9090  # Prometheus's own default listen port
 UID = 10001
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 IMAGE = f"slimrank:{VERSION}"
-
-# Subcommands the deploy files run that the CLI does not register yet (issue 7 was written
-# before them). test_pending_subcommands_are_really_missing fails as soon as one lands, so
-# that it is taken off this list and its flags are checked like the others.
-PENDING_SUBCOMMANDS = {"serve", "retrain"}
+RETRAIN_SCRIPT = "/opt/slimrank/retrain.sh"  # where the image has deploy/retrain.sh
 
 
 # Parsing helpers
@@ -103,9 +99,27 @@ def pod_spec(obj: dict) -> dict:
     return obj["spec"]["template"]["spec"]
 
 
-def expand_k8s_env(args: list[str], config: dict) -> list[str]:
-    """Replace ``$(VAR)`` as the kubelet does, from the ConfigMap's data."""
-    return [re.sub(r"\$\((\w+)\)", lambda m: config[m.group(1)], a) for a in args]
+def retrain_environments() -> dict[str, dict[str, str]]:
+    """The environment retrain.sh gets in compose and in Kubernetes."""
+    services = compose()["services"]
+    return {
+        "compose": {k: str(v) for k, v in services["retrain"]["environment"].items()},
+        "k8s": dict(k8s("ConfigMap", "slimrank-config")["data"]),
+    }
+
+
+def retrain_script_command(env: dict[str, str]) -> list[str]:
+    """The ``slimrank`` argv in retrain.sh, its variables filled in as the script would."""
+    text = (DEPLOY / "retrain.sh").read_text()
+    (line,) = [ln.strip() for ln in text.splitlines() if re.search(r"\bslimrank retrain\b", ln)]
+    command = re.search(r"slimrank (retrain[^;]*)", line).group(1)
+    values = {
+        "bundles": env["SLIMRANK_BUNDLES"],
+        "teacher": "v0001",  # read from CURRENT at run time
+        "claimed": f"{env['RETRAIN_DONE']}/20260101T000000Z-{Path(env['RETRAIN_LOGS']).name}",
+    }
+    argv = shlex.split(command)
+    return [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], a) for a in argv]
 
 
 def slimrank_commands() -> dict[str, list[str]]:
@@ -115,14 +129,11 @@ def slimrank_commands() -> dict[str, list[str]]:
     commands = {"Dockerfile CMD": exec_form(docker, "CMD")}
     services = compose()["services"]
     commands["compose slimrank"] = [str(a) for a in services["slimrank"]["command"]]
-    (loop,) = services["retrain"]["command"]
-    for i, match in enumerate(re.finditer(r"\bslimrank\s+([^;|&]+)", loop)):
-        commands[f"compose retrain #{i}"] = shlex.split(match.group(1))
-    config = k8s("ConfigMap", "slimrank-config")["data"]
-    for kind in ("Deployment", "CronJob"):
-        for container in pod_spec(k8s(kind))["containers"]:
-            assert "command" not in container, "k8s containers must keep the image's entrypoint"
-            commands[f"k8s {kind} {container['name']}"] = expand_k8s_env(container["args"], config)
+    (container,) = pod_spec(k8s("Deployment"))["containers"]
+    assert "command" not in container, "the server must keep the image's entrypoint"
+    commands["k8s Deployment slimrank"] = container["args"]
+    for where, env in retrain_environments().items():
+        commands[f"retrain.sh in {where}"] = retrain_script_command(env)
     return commands
 
 
@@ -178,7 +189,13 @@ def test_k8s_objects_have_known_kinds_and_names():
 
 def test_dockerfile_copies_only_paths_that_exist():
     copies = [rest.split() for k, rest in dockerfile() if k == "COPY"]
-    sources = [p for args in copies if not args[0].startswith("--from") for p in args[:-1]]
+    sources = [
+        p
+        for args in copies
+        if not any(a.startswith("--from") for a in args)
+        for p in args[:-1]
+        if not p.startswith("--")
+    ]
     assert sources
     for source in sources:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
@@ -241,17 +258,10 @@ def test_healthcheck_script_follows_the_servers_health():
 # slimrank command lines
 
 
-def test_pending_subcommands_are_really_missing():
-    landed = PENDING_SUBCOMMANDS & registered_subcommands()
-    assert not landed, f"{sorted(landed)} now exist: remove them from PENDING_SUBCOMMANDS"
-
-
 @pytest.mark.parametrize("where", sorted(slimrank_commands()))
 def test_slimrank_command_lines_parse(where):
     argv = slimrank_commands()[where]
-    if argv[0] in PENDING_SUBCOMMANDS:
-        assert argv[0] not in registered_subcommands()
-        return
+    assert argv[0] in registered_subcommands(), f"{where}: no subcommand {argv[0]!r}"
     try:
         build_parser().parse_args(argv)
     except SystemExit as exit_:
@@ -271,10 +281,67 @@ def test_server_command_lines_agree():
     assert len({shlex.join(a) for a in serve.values()}) == 1
 
 
-def test_retrain_command_lines_agree():
-    retrain = {w: a for w, a in slimrank_commands().items() if a[0] == "retrain"}
-    assert set(retrain) == {"compose retrain #0", "k8s CronJob retrain"}
-    assert len({shlex.join(a) for a in retrain.values()}) == 1
+def test_retrain_runs_the_script_with_one_environment():
+    services = compose()["services"]
+    (loop,) = services["retrain"]["command"]
+    assert RETRAIN_SCRIPT in loop
+    (job,) = pod_spec(k8s("CronJob"))["containers"]
+    assert job["command"] == [RETRAIN_SCRIPT] and "args" not in job
+    copies = [rest.split() for k, rest in final_stage() if k == "COPY"]
+    assert ["--chmod=0755", "deploy/retrain.sh", RETRAIN_SCRIPT] in copies
+    envs = retrain_environments()
+    keys = ("SLIMRANK_BUNDLES", "RETRAIN_LOGS", "RETRAIN_DONE")
+    assert {k: envs["compose"][k] for k in keys} == {k: envs["k8s"][k] for k in keys}
+    # Every variable the script requires is set.
+    required = set(re.findall(r"\$\{(\w+):\?", (DEPLOY / "retrain.sh").read_text()))
+    assert required == set(keys)
+
+
+def _run_retrain(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"  # the real slimrank first
+    return subprocess.run(
+        ["sh", str(DEPLOY / "retrain.sh")],
+        env={"PATH": path, "HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_retrain_script_without_new_logs_does_nothing(tmp_path):
+    env = {
+        "SLIMRANK_BUNDLES": str(tmp_path / "bundles"),
+        "RETRAIN_LOGS": str(tmp_path / "logs" / "new.parquet"),
+        "RETRAIN_DONE": str(tmp_path / "logs" / "done"),
+    }
+    result = _run_retrain(tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stdout
+    assert not (tmp_path / "logs").exists()
+    missing = _run_retrain(tmp_path, {k: v for k, v in env.items() if k != "RETRAIN_DONE"})
+    assert missing.returncode != 0 and "RETRAIN_DONE" in missing.stderr
+
+
+def test_retrain_script_keeps_the_logs_of_a_failed_run(tmp_path):
+    """The real ``slimrank retrain`` fails (CURRENT names no published version)."""
+    bundles, logs = tmp_path / "bundles", tmp_path / "logs"
+    bundles.mkdir()
+    logs.mkdir()
+    (bundles / "CURRENT").write_text("v0001\n")
+    (logs / "new.csv").write_text("user_id,item_id\nu1,i1\n")
+    env = {
+        "SLIMRANK_BUNDLES": str(bundles),
+        "RETRAIN_LOGS": str(logs / "new.csv"),
+        "RETRAIN_DONE": str(logs / "done"),
+    }
+    result = _run_retrain(tmp_path, env)
+    assert result.returncode == 1
+    assert "no published version 'v0001'" in result.stderr  # from slimrank itself
+    assert not (logs / "new.csv").exists()
+    (kept,) = (logs / "done").iterdir()
+    assert kept.name.endswith("-new.csv.failed")
+    assert kept.read_text() == "user_id,item_id\nu1,i1\n"
+    assert (bundles / "CURRENT").read_text() == "v0001\n"
 
 
 # compose
@@ -461,15 +528,30 @@ def test_k8s_pods_run_as_the_image_user_and_reference_existing_objects():
                 assert mount["name"] in volumes
 
 
-def test_k8s_paths_agree_with_the_commands():
+def _within(path: str, mounts: dict[str, bool]) -> bool | None:
+    """Whether ``path`` lies under a writable mount; None if under no mount at all."""
+    for mount, writable in mounts.items():
+        if path == mount or path.startswith(mount.rstrip("/") + "/"):
+            return writable
+    return None
+
+
+def test_server_and_retrain_paths_lie_in_their_mounts():
     config = k8s("ConfigMap", "slimrank-config")["data"]
     (server,) = pod_spec(k8s("Deployment"))["containers"]
-    mounts = {m["mountPath"] for m in server["volumeMounts"]}
-    assert config["SLIMRANK_BUNDLES"] in mounts
-    (retrain,) = pod_spec(k8s("CronJob"))["containers"]
-    retrain_mounts = {m["mountPath"] for m in retrain["volumeMounts"]}
-    for path in (config["RETRAIN_TEACHER"], config["RETRAIN_LOGS"], config["SLIMRANK_BUNDLES"]):
-        assert any(path == m or path.startswith(m + "/") for m in retrain_mounts), path
+    server_mounts = {m["mountPath"]: not m.get("readOnly", False) for m in server["volumeMounts"]}
+    assert _within(config["SLIMRANK_BUNDLES"], server_mounts) is False  # read-only is enough
+    (job,) = pod_spec(k8s("CronJob"))["containers"]
+    job_mounts = {m["mountPath"]: not m.get("readOnly", False) for m in job["volumeMounts"]}
+    retrain = compose()["services"]["retrain"]
+    compose_mounts = {v.split(":")[1]: not v.endswith(":ro") for v in retrain["volumes"]}
+    # retrain.sh publishes bundles, claims the logs file and files it: all must be writable.
+    for where, mounts in (("k8s", job_mounts), ("compose", compose_mounts)):
+        env = retrain_environments()[where]
+        for key in ("SLIMRANK_BUNDLES", "RETRAIN_LOGS", "RETRAIN_DONE"):
+            assert _within(env[key], mounts) is True, (where, key, env[key])
+    serve = compose()["services"]["slimrank"]
+    assert "bundles:/bundles:ro" in serve["volumes"]
 
 
 def test_k8s_metrics_annotations_match_the_metrics_port():
