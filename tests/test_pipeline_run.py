@@ -1,0 +1,177 @@
+"""The whole offline pipeline on a tiny synthetic catalog: publish, cache, gate, retrain.
+
+One pipeline run (module fixture) is shared; each test checks the store's state before and
+after what it does, so the order the tests run in does not matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slimrank.bundle import current_version, list_versions, open_bundle
+from slimrank.cli import main
+from slimrank.pipeline.artifacts import load_view
+from slimrank.pipeline.config import load_config
+from slimrank.pipeline.publish import load_bundle_tables, read_serving
+from slimrank.pipeline.run import STEPS, run_pipeline
+from slimrank.pipeline.steps import load_data, onnx_score_fn
+from slimrank.ranking.features import candidate_features
+from slimrank.ranking.pipeline_eval import pipeline_metrics
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    cache: Path
+    bundles: Path
+    out: Path
+    version: str
+    exit_code: int
+
+
+def _args(cache: Path, bundles: Path, out: Path) -> list[str]:
+    return ["--cache-dir", str(cache), "--bundles", str(bundles), "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("pipeline")
+    cache, bundles, out = root / "cache", root / "bundles", root / "out"
+    code = main(["pipeline", "--config", str(TINY), *_args(cache, bundles, out)])
+    return Run(cache, bundles, out, current_version(bundles) or "", code)
+
+
+def _config(run: Run):
+    return dataclasses.replace(load_config(TINY), cache_dir=str(run.cache))
+
+
+def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
+    assert run.exit_code == 0
+    assert list_versions(run.bundles)[:1] == [run.version]
+    bundle = open_bundle(run.bundles, run.version)  # verifies every checksum
+    manifest = bundle.manifest
+    assert manifest.parent is not None and manifest.parent.startswith("teacher-")
+    assert manifest.gate["accepted"] is True
+    assert set(manifest.metrics["variants"]) >= {"teacher", "student_distill", "int8"}
+    for name in ("ranker.onnx", "items.npy", "users.npy", "user_vectors.npy", "serving.json"):
+        assert name in manifest.files
+    assert "teacher/teacher.safetensors" in manifest.files
+    # The report: one table with the six variants, and a PNG plot.
+    table = (run.out / "compression.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 6
+    assert (run.out / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bundle_tables_reproduce_the_pipeline_features(run: Run) -> None:
+    """Serving-time features from the bundle alone equal the test view the ranker was judged on."""
+    bundle = open_bundle(run.bundles, run.version)
+    tables = load_bundle_tables(bundle.path)
+    result = run_pipeline(_config(run))
+    cands, feats, _ = load_view(result.path("candidates") / "test.safetensors")
+    again = candidate_features(tables, cands)
+    assert again.names == feats.names
+    np.testing.assert_allclose(again.values, feats.values, rtol=1e-6, atol=1e-6)
+    # The bundle's ranker on those features gives exactly the int8 metrics the run reported.
+    scores = onnx_score_fn(bundle.file("ranker.onnx"))(again)
+    truth = load_data(bundle.path / "data").truth("test")
+    assert pipeline_metrics(cands, scores, truth, (10,)) == result.metrics("int8")["test"]
+    assert bundle.manifest.metrics["variants"]["int8"]["test"] == result.metrics("int8")["test"]
+    serving = read_serving(bundle.path)
+    assert serving["features"]["feature_names"] == list(feats.names)
+    assert serving["ranker"]["input_dim"] == feats.values.shape[-1]
+
+
+def test_second_run_is_fully_cached(run: Run) -> None:
+    seen: dict[str, bool] = {}
+
+    def hook(name, output, seconds) -> None:
+        if output is not None:
+            seen[name] = output.cached
+
+    run_pipeline(_config(run), hook)
+    assert list(seen) == list(STEPS)
+    assert all(seen.values()), seen
+
+
+def test_gate_failure_publishes_nothing_and_exits_nonzero(run: Run, tmp_path: Path) -> None:
+    before = list_versions(run.bundles)
+    current = current_version(run.bundles)
+    args = _args(run.cache, run.bundles, tmp_path / "out")
+    code = main(["pipeline", "--config", str(TINY), "--min-ratio", "1.5", *args])
+    assert code == 3
+    assert list_versions(run.bundles) == before
+    assert current_version(run.bundles) == current
+    result = run_pipeline(
+        dataclasses.replace(
+            _config(run),
+            int8=dataclasses.replace(
+                _config(run).int8,
+                gate=dataclasses.replace(_config(run).int8.gate, min_ratio=1.5),
+            ),
+        )
+    )
+    gate = result.gate()
+    assert gate["accepted"] is False and gate["mode"] is None
+    assert all(a["ratio"] < 1.5 for d in gate["decisions"].values() for a in d["attempts"])
+
+
+def _new_logs(run: Run, path: Path) -> int:
+    """Write logs of unseen (user, item) pairs of known ids plus one unknown user."""
+    data = load_data(run_pipeline(_config(run)).path("data"))
+    split = data.split
+    seen = (split.train_matrix() + split.valid_matrix() + split.test_matrix()).toarray() > 0
+    rng = np.random.default_rng(7)
+    users, items = np.nonzero(~seen)
+    pick = rng.choice(len(users), 40, replace=False)
+    frame = pd.DataFrame(
+        {
+            "user_id": np.r_[data.user_ids[users[pick]], ["nobody"]],
+            "item_id": np.r_[data.item_ids[items[pick]], [data.item_ids[0]]],
+            "timestamp": 1_700_000_000 + np.arange(len(pick) + 1),
+        }
+    )
+    frame.to_csv(path, index=False)
+    return len(pick)
+
+
+def test_retrain_publishes_a_version_naming_its_parent_teacher(run: Run, tmp_path: Path) -> None:
+    logs = tmp_path / "new_logs.csv"
+    n_new = _new_logs(run, logs)
+    parent = open_bundle(run.bundles, run.version).manifest.parent
+    before = list_versions(run.bundles)
+    code = main(
+        [
+            "retrain",
+            "--teacher",
+            str(run.bundles / run.version),
+            "--logs",
+            str(logs),
+            "--min-ratio",
+            "0.5",  # this test is about lineage, not about the tiny ranker's quality
+            *_args(run.cache, run.bundles, tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    new = current_version(run.bundles)
+    assert new not in before and new in list_versions(run.bundles)
+    bundle = open_bundle(run.bundles, new)
+    assert bundle.manifest.parent == parent
+    assert read_serving(bundle.path)["teacher_version"] == parent
+    # The teacher was reused, not retrained: same weights as the parent bundle's.
+    old = open_bundle(run.bundles, run.version)
+    assert (
+        bundle.manifest.files["teacher/teacher.safetensors"].sha256
+        == old.manifest.files["teacher/teacher.safetensors"].sha256
+    )
+    # The new training part holds exactly the known new interactions on top of the old ones.
+    old_train = load_data(old.path / "data").split.train
+    new_train = load_data(bundle.path / "data").split.train
+    assert len(new_train) == len(old_train) + n_new
+    assert json.loads((bundle.path / "data" / "data.json").read_text())["train"] == len(new_train)
