@@ -52,11 +52,27 @@ def in_group_share(model: TwoTower, split, k: int = 5) -> float:
     return float(np.mean(top // (N_ITEMS // 2) == group))
 
 
-@pytest.mark.parametrize("loss", ["softmax", "sampled_softmax", "bpr"])
-def test_training_lowers_the_loss_and_recovers_the_planted_groups(loss):
+@pytest.mark.parametrize(
+    ("loss", "examples"),
+    [
+        ("softmax", "leave_one_out"),
+        ("sampled_softmax", "leave_one_out"),
+        ("bpr", "leave_one_out"),
+        ("softmax", "masked"),
+    ],
+)
+def test_training_lowers_the_loss_and_recovers_the_planted_groups(loss, examples):
     split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
     config = TrainConfig(
-        epochs=30, batch_size=128, lr=1e-2, loss=loss, patience=30, seed=0, progress=False
+        epochs=30,
+        batch_size=128,
+        lr=1e-2,
+        loss=loss,
+        examples=examples,
+        patience=30,
+        eval_every=3,
+        seed=0,
+        progress=False,
     )
     # Ids off: the groups must come through the pooled history.
     result = train_two_tower(small_config(use_user_id=False), config, split)

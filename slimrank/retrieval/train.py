@@ -43,6 +43,7 @@ from slimrank.retrieval.two_tower import (
 log = logging.getLogger(__name__)
 
 LOSSES = ("softmax", "sampled_softmax", "bpr")
+EXAMPLES = ("leave_one_out", "masked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,11 @@ class TrainConfig(Config):
     loss: str = "softmax"  # one of LOSSES
     logq: bool = True  # logQ correction of the sampled softmax
     history_dropout: float = 0.0  # drop each history item with this probability
+    # "leave_one_out": one example per interaction, its target left out of the pooled history;
+    # "masked": per user, predict a random mask_share of the items from the rest (full
+    # softmax only; one user vector per user, so about mask_share * items-per-user cheaper).
+    examples: str = "leave_one_out"
+    mask_share: float = 0.2
     patience: int = 10  # evaluations without a better validation Recall@k before stopping
     eval_every: int = 1  # epochs between validations
     k: int = 10  # cut-off of the early-stopping metric
@@ -77,6 +83,15 @@ class TrainConfig(Config):
             self.history_dropout,
             "must be in [0, 1)",
         )
+        require(self.examples in EXAMPLES, self, "examples", self.examples, f"one of {EXAMPLES}")
+        require(
+            self.examples != "masked" or self.loss == "softmax",
+            self,
+            "loss",
+            self.loss,
+            "examples='masked' trains with the full softmax only",
+        )
+        require(0.0 < self.mask_share < 1.0, self, "mask_share", self.mask_share, "in (0, 1)")
         require(self.patience >= 1, self, "patience", self.patience, "must be >= 1")
         require(self.eval_every >= 1, self, "eval_every", self.eval_every, "must be >= 1")
         require(self.k >= 1, self, "k", self.k, "must be >= 1")
@@ -224,6 +239,16 @@ def _train(
             model.train()
             total, batches = 0.0, 0
             for group in _user_batches(targets, config.batch_size, rng):
+                if config.examples == "masked":
+                    loss = _masked_loss(
+                        model, targets, group, ufeat, ifeat, all_items, config.mask_share, rng
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach())
+                    batches += 1
+                    continue
                 items_np, offsets = targets.bags(group)  # every training item of the group
                 rows = bag_rows(offsets, len(items_np))  # (B,) position of each user in group
                 users, items = torch.as_tensor(group[rows]), torch.as_tensor(items_np)
@@ -282,6 +307,42 @@ def _train(
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model=model, best_epoch=best_epoch, best_valid=best_valid, log=evals)
+
+
+def _masked_loss(
+    model: TwoTower,
+    targets: UserHistory,
+    group: np.ndarray,
+    ufeat: dict[str, torch.Tensor] | None,
+    ifeat: dict[str, torch.Tensor] | None,
+    all_items: torch.Tensor,
+    share: float,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Return the full-softmax loss of predicting a random ``share`` of each user's items
+    from the mean of the rest (one user vector per user, as in a denoising autoencoder).
+    """
+    items, offsets = targets.bags(group)  # every training item of the group
+    rows = bag_rows(offsets, len(items))  # (N,)
+    hidden = rng.random(len(items)) < share  # (N,) the items to predict
+    users = torch.as_tensor(group)
+    pooled = None
+    if model.config.use_history:
+        kept = ~hidden
+        bag_offsets = np.zeros(len(group), dtype=np.int64)
+        np.cumsum(np.bincount(rows[kept], minlength=len(group))[:-1], out=bag_offsets[1:])
+        sums, counts = model.user_tower.pool(
+            torch.as_tensor(items[kept]), torch.as_tensor(bag_offsets)
+        )
+        pooled = sums / counts.clamp(min=1)[:, None].to(sums.dtype)  # (G, D)
+    user_vecs = model.user_vectors_pooled(
+        users, None if ufeat is None else take_rows(ufeat, users), pooled
+    )  # (G, d)
+    item_vecs = model.item_vectors(all_items, ifeat)  # (I, d)
+    log_p = F.log_softmax(model.scale() * user_vecs @ item_vecs.T, dim=1)  # (G, I)
+    if not hidden.any():
+        return log_p.sum() * 0.0  # nothing to predict in this batch
+    return -log_p[torch.as_tensor(rows[hidden]), torch.as_tensor(items[hidden])].mean()
 
 
 def _user_batches(
