@@ -54,7 +54,10 @@ class Scorer:
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         (inp,) = self.session.get_inputs()
         self.input_name = inp.name
-        self.input_dim = int(inp.shape[1])
+        dim = inp.shape[1] if len(inp.shape) == 2 else None
+        if not isinstance(dim, int):
+            raise IntegrityError(f"{self.path}: input {inp.name} is {inp.shape}, expected (M, F)")
+        self.input_dim = dim
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Return one float32 score per row of ``features`` ``(M, F)``."""
