@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from slimrank.serving.snapshot import ModelSnapshot
 
-# 0.5 ms .. 2.5 s, roughly x2 apart: fine enough for a millisecond-scale service.
+# 0.5 ms .. 2.5 s, roughly x2 apart: fine enough for a millisecond-scale service. 0.025 is the
+# latency SLO's threshold: the burn-rate alerts and the dashboard read le="0.025".
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -24,6 +25,7 @@ LATENCY_BUCKETS = (
     0.01,
     0.015,
     0.02,
+    0.025,
     0.03,
     0.05,
     0.075,
