@@ -38,7 +38,6 @@ from test_prometheus_rules import (
 
 from slimrank.bundle import publish
 from slimrank.bundle.formats import write_json
-from slimrank.serving import metrics as serving_metrics
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.loader import random_flat_bundle
 
@@ -47,10 +46,6 @@ pytestmark = pytest.mark.slow
 DIM = 8  # random_flat_bundle's default
 N_USERS = 40
 READY = re.compile(r"serving on (\S+):(\d+) metrics (\S+) pids ([\d,]+)")
-SLO_BUCKET = 0.025  # le="0.025" in the latency SLI and the dashboard
-# While the server's bucket list lacks 0.025, the queries that read it are strict xfails (they
-# must come back empty); once the bucket exists they run as ordinary tests.
-MISSING_SLO_BUCKET = SLO_BUCKET not in serving_metrics.LATENCY_BUCKETS
 
 
 def free_port() -> int:
@@ -225,23 +220,9 @@ def wait_until(ok, timeout: float, what: str, tmp: Path) -> None:
     pytest.fail(f"timed out waiting for {what}; logs:\n{logs}")
 
 
-def _query_params() -> list:
-    params = []
-    for where, expr in dashboard_queries():
-        marks = []
-        if 'le="0.025"' in expr:
-            marks.append(
-                pytest.mark.xfail(
-                    MISSING_SLO_BUCKET,
-                    reason="slimrank.serving.metrics.LATENCY_BUCKETS lacks 0.025",
-                    strict=True,
-                )
-            )
-        params.append(pytest.param(expr, id=where, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("expr", _query_params())
+@pytest.mark.parametrize(
+    "expr", [e for _, e in dashboard_queries()], ids=[w for w, _ in dashboard_queries()]
+)
 def test_dashboard_query_returns_data(scraped, expr):
     if "process_" in expr and "process_cpu_seconds_total" not in scraped.metrics_text:
         pytest.xfail(
@@ -290,12 +271,7 @@ def test_rules_load_and_evaluate_without_errors(scraped):
         "slimrank:latency_p99:5m",
         "slimrank:stage_latency_p99:5m",
         "slimrank:error_ratio:5m",
-        pytest.param(
-            "slimrank:slow_ratio:5m",
-            marks=pytest.mark.xfail(
-                MISSING_SLO_BUCKET, reason="LATENCY_BUCKETS lacks 0.025", strict=True
-            ),
-        ),
+        "slimrank:slow_ratio:5m",
     ],
 )
 def test_recording_rules_produce_series(scraped, record):
