@@ -32,6 +32,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/retrieval.py
+	$(BIN)/python bench/ranker_runtime.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
