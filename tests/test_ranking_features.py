@@ -16,6 +16,7 @@ from slimrank.ranking.features import (
     candidate_features,
     cooccurrence,
     history_signals,
+    user_knn_scores,
 )
 
 
@@ -45,8 +46,8 @@ def test_shape_names_and_determinism() -> None:
     a = candidate_features(tables, cands)
     b = candidate_features(tables, cands)
     d = 4
-    # 9 signals, gender one-hot (zip has too many values), year, 3 genres, 3 * d embeddings
-    assert a.values.shape == (25, 12, 9 + 3 + 1 + 3 + 3 * d)
+    # 10 signals, gender one-hot (zip has too many values), year, 3 genres, 3 * d embeddings
+    assert a.values.shape == (25, 12, 10 + 3 + 1 + 3 + 3 * d + 3)
     assert a.values.dtype == np.float32
     assert len(a.names) == a.values.shape[2] == len(set(a.names))
     assert "user_gender=1" in a.names and not any("zip" in n for n in a.names)
@@ -136,3 +137,34 @@ def test_history_signals_do_not_depend_on_chunking() -> None:
     vals = dense[hist[u], col]
     assert big[0][row, 0] == pytest.approx(vals.sum(), rel=1e-5)
     assert big[1][row, 0] == pytest.approx(vals.max() if len(vals) else 0.0)
+
+
+def test_user_knn_by_hand() -> None:
+    # u0: {0, 1}; u1: {0, 1, 2}; u2: {1, 3}; u3: {3}. Cosine to u0: u1 2/sqrt(6), u2 1/2, u3 0.
+    history = sp.csr_matrix(
+        np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1], [0, 0, 0, 1]], dtype=np.float32)
+    )
+    items = np.array([[2, 3, -1]])
+    one = user_knn_scores(history, np.array([0]), items, k=1)  # only u1
+    np.testing.assert_allclose(one, [[2 / np.sqrt(6), 0.0, 0.0]], rtol=1e-6)
+    two = user_knn_scores(history, np.array([0]), items, k=2)  # u1 and u2
+    np.testing.assert_allclose(two, [[2 / np.sqrt(6), 0.5, 0.0]], rtol=1e-6)
+    # Chunking over users does not change anything.
+    users = np.array([0, 1, 2, 3])
+    batch = np.tile(np.array([[0, 1, 2, 3]]), (4, 1))
+    np.testing.assert_allclose(
+        user_knn_scores(history, users, batch, 2, chunk_cells=4),
+        user_knn_scores(history, users, batch, 2),
+    )
+
+
+def test_rank_columns_rank_within_the_list() -> None:
+    tables, cands = small_world(seed=5)
+    feats = candidate_features(tables, cands)
+    col = {n: i for i, n in enumerate(feats.names)}
+    for row in (0, 9):
+        ease = feats.values[row, :, col["ease_score"]]
+        rank = np.expm1(feats.values[row, :, col["ease_score_rank"]]).round().astype(int)
+        real = cands.mask[row]
+        expected = np.argsort(np.argsort(-ease[real], kind="stable"), kind="stable")
+        np.testing.assert_array_equal(rank[real], expected)

@@ -17,7 +17,11 @@ Columns, in order (``feature_names`` says which exist):
   item-item weights ``B[h, c]`` (Steck 2019), when the catalog is small enough to invert;
 - the user's and the item's side features (standardized numerics, one-hot categoricals of small
   cardinality, multi-hots);
-- ``user_vec_k``, ``item_vec_k``, ``dot_k``: both towers' embeddings and their product.
+- ``user_knn``: the summed cosine similarity of the user's ``user_knn`` nearest users that
+  have the candidate;
+- ``user_vec_k``, ``item_vec_k``, ``dot_k``: both towers' embeddings and their product;
+- ``cooc_sum_rank``, ``ease_score_rank``, ``user_knn_rank``: ``log1p`` of the candidate's rank
+  by that signal within the user's list (0 = best).
 
 Padded candidates (item ``-1``) get all-zero features.
 """
@@ -37,6 +41,10 @@ from slimrank.ranking.candidates import Candidates
 
 log = logging.getLogger(__name__)
 
+# Signals also given as their log rank within the user's list: ranks do not move when a
+# signal's scale does (the history fold of training has fewer items than serving's history).
+RANKED = ("cooc_sum", "ease_score", "user_knn")
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig(Config):
@@ -45,6 +53,8 @@ class FeatureConfig(Config):
     cooc_neighbors: int = 200  # strongest co-occurrences kept per item; 0 keeps all
     ease_lambda: float = 250.0  # L2 of EASE (RecBole default); 0 disables the EASE columns
     ease_max_items: int = 20_000  # EASE inverts an (I, I) matrix: skipped above this
+    user_knn: int = 50  # neighbours of the user-KNN score; 0 disables it
+    user_knn_max_users: int = 200_000  # user-KNN compares with every user: skipped above this
     max_onehot: int = 64  # categoricals with more values than this are left out
     embeddings: bool = True  # include user_vec, item_vec and their product
     chunk_pairs: int = 4_000_000  # (history item, candidate) pairs looked up at once
@@ -53,6 +63,14 @@ class FeatureConfig(Config):
         require(self.cooc_neighbors >= 0, self, "cooc_neighbors", self.cooc_neighbors, ">= 0")
         require(self.ease_lambda >= 0, self, "ease_lambda", self.ease_lambda, ">= 0")
         require(self.ease_max_items > 0, self, "ease_max_items", self.ease_max_items, "> 0")
+        require(self.user_knn >= 0, self, "user_knn", self.user_knn, ">= 0")
+        require(
+            self.user_knn_max_users > 0,
+            self,
+            "user_knn_max_users",
+            self.user_knn_max_users,
+            "> 0",
+        )
         require(self.max_onehot >= 0, self, "max_onehot", self.max_onehot, ">= 0")
         require(self.chunk_pairs > 0, self, "chunk_pairs", self.chunk_pairs, "> 0")
 
@@ -109,18 +127,27 @@ class FeatureTables:
     ease: ItemItem | None
 
     @property
+    def use_user_knn(self) -> bool:
+        """Whether the ``user_knn`` column is computed."""
+        n_users = self.history.shape[0]
+        return self.config.user_knn > 0 and n_users <= self.config.user_knn_max_users
+
+    @property
     def feature_names(self) -> tuple[str, ...]:
         """Return the names of the F columns :func:`candidate_features` produces."""
         names = ["retrieval_score", "retrieval_rank", "item_log_popularity", "user_log_history"]
         names += ["cooc_sum", "cooc_max", "cooc_mean"]
         if self.ease is not None:
             names += ["ease_score", "ease_max"]
+        if self.use_user_knn:
+            names.append("user_knn")
         names += [f"user_{n}" for n in self.user_side_names]
         names += [f"item_{n}" for n in self.item_side_names]
         if self.config.embeddings:
             d = self.user_vecs.shape[1]
             for prefix in ("user_vec", "item_vec", "dot"):
                 names += [f"{prefix}_{k}" for k in range(d)]
+        names += [f"{n}_rank" for n in RANKED if n in names]
         return tuple(names)
 
 
@@ -290,6 +317,37 @@ def history_signals(
     return total, best
 
 
+def user_knn_scores(
+    history: sp.csr_matrix,
+    users: np.ndarray,
+    items: np.ndarray,
+    k: int,
+    chunk_cells: int = 4_000_000,
+) -> np.ndarray:
+    """Return (U, N) user-KNN scores: the summed cosine similarity of the user's ``k`` most
+    similar other users (by observed items) that have the candidate item."""
+    h = sp.csr_matrix(history, dtype=np.float32)
+    n_users = h.shape[0]
+    inv = 1.0 / np.sqrt(np.maximum(np.diff(h.indptr), 1)).astype(np.float32)  # (n_users,)
+    out = np.zeros(items.shape, dtype=np.float32)
+    safe = np.where(items >= 0, items, 0)
+    step = max(1, chunk_cells // max(n_users, 1))
+    k_eff = min(k, n_users - 1)
+    for start in range(0, len(users), step):
+        rows = users[start : start + step]
+        sims = (h[rows] @ h.T).toarray() * inv[rows][:, None] * inv[None, :]  # (C, n_users)
+        sims[np.arange(len(rows)), rows] = 0.0  # not one's own neighbour
+        if k_eff <= 0:
+            continue
+        if k_eff < n_users:
+            cut = np.partition(sims, n_users - k_eff, axis=1)[:, n_users - k_eff][:, None]
+            # Ties at the cut keep every tied user: deterministic, at most a few extra.
+            sims = np.where(sims >= cut, sims, 0.0)
+        scores = np.asarray((h.T @ sims.T).T)  # (C, I)
+        out[start : start + step] = np.take_along_axis(scores, safe[start : start + step], axis=1)
+    return np.where(items >= 0, out, 0.0).astype(np.float32)
+
+
 def candidate_features(tables: FeatureTables, cands: Candidates) -> CandidateFeatures:
     """Return the (U, N, F) features of ``cands``; deterministic, zero at padded candidates."""
     cfg = tables.config
@@ -314,6 +372,9 @@ def candidate_features(tables: FeatureTables, cands: Candidates) -> CandidateFea
         out[:, :, col] = e_sum
         out[:, :, col + 1] = e_max
         col += 2
+    if tables.use_user_knn:
+        out[:, :, col] = user_knn_scores(tables.history, user, items, cfg.user_knn)
+        col += 1
     fu, fi = tables.user_side.shape[1], tables.item_side.shape[1]
     out[:, :, col : col + fu] = tables.user_side[user][:, None, :]
     col += fu
@@ -327,6 +388,14 @@ def candidate_features(tables: FeatureTables, cands: Candidates) -> CandidateFea
         out[:, :, col + d : col + 2 * d] = v
         out[:, :, col + 2 * d : col + 3 * d] = u * v
         col += 3 * d
+    for name in RANKED:
+        if name in names:
+            values = np.where(mask, out[:, :, names.index(name)], -np.inf)  # (U, N)
+            order = np.argsort(-values, axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(n)[None, :], axis=1)
+            out[:, :, col] = np.log1p(rank)
+            col += 1
     if col != len(names):
         raise RuntimeError(f"filled {col} feature columns but named {len(names)}")
     out[~mask] = 0.0
