@@ -141,3 +141,29 @@ def test_interleaved_latency_orders_slow_and_fast() -> None:
     assert result["slow"]["p50"] >= 0.003
     assert result["fast"]["p50"] < result["slow"]["p50"]
     assert result["slow"]["p90"] >= result["slow"]["p50"]
+
+
+def test_serving_featurizer_matches_batch_features() -> None:
+    from slimrank.pipeline.serving_features import featurizer
+
+    rng = np.random.default_rng(2)
+    n_users, n_items, d = 9, 15, 3
+    history = sp.csr_matrix((rng.random((n_users, n_items)) < 0.3).astype(np.float32))
+    user_vecs = rng.normal(size=(n_users, d)).astype(np.float32)
+    item_vecs = rng.normal(size=(n_items, d)).astype(np.float32)
+    tables = build_feature_tables(
+        history, user_vecs, item_vecs, _table(n_users), _table(n_items),
+        FeatureConfig(cooc_neighbors=4, ease_lambda=5.0),
+    )  # fmt: skip
+    featurize = featurizer(tables)
+    items = np.array([4, 0, 11, 7, -1])
+    for user in (0, 5):
+        scores = np.where(items >= 0, item_vecs[np.maximum(items, 0)] @ user_vecs[user], 0)
+        cands = Candidates([user], items[None], scores[None].astype(np.float32))
+        want = candidate_features(tables, cands).values[0]
+        np.testing.assert_allclose(featurize(user, user_vecs[user], items), want, atol=1e-6)
+    cold = featurize(-1, user_vecs[0], items)
+    names = tables.feature_names
+    for column in ("user_log_history", "cooc_sum", "ease_score"):
+        assert np.all(cold[:, names.index(column)] == 0)
+    assert np.all(cold[-1] == 0)  # the padded candidate

@@ -20,6 +20,7 @@ from slimrank.pipeline.artifacts import load_view
 from slimrank.pipeline.config import load_config
 from slimrank.pipeline.publish import load_bundle_tables, read_serving
 from slimrank.pipeline.run import STEPS, run_pipeline
+from slimrank.pipeline.serving_features import featurizer
 from slimrank.pipeline.steps import load_data, onnx_score_fn
 from slimrank.ranking.features import candidate_features
 from slimrank.ranking.pipeline_eval import pipeline_metrics
@@ -84,7 +85,16 @@ def test_bundle_tables_reproduce_the_pipeline_features(run: Run) -> None:
     assert pipeline_metrics(cands, scores, truth, (10,)) == result.metrics("int8")["test"]
     assert bundle.manifest.metrics["variants"]["int8"]["test"] == result.metrics("int8")["test"]
     serving = read_serving(bundle.path)
+    assert serving["kind"] == "pipeline"
     assert serving["features"]["feature_names"] == list(feats.names)
+    # One request at a time, as the server will featurize (tiny.toml's index is exact, so
+    # the request's inner products equal the retrieval scores the pipeline stored).
+    featurize = featurizer(tables)
+    user_vectors = np.load(bundle.file("user_vectors.npy"), allow_pickle=False)
+    for row in (0, len(cands) - 1):
+        user, items = int(cands.user[row]), cands.items[row]
+        got = featurize(user, user_vectors[user], items)
+        np.testing.assert_allclose(got, feats.values[row], rtol=1e-5, atol=1e-5)
     assert serving["ranker"]["input_dim"] == feats.values.shape[-1]
 
 

@@ -2,8 +2,8 @@
 
 Bundle files (all pickle-free; ``serving.json`` says how they fit together)::
 
+    serving.json                 {"kind": "pipeline", ...}: how the files below fit together
     ranker.onnx                  gated int8 ranker: "features" (M, F) float32 -> "scores" (M,)
-    serving.json                 feature layout, ranker and index description, versions
     index/index.faiss            FAISS index over item_vectors (rows = dense item index)
     index/item_ids.npy           int64 dense item index of each FAISS id (identity)
     index/index.json             factory string, tuned search parameters, config
@@ -38,6 +38,8 @@ from slimrank.pipeline.run import RunResult
 log = logging.getLogger(__name__)
 
 SERVING_FORMAT = 1
+# The serving loader registry (slimrank.serving.loader) picks a loader by this kind.
+SERVING_KIND = "pipeline"
 
 
 def variant_metrics(result: RunResult) -> dict[str, Any]:
@@ -87,6 +89,7 @@ def bundle_writer(result: RunResult) -> Callable[[Path], None]:
             shutil.copyfile(result.path("data") / name, out / "data" / name)
         decision = gate["decisions"][gate["mode"]]
         serving = {
+            "kind": SERVING_KIND,
             "format": SERVING_FORMAT,
             "k": result.config.k,
             "candidates": result.config.candidates.n,
