@@ -1,6 +1,6 @@
 """The teacher ranker: a DCN-v2 (Wang et al. 2021) over candidate features and id embeddings.
 
-``x0 = [standardize(features), user_embedding, item_embedding]`` goes through a full-rank
+``x0 = [clip(standardize(features)), user_embedding, item_embedding]`` goes through a full-rank
 :class:`CrossNetwork` and, in parallel, a deep :class:`MLP`; a linear head over both outputs
 gives one score per candidate. Id ``n_users`` / ``n_items`` is the "unknown" row, used for pads,
 cold-start ids, and (with probability ``id_dropout``) during training so that it is learned.
@@ -36,6 +36,7 @@ class TeacherConfig(Config):
     deep: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.2
     id_dropout: float = 0.1  # share of ids replaced by "unknown" while training
+    clip: float = 5.0  # standardized features are clipped to [-clip, clip]
 
     def __post_init__(self) -> None:
         require(self.n_features > 0, self, "n_features", self.n_features, "> 0")
@@ -47,6 +48,7 @@ class TeacherConfig(Config):
         require(ok, self, "deep", self.deep, "needs at least one positive width")
         require(0 <= self.dropout < 1, self, "dropout", self.dropout, "must lie in [0, 1)")
         require(0 <= self.id_dropout < 1, self, "id_dropout", self.id_dropout, "in [0, 1)")
+        require(self.clip > 0, self, "clip", self.clip, "> 0")
 
     @property
     def input_dim(self) -> int:
@@ -124,7 +126,10 @@ class DCNv2(nn.Module):
         Missing, negative or out-of-range ids use the "unknown" embedding.
         """
         shape = features.shape[:-1]
-        x = (features - self.feature_mean) / self.feature_std  # (..., F)
+        c = self.config.clip
+        # Clipped: cross layers multiply features, so a rare one-hot's z-score of 30 would
+        # reach 30^4 after three layers.
+        x = ((features - self.feature_mean) / self.feature_std).clamp(-c, c)  # (..., F)
         u = self.user_embedding(self._ids(user, shape, self.config.n_users))  # (..., E)
         v = self.item_embedding(self._ids(item, shape, self.config.n_items))  # (..., E)
         x0 = torch.cat([x, u, v], dim=-1).reshape(-1, self.config.input_dim)  # (M, D)

@@ -30,6 +30,7 @@ class TrainConfig(Config):
     lr: float = 1e-3
     weight_decay: float = 1e-5
     loss: str = "softmax"  # listwise softmax over each user's candidates, or pointwise BCE
+    grad_clip: float = 5.0  # max global gradient norm; 0 disables
     patience: int = 3  # epochs without a better validation metric before stopping
     metric: str = "ndcg@10"
     seed: int = 2020
@@ -42,6 +43,7 @@ class TrainConfig(Config):
         require(self.lr > 0, self, "lr", self.lr, "> 0")
         require(self.weight_decay >= 0, self, "weight_decay", self.weight_decay, ">= 0")
         require(self.loss in LOSSES, self, "loss", self.loss, f"one of {LOSSES}")
+        require(self.grad_clip >= 0, self, "grad_clip", self.grad_clip, ">= 0")
         require(self.patience > 0, self, "patience", self.patience, "> 0")
         require(self.threads > 0, self, "threads", self.threads, "> 0")
 
@@ -138,6 +140,8 @@ def train_teacher(
                 loss = loss_fn(scores, y, items >= 0)
                 optimizer.zero_grad()
                 loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 total += loss.item() * len(rows)
                 count += len(rows)
