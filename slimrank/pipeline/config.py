@@ -72,16 +72,22 @@ class TwoTowerStepConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class CandidateConfig(Config):
-    """Candidates per user (``n``), the history/target fold of training users, features."""
+    """Candidates per user (``n``), the history/target folds of training users, features.
+
+    Each of ``folds`` cuts every user's training items anew (seed ``fold_seed + i``), so the
+    rankers train on ``folds`` lists per user.
+    """
 
     n: int = 200
     target_frac: float = 0.2
     fold_seed: int = 0
+    folds: int = 1
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
         require(self.n >= 1, self, "n", self.n, "must be >= 1")
         require(0 < self.target_frac < 1, self, "target_frac", self.target_frac, "in (0, 1)")
+        require(self.folds >= 1, self, "folds", self.folds, "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,7 +117,11 @@ def run_pipeline(
         ["data"],
         lambda d, o: steps.two_tower_step(c.two_tower, d, o, k),
     )
-    fold = {"target_frac": c.candidates.target_frac, "fold_seed": c.candidates.fold_seed}
+    fold = {
+        "target_frac": c.candidates.target_frac,
+        "fold_seed": c.candidates.fold_seed,
+        "folds": c.candidates.folds,
+    }
     step(
         "embeddings",
         fold,

@@ -5,7 +5,7 @@ Order and inputs (each step's cache key is its config plus the digests of these 
     data -> two_tower -> embeddings -> index -> candidates -> teacher
          -> student_plain, student_distill -> student_pruned -> int8
 
-``embeddings`` holds three user views: ``fold`` (pools the history fold of the training
+``embeddings`` holds the user views: ``fold<i>`` (pools the history fold ``i`` of the training
 items; training candidates are mined with it), ``valid`` (pools the training items) and
 ``test`` (training and validation items: what a server knows). Every ranker variant is
 evaluated with the pipeline protocol (retrieve ``n``, rank, top ``k``) on the validation view
@@ -50,6 +50,7 @@ from slimrank.ranking.pipeline_eval import pipeline_metrics
 log = logging.getLogger(__name__)
 
 VIEWS = ("train", "valid", "test")
+_CANDS = ("user", "items", "retrieval_score")
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -175,39 +176,41 @@ def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int
 
 @dataclasses.dataclass(frozen=True)
 class Embeddings:
-    """Item vectors, user vectors of each view, and the training items' history/target fold."""
+    """Item vectors, user vectors of each view, and the training items' history/target folds."""
 
     item: np.ndarray  # (I, d)
-    user: dict[str, np.ndarray]  # view -> (U, d); views "fold", "valid", "test"
-    history: sp.csr_matrix  # (U, I) history fold of the training items
-    target: sp.csr_matrix  # (U, I) target fold
+    user: dict[str, np.ndarray]  # view -> (U, d); views "fold0", ..., "valid", "test"
+    history: list[sp.csr_matrix]  # per fold, (U, I) history part of the training items
+    target: list[sp.csr_matrix]  # per fold, (U, I) target part
 
 
 def embeddings_step(config: CandidateConfig, data_dir: Path, model_dir: Path, out: Path) -> None:
-    """Export item vectors and the user vectors of each view; cut the training fold."""
+    """Export item vectors and the user vectors of each view; cut the training folds."""
     from slimrank.retrieval.embeddings import export_embeddings, history_for
     from slimrank.retrieval.two_tower import UserHistory, load_model
 
     data = load_data(data_dir)
     split = data.split
     model = load_model(model_dir / "model")
-    history, target = split_history(split.train_matrix(), config.target_frac, config.fold_seed)
-    fold = UserHistory.from_interactions(
-        artifacts.interactions_from_matrix(history), split.n_users, model.config.max_history
-    )
     views = {
-        "fold": fold,
         "valid": history_for(split, "valid", model.config.max_history),
         "test": history_for(split, "test", model.config.max_history),
     }
     tensors: dict[str, np.ndarray] = {}
+    for i in range(config.folds):
+        history, target = split_history(
+            split.train_matrix(), config.target_frac, config.fold_seed + i
+        )
+        views[f"fold{i}"] = UserHistory.from_interactions(
+            artifacts.interactions_from_matrix(history), split.n_users, model.config.max_history
+        )
+        for name, m in ((f"history{i}", history), (f"target{i}", target)):
+            tensors[f"{name}/indptr"] = m.indptr.astype(np.int64)
+            tensors[f"{name}/indices"] = m.indices.astype(np.int64)
     for name, hist in views.items():
         user, item = export_embeddings(model, hist, data.user_features, data.item_features)
         tensors[f"user/{name}"] = user
         tensors["item"] = item
-    for name, m in (("history", history), ("target", target)):
-        tensors[f"{name}/indptr"] = m.indptr.astype(np.int64)
-        tensors[f"{name}/indices"] = m.indices.astype(np.int64)
     write_tensors(out / "embeddings.safetensors", tensors)
 
 
@@ -220,8 +223,10 @@ def load_embeddings(path: Path, n_users: int, n_items: int) -> Embeddings:
         data = np.ones(len(idx), dtype=np.float32)
         return sp.csr_matrix((data, idx, t[f"{name}/indptr"]), shape=(n_users, n_items))
 
-    user = {v: t[f"user/{v}"] for v in ("fold", "valid", "test")}
-    return Embeddings(t["item"], user, csr("history"), csr("target"))
+    user = {k.removeprefix("user/"): v for k, v in t.items() if k.startswith("user/")}
+    folds = sum(1 for k in t if k.startswith("history") and k.endswith("/indptr"))
+    history = [csr(f"history{i}") for i in range(folds)]
+    return Embeddings(t["item"], user, history, [csr(f"target{i}") for i in range(folds)])
 
 
 # -- index -------------------------------------------------------------------------------------
@@ -264,26 +269,36 @@ def candidates_step(
     emb = load_embeddings(emb_dir, split.n_users, split.n_items)
     index = load_search(index_dir)
     metrics: dict[str, Any] = {}
-    for view in VIEWS:
-        if view == "train":
-            observed, truth = emb.history, emb.target
-            user_vecs = emb.user["fold"]
-        else:
-            observed, truth = data.seen(view), data.truth(view)
-            user_vecs = emb.user[view]
+
+    def mine(observed: sp.csr_matrix, truth: sp.csr_matrix, user_vecs: np.ndarray) -> tuple:
         tables = build_feature_tables(
             observed, user_vecs, emb.item, data.user_features, data.item_features, config.features
         )
         users = np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
         cands = mine_candidates(user_vecs, index.search, users, config.n, observed)
-        feats = featurize(tables, cands)
-        labels = label_candidates(cands, truth)
+        return tables, cands, featurize(tables, cands), label_candidates(cands, truth)
+
+    parts = [
+        mine(emb.history[i], emb.target[i], emb.user[f"fold{i}"])[1:]
+        for i in range(len(emb.history))
+    ]
+    cands = Candidates(*(np.concatenate([getattr(p[0], f) for p in parts]) for f in _CANDS))
+    feats = dataclasses.replace(
+        parts[0][1],
+        values=np.concatenate([p[1].values for p in parts]),
+        user=cands.user,
+        items=cands.items,
+    )
+    labels = np.concatenate([p[2] for p in parts])
+    artifacts.save_view(out / "train.safetensors", cands, feats, labels)
+    for view in ("valid", "test"):
+        truth = data.truth(view)
+        tables, cands, feats, labels = mine(data.seen(view), truth, emb.user[view])
         artifacts.save_view(out / f"{view}.safetensors", cands, feats, labels)
-        if view != "train":
-            metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))
-        if view == "test":
-            layout = artifacts.save_serving_tables(out / "serving_tables.safetensors", tables)
-            write_json(out / "serving_layout.json", layout)
+        metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))
+    # The test view's tables are what a server knows: train + valid interactions.
+    layout = artifacts.save_serving_tables(out / "serving_tables.safetensors", tables)
+    write_json(out / "serving_layout.json", layout)
     write_json(out / "metrics.json", metrics)
 
 
