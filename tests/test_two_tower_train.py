@@ -175,3 +175,13 @@ def test_cli_trains_evaluates_and_writes_item_embeddings(tmp_path, capsys):
         evaluate_model(model, split, "test")["ndcg@10"]
     )
     assert json.loads((run / "train.json").read_text())["split_seed"] == 2020
+
+
+def test_cli_reports_a_bad_flag_without_a_traceback(tmp_path, capsys):
+    path = tmp_path / "logs.csv"
+    pd.DataFrame({"user_id": ["a", "b"], "item_id": ["x", "y"], "timestamp": [1, 2]}).to_csv(
+        path, index=False
+    )
+    args = ["retrieval", "train", "--dataset", str(path), "--out", str(tmp_path / "run")]
+    assert main([*args, "--loss", "bpr"]) == 2  # bpr needs leave_one_out examples
+    assert "TrainConfig.loss='bpr'" in capsys.readouterr().err

@@ -30,11 +30,21 @@ def register(sub: Any) -> None:
     train.add_argument("--seed", type=int, default=0, help="training seed")
     train.add_argument("--split-seed", type=int, default=SPLIT_SEED, help="split seed")
     train.add_argument("--epochs", type=int, default=100, help="maximum epochs")
-    train.add_argument("--dim", type=int, default=64, help="embedding dimension d")
+    train.add_argument("--dim", type=int, default=64, help="output (and embedding) dimension d")
+    train.add_argument(
+        "--hidden", default="", help="comma-separated MLP hidden sizes; empty: linear towers"
+    )
+    train.add_argument("--user-id", action="store_true", help="give the user tower a user id")
     train.add_argument("--loss", default="softmax", help="softmax, sampled_softmax or bpr")
-    train.add_argument("--batch-size", type=int, default=1024, help="examples per batch")
-    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument(
+        "--examples",
+        default="masked",
+        help="masked or leave_one_out (see slimrank.retrieval.train)",
+    )
+    train.add_argument("--mask-share", type=float, default=0.2, help="share of items to predict")
+    train.add_argument("--batch-size", type=int, default=4096, help="examples per batch")
+    train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    train.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     train.add_argument("--history-dropout", type=float, default=0.0, help="history dropout")
     train.add_argument("--temperature", type=float, default=0.1, help="softmax temperature")
     train.add_argument("--patience", type=int, default=10, help="early-stopping patience")
@@ -55,6 +65,7 @@ def register(sub: Any) -> None:
 def train_command(args: argparse.Namespace) -> int:
     """Train, keep the best validation epoch, and save the model."""
     from slimrank.data.dataset import load_dataset, split_random
+    from slimrank.errors import SlimrankError
     from slimrank.retrieval.train import TrainConfig, train_two_tower
     from slimrank.retrieval.two_tower import FeatureSpec, TwoTowerConfig, save_model
 
@@ -62,29 +73,38 @@ def train_command(args: argparse.Namespace) -> int:
     split = split_random(
         dataset.interactions, dataset.n_users, dataset.n_items, seed=args.split_seed
     )
-    model_config = TwoTowerConfig(
-        n_users=dataset.n_users,
-        n_items=dataset.n_items,
-        dim=args.dim,
-        temperature=args.temperature,
-        user_features=FeatureSpec()
-        if args.no_features
-        else FeatureSpec.from_table(dataset.user_features),
-        item_features=FeatureSpec()
-        if args.no_features
-        else FeatureSpec.from_table(dataset.item_features),
-    )
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        loss=args.loss,
-        history_dropout=args.history_dropout,
-        patience=args.patience,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    features = not args.no_features
+    try:
+        model_config = TwoTowerConfig(
+            n_users=dataset.n_users,
+            n_items=dataset.n_items,
+            dim=args.dim,
+            id_dim=args.dim,
+            hidden=tuple(int(h) for h in args.hidden.split(",") if h.strip()),
+            use_user_id=args.user_id,
+            temperature=args.temperature,
+            user_features=FeatureSpec.from_table(dataset.user_features)
+            if features
+            else FeatureSpec(),
+            item_features=FeatureSpec.from_table(dataset.item_features)
+            if features
+            else FeatureSpec(),
+        )
+        train_config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            loss=args.loss,
+            examples=args.examples,
+            mask_share=args.mask_share,
+            history_dropout=args.history_dropout,
+            patience=args.patience,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    except ValueError as err:  # a bad flag value: say which, without a traceback
+        raise SlimrankError(str(err)) from err
     result = train_two_tower(
         model_config, train_config, split, dataset.user_features, dataset.item_features
     )

@@ -64,6 +64,8 @@ class TrainConfig(Config):
     mask_share: float = 0.2
     patience: int = 10  # evaluations without a better validation Recall@k before stopping
     eval_every: int = 1  # epochs between validations
+    lr_patience: int = 0  # multiply the lr by lr_decay after this many stale evaluations; 0: never
+    lr_decay: float = 0.5
     k: int = 10  # cut-off of the early-stopping metric
     seed: int = 0
     # One thread: the ops are small, and on a shared machine more threads mostly wait.
@@ -93,6 +95,8 @@ class TrainConfig(Config):
         )
         require(0.0 < self.mask_share < 1.0, self, "mask_share", self.mask_share, "in (0, 1)")
         require(self.patience >= 1, self, "patience", self.patience, "must be >= 1")
+        require(self.lr_patience >= 0, self, "lr_patience", self.lr_patience, "must be >= 0")
+        require(0.0 < self.lr_decay <= 1.0, self, "lr_decay", self.lr_decay, "in (0, 1]")
         require(self.eval_every >= 1, self, "eval_every", self.eval_every, "must be >= 1")
         require(self.k >= 1, self, "k", self.k, "must be >= 1")
         require(self.threads >= 1, self, "threads", self.threads, "must be >= 1")
@@ -296,6 +300,10 @@ def _train(
                     stale = 0
                 else:
                     stale += 1
+                    if config.lr_patience and stale % config.lr_patience == 0:
+                        for group in optimizer.param_groups:
+                            group["lr"] *= config.lr_decay
+                        log.info("lr x %g after %d stale evaluations", config.lr_decay, stale)
                 status += (
                     f" | valid {metric} {valid[metric]:.4f} (best {best_recall:.4f} @ {best_epoch})"
                 )
