@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
+from slimrank.evaluation.protocol import evaluate_full_ranking
 from slimrank.ranking.candidates import (
     Candidates,
     exact_search,
@@ -13,6 +15,8 @@ from slimrank.ranking.candidates import (
     pair_lookup,
     split_history,
 )
+from slimrank.ranking.features import build_feature_tables
+from slimrank.ranking.pipeline_eval import pipeline_view
 
 
 def random_data(seed: int = 0, n_users: int = 30, n_items: int = 50, d: int = 8):
@@ -109,3 +113,25 @@ def test_training_view_has_positives_among_candidates() -> None:
     assert label_candidates(cands, target).sum() == target.nnz  # n covers the whole catalog
     leaky = mine_candidates(user_vecs, search, users, n=40, exclude=train)
     assert label_candidates(leaky, train).sum() == 0
+
+
+def test_pipeline_with_every_item_retrieved_equals_the_full_ranking_protocol() -> None:
+    """Retrieve all items and keep retrieval order: the protocol's full ranking, same metrics."""
+    user_vecs, item_vecs, seen = random_data(seed=7, n_users=30, n_items=50)
+    truth = sp.random(30, 50, density=0.1, random_state=8, format="csr")
+    truth.data[:] = 1.0
+    truth = sp.csr_matrix(truth - truth.multiply(seen))  # relevant items are unseen ones
+    truth.eliminate_zeros()
+    tables = build_feature_tables(seen, user_vecs, item_vecs)
+    view = pipeline_view(exact_search(item_vecs), user_vecs, tables, truth, seen, n=50)
+    got = view.retrieval_only(ks=(5, 10))
+    expected = evaluate_full_ranking(
+        lambda users: user_vecs[users] @ item_vecs.T, truth, seen, ks=(5, 10)
+    )
+    for key in ("ndcg@10", "recall@10", "mrr@10", "ndcg@5", "hit@5"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-9)
+    assert got["users"] == expected["users"]
+    assert got["candidate_recall"] == pytest.approx(1.0)
+    # With fewer candidates, relevant items beyond the retrieved ones can only be lost.
+    small = pipeline_view(exact_search(item_vecs), user_vecs, tables, truth, seen, n=5)
+    assert small.retrieval_only()["recall@10"] <= got["recall@10"]
