@@ -15,6 +15,7 @@ from slimrank.retrieval.index import (
     IndexConfig,
     build_index,
     check_vectors,
+    coarse_centroids_of,
     plan_index,
     tune_index,
 )
@@ -243,3 +244,21 @@ def test_recall_at_k_counts_overlap_and_ignores_missing() -> None:
     truth = np.array([[3, 2, 9], [4, 5, 6]])
     assert recall_at_k(found, truth, 3) == pytest.approx(3 / 6)
     assert recall_at_k(found, truth, 1) == pytest.approx(1 / 2)
+
+
+def test_reused_coarse_centroids_skip_kmeans_and_keep_recall(default_index, catalog) -> None:
+    centroids = coarse_centroids_of(default_index)
+    assert centroids.shape == (128, D)
+    config = dataclasses.replace(CONFIG, refine="flat")
+    index = build_index(
+        catalog["xb"],
+        config,
+        tune_queries=catalog["tune_q"],
+        progress=False,
+        coarse_centroids=centroids,
+    )
+    np.testing.assert_array_equal(coarse_centroids_of(index), centroids)
+    _, found = index.search(catalog["held_out"], 100)
+    assert recall_at_k(found, catalog["truth"], 100) >= TUNING.target - 0.02
+    with pytest.raises(DataError, match="coarse_centroids: shape"):
+        build_index(catalog["xb"], config, progress=False, coarse_centroids=centroids[:64])

@@ -314,11 +314,14 @@ def build_index(
     item_ids: np.ndarray | None = None,
     tune_queries: np.ndarray | None = None,
     progress: bool = True,
+    coarse_centroids: np.ndarray | None = None,
 ) -> RetrievalIndex:
     """Train, fill and tune an index over ``vectors`` (N, d); returns a :class:`RetrievalIndex`.
 
     ``vectors`` may be a memory-mapped ``.npy``. ``tune_queries`` (Q, d) are held-out queries
     for tuning; without them a seeded sample of ``tuning.n_queries`` catalog vectors is used.
+    ``coarse_centroids`` (nlist, d), e.g. from :func:`coarse_centroids_of` another index over
+    the same catalog, skip the IVF k-means (not with OPQ, whose lists live in rotated space).
     """
     config = config or IndexConfig()
     xb = check_vectors(vectors, "vectors")
@@ -331,8 +334,10 @@ def build_index(
     log.info("building %s over %d x %d (%s)", plan.factory_string, n, d, config.metric)
     index = faiss.index_factory(d, plan.factory_string, config.faiss_metric)
 
+    if coarse_centroids is not None:
+        _set_coarse_centroids(index, plan, config, coarse_centroids)
     rng = np.random.default_rng(config.seed)
-    if not index.is_trained:
+    if not index.is_trained or coarse_centroids is not None:
         sample = np.sort(rng.choice(n, size=plan.train_size, replace=False))
         xt = np.ascontiguousarray(xb[sample], dtype=np.float32)  # (T, d)
         log.info("training on %d sampled vectors", len(xt))
@@ -344,6 +349,29 @@ def build_index(
     if config.tuning.enabled and plan.factory_string != "Flat":
         return tune_index(built, xb, tune_queries)
     return built
+
+
+def coarse_centroids_of(index: RetrievalIndex) -> np.ndarray:
+    """Return the IVF centroids of ``index``, (nlist, d) float32."""
+    ivf = faiss.try_extract_index_ivf(index.faiss_index)
+    if ivf is None:
+        raise ValueError(f"{index.factory_string!r} has no IVF coarse quantizer")
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)  # (nlist, d)
+
+
+def _set_coarse_centroids(
+    index: faiss.Index, plan: IndexPlan, config: IndexConfig, centroids: np.ndarray
+) -> None:
+    require(not config.opq, config, "opq", config.opq, "cannot reuse coarse centroids with OPQ")
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        raise ValueError(f"coarse_centroids given, but {plan.factory_string!r} has no IVF")
+    if centroids.shape != (plan.nlist, index.d):
+        raise DataError(
+            f"coarse_centroids: shape {centroids.shape}, the plan needs ({plan.nlist}, {index.d})"
+        )
+    # FAISS skips the IVF k-means when the quantizer already holds nlist centroids.
+    ivf.quantizer.add(np.ascontiguousarray(check_vectors(centroids, "coarse_centroids"), "f4"))
 
 
 def _add_in_chunks(index: faiss.Index, xb: np.ndarray, rows: int, progress: bool) -> None:
