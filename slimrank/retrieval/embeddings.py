@@ -66,6 +66,8 @@ def export_embeddings(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (user_vecs (U, d), item_vecs (I, d)) float32 for every user and item.
 
+    The dot product ranks items as the model does. With ``item_bias`` both are d + 1 wide:
+    users get a last column of ones, items their bias divided by the logit scale.
     ``history`` is needed when the model pools one; the features when it reads them. The
     model is switched to eval mode (no dropout) and left there.
     """
@@ -92,9 +94,14 @@ def export_embeddings(
         rows = torch.arange(start, min(start + batch_size, config.n_items))
         feats = None if ifeat is None else take_rows(ifeat, rows)
         items.append(model.item_vectors(rows, feats))
-    user_vecs = torch.cat(users).numpy().astype(np.float32)  # (U, d)
-    item_vecs = torch.cat(items).numpy().astype(np.float32)  # (I, d)
-    return user_vecs, item_vecs
+    user_vecs = torch.cat(users)  # (U, d)
+    item_vecs = torch.cat(items)  # (I, d)
+    if model.item_bias is not None:
+        # u . v + b / scale ranks as the training logit scale * u . v + b does.
+        user_vecs = torch.cat([user_vecs, torch.ones(len(user_vecs), 1)], dim=1)  # (U, d + 1)
+        bias = model.item_bias.weight / model.scale()  # (I, 1)
+        item_vecs = torch.cat([item_vecs, bias], dim=1)  # (I, d + 1)
+    return user_vecs.numpy().astype(np.float32), item_vecs.numpy().astype(np.float32)
 
 
 def _features(table, spec, n_rows: int, side: str) -> dict[str, torch.Tensor] | None:

@@ -112,28 +112,15 @@ class TrainResult:
     log: list[dict[str, float]]  # one row per evaluation: epoch, loss, valid metrics
 
 
-def softmax_loss(
-    user_vecs: torch.Tensor, item_vecs: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """Return the mean cross entropy of ``targets`` (B,) over all items ``item_vecs`` (I, d)."""
-    logits = scale * user_vecs @ item_vecs.T  # (B, I)
-    return F.cross_entropy(logits, targets)
-
-
 def sampled_softmax_loss(
-    user_vecs: torch.Tensor,
-    item_vecs: torch.Tensor,
-    items: torch.Tensor,
-    scale: torch.Tensor,
-    log_q: torch.Tensor | None = None,
+    logits: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Return the in-batch softmax loss: row ``b``'s positive is column ``b``.
+    """Return the in-batch softmax loss of (B, B) ``logits``: row ``b``'s positive is column ``b``.
 
-    ``item_vecs`` (B, d) are the vectors of ``items`` (B,); ``log_q`` (B,) is the log sampling
-    probability of each, subtracted from its logits (logQ correction). A column holding the
+    ``items`` (B,) are the batch's positive items; ``log_q`` (B,) is the log sampling
+    probability of each, subtracted from its column (logQ correction). A column holding the
     row's own positive item elsewhere in the batch is not counted as a negative.
     """
-    logits = scale * user_vecs @ item_vecs.T  # (B, B)
     if log_q is not None:
         logits = logits - log_q[None, :]
     same = items[:, None] == items[None, :]  # (B, B)
@@ -142,12 +129,9 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, torch.arange(len(items)))
 
 
-def bpr_loss(
-    user_vecs: torch.Tensor, pos_vecs: torch.Tensor, neg_vecs: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """Return the mean of -log sigmoid(score(pos) - score(neg)), all (B, d)."""
-    diff = scale * ((user_vecs * pos_vecs).sum(-1) - (user_vecs * neg_vecs).sum(-1))  # (B,)
-    return F.softplus(-diff).mean()
+def bpr_loss(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Return the mean of -log sigmoid(positive - negative) over (B,) logits."""
+    return F.softplus(negative - positive).mean()
 
 
 def evaluate_model(
@@ -264,21 +248,25 @@ def _train(
                 user_vecs = model.user_vectors_pooled(
                     users, None if ufeat is None else take_rows(ufeat, users), pooled
                 )  # (B, d)
-                scale = model.scale()
                 if config.loss == "softmax":
                     item_vecs = model.item_vectors(all_items, ifeat)  # (I, d)
-                    loss = softmax_loss(user_vecs, item_vecs, items, scale)
+                    logits = model.logits(user_vecs, item_vecs, all_items)  # (B, I)
+                    loss = F.cross_entropy(logits, items)
                 elif config.loss == "sampled_softmax":
                     feats = None if ifeat is None else take_rows(ifeat, items)
                     item_vecs = model.item_vectors(items, feats)  # (B, d)
+                    logits = model.logits(user_vecs, item_vecs, items)  # (B, B)
                     correction = log_q[items] if config.logq else None
-                    loss = sampled_softmax_loss(user_vecs, item_vecs, items, scale, correction)
+                    loss = sampled_softmax_loss(logits, items, correction)
                 else:
                     negatives = torch.as_tensor(rng.integers(0, split.n_items, len(items)))
                     both = torch.cat([items, negatives])
                     feats = None if ifeat is None else take_rows(ifeat, both)
                     pos_vecs, neg_vecs = model.item_vectors(both, feats).split(len(items))
-                    loss = bpr_loss(user_vecs, pos_vecs, neg_vecs, scale)
+                    loss = bpr_loss(
+                        model.pair_logits(user_vecs, pos_vecs, items),
+                        model.pair_logits(user_vecs, neg_vecs, negatives),
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -347,7 +335,7 @@ def _masked_loss(
         users, None if ufeat is None else take_rows(ufeat, users), pooled
     )  # (G, d)
     item_vecs = model.item_vectors(all_items, ifeat)  # (I, d)
-    log_p = F.log_softmax(model.scale() * user_vecs @ item_vecs.T, dim=1)  # (G, I)
+    log_p = F.log_softmax(model.logits(user_vecs, item_vecs, all_items), dim=1)  # (G, I)
     if not hidden.any():
         return log_p.sum() * 0.0  # nothing to predict in this batch
     return -log_p[torch.as_tensor(rows[hidden]), torch.as_tensor(items[hidden])].mean()

@@ -94,6 +94,9 @@ class TwoTowerConfig(Config):
     normalize: bool = True  # L2-normalize both towers' outputs (cosine similarity)
     temperature: float = 0.1  # logits = dot / temperature in training
     learn_temperature: bool = False
+    # A learned logit per item (its popularity); exported as one extra dimension, so the
+    # vectors are dim + 1 wide (see slimrank.retrieval.embeddings).
+    item_bias: bool = False
     user_features: FeatureSpec = dataclasses.field(default_factory=FeatureSpec)
     item_features: FeatureSpec = dataclasses.field(default_factory=FeatureSpec)
 
@@ -346,6 +349,10 @@ class TwoTower(nn.Module):
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
+        self.item_bias = None
+        if config.item_bias:
+            self.item_bias = nn.Embedding(config.n_items, 1)
+            nn.init.zeros_(self.item_bias.weight)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.config.normalize else x
@@ -386,8 +393,29 @@ class TwoTower(nn.Module):
         return self._finish(self.item_tower(items, features))
 
     def scale(self) -> torch.Tensor:
-        """Return the logit scale 1 / temperature (training only; ranking ignores it)."""
+        """Return the logit scale 1 / temperature."""
         return self.log_scale.exp()
+
+    def logits(
+        self, user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the (B, N) training logits ``scale * u . v`` plus the item bias, if any.
+
+        ``user_vecs`` (B, dim), ``item_vecs`` (N, dim) the vectors of ``items`` (N,).
+        """
+        out = self.scale() * user_vecs @ item_vecs.T  # (B, N)
+        if self.item_bias is not None:
+            out = out + self.item_bias(items)[:, 0][None, :]
+        return out
+
+    def pair_logits(
+        self, user_vecs: torch.Tensor, item_vecs: torch.Tensor, items: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the (B,) logits of row ``b``'s user and item: the diagonal of :meth:`logits`."""
+        out = self.scale() * (user_vecs * item_vecs).sum(-1)  # (B,)
+        if self.item_bias is not None:
+            out = out + self.item_bias(items)[:, 0]
+        return out
 
 
 MODEL_WEIGHTS = "model.safetensors"
