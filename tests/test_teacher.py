@@ -98,14 +98,14 @@ def test_rank_candidates_skips_pads_and_keeps_retrieval_order_on_ties() -> None:
 
 def test_teacher_beats_retrieval_order_on_a_planted_signal(tmp_path) -> None:
     cands, feats, truth = planted(1)
-    v_cands, v_feats, v_truth = planted(2)
+    v_cands, v_feats, v_truth = planted(2, n_users=60)
     labels = label_candidates(cands, truth)
 
     def validate(model: DCNv2) -> dict[str, float]:
         return pipeline_metrics(v_cands, teacher_scores(model, v_feats), v_truth)
 
     cfg = TeacherConfig(n_features=6, n_users=120, n_items=60, **SMALL)
-    train = TrainConfig(epochs=10, batch_users=16, list_size=0, lr=5e-3, patience=10)
+    train = TrainConfig(epochs=8, batch_users=20, list_size=0, lr=5e-3, patience=8)
     result = train_teacher(cfg, feats, labels, validate, train, progress=False)
     baseline = pipeline_metrics(v_cands, v_cands.retrieval_score, v_truth)["ndcg@10"]
     assert result.best_metric > baseline + 0.3

@@ -34,7 +34,7 @@ class TrainConfig(Config):
     patience: int = 3  # epochs without a better validation metric before stopping
     metric: str = "ndcg@10"
     seed: int = 2020
-    threads: int = 2
+    threads: int = 1  # on a shared, busy machine one thread beats two (no spin-waiting)
 
     def __post_init__(self) -> None:
         require(self.epochs > 0, self, "epochs", self.epochs, "> 0")
