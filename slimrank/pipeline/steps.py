@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -46,6 +46,9 @@ from slimrank.ranking.candidates import Candidates, label_candidates, mine_candi
 from slimrank.ranking.features import CandidateFeatures, build_feature_tables
 from slimrank.ranking.features import candidate_features as featurize
 from slimrank.ranking.pipeline_eval import pipeline_metrics
+
+if TYPE_CHECKING:
+    from slimrank.retrieval.index import IndexConfig, RetrievalIndex
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +235,7 @@ def load_embeddings(path: Path, n_users: int, n_items: int) -> Embeddings:
 # -- index -------------------------------------------------------------------------------------
 
 
-def index_step(config: Any, data_dir: Path, emb_dir: Path, out: Path) -> None:
+def index_step(config: IndexConfig, data_dir: Path, emb_dir: Path, out: Path) -> None:
     """Build the FAISS index over item vectors, tuned on the test view's user vectors."""
     from slimrank.retrieval.index import build_index
     from slimrank.retrieval.index_io import save_index
@@ -246,7 +249,7 @@ def index_step(config: Any, data_dir: Path, emb_dir: Path, out: Path) -> None:
     save_index(index, out / "index")
 
 
-def load_search(index_dir: Path) -> Any:
+def load_search(index_dir: Path) -> RetrievalIndex:
     """Return the saved :class:`RetrievalIndex` (its ``search`` is a ``SearchFn``)."""
     from slimrank.retrieval.index_io import load_index
 
