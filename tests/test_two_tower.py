@@ -121,6 +121,7 @@ def test_history_for_test_view_adds_the_validation_items():
         ({"dropout": 1.0}, "dropout"),
         ({"temperature": 0.0}, "temperature"),
         ({"max_history": -2}, "max_history"),
+        ({"history_power": 1.5}, "history_power"),
         ({"n_items": 0}, "n_items"),
         ({"use_user_id": False, "use_history": False}, "use_user_id"),
         ({"use_item_id": False}, "use_item_id"),
@@ -292,3 +293,15 @@ def test_item_bias_is_exported_as_one_more_dimension_that_ranks_like_the_logits(
     np.testing.assert_allclose(
         user_vecs @ item_vecs.T * scale, logits.numpy(), rtol=1e-5, atol=1e-5
     )
+
+
+def test_history_power_scales_the_pooled_sum():
+    torch.manual_seed(0)
+    config = TwoTowerConfig(n_users=2, n_items=6, dim=4, id_dim=4, history_power=0.5)
+    model = TwoTower(config).eval()
+    history = UserHistory.from_interactions(interactions([1, 1, 1, 1], [0, 2, 3, 5]), 2)
+    user_vecs, _ = export_embeddings(model, history)
+    with torch.no_grad():
+        pooled = model.user_tower.history.weight[[0, 2, 3, 5]].sum(0, keepdim=True) / 2.0
+        expected = model.user_vectors_pooled(torch.tensor([1]), None, pooled)
+    np.testing.assert_allclose(user_vecs[1], expected[0].numpy(), rtol=1e-5, atol=1e-6)

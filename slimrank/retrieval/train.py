@@ -330,7 +330,7 @@ def _masked_loss(
         sums, counts = model.user_tower.pool(
             torch.as_tensor(items[kept]), torch.as_tensor(bag_offsets)
         )
-        pooled = sums / counts.clamp(min=1)[:, None].to(sums.dtype)  # (G, D)
+        pooled = model.pool_scale(sums, counts)  # (G, D)
     user_vecs = model.user_vectors_pooled(
         users, None if ufeat is None else take_rows(ufeat, users), pooled
     )  # (G, d)
@@ -379,7 +379,7 @@ def _pooled_history(
     target_vecs = tower.history.weight[torch.as_tensor(targets)]  # (B, D)
     sums = sums[rows_t] - in_bag[:, None] * target_vecs  # (B, D)
     counts = counts[rows_t].to(sums.dtype) - in_bag  # (B,)
-    return sums / counts.clamp(min=1)[:, None]
+    return model.pool_scale(sums, counts)
 
 
 def _need(table: FeatureTable | None, side: str) -> FeatureTable:

@@ -91,6 +91,10 @@ class TwoTowerConfig(Config):
     use_item_id: bool = True
     use_history: bool = True  # mean of the user's history item embeddings
     max_history: int = 0  # most recent items pooled per user; 0 keeps all
+    # History sum / n ** history_power: 1 is the mean, 0.5 keeps the norm of the pooled
+    # vector about constant in n (as in FISM), so long histories do not fade next to the
+    # features.
+    history_power: float = 1.0
     normalize: bool = True  # L2-normalize both towers' outputs (cosine similarity)
     temperature: float = 0.1  # logits = dot / temperature in training
     learn_temperature: bool = False
@@ -109,6 +113,13 @@ class TwoTowerConfig(Config):
             all(int(h) >= 1 for h in self.hidden), self, "hidden", self.hidden, "sizes must be >= 1"
         )
         require(0.0 <= self.dropout < 1.0, self, "dropout", self.dropout, "must be in [0, 1)")
+        require(
+            0.0 <= self.history_power <= 1.0,
+            self,
+            "history_power",
+            self.history_power,
+            "must be in [0, 1]",
+        )
         require(self.max_history >= 0, self, "max_history", self.max_history, "must be >= 0")
         require(self.temperature > 0, self, "temperature", self.temperature, "must be > 0")
         require(
@@ -367,15 +378,21 @@ class TwoTower(nn.Module):
         """Return the (B, dim) user vectors, normalized when the config says so.
 
         ``history_items`` (N,) and ``history_offsets`` (B,) are the users' history bags (see
-        :meth:`UserHistory.bags`); the tower reads their mean, 0 for an empty bag.
+        :meth:`UserHistory.bags`); the tower reads their sum / n ** history_power (the mean
+        by default), 0 for an empty bag.
         """
         pooled = None
         if self.config.use_history:
             if history_items is None or history_offsets is None:
                 raise ValueError("this model pools a user history; none was given")
             sums, counts = self.user_tower.pool(history_items, history_offsets)
-            pooled = sums / counts.clamp(min=1)[:, None].to(sums.dtype)  # (B, D)
+            pooled = self.pool_scale(sums, counts)  # (B, D)
         return self.user_vectors_pooled(users, features, pooled)
+
+    def pool_scale(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Return history sums (B, D) divided by their bag sizes (B,) to the pooling power."""
+        counts = counts.to(sums.dtype).clamp(min=1.0)
+        return sums / counts.pow(self.config.history_power)[:, None]
 
     def user_vectors_pooled(
         self,
