@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from slimrank.pipeline import steps
+from slimrank.pipeline import compress_steps, steps
 from slimrank.pipeline.cache import StepCache, StepOutput
 from slimrank.pipeline.config import PipelineConfig
 
@@ -161,7 +161,7 @@ def run_pipeline(
             name,
             {"k": k, "distill": distill, **c.student.to_dict()},
             ["data", "candidates", "teacher"],
-            lambda d, cd, t, o, distill=distill: steps.student_step(
+            lambda d, cd, t, o, distill=distill: compress_steps.student_step(
                 c.student, distill, k, d, cd, t, o
             ),
         )
@@ -169,12 +169,12 @@ def run_pipeline(
         "student_pruned",
         {"k": k, "student": c.student.to_dict(), "prune": c.prune.to_dict()},
         ["data", "candidates", "teacher", "student_distill"],
-        lambda d, cd, t, s, o: steps.pruned_step(c.student, c.prune, k, d, cd, t, s, o),
+        lambda d, cd, t, s, o: compress_steps.pruned_step(c.student, c.prune, k, d, cd, t, s, o),
     )
     step(
         "int8",
         {"k": k, **c.int8.to_dict()},
         ["data", "candidates", "teacher", "student_pruned"],
-        lambda d, cd, t, p, o: steps.int8_step(c.int8, k, d, cd, t, p, o),
+        lambda d, cd, t, p, o: compress_steps.int8_step(c.int8, k, d, cd, t, p, o),
     )
     return RunResult(config, out)

@@ -1,9 +1,9 @@
-"""The offline steps, each a function that writes its outputs into the directory it is given.
+"""The offline steps up to the teacher; each writes its outputs into the directory it is given.
 
 Order and inputs (each step's cache key is its config plus the digests of these inputs)::
 
     data -> two_tower -> embeddings -> index -> candidates -> teacher
-         -> student_plain, student_distill -> student_pruned -> int8
+         -> student_plain, student_distill -> student_pruned -> int8   (compress_steps)
 
 ``embeddings`` holds the user views: ``fold<i>`` (pools the history fold ``i`` of the training
 items; training candidates are mined with it), ``valid`` (pools the training items) and
@@ -16,17 +16,13 @@ directory back.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from slimrank.bundle.formats import read_npy, read_tensors, write_json, write_npy, write_tensors
 from slimrank.data.dataset import FeatureTable, Split, load_dataset, split_random
@@ -35,9 +31,6 @@ from slimrank.pipeline.config import (
     SOURCES_SYNTHETIC,
     CandidateConfig,
     DataConfig,
-    Int8Config,
-    PruneConfig,
-    StudentConfig,
     TeacherStepConfig,
     TwoTowerStepConfig,
 )
@@ -391,263 +384,3 @@ def rescore_teacher_step(
 def load_teacher_scores(path: Path) -> dict[str, np.ndarray]:
     """Return the teacher's ``(U, N)`` scores of each view (``-inf`` at pads)."""
     return read_tensors(path / "scores.safetensors")
-
-
-# -- students ----------------------------------------------------------------------------------
-
-
-def _standardization(feats: CandidateFeatures) -> tuple[np.ndarray, np.ndarray]:
-    x = feats.values[feats.mask].astype(np.float64)  # (M, F)
-    mean = x.mean(axis=0) if len(x) else np.zeros(feats.values.shape[-1])
-    std = x.std(axis=0) if len(x) else np.ones(feats.values.shape[-1])
-    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
-
-
-def list_data(
-    feats: CandidateFeatures, labels: np.ndarray, teacher: np.ndarray, mean: Any, std: Any
-) -> Any:
-    """Return the distillation lists of standardized features, labels and teacher scores."""
-    from slimrank.compression.distill import ListData
-
-    mask = feats.mask
-    x = (feats.values - mean) / std  # (U, N, F)
-    x[~mask] = 0.0
-    return ListData(
-        torch.from_numpy(x.astype(np.float32)),
-        torch.from_numpy(np.where(mask, teacher, 0.0).astype(np.float32)),
-        torch.from_numpy(labels.astype(np.float32)),
-        torch.from_numpy(mask),
-    )
-
-
-def onnx_score_fn(path: Path) -> Any:
-    """Return ``score(features) -> (U, N)`` running the ONNX ranker at ``path`` (fp32 or int8)."""
-    from slimrank.compression.export import sha256_file
-    from slimrank.compression.scorer import Scorer, ScorerConfig
-
-    scorer = Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
-
-    def score(feats: CandidateFeatures) -> np.ndarray:
-        u, n, f = feats.values.shape
-        return scorer.score(feats.values.reshape(u * n, f)).reshape(u, n)
-
-    return score
-
-
-def _save_student(
-    out: Path, model: Any, mean: np.ndarray, std: np.ndarray, extra: dict[str, Any]
-) -> Path:
-    """Save the student (standardized-input weights), export the folded ONNX; return its path."""
-    from slimrank.compression.export import export_onnx, save_mlp
-    from slimrank.compression.flops import count_cost
-    from slimrank.ranking.mlp import fold_standardization
-
-    save_mlp(model, out / "student.safetensors")
-    write_tensors(out / "standardization.safetensors", {"mean": mean, "std": std})
-    folded = fold_standardization(model, torch.from_numpy(mean), torch.from_numpy(std))
-    path = export_onnx(folded, out / "model.onnx", model.config.input_dim)
-    cost = count_cost(folded, model.config.input_dim)
-    write_json(out / "model.json", {"hidden": list(model.config.hidden), **cost.to_dict(), **extra})
-    return path
-
-
-def _student_train_config(config: StudentConfig, epochs: int, lr: float) -> Any:
-    from slimrank.compression.distill import TrainConfig
-
-    return TrainConfig(
-        epochs=epochs,
-        batch_size=config.batch_size,
-        lr=lr,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-    )
-
-
-def student_step(
-    config: StudentConfig,
-    distill: bool,
-    k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    teacher_dir: Path,
-    out: Path,
-) -> None:
-    """Train the student MLP from labels only (``distill=False``) or with distillation."""
-    from slimrank.compression.distill import DistillConfig, train_student
-    from slimrank.ranking.mlp import MLPConfig, MLPRanker
-
-    torch.manual_seed(config.seed)
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
-    _, feats, labels = views["train"]
-    teacher = load_teacher_scores(teacher_dir)["train"]
-    mean, std = _standardization(feats)
-    lists = list_data(feats, labels, teacher, mean, std)
-    loss = config.distill
-    if not distill:
-        loss = DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=config.distill.hard_loss)
-    student = MLPRanker(MLPConfig(input_dim=feats.values.shape[-1], hidden=config.hidden))
-    result = train_student(
-        student, lists, loss, _student_train_config(config, config.epochs, config.lr)
-    )
-    path = _save_student(out, result.model, mean, std, {"epoch_loss": list(result.epoch_loss)})
-    write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
-
-
-def pruned_step(
-    config: StudentConfig,
-    prune: PruneConfig,
-    k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    teacher_dir: Path,
-    student_dir: Path,
-    out: Path,
-) -> None:
-    """Prune the distilled student: drop hidden units, then prune weights while distilling."""
-    from slimrank.compression.distill import train_student
-    from slimrank.compression.export import load_mlp
-    from slimrank.compression.pruning import (
-        MagnitudePruner,
-        PruningSchedule,
-        fold_masks,
-        sparsity_report,
-    )
-    from slimrank.compression.structured import prune_units
-
-    torch.manual_seed(config.seed)
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
-    _, feats, labels = views["train"]
-    teacher = load_teacher_scores(teacher_dir)["train"]
-    norm = read_tensors(student_dir / "standardization.safetensors")
-    mean, std = norm["mean"], norm["std"]
-    lists = list_data(feats, labels, teacher, mean, std)
-    student = load_mlp(student_dir / "student.safetensors")
-    shrunk = (
-        prune_units(student, prune.structured_fraction) if prune.structured_fraction else student
-    )
-    steps = prune.epochs * math.ceil(len(lists) / config.batch_size)
-    frequency = max(1, int(0.8 * steps) // prune.updates)
-    schedule = PruningSchedule(
-        initial_sparsity=0.0,
-        final_sparsity=prune.final_sparsity,
-        begin_step=0,
-        end_step=frequency * prune.updates,
-        frequency=frequency,
-    )
-    pruner = MagnitudePruner(schedule)
-    result = train_student(
-        shrunk,
-        lists,
-        config.distill,
-        _student_train_config(config, prune.epochs, prune.lr),
-        pruner=pruner if prune.final_sparsity > 0 else None,
-    )
-    model = fold_masks(result.model, pruner) if prune.final_sparsity > 0 else result.model
-    extra = {"sparsity": sparsity_report(model), "schedule": schedule.to_dict()}
-    path = _save_student(out, model, mean, std, extra)
-    write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
-
-
-# -- int8 and the gate -------------------------------------------------------------------------
-
-
-def bench_scorer(path: Path, features: np.ndarray, repeats: int) -> float:
-    """Return the median seconds of scoring ``features`` (M, F) with the ONNX file, 1 thread."""
-    score = onnx_score_fn(path)
-    x = CandidateFeatures(
-        features[None],
-        (),
-        np.zeros(1, np.int64),
-        np.zeros((1, len(features)), np.int64),
-    )
-    for _ in range(5):
-        score(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        score(x)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def int8_step(
-    config: Int8Config,
-    k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    teacher_dir: Path,
-    pruned_dir: Path,
-    out: Path,
-) -> None:
-    """Quantize the pruned student in each mode through the gate; keep the fastest that passes.
-
-    The gate compares validation NDCG@k with the teacher's. When no mode passes, nothing is
-    kept as ``ranker.int8.onnx``; an ungated full-int8 copy (``rejected.int8.onnx``) is kept
-    for the report only.
-    """
-    from slimrank.compression.gate import gate_int8
-    from slimrank.compression.quantize import quantize_onnx_dynamic, quantize_onnx_static
-
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
-    teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
-    metric = f"ndcg@{k}"
-    teacher_valid = float(teacher_metrics["valid"][metric])
-    src = pruned_dir / "model.onnx"
-    v_cands, v_feats, _ = views["valid"]
-    truth = data.truth("valid")
-    _, t_feats, _ = views["train"]
-    rows = t_feats.values[t_feats.mask]  # (M, F) real training candidates
-    rng = np.random.default_rng(0)
-    calibration = rows[
-        np.sort(rng.choice(len(rows), min(len(rows), config.calibration_candidates), False))
-    ]
-    bench_x = v_feats.values[0]  # (N, F) one user's candidates, pads included as zeros
-
-    def valid_metric(scorer: Any) -> float:
-        u, n, f = v_feats.values.shape
-        scores = scorer.score(v_feats.values.reshape(u * n, f)).reshape(u, n)
-        return pipeline_metrics(v_cands, scores, truth, (k,))[metric]
-
-    decisions: dict[str, Any] = {}
-    latency: dict[str, float] = {}
-    for mode in config.modes:
-        gate = dataclasses.replace(config.gate, mode=mode)
-        decision = gate_int8(src, out / mode, valid_metric, teacher_valid, calibration, gate)
-        record = decision.to_dict()
-        record["model_path"] = f"{mode}/ranker.int8.onnx" if decision.accepted else None
-        decisions[mode] = record
-        if decision.accepted:
-            latency[mode] = bench_scorer(
-                out / mode / "ranker.int8.onnx", bench_x, config.bench_repeats
-            )
-    # A mode that needed fewer fp32 fallbacks is more int8; among equals the faster one wins.
-    chosen = (
-        min(latency, key=lambda m: (len(decisions[m]["excluded_nodes"]), latency[m]))
-        if latency
-        else None
-    )
-    if chosen is not None:
-        shutil.copyfile(out / chosen / "ranker.int8.onnx", out / "ranker.int8.onnx")
-        final = out / "ranker.int8.onnx"
-    else:
-        final = out / "rejected.int8.onnx"
-        mode = config.modes[0]
-        if mode == "static":
-            quantize_onnx_static(src, final, calibration, config.gate.quant)
-        else:
-            quantize_onnx_dynamic(src, final, config.gate.quant)
-    metrics = evaluate_views(views, data, onnx_score_fn(final), k)
-    summary = {
-        "accepted": chosen is not None,
-        "mode": chosen,
-        "min_ratio": config.gate.min_ratio,
-        "teacher_valid": teacher_valid,
-        "median_seconds": latency,
-        "decisions": decisions,
-        "model": final.name,
-    }
-    write_json(out / "gate.json", summary)
-    write_json(out / "metrics.json", metrics)
