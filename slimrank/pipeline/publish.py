@@ -139,7 +139,15 @@ def publish_run(
     if not gate["accepted"]:
         log.warning("gate failed: not publishing")
         return None
-    metrics: dict[str, Any] = {"variants": variant_metrics(result)}
+    variants = variant_metrics(result)
+    k = result.config.k
+    # A few numbers first, so listings that flatten the metrics lead with what matters.
+    headline = {
+        f"int8_test_ndcg@{k}": variants["int8"]["test"][f"ndcg@{k}"],
+        f"teacher_test_ndcg@{k}": variants["teacher"]["test"][f"ndcg@{k}"],
+        "int8_over_teacher_valid": gate["decisions"][gate["mode"]]["ratio"],
+    }
+    metrics: dict[str, Any] = {"headline": headline, "variants": variants}
     if report is not None:
         metrics["report"] = report
     config = {**result.config.to_dict(), "teacher_version": result.teacher_version}
