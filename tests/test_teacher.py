@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 
 from slimrank.compression.flops import count_cost
-from slimrank.ranking.candidates import Candidates, label_candidates
+from slimrank.ranking.candidates import Candidates, label_candidates, split_history
 from slimrank.ranking.features import CandidateFeatures
 from slimrank.ranking.pipeline_eval import pipeline_metrics, rank_candidates
 from slimrank.ranking.teacher import (
@@ -21,7 +21,13 @@ from slimrank.ranking.teacher import (
     save_teacher,
     teacher_scores,
 )
-from slimrank.ranking.train import TrainConfig, listwise_softmax_loss, train_teacher
+from slimrank.ranking.train import (
+    TrainConfig,
+    fold_training_set,
+    listwise_softmax_loss,
+    procrustes_align,
+    train_teacher,
+)
 
 SMALL = {"id_dim": 4, "n_cross": 2, "deep": (32, 16)}
 
@@ -128,3 +134,35 @@ def test_training_is_seeded() -> None:
     a = train_teacher(cfg, feats, labels, None, train, progress=False).model
     b = train_teacher(cfg, feats, labels, None, train, progress=False).model
     np.testing.assert_array_equal(teacher_scores(a, feats), teacher_scores(b, feats))
+
+
+def test_procrustes_recovers_a_rotation() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(30, 5))
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    rot = procrustes_align(ref @ q.T, ref)
+    np.testing.assert_allclose(rot, q, atol=1e-10)
+
+
+def test_fold_training_set_labels_held_out_items_only() -> None:
+    train = sp.random(30, 25, density=0.3, random_state=0, format="csr", dtype=np.float32)
+    train.data[:] = 1.0
+
+    def fit(history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        _, _, vt = np.linalg.svd(history.toarray(), full_matrices=False)
+        items = vt[:4].T  # (I, 4) PureSVD item factors
+        return history @ items, items
+
+    _, reference = fit(train)
+    feats, labels = fold_training_set(train, fit, reference, n=25, folds=2, seed=3)
+    users_with_target = int((np.diff(train.indptr) >= 2).sum())
+    assert len(feats) == labels.shape[0] == 2 * users_with_target
+    # Every positive is a training interaction, and with n covering the catalog every target
+    # item (never in its own history, so never excluded) is among the candidates.
+    dense = train.toarray()
+    rows, cols = np.nonzero(labels)
+    assert (dense[feats.user[rows], feats.items[rows, cols]] == 1).all()
+    for fold in range(2):
+        _, target = split_history(train, 0.2, 3 + fold)
+        half = slice(fold * users_with_target, (fold + 1) * users_with_target)
+        assert labels[half].sum() == target.nnz

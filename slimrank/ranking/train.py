@@ -8,11 +8,24 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from rich.progress import Progress
 
 from slimrank.config import Config, require
-from slimrank.ranking.features import CandidateFeatures
+from slimrank.data.dataset import FeatureTable
+from slimrank.ranking.candidates import (
+    exact_search,
+    label_candidates,
+    mine_candidates,
+    split_history,
+)
+from slimrank.ranking.features import (
+    CandidateFeatures,
+    FeatureConfig,
+    build_feature_tables,
+    candidate_features,
+)
 from slimrank.ranking.teacher import DCNv2, TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -163,3 +176,62 @@ def train_teacher(
         best_epoch, best_metric = len(history), float("nan")
     model.eval()
     return TrainResult(model, best_epoch, best_metric, history)
+
+
+# Fits retrieval vectors on an observed matrix: csr (n_users, n_items) -> (user_vecs, item_vecs).
+FitVectors = Callable[[sp.csr_matrix], tuple[np.ndarray, np.ndarray]]
+
+
+def procrustes_align(vecs: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Return the (d, d) rotation ``R`` minimizing ``||vecs @ R - reference||`` (orthogonal).
+
+    Embeddings fitted on different data live in arbitrarily rotated coordinates; rotating a
+    fold's user and item vectors by the same ``R`` keeps every inner product and puts the
+    coordinates (which are features) on the reference's axes.
+    """
+    u, _, wt = np.linalg.svd(np.asarray(vecs, np.float64).T @ np.asarray(reference, np.float64))
+    return u @ wt  # (d, d)
+
+
+def fold_training_set(
+    train: sp.csr_matrix,
+    fit_vectors: FitVectors,
+    reference_item_vecs: np.ndarray,
+    n: int = 200,
+    folds: int = 3,
+    target_frac: float = 0.2,
+    seed: int = 0,
+    user_features: FeatureTable | None = None,
+    item_features: FeatureTable | None = None,
+    feature_config: FeatureConfig | None = None,
+) -> tuple[CandidateFeatures, np.ndarray]:
+    """Return leakage-free training lists: features (U', N, F) and labels (U', N).
+
+    For each fold, each user's training items are split into history and target
+    (:func:`~slimrank.ranking.candidates.split_history`); retrieval vectors (``fit_vectors``)
+    and feature tables are fitted on the history only, the vectors rotated onto
+    ``reference_item_vecs`` (the serving model's), candidates mined excluding the history and
+    labelled by the target. Lists of all folds are stacked; a user appears once per fold.
+    """
+    parts, label_parts = [], []
+    for fold in range(folds):
+        history, target = split_history(train, target_frac, seed + fold)
+        user_vecs, item_vecs = fit_vectors(history)
+        rot = procrustes_align(item_vecs, reference_item_vecs)
+        user_vecs = (user_vecs @ rot).astype(np.float32)
+        item_vecs = (item_vecs @ rot).astype(np.float32)
+        tables = build_feature_tables(
+            history, user_vecs, item_vecs, user_features, item_features, feature_config
+        )
+        users = np.flatnonzero(np.diff(target.indptr) > 0)
+        cands = mine_candidates(user_vecs, exact_search(item_vecs), users, n, history)
+        parts.append(candidate_features(tables, cands))
+        label_parts.append(label_candidates(cands, target))
+        log.info("fold %d: %d lists, %d positives", fold, len(users), int(label_parts[-1].sum()))
+    feats = CandidateFeatures(
+        np.concatenate([p.values for p in parts]),
+        parts[0].names,
+        np.concatenate([p.user for p in parts]),
+        np.concatenate([p.items for p in parts]),
+    )
+    return feats, np.concatenate(label_parts)
