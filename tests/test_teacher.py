@@ -166,3 +166,18 @@ def test_fold_training_set_labels_held_out_items_only() -> None:
         _, target = split_history(train, 0.2, 3 + fold)
         half = slice(fold * users_with_target, (fold + 1) * users_with_target)
         assert labels[half].sum() == target.nnz
+
+
+def test_base_feature_start_ranks_by_that_feature() -> None:
+    _, feats, _ = planted(4, n_users=6)
+    cfg = TeacherConfig(n_features=6, n_users=6, n_items=60, base_feature=2, **SMALL)
+    model = DCNv2(cfg)
+    model.fit_normalization(feats.values, feats.mask)
+    scores = teacher_scores(model, feats)
+    real = feats.mask
+    np.testing.assert_array_equal(
+        np.argsort(-np.where(real, scores, -np.inf), axis=1, kind="stable"),
+        np.argsort(-np.where(real, feats.values[:, :, 2], -np.inf), axis=1, kind="stable"),
+    )
+    with pytest.raises(ValueError, match="base_feature"):
+        TeacherConfig(n_features=6, n_users=6, n_items=60, base_feature=6)

@@ -2,8 +2,10 @@
 
 ``x0 = [clip(standardize(features)), user_embedding, item_embedding]`` goes through a full-rank
 :class:`CrossNetwork` and, in parallel, a deep :class:`MLP`; a linear head over both outputs
-gives one score per candidate. Id ``n_users`` / ``n_items`` is the "unknown" row, used for pads,
-cold-start ids, and (with probability ``id_dropout``) during training so that it is learned.
+gives one score per candidate, optionally added to a learned multiple of one base feature
+(``base_feature``, e.g. the EASE score), so training starts from that ranking. Id
+``n_users`` / ``n_items`` is the "unknown" row, used for pads, cold-start ids, and (with
+probability ``id_dropout``) during training so that it is learned.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class TeacherConfig(Config):
     dropout: float = 0.2
     id_dropout: float = 0.1  # share of ids replaced by "unknown" while training
     clip: float = 5.0  # standardized features are clipped to [-clip, clip]
+    base_feature: int = -1  # index of a feature the score starts from (e.g. ease_score); -1: none
+    base_scale: float = 1.0  # initial weight of that standardized feature (learned)
 
     def __post_init__(self) -> None:
         require(self.n_features > 0, self, "n_features", self.n_features, "> 0")
@@ -49,6 +53,8 @@ class TeacherConfig(Config):
         require(0 <= self.dropout < 1, self, "dropout", self.dropout, "must lie in [0, 1)")
         require(0 <= self.id_dropout < 1, self, "id_dropout", self.id_dropout, "in [0, 1)")
         require(self.clip > 0, self, "clip", self.clip, "> 0")
+        ok = -1 <= self.base_feature < self.n_features
+        require(ok, self, "base_feature", self.base_feature, "must be -1 or a feature index")
 
     @property
     def input_dim(self) -> int:
@@ -98,6 +104,11 @@ class DCNv2(nn.Module):
         self.cross = CrossNetwork(d, config.n_cross)
         self.deep = MLP(d, config.deep, config.dropout)
         self.head = nn.Linear(d + config.deep[-1], 1)
+        # Residual start: the network learns a correction to a strong base signal's ranking.
+        self.base_scale = nn.Parameter(torch.tensor(float(config.base_scale)))
+        if config.base_feature >= 0:
+            nn.init.zeros_(self.head.weight)  # start exactly at the base ranking
+            nn.init.zeros_(self.head.bias)
 
     def fit_normalization(self, features: np.ndarray, mask: np.ndarray) -> None:
         """Set the input standardization to the mean and std of the real candidates' features."""
@@ -129,12 +140,16 @@ class DCNv2(nn.Module):
         c = self.config.clip
         # Clipped: cross layers multiply features, so a rare one-hot's z-score of 30 would
         # reach 30^4 after three layers.
-        x = ((features - self.feature_mean) / self.feature_std).clamp(-c, c)  # (..., F)
+        z = (features - self.feature_mean) / self.feature_std  # (..., F)
+        x = z.clamp(-c, c)
         u = self.user_embedding(self._ids(user, shape, self.config.n_users))  # (..., E)
         v = self.item_embedding(self._ids(item, shape, self.config.n_items))  # (..., E)
         x0 = torch.cat([x, u, v], dim=-1).reshape(-1, self.config.input_dim)  # (M, D)
         h = torch.cat([self.cross(x0), self.deep(x0)], dim=-1)  # (M, D + H)
-        return self.head(h).reshape(shape)
+        score = self.head(h).reshape(shape)
+        if self.config.base_feature >= 0:
+            score = score + self.base_scale * z[..., self.config.base_feature]  # unclipped
+        return score
 
 
 def teacher_scores(model: DCNv2, feats: CandidateFeatures, batch_users: int = 256) -> np.ndarray:
