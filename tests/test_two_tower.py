@@ -142,6 +142,7 @@ def test_model_config_errors_name_the_field_and_value(kwargs, field):
         ({"weight_decay": -1.0}, "weight_decay"),
         ({"loss": "hinge"}, "loss"),
         ({"history_dropout": 1.0}, "history_dropout"),
+        ({"history_dropout": 0.1, "examples": "masked"}, "history_dropout"),
         ({"patience": 0}, "patience"),
         ({"examples": "all"}, "examples"),
         ({"examples": "masked", "loss": "bpr"}, "loss"),

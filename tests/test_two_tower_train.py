@@ -96,13 +96,14 @@ def test_early_stopping_keeps_the_best_epoch():
     assert again["recall@10"] == pytest.approx(best_row["recall@10"])
 
 
-def test_seeded_runs_are_identical_and_seeds_differ():
+@pytest.mark.parametrize(
+    "options", [{"examples": "masked"}, {"examples": "leave_one_out", "history_dropout": 0.2}]
+)
+def test_seeded_runs_are_identical_and_seeds_differ(options):
     split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
 
     def run(seed: int):
-        config = TrainConfig(
-            epochs=3, batch_size=64, history_dropout=0.2, seed=seed, progress=False
-        )
+        config = TrainConfig(epochs=3, batch_size=64, seed=seed, progress=False, **options)
         return train_two_tower(small_config(dropout=0.1), config, split)
 
     first, second, other = run(7), run(7), run(8)

@@ -35,6 +35,7 @@ def register(sub: Any) -> None:
         "--hidden", default="", help="comma-separated MLP hidden sizes; empty: linear towers"
     )
     train.add_argument("--user-id", action="store_true", help="give the user tower a user id")
+    train.add_argument("--item-bias", action="store_true", help="learn a logit bias per item")
     train.add_argument("--loss", default="softmax", help="softmax, sampled_softmax or bpr")
     train.add_argument(
         "--examples",
@@ -82,6 +83,7 @@ def train_command(args: argparse.Namespace) -> int:
             id_dim=args.dim,
             hidden=tuple(int(h) for h in args.hidden.split(",") if h.strip()),
             use_user_id=args.user_id,
+            item_bias=args.item_bias,
             temperature=args.temperature,
             user_features=FeatureSpec.from_table(dataset.user_features)
             if features

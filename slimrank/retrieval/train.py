@@ -1,16 +1,20 @@
 """Training of the two-tower model on the training split, with early stopping on validation.
 
-Each training example is one (user, item) interaction; a batch holds all the examples of a
-shuffled group of users, so each user's history is pooled once per batch. The user tower
-pools the user's training history with the target item left out (it would otherwise find the
-answer in its input) and, optionally, with history dropout. Losses:
+A batch holds all the training items of a shuffled group of users (about ``batch_size``
+items). Two ways to turn them into examples, both of which keep a target out of the history
+that predicts it (a user vector that pools its own target learns to find the answer in its
+input, which says nothing about unseen items):
 
-- ``softmax``: a full softmax over every item (cheap when the catalog is small, e.g. the
-  1,682 items of MovieLens-100k);
-- ``sampled_softmax``: in-batch negatives with the logQ correction (subtracting the log of
-  each item's sampling probability, its training popularity) so that popular items are not
-  pushed down just for appearing often as negatives;
-- ``bpr``: one uniformly drawn negative per positive.
+- ``examples="masked"`` (default): per user and batch, a random ``mask_share`` of the items
+  are targets and the rest are pooled into one user vector; the loss is the full softmax
+  cross entropy of the targets (a denoising autoencoder with two towers). One user vector per
+  user makes this much cheaper than one per interaction;
+- ``examples="leave_one_out"``: one example per interaction, the user vector pooling all the
+  user's other items (optionally with history dropout), with one of the losses
+  ``softmax`` (full softmax over every item: cheap for the 1,682 items of MovieLens-100k),
+  ``sampled_softmax`` (in-batch negatives with the logQ correction, subtracting the log of
+  each item's sampling probability, its training popularity, so popular items are not
+  pushed down just for appearing often as negatives) or ``bpr`` (one uniform negative).
 
 After every ``eval_every`` epochs the model ranks all items for the validation users (exact
 dot products, the protocol of :mod:`slimrank.evaluation.protocol`); training stops after
@@ -51,16 +55,16 @@ class TrainConfig(Config):
     """How to train a :class:`TwoTower`."""
 
     epochs: int = 100
-    batch_size: int = 1024
-    lr: float = 1e-3
-    weight_decay: float = 0.0  # AdamW, decoupled
+    batch_size: int = 4096  # training items per batch (whole users)
+    lr: float = 3e-3
+    weight_decay: float = 0.05  # AdamW, decoupled
     loss: str = "softmax"  # one of LOSSES
     logq: bool = True  # logQ correction of the sampled softmax
     history_dropout: float = 0.0  # drop each history item with this probability
     # "leave_one_out": one example per interaction, its target left out of the pooled history;
     # "masked": per user, predict a random mask_share of the items from the rest (full
     # softmax only; one user vector per user, so about mask_share * items-per-user cheaper).
-    examples: str = "leave_one_out"
+    examples: str = "masked"
     mask_share: float = 0.2
     patience: int = 10  # evaluations without a better validation Recall@k before stopping
     eval_every: int = 1  # epochs between validations
@@ -92,6 +96,13 @@ class TrainConfig(Config):
             "loss",
             self.loss,
             "examples='masked' trains with the full softmax only",
+        )
+        require(
+            self.examples == "leave_one_out" or self.history_dropout == 0.0,
+            self,
+            "history_dropout",
+            self.history_dropout,
+            "applies to leave_one_out examples; masked ones hide mask_share of the history",
         )
         require(0.0 < self.mask_share < 1.0, self, "mask_share", self.mask_share, "in (0, 1)")
         require(self.patience >= 1, self, "patience", self.patience, "must be >= 1")
