@@ -343,7 +343,10 @@ def test_reload_swaps_and_failures_keep_the_served_model(start: Callable[..., Ru
     assert after.version == "v2" and after.loaded_at > before.loaded_at
     assert r.sample("slimrank_model_reloads_total") == 1
     assert r.sample("slimrank_model_info", {"version": "v2"}) == 1
-    assert r.sample("slimrank_model_info", {"version": "v1"}) == 0
+    # One series per served version only: the old label is dropped, not left at 0.
+    assert r.registry.get_sample_value("slimrank_model_info", {"version": "v1"}) is None
+    # The dashboard's CPU and memory panels read the process collector.
+    assert r.sample("process_resident_memory_bytes") > 0
 
     again = r.client.reload("v2")
     assert not again.reloaded and again.message == "already serving v2"

@@ -90,6 +90,9 @@ def test_two_workers_share_the_port_and_both_answer(tmp_path: Path) -> None:
         }
         key = ("slimrank_grpc_requests_total", (("code", "OK"), ("method", RECOMMEND)))
         assert merged[key] == CONNECTIONS
+        # Gauges merge across workers too: the served version and the index size, once each.
+        assert merged[("slimrank_model_info", (("version", version),))] == 1
+        assert ("slimrank_index_items", ()) in merged
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=90)

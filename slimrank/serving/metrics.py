@@ -9,7 +9,14 @@ import time
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 from slimrank.serving.snapshot import ModelSnapshot
 
@@ -64,21 +71,27 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # multiprocess_mode says how --workers N merges one gauge across worker processes.
         self.inflight = Gauge(
             "slimrank_inflight_requests",
             "Calls being handled now.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.shed = Counter(
             "slimrank_shed_requests",
             "Calls rejected with RESOURCE_EXHAUSTED because max_inflight calls were running.",
             registry=registry,
         )
-        self.model = Info(
-            "slimrank_model",
-            "The served model bundle version.",
+        # A gauge, not an Info: prometheus_client's multiprocess mode drops Info metrics.
+        self.model = Gauge(
+            "slimrank_model_info",
+            "1 for the served model bundle version.",
+            ["version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
+        self._served_version: str | None = None
         self.reloads = Counter(
             "slimrank_model_reloads",
             "Successful model swaps.",
@@ -93,6 +106,7 @@ class ServingMetrics:
             "slimrank_index_items",
             "Items in the served index.",
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.candidates = Histogram(
             "slimrank_candidates_per_request",
@@ -102,10 +116,18 @@ class ServingMetrics:
         )
         for stage in STAGES:
             self.stage_duration.labels(stage)
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... for the dashboard. With
+        # --workers N the merged endpoint reads only the multiprocess files, so it lacks these.
+        ProcessCollector(registry=registry)
 
     def observe_model(self, snapshot: ModelSnapshot) -> None:
         """Describe ``snapshot`` as the served model (replaces the previous version label)."""
-        self.model.info({"version": snapshot.version})
+        previous, self._served_version = self._served_version, snapshot.version
+        if previous is not None and previous != snapshot.version:
+            # Zero first: in multiprocess mode remove() cannot delete the shared file's value.
+            self.model.labels(previous).set(0)
+            self.model.remove(previous)
+        self.model.labels(snapshot.version).set(1)
         self.index_items.set(snapshot.n_items)
 
     @contextlib.contextmanager
