@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Where `make demo` keeps its run (bundles, reports); data goes to $SLIMRANK_DATA or the user cache.
 RUN_DIR ?= runs/demo
 
-.PHONY: install system-deps test lint unit demo bench protos check-protos clean
+.PHONY: install system-deps test lint unit demo bench bench-serving bench-serving-quick protos check-protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ demo: install
 bench: install
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/ranker_runtime.py
+	$(BIN)/python bench/serving.py
+
+# Only the serving load test (it builds, then caches, a 1M-item bundle in bench/.cache).
+bench-serving: install
+	$(BIN)/python bench/serving.py
+
+bench-serving-quick: install
+	$(BIN)/python bench/serving.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
