@@ -4,9 +4,12 @@ For each variant: build time, bytes per vector (index file size / N), recall@10 
 against exact search on held-out queries (with search parameters tuned to recall@100 >= 0.95
 on other queries), single-query latency p50/p99 on one thread, and batch throughput.
 
-    .venv/bin/python bench/retrieval.py                 # 1M x 64 synthetic (slow: ~30 min)
+    .venv/bin/python bench/retrieval.py                 # 1M x 64 synthetic (~16 min here)
     .venv/bin/python bench/retrieval.py --items 100000  # quick run
     .venv/bin/python bench/retrieval.py --embeddings item_emb.npy [--query-embeddings u.npy]
+
+With ``--query-embeddings`` the query pool is split into disjoint tuning and evaluation halves;
+without it, catalog items serve as queries.
 
 Timings are wall-clock on whatever machine runs this; on a shared machine they are noisy.
 """
