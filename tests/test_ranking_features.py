@@ -168,3 +168,16 @@ def test_rank_columns_rank_within_the_list() -> None:
         real = cands.mask[row]
         expected = np.argsort(np.argsort(-ease[real], kind="stable"), kind="stable")
         np.testing.assert_array_equal(rank[real], expected)
+
+
+def test_item_item_dense_and_sparse_storage_agree() -> None:
+    full = sp.random(40, 40, density=0.3, random_state=6, format="csr", dtype=np.float32)
+    thin = sp.random(40, 40, density=0.05, random_state=6, format="csr", dtype=np.float32)
+    rng = np.random.default_rng(6)
+    rows, cols = rng.integers(-1, 40, size=(7, 9)), rng.integers(-1, 40, size=(7, 9))
+    for m in (full, thin):
+        table = ItemItem.from_csr(m)
+        expected = np.where((rows >= 0) & (cols >= 0), m.toarray()[rows, cols], 0.0)
+        np.testing.assert_array_equal(table.lookup(rows, cols), expected)
+        assert (table.to_csr() != m).nnz == 0
+    assert ItemItem.from_csr(full).dense is not None and ItemItem.from_csr(thin).dense is None
