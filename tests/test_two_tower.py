@@ -221,9 +221,11 @@ def test_export_needs_what_the_model_reads():
 def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
     torch.manual_seed(1)
     users, items = tables(5, 7)
-    model = TwoTower(featured_config(5, 7, learn_temperature=True))
+    config = featured_config(5, 7, learn_temperature=True, use_user_id=True, item_bias=True)
+    model = TwoTower(config)
     with torch.no_grad():
         model.log_scale.fill_(2.5)
+        model.item_bias.weight.normal_()
     history = UserHistory.from_interactions(interactions([0, 0, 3], [1, 6, 2]), 5)
     before = export_embeddings(model, history, users, items)
     loaded = load_model(save_model(model, tmp_path / "model"))

@@ -64,13 +64,13 @@ def in_group_share(model: TwoTower, split, k: int = 5) -> float:
 def test_training_lowers_the_loss_and_recovers_the_planted_groups(loss, examples):
     split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
     config = TrainConfig(
-        epochs=30,
+        epochs=20,
         batch_size=128,
         lr=1e-2,
         loss=loss,
         examples=examples,
-        patience=30,
-        eval_every=3,
+        patience=20,
+        eval_every=4,
         seed=0,
         progress=False,
     )

@@ -85,9 +85,12 @@ class TwoTowerConfig(Config):
     n_items: int = 1
     dim: int = 64  # output dimension d of both towers
     id_dim: int = 64  # width of id, feature and history embeddings
-    hidden: tuple[int, ...] = (128,)  # hidden layers of each tower's MLP
+    # Hidden layers of each tower's MLP; none (linear towers) was best on ml-100k valid.
+    hidden: tuple[int, ...] = ()
     dropout: float = 0.0  # dropout inside the MLPs
-    use_user_id: bool = True
+    # Off by default: a user id embedding memorizes the user's training items, which the
+    # protocol excludes, and lost 0.02 valid NDCG@10 on ml-100k.
+    use_user_id: bool = False
     use_item_id: bool = True
     use_history: bool = True  # mean of the user's history item embeddings
     max_history: int = 0  # most recent items pooled per user; 0 keeps all
