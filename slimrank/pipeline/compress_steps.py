@@ -93,6 +93,53 @@ def _student_train_config(config: StudentConfig, epochs: int, lr: float) -> Any:
     )
 
 
+def _valid_ndcg(views: dict, data: Any, mean: np.ndarray, std: np.ndarray, k: int) -> Any:
+    """Return ``metric(model)``: validation NDCG@k of a torch student on standardized input."""
+    cands, feats, _ = views["valid"]
+    x = torch.from_numpy(np.where(feats.mask[..., None], (feats.values - mean) / std, 0.0))
+    x = x.float()  # (U, N, F)
+    truth = data.truth("valid")
+
+    def metric(model: torch.nn.Module) -> float:
+        model.eval()
+        with torch.no_grad():
+            scores = model(x).numpy()  # (U, N)
+        return pipeline_metrics(cands, scores, truth, (k,))[f"ndcg@{k}"]
+
+    return metric
+
+
+def fit_on_valid(
+    student: torch.nn.Module, lists: Any, loss: Any, config: StudentConfig, metric: Any
+) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Return the student after the epoch with the best validation metric, and every epoch's.
+
+    Trains one epoch at a time (optimizer state restarts each epoch) and stops after
+    ``config.patience`` epochs without a better metric; ``patience=0`` trains all epochs and
+    keeps the last.
+    """
+    from slimrank.compression.distill import train_student
+
+    best, best_metric, stale = student, -np.inf, 0
+    model = student
+    history: list[dict[str, float]] = []
+    for epoch in range(config.epochs):
+        train = dataclasses.replace(
+            _student_train_config(config, 1, config.lr), seed=config.seed + epoch
+        )
+        result = train_student(model, lists, loss, train)
+        model = result.model
+        value = float(metric(model))
+        history.append({"epoch": epoch + 1, "loss": result.epoch_loss[0], "valid": value})
+        if value > best_metric or config.patience == 0:
+            best, best_metric, stale = model, value, 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    return best, history
+
+
 def student_step(
     config: StudentConfig,
     distill: bool,
@@ -102,8 +149,11 @@ def student_step(
     teacher_dir: Path,
     out: Path,
 ) -> None:
-    """Train the student MLP from labels only (``distill=False``) or with distillation."""
-    from slimrank.compression.distill import DistillConfig, train_student
+    """Train the student MLP from labels only (``distill=False``) or with distillation.
+
+    The epoch is chosen on validation NDCG (see :func:`fit_on_valid`).
+    """
+    from slimrank.compression.distill import DistillConfig
     from slimrank.ranking.mlp import MLPConfig, MLPRanker
 
     torch.manual_seed(config.seed)
@@ -117,10 +167,9 @@ def student_step(
     if not distill:
         loss = DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=config.distill.hard_loss)
     student = MLPRanker(MLPConfig(input_dim=feats.values.shape[-1], hidden=config.hidden))
-    result = train_student(
-        student, lists, loss, _student_train_config(config, config.epochs, config.lr)
-    )
-    path = _save_student(out, result.model, mean, std, {"epoch_loss": list(result.epoch_loss)})
+    metric = _valid_ndcg(views, data, mean, std, k)
+    model, history = fit_on_valid(student, lists, loss, config, metric)
+    path = _save_student(out, model, mean, std, {"epochs": history})
     write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
 
 

@@ -107,10 +107,15 @@ class TeacherStepConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class StudentConfig(Config):
-    """The student MLP and its training; the plain student uses labels only, same settings."""
+    """The student MLP and its training; the plain student uses labels only, same settings.
+
+    Students keep the epoch with the best validation NDCG, stopping after ``patience``
+    epochs without a better one (0: train every epoch, keep the last).
+    """
 
     hidden: tuple[int, ...] = (64, 32)
     epochs: int = 20
+    patience: int = 3
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -120,6 +125,7 @@ class StudentConfig(Config):
     def __post_init__(self) -> None:
         require(len(self.hidden) > 0, self, "hidden", self.hidden, "needs at least one layer")
         require(self.epochs >= 1, self, "epochs", self.epochs, "must be >= 1")
+        require(self.patience >= 0, self, "patience", self.patience, "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
