@@ -116,6 +116,7 @@ def test_teacher_beats_retrieval_order_on_a_planted_signal(tmp_path) -> None:
     baseline = pipeline_metrics(v_cands, v_cands.retrieval_score, v_truth)["ndcg@10"]
     assert result.best_metric > baseline + 0.3
     assert result.best_metric == max(h["valid_ndcg@10"] for h in result.history)
+    assert result.history[0]["epoch"] == 0 and result.best_epoch > 0
     assert validate(result.model)["ndcg@10"] == pytest.approx(result.best_metric)
 
     save_teacher(result.model, tmp_path, feats.names, {"note": "test"})

@@ -102,9 +102,10 @@ def train_teacher(
 ) -> TrainResult:
     """Return a DCN-v2 trained on ``feats`` (U, N, F) with ``labels`` (U, N).
 
-    After each epoch ``validate(model)`` (e.g. a :class:`~slimrank.ranking.pipeline_eval.
-    PipelineView` run) gives metrics; training stops after ``patience`` epochs without a better
-    ``metric`` and returns the best model. Without ``validate`` the last epoch is returned.
+    Before training and after each epoch ``validate(model)`` (e.g. a
+    :class:`~slimrank.ranking.pipeline_eval.PipelineView` run) gives metrics; training stops
+    after ``patience`` epochs without a better ``metric`` and returns the best model (epoch 0 is
+    the untrained one). Without ``validate`` the last epoch is returned.
     """
     config = config or TrainConfig()
     require(
@@ -135,6 +136,14 @@ def train_teacher(
     width = n if config.list_size == 0 else min(config.list_size, n)
     best_state, best_metric, best_epoch = None, -np.inf, 0
     history: list[dict[str, float]] = []
+    if validate is not None:
+        # Epoch 0 is the untrained model: with a base feature it is that feature's ranking, and
+        # training must beat it to be kept.
+        record = {"epoch": 0.0, **{f"valid_{k}": v for k, v in validate(model).items()}}
+        best_state = copy.deepcopy(model.state_dict())
+        best_metric = record[f"valid_{config.metric}"]
+        history.append(record)
+        model.train()
     steps = int(np.ceil(len(lists) / config.batch_users))
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("teacher", total=config.epochs * steps)
