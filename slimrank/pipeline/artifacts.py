@@ -122,6 +122,23 @@ def load_view(path: str | Path) -> tuple[Candidates, CandidateFeatures, np.ndarr
     return cands, feats, t["labels"]
 
 
+def _item_item(name: str, table: ItemItem) -> dict[str, np.ndarray]:
+    """Return the arrays of an item-item table: sorted keys and values, or a dense matrix."""
+    out = {f"{name}_keys": table.keys, f"{name}_values": table.values}
+    dense = getattr(table, "dense", None)
+    if dense is not None:
+        out[f"{name}_dense"] = dense
+    return out
+
+
+def _read_item_item(name: str, tensors: dict[str, np.ndarray], n_items: int) -> ItemItem:
+    keys, values = tensors[f"{name}_keys"], tensors[f"{name}_values"]
+    dense = tensors.get(f"{name}_dense")
+    if dense is None:
+        return ItemItem(n_items, keys, values)
+    return ItemItem(n_items, keys, values, dense)
+
+
 def save_serving_tables(path: str | Path, tables: FeatureTables) -> dict:
     """Write what :func:`candidate_features` reads, except the vectors; return its layout.
 
@@ -135,12 +152,10 @@ def save_serving_tables(path: str | Path, tables: FeatureTables) -> dict:
         "item_log_popularity": tables.item_log_popularity,
         "user_side": tables.user_side,
         "item_side": tables.item_side,
-        "cooc_keys": tables.cooc.keys,
-        "cooc_values": tables.cooc.values,
     }
+    tensors.update(_item_item("cooc", tables.cooc))
     if tables.ease is not None:
-        tensors["ease_keys"] = tables.ease.keys
-        tensors["ease_values"] = tables.ease.values
+        tensors.update(_item_item("ease", tables.ease))
     layout = {
         "n_users": int(history.shape[0]),
         "n_items": int(history.shape[1]),
@@ -168,9 +183,7 @@ def load_serving_tables(
         (np.ones(len(indices), np.float32), indices, t["history_indptr"]),
         shape=(n_users, n_items),
     )
-    ease = None
-    if layout["has_ease"]:
-        ease = ItemItem(n_items, t["ease_keys"], t["ease_values"])
+    ease = _read_item_item("ease", t, n_items) if layout["has_ease"] else None
     tables = FeatureTables(
         config=FeatureConfig.from_dict(layout["feature_config"]),
         history=history,
@@ -181,7 +194,7 @@ def load_serving_tables(
         user_side_names=tuple(layout["user_side_names"]),
         item_side=t["item_side"],
         item_side_names=tuple(layout["item_side_names"]),
-        cooc=ItemItem(n_items, t["cooc_keys"], t["cooc_values"]),
+        cooc=_read_item_item("cooc", t, n_items),
         ease=ease,
     )
     if list(tables.feature_names) != list(layout["feature_names"]):
