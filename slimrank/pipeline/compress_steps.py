@@ -1,8 +1,8 @@
 """The compression steps: students with and without distillation, pruning, int8 and the gate.
 
 Students train on standardized features (statistics of the training candidates) and are
-exported with the standardization folded into their first layer, so every ONNX ranker takes
-raw candidate features. Each step evaluates its ranker with the pipeline protocol on the
+exported with the standardization inside the graph, so every ONNX ranker takes raw candidate
+features. Each step evaluates its ranker with the pipeline protocol on the
 validation and test views (see :mod:`slimrank.pipeline.steps`).
 """
 
@@ -64,19 +64,49 @@ def onnx_score_fn(path: Path) -> Any:
     return score
 
 
+class Standardized(torch.nn.Module):
+    """``model((x - mean) / std)`` with the scaling as its own (fp32) step in the graph.
+
+    Folding the scaling into the first Linear layer would be free in fp32, but then the int8
+    quantizer sees raw features (counts, scores and embeddings of very different ranges) as
+    one per-tensor activation range; standardized inputs quantize far better.
+    """
+
+    def __init__(self, model: torch.nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))  # (F,)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))  # (F,)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model((features - self.mean) / self.std)
+
+
 def _save_student(
-    out: Path, model: Any, mean: np.ndarray, std: np.ndarray, extra: dict[str, Any]
+    out: Path,
+    model: Any,
+    mean: np.ndarray,
+    std: np.ndarray,
+    extra: dict[str, Any],
+    fold: bool,
 ) -> Path:
-    """Save the student (standardized-input weights), export the folded ONNX; return its path."""
+    """Save the student (standardized-input weights) and export it for raw features.
+
+    ``fold`` folds the standardization into the first layer; otherwise it stays a separate
+    step (see :class:`Standardized`). Returns the ONNX path.
+    """
     from slimrank.compression.export import export_onnx, save_mlp
     from slimrank.compression.flops import count_cost
     from slimrank.ranking.mlp import fold_standardization
 
     save_mlp(model, out / "student.safetensors")
     write_tensors(out / "standardization.safetensors", {"mean": mean, "std": std})
-    folded = fold_standardization(model, torch.from_numpy(mean), torch.from_numpy(std))
-    path = export_onnx(folded, out / "model.onnx", model.config.input_dim)
-    cost = count_cost(folded, model.config.input_dim)
+    if fold:
+        raw = fold_standardization(model, torch.from_numpy(mean), torch.from_numpy(std))
+    else:
+        raw = Standardized(model, mean, std).eval()
+    path = export_onnx(raw, out / "model.onnx", model.config.input_dim)
+    cost = count_cost(raw, model.config.input_dim)
     write_json(out / "model.json", {"hidden": list(model.config.hidden), **cost.to_dict(), **extra})
     return path
 
@@ -169,7 +199,8 @@ def student_step(
     student = MLPRanker(MLPConfig(input_dim=feats.values.shape[-1], hidden=config.hidden))
     metric = _valid_ndcg(views, data, mean, std, k)
     model, history = fit_on_valid(student, lists, loss, config, metric)
-    path = _save_student(out, model, mean, std, {"epochs": history})
+    extra = {"epochs": history}
+    path = _save_student(out, model, mean, std, extra, config.fold_standardization)
     write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
 
 
@@ -225,7 +256,7 @@ def pruned_step(
     )
     model = fold_masks(result.model, pruner) if prune.final_sparsity > 0 else result.model
     extra = {"sparsity": sparsity_report(model), "schedule": schedule.to_dict()}
-    path = _save_student(out, model, mean, std, extra)
+    path = _save_student(out, model, mean, std, extra, config.fold_standardization)
     write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
 
 

@@ -116,6 +116,7 @@ class StudentConfig(Config):
     hidden: tuple[int, ...] = (64, 32)
     epochs: int = 20
     patience: int = 3
+    fold_standardization: bool = False  # True: into the first layer (int8 then suffers)
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
