@@ -34,7 +34,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from slimrank.compression.export import export_onnx, sha256_file
+from slimrank.bundle.checksums import sha256_file
+from slimrank.compression.export import export_onnx
 from slimrank.compression.flops import count_cost
 from slimrank.compression.quantize import (
     QuantConfig,

@@ -10,7 +10,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from slimrank.compression.export import export_onnx, sha256_file
+from slimrank.bundle.checksums import sha256_file
+from slimrank.compression.export import export_onnx
 from slimrank.compression.gate import GateConfig, fallback_sequence, gate_int8, quality_ratio
 from slimrank.compression.quantize import quantizable_nodes
 from slimrank.compression.scorer import Scorer

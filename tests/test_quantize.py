@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from slimrank.compression.export import export_onnx, load_mlp, save_mlp, sha256_file
+from slimrank.bundle.checksums import sha256_file
+from slimrank.compression.export import export_onnx, load_mlp, save_mlp
 from slimrank.compression.quantize import (
     QuantConfig,
     fp32_nodes,

@@ -50,6 +50,11 @@ def digest_file(path: str | Path) -> FileDigest:
     return FileDigest(size=size, sha256=sha)
 
 
+def sha256_file(path: str | Path) -> str:
+    """Return the hex sha256 of the file at ``path``."""
+    return digest_file(path).sha256
+
+
 def tree_files(root: str | Path) -> list[str]:
     """Return the relative POSIX names of every entry below ``root`` that is not a directory.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -68,15 +67,6 @@ def export_onnx(model: nn.Module, path: str | Path, input_dim: int) -> Path:
     onnx.checker.check_model(str(path))
     log.info("exported %s to %s (opset %d)", type(model).__name__, path, OPSET)
     return path
-
-
-def sha256_file(path: str | Path) -> str:
-    """Return the hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_mlp(model: MLPRanker, path: str | Path) -> Path:

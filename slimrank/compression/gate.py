@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from slimrank.compression.export import sha256_file
+from slimrank.bundle.checksums import sha256_file
 from slimrank.compression.quantize import (
     QuantConfig,
     quantizable_nodes,

@@ -8,7 +8,6 @@ directory beside the target, renamed into place, so a failed fetch leaves nothin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from slimrank.bundle.checksums import sha256_file
 from slimrank.errors import IntegrityError, SlimrankError
 
 logger = logging.getLogger(__name__)
@@ -48,15 +48,6 @@ def is_fetched(home: Path | None = None) -> bool:
     """Return whether every ml-100k file is in the cache."""
     target = movielens_dir(home)
     return all((target / name).is_file() for name in ML100K_FILES)
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def extract_movielens(

@@ -52,7 +52,7 @@ def list_data(
 
 def onnx_score_fn(path: Path) -> Any:
     """Return ``score(features) -> (U, N)`` running the ONNX ranker at ``path`` (fp32 or int8)."""
-    from slimrank.compression.export import sha256_file
+    from slimrank.bundle.checksums import sha256_file
     from slimrank.compression.scorer import Scorer, ScorerConfig
 
     scorer = Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
