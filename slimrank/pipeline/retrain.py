@@ -11,7 +11,6 @@ already in the validation or test part (they would leak the answer into the feat
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from slimrank.bundle import Bundle, open_bundle
+from slimrank.bundle.checksums import sha256_file
 from slimrank.bundle.formats import write_json
 from slimrank.data.dataset import Interactions, Split
 from slimrank.pipeline import steps
@@ -43,14 +43,6 @@ def bundle_config(bundle: Bundle) -> PipelineConfig:
     """Return the pipeline config recorded in a bundle's manifest."""
     data = {k: v for k, v in bundle.manifest.config.items() if k != "teacher_version"}
     return PipelineConfig.from_dict(data)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def append_logs(data: steps.DataArtifacts, new: Any) -> tuple[steps.DataArtifacts, dict[str, int]]:
@@ -111,7 +103,7 @@ def import_bundle(
         steps.write_data(out, data)
         write_json(out / "retrain.json", {"bundle": bundle.version, **found})
 
-    config = {"bundle": bundle.version, "logs": str(logs), "logs_sha256": _sha256(logs)}
+    config = {"bundle": bundle.version, "logs": str(logs), "logs_sha256": sha256_file(logs)}
     data = cache.run("data", config, {}, write_data)
     if not counts:
         counts.update(json.loads((data.path / "retrain.json").read_text()))
