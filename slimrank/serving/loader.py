@@ -5,8 +5,10 @@ registered under that kind turns the verified :class:`~slimrank.bundle.Bundle` i
 snapshot. Loaders only read files the bundle verified (``bundle.file``), with the pickle-free
 readers of :mod:`slimrank.bundle.formats`.
 
-The ``flat`` kind is the exact reference: item vectors searched with ``IndexFlatIP`` (built at
-load) and the dot + popularity ranker of :func:`build_flat_snapshot`. Its files::
+The ``pipeline`` kind is what ``slimrank pipeline`` publishes (FAISS index, feature tables,
+int8 ONNX ranker); :mod:`slimrank.serving.pipeline_loader` reads it. The ``flat`` kind is the
+exact reference: item vectors searched with ``IndexFlatIP`` (built at load) and the dot +
+popularity ranker of :func:`build_flat_snapshot`. Its files::
 
     serving.json       {"kind": "flat", "popularity_weight": 0.1}
     item_ids.npy       (n_items,) unicode
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SERVING_JSON = "serving.json"
 FLAT = "flat"
+PIPELINE = "pipeline"  # slimrank.pipeline.publish.SERVING_KIND
 
 # A verified bundle -> the snapshot it describes; raises on anything it cannot serve.
 SnapshotLoader = Callable[[Bundle], ModelSnapshot]
@@ -96,9 +99,17 @@ def load_flat(bundle: Bundle) -> ModelSnapshot:
         raise BundleError(f"bundle {bundle.version}: {err}") from err
 
 
+def load_pipeline(bundle: Bundle) -> ModelSnapshot:
+    """Load a ``pipeline`` bundle: see :mod:`slimrank.serving.pipeline_loader`."""
+    # Imported here: it pulls in onnxruntime and the pipeline, which `slimrank --help` skips.
+    from slimrank.serving.pipeline_loader import load_pipeline_bundle
+
+    return load_pipeline_bundle(bundle)
+
+
 def default_loaders() -> Mapping[str, SnapshotLoader]:
     """Return the built-in loaders by kind (a fresh read-only map; extend with ``dict(...)``)."""
-    return MappingProxyType({FLAT: load_flat})
+    return MappingProxyType({FLAT: load_flat, PIPELINE: load_pipeline})
 
 
 def load_snapshot(

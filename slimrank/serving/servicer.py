@@ -99,7 +99,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         k: int,
     ) -> tuple[list[recommender_pb2.ScoredItem], int]:
         """Retrieve, drop, rank and cut to ``k``; returns the items and the candidate count."""
-        n = self._config.n_candidates
+        n = max(snapshot.n_candidates or self._config.n_candidates, k)
         with self._metrics.stage("retrieve"):
             if query.vector is None:
                 candidates = snapshot.popular_candidates(n, drop)
@@ -140,7 +140,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._require_time(context, "retrieval")
         snapshot = self._holder.get()
         query = snapshot.user_query(user_id, recent)
-        drop = np.unique(snapshot.item_rows(exclude + recent))
+        drop = np.union1d(snapshot.item_rows(exclude + recent), snapshot.seen_rows(query.row))
         items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
         return recommender_pb2.RecommendResponse(
             items=items,

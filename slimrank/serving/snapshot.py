@@ -18,6 +18,7 @@ from types import MappingProxyType
 
 import faiss
 import numpy as np
+import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ class ModelSnapshot:
     featurize: Featurizer
     score: Scorer
     metadata: ModelMetadata = dataclasses.field(default_factory=ModelMetadata)
+    # (n_users, n_items) items each known user already has: never recommended to them again.
+    seen: sp.csr_matrix | None = None
+    # Candidates per request the ranker was evaluated on; None: the server's n_candidates.
+    n_candidates: int | None = None
     item_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
     user_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
     popular_order: np.ndarray = dataclasses.field(init=False, repr=False)  # (n_items,) rows
@@ -93,6 +98,17 @@ class ModelSnapshot:
             raise ValueError(
                 f"ModelSnapshot {self.version}: user_ids {self.user_ids.shape} do not match "
                 f"user_vectors {self.user_vectors.shape}"
+            )
+        if self.seen is not None:
+            if not sp.issparse(self.seen) or self.seen.shape != (len(self.user_ids), n_items):
+                raise ValueError(
+                    f"ModelSnapshot {self.version}: seen must be a sparse "
+                    f"({len(self.user_ids)}, {n_items}) matrix"
+                )
+            object.__setattr__(self, "seen", sp.csr_matrix(self.seen))
+        if self.n_candidates is not None and self.n_candidates < 1:
+            raise ValueError(
+                f"ModelSnapshot {self.version}: n_candidates {self.n_candidates} must be >= 1"
             )
         item_row = {str(item): i for i, item in enumerate(self.item_ids)}
         user_row = {str(user): i for i, user in enumerate(self.user_ids)}
@@ -123,6 +139,13 @@ class ModelSnapshot:
         """Return the ``(m,)`` int64 rows of the ids this snapshot knows, skipping unknown ids."""
         rows = [self.item_row[i] for i in ids if i in self.item_row]
         return np.asarray(rows, dtype=np.int64)
+
+    def seen_rows(self, user_row: int) -> np.ndarray:
+        """Return the ``(s,)`` int64 item rows user ``user_row`` already has (none for -1)."""
+        if self.seen is None or user_row < 0:
+            return np.empty(0, dtype=np.int64)
+        start, stop = self.seen.indptr[user_row], self.seen.indptr[user_row + 1]
+        return self.seen.indices[start:stop].astype(np.int64)
 
     def user_query(self, user_id: str, recent_item_ids: Sequence[str]) -> UserQuery:
         """Resolve the user: known id, else the mean of known recent items, else popularity."""

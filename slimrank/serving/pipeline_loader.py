@@ -1,0 +1,117 @@
+"""Load a ``pipeline`` bundle (published by ``slimrank pipeline``) as a :class:`ModelSnapshot`.
+
+The snapshot serves what the pipeline evaluated offline on its test view: the tuned FAISS
+index retrieves ``serving.json["candidates"]`` items for the user's vector (a known user's row
+of ``user_vectors``, which pools train + valid history), minus the items the user already has
+(the bundle's history table, train + valid: the protocol's exclusion), the pipeline featurizer
+computes their features from ``features.safetensors``, and the int8 ONNX ranker scores them.
+Users the bundle does not know are served from the pooled vectors of their recent items (cold
+features: empty history, zero side features), or by popularity. The file layout is in
+:mod:`slimrank.pipeline.publish`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from slimrank.bundle import Bundle, BundleError
+from slimrank.bundle.formats import read_npy
+from slimrank.serving.loader import bundle_metadata, serving_spec
+from slimrank.serving.snapshot import ModelSnapshot
+
+log = logging.getLogger(__name__)
+
+PIPELINE = "pipeline"
+SUPPORTED_FORMAT = 1
+INDEX_FILES = ("index.faiss", "item_ids.npy", "index.json")
+
+
+def _section(spec: dict[str, Any], name: str, version: str) -> dict[str, Any]:
+    value = spec.get(name)
+    if not isinstance(value, dict):
+        raise BundleError(f"bundle {version}: serving.json[{name!r}] must be an object")
+    return value
+
+
+def _ids(bundle: Bundle, name: str) -> np.ndarray:
+    ids = read_npy(bundle.file(name))
+    if ids.ndim != 1 or ids.dtype.kind != "U":
+        raise BundleError(f"bundle {bundle.version}: {name} must be a 1-d unicode array")
+    return ids
+
+
+def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
+    """Return the snapshot of a verified ``pipeline`` bundle; ``BundleError`` if it cannot serve."""
+    from slimrank.compression.scorer import Scorer, ScorerConfig
+    from slimrank.pipeline.artifacts import load_serving_tables
+    from slimrank.pipeline.serving_features import featurizer
+    from slimrank.retrieval.index_io import load_index
+
+    version = bundle.version
+    spec = serving_spec(bundle)
+    if spec.get("kind") != PIPELINE or spec.get("format") != SUPPORTED_FORMAT:
+        raise BundleError(
+            f"bundle {version}: serving.json kind {spec.get('kind')!r} format "
+            f"{spec.get('format')!r}; this server reads {PIPELINE!r} format {SUPPORTED_FORMAT}"
+        )
+    ranker, index_spec = _section(spec, "ranker", version), _section(spec, "index", version)
+    users, items = _section(spec, "users", version), _section(spec, "items", version)
+    layout = _section(spec, "features", version)
+    n_candidates = spec.get("candidates")
+    if not isinstance(n_candidates, int) or n_candidates < 1:
+        raise BundleError(f"bundle {version}: candidates {n_candidates!r} must be an int >= 1")
+    try:
+        ranker_file = str(ranker["file"])
+        index_dir = str(index_spec["directory"])
+        for name in INDEX_FILES:
+            bundle.file(f"{index_dir}/{name}")  # KeyError unless the manifest verified it
+        item_ids, user_ids = _ids(bundle, items["ids"]), _ids(bundle, users["ids"])
+        item_vectors = read_npy(bundle.file(items["vectors"])).astype(np.float32, copy=False)
+        user_vectors = read_npy(bundle.file(users["vectors"])).astype(np.float32, copy=False)
+        popularity = read_npy(bundle.file(str(spec["popularity"]))).astype(np.float32)
+        tables = load_serving_tables(
+            bundle.file(layout["file"]), layout, user_vectors, item_vectors
+        )
+        scorer = Scorer(
+            bundle.file(ranker_file), bundle.manifest.files[ranker_file].sha256, ScorerConfig()
+        )
+        index = load_index(bundle.path / index_dir)
+    except KeyError as err:
+        raise BundleError(f"bundle {version}: missing {err}") from err
+    if index.ntotal != len(item_ids) or not np.array_equal(
+        index.item_ids, np.arange(len(item_ids))
+    ):
+        raise BundleError(
+            f"bundle {version}: the index's {index.ntotal} ids are not the rows of "
+            f"{len(item_ids)} items"
+        )
+    if tables.history.shape != (len(user_ids), len(item_ids)):
+        raise BundleError(
+            f"bundle {version}: history table {tables.history.shape} does not match "
+            f"{len(user_ids)} users x {len(item_ids)} items"
+        )
+    if scorer.input_dim != len(tables.feature_names):
+        raise BundleError(
+            f"bundle {version}: ranker takes {scorer.input_dim} features, the tables give "
+            f"{len(tables.feature_names)}"
+        )
+    try:
+        return ModelSnapshot(
+            version=version,
+            item_ids=item_ids,
+            item_vectors=np.ascontiguousarray(item_vectors),
+            user_ids=user_ids,
+            user_vectors=np.ascontiguousarray(user_vectors),
+            popularity=popularity,
+            retrieve=index.search,
+            featurize=featurizer(tables),
+            score=scorer.score,
+            metadata=bundle_metadata(bundle),
+            seen=tables.history,
+            n_candidates=n_candidates,
+        )
+    except ValueError as err:
+        raise BundleError(f"bundle {version}: {err}") from err

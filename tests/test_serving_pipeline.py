@@ -1,0 +1,139 @@
+"""A published pipeline bundle served by the real server on port 0, through the real client.
+
+Every answer is compared with a reference computed from the pipeline's own artifacts and
+functions (its test-view candidates and features, its FAISS index, ``mine_candidates``,
+``candidate_features``, ``rank_candidates``), not from the serving code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from prometheus_client import CollectorRegistry
+from tiny_pipeline import TinyRun, tiny_pipeline
+
+from slimrank.bundle import Bundle, open_bundle
+from slimrank.bundle.formats import read_npy
+from slimrank.compression.scorer import Scorer
+from slimrank.pipeline.artifacts import load_view
+from slimrank.pipeline.publish import load_bundle_tables, read_serving
+from slimrank.pipeline.run import RunResult, run_pipeline
+from slimrank.pipeline.steps import load_data, load_search
+from slimrank.ranking.candidates import Candidates, mine_candidates
+from slimrank.ranking.features import candidate_features
+from slimrank.ranking.pipeline_eval import rank_candidates
+from slimrank.serving.client import SlimrankClient
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.loader import load_snapshot
+from slimrank.serving.reload import bundle_reload_fn, load_current
+from slimrank.serving.server import create_server
+from slimrank.serving.snapshot import SnapshotHolder
+
+K = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    run: TinyRun
+    bundle: Bundle
+    result: RunResult
+    client: SlimrankClient
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    run = tiny_pipeline(tmp_path_factory)
+    holder = SnapshotHolder(load_current(run.bundles))
+    server, port = create_server(
+        ServerConfig(), holder, CollectorRegistry(), bundle_reload_fn(run.bundles)
+    )
+    server.mark_serving()
+    client = SlimrankClient(f"127.0.0.1:{port}", timeout=10.0)
+    try:
+        yield Served(run, open_bundle(run.bundles, run.version), run_pipeline(run.config), client)
+    finally:
+        client.close()
+        server.shutdown(0).wait(5)
+
+
+def _scorer(bundle: Bundle) -> Scorer:
+    return Scorer(bundle.file("ranker.onnx"), bundle.manifest.files["ranker.onnx"].sha256)
+
+
+def test_snapshot_takes_the_bundles_candidates_and_seen_items(served: Served) -> None:
+    snapshot = load_snapshot(served.bundle)
+    assert snapshot.n_candidates == read_serving(served.bundle.path)["candidates"] == 30
+    seen = load_data(served.bundle.path / "data").split.seen_for_test()
+    assert snapshot.seen is not None
+    assert (snapshot.seen != (seen > 0)).nnz == 0
+
+
+def test_known_users_get_the_offline_ranking(served: Served) -> None:
+    """Server top k == the pipeline's test view (seen items excluded), ranked by its ranker."""
+    cands, feats, _ = load_view(served.result.path("candidates") / "test.safetensors")
+    item_ids = read_npy(served.bundle.file("items.npy"))
+    user_ids = read_npy(served.bundle.file("users.npy"))
+    seen = load_data(served.bundle.path / "data").split.seen_for_test()
+    scorer = _scorer(served.bundle)
+    rows = np.unique(np.linspace(0, len(cands) - 1, 6).astype(int))
+    for row in rows:
+        # One user's candidates are one batch, as in one request.
+        scores = scorer.score(feats.values[row])  # (N,)
+        top = rank_candidates(cands.items[row : row + 1], scores[None], K)[0]  # (K,)
+        user = int(cands.user[row])
+        got = served.client.recommend(str(user_ids[user]), K)
+        assert got.user_source == "KNOWN"
+        assert got.model_version == served.run.version
+        assert got.candidates == cands.n
+        assert got.item_ids == tuple(str(item_ids[i]) for i in top if i >= 0)
+        by_item = dict(zip(cands.items[row].tolist(), scores.tolist(), strict=True))
+        np.testing.assert_allclose(got.scores, [by_item[i] for i in top], rtol=1e-5, atol=1e-5)
+        assert not set(top.tolist()) & set(seen[user].indices.tolist())
+
+
+def test_unknown_user_with_recent_items_is_ranked_from_their_pooled_vector(
+    served: Served,
+) -> None:
+    bundle = served.bundle
+    item_ids = read_npy(bundle.file("items.npy"))
+    item_vecs = read_npy(bundle.file("item_vectors.npy"))
+    tables = load_bundle_tables(bundle.path)
+    n = read_serving(bundle.path)["candidates"]
+    recent = np.array([3, 17, 40])
+    pooled = item_vecs[recent].mean(axis=0, dtype=np.float32)  # (d,)
+    exclude = sp.csr_matrix(
+        (np.ones(len(recent), np.float32), (np.zeros(len(recent), int), recent)),
+        shape=(1, len(item_ids)),
+    )
+    index = load_search(served.result.path("index"))
+    mined = mine_candidates(pooled[None], index.search, np.array([0]), n, exclude)
+    cold = dataclasses.replace(
+        tables,
+        history=sp.csr_matrix((1, len(item_ids)), dtype=np.float32),
+        user_vecs=pooled[None],
+        user_side=np.zeros((1, tables.user_side.shape[1]), np.float32),
+    )
+    cands = Candidates(np.zeros(1, np.int64), mined.items, mined.retrieval_score)
+    feats = candidate_features(cold, cands)
+    scores = _scorer(bundle).score(feats.values[0])  # (N,)
+    top = rank_candidates(cands.items, scores[None], K)[0]
+
+    got = served.client.recommend("someone-new", K, recent=[str(item_ids[i]) for i in recent])
+    assert got.user_source == "RECENT"
+    assert got.item_ids == tuple(str(item_ids[i]) for i in top if i >= 0)
+    assert not set(got.item_ids) & {str(item_ids[i]) for i in recent}
+
+
+def test_unknown_user_without_history_gets_the_most_popular_items(served: Served) -> None:
+    item_ids = read_npy(served.bundle.file("items.npy"))
+    seen = load_data(served.bundle.path / "data").split.seen_for_test()
+    popularity = np.asarray(seen.sum(axis=0)).ravel()  # (I,) train + valid interactions
+    top = np.argsort(-popularity, kind="stable")[:K]
+    got = served.client.recommend("someone-new", K)
+    assert got.user_source == "POPULAR"
+    assert got.item_ids == tuple(str(item_ids[i]) for i in top)
+    np.testing.assert_array_equal(got.scores, popularity[top])
