@@ -8,6 +8,7 @@ functions (its test-view candidates and features, its FAISS index, ``mine_candid
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,6 +19,7 @@ from tiny_pipeline import TinyRun, tiny_pipeline
 
 from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import read_npy
+from slimrank.cli import main
 from slimrank.compression.scorer import Scorer
 from slimrank.pipeline.artifacts import load_view
 from slimrank.pipeline.publish import load_bundle_tables, read_serving
@@ -137,3 +139,34 @@ def test_unknown_user_without_history_gets_the_most_popular_items(served: Served
     assert got.user_source == "POPULAR"
     assert got.item_ids == tuple(str(item_ids[i]) for i in top)
     np.testing.assert_array_equal(got.scores, popularity[top])
+
+
+def test_query_prints_the_ranked_items_and_the_model_version(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user = str(read_npy(served.bundle.file("users.npy"))[4])
+    expected = served.client.recommend(user, 5)
+    args = ["--target", served.client.target, "--user", user, "-k", "5"]
+    code = main(["query", *args, "--bundles", str(served.run.bundles)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert served.run.version in out
+    lines = [line for line in out.splitlines() if line.startswith("│")]
+    assert [line.split("│")[2].strip() for line in lines] == list(expected.item_ids)
+    assert "title" not in out  # a synthetic catalog has no titles
+
+
+def test_query_errors_are_one_line_and_exit_2(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = served.client.target
+    assert main(["query", "--target", target, "--user", "u1", "-k", "101"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "slimrank query: request refused: k: must be in [1, 100], got 101"
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    assert main(["query", "--target", closed, "--user", "u1", "--timeout", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"slimrank query: server {closed} unreachable: ")
+    assert "\n" not in err

@@ -30,7 +30,9 @@ SPARE_THREADS = 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``serve`` command."""
+    """Add the ``serve`` and ``query`` commands."""
+    from slimrank.serving import query
+
     defaults = ServerConfig()
     reload_defaults = ReloadConfig()
     p = sub.add_parser(
@@ -99,6 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="without a token, open the Admin service to anyone (default: refuse it)",
     )
     p.set_defaults(func=cmd_serve, parser=p)
+    query.register(sub)
 
 
 def _spec_from_args(args: argparse.Namespace) -> ServeSpec:

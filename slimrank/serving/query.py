@@ -1,0 +1,146 @@
+"""``slimrank query``: ask a running server for one user's recommendations and print them.
+
+Prints rank, item id, title and score in a table, then the model version that ranked them.
+Titles come from the bundle's dataset when ``--bundles`` is given and the bundle was trained
+on MovieLens-100k (read from the local data cache, never downloaded here). Exit codes: 0
+answered, 2 server unreachable or request refused (INVALID_ARGUMENT), 1 any other gRPC error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimrank.serving.client import Ranked
+
+log = logging.getLogger(__name__)
+
+MOVIELENS = ("movielens-100k", "ml-100k")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``query`` command."""
+    p = sub.add_parser(
+        "query",
+        help="print one user's recommendations from a running server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT (%(default)s)")
+    p.add_argument("--user", default="", help="user id (empty or unknown: use --recent)")
+    p.add_argument("-k", type=int, default=10, help="items to return (default %(default)s)")
+    p.add_argument(
+        "--recent", default="", help="comma-separated item ids the user just interacted with"
+    )
+    p.add_argument("--bundles", type=Path, default=None, help="bundles directory, for titles")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds per call (default %(default)s)"
+    )
+    p.set_defaults(func=cmd_query, parser=p)
+
+
+def bundle_titles(root: Path, version: str | None = None) -> dict[str, str] | None:
+    """Return ``{item id: title}`` for a bundle, or None if its dataset has no titles here.
+
+    Reads ``version`` (None or absent from ``root``: ``CURRENT``): a bundle trained on
+    MovieLens-100k takes the titles of the cached dataset; other sources have none.
+    """
+    from slimrank.bundle.manifest import MANIFEST, read_manifest
+    from slimrank.bundle.store import resolve_version
+    from slimrank.data.dataset import load_dataset
+    from slimrank.data.fetch import is_fetched
+
+    if version is None or not (root / version / MANIFEST).is_file():
+        version = resolve_version(root, None)
+    manifest = read_manifest(root / version / MANIFEST)
+    data = manifest.config.get("data", {})
+    source = data.get("source") if isinstance(data, dict) else None
+    if source not in MOVIELENS:
+        log.debug("bundle %s was trained on %r: no titles", version, source)
+        return None
+    if not is_fetched():
+        log.warning("movielens-100k is not in the data cache: no titles (slimrank data fetch)")
+        return None
+    dataset = load_dataset("movielens-100k")
+    if dataset.item_titles is None:
+        return None
+    return {str(i): str(t) for i, t in zip(dataset.items.ids, dataset.item_titles, strict=True)}
+
+
+def recommendation_table(
+    ranked: Ranked, titles: Mapping[str, str] | None = None, title: str = ""
+) -> Table:
+    """Return a rich table of ``ranked``: rank, item id, title (if known) and score."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(title) if title else None, title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("item", justify="right")
+    if titles is not None:
+        table.add_column("title")
+    table.add_column("score", justify="right")
+    for rank, (item, score) in enumerate(zip(ranked.item_ids, ranked.scores, strict=True), 1):
+        row = [Text(str(rank)), Text(item)]  # Text: ids and titles are not rich markup
+        if titles is not None:
+            row.append(Text(titles.get(item, "?")))
+        table.add_row(*row, Text(f"{score:.4f}"))
+    return table
+
+
+def describe(user: str, ranked: Ranked) -> str:
+    """Return a one-line title: who was asked and how the server knew them."""
+    who = f"user {user}" if user else "anonymous user"
+    source = f" ({ranked.user_source.lower()})" if ranked.user_source else ""
+    return f"{who}{source}: {ranked.candidates} candidates ranked"
+
+
+def print_recommendations(
+    console: Console, user: str, ranked: Ranked, titles: Mapping[str, str] | None = None
+) -> None:
+    """Print who was asked, the model version that answered, then the table."""
+    line = f"{describe(user, ranked)} by model {ranked.model_version}"
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(recommendation_table(ranked, titles))
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Query the server once and print the table; see the module docstring for exit codes."""
+    import sys
+
+    import grpc
+    from rich.console import Console
+
+    from slimrank.serving.client import SlimrankClient
+
+    if args.k < 1:
+        args.parser.error(f"-k {args.k}: must be >= 1")
+    recent = [item.strip() for item in args.recent.split(",") if item.strip()]
+    err = Console(file=sys.stderr, markup=False, highlight=False)
+    try:
+        with SlimrankClient(args.target, timeout=args.timeout, retries=3) as client:
+            ranked = client.recommend(args.user, args.k, recent=recent)
+    except grpc.RpcError as error:
+        code, details = error.code(), error.details()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            err.print(
+                f"slimrank query: server {args.target} unreachable: {details}", soft_wrap=True
+            )
+            return 2
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            err.print(f"slimrank query: request refused: {details}", soft_wrap=True)
+            return 2
+        err.print(f"slimrank query: {code.name}: {details}", soft_wrap=True)
+        return 1
+    titles = None
+    if args.bundles is not None:
+        titles = bundle_titles(args.bundles, ranked.model_version)
+    print_recommendations(Console(), args.user, ranked, titles)
+    return 0
