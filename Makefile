@@ -31,10 +31,14 @@ unit: install system-deps
 
 test: lint check-protos unit
 
+# The pipeline exits 3 when the int8 ranker fails the accuracy gate: nothing is published, so
+# make stops there, after the pipeline's message.
 demo: install
 	$(BIN)/slimrank data fetch movielens-100k
 	$(BIN)/slimrank data info movielens-100k
 	$(BIN)/slimrank baseline --dataset movielens-100k
+	$(BIN)/slimrank pipeline --config configs/pipeline.toml --bundles $(RUN_DIR)/bundles --out $(RUN_DIR)/report
+	$(BIN)/python scripts/demo_serve.py --bundles $(RUN_DIR)/bundles
 
 bench: install
 	$(BIN)/python bench/retrieval.py
