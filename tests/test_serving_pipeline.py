@@ -11,6 +11,7 @@ import dataclasses
 import socket
 from collections.abc import Iterator
 
+import faiss
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -31,6 +32,7 @@ from slimrank.ranking.pipeline_eval import rank_candidates
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import load_snapshot
+from slimrank.serving.pipeline_loader import scored_vectors
 from slimrank.serving.reload import bundle_reload_fn, load_current
 from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import SnapshotHolder
@@ -170,3 +172,20 @@ def test_query_errors_are_one_line_and_exit_2(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"slimrank query: server {closed} unreachable: ")
     assert "\n" not in err
+
+
+@pytest.mark.parametrize("factory", ["IVF4,PQ4x4np,Refine(SQ8)", "Flat"])
+def test_scored_vectors_reproduce_the_index_scores(factory: str) -> None:
+    """The retrieval_score feature must be the index's score (what the pipeline mined with)."""
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((600, 16)).astype(np.float32)  # (I, d)
+    queries = rng.standard_normal((8, 16)).astype(np.float32)  # (B, d)
+    index = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(items)
+    index.add(items)
+    scores, rows = index.search(queries, 20)  # (B, 20)
+    vectors = scored_vectors(index, items)
+    mine = np.einsum("bkd,bd->bk", vectors[rows], queries)  # (B, 20)
+    np.testing.assert_allclose(mine, scores, rtol=1e-5, atol=1e-5)
+    if factory != "Flat":  # SQ8 codes: the exact product differs, which is the point
+        assert np.abs(np.einsum("bkd,bd->bk", items[rows], queries) - scores).max() > 1e-4
