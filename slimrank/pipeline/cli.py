@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from slimrank.pipeline.config import PipelineConfig
+    from slimrank.pipeline.engine import EngineConfig
     from slimrank.pipeline.run import RunResult
 
 EXIT_GATE_FAILED = 3
@@ -56,6 +57,39 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/pipeline", help="directory for the report files")
     parser.add_argument(
         "--min-ratio", type=float, help="override the gate's minimum int8/teacher NDCG ratio"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="run candidate mining, teacher scoring and student training here or on Ray "
+        "(needs the ray extra)",
+    )
+    parser.add_argument(
+        "--ray-address", default="", help="Ray cluster to join (default: start a local one)"
+    )
+    parser.add_argument(
+        "--ray-workers",
+        type=int,
+        default=1,
+        help="Ray Train workers for student distillation (1: the local training loop)",
+    )
+    parser.add_argument(
+        "--ray-batch-users",
+        type=int,
+        default=256,
+        help="users per Ray Data batch in candidate mining and teacher scoring",
+    )
+
+
+def _engine(args: argparse.Namespace) -> EngineConfig:
+    from slimrank.pipeline.engine import EngineConfig
+
+    return EngineConfig(
+        kind=args.engine,
+        address=args.ray_address,
+        workers=args.ray_workers,
+        batch_users=args.ray_batch_users,
     )
 
 
@@ -118,7 +152,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     config = _configure(load_config(args.config), args)
     hook = hook_for(console)
     try:
-        result = run_pipeline(config, hook)
+        result = run_pipeline(config, hook, engine=_engine(args))
     finally:
         hook.close()
     return _finish(result, args, console, "Pipeline")
@@ -144,7 +178,13 @@ def _retrain(args: argparse.Namespace) -> int:
     )
     hook = hook_for(console)
     try:
-        result = run_pipeline(config, hook, provided, None if args.retrain_teacher else teacher)
+        result = run_pipeline(
+            config,
+            hook,
+            provided,
+            None if args.retrain_teacher else teacher,
+            engine=_engine(args),
+        )
     finally:
         hook.close()
     return _finish(result, args, console, "Retrain")

@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from slimrank.pipeline.config import Int8Config, PruneConfig, StudentConfig
 from slimrank.pipeline.steps import evaluate_views, load_data, load_teacher_scores, load_views
 from slimrank.ranking.features import CandidateFeatures
 from slimrank.ranking.pipeline_eval import pipeline_metrics
+
+if TYPE_CHECKING:
+    from slimrank.pipeline.engine import Engine
 
 
 def _standardization(feats: CandidateFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -178,10 +181,12 @@ def student_step(
     cand_dir: Path,
     teacher_dir: Path,
     out: Path,
+    engine: Engine | None = None,
 ) -> None:
     """Train the student MLP from labels only (``distill=False``) or with distillation.
 
-    The epoch is chosen on validation NDCG (see :func:`fit_on_valid`).
+    The epoch is chosen on validation NDCG (see :func:`fit_on_valid`); ``engine`` may train
+    it data-parallel (the Ray engine with several workers).
     """
     from slimrank.compression.distill import DistillConfig
     from slimrank.ranking.mlp import MLPConfig, MLPRanker
@@ -198,7 +203,10 @@ def student_step(
         loss = DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=config.distill.hard_loss)
     student = MLPRanker(MLPConfig(input_dim=feats.values.shape[-1], hidden=config.hidden))
     metric = _valid_ndcg(views, data, mean, std, k)
-    model, history = fit_on_valid(student, lists, loss, config, metric)
+    if engine is None:
+        model, history = fit_on_valid(student, lists, loss, config, metric)
+    else:
+        model, history = engine.fit_student(student, lists, loss, config, metric)
     extra = {"epochs": history}
     path = _save_student(out, model, mean, std, extra, config.fold_standardization)
     write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))

@@ -13,6 +13,7 @@ from typing import Any
 from slimrank.pipeline import compress_steps, steps
 from slimrank.pipeline.cache import StepCache, StepOutput
 from slimrank.pipeline.config import PipelineConfig
+from slimrank.pipeline.engine import Engine, EngineConfig, open_engine
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,27 @@ def run_pipeline(
     hook: StepHook | None = None,
     provided: Mapping[str, StepOutput] | None = None,
     teacher: ImportedTeacher | None = None,
+    engine: EngineConfig | None = None,
 ) -> RunResult:
     """Run (or load from the cache) every step; ``provided`` outputs replace those steps.
 
     ``provided`` is how retraining reuses a bundle's data and two-tower model; with
     ``teacher`` the teacher step only re-scores the new candidates with that teacher.
+    ``engine`` chooses where mining, teacher scoring and student training run (default local).
     """
+    engine = engine or EngineConfig()
+    with open_engine(engine) as runner:
+        return _run(config, hook, provided, teacher, engine, runner)
+
+
+def _run(
+    config: PipelineConfig,
+    hook: StepHook | None,
+    provided: Mapping[str, StepOutput] | None,
+    teacher: ImportedTeacher | None,
+    engine: EngineConfig,
+    runner: Engine,
+) -> RunResult:
     cache = StepCache(config.cache_dir)
     cache.clean_partial()
     provided = dict(provided or {})
@@ -138,14 +154,14 @@ def run_pipeline(
         "candidates",
         {"k": k, **c.candidates.to_dict()},
         ["data", "embeddings", "index"],
-        lambda d, e, i, o: steps.candidates_step(c.candidates, k, d, e, i, o),
+        lambda d, e, i, o: steps.candidates_step(c.candidates, k, d, e, i, o, runner),
     )
     if teacher is None:
         step(
             "teacher",
             {"k": k, **c.teacher.to_dict()},
             ["data", "candidates"],
-            lambda d, cd, o: steps.teacher_step(c.teacher, k, d, cd, o),
+            lambda d, cd, o: steps.teacher_step(c.teacher, k, d, cd, o, runner),
         )
     else:
         step(
@@ -153,16 +169,16 @@ def run_pipeline(
             {"k": k, "imported": teacher.version},
             ["data", "candidates"],
             lambda d, cd, o: steps.rescore_teacher_step(
-                teacher.directory, teacher.version, k, d, cd, o
+                teacher.directory, teacher.version, k, d, cd, o, runner
             ),
         )
     for name, distill in (("student_plain", False), ("student_distill", True)):
         step(
             name,
-            {"k": k, "distill": distill, **c.student.to_dict()},
+            {"k": k, "distill": distill, **c.student.to_dict(), **engine.cache_key()},
             ["data", "candidates", "teacher"],
             lambda d, cd, t, o, distill=distill: compress_steps.student_step(
-                c.student, distill, k, d, cd, t, o
+                c.student, distill, k, d, cd, t, o, runner
             ),
         )
     step(

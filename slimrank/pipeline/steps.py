@@ -34,13 +34,14 @@ from slimrank.pipeline.config import (
     TeacherStepConfig,
     TwoTowerStepConfig,
 )
+from slimrank.pipeline.engine import LocalEngine
 from slimrank.pipeline.synthetic import synthetic_dataset
-from slimrank.ranking.candidates import Candidates, label_candidates, mine_candidates, split_history
+from slimrank.ranking.candidates import Candidates, split_history
 from slimrank.ranking.features import CandidateFeatures, build_feature_tables
-from slimrank.ranking.features import candidate_features as featurize
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 
 if TYPE_CHECKING:
+    from slimrank.pipeline.engine import Engine
     from slimrank.retrieval.index import IndexConfig, RetrievalIndex
 
 log = logging.getLogger(__name__)
@@ -253,13 +254,20 @@ def load_search(index_dir: Path) -> RetrievalIndex:
 
 
 def candidates_step(
-    config: CandidateConfig, k: int, data_dir: Path, emb_dir: Path, index_dir: Path, out: Path
+    config: CandidateConfig,
+    k: int,
+    data_dir: Path,
+    emb_dir: Path,
+    index_dir: Path,
+    out: Path,
+    engine: Engine | None = None,
 ) -> None:
     """Mine and featurize the candidates of each view; keep the test view's serving tables.
 
     Training users: retrieval, features and exclusion see only the history fold, the target
     fold gives the labels. Validation and test: the protocol's seen items, truth as labels.
     """
+    engine = engine or LocalEngine()
     data = load_data(data_dir)
     split = data.split
     emb = load_embeddings(emb_dir, split.n_users, split.n_items)
@@ -271,8 +279,7 @@ def candidates_step(
             observed, user_vecs, emb.item, data.user_features, data.item_features, config.features
         )
         users = np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
-        cands = mine_candidates(user_vecs, index.search, users, config.n, observed)
-        return tables, cands, featurize(tables, cands), label_candidates(cands, truth)
+        return tables, *engine.mine(tables, user_vecs, index, users, config.n, observed, truth)
 
     parts = [
         mine(emb.history[i], emb.target[i], emb.user[f"fold{i}"])[1:]
@@ -321,7 +328,12 @@ def evaluate_views(
 
 
 def teacher_step(
-    config: TeacherStepConfig, k: int, data_dir: Path, cand_dir: Path, out: Path
+    config: TeacherStepConfig,
+    k: int,
+    data_dir: Path,
+    cand_dir: Path,
+    out: Path,
+    engine: Engine | None = None,
 ) -> None:
     """Train the DCN-v2 teacher, early-stopped on validation NDCG; save it and its scores."""
     from slimrank.ranking.pipeline_eval import PipelineView
@@ -353,14 +365,21 @@ def teacher_step(
         progress=False,
     )
     save_teacher(result.model, out / "teacher", feats.names, {"best_epoch": result.best_epoch})
-    scores = {view: teacher_scores(result.model, views[view][1]) for view in VIEWS}
+    engine = engine or LocalEngine()
+    scores = {view: engine.teacher_scores(result.model, views[view][1]) for view in VIEWS}
     write_tensors(out / "scores.safetensors", scores)
     metrics = evaluate_views(views, data, lambda f: teacher_scores(result.model, f), k)
     write_json(out / "metrics.json", {"best_epoch": result.best_epoch, **metrics})
 
 
 def rescore_teacher_step(
-    source: Path, version: str, k: int, data_dir: Path, cand_dir: Path, out: Path
+    source: Path,
+    version: str,
+    k: int,
+    data_dir: Path,
+    cand_dir: Path,
+    out: Path,
+    engine: Engine | None = None,
 ) -> None:
     """Reuse a trained teacher: copy it, score the (new) candidates, record its version."""
     from slimrank.ranking.teacher import load_teacher, teacher_scores
@@ -374,7 +393,8 @@ def rescore_teacher_step(
             f"{len(views['train'][1].names)} the candidates have: retrain it (--retrain-teacher)"
         )
     shutil.copytree(source, out / "teacher", ignore=shutil.ignore_patterns("step.json"))
-    scores = {view: teacher_scores(model, views[view][1]) for view in VIEWS}
+    engine = engine or LocalEngine()
+    scores = {view: engine.teacher_scores(model, views[view][1]) for view in VIEWS}
     write_tensors(out / "scores.safetensors", scores)
     metrics = evaluate_views(views, data, lambda f: teacher_scores(model, f), k)
     write_json(out / "metrics.json", {"imported": version, **metrics})
