@@ -83,14 +83,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine(args: argparse.Namespace) -> EngineConfig:
+    from slimrank.errors import SlimrankError
     from slimrank.pipeline.engine import EngineConfig
 
-    return EngineConfig(
-        kind=args.engine,
-        address=args.ray_address,
-        workers=args.ray_workers,
-        batch_users=args.ray_batch_users,
-    )
+    try:
+        return EngineConfig(
+            kind=args.engine,
+            address=args.ray_address,
+            workers=args.ray_workers,
+            batch_users=args.ray_batch_users,
+        )
+    except ValueError as err:
+        raise SlimrankError(str(err)) from err
 
 
 def _configure(config: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from slimrank.config import Config, require
+from slimrank.errors import SlimrankError
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -161,7 +162,11 @@ def open_engine(config: EngineConfig) -> Iterator[Engine]:
     if config.kind == "local":
         yield LocalEngine()
         return
-    from slimrank.pipeline.ray_engine import RayEngine
-
+    try:
+        from slimrank.pipeline.ray_engine import RayEngine
+    except ModuleNotFoundError as err:
+        if err.name != "ray":
+            raise
+        raise SlimrankError("the ray engine needs ray: pip install 'slimrank[ray]'") from err
     with RayEngine.open(config) as engine:
         yield engine
