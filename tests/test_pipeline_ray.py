@@ -128,3 +128,20 @@ def test_engine_config_rejects_ray_options_without_ray() -> None:
         EngineConfig(kind="ray", workers=0)
     assert EngineConfig().cache_key() == {}
     assert EngineConfig(kind="ray", workers=3).cache_key() == {"train_workers": 3}
+
+
+def test_shipped_ivfpq_index_searches_like_the_original() -> None:
+    """FAISS indexes do not pickle; their serialized bytes (and tuned params) travel instead."""
+    import pickle
+
+    from slimrank.pipeline.ray_engine import ShippedIndex
+    from slimrank.retrieval.index import IndexConfig, build_index
+
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((3000, 32)).astype(np.float32)  # (I, d)
+    queries = rng.standard_normal((100, 32)).astype(np.float32)  # (Q, d)
+    index = build_index(items, IndexConfig(pq_m=16), tune_queries=queries, progress=False)
+    again = pickle.loads(pickle.dumps(ShippedIndex.of(index))).load()
+    assert again.factory_string == index.factory_string and again.params == index.params
+    for got, want in zip(again.search(queries, 50), index.search(queries, 50), strict=True):
+        np.testing.assert_array_equal(got, want)
