@@ -75,6 +75,10 @@ StepCache({str(tmp_path / "cache")!r}).run("train", {{}}, {{}}, fn)
             assert time.monotonic() < deadline, "the step never started"
             assert proc.poll() is None, "the step process died early"
             time.sleep(0.05)
+        # Another run cleaning the same cache must leave a live step alone.
+        live = StepCache(tmp_path / "cache")
+        assert live.clean_partial() == []
+        assert len(list((tmp_path / "cache").glob(".tmp-train-*/half.txt"))) == 1
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()

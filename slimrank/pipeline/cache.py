@@ -3,11 +3,14 @@
 Each step's output directory is named by a digest of the step name, its config and the
 digests of the steps it reads. A step runs in a hidden temporary directory that is renamed
 into place only when the step returns, so a killed step leaves nothing that looks finished;
-its leftovers are removed by the next run.
+its leftovers are removed by the next run. While a step runs, its process holds an ``flock``
+on a lock file beside the temporary directory; the kernel drops it when the process dies, so
+cleanup removes only the leftovers of dead runs, never a step another live run is writing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -70,7 +73,26 @@ class StepCache:
             log.info("step %s: cached (%s)", name, final.name)
             return StepOutput(name, digest, final, cached=True)
         tmp = self.root / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        lock = _lock_path(tmp)
+        with open(lock, "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # released when this process ends, however
+            try:
+                tmp.mkdir()
+                return self._run_in(name, digest, config, inputs, fn, tmp, final)
+            finally:
+                lock.unlink(missing_ok=True)
+
+    def _run_in(
+        self,
+        name: str,
+        digest: str,
+        config: Mapping[str, Any],
+        inputs: Mapping[str, str],
+        fn: Callable[[Path], None],
+        tmp: Path,
+        final: Path,
+    ) -> StepOutput:
+        """Run ``fn`` into ``tmp`` and rename it to ``final``; remove ``tmp`` on failure."""
         try:
             fn(tmp)
             (tmp / "step.json").write_text(
@@ -88,11 +110,35 @@ class StepCache:
         return StepOutput(name, digest, final, cached=False)
 
     def clean_partial(self) -> list[Path]:
-        """Remove temporary directories left by killed runs; return what was removed."""
+        """Remove temporary directories left by dead runs; return what was removed.
+
+        A directory whose lock another live process holds is a step in progress: it is kept.
+        """
         removed = []
-        for tmp in sorted(self.root.glob(f"{_TMP_PREFIX}*")):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
+        for tmp in sorted(p for p in self.root.glob(f"{_TMP_PREFIX}*") if p.is_dir()):
+            lock = _lock_path(tmp)
+            with open(lock, "a") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live run is writing this step
+                if tmp.is_dir():  # not renamed into place by a run that just finished
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed.append(tmp)
+                lock.unlink(missing_ok=True)
+        for lock in self.root.glob(f"{_TMP_PREFIX}*.lock"):
+            with open(lock, "a") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                if not lock.with_suffix("").exists():  # a run died before making its dir
+                    lock.unlink(missing_ok=True)
         if removed:
             log.info("removed %d partial step output(s) from an interrupted run", len(removed))
         return removed
+
+
+def _lock_path(tmp: Path) -> Path:
+    """Return the lock file that marks ``tmp`` as in use (beside it, so it is never renamed)."""
+    return tmp.with_name(tmp.name + ".lock")
