@@ -53,11 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # slimrank's own progress at INFO (DEBUG with -v); libraries (faiss's loader, the ONNX
+    # exporter's passes) only warn unless -vv asks for everything.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+        level=logging.DEBUG if args.verbose > 1 else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # the command owns logging, even if a library configured it first
     )
+    logging.getLogger("slimrank").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except SlimrankError as err:
