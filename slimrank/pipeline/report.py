@@ -244,7 +244,7 @@ def render_markdown(report: Report, command: str = "") -> str:
     lines += [
         "",
         f"Test view: retrieve, rank, top {report.k}. params: non-zero parameters (the "
-        "teacher's include its id embeddings). p50: median of "
+        "teacher's include its id embeddings, when it has them). p50: median of "
         f"{report.repeats} interleaved calls scoring {report.candidates} candidates on one "
         "thread; teacher in torch, students in onnxruntime; speedup over the teacher's p50.",
         "",
