@@ -30,13 +30,7 @@ from slimrank.ranking.mlp import MLPConfig, MLPRanker
 # Total with soft_weight 1, hard_weight 0.5: 0.2355661 + 0.5493061 = 0.7848722.
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TEACHER = [2 * math.log(2.0), 0.0, 0.0]

@@ -27,14 +27,7 @@ from slimrank.compression.pruning import (
 from slimrank.compression.structured import prune_units, shrink_units, unit_scores
 from slimrank.ranking.mlp import MLPConfig, MLPRanker
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SCHEDULE = PruningSchedule(
