@@ -125,6 +125,9 @@ def test_history_for_test_view_adds_the_validation_items():
         ({"n_items": 0}, "n_items"),
         ({"use_user_id": False, "use_history": False}, "use_user_id"),
         ({"use_item_id": False}, "use_item_id"),
+        ({"init_std": -0.1}, "init_std"),
+        ({"projection": False, "hidden": (8,)}, "projection"),
+        ({"projection": False, "id_dim": 32}, "projection"),
     ],
 )
 def test_model_config_errors_name_the_field_and_value(kwargs, field):
@@ -146,6 +149,7 @@ def test_model_config_errors_name_the_field_and_value(kwargs, field):
         ({"patience": 0}, "patience"),
         ({"examples": "all"}, "examples"),
         ({"examples": "masked", "loss": "bpr"}, "loss"),
+        ({"examples": "multinomial", "loss": "sampled_softmax"}, "loss"),
         ({"mask_share": 1.0}, "mask_share"),
         ({"eval_every": 0}, "eval_every"),
         ({"k": 0}, "k"),
@@ -308,3 +312,23 @@ def test_history_power_scales_the_pooled_sum():
         pooled = model.user_tower.history.weight[[0, 2, 3, 5]].sum(0, keepdim=True) / 2.0
         expected = model.user_vectors_pooled(torch.tensor([1]), None, pooled)
     np.testing.assert_allclose(user_vecs[1], expected[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_tower_without_projection_outputs_the_sum_of_its_embeddings():
+    users, items = tables(3, 5)
+    config = featured_config(3, 5, hidden=(), projection=False, normalize=False, init_std=0.1)
+    model = TwoTower(config).eval()
+    assert model.user_tower.mlp is None and model.item_tower.mlp is None
+    ufeat = feature_tensors(users, config.user_features)
+    ifeat = feature_tensors(items, config.item_features)
+    pooled = torch.randn(3, 8)
+    with torch.no_grad():
+        got_u = model.user_vectors_pooled(torch.arange(3), ufeat, pooled)
+        got_i = model.item_vectors(torch.arange(5), ifeat)
+        want_u = model.user_tower.features(ufeat) + pooled
+        want_i = model.item_tower.id_embedding.weight + model.item_tower.features(ifeat)
+    torch.testing.assert_close(got_u, want_u)
+    torch.testing.assert_close(got_i, want_i)
+    # Every embedding table starts at the configured scale, not torch's N(0, 1).
+    table = model.item_tower.id_embedding.weight
+    assert 0.05 < float(table.detach().std()) < 0.2

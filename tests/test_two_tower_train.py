@@ -15,6 +15,7 @@ from slimrank.evaluation.protocol import topk_items
 from slimrank.retrieval.embeddings import export_embeddings, history_for, load_embeddings
 from slimrank.retrieval.train import (
     TrainConfig,
+    _multinomial_loss,
     _pooled_history,
     evaluate_model,
     train_two_tower,
@@ -59,6 +60,7 @@ def in_group_share(model: TwoTower, split, k: int = 5) -> float:
         ("sampled_softmax", "leave_one_out"),
         ("bpr", "leave_one_out"),
         ("softmax", "masked"),
+        ("softmax", "multinomial"),
     ],
 )
 def test_training_lowers_the_loss_and_recovers_the_planted_groups(loss, examples):
@@ -138,6 +140,53 @@ def test_training_pools_the_history_without_the_target():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_multinomial_loss_matches_a_by_hand_reference(drop):
+    """Mult-DAE: every item of the user is a target; the input keeps a 1 - drop share of the
+    history, pooled as sum / sqrt(n) over the whole history and scaled by 1 / (1 - drop)."""
+    torch.manual_seed(0)
+    config = TwoTowerConfig(
+        n_users=4,
+        n_items=6,
+        dim=3,
+        id_dim=3,
+        projection=False,
+        normalize=False,
+        temperature=1.0,
+        item_bias=True,
+        history_power=0.5,
+    )
+    model = TwoTower(config)
+    with torch.no_grad():
+        model.item_bias.weight.copy_(torch.linspace(-1, 1, 6)[:, None])
+    logs = Interactions(
+        np.array([0, 0, 0, 0, 2, 2]),
+        np.array([1, 4, 5, 0, 2, 3]),
+        np.ones(6, np.float32),
+        np.arange(6),
+    )
+    targets = UserHistory.from_interactions(logs, 4)
+    group = np.array([2, 0])
+    got = _multinomial_loss(
+        model, targets, group, None, None, torch.arange(6), drop, np.random.default_rng(5)
+    )
+    # The same draws, by hand: the bags of users 2 then 0, oldest first.
+    bags = [[2, 3], [1, 4, 5, 0]]
+    kept = np.random.default_rng(5).random(6) >= drop
+    table = model.user_tower.history.weight
+    items = model.item_tower.id_embedding.weight
+    bias = model.item_bias.weight[:, 0]
+    total = torch.zeros(())
+    start = 0
+    for bag in bags:
+        keep = [item for item, k in zip(bag, kept[start : start + len(bag)], strict=True) if k]
+        start += len(bag)
+        pooled = table[keep].sum(0) / np.sqrt(len(bag)) / (1 - drop)
+        log_p = torch.log_softmax(items @ pooled + bias, dim=0)
+        total = total - log_p[bag].sum()
+    torch.testing.assert_close(got, total / 2)
+
+
 def test_training_rejects_a_model_of_another_shape():
     split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
     with pytest.raises(ValueError, match="users"):
@@ -163,7 +212,8 @@ def test_cli_trains_evaluates_and_writes_item_embeddings(tmp_path, capsys):
 
     dataset = load_dataset(str(path))
     embeddings = load_embeddings(run)
-    assert embeddings.item.shape == (dataset.n_items, 8)
+    # --dim 8 plus one column for the item bias (users get a 1 there).
+    assert embeddings.item.shape == (dataset.n_items, 9)
     assert embeddings.item_ids.tolist() == dataset.items.ids.tolist()
     # The files hold the saved model's vectors, users pooling train + valid (the test view).
     split = split_random(dataset.interactions, dataset.n_users, dataset.n_items, seed=2020)

@@ -51,7 +51,7 @@ from slimrank.retrieval.two_tower import (
 log = logging.getLogger(__name__)
 
 LOSSES = ("softmax", "sampled_softmax", "bpr")
-EXAMPLES = ("leave_one_out", "masked")
+EXAMPLES = ("leave_one_out", "masked", "multinomial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,9 @@ class TrainConfig(Config):
     history_dropout: float = 0.0  # drop each history item with this probability
     # "leave_one_out": one example per interaction, its target left out of the pooled history;
     # "masked": per user, predict a random mask_share of the items from the rest (full
-    # softmax only; one user vector per user, so about mask_share * items-per-user cheaper).
+    # softmax only; one user vector per user, so about mask_share * items-per-user cheaper);
+    # "multinomial": per user, predict all the items from the history with history_dropout
+    # of it dropped (Mult-DAE, Liang et al. 2018; full softmax only).
     examples: str = "masked"
     mask_share: float = 0.2
     patience: int = 10  # evaluations without a better validation Recall@k before stopping
@@ -95,18 +97,18 @@ class TrainConfig(Config):
         )
         require(self.examples in EXAMPLES, self, "examples", self.examples, f"one of {EXAMPLES}")
         require(
-            self.examples != "masked" or self.loss == "softmax",
+            self.examples == "leave_one_out" or self.loss == "softmax",
             self,
             "loss",
             self.loss,
-            "examples='masked' trains with the full softmax only",
+            f"examples={self.examples!r} trains with the full softmax only",
         )
         require(
-            self.examples == "leave_one_out" or self.history_dropout == 0.0,
+            self.examples != "masked" or self.history_dropout == 0.0,
             self,
             "history_dropout",
             self.history_dropout,
-            "applies to leave_one_out examples; masked ones hide mask_share of the history",
+            "does not apply to masked examples: they hide mask_share of the history",
         )
         require(0.0 < self.mask_share < 1.0, self, "mask_share", self.mask_share, "in (0, 1)")
         require(self.patience >= 1, self, "patience", self.patience, "must be >= 1")
@@ -242,10 +244,12 @@ def _train(
             model.train()
             total, batches = 0.0, 0
             for group in _user_batches(targets, config.batch_size, rng):
-                if config.examples == "masked":
-                    loss = _masked_loss(
-                        model, targets, group, ufeat, ifeat, all_items, config.mask_share, rng
+                if config.examples != "leave_one_out":
+                    loss_fn = _masked_loss if config.examples == "masked" else _multinomial_loss
+                    share = (
+                        config.mask_share if config.examples == "masked" else config.history_dropout
                     )
+                    loss = loss_fn(model, targets, group, ufeat, ifeat, all_items, share, rng)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -354,6 +358,43 @@ def _masked_loss(
     if not hidden.any():
         return log_p.sum() * 0.0  # nothing to predict in this batch
     return -log_p[torch.as_tensor(rows[hidden]), torch.as_tensor(items[hidden])].mean()
+
+
+def _multinomial_loss(
+    model: TwoTower,
+    targets: UserHistory,
+    group: np.ndarray,
+    ufeat: dict[str, torch.Tensor] | None,
+    ifeat: dict[str, torch.Tensor] | None,
+    all_items: torch.Tensor,
+    drop: float,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Return the multinomial log-loss of all of each user's items, given the history with a
+    ``drop`` share of it removed (Mult-DAE): summed over a user's items, averaged over users.
+
+    The kept items are pooled as the whole history would be (sum / n ** history_power over
+    all n items) and scaled by 1 / (1 - drop), as inverted dropout is, so that a user vector
+    keeps the scale it has at evaluation, when nothing is dropped.
+    """
+    items, offsets = targets.bags(group)  # every training item of the group
+    rows = bag_rows(offsets, len(items))  # (N,)
+    users = torch.as_tensor(group)
+    pooled = None
+    if model.config.use_history:
+        kept = rng.random(len(items)) >= drop  # (N,)
+        bag_offsets = np.zeros(len(group), dtype=np.int64)
+        np.cumsum(np.bincount(rows[kept], minlength=len(group))[:-1], out=bag_offsets[1:])
+        sums, _ = model.user_tower.pool(torch.as_tensor(items[kept]), torch.as_tensor(bag_offsets))
+        counts = torch.as_tensor(targets.lengths(group))  # (G,) the whole history's sizes
+        pooled = model.pool_scale(sums, counts) / (1.0 - drop)  # (G, D)
+    user_vecs = model.user_vectors_pooled(
+        users, None if ufeat is None else take_rows(ufeat, users), pooled
+    )  # (G, d)
+    item_vecs = model.item_vectors(all_items, ifeat)  # (I, d)
+    log_p = F.log_softmax(model.logits(user_vecs, item_vecs, all_items), dim=1)  # (G, I)
+    picked = log_p[torch.as_tensor(rows), torch.as_tensor(items)]  # (N,)
+    return -picked.sum() / len(group)
 
 
 def _user_batches(

@@ -88,6 +88,10 @@ class TwoTowerConfig(Config):
     # Hidden layers of each tower's MLP; none (linear towers) was best on ml-100k valid.
     hidden: tuple[int, ...] = ()
     dropout: float = 0.0  # dropout inside the MLPs
+    # False: no MLP at all; a tower's output is the sum of its parts (embeddings of the id,
+    # features, history), so hidden must be empty and id_dim == dim. A linear layer on top
+    # of an embedding table adds nothing it could not learn, and trains slower.
+    projection: bool = True
     # Off by default: a user id embedding memorizes the user's training items, which the
     # protocol excludes, and lost 0.02 valid NDCG@10 on ml-100k.
     use_user_id: bool = False
@@ -104,6 +108,9 @@ class TwoTowerConfig(Config):
     # A learned logit per item (its popularity); exported as one extra dimension, so the
     # vectors are dim + 1 wide (see slimrank.retrieval.embeddings).
     item_bias: bool = False
+    # Standard deviation of the initial embedding rows; 0 keeps torch's N(0, 1). Unnormalized
+    # towers need small ones: N(0, 1) rows start with huge logits and train much worse.
+    init_std: float = 0.0
     user_features: FeatureSpec = dataclasses.field(default_factory=FeatureSpec)
     item_features: FeatureSpec = dataclasses.field(default_factory=FeatureSpec)
 
@@ -125,6 +132,17 @@ class TwoTowerConfig(Config):
         )
         require(self.max_history >= 0, self, "max_history", self.max_history, "must be >= 0")
         require(self.temperature > 0, self, "temperature", self.temperature, "must be > 0")
+        require(self.init_std >= 0, self, "init_std", self.init_std, "must be >= 0")
+        require(
+            self.projection or (not self.hidden and self.id_dim == self.dim),
+            self,
+            "projection",
+            self.projection,
+            f"False needs hidden=() and id_dim == dim, got {self.hidden} and {self.id_dim} != "
+            f"{self.dim}"
+            if self.id_dim != self.dim
+            else f"False needs hidden=(), got {self.hidden}",
+        )
         require(
             self.use_user_id or self.use_history or not self.user_features.empty,
             self,
@@ -242,6 +260,21 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+def _head(config: TwoTowerConfig, parts: int) -> MLP | None:
+    """Return the MLP from a tower's ``parts`` concatenated embeddings to its output, or None
+    for a tower without projection, whose output is the sum of its parts."""
+    if not config.projection:
+        return None
+    return MLP(parts * config.id_dim, config.hidden, config.dim, config.dropout)
+
+
+def _combine(mlp: MLP | None, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Return a tower's (B, dim) output from its (B, D) parts."""
+    if mlp is None:
+        return torch.stack(parts).sum(0)
+    return mlp(torch.cat(parts, dim=1))
+
+
 class FeatureEncoder(nn.Module):
     """Sum of one embedding per categorical column and a linear map of the dense columns."""
 
@@ -292,7 +325,7 @@ class UserTower(nn.Module):
             nn.EmbeddingBag(config.n_items, d, mode="sum") if config.use_history else None
         )
         parts = sum(m is not None for m in (self.id_embedding, self.features, self.history))
-        self.mlp = MLP(parts * d, config.hidden, config.dim, config.dropout)
+        self.mlp = _head(config, parts)
 
     def pool(self, items: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the (B, D) sums of the history bags and their (B,) sizes."""
@@ -320,7 +353,7 @@ class UserTower(nn.Module):
             if history is None:
                 raise ValueError("this user tower pools a history; none was given")
             parts.append(history)  # (B, D)
-        return self.mlp(torch.cat(parts, dim=1))
+        return _combine(self.mlp, parts)
 
 
 class ItemTower(nn.Module):
@@ -334,7 +367,7 @@ class ItemTower(nn.Module):
             None if config.item_features.empty else FeatureEncoder(config.item_features, d)
         )
         parts = sum(m is not None for m in (self.id_embedding, self.features))
-        self.mlp = MLP(parts * d, config.hidden, config.dim, config.dropout)
+        self.mlp = _head(config, parts)
 
     def forward(
         self, items: torch.Tensor, features: dict[str, torch.Tensor] | None = None
@@ -347,7 +380,7 @@ class ItemTower(nn.Module):
             if features is None:
                 raise ValueError("this item tower reads item features; none were given")
             parts.append(self.features(features))  # (B, D)
-        return self.mlp(torch.cat(parts, dim=1))
+        return _combine(self.mlp, parts)
 
 
 class TwoTower(nn.Module):
@@ -363,6 +396,10 @@ class TwoTower(nn.Module):
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
+        if config.init_std > 0:
+            for module in self.modules():
+                if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                    nn.init.normal_(module.weight, std=config.init_std)
         self.item_bias = None
         if config.item_bias:
             self.item_bias = nn.Embedding(config.n_items, 1)
