@@ -222,9 +222,32 @@ def test_bad_config_field_is_named(kwargs, field) -> None:
         IndexConfig(**kwargs)
 
 
-def test_pq_m_must_divide_the_dimension() -> None:
-    with pytest.raises(ValueError, match=re.escape("IndexConfig.pq_m=32: must divide")):
-        plan_index(IndexConfig(), 100_000, 48)
+def test_pq_m_larger_than_the_dimension_is_named() -> None:
+    with pytest.raises(ValueError, match=re.escape("IndexConfig.pq_m=32: must be <= the vector")):
+        plan_index(IndexConfig(), 100_000, 24)
+
+
+def test_a_dimension_pq_m_does_not_divide_is_zero_padded(catalog, tmp_path) -> None:
+    # 33 dims, as a 32-d two-tower with its item-bias column exports: PQ16 needs a multiple
+    # of 16, so the plan pads with zeros, which change no inner product.
+    bias = np.linspace(-1, 1, N, dtype=np.float32)[:, None]
+    xb = np.hstack([catalog["xb"], bias])  # (N, 33)
+    xq = np.hstack([catalog["held_out"], np.ones((len(catalog["held_out"]), 1), np.float32)])
+    tune_q = np.hstack([catalog["tune_q"], np.ones((len(catalog["tune_q"]), 1), np.float32)])
+    plan = plan_index(CONFIG, N, D + 1)
+    assert plan.factory_string == "Pad48,IVF128,PQ16x4fs,Refine(SQ8)"
+    assert any("zero-padding the vectors to 48 dims" in note for note in plan.notes)
+    index = build_index(xb, CONFIG, tune_queries=tune_q, progress=False)
+    assert index.d == D + 1 and index.tuning is not None and index.tuning.met_target
+    flat = faiss.IndexFlatIP(D + 1)  # the trusted reference
+    flat.add(xb)
+    _, truth = flat.search(xq, 100)
+    _, found = index.search(xq, 100)
+    assert recall_at_k(found, truth, 100) >= TUNING.target - 0.02
+    save_index(index, tmp_path / "padded")
+    again = load_index(tmp_path / "padded")
+    for got, want in zip(again.search(xq, 10), index.search(xq, 10), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bad_tuning_config_is_named() -> None:

@@ -135,13 +135,14 @@ def plan_index(config: IndexConfig, n: int, d: int) -> IndexPlan:
     if n < config.flat_below:
         notes.append(f"{n} items < flat_below={config.flat_below}: exact search (Flat)")
         return IndexPlan("Flat", 0, 0, 0, tuple(notes))
-    require(
-        d % config.pq_m == 0,
-        config,
-        "pq_m",
-        config.pq_m,
-        f"must divide the vector dimension {d}",
-    )
+    require(config.pq_m <= d, config, "pq_m", config.pq_m, f"must be <= the vector dimension {d}")
+    padded = -(-d // config.pq_m) * config.pq_m  # the next multiple of pq_m
+    if padded != d:
+        # Zero dimensions change no inner product or distance; PQ needs d divisible by m.
+        notes.append(
+            f"pq_m={config.pq_m} does not divide d={d}: zero-padding the vectors to {padded} "
+            f"dims (Pad{padded})"
+        )
 
     nlist = config.nlist or _pow2_round(config.lists_per_sqrt_n * math.sqrt(n))
     max_lists = n // MIN_POINTS_PER_CENTROID
@@ -170,7 +171,7 @@ def plan_index(config: IndexConfig, n: int, d: int) -> IndexPlan:
         bits = smaller_bits
 
     train_size = min(n, max(config.train_points_per_list * nlist, 256 * 2**bits))
-    parts = []
+    parts = [f"Pad{padded}"] if padded != d else []
     if config.opq:
         parts.append(f"OPQ{config.pq_m}")
     parts.append(f"IVF{nlist}")
@@ -366,9 +367,9 @@ def _set_coarse_centroids(
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         raise ValueError(f"coarse_centroids given, but {plan.factory_string!r} has no IVF")
-    if centroids.shape != (plan.nlist, index.d):
+    if centroids.shape != (plan.nlist, ivf.d):  # ivf.d: after any padding
         raise DataError(
-            f"coarse_centroids: shape {centroids.shape}, the plan needs ({plan.nlist}, {index.d})"
+            f"coarse_centroids: shape {centroids.shape}, the plan needs ({plan.nlist}, {ivf.d})"
         )
     # FAISS skips the IVF k-means when the quantizer already holds nlist centroids.
     ivf.quantizer.add(np.ascontiguousarray(check_vectors(centroids, "coarse_centroids"), "f4"))
