@@ -1,25 +1,36 @@
-"""Export and int8: ONNX fp32 against torch, int8 against fp32 on seeded synthetic lists."""
+"""Export and int8: ONNX fp32 against torch; int8 against fp32 on seeded and mined lists."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
+from tiny_pipeline import tiny_pipeline
 
+from slimrank.bundle import open_bundle
 from slimrank.bundle.checksums import sha256_file
+from slimrank.compression.agreement import same_top_k
 from slimrank.compression.export import export_onnx, load_mlp, save_mlp
+from slimrank.compression.gate import quantize
 from slimrank.compression.quantize import (
     QuantConfig,
     fp32_nodes,
+    int8_weight,
     quantizable_nodes,
     quantize_onnx_dynamic,
     quantize_onnx_static,
+    quantize_onnx_weights,
     torch_dynamic_int8,
 )
 from slimrank.compression.scorer import Scorer, ScorerConfig
 from slimrank.errors import IntegrityError
+from slimrank.pipeline.compress_steps import score_lists
+from slimrank.pipeline.run import run_pipeline
+from slimrank.pipeline.steps import VIEWS, load_views
 from slimrank.ranking.mlp import MLPConfig, MLPRanker, fold_standardization
 
 USERS, CANDS, DIM = 50, 200, 16
@@ -70,12 +81,6 @@ def _score(path: Path, lists: np.ndarray) -> np.ndarray:
     return scorer.score(lists.reshape(-1, DIM)).reshape(lists.shape[:2])  # (U, N)
 
 
-def _same_top10(a: np.ndarray, b: np.ndarray) -> float:
-    """Share of users whose top-10 candidate sets agree, ``(U, N)`` scores each."""
-    top = lambda s: np.sort(np.argsort(-s, axis=1)[:, :10], axis=1)  # noqa: E731
-    return float(np.mean(np.all(top(a) == top(b), axis=1)))
-
-
 def test_student_learned_the_target(trained: dict) -> None:
     # Otherwise int8-vs-fp32 agreement below would be about noise, not a ranker.
     target = _target(trained["lists"])
@@ -123,30 +128,18 @@ def test_safetensors_round_trip_and_folded_standardization(trained: dict, tmp_pa
         torch.testing.assert_close(folded(raw), model(x), rtol=0, atol=1e-5)
 
 
-def _top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean share of each user's fp32 top-10 that is also in the int8 top-10."""
-    ta, tb = np.argsort(-a, axis=1)[:, :10], np.argsort(-b, axis=1)[:, :10]
-    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ta, tb, strict=True)]))
-
-
-# Stated tolerances, as shares of the fp32 scores' std over all 10,000 candidates. Measured
-# here (AVX2 without VNNI, reduce_range=True, per-channel): mean 2.1-2.9%, p99 7.7-10%,
-# top-10 overlap 0.97-0.98, identical top-10 sets for 58-74% of users. Identical sets for 95%
-# of users is out of reach at int8 on these lists: the median gap between a user's 10th and
-# 11th fp32 score is 3.8% of the std, above the mean int8 error, so boundary pairs swap; the
-# gate (gate.py) judges such swaps by the pipeline metric instead.
+# Stated tolerances on the toy student above (standard-normal features), as shares of the fp32
+# scores' std over all 10,000 candidates. Measured here (AVX2 without VNNI, reduce_range=True,
+# per-channel): static and dynamic mean 2.0-2.9%, p99 7.4-10%; weight-only mean 0.9%, p99 3.3%.
+# The top-10 requirement is checked on pipeline candidates below, not on these lists.
 MEAN_ERR_OVER_STD = 0.04
 P99_ERR_OVER_STD = 0.15
-MIN_TOP10_OVERLAP = 0.95
-MIN_SAME_TOP10 = 0.5
 
 
 def _check_int8(scores: np.ndarray, fp32: np.ndarray) -> None:
     err = np.abs(scores - fp32) / fp32.std()
     assert err.mean() < MEAN_ERR_OVER_STD
     assert np.quantile(err, 0.99) < P99_ERR_OVER_STD
-    assert _top10_overlap(scores, fp32) >= MIN_TOP10_OVERLAP
-    assert _same_top10(scores, fp32) >= MIN_SAME_TOP10
 
 
 def test_ort_dynamic_int8_close_to_fp32(trained: dict) -> None:
@@ -159,6 +152,36 @@ def test_ort_static_int8_close_to_fp32(trained: dict) -> None:
     path = quantize_onnx_static(trained["onnx"], trained["dir"] / "static.onnx", trained["calib"])
     assert fp32_nodes(path, quantizable_nodes(trained["onnx"])) == []
     _check_int8(_score(path, trained["lists"]), trained["fp32"])
+
+
+def test_weight_only_int8_close_to_fp32_and_stored_as_int8(trained: dict) -> None:
+    path = quantize_onnx_weights(trained["onnx"], trained["dir"] / "weights.onnx")
+    assert fp32_nodes(path, quantizable_nodes(trained["onnx"])) == []
+    graph = onnx.load(str(path)).graph
+    stored = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    # Every Linear weight is an int8 tensor now; no fp32 copy of it is left in the file.
+    source = onnx.load(str(trained["onnx"])).graph.initializer
+    weights = [t.name for t in source if len(t.dims) == 2]
+    assert len(weights) == 3
+    for name in weights:
+        assert name not in stored
+        assert stored[f"{name}_quantized"].dtype == np.int8
+    _check_int8(_score(path, trained["lists"]), trained["fp32"])
+
+
+def test_int8_weight_rounding_is_within_half_a_step() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 5)).astype(np.float32)  # (N, K), Gemm with transB=1
+    w[2] = 0.0  # a unit removed by structured pruning
+    w[4, 1:] = 0.0  # weights removed by magnitude pruning
+    q, scale = int8_weight(w, axis=0)
+    assert q.dtype == np.int8 and scale.shape == (8,)
+    assert np.abs(q).max() == 127  # full range: each row's largest weight is +-127
+    assert np.all(np.abs(q * scale[:, None] - w) <= scale[:, None] / 2 + 1e-7)
+    assert np.all(q[w == 0] == 0)  # pruned zeros stay exact zeros
+    assert scale[2] == 1.0
+    _, scale_t = int8_weight(w, axis=None)
+    assert scale_t.shape == () and scale_t == np.abs(w).max() / 127
 
 
 def test_torch_dynamic_int8_close_to_fp32(trained: dict) -> None:
@@ -183,21 +206,131 @@ def test_full_range_u8s8_is_less_accurate_than_reduced_range(trained: dict) -> N
     assert errors[True] < errors[False]
 
 
-@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weights"])
 def test_excluded_node_stays_fp32_and_input_layer_dominates_error(trained: dict, mode: str) -> None:
     nodes = quantizable_nodes(trained["onnx"])
     assert len(nodes) == 3
     errors = {}
     for name, exclude in (("none", []), ("first", nodes[:1]), ("last", nodes[-1:])):
         path = trained["dir"] / f"ex-{mode}-{name}.onnx"
-        if mode == "static":
-            quantize_onnx_static(trained["onnx"], path, trained["calib"], nodes_to_exclude=exclude)
-        else:
-            quantize_onnx_dynamic(trained["onnx"], path, nodes_to_exclude=exclude)
+        quantize(mode, trained["onnx"], path, trained["calib"], QuantConfig(), tuple(exclude))
         assert fp32_nodes(path, nodes) == exclude
         errors[name] = np.abs(_score(path, trained["lists"]) - trained["fp32"]).mean()
-    # The measurement behind the gate's first-layer-first fallback order (2.2% -> 0.9% of std).
+    # The measurement behind the gate's first-layer-first fallback order (static: 2.2% -> 0.9%
+    # of the std; weights: 0.9% -> 0.3%).
     assert errors["first"] < 0.6 * errors["none"]
     assert errors["first"] < errors["last"]
     with pytest.raises(ValueError, match="nodes_to_exclude"):
-        quantize_onnx_dynamic(trained["onnx"], trained["dir"] / "x.onnx", nodes_to_exclude=["nope"])
+        quantize(
+            mode,
+            trained["onnx"],
+            trained["dir"] / "x.onnx",
+            trained["calib"],
+            QuantConfig(),
+            ("nope",),
+        )
+
+
+# -- int8 against fp32 on candidates the pipeline mined (tests/tiny_pipeline.py) ---------------
+#
+# The tiny pipeline's synthetic catalog goes through the real candidate mining and feature
+# assembly (scores, ranks, co-occurrence, one-hots, embeddings; 66 features, 30 candidates per
+# list, 200 lists over its three views), and its pruned student is the fp32 reference.
+# Requirement (issue 4): int8 scores within a stated tolerance of fp32, and the same top-10
+# SET (order not required) as fp32 for at least 95% of the lists.
+# Measured here for the weight-only int8 the pipeline ships: mean |int8 - fp32| 0.21% of the
+# fp32 std, p99 0.9%, same top-10 set for 98.5% of lists (same order 93.5%). Static int8 (8-bit
+# activations) on the same lists: mean 0.9%, p99 3.6%, same set 92% (dynamic 95.5%). On
+# ml-100k's real candidates (943 users x 200, test view): weight-only 98.9%, static 86%,
+# dynamic 89%.
+WEIGHTS_MEAN_ERR_OVER_STD = 0.005
+WEIGHTS_P99_ERR_OVER_STD = 0.02
+MIN_SAME_TOP10 = 0.95
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny pipeline's candidate lists of every view, its fp32 pruned student's scores."""
+    run = tiny_pipeline(tmp_path_factory)
+    result = run_pipeline(run.config)  # every step cached by tiny_pipeline
+    views = load_views(result.path("candidates"))
+    feats = [views[v][1] for v in VIEWS]
+    features = np.concatenate([f.values for f in feats])  # (U, N, F)
+    mask = np.concatenate([f.mask for f in feats])  # (U, N)
+    src = result.path("student_pruned") / "model.onnx"
+    train = views["train"][1]
+    rows = train.values[train.mask]  # (M, F), as the int8 step calibrates
+    pick = np.random.default_rng(0).choice(len(rows), min(len(rows), 512), replace=False)
+    return {
+        "features": features,
+        "mask": mask,
+        "src": src,
+        "fp32": _score_lists(src, features),
+        "calib": rows[np.sort(pick)],
+        "dir": tmp_path_factory.mktemp("mined"),
+        "bundle_ranker": open_bundle(run.bundles, run.version).file("ranker.onnx"),
+    }
+
+
+def _score_lists(path: Path, features: np.ndarray) -> np.ndarray:
+    scorer = Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
+    return score_lists(scorer, features)  # (U, N), one call per list as served
+
+
+def _errors(scores: np.ndarray, mined: dict) -> np.ndarray:
+    fp32 = mined["fp32"][mined["mask"]]
+    return np.abs(scores[mined["mask"]] - fp32) / fp32.std()
+
+
+def test_mined_lists_are_realistic_for_the_top10_question(mined: dict) -> None:
+    # Enough lists for a 95% bar to mean something, and the 10th/11th fp32 scores as close as
+    # on real lists: a median gap of a few % of the std (ml-100k: 2.2%; here 5.2%).
+    features, mask, fp32 = mined["features"], mined["mask"], mined["fp32"]
+    assert len(features) >= 100 and mask.sum(axis=1).min() > 10
+    ranked = -np.sort(-np.where(mask, fp32, -np.inf), axis=1)  # (U, N)
+    gap = (ranked[:, 9] - ranked[:, 10]) / fp32[mask].std()
+    assert np.median(gap) < 0.1
+
+
+def test_weight_only_int8_keeps_the_fp32_top10_on_mined_candidates(mined: dict) -> None:
+    path = quantize_onnx_weights(mined["src"], mined["dir"] / "weights.onnx")
+    scores = _score_lists(path, mined["features"])
+    err = _errors(scores, mined)
+    assert err.mean() < WEIGHTS_MEAN_ERR_OVER_STD
+    assert np.quantile(err, 0.99) < WEIGHTS_P99_ERR_OVER_STD
+    assert same_top_k(mined["fp32"], scores, 10, mined["mask"]) >= MIN_SAME_TOP10
+
+
+def test_the_published_int8_ranker_keeps_the_fp32_top10(mined: dict) -> None:
+    """End to end: the bundle's gated ranker against the pipeline's fp32 pruned student."""
+    scores = _score_lists(mined["bundle_ranker"], mined["features"])
+    assert same_top_k(mined["fp32"], scores, 10, mined["mask"]) >= MIN_SAME_TOP10
+    assert _errors(scores, mined).mean() < WEIGHTS_MEAN_ERR_OVER_STD
+
+
+def test_activation_quantization_is_what_moves_the_scores(mined: dict) -> None:
+    """Static int8 quantizes activations to 8 bits as well; that, not the weights, is the error."""
+    weights = quantize_onnx_weights(mined["src"], mined["dir"] / "w.onnx")
+    static = quantize_onnx_static(mined["src"], mined["dir"] / "s.onnx", mined["calib"])
+    err_w = _errors(_score_lists(weights, mined["features"]), mined).mean()
+    err_s = _errors(_score_lists(static, mined["features"]), mined).mean()
+    # Measured: 0.21% vs 0.93% of the std; static stays within the toy model's tolerance.
+    assert err_w < 0.5 * err_s
+    assert err_s < MEAN_ERR_OVER_STD
+
+
+def test_weight_only_scores_do_not_depend_on_the_other_candidates(mined: dict) -> None:
+    """A list scored alone or beside another list gets the same scores; dynamic int8 does not.
+
+    Dynamic quantization takes one activation range per call, so a server scoring one request
+    per call gives other scores than an evaluation scoring every list at once.
+    """
+    one = mined["features"][0]  # (N, F)
+    # Beside it, another list with features 50x larger: a far wider activation range.
+    two = np.concatenate([one, 50 * mined["features"][1]])  # (2N, F)
+    weights = quantize_onnx_weights(mined["src"], mined["dir"] / "alone-w.onnx")
+    dynamic = quantize_onnx_dynamic(mined["src"], mined["dir"] / "alone-d.onnx")
+    for path, same in ((mined["src"], True), (weights, True), (dynamic, False)):
+        scorer = Scorer(path, sha256_file(path))
+        alone, beside = scorer.score(one), scorer.score(two)[: len(one)]
+        assert np.array_equal(alone, beside) == same, path.name

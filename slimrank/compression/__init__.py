@@ -10,6 +10,7 @@ The pieces, in the order a ``compress`` job chains them (each returns a new obje
     check count_cost(small, F).flops_per_candidate <= 0.1 * count_cost(teacher, F)...  # flops
     onnx_path = export_onnx(fold_standardization(small, mean, std), dir / "fp32.onnx", F)
     decision = gate_int8(onnx_path, dir, metric=ndcg_at_10_of, teacher_metric=teacher_ndcg,
-                         calibration=sample_candidates)  # quantize + gate
+                         calibration=sample_candidates,
+                         lists=ReferenceLists(valid_features, valid_mask))  # quantize + gate
     Scorer(decision.model_path, decision.sha256).score(candidates)  # serving
 """

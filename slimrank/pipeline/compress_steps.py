@@ -60,6 +60,17 @@ def list_data(
     )
 
 
+def score_lists(scorer: Any, values: np.ndarray) -> np.ndarray:
+    """Return ``(U, N)`` scores of ``(U, N, F)`` lists, one scorer call per list.
+
+    One list per call is what a server does with one request; dynamic int8 quantizes
+    activations with one range per call, so scoring all lists at once would not be.
+    """
+    if len(values) == 0:
+        return np.zeros(values.shape[:2], dtype=np.float32)
+    return np.stack([scorer.score(x) for x in values])  # (U, N)
+
+
 def onnx_score_fn(path: Path) -> Any:
     """Return ``score(features) -> (U, N)`` running the ONNX ranker at ``path`` (fp32 or int8)."""
     from slimrank.bundle.checksums import sha256_file
@@ -68,8 +79,7 @@ def onnx_score_fn(path: Path) -> Any:
     scorer = Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
 
     def score(feats: CandidateFeatures) -> np.ndarray:
-        u, n, f = feats.values.shape
-        return scorer.score(feats.values.reshape(u * n, f)).reshape(u, n)
+        return score_lists(scorer, feats.values)
 
     return score
 
@@ -308,12 +318,12 @@ def int8_step(
 ) -> None:
     """Quantize the pruned student in each mode through the gate; keep the fastest that passes.
 
-    The gate compares validation NDCG@k with the teacher's. When no mode passes, nothing is
-    kept as ``ranker.int8.onnx``; an ungated full-int8 copy (``rejected.int8.onnx``) is kept
-    for the report only.
+    The gate compares validation NDCG@k with the teacher's, and the int8 top-k of each
+    validation user with the fp32 pruned student's. When no mode passes, nothing is kept as
+    ``ranker.int8.onnx``; an ungated full-int8 copy (``rejected.int8.onnx``) is kept for the
+    report only.
     """
-    from slimrank.compression.gate import gate_int8
-    from slimrank.compression.quantize import quantize_onnx_dynamic, quantize_onnx_static
+    from slimrank.compression.gate import ReferenceLists, gate_int8, quantize
 
     data = load_data(data_dir)
     views = load_views(cand_dir)
@@ -331,16 +341,18 @@ def int8_step(
     ]
     bench_x = v_feats.values[0]  # (N, F) one user's candidates, pads included as zeros
 
+    lists = ReferenceLists(v_feats.values, v_feats.mask, k)
+
     def valid_metric(scorer: Any) -> float:
-        u, n, f = v_feats.values.shape
-        scores = scorer.score(v_feats.values.reshape(u * n, f)).reshape(u, n)
-        return pipeline_metrics(v_cands, scores, truth, (k,))[metric]
+        return pipeline_metrics(v_cands, score_lists(scorer, v_feats.values), truth, (k,))[metric]
 
     decisions: dict[str, Any] = {}
     latency: dict[str, float] = {}
     for mode in config.modes:
         gate = dataclasses.replace(config.gate, mode=mode)
-        decision = gate_int8(src, out / mode, valid_metric, teacher_valid, calibration, gate)
+        decision = gate_int8(
+            src, out / mode, valid_metric, teacher_valid, calibration, gate, lists=lists
+        )
         record = decision.to_dict()
         record["model_path"] = f"{mode}/ranker.int8.onnx" if decision.accepted else None
         decisions[mode] = record
@@ -359,11 +371,7 @@ def int8_step(
         final = out / "ranker.int8.onnx"
     else:
         final = out / "rejected.int8.onnx"
-        mode = config.modes[0]
-        if mode == "static":
-            quantize_onnx_static(src, final, calibration, config.gate.quant)
-        else:
-            quantize_onnx_dynamic(src, final, config.gate.quant)
+        quantize(config.modes[0], src, final, calibration, config.gate.quant)
     metrics = evaluate_views(views, data, onnx_score_fn(final), k)
     summary = {
         "accepted": chosen is not None,

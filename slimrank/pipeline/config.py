@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 
 from slimrank.compression.distill import DistillConfig
-from slimrank.compression.gate import GateConfig
+from slimrank.compression.gate import MODES, GateConfig
 from slimrank.config import Config, require
 from slimrank.data.split import SplitConfig
 from slimrank.ranking.features import FeatureConfig
@@ -156,14 +156,14 @@ class PruneConfig(Config):
 class Int8Config(Config):
     """int8 modes to try (the faster one that passes the gate is kept) and the gate itself."""
 
-    modes: tuple[str, ...] = ("dynamic", "static")
+    modes: tuple[str, ...] = ("weights", "static", "dynamic")
     calibration_candidates: int = 4096
     bench_repeats: int = 200
     gate: GateConfig = dataclasses.field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
-        ok = len(self.modes) > 0 and all(m in ("dynamic", "static") for m in self.modes)
-        require(ok, self, "modes", self.modes, "one or more of 'dynamic', 'static'")
+        ok = len(self.modes) > 0 and all(m in MODES for m in self.modes)
+        require(ok, self, "modes", self.modes, f"one or more of {MODES}")
         require(self.calibration_candidates >= 1, self, "calibration_candidates", 0, ">= 1")
         require(self.bench_repeats >= 1, self, "bench_repeats", self.bench_repeats, ">= 1")
 
