@@ -68,7 +68,26 @@ def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
     # The report: one table with the six variants, and a PNG plot.
     table = (run.out / "compression.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 6
+    assert "| params | sparsity | FLOPs | bytes |" in table
     assert (run.out / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_sparsity_and_flops_match_what_the_steps_recorded(run: Run) -> None:
+    """Read from the served ONNX files, they equal the torch counts the steps wrote."""
+    rows = {r["key"]: r for r in json.loads((run.out / "compression.json").read_text())["rows"]}
+    result = run_pipeline(_config(run))
+    pruned = json.loads((result.path("student_pruned") / "model.json").read_text())
+    distill = json.loads((result.path("student_distill") / "model.json").read_text())
+    assert rows["retrieval"]["sparsity"] is None and rows["retrieval"]["flops"] is None
+    assert rows["student_distill"]["flops"] == distill["flops_per_candidate"]
+    assert rows["student_distill"]["sparsity"] == 0.0
+    assert rows["student_pruned"]["flops"] == pruned["flops_per_candidate"]
+    assert rows["student_pruned"]["sparsity"] == pytest.approx(pruned["sparsity"]["all"])
+    assert rows["student_pruned"]["sparsity"] >= 0.4  # tiny.toml prunes to 0.5 but the last layer
+    # int8 keeps the pruned layers' shapes and zeros (rounding may add a few zeros).
+    assert rows["int8"]["flops"] == rows["student_pruned"]["flops"]
+    assert rows["int8"]["sparsity"] >= rows["student_pruned"]["sparsity"]
+    assert rows["teacher"]["flops"] > 5 * rows["student_distill"]["flops"]
 
 
 def test_bundle_tables_reproduce_the_pipeline_features(run: Run) -> None:

@@ -1,14 +1,27 @@
-"""Cost of a ranker per candidate: parameters, non-zero parameters and FLOPs."""
+"""Cost of a ranker per candidate: parameters, non-zero parameters, sparsity and FLOPs.
+
+FLOPs count the matmuls only, a multiply-add as 2 FLOPs, dense (pruned zeros still count).
+:func:`count_cost` measures a torch module; :func:`onnx_linear_cost` reads the same numbers
+from an exported (fp32 or int8) ONNX ranker's Gemm/MatMul weights, so every variant of the
+compression table is measured on the file that is served.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimrank.config import require
+
+# Ops whose second input is a (K, N) or, for Gemm with transB, (N, K) weight applied per row.
+_MATMUL_OPS = ("Gemm", "MatMul", "MatMulInteger")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,3 +72,65 @@ def flops_ratio(
     t = count_cost(teacher, teacher_input_dim or input_dim).flops_per_candidate
     require(t > 0, "flops_ratio", "teacher", type(teacher).__name__, "has no counted FLOPs")
     return s / t
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCost:
+    """The weights of a ranker's Linear (matmul) layers and their dense FLOPs per candidate.
+
+    Biases, embeddings and every other parameter are left out; ``sparsity`` is the share of
+    those weights that are exactly zero.
+    """
+
+    weights: int
+    zero_weights: int
+    flops_per_candidate: int
+
+    @property
+    def sparsity(self) -> float:
+        """Share of zero weights (0 when there are no weights)."""
+        return self.zero_weights / self.weights if self.weights else 0.0
+
+
+def linear_cost(model: nn.Module, input_dim: int) -> LinearCost:
+    """Return the Linear-layer cost of a torch ranker (FLOPs by :func:`count_cost`)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    flops = count_cost(model, input_dim).flops_per_candidate
+    return LinearCost(weights=total, zero_weights=zeros, flops_per_candidate=flops)
+
+
+def onnx_linear_cost(path: str | Path) -> LinearCost:
+    """Return the Linear-layer cost of an ONNX ranker ``features (M, F) -> scores (M,)``.
+
+    Reads the constant weight of every Gemm/MatMul/MatMulInteger node: an fp32 initializer, or
+    the int8 initializer behind a DequantizeLinear (static and weight-only int8) or read
+    directly (dynamic int8). Zeros are counted in the stored tensor, so an int8 row also
+    counts weights that rounding to int8 took to zero. A matmul with a ``(K, N)`` weight costs
+    ``2 K N`` FLOPs per candidate.
+    """
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    total = zeros = flops = 0
+    for node in graph.node:
+        if node.op_type not in _MATMUL_OPS or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        dq = producer.get(name)
+        if name not in inits and dq is not None and dq.op_type == "DequantizeLinear":
+            name = dq.input[0]
+        require(
+            name in inits,
+            "onnx_linear_cost",
+            "path",
+            str(path),
+            f"node {node.name} has a weight that is not a constant",
+        )
+        weight = numpy_helper.to_array(inits[name])
+        require(weight.ndim == 2, "onnx_linear_cost", node.name, weight.shape, "weight not 2-D")
+        total += weight.size
+        zeros += int(np.count_nonzero(weight == 0))
+        flops += 2 * weight.size
+    return LinearCost(weights=total, zero_weights=zeros, flops_per_candidate=flops)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from slimrank.pipeline.cache import StepOutput
-from slimrank.pipeline.report import Report, table_cells
+from slimrank.pipeline.report import Report, table_caption, table_cells
 from slimrank.pipeline.run import STEPS, StepHook
 
 
@@ -52,9 +52,11 @@ def hook_for(console: Console) -> StepHook:
 def print_report(report: Report, console: Console, title: str = "Compression") -> None:
     """Print the compression table and the goals."""
     header, rows = table_cells(report)
-    table = Table(title=title)
+    # Nine columns fit 80 characters only without cell padding; fold rather than cut numbers.
+    padding = (0, 1) if console.width >= 100 else (0, 0)
+    table = Table(title=title, caption=table_caption(report), padding=padding)
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        table.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -1,10 +1,12 @@
-"""The compression table: quality, size and latency of every ranker variant of one run.
+"""The compression table: quality, size, sparsity, FLOPs and latency of every ranker variant.
 
 Quality is the pipeline protocol on the test view (retrieve ``n``, rank, top ``k``); latency is
 the median time to score ``latency.candidates`` candidates of one test user on one thread,
 measured side by side in one process (:func:`~slimrank.pipeline.latency.interleaved_latency`):
 the teacher in torch (its training runtime), the students in onnxruntime (their serving
-runtime).
+runtime). Sparsity and FLOPs per candidate cover the Linear (matmul) layers
+(:mod:`slimrank.compression.flops`): the teacher's from its torch module, every student's from
+the ONNX file that is scored, so the int8 row is measured on the int8 weights themselves.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Row:
     recall: float
     valid_ndcg: float
     params: int | None
+    sparsity: float | None  # share of zero Linear weights
+    flops: int | None  # per candidate, matmuls only, a multiply-add is 2 FLOPs
     bytes: int | None
     p50_seconds: float | None
     speedup: float | None
@@ -141,6 +145,22 @@ def _params(result: RunResult, key: str) -> tuple[int | None, int | None]:
     return int(info["nonzero_params"]), _ranker_paths(result)[key].stat().st_size
 
 
+def _linear_cost(result: RunResult, key: str) -> tuple[float | None, int | None]:
+    """Return ``(sparsity, FLOPs per candidate)`` of a variant's Linear layers."""
+    from slimrank.compression.flops import linear_cost, onnx_linear_cost
+
+    if key == "retrieval":
+        return None, None
+    if key == "teacher":
+        from slimrank.ranking.teacher import load_teacher
+
+        model, names = load_teacher(result.path("teacher") / "teacher")
+        cost = linear_cost(model, len(names))
+    else:
+        cost = onnx_linear_cost(_ranker_paths(result)[key])
+    return cost.sparsity, cost.flops_per_candidate
+
+
 def build_report(result: RunResult, latency: dict[str, dict[str, float]] | None = None) -> Report:
     """Return the compression table of ``result`` (measuring latency unless given)."""
     latency = latency if latency is not None else measure_latency(result)
@@ -151,6 +171,7 @@ def build_report(result: RunResult, latency: dict[str, dict[str, float]] | None 
     for key, label, step in VARIANTS:
         m = result.metrics(step)
         params, size = _params(result, key)
+        sparsity, flops = _linear_cost(result, key)
         p50 = latency[key]["p50"] if key in latency else None
         rows.append(
             Row(
@@ -160,6 +181,8 @@ def build_report(result: RunResult, latency: dict[str, dict[str, float]] | None 
                 recall=float(m["test"][recall]),
                 valid_ndcg=float(m["valid"][metric]),
                 params=params,
+                sparsity=sparsity,
+                flops=flops,
                 bytes=size,
                 p50_seconds=p50,
                 speedup=None if p50 is None else teacher_p50 / p50,
@@ -198,6 +221,18 @@ def _fmt_int(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
+def _fmt_count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    return f"{value / 1e3:.1f}k" if value >= 1e3 else str(value)
+
+
+def _fmt_share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def _fmt_bytes(value: int | None) -> str:
     if value is None:
         return "-"
@@ -212,6 +247,8 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
         f"NDCG@{k}",
         f"Recall@{k}",
         "params",
+        "sparsity",
+        "FLOPs",
         "bytes",
         "p50 µs",
         "speedup",
@@ -224,12 +261,47 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
                 f"{r.ndcg:.4f}",
                 f"{r.recall:.4f}",
                 _fmt_int(r.params),
+                _fmt_share(r.sparsity),
+                _fmt_count(r.flops),
                 _fmt_bytes(r.bytes),
                 "-" if r.p50_seconds is None else f"{r.p50_seconds * 1e6:,.0f}",
                 "-" if r.speedup is None else f"{r.speedup:.1f}x",
             ]
         )
     return header, rows
+
+
+def table_caption(report: Report) -> str:
+    """Return what the table's columns mean (under the Markdown table and the printed one)."""
+    return (
+        f"Test view: retrieve, rank, top {report.k}. params: non-zero parameters (the "
+        "teacher's include its id embeddings, when it has them). sparsity: share of zero "
+        "weights in the Linear layers, pruning masks folded (int8: of the stored int8 "
+        "weights). FLOPs: to score one candidate, 2 per multiply-add of the Linear layers "
+        "(matmuls only: no biases, activations or elementwise products; dense, so pruned "
+        "zeros count; int8 stores the same matmuls' weights in 8 bits; k = 1e3, M = 1e6). p50: "
+        f"median of {report.repeats} interleaved calls scoring {report.candidates} candidates "
+        "on one thread; teacher in torch, students in onnxruntime; speedup over the teacher's "
+        "p50."
+    )
+
+
+def _gate_line(gate: dict[str, Any], k: int) -> str:
+    """Return one line on the int8 gate's checks and outcome."""
+    first = next(iter(gate.get("decisions", {}).values()), {})
+    bar = first.get("min_same_top_k")
+    checks = f"validation NDCG vs teacher, min ratio {gate['min_ratio']}"
+    if bar:
+        checks += f"; same top-{k} set as fp32 for >= {bar:.0%} of validation users"
+    if not gate["accepted"]:
+        return f"Gate ({checks}): FAILED"
+    chosen = gate["decisions"][gate["mode"]]
+    line = f"Gate ({checks}): passed with int8 mode {gate['mode']}"
+    if chosen.get("same_top_k") is not None:
+        line += f" (same top-{k}: {chosen['same_top_k']:.1%}"
+        fp32 = chosen.get("excluded_nodes") or []
+        line += f"; fp32 layers: {', '.join(fp32)})" if fp32 else ")"
+    return line
 
 
 def render_markdown(report: Report, command: str = "") -> str:
@@ -243,13 +315,9 @@ def render_markdown(report: Report, command: str = "") -> str:
     gate = report.gate
     lines += [
         "",
-        f"Test view: retrieve, rank, top {report.k}. params: non-zero parameters (the "
-        "teacher's include its id embeddings, when it has them). p50: median of "
-        f"{report.repeats} interleaved calls scoring {report.candidates} candidates on one "
-        "thread; teacher in torch, students in onnxruntime; speedup over the teacher's p50.",
+        table_caption(report),
         "",
-        f"Gate (validation NDCG vs teacher, min ratio {gate['min_ratio']}): "
-        + (f"passed with int8 mode {gate['mode']}" if gate["accepted"] else "FAILED"),
+        _gate_line(gate, report.k),
         "",
         "## Goals",
         "",

@@ -1,0 +1,128 @@
+"""The compression table's sparsity and FLOPs columns against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimrank.compression.export import export_onnx
+from slimrank.compression.flops import count_cost, linear_cost, onnx_linear_cost
+from slimrank.compression.gate import quantize
+from slimrank.compression.quantize import QuantConfig
+from slimrank.pipeline.compress_steps import Standardized
+from slimrank.pipeline.report import Report, Row, render_markdown, table_cells
+from slimrank.ranking.mlp import MLPConfig, MLPRanker
+from slimrank.ranking.teacher import DCNv2, TeacherConfig, multiply_adds_per_candidate
+
+# A 4 -> 3 -> 2 -> 1 MLP: 12 + 6 + 2 = 20 weights, 5 of them zero (as pruning leaves them), so
+# sparsity 5/20 = 25% and 2 x 20 = 40 FLOPs per candidate. Non-zero weights are at least a fifth
+# of their row's largest, so int8 rounding (7-bit in static) takes none of them to zero.
+W0 = [[0.5, 0.0, -0.4, 0.3], [0.0, 0.0, 0.6, -0.5], [0.7, 0.2, 0.0, 0.4]]  # (3, 4), 4 zeros
+W1 = [[0.9, -0.3, 0.5], [0.0, 0.8, -0.6]]  # (2, 3), 1 zero
+W2 = [[1.0, -0.7]]  # (1, 2)
+WEIGHTS, ZEROS, FLOPS = 20, 5, 40
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    model = MLPRanker(MLPConfig(4, (3, 2)))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for layer, w in zip(linears, (W0, W1, W2), strict=True):
+            layer.weight.copy_(torch.tensor(w))
+            layer.bias.fill_(0.1)
+    # Exported as the pipeline exports students: standardization as its own graph step.
+    raw = Standardized(model.eval(), np.full(4, 0.5, np.float32), np.full(4, 2.0, np.float32))
+    out = tmp_path_factory.mktemp("report")
+    calib = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)  # (M, F)
+    return {"raw": raw, "onnx": export_onnx(raw, out / "fp32.onnx", 4), "calib": calib, "dir": out}
+
+
+def test_torch_cost_of_the_small_model_is_the_hand_count(small: dict) -> None:
+    cost = linear_cost(small["raw"], 4)
+    assert (cost.weights, cost.zero_weights, cost.flops_per_candidate) == (WEIGHTS, ZEROS, FLOPS)
+    assert cost.sparsity == 0.25
+    assert count_cost(small["raw"], 4).flops_per_candidate == FLOPS
+
+
+@pytest.mark.parametrize("variant", ["fp32", "weights", "static", "dynamic"])
+def test_onnx_cost_of_every_variant_is_the_hand_count(small: dict, variant: str) -> None:
+    path = small["onnx"]
+    if variant != "fp32":
+        path = quantize(
+            variant, path, small["dir"] / f"{variant}.onnx", small["calib"], QuantConfig()
+        )
+    cost = onnx_linear_cost(path)
+    assert (cost.weights, cost.zero_weights, cost.flops_per_candidate) == (WEIGHTS, ZEROS, FLOPS)
+    assert cost.sparsity == 0.25
+
+
+def test_teacher_cost_is_its_matmuls() -> None:
+    # 3 features, no ids: one 3x3 cross layer (9), deep 3 -> 4 (12), head 3 + 4 -> 1 (7).
+    config = TeacherConfig(n_features=3, n_users=5, n_items=7, id_dim=0, n_cross=1, deep=(4,))
+    teacher = DCNv2(config)
+    with torch.no_grad():
+        teacher.cross.layers[0].weight[0, :] = 0.0  # 3 zeros
+    cost = linear_cost(teacher, 3)
+    assert (cost.weights, cost.zero_weights, cost.flops_per_candidate) == (28, 3, 56)
+    # The teacher's own count adds the cross layer's 3 elementwise products (not matmuls).
+    assert multiply_adds_per_candidate(config) == 28 + 3
+
+
+def _row(key: str, label: str, sparsity: float | None, flops: int | None) -> Row:
+    return Row(key, label, 0.3, 0.2, 0.25, 20, sparsity, flops, 1000, 1e-4, 10.0)
+
+
+def test_table_shows_sparsity_and_flops_for_every_ranker() -> None:
+    rows = (
+        Row("retrieval", "retrieval only", 0.2, 0.1, 0.2, None, None, None, None, None, None),
+        _row("teacher", "teacher fp32", 0.0, 2_249_216),
+        _row("student_pruned", "pruned, KD", 0.4990925, 17_632),
+        _row("int8", "pruned int8", 0.25, FLOPS),
+    )
+    decision = {"min_same_top_k": 0.95, "same_top_k": 0.986, "excluded_nodes": []}
+    gate = {
+        "min_ratio": 0.99,
+        "accepted": True,
+        "mode": "weights",
+        "decisions": {"weights": decision},
+    }
+    report = Report(rows, (), 10, 200, 500, gate)
+    header, cells = table_cells(report)
+    assert header[3:6] == ["params", "sparsity", "FLOPs"]
+    assert [c[4:6] for c in cells] == [
+        ["-", "-"],
+        ["0.0%", "2.25M"],
+        ["49.9%", "17.6k"],
+        ["25.0%", "40"],
+    ]
+    text = render_markdown(report)
+    assert "| pruned int8 | 0.3000 | 0.2000 | 20 | 25.0% | 40 |" in text
+    assert "2 per multiply-add of the Linear layers" in text
+    assert "same top-10 set as fp32 for >= 95% of validation users" in text
+    assert "passed with int8 mode weights (same top-10: 98.6%)" in text
+    record = json.loads(json.dumps(report.to_dict()))
+    assert record["rows"][3]["sparsity"] == 0.25 and record["rows"][3]["flops"] == FLOPS
+
+
+def test_onnx_cost_refuses_a_weight_it_cannot_read(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    with pytest.raises(ValueError, match="not a constant"):
+        onnx_linear_cost(tmp_path / "m.onnx")
