@@ -15,6 +15,8 @@ import faiss
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
 from prometheus_client import CollectorRegistry
 from tiny_pipeline import TinyRun, tiny_pipeline
 
@@ -29,6 +31,7 @@ from slimrank.pipeline.steps import load_data, load_search
 from slimrank.ranking.candidates import Candidates, mine_candidates
 from slimrank.ranking.features import candidate_features
 from slimrank.ranking.pipeline_eval import rank_candidates
+from slimrank.retrieval.two_tower import load_model
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import load_snapshot
@@ -99,36 +102,52 @@ def test_known_users_get_the_offline_ranking(served: Served) -> None:
         assert not set(top.tolist()) & set(seen[user].indices.tolist())
 
 
-def test_unknown_user_with_recent_items_is_ranked_from_their_pooled_vector(
+def test_unknown_user_with_recent_items_is_ranked_as_a_user_with_that_history(
     served: Served,
 ) -> None:
+    """Reference: the pipeline's two-tower on the recent items with zeros for the user features
+    a new user lacks, its index, and its tables with the user appended (that history, no side
+    features) through ``candidate_features``."""
     bundle = served.bundle
     item_ids = read_npy(bundle.file("items.npy"))
     item_vecs = read_npy(bundle.file("item_vectors.npy"))
     tables = load_bundle_tables(bundle.path)
+    n_users, n_items = tables.history.shape
     n = read_serving(bundle.path)["candidates"]
     recent = np.array([3, 17, 40])
-    pooled = item_vecs[recent].mean(axis=0, dtype=np.float32)  # (d,)
-    exclude = sp.csr_matrix(
+    model = load_model(served.result.path("two_tower") / "model")
+    config, tower = model.config, model.user_tower
+    # tiny.toml's tower: user features (age), an MLP, normalized; no user id, no item bias.
+    assert tower.features is not None and tower.id_embedding is None
+    assert config.projection and config.normalize and not config.item_bias
+    with torch.no_grad():
+        sums, counts = tower.pool(torch.as_tensor(recent), torch.zeros(1, dtype=torch.int64))
+        pooled = model.pool_scale(sums, counts)  # (1, D)
+        parts = [torch.zeros_like(pooled), pooled]  # user features, history
+        vector = F.normalize(tower.mlp(torch.cat(parts, dim=1)), dim=-1)[0].numpy()  # (d,)
+    assert np.abs(vector - item_vecs[recent].mean(axis=0)).max() > 1e-2  # not the old mean
+    row = sp.csr_matrix(
         (np.ones(len(recent), np.float32), (np.zeros(len(recent), int), recent)),
-        shape=(1, len(item_ids)),
+        shape=(1, n_items),
     )
     index = load_search(served.result.path("index"))
-    mined = mine_candidates(pooled[None], index.search, np.array([0]), n, exclude)
-    cold = dataclasses.replace(
+    mined = mine_candidates(vector[None], index.search, np.array([0]), n, row)
+    appended = dataclasses.replace(
         tables,
-        history=sp.csr_matrix((1, len(item_ids)), dtype=np.float32),
-        user_vecs=pooled[None],
-        user_side=np.zeros((1, tables.user_side.shape[1]), np.float32),
+        history=sp.csr_matrix(sp.vstack([tables.history, row])),
+        user_vecs=np.vstack([tables.user_vecs, vector[None]]),
+        user_side=np.vstack([tables.user_side, np.zeros((1, tables.user_side.shape[1]))]),
     )
-    cands = Candidates(np.zeros(1, np.int64), mined.items, mined.retrieval_score)
-    feats = candidate_features(cold, cands)
+    cands = Candidates(np.array([n_users]), mined.items, mined.retrieval_score)
+    feats = candidate_features(appended, cands)
     scores = _scorer(bundle).score(feats.values[0])  # (N,)
     top = rank_candidates(cands.items, scores[None], K)[0]
 
     got = served.client.recommend("someone-new", K, recent=[str(item_ids[i]) for i in recent])
     assert got.user_source == "RECENT"
     assert got.item_ids == tuple(str(item_ids[i]) for i in top if i >= 0)
+    by_item = dict(zip(cands.items[0].tolist(), scores.tolist(), strict=True))
+    np.testing.assert_allclose(got.scores, [by_item[i] for i in top], rtol=1e-5, atol=1e-5)
     assert not set(got.item_ids) & {str(item_ids[i]) for i in recent}
 
 

@@ -7,7 +7,10 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
+from slimrank.retrieval.two_tower import TwoTower, TwoTowerConfig
+from slimrank.serving.history_encoder import HistoryEncoder
 from slimrank.serving.snapshot import (
     ModelSnapshot,
     SnapshotHolder,
@@ -36,6 +39,21 @@ def test_user_query_sources(snap: ModelSnapshot) -> None:
     for user, items in (("", []), ("nobody", ["unknown-item"])):
         cold = snap.user_query(user, items)
         assert cold.source is UserSource.POPULAR and cold.vector is None
+
+
+def test_recent_items_reach_the_history_encoder_oldest_first_each_once(snap: ModelSnapshot) -> None:
+    torch.manual_seed(0)
+    config = TwoTowerConfig(
+        n_items=snap.n_items, dim=8, id_dim=8, projection=False, max_history=2, init_std=0.1
+    )
+    encoder = HistoryEncoder(TwoTower(config))
+    served = dataclasses.replace(snap, encode_history=encoder)
+    query = served.user_query("nobody", ["i5", "i3", "unknown-item", "i5", "i9"])
+    assert query.source is UserSource.RECENT and query.history.tolist() == [3, 5, 9]
+    # Each item once, where named last: i3, i5, i9; the tower keeps the last two.
+    np.testing.assert_array_equal(query.vector, encoder(np.array([5, 9])))
+    assert np.abs(query.vector - encoder(np.array([3, 9]))).max() > 1e-3
+    warm_up(served)
 
 
 def test_candidates_match_exact_search_minus_dropped(snap: ModelSnapshot) -> None:

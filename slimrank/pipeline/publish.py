@@ -14,7 +14,8 @@ Bundle files (all pickle-free; ``serving.json`` says how they fit together)::
     features.safetensors         tables candidate features read (history CSR, co-occurrence,
                                  EASE, side features); see serving.json["features"]
     teacher/teacher.safetensors  the teacher (DCN-v2) weights, teacher/teacher.json its config
-    two_tower/...                the two-tower model (safetensors + JSON config)
+    two_tower/...                the two-tower model (safetensors + JSON config); serving runs
+                                 its user tower for users known only by recent items
     data/...                     split, ids and raw side features, so retraining needs only
                                  the bundle
 """
@@ -112,6 +113,7 @@ def bundle_writer(result: RunResult) -> Callable[[Path], None]:
                 "ids": "users.npy",
                 "vectors": "user_vectors.npy",
                 "pooled_history": "train + valid interactions",
+                "tower": "two_tower",
             },
             "items": {"ids": "items.npy", "vectors": "item_vectors.npy"},
             "popularity": "popularity.npy",

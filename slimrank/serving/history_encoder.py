@@ -44,7 +44,7 @@ class HistoryEncoder:
     :func:`~slimrank.retrieval.embeddings.export_embeddings` exports user vectors.
 
     A tower without projection is computed in numpy from its history table (about 20 us a
-    call against 250 us for torch's dispatch through the tower on one bag); ``fast=False``
+    call against about 200 us for torch's dispatch through the tower on one bag); ``fast=False``
     always runs the torch tower, the reference the numpy path is tested against. Takes over
     ``model`` (its id and feature parts are replaced); thread-safe afterwards.
     """

@@ -5,8 +5,11 @@ index retrieves ``serving.json["candidates"]`` items for the user's vector (a kn
 of ``user_vectors``, which pools train + valid history), minus the items the user already has
 (the bundle's history table, train + valid: the protocol's exclusion), the pipeline featurizer
 computes their features from ``features.safetensors``, and the int8 ONNX ranker scores them.
-Users the bundle does not know are served from the pooled vectors of their recent items (cold
-features: empty history, zero side features), or by popularity. The file layout is in
+Users the bundle does not know but who send recent items get the vector the bundle's two-tower
+user tower gives that history (no user id, no user features; see
+:mod:`slimrank.serving.history_encoder`), or the mean of those items' vectors for bundles
+without the tower, and their features are computed with those items as their history (zero
+side features); users with neither are served by popularity. The file layout is in
 :mod:`slimrank.pipeline.publish`.
 
 The ``retrieval_score`` feature is the score the index gives, as in the pipeline's candidate
@@ -18,15 +21,17 @@ product moved that feature by up to 2e-3 and reordered the top 10 of 12 of 943 u
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
 
 from slimrank.bundle import Bundle, BundleError
 from slimrank.bundle.formats import read_npy
+from slimrank.serving.history_encoder import load_history_encoder
 from slimrank.serving.loader import bundle_metadata, serving_spec
-from slimrank.serving.snapshot import Featurizer, ModelSnapshot
+from slimrank.serving.snapshot import ModelSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,11 @@ PIPELINE = "pipeline"
 SUPPORTED_FORMAT = 1
 INDEX_FILES = ("index.faiss", "item_ids.npy", "index.json")
 RETRIEVAL_SCORE = "retrieval_score"
+# Where bundles keep the two-tower model when serving.json does not say (published before it did).
+TOWER_DIRECTORY = "two_tower"
+
+# A featurizer (user row or history rows, (d,) user vector, (m,) candidate rows) -> (m, F).
+FeaturizerT = TypeVar("FeaturizerT", bound=Callable[[Any, np.ndarray, np.ndarray], np.ndarray])
 
 
 def _section(spec: dict[str, Any], name: str, version: str) -> dict[str, Any]:
@@ -70,25 +80,25 @@ def scored_vectors(index: faiss.Index, item_vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(item_vectors, dtype=np.float32)
 
 
-def with_index_scores(featurize: Featurizer, column: int, vectors: np.ndarray) -> Featurizer:
+def with_index_scores(featurize: FeaturizerT, column: int, vectors: np.ndarray) -> FeaturizerT:
     """Return ``featurize`` with feature ``column`` set to ``vectors[item] . user vector``."""
 
-    def wrapped(row: int, vector: np.ndarray, items: np.ndarray) -> np.ndarray:
-        features = featurize(row, vector, items)  # (m, F)
+    def wrapped(user: Any, vector: np.ndarray, items: np.ndarray) -> np.ndarray:
+        features = featurize(user, vector, items)  # (m, F)
         items = np.asarray(items, dtype=np.int64)
         safe = np.where(items >= 0, items, 0)
         query = np.asarray(vector, dtype=np.float32).reshape(-1)  # (d,)
         features[:, column] = np.where(items >= 0, vectors[safe] @ query, 0.0)
         return features
 
-    return wrapped
+    return wrapped  # type: ignore[return-value]
 
 
 def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
     """Return the snapshot of a verified ``pipeline`` bundle; ``BundleError`` if it cannot serve."""
     from slimrank.compression.scorer import Scorer, ScorerConfig
     from slimrank.pipeline.artifacts import load_serving_tables
-    from slimrank.pipeline.serving_features import featurizer
+    from slimrank.pipeline.serving_features import featurizer, history_featurizer
     from slimrank.retrieval.index_io import load_index
 
     version = bundle.version
@@ -120,6 +130,7 @@ def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
             bundle.file(ranker_file), bundle.manifest.files[ranker_file].sha256, ScorerConfig()
         )
         index = load_index(bundle.path / index_dir)
+        encoder = load_history_encoder(bundle, str(users.get("tower", TOWER_DIRECTORY)))
     except KeyError as err:
         raise BundleError(f"bundle {version}: missing {err}") from err
     if index.ntotal != len(item_ids) or not np.array_equal(
@@ -139,7 +150,12 @@ def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
             f"bundle {version}: ranker takes {scorer.input_dim} features, the tables give "
             f"{len(tables.feature_names)}"
         )
-    featurize = featurizer(tables)
+    if encoder is not None and (encoder.n_items, encoder.dim) != item_vectors.shape:
+        raise BundleError(
+            f"bundle {version}: the two-tower gives {encoder.n_items} items x {encoder.dim} "
+            f"dims, the bundle's vectors are {item_vectors.shape}"
+        )
+    featurize, featurize_history = featurizer(tables), history_featurizer(tables)
     names = list(tables.feature_names)
     if RETRIEVAL_SCORE in names:
         vectors = scored_vectors(index.faiss_index, item_vectors)
@@ -148,7 +164,16 @@ def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
                 f"bundle {version}: the index scores {vectors.shape} vectors, the items are "
                 f"{item_vectors.shape}"
             )
-        featurize = with_index_scores(featurize, names.index(RETRIEVAL_SCORE), vectors)
+        column = names.index(RETRIEVAL_SCORE)
+        featurize = with_index_scores(featurize, column, vectors)
+        featurize_history = with_index_scores(featurize_history, column, vectors)
+    log.info(
+        "bundle %s: users known only by recent items get %s",
+        version,
+        "the two-tower user tower's vector of those items"
+        if encoder is not None
+        else "the mean of those items' vectors (no two-tower user tower pooling a history)",
+    )
     try:
         return ModelSnapshot(
             version=version,
@@ -163,6 +188,8 @@ def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
             metadata=bundle_metadata(bundle),
             seen=tables.history,
             n_candidates=n_candidates,
+            encode_history=encoder,
+            featurize_history=featurize_history,
         )
     except ValueError as err:
         raise BundleError(f"bundle {version}: {err}") from err

@@ -111,7 +111,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             scores = snapshot.popularity[candidates]
         else:
             with self._metrics.stage("features"):
-                features = snapshot.featurize(query.row, query.vector, candidates)  # (m, F)
+                features = snapshot.features(query, candidates)  # (m, F)
             with self._metrics.stage("rank"):
                 scores = np.asarray(snapshot.score(features), dtype=np.float32).reshape(-1)
         rows, best = top_k(candidates, scores, k)

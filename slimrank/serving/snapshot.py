@@ -28,6 +28,11 @@ Retriever = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 Featurizer = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 # (m, F) features -> (m,) scores, higher is better.
 Scorer = Callable[[np.ndarray], np.ndarray]
+# (h,) distinct item rows a user not in the bundle sent, oldest first -> (d,) float32 vector.
+HistoryEncoder = Callable[[np.ndarray], np.ndarray]
+# (h,) sorted item rows a user not in the bundle sent, (d,) user vector, (m,) candidate item
+# rows -> (m, F) features, computed with those items as the user's history.
+HistoryFeaturizer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 class UserSource(enum.IntEnum):
@@ -49,11 +54,13 @@ class ModelMetadata:
 
 @dataclasses.dataclass(frozen=True)
 class UserQuery:
-    """The user side of one request: its source, table row (-1 if none) and vector."""
+    """The user side of one request: its source, table row (-1 if none), vector and history."""
 
     source: UserSource
     row: int
     vector: np.ndarray | None  # (d,) float32, None for the popularity fallback
+    # (h,) sorted distinct item rows a RECENT user sent; None for the other sources.
+    history: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,6 +81,11 @@ class ModelSnapshot:
     seen: sp.csr_matrix | None = None
     # Candidates per request the ranker was evaluated on; None: the server's n_candidates.
     n_candidates: int | None = None
+    # Users known only by recent items: their vector from those items (None: the mean of the
+    # items' vectors) and their features with those items as history (None: featurize(-1, ..),
+    # which sees no history).
+    encode_history: HistoryEncoder | None = None
+    featurize_history: HistoryFeaturizer | None = None
     item_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
     user_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
     popular_order: np.ndarray = dataclasses.field(init=False, repr=False)  # (n_items,) rows
@@ -148,15 +160,24 @@ class ModelSnapshot:
         return self.seen.indices[start:stop].astype(np.int64)
 
     def user_query(self, user_id: str, recent_item_ids: Sequence[str]) -> UserQuery:
-        """Resolve the user: known id, else the mean of known recent items, else popularity."""
+        """Resolve the user: known id, else the recent items this snapshot knows, else popularity.
+
+        A user known by recent items gets ``encode_history`` of them (oldest first: each item
+        once, where the request names it last), or without one the mean of their item
+        vectors; unknown ids are skipped.
+        """
         row = self.user_row.get(user_id, -1) if user_id else -1
         if row >= 0:
             return UserQuery(UserSource.KNOWN, row, self.user_vectors[row])
-        recent = self.item_rows(recent_item_ids)
-        if recent.size:
-            pooled = self.item_vectors[recent].mean(axis=0, dtype=np.float32)  # (d,)
-            return UserQuery(UserSource.RECENT, -1, pooled)
-        return UserQuery(UserSource.POPULAR, -1, None)
+        recent = self.item_rows(recent_item_ids)  # (r,) request order, repeats kept
+        if not recent.size:
+            return UserQuery(UserSource.POPULAR, -1, None)
+        history, last = np.unique(recent[::-1], return_index=True)  # (h,) sorted distinct rows
+        if self.encode_history is None:
+            vector = self.item_vectors[recent].mean(axis=0, dtype=np.float32)  # (d,)
+        else:
+            vector = self.encode_history(recent[np.sort(len(recent) - 1 - last)])  # (d,)
+        return UserQuery(UserSource.RECENT, -1, vector, history)
 
     def candidates(self, vector: np.ndarray, n: int, drop: np.ndarray) -> np.ndarray:
         """Return up to ``n`` retrieved item rows for a ``(d,)`` vector, best first, minus ``drop``.
@@ -175,11 +196,17 @@ class ModelSnapshot:
         order = self.popular_order[: n + int(drop.size)]
         return order[~np.isin(order, drop)][:n]
 
+    def features(self, query: UserQuery, candidates: np.ndarray) -> np.ndarray:
+        """Return the ``(m, F)`` features of the candidates for a query that has a vector."""
+        if query.row < 0 and query.history is not None and self.featurize_history is not None:
+            return self.featurize_history(query.history, query.vector, candidates)
+        return self.featurize(query.row, query.vector, candidates)
+
     def rank(self, query: UserQuery, candidates: np.ndarray) -> np.ndarray:
         """Return ``(m,)`` float32 scores of the candidates for the query (ranker or popularity)."""
         if query.vector is None:
             return self.popularity[candidates].astype(np.float32, copy=False)
-        features = self.featurize(query.row, query.vector, candidates)  # (m, F)
+        features = self.features(query, candidates)  # (m, F)
         return np.asarray(self.score(features), dtype=np.float32).reshape(-1)
 
 
@@ -190,10 +217,19 @@ def top_k(candidates: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarra
 
 
 def warm_up(snapshot: ModelSnapshot, n: int = 50) -> None:
-    """Run retrieval and ranking once so a new snapshot's first real call is not the slow one."""
-    query = UserQuery(
-        UserSource.RECENT, -1, snapshot.item_vectors[snapshot.popular_order[:10]].mean(0)
+    """Run retrieval and ranking once so a new snapshot's first real call is not the slow one.
+
+    The call is a user known by the ten most popular items, so it runs the history encoder and
+    history featurizer too when the snapshot has them.
+    """
+    query = snapshot.user_query(
+        "", [str(i) for i in snapshot.item_ids[snapshot.popular_order[:10]]]
     )
+    if query.vector is None or query.vector.shape != (snapshot.dim,):
+        raise ValueError(
+            f"snapshot {snapshot.version}: warm-up user vector "
+            f"{None if query.vector is None else query.vector.shape} is not ({snapshot.dim},)"
+        )
     candidates = snapshot.candidates(query.vector, n, np.empty(0, dtype=np.int64))
     scores = snapshot.rank(query, candidates)
     if scores.shape != candidates.shape or not np.isfinite(scores).all():
