@@ -167,3 +167,41 @@ def test_serving_featurizer_matches_batch_features() -> None:
     for column in ("user_log_history", "cooc_sum", "ease_score"):
         assert np.all(cold[:, names.index(column)] == 0)
     assert np.all(cold[-1] == 0)  # the padded candidate
+
+
+def test_refit_folds_retrieve_with_models_that_never_saw_their_targets(tmp_path: Path) -> None:
+    import dataclasses
+
+    from slimrank.pipeline import steps
+    from slimrank.retrieval.embeddings import export_embeddings
+    from slimrank.retrieval.train import train_two_tower
+    from slimrank.retrieval.two_tower import UserHistory, load_model
+
+    config = load_config(CONFIGS / "tiny.toml")
+    dirs = {name: tmp_path / name for name in ("data", "tt", "emb")}
+    for path in dirs.values():
+        path.mkdir()
+    steps.data_step(config.data, dirs["data"])
+    steps.two_tower_step(config.two_tower, dirs["data"], dirs["tt"], config.k)
+    candidates = dataclasses.replace(config.candidates, refit=True)
+    train = config.two_tower.train
+    steps.embeddings_step(candidates, dirs["data"], dirs["tt"], dirs["emb"], train)
+    data = steps.load_data(dirs["data"])
+    split = data.split
+    emb = steps.load_embeddings(dirs["emb"], split.n_users, split.n_items)
+    assert len(emb.fold_item) == candidates.folds
+    model = load_model(dirs["tt"] / "model")
+    for i in range(candidates.folds):
+        # The reference: the same model trained on the fold's history alone.
+        history = artifacts.interactions_from_matrix(emb.history[i])
+        fold_split = dataclasses.replace(split, train=history)
+        ref = train_two_tower(
+            model.config, train, fold_split, data.user_features, data.item_features
+        ).model
+        hist = UserHistory.from_interactions(history, split.n_users, model.config.max_history)
+        user, item = export_embeddings(ref, hist, data.user_features, data.item_features)
+        np.testing.assert_allclose(
+            emb.user[f"fold{i}"] @ emb.fold_item[i].T, user @ item.T, rtol=1e-4, atol=1e-4
+        )
+        # Rotated onto the full model's axes, yet not the full model's vectors.
+        assert not np.allclose(emb.fold_item[i], emb.item, atol=1e-3)

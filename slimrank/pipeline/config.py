@@ -63,6 +63,12 @@ class TwoTowerStepConfig(Config):
     use_history: bool = True
     max_history: int = 0
     temperature: float = 0.1
+    # See slimrank.retrieval.two_tower.TwoTowerConfig.
+    projection: bool = True
+    normalize: bool = True
+    item_bias: bool = False
+    history_power: float = 1.0
+    init_std: float = 0.0
     train: TwoTowerTrainConfig = dataclasses.field(default_factory=TwoTowerTrainConfig)
 
     def __post_init__(self) -> None:
@@ -82,6 +88,11 @@ class CandidateConfig(Config):
     target_frac: float = 0.2
     fold_seed: int = 0
     folds: int = 1
+    # Train a two-tower on each fold's history alone (the same model and training config),
+    # so that the retrieval scores of training candidates come from a model that never saw
+    # their labels, as at validation and serving (stacking). Off: the full model retrieves
+    # for the folds too, which saw the target fold in training.
+    refit: bool = False
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:

@@ -138,11 +138,14 @@ def _run(
         "fold_seed": c.candidates.fold_seed,
         "folds": c.candidates.folds,
     }
+    refit = c.two_tower.train if c.candidates.refit else None
+    if refit is not None:  # fold models: keyed by how they are trained
+        fold = {**fold, "refit": refit.to_dict()}
     step(
         "embeddings",
         fold,
         ["data", "two_tower"],
-        lambda d, m, o: steps.embeddings_step(c.candidates, d, m, o),
+        lambda d, m, o: steps.embeddings_step(c.candidates, d, m, o, refit),
     )
     step(
         "index",

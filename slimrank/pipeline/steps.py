@@ -43,6 +43,7 @@ from slimrank.ranking.pipeline_eval import pipeline_metrics
 if TYPE_CHECKING:
     from slimrank.pipeline.engine import Engine
     from slimrank.retrieval.index import IndexConfig, RetrievalIndex
+    from slimrank.retrieval.train import TrainConfig as TwoTowerTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,11 @@ def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int
         use_history=config.use_history,
         max_history=config.max_history,
         temperature=config.temperature,
+        projection=config.projection,
+        normalize=config.normalize,
+        item_bias=config.item_bias,
+        history_power=config.history_power,
+        init_std=config.init_std,
         user_features=spec_u,
         item_features=spec_i,
     )
@@ -179,11 +185,27 @@ class Embeddings:
     user: dict[str, np.ndarray]  # view -> (U, d); views "fold0", ..., "valid", "test"
     history: list[sp.csr_matrix]  # per fold, (U, I) history part of the training items
     target: list[sp.csr_matrix]  # per fold, (U, I) target part
+    # Per fold, (I, d) item vectors of the fold's own two-tower (refit), else empty.
+    fold_item: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
-def embeddings_step(config: CandidateConfig, data_dir: Path, model_dir: Path, out: Path) -> None:
-    """Export item vectors and the user vectors of each view; cut the training folds."""
+def embeddings_step(
+    config: CandidateConfig,
+    data_dir: Path,
+    model_dir: Path,
+    out: Path,
+    refit: TwoTowerTrainConfig | None = None,
+) -> None:
+    """Export item vectors and the user vectors of each view; cut the training folds.
+
+    With ``refit`` (the training config), each fold gets its own two-tower, trained on the
+    fold's history with the saved model's shape; its vectors are rotated onto the saved
+    model's item vectors (:func:`~slimrank.ranking.train.procrustes_align`), which keeps
+    every inner product and makes the embedding features comparable across models.
+    """
+    from slimrank.ranking.train import procrustes_align
     from slimrank.retrieval.embeddings import export_embeddings, history_for
+    from slimrank.retrieval.train import train_two_tower
     from slimrank.retrieval.two_tower import UserHistory, load_model
 
     data = load_data(data_dir)
@@ -208,6 +230,28 @@ def embeddings_step(config: CandidateConfig, data_dir: Path, model_dir: Path, ou
         user, item = export_embeddings(model, hist, data.user_features, data.item_features)
         tensors[f"user/{name}"] = user
         tensors["item"] = item
+    for i in range(config.folds if refit is not None else 0):
+        history = artifacts.interactions_from_matrix(
+            sp.csr_matrix(
+                (
+                    np.ones(len(tensors[f"history{i}/indices"]), np.float32),
+                    tensors[f"history{i}/indices"],
+                    tensors[f"history{i}/indptr"],
+                ),
+                shape=(split.n_users, split.n_items),
+            )
+        )
+        fold_split = dataclasses.replace(split, train=history)
+        log.info("fold %d: training a two-tower on %d history items", i, len(history))
+        fold_model = train_two_tower(
+            model.config, refit, fold_split, data.user_features, data.item_features
+        ).model
+        user, item = export_embeddings(
+            fold_model, views[f"fold{i}"], data.user_features, data.item_features
+        )
+        rot = procrustes_align(item, tensors["item"])
+        tensors[f"user/fold{i}"] = (user @ rot).astype(np.float32)
+        tensors[f"item/fold{i}"] = (item @ rot).astype(np.float32)
     write_tensors(out / "embeddings.safetensors", tensors)
 
 
@@ -223,7 +267,9 @@ def load_embeddings(path: Path, n_users: int, n_items: int) -> Embeddings:
     user = {k.removeprefix("user/"): v for k, v in t.items() if k.startswith("user/")}
     folds = sum(1 for k in t if k.startswith("history") and k.endswith("/indptr"))
     history = [csr(f"history{i}") for i in range(folds)]
-    return Embeddings(t["item"], user, history, [csr(f"target{i}") for i in range(folds)])
+    fold_item = [t[f"item/fold{i}"] for i in range(folds) if f"item/fold{i}" in t]
+    targets = [csr(f"target{i}") for i in range(folds)]
+    return Embeddings(t["item"], user, history, targets, fold_item)
 
 
 # -- index -------------------------------------------------------------------------------------
@@ -274,15 +320,30 @@ def candidates_step(
     index = load_search(index_dir)
     metrics: dict[str, Any] = {}
 
-    def mine(observed: sp.csr_matrix, truth: sp.csr_matrix, user_vecs: np.ndarray) -> tuple:
+    def mine(
+        observed: sp.csr_matrix,
+        truth: sp.csr_matrix,
+        user_vecs: np.ndarray,
+        item_vecs: np.ndarray = emb.item,
+        search: RetrievalIndex = index,
+    ) -> tuple:
         tables = build_feature_tables(
-            observed, user_vecs, emb.item, data.user_features, data.item_features, config.features
+            observed, user_vecs, item_vecs, data.user_features, data.item_features, config.features
         )
         users = np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
-        return tables, *engine.mine(tables, user_vecs, index, users, config.n, observed, truth)
+        return tables, *engine.mine(tables, user_vecs, search, users, config.n, observed, truth)
+
+    def fold_search(i: int) -> tuple[np.ndarray, RetrievalIndex]:
+        """A refit fold's item vectors and an exact index over them, else the model's."""
+        from slimrank.retrieval.index import IndexConfig, build_index
+
+        if i >= len(emb.fold_item):
+            return emb.item, index
+        flat = build_index(emb.fold_item[i], IndexConfig(kind="flat"), progress=False)
+        return emb.fold_item[i], flat
 
     parts = [
-        mine(emb.history[i], emb.target[i], emb.user[f"fold{i}"])[1:]
+        mine(emb.history[i], emb.target[i], emb.user[f"fold{i}"], *fold_search(i))[1:]
         for i in range(len(emb.history))
     ]
     cands = Candidates(*(np.concatenate([getattr(p[0], f) for p in parts]) for f in _CANDS))
