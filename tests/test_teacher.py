@@ -72,6 +72,27 @@ def test_default_teacher_is_large_and_its_flops_match_the_counter() -> None:
     assert counted == 2 * (macs - cfg.n_cross * d)
 
 
+def test_without_cross_layers_the_head_sees_only_the_mlp() -> None:
+    # One hidden unit, weights set by hand: score = 3 * relu(x0 . w + 0.5) - 1, and nothing
+    # of x0 reaches the head directly.
+    cfg = TeacherConfig(n_features=2, n_users=1, n_items=1, id_dim=0, n_cross=0, deep=(1,))
+    model = DCNv2(cfg).eval()
+    assert model.cross is None and model.head.in_features == cfg.head_dim == 1
+    with torch.no_grad():
+        model.deep[0].weight.copy_(torch.tensor([[1.0, -2.0]]))
+        model.deep[0].bias.fill_(0.5)
+        model.head.weight.fill_(3.0)
+        model.head.bias.fill_(-1.0)
+    x = torch.tensor([[[1.0, 0.25], [0.0, 1.0]]])  # (1, 2, 2), standardization is identity
+    expected = torch.tensor([[3.0 * 1.0 - 1.0, 3.0 * 0.0 - 1.0]])
+    torch.testing.assert_close(model(x), expected)
+    # Parameters: the Linear layers only (one hidden unit, the head) and base_scale.
+    assert count_parameters(model) == (2 + 1) + (1 + 1) + 1
+    wide = TeacherConfig(n_features=250, n_users=9, n_items=9, id_dim=0, n_cross=0)
+    counted = count_cost(DCNv2(wide), wide.n_features).flops_per_candidate
+    assert counted == 2 * multiply_adds_per_candidate(wide)
+
+
 def test_scores_shape_pads_and_unknown_ids() -> None:
     torch.manual_seed(0)
     _, feats, _ = planted(0, n_users=5)

@@ -1,9 +1,15 @@
-"""The teacher ranker: a DCN-v2 (Wang et al. 2021) over candidate features and id embeddings.
+"""The teacher ranker: a deep MLP over candidate features (and id embeddings), with optional
+DCN-v2 cross layers (Wang et al. 2021).
 
-``x0 = [clip(standardize(features)), user_embedding, item_embedding]`` goes through a full-rank
-:class:`CrossNetwork` and, in parallel, a deep :class:`MLP`; a linear head over both outputs
-gives one score per candidate, optionally added to a learned multiple of one base feature
-(``base_feature``, e.g. the EASE score), so training starts from that ranking. Id
+``x0 = [clip(standardize(features)), user_embedding, item_embedding]`` goes through a deep
+:class:`MLP` and, with ``n_cross > 0``, in parallel through a full-rank :class:`CrossNetwork`;
+a linear head over their outputs gives one score per candidate, optionally added to a learned
+multiple of one base feature (``base_feature``, e.g. the EASE score), so training starts from
+that ranking. With ``n_cross = 0`` the head sees the MLP alone: no linear path from ``x0``.
+Measured on ml-100k (validation pipeline NDCG@10, one seed each): three cross layers
+0.230, the MLP alone 0.265; on an earlier candidate set 0.240 and 0.258, the MLP with the
+linear path 0.252, and a start from the EASE score (``base_feature``) 0.257 untrained and
+lower after every epoch of training. Id
 ``n_users`` / ``n_items`` is the "unknown" row, used for pads, cold-start ids, and (with
 probability ``id_dropout``) during training so that it is learned.
 """
@@ -60,6 +66,11 @@ class TeacherConfig(Config):
     def input_dim(self) -> int:
         return self.n_features + 2 * self.id_dim
 
+    @property
+    def head_dim(self) -> int:
+        """Width of the head's input: the MLP's output, plus the cross network's if any."""
+        return self.deep[-1] + (self.input_dim if self.n_cross > 0 else 0)
+
 
 class CrossNetwork(nn.Module):
     """DCN-v2 cross layers: ``x_{l+1} = x0 * (W_l x_l + b_l) + x_l``."""
@@ -101,9 +112,9 @@ class DCNv2(nn.Module):
         nn.init.normal_(self.user_embedding.weight, std=0.01)
         nn.init.normal_(self.item_embedding.weight, std=0.01)
         d = config.input_dim
-        self.cross = CrossNetwork(d, config.n_cross)
+        self.cross = CrossNetwork(d, config.n_cross) if config.n_cross > 0 else None
         self.deep = MLP(d, config.deep, config.dropout)
-        self.head = nn.Linear(d + config.deep[-1], 1)
+        self.head = nn.Linear(config.head_dim, 1)
         # Residual start: the network learns a correction to a strong base signal's ranking.
         self.base_scale = nn.Parameter(torch.tensor(float(config.base_scale)))
         if config.base_feature >= 0:
@@ -145,7 +156,9 @@ class DCNv2(nn.Module):
         u = self.user_embedding(self._ids(user, shape, self.config.n_users))  # (..., E)
         v = self.item_embedding(self._ids(item, shape, self.config.n_items))  # (..., E)
         x0 = torch.cat([x, u, v], dim=-1).reshape(-1, self.config.input_dim)  # (M, D)
-        h = torch.cat([self.cross(x0), self.deep(x0)], dim=-1)  # (M, D + H)
+        h = self.deep(x0)  # (M, H)
+        if self.cross is not None:
+            h = torch.cat([self.cross(x0), h], dim=-1)  # (M, D + H)
         score = self.head(h).reshape(shape)
         if self.config.base_feature >= 0:
             score = score + self.base_scale * z[..., self.config.base_feature]  # unclipped
@@ -181,7 +194,7 @@ def multiply_adds_per_candidate(config: TeacherConfig) -> int:
     for width in config.deep:
         total += in_dim * width
         in_dim = width
-    return total + (d + config.deep[-1])
+    return total + config.head_dim
 
 
 def count_parameters(model: nn.Module) -> int:
