@@ -340,21 +340,7 @@ def _masked_loss(
     items, offsets = targets.bags(group)  # every training item of the group
     rows = bag_rows(offsets, len(items))  # (N,)
     hidden = rng.random(len(items)) < share  # (N,) the items to predict
-    users = torch.as_tensor(group)
-    pooled = None
-    if model.config.use_history:
-        kept = ~hidden
-        bag_offsets = np.zeros(len(group), dtype=np.int64)
-        np.cumsum(np.bincount(rows[kept], minlength=len(group))[:-1], out=bag_offsets[1:])
-        sums, counts = model.user_tower.pool(
-            torch.as_tensor(items[kept]), torch.as_tensor(bag_offsets)
-        )
-        pooled = model.pool_scale(sums, counts)  # (G, D)
-    user_vecs = model.user_vectors_pooled(
-        users, None if ufeat is None else take_rows(ufeat, users), pooled
-    )  # (G, d)
-    item_vecs = model.item_vectors(all_items, ifeat)  # (I, d)
-    log_p = F.log_softmax(model.logits(user_vecs, item_vecs, all_items), dim=1)  # (G, I)
+    log_p = _group_log_softmax(model, group, items, rows, ~hidden, ufeat, ifeat, all_items)
     if not hidden.any():
         return log_p.sum() * 0.0  # nothing to predict in this batch
     return -log_p[torch.as_tensor(rows[hidden]), torch.as_tensor(items[hidden])].mean()
@@ -379,22 +365,58 @@ def _multinomial_loss(
     """
     items, offsets = targets.bags(group)  # every training item of the group
     rows = bag_rows(offsets, len(items))  # (N,)
+    kept = rng.random(len(items)) >= drop if model.config.use_history else None  # (N,)
+    log_p = _group_log_softmax(
+        model,
+        group,
+        items,
+        rows,
+        kept,
+        ufeat,
+        ifeat,
+        all_items,
+        counts=torch.as_tensor(targets.lengths(group)),  # (G,) the whole history's sizes
+        scale=1.0 / (1.0 - drop),
+    )
+    picked = log_p[torch.as_tensor(rows), torch.as_tensor(items)]  # (N,)
+    return -picked.sum() / len(group)
+
+
+def _group_log_softmax(
+    model: TwoTower,
+    group: np.ndarray,
+    items: np.ndarray,
+    rows: np.ndarray,
+    kept: np.ndarray | None,
+    ufeat: dict[str, torch.Tensor] | None,
+    ifeat: dict[str, torch.Tensor] | None,
+    all_items: torch.Tensor,
+    counts: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Return the (G, I) log-softmax over all items of the users in ``group``.
+
+    Each user's history is the ``kept`` (N,) share of its flat ``items`` (user ``rows``),
+    pooled by :meth:`TwoTower.pool_scale` over ``counts`` (default: the kept counts) and
+    multiplied by ``scale``.
+    """
     users = torch.as_tensor(group)
     pooled = None
     if model.config.use_history:
-        kept = rng.random(len(items)) >= drop  # (N,)
+        if kept is None:
+            raise ValueError("a model that pools a history needs the kept items")
         bag_offsets = np.zeros(len(group), dtype=np.int64)
         np.cumsum(np.bincount(rows[kept], minlength=len(group))[:-1], out=bag_offsets[1:])
-        sums, _ = model.user_tower.pool(torch.as_tensor(items[kept]), torch.as_tensor(bag_offsets))
-        counts = torch.as_tensor(targets.lengths(group))  # (G,) the whole history's sizes
-        pooled = model.pool_scale(sums, counts) / (1.0 - drop)  # (G, D)
+        sums, kept_counts = model.user_tower.pool(
+            torch.as_tensor(items[kept]), torch.as_tensor(bag_offsets)
+        )
+        counts = kept_counts if counts is None else counts
+        pooled = model.pool_scale(sums, counts) * scale  # (G, D)
     user_vecs = model.user_vectors_pooled(
         users, None if ufeat is None else take_rows(ufeat, users), pooled
     )  # (G, d)
     item_vecs = model.item_vectors(all_items, ifeat)  # (I, d)
-    log_p = F.log_softmax(model.logits(user_vecs, item_vecs, all_items), dim=1)  # (G, I)
-    picked = log_p[torch.as_tensor(rows), torch.as_tensor(items)]  # (N,)
-    return -picked.sum() / len(group)
+    return F.log_softmax(model.logits(user_vecs, item_vecs, all_items), dim=1)  # (G, I)
 
 
 def _user_batches(
