@@ -216,12 +216,14 @@ def embeddings_step(
         "test": history_for(split, "test", model.config.max_history),
     }
     tensors: dict[str, np.ndarray] = {}
+    fold_logs = []  # per fold, the history part as interactions
     for i in range(config.folds):
         history, target = split_history(
             split.train_matrix(), config.target_frac, config.fold_seed + i
         )
+        fold_logs.append(artifacts.interactions_from_matrix(history))
         views[f"fold{i}"] = UserHistory.from_interactions(
-            artifacts.interactions_from_matrix(history), split.n_users, model.config.max_history
+            fold_logs[i], split.n_users, model.config.max_history
         )
         for name, m in ((f"history{i}", history), (f"target{i}", target)):
             tensors[f"{name}/indptr"] = m.indptr.astype(np.int64)
@@ -231,16 +233,7 @@ def embeddings_step(
         tensors[f"user/{name}"] = user
         tensors["item"] = item
     for i in range(config.folds if refit is not None else 0):
-        history = artifacts.interactions_from_matrix(
-            sp.csr_matrix(
-                (
-                    np.ones(len(tensors[f"history{i}/indices"]), np.float32),
-                    tensors[f"history{i}/indices"],
-                    tensors[f"history{i}/indptr"],
-                ),
-                shape=(split.n_users, split.n_items),
-            )
-        )
+        history = fold_logs[i]
         fold_split = dataclasses.replace(split, train=history)
         log.info("fold %d: training a two-tower on %d history items", i, len(history))
         fold_model = train_two_tower(
