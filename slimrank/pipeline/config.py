@@ -165,7 +165,8 @@ class PruneConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class Int8Config(Config):
-    """int8 modes to try (the faster one that passes the gate is kept) and the gate itself."""
+    """int8 modes to try, in order of preference (the first that passes the gate with the
+    fewest fp32 fallbacks is kept), and the gate itself."""
 
     modes: tuple[str, ...] = ("weights", "static", "dynamic")
     calibration_candidates: int = 4096
