@@ -38,6 +38,9 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path: Path) -> None:
     path.write_text("k = 50\n[candidates]\nn = 20\n")
     with pytest.raises(ValueError, match=r"PipelineConfig\.k=50"):
         load_config(path)
+    path.write_text("[prune]\nepochs = 3\nramp_epochs = 4\n")
+    with pytest.raises(ValueError, match=r"ramp_epochs=4.*epochs=3"):
+        load_config(path)
 
 
 def _table(n: int) -> FeatureTable:

@@ -111,6 +111,58 @@ def test_gradual_pruning_reaches_final_sparsity_and_masks_hold_during_training()
     assert count_cost(folded, 10).nonzero_params < count_cost(student, 10).nonzero_params
 
 
+def test_schedule_continues_across_calls_with_start_step() -> None:
+    data = _lists(seed=1, users=40, cands=30, dim=10)
+    torch.manual_seed(4)
+    student = MLPRanker(MLPConfig(10, (32, 16)))
+    # 5 steps per epoch; masks at 0, 2, ..., 10: the ramp ends in the second call.
+    schedule = PruningSchedule(final_sparsity=0.6, end_step=10, frequency=2)
+    pruner = MagnitudePruner(schedule)
+    first = train_student(
+        student, data, DistillConfig(), TrainConfig(epochs=1, batch_size=8), pruner=pruner
+    )
+    assert first.steps == 5
+    assert pruner.current_sparsity == pytest.approx(schedule.sparsity(4))
+    second = train_student(
+        first.model,
+        data,
+        DistillConfig(),
+        TrainConfig(epochs=1, batch_size=8),
+        pruner=pruner,
+        start_step=first.steps,
+    )
+    assert second.steps == 10
+    assert pruner.current_sparsity == pytest.approx(0.6)
+    assert sparsity_report(second.model)["layers.0"] == pytest.approx(round(0.6 * 320) / 320)
+    with pytest.raises(ValueError, match="start_step"):
+        train_student(student, data, DistillConfig(), TrainConfig(), start_step=-1)
+
+
+def test_epoch_choice_waits_for_the_final_sparsity() -> None:
+    from slimrank.pipeline.compress_steps import fit_on_valid
+    from slimrank.pipeline.config import StudentConfig
+
+    data = _lists(seed=2, users=40, cands=30, dim=10)
+    torch.manual_seed(5)
+    student = MLPRanker(MLPConfig(10, (32, 16)))
+    # 5 steps per epoch; the ramp ends at step 10, the end of epoch 2.
+    pruner = MagnitudePruner(PruningSchedule(final_sparsity=0.5, end_step=10, frequency=5))
+    calls = iter(range(10, 0, -1))  # every epoch looks worse than the one before
+
+    def metric(model: nn.Module) -> float:
+        return float(next(calls))
+
+    config = StudentConfig(hidden=(32, 16), epochs=5, patience=2, batch_size=8)
+    best, history = fit_on_valid(student, data, DistillConfig(), config, metric, pruner)
+    # Epoch 1 scored best but was only partly pruned; epoch 2 is the first at 0.5, and two
+    # worse epochs after it stop the run.
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert [h["sparsity"] for h in history][1:] == [0.5, 0.5, 0.5]
+    assert history[0]["sparsity"] < 0.5
+    assert sparsity_report(best)["layers.0"] == pytest.approx(160 / 320)
+    assert sparsity_report(best)["layers.2"] == pytest.approx(256 / 512)
+
+
 def test_one_shot_magnitude_prune_removes_smallest_weights() -> None:
     layer_model = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 1))
     with torch.no_grad():

@@ -210,7 +210,7 @@ class TrainConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    """A trained copy of the student and the mean loss of each epoch."""
+    """A trained copy of the student, the mean loss of each epoch and the step reached."""
 
     model: nn.Module
     epoch_loss: tuple[float, ...]
@@ -223,17 +223,21 @@ def train_student(
     distill: DistillConfig,
     train: TrainConfig,
     pruner: MagnitudePruner | None = None,
+    start_step: int = 0,
 ) -> TrainResult:
     """Return a copy of ``student`` trained to match ``data.teacher_scores`` (the input is kept).
 
     The same loop fine-tunes a pruned student: pass a structurally pruned model, or a
     ``pruner`` whose masks are updated on its schedule and re-applied after every step.
+    ``start_step`` continues that schedule from an earlier call (one call per epoch);
+    ``TrainResult.steps`` is then the step reached, ``start_step`` included.
     """
+    require(start_step >= 0, "train_student", "start_step", start_step, "must be >= 0")
     generator = torch.Generator().manual_seed(train.seed)
     model = copy.deepcopy(student)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    step = 0
+    step = start_step
     if pruner is not None:
         pruner.update(model, step)
     epoch_loss: list[float] = []

@@ -142,13 +142,20 @@ class StudentConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig(Config):
-    """Structured pruning of hidden units, then gradual magnitude pruning while distilling."""
+    """Structured pruning of hidden units, then gradual magnitude pruning while distilling.
+
+    Sparsity ramps to ``final_sparsity`` over ``ramp_epochs`` epochs in ``updates`` mask
+    updates; fine-tuning goes on at that sparsity for at most ``epochs`` epochs in all, and the
+    epoch is chosen on validation NDCG, stopping after ``patience`` epochs without a better one.
+    """
 
     structured_fraction: float = 0.5
     final_sparsity: float = 0.5
     epochs: int = 10
-    lr: float = 1e-3
-    updates: int = 10  # magnitude-mask updates over the first 80 % of the fine-tune steps
+    ramp_epochs: int = 4
+    patience: int = 3
+    lr: float = 3e-4
+    updates: int = 10
 
     def __post_init__(self) -> None:
         require(
@@ -160,6 +167,15 @@ class PruneConfig(Config):
         )
         require(0 <= self.final_sparsity < 1, self, "final_sparsity", self.final_sparsity, "[0,1)")
         require(self.epochs >= 1, self, "epochs", self.epochs, "must be >= 1")
+        require(
+            1 <= self.ramp_epochs <= self.epochs,
+            self,
+            "ramp_epochs",
+            self.ramp_epochs,
+            f"must be in [1, epochs={self.epochs}]",
+        )
+        require(self.patience >= 0, self, "patience", self.patience, "must be >= 0")
+        require(self.lr > 0, self, "lr", self.lr, "must be positive")
         require(self.updates >= 1, self, "updates", self.updates, "must be >= 1")
 
 
