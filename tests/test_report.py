@@ -14,7 +14,7 @@ from slimrank.compression.flops import count_cost, linear_cost, onnx_linear_cost
 from slimrank.compression.gate import quantize
 from slimrank.compression.quantize import QuantConfig
 from slimrank.pipeline.compress_steps import Standardized
-from slimrank.pipeline.report import Report, Row, render_markdown, table_cells
+from slimrank.pipeline.report import Report, Row, render_markdown, report_goals, table_cells
 from slimrank.ranking.mlp import MLPConfig, MLPRanker
 from slimrank.ranking.teacher import DCNv2, TeacherConfig, multiply_adds_per_candidate
 
@@ -107,6 +107,29 @@ def test_table_shows_sparsity_and_flops_for_every_ranker() -> None:
     assert "passed with int8 mode weights (same top-10: 98.6%)" in text
     record = json.loads(json.dumps(report.to_dict()))
     assert record["rows"][3]["sparsity"] == 0.25 and record["rows"][3]["flops"] == FLOPS
+
+
+def _ranked(key: str, ndcg: float, flops: int | None, speedup: float | None) -> Row:
+    return Row(key, key, ndcg, 0.2, 0.25, 20, 0.0, flops, 1000, 1e-4, speedup)
+
+
+def test_goals_by_hand() -> None:
+    rows = [
+        _ranked("retrieval", 0.318, None, None),
+        _ranked("teacher", 0.3500, 2_000_000, 1.0),
+        _ranked("student_plain", 0.3460, 200_000, 12.0),
+        _ranked("student_distill", 0.3470, 200_000, 12.0),
+        _ranked("student_pruned", 0.3466, 80_000, 20.0),
+        _ranked("int8", 0.3465, 80_000, 10.0),
+    ]
+    goals = report_goals(rows, 10)
+    assert [met for _, met, _ in goals] == [True, True, True, True, True]
+    assert goals[1][2] == "200,000 vs 2,000,000"  # exactly a tenth passes
+    assert goals[2][2] == "0.990 x"  # 0.3465 / 0.35 = 0.99
+    # One FLOP over a tenth, 0.3464 (0.9897 x), 9.9x and a distilled student that only ties.
+    rows[3] = _ranked("student_distill", 0.3460, 200_001, 12.0)
+    rows[5] = _ranked("int8", 0.3464, 80_000, 9.9)
+    assert [met for _, met, _ in report_goals(rows, 10)] == [True, False, False, False, False]
 
 
 def test_onnx_cost_refuses_a_weight_it_cannot_read(tmp_path: Path) -> None:

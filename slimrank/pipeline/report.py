@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,41 @@ def _linear_cost(result: RunResult, key: str) -> tuple[float | None, int | None]
     return cost.sparsity, cost.flops_per_candidate
 
 
+def report_goals(rows: Sequence[Row], k: int) -> tuple[tuple[str, bool, str], ...]:
+    """Return issue 4's goals on the test rows: ``(goal, met, what was measured)`` each."""
+    by = {r.key: r for r in rows}
+    teacher, int8, student = by["teacher"], by["int8"], by["student_distill"]
+    ratio = int8.ndcg / teacher.ndcg if teacher.ndcg > 0 else float("nan")
+    flops_ok = bool(student.flops and teacher.flops and 10 * student.flops <= teacher.flops)
+    return (
+        (
+            f"pipeline with teacher > EASE {EASE_TEST_NDCG:.3f} test NDCG@{k}",
+            teacher.ndcg > EASE_TEST_NDCG,
+            f"{teacher.ndcg:.4f}",
+        ),
+        (
+            "student <= 1/10 of the teacher's FLOPs per candidate",
+            flops_ok,
+            f"{student.flops or 0:,} vs {teacher.flops or 0:,}",
+        ),
+        (
+            "pruned int8 student >= 0.99 x teacher test NDCG",
+            ratio >= 0.99,
+            f"{ratio:.3f} x",
+        ),
+        (
+            "pruned int8 student >= 10x faster than teacher fp32",
+            (int8.speedup or 0.0) >= 10.0,
+            f"{int8.speedup:.1f}x" if int8.speedup else "n/a",
+        ),
+        (
+            "distillation beats the same student without it (test NDCG)",
+            student.ndcg > by["student_plain"].ndcg,
+            f"{student.ndcg:.4f} vs {by['student_plain'].ndcg:.4f}",
+        ),
+    )
+
+
 def build_report(result: RunResult, latency: dict[str, dict[str, float]] | None = None) -> Report:
     """Return the compression table of ``result`` (measuring latency unless given)."""
     latency = latency if latency is not None else measure_latency(result)
@@ -188,31 +224,7 @@ def build_report(result: RunResult, latency: dict[str, dict[str, float]] | None 
                 speedup=None if p50 is None else teacher_p50 / p50,
             )
         )
-    by = {r.key: r for r in rows}
-    teacher, int8 = by["teacher"], by["int8"]
-    ratio = int8.ndcg / teacher.ndcg if teacher.ndcg > 0 else float("nan")
-    goals = (
-        (
-            f"pipeline with teacher > EASE {EASE_TEST_NDCG:.3f} test NDCG@{k}",
-            teacher.ndcg > EASE_TEST_NDCG,
-            f"{teacher.ndcg:.4f}",
-        ),
-        (
-            "pruned int8 student >= 0.99 x teacher test NDCG",
-            ratio >= 0.99,
-            f"{ratio:.3f} x",
-        ),
-        (
-            "pruned int8 student >= 10x faster than teacher fp32",
-            (int8.speedup or 0.0) >= 10.0,
-            f"{int8.speedup:.1f}x" if int8.speedup else "n/a",
-        ),
-        (
-            "distillation beats the same student without it (test NDCG)",
-            by["student_distill"].ndcg > by["student_plain"].ndcg,
-            f"{by['student_distill'].ndcg:.4f} vs {by['student_plain'].ndcg:.4f}",
-        ),
-    )
+    goals = report_goals(rows, k)
     cfg = result.config.latency
     return Report(tuple(rows), goals, k, cfg.candidates, cfg.repeats, result.gate())
 
