@@ -1,6 +1,7 @@
 """Ranker runtime benchmark: which engine serves the ranking MLP fastest on one CPU thread.
 
-For a teacher-sized MLP (256-1024-512-256-1) and a student (256-64-32-1), scoring one request of
+For a teacher-sized MLP (256-1024-512-256-1), the shape of the ml-100k pruned student
+(256-128-64-1, ~259 features there) and a smaller student (256-64-32-1), scoring one request of
 N candidates: torch fp32, torch dynamic int8 (``torch.ao.quantization.quantize_dynamic``),
 onnxruntime fp32, ORT dynamic int8 and ORT static int8 (QDQ, per-channel, calibrated). Every
 variant runs on one thread (torch ``set_num_threads(1)``, ORT ``intra_op_num_threads=1``).
@@ -51,6 +52,7 @@ log = logging.getLogger("bench.ranker_runtime")
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
     "teacher-size MLP 256-1024-512-256-1": MLPConfig(256, (1024, 512, 256)),
+    "pruned-student MLP 256-128-64-1": MLPConfig(256, (128, 64)),
     "student MLP 256-64-32-1": MLPConfig(256, (64, 32)),
 }
 
