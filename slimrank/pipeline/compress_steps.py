@@ -191,11 +191,10 @@ def fit_on_valid(
         record = {"epoch": epoch + 1, "loss": result.epoch_loss[0], "valid": value}
         if pruner is not None:
             record["sparsity"] = pruner.current_sparsity
-            if step < pruner.schedule.end_step:  # still pruning: not a candidate
-                history.append(record)
-                best = model
-                continue
         history.append(record)
+        if pruner is not None and step < pruner.schedule.end_step:
+            best = model  # still pruning: not a candidate, but the fallback if none is
+            continue
         if value > best_metric or config.patience == 0:
             best, best_metric, stale = model, value, 0
         else:
