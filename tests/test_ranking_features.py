@@ -1,4 +1,5 @@
-"""Candidate features: shapes, determinism, U=1 equals the batch, hand-computed signals."""
+"""Candidate features: shapes, determinism, U=1 equals the batch, signals against dense
+references (EASE's dense scores, hand-computed co-occurrences, dense item-item tables)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,35 @@ import scipy.sparse as sp
 from slimrank.data.dataset import FeatureTable
 from slimrank.evaluation.baselines import EaseConfig, ease_weights
 from slimrank.ranking.candidates import Candidates, exact_search, mine_candidates
+from slimrank.ranking.feature_io import load_tables, save_tables
 from slimrank.ranking.features import (
     FeatureConfig,
-    ItemItem,
     build_feature_tables,
     candidate_features,
-    cooccurrence,
+    known_users,
+    new_user,
+)
+from slimrank.ranking.histories import Histories, latest_times
+from slimrank.ranking.neighbors import (
+    NeighborTable,
+    cooccurrence_table,
+    ease_exact_table,
+    ease_local_table,
     history_signals,
-    user_knn_scores,
 )
 
+WIDE = FeatureConfig(history_cap=1000, cooc_neighbors=1000, ease_neighbors=1000)
 
-def small_world(seed: int = 0, n_users: int = 25, n_items: int = 40, d: int = 4):
-    rng = np.random.default_rng(seed)
-    history = sp.random(n_users, n_items, density=0.15, random_state=seed, format="csr")
+
+def random_history(seed: int, n_users: int, n_items: int, density: float) -> sp.csr_matrix:
+    history = sp.random(n_users, n_items, density=density, random_state=seed, format="csr")
     history.data[:] = 1.0
+    return history
+
+
+def small_world(seed: int = 0, n_users: int = 25, n_items: int = 40, d: int = 4, config=WIDE):
+    rng = np.random.default_rng(seed)
+    history = random_history(seed, n_users, n_items, 0.15)
     user_vecs = rng.normal(size=(n_users, d)).astype(np.float32)
     item_vecs = rng.normal(size=(n_items, d)).astype(np.float32)
     users_ft = FeatureTable(
@@ -36,59 +51,75 @@ def small_world(seed: int = 0, n_users: int = 25, n_items: int = 40, d: int = 4)
         numeric={"year": rng.normal(1990, 5, n_items).astype(np.float32)},
         multi_hot={"genre": (rng.random((n_items, 3)) < 0.3).astype(np.float32)},
     )
-    tables = build_feature_tables(history, user_vecs, item_vecs, users_ft, items_ft)
+    tables = build_feature_tables(history, user_vecs, item_vecs, users_ft, items_ft, config)
     cands = mine_candidates(user_vecs, exact_search(item_vecs), np.arange(n_users), 12, history)
-    return tables, cands
+    return tables, cands, history
 
 
 def test_shape_names_and_determinism() -> None:
-    tables, cands = small_world()
+    tables, cands, _ = small_world()
     a = candidate_features(tables, cands)
     b = candidate_features(tables, cands)
     d = 4
-    # 10 signals, gender one-hot (zip has too many values), year, 3 genres, 3 * d embeddings
-    assert a.values.shape == (25, 12, 10 + 3 + 1 + 3 + 3 * d + 3)
+    # 9 signals, gender one-hot (zip has too many values), year, 3 genres, 3 * d, 2 ranks
+    assert a.values.shape == (25, 12, 9 + 3 + 1 + 3 + 3 * d + 2)
     assert a.values.dtype == np.float32
     assert len(a.names) == a.values.shape[2] == len(set(a.names))
+    assert a.names == tables.feature_names == tables.layout.names
     assert "user_gender=1" in a.names and not any("zip" in n for n in a.names)
     np.testing.assert_array_equal(a.values, b.values)
     np.testing.assert_array_equal(a.items, cands.items)
 
 
 def test_one_user_equals_its_batch_row() -> None:
-    tables, cands = small_world(seed=1)
+    tables, cands, _ = small_world(seed=1, config=FeatureConfig(history_cap=3))
     batch = candidate_features(tables, cands)
     for row in (0, 7, 24):
         one = candidate_features(tables, cands.take(np.array([row])))
         np.testing.assert_array_equal(one.values[0], batch.values[row])
 
 
+def test_a_new_user_with_a_known_users_history_gets_that_users_features() -> None:
+    tables, cands, _ = small_world(seed=7, config=FeatureConfig(history_cap=4))
+    row = 5
+    hist = Histories(
+        np.array([0, tables.history.lengths[row]]), tables.history.row(row), tables.n_items
+    )
+    one = cands.take(np.array([row]))
+    want = candidate_features(tables, one).values[0]
+    batch = new_user(tables, hist, tables.user_vecs[row])
+    got = candidate_features(tables, one, batch).values[0]
+    side = [i for i, n in enumerate(tables.feature_names) if n.startswith("user_gender")]
+    assert want[:, side].any()  # the known user has side features, the new one has none
+    assert not got[:, side].any()
+    rest = np.setdiff1d(np.arange(want.shape[1]), side)
+    np.testing.assert_array_equal(got[:, rest], want[:, rest])
+
+
 def test_columns_match_their_definition() -> None:
-    tables, cands = small_world(seed=2)
+    tables, cands, history = small_world(seed=2)
     feats = candidate_features(tables, cands)
-    col = {n: i for i, n in enumerate(feats.names)}
+    col = tables.layout.column
     v = feats.values
     np.testing.assert_allclose(v[:, :, col["retrieval_score"]], cands.retrieval_score)
-    pop = np.asarray(tables.history.sum(axis=0)).ravel()
+    pop = np.asarray(history.sum(axis=0)).ravel()
     np.testing.assert_allclose(v[:, :, col["item_log_popularity"]], np.log1p(pop[cands.items]))
+    lengths = np.diff(history.indptr)[cands.user]
+    np.testing.assert_allclose(v[:, 0, col["user_log_history"]], np.log1p(lengths))
     u, i = tables.user_vecs[cands.user], tables.item_vecs[cands.items]
     np.testing.assert_allclose(v[:, :, col["dot_2"]], u[:, None, 2] * i[:, :, 2], rtol=1e-6)
-    # EASE score feature equals the dense EASE scores X @ B.
-    b = ease_weights(tables.history, EaseConfig(l2=FeatureConfig().ease_lambda))
-    dense = np.asarray(tables.history.toarray() @ b)
+    # With every neighbour kept, the EASE score feature equals the dense EASE scores X @ B.
+    b = ease_weights(history, EaseConfig(l2=WIDE.ease_lambda))
+    dense = np.asarray(history.toarray() @ b)
     np.testing.assert_allclose(
         v[:, :, col["ease_score"]], dense[cands.user[:, None], cands.items], atol=1e-5
-    )
-    # Retrieval ordering puts the dot product first.
-    np.testing.assert_allclose(
-        v[:, :, col["retrieval_score"]], (u[:, None, :] * i).sum(-1), rtol=1e-5, atol=1e-5
     )
 
 
 def test_cooccurrence_by_hand_on_four_items() -> None:
     # u0: {0, 1}; u1: {0, 1, 2}; u2: {1, 3}. Item counts 2, 3, 1, 1.
     history = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1]], dtype=np.float32))
-    c = cooccurrence(history).toarray()
+    c = cooccurrence_table(history, k=10).to_csr().toarray()
     expected = np.zeros((4, 4))
     expected[0, 1] = expected[1, 0] = 2 / np.sqrt(6)
     expected[0, 2] = expected[2, 0] = 1 / np.sqrt(2)
@@ -96,10 +127,11 @@ def test_cooccurrence_by_hand_on_four_items() -> None:
     expected[1, 3] = expected[3, 1] = 1 / np.sqrt(3)
     np.testing.assert_allclose(c, expected, rtol=1e-6)
     vecs = np.eye(4, 2, dtype=np.float32)
-    tables = build_feature_tables(history, vecs[:3], vecs, config=FeatureConfig(ease_lambda=0))
+    config = FeatureConfig(ease_lambda=0)
+    tables = build_feature_tables(history, vecs[:3], vecs, config=config)
     cands = Candidates(np.array([0]), np.array([[2, 3, -1]]), np.array([[0.5, 0.2, 0.0]]))
     feats = candidate_features(tables, cands)
-    col = {n: i for i, n in enumerate(feats.names)}
+    col = tables.layout.column
     assert "ease_score" not in col
     got = feats.values[0]
     np.testing.assert_allclose(got[:2, col["cooc_sum"]], [2**-0.5 + 3**-0.5, 3**-0.5], rtol=1e-6)
@@ -110,74 +142,162 @@ def test_cooccurrence_by_hand_on_four_items() -> None:
     np.testing.assert_array_equal(got[2], 0.0)  # the pad
 
 
-def test_neighbour_truncation_keeps_the_strongest() -> None:
-    history = sp.random(30, 20, density=0.3, random_state=3, format="csr")
-    history.data[:] = 1.0
-    full = cooccurrence(history).toarray()
-    top = cooccurrence(history, neighbors=3).toarray()
-    assert ((top > 0).sum(axis=1) <= 3).all()
-    for r in range(20):
-        kept = np.flatnonzero(top[r])
-        np.testing.assert_allclose(top[r, kept], full[r, kept])
-        if len(kept):
-            assert full[r].max() == pytest.approx(top[r].max())
+def test_cooccurrence_blocks_do_not_change_the_table() -> None:
+    history = random_history(3, 60, 50, 0.2)
+    whole = cooccurrence_table(history, k=7, block_pairs=10**9).to_csr()
+    blocked = cooccurrence_table(history, k=7, block_pairs=50).to_csr()
+    assert (whole != blocked).nnz == 0
+    assert np.diff(whole.indptr).max() == 7
 
 
-def test_history_signals_do_not_depend_on_chunking() -> None:
-    tables, cands = small_world(seed=4)
-    weights = ItemItem.from_csr(sp.random(40, 40, density=0.3, random_state=4, format="csr"))
-    big = history_signals(tables.history, weights, cands.user, cands.items, 10**9)
-    small = history_signals(tables.history, weights, cands.user, cands.items, 7)
-    np.testing.assert_array_equal(big[0], small[0])
-    np.testing.assert_array_equal(big[1], small[1])
-    dense = weights.to_csr().toarray()
-    hist = tables.history.toarray().astype(bool)
-    u, row = cands.user[3], 3
-    col = cands.items[row, 0]
-    vals = dense[hist[u], col]
-    assert big[0][row, 0] == pytest.approx(vals.sum(), rel=1e-5)
-    assert big[1][row, 0] == pytest.approx(vals.max() if len(vals) else 0.0)
+def test_truncation_keeps_the_strongest_by_value_or_magnitude() -> None:
+    m = sp.random(30, 30, density=0.5, random_state=3, format="csr", dtype=np.float32)
+    m.data -= 0.5  # signed weights
+    full = m.toarray()
+    for by_magnitude in (False, True):
+        top = NeighborTable.from_csr(m, 3, by_magnitude=by_magnitude)
+        dense = top.to_csr().toarray()
+        assert (np.diff(top.indptr) <= 3).all()
+        for r in range(30):
+            kept = np.flatnonzero(dense[r])
+            np.testing.assert_array_equal(dense[r, kept], full[r, kept])
+            key = np.abs(full[r]) if by_magnitude else full[r]
+            stored = full[r] != 0
+            if stored.sum() > 3:
+                assert key[kept].min() >= key[stored & (dense[r] == 0)].max()
+            # strongest first within a row
+            vals = top.values[top.indptr[r] : top.indptr[r + 1]]
+            k = np.abs(vals) if by_magnitude else vals
+            assert (np.diff(k) <= 0).all()
 
 
-def test_user_knn_by_hand() -> None:
-    # u0: {0, 1}; u1: {0, 1, 2}; u2: {1, 3}; u3: {3}. Cosine to u0: u1 2/sqrt(6), u2 1/2, u3 0.
-    history = sp.csr_matrix(
-        np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1], [0, 0, 0, 1]], dtype=np.float32)
+def dense_signals(dense: np.ndarray, hist: Histories, cap: int, items: np.ndarray):
+    """The reference: sum and max of dense[h, c] over the cap newest items of each row."""
+    total = np.zeros(items.shape, dtype=np.float64)
+    best = np.zeros(items.shape, dtype=np.float64)
+    for u in range(hist.n_rows):
+        h = hist.row(u)[:cap]
+        for n, c in enumerate(items[u]):
+            if c < 0 or not len(h):
+                continue
+            total[u, n] = dense[h, c].sum()
+            best[u, n] = dense[h, c].max()
+    return total, best
+
+
+def test_history_signals_equal_the_dense_reference() -> None:
+    rng = np.random.default_rng(4)
+    n_users, n_items = 30, 40
+    m = sp.random(n_items, n_items, density=0.3, random_state=4, format="csr", dtype=np.float32)
+    m.data -= 0.3  # signed: the max of absent (0) and negative weights is exercised
+    table = NeighborTable.from_csr(m, 8, by_magnitude=True)
+    dense = table.to_csr().toarray()
+    observed = random_history(5, n_users, n_items, 0.2)
+    times = observed.copy()
+    times.data = rng.integers(1, 10**6, size=observed.nnz).astype(np.float64)
+    hist = Histories.from_matrix(observed, times)
+    items = np.stack([rng.permutation(n_items)[:9] for _ in range(n_users)])  # distinct per row
+    items[rng.random(items.shape) < 0.2] = -1  # pads
+    for cap in (1, 3, 100):
+        capped = hist.recent(np.arange(n_users), cap)
+        want = dense_signals(dense, hist, cap, items)
+        got = history_signals(capped, table, items)
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+        # One row at a time gives the same rows (the slots are cleared between rows).
+        for u in (0, 11, 29):
+            one = history_signals(capped.recent(np.array([u]), 0), table, items[u : u + 1])
+            np.testing.assert_array_equal(one[0][0], got[0][u])
+            np.testing.assert_array_equal(one[1][0], got[1][u])
+
+
+def test_histories_newest_first_and_capped() -> None:
+    # user 0 saw items 4 (t=30), 1 (t=10), 7 (t=20) and 1 again (t=50); user 1 nothing.
+    times = latest_times(
+        np.array([0, 0, 0, 0]), np.array([4, 1, 7, 1]), np.array([30, 10, 20, 50]), (2, 9)
     )
-    items = np.array([[2, 3, -1]])
-    one = user_knn_scores(history, np.array([0]), items, k=1)  # only u1
-    np.testing.assert_allclose(one, [[2 / np.sqrt(6), 0.0, 0.0]], rtol=1e-6)
-    two = user_knn_scores(history, np.array([0]), items, k=2)  # u1 and u2
-    np.testing.assert_allclose(two, [[2 / np.sqrt(6), 0.5, 0.0]], rtol=1e-6)
-    # Chunking over users does not change anything.
-    users = np.array([0, 1, 2, 3])
-    batch = np.tile(np.array([[0, 1, 2, 3]]), (4, 1))
-    np.testing.assert_allclose(
-        user_knn_scores(history, users, batch, 2, chunk_cells=4),
-        user_knn_scores(history, users, batch, 2),
+    observed = times.copy()
+    observed.data[:] = 1.0
+    hist = Histories.from_matrix(observed, times)
+    np.testing.assert_array_equal(hist.row(0), [1, 4, 7])
+    np.testing.assert_array_equal(hist.row(1), [])
+    np.testing.assert_array_equal(hist.recent(np.array([0, 1, 0]), 2).items, [1, 4, 1, 4])
+    np.testing.assert_array_equal(hist.recent(np.array([0]), 2).lengths, [2])
+    # A request's items, oldest first, with a repeat: newest first, each once.
+    np.testing.assert_array_equal(Histories.from_items(np.array([3, 5, 3, 8]), 9).items, [8, 3, 5])
+    with pytest.raises(ValueError, match="item rows"):
+        Histories(np.array([0, 1]), np.array([9]), 9)
+
+
+def test_the_history_cap_reads_the_newest_items_only() -> None:
+    history = sp.csr_matrix(np.array([[1, 1, 1, 0, 0]], dtype=np.float32))
+    times = sp.csr_matrix(np.array([[3.0, 1.0, 2.0, 0, 0]]))  # newest: 0, then 2, then 1
+    vecs = np.ones((5, 2), dtype=np.float32)
+    config = FeatureConfig(history_cap=2, ease_lambda=0)
+    tables = build_feature_tables(history, vecs[:1], vecs, config=config, time=times)
+    np.testing.assert_array_equal(known_users(tables, np.array([0])).history.items, [0, 2])
+    assert known_users(tables, np.array([0])).n_history.tolist() == [3]
+
+
+def test_local_ease_over_every_neighbour_is_exact_ease() -> None:
+    # Each column of EASE is the ridge regression of that item on all the others, so the local
+    # regression over a full neighbourhood is EASE itself.
+    history = random_history(6, 80, 15, 0.5)
+    cooc = cooccurrence_table(history, k=100)
+    assert (np.diff(cooc.indptr) == 14).all()  # every pair co-occurs
+    exact = ease_exact_table(history, 20.0, 100).to_csr().toarray()
+    local = ease_local_table(history, cooc, 20.0, 100, local_neighbors=14).to_csr().toarray()
+    np.testing.assert_allclose(local, exact, atol=1e-4)
+    # A smaller neighbourhood is an approximation, but still mostly agrees in sign.
+    small = ease_local_table(history, cooc, 20.0, 100, local_neighbors=5).to_csr().toarray()
+    both = (small != 0) & (np.abs(exact) > 1e-3)
+    assert both.sum() > 30 and (np.sign(small[both]) == np.sign(exact[both])).mean() > 0.7
+
+
+def test_ease_method_auto_switches_at_the_threshold() -> None:
+    history = random_history(7, 40, 20, 0.3)
+    vecs = np.zeros((20, 2), dtype=np.float32)
+    exact = build_feature_tables(history, vecs[:1].repeat(40, 0), vecs, config=WIDE)
+    local_config = FeatureConfig(ease_max_items=10, ease_local_neighbors=4)
+    local = build_feature_tables(history, vecs[:1].repeat(40, 0), vecs, config=local_config)
+    assert WIDE.ease_is_exact(20) and not local_config.ease_is_exact(20)
+    assert (np.diff(local.ease.indptr) <= 100).all()
+    assert (exact.ease.to_csr() != local.ease.to_csr()).nnz > 0
+
+
+def test_tables_round_trip_through_their_file(tmp_path) -> None:
+    tables, cands, _ = small_world(seed=8, config=FeatureConfig(history_cap=5))
+    layout = save_tables(tmp_path / "f.safetensors", tables)
+    loaded = load_tables(tmp_path / "f.safetensors", layout, tables.user_vecs, tables.item_vecs)
+    np.testing.assert_array_equal(
+        candidate_features(loaded, cands).values, candidate_features(tables, cands).values
     )
+    assert loaded.config == tables.config
+    bad = {**layout, "feature_names": layout["feature_names"][:-1]}
+    with pytest.raises(ValueError, match="feature names"):
+        load_tables(tmp_path / "f.safetensors", bad, tables.user_vecs, tables.item_vecs)
+    with pytest.raises(ValueError, match="users"):
+        load_tables(
+            tmp_path / "f.safetensors", {**layout, "n_users": 3}, tables.user_vecs, tables.item_vecs
+        )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("history_cap", 0), ("cooc_neighbors", 0), ("ease_method", "magic"), ("ease_lambda", -1.0)],
+)
+def test_feature_config_rejects_bad_values(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        FeatureConfig(**{field: value})
 
 
 def test_rank_columns_rank_within_the_list() -> None:
-    tables, cands = small_world(seed=5)
+    tables, cands, _ = small_world(seed=5)
     feats = candidate_features(tables, cands)
-    col = {n: i for i, n in enumerate(feats.names)}
+    col = tables.layout.column
     for row in (0, 9):
         ease = feats.values[row, :, col["ease_score"]]
         rank = np.expm1(feats.values[row, :, col["ease_score_rank"]]).round().astype(int)
         real = cands.mask[row]
         expected = np.argsort(np.argsort(-ease[real], kind="stable"), kind="stable")
         np.testing.assert_array_equal(rank[real], expected)
-
-
-def test_item_item_dense_and_sparse_storage_agree() -> None:
-    full = sp.random(40, 40, density=0.3, random_state=6, format="csr", dtype=np.float32)
-    thin = sp.random(40, 40, density=0.05, random_state=6, format="csr", dtype=np.float32)
-    rng = np.random.default_rng(6)
-    rows, cols = rng.integers(-1, 40, size=(7, 9)), rng.integers(-1, 40, size=(7, 9))
-    for m in (full, thin):
-        table = ItemItem.from_csr(m)
-        expected = np.where((rows >= 0) & (cols >= 0), m.toarray()[rows, cols], 0.0)
-        np.testing.assert_array_equal(table.lookup(rows, cols), expected)
-        assert (table.to_csr() != m).nnz == 0
-    assert ItemItem.from_csr(full).dense is not None and ItemItem.from_csr(thin).dense is None
