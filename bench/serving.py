@@ -142,7 +142,7 @@ def load_synthetic(bundle: Any) -> Any:
         user_ids=np.char.add("u", np.arange(len(users)).astype(str)),
         user_vectors=users,
         popularity=popularity,
-        retrieve=index.search,
+        search=index.search,
         featurize=featurize,
         score=scorer.score,
         metadata=bundle_metadata(bundle),
@@ -156,9 +156,10 @@ class Featurizer:
     items: np.ndarray  # (N, d) float32
     log_popularity: np.ndarray  # (N,) float32
 
-    def __call__(self, user_row: int, vector: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    def __call__(self, query: Any, retrieved: Any) -> np.ndarray:
+        candidates = retrieved.rows
         item = self.items[candidates]  # (m, d)
-        cross = item * vector  # (m, d)
+        cross = item * query.vector  # (m, d)
         dot = cross.sum(axis=1, keepdims=True)  # (m, 1)
         pop = self.log_popularity[candidates][:, None]  # (m, 1)
         return np.concatenate([item, cross, dot, pop], axis=1)  # (m, 2d + 2)
@@ -397,15 +398,15 @@ def bare_floors(bundles: Path, n: int) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(2)
     users = rng.integers(0, len(snapshot.user_vectors), size=n + 20)
     vectors = snapshot.user_vectors[users]  # (n, d)
-    cands = [snapshot.retrieve(vectors[i : i + 1], N_CANDIDATES)[1][0] for i in range(50)]
-    feats = [snapshot.featurize(-1, vectors[i], cands[i]) for i in range(50)]
+    queries = [snapshot.user_query(str(snapshot.user_ids[u]), []) for u in users[:50]]
+    empty = np.empty(0, dtype=np.int64)
+    cands = [snapshot.retrieve(q, N_CANDIDATES, empty) for q in queries]
+    feats = [snapshot.featurize(queries[i], cands[i]) for i in range(50)]
     return {
         "faiss_search": percentiles_ms(
-            lambda i: snapshot.retrieve(vectors[i : i + 1], N_CANDIDATES), n
+            lambda i: snapshot.search(vectors[i : i + 1], N_CANDIDATES), n
         ),
-        "features": percentiles_ms(
-            lambda i: snapshot.featurize(-1, vectors[i % 50], cands[i % 50]), n
-        ),
+        "features": percentiles_ms(lambda i: snapshot.featurize(queries[i % 50], cands[i % 50]), n),
         "ranker_forward": percentiles_ms(lambda i: snapshot.score(feats[i % 50]), n),
     }
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from slimrank.data.dataset import Dataset, FeatureTable, IdMap, Interactions, Split
 from slimrank.pipeline import artifacts
@@ -15,8 +14,6 @@ from slimrank.pipeline.config import PipelineConfig, load_config
 from slimrank.pipeline.latency import interleaved_latency
 from slimrank.pipeline.retrain import append_logs
 from slimrank.pipeline.steps import DataArtifacts
-from slimrank.ranking.candidates import Candidates
-from slimrank.ranking.features import FeatureConfig, build_feature_tables, candidate_features
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -82,27 +79,6 @@ def test_feature_table_and_split_round_trip(tmp_path: Path) -> None:
             )
 
 
-def test_serving_tables_reproduce_candidate_features(tmp_path: Path) -> None:
-    rng = np.random.default_rng(1)
-    n_users, n_items, d = 12, 20, 4
-    history = sp.csr_matrix((rng.random((n_users, n_items)) < 0.3).astype(np.float32))
-    user_vecs = rng.normal(size=(n_users, d)).astype(np.float32)
-    item_vecs = rng.normal(size=(n_items, d)).astype(np.float32)
-    config = FeatureConfig(cooc_neighbors=5, ease_lambda=5.0)
-    tables = build_feature_tables(
-        history, user_vecs, item_vecs, _table(n_users), _table(n_items), config
-    )
-    layout = artifacts.save_serving_tables(tmp_path / "f.safetensors", tables)
-    loaded = artifacts.load_serving_tables(tmp_path / "f.safetensors", layout, user_vecs, item_vecs)
-    items = rng.integers(0, n_items, (n_users, 6))
-    items[0, -2:] = -1  # padded candidates
-    cands = Candidates(np.arange(n_users), items, rng.random((n_users, 6)).astype(np.float32))
-    want = candidate_features(tables, cands)
-    got = candidate_features(loaded, cands)
-    assert got.names == want.names
-    np.testing.assert_array_equal(got.values, want.values)
-
-
 def test_append_logs_keeps_known_new_pairs_only() -> None:
     def inter(users: list[int], items: list[int]) -> Interactions:
         n = len(users)
@@ -144,32 +120,6 @@ def test_interleaved_latency_orders_slow_and_fast() -> None:
     assert result["slow"]["p50"] >= 0.003
     assert result["fast"]["p50"] < result["slow"]["p50"]
     assert result["slow"]["p90"] >= result["slow"]["p50"]
-
-
-def test_serving_featurizer_matches_batch_features() -> None:
-    from slimrank.pipeline.serving_features import featurizer
-
-    rng = np.random.default_rng(2)
-    n_users, n_items, d = 9, 15, 3
-    history = sp.csr_matrix((rng.random((n_users, n_items)) < 0.3).astype(np.float32))
-    user_vecs = rng.normal(size=(n_users, d)).astype(np.float32)
-    item_vecs = rng.normal(size=(n_items, d)).astype(np.float32)
-    tables = build_feature_tables(
-        history, user_vecs, item_vecs, _table(n_users), _table(n_items),
-        FeatureConfig(cooc_neighbors=4, ease_lambda=5.0),
-    )  # fmt: skip
-    featurize = featurizer(tables)
-    items = np.array([4, 0, 11, 7, -1])
-    for user in (0, 5):
-        scores = np.where(items >= 0, item_vecs[np.maximum(items, 0)] @ user_vecs[user], 0)
-        cands = Candidates([user], items[None], scores[None].astype(np.float32))
-        want = candidate_features(tables, cands).values[0]
-        np.testing.assert_allclose(featurize(user, user_vecs[user], items), want, atol=1e-6)
-    cold = featurize(-1, user_vecs[0], items)
-    names = tables.feature_names
-    for column in ("user_log_history", "cooc_sum", "ease_score"):
-        assert np.all(cold[:, names.index(column)] == 0)
-    assert np.all(cold[-1] == 0)  # the padded candidate
 
 
 def test_refit_folds_retrieve_with_models_that_never_saw_their_targets(tmp_path: Path) -> None:

@@ -21,10 +21,11 @@ from slimrank.pipeline.compress_steps import onnx_score_fn
 from slimrank.pipeline.config import load_config
 from slimrank.pipeline.publish import load_bundle_tables, read_serving
 from slimrank.pipeline.run import STEPS, run_pipeline
-from slimrank.pipeline.serving_features import featurizer
 from slimrank.pipeline.steps import load_data
 from slimrank.ranking.features import candidate_features
 from slimrank.ranking.pipeline_eval import pipeline_metrics
+from slimrank.serving.featurizer import RequestFeaturizer
+from slimrank.serving.snapshot import Retrieved, UserQuery, UserSource
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
 
@@ -105,17 +106,17 @@ def test_bundle_tables_reproduce_the_pipeline_features(run: Run) -> None:
     assert pipeline_metrics(cands, scores, truth, (10,)) == result.metrics("int8")["test"]
     assert bundle.manifest.metrics["variants"]["int8"]["test"] == result.metrics("int8")["test"]
     serving = read_serving(bundle.path)
-    assert serving["kind"] == "pipeline"
-    assert serving["features"]["feature_names"] == list(feats.names)
-    # One request at a time, as the server will featurize (tiny.toml's index is exact, so
-    # the request's inner products equal the retrieval scores the pipeline stored).
-    featurize = featurizer(tables)
+    assert serving.features_layout["feature_names"] == list(feats.names)
+    # One request at a time, as the server featurizes: the known user's row, the retrieved
+    # rows and the scores the index gave them.
+    featurize = RequestFeaturizer(tables)
     user_vectors = np.load(bundle.file("user_vectors.npy"), allow_pickle=False)
     for row in (0, len(cands) - 1):
-        user, items = int(cands.user[row]), cands.items[row]
-        got = featurize(user, user_vectors[user], items)
-        np.testing.assert_allclose(got, feats.values[row], rtol=1e-5, atol=1e-5)
-    assert serving["ranker"]["input_dim"] == feats.values.shape[-1]
+        user, real = int(cands.user[row]), cands.mask[row]
+        query = UserQuery(UserSource.KNOWN, user, user_vectors[user])
+        got = featurize(query, Retrieved(cands.items[row][real], cands.retrieval_score[row][real]))
+        np.testing.assert_array_equal(got, feats.values[row][real])
+    assert serving.ranker.input_dim == feats.values.shape[-1]
 
 
 def test_second_run_is_fully_cached(run: Run) -> None:
@@ -193,7 +194,7 @@ def test_retrain_publishes_a_version_naming_its_parent_teacher(run: Run, tmp_pat
     assert new not in before and new in list_versions(run.bundles)
     bundle = open_bundle(run.bundles, new)
     assert bundle.manifest.parent == parent
-    assert read_serving(bundle.path)["teacher_version"] == parent
+    assert read_serving(bundle.path).teacher_version == parent
     # The teacher was reused, not retrained: same weights as the parent bundle's.
     old = open_bundle(run.bundles, run.version)
     assert (

@@ -4,7 +4,7 @@ The trusted reference is a known user: served anonymously with their whole seen 
 recent items, they must get their stored vector, their features and their top 10. That holds
 exactly only when neither the two-tower nor the ranker reads user features (a new user has
 none), so this module publishes tiny.toml's pipeline over the same synthetic catalog given as
-a plain interaction log, without its feature tables. The history featurizer is also checked
+a plain interaction log, without its feature tables. The request featurizer is also checked
 against a by-hand reference: the bundle's tables with the user appended as one more row.
 """
 
@@ -26,16 +26,24 @@ from slimrank.data.dataset import FeatureTable
 from slimrank.pipeline.config import load_config
 from slimrank.pipeline.publish import publish_run, read_serving
 from slimrank.pipeline.run import run_pipeline
-from slimrank.pipeline.serving_features import featurizer, history_featurizer
 from slimrank.pipeline.synthetic import synthetic_dataset
 from slimrank.ranking.candidates import Candidates
 from slimrank.ranking.features import FeatureConfig, build_feature_tables, candidate_features
+from slimrank.ranking.histories import Histories
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
+from slimrank.serving.featurizer import RequestFeaturizer
 from slimrank.serving.loader import load_snapshot
 from slimrank.serving.reload import bundle_reload_fn, load_current
 from slimrank.serving.server import create_server
-from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, UserSource, warm_up
+from slimrank.serving.snapshot import (
+    ModelSnapshot,
+    Retrieved,
+    SnapshotHolder,
+    UserQuery,
+    UserSource,
+    warm_up,
+)
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
 K = 10
@@ -93,31 +101,29 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plain]:
 
 def test_the_plain_bundle_reads_no_user_features_and_carries_its_user_tower(plain: Plain) -> None:
     serving = read_serving(plain.bundle.path)
-    assert serving["features"]["user_side_names"] == []
-    assert serving["users"]["tower"] == "two_tower"
+    assert serving.features_layout["user_side_names"] == []
+    assert serving.user_tower == "two_tower"
     assert plain.snapshot.encode_history is not None
-    assert plain.snapshot.featurize_history is not None
 
 
 def test_a_known_user_sent_as_recent_items_gets_their_vector_features_and_top_k(
     plain: Plain,
 ) -> None:
     snap = plain.snapshot
-    rng = np.random.default_rng(0)
-    names = list(read_serving(plain.bundle.path)["features"]["feature_names"])
+    names = list(read_serving(plain.bundle.path).features_layout["feature_names"])
     for user in range(len(snap.user_ids)):
-        seen = plain.seen(user)
-        recent = plain.ids(rng.permutation(seen))  # order does not matter without max_history
+        seen = plain.seen(user)  # newest first
+        recent = plain.ids(seen[::-1])  # sent oldest first, as a frontend would
         known = snap.user_query(str(snap.user_ids[user]), [])
         anon = snap.user_query("", recent)
         assert anon.source is UserSource.RECENT and anon.row == -1
-        np.testing.assert_array_equal(anon.history, np.sort(seen))
+        np.testing.assert_array_equal(anon.history.items, seen)
         np.testing.assert_allclose(anon.vector, snap.user_vectors[user], rtol=1e-5, atol=1e-6)
 
-        cands = snap.candidates(known.vector, snap.n_candidates, seen)  # (m,)
-        want = snap.features(known, cands)  # (m, F)
+        cands = snap.retrieve(known, snap.n_candidates, seen)
+        want = snap.featurize(known, cands)  # (m, F)
         assert np.abs(want[:, names.index("cooc_sum")]).max() > 0  # history signals are there
-        np.testing.assert_allclose(snap.features(anon, cands), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(snap.featurize(anon, cands), want, rtol=1e-5, atol=1e-6)
 
         by_id = plain.client.recommend(str(snap.user_ids[user]), K)
         by_items = plain.client.recommend("", K, recent=recent)
@@ -178,12 +184,12 @@ def test_a_bundle_without_the_two_tower_pools_the_mean_of_the_item_vectors(
     query = snap.user_query("", plain.ids(rows))
     np.testing.assert_allclose(query.vector, snap.item_vectors[rows].mean(axis=0), atol=1e-7)
     # The features still take the recent items as history: that needs no tower.
-    cands = snap.candidates(query.vector, snap.n_candidates, rows)
-    want = plain.snapshot.featurize_history(np.sort(rows), query.vector, cands)
-    np.testing.assert_array_equal(snap.features(query, cands), want)
+    cands = snap.retrieve(query, snap.n_candidates, rows)
+    want = plain.snapshot.featurize(query, cands)
+    np.testing.assert_array_equal(snap.featurize(query, cands), want)
 
 
-# -- the history featurizer against the tables with the user appended --------------------------
+# -- the request featurizer against the tables with the user appended ---------------------------
 
 N_USERS, N_ITEMS = 40, 50
 
@@ -200,52 +206,47 @@ def _tables(config: FeatureConfig):
     return build_feature_tables(history, user_vecs, item_vecs, users, items, config)
 
 
-def _appended(tables, rows: np.ndarray, vector: np.ndarray):
-    """Return the tables with one more user: ``rows`` as history, no side features.
-
-    One more user must not switch user-KNN off (at its limit of users, it would).
-    """
-    config = tables.config
-    if tables.use_user_knn:
-        config = dataclasses.replace(config, user_knn_max_users=N_USERS + 1)
-    row = sp.csr_matrix(
-        (np.ones(len(rows), np.float32), (np.zeros(len(rows), int), rows)), shape=(1, N_ITEMS)
-    )
+def _appended(tables, newest_first: np.ndarray, vector: np.ndarray):
+    """Return the tables with one more user: that history, that vector, no side features."""
+    hist = tables.history
     return dataclasses.replace(
         tables,
-        config=config,
-        history=sp.csr_matrix(sp.vstack([tables.history, row])),
+        history=Histories(
+            np.append(hist.indptr, hist.indptr[-1] + len(newest_first)),
+            np.concatenate([hist.items, newest_first]),
+            N_ITEMS,
+        ),
         user_vecs=np.vstack([tables.user_vecs, vector[None]]),
         user_side=np.vstack([tables.user_side, np.zeros((1, tables.user_side.shape[1]))]),
     )
 
 
 CONFIGS = {
-    "user-KNN cut binds": FeatureConfig(user_knn=3, cooc_neighbors=10, ease_lambda=10.0),
-    "user-KNN over all": FeatureConfig(user_knn=100, ease_lambda=10.0),
-    "user-KNN off": FeatureConfig(user_knn=0, ease_lambda=0.0),
-    "user-KNN at its limit of users": FeatureConfig(user_knn=5, user_knn_max_users=N_USERS),
-    "too many users for user-KNN": FeatureConfig(user_knn=5, user_knn_max_users=N_USERS - 1),
+    "history cap binds": FeatureConfig(history_cap=3, cooc_neighbors=10, ease_lambda=10.0),
+    "whole history": FeatureConfig(history_cap=100, ease_lambda=10.0),
+    "no EASE": FeatureConfig(ease_lambda=0.0),
 }
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_history_features_are_those_of_one_more_user_with_that_history(
+def test_request_features_are_those_of_one_more_user_with_that_history(
     config: FeatureConfig,
 ) -> None:
     tables = _tables(config)
-    featurize = history_featurizer(tables)
+    featurize = RequestFeaturizer(tables)
     rng = np.random.default_rng(1)
     for n in (0, 1, 4, 12):
-        rows = np.sort(rng.choice(N_ITEMS, n, replace=False))
+        sent = rng.choice(N_ITEMS, n, replace=False)  # oldest first, as a request sends them
         vector = rng.standard_normal(6).astype(np.float32)
         items = rng.permutation(N_ITEMS)[:20]
-        ref = _appended(tables, rows, vector)
+        ref = _appended(tables, sent[::-1], vector)
         assert ref.feature_names == tables.feature_names
-        scores = (tables.item_vecs[items] @ vector)[None].astype(np.float32)  # (1, m)
-        cands = Candidates(np.array([N_USERS]), items[None], scores)
+        scores = rng.standard_normal(20).astype(np.float32)  # (m,) the index's scores
+        cands = Candidates(np.array([N_USERS]), items[None], scores[None])
         want = candidate_features(ref, cands).values[0]  # (m, F)
-        got = featurize(rng.permutation(rows), vector, items)  # any order, as sent
+        query = UserQuery(UserSource.RECENT, -1, vector, Histories.from_items(sent, N_ITEMS))
+        got = featurize(query, Retrieved(items, scores))
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-        if n == 0:  # no history: what an unknown user always got before
-            np.testing.assert_array_equal(got, featurizer(tables)(-1, vector, items))
+        if n == 0:  # a vector with no history at all (a Search query) is the same
+            bare = UserQuery(UserSource.RECENT, -1, vector)
+            np.testing.assert_array_equal(featurize(bare, Retrieved(items, scores)), got)

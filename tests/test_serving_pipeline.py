@@ -11,7 +11,6 @@ import dataclasses
 import socket
 from collections.abc import Iterator
 
-import faiss
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -30,12 +29,12 @@ from slimrank.pipeline.run import RunResult, run_pipeline
 from slimrank.pipeline.steps import load_data, load_search
 from slimrank.ranking.candidates import Candidates, mine_candidates
 from slimrank.ranking.features import candidate_features
+from slimrank.ranking.histories import Histories
 from slimrank.ranking.pipeline_eval import rank_candidates
 from slimrank.retrieval.two_tower import load_model
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import load_snapshot
-from slimrank.serving.pipeline_loader import scored_vectors
 from slimrank.serving.reload import bundle_reload_fn, load_current
 from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import SnapshotHolder
@@ -73,10 +72,10 @@ def _scorer(bundle: Bundle) -> Scorer:
 
 def test_snapshot_takes_the_bundles_candidates_and_seen_items(served: Served) -> None:
     snapshot = load_snapshot(served.bundle)
-    assert snapshot.n_candidates == read_serving(served.bundle.path)["candidates"] == 30
+    assert snapshot.n_candidates == read_serving(served.bundle.path).candidates == 30
     seen = load_data(served.bundle.path / "data").split.seen_for_test()
     assert snapshot.seen is not None
-    assert (snapshot.seen != (seen > 0)).nnz == 0
+    assert (snapshot.seen.matrix() != (seen > 0)).nnz == 0
 
 
 def test_known_users_get_the_offline_ranking(served: Served) -> None:
@@ -112,8 +111,8 @@ def test_unknown_user_with_recent_items_is_ranked_as_a_user_with_that_history(
     item_ids = read_npy(bundle.file("items.npy"))
     item_vecs = read_npy(bundle.file("item_vectors.npy"))
     tables = load_bundle_tables(bundle.path)
-    n_users, n_items = tables.history.shape
-    n = read_serving(bundle.path)["candidates"]
+    n_users, n_items = tables.n_users, tables.n_items
+    n = read_serving(bundle.path).candidates
     recent = np.array([3, 17, 40])
     model = load_model(served.result.path("two_tower") / "model")
     config, tower = model.config, model.user_tower
@@ -132,9 +131,14 @@ def test_unknown_user_with_recent_items_is_ranked_as_a_user_with_that_history(
     )
     index = load_search(served.result.path("index"))
     mined = mine_candidates(vector[None], index.search, np.array([0]), n, row)
+    hist = tables.history  # the new user is appended as the last row, newest item first
     appended = dataclasses.replace(
         tables,
-        history=sp.csr_matrix(sp.vstack([tables.history, row])),
+        history=Histories(
+            np.append(hist.indptr, hist.indptr[-1] + len(recent)),
+            np.concatenate([hist.items, recent[::-1]]),
+            n_items,
+        ),
         user_vecs=np.vstack([tables.user_vecs, vector[None]]),
         user_side=np.vstack([tables.user_side, np.zeros((1, tables.user_side.shape[1]))]),
     )
@@ -191,20 +195,3 @@ def test_query_errors_are_one_line_and_exit_2(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"slimrank query: server {closed} unreachable: ")
     assert "\n" not in err
-
-
-@pytest.mark.parametrize("factory", ["IVF4,PQ4x4np,Refine(SQ8)", "Flat"])
-def test_scored_vectors_reproduce_the_index_scores(factory: str) -> None:
-    """The retrieval_score feature must be the index's score (what the pipeline mined with)."""
-    rng = np.random.default_rng(0)
-    items = rng.standard_normal((600, 16)).astype(np.float32)  # (I, d)
-    queries = rng.standard_normal((8, 16)).astype(np.float32)  # (B, d)
-    index = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
-    index.train(items)
-    index.add(items)
-    scores, rows = index.search(queries, 20)  # (B, 20)
-    vectors = scored_vectors(index, items)
-    mine = np.einsum("bkd,bd->bk", vectors[rows], queries)  # (B, 20)
-    np.testing.assert_allclose(mine, scores, rtol=1e-5, atol=1e-5)
-    if factory != "Flat":  # SQ8 codes: the exact product differs, which is the point
-        assert np.abs(np.einsum("bkd,bd->bk", items[rows], queries) - scores).max() > 1e-4

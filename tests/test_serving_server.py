@@ -183,13 +183,13 @@ def test_deadline_reached_during_retrieval_skips_ranking(start: Callable[..., Ru
 
     def slow_retrieve(queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         time.sleep(0.3)
-        return base.retrieve(queries, n)
+        return base.search(queries, n)
 
     def counting_score(features: np.ndarray) -> np.ndarray:
         ranked.append(len(features))
         return base.score(features)
 
-    slow = dataclasses.replace(base, retrieve=slow_retrieve, score=counting_score)
+    slow = dataclasses.replace(base, search=slow_retrieve, score=counting_score)
     r = start(slow)
     ranked.clear()  # the warm-up
     with pytest.raises(grpc.RpcError) as info:

@@ -13,6 +13,7 @@ from slimrank.retrieval.two_tower import TwoTower, TwoTowerConfig
 from slimrank.serving.history_encoder import HistoryEncoder
 from slimrank.serving.snapshot import (
     ModelSnapshot,
+    Retrieved,
     SnapshotHolder,
     UserSource,
     build_flat_snapshot,
@@ -49,33 +50,38 @@ def test_recent_items_reach_the_history_encoder_oldest_first_each_once(snap: Mod
     encoder = HistoryEncoder(TwoTower(config))
     served = dataclasses.replace(snap, encode_history=encoder)
     query = served.user_query("nobody", ["i5", "i3", "unknown-item", "i5", "i9"])
-    assert query.source is UserSource.RECENT and query.history.tolist() == [3, 5, 9]
+    assert query.source is UserSource.RECENT and query.history.items.tolist() == [9, 5, 3]
     # Each item once, where named last: i3, i5, i9; the tower keeps the last two.
     np.testing.assert_array_equal(query.vector, encoder(np.array([5, 9])))
     assert np.abs(query.vector - encoder(np.array([3, 9]))).max() > 1e-3
     warm_up(served)
 
 
-def test_candidates_match_exact_search_minus_dropped(snap: ModelSnapshot) -> None:
-    vector = snap.user_vectors[0]
-    drop = np.argsort(-(snap.item_vectors @ vector))[[0, 2, 5]]  # three of the best items
-    got = snap.candidates(vector, 50, drop)
-    order = np.argsort(-(snap.item_vectors @ vector), kind="stable")
+def test_retrieve_matches_exact_search_minus_dropped_and_keeps_its_scores(
+    snap: ModelSnapshot,
+) -> None:
+    query = snap.user_query("u0", [])
+    exact = snap.item_vectors @ query.vector  # (I,)
+    drop = np.argsort(-exact)[[0, 2, 5]]  # three of the best items
+    got = snap.retrieve(query, 50, drop)
+    order = np.argsort(-exact, kind="stable")
     expected = order[~np.isin(order, drop)][:50]
-    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got.rows, expected)
+    np.testing.assert_allclose(got.scores, exact[expected], rtol=1e-5)  # the index's scores
 
 
-def test_candidates_capped_by_catalog(snap: ModelSnapshot) -> None:
-    got = snap.candidates(snap.user_vectors[1], 10_000, np.array([0, 1], dtype=np.int64))
-    assert got.size == snap.n_items - 2 and len(set(got.tolist())) == got.size
+def test_retrieve_capped_by_catalog(snap: ModelSnapshot) -> None:
+    query = snap.user_query("u1", [])
+    got = snap.retrieve(query, 10_000, np.array([0, 1], dtype=np.int64))
+    assert len(got) == snap.n_items - 2 and len(set(got.rows.tolist())) == len(got)
 
 
-def test_popular_candidates_and_rank(snap: ModelSnapshot) -> None:
+def test_popular_retrieval_and_rank(snap: ModelSnapshot) -> None:
     drop = snap.popular_order[:2]
-    got = snap.popular_candidates(5, drop)
-    np.testing.assert_array_equal(got, snap.popular_order[2:7])
     cold = snap.user_query("", [])
-    np.testing.assert_array_equal(snap.rank(cold, got), snap.popularity[got])
+    got = snap.retrieve(cold, 5, drop)
+    np.testing.assert_array_equal(got.rows, snap.popular_order[2:7])
+    np.testing.assert_array_equal(snap.rank(cold, got), snap.popularity[got.rows])
 
 
 def test_rank_is_dot_plus_log_popularity(snap: ModelSnapshot) -> None:
@@ -84,7 +90,8 @@ def test_rank_is_dot_plus_log_popularity(snap: ModelSnapshot) -> None:
     expected = snap.item_vectors[cands] @ snap.user_vectors[2] + 0.1 * np.log1p(
         snap.popularity[cands]
     )
-    np.testing.assert_allclose(snap.rank(query, cands), expected, rtol=1e-5)
+    retrieved = Retrieved(cands, np.zeros(len(cands), np.float32))
+    np.testing.assert_allclose(snap.rank(query, retrieved), expected, rtol=1e-5)
 
 
 def test_top_k_orders_by_score_ties_by_position() -> None:

@@ -2,7 +2,8 @@
 
 Bundle files (all pickle-free; ``serving.json`` says how they fit together)::
 
-    serving.json                 {"kind": "pipeline", ...}: how the files below fit together
+    serving.json                 the serving spec (slimrank.bundle.serving_spec): which file
+                                 holds what, format 2
     ranker.onnx                  gated int8 ranker: "features" (M, F) float32 -> "scores" (M,)
     index/index.faiss            FAISS index over item_vectors (rows = dense item index)
     index/item_ids.npy           int64 dense item index of each FAISS id (identity)
@@ -11,8 +12,8 @@ Bundle files (all pickle-free; ``serving.json`` says how they fit together)::
     item_vectors.npy             (I, d) float32 item tower outputs
     user_vectors.npy             (U, d) float32 user vectors pooling train + valid history
     popularity.npy               (I,) float32 interactions per item in train + valid
-    features.safetensors         tables candidate features read (history CSR, co-occurrence,
-                                 EASE, side features); see serving.json["features"]
+    features.safetensors         tables candidate features read (newest-first histories, top-K
+                                 co-occurrence and EASE neighbours, side features)
     teacher/teacher.safetensors  the teacher (DCN-v2) weights, teacher/teacher.json its config
     two_tower/...                the two-tower model (safetensors + JSON config); serving runs
                                  its user tower for users known only by recent items
@@ -34,13 +35,10 @@ import scipy.sparse as sp
 
 from slimrank.bundle import publish
 from slimrank.bundle.formats import read_npy, write_json, write_npy
+from slimrank.bundle.serving_spec import SERVING_JSON, PipelineSpec, RankerSpec
 from slimrank.pipeline.run import RunResult
 
 log = logging.getLogger(__name__)
-
-SERVING_FORMAT = 1
-# The serving loader registry (slimrank.serving.loader) picks a loader by this kind.
-SERVING_KIND = "pipeline"
 
 
 def variant_metrics(result: RunResult) -> dict[str, Any]:
@@ -89,42 +87,27 @@ def bundle_writer(result: RunResult) -> Callable[[Path], None]:
         for name in ("user_features.safetensors", "item_features.safetensors"):
             shutil.copyfile(result.path("data") / name, out / "data" / name)
         decision = gate["decisions"][gate["mode"]]
-        serving = {
-            "kind": SERVING_KIND,
-            "format": SERVING_FORMAT,
-            "k": result.config.k,
-            "candidates": result.config.candidates.n,
-            "teacher_version": result.teacher_version,
-            "ranker": {
-                "file": "ranker.onnx",
-                "input": "features",
-                "output": "scores",
-                "input_dim": len(layout["feature_names"]),
-                "int8_mode": gate["mode"],
-                "fp32_nodes": decision["excluded_nodes"],
-                "takes": "raw candidate features (standardization is folded into the graph)",
-            },
-            "index": {
-                "directory": "index",
-                "metric": "ip",
-                "returns": "dense item rows; items.npy maps them to external ids",
-            },
-            "users": {
-                "ids": "users.npy",
-                "vectors": "user_vectors.npy",
-                "pooled_history": "train + valid interactions",
-                "tower": "two_tower",
-            },
-            "items": {"ids": "items.npy", "vectors": "item_vectors.npy"},
-            "popularity": "popularity.npy",
-            "features": {
-                "file": "features.safetensors",
-                "loader": "slimrank.pipeline.artifacts.load_serving_tables",
-                "featurizer": "slimrank.ranking.features.candidate_features",
-                **layout,
-            },
-        }
-        write_json(out / "serving.json", serving)
+        spec = PipelineSpec(
+            k=result.config.k,
+            candidates=result.config.candidates.n,
+            ranker=RankerSpec(
+                file="ranker.onnx",
+                input_dim=len(layout["feature_names"]),
+                int8_mode=gate["mode"],
+                fp32_nodes=tuple(decision["excluded_nodes"]),
+            ),
+            index_directory="index",
+            user_ids="users.npy",
+            user_vectors="user_vectors.npy",
+            item_ids="items.npy",
+            item_vectors="item_vectors.npy",
+            popularity="popularity.npy",
+            features_file="features.safetensors",
+            features_layout=layout,
+            user_tower="two_tower",
+            teacher_version=result.teacher_version or "",
+        )
+        write_json(out / SERVING_JSON, spec.to_json())
 
     return write
 
@@ -164,19 +147,19 @@ def publish_run(
     )
 
 
-def read_serving(bundle_dir: Path) -> dict[str, Any]:
-    """Return a bundle's ``serving.json``."""
-    return json.loads((bundle_dir / "serving.json").read_text())
+def read_serving(bundle_dir: Path) -> PipelineSpec:
+    """Return a bundle's serving spec."""
+    return PipelineSpec.from_json(json.loads((bundle_dir / SERVING_JSON).read_text()))
 
 
 def load_bundle_tables(bundle_dir: Path) -> Any:
-    """Return the :class:`FeatureTables` of a bundle (for serving or checks)."""
-    from slimrank.pipeline.artifacts import load_serving_tables
+    """Return the :class:`FeatureTables` of a bundle (for checks and evaluation)."""
+    from slimrank.ranking.feature_io import load_tables
 
-    serving = read_serving(bundle_dir)
-    return load_serving_tables(
-        bundle_dir / "features.safetensors",
-        serving["features"],
-        read_npy(bundle_dir / "user_vectors.npy"),
-        read_npy(bundle_dir / "item_vectors.npy"),
+    spec = read_serving(bundle_dir)
+    return load_tables(
+        bundle_dir / spec.features_file,
+        spec.features_layout,
+        read_npy(bundle_dir / spec.user_vectors),
+        read_npy(bundle_dir / spec.item_vectors),
     )

@@ -37,7 +37,9 @@ from slimrank.pipeline.config import (
 from slimrank.pipeline.engine import LocalEngine
 from slimrank.pipeline.synthetic import synthetic_dataset
 from slimrank.ranking.candidates import Candidates, split_history
+from slimrank.ranking.feature_io import save_tables
 from slimrank.ranking.features import CandidateFeatures, build_feature_tables
+from slimrank.ranking.histories import latest_times
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 
 if TYPE_CHECKING:
@@ -71,6 +73,18 @@ class DataArtifacts:
     def seen(self, view: str) -> sp.csr_matrix:
         """Return what users already have in ``view``: train, or train plus valid."""
         return self.split.seen_for_valid() if view == "valid" else self.split.seen_for_test()
+
+    def seen_times(self, view: str) -> sp.csr_matrix:
+        """Return the latest timestamp of each (user, item) users already have in ``view``."""
+        parts = [self.split.train] if view == "valid" else [self.split.train, self.split.valid]
+        shape = (self.split.n_users, self.split.n_items)
+        return latest_times(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("user", "item", "timestamp")
+            ),
+            shape,
+        )
 
 
 def write_data(out: Path, data: DataArtifacts) -> None:
@@ -313,15 +327,24 @@ def candidates_step(
     index = load_search(index_dir)
     metrics: dict[str, Any] = {}
 
+    train_times = data.seen_times("valid")  # a fold's history is part of the training items
+
     def mine(
         observed: sp.csr_matrix,
         truth: sp.csr_matrix,
         user_vecs: np.ndarray,
         item_vecs: np.ndarray = emb.item,
         search: RetrievalIndex = index,
+        times: sp.csr_matrix = train_times,
     ) -> tuple:
         tables = build_feature_tables(
-            observed, user_vecs, item_vecs, data.user_features, data.item_features, config.features
+            observed,
+            user_vecs,
+            item_vecs,
+            data.user_features,
+            data.item_features,
+            config.features,
+            time=times,
         )
         users = np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
         return tables, *engine.mine(tables, user_vecs, search, users, config.n, observed, truth)
@@ -350,11 +373,13 @@ def candidates_step(
     artifacts.save_view(out / "train.safetensors", cands, feats, labels)
     for view in ("valid", "test"):
         truth = data.truth(view)
-        tables, cands, feats, labels = mine(data.seen(view), truth, emb.user[view])
+        tables, cands, feats, labels = mine(
+            data.seen(view), truth, emb.user[view], times=data.seen_times(view)
+        )
         artifacts.save_view(out / f"{view}.safetensors", cands, feats, labels)
         metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))
     # The test view's tables are what a server knows: train + valid interactions.
-    layout = artifacts.save_serving_tables(out / "serving_tables.safetensors", tables)
+    layout = save_tables(out / "serving_tables.safetensors", tables)
     write_json(out / "serving_layout.json", layout)
     write_json(out / "metrics.json", metrics)
 

@@ -31,13 +31,14 @@ import numpy as np
 from slimrank.bundle import Bundle, BundleError
 from slimrank.bundle.formats import read_json, read_npy, write_json, write_npy
 from slimrank.bundle.manifest import flat_metrics
+from slimrank.bundle.serving_spec import PIPELINE_KIND
 from slimrank.serving.snapshot import ModelMetadata, ModelSnapshot, build_flat_snapshot
 
 log = logging.getLogger(__name__)
 
 SERVING_JSON = "serving.json"
 FLAT = "flat"
-PIPELINE = "pipeline"  # slimrank.pipeline.publish.SERVING_KIND
+PIPELINE = PIPELINE_KIND
 
 # A verified bundle -> the snapshot it describes; raises on anything it cannot serve.
 SnapshotLoader = Callable[[Bundle], ModelSnapshot]
@@ -101,7 +102,7 @@ def load_flat(bundle: Bundle) -> ModelSnapshot:
 
 def load_pipeline(bundle: Bundle) -> ModelSnapshot:
     """Load a ``pipeline`` bundle: see :mod:`slimrank.serving.pipeline_loader`."""
-    # Imported here: it pulls in onnxruntime and the pipeline, which `slimrank --help` skips.
+    # Imported here: it pulls in onnxruntime and FAISS, which `slimrank --help` skips.
     from slimrank.serving.pipeline_loader import load_pipeline_bundle
 
     return load_pipeline_bundle(bundle)

@@ -98,28 +98,28 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         drop: np.ndarray,
         k: int,
     ) -> tuple[list[recommender_pb2.ScoredItem], int]:
-        """Retrieve, drop, rank and cut to ``k``; returns the items and the candidate count."""
+        """Run the stages after resolve: retrieve (and exclude), features, score, top k.
+
+        Returns the items and the candidate count.
+        """
         n = max(snapshot.n_candidates or self._config.n_candidates, k)
         with self._metrics.stage("retrieve"):
-            if query.vector is None:
-                candidates = snapshot.popular_candidates(n, drop)
-            else:
-                candidates = snapshot.candidates(query.vector, n, drop)  # (m,)
-        self._metrics.candidates.observe(candidates.size)
+            retrieved = snapshot.retrieve(query, n, drop)
+        self._metrics.candidates.observe(len(retrieved))
         self._require_time(context, "ranking")
         if query.vector is None:
-            scores = snapshot.popularity[candidates]
+            scores = retrieved.scores  # popularity
         else:
             with self._metrics.stage("features"):
-                features = snapshot.features(query, candidates)  # (m, F)
+                features = snapshot.featurize(query, retrieved)  # (m, F)
             with self._metrics.stage("rank"):
                 scores = np.asarray(snapshot.score(features), dtype=np.float32).reshape(-1)
-        rows, best = top_k(candidates, scores, k)
+        rows, best = top_k(retrieved.rows, scores, k)
         items = [
             recommender_pb2.ScoredItem(item_id=str(snapshot.item_ids[r]), score=float(s))
             for r, s in zip(rows, best, strict=True)
         ]
-        return items, int(candidates.size)
+        return items, len(retrieved)
 
     @_internal_errors
     def Recommend(

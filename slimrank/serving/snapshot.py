@@ -1,7 +1,13 @@
 """The served model: an immutable :class:`ModelSnapshot` per bundle version and its holder.
 
-A snapshot holds plain arrays and callables, so the production pieces (a FAISS IVF-PQ index,
-the ONNX int8 scorer and its feature tables) and the exact reference built here by
+A request runs through typed stages, each built once per snapshot and each timed by the
+servicer: resolve the user (:meth:`ModelSnapshot.user_query`) -> retrieve and exclude
+(:meth:`ModelSnapshot.retrieve`, rows and the index's scores, which the features reuse) ->
+features (:attr:`ModelSnapshot.featurize`) -> score (:attr:`ModelSnapshot.score`) -> top k
+(:func:`top_k`).
+
+The stages are plain callables, so the production pieces (a FAISS IVF-PQ index, the feature
+tables and the ONNX int8 scorer) and the exact reference built here by
 :func:`build_flat_snapshot` (``IndexFlatIP`` and a linear dot-product + popularity ranker)
 are interchangeable.
 """
@@ -18,21 +24,19 @@ from types import MappingProxyType
 
 import faiss
 import numpy as np
-import scipy.sparse as sp
+
+from slimrank.ranking.histories import Histories
 
 log = logging.getLogger(__name__)
 
 # (B, d) float32 queries, n -> (B, n) scores and (B, n) int64 item rows, -1 where none.
 Retriever = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-# user row (-1 if unknown), (d,) user vector, (m,) candidate item rows -> (m, F) features.
-Featurizer = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+# (F,) features of a request's candidates: the query, the retrieved rows and scores -> (m, F).
+Featurizer = Callable[["UserQuery", "Retrieved"], np.ndarray]
 # (m, F) features -> (m,) scores, higher is better.
 Scorer = Callable[[np.ndarray], np.ndarray]
 # (h,) distinct item rows a user not in the bundle sent, oldest first -> (d,) float32 vector.
 HistoryEncoder = Callable[[np.ndarray], np.ndarray]
-# (h,) sorted item rows a user not in the bundle sent, (d,) user vector, (m,) candidate item
-# rows -> (m, F) features, computed with those items as the user's history.
-HistoryFeaturizer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 class UserSource(enum.IntEnum):
@@ -59,8 +63,19 @@ class UserQuery:
     source: UserSource
     row: int
     vector: np.ndarray | None  # (d,) float32, None for the popularity fallback
-    # (h,) sorted distinct item rows a RECENT user sent; None for the other sources.
-    history: np.ndarray | None = None
+    # The distinct item rows a RECENT user sent, newest first (one row); None otherwise.
+    history: Histories | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieved:
+    """A request's candidates after exclusion: item rows, best first, and their scores."""
+
+    rows: np.ndarray  # (m,) int64
+    scores: np.ndarray  # (m,) float32: the index's (or popularity for the fallback)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -73,19 +88,17 @@ class ModelSnapshot:
     user_ids: np.ndarray  # (n_users,) str
     user_vectors: np.ndarray  # (n_users, d) float32
     popularity: np.ndarray  # (n_items,) float32, the cold-start score
-    retrieve: Retriever
+    search: Retriever
     featurize: Featurizer
     score: Scorer
     metadata: ModelMetadata = dataclasses.field(default_factory=ModelMetadata)
-    # (n_users, n_items) items each known user already has: never recommended to them again.
-    seen: sp.csr_matrix | None = None
+    # Items each known user already has (one row per user): never recommended to them again.
+    seen: Histories | None = None
     # Candidates per request the ranker was evaluated on; None: the server's n_candidates.
     n_candidates: int | None = None
-    # Users known only by recent items: their vector from those items (None: the mean of the
-    # items' vectors) and their features with those items as history (None: featurize(-1, ..),
-    # which sees no history).
+    # The vector of a user known only by recent items, from those items (None: the mean of
+    # the items' vectors).
     encode_history: HistoryEncoder | None = None
-    featurize_history: HistoryFeaturizer | None = None
     item_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
     user_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
     popular_order: np.ndarray = dataclasses.field(init=False, repr=False)  # (n_items,) rows
@@ -111,13 +124,13 @@ class ModelSnapshot:
                 f"ModelSnapshot {self.version}: user_ids {self.user_ids.shape} do not match "
                 f"user_vectors {self.user_vectors.shape}"
             )
-        if self.seen is not None:
-            if not sp.issparse(self.seen) or self.seen.shape != (len(self.user_ids), n_items):
-                raise ValueError(
-                    f"ModelSnapshot {self.version}: seen must be a sparse "
-                    f"({len(self.user_ids)}, {n_items}) matrix"
-                )
-            object.__setattr__(self, "seen", sp.csr_matrix(self.seen))
+        if self.seen is not None and (
+            self.seen.n_rows != len(self.user_ids) or self.seen.n_items != n_items
+        ):
+            raise ValueError(
+                f"ModelSnapshot {self.version}: seen has {self.seen.n_rows} users x "
+                f"{self.seen.n_items} items, not {len(self.user_ids)} x {n_items}"
+            )
         if self.n_candidates is not None and self.n_candidates < 1:
             raise ValueError(
                 f"ModelSnapshot {self.version}: n_candidates {self.n_candidates} must be >= 1"
@@ -156,8 +169,7 @@ class ModelSnapshot:
         """Return the ``(s,)`` int64 item rows user ``user_row`` already has (none for -1)."""
         if self.seen is None or user_row < 0:
             return np.empty(0, dtype=np.int64)
-        start, stop = self.seen.indptr[user_row], self.seen.indptr[user_row + 1]
-        return self.seen.indices[start:stop].astype(np.int64)
+        return self.seen.row(user_row)
 
     def user_query(self, user_id: str, recent_item_ids: Sequence[str]) -> UserQuery:
         """Resolve the user: known id, else the recent items this snapshot knows, else popularity.
@@ -172,41 +184,39 @@ class ModelSnapshot:
         recent = self.item_rows(recent_item_ids)  # (r,) request order, repeats kept
         if not recent.size:
             return UserQuery(UserSource.POPULAR, -1, None)
-        history, last = np.unique(recent[::-1], return_index=True)  # (h,) sorted distinct rows
+        history = Histories.from_items(recent, self.n_items)  # newest first, distinct
         if self.encode_history is None:
             vector = self.item_vectors[recent].mean(axis=0, dtype=np.float32)  # (d,)
         else:
-            vector = self.encode_history(recent[np.sort(len(recent) - 1 - last)])  # (d,)
+            vector = self.encode_history(history.items[::-1])  # (d,) oldest first
         return UserQuery(UserSource.RECENT, -1, vector, history)
 
-    def candidates(self, vector: np.ndarray, n: int, drop: np.ndarray) -> np.ndarray:
-        """Return up to ``n`` retrieved item rows for a ``(d,)`` vector, best first, minus ``drop``.
+    def retrieve(self, query: UserQuery, n: int, drop: np.ndarray) -> Retrieved:
+        """Return up to ``n`` candidates for the query, best first, minus the rows ``drop``.
 
-        Retrieves ``n + len(drop)`` so that dropping never leaves fewer than ``n`` when the
-        catalog has enough items.
+        A query with a vector searches the index for ``n + len(drop)`` items, so that
+        dropping never leaves fewer than ``n`` when the catalog has enough; the popularity
+        fallback takes the most popular items.
         """
         want = min(n + int(drop.size), self.n_items)
-        _, rows = self.retrieve(vector.reshape(1, -1), want)  # (1, want)
-        rows = rows[0]
-        keep = (rows >= 0) & ~np.isin(rows, drop)
-        return rows[keep][:n].astype(np.int64, copy=False)
-
-    def popular_candidates(self, n: int, drop: np.ndarray) -> np.ndarray:
-        """Return the ``n`` most popular item rows minus ``drop``."""
-        order = self.popular_order[: n + int(drop.size)]
-        return order[~np.isin(order, drop)][:n]
-
-    def features(self, query: UserQuery, candidates: np.ndarray) -> np.ndarray:
-        """Return the ``(m, F)`` features of the candidates for a query that has a vector."""
-        if query.row < 0 and query.history is not None and self.featurize_history is not None:
-            return self.featurize_history(query.history, query.vector, candidates)
-        return self.featurize(query.row, query.vector, candidates)
-
-    def rank(self, query: UserQuery, candidates: np.ndarray) -> np.ndarray:
-        """Return ``(m,)`` float32 scores of the candidates for the query (ranker or popularity)."""
         if query.vector is None:
-            return self.popularity[candidates].astype(np.float32, copy=False)
-        features = self.features(query, candidates)  # (m, F)
+            rows = self.popular_order[:want]
+            keep = ~np.isin(rows, drop)
+            rows = rows[keep][:n]
+            return Retrieved(rows, self.popularity[rows].astype(np.float32, copy=False))
+        scores, rows = self.search(query.vector.reshape(1, -1), want)  # (1, want)
+        rows, scores = rows[0], scores[0]
+        keep = (rows >= 0) & ~np.isin(rows, drop)
+        return Retrieved(
+            rows[keep][:n].astype(np.int64, copy=False),
+            scores[keep][:n].astype(np.float32, copy=False),
+        )
+
+    def rank(self, query: UserQuery, retrieved: Retrieved) -> np.ndarray:
+        """Return ``(m,)`` float32 scores of the candidates (ranker, or popularity)."""
+        if query.vector is None:
+            return retrieved.scores
+        features = self.featurize(query, retrieved)  # (m, F)
         return np.asarray(self.score(features), dtype=np.float32).reshape(-1)
 
 
@@ -219,8 +229,8 @@ def top_k(candidates: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarra
 def warm_up(snapshot: ModelSnapshot, n: int = 50) -> None:
     """Run retrieval and ranking once so a new snapshot's first real call is not the slow one.
 
-    The call is a user known by the ten most popular items, so it runs the history encoder and
-    history featurizer too when the snapshot has them.
+    The call is a user known by the ten most popular items, so it runs the history encoder
+    and the features of a user known by items too.
     """
     query = snapshot.user_query(
         "", [str(i) for i in snapshot.item_ids[snapshot.popular_order[:10]]]
@@ -230,12 +240,12 @@ def warm_up(snapshot: ModelSnapshot, n: int = 50) -> None:
             f"snapshot {snapshot.version}: warm-up user vector "
             f"{None if query.vector is None else query.vector.shape} is not ({snapshot.dim},)"
         )
-    candidates = snapshot.candidates(query.vector, n, np.empty(0, dtype=np.int64))
-    scores = snapshot.rank(query, candidates)
-    if scores.shape != candidates.shape or not np.isfinite(scores).all():
+    retrieved = snapshot.retrieve(query, n, np.empty(0, dtype=np.int64))
+    scores = snapshot.rank(query, retrieved)
+    if scores.shape != retrieved.rows.shape or not np.isfinite(scores).all():
         raise ValueError(
             f"snapshot {snapshot.version}: warm-up scores {scores.shape} are not finite "
-            f"or do not match {candidates.shape} candidates"
+            f"or do not match {retrieved.rows.shape} candidates"
         )
 
 
@@ -297,10 +307,10 @@ class DotPopularityRanker:
     popularity: np.ndarray  # (n_items,) float32
     popularity_weight: float = 0.1
 
-    def featurize(self, user_row: int, vector: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    def featurize(self, query: UserQuery, retrieved: Retrieved) -> np.ndarray:
         """Return ``(m, 2)`` float32 features of the candidates."""
-        dot = self.item_vectors[candidates] @ vector  # (m,)
-        pop = np.log1p(self.popularity[candidates])  # (m,)
+        dot = self.item_vectors[retrieved.rows] @ query.vector  # (m,)
+        pop = np.log1p(self.popularity[retrieved.rows])  # (m,)
         return np.stack([dot, pop], axis=1).astype(np.float32, copy=False)
 
     def score(self, features: np.ndarray) -> np.ndarray:
@@ -336,7 +346,7 @@ def build_flat_snapshot(
         user_ids=np.asarray(user_ids, dtype=str),
         user_vectors=np.ascontiguousarray(user_vectors, dtype=np.float32),
         popularity=pop,
-        retrieve=retrieve,
+        search=retrieve,
         featurize=ranker.featurize,
         score=ranker.score,
         metadata=metadata or ModelMetadata(),
