@@ -1,0 +1,85 @@
+"""The serving contract: PipelineSpec round-trips, and every malformed field is named."""
+
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+
+from slimrank.bundle import BundleError
+from slimrank.bundle.serving_spec import PIPELINE_FORMAT, PipelineSpec, RankerSpec
+
+SERVING = Path(__file__).resolve().parent.parent / "slimrank" / "serving"
+
+
+def spec() -> PipelineSpec:
+    return PipelineSpec(
+        k=10,
+        candidates=200,
+        ranker=RankerSpec("ranker.onnx", 3, "weights", ("MatMul_1",)),
+        index_directory="index",
+        user_ids="users.npy",
+        user_vectors="user_vectors.npy",
+        item_ids="items.npy",
+        item_vectors="item_vectors.npy",
+        popularity="popularity.npy",
+        features_file="features.safetensors",
+        features_layout={"n_users": 5, "n_items": 7, "feature_names": ["a", "b", "c"]},
+        user_tower="two_tower",
+        teacher_version="teacher-1",
+    )
+
+
+def test_round_trip_and_no_code_paths() -> None:
+    data = spec().to_json()
+    assert PipelineSpec.from_json(copy.deepcopy(data)) == spec()
+    assert data["format"] == PIPELINE_FORMAT == 2
+    text = repr(data)
+    assert "slimrank." not in text  # names files, never modules
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda d: d.update(format=1), "format 1"),
+        (lambda d: d.update(kind="flat"), "kind 'flat'"),
+        (lambda d: d.update(k="10"), "['k']"),
+        (lambda d: d.update(candidates=True), "['candidates']"),
+        (lambda d: d.update(candidates=0), "candidates 0"),
+        (lambda d: d.pop("ranker"), "['ranker']"),
+        (lambda d: d["ranker"].update(file="../../etc/passwd"), "[ranker]['file']"),
+        (lambda d: d["ranker"].update(file="/abs.onnx"), "[ranker]['file']"),
+        (lambda d: d["ranker"].update(input_dim=4), "takes 4 features"),
+        (lambda d: d["users"].update(vectors=None), "[users]['vectors']"),
+        (lambda d: d["features"].update(n_items="7"), "[features]['n_items']"),
+        (lambda d: d["features"].pop("feature_names"), "[features]['feature_names']"),
+        (lambda d: d["index"].update(directory="a/./b"), "[index]['directory']"),
+    ],
+)
+def test_malformed_fields_are_named(edit, named: str) -> None:
+    data = spec().to_json()
+    edit(data)
+    with pytest.raises(BundleError) as info:
+        PipelineSpec.from_json(data, "bundle v1: serving.json")
+    assert named in str(info.value) and "bundle v1: serving.json" in str(info.value)
+
+
+def test_not_an_object() -> None:
+    with pytest.raises(BundleError, match="JSON object"):
+        PipelineSpec.from_json([1, 2])
+
+
+def test_serving_never_imports_the_offline_pipeline() -> None:
+    """Online code imports the domain cores, never slimrank.pipeline (read from the source)."""
+    offenders = []
+    for path in sorted(SERVING.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("slimrank.pipeline")]
+    assert offenders == []
