@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Where `make demo` keeps its run (bundles, reports); data goes to $SLIMRANK_DATA or the user cache.
 RUN_DIR ?= runs/demo
 
-.PHONY: install system-deps test lint unit demo bench bench-retrieval-ml100k bench-serving bench-serving-quick protos check-protos clean
+.PHONY: install system-deps test lint unit demo bench bench-retrieval-ml100k bench-serving bench-serving-quick bench-features bench-online protos check-protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,10 +40,19 @@ demo: install
 	$(BIN)/slimrank pipeline --config configs/pipeline.toml --bundles $(RUN_DIR)/bundles --out $(RUN_DIR)/report
 	$(BIN)/python scripts/demo_serve.py --bundles $(RUN_DIR)/bundles
 
-bench: install bench-retrieval-ml100k
+bench: install bench-retrieval-ml100k bench-features
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/ranker_runtime.py
+	$(BIN)/python bench/online_path.py
 	$(BIN)/python bench/serving.py
+
+# Per-request feature cost on synthetic 10k / 100k / 1M worlds (the tables' build takes minutes).
+bench-features: install
+	$(BIN)/python bench/features_scale.py
+
+# Stage costs, the teacher behind the same features, served quality (needs make demo's bundle).
+bench-online: install
+	$(BIN)/python bench/online_path.py
 
 # The index variants on the ml-100k two-tower's vectors (trained with the CLI defaults).
 ML100K_TT := bench/.cache/ml100k_two_tower

@@ -58,11 +58,17 @@ class Histories:
         lengths = self.indptr[rows + 1] - starts
         if cap > 0:
             lengths = np.minimum(lengths, cap)
-        return Histories(
-            np.concatenate([[0], np.cumsum(lengths)]),
-            self.items[ragged_positions(starts, lengths)],
-            self.n_items,
-        )
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        return self._trusted(indptr, self.items[ragged_positions(starts, lengths)])
+
+    def _trusted(self, indptr: np.ndarray, items: np.ndarray) -> Histories:
+        """Return rows cut from this (already checked) one without checking them again."""
+        out = object.__new__(Histories)
+        object.__setattr__(out, "indptr", indptr)
+        object.__setattr__(out, "items", items)
+        object.__setattr__(out, "n_items", self.n_items)
+        return out
 
     def matrix(self) -> sp.csr_matrix:
         """Return the binary ``(n_rows, n_items)`` float32 matrix, indices sorted."""

@@ -126,7 +126,7 @@ def history_signals(
             at = slots[table.indices[pos]]
         finally:
             slots[cand[real]] = -1
-        hit = at >= 0
+        hit = np.flatnonzero(at >= 0)  # few of the gathered entries are candidates
         at, weight = at[hit], table.values[pos[hit]]
         total[u] = np.bincount(at, weights=weight, minlength=n)
         m = np.full(n, -np.inf, dtype=np.float32)
