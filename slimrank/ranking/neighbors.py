@@ -204,11 +204,12 @@ def ease_local_table(
 
     For each item ``j``, with ``S`` the ``local_neighbors`` first items of ``j``'s
     co-occurrence row, solve ``(G[S, S] + l2 I) b = G[S, j]`` with ``G = X^T X`` the pair
-    counts, recovered from the cosine table (a pair it holds in neither row counts as 0);
-    ``B[S, j] = b``. Over a full neighbourhood this is exactly EASE, whose column ``j`` is the
-    ridge regression of item ``j`` on all the others. Then keep the ``k`` largest weights by
-    magnitude per row. Work per item: ``local_neighbors`` x the table's ``K`` gathered
-    entries and one small solve, so it builds where the ``(I, I)`` inverse cannot.
+    counts, recovered from the cosine table (a pair held in neither item's first
+    ``local_neighbors`` entries counts as 0); ``B[S, j] = b``. Over a full neighbourhood this
+    is exactly EASE, whose column ``j`` is the ridge regression of item ``j`` on all the
+    others. Then keep the ``k`` largest weights by magnitude per row. Work per item:
+    ``local_neighbors ** 2`` gathered entries and one small solve, so it builds where the
+    ``(I, I)`` inverse cannot.
     """
     x = sp.csr_matrix(observed)
     n_items = x.shape[1]
@@ -230,8 +231,11 @@ def ease_local_table(
             order = np.argsort(member)
             member = member[order]
             a = s.ravel()
-            pos = ragged_positions(cooc.indptr[a], row_len[a])
-            owner = np.repeat(np.arange(c * size), row_len[a])  # (C * S) slot of a
+            # Only the first local_neighbors of each neighbour's own row are read: a pair
+            # further down both rows counts as 0 (what the cosine table drops anyway).
+            a_len = np.minimum(row_len[a], local_neighbors)
+            pos = ragged_positions(cooc.indptr[a], a_len)
+            owner = np.repeat(np.arange(c * size), a_len)  # (C * S) slot of a
             query = (owner // size) * n_items + cooc.indices[pos]
             at = np.minimum(np.searchsorted(member, query), len(member) - 1)
             hit = member[at] == query
