@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from types import MappingProxyType
 
 import numpy as np
 import scipy.sparse as sp
@@ -104,7 +103,7 @@ class FeatureLayout:
     """The feature columns' names and, per name, its column (fixed once per tables)."""
 
     names: tuple[str, ...]
-    column: Mapping[str, int]
+    column: Mapping[str, int]  # a plain dict (picklable, for the Ray engine); never mutated
 
     @classmethod
     def of(
@@ -125,7 +124,7 @@ class FeatureLayout:
             for prefix in ("user_vec", "item_vec", "dot"):
                 names += [f"{prefix}_{k}" for k in range(dim)]
         names += [f"{n}_rank" for n in RANKED if n in names]
-        return cls(tuple(names), MappingProxyType({n: i for i, n in enumerate(names)}))
+        return cls(tuple(names), {n: i for i, n in enumerate(names)})
 
     def __len__(self) -> int:
         return len(self.names)
