@@ -147,7 +147,7 @@ def test_cooccurrence_blocks_do_not_change_the_table() -> None:
     whole = cooccurrence_table(history, k=7, block_pairs=10**9).to_csr()
     blocked = cooccurrence_table(history, k=7, block_pairs=50).to_csr()
     assert (whole != blocked).nnz == 0
-    assert np.diff(whole.indptr).max() == 7
+    assert np.diff(whole.indptr).max() == 7  # (the matrix T[c, h])
 
 
 def test_truncation_keeps_the_strongest_by_value_or_magnitude() -> None:
@@ -157,7 +157,7 @@ def test_truncation_keeps_the_strongest_by_value_or_magnitude() -> None:
     for by_magnitude in (False, True):
         top = NeighborTable.from_csr(m, 3, by_magnitude=by_magnitude)
         dense = top.to_csr().toarray()
-        assert (np.diff(top.indptr) <= 3).all()
+        assert (top.lengths <= 3).all() and top.indices.shape[1] <= 3
         for r in range(30):
             kept = np.flatnonzero(dense[r])
             np.testing.assert_array_equal(dense[r, kept], full[r, kept])
@@ -166,13 +166,13 @@ def test_truncation_keeps_the_strongest_by_value_or_magnitude() -> None:
             if stored.sum() > 3:
                 assert key[kept].min() >= key[stored & (dense[r] == 0)].max()
             # strongest first within a row
-            vals = top.values[top.indptr[r] : top.indptr[r + 1]]
+            vals = top.values[r, : top.lengths[r]]
             k = np.abs(vals) if by_magnitude else vals
             assert (np.diff(k) <= 0).all()
 
 
-def dense_signals(dense: np.ndarray, hist: Histories, cap: int, items: np.ndarray):
-    """The reference: sum and max of dense[h, c] over the cap newest items of each row."""
+def dense_signals(weights: np.ndarray, hist: Histories, cap: int, items: np.ndarray):
+    """The reference: sum and max of ``weights[h, c]`` over the cap newest items of each row."""
     total = np.zeros(items.shape, dtype=np.float64)
     best = np.zeros(items.shape, dtype=np.float64)
     for u in range(hist.n_rows):
@@ -180,8 +180,8 @@ def dense_signals(dense: np.ndarray, hist: Histories, cap: int, items: np.ndarra
         for n, c in enumerate(items[u]):
             if c < 0 or not len(h):
                 continue
-            total[u, n] = dense[h, c].sum()
-            best[u, n] = dense[h, c].max()
+            total[u, n] = weights[h, c].sum()
+            best[u, n] = weights[h, c].max()
     return total, best
 
 
@@ -190,8 +190,8 @@ def test_history_signals_equal_the_dense_reference() -> None:
     n_users, n_items = 30, 40
     m = sp.random(n_items, n_items, density=0.3, random_state=4, format="csr", dtype=np.float32)
     m.data -= 0.3  # signed: the max of absent (0) and negative weights is exercised
-    table = NeighborTable.from_csr(m, 8, by_magnitude=True)
-    dense = table.to_csr().toarray()
+    table = NeighborTable.from_csr(m, 8, by_magnitude=True)  # row c: c's in-neighbours
+    weights = table.to_csr().toarray().T  # weights[h, c]
     observed = random_history(5, n_users, n_items, 0.2)
     times = observed.copy()
     times.data = rng.integers(1, 10**6, size=observed.nnz).astype(np.float64)
@@ -200,11 +200,11 @@ def test_history_signals_equal_the_dense_reference() -> None:
     items[rng.random(items.shape) < 0.2] = -1  # pads
     for cap in (1, 3, 100):
         capped = hist.recent(np.arange(n_users), cap)
-        want = dense_signals(dense, hist, cap, items)
+        want = dense_signals(weights, hist, cap, items)
         got = history_signals(capped, table, items)
         np.testing.assert_allclose(got[0], want[0], atol=1e-5)
         np.testing.assert_allclose(got[1], want[1], atol=1e-6)
-        # One row at a time gives the same rows (the slots are cleared between rows).
+        # One row at a time gives the same rows (the marks are cleared between rows).
         for u in (0, 11, 29):
             one = history_signals(capped.recent(np.array([u]), 0), table, items[u : u + 1])
             np.testing.assert_array_equal(one[0][0], got[0][u])
@@ -230,13 +230,21 @@ def test_histories_newest_first_and_capped() -> None:
 
 
 def test_the_history_cap_reads_the_newest_items_only() -> None:
-    history = sp.csr_matrix(np.array([[1, 1, 1, 0, 0]], dtype=np.float32))
-    times = sp.csr_matrix(np.array([[3.0, 1.0, 2.0, 0, 0]]))  # newest: 0, then 2, then 1
-    vecs = np.ones((5, 2), dtype=np.float32)
+    # u0 saw 0 (t=3), 1 (t=1), 2 (t=2); u1 saw 1 and 3, so 1 and 3 co-occur, and 0, 1, 2 do.
+    history = sp.csr_matrix(np.array([[1, 1, 1, 0], [0, 1, 0, 1]], dtype=np.float32))
+    times = sp.csr_matrix(np.array([[3.0, 1.0, 2.0, 0], [0, 1.0, 0, 1.0]]))
+    vecs = np.ones((4, 2), dtype=np.float32)
     config = FeatureConfig(history_cap=2, ease_lambda=0)
-    tables = build_feature_tables(history, vecs[:1], vecs, config=config, time=times)
-    np.testing.assert_array_equal(known_users(tables, np.array([0])).history.items, [0, 2])
-    assert known_users(tables, np.array([0])).n_history.tolist() == [3]
+    tables = build_feature_tables(history, vecs[:2], vecs, config=config, time=times)
+    users = known_users(tables, np.array([0]))
+    np.testing.assert_array_equal(users.history.items, [0, 2])  # newest two: 0 then 2
+    assert users.n_history.tolist() == [3]
+    # For candidate 3, only item 1 co-occurs, and it is the oldest: beyond the cap.
+    cands = Candidates(np.array([0]), np.array([[3]]), np.array([[0.0]]))
+    feats = candidate_features(tables, cands)
+    assert feats.values[0, 0, tables.layout.column["cooc_sum"]] == 0.0
+    wide = build_feature_tables(history, vecs[:2], vecs, config=FeatureConfig(ease_lambda=0))
+    assert candidate_features(wide, cands).values[0, 0, wide.layout.column["cooc_sum"]] > 0
 
 
 def test_local_ease_over_every_neighbour_is_exact_ease() -> None:
@@ -244,7 +252,7 @@ def test_local_ease_over_every_neighbour_is_exact_ease() -> None:
     # regression over a full neighbourhood is EASE itself.
     history = random_history(6, 80, 15, 0.5)
     cooc = cooccurrence_table(history, k=100)
-    assert (np.diff(cooc.indptr) == 14).all()  # every pair co-occurs
+    assert (cooc.lengths == 14).all()  # every pair co-occurs
     exact = ease_exact_table(history, 20.0, 100).to_csr().toarray()
     local = ease_local_table(history, cooc, 20.0, 100, local_neighbors=14).to_csr().toarray()
     np.testing.assert_allclose(local, exact, atol=1e-4)
@@ -261,7 +269,7 @@ def test_ease_method_auto_switches_at_the_threshold() -> None:
     local_config = FeatureConfig(ease_max_items=10, ease_local_neighbors=4)
     local = build_feature_tables(history, vecs[:1].repeat(40, 0), vecs, config=local_config)
     assert WIDE.ease_is_exact(20) and not local_config.ease_is_exact(20)
-    assert (np.diff(local.ease.indptr) <= 100).all()
+    assert (local.ease.lengths <= 4).all()
     assert (exact.ease.to_csr() != local.ease.to_csr()).nnz > 0
 
 

@@ -22,7 +22,6 @@ from slimrank.ranking.neighbors import NeighborTable
 
 def _neighbors(name: str, table: NeighborTable) -> dict[str, np.ndarray]:
     return {
-        f"{name}/indptr": table.indptr,
         f"{name}/indices": table.indices,
         f"{name}/values": table.values,
     }
@@ -62,7 +61,7 @@ def load_tables(
         history = Histories(t["history/indptr"], t["history/items"], n_items)
 
         def neighbors(name: str) -> NeighborTable:
-            return NeighborTable(t[f"{name}/indptr"], t[f"{name}/indices"], t[f"{name}/values"])
+            return NeighborTable(t[f"{name}/indices"], t[f"{name}/values"])
 
         tables = FeatureTables(
             config=FeatureConfig.from_dict(layout["feature_config"]),
@@ -81,9 +80,6 @@ def load_tables(
         raise ValueError(f"{path}: no tensor {err}") from err
     if tables.n_users != n_users:
         raise ValueError(f"{path}: {tables.n_users} histories, the layout says {n_users} users")
-    for name, table in (("cooc", tables.cooc), ("ease", tables.ease)):
-        if table is not None and len(table.indices) and table.indices.max() >= n_items:
-            raise ValueError(f"{path}: {name} names an item row >= {n_items}")
     if list(tables.feature_names) != list(layout["feature_names"]):
         raise ValueError(f"{path}: the tables do not produce the feature names of their layout")
     return tables

@@ -5,9 +5,10 @@ reads is built once by :func:`build_feature_tables` from the *observed* interact
 history fold when mining training candidates, the training matrix when validating or serving
 (see :mod:`slimrank.ranking.candidates` on leakage).
 
-Cost per user: every column reads the user's row, the candidates' rows, or the user's
-``history_cap`` most recent items times ``K`` neighbour entries of an item-item table
-(:mod:`slimrank.ranking.neighbors`); nothing grows with the number of users or items.
+Cost per user: every column reads the user's row, the candidates' rows, or each candidate's
+``K`` in-neighbour entries of an item-item table checked against the user's history
+(:mod:`slimrank.ranking.neighbors`), at most its ``history_cap`` newest items; nothing grows
+with the number of users or items.
 
 Columns, in order (:class:`FeatureLayout` fixes names and offsets once per tables):
 
@@ -15,10 +16,11 @@ Columns, in order (:class:`FeatureLayout` fixes names and offsets once per table
   the retrieved list);
 - ``item_log_popularity`` (``log1p`` of the item's observed count),
   ``user_log_history`` (``log1p`` of the user's whole observed count);
-- ``cooc_sum``, ``cooc_max``, ``cooc_mean``: over the user's ``history_cap`` most recent items
-  ``h``, the cosine co-occurrence ``C[h, c]`` kept in each item's ``cooc_neighbors`` strongest;
+- ``cooc_sum``, ``cooc_max``, ``cooc_mean``: over the user's history items ``h`` (the
+  ``history_cap`` newest), the cosine co-occurrence ``C[h, c]`` among the candidate's
+  ``cooc_neighbors`` strongest (item-KNN's neighbourhood);
 - ``ease_score``, ``ease_max``: the sum and max over the same items of EASE's weights
-  ``B[h, c]`` (Steck 2019), each row cut to its ``ease_neighbors`` largest by magnitude; exact
+  ``B[h, c]`` (Steck 2019), each candidate's ``ease_neighbors`` largest by magnitude; exact
   up to ``ease_max_items`` items, local ridge regressions above (``ease_method``);
 - the user's and the item's side features (standardized numerics, one-hot categoricals of small
   cardinality, multi-hots);
@@ -64,10 +66,10 @@ class FeatureConfig(Config):
 
     VERSION = 2
 
-    history_cap: int = 100  # most recent history items the item-item signals read
-    cooc_neighbors: int = 100  # strongest co-occurrences kept per item
+    history_cap: int = 1000  # most recent history items the item-item signals read
+    cooc_neighbors: int = 100  # strongest co-occurring items kept per item
     ease_lambda: float = 250.0  # L2 of EASE (RecBole default); 0 disables the EASE columns
-    ease_neighbors: int = 100  # largest EASE weights (by magnitude) kept per item
+    ease_neighbors: int = 200  # largest EASE weights (by magnitude) kept per candidate item
     ease_method: str = "auto"  # exact inverse, local ridge, or exact up to ease_max_items
     ease_max_items: int = 20_000  # "auto" inverts the (I, I) Gram matrix up to this many items
     ease_local_neighbors: int = 32  # the neighbourhood of each item's local ridge regression

@@ -1,21 +1,22 @@
 """Top-K item-item neighbour tables: built offline with sparse operations, read per request.
 
-A :class:`NeighborTable` keeps, for each item ``h``, its ``K`` strongest weights ``W[h, c]``.
-:func:`history_signals` sums (and maxes) ``W[h, c]`` over a user's history items ``h`` for
-each candidate ``c`` by gathering the neighbour lists of the history items and matching them
-against the candidates: its cost is ``history items x K`` plus the candidates, whatever the
-number of users or items.
+A :class:`NeighborTable` keeps, for each item ``c``, its ``K`` strongest *in-neighbours*: the
+items ``h`` with the largest weights ``W[h, c]``. :func:`history_signals` sums (and maxes)
+``W[h, c]`` over the items ``h`` of a user's history for each candidate ``c`` by gathering
+each candidate's list and checking its entries against the history: its cost is
+``candidates x K`` plus the history, whatever the number of users or items. Reading the
+candidates' lists (not the history items') lets the whole history count: on ml-100k, cutting
+the history to its 100 newest items instead cost EASE alone 0.03 validation NDCG@10.
 
 Two tables are built here:
 
 - :func:`cooccurrence_table`: cosine co-occurrence ``|users(h) & users(c)| / sqrt(|users(h)|
-  |users(c)|)``, computed in blocks of items (``X[:, block]^T X``) so that memory follows
-  the block, not ``I x I``;
-- :func:`ease_table`: EASE's item-item weights (Steck 2019). ``exact`` inverts the dense
-  ``(I, I)`` Gram matrix (small catalogs); ``local`` solves, for each item ``j``, EASE's ridge
-  regression restricted to ``j``'s ``local_neighbors`` strongest co-occurring items, reading
-  the pair counts from the co-occurrence table (pairs it does not hold count as 0). Both keep
-  the ``K`` largest weights by magnitude per row.
+  |users(c)|)``, symmetric, computed in blocks of items (``X[:, block]^T X``) so that memory
+  follows the block, not ``I x I`` (item-KNN's neighbourhoods);
+- EASE's item-item weights (Steck 2019): :func:`ease_exact_table` inverts the dense
+  ``(I, I)`` Gram matrix (small catalogs); :func:`ease_local_table` solves, for each item
+  ``c``, EASE's ridge regression of ``c`` restricted to its ``local_neighbors`` strongest
+  co-occurring items, which is exactly EASE's column ``c`` when the neighbourhood is full.
 """
 
 from __future__ import annotations
@@ -28,82 +29,113 @@ import numpy as np
 import scipy.sparse as sp
 
 from slimrank.evaluation.baselines import EaseConfig, ease_weights
-from slimrank.ranking.histories import Histories, ragged_positions
+from slimrank.ranking.histories import Histories
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class NeighborTable:
-    """Row ``h``: ``indices[indptr[h]:indptr[h + 1]]`` with ``values``, strongest first."""
+    """Row ``c``: item ``c``'s in-neighbours ``h``, strongest first, with the weights ``W[h, c]``.
 
-    indptr: np.ndarray  # (I + 1,) int64
-    indices: np.ndarray  # (nnz,) int64 item rows
-    values: np.ndarray  # (nnz,) float32
+    Rows are padded to one width ``W`` (at most ``K``) with the item row ``I`` and weight 0, so
+    a request gathers its candidates' rows as one ``(N, W)`` block.
+    """
+
+    indices: np.ndarray  # (I, W) int32 item rows, I at pads
+    values: np.ndarray  # (I, W) float32, 0 at pads
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "indptr", np.asarray(self.indptr, dtype=np.int64))
-        object.__setattr__(self, "indices", np.asarray(self.indices, dtype=np.int64))
-        object.__setattr__(self, "values", np.asarray(self.values, dtype=np.float32))
-        if len(self.indices) != len(self.values) or self.indptr[-1] != len(self.indices):
-            raise ValueError("NeighborTable: indptr, indices and values do not agree")
+        indices = np.asarray(self.indices)
+        values = np.asarray(self.values, dtype=np.float32)
+        if indices.ndim != 2 or values.shape != indices.shape:
+            raise ValueError(
+                f"NeighborTable: indices {indices.shape} and values {values.shape} must be one "
+                "(I, W) shape"
+            )
+        n = indices.shape[0]
+        if indices.size and (indices.min() < 0 or indices.max() > n):
+            raise ValueError(f"NeighborTable: item rows must lie in [0, {n}] ({n} pads)")
+        dtype = np.int32 if n < 2**31 - 1 else np.int64
+        object.__setattr__(self, "indices", indices.astype(dtype, copy=False))
+        object.__setattr__(self, "values", values)
 
     @property
     def n_items(self) -> int:
-        return len(self.indptr) - 1
+        return self.indices.shape[0]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Return the ``(I,)`` number of real entries per row."""
+        return (self.indices < self.n_items).sum(axis=1)
 
     def to_csr(self) -> sp.csr_matrix:
-        """Return the ``(I, I)`` float32 matrix the table holds (absent weights 0)."""
-        shape = (self.n_items, self.n_items)
-        m = sp.csr_matrix((self.values, self.indices, self.indptr), shape=shape)
+        """Return the ``(I, I)`` float32 matrix ``T[c, h] = W[h, c]`` (absent weights 0)."""
+        n = self.n_items
+        rows = np.repeat(np.arange(n), self.indices.shape[1])
+        cols = self.indices.ravel().astype(np.int64)
+        real = cols < n
+        m = sp.csr_matrix((self.values.ravel()[real], (rows[real], cols[real])), shape=(n, n))
         return m.sorted_indices()
 
     @classmethod
     def from_csr(cls, matrix: sp.spmatrix, k: int, by_magnitude: bool = False) -> NeighborTable:
-        """Return the ``k`` largest entries of each row (by ``|w|`` if ``by_magnitude``).
-
-        ``k = 0`` keeps every stored entry. Explicit zeros are dropped; ties keep the lower
-        item row.
-        """
-        m = sp.csr_matrix(matrix, dtype=np.float32)
-        m.sum_duplicates()
-        m.eliminate_zeros()
-        rows = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
-        key = np.abs(m.data) if by_magnitude else m.data
-        order = np.lexsort((m.indices, -key, rows))  # by row, strongest first
-        rank = np.arange(m.nnz) - np.repeat(m.indptr[:-1], np.diff(m.indptr))
-        keep = order[rank < k] if k > 0 else order
-        counts = np.bincount(rows[keep], minlength=m.shape[0])
-        indptr = np.concatenate([[0], np.cumsum(counts)])
-        return cls(indptr, m.indices[keep].astype(np.int64), m.data[keep])
+        """Return the ``k`` largest entries of each row of a square matrix (by ``|w|`` if
+        ``by_magnitude``); ``k = 0`` keeps every stored entry."""
+        return cls(*top_k_rows(matrix, k, by_magnitude))
 
 
-class _Slots(threading.local):
-    """Per thread: an ``(I,)`` int64 array, -1 everywhere except while one row is matched."""
+def top_k_rows(
+    matrix: sp.spmatrix, k: int, by_magnitude: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(indices, values)``, each ``(R, W)``: the ``k`` largest entries of each row,
+    strongest first, padded with the column count and 0.
+
+    Explicit zeros are dropped; ties keep the lower column.
+    """
+    m = sp.csr_matrix(matrix, dtype=np.float32)
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    n_rows, n_cols = m.shape
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(m.indptr))
+    key = np.abs(m.data) if by_magnitude else m.data
+    order = np.lexsort((m.indices, -key, rows))  # by row, strongest first
+    rank = np.arange(m.nnz) - np.repeat(m.indptr[:-1], np.diff(m.indptr))
+    keep = rank < k if k > 0 else np.ones(m.nnz, dtype=bool)
+    width = int(rank[keep].max(initial=-1)) + 1
+    indices = np.full((n_rows, width), n_cols, dtype=np.int64)
+    values = np.zeros((n_rows, width), dtype=np.float32)
+    indices[rows[keep], rank[keep]] = m.indices[order][keep]
+    values[rows[keep], rank[keep]] = m.data[order][keep]
+    return indices, values
+
+
+class _Marks(threading.local):
+    """Per thread: an ``(I + 1,)`` bool array, False everywhere except while a row is marked."""
 
     array: np.ndarray | None = None
 
     def get(self, n_items: int) -> np.ndarray:
-        if self.array is None or len(self.array) < n_items:
-            self.array = np.full(n_items, -1, dtype=np.int64)
+        if self.array is None or len(self.array) < n_items + 1:
+            self.array = np.zeros(n_items + 1, dtype=bool)
         return self.array
 
 
-_SLOTS = _Slots()
+_MARKS = _Marks()
 
 
 def history_signals(
     history: Histories, table: NeighborTable, items: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(sum, max)``, each ``(U, N)`` float32, of ``W[h, items[u, n]]`` over the
-    items ``h`` of history row ``u`` (a row's candidates are distinct, as retrieval gives them).
+    items ``h`` of history row ``u``, reading ``W`` from the candidates' in-neighbour lists.
 
     Weights the table does not hold count as 0 (so the max is at least 0 unless every
     history item holds a weight for the candidate); an empty history and pads (``-1``) give
-    0. Per row: the candidates are written into a per-thread slot array indexed by item (so
-    a neighbour entry finds its candidate in one read), the history items' neighbour lists
-    are gathered and matched, and the slots are cleared again; the cost is the history times
-    ``K`` plus the candidates, whatever the catalog's size.
+    0. Per row: the history is marked in a per-thread array indexed by item (cleared again
+    after the row), then each real candidate's ``K`` entries are gathered and tested against
+    it, so the cost is the candidates times ``K`` plus the history, whatever the catalog's
+    size.
     """
     items = np.asarray(items, dtype=np.int64)
     n_users, n = items.shape
@@ -111,28 +143,30 @@ def history_signals(
         raise ValueError(f"{history.n_rows} histories for {n_users} candidate rows")
     total = np.zeros((n_users, n), dtype=np.float32)
     best = np.zeros((n_users, n), dtype=np.float32)
-    slots = _SLOTS.get(table.n_items)
-    row_len = np.diff(table.indptr)
+    marks = _MARKS.get(table.n_items)  # marks[I] (the pad) stays False
     for u in range(n_users):
         hist = history.items[history.indptr[u] : history.indptr[u + 1]]
         if not len(hist):
             continue
-        cand = items[u]
-        real = np.flatnonzero(cand >= 0)
-        slots[cand[real]] = real
+        real = items[u] >= 0
+        rows = np.where(real, items[u], 0)
+        columns = table.indices[rows].astype(np.intp)  # (N, W); an explicit cast is faster
+        marks[hist] = True
         try:
-            lens = row_len[hist]
-            pos = ragged_positions(table.indptr[hist], lens)
-            at = slots[table.indices[pos]]
+            hit = marks[columns]  # (N, W): entries from the history
         finally:
-            slots[cand[real]] = -1
-        hit = np.flatnonzero(at >= 0)  # few of the gathered entries are candidates
-        at, weight = at[hit], table.values[pos[hit]]
-        total[u] = np.bincount(at, weights=weight, minlength=n)
-        m = np.full(n, -np.inf, dtype=np.float32)
-        np.maximum.at(m, at, weight)
-        count = np.bincount(at, minlength=n)
-        m = np.where(count < len(hist), np.maximum(m, 0.0), m)  # an absent weight counts 0
+            marks[hist] = False
+        hit &= real[:, None]
+        weight = table.values[rows] * hit  # (N, W), 0 off the history
+        total[u] = weight.sum(axis=1)
+        count = hit.sum(axis=1)
+        # Where some history item holds no weight for the candidate, that 0 takes part in the
+        # max (so the max of the masked row is right); only rows where every history item is
+        # an in-neighbour need the max of their hits alone.
+        m = weight.max(axis=1, initial=0.0)
+        full = np.flatnonzero((count == len(hist)) & real)
+        if len(full):
+            m[full] = np.where(hit[full], weight[full], -np.inf).max(axis=1)
         best[u] = np.where(count == 0, 0.0, m)
     return total, best
 
@@ -163,33 +197,35 @@ def cooccurrence_table(
     counts = np.asarray(x.sum(axis=0)).ravel()
     inv = (1.0 / np.sqrt(np.maximum(counts, 1.0))).astype(np.float32)
     cost = xt @ np.diff(x.indptr).astype(np.float64)  # (I,) bound on each row's products
-    parts: list[NeighborTable] = []
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
     for a, b in _item_blocks(cost, block_pairs):
         c = sp.csr_matrix(xt[a:b] @ x)  # (b - a, I) counts
         c = sp.csr_matrix(sp.diags(inv[a:b]) @ c @ sp.diags(inv))
         own = np.repeat(np.arange(a, b), np.diff(c.indptr))  # row r is item a + r
         c.data[c.indices == own] = 0.0  # not one's own neighbour
-        parts.append(NeighborTable.from_csr(c, k))
-    return _stack(parts)
+        parts.append(top_k_rows(c, k))
+    return _stack(parts, x.shape[1])
 
 
-def _stack(parts: list[NeighborTable]) -> NeighborTable:
-    """Return the row blocks in ``parts`` as one table."""
-    if not parts:
-        return NeighborTable(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0))
-    counts = np.concatenate([np.diff(p.indptr) for p in parts])
-    return NeighborTable(
-        np.concatenate([[0], np.cumsum(counts)]),
-        np.concatenate([p.indices for p in parts]),
-        np.concatenate([p.values for p in parts]),
-    )
+def _stack(parts: list[tuple[np.ndarray, np.ndarray]], n_items: int) -> NeighborTable:
+    """Return consecutive row blocks of :func:`top_k_rows` as one table."""
+    width = max((p[0].shape[1] for p in parts), default=0)
+    indices = np.full((n_items, width), n_items, dtype=np.int64)
+    values = np.zeros((n_items, width), dtype=np.float32)
+    start = 0
+    for block_indices, block_values in parts:
+        rows, w = block_indices.shape
+        indices[start : start + rows, :w] = block_indices
+        values[start : start + rows, :w] = block_values
+        start += rows
+    return NeighborTable(indices, values)
 
 
 def ease_exact_table(observed: sp.spmatrix, l2: float, k: int) -> NeighborTable:
-    """Return EASE's weights ``B`` (dense inverse of the ``(I, I)`` Gram matrix), top ``k``
-    by magnitude per row."""
-    weights = ease_weights(sp.csr_matrix(observed), EaseConfig(l2=l2))  # (I, I)
-    return NeighborTable.from_csr(sp.csr_matrix(weights), k, by_magnitude=True)
+    """Return EASE's weights ``B[h, c]`` (dense inverse of the ``(I, I)`` Gram matrix) as
+    in-neighbour lists: row ``c`` keeps the ``k`` largest ``|B[h, c]|``."""
+    weights = ease_weights(sp.csr_matrix(observed), EaseConfig(l2=l2))  # (I, I) B[h, c]
+    return NeighborTable.from_csr(sp.csr_matrix(weights.T), k, by_magnitude=True)
 
 
 def ease_local_table(
@@ -205,53 +241,52 @@ def ease_local_table(
     For each item ``j``, with ``S`` the ``local_neighbors`` first items of ``j``'s
     co-occurrence row, solve ``(G[S, S] + l2 I) b = G[S, j]`` with ``G = X^T X`` the pair
     counts, recovered from the cosine table (a pair held in neither item's first
-    ``local_neighbors`` entries counts as 0); ``B[S, j] = b``. Over a full neighbourhood this
-    is exactly EASE, whose column ``j`` is the ridge regression of item ``j`` on all the
-    others. Then keep the ``k`` largest weights by magnitude per row. Work per item:
+    ``local_neighbors`` entries counts as 0); ``B[S, j] = b`` is row ``j`` of the returned
+    in-neighbour table. Over a full neighbourhood this is exactly EASE, whose column ``j`` is
+    the ridge regression of item ``j`` on all the others. Rows keep their ``k`` largest
+    weights by magnitude. Work per item:
     ``local_neighbors ** 2`` gathered entries and one small solve, so it builds where the
     ``(I, I)`` inverse cannot.
     """
     x = sp.csr_matrix(observed)
     n_items = x.shape[1]
     counts = np.bincount(x.indices, minlength=n_items).astype(np.float64)
-    root = np.sqrt(np.maximum(counts, 1.0))
-    row_len = np.diff(cooc.indptr)
-    lens = np.minimum(row_len, local_neighbors)
+    root = np.sqrt(np.append(np.maximum(counts, 1.0), 1.0))  # (I + 1,): the pad reads 1
+    lens = np.minimum(cooc.lengths, local_neighbors)
+    near = cooc.indices[:, :local_neighbors].astype(np.int64)  # (I, L) pads = I
+    near_cos = cooc.values[:, :local_neighbors].astype(np.float64)
     rows_out, cols_out, vals_out = [], [], []
     for size in np.unique(lens[lens > 0]):
         targets = np.flatnonzero(lens == size)
         for start in range(0, len(targets), chunk):
             j = targets[start : start + chunk]  # (C,)
             c = len(j)
-            at_j = cooc.indptr[j][:, None] + np.arange(size)[None, :]  # (C, S)
-            s = cooc.indices[at_j]  # (C, S) each target's neighbourhood
-            rhs = cooc.values[at_j] * root[s] * root[j][:, None]  # (C, S) counts G[s, j]
-            # G[s_a, s_b]: the entries of row s_a that are in the same neighbourhood.
-            member = (np.arange(c)[:, None] * n_items + s).ravel()  # (C * S,)
+            s = near[j, :size]  # (C, S) each target's neighbourhood
+            rhs = near_cos[j, :size] * root[s] * root[j][:, None]  # (C, S) counts G[s, j]
+            # G[s_a, s_b]: the entries of s_a's own first local_neighbors that are in the same
+            # neighbourhood (a pair further down both rows counts as 0).
+            member = (np.arange(c)[:, None] * (n_items + 1) + s).ravel()  # (C * S,)
             order = np.argsort(member)
             member = member[order]
-            a = s.ravel()
-            # Only the first local_neighbors of each neighbour's own row are read: a pair
-            # further down both rows counts as 0 (what the cosine table drops anyway).
-            a_len = np.minimum(row_len[a], local_neighbors)
-            pos = ragged_positions(cooc.indptr[a], a_len)
-            owner = np.repeat(np.arange(c * size), a_len)  # (C * S) slot of a
-            query = (owner // size) * n_items + cooc.indices[pos]
+            a = s.ravel()  # (C * S,)
+            theirs = near[a]  # (C * S, L)
+            owner = np.repeat(np.arange(c * size), theirs.shape[1])  # (C * S * L,) slot of a
+            query = (owner // size) * (n_items + 1) + theirs.ravel()
             at = np.minimum(np.searchsorted(member, query), len(member) - 1)
-            hit = member[at] == query
+            hit = (member[at] == query) & (theirs.ravel() < n_items)
             slot_a, slot_b = owner[hit], order[at[hit]]  # flat (target, position) slots
-            b_items = cooc.indices[pos[hit]]
             gram = np.zeros((c, size, size), dtype=np.float64)
             t = slot_a // size
+            b_items = theirs.ravel()[hit]
             gram[t, slot_a % size, slot_b % size] = (
-                cooc.values[pos[hit]] * root[a[slot_a]] * root[b_items]
+                near_cos[a].ravel()[hit] * root[a[slot_a]] * root[b_items]
             )
             gram = np.maximum(gram, gram.transpose(0, 2, 1))  # a pair held in one row only
             diag = np.arange(size)
             gram[:, diag, diag] = counts[s] + l2
             weights = np.linalg.solve(gram, rhs[:, :, None])[:, :, 0]  # (C, S)
-            rows_out.append(s.ravel())
-            cols_out.append(np.repeat(j, size))
+            rows_out.append(np.repeat(j, size))  # row j: j's in-neighbours s, B[s, j]
+            cols_out.append(s.ravel())
             vals_out.append(weights.ravel())
     if not rows_out:
         empty = sp.csr_matrix((n_items, n_items), dtype=np.float32)
