@@ -186,6 +186,16 @@ def test_a_history_only_tower_gives_the_exported_vector_of_that_history(
         np.testing.assert_allclose(encoder(_bag(full, user)), user_vecs[user], rtol=1e-5, atol=1e-6)
 
 
+def test_an_in_memory_model_gives_the_encoder_its_files_give(tmp_path: Path) -> None:
+    model = _model(hidden=(16,), use_user_id=True, user_features=SPEC, max_history=3)
+    from_files, in_memory = _encoder(model, tmp_path), HistoryEncoder(model)
+    for user in range(N_USERS):
+        items = _bag(_history(), user)
+        np.testing.assert_array_equal(in_memory(items), from_files(items))
+    with pytest.raises(TypeError, match="needs the weights"):
+        HistoryEncoder(model.config)
+
+
 def test_the_id_and_features_a_new_user_lacks_count_for_known_users(
     tmp_path: Path, one_torch_thread: None
 ) -> None:

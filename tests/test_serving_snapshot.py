@@ -7,8 +7,9 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
-from slimrank.retrieval.two_tower_config import TwoTowerConfig
+from slimrank.retrieval.two_tower import TwoTower, TwoTowerConfig
 from slimrank.serving.history_encoder import HistoryEncoder
 from slimrank.serving.snapshot import (
     ModelSnapshot,
@@ -41,9 +42,11 @@ def test_user_query_sources(snap: ModelSnapshot) -> None:
 
 
 def test_recent_items_reach_the_history_encoder_oldest_first_each_once(snap: ModelSnapshot) -> None:
-    config = TwoTowerConfig(n_items=snap.n_items, dim=8, id_dim=8, projection=False, max_history=2)
-    table = np.random.default_rng(0).normal(0, 0.1, (snap.n_items, 8)).astype(np.float32)
-    encoder = HistoryEncoder(config, {"user_tower.history.weight": table})
+    torch.manual_seed(0)
+    config = TwoTowerConfig(
+        n_items=snap.n_items, dim=8, id_dim=8, projection=False, max_history=2, init_std=0.1
+    )
+    encoder = HistoryEncoder(TwoTower(config))
     served = dataclasses.replace(snap, encode_history=encoder)
     query = served.user_query("nobody", ["i5", "i3", "unknown-item", "i5", "i9"])
     assert query.source is UserSource.RECENT and query.history.tolist() == [3, 5, 9]

@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,6 +27,14 @@ log = logging.getLogger(__name__)
 
 HISTORY_TABLE = "user_tower.history.weight"
 MLP_PREFIX = "user_tower.mlp."
+
+
+class TowerModel(Protocol):
+    """What :class:`HistoryEncoder` reads of a ``TwoTower`` (typed without importing torch)."""
+
+    config: TwoTowerConfig
+
+    def state_dict(self) -> Mapping[str, Any]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +72,20 @@ class HistoryEncoder:
     ``item_bias`` a last column of 1 is added, as
     :func:`~slimrank.retrieval.embeddings.export_embeddings` exports user vectors.
 
-    ``weights`` is the model's state dict as numpy arrays (only the user tower's are read).
-    ``ValueError`` for a tower this class cannot compute or weights that do not fit the config.
-    Read-only after construction, hence thread-safe.
+    ``weights`` is the model's state dict as numpy arrays (only the user tower's are read);
+    ``HistoryEncoder(model)`` takes them from an in-memory ``TwoTower`` (tests, tools; the
+    server reads files with :func:`load_tower_encoder`). ``ValueError`` for a tower this class
+    cannot compute or weights that do not fit the config. Read-only after construction, hence
+    thread-safe.
     """
 
-    def __init__(self, config: TwoTowerConfig, weights: Mapping[str, np.ndarray]) -> None:
+    def __init__(
+        self, config: TwoTowerConfig | TowerModel, weights: Mapping[str, Any] | None = None
+    ) -> None:
+        if weights is None:
+            if isinstance(config, TwoTowerConfig):
+                raise TypeError("HistoryEncoder(config) needs the weights too")
+            config, weights = config.config, _numpy_state(config)
         if not config.use_history:
             raise ValueError("the user tower pools no history: it cannot encode one")
         d = config.id_dim
@@ -115,6 +132,13 @@ class HistoryEncoder:
             out = out / max(np.float32(np.linalg.norm(out)), np.float32(1e-12))
         out = out.astype(np.float32, copy=False)  # (dim,)
         return np.append(out, np.float32(1.0)) if self._item_bias else out  # (d,)
+
+
+def _numpy_state(model: TowerModel) -> dict[str, np.ndarray]:
+    """Return the user tower's tensors of ``model`` as numpy arrays (torch is not imported)."""
+    state = model.state_dict()
+    keys = [k for k in state if k == HISTORY_TABLE or k.startswith(MLP_PREFIX)]
+    return {k: state[k].detach().cpu().numpy() for k in keys}
 
 
 def _weight(weights: Mapping[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
