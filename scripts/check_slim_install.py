@@ -132,10 +132,8 @@ def serve_and_query(bin_dir: Path, bundles: Path) -> int:
         status = Path(f"/proc/{pid}/status").read_text()
         rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)[1])
         user, items = some_ids(bin_dir, bundles)
-        for args, source in (
-            (["--user", user], "known"),
-            (["--recent", ",".join(items)], "recent"),
-        ):
+        known = ["--user", user, "--bundles", str(bundles)]  # with titles for MovieLens
+        for args, source in ((known, "known"), (["--recent", ",".join(items)], "recent")):
             done = run(slimrank, "query", "--target", target, "-k", "5", *args, capture_output=True)
             if done.returncode or f"({source})" not in done.stdout:
                 fail(f"slimrank query {' '.join(args)}:\n{done.stdout}{done.stderr}")
