@@ -6,12 +6,12 @@ STAMP  := $(VENV)/.installed
 # Where `make demo` keeps its run (bundles, reports); data goes to $SLIMRANK_DATA or the user cache.
 RUN_DIR ?= runs/demo
 
-.PHONY: install system-deps test lint unit demo bench bench-retrieval-ml100k bench-serving bench-serving-quick bench-features bench-online protos check-protos clean
+.PHONY: install system-deps test lint unit check-slim-install demo bench bench-retrieval-ml100k bench-serving bench-serving-quick bench-features bench-online protos check-protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,13 @@ unit: install system-deps
 	$(BIN)/python -m pytest -q
 
 test: lint check-protos unit
+
+# The slim server install for real, in a temporary venv: pip install . (no extras), no torch or
+# pandas installed, then serve and query $(RUN_DIR)/bundles (or a tiny bundle it builds) from it.
+# It downloads the core dependencies, so make test does not run it.
+check-slim-install: install
+	$(PYTHON) scripts/check_slim_install.py --bundles $(RUN_DIR)/bundles \
+		--build-tiny-with $(BIN)/slimrank --full-venv $(VENV)
 
 # The pipeline exits 3 when the int8 ranker fails the accuracy gate: nothing is published, so
 # make stops there, after the pipeline's message.

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from slimrank import __version__
 from slimrank.errors import SlimrankError
+from slimrank.extras import install_hint
 
 # Areas whose cli module registers subcommands, in the order they appear in --help.
 _AREAS = (
@@ -66,6 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SlimrankError as err:
         print(f"slimrank: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        # An offline command on the slim install (no torch, pandas, ...): say which extra.
+        hint = install_hint(err)
+        if hint is None:
+            raise
+        print(f"slimrank: error: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("slimrank: interrupted", file=sys.stderr)

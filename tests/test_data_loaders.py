@@ -15,6 +15,7 @@ from slimrank.data.dataset import load_dataset
 from slimrank.data.fetch import extract_movielens, fetch_movielens_100k, is_fetched
 from slimrank.data.logs import load_logs
 from slimrank.data.movielens import load_atomic_dataset
+from slimrank.data.titles import read_titles
 from slimrank.errors import DataError, IntegrityError
 
 LOGS_CSV = """user_id,item_id,timestamp,rating
@@ -186,6 +187,16 @@ def test_atomic_dataset_features(tmp_path: Path) -> None:
     np.testing.assert_array_equal(itf.numeric["release_year"], [1996, 1996])  # median fill
     np.testing.assert_array_equal(itf.numeric["release_year_missing"], [0, 1])
     assert list(ds.item_titles) == ["Kolya", "L.A. Confidential"]
+
+
+def test_read_titles_gives_the_datasets_titles_without_pandas(tmp_path: Path) -> None:
+    directory = _atomic_dir(tmp_path)
+    ds = load_atomic_dataset(directory, "ml-100k", name="tiny")
+    titles = read_titles(directory / "ml-100k.item")
+    assert titles == dict(zip(ds.items.ids, ds.item_titles, strict=True))
+    _write(directory / "no-title.item", "item_id:token\tclass:token_seq\n242\tComedy\n")
+    with pytest.raises(DataError, match="movie_title"):
+        read_titles(directory / "no-title.item")
 
 
 def test_load_dataset_reads_a_recbole_directory(tmp_path: Path) -> None:

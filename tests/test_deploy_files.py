@@ -37,7 +37,9 @@ METRICS_PORT = 9100
 PROMETHEUS_PORT = 9090  # Prometheus's own default listen port
 UID = 10001
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-IMAGE = f"slimrank:{VERSION}"
+IMAGE = f"slimrank:{VERSION}"  # the server
+RETRAIN_IMAGE = f"slimrank-retrain:{VERSION}"  # the Dockerfile's retrain target
+RETRAIN_TARGET = "retrain"
 RETRAIN_SCRIPT = "/opt/slimrank/retrain.sh"  # where the image has deploy/retrain.sh
 
 
@@ -57,10 +59,39 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Return each named stage's instructions, those of the stage it starts FROM first."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    name = None
+    for keyword, rest in dockerfile():
+        if keyword == "FROM":
+            image, _, name = rest.partition(" AS ")
+            assert name, f"FROM {rest}: every stage is named"
+            out[name] = [*out.get(image, []), (keyword, rest)]
+        elif name is not None:  # not the global ARGs before the first FROM
+            out[name].append((keyword, rest))
+    return out
+
+
 def final_stage() -> list[tuple[str, str]]:
-    instructions = dockerfile()
-    last_from = max(i for i, (k, _) in enumerate(instructions) if k == "FROM")
-    return instructions[last_from:]
+    """The default build target, the server image: the last stage."""
+    return list(stages().values())[-1]
+
+
+def pip_installs(stage: str) -> list[str]:
+    """Return what the stage (with the stages it starts from) ``pip install``s, in order."""
+    runs = " && ".join(rest for k, rest in stages()[stage] if k == "RUN")
+    return [shlex.split(m)[0] for m in re.findall(r"pip install (\S+)", runs)]
+
+
+def venv_stage(stage: str) -> str:
+    """Return the stage whose /opt/slimrank virtualenv ``stage`` copies."""
+    (source,) = [
+        rest.split()[0].removeprefix("--from=")
+        for k, rest in stages()[stage]
+        if k == "COPY" and rest.startswith("--from=") and rest.split()[1] == "/opt/slimrank"
+    ]
+    return source
 
 
 def exec_form(instructions: list[tuple[str, str]], keyword: str) -> list[str]:
@@ -164,7 +195,9 @@ def test_kustomization_lists_every_manifest():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == files
-    assert kustomization["images"] == [{"name": "slimrank", "newTag": VERSION}]
+    assert kustomization["images"] == [
+        {"name": image.split(":")[0], "newTag": VERSION} for image in (IMAGE, RETRAIN_IMAGE)
+    ]
 
 
 def test_k8s_objects_have_known_kinds_and_names():
@@ -205,13 +238,27 @@ def test_dockerfile_copies_only_paths_that_exist():
 
 
 def test_dockerfile_is_multi_stage_and_runs_as_non_root():
-    stages = [rest for k, rest in dockerfile() if k == "FROM"]
-    assert len(stages) >= 2
+    assert len(stages()) >= 2
     copied_from = [rest for k, rest in final_stage() if k == "COPY" and rest.startswith("--from")]
     assert copied_from, "the runtime stage should copy the build stage's result"
-    (user,) = [rest for k, rest in final_stage() if k == "USER"]
-    assert user.split(":")[0] == str(UID)
-    assert f"--uid {UID}" in " ".join(rest for k, rest in final_stage() if k == "RUN")
+    for stage in (final_stage(), stages()[RETRAIN_TARGET]):
+        (user,) = [rest for k, rest in stage if k == "USER"]
+        assert user.split(":")[0] == str(UID)
+        assert f"--uid {UID}" in " ".join(rest for k, rest in stage if k == "RUN")
+
+
+def test_the_server_image_has_the_slim_install_and_the_retrain_image_the_train_extra():
+    server = venv_stage(list(stages())[-1])
+    assert pip_installs(server) == ["."], "the server image installs no extra (no torch)"
+    assert not [rest for k, rest in stages()[server] if "download.pytorch.org" in rest]
+    retrain = venv_stage(RETRAIN_TARGET)
+    assert pip_installs(retrain)[-1] == ".[train]"
+    # torch==2.13.0 from PyPI pulls CUDA: the train build takes the CPU wheel index.
+    assert "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu" in " ".join(
+        rest for k, rest in stages()[retrain] if k == "ENV"
+    )
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "train" in extras["optional-dependencies"]
 
 
 def test_dockerfile_exposes_and_health_checks_the_grpc_port():
@@ -287,7 +334,7 @@ def test_retrain_runs_the_script_with_one_environment():
     assert RETRAIN_SCRIPT in loop
     (job,) = pod_spec(k8s("CronJob"))["containers"]
     assert job["command"] == [RETRAIN_SCRIPT] and "args" not in job
-    copies = [rest.split() for k, rest in final_stage() if k == "COPY"]
+    copies = [rest.split() for k, rest in stages()[RETRAIN_TARGET] if k == "COPY"]
     assert ["--chmod=0755", "deploy/retrain.sh", RETRAIN_SCRIPT] in copies
     envs = retrain_environments()
     keys = ("SLIMRANK_BUNDLES", "RETRAIN_LOGS", "RETRAIN_DONE")
@@ -350,9 +397,14 @@ def test_retrain_script_keeps_the_logs_of_a_failed_run(tmp_path):
 def test_compose_services_images_and_mounts():
     services = compose()["services"]
     assert set(services) == {"slimrank", "retrain", "prometheus", "grafana"}
-    assert services["slimrank"]["image"] == services["retrain"]["image"] == IMAGE
-    build = services["slimrank"]["build"]
-    assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+    assert services["slimrank"]["image"] == IMAGE
+    assert services["retrain"]["image"] == RETRAIN_IMAGE
+    for name in ("slimrank", "retrain"):
+        build = services[name]["build"]
+        path = (DEPLOY / build["context"] / build["dockerfile"]).resolve()
+        assert path == DEPLOY / "Dockerfile", name
+    assert "target" not in services["slimrank"]["build"]  # the default: the server
+    assert services["retrain"]["build"]["target"] == RETRAIN_TARGET in stages()
     assert f"{GRPC_PORT}:{GRPC_PORT}" in services["slimrank"]["ports"]
     for name, service in services.items():
         for volume in service.get("volumes", []):
@@ -464,10 +516,10 @@ def test_dashboard_panels_fit_the_grid_and_use_defined_variables():
 # Kubernetes
 
 
-def test_k8s_images_match_the_compose_image_and_the_package_version():
-    for kind in ("Deployment", "CronJob"):
+def test_k8s_images_match_the_compose_images_and_the_package_version():
+    for kind, image in (("Deployment", IMAGE), ("CronJob", RETRAIN_IMAGE)):
         for container in pod_spec(k8s(kind))["containers"]:
-            assert container["image"] == IMAGE, kind
+            assert container["image"] == image, kind
 
 
 def test_k8s_probes_use_grpc_health_on_the_grpc_port():

@@ -11,16 +11,21 @@ from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 UnknownMode = Literal["error", "drop", "minus_one"]
 
 
 class IdMap:
-    """External ids (str) <-> dense indices ``0..n-1``; index ``i`` is ``ids[i]``."""
+    """External ids (str) <-> dense indices ``0..n-1``; index ``i`` is ``ids[i]``.
+
+    pandas is imported by the methods that need it, not by this module: the server imports
+    these classes (through the ranking features) and runs without pandas.
+    """
 
     def __init__(self, ids: Iterable[object]) -> None:
+        import pandas as pd
+
         ids = _as_strings(ids)  # (n,)
         lookup = pd.Index(ids)
         if not lookup.is_unique:
@@ -32,6 +37,8 @@ class IdMap:
     @classmethod
     def from_ids(cls, ids: Iterable[object]) -> IdMap:
         """Return the map of the distinct ``ids`` in first-seen order (repeats collapse)."""
+        import pandas as pd
+
         return cls(pd.unique(pd.Series(_as_strings(ids))))
 
     def __len__(self) -> int:

@@ -54,8 +54,8 @@ def bundle_titles(root: Path, version: str | None = None) -> dict[str, str] | No
     """
     from slimrank.bundle.manifest import MANIFEST, read_manifest
     from slimrank.bundle.store import resolve_version
-    from slimrank.data.dataset import load_dataset
-    from slimrank.data.fetch import is_fetched
+    from slimrank.data.fetch import is_fetched, movielens_dir
+    from slimrank.data.titles import read_titles
 
     if version is None or not (root / version / MANIFEST).is_file():
         version = resolve_version(root, None)
@@ -68,10 +68,7 @@ def bundle_titles(root: Path, version: str | None = None) -> dict[str, str] | No
     if not is_fetched():
         log.warning("movielens-100k is not in the data cache: no titles (slimrank data fetch)")
         return None
-    dataset = load_dataset("movielens-100k")
-    if dataset.item_titles is None:
-        return None
-    return {str(i): str(t) for i, t in zip(dataset.items.ids, dataset.item_titles, strict=True)}
+    return read_titles(movielens_dir() / "ml-100k.item")  # not load_dataset: no pandas here
 
 
 def recommendation_table(
