@@ -113,8 +113,8 @@ def build(n: int, per_user: float) -> dict[str, Any]:
             "history_max": int(lengths.max()),
             "world_seconds": round(world_s, 1),
             "build_seconds": round(build_s, 1),
-            "cooc_entries": len(tables.cooc.values),
-            "ease_entries": 0 if tables.ease is None else len(tables.ease.values),
+            "cooc_entries": int(tables.cooc.lengths.sum()),
+            "ease_entries": 0 if tables.ease is None else int(tables.ease.lengths.sum()),
         },
     }
 
