@@ -3,7 +3,8 @@
 For each scale a synthetic world of ``n`` users and ``n`` items is drawn: Zipf item popularity,
 users in taste clusters (so items co-occur as in real logs), geometric history lengths with
 mean ``--per-user``, and timestamps. The feature tables are built with the production
-builders (:func:`slimrank.ranking.features.build_feature_tables`, one
+builders (:func:`slimrank.ranking.features.build_feature_tables`, cached under
+``bench/.cache/features_scale`` with the build time it took; one
 :class:`~slimrank.ranking.features.FeatureConfig` for every scale, EASE by local ridge
 regressions so that 1M items build), then one request's features are timed the way the server
 computes them (:class:`~slimrank.serving.featurizer.RequestFeaturizer`): a known user, 200
@@ -19,6 +20,7 @@ Writes ``bench/results/features_scale.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -34,11 +36,13 @@ import scipy.sparse as sp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from slimrank.ranking.feature_io import load_tables, save_tables  # noqa: E402
 from slimrank.ranking.features import FeatureConfig, build_feature_tables  # noqa: E402
 from slimrank.serving.featurizer import RequestFeaturizer  # noqa: E402
 from slimrank.serving.snapshot import Retrieved, UserQuery, UserSource  # noqa: E402
 
 RESULTS = HERE / "results"
+CACHE = HERE / ".cache" / "features_scale"
 DIM = 64
 N_CANDIDATES = 200
 CONFIG = FeatureConfig(ease_method="local")
@@ -84,14 +88,26 @@ def synthetic_world(n: int, per_user: float, seed: int = 0) -> tuple[sp.csr_matr
 
 
 def build(n: int, per_user: float) -> dict[str, Any]:
+    """Build (or load from ``bench/.cache/features_scale``) one world's tables."""
     t0 = time.perf_counter()
     observed, times = synthetic_world(n, per_user)
     world_s = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     vecs = rng.standard_normal((n, DIM)).astype(np.float32)
+    digest = hashlib.sha256(json.dumps([n, per_user, CONFIG.to_dict()]).encode()).hexdigest()
+    cached = CACHE / f"{n}-{digest[:16]}"
     t0 = time.perf_counter()
-    tables = build_feature_tables(observed, vecs, vecs, config=CONFIG, time=times)
-    build_s = time.perf_counter() - t0
+    if (cached / "layout.json").is_file():
+        layout = json.loads((cached / "layout.json").read_text())
+        tables = load_tables(cached / "tables.safetensors", layout, vecs, vecs)
+        build_s = float(layout["build_seconds"])
+    else:
+        tables = build_feature_tables(observed, vecs, vecs, config=CONFIG, time=times)
+        build_s = time.perf_counter() - t0
+        cached.mkdir(parents=True, exist_ok=True)
+        layout = save_tables(cached / "tables.safetensors", tables)
+        layout["build_seconds"] = build_s
+        (cached / "layout.json").write_text(json.dumps(layout))
     lengths = tables.history.lengths
     users = rng.integers(0, n, 600)
     requests = []

@@ -203,7 +203,7 @@ def known_users(tables: FeatureTables, rows: np.ndarray) -> UserBatch:
     rows = np.asarray(rows, dtype=np.int64)
     return UserBatch(
         tables.history.recent(rows, tables.config.history_cap),
-        tables.history.lengths[rows],
+        tables.history.indptr[rows + 1] - tables.history.indptr[rows],  # not O(n_users)
         tables.user_vecs[rows],
         tables.user_side[rows],
     )
