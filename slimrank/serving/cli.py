@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slimrank.serving.config import ReloadConfig, ServerConfig
+from slimrank.serving.config import ENGINES, ReloadConfig, ServerConfig
 
 if TYPE_CHECKING:
     from slimrank.serving.workers import ServeSpec
@@ -65,6 +65,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=defaults.max_inflight,
         help="model calls run at once per process; more are shed (default %(default)s)",
+    )
+    p.add_argument(
+        "--handler-threads",
+        type=int,
+        default=defaults.handler_threads,
+        help="threads per process running model calls; 0 runs them on the event loop "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None if defaults.switch_interval_s is None else 1000 * defaults.switch_interval_s,
+        help="the GIL switch interval (sys.setswitchinterval), so the event loop admits calls "
+        "promptly while a handler thread computes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=defaults.engine,
+        help="aio: admission on the event loop (default); sync: the thread-pool server, for "
+        "comparison",
     )
     p.add_argument(
         "--grace",
@@ -128,6 +149,11 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
         server = ServerConfig(
             host=args.host,
             port=args.port,
+            engine=args.engine,
+            handler_threads=args.handler_threads,
+            switch_interval_s=(
+                None if args.switch_interval_ms is None else args.switch_interval_ms / 1000
+            ),
             max_inflight=args.max_inflight,
             max_workers=max(ServerConfig.max_workers, args.max_inflight + SPARE_THREADS),
             max_pending_rpcs=max(
