@@ -232,3 +232,15 @@ def test_admission_bounds_and_tickets() -> None:
     assert admission.enter(True) is None  # a is still held
     a.release()
     assert admission.enter(True) is not None
+
+
+def test_admission_refuses_when_the_expected_wait_is_too_long() -> None:
+    admission = Admission(limit=100, total=100, max_wait_s=0.010, parallel=2)
+    assert admission.enter(True) is not None  # no estimate yet: only the limit applies
+    admission.observe(0.004)  # 4 ms per call, 2 handlers: 2 ms of wait per call ahead
+    tickets = [admission.enter(True) for _ in range(4)]  # 1..4 ahead: 2..8 ms
+    assert all(t is not None for t in tickets)
+    assert admission.expected_wait_s() == pytest.approx(0.010)
+    assert admission.enter(True) is not None  # 10 ms: still within
+    assert admission.enter(True) is None  # 12 ms: refused
+    assert admission.enter(False) is not None  # the wait bounds only the limited calls

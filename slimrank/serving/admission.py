@@ -41,22 +41,56 @@ class Ticket:
 
 
 class Admission:
-    """Bounds calls in progress: ``limit`` for the limited ones, ``total`` for all (thread-safe)."""
+    """Bounds calls in progress: ``limit`` for the limited ones, ``total`` for all (thread-safe).
 
-    def __init__(self, limit: int, total: int) -> None:
+    With ``max_wait_s``, a limited call is also refused when the limited calls already in
+    progress are expected to keep it waiting longer than that: their number times the mean
+    time a handler takes (an exponential average of :meth:`observe`), over ``parallel``
+    handlers. That bound follows the cost of a call as it changes (a new featurizer, a larger
+    bundle), where a fixed ``limit`` is right for one cost only.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        total: int,
+        max_wait_s: float | None = None,
+        parallel: int = 1,
+        smoothing: float = 0.05,
+    ) -> None:
         if limit < 1 or total < limit:
             raise ValueError(f"Admission(limit={limit}, total={total}): need 1 <= limit <= total")
         self.limit = limit
         self.total = total
+        self.max_wait_s = max_wait_s
+        self.parallel = max(1, parallel)
+        self.smoothing = smoothing
+        self.mean_service_s = 0.0  # no estimate until the first observe()
         self.lock = threading.Lock()
         self.limited_in_progress = 0
         self.total_in_progress = 0
+
+    def observe(self, service_s: float) -> None:
+        """Record how long one limited call's handler took."""
+        with self.lock:
+            if self.mean_service_s == 0.0:
+                self.mean_service_s = service_s
+            else:
+                self.mean_service_s += self.smoothing * (service_s - self.mean_service_s)
+
+    def expected_wait_s(self) -> float:
+        """How long a limited call admitted now would wait for those ahead of it."""
+        return self.limited_in_progress * self.mean_service_s / self.parallel
 
     def enter(self, limited: bool) -> Ticket | None:
         """Take a slot and return its ticket, or None when the call must be refused."""
         with self.lock:
             if self.total_in_progress >= self.total or (
-                limited and self.limited_in_progress >= self.limit
+                limited
+                and (
+                    self.limited_in_progress >= self.limit
+                    or (self.max_wait_s is not None and self.expected_wait_s() > self.max_wait_s)
+                )
             ):
                 return None
             self.total_in_progress += 1

@@ -275,29 +275,27 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None  # UNIMPLEMENTED
         method = handler_call_details.method
-        if (
-            handler.request_streaming
-            or handler.response_streaming
-            or method.startswith(HEALTH_PREFIX)
-        ):
-            # Health Watch, reflection; health checks are answered on the loop and never
-            # refused (a refused probe could get an overloaded server restarted).
-            return self._sync_chain(handler, handler_call_details)
+        if handler.request_streaming or handler.response_streaming:
+            return self._sync_chain(handler, handler_call_details)  # health Watch, reflection
         limited = method.startswith(RECOMMENDER_PREFIX)
-        ticket = self._admission.enter(limited)
-        if ticket is None:
-            self._metrics.shed.inc()
-            self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
-            return grpc.stream_unary_rpc_method_handler(self._refuse)
-        task = asyncio.current_task()
-        if task is None:  # not expected under grpc.aio; never leak the slot
-            ticket.release()
-        else:
-            task.add_done_callback(ticket.release)
+        ticket = None
+        # Health checks are answered on the loop and never refused: a refused probe could get
+        # an overloaded server restarted.
+        if not method.startswith(HEALTH_PREFIX):
+            ticket = self._admission.enter(limited)
+            if ticket is None:
+                self._metrics.shed.inc()
+                self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
+                return grpc.stream_unary_rpc_method_handler(self._refuse)
+            task = asyncio.current_task()
+            if task is None:  # not expected under grpc.aio; never leak the slot
+                ticket.release()
+            else:
+                task.add_done_callback(ticket.release)
         handler = self._sync_chain(handler, handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        pool = (self._handler_pool if limited else self._other_pool) or None
+        pool = self._handler_pool if limited else self._other_pool
         return grpc.unary_unary_rpc_method_handler(
             self._behavior(handler.unary_unary, method, accepted, ticket, pool),
             request_deserializer=handler.request_deserializer,
@@ -318,10 +316,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         inner: Callable[..., Any],
         method: str,
         accepted: float,
-        ticket: Ticket,
+        ticket: Ticket | None,
         pool: futures.Executor | None,
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         metrics = self._metrics
+        admission = self._admission
+        limited = method.startswith(RECOMMENDER_PREFIX)
         record_queue = method.startswith(QUEUE_PREFIX)
         is_async = inspect.iscoroutinefunction(inner)
 
@@ -344,6 +344,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 response, error = None, None if adapter.aborted else raised
             finally:
                 metrics.inflight.dec()
+                if limited:
+                    admission.observe(time.perf_counter() - start)
             code = adapter.code() or (
                 grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
             )
@@ -378,9 +380,10 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             if pool is None:
                 response, error = run(request, adapter, once)
             else:
-                ticket.hold()  # given back when the thread is done with it
                 future = pool.submit(run, request, adapter, once)
-                future.add_done_callback(ticket.release)
+                if ticket is not None:  # given back when the thread is done with it
+                    ticket.hold()
+                    future.add_done_callback(ticket.release)
                 # Shielded: a call cancelled meanwhile still lets its handler finish and count.
                 response, error = await asyncio.shield(asyncio.wrap_future(future))
             for callback in adapter.callbacks:

@@ -27,11 +27,17 @@ class ServerConfig(Config):
     ``max_pending_rpcs`` is grpc's own bound on accepted calls there; its rejections happen
     before any interceptor runs and are not counted.
 
+    With ``max_wait_s`` (aio), a Recommender call is also refused when the calls in progress
+    are expected to keep it waiting longer than that (their number x the mean handler time /
+    ``handler_threads``), so accepted calls stay fast whatever a call costs; None: only
+    ``max_inflight`` bounds them.
+
     ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
     """
 
     engine: str = "aio"
     handler_threads: int = 1
+    max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 10 ms by default
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
@@ -65,6 +71,13 @@ class ServerConfig(Config):
             self,
             "switch_interval_s",
             self.switch_interval_s,
+            "must be None or > 0",
+        )
+        require(
+            self.max_wait_s is None or self.max_wait_s > 0,
+            self,
+            "max_wait_s",
+            self.max_wait_s,
             "must be None or > 0",
         )
         require(bool(self.host), self, "host", self.host, "must not be empty")

@@ -279,7 +279,12 @@ async def _start_aio(
         )
     other_pool = futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="slimrank")
     pools = [p for p in (handler_pool, other_pool) if p is not None]
-    admission = Admission(config.max_inflight, config.max_pending_rpcs)
+    admission = Admission(
+        config.max_inflight,
+        config.max_pending_rpcs,
+        config.max_wait_s,
+        parallel=max(1, config.handler_threads),
+    )
     server = grpc.aio.server(
         interceptors=[
             ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
