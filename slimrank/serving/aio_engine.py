@@ -246,8 +246,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self._handler_pool = handler_pool
         self._other_pool = other_pool
         message = (
-            f"server busy: {admission.limit} model calls in progress; "
-            "retry with backoff on another replica"
+            "server busy: refused on arrival so that accepted calls stay fast; "
+            "retry with backoff, preferably on another replica"
         )
         self._refusal_message = message
         self._refusal_trailers = (
