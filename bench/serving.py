@@ -213,8 +213,12 @@ def role_echo(response_bytes: int) -> int:
 class ServerProcess:
     """A server subprocess; the target comes from its ready line."""
 
-    def __init__(self, argv: list[str], timeout_s: float = 600) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    def __init__(
+        self, argv: list[str], timeout_s: float = 600, env: dict[str, str] | None = None
+    ) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
         line = ""
         deadline = time.monotonic() + timeout_s
         while self.proc.stdout is not None and time.monotonic() < deadline:
@@ -466,7 +470,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(markdown(report))
 
 
-def run(args: argparse.Namespace) -> int:
+def run_synthetic(args: argparse.Namespace) -> int:
     n_items = args.items or (100_000 if args.quick else 1_000_000)
     duration = args.duration or (3.0 if args.quick else 10.0)
     rates = [float(r) for r in args.rates.split(",")]
@@ -493,16 +497,6 @@ def run(args: argparse.Namespace) -> int:
         runs["grpc echo"] = sweep("grpc echo", echo.target, ECHO, echo_requests, rates, duration)
     finally:
         echo.stop()
-    demo = demo_target()
-    if isinstance(demo, str):
-        notes.append(demo)
-        log.info("%s", demo)
-    else:
-        try:
-            ml = demo_requests(demo)
-            runs["ml100k"] = sweep("ml100k", demo.target, RECOMMEND, ml, rates, duration)
-        finally:
-            demo.stop()
     floors = bare_floors(bundles, 300 if args.quick else 1000)
     floor_ms = runs["grpc echo"][0].p50_ms + sum(
         floors[s]["p50_ms"] for s in ("faiss_search", "features", "ranker_forward")
@@ -536,48 +530,830 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_target() -> ServerProcess | str:
-    """Start ``slimrank serve`` on the ml-100k demo bundles, or say why not."""
-    from slimrank.bundle import open_bundle
+# -- ml-100k: server modes -----------------------------------------------------------------
+#
+# Each mode is a server configuration; each is measured on the real ml-100k bundle, on the same
+# bundle with a synthetic cheap featurizer ("fastfeat": what the coming featurizer costs), and
+# on the echo (the same server, engine, interceptors and client; a canned answer instead of
+# the model work). The load generator is bench/loadgen.py in its own process.
+
+MODES_JSON = "serving_modes.json"
+MODES_MD = "serving_modes.md"
+HOLD_P99_MS = 20.0
+HOLD_MAX_BAD = 0.001  # at most this fraction of calls refused or failed at a held rate
+LOADGEN = HERE / "loadgen.py"
+FAST_REPS = 6  # rounds of the fastfeat variant's featurizer: ~0.25 ms, what the new one costs
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One server configuration under test."""
+
+    name: str
+    engine: str = "aio"
+    handler_threads: int = 1
+    workers: int = 1
+    max_inflight: int = 16
+    max_wait_s: float | None = 0.010  # slimrank serve's default (--max-wait-ms 10)
+    switch_interval_s: float | None = None
+    max_workers: int = 20
+    max_pending_rpcs: int = 64
+    about: str = ""
+
+    def server(self) -> dict[str, Any]:
+        """ServerConfig overrides."""
+        return {
+            "engine": self.engine,
+            "handler_threads": self.handler_threads,
+            "max_inflight": self.max_inflight,
+            "max_wait_s": self.max_wait_s,
+            "switch_interval_s": self.switch_interval_s,
+            "max_workers": self.max_workers,
+            "max_pending_rpcs": self.max_pending_rpcs,
+        }
+
+
+TODAY = {"engine": "sync", "max_inflight": 8, "max_wait_s": None, "max_workers": 12}
+MODES = {
+    m.name: m
+    for m in (
+        Mode("sync", **TODAY, about="today: grpc.server, 12 threads, 8 in flight, 64 pending"),
+        Mode("sync-w2", **TODAY, workers=2, about="today's server in 2 processes"),
+        Mode("aio-inline", handler_threads=0, about="grpc.aio, handlers on the event loop"),
+        Mode("aio-t1", about="grpc.aio, handlers on 1 thread"),
+        Mode("aio-t2", handler_threads=2, about="grpc.aio, handlers on 2 threads"),
+        Mode("aio-t1-si1ms", switch_interval_s=0.001, about="aio-t1, GIL switch interval 1 ms"),
+        Mode("aio-t1-w2", workers=2, about="aio-t1 in 2 processes"),
+        Mode(
+            "aio-t1-w2-si1ms",
+            workers=2,
+            switch_interval_s=0.001,
+            about="aio-t1 in 2 processes, GIL switch interval 1 ms",
+        ),
+    )
+}
+DEFAULT_MODES = ",".join(MODES)
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's model name and the SIMD flags that matter to FAISS and onnxruntime."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = sorted(f for f in flags if f == "avx2" or f.startswith("avx512") or f == "avx_vnni")
+    return {"model": model, "cpus": os.cpu_count(), "flags": wanted}
+
+
+def load_fastfeat(bundle: Any) -> Any:
+    """The bundle's snapshot with a synthetic featurizer of ~0.25 ms per call.
+
+    FAISS retrieval and the int8 ONNX ranker are the bundle's own; the features are numpy work
+    of what the coming featurizer costs, in the ranker's input width (their values are
+    meaningless, so the answers are too). Written against the snapshot's featurizer only
+    through its candidate rows, so it survives changes to the featurizer's signature.
+    """
     from slimrank.serving.loader import default_loaders, serving_spec
 
-    if not (DEMO_BUNDLES / "CURRENT").is_file():
-        return f"ml100k skipped: no {DEMO_BUNDLES.relative_to(ROOT)}/CURRENT (run make demo)"
+    snapshot = default_loaders()[str(serving_spec(bundle)["kind"])](bundle)
+    fast = FastFeatures(snapshot.n_items, ranker_width(snapshot))
+    names = {f.name for f in dataclasses.fields(snapshot)}
+    swap = {name: fast for name in ("featurize", "featurize_history") if name in names}
+    return dataclasses.replace(snapshot, **swap)
+
+
+def ranker_width(snapshot: Any) -> int:
+    """Features per candidate the snapshot's ranker takes (the ONNX scorer's input width)."""
+    scorer = getattr(snapshot.score, "__self__", None)
+    width = getattr(scorer, "input_dim", None)
+    if not isinstance(width, int):
+        raise TypeError("the snapshot's score is not a Scorer method: cannot tell its width")
+    return width
+
+
+def candidate_rows(args: tuple[Any, ...]) -> np.ndarray:
+    """The candidate item rows among a featurizer's arguments (an int array, or ``.rows``)."""
+    for arg in reversed(args):
+        rows = getattr(arg, "rows", arg)
+        if isinstance(rows, np.ndarray) and rows.ndim == 1 and rows.dtype.kind in "iu":
+            return rows
+    raise TypeError("no candidate rows among the featurizer's arguments")
+
+
+class FastFeatures:
+    """``(m, F)`` float32 features from a random item table, with ``reps`` elementwise rounds.
+
+    Elementwise numpy only (no BLAS, so no threads of its own): ``FAST_REPS`` rounds on
+    200 x ~260 features cost about what the coming featurizer does (~0.25 ms).
+    """
+
+    def __init__(self, n_items: int, n_features: int, reps: int = 0) -> None:
+        rng = np.random.default_rng(0)
+        self.table = rng.standard_normal((n_items, n_features)).astype(np.float32)
+        self.reps = reps or FAST_REPS
+
+    def __call__(self, *args: Any) -> np.ndarray:
+        x = self.table[candidate_rows(args) % len(self.table)]  # (m, F)
+        for _ in range(self.reps):
+            x = np.tanh(x) * 0.5 + x * 0.25  # (m, F)
+        return x
+
+
+class EchoRecommender:
+    """A Recommender servicer answering every Recommend with one canned, real-sized answer.
+
+    The answer is the real servicer's for the bundle's first user, computed once.
+    """
+
+    def __init__(self, holder: Any, config: Any, metrics: Any) -> None:
+        from slimrank.serving.proto.slimrank.v1 import recommender_pb2
+        from slimrank.serving.servicer import RecommenderServicer
+
+        real = RecommenderServicer(holder, config, metrics)
+        request = recommender_pb2.RecommendRequest(user_id=str(holder.get().user_ids[0]), k=K)
+        self._answer = real.Recommend(request, _LocalContext())
+
+    def Recommend(self, request: Any, context: Any) -> Any:
+        return self._answer
+
+    def Search(self, request: Any, context: Any) -> Any:
+        return self._answer
+
+
+class _LocalContext:
+    """The servicer context of a call made in-process (no deadline; abort raises)."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    def code(self) -> None:
+        return None
+
+    def abort(self, code: Any, details: str) -> None:
+        raise RuntimeError(f"{code}: {details}")
+
+
+def role_mode_serve(spec_json: str) -> int:
+    """Serve the ml-100k bundle in one mode (variant ml100k, fastfeat or echo) until SIGTERM."""
+    from slimrank.serving.config import ReloadConfig, ServerConfig
+    from slimrank.serving.workers import ServeSpec, serve_one, serve_workers
+
+    spec = json.loads(spec_json)
+    variant, workers = spec["variant"], int(spec["workers"])
+    server = ServerConfig(port=0, metrics_port=None, **spec["server"])
+    serve_spec = ServeSpec(
+        Path(spec["bundles"]),
+        server,
+        ReloadConfig(poll_interval_s=0),
+        loaders={"pipeline": load_fastfeat} if variant == "fastfeat" else {},
+        recommender=EchoRecommender if variant == "echo" else None,
+    )
+
+    def ready(port: int, mport: int | None, pids: list[int]) -> None:
+        print(f"serving on 127.0.0.1:{port} metrics - pids {','.join(map(str, pids))}", flush=True)
+
+    if workers == 1:
+        return serve_one(serve_spec, ready)
+    return serve_workers(serve_spec, workers, ready)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One open-loop run of one mode and variant at one offered rate."""
+
+    mode: str
+    variant: str
+    offered_rate: float
+    duration_s: float
+    sent: int
+    ok: int
+    refused: int  # RESOURCE_EXHAUSTED
+    failed: dict[str, int]  # every other non-OK code
+    goodput: float  # OK answers per second: OK calls x offered rate / calls sent
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    refusal_p50_ms: float
+    refusal_p99_ms: float
+    send_lag_p50_ms: float
+    send_lag_p99_ms: float
+    loadgen_cpu_ms_per_call: float
+    server_cpu_cores: float  # server CPU seconds per second of the run, all its processes
+    loadavg_before: list[float]
+    loadavg_after: list[float]
+    channels: int
+    held: bool
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return total
+
+
+def load_run(
+    server: ServerProcess,
+    mode: Mode,
+    variant: str,
+    requests: list[bytes],
+    rate: float,
+    duration_s: float,
+    args: argparse.Namespace,
+    balance_dir: Path | None,
+    seed: int = 0,
+) -> Run:
+    """Run bench/loadgen.py once against ``server``; summarize what it saw."""
+    import base64
+    import tempfile
+
+    n = max(1, int(max(duration_s * rate, min(args.min_calls, 60 * rate))))
+    job = {
+        "target": server.target,
+        "method": RECOMMEND,
+        "requests": [base64.b64encode(r).decode() for r in requests],
+        "rate": rate,
+        "n": n,
+        "seed": seed,
+        "timeout_s": 2.0,
+        "client": args.client,
+        "channels": args.channels,
+        "workers": mode.workers,
+        "balance_dir": None if balance_dir is None else str(balance_dir),
+        "warmup": 100,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.npz"
+        job_path.write_text(json.dumps(job))
+        loadavg_before = [round(x, 2) for x in os.getloadavg()]
+        cpu0, t0 = _cpu_seconds(server.pids), time.perf_counter()
+        subprocess.run(
+            [sys.executable, str(LOADGEN), str(job_path), str(out_path)],
+            check=True,
+            cwd=ROOT,
+            timeout=n / rate + 120,
+        )
+        cpu1, t1 = _cpu_seconds(server.pids), time.perf_counter()
+        out = np.load(out_path)
+        schedule, sent, done, codes = out["schedule"], out["sent"], out["done"], out["codes"]
+        meta = json.loads(str(out["meta"]))
+    latency = (done - schedule) * 1000  # (n,) ms from the scheduled send
+    ok = codes == 0
+    refused = codes == grpc_code("RESOURCE_EXHAUSTED")
+    failed: dict[str, int] = {}
+    for code in np.unique(codes[~ok & ~refused]):
+        failed[grpc_name(int(code))] = int((codes == code).sum())
+    span = float(schedule[-1]) if n > 1 else duration_s
+    ok_lat = latency[ok]
+    p99 = _pct(ok_lat, 99)
+    bad = int(n - ok.sum())
+    return Run(
+        mode=mode.name,
+        variant=variant,
+        offered_rate=rate,
+        duration_s=round(span, 2),
+        sent=n,
+        ok=int(ok.sum()),
+        refused=int(refused.sum()),
+        failed=failed,
+        goodput=round(float(ok.sum()) * rate / n, 1),  # OK answers per second offered
+        p50_ms=_pct(ok_lat, 50),
+        p95_ms=_pct(ok_lat, 95),
+        p99_ms=p99,
+        max_ms=float(ok_lat.max()) if ok_lat.size else float("nan"),
+        refusal_p50_ms=_pct(latency[refused], 50),
+        refusal_p99_ms=_pct(latency[refused], 99),
+        send_lag_p50_ms=_pct((sent - schedule) * 1000, 50),
+        send_lag_p99_ms=_pct((sent - schedule) * 1000, 99),
+        loadgen_cpu_ms_per_call=round(meta["cpu_s"] * 1000 / n, 4),
+        server_cpu_cores=round((cpu1 - cpu0) / (t1 - t0), 3),
+        loadavg_before=loadavg_before,
+        loadavg_after=[round(x, 2) for x in os.getloadavg()],
+        channels=int(meta["channels"]),
+        held=bool(p99 <= HOLD_P99_MS and bad <= HOLD_MAX_BAD * n),
+    )
+
+
+def grpc_code(name: str) -> int:
+    import grpc
+
+    return int(grpc.StatusCode[name].value[0])
+
+
+def grpc_name(number: int) -> str:
+    import grpc
+
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.name
+    return f"code {number}"
+
+
+def start_mode(mode: Mode, variant: str, bundles: Path) -> tuple[ServerProcess, Path | None]:
+    """Start a server process for ``mode`` (its multiprocess metrics dir with workers > 1)."""
+    import tempfile
+
+    spec = {
+        "variant": variant,
+        "workers": mode.workers,
+        "bundles": str(bundles),
+        "server": mode.server(),
+    }
+    env: dict[str, str] = {}
+    balance_dir = None
+    if mode.workers > 1:
+        balance_dir = Path(tempfile.mkdtemp(prefix="slimrank-bench-metrics-"))
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(balance_dir)
+    me = [sys.executable, str(Path(__file__).resolve())]
+    server = ServerProcess([*me, "--role", "mode-serve", "--spec", json.dumps(spec)], env=env)
+    return server, balance_dir
+
+
+def log_run(r: Run) -> None:
+    log.info(
+        "%-14s %-8s %5.0f/s: goodput %6.1f p50 %6.2f p99 %7.2f ms refused %d (p99 %.2f ms) "
+        "failed %s lag p99 %.2f ms server %.2f cores load %s",
+        r.mode,
+        r.variant,
+        r.offered_rate,
+        r.goodput,
+        r.p50_ms,
+        r.p99_ms,
+        r.refused,
+        r.refusal_p99_ms,
+        r.failed or "-",
+        r.send_lag_p99_ms,
+        r.server_cpu_cores,
+        r.loadavg_after,
+    )
+
+
+def sweep_mode(
+    mode: Mode,
+    variant: str,
+    bundles: Path,
+    requests: list[bytes],
+    rates: list[float],
+    args: argparse.Namespace,
+    overload: bool,
+) -> list[Run]:
+    """Rates in order until saturation (or two not held in a row); then, with ``overload``,
+    twice the highest rate held."""
+    server, balance_dir = start_mode(mode, variant, bundles)
+    runs: list[Run] = []
     try:
-        kind = serving_spec(open_bundle(DEMO_BUNDLES))["kind"]
-    except Exception as err:  # any reason the demo bundle cannot be read is a skip
-        return f"ml100k skipped: {type(err).__name__}: {err}"
-    if kind not in default_loaders():
-        return f"ml100k skipped: bundle kind {kind!r} has no serving loader yet"
-    argv = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(DEMO_BUNDLES)]
-    return ServerProcess([*argv, "--port", "0", "--metrics-port", "-1", "--poll-interval", "0"])
+        for rate in rates:
+            run = load_run(server, mode, variant, requests, rate, args.duration, args, balance_dir)
+            log_run(run)
+            runs.append(run)
+            # One p99 spike on a shared machine does not end the sweep; saturation, or two
+            # rates in a row not held, does.
+            saturated = run.goodput < 0.9 * rate or run.sent - run.ok > 0.05 * run.sent
+            if saturated or (len(runs) > 1 and not run.held and not runs[-2].held):
+                break
+        held = [r.offered_rate for r in runs if r.held]
+        if overload and held:
+            run = load_run(
+                server, mode, variant, requests, 2 * max(held), args.duration, args, balance_dir
+            )
+            runs.append(dataclasses.replace(run, variant=f"{variant} overload"))
+            log_run(runs[-1])
+    finally:
+        server.stop()
+    return runs
 
 
-def demo_requests(server: ServerProcess) -> list[bytes]:
-    """Recommend requests for the demo bundle's own users."""
+def in_process_floors(bundles: Path, n: int) -> dict[str, dict[str, float]]:
+    """Per-call costs on one core, in this process: the whole Recommend and its stages.
+
+    Stages are the means of the servicer's own stage histograms (retrieve, features, rank),
+    so this reads the request path only through the servicer and its metrics.
+    """
+    from slimrank.bundle import open_bundle
+    from slimrank.serving.loader import load_snapshot
+
+    bundle = open_bundle(bundles)
+    out = stage_costs(load_snapshot(bundle), "ml100k", n)
+    out.update(stage_costs(load_fastfeat(bundle), "fastfeat", n))
+    return out
+
+
+def stage_costs(snapshot: Any, variant: str, n: int) -> dict[str, dict[str, float]]:
+    """p50/p99 ms of an in-process Recommend, and the mean ms of each stage it timed."""
+    from prometheus_client import CollectorRegistry
+
+    from slimrank.serving.config import ServerConfig
+    from slimrank.serving.metrics import ServingMetrics
+    from slimrank.serving.proto.slimrank.v1 import recommender_pb2
+    from slimrank.serving.servicer import RecommenderServicer
+    from slimrank.serving.snapshot import SnapshotHolder
+
+    registry = CollectorRegistry()
+    servicer = RecommenderServicer(
+        SnapshotHolder(snapshot), ServerConfig(), ServingMetrics(registry)
+    )
+    users = np.random.default_rng(3).integers(0, len(snapshot.user_ids), size=64)
+    reqs = [recommender_pb2.RecommendRequest(user_id=str(snapshot.user_ids[u]), k=K) for u in users]
+    out = {
+        f"Recommend in-process ({variant})": percentiles_ms(
+            lambda i: servicer.Recommend(reqs[i % 64], _LocalContext()), n
+        )
+    }
+    for stage in ("retrieve", "features", "rank"):
+        labels = {"stage": stage}
+        total = registry.get_sample_value("slimrank_stage_duration_seconds_sum", labels) or 0.0
+        count = registry.get_sample_value("slimrank_stage_duration_seconds_count", labels) or 0.0
+        if count:
+            out[f"{stage} mean ({variant})"] = {"mean_ms": 1000 * total / count}
+    return out
+
+
+def batching_floor(bundles: Path, n: int) -> dict[str, float]:
+    """What coalescing B concurrent calls into one FAISS search and one ranker call saves.
+
+    Per-call ms of B separate calls vs one batched call (B = 4): the index search for the
+    bundle's candidate count, and the ranker on that many candidates' features.
+    """
+    from slimrank.bundle import open_bundle
+    from slimrank.serving.loader import load_snapshot
+
+    snapshot = load_snapshot(open_bundle(bundles))
+    search = getattr(snapshot, "search", None) or snapshot.retrieve  # (B, d), n -> (B, n) x2
+    b = 4
+    m = snapshot.n_candidates or 200
+    vectors = np.ascontiguousarray(snapshot.user_vectors[:b])  # (B, d)
+    rng = np.random.default_rng(0)
+    feats = [
+        rng.standard_normal((m, ranker_width(snapshot))).astype(np.float32) for _ in range(b)
+    ]  # B x (m, F)
+    stacked = np.concatenate(feats)  # (B m, F)
+    sep_search = percentiles_ms(lambda i: [search(vectors[j : j + 1], m) for j in range(b)], n)
+    one_search = percentiles_ms(lambda i: search(vectors, m), n)
+    sep_rank = percentiles_ms(lambda i: [snapshot.score(f) for f in feats], n)
+    one_rank = percentiles_ms(lambda i: snapshot.score(stacked), n)
+    return {
+        "batch": b,
+        "search_ms_per_call_separate": round(sep_search["p50_ms"] / b, 4),
+        "search_ms_per_call_batched": round(one_search["p50_ms"] / b, 4),
+        "rank_ms_per_call_separate": round(sep_rank["p50_ms"] / b, 4),
+        "rank_ms_per_call_batched": round(one_rank["p50_ms"] / b, 4),
+    }
+
+
+def loadgen_ceiling(
+    bundles: Path, mode: Mode, requests: list[bytes], rates: list[float], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The load generator's own limit: each client against the echo of ``mode``, fast rates."""
+    out = []
+    server, balance_dir = start_mode(mode, "echo", bundles)
+    try:
+        for client in ("aio", "sync"):
+            for rate in rates:
+                ns = argparse.Namespace(**{**vars(args), "client": client})
+                run = load_run(
+                    server,
+                    mode,
+                    "echo",
+                    requests,
+                    rate,
+                    args.duration,
+                    ns,
+                    balance_dir if client == "aio" else None,
+                )
+                log.info(
+                    "loadgen %-4s %5.0f/s: lag p50 %.2f p99 %.2f ms, %.3f ms CPU per call, "
+                    "echo p99 %.2f ms",
+                    client,
+                    rate,
+                    run.send_lag_p50_ms,
+                    run.send_lag_p99_ms,
+                    run.loadgen_cpu_ms_per_call,
+                    run.p99_ms,
+                )
+                out.append({"client": client, **dataclasses.asdict(run)})
+    finally:
+        server.stop()
+    return out
+
+
+def summarize(runs: list[Run], echo: list[Run]) -> dict[str, Any]:
+    """One mode and variant: highest held rate, latency at 50 and 400/s, the overload run."""
+    normal = [r for r in runs if "overload" not in r.variant]
+    over = next((r for r in runs if "overload" in r.variant), None)
+    held = [r for r in normal if r.held]
+    top = max(held, key=lambda r: r.offered_rate) if held else None
+
+    def at(rs: list[Run], rate: float) -> dict[str, Any] | None:
+        r = next((x for x in rs if x.offered_rate == rate), None)
+        if r is None:
+            return None
+        return {
+            "p50_ms": round(r.p50_ms, 2),
+            "p99_ms": round(r.p99_ms, 2),
+            "refused": r.refused,
+            "failed": sum(r.failed.values()),
+        }
+
+    busy = [r for r in normal if r.offered_rate >= 100 and r.sent - r.ok <= 0.05 * r.sent]
+    out: dict[str, Any] = {
+        "highest_held": None if top is None else top.offered_rate,
+        "held_rates": [r.offered_rate for r in held],
+        "server_cores_at_highest": None if top is None else top.server_cpu_cores,
+        # Server CPU per answered call (ms), the median over the unsaturated runs >= 100/s: a
+        # measure of cost that the other tenants of the machine disturb less than latency.
+        "server_cpu_ms_per_call": (
+            round(float(np.median([1000 * r.server_cpu_cores / r.goodput for r in busy])), 3)
+            if busy
+            else None
+        ),
+        "at_50": at(normal, 50),
+        "at_400": at(normal, 400),
+        "echo_at_50": at(echo, 50),
+        "echo_at_400": at(echo, 400),
+    }
+    r400 = at(normal, 400)
+    out["p99_le_10ms_at_400_clean"] = (
+        None if r400 is None else r400["p99_ms"] <= 10 and not r400["refused"] + r400["failed"]
+    )
+    if over is not None:
+        out["overload"] = {
+            "offered": over.offered_rate,
+            "goodput": over.goodput,
+            "goodput_at_capacity": None if top is None else top.goodput,
+            "accepted_p99_ms": round(over.p99_ms, 2),
+            "refused": over.refused,
+            "refusal_p99_ms": round(over.refusal_p99_ms, 2),
+            "failed": over.failed,
+            "sent": over.sent,
+        }
+    return out
+
+
+def run_ml100k(args: argparse.Namespace) -> int:
+    """Every mode on the ml-100k bundle (and the fastfeat variant), with its echo and overload."""
+    if not (args.demo_bundles / "CURRENT").is_file():
+        log.error("no %s/CURRENT: run make demo first", args.demo_bundles)
+        return 1
+    import grpc
+
+    modes = [MODES[m] for m in args.modes.split(",")]
+    variants = args.variants.split(",")
+    rates = [float(r) for r in args.ml_rates.split(",")]
+    loadavg_before = [round(x, 2) for x in os.getloadavg()]
+    requests = demo_requests_from(args.demo_bundles)
+    floors = in_process_floors(args.demo_bundles, args.floor_calls)
+    log.info("in-process floors: %s", json.dumps(floors))
+    batching = batching_floor(args.demo_bundles, args.floor_calls)
+    log.info("batching: %s", batching)
+    all_runs: list[Run] = []
+    summary: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        by_variant = {
+            variant: sweep_mode(mode, variant, args.demo_bundles, requests, rates, args, True)
+            for variant in variants
+        }
+        # The floor: the echo through the same server at the rates the variants ran.
+        ran = {r.offered_rate for runs in by_variant.values() for r in runs}
+        echo_rates = [r for r in rates if r in ran]
+        echo = sweep_mode(mode, "echo", args.demo_bundles, requests, echo_rates, args, False)
+        all_runs += echo
+        for variant, runs in by_variant.items():
+            all_runs += runs
+            summary[f"{mode.name} / {variant}"] = summarize(runs, echo)
+    ceiling: list[dict[str, Any]] = []
+    if args.loadgen_ceiling:
+        best = MODES[args.ceiling_mode]
+        ceiling = loadgen_ceiling(
+            args.demo_bundles,
+            best,
+            requests,
+            [float(r) for r in args.ceiling_rates.split(",")],
+            args,
+        )
+    report = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, "
+        f"Python {platform.python_version()}, grpcio {grpc.__version__}",
+        "cpu": cpu_features(),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "bundle": str(args.demo_bundles),
+        "bundle_version": (args.demo_bundles / "CURRENT").read_text().strip(),
+        "featurizer": featurizer_note(),
+        "client": args.client,
+        "channels": args.channels,
+        "duration_s_per_rate": args.duration,
+        "min_calls": args.min_calls,
+        "modes": {m.name: dataclasses.asdict(m) for m in modes},
+        "summary": summary,
+        "floors": floors,
+        "batching": batching,
+        "loadgen_ceiling": ceiling,
+        "runs": [dataclasses.asdict(r) for r in all_runs],
+        "command": " ".join(sys.argv),
+    }
+    md = modes_markdown(report)
+    print(md)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / MODES_JSON).write_text(json.dumps(report, indent=2) + "\n")
+        (RESULTS / MODES_MD).write_text(md)
+        log.info("wrote %s and %s", RESULTS / MODES_JSON, RESULTS / MODES_MD)
+    return 0
+
+
+def featurizer_note() -> str:
+    """Which featurizer the numbers are with: the last commit of ranking/features.py."""
+    try:
+        out = subprocess.run(
+            ["git", "log", "-1", "--format=%h %cs %s", "--", "slimrank/ranking/features.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def demo_requests_from(bundles: Path, n: int = 1000) -> list[bytes]:
+    """Recommend requests (k = 10) for random known users of the bundle."""
     from slimrank.bundle import open_bundle
     from slimrank.serving.loader import load_snapshot
     from slimrank.serving.proto.slimrank.v1 import recommender_pb2
 
-    users = load_snapshot(open_bundle(DEMO_BUNDLES)).user_ids
-    pick = np.random.default_rng(1).integers(0, len(users), size=1000)
+    users = load_snapshot(open_bundle(bundles)).user_ids
+    pick = np.random.default_rng(1).integers(0, len(users), size=n)
     return [
         recommender_pb2.RecommendRequest(user_id=str(users[u]), k=K).SerializeToString()
         for u in pick
     ]
 
 
+def _fmt(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "-"
+    bad = p["refused"] + p["failed"]
+    return f"{p['p50_ms']:.2f} / {p['p99_ms']:.2f}" + (f" ({bad} bad)" if bad else "")
+
+
+def modes_markdown(report: dict[str, Any]) -> str:
+    cpu = report["cpu"]
+    lines = [
+        "# Serving modes on the ml-100k bundle (open loop)",
+        "",
+        f"{report['date']} · {report['machine']} · {cpu['model']} · flags "
+        f"{' '.join(cpu['flags']) or '-'} · load average before/after "
+        f"{report['loadavg_before']} / {report['loadavg_after']}",
+        "",
+        f"Bundle `{report['bundle_version']}`; featurizer at `{report['featurizer']}`. "
+        f"Client: {report['client']} load generator in its own process, "
+        f"{report['channels']} connections, pre-serialized requests; "
+        f"{report['duration_s_per_rate']:.0f} s per rate (at least {report['min_calls']} calls). "
+        f"Held = p99 <= {HOLD_P99_MS:.0f} ms with at most {HOLD_MAX_BAD:.1%} of calls refused "
+        "or failed. Latency is from the scheduled send time, in ms (p50 / p99).",
+        "",
+        "| mode | variant | held calls/s | server CPU ms/call | cores at held | "
+        "p50 / p99 at 50/s | echo at 50/s | p50 / p99 at 400/s | echo at 400/s | "
+        "overload offered | goodput (at capacity) | accepted p99 | refused | refusal p99 | "
+        "other failures |",
+        "|---|---|---:|---:|---:|---|---|---|---|---:|---|---:|---:|---:|---|",
+    ]
+    for key, s in report["summary"].items():
+        mode, variant = key.split(" / ")
+        o = s.get("overload")
+        over = (
+            [
+                f"{o['offered']:.0f}",
+                f"{o['goodput']:.0f} ({o['goodput_at_capacity']:.0f})",
+                f"{o['accepted_p99_ms']:.1f}",
+                f"{o['refused']}/{o['sent']}",
+                f"{o['refusal_p99_ms']:.1f}",
+                ", ".join(f"{k} {v}" for k, v in o["failed"].items()) or "0",
+            ]
+            if o
+            else ["-"] * 6
+        )
+        held = "-" if s["highest_held"] is None else f"{s['highest_held']:.0f}"
+        cores = (
+            "-" if s["server_cores_at_highest"] is None else f"{s['server_cores_at_highest']:.2f}"
+        )
+        cpu = "-" if s["server_cpu_ms_per_call"] is None else f"{s['server_cpu_ms_per_call']:.2f}"
+        lines.append(
+            f"| {mode} | {variant} | {held} | {cpu} | {cores} | {_fmt(s['at_50'])} | "
+            f"{_fmt(s['echo_at_50'])} | {_fmt(s['at_400'])} | {_fmt(s['echo_at_400'])} | "
+            + " | ".join(over)
+            + " |"
+        )
+    lines += ["", "Modes:", ""]
+    for name, m in report["modes"].items():
+        lines.append(
+            f"- `{name}`: {m['about']} (engine {m['engine']}, handler threads "
+            f"{m['handler_threads']}, workers {m['workers']}, max_inflight {m['max_inflight']}, "
+            f"max_wait {m['max_wait_s']}, switch interval {m['switch_interval_s'] or 'default'})"
+        )
+    lines += ["", "In-process costs per call (one core, this process):", ""]
+    lines += ["| stage | p50 ms | p99 ms |", "|---|---:|---:|"]
+    for stage, p in report["floors"].items():
+        if "mean_ms" in p:
+            lines.append(f"| {stage} | {p['mean_ms']:.3f} (mean) | |")
+        else:
+            lines.append(f"| {stage} | {p['p50_ms']:.3f} | {p['p99_ms']:.3f} |")
+    b = report["batching"]
+    lines += [
+        "",
+        f"Batching {b['batch']} calls into one: FAISS search {b['search_ms_per_call_separate']:.3f}"
+        f" -> {b['search_ms_per_call_batched']:.3f} ms per call, ranker "
+        f"{b['rank_ms_per_call_separate']:.3f} -> {b['rank_ms_per_call_batched']:.3f} ms per call.",
+    ]
+    if report["loadgen_ceiling"]:
+        lines += [
+            "",
+            "Load generator ceiling (against the echo):",
+            "",
+            "| client | offered/s | send lag p50 / p99 ms | CPU ms per call | echo p50 / p99 ms |",
+            "|---|---:|---|---:|---|",
+        ]
+        for r in report["loadgen_ceiling"]:
+            lines.append(
+                f"| {r['client']} | {r['offered_rate']:.0f} | {r['send_lag_p50_ms']:.2f} / "
+                f"{r['send_lag_p99_ms']:.2f} | {r['loadgen_cpu_ms_per_call']:.3f} | "
+                f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} |"
+            )
+    lines += [
+        "",
+        "All runs:",
+        "",
+        "| mode | variant | offered/s | goodput | p50 | p95 | p99 | max | refused | refusal p99 "
+        "| failed | lag p99 | server cores | load before -> after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for r in report["runs"]:
+        failed = ", ".join(f"{k} {v}" for k, v in r["failed"].items()) or "0"
+        lines.append(
+            f"| {r['mode']} | {r['variant']} | {r['offered_rate']:.0f} | {r['goodput']:.0f} | "
+            f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} | "
+            f"{r['refused']} | {r['refusal_p99_ms']:.2f} | {failed} | {r['send_lag_p99_ms']:.2f} "
+            f"| {r['server_cpu_cores']:.2f} | {r['loadavg_before'][0]} -> "
+            f"{r['loadavg_after'][0]} |"
+        )
+    lines += ["", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="100k items, 3 s per rate")
-    parser.add_argument("--items", type=int, default=0, help="catalog size (default 1M)")
-    parser.add_argument("--rates", default="50,100,200,400,800", help="offered calls/s")
+    parser.add_argument(
+        "--targets", default="synthetic,ml100k", help="synthetic and/or ml100k (default both)"
+    )
+    parser.add_argument("--quick", action="store_true", help="synthetic: 100k items, 3 s per rate")
+    parser.add_argument("--items", type=int, default=0, help="synthetic: catalog size (1M)")
+    parser.add_argument("--rates", default="50,100,200,400,800", help="synthetic: offered calls/s")
     parser.add_argument("--duration", type=float, default=0, help="seconds per rate")
-    parser.add_argument("--workers", default="1,2", help="server processes to compare")
+    parser.add_argument("--workers", default="1,2", help="synthetic: server processes to compare")
+    parser.add_argument("--modes", default=DEFAULT_MODES, help="ml100k: server modes to compare")
+    parser.add_argument(
+        "--variants", default="ml100k,fastfeat", help="ml100k: the bundle as is, and/or fastfeat"
+    )
+    parser.add_argument(
+        "--ml-rates",
+        default="50,100,200,300,400,500,600,800,1000,1200,1400,1600,2000,2400",
+        help="ml100k: offered calls/s, in order until one is not held",
+    )
+    parser.add_argument("--client", choices=("aio", "sync"), default="aio", help="load generator")
+    parser.add_argument("--channels", type=int, default=8, help="connections the client opens")
+    parser.add_argument(
+        "--min-calls", type=int, default=1000, help="ml100k: calls per rate, at least"
+    )
+    parser.add_argument("--floor-calls", type=int, default=500, help="ml100k: in-process timings")
+    parser.add_argument("--demo-bundles", type=Path, default=DEMO_BUNDLES, help="ml100k bundles")
+    parser.add_argument(
+        "--loadgen-ceiling", action="store_true", help="ml100k: measure the load generator too"
+    )
+    parser.add_argument("--ceiling-mode", default="aio-t1-w2", help="the echo it is measured on")
+    parser.add_argument("--ceiling-rates", default="1000,2000,3000")
     parser.add_argument("--no-save", action="store_true", help="print only")
-    parser.add_argument("--role", choices=("bench", "serve", "echo"), default="bench")
+    parser.add_argument("--role", choices=("bench", "serve", "echo", "mode-serve"), default="bench")
     parser.add_argument("--bundles", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
@@ -586,7 +1362,16 @@ def main() -> int:
         return role_serve(args.bundles, args.n)
     if args.role == "echo":
         return role_echo(args.n)
-    return run(args)
+    if args.role == "mode-serve":
+        return role_mode_serve(args.spec)
+    targets = args.targets.split(",")
+    code = 0
+    if "synthetic" in targets:
+        code |= run_synthetic(args)
+    if "ml100k" in targets:
+        args.duration = args.duration or 10.0
+        code |= run_ml100k(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -208,7 +208,8 @@ def test_deadline_reached_during_retrieval_skips_ranking(start: Callable[..., Ru
 
 def test_calls_beyond_max_inflight_are_shed_at_once(start: Callable[..., Running]) -> None:
     snap, entered, release = blocking(random_snapshot("v1", dim=DIM))
-    r = start(snap, ServerConfig(max_inflight=2, max_workers=4))
+    # Two handler threads, so that both admitted calls are inside the model at once.
+    r = start(snap, ServerConfig(max_inflight=2, max_workers=4, handler_threads=2))
     stub = recommender_pb2_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{r.port}"))
     request = recommender_pb2.RecommendRequest(user_id="u1", k=3)
     busy = [stub.Recommend.future(request, timeout=10) for _ in range(2)]
@@ -529,32 +530,23 @@ def test_a_failing_ranker_answers_internal_without_details(start: Callable[..., 
     assert r.sample("slimrank_grpc_requests_total", labels) == 1
 
 
-def test_queue_stage_measures_the_wait_for_a_worker(start: Callable[..., Running]) -> None:
+def test_queue_stage_measures_the_wait_for_a_handler_thread(start: Callable[..., Running]) -> None:
     snap, entered, release = blocking(random_snapshot("v1", dim=DIM))
-    reload_entered, reload_release = threading.Event(), threading.Event()
-
-    def slow_load(version: str | None) -> ModelSnapshot:
-        reload_entered.set()
-        reload_release.wait(10)
-        return random_snapshot("v2", dim=DIM, seed=2)
-
-    # Two workers: one held by the reload, one by a Recommend; a third call must queue.
-    r = start(snap, ServerConfig(max_inflight=1, max_workers=2, max_pending_rpcs=8), slow_load)
-    pool = futures.ThreadPoolExecutor(3)
-    reloading = pool.submit(r.client.reload, "v2")
-    assert reload_entered.wait(5)
+    # One handler thread, two calls admitted: the second waits for the thread, a third is
+    # refused at once rather than queued.
+    r = start(snap, ServerConfig(max_inflight=2, handler_threads=1))
+    pool = futures.ThreadPoolExecutor(2)
     first = pool.submit(r.client.recommend, "u1", 3)
     assert entered.acquire(timeout=5)
     queued = pool.submit(r.client.recommend, "u2", 3)
     time.sleep(0.4)
     assert not queued.done()
-    reload_release.set()
     with pytest.raises(grpc.RpcError) as info:
-        queued.result(timeout=5)  # got the reload's worker, then found the one slot taken
+        r.client.recommend("u3", 3)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     release.set()
     assert first.result(timeout=5).model_version == "v1"
-    assert reloading.result(timeout=5).reloaded
+    assert queued.result(timeout=5).model_version == "v1"
     pool.shutdown()
     waited = r.sample("slimrank_stage_duration_seconds_count", {"stage": "queue"}) - r.sample(
         "slimrank_stage_duration_seconds_bucket", {"stage": "queue", "le": "0.25"}

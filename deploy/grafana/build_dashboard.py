@@ -140,8 +140,8 @@ PANELS: tuple[Panel, ...] = (
     ),
     Panel(
         "In-flight and shed calls",
-        "Calls being served now, and calls shed per second with RESOURCE_EXHAUSTED because "
-        "the in-flight bound was reached.",
+        "Calls being served now, and calls shed per second: refused with RESOURCE_EXHAUSTED "
+        "on arrival, because the calls in progress would have kept them waiting too long.",
         "short",
         (
             Target(

@@ -6,18 +6,39 @@ import dataclasses
 
 from slimrank.config import Config, require
 
+ENGINES = ("aio", "sync")
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig(Config):
     """How the gRPC server binds, bounds its work and validates requests.
 
-    Recommender calls beyond ``max_inflight`` are shed at once with RESOURCE_EXHAUSTED (and
-    counted); ``max_workers`` must exceed it so that rejections and health checks still find a
-    thread while ``max_inflight`` calls are busy. ``max_pending_rpcs`` is grpc's own hard bound
-    on accepted calls of every kind; calls beyond it are rejected by grpc before any
-    interceptor runs, so they are not in the shed metric.
+    ``engine`` "aio" (grpc.aio): each call is admitted or refused on the event loop when it
+    arrives, before it waits anywhere. Recommender calls beyond ``max_inflight`` in progress
+    (running or waiting for the loop or a handler thread) and calls of any kind beyond
+    ``max_pending_rpcs`` are refused at once with RESOURCE_EXHAUSTED, and every refusal is
+    counted in the shed metric. Recommender handlers run on ``handler_threads`` threads, or
+    inline on the event loop when it is 0; other sync handlers (Admin) on up to
+    ``max_workers`` threads of their own.
+
+    ``engine`` "sync" (the thread-pool ``grpc.server``, kept for comparison): Recommender
+    calls beyond ``max_inflight`` are shed once they reach a worker thread; ``max_workers``
+    must exceed it so that rejections and health checks still find a thread.
+    ``max_pending_rpcs`` is grpc's own bound on accepted calls there; its rejections happen
+    before any interceptor runs and are not counted.
+
+    With ``max_wait_s`` (aio), a Recommender call is also refused when the calls in progress
+    are expected to keep it waiting longer than that (their number x the mean handler time /
+    ``handler_threads``), so accepted calls stay fast whatever a call costs; None: only
+    ``max_inflight`` bounds them.
+
+    ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
     """
 
+    engine: str = "aio"
+    handler_threads: int = 1
+    max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 10 ms by default
+    switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
     max_workers: int = 12
@@ -37,6 +58,28 @@ class ServerConfig(Config):
     so_reuseport: bool = False
 
     def __post_init__(self) -> None:
+        require(self.engine in ENGINES, self, "engine", self.engine, f"must be one of {ENGINES}")
+        require(
+            self.handler_threads >= 0,
+            self,
+            "handler_threads",
+            self.handler_threads,
+            "must be >= 0 (0: inline on the event loop)",
+        )
+        require(
+            self.switch_interval_s is None or self.switch_interval_s > 0,
+            self,
+            "switch_interval_s",
+            self.switch_interval_s,
+            "must be None or > 0",
+        )
+        require(
+            self.max_wait_s is None or self.max_wait_s > 0,
+            self,
+            "max_wait_s",
+            self.max_wait_s,
+            "must be None or > 0",
+        )
         require(bool(self.host), self, "host", self.host, "must not be empty")
         require(0 <= self.port < 65536, self, "port", self.port, "must be in [0, 65535]")
         require(self.max_inflight >= 1, self, "max_inflight", self.max_inflight, "must be >= 1")

@@ -1,4 +1,7 @@
-"""Server interceptors: per-call metrics and the bound on concurrent model calls.
+"""The sync engine's interceptors: per-call metrics and the bound on concurrent model calls.
+
+(``engine="sync"``, kept for comparison; the default grpc.aio engine admits calls and records
+the same metrics in :mod:`slimrank.serving.aio_engine`.)
 
 grpc's sync server runs ``intercept_service`` on its polling thread and the returned handler
 on a worker thread, so a wrapper that notes the time in the first and reads it in the second

@@ -66,7 +66,7 @@ class ServingMetrics:
         )
         self.stage_duration = Histogram(
             "slimrank_stage_duration_seconds",
-            "Time per serving stage: queue (accepted to handler start), retrieve, features, rank.",
+            "Time per serving stage: queue (admitted to handler start), retrieve, features, rank.",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
@@ -80,7 +80,8 @@ class ServingMetrics:
         )
         self.shed = Counter(
             "slimrank_shed_requests",
-            "Calls rejected with RESOURCE_EXHAUSTED because max_inflight calls were running.",
+            "Calls refused with RESOURCE_EXHAUSTED when they arrived (admission: max_inflight, "
+            "max_wait_s or max_pending_rpcs).",
             registry=registry,
         )
         # A gauge, not an Info: prometheus_client's multiprocess mode drops Info metrics.

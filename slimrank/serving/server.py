@@ -7,17 +7,23 @@ balancers stop sending, then lets in-flight calls finish within the grace period
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from slimrank.serving.admission import Admission
+from slimrank.serving.aio_engine import LoopThread, ServingInterceptor, loop_thread
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.interceptors import ConcurrencyLimitInterceptor, MetricsInterceptor
 from slimrank.serving.metrics import MetricsEndpoint, ServingMetrics, start_metrics_endpoint
@@ -36,6 +42,10 @@ RECOMMENDER = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_na
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICES = ("", RECOMMENDER, ADMIN)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+LISTENER_CLOSE_S = 2.0  # how long a stop waits, at most, for grpc.aio to close its listeners
+
+# (holder, config, metrics) -> the Recommender servicer a server uses.
+RecommenderFactory = Callable[[SnapshotHolder, ServerConfig, ServingMetrics], Any]
 
 
 class SlimrankServer:
@@ -43,27 +53,39 @@ class SlimrankServer:
 
     def __init__(
         self,
-        server: grpc.Server,
-        health_servicer: health.HealthServicer,
+        server: grpc.Server | grpc.aio.Server,
+        health_servicer: health.HealthServicer | health.aio.HealthServicer,
         metrics: ServingMetrics,
         endpoint: MetricsEndpoint | None,
         grace_s: float,
+        loop: LoopThread | None = None,
+        pools: Sequence[futures.ThreadPoolExecutor] = (),
     ) -> None:
         self.server = server
         self.health = health_servicer
         self.metrics = metrics
         self.metrics_endpoint = endpoint
         self._grace_s = grace_s
+        self._loop = loop  # None: the sync engine
+        self._pools = tuple(pools)
+        self._stopped: threading.Event | None = None
+        self._address: tuple[str, int] | None = None  # where a stop checks the listener closed
 
     @property
     def metrics_port(self) -> int | None:
         """Port of the HTTP /metrics endpoint, or None when it was not started."""
         return None if self.metrics_endpoint is None else self.metrics_endpoint.port
 
+    def _set_health(self, service: str, status: int) -> None:
+        if self._loop is None:
+            self.health.set(service, status)
+        else:
+            self._loop.run(self.health.set(service, status))
+
     def mark_serving(self) -> None:
         """Report SERVING for the server and each service (call after warm-up)."""
         for service in HEALTH_SERVICES:
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self._set_health(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving")
 
     def shutdown(self, grace: float | None = None) -> threading.Event:
@@ -72,17 +94,55 @@ class SlimrankServer:
         Returns the event set once the server has stopped; wait on it to block.
         """
         grace = self._grace_s if grace is None else grace
-        self.health.enter_graceful_shutdown()
         log.info("shutting down, grace %.1f s", grace)
-        stopped = self.server.stop(grace)
+        if self._loop is None:
+            self.health.enter_graceful_shutdown()
+            stopped = self.server.stop(grace)
+        elif self._stopped is not None:
+            stopped = self._stopped
+        else:
+            self._loop.run(self.health.enter_graceful_shutdown())
+            stopped = self._stopped = threading.Event()
+            # Returns once grpc stops taking calls, like the sync server's stop().
+            self._loop.run(self._begin_stop(grace, stopped))
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
             self.metrics_endpoint = None
         return stopped
 
+    async def _begin_stop(self, grace: float, stopped: threading.Event) -> None:
+        """Start stopping the aio server; return once it has stopped taking calls."""
+        task = asyncio.ensure_future(self.server.stop(grace))
+        task.add_done_callback(lambda _: self._stopped_aio(stopped))
+        await asyncio.sleep(0)  # stop()'s first step asks grpc to close the listeners
+        # grpc closes them asynchronously: a call that connects before that is cancelled
+        # instead of refused with UNAVAILABLE (which clients retry elsewhere). Wait for it.
+        await _listener_closed(self._address, LISTENER_CLOSE_S)
+
+    def _stopped_aio(self, stopped: threading.Event) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        stopped.set()
+
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout``); True if it timed out."""
-        return self.server.wait_for_termination(timeout)
+        if self._loop is None:
+            return self.server.wait_for_termination(timeout)
+        return bool(self._loop.run(self.server.wait_for_termination(timeout)))
+
+
+async def _listener_closed(address: tuple[str, int] | None, timeout: float) -> None:
+    """Return once ``address`` refuses connections (or after ``timeout`` s)."""
+    if address is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*address), 0.2)
+        except (TimeoutError, OSError):
+            return
+        writer.close()
+        await asyncio.sleep(0.005)
 
 
 def create_server(
@@ -95,44 +155,71 @@ def create_server(
     reload_lock: threading.Lock | None = None,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    recommender: RecommenderFactory | None = None,
 ) -> tuple[SlimrankServer, int]:
     """Build, bind and start the server; returns it (health NOT_SERVING) and its bound port.
 
     With ``warm`` the served snapshot is warmed up before the port opens. ``reload_lock`` is
     shared with a bundle watcher; ``credentials`` bind a TLS port instead of a plaintext one;
-    ``interceptors`` (e.g. admin auth) run after the metrics one and before the load bound.
+    ``interceptors`` (e.g. admin auth) run after admission and metrics, before the handler.
+    ``recommender(holder, config, metrics)`` builds the Recommender servicer instead of
+    :class:`RecommenderServicer` (the serving benchmark's echo answers through the same server).
     """
     if warm:
         warm_up(holder.get())
+    if config.switch_interval_s is not None:
+        sys.setswitchinterval(config.switch_interval_s)
     metrics = ServingMetrics(registry)
     holder.subscribe(metrics.observe_model)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="slimrank"),
-        interceptors=[
-            MetricsInterceptor(metrics),
-            *interceptors,
-            ConcurrencyLimitInterceptor(config.max_inflight, metrics),
-        ],
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", int(config.so_reuseport)),
-        ],
-        maximum_concurrent_rpcs=config.max_pending_rpcs,
+    servicers = (
+        (recommender or RecommenderServicer)(holder, config, metrics),
+        AdminServicer(holder, metrics, reload_fn, reload_lock),
     )
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(holder, config, metrics), server
+    if config.engine == "sync":
+        server, health_servicer, port = _start_sync(
+            config, metrics, servicers, credentials, interceptors
+        )
+        loop, pools = None, ()
+    else:
+        loop = loop_thread()
+        server, health_servicer, port, pools = loop.run(
+            _start_aio(config, metrics, servicers, credentials, interceptors)
+        )
+    endpoint = None
+    if config.metrics_port is not None:
+        endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
+    log.info("gRPC (%s) on %s:%d, model %s", config.engine, config.host, port, holder.get().version)
+    slimrank = SlimrankServer(
+        server, health_servicer, metrics, endpoint, config.grace_s, loop, pools
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminServicer(holder, metrics, reload_fn, reload_lock), server
-    )
-    health_servicer = health.HealthServicer()
-    for service in HEALTH_SERVICES:
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if loop is not None and not config.so_reuseport:  # a shared port stays open for the others
+        host = config.host.strip("[]")
+        slimrank._address = (
+            "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host,
+            port,
+        )
+    return slimrank, port
+
+
+def _add_services(
+    server: grpc.Server | grpc.aio.Server,
+    servicers: tuple[RecommenderServicer, AdminServicer],
+    health_servicer: Any,
+    reflection_on: bool,
+) -> None:
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(servicers[0], server)
+    admin_pb2_grpc.add_AdminServicer_to_server(servicers[1], server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if config.reflection:
+    if reflection_on:
         names = (RECOMMENDER, ADMIN, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
+
+
+def _bind(
+    server: grpc.Server | grpc.aio.Server,
+    config: ServerConfig,
+    credentials: grpc.ServerCredentials | None,
+) -> int:
     address = f"{config.host}:{config.port}"
     if credentials is None:
         port = server.add_insecure_port(address)
@@ -140,12 +227,82 @@ def create_server(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
-    endpoint = None
-    if config.metrics_port is not None:
-        endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
+    return port
+
+
+def _options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", int(config.so_reuseport)),
+    ]
+
+
+def _start_sync(
+    config: ServerConfig,
+    metrics: ServingMetrics,
+    servicers: tuple[RecommenderServicer, AdminServicer],
+    credentials: grpc.ServerCredentials | None,
+    interceptors: Sequence[grpc.ServerInterceptor],
+) -> tuple[grpc.Server, health.HealthServicer, int]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="slimrank"),
+        interceptors=[
+            MetricsInterceptor(metrics),
+            *interceptors,
+            ConcurrencyLimitInterceptor(config.max_inflight, metrics),
+        ],
+        options=_options(config),
+        maximum_concurrent_rpcs=config.max_pending_rpcs,
+    )
+    health_servicer = health.HealthServicer()
+    for service in HEALTH_SERVICES:
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    _add_services(server, servicers, health_servicer, config.reflection)
+    port = _bind(server, config, credentials)
     server.start()
-    log.info("gRPC on %s:%d, model %s", config.host, port, holder.get().version)
-    return SlimrankServer(server, health_servicer, metrics, endpoint, config.grace_s), port
+    return server, health_servicer, port
+
+
+async def _start_aio(
+    config: ServerConfig,
+    metrics: ServingMetrics,
+    servicers: tuple[RecommenderServicer, AdminServicer],
+    credentials: grpc.ServerCredentials | None,
+    interceptors: Sequence[grpc.ServerInterceptor],
+) -> tuple[grpc.aio.Server, Any, int, list[futures.ThreadPoolExecutor]]:
+    """Build and start the grpc.aio server (on the event loop thread)."""
+    handler_pool = None
+    if config.handler_threads > 0:
+        handler_pool = futures.ThreadPoolExecutor(
+            config.handler_threads, thread_name_prefix="slimrank-handler"
+        )
+    other_pool = futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="slimrank")
+    pools = [p for p in (handler_pool, other_pool) if p is not None]
+    admission = Admission(
+        config.max_inflight,
+        config.max_pending_rpcs,
+        config.max_wait_s,
+        parallel=max(1, config.handler_threads),
+    )
+    server = grpc.aio.server(
+        interceptors=[
+            ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
+        ],
+        options=_options(config),
+    )
+    health_servicer = health.aio.HealthServicer()
+    for service in HEALTH_SERVICES:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    _add_services(server, servicers, health_servicer, config.reflection)
+    try:
+        port = _bind(server, config, credentials)
+        await server.start()
+    except BaseException:
+        for pool in pools:
+            pool.shutdown(wait=False)
+        raise
+    return server, health_servicer, port, pools
 
 
 def serve_forever(
@@ -158,6 +315,7 @@ def serve_forever(
     reload_lock: threading.Lock | None = None,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    recommender: RecommenderFactory | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; call from the main thread.
 
@@ -172,6 +330,7 @@ def serve_forever(
         reload_lock=reload_lock,
         credentials=credentials,
         interceptors=interceptors,
+        recommender=recommender,
     )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}

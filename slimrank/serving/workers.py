@@ -40,7 +40,12 @@ from slimrank.serving.reload import (
     load_current,
 )
 from slimrank.serving.security import AdminAuthInterceptor, TLSConfig, server_credentials
-from slimrank.serving.server import STOP_SIGNALS, SlimrankServer, serve_forever
+from slimrank.serving.server import (
+    STOP_SIGNALS,
+    RecommenderFactory,
+    SlimrankServer,
+    serve_forever,
+)
 from slimrank.serving.snapshot import SnapshotHolder
 
 log = logging.getLogger(__name__)
@@ -66,6 +71,8 @@ class ServeSpec:
     admin_insecure: bool = False
     # Extra bundle kinds -> loader; module-level functions, so a spawned worker can unpickle them.
     loaders: dict[str, SnapshotLoader] = dataclasses.field(default_factory=dict)
+    # Builds the Recommender servicer instead of the default (module-level, like loaders).
+    recommender: RecommenderFactory | None = None
 
     def all_loaders(self) -> dict[str, SnapshotLoader]:
         """Return the built-in loaders with ``loaders`` added (and overriding)."""
@@ -101,6 +108,7 @@ def serve_one(spec: ServeSpec, on_ready: OnReady | None = None) -> int:
             reload_lock=lock,
             credentials=None if spec.tls is None else server_credentials(spec.tls),
             interceptors=(AdminAuthInterceptor(spec.admin_token, spec.admin_insecure),),
+            recommender=spec.recommender,
         )
     finally:
         for watcher in watchers:

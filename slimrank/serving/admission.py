@@ -1,0 +1,99 @@
+"""Admission: a call is accepted or refused when it arrives, before it waits anywhere.
+
+:class:`Admission` counts the calls in progress: Recommender calls up to ``limit`` (the model
+work a process takes on at once), every unary call up to ``total`` (so health and admin calls
+cannot pile up either). A call over either bound is refused at once with RESOURCE_EXHAUSTED by
+the caller of :meth:`Admission.enter`, which also counts it. An accepted call holds a
+:class:`Ticket` until everything it started has finished (its task and, when its handler runs
+on a thread, that thread's work), so a call cancelled by its client still holds its slot while
+a thread works on it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class Ticket:
+    """One accepted call's slot; given back when every :meth:`hold` has been released."""
+
+    __slots__ = ("_admission", "_holds", "_limited")
+
+    def __init__(self, admission: Admission, limited: bool) -> None:
+        self._admission = admission
+        self._limited = limited
+        self._holds = 1
+
+    def hold(self) -> None:
+        """Keep the slot until one more :meth:`release` (e.g. while a thread runs the handler)."""
+        with self._admission.lock:
+            self._holds += 1
+
+    def release(self, *_: object) -> None:
+        """Release one hold; the last one gives the slot back. Usable as a done callback."""
+        admission = self._admission
+        with admission.lock:
+            self._holds -= 1
+            if self._holds == 0:
+                admission.total_in_progress -= 1
+                if self._limited:
+                    admission.limited_in_progress -= 1
+
+
+class Admission:
+    """Bounds calls in progress: ``limit`` for the limited ones, ``total`` for all (thread-safe).
+
+    With ``max_wait_s``, a limited call is also refused when the limited calls already in
+    progress are expected to keep it waiting longer than that: their number times the mean
+    time a handler takes (an exponential average of :meth:`observe`), over ``parallel``
+    handlers. That bound follows the cost of a call as it changes (a new featurizer, a larger
+    bundle), where a fixed ``limit`` is right for one cost only.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        total: int,
+        max_wait_s: float | None = None,
+        parallel: int = 1,
+        smoothing: float = 0.05,
+    ) -> None:
+        if limit < 1 or total < limit:
+            raise ValueError(f"Admission(limit={limit}, total={total}): need 1 <= limit <= total")
+        self.limit = limit
+        self.total = total
+        self.max_wait_s = max_wait_s
+        self.parallel = max(1, parallel)
+        self.smoothing = smoothing
+        self.mean_service_s = 0.0  # no estimate until the first observe()
+        self.lock = threading.Lock()
+        self.limited_in_progress = 0
+        self.total_in_progress = 0
+
+    def observe(self, service_s: float) -> None:
+        """Record how long one limited call's handler took."""
+        with self.lock:
+            if self.mean_service_s == 0.0:
+                self.mean_service_s = service_s
+            else:
+                self.mean_service_s += self.smoothing * (service_s - self.mean_service_s)
+
+    def expected_wait_s(self) -> float:
+        """How long a limited call admitted now would wait for those ahead of it."""
+        return self.limited_in_progress * self.mean_service_s / self.parallel
+
+    def enter(self, limited: bool) -> Ticket | None:
+        """Take a slot and return its ticket, or None when the call must be refused."""
+        with self.lock:
+            if self.total_in_progress >= self.total or (
+                limited
+                and (
+                    self.limited_in_progress >= self.limit
+                    or (self.max_wait_s is not None and self.expected_wait_s() > self.max_wait_s)
+                )
+            ):
+                return None
+            self.total_in_progress += 1
+            if limited:
+                self.limited_in_progress += 1
+        return Ticket(self, limited)

@@ -1,0 +1,404 @@
+"""The grpc.aio engine: calls are admitted on the event loop, handlers stay synchronous.
+
+One event loop thread per process runs grpc.aio for every server the process starts (grpc.aio
+binds its completion-queue poller to the first loop that uses it, so one loop is also the
+safe choice). For each call, on the loop:
+
+1. :class:`ServingInterceptor` finds the handler and, for a unary call, takes an admission
+   slot (:mod:`slimrank.serving.admission`) or refuses the call at once with
+   RESOURCE_EXHAUSTED, counted in ``slimrank_shed_requests_total``. This runs before the
+   request message is read and before any await, so a refused call never waits behind
+   accepted work; the refusal is sent without reading the request.
+2. The servicers' sync methods (``Recommend(request, context)`` ...) run unchanged, either
+   inline on the loop (``handler_threads=0``) or on a small thread pool, with a
+   :class:`SyncContext` standing in for ``grpc.ServicerContext``: ``abort`` records the code
+   and details and raises, and the engine then replays them on the aio context. Admin calls
+   always run on their own threads (a reload takes seconds).
+3. The slot is given back when the call's task ends and its handler has returned.
+
+Metrics are the sync engine's: per-method counts and durations, calls in flight, the
+``queue`` stage (admitted to handler start) and shed calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+
+from slimrank.serving.admission import Admission, Ticket
+from slimrank.serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+RECOMMENDER_PREFIX = "/slimrank.v1.Recommender/"
+QUEUE_PREFIX = "/slimrank.v1."
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+# -- the event loop thread ----------------------------------------------------------------
+
+
+class LoopThread:
+    """An asyncio event loop running forever in a daemon thread."""
+
+    def __init__(self, name: str = "slimrank-aio") -> None:
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), name=name, daemon=True)
+        self.thread.start()
+        started.wait()
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(started.set)
+        self.loop.run_forever()
+
+    def run(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
+        """Run ``coro`` on the loop and return its result (call from another thread)."""
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("LoopThread.run called from the loop's own thread")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def submit(self, coro: Awaitable[Any]) -> futures.Future:
+        """Schedule ``coro`` on the loop; return a concurrent future of its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+
+_loop_lock = threading.Lock()
+_loop_thread: LoopThread | None = None
+
+
+def loop_thread() -> LoopThread:
+    """Return this process's event loop thread, started on first use."""
+    global _loop_thread
+    with _loop_lock:
+        if _loop_thread is None:
+            _loop_thread = LoopThread()
+        return _loop_thread
+
+
+# -- sync handlers under aio --------------------------------------------------------------
+
+
+class HandlerAborted(Exception):
+    """Raised by :meth:`SyncContext.abort`, as ``grpc.ServicerContext.abort`` raises."""
+
+
+class SyncContext:
+    """A ``grpc.ServicerContext`` for a sync handler that the aio engine runs.
+
+    Reads (deadline, metadata, peer) go to the call's aio context; ``abort``, ``set_code``,
+    ``set_details`` and ``set_trailing_metadata`` are recorded here and applied by the engine
+    once the handler returns, so the handler may run on any thread.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._code: grpc.StatusCode | None = None
+        self._details: str | None = None
+        self._trailing: tuple[tuple[str, str | bytes], ...] | None = None
+        self.aborted = False
+        self.callbacks: list[Callable[[], None]] = []
+
+    def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self._code, self._details, self.aborted = code, details, True
+        raise HandlerAborted(details)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        if status.trailing_metadata:
+            self.set_trailing_metadata(status.trailing_metadata)
+        self.abort(status.code, status.details)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self._trailing = tuple(trailing_metadata)
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...] | None:
+        return self._trailing
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()
+
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def peer(self) -> str:
+        return self._context.peer()
+
+    def peer_identities(self) -> Any:
+        return self._context.peer_identities()
+
+    def peer_identity_key(self) -> Any:
+        return self._context.peer_identity_key()
+
+    def auth_context(self) -> Any:
+        return self._context.auth_context()
+
+    def is_active(self) -> bool:
+        return not (self._context.done() or self._context.cancelled())
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+
+async def replay(
+    context: grpc.aio.ServicerContext,
+    adapter: SyncContext,
+    response: Any,
+    error: BaseException | None,
+) -> Any:
+    """Answer the call as the sync handler did: its abort, its exception or its response."""
+    trailing = adapter.trailing_metadata()
+    if trailing:
+        context.set_trailing_metadata(trailing)
+    if adapter.aborted:
+        await context.abort(adapter.code() or grpc.StatusCode.UNKNOWN, adapter.details() or "")
+    if error is not None:
+        # What the sync server does with an exception a handler lets through.
+        await context.abort(grpc.StatusCode.UNKNOWN, f"Exception calling application: {error}")
+    code = adapter.code()
+    if code is not None and code is not grpc.StatusCode.OK:
+        context.set_code(code)
+        context.set_details(adapter.details() or "")
+    return response
+
+
+def status_details(code: grpc.StatusCode, message: str, retry_after_s: float) -> bytes:
+    """Return a serialized ``google.rpc.Status`` carrying a ``google.rpc.RetryInfo``.
+
+    Encoded by hand (``google.rpc`` protos are not a dependency): Status is {1: code,
+    2: message, 3: details (Any)}, RetryInfo is {1: retry_delay (Duration)}.
+    """
+
+    def field(number: int, payload: bytes) -> bytes:
+        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+    seconds = int(retry_after_s)
+    delay = duration_pb2.Duration(seconds=seconds, nanos=int((retry_after_s - seconds) * 1e9))
+    retry_info = field(1, delay.SerializeToString())
+    detail = any_pb2.Any(type_url=RETRY_INFO_TYPE, value=retry_info).SerializeToString()
+    status_code = code.value[0]
+    return _varint(1 << 3) + _varint(status_code) + field(2, message.encode()) + field(3, detail)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+# -- the interceptor ------------------------------------------------------------------------
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    """Admission, metrics, the sync interceptors and the sync-handler adapter, for grpc.aio.
+
+    ``interceptors`` are sync ``grpc.ServerInterceptor`` objects (e.g. the admin-token check);
+    they run on the loop, in order, as they would on the sync server's polling thread.
+    Recommender calls run inline (``handler_pool`` None) or on ``handler_pool``; other sync
+    handlers on ``other_pool``.
+    """
+
+    def __init__(
+        self,
+        metrics: ServingMetrics,
+        admission: Admission,
+        interceptors: Sequence[grpc.ServerInterceptor],
+        handler_pool: futures.Executor | None,
+        other_pool: futures.Executor,
+        retry_after_s: float = 0.05,
+    ) -> None:
+        self._metrics = metrics
+        self._admission = admission
+        self._interceptors = tuple(interceptors)
+        self._handler_pool = handler_pool
+        self._other_pool = other_pool
+        message = (
+            "server busy: refused on arrival so that accepted calls stay fast; "
+            "retry with backoff, preferably on another replica"
+        )
+        self._refusal_message = message
+        self._refusal_trailers = (
+            (
+                STATUS_DETAILS_KEY,
+                status_details(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s),
+            ),
+        )
+
+    def _sync_chain(
+        self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        def step(i: int, call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            if i == len(self._interceptors):
+                return handler
+            return self._interceptors[i].intercept_service(lambda d: step(i + 1, d), call_details)
+
+        return step(0, details)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        accepted = time.perf_counter()
+        handler = await continuation(handler_call_details)  # a lookup: does not suspend
+        if handler is None:
+            return None  # UNIMPLEMENTED
+        method = handler_call_details.method
+        if handler.request_streaming or handler.response_streaming:
+            return self._sync_chain(handler, handler_call_details)  # health Watch, reflection
+        limited = method.startswith(RECOMMENDER_PREFIX)
+        ticket = None
+        # Health checks are answered on the loop and never refused: a refused probe could get
+        # an overloaded server restarted.
+        if not method.startswith(HEALTH_PREFIX):
+            ticket = self._admission.enter(limited)
+            if ticket is None:
+                self._metrics.shed.inc()
+                self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
+                return grpc.stream_unary_rpc_method_handler(self._refuse)
+            task = asyncio.current_task()
+            if task is None:  # not expected under grpc.aio; never leak the slot
+                ticket.release()
+            else:
+                task.add_done_callback(ticket.release)
+        handler = self._sync_chain(handler, handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        pool = self._handler_pool if limited else self._other_pool
+        return grpc.unary_unary_rpc_method_handler(
+            self._behavior(handler.unary_unary, method, accepted, ticket, pool),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _refuse(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        # A stream-unary handler starts without reading the request, so the refusal goes out
+        # in the same loop step as the admission check.
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            self._refusal_message,
+            trailing_metadata=self._refusal_trailers,
+        )
+
+    def _behavior(
+        self,
+        inner: Callable[..., Any],
+        method: str,
+        accepted: float,
+        ticket: Ticket | None,
+        pool: futures.Executor | None,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        metrics = self._metrics
+        admission = self._admission
+        limited = method.startswith(RECOMMENDER_PREFIX)
+        record_queue = method.startswith(QUEUE_PREFIX)
+        is_async = inspect.iscoroutinefunction(inner)
+
+        def run(request: Any, adapter: SyncContext, once: threading.Lock) -> tuple[Any, Any]:
+            """Run the sync handler and count its outcome (on whichever thread runs it)."""
+            start = time.perf_counter()
+            if record_queue:
+                metrics.stage_duration.labels("queue").observe(start - accepted)
+            left = adapter.time_remaining()
+            if left is not None and left <= 0:  # expired while it waited: do no work for it
+                with contextlib.suppress(HandlerAborted):
+                    adapter.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed in the queue")
+                count(once, grpc.StatusCode.DEADLINE_EXCEEDED, start)
+                return None, None
+            metrics.inflight.inc()
+            error: BaseException | None = None
+            try:
+                response = inner(request, adapter)
+            except Exception as raised:  # replayed on the aio context
+                response, error = None, None if adapter.aborted else raised
+            finally:
+                metrics.inflight.dec()
+                if limited:
+                    admission.observe(time.perf_counter() - start)
+            code = adapter.code() or (
+                grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+            )
+            count(once, code, start)
+            return response, error
+
+        def count(once: threading.Lock, code: grpc.StatusCode, start: float) -> None:
+            if once.acquire(blocking=False):  # each call is counted once
+                metrics.request_duration.labels(method).observe(time.perf_counter() - start)
+                metrics.requests.labels(method, code.name).inc()
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            once = threading.Lock()
+            if is_async:
+                if record_queue:
+                    metrics.stage_duration.labels("queue").observe(start - accepted)
+                metrics.inflight.inc()
+                try:
+                    response = await inner(request, context)
+                    count(once, context.code() or grpc.StatusCode.OK, start)
+                    return response
+                except asyncio.CancelledError:
+                    count(once, _cancelled_code(context), start)
+                    raise
+                except Exception:  # AbortError included: grpc answers with the code set
+                    count(once, context.code() or grpc.StatusCode.UNKNOWN, start)
+                    raise
+                finally:
+                    metrics.inflight.dec()
+            adapter = SyncContext(context)
+            if pool is None:
+                response, error = run(request, adapter, once)
+            else:
+                future = pool.submit(run, request, adapter, once)
+                if ticket is not None:  # given back when the thread is done with it
+                    ticket.hold()
+                    future.add_done_callback(ticket.release)
+                # Shielded: a call cancelled meanwhile still lets its handler finish and count.
+                response, error = await asyncio.shield(asyncio.wrap_future(future))
+            for callback in adapter.callbacks:
+                callback()
+            if error is not None:
+                log.error("%s failed", method, exc_info=error)
+            return await replay(context, adapter, response, error)
+
+        return behavior
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    left = context.time_remaining()
+    return (
+        grpc.StatusCode.DEADLINE_EXCEEDED
+        if left is not None and left <= 0
+        else (grpc.StatusCode.CANCELLED)
+    )

@@ -1,0 +1,246 @@
+"""Overload through the real server on port 0 and real clients: refused at once, and counted.
+
+Calls beyond what the server takes on are refused with RESOURCE_EXHAUSTED when they arrive,
+not after waiting behind accepted work, and every refusal a client sees is in
+``slimrank_shed_requests_total`` (and in the per-code call count). No timings are asserted
+beyond generous bounds; the benchmark measures them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from slimrank.serving.admission import Admission
+from slimrank.serving.aio_engine import RETRY_INFO_TYPE, STATUS_DETAILS_KEY, status_details
+from slimrank.serving.client import SlimrankClient
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.proto.slimrank.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
+from slimrank.serving.server import SlimrankServer, create_server
+from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
+
+DIM = 8
+RECOMMEND = "/slimrank.v1.Recommender/Recommend"
+DEADLINE_S = 20.0
+
+
+@dataclasses.dataclass
+class Gate:
+    """Holds every model call (after the warm-up) until ``release``; counts those that entered."""
+
+    entered: threading.Semaphore = dataclasses.field(default_factory=lambda: threading.Semaphore(0))
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+    warmed: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def snapshot(self, base: ModelSnapshot) -> ModelSnapshot:
+        def score(features: np.ndarray) -> np.ndarray:
+            if self.warmed.is_set():
+                self.entered.release()
+                self.release.wait(DEADLINE_S)
+            self.warmed.set()
+            return base.score(features)
+
+        return dataclasses.replace(base, score=score)
+
+
+@dataclasses.dataclass
+class Served:
+    server: SlimrankServer
+    port: int
+    registry: CollectorRegistry
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Served]]:
+    servers: list[SlimrankServer] = []
+
+    def _serve(snapshot: ModelSnapshot, config: ServerConfig, reload_fn=None) -> Served:
+        registry = CollectorRegistry()
+        server, port = create_server(config, SnapshotHolder(snapshot), registry, reload_fn)
+        server.mark_serving()
+        servers.append(server)
+        return Served(server, port, registry)
+
+    yield _serve
+    for server in servers:
+        server.shutdown(0).wait(10)
+
+
+def code_of(future: grpc.Future) -> grpc.StatusCode:
+    error = future.exception()
+    return grpc.StatusCode.OK if error is None else error.code()
+
+
+@pytest.mark.parametrize("handler_threads", [1, 2])
+def test_a_burst_beyond_capacity_is_refused_at_once_and_every_refusal_is_counted(
+    serve: Callable[..., Served], handler_threads: int
+) -> None:
+    gate = Gate()
+    config = ServerConfig(max_inflight=2, handler_threads=handler_threads)
+    s = serve(gate.snapshot(random_snapshot("v1", dim=DIM)), config)
+    request = recommender_pb2.RecommendRequest(user_id="u1", k=3)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for _ in range(4)]
+    stubs = [recommender_pb2_grpc.RecommenderStub(c) for c in channels]
+    try:
+        calls = [stubs[i % 4].Recommend.future(request, timeout=DEADLINE_S) for i in range(40)]
+        # Two calls are accepted: held in the model, or one held and one waiting for the
+        # thread. Every other call must be answered while they are held.
+        for _ in range(handler_threads):
+            assert gate.entered.acquire(timeout=10)
+        deadline = time.monotonic() + 10
+        while sum(not c.done() for c in calls) > 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sum(not c.done() for c in calls) == 2, "refused calls waited for accepted ones"
+        assert all(code_of(c) == grpc.StatusCode.RESOURCE_EXHAUSTED for c in calls if c.done())
+        gate.release.set()
+        codes = [code_of(c) for c in calls]
+    finally:
+        gate.release.set()
+        for channel in channels:
+            channel.close()
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    ok = codes.count(grpc.StatusCode.OK)
+    assert ok + refused == len(codes), codes  # nothing else: no timeouts, no UNAVAILABLE
+    assert ok >= 2 and refused >= 1
+    assert s.sample("slimrank_shed_requests_total") == refused
+    assert (
+        s.sample(
+            "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "RESOURCE_EXHAUSTED"}
+        )
+        == refused
+    )
+    assert s.sample("slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}) == ok
+    assert s.sample("slimrank_inflight_requests") == 0
+    # Slots are given back: a lone call is served.
+    with SlimrankClient(f"127.0.0.1:{s.port}", timeout=10.0, retries=0) as client:
+        assert client.recommend("u2", 3).model_version == "v1"
+
+
+def test_sustained_overload_refuses_fast_and_serves_the_rest(serve: Callable[..., Served]) -> None:
+    """Calls every millisecond into a server that takes 20 ms per call, on one thread."""
+    base = random_snapshot("v1", dim=DIM)
+
+    def slow_score(features: np.ndarray) -> np.ndarray:
+        time.sleep(0.02)  # releases the GIL, like onnxruntime
+        return base.score(features)
+
+    s = serve(dataclasses.replace(base, score=slow_score), ServerConfig(max_inflight=2))
+    request = recommender_pb2.RecommendRequest(user_id="u3", k=3)
+    channel = grpc.insecure_channel(f"127.0.0.1:{s.port}")
+    stub = recommender_pb2_grpc.RecommenderStub(channel)
+    stub.Recommend(request, timeout=DEADLINE_S)  # connected
+    sent: list[float] = []
+    answered: dict[int, tuple[grpc.StatusCode, float]] = {}
+    lock = threading.Lock()
+    calls = []
+    for i in range(150):
+        sent.append(time.perf_counter())
+        future = stub.Recommend.future(request, timeout=DEADLINE_S)
+
+        def done(f: grpc.Future, i: int = i) -> None:
+            with lock:
+                answered[i] = (code_of(f), time.perf_counter() - sent[i])
+
+        future.add_done_callback(done)
+        calls.append(future)
+        time.sleep(0.001)
+    for future in calls:
+        future.exception(timeout=DEADLINE_S + 5)
+    channel.close()
+    codes = [answered[i][0] for i in range(len(calls))]
+    refused = [
+        answered[i][1] for i in range(len(calls)) if codes[i] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    ]
+    ok = codes.count(grpc.StatusCode.OK)
+    assert ok + len(refused) == len(calls), codes
+    assert ok >= 2 and len(refused) >= len(calls) // 2
+    # Well before the deadline (and before the 150 calls' worth of 20 ms of work, 3 s).
+    assert max(refused) < 1.0
+    assert s.sample("slimrank_shed_requests_total") == len(refused)
+    assert s.sample("slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}) == ok + 1
+
+
+def test_admin_calls_beyond_the_total_bound_are_refused_and_counted_health_never(
+    serve: Callable[..., Served],
+) -> None:
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def slow_load(version: str | None) -> ModelSnapshot:
+        entered.release()
+        release.wait(DEADLINE_S)
+        return random_snapshot("v2", dim=DIM, seed=2)
+
+    config = ServerConfig(max_inflight=1, max_workers=2, max_pending_rpcs=2)
+    s = serve(random_snapshot("v1", dim=DIM), config, slow_load)
+    channel = grpc.insecure_channel(f"127.0.0.1:{s.port}")
+    admin = admin_pb2_grpc.AdminStub(channel)
+    try:
+        first = admin.Reload.future(admin_pb2.ReloadRequest(), timeout=DEADLINE_S)
+        assert entered.acquire(timeout=10)
+        second = admin.Reload.future(
+            admin_pb2.ReloadRequest(), timeout=DEADLINE_S
+        )  # waits on the lock
+        time.sleep(0.2)
+        with SlimrankClient(f"127.0.0.1:{s.port}", timeout=10.0, retries=0) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.model_info()
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.RpcError) as info:
+                client.recommend("u1", 3)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert client.health() == "SERVING"  # health checks are never refused
+    finally:
+        release.set()
+    assert first.result(timeout=10).reloaded
+    assert not second.result(timeout=10).reloaded  # already serving v2
+    channel.close()
+    assert s.sample("slimrank_shed_requests_total") == 2
+
+
+def test_refusals_carry_retry_info() -> None:
+    """The RESOURCE_EXHAUSTED status details hold a google.rpc.RetryInfo (hand-encoded)."""
+    blob = status_details(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", 0.05)
+    assert blob[:2] == bytes([0x08, 8])  # code = 8
+    assert b"busy" in blob and RETRY_INFO_TYPE.encode() in blob
+    assert STATUS_DETAILS_KEY.endswith("-bin")
+
+
+def test_admission_bounds_and_tickets() -> None:
+    admission = Admission(limit=2, total=3)
+    a, b = admission.enter(True), admission.enter(True)
+    assert a is not None and b is not None
+    assert admission.enter(True) is None  # limited: 2
+    c = admission.enter(False)
+    assert c is not None and admission.enter(False) is None  # total: 3
+    a.hold()
+    a.release()
+    assert admission.enter(True) is None  # a is still held
+    a.release()
+    assert admission.enter(True) is not None
+
+
+def test_admission_refuses_when_the_expected_wait_is_too_long() -> None:
+    admission = Admission(limit=100, total=100, max_wait_s=0.010, parallel=2)
+    assert admission.enter(True) is not None  # no estimate yet: only the limit applies
+    admission.observe(0.004)  # 4 ms per call, 2 handlers: 2 ms of wait per call ahead
+    tickets = [admission.enter(True) for _ in range(4)]  # 1..4 ahead: 2..8 ms
+    assert all(t is not None for t in tickets)
+    assert admission.expected_wait_s() == pytest.approx(0.010)
+    assert admission.enter(True) is not None  # 10 ms: still within
+    assert admission.enter(True) is None  # 12 ms: refused
+    assert admission.enter(False) is not None  # the wait bounds only the limited calls
