@@ -149,25 +149,27 @@ def history_signals(
         if not len(hist):
             continue
         real = items[u] >= 0
-        rows = np.where(real, items[u], 0)
+        padded = not real.all()
+        rows = np.where(real, items[u], 0) if padded else items[u]
         columns = table.indices[rows].astype(np.intp)  # (N, W); an explicit cast is faster
         marks[hist] = True
         try:
             hit = marks[columns]  # (N, W): entries from the history
         finally:
             marks[hist] = False
-        hit &= real[:, None]
+        if padded:
+            hit &= real[:, None]
         weight = table.values[rows] * hit  # (N, W), 0 off the history
         total[u] = weight.sum(axis=1)
-        count = hit.sum(axis=1)
         # Where some history item holds no weight for the candidate, that 0 takes part in the
-        # max (so the max of the masked row is right); only rows where every history item is
-        # an in-neighbour need the max of their hits alone.
-        m = weight.max(axis=1, initial=0.0)
-        full = np.flatnonzero((count == len(hist)) & real)
-        if len(full):
-            m[full] = np.where(hit[full], weight[full], -np.inf).max(axis=1)
-        best[u] = np.where(count == 0, 0.0, m)
+        # max (so the max of the masked row, 0 without hits, is right); only rows where every
+        # history item is an in-neighbour need the max of their hits alone.
+        best[u] = weight.max(axis=1, initial=0.0)
+        if len(hist) <= table.indices.shape[1]:
+            count = np.count_nonzero(hit, axis=1)
+            full = np.flatnonzero((count == len(hist)) & real)
+            if len(full):
+                best[u, full] = np.where(hit[full], weight[full], -np.inf).max(axis=1)
     return total, best
 
 
