@@ -582,6 +582,7 @@ MODES = {
         Mode("aio-t1", about="grpc.aio, handlers on 1 thread"),
         Mode("aio-t2", handler_threads=2, about="grpc.aio, handlers on 2 threads"),
         Mode("aio-t1-si1ms", switch_interval_s=0.001, about="aio-t1, GIL switch interval 1 ms"),
+        Mode("aio-t1-si0.5ms", switch_interval_s=0.0005, about="aio-t1, GIL switch 0.5 ms"),
         Mode("aio-t1-w2", workers=2, about="aio-t1 in 2 processes"),
         Mode(
             "aio-t1-w2-si1ms",
