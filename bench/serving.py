@@ -12,16 +12,20 @@ on loopback only. Targets:
   quantized and run by the real :class:`~slimrank.compression.scorer.Scorer`. Built once and
   cached under ``bench/.cache/serving/`` as a real bundle; served by ``serve_one`` /
   ``serve_workers`` (``--workers``) with a bench-only loader kind.
-* ``ml100k``: ``runs/demo/bundles`` through ``slimrank serve``, when it exists and its kind
-  is loadable (skipped with a message otherwise).
-* the floor: a gRPC echo server (same payload sizes, same process layout) under the same
-  load, and in this process a bare FAISS search and a bare feature + ranker forward.
+  Its floor: a bare gRPC echo server under the same load, and in this process a bare FAISS
+  search and a bare feature + ranker forward.
+* ``ml100k``: server modes (``MODES``: the sync server, grpc.aio with handlers inline or on
+  1-2 threads, 2 processes, GIL switch intervals) on ``runs/demo/bundles`` (``--demo-bundles``)
+  as is and with a synthetic ~0.25 ms featurizer, each against the echo through the same
+  server and client, and past capacity (twice the highest rate held); the load generator is
+  ``bench/loadgen.py`` in its own process. Writes ``bench/results/serving_modes.{json,md}``.
 
-    .venv/bin/python bench/serving.py             # 1M items, 10 s per rate (index build: minutes)
-    .venv/bin/python bench/serving.py --quick     # 100k items, 3 s per rate
+    .venv/bin/python bench/serving.py --targets synthetic   # 1M items, 10 s per rate
+    .venv/bin/python bench/serving.py --targets synthetic --quick   # 100k items, 3 s per rate
+    .venv/bin/python bench/serving.py --targets ml100k --loadgen-ceiling   # all modes (~1 h)
 
-Writes ``bench/results/serving.{json,md}``. The machine's load average is recorded beside the
-numbers: on a shared machine they are noisy.
+The synthetic target writes ``bench/results/serving.{json,md}``. The machine's load average is
+recorded beside the numbers: on a shared machine they are noisy.
 """
 
 from __future__ import annotations
@@ -583,6 +587,7 @@ MODES = {
         Mode("aio-t1", about="grpc.aio, handlers on 1 thread"),
         Mode("aio-t2", handler_threads=2, about="grpc.aio, handlers on 2 threads"),
         Mode("aio-t1-si1ms", switch_interval_s=0.001, about="aio-t1, GIL switch interval 1 ms"),
+        Mode("aio-t1-si0.5ms", switch_interval_s=0.0005, about="aio-t1, GIL switch 0.5 ms"),
         Mode("aio-t1-w2", workers=2, about="aio-t1 in 2 processes"),
         Mode(
             "aio-t1-w2-si1ms",
