@@ -195,3 +195,73 @@ def test_query_errors_are_one_line_and_exit_2(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"slimrank query: server {closed} unreachable: ")
     assert "\n" not in err
+
+
+def _republish(served: Served, root, edit) -> str:
+    """Publish a copy of the served bundle whose files ``edit(directory)`` changed (checksums
+    are recomputed: the bundle verifies, but what it holds is wrong)."""
+    import shutil
+
+    from slimrank.bundle import publish
+
+    manifest = served.bundle.manifest
+
+    def write(directory) -> None:
+        for name, path in served.bundle.files.items():
+            target = directory / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        edit(directory)
+
+    return publish(
+        root, write, config=manifest.config, metrics=manifest.metrics, gate=manifest.gate
+    )
+
+
+def _edit_tables(name: str, change):
+    def edit(directory) -> None:
+        from slimrank.bundle.formats import read_tensors, write_tensors
+
+        tensors = dict(read_tensors(directory / "features.safetensors"))
+        tensors[name] = change(tensors[name].copy())
+        write_tensors(directory / "features.safetensors", tensors)
+
+    return edit
+
+
+def _edit_spec(change):
+    def edit(directory) -> None:
+        import json
+
+        spec = json.loads((directory / "serving.json").read_text())
+        change(spec)
+        (directory / "serving.json").write_text(json.dumps(spec))
+
+    return edit
+
+
+def _bad_row(a):
+    a[0, 0] = a.shape[0] + 5
+    return a
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (_edit_tables("cooc/indices", _bad_row), "item rows must lie in"),
+        (_edit_tables("ease/values", lambda a: a[:, :-1]), "must be one (I, W) shape"),
+        (_edit_tables("history/items", lambda a: a[:-1]), "indptr must run from 0"),
+        (_edit_spec(lambda s: s.update(format=1)), "format 1"),
+        (_edit_spec(lambda s: s["features"].update(n_users=3)), "users"),
+        (_edit_spec(lambda s: s["ranker"].update(file="../ranker.onnx")), "[ranker]['file']"),
+    ],
+)
+def test_a_bundle_that_verifies_but_holds_wrong_tables_is_refused_naming_why(
+    served: Served, tmp_path, edit, says: str
+) -> None:
+    from slimrank.bundle import BundleError
+
+    bad = _republish(served, tmp_path, edit)
+    with pytest.raises(BundleError) as info:
+        load_snapshot(open_bundle(tmp_path, bad))
+    assert says in str(info.value) and bad in str(info.value)
