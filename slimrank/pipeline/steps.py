@@ -327,7 +327,10 @@ def candidates_step(
     index = load_search(index_dir)
     metrics: dict[str, Any] = {}
 
-    train_times = data.seen_times("valid")  # a fold's history is part of the training items
+    # Each view's timestamps, built once: a fold's history is part of the training items,
+    # which are what the valid view has seen.
+    times_of = {view: data.seen_times(view) for view in ("valid", "test")}
+    train_times = times_of["valid"]
 
     def mine(
         observed: sp.csr_matrix,
@@ -374,7 +377,7 @@ def candidates_step(
     for view in ("valid", "test"):
         truth = data.truth(view)
         tables, cands, feats, labels = mine(
-            data.seen(view), truth, emb.user[view], times=data.seen_times(view)
+            data.seen(view), truth, emb.user[view], times=times_of[view]
         )
         artifacts.save_view(out / f"{view}.safetensors", cands, feats, labels)
         metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))

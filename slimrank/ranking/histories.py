@@ -14,6 +14,8 @@ import dataclasses
 import numpy as np
 import scipy.sparse as sp
 
+from slimrank.ranking.candidates import pair_lookup
+
 
 @dataclasses.dataclass(frozen=True)
 class Histories:
@@ -101,7 +103,7 @@ class Histories:
         cols = m.indices.astype(np.int64)
         stamp = np.zeros(len(cols), dtype=np.float64)
         if time is not None:
-            stamp = pair_values(sp.csr_matrix(time), rows, cols)
+            stamp = pair_lookup(sp.csr_matrix(time, dtype=np.float64), rows, cols)
         order = np.lexsort((cols, -stamp, rows))  # by row, newest first, then item row
         return cls(m.indptr.astype(np.int64), cols[order], m.shape[1])
 
@@ -117,21 +119,6 @@ def latest_times(
     last[:-1] = key[1:] != key[:-1]
     rows, cols = np.divmod(key[last], shape[1])
     return sp.csr_matrix((stamp[last], (rows, cols)), shape=shape)
-
-
-def pair_values(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Return ``matrix[rows[i], cols[i]]`` for each i as float64; 0 where not stored."""
-    m = matrix if matrix.has_sorted_indices else matrix.sorted_indices()
-    out = np.zeros(len(rows), dtype=np.float64)
-    if m.nnz == 0 or len(rows) == 0:
-        return out
-    row_of = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
-    keys = row_of * m.shape[1] + m.indices.astype(np.int64)
-    query = np.asarray(rows, np.int64) * m.shape[1] + np.asarray(cols, np.int64)
-    pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-    found = keys[pos] == query
-    out[found] = m.data[pos[found]]
-    return out
 
 
 def ragged_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The vector of a user the bundle does not know, from the items they sent: the two-tower's
 user tower run on that history, in numpy.
 
-A pipeline bundle carries the two-tower model that made its vectors (``two_tower/``, see
-:mod:`slimrank.pipeline.publish`): a JSON config and safetensors weights. The server reads
+A pipeline bundle carries the two-tower model that made its vectors (the directory its serving
+spec names, ``two_tower/``): a JSON config and safetensors weights. The server reads
 both without torch and computes what :meth:`TwoTower.user_vectors
 <slimrank.retrieval.two_tower.TwoTower.user_vectors>` computes for one bag of items, so a new
 user's vector is the one a known user with the same history gets (``user_vectors.npy``), up to
