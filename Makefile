@@ -50,6 +50,7 @@ demo: install
 bench: install bench-retrieval-ml100k bench-features
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/ranker_runtime.py
+	$(BIN)/python bench/ease_truncation.py
 	$(BIN)/python bench/online_path.py
 	$(BIN)/python bench/serving.py
 
