@@ -49,17 +49,11 @@ CONFIG = FeatureConfig(ease_method="local")
 
 
 def cpu_flags() -> str:
-    """The SIMD features that decide the numeric kernels (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if "flags" in ln), [])
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), ""
-    )
-    return f"{model}; " + " ".join(f for f in wanted if f in flags)
+    """The CPU's model and SIMD flags, as ``bench/serving.py`` reads them, on one line."""
+    from bench.serving import cpu_features
+
+    cpu = cpu_features()
+    return f"{cpu['model'] or 'unknown CPU'}; " + " ".join(cpu["flags"])
 
 
 def synthetic_world(n: int, per_user: float, seed: int = 0) -> tuple[sp.csr_matrix, sp.csr_matrix]:
