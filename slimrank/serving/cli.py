@@ -2,10 +2,10 @@
 
 Once every server process reports SERVING, one line goes to stdout for scripts to read::
 
-    serving on 127.0.0.1:50051 metrics 127.0.0.1:9100 pids 1234
+    serving on 127.0.0.1:50051 metrics 127.0.0.1:9100 pids 1234 http 127.0.0.1:8080
 
-(``metrics -`` when there is no metrics endpoint). SIGTERM or SIGINT drain in-flight calls
-for ``--grace`` seconds and exit 0.
+(``metrics -`` when there is no metrics endpoint; ``http ...`` only with --http-port).
+SIGTERM or SIGINT drain in-flight calls for ``--grace`` seconds and exit 0.
 """
 
 from __future__ import annotations
@@ -58,6 +58,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=9100,
         help="/metrics port, 0 picks one, -1 turns it off (default %(default)s)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the HTTP/JSON API (POST /v1/recommend, /v1/search) on this port, "
+        "0 picks one (default: off)",
+    )
+    p.add_argument(
+        "--http-host",
+        default=defaults.http_host,
+        help="HTTP/JSON bind address (default %(default)s)",
     )
     p.add_argument(
         "--workers", type=int, default=1, help="server processes sharing the port (default 1)"
@@ -147,6 +159,8 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be >= 1")
+    if args.http_port == 0 and args.workers > 1:
+        parser.error("--http-port 0 with --workers: give a fixed port the workers can share")
     token_file = args.admin_token_file or os.environ.get(ENV_ADMIN_TOKEN_FILE)
     if token_file and args.admin_insecure:
         parser.error("--admin-insecure and an admin token exclude each other")
@@ -174,6 +188,8 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             grace_s=args.grace,
+            http_port=args.http_port,
+            http_host=args.http_host,
         )
         reload = ReloadConfig(poll_interval_s=args.poll_interval, backoff_s=args.reload_backoff)
     except (OSError, ValueError) as err:
@@ -182,10 +198,18 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
     return ServeSpec(bundles, server, reload, tls, token, args.admin_insecure)
 
 
-def _announce(host: str, metrics_host: str, port: int, mport: int | None, pids: list[int]) -> None:
+def _announce(
+    host: str,
+    metrics_host: str,
+    port: int,
+    mport: int | None,
+    pids: list[int],
+    http: str | None = None,
+) -> None:
     metrics = "-" if mport is None else f"{metrics_host}:{mport}"
     pid_list = ",".join(str(p) for p in pids)
-    print(f"serving on {host}:{port} metrics {metrics} pids {pid_list}", flush=True)
+    tail = "" if http is None else f" http {http}"
+    print(f"serving on {host}:{port} metrics {metrics} pids {pid_list}{tail}", flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -196,8 +220,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if spec.admin_token is None and not spec.admin_insecure:
         log.warning("no admin token: the Admin service is refused (see --admin-token-file)")
 
-    def ready(port: int, mport: int | None, pids: list[int]) -> None:
-        _announce(spec.server.host, spec.server.metrics_host, port, mport, pids)
+    def ready(port: int, mport: int | None, pids: list[int], http: int | None = None) -> None:
+        http_at = None if http is None else f"{spec.server.http_host}:{http}"
+        _announce(spec.server.host, spec.server.metrics_host, port, mport, pids, http_at)
 
     if args.workers == 1:
         return serve_one(spec, ready)

@@ -37,6 +37,16 @@ class Ranked:
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchRequest:
+    """One user's Recommend request inside :meth:`SlimrankClient.recommend_batch`."""
+
+    user_id: str
+    k: int
+    recent: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What the server says about the model it serves."""
 
@@ -164,6 +174,38 @@ class SlimrankClient:
         response = self._call(self._recommender.Recommend, request, timeout)
         source = recommender_pb2.UserSource.Name(response.user_source).removeprefix("USER_SOURCE_")
         return _ranked(response, source)
+
+    def recommend_batch(
+        self,
+        requests: Sequence[BatchRequest],
+        page_size: int = 64,
+        timeout: float | None = None,
+    ) -> list[Ranked]:
+        """Return, for each request, what :meth:`recommend` returns for it, in order.
+
+        The requests go ``page_size`` per ``RecommendBatch`` call (at most the server's
+        ``max_batch``, 64 by default); each page gets its own deadline of ``timeout``.
+        """
+        if page_size < 1:
+            raise ValueError(f"recommend_batch: page_size={page_size!r} must be >= 1")
+        out: list[Ranked] = []
+        for start in range(0, len(requests), page_size):
+            page = recommender_pb2.RecommendBatchRequest(
+                requests=[
+                    recommender_pb2.RecommendRequest(
+                        user_id=r.user_id,
+                        recent_item_ids=list(r.recent),
+                        k=r.k,
+                        exclude_item_ids=list(r.exclude),
+                    )
+                    for r in requests[start : start + page_size]
+                ]
+            )
+            response = self._call(self._recommender.RecommendBatch, page, timeout)
+            for one in response.responses:
+                name = recommender_pb2.UserSource.Name(one.user_source)
+                out.append(_ranked(one, name.removeprefix("USER_SOURCE_")))
+        return out
 
     def search(
         self,

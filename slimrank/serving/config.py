@@ -54,6 +54,11 @@ class ServerConfig(Config):
     metrics_port: int | None = None  # HTTP /metrics; None: not started, 0: a free port
     metrics_host: str = "127.0.0.1"
     grace_s: float = 5.0
+    max_batch: int = 64  # requests per RecommendBatch call (one admission slot)
+    # HTTP/JSON endpoint beside gRPC (aio engine only); None: not started, 0: a free port.
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
+    max_http_body_bytes: int = 1 << 20
     # Let several processes bind the same port (the kernel spreads connections among them).
     so_reuseport: bool = False
 
@@ -129,6 +134,28 @@ class ServerConfig(Config):
             "must be None or in [0, 65535]",
         )
         require(self.grace_s >= 0, self, "grace_s", self.grace_s, "must be >= 0")
+        require(self.max_batch >= 1, self, "max_batch", self.max_batch, "must be >= 1")
+        require(
+            self.http_port is None or 0 <= self.http_port < 65536,
+            self,
+            "http_port",
+            self.http_port,
+            "must be None or in [0, 65535]",
+        )
+        require(
+            self.http_port is None or self.engine == "aio",
+            self,
+            "http_port",
+            self.http_port,
+            "the HTTP endpoint needs engine='aio' (it shares its event loop and admission)",
+        )
+        require(
+            self.max_http_body_bytes >= 1024,
+            self,
+            "max_http_body_bytes",
+            self.max_http_body_bytes,
+            "must be >= 1024",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

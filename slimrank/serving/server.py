@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from slimrank.serving.admission import Admission
 from slimrank.serving.aio_engine import LoopThread, ServingInterceptor, loop_thread
+from slimrank.serving.batch import BatchRecommenderServicer
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.interceptors import ConcurrencyLimitInterceptor, MetricsInterceptor
 from slimrank.serving.metrics import MetricsEndpoint, ServingMetrics, start_metrics_endpoint
@@ -70,6 +71,12 @@ class SlimrankServer:
         self._pools = tuple(pools)
         self._stopped: threading.Event | None = None
         self._address: tuple[str, int] | None = None  # where a stop checks the listener closed
+        self.http: Any = None  # the HTTP/JSON endpoint (http_server.HttpFront), if started
+
+    @property
+    def http_port(self) -> int | None:
+        """Port of the HTTP/JSON endpoint, or None when it was not started."""
+        return None if self.http is None else int(self.http.port)
 
     @property
     def metrics_port(self) -> int | None:
@@ -102,6 +109,9 @@ class SlimrankServer:
             stopped = self._stopped
         else:
             self._loop.run(self.health.enter_graceful_shutdown())
+            if self.http is not None:  # no new HTTP calls; those in progress finish
+                self._loop.run(self.http.close(), timeout=grace + LISTENER_CLOSE_S)
+                self.http = None
             stopped = self._stopped = threading.Event()
             # Returns once grpc stops taking calls, like the sync server's stop().
             self._loop.run(self._begin_stop(grace, stopped))
@@ -172,7 +182,7 @@ def create_server(
     metrics = ServingMetrics(registry)
     holder.subscribe(metrics.observe_model)
     servicers = (
-        (recommender or RecommenderServicer)(holder, config, metrics),
+        (recommender or BatchRecommenderServicer)(holder, config, metrics),
         AdminServicer(holder, metrics, reload_fn, reload_lock),
     )
     if config.engine == "sync":
@@ -182,9 +192,11 @@ def create_server(
         loop, pools = None, ()
     else:
         loop = loop_thread()
-        server, health_servicer, port, pools = loop.run(
+        server, health_servicer, port, pools, admission = loop.run(
             _start_aio(config, metrics, servicers, credentials, interceptors)
         )
+        if config.http_port is not None:
+            http = _start_http(loop, config, servicers[0], admission, metrics, pools)
     endpoint = None
     if config.metrics_port is not None:
         endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
@@ -192,6 +204,9 @@ def create_server(
     slimrank = SlimrankServer(
         server, health_servicer, metrics, endpoint, config.grace_s, loop, pools
     )
+    if loop is not None and config.http_port is not None:
+        slimrank.http = http
+        log.info("HTTP/JSON on %s:%d", config.http_host, http.port)
     if loop is not None and not config.so_reuseport:  # a shared port stays open for the others
         host = config.host.strip("[]")
         slimrank._address = (
@@ -270,7 +285,7 @@ async def _start_aio(
     servicers: tuple[RecommenderServicer, AdminServicer],
     credentials: grpc.ServerCredentials | None,
     interceptors: Sequence[grpc.ServerInterceptor],
-) -> tuple[grpc.aio.Server, Any, int, list[futures.ThreadPoolExecutor]]:
+) -> tuple[grpc.aio.Server, Any, int, list[futures.ThreadPoolExecutor], Admission]:
     """Build and start the grpc.aio server (on the event loop thread)."""
     handler_pool = None
     if config.handler_threads > 0:
@@ -302,7 +317,26 @@ async def _start_aio(
         for pool in pools:
             pool.shutdown(wait=False)
         raise
-    return server, health_servicer, port, pools
+    return server, health_servicer, port, pools, admission
+
+
+def _start_http(
+    loop: LoopThread,
+    config: ServerConfig,
+    recommender: Any,
+    admission: Admission,
+    metrics: ServingMetrics,
+    pools: Sequence[futures.ThreadPoolExecutor],
+) -> Any:
+    """Start the HTTP/JSON endpoint on the aio loop, sharing admission and handler threads."""
+    from slimrank.serving.http_api import HttpApi
+    from slimrank.serving.http_server import start_http
+
+    handler_pool = pools[0] if config.handler_threads > 0 else None
+    api = HttpApi(recommender, admission, metrics, handler_pool, config.max_http_body_bytes)
+    return loop.run(
+        start_http(api, config.http_host, config.http_port or 0, reuse_port=config.so_reuseport)
+    )
 
 
 def serve_forever(

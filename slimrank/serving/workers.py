@@ -55,8 +55,9 @@ LOG_FORMAT = "%(levelname)s %(name)s[%(process)d]: %(message)s"
 # Seconds a stopping worker gets beyond the server's grace before it is killed.
 KILL_AFTER_S = 10.0
 
-# (port, metrics port or None, worker pids) once every server process reports SERVING.
-OnReady = Callable[[int, int | None, list[int]], None]
+# (port, metrics port or None, worker pids) once every server process reports SERVING, and
+# the HTTP/JSON port as a fourth argument when that endpoint is on.
+OnReady = Callable[..., None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,8 @@ def serve_one(spec: ServeSpec, on_ready: OnReady | None = None) -> int:
         watcher.start()
         watchers.append(watcher)
         if on_ready is not None:
-            on_ready(port, server.metrics_port, [os.getpid()])
+            extra = () if server.http_port is None else (server.http_port,)
+            on_ready(port, server.metrics_port, [os.getpid()], *extra)
 
     try:
         serve_forever(
@@ -240,7 +242,10 @@ def serve_workers(spec: ServeSpec, n: int, on_ready: OnReady | None = None) -> i
                     )
                 log.info("%d workers serving on %s:%d", n, spec.server.host, port)
                 if on_ready is not None:
-                    on_ready(port, None if endpoint is None else endpoint.port, sorted(pids))
+                    mport = None if endpoint is None else endpoint.port
+                    http = spec.server.http_port  # fixed: the CLI refuses 0 with --workers
+                    extra = () if http is None else (http,)
+                    on_ready(port, mport, sorted(pids), *extra)
                 while not stop.wait(0.5):
                     dead = [p for p in procs if p.exitcode is not None]
                     if dead:

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17slimrank/v1/admin.proto\x12\x0bslimrank.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x15\n\x13GetModelInfoRequest\"\xb2\x02\n\x14GetModelInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16parent_teacher_version\x18\x03 \x01(\t\x12\x0f\n\x07n_items\x18\x04 \x01(\x03\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\x12?\n\x07metrics\x18\x06 \x03(\x0b\x32..slimrank.v1.GetModelInfoResponse.MetricsEntry\x12-\n\tloaded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"1\n\rReloadRequest\x12\x14\n\x07version\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\n\n\x08_version\"^\n\x0eReloadResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x10\n\x08reloaded\x18\x03 \x01(\x08\x12\x0f\n\x07message\x18\x04 \x01(\t2\x9f\x01\n\x05\x41\x64min\x12S\n\x0cGetModelInfo\x12 .slimrank.v1.GetModelInfoRequest\x1a!.slimrank.v1.GetModelInfoResponse\x12\x41\n\x06Reload\x12\x1a.slimrank.v1.ReloadRequest\x1a\x1b.slimrank.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17slimrank/v1/admin.proto\x12\x0bslimrank.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x15\n\x13GetModelInfoRequest\"\xb2\x02\n\x14GetModelInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16parent_teacher_version\x18\x03 \x01(\t\x12\x0f\n\x07n_items\x18\x04 \x01(\x03\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\x12?\n\x07metrics\x18\x06 \x03(\x0b\x32..slimrank.v1.GetModelInfoResponse.MetricsEntry\x12-\n\tloaded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"1\n\rReloadRequest\x12\x14\n\x07version\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\n\n\x08_version\"^\n\x0eReloadResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x10\n\x08reloaded\x18\x03 \x01(\x08\x12\x0f\n\x07message\x18\x04 \x01(\t2\x9f\x01\n\x05\x41\x64min\x12S\n\x0cGetModelInfo\x12 .slimrank.v1.GetModelInfoRequest\x1a!.slimrank.v1.GetModelInfoResponse\x12\x41\n\x06Reload\x12\x1a.slimrank.v1.ReloadRequest\x1a\x1b.slimrank.v1.ReloadResponseBO\n\x0f\x64\x65v.slimrank.v1P\x01Z:github.com/slimrank/slimrank/gen/go/slimrank/v1;slimrankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slimrank.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.slimrank.v1P\001Z:github.com/slimrank/slimrank/gen/go/slimrank/v1;slimrankv1'
   _globals['_GETMODELINFORESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_GETMODELINFOREQUEST']._serialized_start=73

@@ -45,6 +45,11 @@ class RecommenderStub:
                 request_serializer=slimrank_dot_v1_dot_recommender__pb2.SearchRequest.SerializeToString,
                 response_deserializer=slimrank_dot_v1_dot_recommender__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.RecommendBatch = channel.unary_unary(
+                '/slimrank.v1.Recommender/RecommendBatch',
+                request_serializer=slimrank_dot_v1_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
+                response_deserializer=slimrank_dot_v1_dot_recommender__pb2.RecommendBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -66,6 +71,17 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecommendBatch(self, request, context):
+        """Recommend for many users in one call, for offline consumers (e.g. a nightly e-mail job):
+        at most the server's max_batch requests per call (page longer lists over several calls).
+        responses[i] is exactly what Recommend answers for requests[i]; an invalid request fails
+        the whole call with INVALID_ARGUMENT naming it (requests[i].k). The call takes one
+        admission slot, like one Recommend, and is shed like one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +94,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=slimrank_dot_v1_dot_recommender__pb2.SearchRequest.FromString,
                     response_serializer=slimrank_dot_v1_dot_recommender__pb2.SearchResponse.SerializeToString,
+            ),
+            'RecommendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecommendBatch,
+                    request_deserializer=slimrank_dot_v1_dot_recommender__pb2.RecommendBatchRequest.FromString,
+                    response_serializer=slimrank_dot_v1_dot_recommender__pb2.RecommendBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +156,33 @@ class Recommender:
             '/slimrank.v1.Recommender/Search',
             slimrank_dot_v1_dot_recommender__pb2.SearchRequest.SerializeToString,
             slimrank_dot_v1_dot_recommender__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slimrank.v1.Recommender/RecommendBatch',
+            slimrank_dot_v1_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
+            slimrank_dot_v1_dot_recommender__pb2.RecommendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

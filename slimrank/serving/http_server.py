@@ -1,0 +1,69 @@
+"""The HTTP/JSON endpoint's web server: aiohttp on the gRPC server's event loop.
+
+aiohttp was chosen over a small asyncio server on h11 by measurement (bench/http_stack.py,
+bench/results/http_stack.md): it runs on the same asyncio loop as grpc.aio, so admission and
+the handler threads are shared as they are, and its C HTTP parser costs less per call. This
+module only moves bytes; :class:`slimrank.serving.http_api.HttpApi` decides every answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from slimrank.serving.http_api import HttpApi, error_response
+
+
+@dataclasses.dataclass
+class HttpFront:
+    """A started HTTP endpoint; ``close`` (a coroutine, on the loop) stops it."""
+
+    runner: web.AppRunner
+    port: int
+
+    async def close(self) -> None:
+        """Stop taking connections and finish the calls in progress."""
+        await self.runner.cleanup()
+
+
+def _handler(api: HttpApi) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > api.max_body_bytes:
+            too_large = error_response(
+                413, "PAYLOAD_TOO_LARGE", f"request body is larger than {api.max_body_bytes} bytes"
+            )
+            return web.Response(
+                status=too_large.status, body=too_large.body, content_type="application/json"
+            )
+        response = await api.handle(
+            request.method,
+            request.path,
+            request.headers.get("Content-Type"),
+            request.read,
+            tuple(request.headers.items()),
+        )
+        return web.Response(
+            status=response.status,
+            body=response.body,
+            headers=dict(response.headers),
+            content_type="application/json",
+        )
+
+    return handle
+
+
+async def start_http(api: HttpApi, host: str, port: int, reuse_port: bool = False) -> HttpFront:
+    """Serve ``api`` on ``http://host:port`` (port 0 picks one); call on the event loop."""
+    # client_max_size: aiohttp answers 413 itself for a chunked body beyond it.
+    app = web.Application(client_max_size=api.max_body_bytes)
+    app.router.add_route("*", "/{path:.*}", _handler(api))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+    await site.start()
+    server = site._server  # the asyncio server: the only way to the bound port
+    bound = port if server is None else int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    return HttpFront(runner, bound)

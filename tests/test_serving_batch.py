@@ -1,0 +1,122 @@
+"""RecommendBatch: the real server on port 0, through the real client, against Recommend."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from slimrank.serving.client import BatchRequest, SlimrankClient
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.proto.slimrank.v1 import recommender_pb2, recommender_pb2_grpc
+from slimrank.serving.server import SlimrankServer, create_server
+from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[SlimrankServer, SnapshotHolder, SlimrankClient, int]]:
+    holder = SnapshotHolder(random_snapshot("v1", dim=16))
+    server, port = create_server(ServerConfig(max_batch=8), holder, CollectorRegistry())
+    server.mark_serving()
+    client = SlimrankClient(f"127.0.0.1:{port}", timeout=5.0)
+    yield server, holder, client, port
+    client.close()
+    server.shutdown(0).wait(5)
+
+
+def test_each_answer_is_what_recommend_answers(served) -> None:
+    _, _, client, _ = served
+    rng = np.random.default_rng(3)
+    requests = [
+        BatchRequest(f"u{u}", int(rng.integers(1, 20)), exclude=[f"i{u}"]) for u in range(12)
+    ]
+    requests += [
+        BatchRequest("stranger", 9, recent=["i4", "i8", "i15"]),
+        BatchRequest("", 5),  # popular items
+        BatchRequest("u7", 30, recent=["i1"], exclude=["i2", "i3"]),
+    ]
+    # 15 requests over pages of 4: four RecommendBatch calls.
+    got = client.recommend_batch(requests, page_size=4)
+    assert len(got) == len(requests)
+    for request, answer in zip(requests, got, strict=True):
+        single = client.recommend(
+            request.user_id, request.k, recent=request.recent, exclude=request.exclude
+        )
+        assert answer == single
+    assert {a.user_source for a in got} == {"KNOWN", "RECENT", "POPULAR"}
+
+
+def test_the_batch_is_bounded_and_names_the_bad_request(served) -> None:
+    _, _, client, _ = served
+    with pytest.raises(grpc.RpcError) as info:
+        client.recommend_batch([BatchRequest("u1", 3)] * 9, page_size=9)  # max_batch=8
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requests" in info.value.details() and "8" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        client.recommend_batch([BatchRequest("u1", 3), BatchRequest("u2", 0)])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("requests[1].k:")
+    with pytest.raises(grpc.RpcError) as info:
+        client.recommend_batch([BatchRequest("u1", 3, exclude=[""])])
+    assert info.value.details().startswith("requests[0].exclude_item_ids:")
+    stub = recommender_pb2_grpc.RecommenderStub(client._channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.RecommendBatch(recommender_pb2.RecommendBatchRequest(), timeout=5)  # empty
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def blocking(snap: ModelSnapshot) -> tuple[ModelSnapshot, threading.Semaphore, threading.Event]:
+    entered, release, warmed = threading.Semaphore(0), threading.Event(), threading.Event()
+
+    def score(features: np.ndarray) -> np.ndarray:
+        if warmed.is_set():
+            entered.release()
+            release.wait(10)
+        warmed.set()
+        return snap.score(features)
+
+    return dataclasses.replace(snap, score=score), entered, release
+
+
+def test_a_batch_takes_an_admission_slot_and_is_shed_like_a_call() -> None:
+    snap, entered, release = blocking(random_snapshot("v1", dim=16))
+    holder = SnapshotHolder(snap)
+    config = ServerConfig(max_inflight=1, max_workers=4, handler_threads=1)
+    registry = CollectorRegistry()
+    server, port = create_server(config, holder, registry)
+    server.mark_serving()
+    client = SlimrankClient(f"127.0.0.1:{port}", timeout=5.0)
+    stub = recommender_pb2_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    batch = recommender_pb2.RecommendBatchRequest(
+        requests=[recommender_pb2.RecommendRequest(user_id="u1", k=2)] * 3
+    )
+    try:
+        running = stub.RecommendBatch.future(batch, timeout=10)
+        assert entered.acquire(timeout=5)  # the batch holds the one slot
+        with pytest.raises(grpc.RpcError) as info:
+            client.recommend("u2", 3)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        assert [len(r.items) for r in running.result(timeout=10).responses] == [2, 2, 2]
+        busy = stub.Recommend.future(recommender_pb2.RecommendRequest(user_id="u1", k=2))
+        release.clear()
+        assert entered.acquire(timeout=5)
+        with pytest.raises(grpc.RpcError) as info:
+            client.recommend_batch([BatchRequest("u3", 2)])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        busy.result(timeout=10)
+        method = "/slimrank.v1.Recommender/RecommendBatch"
+        ok = registry.get_sample_value(
+            "slimrank_grpc_requests_total", {"method": method, "code": "OK"}
+        )
+        assert ok == 1
+    finally:
+        release.set()
+        client.close()
+        server.shutdown(0).wait(5)

@@ -1,0 +1,247 @@
+"""The HTTP/JSON endpoint: the real server on port 0, through urllib, against the gRPC answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from slimrank.serving.client import SlimrankClient
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.server import SlimrankServer, create_server
+from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
+
+DIM = 16
+
+
+@dataclasses.dataclass
+class Running:
+    server: SlimrankServer
+    holder: SnapshotHolder
+    registry: CollectorRegistry
+    client: SlimrankClient
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., Running]]:
+    running: list[Running] = []
+
+    def _start(snapshot: ModelSnapshot | None = None, **config: Any) -> Running:
+        holder = SnapshotHolder(snapshot or random_snapshot("v1", dim=DIM))
+        registry = CollectorRegistry()
+        server, port = create_server(ServerConfig(http_port=0, **config), holder, registry)
+        server.mark_serving()
+        running.append(Running(server, holder, registry, SlimrankClient(f"127.0.0.1:{port}")))
+        return running[-1]
+
+    yield _start
+    for r in running:
+        r.client.close()
+        r.server.shutdown(0).wait(5)
+
+
+def post(
+    url: str, body: bytes | dict, content_type: str = "application/json", method: str = "POST"
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """POST ``body`` (a dict is sent as JSON); return status, JSON answer and headers."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": content_type}, method=method
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+def test_recommend_and_search_answer_what_grpc_answers(start: Callable[..., Running]) -> None:
+    r = start()
+    snap = r.holder.get()
+    cases = [
+        ({"user_id": "u5", "k": 10, "exclude_item_ids": ["i3"]}, ("u5", 10, (), ("i3",))),
+        ({"userId": "new", "recentItemIds": ["i1", "i2"], "k": 7}, ("new", 7, ("i1", "i2"), ())),
+        ({"k": 4}, ("", 4, (), ())),  # no user, no history: popular items
+    ]
+    for body, (user, k, recent, exclude) in cases:
+        status, answer, headers = post(f"{r.url}/v1/recommend", body)
+        expected = r.client.recommend(user, k, recent=recent, exclude=exclude)
+        assert status == 200 and headers["Content-Type"].startswith("application/json")
+        assert tuple(item["item_id"] for item in answer["items"]) == expected.item_ids
+        np.testing.assert_allclose([i["score"] for i in answer["items"]], expected.scores, 1e-6)
+        assert answer["model_version"] == expected.model_version == "v1"
+        assert answer["candidates"] == expected.candidates
+        assert answer["user_source"] == f"USER_SOURCE_{expected.user_source}"
+
+    vector = snap.item_vectors[9].tolist()
+    status, answer, _ = post(f"{r.url}/v1/search", {"query_vector": vector, "k": 5})
+    expected = r.client.search(vector, 5)
+    assert status == 200
+    assert tuple(item["item_id"] for item in answer["items"]) == expected.item_ids
+    assert len(expected.item_ids) == 5
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/recommend", {"user_id": "u1", "k": 0}, "k"),
+        ("/v1/recommend", {"user_id": "u1"}, "k"),  # k is required
+        ("/v1/recommend", {"user_id": "u1", "k": "ten"}, "k"),
+        ("/v1/recommend", {"user_id": "u1", "k": 3, "exclude_item_ids": [""]}, "exclude_item_ids"),
+        ("/v1/recommend", {"user_id": "x" * 300, "k": 3}, "user_id"),
+        ("/v1/recommend", {"user": "u1", "k": 3}, "user"),  # unknown field
+        ("/v1/search", {"query_vector": [1.0, 2.0], "k": 3}, "query_vector"),
+        ("/v1/recommend:batch", {"requests": [{"k": 3}, {"k": 0}]}, "requests[1].k"),
+    ],
+)
+def test_bad_input_is_400_naming_the_field(
+    start: Callable[..., Running], path: str, body: dict, field: str
+) -> None:
+    r = start()
+    status, answer, _ = post(f"{r.url}{path}", body)
+    assert status == 400
+    assert answer["code"] == "INVALID_ARGUMENT"
+    assert answer["field"] == field
+    assert field.split("[")[0] in answer["message"]
+
+
+def test_what_is_not_a_json_call_is_refused_plainly(start: Callable[..., Running]) -> None:
+    r = start(max_http_body_bytes=2048)
+    ok = {"user_id": "u1", "k": 3}
+    assert post(f"{r.url}/v1/recommend", json.dumps(ok).encode(), "text/plain")[0] == 415
+    assert post(f"{r.url}/v1/recommend", b"{not json")[0] == 400
+    assert post(f"{r.url}/v1/recommend", b"\xff\xfe")[0] == 400
+    status, answer, _ = post(f"{r.url}/v1/nothing", ok)
+    assert (status, answer["code"]) == (404, "NOT_FOUND")
+    status, _, headers = post(f"{r.url}/v1/recommend", b"", method="GET")
+    assert (status, headers["Allow"]) == (405, "POST")
+    big = {"user_id": "u1", "k": 3, "exclude_item_ids": [f"i{i}" for i in range(400)]}
+    assert post(f"{r.url}/v1/recommend", big)[0] == 413
+    assert post(f"{r.url}/v1/recommend", ok)[0] == 200  # the server is fine afterwards
+
+
+def blocking(snap: ModelSnapshot) -> tuple[ModelSnapshot, threading.Semaphore, threading.Event]:
+    """A snapshot whose scorer (after the warm-up call) signals ``entered``, then waits."""
+    entered, release, warmed = threading.Semaphore(0), threading.Event(), threading.Event()
+
+    def score(features: np.ndarray) -> np.ndarray:
+        if warmed.is_set():
+            entered.release()
+            release.wait(10)
+        warmed.set()
+        return snap.score(features)
+
+    return dataclasses.replace(snap, score=score), entered, release
+
+
+def test_http_and_grpc_share_admission_and_http_sheds_with_429(
+    start: Callable[..., Running],
+) -> None:
+    snap, entered, release = blocking(random_snapshot("v1", dim=DIM))
+    r = start(snap, max_inflight=1, max_workers=4, handler_threads=1)
+    held: list[tuple[int, dict, dict]] = []
+    busy = threading.Thread(
+        target=lambda: held.append(post(f"{r.url}/v1/recommend", {"user_id": "u1", "k": 3}))
+    )
+    busy.start()
+    try:
+        assert entered.acquire(timeout=5)  # an HTTP call holds the one model slot
+        with pytest.raises(grpc.RpcError) as info:
+            r.client.recommend("u2", 3)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        status, answer, headers = post(f"{r.url}/v1/recommend", {"user_id": "u2", "k": 3})
+        assert (status, answer["code"]) == (429, "RESOURCE_EXHAUSTED")
+        assert int(headers["Retry-After"]) >= 1
+        assert r.sample("slimrank_inflight_requests") == 1
+    finally:
+        release.set()
+        busy.join(10)
+    assert held[0][0] == 200 and len(held[0][1]["items"]) == 3
+    assert r.sample("slimrank_shed_requests_total") == 2  # one gRPC, one HTTP
+    route = {"route": "/v1/recommend"}
+    assert r.sample("slimrank_http_requests_total", {**route, "status": "429"}) == 1
+    assert r.sample("slimrank_http_requests_total", {**route, "status": "200"}) == 1
+    assert r.sample("slimrank_http_request_duration_seconds_count", route) == 2
+    assert post(f"{r.url}/v1/recommend", {"user_id": "u2", "k": 3})[0] == 200  # slot given back
+
+
+def test_http_calls_are_timed_by_stage_like_grpc_calls(start: Callable[..., Running]) -> None:
+    r = start()
+    before = r.sample("slimrank_stage_duration_seconds_count", {"stage": "rank"})
+    assert post(f"{r.url}/v1/recommend", {"user_id": "u3", "k": 5})[0] == 200
+    assert r.sample("slimrank_stage_duration_seconds_count", {"stage": "rank"}) == before + 1
+    assert r.sample("slimrank_stage_duration_seconds_count", {"stage": "queue"}) >= 1
+
+
+def test_http_endpoint_follows_a_model_swap(start: Callable[..., Running]) -> None:
+    r = start()
+    r.holder.swap(random_snapshot("v2", dim=DIM, seed=7))
+    status, answer, _ = post(f"{r.url}/v1/recommend", {"user_id": "u1", "k": 3})
+    assert (status, answer["model_version"]) == (200, "v2")
+
+
+def test_http_port_needs_the_aio_engine() -> None:
+    with pytest.raises(ValueError, match="http_port"):
+        ServerConfig(engine="sync", http_port=0)
+
+
+def test_no_http_endpoint_unless_asked(start: Callable[..., Running]) -> None:
+    holder = SnapshotHolder(random_snapshot("v1", dim=DIM))
+    server, _ = create_server(ServerConfig(), holder, CollectorRegistry())
+    try:
+        assert server.http_port is None
+    finally:
+        server.shutdown(0).wait(5)
+
+
+def test_slimrank_serve_http_port_answers_as_grpc(tmp_path) -> None:
+    """The real CLI: ``--http-port 0`` is announced and answers what gRPC answers."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from slimrank.bundle import publish
+    from slimrank.serving.loader import random_flat_bundle
+
+    root = tmp_path / "bundles"
+    publish(root, random_flat_bundle("a", seed=1))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(root), "--port", "0"]
+        + ["--metrics-port", "-1", "--http-port", "0", "--poll-interval", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        match = re.search(r"serving on (\S+) metrics - pids \d+ http (\S+)$", line.strip())
+        assert match, line
+        with SlimrankClient(match[1], timeout=5.0) as client:
+            expected = client.recommend("u3", 5)
+        status, answer, _ = post(f"http://{match[2]}/v1/recommend", {"user_id": "u3", "k": 5})
+        assert status == 200
+        assert tuple(item["item_id"] for item in answer["items"]) == expected.item_ids
+        assert len(expected.item_ids) == 5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
