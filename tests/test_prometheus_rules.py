@@ -124,7 +124,7 @@ def test_unit_tests_catch_an_alert_without_its_short_window(promtool, tmp_path):
     shutil.copytree(PROM, copy)
     alerts = copy / "rules" / "slimrank-alerts.yml"
     text = alerts.read_text()
-    clause = "and slimrank:error_ratio:5m > (14.4 * 0.001)"
+    clause = "and job:slimrank_recommender_errors_per_requests:ratio_rate5m > (14.4 * 0.001)"
     assert text.count(clause) == 1
     alerts.write_text(text.replace(clause, ""))
     # Only the case that should catch it, to keep the run short.
@@ -187,18 +187,53 @@ def test_unit_tests_load_every_rule_file():
     assert loaded == {p.resolve() for p in RULE_FILES}
 
 
-def test_every_alert_says_how_bad_and_where_to_look():
-    readme = (ROOT / "deploy" / "README.md").read_text()
-    anchors = {
-        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
-        for line in readme.splitlines()
-        if line.startswith("#")
-    }
+def runbook_sections() -> dict[str, str]:
+    """docs/runbook.md's sections by GitHub anchor (``### Slimrank Down`` -> slimrank-down)."""
+    sections: dict[str, str] = {}
+    anchor = None
+    for line in (ROOT / "docs" / "runbook.md").read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchor = re.sub(r"[^a-z0-9 -]", "", title).replace(" ", "-")
+            sections[anchor] = ""
+        elif anchor is not None:
+            sections[anchor] += line + "\n"
+    return sections
+
+
+def test_every_alert_says_how_bad_and_links_its_runbook_section():
+    """Prometheus convention: a ``runbook_url`` annotation; ours point into docs/runbook.md,
+    to a section that says what the alert means, what to check and what to do."""
+    sections = runbook_sections()
     for name, rule in rules_by_kind("alert").items():
         assert rule["labels"]["severity"] in ("page", "ticket"), name
-        assert {"summary", "description", "runbook"} <= set(rule["annotations"]), name
-        file, _, anchor = rule["annotations"]["runbook"].partition("#")
-        assert file == "deploy/README.md" and anchor in anchors, (name, anchor)
+        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"]), name
+        file, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert file == "docs/runbook.md" and anchor in sections, (name, anchor)
+        text = sections[anchor]
+        for part in ("**Means**", "**Check**", "**Do**"):
+            assert part in text, (name, part)
+
+
+def test_recording_rules_are_named_level_metric_operations():
+    """``level:metric:operations``: the level is the labels the rule keeps (its ``by``), the
+    metric part names a slimrank series, the operations say what was applied."""
+    rules = rules_by_kind("record")
+    assert rules
+    for name, rule in rules.items():
+        match = re.fullmatch(r"([a-z_]+):(slimrank_[a-z_]+):([a-z0-9_]+)", name)
+        assert match, name
+        level, _, operations = match.groups()
+        kept = set()
+        for group in re.findall(r"by \(([^)]*)\)", rule["expr"]):
+            kept |= {label.strip() for label in group.split(",")} - {"le"}
+        assert set(level.split("_")) == kept, (name, kept)
+        ranges = set(re.findall(r"\[(\w+)\]", rule["expr"]))
+        assert len(ranges) == 1 and operations.endswith(f"rate{ranges.pop()}"), name
+
+
+ERROR_SLI = "job:slimrank_recommender_errors_per_requests:ratio_rate"  # + window
+SLOW_SLI = "job:slimrank_recommender_slow_per_requests:ratio_rate"
 
 
 def _sli_rules(prefix: str) -> dict[str, str]:
@@ -210,7 +245,7 @@ def _sli_rules(prefix: str) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("sli", ["slimrank:error_ratio:", "slimrank:slow_ratio:"])
+@pytest.mark.parametrize("sli", [ERROR_SLI, SLOW_SLI])
 def test_each_sli_is_the_same_query_over_every_window(sli):
     windows = _sli_rules(sli)
     assert set(windows) == {"5m", "30m", "1h", "6h"}
@@ -223,10 +258,13 @@ def test_each_sli_is_the_same_query_over_every_window(sli):
 def test_burn_rate_alerts_pair_each_long_window_with_its_twelfth():
     """Google SRE workbook pairs: 14.4x over 1h and 5m, 6x over 6h and 30m."""
     pairs = {"14.4": ("1h", "5m"), "6": ("6h", "30m")}
-    budgets = {"error_ratio": "0.001", "slow_ratio": "0.01"}
+    budgets = {"errors": "0.001", "slow": "0.01"}
     seen = set()
     for name, rule in rules_by_kind("alert").items():
-        terms = re.findall(r"slimrank:(\w+):(\w+) > \(([\d.]+) \* ([\d.]+)\)", rule["expr"])
+        terms = re.findall(
+            r"job:slimrank_recommender_(\w+)_per_requests:ratio_rate(\w+) > \(([\d.]+) \* ([\d.]+)\)",
+            rule["expr"],
+        )
         if not terms:
             continue
         (sli, long_w, factor, budget), (sli2, short_w, factor2, budget2) = terms
@@ -238,9 +276,9 @@ def test_burn_rate_alerts_pair_each_long_window_with_its_twelfth():
 
 
 def test_dashboard_error_ratio_uses_the_alerting_sli():
-    codes = re.search(r'code=~"([^"]+)"', _sli_rules("slimrank:error_ratio:")["5m"]).group(1)
+    codes = re.search(r'code=~"([^"]+)"', _sli_rules(ERROR_SLI)["5m"]).group(1)
     (error_panel,) = [expr for where, expr in dashboard_queries() if "Error ratio" in where]
     assert f'code=~"{codes}"' in error_panel
     # The latency panel and the latency SLI read the same bucket.
-    assert 'le="0.025"' in _sli_rules("slimrank:slow_ratio:")["5m"]
+    assert 'le="0.025"' in _sli_rules(SLOW_SLI)["5m"]
     assert any('le="0.025"' in expr for _, expr in dashboard_queries())

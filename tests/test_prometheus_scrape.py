@@ -252,7 +252,7 @@ def test_invalid_arguments_do_not_count_as_errors(scraped):
     assert scraped.prom.scalar(invalid) > 0
     (error_ratio,) = [e for w, e in dashboard_queries() if "Error ratio" in w]
     assert scraped.prom.scalar(substitute(error_ratio)) == 0
-    assert scraped.prom.scalar('slimrank:error_ratio:5m{job="slimrank"}') == 0
+    assert scraped.prom.scalar('job:slimrank_recommender_errors_per_requests:ratio_rate5m{job="slimrank"}') == 0
 
 
 def test_rules_load_and_evaluate_without_errors(scraped):
@@ -267,11 +267,11 @@ def test_rules_load_and_evaluate_without_errors(scraped):
 @pytest.mark.parametrize(
     "record",
     [
-        "slimrank:request_rate:5m",
-        "slimrank:latency_p99:5m",
-        "slimrank:stage_latency_p99:5m",
-        "slimrank:error_ratio:5m",
-        "slimrank:slow_ratio:5m",
+        "job_method_code:slimrank_grpc_requests:rate5m",
+        "job_method:slimrank_grpc_request_duration_seconds:p99_rate5m",
+        "job_stage:slimrank_stage_duration_seconds:p99_rate5m",
+        "job:slimrank_recommender_errors_per_requests:ratio_rate5m",
+        "job:slimrank_recommender_slow_per_requests:ratio_rate5m",
     ],
 )
 def test_recording_rules_produce_series(scraped, record):

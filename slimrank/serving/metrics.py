@@ -15,6 +15,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 
@@ -42,6 +43,10 @@ LATENCY_BUCKETS = (
     1.0,
     2.5,
 )
+# No ``*_created`` series: Prometheus does not use them, and they double every counter's and
+# histogram's series (prometheus_client's switch is process-wide).
+disable_created_metrics()
+
 CANDIDATE_BUCKETS = (0, 10, 25, 50, 100, 200, 400, 800, 1600, 3200)
 STAGES = ("retrieve", "features", "rank", "queue")
 
