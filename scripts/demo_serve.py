@@ -1,7 +1,8 @@
 """The end of ``make demo``: serve the published bundle, query a few users, time Recommend.
 
-Starts ``slimrank serve --bundles DIR --port 0 --metrics-port 0`` as a subprocess, waits for
-its ready line and for health SERVING, prints the recommendations of a few known users and of
+Starts ``slimrank serve --bundles DIR --port 0 --metrics-port 0 --http-port 0`` as a subprocess,
+waits for its ready line and for health SERVING, prints the recommendations of a few known
+users (the first also over HTTP/JSON, checked equal to gRPC) and of
 a new user known only by recent items (with titles when the bundle is MovieLens-100k), runs
 sequential Recommend calls for a latency summary, then sends SIGTERM and checks that the
 server exits 0. Exits non-zero (with the server's log tail) if any of that fails.
@@ -10,6 +11,7 @@ server exits 0. Exits non-zero (with the server's log tail) if any of that fails
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import signal
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import IO
 
@@ -47,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def start_server(bundles: Path, log_path: Path) -> tuple[subprocess.Popen[str], queue.Queue]:
     """Start ``slimrank serve`` on free ports; its stdout lines arrive on the queue."""
     command = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(bundles)]
-    command += ["--port", "0", "--metrics-port", "0"]
+    command += ["--port", "0", "--metrics-port", "0", "--http-port", "0"]
     log_file = log_path.open("w")
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=os.environ.copy()
@@ -64,8 +67,11 @@ def start_server(bundles: Path, log_path: Path) -> tuple[subprocess.Popen[str], 
     return proc, lines
 
 
-def wait_ready(proc: subprocess.Popen[str], lines: queue.Queue, timeout: float) -> str:
-    """Return ``host:port`` from the server's ready line; raises if it exits or times out."""
+def wait_ready(
+    proc: subprocess.Popen[str], lines: queue.Queue, timeout: float
+) -> tuple[str, str]:
+    """Return the gRPC and the HTTP ``host:port`` from the server's ready line; raises if it
+    exits or times out."""
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
@@ -78,7 +84,8 @@ def wait_ready(proc: subprocess.Popen[str], lines: queue.Queue, timeout: float) 
         if line is None:
             raise RuntimeError(f"the server exited with {proc.wait()} before it was ready")
         if line.startswith(READY_PREFIX):
-            return line.removeprefix(READY_PREFIX).split()[0]
+            words = line.removeprefix(READY_PREFIX).split()
+            return words[0], words[words.index("http") + 1]
 
 
 def wait_serving(client: SlimrankClient, timeout: float) -> None:
@@ -111,8 +118,25 @@ def latency_table(seconds: np.ndarray) -> Table:
     return table
 
 
-def demo(args: argparse.Namespace, client: SlimrankClient, console: Console) -> None:
-    """Query a few users, then time ``args.requests`` Recommend calls."""
+def http_recommend(http: str, user: str, k: int) -> tuple[str, list[str]]:
+    """POST /v1/recommend as a frontend without gRPC would; return the curl line and items."""
+    body = json.dumps({"user_id": user, "k": k})
+    request = urllib.request.Request(
+        f"http://{http}/v1/recommend",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer = json.loads(response.read())
+    curl = f"curl -s http://{http}/v1/recommend -H 'Content-Type: application/json' -d '{body}'"
+    return curl, [item["item_id"] for item in answer["items"]]
+
+
+def demo(
+    args: argparse.Namespace, client: SlimrankClient, console: Console, http: str
+) -> None:
+    """Query a few users (one over HTTP/JSON too), then time ``args.requests`` Recommend calls."""
     version = current_version(args.bundles)
     if version is None:
         raise RuntimeError(f"{args.bundles}: nothing published (no CURRENT)")
@@ -124,6 +148,12 @@ def demo(args: argparse.Namespace, client: SlimrankClient, console: Console) -> 
     shown = [users[i] for i in sorted(rng.choice(len(users), args.users, replace=False))]
     for user in shown:
         print_recommendations(console, user, client.recommend(user, args.k), titles)
+    curl, over_http = http_recommend(http, shown[0], args.k)
+    over_grpc = list(client.recommend(shown[0], args.k).item_ids)
+    if over_http != over_grpc:
+        raise RuntimeError(f"HTTP answered {over_http}, gRPC {over_grpc} for user {shown[0]}")
+    console.print(f"HTTP/JSON: {curl}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"answers the same {len(over_http)} items as gRPC for user {shown[0]}")
     # A new user who just watched three of the most popular items.
     recent = [items[i] for i in np.argsort(-popularity, kind="stable")[:3]]
     ranked = client.recommend("new-user", args.k, recent=recent)
@@ -150,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         log_path = Path(tmp) / "serve.log"
         proc, lines = start_server(args.bundles, log_path)
         try:
-            target = wait_ready(proc, lines, args.startup_timeout)
-            console.print(f"server ready on {target} (pid {proc.pid})")
+            target, http = wait_ready(proc, lines, args.startup_timeout)
+            console.print(f"server ready on {target}, HTTP/JSON on {http} (pid {proc.pid})")
             with SlimrankClient(target, timeout=10.0) as client:
                 wait_serving(client, args.startup_timeout)
-                demo(args, client, console)
+                demo(args, client, console, http)
         except Exception as error:  # any failure: show why, with the server's own log
             errors.print(f"demo failed: {type(error).__name__}: {error}")
             errors.print("server log (end):\n" + log_path.read_text()[-4000:])

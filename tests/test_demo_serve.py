@@ -28,6 +28,9 @@ def test_demo_serves_queries_times_and_stops_cleanly(run: TinyRun) -> None:
     out = done.stdout
     assert out.count(f"candidates ranked by model {run.version}") == 4
     assert out.count("(known)") == 3 and "user new-user (recent)" in out
+    # A frontend without gRPC: the same user's items over HTTP/JSON, checked against gRPC.
+    assert "HTTP/JSON: curl -s http://127.0.0.1:" in out
+    assert "answers the same 10 items as gRPC for user" in out
     assert "40 sequential Recommend calls" in out and "p99" in out
     assert out.rstrip().endswith("SIGTERM: the server drained and exited 0")
 
