@@ -41,6 +41,8 @@ IMAGE = f"slimrank:{VERSION}"  # the server
 RETRAIN_IMAGE = f"slimrank-retrain:{VERSION}"  # the Dockerfile's retrain target
 RETRAIN_TARGET = "retrain"
 RETRAIN_SCRIPT = "/opt/slimrank/retrain.sh"  # where the image has deploy/retrain.sh
+# What deploy/make_secrets.sh writes under deploy/secrets/.
+MADE_SECRETS = ("tls", "admin", "grafana-admin-password")
 
 
 # Parsing helpers
@@ -210,6 +212,7 @@ def test_k8s_objects_have_known_kinds_and_names():
         ("autoscaling/v2", "HorizontalPodAutoscaler"),
         ("policy/v1", "PodDisruptionBudget"),
         ("batch/v1", "CronJob"),
+        ("networking.k8s.io/v1", "NetworkPolicy"),
     }
     names = [(o["kind"], o["metadata"]["name"]) for o in k8s_objects()]
     assert len(names) == len(set(names))
@@ -405,11 +408,13 @@ def test_compose_services_images_and_mounts():
         assert path == DEPLOY / "Dockerfile", name
     assert "target" not in services["slimrank"]["build"]  # the default: the server
     assert services["retrain"]["build"]["target"] == RETRAIN_TARGET in stages()
-    assert f"{GRPC_PORT}:{GRPC_PORT}" in services["slimrank"]["ports"]
+    assert f"127.0.0.1:{GRPC_PORT}:{GRPC_PORT}" in services["slimrank"]["ports"]
     for name, service in services.items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith("."):
+            if source.startswith("./secrets/"):  # made by deploy/make_secrets.sh, not committed
+                assert source.removeprefix("./secrets/") in MADE_SECRETS, (name, source)
+            elif source.startswith("."):
                 assert (DEPLOY / source).exists(), f"{name}: {source} does not exist"
             else:
                 assert source in compose()["volumes"], f"{name}: volume {source} not declared"
@@ -462,7 +467,10 @@ def test_compose_grafana_provisioning_finds_the_dashboard_and_prometheus():
     (source,) = datasources["datasources"]
     assert source["type"] == "prometheus"
     assert source["url"] == f"http://prometheus:{PROMETHEUS_PORT}"
-    assert f"{PROMETHEUS_PORT}:{PROMETHEUS_PORT}" in compose()["services"]["prometheus"]["ports"]
+    assert (
+        f"127.0.0.1:{PROMETHEUS_PORT}:{PROMETHEUS_PORT}"
+        in compose()["services"]["prometheus"]["ports"]
+    )
     board = json.loads((dashboards_dir / "slimrank.json").read_text())
     (ds_var,) = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
     assert ds_var["current"]["value"] == source["uid"]
@@ -523,15 +531,20 @@ def test_k8s_images_match_the_compose_images_and_the_package_version():
 
 
 def test_k8s_probes_use_grpc_health_on_the_grpc_port():
+    """Over mutual TLS, so through the image's health check (kubelet's gRPC probe has no TLS)."""
     (container,) = pod_spec(k8s("Deployment"))["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = container[probe]
-        assert set(spec) & {"httpGet", "tcpSocket", "exec"} == set(), probe
-        assert spec["grpc"]["port"] == GRPC_PORT, probe
-        assert spec["grpc"]["service"] in HEALTH_SERVICES, probe
-    assert container["readinessProbe"]["grpc"]["service"] == "slimrank.v1.Recommender"
+        assert set(spec) & {"httpGet", "tcpSocket", "grpc"} == set(), probe
+        command = spec["exec"]["command"]
+        assert command[:2] == healthcheck_command()[:2], probe
+        assert flag(command, "--target") == f"127.0.0.1:{GRPC_PORT}", probe
+        assert flag(command, "--service") in HEALTH_SERVICES, probe
+        assert spec["timeoutSeconds"] >= 2, probe  # a Python start-up fits
+    readiness = container["readinessProbe"]["exec"]["command"]
+    assert flag(readiness, "--service") == "slimrank.v1.Recommender"
 
 
 def test_k8s_selectors_match_the_pods():
