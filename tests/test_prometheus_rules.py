@@ -260,11 +260,9 @@ def test_burn_rate_alerts_pair_each_long_window_with_its_twelfth():
     pairs = {"14.4": ("1h", "5m"), "6": ("6h", "30m")}
     budgets = {"errors": "0.001", "slow": "0.01"}
     seen = set()
+    term = r"job:slimrank_recommender_(\w+)_per_requests:ratio_rate(\w+) > \(([\d.]+) \* ([\d.]+)\)"
     for name, rule in rules_by_kind("alert").items():
-        terms = re.findall(
-            r"job:slimrank_recommender_(\w+)_per_requests:ratio_rate(\w+) > \(([\d.]+) \* ([\d.]+)\)",
-            rule["expr"],
-        )
+        terms = re.findall(term, rule["expr"])
         if not terms:
             continue
         (sli, long_w, factor, budget), (sli2, short_w, factor2, budget2) = terms

@@ -252,7 +252,12 @@ def test_invalid_arguments_do_not_count_as_errors(scraped):
     assert scraped.prom.scalar(invalid) > 0
     (error_ratio,) = [e for w, e in dashboard_queries() if "Error ratio" in w]
     assert scraped.prom.scalar(substitute(error_ratio)) == 0
-    assert scraped.prom.scalar('job:slimrank_recommender_errors_per_requests:ratio_rate5m{job="slimrank"}') == 0
+    assert (
+        scraped.prom.scalar(
+            'job:slimrank_recommender_errors_per_requests:ratio_rate5m{job="slimrank"}'
+        )
+        == 0
+    )
 
 
 def test_rules_load_and_evaluate_without_errors(scraped):

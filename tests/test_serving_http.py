@@ -223,9 +223,10 @@ def test_slimrank_serve_http_port_answers_as_grpc(tmp_path) -> None:
 
     root = tmp_path / "bundles"
     publish(root, random_flat_bundle("a", seed=1))
+    command = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(root)]
+    command += ["--port", "0", "--metrics-port", "-1", "--http-port", "0", "--poll-interval", "0"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(root), "--port", "0"]
-        + ["--metrics-port", "-1", "--http-port", "0", "--poll-interval", "0"],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
