@@ -48,7 +48,9 @@ class H11Front:
         await self.server.wait_closed()
 
 
-async def start_h11(api: Any, host: str, port: int, reuse_port: bool = False) -> H11Front:
+async def start_h11(
+    api: Any, host: str, port: int, reuse_port: bool = False, grace_s: float = 5.0
+) -> H11Front:
     """A minimal HTTP/1.1 keep-alive server on asyncio streams with h11 parsing."""
     import h11
 

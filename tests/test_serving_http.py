@@ -246,3 +246,36 @@ def test_slimrank_serve_http_port_answers_as_grpc(tmp_path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+
+
+def test_every_grpc_code_has_the_gateway_http_status() -> None:
+    from slimrank.serving.http_api import HTTP_STATUS
+
+    assert set(HTTP_STATUS) == set(grpc.StatusCode)
+    expected = {
+        grpc.StatusCode.INVALID_ARGUMENT: 400,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+        grpc.StatusCode.UNAVAILABLE: 503,
+        grpc.StatusCode.NOT_FOUND: 404,
+        grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+        grpc.StatusCode.UNAUTHENTICATED: 401,
+        grpc.StatusCode.PERMISSION_DENIED: 403,
+        grpc.StatusCode.INTERNAL: 500,
+    }
+    assert {code: HTTP_STATUS[code] for code in expected} == expected
+
+
+def test_a_failing_ranker_is_500_without_details(start: Callable[..., Running]) -> None:
+    snap = random_snapshot("v1", dim=DIM)
+    calls = []
+
+    def flaky(features: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        if len(calls) > 1:  # the warm-up passes
+            raise RuntimeError("secret internals")
+        return snap.score(features)
+
+    r = start(dataclasses.replace(snap, score=flaky))
+    status, answer, _ = post(f"{r.url}/v1/recommend", {"user_id": "u1", "k": 3})
+    assert (status, answer["code"]) == (500, "INTERNAL")
+    assert "secret" not in answer["message"]

@@ -59,12 +59,17 @@ def _handler(api: HttpApi) -> Callable[[web.Request], Awaitable[web.StreamRespon
     return handle
 
 
-async def start_http(api: HttpApi, host: str, port: int, reuse_port: bool = False) -> HttpFront:
-    """Serve ``api`` on ``http://host:port`` (port 0 picks one); call on the event loop."""
+async def start_http(
+    api: HttpApi, host: str, port: int, reuse_port: bool = False, grace_s: float = 5.0
+) -> HttpFront:
+    """Serve ``api`` on ``http://host:port`` (port 0 picks one); call on the event loop.
+
+    On close, calls in progress get ``grace_s`` seconds to finish.
+    """
     # client_max_size: aiohttp answers 413 itself for a chunked body beyond it.
     app = web.Application(client_max_size=api.max_body_bytes)
     app.router.add_route("*", "/{path:.*}", _handler(api))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     await site.start()

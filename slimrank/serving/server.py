@@ -335,7 +335,13 @@ def _start_http(
     handler_pool = pools[0] if config.handler_threads > 0 else None
     api = HttpApi(recommender, admission, metrics, handler_pool, config.max_http_body_bytes)
     return loop.run(
-        start_http(api, config.http_host, config.http_port or 0, reuse_port=config.so_reuseport)
+        start_http(
+            api,
+            config.http_host,
+            config.http_port or 0,
+            reuse_port=config.so_reuseport,
+            grace_s=config.grace_s,
+        )
     )
 
 
