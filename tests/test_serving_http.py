@@ -279,3 +279,51 @@ def test_a_failing_ranker_is_500_without_details(start: Callable[..., Running]) 
     status, answer, _ = post(f"{r.url}/v1/recommend", {"user_id": "u1", "k": 3})
     assert (status, answer["code"]) == (500, "INTERNAL")
     assert "secret" not in answer["message"]
+
+
+def test_workers_share_a_fixed_http_port(tmp_path) -> None:
+    """``--workers 2 --http-port N``: every worker binds N (SO_REUSEPORT) and it answers."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from slimrank.bundle import publish
+    from slimrank.serving.loader import random_flat_bundle
+
+    root = tmp_path / "bundles"
+    publish(root, random_flat_bundle("a", seed=1))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(root)]
+    command += ["--port", "0", "--metrics-port", "-1", "--workers", "2", "--poll-interval", "0"]
+    proc = subprocess.Popen(
+        [*command, "--http-port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        match = re.search(r"pids (\d+),(\d+) http 127\.0\.0\.1:(\d+)$", line.strip())
+        assert match and int(match[3]) == port, line
+        with SlimrankClient(line.split()[2], timeout=5.0) as client:
+            expected = client.recommend("u3", 4).item_ids
+        for _ in range(6):  # each urlopen is a new connection, handed to either worker
+            status, answer, _ = post(
+                f"http://127.0.0.1:{port}/v1/recommend", {"user_id": "u3", "k": 4}
+            )
+            assert status == 200
+            assert tuple(item["item_id"] for item in answer["items"]) == expected
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    with pytest.raises(SystemExit):
+        from slimrank.cli import main
+
+        main(["serve", "--workers", "2", "--http-port", "0"])

@@ -123,7 +123,7 @@ def _worker_main(spec: ServeSpec, reports: multiprocessing.Queue, log_level: int
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     pid = os.getpid()
 
-    def ready(port: int, metrics_port: int | None, pids: list[int]) -> None:
+    def ready(port: int, metrics_port: int | None, pids: list[int], *http: int) -> None:
         reports.put((pid, port))
 
     try:
