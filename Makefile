@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Where `make demo` keeps its run (bundles, reports); data goes to $SLIMRANK_DATA or the user cache.
 RUN_DIR ?= runs/demo
 
-.PHONY: install system-deps test lint unit check-slim-install demo bench bench-retrieval-ml100k bench-serving bench-serving-ml100k bench-serving-quick bench-features bench-online protos check-protos clean
+.PHONY: install system-deps test lint unit check-slim-install demo bench bench-retrieval-ml100k bench-serving bench-serving-ml100k bench-serving-quick bench-features bench-online bench-http protos check-protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ bench-serving-quick: install
 # Only the ml-100k server modes (needs make demo's bundle): bench/results/serving_modes.{json,md}.
 bench-serving-ml100k: install
 	$(BIN)/python bench/serving.py --targets ml100k --loadgen-ceiling
+
+# The HTTP/JSON endpoint's stack: aiohttp vs asyncio + h11 (needs make demo's bundle).
+bench-http: install
+	$(BIN)/python bench/http_stack.py --bundles $(RUN_DIR)/bundles
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

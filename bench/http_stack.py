@@ -314,7 +314,8 @@ def write_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         f" {meta['grpcio']} · load average before/after {meta['load_before']} /"
         f" {meta['load_after']}",
         "",
-        "Command: `python bench/http_stack.py --bundles runs/demo/bundles` (the ml-100k bundle of"
+        "Command: `make bench-http` (`python bench/http_stack.py --bundles runs/demo/bundles`,"
+        " the ml-100k bundle of"
         f" `make demo`). {meta['seconds_per_rate']:.0f} s per rate and {meta['rounds']} rounds"
         " (the stack that goes first alternates), Poisson arrivals, 16 keep-alive connections"
         " from a load generator in its own process; latency from the scheduled send time, in"
