@@ -327,3 +327,29 @@ def test_workers_share_a_fixed_http_port(tmp_path) -> None:
         from slimrank.cli import main
 
         main(["serve", "--workers", "2", "--http-port", "0"])
+
+
+def test_an_abort_with_status_is_answered_like_an_abort() -> None:
+    """Handlers that attach rich error details (``abort_with_status``) answer the same."""
+    import collections
+
+    from slimrank.serving.proto.slimrank.v1 import recommender_pb2_grpc
+
+    status = collections.namedtuple("status", "code details trailing_metadata")
+
+    class Refusing(recommender_pb2_grpc.RecommenderServicer):
+        def Recommend(self, request: Any, context: Any) -> Any:
+            context.abort_with_status(
+                status(grpc.StatusCode.INVALID_ARGUMENT, "k: rich details attached", ())
+            )
+
+    holder = SnapshotHolder(random_snapshot("v1", dim=DIM))
+    server, _ = create_server(
+        ServerConfig(http_port=0), holder, CollectorRegistry(), recommender=lambda *_: Refusing()
+    )
+    try:
+        url = f"http://127.0.0.1:{server.http_port}/v1/recommend"
+        code, answer, _ = post(url, {"user_id": "u1", "k": 3})
+    finally:
+        server.shutdown(0).wait(5)
+    assert (code, answer["field"]) == (400, "k")

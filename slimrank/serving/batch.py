@@ -7,7 +7,7 @@ request fails the whole call with INVALID_ARGUMENT naming it, e.g. ``requests[3]
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import grpc
 
@@ -17,6 +17,14 @@ from slimrank.serving.snapshot import SnapshotHolder
 
 # Field name of the requests in RecommendBatchRequest, for error messages.
 REQUESTS_FIELD = "requests"
+
+
+class _Status(NamedTuple):
+    """A ``grpc.Status`` (what ``abort_with_status`` reads) with its details rewritten."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: Any
 
 
 class _FieldPrefixContext:
@@ -31,6 +39,13 @@ class _FieldPrefixContext:
             details = f"{self._prefix}.{details}"
         self._context.abort(code, details)
         raise AssertionError("abort returned")  # every context's abort raises
+
+    def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        details = status.details
+        if status.code == grpc.StatusCode.INVALID_ARGUMENT:
+            details = f"{self._prefix}.{details}"
+        self._context.abort_with_status(_Status(status.code, details, status.trailing_metadata))
+        raise AssertionError("abort_with_status returned")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)

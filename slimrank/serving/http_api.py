@@ -123,6 +123,10 @@ class HttpContext:
         self._code, self._details = code, details
         raise HandlerAborted(details)
 
+    def abort_with_status(self, status: grpc.Status) -> None:
+        """As ``abort``; the status's trailing metadata (rich error details) is dropped."""
+        self.abort(status.code, status.details)
+
     def code(self) -> grpc.StatusCode | None:
         return self._code
 
