@@ -34,6 +34,7 @@ from slimrank.serving.snapshot import (
     top_k,
     warm_up,
 )
+from slimrank.serving.status import bad_request
 from slimrank.serving.validation import (
     ValidationError,
     check_ids,
@@ -49,8 +50,16 @@ Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
 ReloadFn = Callable[[str | None], ModelSnapshot]
 
 
+class NonFiniteScores(ArithmeticError):
+    """Retrieval or ranking gave a NaN or infinite score (the query overflows float32)."""
+
+
+def _norm(vector: np.ndarray | None) -> float:
+    return float("nan") if vector is None else float(np.linalg.norm(vector.astype(np.float64)))
+
+
 def _abort_invalid(context: grpc.ServicerContext, error: ValidationError) -> NoReturn:
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    context.abort_with_status(bad_request(error.field, error.message))
 
 
 def _internal_errors(method: Handler) -> Handler:
@@ -103,17 +112,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         Returns the items and the candidate count.
         """
         n = max(snapshot.n_candidates or self._config.n_candidates, k)
-        with self._metrics.stage("retrieve"):
-            retrieved = snapshot.retrieve(query, n, drop)
-        self._metrics.candidates.observe(len(retrieved))
-        self._require_time(context, "ranking")
-        if query.vector is None:
-            scores = retrieved.scores  # popularity
-        else:
-            with self._metrics.stage("features"):
-                features = snapshot.featurize(query, retrieved)  # (m, F)
-            with self._metrics.stage("rank"):
-                scores = np.asarray(snapshot.score(features), dtype=np.float32).reshape(-1)
+        # A huge query overflows float32 scores; that is checked below, not warned about.
+        with np.errstate(over="ignore", invalid="ignore"):
+            with self._metrics.stage("retrieve"):
+                retrieved = snapshot.retrieve(query, n, drop)
+            self._metrics.candidates.observe(len(retrieved))
+            self._require_time(context, "ranking")
+            if query.vector is None:
+                scores = retrieved.scores  # popularity
+            else:
+                with self._metrics.stage("features"):
+                    features = snapshot.featurize(query, retrieved)  # (m, F)
+                with self._metrics.stage("rank"):
+                    scores = np.asarray(snapshot.score(features), dtype=np.float32).reshape(-1)
+        if not (np.isfinite(scores).all() and np.isfinite(retrieved.scores).all()):
+            raise NonFiniteScores(
+                f"scores are not finite (query vector norm {_norm(query.vector):.3g})"
+            )
         rows, best = top_k(retrieved.rows, scores, k)
         items = [
             recommender_pb2.ScoredItem(item_id=str(snapshot.item_ids[r]), score=float(s))
@@ -166,7 +181,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._require_time(context, "retrieval")
         query = UserQuery(UserSource.RECENT, -1, vector)
         drop = np.unique(snapshot.item_rows(exclude))
-        items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
+        try:
+            items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
+        except NonFiniteScores as error:  # the model gives finite scores to sane vectors
+            _abort_invalid(context, ValidationError("query_vector", f"too large: {error}"))
         return recommender_pb2.SearchResponse(
             items=items, model_version=snapshot.version, candidates=n_candidates
         )
