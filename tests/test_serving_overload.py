@@ -244,3 +244,51 @@ def test_admission_refuses_when_the_expected_wait_is_too_long() -> None:
     assert admission.enter(True) is not None  # 10 ms: still within
     assert admission.enter(True) is None  # 12 ms: refused
     assert admission.enter(False) is not None  # the wait bounds only the limited calls
+
+
+def test_a_burst_past_the_total_bound_is_counted_call_for_call(
+    serve: Callable[..., Served],
+) -> None:
+    """Recommend and Reload calls past max_pending_rpcs: every refusal seen is in /metrics.
+
+    The aio engine gives grpc no concurrency limit of its own (grpc's "Concurrent RPC limit
+    exceeded!" refusals happen before any interceptor and could not be counted); admission
+    enforces ``max_pending_rpcs`` itself and counts each refusal.
+    """
+    gate = Gate()
+    loading, release = threading.Semaphore(0), threading.Event()
+
+    def slow_load(version: str | None) -> ModelSnapshot:
+        loading.release()
+        release.wait(DEADLINE_S)
+        return random_snapshot("v1", dim=DIM)  # the served version: nothing is swapped
+
+    config = ServerConfig(max_inflight=2, max_workers=4, max_pending_rpcs=6)
+    s = serve(gate.snapshot(random_snapshot("v1", dim=DIM)), config, slow_load)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for _ in range(6)]
+    try:
+        recommend = [recommender_pb2_grpc.RecommenderStub(c).Recommend for c in channels]
+        reload = [admin_pb2_grpc.AdminStub(c).Reload for c in channels]
+        request = recommender_pb2.RecommendRequest(user_id="u1", k=3)
+        calls = [recommend[i % 6].future(request, timeout=DEADLINE_S) for i in range(30)]
+        assert gate.entered.acquire(timeout=10)
+        calls += [
+            reload[i % 6].future(admin_pb2.ReloadRequest(), timeout=DEADLINE_S) for i in range(30)
+        ]
+        assert loading.acquire(timeout=10)
+        deadline = time.monotonic() + 10
+        # Held: 2 Recommend calls and 4 Reloads (one loading, three waiting for the lock).
+        while sum(not c.done() for c in calls) > 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sum(not c.done() for c in calls) == 6
+    finally:
+        gate.release.set()
+        release.set()
+    codes = [code_of(c) for c in calls]
+    for channel in channels:
+        channel.close()
+    refused = [c for c in calls if code_of(c) == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert codes.count(grpc.StatusCode.OK) + len(refused) == len(codes), codes
+    assert len(refused) == 54
+    assert not any("Concurrent RPC limit" in (c.exception().details() or "") for c in refused)
+    assert s.sample("slimrank_shed_requests_total") == len(refused)
