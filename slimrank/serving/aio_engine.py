@@ -36,6 +36,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 
 from slimrank.serving.admission import Admission, Ticket
+from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         pool = self._handler_pool if limited else self._other_pool
         return grpc.unary_unary_rpc_method_handler(
             self._behavior(handler.unary_unary, method, accepted, ticket, pool),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -360,6 +361,10 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             once = threading.Lock()
+            if isinstance(request, Malformed):
+                count(once, grpc.StatusCode.INVALID_ARGUMENT, start)
+                message = malformed_message(method, request, context.peer())
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
             if is_async:
                 if record_queue:
                     metrics.stage_duration.labels("queue").observe(start - accepted)
