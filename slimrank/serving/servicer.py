@@ -46,7 +46,9 @@ from slimrank.serving.validation import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
-# Loads the snapshot of a bundle version (None: the newest); raises on any failure.
+# Loads the snapshot of a bundle version (None: the newest); raises on any failure. One with a
+# ``resolve(version) -> name`` method (``reload.BundleSource``) lets Reload answer at once
+# when the name resolves to the version already served.
 ReloadFn = Callable[[str | None], ModelSnapshot]
 
 
@@ -206,6 +208,24 @@ def _reload_status(error: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def one_line(error: BaseException) -> str:
+    """Return ``Type: message`` of ``error`` on one line (an integrity report has several)."""
+    return f"{type(error).__name__}: " + "; ".join(str(error).split("\n"))
+
+
+def log_reload_failure(version: str | None, serving: str, error: Exception) -> None:
+    """Log a failed reload: one WARNING line for a refused bundle, a traceback for a bug.
+
+    A bad name, a missing or corrupt bundle are the operator's to fix and can be repeated by
+    any admin caller, so they get one line, the version quoted with ``repr`` (a name is
+    client input and may hold a newline).
+    """
+    if _reload_status(error) is grpc.StatusCode.INTERNAL:
+        log.exception("reload of %r failed; still serving %s", version, serving)
+    else:
+        log.warning("reload of %r refused; still serving %s: %s", version, serving, one_line(error))
+
+
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Model info and reload; reloads are serialized and swap only a warmed-up snapshot."""
 
@@ -248,15 +268,23 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         with self._reload_lock:
             previous = self._holder.get()
             try:
+                resolve = getattr(self._reload_fn, "resolve", None)
+                if resolve is not None and resolve(version) == previous.version:
+                    return admin_pb2.ReloadResponse(
+                        version=previous.version,
+                        previous_version=previous.version,
+                        reloaded=False,
+                        message=f"already serving {previous.version}; not loaded again",
+                    )
                 new = self._reload_fn(version)
                 warm_up(new)
             except Exception as error:  # any load failure must leave the served model in place
                 self._metrics.reload_failures.inc()
-                log.exception("reload of %s failed; still serving %s", version, previous.version)
+                log_reload_failure(version, previous.version, error)
+                name = "the newest bundle" if version is None else repr(version)
                 context.abort(
                     _reload_status(error),
-                    f"reload of {version or 'the newest bundle'} failed, still serving "
-                    f"{previous.version}: {type(error).__name__}: {error}",
+                    f"reload of {name} failed, still serving {previous.version}: {one_line(error)}",
                 )
             if new.version == previous.version:
                 return admin_pb2.ReloadResponse(
