@@ -19,7 +19,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from slimrank.serving.admission import Admission
-from slimrank.serving.aio_engine import RETRY_INFO_TYPE, STATUS_DETAILS_KEY, status_details
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.proto.slimrank.v1 import (
@@ -30,6 +29,7 @@ from slimrank.serving.proto.slimrank.v1 import (
 )
 from slimrank.serving.server import SlimrankServer, create_server
 from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
+from slimrank.serving.status import field_violations, retry_delay_s
 
 DIM = 8
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
@@ -212,12 +212,24 @@ def test_admin_calls_beyond_the_total_bound_are_refused_and_counted_health_never
     assert s.sample("slimrank_shed_requests_total") == 2
 
 
-def test_refusals_carry_retry_info() -> None:
-    """The RESOURCE_EXHAUSTED status details hold a google.rpc.RetryInfo (hand-encoded)."""
-    blob = status_details(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", 0.05)
-    assert blob[:2] == bytes([0x08, 8])  # code = 8
-    assert b"busy" in blob and RETRY_INFO_TYPE.encode() in blob
-    assert STATUS_DETAILS_KEY.endswith("-bin")
+def test_refusals_carry_retry_info(serve: Callable[..., Served]) -> None:
+    """A refused call's status details hold a google.rpc.RetryInfo (decoded by grpcio-status)."""
+    gate = Gate()
+    s = serve(gate.snapshot(random_snapshot("v1", dim=DIM)), ServerConfig(max_inflight=1))
+    with grpc.insecure_channel(f"127.0.0.1:{s.port}") as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        request = recommender_pb2.RecommendRequest(user_id="u1", k=3)
+        held = stub.Recommend.future(request, timeout=DEADLINE_S)
+        try:
+            assert gate.entered.acquire(timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Recommend(request, timeout=DEADLINE_S)
+        finally:
+            gate.release.set()
+        assert held.result(timeout=10).model_version == "v1"
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retry_delay_s(info.value) == pytest.approx(0.05)
+    assert field_violations(info.value) == {}
 
 
 def test_admission_bounds_and_tickets() -> None:

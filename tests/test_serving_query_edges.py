@@ -116,3 +116,26 @@ def test_a_user_known_by_many_recent_items_gets_k_items(
     assert got.candidates == 200  # n_candidates, all eligible
     assert np.isfinite(got.scores).all()
     assert list(got.scores) == sorted(got.scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.search([0.1] * DIM, 0), "k"),
+        (lambda c: c.search([0.1] * (DIM + 1), 5), "query_vector"),
+        (lambda c: c.recommend("u1", 5, exclude=[""]), "exclude_item_ids"),
+        (lambda c: c.recommend("u" * 300, 5), "user_id"),
+    ],
+)
+def test_invalid_argument_names_the_field_in_a_bad_request_detail(
+    snapshots: dict[str, ModelSnapshot],
+    client: Callable[[ModelSnapshot], SlimrankClient],
+    call: Callable[[SlimrankClient], object],
+    field: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        call(client(snapshots["flat"]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(info.value)
+    assert list(violations) == [field]
+    assert info.value.details() == f"{field}: {violations[field]}"

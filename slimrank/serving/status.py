@@ -8,12 +8,14 @@ trailer, built with grpcio-status (the format every gRPC language's client can d
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+T = TypeVar("T")
 
 
 def _status(code: grpc.StatusCode, message: str, *details: object) -> status_pb2.Status:
@@ -39,15 +41,27 @@ def retry_info(code: grpc.StatusCode, message: str, retry_after_s: float) -> grp
     return rpc_status.to_status(_status(code, message, detail))
 
 
+def _details(error: grpc.RpcError, kind: type[T]) -> list[T]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    out = []
+    for detail in () if status is None else status.details:
+        if detail.Is(kind.DESCRIPTOR):  # type: ignore[attr-defined]
+            message = kind()
+            detail.Unpack(message)
+            out.append(message)
+    return out
+
+
 def field_violations(error: grpc.RpcError) -> dict[str, str]:
     """Return ``{field: description}`` of the BadRequest details an RPC error carries."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    out: dict[str, str] = {}
-    if status is None:
-        return out
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            request = error_details_pb2.BadRequest()
-            detail.Unpack(request)
-            out.update({v.field: v.description for v in request.field_violations})
-    return out
+    return {
+        v.field: v.description
+        for request in _details(error, error_details_pb2.BadRequest)
+        for v in request.field_violations
+    }
+
+
+def retry_delay_s(error: grpc.RpcError) -> float | None:
+    """Return the RetryInfo delay an RPC error carries, in seconds, or None."""
+    infos = _details(error, error_details_pb2.RetryInfo)
+    return infos[0].retry_delay.ToNanoseconds() / 1e9 if infos else None
