@@ -85,6 +85,19 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION, BEARER + token),)
 
 
+def bearer_token(value: str | bytes) -> bytes:
+    """Return the token of an ``authorization`` value ``Bearer <token>``, else ``b""``.
+
+    The scheme is case-insensitive (RFC 7235 section 2.1, which RFC 6750 uses), so
+    ``bearer`` and ``BEARER`` work too; spaces after it are skipped.
+    """
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    scheme, _, token = raw.partition(b" ")
+    if scheme.lower() != BEARER.strip().lower().encode():
+        return b""
+    return token.lstrip(b" ")
+
+
 def _refuse(
     handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler:
@@ -113,7 +126,7 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
     ) -> None:
         if token is not None and not token:
             raise ValueError("AdminAuthInterceptor.token='': must be None or non-empty")
-        self._expected = None if token is None else (BEARER + token).encode()
+        self._expected = None if token is None else token.encode()
         self._open = token is None and allow_without_token
         self._prefix = prefix
         if self._open:
@@ -140,7 +153,7 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
         presented = b""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == AUTHORIZATION:
-                presented = value.encode() if isinstance(value, str) else bytes(value)
+                presented = bearer_token(value)
         if not hmac.compare_digest(presented, self._expected):
             return _refuse(
                 handler,
