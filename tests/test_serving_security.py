@@ -26,7 +26,7 @@ from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gen_certs.sh"
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,7 @@ def test_admin_without_a_token_is_refused_unless_opened(serve: Callable[..., int
 def test_token_and_tls_config_are_checked(tmp_path: Path) -> None:
     empty = tmp_path / "token"
     empty.write_text(" \n")
+    empty.chmod(0o600)
     with pytest.raises(ValueError, match="empty"):
         read_token(empty)
     empty.write_text(f"{TOKEN}\n")

@@ -210,6 +210,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
     if spec.admin_token is None and not spec.admin_insecure:
         log.warning("no admin token: the Admin service is refused (see --admin-token-file)")
+    if spec.admin_token is not None and spec.tls is None:
+        log.warning(
+            "the admin token is accepted over plaintext gRPC: anyone who can see the traffic "
+            "can replay it; serve with --tls-cert/--tls-key, or only on a trusted network"
+        )
 
     def ready(port: int, mport: int | None, pids: list[int]) -> None:
         _announce(spec.server.host, spec.server.metrics_host, port, mport, pids)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 ADMIN_PREFIX = "/slimrank.v1.Admin/"
 AUTHORIZATION = "authorization"
 BEARER = "Bearer "
+MIN_TOKEN_LENGTH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +76,26 @@ def channel_credentials(
 
 
 def read_token(path: str | Path) -> str:
-    """Return the admin token in ``path`` (surrounding whitespace dropped); it must not be empty."""
+    """Return the admin token in ``path`` (surrounding whitespace dropped).
+
+    Raises ``ValueError`` naming the file when others may read it or anyone but its owner
+    may write it (mode bits o+r, g+w, o+w: ``chmod 600`` it), or when the token is shorter
+    than :data:`MIN_TOKEN_LENGTH` characters.
+    """
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+        raise ValueError(
+            f"{path}: admin token file has mode {mode:04o}, readable by others or writable by "
+            "its group or others; make it readable by the server's user only (chmod 600)"
+        )
     token = Path(path).read_text(encoding="utf-8").strip()
     if not token:
         raise ValueError(f"{path}: admin token file is empty")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"{path}: admin token has {len(token)} characters, fewer than {MIN_TOKEN_LENGTH}; "
+            "use a random one (e.g. openssl rand -hex 32)"
+        )
     return token
 
 
