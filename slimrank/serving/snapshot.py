@@ -229,17 +229,26 @@ class ModelSnapshot:
         taken = np.zeros(self.n_items, dtype=bool)
         taken[rows] = True
         taken[drop[(drop >= 0) & (drop < self.n_items)]] = True
-        rest = np.flatnonzero(~taken)  # (r,)
-        if not rest.size:
+        free = np.flatnonzero(~taken)  # (f,)
+        m = min(n - len(rows), free.size)
+        if m <= 0:
             return rows, scores
         with np.errstate(over="ignore", invalid="ignore"):
-            dots = self.item_vectors[rest] @ vector  # (r,)
+            dots = self.item_vectors @ vector  # (n_items,)
+        key = np.where(np.isnan(dots), -np.inf, dots)  # (n_items,)
+        # The m-th best free dot; every free item above it is in, ties at it go to the most
+        # popular (a zero query ties them all).
+        threshold = key[free[np.argpartition(-key[free], m - 1)[m - 1]]]
+        above = free[key[free] > threshold]
+        tied = ~taken & (key == threshold)  # (n_items,)
+        tied = self.popular_order[tied[self.popular_order]][: m - above.size]
+        chosen = np.concatenate([above, tied])
         # lexsort's last key is the primary one: best dot first, then most popular.
-        order = np.lexsort((-self.popularity[rest], -dots))[: n - len(rows)]
-        log.debug("index returned %d of %d candidates; %d added exactly", len(rows), n, order.size)
+        chosen = chosen[np.lexsort((-self.popularity[chosen], -key[chosen]))]
+        log.debug("index returned %d of %d candidates; %d added exactly", len(rows), n, m)
         return (
-            np.concatenate([rows, rest[order]]).astype(np.int64, copy=False),
-            np.concatenate([scores, dots[order]]).astype(np.float32, copy=False),
+            np.concatenate([rows, chosen]).astype(np.int64, copy=False),
+            np.concatenate([scores, dots[chosen]]).astype(np.float32, copy=False),
         )
 
     def rank(self, query: UserQuery, retrieved: Retrieved) -> np.ndarray:
