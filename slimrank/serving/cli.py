@@ -104,6 +104,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seconds in-flight calls get at shutdown (default %(default)s)",
     )
     p.add_argument(
+        "--max-connection-idle",
+        type=float,
+        default=defaults.max_connection_idle_s,
+        help="seconds a connection may stay without calls before it is closed (%(default)s)",
+    )
+    p.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=defaults.max_connection_age_s,
+        help="seconds before any connection is closed (after a grace for its calls), so "
+        "clients spread over new replicas; 0: never (default %(default)s)",
+    )
+    p.add_argument(
         "--poll-interval",
         type=float,
         default=reload_defaults.poll_interval_s,
@@ -174,6 +187,8 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             grace_s=args.grace,
+            max_connection_idle_s=args.max_connection_idle,
+            max_connection_age_s=args.max_connection_age or None,
         )
         reload = ReloadConfig(poll_interval_s=args.poll_interval, backoff_s=args.reload_backoff)
     except (OSError, ValueError) as err:
@@ -195,6 +210,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
     if spec.admin_token is None and not spec.admin_insecure:
         log.warning("no admin token: the Admin service is refused (see --admin-token-file)")
+    if spec.admin_token is not None and spec.tls is None:
+        log.warning(
+            "the admin token is accepted over plaintext gRPC: anyone who can see the traffic "
+            "can replay it; serve with --tls-cert/--tls-key, or only on a trusted network"
+        )
 
     def ready(port: int, mport: int | None, pids: list[int]) -> None:
         _announce(spec.server.host, spec.server.metrics_host, port, mport, pids)
