@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from slimrank.bundle import Bundle, open_bundle
-from slimrank.bundle.checksums import sha256_file
 from slimrank.bundle.formats import write_json
 from slimrank.data.dataset import Interactions, Split
 from slimrank.pipeline import steps
 from slimrank.pipeline.cache import StepCache, StepOutput
 from slimrank.pipeline.config import PipelineConfig
+from slimrank.pipeline.inputs import InputDigests
 from slimrank.pipeline.run import ImportedTeacher
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,8 @@ def import_bundle(
         steps.write_data(out, data)
         write_json(out / "retrain.json", {"bundle": bundle.version, **found})
 
-    config = {"bundle": bundle.version, "logs": str(logs), "logs_sha256": sha256_file(logs)}
-    data = cache.run("data", config, {}, write_data)
+    files = InputDigests(cache.root).digest([logs])  # keyed by content, not by path
+    data = cache.run("data", {"bundle": bundle.version}, {}, write_data, files)
     if not counts:
         counts.update(json.loads((data.path / "retrain.json").read_text()))
         counts.pop("bundle", None)
