@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from tiny_pipeline import TinyRun, tiny_pipeline
 
+from slimrank.bundle import open_bundle
 from slimrank.config import ConfigError
 from slimrank.pipeline.config import PipelineConfig, load_config
+from slimrank.pipeline.retrain import bundle_config
 from slimrank.pipeline.run import NOT_IN_STEPS, STEP_TABLE, STEPS, Step, run_pipeline, step_digests
 
 
@@ -174,3 +176,22 @@ def test_changing_the_pruning_section_reruns_pruning_and_int8_for_real(tiny: Tin
     assert rerun == ["student_pruned", "int8"]
     assert all(seen[n].path == base[n] for n in STEPS[: STEPS.index("student_pruned")])
     assert {n: o.digest for n, o in seen.items()} == step_digests(config)
+
+
+def test_a_bundles_recorded_config_is_checked_naming_the_manifest(tiny: TinyRun) -> None:
+    """retrain reads the config a bundle recorded: a wrong value there names the manifest."""
+    bundle = open_bundle(tiny.bundles, tiny.version)
+    assert bundle_config(bundle) == tiny.config
+    student = {**bundle.manifest.config["student"], "seed": "x"}
+    bad = dataclasses.replace(
+        bundle,
+        manifest=dataclasses.replace(
+            bundle.manifest, config={**bundle.manifest.config, "student": student}
+        ),
+    )
+    with pytest.raises(ConfigError) as err:
+        bundle_config(bad)
+    assert str(err.value) == (
+        f"{bundle.path / 'manifest.json'} (config): "
+        "student.seed: expected an integer, got a string ('x')"
+    )

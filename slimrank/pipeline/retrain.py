@@ -21,6 +21,7 @@ import numpy as np
 
 from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import write_json
+from slimrank.config import ConfigError
 from slimrank.data.dataset import Interactions, Split
 from slimrank.pipeline import steps
 from slimrank.pipeline.cache import StepCache, StepOutput
@@ -42,7 +43,10 @@ def find_bundle(name: str, bundles_root: str | Path) -> Bundle:
 def bundle_config(bundle: Bundle) -> PipelineConfig:
     """Return the pipeline config recorded in a bundle's manifest."""
     data = {k: v for k, v in bundle.manifest.config.items() if k != "teacher_version"}
-    return PipelineConfig.from_dict(data)
+    try:
+        return PipelineConfig.from_dict(data)
+    except ConfigError as err:
+        raise err.within(f"{bundle.path / 'manifest.json'} (config)") from None
 
 
 def append_logs(data: steps.DataArtifacts, new: Any) -> tuple[steps.DataArtifacts, dict[str, int]]:
