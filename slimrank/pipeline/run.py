@@ -26,8 +26,9 @@ class Step:
     """One offline step: the steps whose outputs it reads and the config it reads.
 
     ``reads`` are dotted paths into :class:`PipelineConfig` (a whole section, ``"prune"``, or
-    one field, ``"candidates.folds"``). They are the step's cache key: a step's code reads
-    only what is listed here, so that changing any of it re-runs the step.
+    one field, ``"candidates.folds"``). They are the step's cache key, so they must name all
+    the config the step's code reads: changing any of it re-runs the step and what follows
+    (``tests/test_pipeline_keys.py`` checks every field against this table).
     """
 
     name: str
