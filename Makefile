@@ -44,7 +44,7 @@ demo: install
 	$(BIN)/slimrank data fetch movielens-100k
 	$(BIN)/slimrank data info movielens-100k
 	$(BIN)/slimrank baseline --dataset movielens-100k
-	$(BIN)/slimrank pipeline --config configs/pipeline.toml --bundles $(RUN_DIR)/bundles --out $(RUN_DIR)/report
+	$(BIN)/slimrank pipeline --config pipeline --bundles $(RUN_DIR)/bundles --out $(RUN_DIR)/report
 	$(BIN)/python scripts/demo_serve.py --bundles $(RUN_DIR)/bundles
 
 bench: install bench-retrieval-ml100k bench-features

@@ -76,11 +76,11 @@ def check_not_installed(bin_dir: Path) -> None:
 
 
 def build_tiny(slimrank: str, work: Path) -> Path:
-    step(f"building the tiny pipeline bundle with {slimrank} (configs/tiny.toml)")
+    step(f"building the tiny pipeline bundle with {slimrank} (the shipped config tiny)")
     bundles = work / "bundles"
     done = run(
-        slimrank, "pipeline", "--config", REPO / "configs" / "tiny.toml", "--bundles", bundles,
-        "--out", work / "report", "--cache-dir", work / "cache", capture_output=True,
+        slimrank, "pipeline", "--config", "tiny", "--bundles", bundles, "--out", work / "report",
+        "--cache-dir", work / "cache", capture_output=True,
     )  # fmt: skip
     if done.returncode or not (bundles / "CURRENT").is_file():
         fail(f"the tiny pipeline exited {done.returncode}:\n{done.stderr[-2000:]}")
@@ -155,7 +155,7 @@ def check_offline_commands(bin_dir: Path, bundles: Path, work: Path) -> None:
             fail(f"slimrank bundle {sub[0]}: {done.stderr}")
     step("slimrank bundle list / verify / history ran")
     done = run(
-        bin_dir / "slimrank", "pipeline", "--config", REPO / "configs" / "tiny.toml",
+        bin_dir / "slimrank", "pipeline", "--config", "tiny",
         "--bundles", work / "offline-bundles", "--out", work / "offline-out",
         "--cache-dir", work / "offline-cache", capture_output=True,
     )  # fmt: skip

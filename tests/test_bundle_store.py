@@ -338,3 +338,19 @@ def test_concurrent_publishers_get_distinct_consecutive_versions(tmp_path):
     assert sorted(results) == list_versions(tmp_path)
     assert [int(v[1:7]) for v in list_versions(tmp_path)] == list(range(1, 13))
     assert current_version(tmp_path) in results
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "v000001-20260101T000000Z\n",  # $ would match before a final newline
+        "v\u0660\u0660\u0660\u0660\u0660\u0661-20260101T000000Z",  # Arabic-Indic digits
+        "v000001-2026\uff10101T000000Z",  # a fullwidth digit
+        " v000001-20260101T000000Z",
+    ],
+)
+def test_version_names_are_strict_ascii(name: str) -> None:
+    from slimrank.bundle.versions import parse_version
+
+    assert parse_version("v000001-20260101T000000Z") == 1
+    assert parse_version(name) is None

@@ -27,7 +27,7 @@ from slimrank.ranking.pipeline_eval import pipeline_metrics
 from slimrank.serving.featurizer import RequestFeaturizer
 from slimrank.serving.snapshot import Retrieved, UserQuery, UserSource
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+TINY = Path(__file__).resolve().parent.parent / "slimrank" / "configs" / "tiny.toml"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -206,6 +206,29 @@ def test_full_range_u8s8_is_less_accurate_than_reduced_range(trained: dict) -> N
     assert errors[True] < errors[False]
 
 
+def _int8_weights(path: Path) -> list[np.ndarray]:
+    """Return the stored int8 weight matrices of a quantized ONNX graph."""
+    arrays = (numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer)
+    return [a for a in arrays if a.dtype == np.int8 and a.ndim == 2]
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_reduce_range_stores_7_bit_weights_and_full_range_8_bit(trained: dict, mode: str) -> None:
+    """What ``reduce_range`` does, read from the stored weights, so it holds on any CPU."""
+    largest = {}
+    for reduce in (True, False):
+        path = trained["dir"] / f"range-{mode}-{reduce}.onnx"
+        config = QuantConfig(reduce_range=reduce)
+        quantize(mode, trained["onnx"], path, trained["calib"], config, ())
+        weights = _int8_weights(path)
+        assert len(weights) == len(quantizable_nodes(trained["onnx"]))
+        largest[reduce] = [int(np.abs(w.astype(np.int16)).max()) for w in weights]
+    # Symmetric per-channel int8: each layer's largest weight maps to the end of the range.
+    assert largest[True] == [64] * len(largest[True])  # reduce_range: [-64, 64], 7 bits
+    assert largest[False] == [127] * len(largest[False])  # the full [-127, 127]
+    assert QuantConfig().reduce_range is True  # what the pipeline's gate uses
+
+
 @pytest.mark.parametrize("mode", ["static", "dynamic", "weights"])
 def test_excluded_node_stays_fp32_and_input_layer_dominates_error(trained: dict, mode: str) -> None:
     nodes = quantizable_nodes(trained["onnx"])

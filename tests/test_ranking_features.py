@@ -185,12 +185,18 @@ def dense_signals(weights: np.ndarray, hist: Histories, cap: int, items: np.ndar
     return total, best
 
 
-def test_history_signals_equal_the_dense_reference() -> None:
+@pytest.mark.parametrize("sign", ["signed", "nonnegative", "negative"])
+def test_history_signals_equal_the_dense_reference(sign: str) -> None:
     rng = np.random.default_rng(4)
     n_users, n_items = 30, 40
     m = sp.random(n_items, n_items, density=0.3, random_state=4, format="csr", dtype=np.float32)
-    m.data -= 0.3  # signed: the max of absent (0) and negative weights is exercised
+    # signed: the max of absent (0) and negative weights is exercised; nonnegative: the
+    # table's shortcut (no max over hits alone); negative: every hit is below the 0 of absence.
+    m.data = {"signed": m.data - 0.3, "nonnegative": m.data + 0.01, "negative": -m.data - 0.01}[
+        sign
+    ]
     table = NeighborTable.from_csr(m, 8, by_magnitude=True)  # row c: c's in-neighbours
+    assert table.nonnegative == (sign == "nonnegative")
     weights = table.to_csr().toarray().T  # weights[h, c]
     observed = random_history(5, n_users, n_items, 0.2)
     times = observed.copy()

@@ -16,6 +16,7 @@ from slimrank.serving.config import ServerConfig
 from slimrank.serving.proto.slimrank.v1 import recommender_pb2, recommender_pb2_grpc
 from slimrank.serving.server import SlimrankServer, create_server
 from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
+from slimrank.serving.status import field_violations
 
 
 @pytest.fixture
@@ -61,6 +62,7 @@ def test_the_batch_is_bounded_and_names_the_bad_request(served) -> None:
         client.recommend_batch([BatchRequest("u1", 3), BatchRequest("u2", 0)])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("requests[1].k:")
+    assert set(field_violations(info.value)) == {"requests[1].k"}  # google.rpc.BadRequest
     with pytest.raises(grpc.RpcError) as info:
         client.recommend_batch([BatchRequest("u1", 3, exclude=[""])])
     assert info.value.details().startswith("requests[0].exclude_item_ids:")

@@ -24,6 +24,7 @@ from slimrank.serving.security import channel_credentials
 
 READY = re.compile(r"serving on (\S+):(\d+) metrics (\S+) pids ([\d,]+)")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gen_certs.sh"
+TOKEN = "t0ken-0123456789abcdef"  # at least 16 characters
 
 
 def publish_flat(root: Path, prefix: str, seed: int) -> str:
@@ -99,7 +100,8 @@ def test_serve_answers_follows_current_and_stops_cleanly_on_sigterm(
     root = tmp_path / "bundles"
     v1 = publish_flat(root, "a", seed=1)
     token = tmp_path / "token"
-    token.write_text("t0ken\n")
+    token.write_text(f"{TOKEN}\n")
+    token.chmod(0o600)
     server = launch(
         [
             "--bundles",
@@ -112,7 +114,7 @@ def test_serve_answers_follows_current_and_stops_cleanly_on_sigterm(
             str(token),
         ]
     )
-    with SlimrankClient(server.target, timeout=10.0, admin_token="t0ken") as client:
+    with SlimrankClient(server.target, timeout=10.0, admin_token=TOKEN) as client:
         assert client.health("slimrank.v1.Recommender") == "SERVING"
         got = client.recommend("u3", 5)
         assert got.model_version == v1 and len(got.item_ids) == 5
@@ -126,6 +128,7 @@ def test_serve_answers_follows_current_and_stops_cleanly_on_sigterm(
     code, err = server.terminate()
     assert code == 0, err
     assert "stopped" in err
+    assert err.count("admin token is accepted over plaintext") == 1
 
 
 def test_serve_with_mutual_tls_and_no_admin_token(
@@ -184,3 +187,25 @@ def test_serve_rejects_bad_arguments(
         main(["serve", "--port", "0", *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("mode", "token", "message"),
+    [
+        (0o644, TOKEN, "mode 0644, readable by others"),
+        (0o620, TOKEN, "mode 0620"),
+        (0o602, TOKEN, "mode 0602"),
+        (0o600, "t0ken", "5 characters, fewer than 16"),
+    ],
+)
+def test_serve_refuses_an_unsafe_admin_token_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int, token: str, message: str
+) -> None:
+    path = tmp_path / "token"
+    path.write_text(f"{token}\n")
+    path.chmod(mode)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "0", "--admin-token-file", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err

@@ -45,7 +45,7 @@ from slimrank.serving.snapshot import (
     warm_up,
 )
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+TINY = Path(__file__).resolve().parent.parent / "slimrank" / "configs" / "tiny.toml"
 K = 10
 
 

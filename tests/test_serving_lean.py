@@ -170,8 +170,8 @@ def test_the_bundle_commands_import_no_train_only_library(tmp_path: Path) -> Non
 OFFLINE = {
     "retrieval train": ["retrieval", "train", "--dataset", "movielens-100k", "--out", "{tmp}/tt"],
     "data info": ["data", "info", "{tmp}/logs.csv"],
-    "pipeline": ["pipeline", "--config", str(REPO / "configs" / "tiny.toml"), "--bundles",
-                 "{tmp}/b", "--out", "{tmp}/out", "--cache-dir", "{tmp}/cache"],
+    "pipeline": ["pipeline", "--config", "tiny", "--bundles", "{tmp}/b", "--out", "{tmp}/out",
+                 "--cache-dir", "{tmp}/cache"],
 }  # fmt: skip
 
 

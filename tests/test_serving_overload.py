@@ -19,7 +19,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from slimrank.serving.admission import Admission
-from slimrank.serving.aio_engine import RETRY_INFO_TYPE, STATUS_DETAILS_KEY, status_details
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.proto.slimrank.v1 import (
@@ -30,6 +29,7 @@ from slimrank.serving.proto.slimrank.v1 import (
 )
 from slimrank.serving.server import SlimrankServer, create_server
 from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
+from slimrank.serving.status import field_violations, retry_delay_s
 
 DIM = 8
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
@@ -212,12 +212,24 @@ def test_admin_calls_beyond_the_total_bound_are_refused_and_counted_health_never
     assert s.sample("slimrank_shed_requests_total") == 2
 
 
-def test_refusals_carry_retry_info() -> None:
-    """The RESOURCE_EXHAUSTED status details hold a google.rpc.RetryInfo (hand-encoded)."""
-    blob = status_details(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", 0.05)
-    assert blob[:2] == bytes([0x08, 8])  # code = 8
-    assert b"busy" in blob and RETRY_INFO_TYPE.encode() in blob
-    assert STATUS_DETAILS_KEY.endswith("-bin")
+def test_refusals_carry_retry_info(serve: Callable[..., Served]) -> None:
+    """A refused call's status details hold a google.rpc.RetryInfo (decoded by grpcio-status)."""
+    gate = Gate()
+    s = serve(gate.snapshot(random_snapshot("v1", dim=DIM)), ServerConfig(max_inflight=1))
+    with grpc.insecure_channel(f"127.0.0.1:{s.port}") as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        request = recommender_pb2.RecommendRequest(user_id="u1", k=3)
+        held = stub.Recommend.future(request, timeout=DEADLINE_S)
+        try:
+            assert gate.entered.acquire(timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Recommend(request, timeout=DEADLINE_S)
+        finally:
+            gate.release.set()
+        assert held.result(timeout=10).model_version == "v1"
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retry_delay_s(info.value) == pytest.approx(0.05)
+    assert field_violations(info.value) == {}
 
 
 def test_admission_bounds_and_tickets() -> None:
@@ -244,3 +256,51 @@ def test_admission_refuses_when_the_expected_wait_is_too_long() -> None:
     assert admission.enter(True) is not None  # 10 ms: still within
     assert admission.enter(True) is None  # 12 ms: refused
     assert admission.enter(False) is not None  # the wait bounds only the limited calls
+
+
+def test_a_burst_past_the_total_bound_is_counted_call_for_call(
+    serve: Callable[..., Served],
+) -> None:
+    """Recommend and Reload calls past max_pending_rpcs: every refusal seen is in /metrics.
+
+    The aio engine gives grpc no concurrency limit of its own (grpc's "Concurrent RPC limit
+    exceeded!" refusals happen before any interceptor and could not be counted); admission
+    enforces ``max_pending_rpcs`` itself and counts each refusal.
+    """
+    gate = Gate()
+    loading, release = threading.Semaphore(0), threading.Event()
+
+    def slow_load(version: str | None) -> ModelSnapshot:
+        loading.release()
+        release.wait(DEADLINE_S)
+        return random_snapshot("v1", dim=DIM)  # the served version: nothing is swapped
+
+    config = ServerConfig(max_inflight=2, max_workers=4, max_pending_rpcs=6)
+    s = serve(gate.snapshot(random_snapshot("v1", dim=DIM)), config, slow_load)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for _ in range(6)]
+    try:
+        recommend = [recommender_pb2_grpc.RecommenderStub(c).Recommend for c in channels]
+        reload = [admin_pb2_grpc.AdminStub(c).Reload for c in channels]
+        request = recommender_pb2.RecommendRequest(user_id="u1", k=3)
+        calls = [recommend[i % 6].future(request, timeout=DEADLINE_S) for i in range(30)]
+        assert gate.entered.acquire(timeout=10)
+        calls += [
+            reload[i % 6].future(admin_pb2.ReloadRequest(), timeout=DEADLINE_S) for i in range(30)
+        ]
+        assert loading.acquire(timeout=10)
+        deadline = time.monotonic() + 10
+        # Held: 2 Recommend calls and 4 Reloads (one loading, three waiting for the lock).
+        while sum(not c.done() for c in calls) > 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sum(not c.done() for c in calls) == 6
+    finally:
+        gate.release.set()
+        release.set()
+    codes = [code_of(c) for c in calls]
+    for channel in channels:
+        channel.close()
+    refused = [c for c in calls if code_of(c) == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert codes.count(grpc.StatusCode.OK) + len(refused) == len(codes), codes
+    assert len(refused) == 54
+    assert not any("Concurrent RPC limit" in (c.exception().details() or "") for c in refused)
+    assert s.sample("slimrank_shed_requests_total") == len(refused)

@@ -11,6 +11,7 @@ import dataclasses
 import socket
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -265,3 +266,32 @@ def test_a_bundle_that_verifies_but_holds_wrong_tables_is_refused_naming_why(
     with pytest.raises(BundleError) as info:
         load_snapshot(open_bundle(tmp_path, bad))
     assert says in str(info.value) and bad in str(info.value)
+
+
+def _garbage(name: str):
+    def edit(directory) -> None:
+        (directory / name).write_bytes(b"not an onnx model " * 64)
+
+    return edit
+
+
+def test_reload_of_a_verified_bundle_with_a_garbage_ranker_is_failed_precondition(
+    served: Served, tmp_path
+) -> None:
+    _republish(served, tmp_path, lambda directory: None)  # the bad one is not v000001
+    bad = _republish(served, tmp_path, _garbage("ranker.onnx"))
+    assert bad != served.run.version
+    holder = SnapshotHolder(load_snapshot(served.bundle))
+    server, port = create_server(
+        ServerConfig(), holder, CollectorRegistry(), bundle_reload_fn(tmp_path), warm=False
+    )
+    server.mark_serving()
+    try:
+        with SlimrankClient(f"127.0.0.1:{port}", timeout=10.0) as client:
+            with pytest.raises(grpc.RpcError) as info:
+                client.reload(bad)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "ranker.onnx cannot be read" in info.value.details()
+            assert client.recommend("", K).model_version == served.run.version
+    finally:
+        server.shutdown(0).wait(5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -264,3 +265,68 @@ def test_load_current_refuses_a_corrupt_current(tmp_path: Path) -> None:
     corrupt(tmp_path, version, "user_vectors.npy")
     with pytest.raises(IntegrityError, match=r"user_vectors\.npy"):
         load_current(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../x",
+        "CURRENT",
+        "v1\x00",
+        "v000001-20260101T000000Z\nforged",
+        "\u0661",  # ARABIC-INDIC DIGIT ONE: int() reads it as 1, but it is no sequence number
+    ],
+)
+def test_a_bad_version_name_is_refused_with_one_warning_line(
+    served: Served, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    served_version = served.holder.get().version
+    with caplog.at_level(logging.INFO), pytest.raises(grpc.RpcError) as err:
+        served.client.reload(name)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert repr(name) in err.value.details()
+    assert served.holder.get().version == served_version
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].exc_info is None
+    line = warnings[0].getMessage()
+    assert "\n" not in line and "\x00" not in line and repr(name) in line
+
+
+def test_reloading_the_served_version_answers_without_loading_it(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    v1 = served.holder.get().version
+    snapshot = served.holder.get()
+    sequence = str(int(v1[1:7]))
+    for name in (None, v1, sequence):  # CURRENT, the full name, the sequence number
+        with caplog.at_level(logging.INFO):
+            result = served.client.reload(name)
+        assert not result.reloaded and result.version == result.previous_version == v1
+        assert "not loaded again" in result.message
+    assert not [r for r in caplog.records if r.name == "slimrank.serving.loader"]
+    assert served.holder.get() is snapshot
+    assert served.sample("slimrank_model_reloads_total") == 0
+    assert served.sample("slimrank_model_reload_failures_total") == 0
+
+
+def test_current_naming_a_symlink_to_outside_the_store_is_refused(
+    served: Served, tmp_path: Path
+) -> None:
+    v1 = served.holder.get().version
+    outside = tmp_path / "outside"
+    publish_flat(outside, "b", seed=2)
+    v2 = publish_flat(outside, "c", seed=3)  # sequence 2 there, a free name in the store
+    os.symlink(outside / v2, served.root / v2)
+    (served.root / "CURRENT").write_text(f"{v2}\n")
+    with pytest.raises(grpc.RpcError) as err:
+        served.client.reload()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not a published version" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        served.client.reload(v2)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not served.watcher.poll_once()
+    assert served.client.recommend("u1", 3).model_version == v1
+    with pytest.raises(IntegrityError, match="not a published version"):
+        load_current(served.root)

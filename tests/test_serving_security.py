@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
+from slimrank.serving.proto.slimrank.v1 import admin_pb2, admin_pb2_grpc
 from slimrank.serving.security import (
     AdminAuthInterceptor,
     TLSConfig,
@@ -23,7 +26,7 @@ from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gen_certs.sh"
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +137,7 @@ def test_admin_without_a_token_is_refused_unless_opened(serve: Callable[..., int
 def test_token_and_tls_config_are_checked(tmp_path: Path) -> None:
     empty = tmp_path / "token"
     empty.write_text(" \n")
+    empty.chmod(0o600)
     with pytest.raises(ValueError, match="empty"):
         read_token(empty)
     empty.write_text(f"{TOKEN}\n")
@@ -142,3 +146,35 @@ def test_token_and_tls_config_are_checked(tmp_path: Path) -> None:
         TLSConfig(str(tmp_path / "missing.pem"), str(empty))
     with pytest.raises(ValueError, match="both cert and key"):
         channel_credentials(None, cert=empty)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_is_case_insensitive(serve: Callable[..., int], scheme: str) -> None:
+    port = serve(interceptors=(AdminAuthInterceptor(TOKEN),))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        info = admin_pb2_grpc.AdminStub(channel).GetModelInfo
+        request = admin_pb2.GetModelInfoRequest()
+        for value in (f"{scheme} {TOKEN}", f"{scheme}  {TOKEN}"):
+            metadata = (("authorization", value),)
+            assert info(request, timeout=5, metadata=metadata).version == "v1"
+        for value in (f"Basic {TOKEN}", f"{scheme}{TOKEN}", TOKEN, f"{scheme} {TOKEN}x"):
+            metadata = (("authorization", value),)
+            assert code_of(lambda m=metadata: info(request, timeout=5, metadata=m)) == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+
+
+def test_the_metrics_port_serves_metrics_only_at_metrics() -> None:
+    holder = SnapshotHolder(random_snapshot("v1", dim=8))
+    server, _ = create_server(ServerConfig(metrics_port=0), holder, CollectorRegistry())
+    base = f"http://127.0.0.1:{server.metrics_port}"
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+            assert response.status == 200
+            assert b"slimrank_index_items 500.0" in response.read()
+        for path in ("/", "/metric", "/metrics/x", "/favicon.ico"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"{base}{path}", timeout=5)
+            assert info.value.code == 404
+    finally:
+        server.shutdown(0).wait(5)

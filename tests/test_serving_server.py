@@ -217,8 +217,8 @@ def test_calls_beyond_max_inflight_are_shed_at_once(start: Callable[..., Running
         for _ in busy:
             assert entered.acquire(timeout=5)
         t0 = time.perf_counter()
-        with pytest.raises(grpc.RpcError) as info:
-            r.client.recommend("u2", 3)
+        with pytest.raises(grpc.RpcError) as info:  # the bare stub: the client would retry
+            stub.Recommend(recommender_pb2.RecommendRequest(user_id="u2", k=3), timeout=10)
         shed_after = time.perf_counter() - t0
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert shed_after < 0.5
@@ -428,9 +428,10 @@ def test_client_retries_unavailable_then_succeeds(start: Callable[..., Running])
     with socket.socket() as s:  # a free port, for a server that starts late
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    client = SlimrankClient(f"127.0.0.1:{port}", timeout=1.0, retries=8, backoff=0.05)
+    # gRPC's retry policy: up to 4 retries, jittered delays up to 0.5, 1, 1, 1 s.
+    client = SlimrankClient(f"127.0.0.1:{port}", timeout=10.0, retries=4, backoff=0.5)
     late: list[Running] = []
-    starter = threading.Timer(0.3, lambda: late.append(start(config=ServerConfig(port=port))))
+    starter = threading.Timer(0.2, lambda: late.append(start(config=ServerConfig(port=port))))
     starter.start()
     try:
         assert client.recommend("u1", 3).model_version == "v1"

@@ -1,4 +1,4 @@
-"""One tiny pipeline run (configs/tiny.toml) published into a temporary bundles root.
+"""One tiny pipeline run (slimrank/configs/tiny.toml) published into a temporary bundles root.
 
 Test modules that serve a real pipeline bundle call :func:`tiny_pipeline` from a module-scoped
 fixture. The step cache lives in the session's base temporary directory, so the second module
@@ -16,7 +16,7 @@ from slimrank.bundle import current_version
 from slimrank.cli import main
 from slimrank.pipeline.config import PipelineConfig, load_config
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+TINY = Path(__file__).resolve().parent.parent / "slimrank" / "configs" / "tiny.toml"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,14 +120,15 @@ def list_versions(root: str | Path) -> list[str]:
 def current_version(root: str | Path) -> str | None:
     """Return the version ``CURRENT`` names, or ``None`` if there is no ``CURRENT`` yet.
 
-    Raises ``IntegrityError`` naming ``CURRENT`` if it does not name a visible version.
+    Raises ``IntegrityError`` naming ``CURRENT`` if it does not name a visible version (one
+    :func:`list_versions` lists: a real directory, not a symlink, with a manifest).
     """
     path = Path(root) / CURRENT
     try:
         name = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
-    if parse_version(name) is None or not (Path(root) / name / MANIFEST).is_file():
+    if parse_version(name) is None or name not in list_versions(root):
         raise IntegrityError(f"{path}: names {name!r}, which is not a published version")
     return name
 
@@ -144,7 +145,7 @@ def resolve_version(root: str | Path, name: str | None) -> str:
             raise BundleError(f"{root}: no CURRENT version (nothing published or promoted)")
         return current
     versions = list_versions(root)
-    if name.isdigit():
+    if name.isascii() and name.isdigit():
         matches = [v for v in versions if version_key(v) == int(name)]
         if matches:
             return matches[0]

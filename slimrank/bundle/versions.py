@@ -3,7 +3,8 @@
 The sequence is one more than the highest existing one, so it increases monotonically even
 when two versions are published within the same second; the time is when the version was
 published. Names sort by their sequence (``version_key``); with six or fewer digits they also
-sort as plain strings.
+sort as plain strings. Names are strict ASCII: nothing else, not even a final newline or
+another script's digits, is a version.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-_NAME = re.compile(r"^v(\d{6,})-(\d{8}T\d{6}Z)$")
+# ASCII only, the whole string: \d would also take other scripts' digits, and $ a final newline.
+_NAME = re.compile(r"v(\d{6,})-(\d{8}T\d{6}Z)", re.ASCII)
 _STAMP = "%Y%m%dT%H%M%SZ"
 
 
@@ -24,7 +26,7 @@ def format_version(sequence: int, when: dt.datetime) -> str:
 
 def parse_version(name: str) -> int | None:
     """Return the sequence number of a version name, or ``None`` if ``name`` is not one."""
-    m = _NAME.match(name)
+    m = _NAME.fullmatch(name)
     if m is None:
         return None
     try:

@@ -14,7 +14,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "writes one table of every ranker variant: test NDCG/Recall, size and single-thread "
         "latency measured side by side, as Markdown, JSON and a PNG plot.",
     )
-    parser.add_argument("--config", default="configs/pipeline.toml", help="pipeline TOML file")
+    parser.add_argument(
+        "--config",
+        default="pipeline",
+        help="pipeline TOML file, or a shipped config's name: pipeline (default), tiny",
+    )
     parser.add_argument("--out", default="runs/compress", help="directory for the report files")
     parser.add_argument("--cache-dir", help="step cache directory (default: from the config)")
     parser.set_defaults(func=_compress)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -265,21 +266,44 @@ def load_dataset(name_or_path: str) -> Dataset:
 
     A directory must hold one ``<stem>.inter`` atomic file (``.user``, ``.item`` optional).
     """
-    from pathlib import Path
-
     from slimrank.data import logs, movielens
-    from slimrank.errors import DataError
 
     if name_or_path in movielens.NAMES:
         return movielens.load_movielens_100k()
     path = Path(name_or_path)
     if path.is_dir():
-        inter = sorted(path.glob("*.inter"))
-        if len(inter) != 1:
-            raise DataError(f"expected one *.inter file, found {len(inter)}", path=path)
-        stem = inter[0].name.removesuffix(".inter")
+        stem = _atomic_stem(path)
         return movielens.load_atomic_dataset(path, stem, name=stem)
     return logs.load_logs(path)
+
+
+def dataset_files(name_or_path: str) -> list[Path]:
+    """Return every file :func:`load_dataset` reads for ``name_or_path`` (fetching ml-100k).
+
+    The pipeline keys its data step by these files' content.
+    """
+    from slimrank.data import movielens
+    from slimrank.data.fetch import fetch_movielens_100k
+
+    if name_or_path in movielens.NAMES:
+        directory, stem = fetch_movielens_100k()[0], "ml-100k"
+    elif Path(name_or_path).is_dir():
+        directory = Path(name_or_path)
+        stem = _atomic_stem(directory)
+    else:
+        return [Path(name_or_path)]
+    files = [directory / f"{stem}{suffix}" for suffix in (".inter", ".user", ".item")]
+    return [f for f in files if f.suffix == ".inter" or f.exists()]
+
+
+def _atomic_stem(path: Path) -> str:
+    """Return the stem of the one ``*.inter`` file in the directory ``path``."""
+    from slimrank.errors import DataError
+
+    inter = sorted(path.glob("*.inter"))
+    if len(inter) != 1:
+        raise DataError(f"expected one *.inter file, found {len(inter)}", path=path)
+    return inter[0].name.removesuffix(".inter")
 
 
 def split_random(

@@ -1,8 +1,11 @@
 """Content-addressed step outputs: an interrupted pipeline resumes where it stopped.
 
-Each step's output directory is named by a digest of the step name, its config and the
-digests of the steps it reads. A step runs in a hidden temporary directory that is renamed
-into place only when the step returns, so a killed step leaves nothing that looks finished;
+Each step's output directory is named by a digest of the step name, its config, the
+digests of the steps it reads and the sha256 of every file it reads from outside the cache
+(:mod:`slimrank.pipeline.inputs`): a log rewritten in place re-runs the step.
+
+A step runs in a hidden temporary directory that is renamed into place only when the step
+returns, so a killed step leaves nothing that looks finished;
 its leftovers are removed by the next run. While a step runs, its process holds an ``flock``
 on a lock file beside the temporary directory; the kernel drops it when the process dies, so
 cleanup removes only the leftovers of dead runs, never a step another live run is writing.
@@ -17,20 +20,30 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from slimrank.pipeline.inputs import InputFile
 
 log = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".tmp-"
 
 
-def step_digest(name: str, config: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
-    """Return the hex sha256 of a step's name, JSON config and upstream digests."""
+def step_digest(
+    name: str,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    files: Sequence[InputFile] = (),
+) -> str:
+    """Return the hex sha256 of a step's name, JSON config, upstream digests and input files."""
+    key: dict[str, Any] = {"step": name, "config": config, "inputs": dict(sorted(inputs.items()))}
+    if files:
+        key["files"] = {f.path: f.sha256 for f in files}
     payload = json.dumps(
-        {"step": name, "config": config, "inputs": dict(sorted(inputs.items()))},
+        key,
         sort_keys=True,
         separators=(",", ":"),
         default=str,
@@ -65,20 +78,30 @@ class StepCache:
         config: Mapping[str, Any],
         inputs: Mapping[str, str],
         fn: Callable[[Path], None],
+        files: Sequence[InputFile] = (),
     ) -> StepOutput:
-        """Return the cached output of the step, or run ``fn(tmp_dir)`` and publish it."""
-        digest = step_digest(name, config, inputs)
+        """Return the cached output of the step, or run ``fn(tmp_dir)`` and publish it.
+
+        ``files`` are the content keys of the files the step reads from outside the cache.
+        """
+        digest = step_digest(name, config, inputs, files)
         final = self.path_for(name, digest)
-        if final.is_dir():
+        cached = final.is_dir()
+        for f in files:
+            if f.changed:
+                then = "its output for this content is cached" if cached else "re-running"
+                log.info("step %s: input %s changed, %s", name, f.path, then)
+        if cached:
             log.info("step %s: cached (%s)", name, final.name)
             return StepOutput(name, digest, final, cached=True)
         tmp = self.root / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex}"
         lock = _lock_path(tmp)
+        record = {"config": config, "inputs": inputs, "files": {f.path: f.sha256 for f in files}}
         with open(lock, "w") as held:
             fcntl.flock(held, fcntl.LOCK_EX)  # released when this process ends, however
             try:
                 tmp.mkdir()
-                return self._run_in(name, digest, config, inputs, fn, tmp, final)
+                return self._run_in(name, digest, record, fn, tmp, final)
             finally:
                 lock.unlink(missing_ok=True)
 
@@ -86,8 +109,7 @@ class StepCache:
         self,
         name: str,
         digest: str,
-        config: Mapping[str, Any],
-        inputs: Mapping[str, str],
+        record: Mapping[str, Any],
         fn: Callable[[Path], None],
         tmp: Path,
         final: Path,
@@ -97,7 +119,7 @@ class StepCache:
             fn(tmp)
             (tmp / "step.json").write_text(
                 json.dumps(
-                    {"step": name, "digest": digest, "config": config, "inputs": inputs},
+                    {"step": name, "digest": digest, **record},
                     indent=2,
                     sort_keys=True,
                     default=str,

@@ -25,7 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "an atomic bundle publish. A ranker that fails the gate is not published and the "
         f"command exits {EXIT_GATE_FAILED}.",
     )
-    parser.add_argument("--config", default="configs/pipeline.toml", help="pipeline TOML file")
+    parser.add_argument(
+        "--config",
+        default="pipeline",
+        help="pipeline TOML file, or a shipped config's name: pipeline (default), tiny",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="only load and check the config, print which file it is, and exit",
+    )
     _common(parser)
     parser.set_defaults(func=_pipeline)
 
@@ -45,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--retrain-teacher", action="store_true", help="train a new teacher on the new data"
     )
     retrain.add_argument(
-        "--config", help="pipeline TOML file (default: the config in the bundle's manifest)"
+        "--config",
+        help="pipeline TOML file or shipped config's name (default: the bundle's manifest's)",
     )
     _common(retrain)
     retrain.set_defaults(func=_retrain)
@@ -100,10 +110,16 @@ def _engine(args: argparse.Namespace) -> EngineConfig:
 def _configure(config: PipelineConfig, args: argparse.Namespace) -> PipelineConfig:
     import dataclasses
 
+    from slimrank.config import FieldError
+    from slimrank.errors import SlimrankError
+
     if args.cache_dir:
         config = dataclasses.replace(config, cache_dir=args.cache_dir)
     if args.min_ratio is not None:
-        gate = dataclasses.replace(config.int8.gate, min_ratio=args.min_ratio)
+        try:
+            gate = dataclasses.replace(config.int8.gate, min_ratio=args.min_ratio)
+        except FieldError as err:
+            raise SlimrankError(f"--min-ratio {args.min_ratio}: {err.why}") from None
         config = dataclasses.replace(config, int8=dataclasses.replace(config.int8, gate=gate))
     return config
 
@@ -148,12 +164,15 @@ def _finish(result: RunResult, args: argparse.Namespace, console: Console, title
 def _pipeline(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from slimrank.pipeline.config import load_config
+    from slimrank.pipeline.config import load_config, resolve_config
     from slimrank.pipeline.console import hook_for
     from slimrank.pipeline.run import run_pipeline
 
     console = Console()
     config = _configure(load_config(args.config), args)
+    if args.check_config:
+        console.print(f"config {resolve_config(args.config)}: ok", highlight=False)
+        return 0
     hook = hook_for(console)
     try:
         result = run_pipeline(config, hook, engine=_engine(args))

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from importlib import resources
 from pathlib import Path
 
 from slimrank.compression.distill import DistillConfig
 from slimrank.compression.gate import MODES, GateConfig
-from slimrank.config import Config, require
+from slimrank.config import Config, ConfigError, require
 from slimrank.data.split import SplitConfig
 from slimrank.ranking.features import FeatureConfig
 from slimrank.ranking.train import TrainConfig as TeacherTrainConfig
@@ -231,11 +232,51 @@ class PipelineConfig(Config):
         require(self.candidates.n >= self.k, self, "k", self.k, "must be <= candidates.n")
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Return the :class:`PipelineConfig` of a TOML file; unknown keys are errors.
+SHIPPED_CONFIGS = "configs"  # inside the slimrank package: pipeline.toml, tiny.toml
 
-    A relative ``cache_dir`` is taken relative to the current directory, not the file.
+
+def shipped_configs() -> dict[str, Path]:
+    """Return the configs shipped with the package by name: ``{"pipeline": .../pipeline.toml}``."""
+    root = Path(str(resources.files("slimrank") / SHIPPED_CONFIGS))
+    return {p.stem: p for p in sorted(root.glob("*.toml"))}
+
+
+def resolve_config(name: str | Path) -> Path:
+    """Return the config file ``name`` names: an existing path, else a shipped config's name.
+
+    ``"pipeline"``, ``"pipeline.toml"`` and ``"tiny"`` name shipped configs, so the defaults
+    work from any directory. Raises :class:`ConfigError` naming what was tried.
     """
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    return PipelineConfig.from_dict(data)
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    stem = path.name.removesuffix(".toml")
+    if path.parent == Path(".") and stem in shipped:
+        return shipped[stem]
+    if path.exists():
+        raise ConfigError("", f"{path}: not a file")
+    names = ", ".join(shipped)
+    raise ConfigError("", f"{path}: no such config file, and not a shipped config ({names})")
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Return the :class:`PipelineConfig` of a TOML file (a path or a shipped config's name).
+
+    Every value is checked before anything runs: a missing file, a TOML syntax error, an
+    unknown key, a wrong type or a value out of range is a :class:`ConfigError` whose one-line
+    message names the file, the dotted key and what was expected. A relative ``cache_dir`` is
+    taken relative to the current directory, not the file.
+    """
+    file = resolve_config(path)
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("", f"{file}: TOML syntax error: {err}") from None
+    except OSError as err:
+        raise ConfigError("", f"{file}: cannot read: {err.strerror or err}") from None
+    try:
+        return PipelineConfig.from_dict(data)
+    except ConfigError as err:
+        raise err.within(str(file)) from None

@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from slimrank.bundle import Bundle, open_bundle
-from slimrank.bundle.checksums import sha256_file
 from slimrank.bundle.formats import write_json
+from slimrank.config import ConfigError
 from slimrank.data.dataset import Interactions, Split
 from slimrank.pipeline import steps
 from slimrank.pipeline.cache import StepCache, StepOutput
 from slimrank.pipeline.config import PipelineConfig
+from slimrank.pipeline.inputs import InputDigests
 from slimrank.pipeline.run import ImportedTeacher
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,10 @@ def find_bundle(name: str, bundles_root: str | Path) -> Bundle:
 def bundle_config(bundle: Bundle) -> PipelineConfig:
     """Return the pipeline config recorded in a bundle's manifest."""
     data = {k: v for k, v in bundle.manifest.config.items() if k != "teacher_version"}
-    return PipelineConfig.from_dict(data)
+    try:
+        return PipelineConfig.from_dict(data)
+    except ConfigError as err:
+        raise err.within(f"{bundle.path / 'manifest.json'} (config)") from None
 
 
 def append_logs(data: steps.DataArtifacts, new: Any) -> tuple[steps.DataArtifacts, dict[str, int]]:
@@ -103,8 +107,8 @@ def import_bundle(
         steps.write_data(out, data)
         write_json(out / "retrain.json", {"bundle": bundle.version, **found})
 
-    config = {"bundle": bundle.version, "logs": str(logs), "logs_sha256": sha256_file(logs)}
-    data = cache.run("data", config, {}, write_data)
+    files = InputDigests(cache.root).digest([logs])  # keyed by content, not by path
+    data = cache.run("data", {"bundle": bundle.version}, {}, write_data, files)
     if not counts:
         counts.update(json.loads((data.path / "retrain.json").read_text()))
         counts.pop("bundle", None)

@@ -6,29 +6,113 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from slimrank.config import Config
+from slimrank.data.dataset import dataset_files
 from slimrank.pipeline import compress_steps, steps
-from slimrank.pipeline.cache import StepCache, StepOutput
-from slimrank.pipeline.config import PipelineConfig
+from slimrank.pipeline.cache import StepCache, StepOutput, step_digest
+from slimrank.pipeline.config import SOURCES_SYNTHETIC, PipelineConfig
 from slimrank.pipeline.engine import Engine, EngineConfig, open_engine
+from slimrank.pipeline.inputs import InputDigests, InputFile
 
 log = logging.getLogger(__name__)
 
-STEPS = (
-    "data",
-    "two_tower",
-    "embeddings",
-    "index",
-    "candidates",
-    "teacher",
-    "student_plain",
-    "student_distill",
-    "student_pruned",
-    "int8",
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One offline step: the steps whose outputs it reads and the config it reads.
+
+    ``reads`` are dotted paths into :class:`PipelineConfig` (a whole section, ``"prune"``, or
+    one field, ``"candidates.folds"``). They are the step's cache key, so they must name all
+    the config the step's code reads: changing any of it re-runs the step and what follows
+    (``tests/test_pipeline_keys.py`` checks every field against this table).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    reads: tuple[str, ...]
+
+
+_MINED = ("data", "candidates", "teacher")
+STEP_TABLE = (
+    Step("data", (), ("data",)),
+    Step("two_tower", ("data",), ("k", "two_tower")),
+    # The training folds, and (candidates.refit) each fold's two-tower, trained as two_tower is.
+    Step(
+        "embeddings",
+        ("data", "two_tower"),
+        (
+            "candidates.target_frac",
+            "candidates.fold_seed",
+            "candidates.folds",
+            "candidates.refit",
+            "two_tower.train",
+        ),
+    ),
+    Step("index", ("data", "embeddings"), ("index",)),
+    Step("candidates", ("data", "embeddings", "index"), ("k", "candidates")),
+    Step("teacher", ("data", "candidates"), ("k", "teacher")),
+    Step("student_plain", _MINED, ("k", "student")),
+    Step("student_distill", _MINED, ("k", "student")),
+    Step("student_pruned", (*_MINED, "student_distill"), ("k", "student", "prune")),
+    Step("int8", (*_MINED, "student_pruned"), ("k", "int8")),
 )
+STEPS = tuple(s.name for s in STEP_TABLE)
+# Config no step reads: where outputs go, and the report's latency benchmark.
+NOT_IN_STEPS = ("cache_dir", "latency")
+
+
+def config_at(config: PipelineConfig, path: str) -> Any:
+    """Return the JSON-able value at a dotted config path (a section as its ``to_dict``)."""
+    value: Any = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    if isinstance(value, Config):
+        return value.to_dict()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def step_config(
+    step: Step,
+    config: PipelineConfig,
+    engine: EngineConfig | None = None,
+    teacher: ImportedTeacher | None = None,
+) -> dict[str, Any]:
+    """Return the config part of ``step``'s cache key: what it reads, and how it runs."""
+    if step.name == "teacher" and teacher is not None:
+        return {"k": config.k, "imported": teacher.version}
+    key = {path: config_at(config, path) for path in step.reads}
+    if step.name in ("student_plain", "student_distill"):
+        key.update(distill=step.name == "student_distill", **(engine or EngineConfig()).cache_key())
+    return key
+
+
+def step_digests(
+    config: PipelineConfig,
+    engine: EngineConfig | None = None,
+    files: Sequence[InputFile] = (),
+) -> dict[str, str]:
+    """Return every step's cache digest without running anything (``files``: the data step's)."""
+    digests: dict[str, str] = {}
+    for step in STEP_TABLE:
+        digests[step.name] = step_digest(
+            step.name,
+            step_config(step, config, engine),
+            {i: digests[i] for i in step.inputs},
+            files if step.name == "data" else (),
+        )
+    return digests
+
+
+def data_inputs(config: PipelineConfig) -> list[InputFile]:
+    """Return the content keys of the files the data step reads (none for synthetic data)."""
+    if config.data.source == SOURCES_SYNTHETIC:
+        return []
+    return InputDigests(config.cache_dir).digest(dataset_files(config.data.source))
+
 
 # Called when a step starts (seconds is None) and when it ends.
 StepHook = Callable[[str, StepOutput | None, float | None], None]
@@ -106,7 +190,9 @@ def _run(
     out: dict[str, StepOutput] = {}
     k = config.k
 
-    def step(name: str, cfg: dict[str, Any], inputs: list[str], fn: Callable[..., None]) -> None:
+    table = {step.name: step for step in STEP_TABLE}
+
+    def step(name: str, fn: Callable[..., None], files: Sequence[InputFile] = ()) -> None:
         if name in provided:
             out[name] = provided[name]
             if hook:
@@ -115,9 +201,14 @@ def _run(
         if hook:
             hook(name, None, None)
         start = time.perf_counter()
-        paths = [out[i].path for i in inputs]
+        spec = table[name]
+        paths = [out[i].path for i in spec.inputs]
         result = cache.run(
-            name, cfg, {i: out[i].digest for i in inputs}, lambda tmp: fn(*paths, tmp)
+            name,
+            step_config(spec, config, engine, teacher),
+            {i: out[i].digest for i in spec.inputs},
+            lambda tmp: fn(*paths, tmp),
+            files,
         )
         out[name] = result
         seconds = time.perf_counter() - start
@@ -126,51 +217,24 @@ def _run(
             hook(name, result, seconds)
 
     c = config
-    step("data", c.data.to_dict(), [], lambda o: steps.data_step(c.data, o))
-    step(
-        "two_tower",
-        {"k": k, **c.two_tower.to_dict()},
-        ["data"],
-        lambda d, o: steps.two_tower_step(c.two_tower, d, o, k),
-    )
-    fold = {
-        "target_frac": c.candidates.target_frac,
-        "fold_seed": c.candidates.fold_seed,
-        "folds": c.candidates.folds,
-    }
+    files = [] if "data" in provided else data_inputs(c)
+    step("data", lambda o: steps.data_step(c.data, o), files)
+    step("two_tower", lambda d, o: steps.two_tower_step(c.two_tower, d, o, k))
     refit = c.two_tower.train if c.candidates.refit else None
-    if refit is not None:  # fold models: keyed by how they are trained
-        fold = {**fold, "refit": refit.to_dict()}
-    step(
-        "embeddings",
-        fold,
-        ["data", "two_tower"],
-        lambda d, m, o: steps.embeddings_step(c.candidates, d, m, o, refit),
-    )
-    step(
-        "index",
-        c.index.to_dict(),
-        ["data", "embeddings"],
-        lambda d, e, o: steps.index_step(c.index, d, e, o),
-    )
+    step("embeddings", lambda d, m, o: steps.embeddings_step(c.candidates, d, m, o, refit))
+    step("index", lambda d, e, o: steps.index_step(c.index, d, e, o))
     step(
         "candidates",
-        {"k": k, **c.candidates.to_dict()},
-        ["data", "embeddings", "index"],
         lambda d, e, i, o: steps.candidates_step(c.candidates, k, d, e, i, o, runner),
     )
     if teacher is None:
         step(
             "teacher",
-            {"k": k, **c.teacher.to_dict()},
-            ["data", "candidates"],
             lambda d, cd, o: steps.teacher_step(c.teacher, k, d, cd, o, runner),
         )
     else:
         step(
             "teacher",
-            {"k": k, "imported": teacher.version},
-            ["data", "candidates"],
             lambda d, cd, o: steps.rescore_teacher_step(
                 teacher.directory, teacher.version, k, d, cd, o, runner
             ),
@@ -178,22 +242,16 @@ def _run(
     for name, distill in (("student_plain", False), ("student_distill", True)):
         step(
             name,
-            {"k": k, "distill": distill, **c.student.to_dict(), **engine.cache_key()},
-            ["data", "candidates", "teacher"],
             lambda d, cd, t, o, distill=distill: compress_steps.student_step(
                 c.student, distill, k, d, cd, t, o, runner
             ),
         )
     step(
         "student_pruned",
-        {"k": k, "student": c.student.to_dict(), "prune": c.prune.to_dict()},
-        ["data", "candidates", "teacher", "student_distill"],
         lambda d, cd, t, s, o: compress_steps.pruned_step(c.student, c.prune, k, d, cd, t, s, o),
     )
     step(
         "int8",
-        {"k": k, **c.int8.to_dict()},
-        ["data", "candidates", "teacher", "student_pruned"],
         lambda d, cd, t, p, o: compress_steps.int8_step(c.int8, k, d, cd, t, p, o),
     )
     return RunResult(config, out)

@@ -64,12 +64,12 @@ EASE_METHODS = ("auto", "exact", "local")
 class FeatureConfig(Config):
     """What :func:`build_feature_tables` computes and how much of a history it reads."""
 
-    VERSION = 2
+    VERSION = 3
 
     history_cap: int = 1000  # most recent history items the item-item signals read
     cooc_neighbors: int = 100  # strongest co-occurring items kept per item
     ease_lambda: float = 250.0  # L2 of EASE (RecBole default); 0 disables the EASE columns
-    ease_neighbors: int = 200  # largest EASE weights (by magnitude) kept per candidate item
+    ease_neighbors: int = 100  # largest EASE weights (by magnitude) kept per candidate item
     ease_method: str = "auto"  # exact inverse, local ridge, or exact up to ease_max_items
     ease_max_items: int = 20_000  # "auto" inverts the (I, I) Gram matrix up to this many items
     ease_local_neighbors: int = 32  # the neighbourhood of each item's local ridge regression

@@ -28,7 +28,6 @@ import threading
 import numpy as np
 import scipy.sparse as sp
 
-from slimrank.evaluation.baselines import EaseConfig, ease_weights
 from slimrank.ranking.histories import Histories
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,9 @@ class NeighborTable:
         dtype = np.int32 if n < 2**31 - 1 else np.int64
         object.__setattr__(self, "indices", indices.astype(dtype, copy=False))
         object.__setattr__(self, "values", values)
+        object.__setattr__(self, "nonnegative", bool(values.size == 0 or values.min() >= 0))
+
+    nonnegative: bool = dataclasses.field(init=False, compare=False, repr=False)
 
     @property
     def n_items(self) -> int:
@@ -165,7 +167,8 @@ def history_signals(
         # max (so the max of the masked row, 0 without hits, is right); only rows where every
         # history item is an in-neighbour need the max of their hits alone.
         best[u] = weight.max(axis=1, initial=0.0)
-        if len(hist) <= table.indices.shape[1]:
+        # With no negative weight the max of the hits is that of the masked row already.
+        if not table.nonnegative and len(hist) <= table.indices.shape[1]:
             count = np.count_nonzero(hit, axis=1)
             full = np.flatnonzero((count == len(hist)) & real)
             if len(full):
@@ -226,6 +229,8 @@ def _stack(parts: list[tuple[np.ndarray, np.ndarray]], n_items: int) -> Neighbor
 def ease_exact_table(observed: sp.spmatrix, l2: float, k: int) -> NeighborTable:
     """Return EASE's weights ``B[h, c]`` (dense inverse of the ``(I, I)`` Gram matrix) as
     in-neighbour lists: row ``c`` keeps the ``k`` largest ``|B[h, c]|``."""
+    from slimrank.evaluation.baselines import EaseConfig, ease_weights  # offline only
+
     weights = ease_weights(sp.csr_matrix(observed), EaseConfig(l2=l2))  # (I, I) B[h, c]
     return NeighborTable.from_csr(sp.csr_matrix(weights.T), k, by_magnitude=True)
 

@@ -33,10 +33,11 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
 
 from slimrank.serving.admission import Admission, Ticket
+from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
+from slimrank.serving.status import retry_info
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ RECOMMENDER_PREFIX = "/slimrank.v1.Recommender/"
 QUEUE_PREFIX = "/slimrank.v1."
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 BATCH_METHOD = RECOMMENDER_PREFIX + "RecommendBatch"
-RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 # -- the event loop thread ----------------------------------------------------------------
@@ -188,36 +188,6 @@ async def replay(
     return response
 
 
-def status_details(code: grpc.StatusCode, message: str, retry_after_s: float) -> bytes:
-    """Return a serialized ``google.rpc.Status`` carrying a ``google.rpc.RetryInfo``.
-
-    Encoded by hand (``google.rpc`` protos are not a dependency): Status is {1: code,
-    2: message, 3: details (Any)}, RetryInfo is {1: retry_delay (Duration)}.
-    """
-
-    def field(number: int, payload: bytes) -> bytes:
-        return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-    seconds = int(retry_after_s)
-    delay = duration_pb2.Duration(seconds=seconds, nanos=int((retry_after_s - seconds) * 1e9))
-    retry_info = field(1, delay.SerializeToString())
-    detail = any_pb2.Any(type_url=RETRY_INFO_TYPE, value=retry_info).SerializeToString()
-    status_code = code.value[0]
-    return _varint(1 << 3) + _varint(status_code) + field(2, message.encode()) + field(3, detail)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 # -- the interceptor ------------------------------------------------------------------------
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
@@ -251,11 +221,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             "retry with backoff, preferably on another replica"
         )
         self._refusal_message = message
+        # A google.rpc.RetryInfo for clients that read status details, and the pushback
+        # trailer that gRPC's own retry policy (the Python client's) honours.
+        status = retry_info(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s)
         self._refusal_trailers = (
-            (
-                STATUS_DETAILS_KEY,
-                status_details(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s),
-            ),
+            *status.trailing_metadata,
+            (RETRY_PUSHBACK_KEY, str(round(retry_after_s * 1000))),
         )
 
     def _sync_chain(
@@ -299,7 +270,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         pool = self._handler_pool if limited else self._other_pool
         return grpc.unary_unary_rpc_method_handler(
             self._behavior(handler.unary_unary, method, accepted, ticket, pool),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -363,6 +334,10 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             once = threading.Lock()
+            if isinstance(request, Malformed):
+                count(once, grpc.StatusCode.INVALID_ARGUMENT, start)
+                message = malformed_message(method, request, context.peer())
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
             if is_async:
                 if record_queue:
                     metrics.stage_duration.labels("queue").observe(start - accepted)

@@ -7,24 +7,17 @@ request fails the whole call with INVALID_ARGUMENT naming it, e.g. ``requests[3]
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
 from slimrank.serving.proto.slimrank.v1 import recommender_pb2
 from slimrank.serving.servicer import RecommenderServicer, _internal_errors
 from slimrank.serving.snapshot import SnapshotHolder
+from slimrank.serving.status import bad_request
 
 # Field name of the requests in RecommendBatchRequest, for error messages.
 REQUESTS_FIELD = "requests"
-
-
-class _Status(NamedTuple):
-    """A ``grpc.Status`` (what ``abort_with_status`` reads) with its details rewritten."""
-
-    code: grpc.StatusCode
-    details: str
-    trailing_metadata: Any
 
 
 class _FieldPrefixContext:
@@ -41,10 +34,11 @@ class _FieldPrefixContext:
         raise AssertionError("abort returned")  # every context's abort raises
 
     def abort_with_status(self, status: grpc.Status) -> NoReturn:
-        details = status.details
         if status.code == grpc.StatusCode.INVALID_ARGUMENT:
-            details = f"{self._prefix}.{details}"
-        self._context.abort_with_status(_Status(status.code, details, status.trailing_metadata))
+            # "field: description" -> a BadRequest naming requests[i].field, message and detail.
+            field, _, description = status.details.partition(": ")
+            status = bad_request(f"{self._prefix}.{field}", description)
+        self._context.abort_with_status(status)
         raise AssertionError("abort_with_status returned")
 
     def __getattr__(self, name: str) -> Any:

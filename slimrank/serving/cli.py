@@ -116,6 +116,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seconds in-flight calls get at shutdown (default %(default)s)",
     )
     p.add_argument(
+        "--max-connection-idle",
+        type=float,
+        default=defaults.max_connection_idle_s,
+        help="seconds a connection may stay without calls before it is closed (%(default)s)",
+    )
+    p.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=defaults.max_connection_age_s,
+        help="seconds before any connection is closed (after a grace for its calls), so "
+        "clients spread over new replicas; 0: never (default %(default)s)",
+    )
+    p.add_argument(
         "--poll-interval",
         type=float,
         default=reload_defaults.poll_interval_s,
@@ -190,6 +203,8 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             grace_s=args.grace,
             http_port=args.http_port,
             http_host=args.http_host,
+            max_connection_idle_s=args.max_connection_idle,
+            max_connection_age_s=args.max_connection_age or None,
         )
         reload = ReloadConfig(poll_interval_s=args.poll_interval, backoff_s=args.reload_backoff)
     except (OSError, ValueError) as err:
@@ -219,6 +234,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
     if spec.admin_token is None and not spec.admin_insecure:
         log.warning("no admin token: the Admin service is refused (see --admin-token-file)")
+    if spec.admin_token is not None and spec.tls is None:
+        log.warning(
+            "the admin token is accepted over plaintext gRPC: anyone who can see the traffic "
+            "can replay it; serve with --tls-cert/--tls-key, or only on a trusted network"
+        )
 
     def ready(port: int, mport: int | None, pids: list[int], http: int | None = None) -> None:
         http_at = None if http is None else f"{spec.server.http_host}:{http}"

@@ -1,11 +1,11 @@
-"""A small synchronous client: deadlines on every call, retries on UNAVAILABLE only."""
+"""A small synchronous client: one overall deadline per call, retries by gRPC's retry policy."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Self, TypeVar
 
@@ -85,15 +85,59 @@ def _ranked(response: Any, user_source: str = "") -> Ranked:
     )
 
 
+RECOMMENDER_SERVICE = "slimrank.v1.Recommender"
+ADMIN_SERVICE = "slimrank.v1.Admin"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+MAX_ATTEMPTS = 5  # gRPC caps a retry policy's maxAttempts at 5
+
+
+def service_config(retries: int, backoff: float, max_backoff: float = 1.0) -> str:
+    """Return the gRPC service config (JSON) of the client's retry policy.
+
+    Recommender and health calls are retried on UNAVAILABLE (server restarting, connection
+    refused) and RESOURCE_EXHAUSTED (shed: the server asks for a retry, and its
+    ``grpc-retry-pushback-ms`` sets the delay); Admin calls on UNAVAILABLE only. gRPC draws
+    each delay at random up to ``backoff * 2**n`` (capped at ``max_backoff``): full jitter.
+    ``retryThrottling`` stops retrying while most calls fail, so retries cannot pile onto
+    an overloaded server. Any gRPC client (Go, Java, C++ ...) reads the same JSON.
+    """
+    attempts = min(retries + 1, MAX_ATTEMPTS)
+
+    def policy(codes: list[str]) -> dict[str, Any]:
+        return {
+            "maxAttempts": attempts,
+            "initialBackoff": f"{backoff:.3f}s",
+            "maxBackoff": f"{max(max_backoff, backoff):.3f}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": codes,
+        }
+
+    if attempts < 2:
+        return json.dumps({"methodConfig": []})
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": RECOMMENDER_SERVICE}, {"service": HEALTH_SERVICE}],
+                    "retryPolicy": policy(["UNAVAILABLE", "RESOURCE_EXHAUSTED"]),
+                },
+                {"name": [{"service": ADMIN_SERVICE}], "retryPolicy": policy(["UNAVAILABLE"])},
+            ],
+            "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+        }
+    )
+
+
 class SlimrankClient:
     """Talks to one slimrank server; use as a context manager or call ``close``.
 
-    Every call carries a deadline of ``timeout`` seconds. Calls that fail with UNAVAILABLE
-    (server restarting, connection refused) are retried up to ``retries`` times with
-    exponential backoff from ``backoff`` seconds; every other error is raised at once as
-    ``grpc.RpcError``, since retrying INVALID_ARGUMENT or RESOURCE_EXHAUSTED immediately
-    would not help. ``tls`` (see ``security.channel_credentials``) opens a TLS channel;
-    ``admin_token`` is sent as ``authorization: Bearer <token>`` on Admin calls only.
+    Every call has one overall deadline of ``timeout`` seconds that covers all its attempts.
+    gRPC retries failed attempts itself (:func:`service_config`: up to ``retries`` more, at
+    most 4, with jittered exponential backoff from ``backoff`` seconds) on UNAVAILABLE and,
+    for Recommender calls, RESOURCE_EXHAUSTED; every other error is raised at once as
+    ``grpc.RpcError``. ``tls`` (see ``security.channel_credentials``) opens a TLS channel;
+    ``admin_token`` is sent as ``authorization: Bearer <token>`` on Admin calls only. A
+    ``channel`` passed in is used as it is (its own options decide about retries).
     """
 
     def __init__(
@@ -110,13 +154,25 @@ class SlimrankClient:
             raise ValueError(f"SlimrankClient.timeout={timeout!r}: must be > 0")
         if retries < 0:
             raise ValueError(f"SlimrankClient.retries={retries!r}: must be >= 0")
+        if backoff <= 0:
+            raise ValueError(f"SlimrankClient.backoff={backoff!r}: must be > 0")
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         if channel is None:
+            options = [
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", service_config(retries, backoff)),
+                # Reconnect to a restarted server within the retries' backoff (gRPC's
+                # default waits 1 s, then up to 120 s, before it dials again).
+                ("grpc.initial_reconnect_backoff_ms", max(1, round(backoff * 1000))),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ]
             channel = (
-                grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target, tls)
+                grpc.insecure_channel(target, options)
+                if tls is None
+                else grpc.secure_channel(target, tls, options)
             )
         self._channel = channel
         self._admin_metadata = None if admin_token is None else bearer(admin_token)
@@ -141,23 +197,10 @@ class SlimrankClient:
         timeout: float | None,
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> T:
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                return method(
-                    request,
-                    timeout=self.timeout if timeout is None else timeout,
-                    metadata=metadata,
-                )
-            except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
-                    raise
-                log.debug(
-                    "%s unavailable (attempt %d), retrying in %.3f s", self.target, attempt, delay
-                )
-                time.sleep(delay)
-                delay *= 2
-        raise RuntimeError("unreachable: the last attempt returns or raises")
+        """Call ``method`` with one deadline for all attempts (gRPC retries within it)."""
+        return method(
+            request, timeout=self.timeout if timeout is None else timeout, metadata=metadata
+        )
 
     def recommend(
         self,

@@ -33,6 +33,16 @@ class ServerConfig(Config):
     ``max_inflight`` bounds them.
 
     ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
+
+    Connections (each holds a file descriptor and memory): one with no call for
+    ``max_connection_idle_s`` is closed (GOAWAY; a client reconnects on its next call), every
+    one after ``max_connection_age_s`` (None: never) with ``max_connection_age_grace_s`` for
+    its calls to finish, which also spreads long-lived clients over new replicas. One that
+    has not finished the TLS / HTTP/2 handshake after ``handshake_timeout_s`` is dropped.
+    The server pings an idle client every ``keepalive_time_s`` and drops it if no answer
+    comes within ``keepalive_timeout_s`` (a peer that vanished); a client pinging more often
+    than every ``min_client_ping_interval_s`` without calls, or pinging without calls at all,
+    gets GOAWAY after two such pings.
     """
 
     engine: str = "aio"
@@ -61,6 +71,13 @@ class ServerConfig(Config):
     max_http_body_bytes: int = 1 << 20
     # Let several processes bind the same port (the kernel spreads connections among them).
     so_reuseport: bool = False
+    max_connection_idle_s: float = 300.0
+    max_connection_age_s: float | None = 1800.0
+    max_connection_age_grace_s: float = 30.0
+    handshake_timeout_s: float = 10.0
+    keepalive_time_s: float = 120.0
+    keepalive_timeout_s: float = 20.0
+    min_client_ping_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         require(self.engine in ENGINES, self, "engine", self.engine, f"must be one of {ENGINES}")
@@ -155,6 +172,23 @@ class ServerConfig(Config):
             "max_http_body_bytes",
             self.max_http_body_bytes,
             "must be >= 1024",
+        )
+        for name in (
+            "max_connection_idle_s",
+            "max_connection_age_grace_s",
+            "handshake_timeout_s",
+            "keepalive_time_s",
+            "keepalive_timeout_s",
+            "min_client_ping_interval_s",
+        ):
+            value = getattr(self, name)
+            require(value > 0, self, name, value, "must be > 0 (seconds)")
+        require(
+            self.max_connection_age_s is None or self.max_connection_age_s > 0,
+            self,
+            "max_connection_age_s",
+            self.max_connection_age_s,
+            "must be None (never) or > 0 (seconds)",
         )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ Behavior = Callable[[Any, grpc.ServicerContext], Any]
 def _wrap_unary(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=lenient(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 
@@ -67,6 +68,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             metrics.inflight.inc()
             code = grpc.StatusCode.UNKNOWN
             try:
+                if isinstance(request, Malformed):
+                    message = malformed_message(method, request, context.peer())
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                 response = inner(request, context)
                 code = context.code() or grpc.StatusCode.OK
                 return response

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
+import socketserver
 import threading
 import time
-from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -16,7 +19,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 
 from slimrank.serving.snapshot import ModelSnapshot
@@ -146,6 +149,9 @@ class ServingMetrics:
             self.stage_duration.labels(name).observe(time.perf_counter() - start)
 
 
+METRICS_PATH = "/metrics"
+
+
 @dataclasses.dataclass(frozen=True)
 class MetricsEndpoint:
     """A running HTTP ``/metrics`` server."""
@@ -165,7 +171,40 @@ class MetricsEndpoint:
         self.thread.join(timeout=5)
 
 
+class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds would flood the log; say nothing."""
+
+
+def metrics_app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    """Return a WSGI app serving ``registry`` at ``/metrics`` and 404 on every other path.
+
+    (prometheus_client's own server answers the metrics on any path, so a typo in a scrape
+    config or a probe of ``/`` looked like success.)
+    """
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == METRICS_PATH:
+            return exposition(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"not found; the metrics are at {METRICS_PATH}\n".encode()]
+
+    return app
+
+
 def start_metrics_endpoint(host: str, port: int, registry: CollectorRegistry) -> MetricsEndpoint:
     """Serve ``registry`` on ``http://host:port/metrics`` in a daemon thread; port 0 picks one."""
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
+    httpd = make_server(host.strip("[]"), port, metrics_app(registry), server_class, _QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="slimrank-metrics", daemon=True)
+    thread.start()
     return MetricsEndpoint(httpd, thread)

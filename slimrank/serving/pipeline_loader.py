@@ -21,13 +21,16 @@ never the offline pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 
 from slimrank.bundle import Bundle, BundleError
 from slimrank.bundle.formats import read_json, read_npy
 from slimrank.bundle.serving_spec import SERVING_JSON, PipelineSpec
+from slimrank.errors import SlimrankError
 from slimrank.serving.history_encoder import load_history_encoder
 from slimrank.serving.loader import bundle_metadata
 from slimrank.serving.snapshot import ModelSnapshot
@@ -52,6 +55,20 @@ def _vectors(bundle: Bundle, name: str, rows: int) -> np.ndarray:
             f"({rows}, d) floats"
         )
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _unreadable(version: str, name: str) -> Iterator[None]:
+    """Turn a reader's own error (onnxruntime's InvalidProtobuf, FAISS's RuntimeError) on a
+    file that verified but does not parse into a ``BundleError`` naming the file."""
+    try:
+        yield
+    except (SlimrankError, KeyError, ValueError):
+        raise
+    except Exception as err:
+        raise BundleError(
+            f"bundle {version}: {name} cannot be read: {type(err).__name__}: {err}"
+        ) from err
 
 
 def load_spec(bundle: Bundle) -> PipelineSpec:
@@ -83,8 +100,12 @@ def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
             bundle.file(spec.features_file), spec.features_layout, user_vectors, item_vectors
         )
         ranker = spec.ranker.file
-        scorer = Scorer(bundle.file(ranker), bundle.manifest.files[ranker].sha256, ScorerConfig())
-        index = load_index(bundle.path / spec.index_directory)
+        with _unreadable(version, ranker):
+            scorer = Scorer(
+                bundle.file(ranker), bundle.manifest.files[ranker].sha256, ScorerConfig()
+            )
+        with _unreadable(version, spec.index_directory):
+            index = load_index(bundle.path / spec.index_directory)
         encoder = None
         if spec.user_tower is not None:
             encoder = load_history_encoder(bundle, spec.user_tower)

@@ -20,26 +20,43 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from slimrank.bundle import current_version, open_bundle
+from slimrank.bundle.store import resolve_version
 from slimrank.errors import IntegrityError
 from slimrank.serving.config import ReloadConfig
 from slimrank.serving.loader import SnapshotLoader, load_snapshot
 from slimrank.serving.metrics import ServingMetrics
-from slimrank.serving.servicer import ReloadFn
+from slimrank.serving.servicer import ReloadFn, log_reload_failure
 from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, warm_up
 
 log = logging.getLogger(__name__)
+
+
+class BundleSource:
+    """``source(version)`` verifies bundle ``version`` (None: ``CURRENT``) and loads it.
+
+    ``resolve(version)`` names the version without loading it, so that ``Admin.Reload`` of
+    the version already served answers at once.
+    """
+
+    def __init__(
+        self, root: str | Path, loaders: Mapping[str, SnapshotLoader] | None = None
+    ) -> None:
+        self.root = Path(root)
+        self.loaders = loaders
+
+    def resolve(self, version: str | None) -> str:
+        """Return the full version name ``version`` stands for; ``BundleError`` if none."""
+        return resolve_version(self.root, version)
+
+    def __call__(self, version: str | None) -> ModelSnapshot:
+        return load_snapshot(open_bundle(self.root, version), self.loaders)
 
 
 def bundle_reload_fn(
     root: str | Path, loaders: Mapping[str, SnapshotLoader] | None = None
 ) -> ReloadFn:
     """Return ``load(version)``: verify bundle ``version`` (None: ``CURRENT``) and load it."""
-    root = Path(root)
-
-    def load(version: str | None) -> ModelSnapshot:
-        return load_snapshot(open_bundle(root, version), loaders)
-
-    return load
+    return BundleSource(root, loaders)
 
 
 def load_current(
@@ -107,10 +124,10 @@ class BundleWatcher:
             try:
                 snapshot = self._load(version)
                 warm_up(snapshot)
-            except Exception:  # any failure must leave the served model in place
+            except Exception as error:  # any failure must leave the served model in place
                 self._failed_at = self._clock()
                 self._metrics.reload_failures.inc()
-                log.exception("reload of %s failed; still serving %s", version, previous.version)
+                log_reload_failure(version, previous.version, error)
                 return False
             self._holder.swap(snapshot)
             self._metrics.reloads.inc()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 ADMIN_PREFIX = "/slimrank.v1.Admin/"
 AUTHORIZATION = "authorization"
 BEARER = "Bearer "
+MIN_TOKEN_LENGTH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +76,45 @@ def channel_credentials(
 
 
 def read_token(path: str | Path) -> str:
-    """Return the admin token in ``path`` (surrounding whitespace dropped); it must not be empty."""
+    """Return the admin token in ``path`` (surrounding whitespace dropped).
+
+    Raises ``ValueError`` naming the file when others may read it or anyone but its owner
+    may write it (mode bits o+r, g+w, o+w: ``chmod 600`` it), or when the token is shorter
+    than :data:`MIN_TOKEN_LENGTH` characters.
+    """
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+        raise ValueError(
+            f"{path}: admin token file has mode {mode:04o}, readable by others or writable by "
+            "its group or others; make it readable by the server's user only (chmod 600)"
+        )
     token = Path(path).read_text(encoding="utf-8").strip()
     if not token:
         raise ValueError(f"{path}: admin token file is empty")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"{path}: admin token has {len(token)} characters, fewer than {MIN_TOKEN_LENGTH}; "
+            "use a random one (e.g. openssl rand -hex 32)"
+        )
     return token
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     """Return the call metadata that presents ``token``."""
     return ((AUTHORIZATION, BEARER + token),)
+
+
+def bearer_token(value: str | bytes) -> bytes:
+    """Return the token of an ``authorization`` value ``Bearer <token>``, else ``b""``.
+
+    The scheme is case-insensitive (RFC 7235 section 2.1, which RFC 6750 uses), so
+    ``bearer`` and ``BEARER`` work too; spaces after it are skipped.
+    """
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    scheme, _, token = raw.partition(b" ")
+    if scheme.lower() != BEARER.strip().lower().encode():
+        return b""
+    return token.lstrip(b" ")
 
 
 def _refuse(
@@ -113,7 +145,7 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
     ) -> None:
         if token is not None and not token:
             raise ValueError("AdminAuthInterceptor.token='': must be None or non-empty")
-        self._expected = None if token is None else (BEARER + token).encode()
+        self._expected = None if token is None else token.encode()
         self._open = token is None and allow_without_token
         self._prefix = prefix
         if self._open:
@@ -140,7 +172,7 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
         presented = b""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == AUTHORIZATION:
-                presented = value.encode() if isinstance(value, str) else bytes(value)
+                presented = bearer_token(value)
         if not hmac.compare_digest(presented, self._expected):
             return _refuse(
                 handler,

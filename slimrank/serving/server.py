@@ -245,12 +245,29 @@ def _bind(
     return port
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 def _options(config: ServerConfig) -> list[tuple[str, int]]:
-    return [
+    """The grpc channel arguments of the server: message sizes and connection limits."""
+    options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", int(config.so_reuseport)),
+        ("grpc.max_connection_idle_ms", _ms(config.max_connection_idle_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace_s)),
+        ("grpc.server_handshake_timeout_ms", _ms(config.handshake_timeout_s)),
+        ("grpc.keepalive_time_ms", _ms(config.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout_s)),
+        # Keepalive enforcement: clients may not ping without calls, nor more often than this.
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(config.min_client_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
     ]
+    if config.max_connection_age_s is not None:
+        options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age_s)))
+    return options
 
 
 def _start_sync(

@@ -34,6 +34,7 @@ from slimrank.serving.snapshot import (
     top_k,
     warm_up,
 )
+from slimrank.serving.status import bad_request
 from slimrank.serving.validation import (
     ValidationError,
     check_ids,
@@ -45,12 +46,22 @@ from slimrank.serving.validation import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
-# Loads the snapshot of a bundle version (None: the newest); raises on any failure.
+# Loads the snapshot of a bundle version (None: the newest); raises on any failure. One with a
+# ``resolve(version) -> name`` method (``reload.BundleSource``) lets Reload answer at once
+# when the name resolves to the version already served.
 ReloadFn = Callable[[str | None], ModelSnapshot]
 
 
+class NonFiniteScores(ArithmeticError):
+    """Retrieval or ranking gave a NaN or infinite score (the query overflows float32)."""
+
+
+def _norm(vector: np.ndarray | None) -> float:
+    return float("nan") if vector is None else float(np.linalg.norm(vector.astype(np.float64)))
+
+
 def _abort_invalid(context: grpc.ServicerContext, error: ValidationError) -> NoReturn:
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    context.abort_with_status(bad_request(error.field, error.message))
 
 
 def _internal_errors(method: Handler) -> Handler:
@@ -103,17 +114,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         Returns the items and the candidate count.
         """
         n = max(snapshot.n_candidates or self._config.n_candidates, k)
-        with self._metrics.stage("retrieve"):
-            retrieved = snapshot.retrieve(query, n, drop)
-        self._metrics.candidates.observe(len(retrieved))
-        self._require_time(context, "ranking")
-        if query.vector is None:
-            scores = retrieved.scores  # popularity
-        else:
-            with self._metrics.stage("features"):
-                features = snapshot.featurize(query, retrieved)  # (m, F)
-            with self._metrics.stage("rank"):
-                scores = np.asarray(snapshot.score(features), dtype=np.float32).reshape(-1)
+        # A huge query overflows float32 scores; that is checked below, not warned about.
+        with np.errstate(over="ignore", invalid="ignore"):
+            with self._metrics.stage("retrieve"):
+                retrieved = snapshot.retrieve(query, n, drop)
+            self._metrics.candidates.observe(len(retrieved))
+            self._require_time(context, "ranking")
+            if query.vector is None:
+                scores = retrieved.scores  # popularity
+            else:
+                with self._metrics.stage("features"):
+                    features = snapshot.featurize(query, retrieved)  # (m, F)
+                with self._metrics.stage("rank"):
+                    scores = np.asarray(snapshot.score(features), dtype=np.float32).reshape(-1)
+        if not (np.isfinite(scores).all() and np.isfinite(retrieved.scores).all()):
+            raise NonFiniteScores(
+                f"scores are not finite (query vector norm {_norm(query.vector):.3g})"
+            )
         rows, best = top_k(retrieved.rows, scores, k)
         items = [
             recommender_pb2.ScoredItem(item_id=str(snapshot.item_ids[r]), score=float(s))
@@ -166,7 +183,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._require_time(context, "retrieval")
         query = UserQuery(UserSource.RECENT, -1, vector)
         drop = np.unique(snapshot.item_rows(exclude))
-        items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
+        try:
+            items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
+        except NonFiniteScores as error:  # the model gives finite scores to sane vectors
+            _abort_invalid(context, ValidationError("query_vector", f"too large: {error}"))
         return recommender_pb2.SearchResponse(
             items=items, model_version=snapshot.version, candidates=n_candidates
         )
@@ -186,6 +206,24 @@ def _reload_status(error: Exception) -> grpc.StatusCode:
     if isinstance(error, SlimrankError | ValueError):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INTERNAL
+
+
+def one_line(error: BaseException) -> str:
+    """Return ``Type: message`` of ``error`` on one line (an integrity report has several)."""
+    return f"{type(error).__name__}: " + "; ".join(str(error).split("\n"))
+
+
+def log_reload_failure(version: str | None, serving: str, error: Exception) -> None:
+    """Log a failed reload: one WARNING line for a refused bundle, a traceback for a bug.
+
+    A bad name, a missing or corrupt bundle are the operator's to fix and can be repeated by
+    any admin caller, so they get one line, the version quoted with ``repr`` (a name is
+    client input and may hold a newline).
+    """
+    if _reload_status(error) is grpc.StatusCode.INTERNAL:
+        log.exception("reload of %r failed; still serving %s", version, serving)
+    else:
+        log.warning("reload of %r refused; still serving %s: %s", version, serving, one_line(error))
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -230,15 +268,23 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         with self._reload_lock:
             previous = self._holder.get()
             try:
+                resolve = getattr(self._reload_fn, "resolve", None)
+                if resolve is not None and resolve(version) == previous.version:
+                    return admin_pb2.ReloadResponse(
+                        version=previous.version,
+                        previous_version=previous.version,
+                        reloaded=False,
+                        message=f"already serving {previous.version}; not loaded again",
+                    )
                 new = self._reload_fn(version)
                 warm_up(new)
             except Exception as error:  # any load failure must leave the served model in place
                 self._metrics.reload_failures.inc()
-                log.exception("reload of %s failed; still serving %s", version, previous.version)
+                log_reload_failure(version, previous.version, error)
+                name = "the newest bundle" if version is None else repr(version)
                 context.abort(
                     _reload_status(error),
-                    f"reload of {version or 'the newest bundle'} failed, still serving "
-                    f"{previous.version}: {type(error).__name__}: {error}",
+                    f"reload of {name} failed, still serving {previous.version}: {one_line(error)}",
                 )
             if new.version == previous.version:
                 return admin_pb2.ReloadResponse(

@@ -195,8 +195,11 @@ class ModelSnapshot:
         """Return up to ``n`` candidates for the query, best first, minus the rows ``drop``.
 
         A query with a vector searches the index for ``n + len(drop)`` items, so that
-        dropping never leaves fewer than ``n`` when the catalog has enough; the popularity
-        fallback takes the most popular items.
+        dropping never leaves fewer than ``n`` when the index reaches enough. An approximate
+        index can reach fewer (IVF probes only some lists, and a zero or tiny query can make
+        FastScan return nothing): then the rest is filled by :meth:`exact_fill`, so a query
+        gets ``n`` candidates whenever the catalog has that many it may be given. The
+        popularity fallback takes the most popular items.
         """
         want = min(n + int(drop.size), self.n_items)
         if query.vector is None:
@@ -206,10 +209,46 @@ class ModelSnapshot:
             return Retrieved(rows, self.popularity[rows].astype(np.float32, copy=False))
         scores, rows = self.search(query.vector.reshape(1, -1), want)  # (1, want)
         rows, scores = rows[0], scores[0]
-        keep = (rows >= 0) & ~np.isin(rows, drop)
-        return Retrieved(
-            rows[keep][:n].astype(np.int64, copy=False),
-            scores[keep][:n].astype(np.float32, copy=False),
+        # A non-finite score is no ranking (FastScan on a zero query): treated as not reached.
+        keep = (rows >= 0) & np.isfinite(scores) & ~np.isin(rows, drop)
+        rows = rows[keep][:n].astype(np.int64, copy=False)
+        scores = scores[keep][:n].astype(np.float32, copy=False)
+        if len(rows) < n:
+            rows, scores = self.exact_fill(query.vector, rows, scores, n, drop)
+        return Retrieved(rows, scores)
+
+    def exact_fill(
+        self, vector: np.ndarray, rows: np.ndarray, scores: np.ndarray, n: int, drop: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Append to ``(rows, scores)`` the best other items by exact inner product, up to ``n``.
+
+        Items in ``rows`` or ``drop`` are skipped; ties (e.g. a zero query) go to the more
+        popular item. The index's own results stay first. One pass over ``item_vectors``:
+        bounded by the catalog, and taken only when the index came back short.
+        """
+        taken = np.zeros(self.n_items, dtype=bool)
+        taken[rows] = True
+        taken[drop[(drop >= 0) & (drop < self.n_items)]] = True
+        free = np.flatnonzero(~taken)  # (f,)
+        m = min(n - len(rows), free.size)
+        if m <= 0:
+            return rows, scores
+        with np.errstate(over="ignore", invalid="ignore"):
+            dots = self.item_vectors @ vector  # (n_items,)
+        key = np.where(np.isnan(dots), -np.inf, dots)  # (n_items,)
+        # The m-th best free dot; every free item above it is in, ties at it go to the most
+        # popular (a zero query ties them all).
+        threshold = key[free[np.argpartition(-key[free], m - 1)[m - 1]]]
+        above = free[key[free] > threshold]
+        tied = ~taken & (key == threshold)  # (n_items,)
+        tied = self.popular_order[tied[self.popular_order]][: m - above.size]
+        chosen = np.concatenate([above, tied])
+        # lexsort's last key is the primary one: best dot first, then most popular.
+        chosen = chosen[np.lexsort((-self.popularity[chosen], -key[chosen]))]
+        log.debug("index returned %d of %d candidates; %d added exactly", len(rows), n, m)
+        return (
+            np.concatenate([rows, chosen]).astype(np.int64, copy=False),
+            np.concatenate([scores, dots[chosen]]).astype(np.float32, copy=False),
         )
 
     def rank(self, query: UserQuery, retrieved: Retrieved) -> np.ndarray:
