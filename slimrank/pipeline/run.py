@@ -14,11 +14,13 @@ from slimrank.pipeline import compress_steps, steps
 from slimrank.pipeline.cache import StepCache, StepOutput
 from slimrank.pipeline.config import PipelineConfig
 from slimrank.pipeline.engine import Engine, EngineConfig, open_engine
+from slimrank.search.catalog import CATALOG_FORMAT
 
 log = logging.getLogger(__name__)
 
 STEPS = (
     "data",
+    "catalog",
     "two_tower",
     "embeddings",
     "index",
@@ -127,6 +129,15 @@ def _run(
 
     c = config
     step("data", c.data.to_dict(), [], lambda o: steps.data_step(c.data, o))
+    # The search catalog reads the source's item text; data provided without a catalog (a
+    # bundle published before catalogs existed) has none, and its bundle has no text search.
+    if "data" not in provided or "catalog" in provided:
+        step(
+            "catalog",
+            {"data": c.data.to_dict(), "text": c.text.to_dict(), "format": CATALOG_FORMAT},
+            ["data"],
+            lambda d, o: steps.catalog_step(c.data, c.text, d, o),
+        )
     step(
         "two_tower",
         {"k": k, **c.two_tower.to_dict()},
