@@ -142,18 +142,26 @@ class TextIndex:
         ]
 
     def score(self, text: str) -> np.ndarray:
-        """Return ``(items,)`` float32 scores of ``text``: 0 for items it does not match."""
+        """Return ``(items,)`` float32 BM25 scores of ``text``: 0 for items it does not match."""
+        return self.match(text)[0]
+
+    def match(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(items,)`` float32 BM25 scores and ``(items,)`` int32 tokens matched."""
         out = np.zeros(self.n_items, dtype=np.float32)
+        matched = np.zeros(self.n_items, dtype=np.int32)
         for expansion in self.expansions(text):
             if not expansion.terms.size:
                 continue
             rows = self.weights[expansion.terms]  # (e, items)
             if expansion.terms.size == 1:
                 out[rows.indices] += rows.data * expansion.weights[0]
+                matched[rows.indices] += 1
                 continue
-            scaled = sp.diags(expansion.weights) @ rows
-            out += scaled.max(axis=0).toarray().ravel()
-        return out
+            scaled = sp.csr_matrix(sp.diags(expansion.weights) @ rows)
+            best = scaled.max(axis=0).toarray().ravel()  # (items,)
+            out += best
+            matched += best > 0
+        return out, matched
 
 
 def bm25_weights(
