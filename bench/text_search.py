@@ -273,7 +273,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["| metric | mean difference | 95% CI | users |", "|---|---:|---|---:|"]
     for metric, d in r["personalized_minus_text_popularity"].items():
         lo, hi = d["ci95"]
-        lines.append(f"| {metric} | {d['mean_diff']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {d['users']} |")
+        ci = f"[{lo:+.4f}, {hi:+.4f}]"
+        lines.append(f"| {metric} | {d['mean_diff']:+.4f} | {ci} | {d['users']} |")
     return "\n".join(lines) + "\n"
 
 

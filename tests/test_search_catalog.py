@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def table() -> FeatureTable:
     )
 
 
-def brute(predicate) -> np.ndarray:  # noqa: ANN001
+def brute(predicate: Callable[..., bool]) -> np.ndarray:
     return np.asarray([predicate(*item) for item in ITEMS])
 
 
