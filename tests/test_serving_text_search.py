@@ -214,3 +214,20 @@ def test_query_search_prints_the_matching_titles(
     ]
     assert all("winter" in r[3] for r in rows)
     assert "search 'winter' for user u3 (known)" in out
+
+
+def test_a_vector_search_takes_filters_too(served: Served) -> None:
+    snap = served.snapshot
+    allowed = genre_mask(snap, "g3")
+    vector = snap.item_vectors[int(np.flatnonzero(~allowed)[0])]  # nearest items are not g3
+    request = recommender_pb2.SearchRequest(
+        query_vector=vector.tolist(),
+        k=int(allowed.sum()),
+        filters=[recommender_pb2.ItemFilter(field="genre", any_of=["g3"])],
+    )
+    got = served.stub.Search(request, timeout=10)
+    rows = [snap.item_row[i.item_id] for i in got.items]
+    assert sorted(rows) == sorted(np.flatnonzero(allowed).tolist())  # all of them, only them
+    error = _search(served, query_vector=vector.tolist(), user_id="u3")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "query_vector: user_id and recent_item_ids need text" in error.details()

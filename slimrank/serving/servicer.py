@@ -170,10 +170,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         snapshot = self._holder.get()  # before validation: the vector must match its dimension
         if request.text or not request.query_vector:
             return self._search_text(request, context, snapshot)
-        if request.user_id or request.recent_item_ids or request.filters:
+        if request.user_id or request.recent_item_ids:
             _abort_invalid(
-                context,
-                ValidationError("query_vector", "user_id, recent_item_ids and filters need text"),
+                context, ValidationError("query_vector", "user_id and recent_item_ids need text")
             )
         try:
             k = check_k(request.k, cfg.max_k)
@@ -181,12 +180,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             exclude = check_ids(
                 request.exclude_item_ids, cfg.max_exclude, cfg.max_id_length, "exclude_item_ids"
             )
+            allowed = check_filters(
+                snapshot.catalog, filters_from_proto(request.filters), snapshot.version
+            )
         except ValidationError as error:
             _abort_invalid(context, error)
         self._require_time(context, "retrieval")
         query = UserQuery(UserSource.RECENT, -1, vector)
         drop = np.unique(snapshot.item_rows(exclude))
-        items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
+        items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k, allowed)
         return recommender_pb2.SearchResponse(
             items=items, model_version=snapshot.version, candidates=n_candidates
         )
