@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -47,6 +48,27 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield Served(run, snapshot, client, recommender_pb2_grpc.RecommenderStub(channel))
     finally:
         channel.close()
+        client.close()
+        server.shutdown(0).wait(5)
+
+
+@pytest.fixture
+def start_admin() -> Iterator[Callable[[Path], SlimrankClient]]:
+    """Serve a bundles root with reloads allowed (no admin token); stopped after the test."""
+    servers = []
+
+    def _start(root: Path) -> SlimrankClient:
+        holder = SnapshotHolder(load_current(root))
+        server, port = create_server(
+            ServerConfig(), holder, CollectorRegistry(), bundle_reload_fn(root)
+        )
+        server.mark_serving()
+        client = SlimrankClient(f"127.0.0.1:{port}", timeout=10.0)
+        servers.append((server, client))
+        return client
+
+    yield _start
+    for server, client in servers:
         client.close()
         server.shutdown(0).wait(5)
 
@@ -231,3 +253,39 @@ def test_a_vector_search_takes_filters_too(served: Served) -> None:
     error = _search(served, query_vector=vector.tolist(), user_id="u3")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "query_vector: user_id and recent_item_ids need text" in error.details()
+
+
+def test_a_reload_swaps_the_catalog_with_the_model(
+    served: Served, tmp_path: Path, start_admin: Callable[[Path], SlimrankClient]
+) -> None:
+    """A bundle whose catalog has new titles: after Admin.Reload, search finds them."""
+    import shutil
+
+    from slimrank.bundle import open_bundle, publish
+    from slimrank.bundle.manifest import MANIFEST
+    from slimrank.search.catalog import Catalog, load_catalog_dir, save_catalog
+    from slimrank.search.text_index import build_text_index
+
+    root = tmp_path / "bundles"
+    shutil.copytree(served.run.bundles, root)
+    client = start_admin(root)
+    assert client.search_text("zeppelin", 5).item_ids == ()
+    old = open_bundle(root)
+    catalog = load_catalog_dir(old.path / "catalog")
+    titles = catalog.titles.copy()
+    titles[7] = "Zeppelin Voyage"
+    new_catalog = Catalog(build_text_index(titles), catalog.attributes, titles, ("title",))
+
+    def write(out: Path) -> None:
+        for path in old.path.rglob("*"):
+            rel = path.relative_to(old.path)
+            if path.is_file() and rel.parts[0] != "catalog" and rel.name != MANIFEST:
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, out / rel)
+        save_catalog(out / "catalog", new_catalog)
+
+    version = publish(root, write, config=old.manifest.config)
+    assert client.reload(version).reloaded
+    got = client.search_text("zeppelin", 5)
+    assert got.model_version == version
+    assert got.item_ids == (str(served.snapshot.item_ids[7]),)
