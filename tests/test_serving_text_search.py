@@ -289,3 +289,25 @@ def test_a_reload_swaps_the_catalog_with_the_model(
     got = client.search_text("zeppelin", 5)
     assert got.model_version == version
     assert got.item_ids == (str(served.snapshot.item_ids[7]),)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("genre=Comedy|Drama", ItemFilter("genre", ("Comedy", "Drama"))),
+        ("release_year=1990..1999", ItemFilter("release_year", low=1990.0, high=1999.0)),
+        ("release_year=..1980", ItemFilter("release_year", high=1980.0)),
+    ],
+)
+def test_query_filters_parse(text: str, expected: ItemFilter) -> None:
+    from slimrank.serving.query import parse_filter
+
+    assert parse_filter(text) == expected
+
+
+@pytest.mark.parametrize("text", ["genre", "=Comedy", "genre=", "release_year=a..b"])
+def test_a_bad_query_filter_stops_naming_it(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["query", "--search", "x", "--filter", text])
+    assert info.value.code == 2
+    assert f"--filter {text!r}" in capsys.readouterr().err
