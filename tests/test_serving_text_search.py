@@ -80,6 +80,7 @@ def reference(
     user: str = "",
     allowed: np.ndarray | None = None,
     exclude: tuple[str, ...] = (),
+    recent: tuple[str, ...] = (),
 ) -> list[str]:
     """The documented ordering, written out in numpy over the catalog's BM25 match."""
     cfg = TextSearchConfig()
@@ -97,8 +98,8 @@ def reference(
     if not rows.size:
         return []
     base = text_score[rows] / text_score[rows].max()
-    if user:
-        query = snap.user_query(user, [])
+    if user or recent:
+        query = snap.user_query(user, list(recent))
         dots = snap.item_vectors[rows] @ query.vector
         ranker = np.asarray(snap.score(snap.featurize(query, Retrieved(rows, dots)))).ravel()
         final = base + cfg.ranker_weight * (ranker - ranker.mean()) / ranker.std()
@@ -311,3 +312,10 @@ def test_a_bad_query_filter_stops_naming_it(text: str, capsys: pytest.CaptureFix
         main(["query", "--search", "x", "--filter", text])
     assert info.value.code == 2
     assert f"--filter {text!r}" in capsys.readouterr().err
+
+
+def test_search_for_a_user_known_by_recent_items(served: Served) -> None:
+    recent = tuple(str(i) for i in served.snapshot.item_ids[[4, 9, 17]])
+    got = served.client.search_text("star", 6, user_id="someone-new", recent=recent)
+    assert got.user_source == "RECENT"
+    assert list(got.item_ids) == reference(served.snapshot, "star", 6, recent=recent)
