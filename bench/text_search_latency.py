@@ -7,7 +7,8 @@
    Poisson arrivals, pre-serialized requests, latency from the scheduled send) with Search
    requests made of the evaluation's queries (known-item first word / prefix / typo and genre
    names; half name a user); ``--rate`` calls/s for ``--seconds``. The goal: p99 <= 10 ms at
-   200/s. The machine is shared: the load average is recorded before and after.
+   200/s. The machine is shared: the load average is recorded before and after, and the same
+   load of known users' Recommend calls runs right after, to show what the machine allowed.
 
     .venv/bin/python bench/text_search_latency.py [--bundles runs/demo/bundles]
 
@@ -37,6 +38,7 @@ from bench.serving import LOADGEN, ServerProcess, cpu_features, grpc_code  # noq
 from bench.text_search import known_item_queries  # noqa: E402
 
 SEARCH = "/slimrank.v1.Recommender/Search"
+RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 RESULTS = HERE / "results"
 
 
@@ -77,22 +79,31 @@ def in_process(snapshot: Any, qs: list[tuple[str, str, str]]) -> dict[str, Any]:
     return {key: {**pct(np.asarray(v)), "calls": len(v)} for key, v in sorted(times.items())}
 
 
-def served(bundles: Path, qs: list[tuple[str, str, str]], rate: float, seconds: float) -> dict:
+def served(
+    bundles: Path, qs: list[tuple[str, str, str]], rate: float, seconds: float, method: str
+) -> dict:
+    """Serve the bundle and drive ``method`` (Search by text, or Recommend for comparison)."""
     import base64
 
     from slimrank.serving.proto.slimrank.v1 import recommender_pb2
 
-    requests = [
-        recommender_pb2.SearchRequest(text=text, k=10, user_id=user).SerializeToString()
-        for _, text, user in qs
-    ]
+    if method == SEARCH:
+        requests = [
+            recommender_pb2.SearchRequest(text=text, k=10, user_id=user).SerializeToString()
+            for _, text, user in qs
+        ]
+    else:  # the same users, every call a known user's Recommend
+        users = [user for _, _, user in qs if user]
+        requests = [
+            recommender_pb2.RecommendRequest(user_id=u, k=10).SerializeToString() for u in users
+        ]
     argv = [str(ROOT / ".venv" / "bin" / "slimrank"), "serve", "--bundles", str(bundles)]
     server = ServerProcess([*argv, "--port", "0", "--metrics-port", "0", "--poll-interval", "0"])
     try:
         n = int(rate * seconds)
         job = {
             "target": server.target,
-            "method": SEARCH,
+            "method": method,
             "requests": [base64.b64encode(r).decode() for r in requests],
             "rate": rate,
             "n": n,
@@ -152,7 +163,9 @@ def main() -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_features(),
         "in_process": in_process(snapshot, qs),
-        "served": served(args.bundles, qs, args.rate, args.seconds),
+        "served": served(args.bundles, qs, args.rate, args.seconds, SEARCH),
+        # Recommend right after, on the same server build and rate: what the machine allows now.
+        "served_recommend": served(args.bundles, qs, args.rate, args.seconds, RECOMMEND),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "text_search_latency.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -162,7 +175,7 @@ def main() -> int:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    s = r["served"]
+    s, rec = r["served"], r["served_recommend"]
     lines = [
         f"# Text search latency (`bench/text_search_latency.py`, bundle {r['bundle']})",
         "",
@@ -172,6 +185,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"{s['calls']} calls, load average {s['loadavg_before']} before, "
         f"{s['loadavg_after']} after): p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
         f"max {s['max_ms']:.1f} ms; {s['refused']} refused, {s['other_errors']} other errors.",
+        "",
+        f"**Recommend, for comparison** (known users, the same server and rate, right after; "
+        f"load average {rec['loadavg_before']} before, {rec['loadavg_after']} after): "
+        f"p50 {rec['p50_ms']:.2f} ms, p99 {rec['p99_ms']:.2f} ms, max {rec['max_ms']:.1f} ms; "
+        f"{rec['refused']} refused, {rec['other_errors']} other errors.",
         "",
         "**In process** (the stage alone, k = 10, 200 candidates):",
         "",
