@@ -319,3 +319,23 @@ def test_search_for_a_user_known_by_recent_items(served: Served) -> None:
     got = served.client.search_text("star", 6, user_id="someone-new", recent=recent)
     assert got.user_source == "RECENT"
     assert list(got.item_ids) == reference(served.snapshot, "star", 6, recent=recent)
+
+
+def test_the_stages_filter_before_they_cut_to_n(served: Served) -> None:
+    """With fewer candidates than matches, a filter still leaves n allowed items (brute force)."""
+    from slimrank.serving.text_search import retrieve_allowed, text_candidates
+
+    snap = served.snapshot
+    allowed = genre_mask(snap, "g1")
+    hits = text_candidates(snap, ALL_WORDS, 3, allowed)
+    bm25, matched = snap.catalog.text.match(ALL_WORDS)  # type: ignore[union-attr]
+    score = matched + bm25 / (bm25.max() + 1.0)
+    rows = sorted(np.flatnonzero(allowed), key=lambda r: (-score[r], -snap.popularity[r]))
+    assert hits.rows.tolist() == rows[:3]
+    query = snap.user_query(str(snap.user_ids[2]), [])
+    drop = snap.seen_rows(2)
+    got = retrieve_allowed(snap, query, 4, drop, allowed)
+    eligible = [r for r in np.flatnonzero(allowed) if r not in set(drop.tolist())]
+    dots = snap.item_vectors[eligible] @ query.vector
+    assert got.rows.tolist() == [eligible[i] for i in np.argsort(-dots, kind="stable")[:4]]
+    np.testing.assert_allclose(got.scores, np.sort(dots)[::-1][:4], rtol=1e-6)
