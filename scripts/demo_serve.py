@@ -31,7 +31,7 @@ from rich.table import Table
 from slimrank.bundle import current_version
 from slimrank.bundle.formats import read_npy
 from slimrank.serving.client import SlimrankClient
-from slimrank.serving.query import bundle_titles, print_recommendations
+from slimrank.serving.query import bundle_titles, print_recommendations, recommendation_table
 
 READY_PREFIX = "serving on "
 WARM_UP_CALLS = 20
@@ -160,6 +160,13 @@ def demo(
     named = ", ".join(titles.get(i, i) if titles else i for i in recent)
     console.print(f"new user, recent items: {named}", markup=False, highlight=False)
     print_recommendations(console, "new-user", ranked, titles)
+    # What a search box sends: words, a typo, for the first shown user and for nobody.
+    if (args.bundles / version / "catalog").is_dir():
+        for text, user in (("star wars", shown[0]), ("godfater", ""), ("comedy", shown[0])):
+            found = client.search_text(text, 5, user_id=user)
+            who = f"user {user}" if user else "no user"
+            console.print(f"search {text!r} for {who}:", markup=False, highlight=False)
+            console.print(recommendation_table(found, titles))
 
     for user in users[:WARM_UP_CALLS]:  # untimed: first calls pay for lazy initialization
         client.recommend(user, args.k)

@@ -66,6 +66,8 @@ def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
     for name in ("ranker.onnx", "items.npy", "users.npy", "user_vectors.npy", "serving.json"):
         assert name in manifest.files
     assert "teacher/teacher.safetensors" in manifest.files
+    assert read_serving(bundle.path).catalog_directory == "catalog"
+    assert {"catalog/catalog.json", "catalog/catalog.safetensors"} <= set(manifest.files)
     # The report: one table with the six variants, and a PNG plot.
     table = (run.out / "compression.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 6
@@ -206,3 +208,7 @@ def test_retrain_publishes_a_version_naming_its_parent_teacher(run: Run, tmp_pat
     new_train = load_data(bundle.path / "data").split.train
     assert len(new_train) == len(old_train) + n_new
     assert json.loads((bundle.path / "data" / "data.json").read_text())["train"] == len(new_train)
+    # The items did not change, so the retrained bundle keeps the parent's search catalog.
+    for name in ("catalog/catalog.json", "catalog/catalog.safetensors", "catalog/titles.npy"):
+        assert bundle.manifest.files[name].sha256 == old.manifest.files[name].sha256
+    assert read_serving(bundle.path).catalog_directory == "catalog"

@@ -92,7 +92,7 @@ def test_a_batch_takes_an_admission_slot_and_is_shed_like_a_call() -> None:
     registry = CollectorRegistry()
     server, port = create_server(config, holder, registry)
     server.mark_serving()
-    client = SlimrankClient(f"127.0.0.1:{port}", timeout=5.0)
+    client = SlimrankClient(f"127.0.0.1:{port}", timeout=5.0, retries=0)  # see each refusal
     stub = recommender_pb2_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     batch = recommender_pb2.RecommendBatchRequest(
         requests=[recommender_pb2.RecommendRequest(user_id="u1", k=2)] * 3

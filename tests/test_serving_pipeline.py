@@ -179,7 +179,11 @@ def test_query_prints_the_ranked_items_and_the_model_version(
     assert served.run.version in out
     lines = [line for line in out.splitlines() if line.startswith("│")]
     assert [line.split("│")[2].strip() for line in lines] == list(expected.item_ids)
-    assert "title" not in out  # a synthetic catalog has no titles
+    # The bundle's catalog carries display titles (the synthetic items' made-up ones).
+    titles = read_npy(served.bundle.file("catalog/titles.npy"))
+    row = {str(item): i for i, item in enumerate(read_npy(served.bundle.file("items.npy")))}
+    shown = [line.split("│")[3].strip() for line in lines]
+    assert shown == [titles[row[item]] for item in expected.item_ids]
 
 
 def test_query_errors_are_one_line_and_exit_2(

@@ -65,10 +65,13 @@ class PipelineSpec:
     features_layout: dict[str, Any]  # what slimrank.ranking.feature_io.load_tables needs
     user_tower: str | None = None  # two-tower model directory, for users known by items only
     teacher_version: str = ""
+    # The search catalog's directory (slimrank.search.catalog); None: no text search.
+    catalog_directory: str | None = None
     format: int = PIPELINE_FORMAT
 
     def to_json(self) -> dict[str, Any]:
         """Return the ``serving.json`` object."""
+        catalog = {"catalog": {"directory": self.catalog_directory}}
         return {
             "kind": PIPELINE_KIND,
             "format": self.format,
@@ -88,6 +91,7 @@ class PipelineSpec:
             "items": {"ids": self.item_ids, "vectors": self.item_vectors},
             "popularity": self.popularity,
             "features": {"file": self.features_file, **self.features_layout},
+            **(catalog if self.catalog_directory else {}),
         }
 
     @classmethod
@@ -122,6 +126,10 @@ class PipelineSpec:
         if tower is not None:
             tower = _file(users, "tower", f"{where}[users]")
         layout = {key: value for key, value in feats.items() if key != "file"}
+        catalog = None
+        if data.get("catalog") is not None:
+            section = _get(data, "catalog", dict, where)
+            catalog = _file(section, "directory", f"{where}[catalog]")
         return cls(
             k=k,
             candidates=n,
@@ -141,4 +149,5 @@ class PipelineSpec:
             features_layout=layout,
             user_tower=tower,
             teacher_version=str(data.get("teacher_version", "")),
+            catalog_directory=catalog,
         )

@@ -208,6 +208,9 @@ class Dataset:
     user_features: FeatureTable
     item_features: FeatureTable
     item_titles: np.ndarray | None = None  # (n_items,) str
+    # Text columns of the item table, {name: (n_items,) str}: they feed the search index,
+    # not the ranker (MovieLens: none here; its titles are item_titles).
+    item_text: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         inter = self.interactions
@@ -221,6 +224,9 @@ class Dataset:
             raise ValueError(f"Dataset {self.name!r}: item_features rows != {len(self.items)}")
         if self.item_titles is not None and len(self.item_titles) != len(self.items):
             raise ValueError(f"Dataset {self.name!r}: item_titles length != {len(self.items)}")
+        for column, values in (self.item_text or {}).items():
+            if len(values) != len(self.items):
+                raise ValueError(f"Dataset {self.name!r}: item_text {column!r} length != items")
 
     @property
     def n_users(self) -> int:

@@ -34,8 +34,13 @@ def load_logs(
     path: str | Path,
     user_features: str | Path | None = None,
     item_features: str | Path | None = None,
+    text_columns: tuple[str, ...] = (),
 ) -> Dataset:
-    """Return the dataset of a logs file and its optional feature files."""
+    """Return the dataset of a logs file and its optional feature files.
+
+    ``text_columns`` of the item table are taken out of its features (the ranker never sees
+    them) and kept as ``Dataset.item_text`` for the search index; missing cells are empty.
+    """
     path = Path(path)
     frame = read_table(path, id_columns=("user_id", "item_id"))
     _require(frame, LOG_COLUMNS, path)
@@ -65,17 +70,41 @@ def load_logs(
         if user_features is not None
         else FeatureTable.empty(len(users))
     )
-    item_table = (
-        load_feature_table(item_features, "item_id", items)
-        if item_features is not None
-        else FeatureTable.empty(len(items))
-    )
+    item_text: dict[str, np.ndarray] | None = None
+    if item_features is not None:
+        item_table, item_text = load_item_table(item_features, items, text_columns)
+    elif text_columns:
+        raise DataError(f"text columns {', '.join(text_columns)} given without an item table")
+    else:
+        item_table = FeatureTable.empty(len(items))
     name = path.name.split(".")[0]
-    return Dataset(name, users, items, interactions, user_table, item_table, None)
+    return Dataset(name, users, items, interactions, user_table, item_table, None, item_text)
 
 
-def load_feature_table(path: str | Path, id_column: str, ids: IdMap) -> FeatureTable:
-    """Return the features of ``ids`` read from ``path``; every row must name a known id."""
+def load_item_table(
+    path: str | Path, items: IdMap, text_columns: tuple[str, ...]
+) -> tuple[FeatureTable, dict[str, np.ndarray]]:
+    """Return the item features without ``text_columns``, and those columns as strings."""
+    path = Path(path)
+    frame = read_table(path, id_columns=("item_id",))
+    _require(frame, ("item_id", *text_columns), path)
+    table = load_feature_table(path, "item_id", items, drop=text_columns)
+    index = items.index(_id_strings(frame["item_id"]), unknown="minus_one")
+    text = {}
+    for column in text_columns:
+        values = np.full(len(items), "", dtype=object)
+        values[index] = frame[column].fillna("").astype(str).to_numpy(dtype=object)
+        text[column] = values.astype(str)
+    return table, text
+
+
+def load_feature_table(
+    path: str | Path, id_column: str, ids: IdMap, drop: tuple[str, ...] = ()
+) -> FeatureTable:
+    """Return the features of ``ids`` read from ``path``; every row must name a known id.
+
+    Columns in ``drop`` are left out (text columns, which the search index reads instead).
+    """
     path = Path(path)
     frame = read_table(path, id_columns=(id_column,))
     _require(frame, (id_column,), path)
@@ -96,7 +125,7 @@ def load_feature_table(path: str | Path, id_column: str, ids: IdMap) -> FeatureT
     missing = len(ids) - len(index)
     if missing:
         logger.info("%s: %d of %d ids have no feature row (unknown)", path, missing, len(ids))
-    features = frame.drop(columns=[id_column])
+    features = frame.drop(columns=[id_column, *drop])
     return table_from_frame(features, index, len(ids))
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import tomllib
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from slimrank.compression.distill import DistillConfig
 from slimrank.compression.gate import MODES, GateConfig
@@ -20,6 +21,7 @@ from slimrank.ranking.features import FeatureConfig
 from slimrank.ranking.train import TrainConfig as TeacherTrainConfig
 from slimrank.retrieval.index import IndexConfig
 from slimrank.retrieval.train import TrainConfig as TwoTowerTrainConfig
+from slimrank.search.build import TextIndexConfig
 
 SOURCES_SYNTHETIC = "synthetic"
 
@@ -28,7 +30,10 @@ SOURCES_SYNTHETIC = "synthetic"
 class DataConfig(Config):
     """Where interactions come from: a ``load_dataset`` name or path, or ``"synthetic"``.
 
-    The ``synthetic_*`` fields shape the seeded latent-factor catalog used by tests.
+    The ``synthetic_*`` fields shape the seeded latent-factor catalog used by tests. With a
+    logs file as ``source``, ``user_features`` / ``item_features`` name Parquet or CSV tables
+    keyed by ``user_id`` / ``item_id``; the item table's ``text_columns`` feed the search
+    index instead of the ranker.
     """
 
     source: str = "movielens-100k"
@@ -37,9 +42,30 @@ class DataConfig(Config):
     synthetic_items: int = 80
     synthetic_per_user: int = 20
     synthetic_seed: int = 0
+    user_features: str = ""
+    item_features: str = ""
+    text_columns: tuple[str, ...] = ()
+
+    # Left out of the step digests while unset, so runs cached before they existed stay valid.
+    _OPTIONAL = ("user_features", "item_features", "text_columns")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as JSON-able values, without the unset feature-table fields."""
+        out = super().to_dict()
+        for name in self._OPTIONAL:
+            if not out[name]:
+                del out[name]
+        return out
 
     def __post_init__(self) -> None:
         require(bool(self.source), self, "source", self.source, "must name a dataset")
+        require(
+            bool(self.item_features) or not self.text_columns,
+            self,
+            "text_columns",
+            list(self.text_columns),
+            "need item_features (the table that holds them)",
+        )
         for name in ("synthetic_users", "synthetic_items", "synthetic_per_user"):
             value = getattr(self, name)
             require(value >= 1, self, name, value, "must be >= 1")
@@ -218,6 +244,7 @@ class PipelineConfig(Config):
     cache_dir: str = "runs/cache"
     k: int = 10
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    text: TextIndexConfig = dataclasses.field(default_factory=TextIndexConfig)
     two_tower: TwoTowerStepConfig = dataclasses.field(default_factory=TwoTowerStepConfig)
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
     candidates: CandidateConfig = dataclasses.field(default_factory=CandidateConfig)

@@ -19,6 +19,8 @@ Bundle files (all pickle-free; ``serving.json`` says how they fit together)::
                                  its user tower for users known only by recent items
     data/...                     split, ids and raw side features, so retraining needs only
                                  the bundle
+    catalog/...                  the search catalog (slimrank.search.catalog): BM25 text
+                                 index, filterable item attributes, display titles
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ def bundle_writer(result: RunResult) -> Callable[[Path], None]:
             shutil.copyfile(result.path("data") / name, out / "data" / name)
         for name in ("user_features.safetensors", "item_features.safetensors"):
             shutil.copyfile(result.path("data") / name, out / "data" / name)
+        catalog = None
+        if "catalog" in result.outputs:
+            _copytree(result.path("catalog") / "catalog", out / "catalog")
+            catalog = "catalog"
         decision = gate["decisions"][gate["mode"]]
         spec = PipelineSpec(
             k=result.config.k,
@@ -106,6 +112,7 @@ def bundle_writer(result: RunResult) -> Callable[[Path], None]:
             features_layout=layout,
             user_tower="two_tower",
             teacher_version=result.teacher_version or "",
+            catalog_directory=catalog,
         )
         write_json(out / SERVING_JSON, spec.to_json())
 

@@ -121,4 +121,11 @@ def import_bundle(
     model = cache.run("two_tower", {"bundle": bundle.version}, {}, write_model)
     parent = bundle.manifest.parent or f"teacher-of-{bundle.version}"
     teacher = ImportedTeacher(bundle.path / "teacher", parent)
-    return {"data": data, "two_tower": model}, teacher, counts
+    outputs = {"data": data, "two_tower": model}
+    if (bundle.path / "catalog").is_dir():  # the items do not change: keep their catalog
+
+        def write_catalog(out: Path) -> None:
+            shutil.copytree(bundle.path / "catalog", out / "catalog")
+
+        outputs["catalog"] = cache.run("catalog", {"bundle": bundle.version}, {}, write_catalog)
+    return outputs, teacher, counts

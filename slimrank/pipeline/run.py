@@ -17,6 +17,7 @@ from slimrank.pipeline.cache import StepCache, StepOutput, step_digest
 from slimrank.pipeline.config import SOURCES_SYNTHETIC, PipelineConfig
 from slimrank.pipeline.engine import Engine, EngineConfig, open_engine
 from slimrank.pipeline.inputs import InputDigests, InputFile
+from slimrank.search.catalog import CATALOG_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class Step:
 _MINED = ("data", "candidates", "teacher")
 STEP_TABLE = (
     Step("data", (), ("data",)),
+    # The search catalog: the source's item text (its format is part of the key).
+    Step("catalog", ("data",), ("data", "text")),
     Step("two_tower", ("data",), ("k", "two_tower")),
     # The training folds, and (candidates.refit) each fold's two-tower, trained as two_tower is.
     Step(
@@ -85,6 +88,8 @@ def step_config(
     if step.name == "teacher" and teacher is not None:
         return {"k": config.k, "imported": teacher.version}
     key = {path: config_at(config, path) for path in step.reads}
+    if step.name == "catalog":
+        key["format"] = CATALOG_FORMAT
     if step.name in ("student_plain", "student_distill"):
         key.update(distill=step.name == "student_distill", **(engine or EngineConfig()).cache_key())
     return key
@@ -219,6 +224,10 @@ def _run(
     c = config
     files = [] if "data" in provided else data_inputs(c)
     step("data", lambda o: steps.data_step(c.data, o), files)
+    # The search catalog reads the source's item text; data provided without a catalog (a
+    # bundle published before catalogs existed) has none, and its bundle has no text search.
+    if "data" not in provided or "catalog" in provided:
+        step("catalog", lambda d, o: steps.catalog_step(c.data, c.text, d, o))
     step("two_tower", lambda d, o: steps.two_tower_step(c.two_tower, d, o, k))
     refit = c.two_tower.train if c.candidates.refit else None
     step("embeddings", lambda d, m, o: steps.embeddings_step(c.candidates, d, m, o, refit))

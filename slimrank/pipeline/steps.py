@@ -25,7 +25,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from slimrank.bundle.formats import read_npy, read_tensors, write_json, write_npy, write_tensors
-from slimrank.data.dataset import FeatureTable, Split, load_dataset, split_random
+from slimrank.data.dataset import Dataset, FeatureTable, Split, load_dataset, split_random
+from slimrank.data.logs import load_logs
 from slimrank.pipeline import artifacts
 from slimrank.pipeline.config import (
     SOURCES_SYNTHETIC,
@@ -41,6 +42,7 @@ from slimrank.ranking.feature_io import save_tables
 from slimrank.ranking.features import CandidateFeatures, build_feature_tables
 from slimrank.ranking.histories import latest_times
 from slimrank.ranking.pipeline_eval import pipeline_metrics
+from slimrank.search.build import TextIndexConfig
 
 if TYPE_CHECKING:
     from slimrank.pipeline.engine import Engine
@@ -107,17 +109,28 @@ def write_data(out: Path, data: DataArtifacts) -> None:
     )
 
 
-def data_step(config: DataConfig, out: Path) -> None:
-    """Load (or generate) the interactions and split them."""
+def load_source(config: DataConfig) -> Dataset:
+    """Return the dataset ``config`` names: synthetic, a logs file with tables, or a dataset."""
     if config.source == SOURCES_SYNTHETIC:
-        dataset = synthetic_dataset(
+        return synthetic_dataset(
             config.synthetic_users,
             config.synthetic_items,
             config.synthetic_per_user,
             config.synthetic_seed,
         )
-    else:
-        dataset = load_dataset(config.source)
+    if config.user_features or config.item_features:
+        return load_logs(
+            config.source,
+            config.user_features or None,
+            config.item_features or None,
+            tuple(config.text_columns),
+        )
+    return load_dataset(config.source)
+
+
+def data_step(config: DataConfig, out: Path) -> None:
+    """Load (or generate) the interactions and split them."""
+    dataset = load_source(config)
     split = split_random(
         dataset.interactions,
         dataset.n_users,
@@ -486,3 +499,26 @@ def rescore_teacher_step(
 def load_teacher_scores(path: Path) -> dict[str, np.ndarray]:
     """Return the teacher's ``(U, N)`` scores of each view (``-inf`` at pads)."""
     return read_tensors(path / "scores.safetensors")
+
+
+# -- catalog: text index, filterable attributes, titles ----------------------------------------
+
+
+def catalog_step(config: DataConfig, text: TextIndexConfig, data_dir: Path, out: Path) -> None:
+    """Build the search catalog of the data step's items (same rows, same order)."""
+    from slimrank.search.build import build_catalog
+    from slimrank.search.catalog import save_catalog
+
+    dataset = load_source(config)
+    item_ids = read_npy(data_dir / "items.npy")
+    if not np.array_equal(np.asarray(dataset.items.ids, dtype=str), item_ids):
+        raise ValueError(f"{config.source}: items differ from the data step's; re-run data")
+    columns = dict(dataset.item_text or {})
+    if dataset.item_titles is not None and not columns:
+        columns = {"title": np.asarray(dataset.item_titles, dtype=str)}
+    catalog = build_catalog(item_ids, dataset.item_features, columns, None, text)
+    save_catalog(out / "catalog", catalog)
+    write_json(
+        out / "metrics.json",
+        {"items": catalog.n_items, "terms": len(catalog.text.vocab), "fields": catalog.fields},
+    )

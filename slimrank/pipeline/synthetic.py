@@ -6,6 +6,9 @@ import numpy as np
 
 from slimrank.data.dataset import Dataset, FeatureTable, IdMap, Interactions
 
+# Words of the synthetic items' titles (two each, then the item's number).
+TITLE_WORDS = ("red", "blue", "night", "river", "star", "garden", "winter", "city")
+
 
 def synthetic_dataset(n_users: int, n_items: int, per_user: int, seed: int = 0) -> Dataset:
     """Return users who pick ``per_user`` distinct items by softmax of latent affinity.
@@ -35,6 +38,11 @@ def synthetic_dataset(n_users: int, n_items: int, per_user: int, seed: int = 0) 
         cardinality={"genre": dim},
         vocab={"genre": [f"g{g}" for g in range(dim)]},
     )
+    # Titles from their own generator, so the interactions stay those of earlier versions.
+    words = np.random.default_rng(seed + 1).integers(0, len(TITLE_WORDS), (n_items, 2))
+    titles = np.asarray(
+        [f"{TITLE_WORDS[a]} {TITLE_WORDS[b]} {i}" for i, (a, b) in enumerate(words)], dtype=str
+    )
     return Dataset(
         name="synthetic",
         users=IdMap([f"u{u}" for u in range(n_users)]),
@@ -42,4 +50,5 @@ def synthetic_dataset(n_users: int, n_items: int, per_user: int, seed: int = 0) 
         interactions=interactions,
         user_features=user_features,
         item_features=item_features,
+        item_titles=titles,
     )

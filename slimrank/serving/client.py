@@ -12,6 +12,7 @@ from typing import Any, Self, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from slimrank.search.filters import ItemFilter
 from slimrank.serving.proto.slimrank.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -128,6 +129,13 @@ def service_config(retries: int, backoff: float, max_backoff: float = 1.0) -> st
     )
 
 
+def _filters(filters: Sequence[ItemFilter]) -> list[recommender_pb2.ItemFilter]:
+    return [
+        recommender_pb2.ItemFilter(field=f.field, any_of=list(f.values), min=f.low, max=f.high)
+        for f in filters
+    ]
+
+
 class SlimrankClient:
     """Talks to one slimrank server; use as a context manager or call ``close``.
 
@@ -209,10 +217,15 @@ class SlimrankClient:
         recent: Sequence[str] = (),
         exclude: Sequence[str] = (),
         timeout: float | None = None,
+        filters: Sequence[ItemFilter] = (),
     ) -> Ranked:
         """Return the top-``k`` items for a user (known, known by ``recent`` items, or new)."""
         request = recommender_pb2.RecommendRequest(
-            user_id=user_id, recent_item_ids=list(recent), k=k, exclude_item_ids=list(exclude)
+            user_id=user_id,
+            recent_item_ids=list(recent),
+            k=k,
+            exclude_item_ids=list(exclude),
+            filters=_filters(filters),
         )
         response = self._call(self._recommender.Recommend, request, timeout)
         source = recommender_pb2.UserSource.Name(response.user_source).removeprefix("USER_SOURCE_")
@@ -262,6 +275,29 @@ class SlimrankClient:
             query_vector=[float(x) for x in vector], k=k, exclude_item_ids=list(exclude)
         )
         return _ranked(self._call(self._recommender.Search, request, timeout))
+
+    def search_text(
+        self,
+        text: str,
+        k: int,
+        user_id: str = "",
+        recent: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        filters: Sequence[ItemFilter] = (),
+        timeout: float | None = None,
+    ) -> Ranked:
+        """Return the top-``k`` items matching ``text``, ranked for the user if one is named."""
+        request = recommender_pb2.SearchRequest(
+            text=text,
+            k=k,
+            user_id=user_id,
+            recent_item_ids=list(recent),
+            exclude_item_ids=list(exclude),
+            filters=_filters(filters),
+        )
+        response = self._call(self._recommender.Search, request, timeout)
+        source = recommender_pb2.UserSource.Name(response.user_source).removeprefix("USER_SOURCE_")
+        return _ranked(response, source)
 
     def model_info(self, timeout: float | None = None) -> ModelInfo:
         """Return the served model's version, metadata and load time."""

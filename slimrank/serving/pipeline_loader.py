@@ -31,6 +31,7 @@ from slimrank.bundle import Bundle, BundleError
 from slimrank.bundle.formats import read_json, read_npy
 from slimrank.bundle.serving_spec import SERVING_JSON, PipelineSpec
 from slimrank.errors import SlimrankError
+from slimrank.search.catalog import CATALOG_FILES, load_catalog
 from slimrank.serving.history_encoder import load_history_encoder
 from slimrank.serving.loader import bundle_metadata
 from slimrank.serving.snapshot import ModelSnapshot
@@ -109,6 +110,11 @@ def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
         encoder = None
         if spec.user_tower is not None:
             encoder = load_history_encoder(bundle, spec.user_tower)
+        catalog = None
+        if spec.catalog_directory is not None:
+            catalog = load_catalog(
+                *(bundle.file(f"{spec.catalog_directory}/{name}") for name in CATALOG_FILES)
+            )
     except KeyError as err:
         raise BundleError(f"bundle {version}: missing {err}") from err
     except ValueError as err:
@@ -157,6 +163,7 @@ def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
             seen=tables.history,
             n_candidates=spec.candidates,
             encode_history=encoder,
+            catalog=catalog,
         )
     except ValueError as err:
         raise BundleError(f"bundle {version}: {err}") from err

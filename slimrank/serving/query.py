@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
+    from slimrank.search.filters import ItemFilter
     from slimrank.serving.client import Ranked
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--recent", default="", help="comma-separated item ids the user just interacted with"
     )
+    p.add_argument(
+        "--search", default="", help="search for this text (ranked for --user / --recent)"
+    )
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUES",
+        help="item attribute filter, repeatable: genre=Comedy|Drama or release_year=1990..1999",
+    )
     p.add_argument("--bundles", type=Path, default=None, help="bundles directory, for titles")
     p.add_argument(
         "--timeout", type=float, default=5.0, help="seconds per call (default %(default)s)"
@@ -59,6 +70,12 @@ def bundle_titles(root: Path, version: str | None = None) -> dict[str, str] | No
 
     if version is None or not (root / version / MANIFEST).is_file():
         version = resolve_version(root, None)
+    catalog_titles = root / version / "catalog" / "titles.npy"
+    if catalog_titles.is_file():  # the bundle's own display titles (any catalog)
+        from slimrank.bundle.formats import read_npy
+
+        ids = read_npy(root / version / "items.npy")
+        return dict(zip(ids.tolist(), read_npy(catalog_titles).tolist(), strict=True))
     manifest = read_manifest(root / version / MANIFEST)
     data = manifest.config.get("data", {})
     source = data.get("source") if isinstance(data, dict) else None
@@ -120,10 +137,19 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.k < 1:
         args.parser.error(f"-k {args.k}: must be >= 1")
     recent = [item.strip() for item in args.recent.split(",") if item.strip()]
+    try:
+        filters = [parse_filter(text) for text in args.filter]
+    except ValueError as error:
+        args.parser.error(str(error))
     err = Console(file=sys.stderr, markup=False, highlight=False)
     try:
         with SlimrankClient(args.target, timeout=args.timeout, retries=3) as client:
-            ranked = client.recommend(args.user, args.k, recent=recent)
+            if args.search:
+                ranked = client.search_text(
+                    args.search, args.k, args.user, recent=recent, filters=filters
+                )
+            else:
+                ranked = client.recommend(args.user, args.k, recent=recent, filters=filters)
     except grpc.RpcError as error:
         code, details = error.code(), error.details()
         if code == grpc.StatusCode.UNAVAILABLE:
@@ -139,5 +165,33 @@ def cmd_query(args: argparse.Namespace) -> int:
     titles = None
     if args.bundles is not None:
         titles = bundle_titles(args.bundles, ranked.model_version)
+    if args.search:
+        console = Console()
+        who = f"user {args.user}" if args.user else "no user"
+        line = (
+            f"search {args.search!r} for {who} ({ranked.user_source.lower()}): "
+            f"{ranked.candidates} matches ranked by model {ranked.model_version}"
+        )
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        console.print(recommendation_table(ranked, titles))
+        return 0
     print_recommendations(Console(), args.user, ranked, titles)
     return 0
+
+
+def parse_filter(text: str) -> ItemFilter:
+    """Return the filter of ``FIELD=V1|V2`` (any of the labels) or ``FIELD=LOW..HIGH``."""
+    from slimrank.search.filters import ItemFilter
+
+    field, sep, values = text.partition("=")
+    if not sep or not field or not values:
+        raise ValueError(f"--filter {text!r}: expected FIELD=VALUES")
+    low, dots, high = values.partition("..")
+    if dots:
+        try:
+            return ItemFilter(
+                field, low=float(low) if low else None, high=float(high) if high else None
+            )
+        except ValueError:
+            raise ValueError(f"--filter {text!r}: LOW..HIGH must be numbers") from None
+    return ItemFilter(field, values=tuple(v for v in values.split("|") if v))

@@ -35,6 +35,8 @@ from slimrank.serving.snapshot import (
     warm_up,
 )
 from slimrank.serving.status import bad_request
+from slimrank.serving.text_search import TextSearchConfig, retrieve_allowed, search_text
+from slimrank.serving.text_validation import check_filters, check_text, filters_from_proto
 from slimrank.serving.validation import (
     ValidationError,
     check_ids,
@@ -92,6 +94,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._holder = holder
         self._config = config
         self._metrics = metrics
+        self._text_config = TextSearchConfig()
 
     def _require_time(self, context: grpc.ServicerContext, before: str) -> None:
         left = context.time_remaining()
@@ -108,16 +111,21 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         query: UserQuery,
         drop: np.ndarray,
         k: int,
+        allowed: np.ndarray | None = None,
     ) -> tuple[list[recommender_pb2.ScoredItem], int]:
         """Run the stages after resolve: retrieve (and exclude), features, score, top k.
 
-        Returns the items and the candidate count.
+        ``allowed``: the items the request's filters keep (None: all). Returns the items and
+        the candidate count.
         """
         n = max(snapshot.n_candidates or self._config.n_candidates, k)
         # A huge query overflows float32 scores; that is checked below, not warned about.
         with np.errstate(over="ignore", invalid="ignore"):
             with self._metrics.stage("retrieve"):
-                retrieved = snapshot.retrieve(query, n, drop)
+                if allowed is None:
+                    retrieved = snapshot.retrieve(query, n, drop)
+                else:
+                    retrieved = retrieve_allowed(snapshot, query, n, drop, allowed)
             self._metrics.candidates.observe(len(retrieved))
             self._require_time(context, "ranking")
             if query.vector is None:
@@ -152,13 +160,18 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             exclude = check_ids(
                 request.exclude_item_ids, cfg.max_exclude, cfg.max_id_length, "exclude_item_ids"
             )
+            filters = filters_from_proto(request.filters)
         except ValidationError as error:
             _abort_invalid(context, error)
         self._require_time(context, "retrieval")
         snapshot = self._holder.get()
+        try:
+            allowed = check_filters(snapshot.catalog, filters, snapshot.version)
+        except ValidationError as error:
+            _abort_invalid(context, error)
         query = snapshot.user_query(user_id, recent)
         drop = np.union1d(snapshot.item_rows(exclude + recent), snapshot.seen_rows(query.row))
-        items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
+        items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k, allowed)
         return recommender_pb2.RecommendResponse(
             items=items,
             model_version=snapshot.version,
@@ -172,11 +185,20 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     ) -> recommender_pb2.SearchResponse:
         cfg = self._config
         snapshot = self._holder.get()  # before validation: the vector must match its dimension
+        if request.text or not request.query_vector:
+            return self._search_text(request, context, snapshot)
+        if request.user_id or request.recent_item_ids:
+            _abort_invalid(
+                context, ValidationError("query_vector", "user_id and recent_item_ids need text")
+            )
         try:
             k = check_k(request.k, cfg.max_k)
             vector = check_vector(request.query_vector, snapshot.dim)
             exclude = check_ids(
                 request.exclude_item_ids, cfg.max_exclude, cfg.max_id_length, "exclude_item_ids"
+            )
+            allowed = check_filters(
+                snapshot.catalog, filters_from_proto(request.filters), snapshot.version
             )
         except ValidationError as error:
             _abort_invalid(context, error)
@@ -184,11 +206,60 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         query = UserQuery(UserSource.RECENT, -1, vector)
         drop = np.unique(snapshot.item_rows(exclude))
         try:
-            items, n_candidates = self._retrieve_and_rank(context, snapshot, query, drop, k)
+            items, n_candidates = self._retrieve_and_rank(
+                context, snapshot, query, drop, k, allowed
+            )
         except NonFiniteScores as error:  # the model gives finite scores to sane vectors
             _abort_invalid(context, ValidationError("query_vector", f"too large: {error}"))
         return recommender_pb2.SearchResponse(
             items=items, model_version=snapshot.version, candidates=n_candidates
+        )
+
+    def _search_text(
+        self,
+        request: recommender_pb2.SearchRequest,
+        context: grpc.ServicerContext,
+        snapshot: ModelSnapshot,
+    ) -> recommender_pb2.SearchResponse:
+        """A text search: validate, resolve the user, match, filter, order (text_search)."""
+        cfg = self._config
+        try:
+            if request.query_vector:
+                raise ValidationError("text", "send text or query_vector, not both")
+            if not request.text:
+                raise ValidationError("text", "empty: send the words to search for")
+            text = check_text(request.text)
+            k = check_k(request.k, cfg.max_k)
+            user_id = check_user_id(request.user_id, cfg.max_id_length)
+            recent = check_ids(
+                request.recent_item_ids, cfg.max_exclude, cfg.max_id_length, "recent_item_ids"
+            )
+            exclude = check_ids(
+                request.exclude_item_ids, cfg.max_exclude, cfg.max_id_length, "exclude_item_ids"
+            )
+            filters = filters_from_proto(request.filters)
+            if snapshot.catalog is None:
+                raise ValidationError("text", f"model {snapshot.version} has no text index")
+            allowed = check_filters(snapshot.catalog, filters, snapshot.version)
+        except ValidationError as error:
+            _abort_invalid(context, error)
+        self._require_time(context, "retrieval")
+        query = snapshot.user_query(user_id, recent)
+        drop = np.unique(snapshot.item_rows(exclude))
+        with self._metrics.stage("text_search"):
+            rows, scores, n_candidates = search_text(
+                snapshot, query, text, k, self._text_config, allowed, drop
+            )
+        self._metrics.candidates.observe(n_candidates)
+        items = [
+            recommender_pb2.ScoredItem(item_id=str(snapshot.item_ids[r]), score=float(s))
+            for r, s in zip(rows, scores, strict=True)
+        ]
+        return recommender_pb2.SearchResponse(
+            items=items,
+            model_version=snapshot.version,
+            candidates=n_candidates,
+            user_source=int(query.source),
         )
 
 

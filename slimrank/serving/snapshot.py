@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from slimrank.ranking.histories import Histories
+from slimrank.search.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class ModelSnapshot:
     # The vector of a user known only by recent items, from those items (None: the mean of
     # the items' vectors).
     encode_history: HistoryEncoder | None = None
+    # Text index, filterable attributes and titles (None: no text search or filters).
+    catalog: Catalog | None = None
     item_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
     user_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
     popular_order: np.ndarray = dataclasses.field(init=False, repr=False)  # (n_items,) rows
@@ -130,6 +133,11 @@ class ModelSnapshot:
             raise ValueError(
                 f"ModelSnapshot {self.version}: seen has {self.seen.n_rows} users x "
                 f"{self.seen.n_items} items, not {len(self.user_ids)} x {n_items}"
+            )
+        if self.catalog is not None and self.catalog.n_items != n_items:
+            raise ValueError(
+                f"ModelSnapshot {self.version}: catalog of {self.catalog.n_items} items, "
+                f"not {n_items}"
             )
         if self.n_candidates is not None and self.n_candidates < 1:
             raise ValueError(

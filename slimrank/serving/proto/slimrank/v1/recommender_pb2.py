@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dslimrank/v1/recommender.proto\x12\x0bslimrank.v1\"a\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0frecent_item_ids\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\"J\n\rSearchRequest\x12\x14\n\x0cquery_vector\x18\x01 \x03(\x02\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x94\x01\n\x11RecommendResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.slimrank.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncandidates\x18\x03 \x01(\x05\x12,\n\x0buser_source\x18\x04 \x01(\x0e\x32\x17.slimrank.v1.UserSource\"c\n\x0eSearchResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.slimrank.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncandidates\x18\x03 \x01(\x05\"H\n\x15RecommendBatchRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.slimrank.v1.RecommendRequest\"K\n\x16RecommendBatchResponse\x12\x31\n\tresponses\x18\x01 \x03(\x0b\x32\x1e.slimrank.v1.RecommendResponse*q\n\nUserSource\x12\x1b\n\x17USER_SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11USER_SOURCE_KNOWN\x10\x01\x12\x16\n\x12USER_SOURCE_RECENT\x10\x02\x12\x17\n\x13USER_SOURCE_POPULAR\x10\x03\x32\xf7\x01\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.slimrank.v1.RecommendRequest\x1a\x1e.slimrank.v1.RecommendResponse\x12\x41\n\x06Search\x12\x1a.slimrank.v1.SearchRequest\x1a\x1b.slimrank.v1.SearchResponse\x12Y\n\x0eRecommendBatch\x12\".slimrank.v1.RecommendBatchRequest\x1a#.slimrank.v1.RecommendBatchResponseBO\n\x0f\x64\x65v.slimrank.v1P\x01Z:github.com/slimrank/slimrank/gen/go/slimrank/v1;slimrankv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dslimrank/v1/recommender.proto\x12\x0bslimrank.v1\"\x8b\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0frecent_item_ids\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12(\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x17.slimrank.v1.ItemFilter\"_\n\nItemFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06\x61ny_of\x18\x02 \x03(\t\x12\x10\n\x03min\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"\xac\x01\n\rSearchRequest\x12\x14\n\x0cquery_vector\x18\x01 \x03(\x02\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x17\n\x0frecent_item_ids\x18\x06 \x03(\t\x12(\n\x07\x66ilters\x18\x07 \x03(\x0b\x32\x17.slimrank.v1.ItemFilter\",\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x94\x01\n\x11RecommendResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.slimrank.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncandidates\x18\x03 \x01(\x05\x12,\n\x0buser_source\x18\x04 \x01(\x0e\x32\x17.slimrank.v1.UserSource\"\x91\x01\n\x0eSearchResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.slimrank.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncandidates\x18\x03 \x01(\x05\x12,\n\x0buser_source\x18\x04 \x01(\x0e\x32\x17.slimrank.v1.UserSource\"H\n\x15RecommendBatchRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.slimrank.v1.RecommendRequest\"K\n\x16RecommendBatchResponse\x12\x31\n\tresponses\x18\x01 \x03(\x0b\x32\x1e.slimrank.v1.RecommendResponse*q\n\nUserSource\x12\x1b\n\x17USER_SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11USER_SOURCE_KNOWN\x10\x01\x12\x16\n\x12USER_SOURCE_RECENT\x10\x02\x12\x17\n\x13USER_SOURCE_POPULAR\x10\x03\x32\xf7\x01\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.slimrank.v1.RecommendRequest\x1a\x1e.slimrank.v1.RecommendResponse\x12\x41\n\x06Search\x12\x1a.slimrank.v1.SearchRequest\x1a\x1b.slimrank.v1.SearchResponse\x12Y\n\x0eRecommendBatch\x12\".slimrank.v1.RecommendBatchRequest\x1a#.slimrank.v1.RecommendBatchResponseBO\n\x0f\x64\x65v.slimrank.v1P\x01Z:github.com/slimrank/slimrank/gen/go/slimrank/v1;slimrankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,22 +32,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slimrank.v1.recommender_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.slimrank.v1P\001Z:github.com/slimrank/slimrank/gen/go/slimrank/v1;slimrankv1'
-  _globals['_USERSOURCE']._serialized_start=670
-  _globals['_USERSOURCE']._serialized_end=783
-  _globals['_RECOMMENDREQUEST']._serialized_start=46
-  _globals['_RECOMMENDREQUEST']._serialized_end=143
-  _globals['_SEARCHREQUEST']._serialized_start=145
-  _globals['_SEARCHREQUEST']._serialized_end=219
-  _globals['_SCOREDITEM']._serialized_start=221
-  _globals['_SCOREDITEM']._serialized_end=265
-  _globals['_RECOMMENDRESPONSE']._serialized_start=268
-  _globals['_RECOMMENDRESPONSE']._serialized_end=416
-  _globals['_SEARCHRESPONSE']._serialized_start=418
-  _globals['_SEARCHRESPONSE']._serialized_end=517
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=519
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=591
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=593
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=668
-  _globals['_RECOMMENDER']._serialized_start=786
-  _globals['_RECOMMENDER']._serialized_end=1033
+  _globals['_USERSOURCE']._serialized_start=956
+  _globals['_USERSOURCE']._serialized_end=1069
+  _globals['_RECOMMENDREQUEST']._serialized_start=47
+  _globals['_RECOMMENDREQUEST']._serialized_end=186
+  _globals['_ITEMFILTER']._serialized_start=188
+  _globals['_ITEMFILTER']._serialized_end=283
+  _globals['_SEARCHREQUEST']._serialized_start=286
+  _globals['_SEARCHREQUEST']._serialized_end=458
+  _globals['_SCOREDITEM']._serialized_start=460
+  _globals['_SCOREDITEM']._serialized_end=504
+  _globals['_RECOMMENDRESPONSE']._serialized_start=507
+  _globals['_RECOMMENDRESPONSE']._serialized_end=655
+  _globals['_SEARCHRESPONSE']._serialized_start=658
+  _globals['_SEARCHRESPONSE']._serialized_end=803
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=805
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=877
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=879
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=954
+  _globals['_RECOMMENDER']._serialized_start=1072
+  _globals['_RECOMMENDER']._serialized_end=1319
 # @@protoc_insertion_point(module_scope)

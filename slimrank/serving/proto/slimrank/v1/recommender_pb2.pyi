@@ -19,26 +19,48 @@ USER_SOURCE_RECENT: UserSource
 USER_SOURCE_POPULAR: UserSource
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "recent_item_ids", "k", "exclude_item_ids")
+    __slots__ = ("user_id", "recent_item_ids", "k", "exclude_item_ids", "filters")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     RECENT_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     recent_item_ids: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., recent_item_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    filters: _containers.RepeatedCompositeFieldContainer[ItemFilter]
+    def __init__(self, user_id: _Optional[str] = ..., recent_item_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., filters: _Optional[_Iterable[_Union[ItemFilter, _Mapping]]] = ...) -> None: ...
+
+class ItemFilter(_message.Message):
+    __slots__ = ("field", "any_of", "min", "max")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    ANY_OF_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    any_of: _containers.RepeatedScalarFieldContainer[str]
+    min: float
+    max: float
+    def __init__(self, field: _Optional[str] = ..., any_of: _Optional[_Iterable[str]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query_vector", "k", "exclude_item_ids")
+    __slots__ = ("query_vector", "k", "exclude_item_ids", "text", "user_id", "recent_item_ids", "filters")
     QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
     query_vector: _containers.RepeatedScalarFieldContainer[float]
     k: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, query_vector: _Optional[_Iterable[float]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    text: str
+    user_id: str
+    recent_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    filters: _containers.RepeatedCompositeFieldContainer[ItemFilter]
+    def __init__(self, query_vector: _Optional[_Iterable[float]] = ..., k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., user_id: _Optional[str] = ..., recent_item_ids: _Optional[_Iterable[str]] = ..., filters: _Optional[_Iterable[_Union[ItemFilter, _Mapping]]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score")
@@ -61,14 +83,16 @@ class RecommendResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., candidates: _Optional[int] = ..., user_source: _Optional[_Union[UserSource, str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("items", "model_version", "candidates")
+    __slots__ = ("items", "model_version", "candidates", "user_source")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    USER_SOURCE_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     model_version: str
     candidates: int
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., candidates: _Optional[int] = ...) -> None: ...
+    user_source: UserSource
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., candidates: _Optional[int] = ..., user_source: _Optional[_Union[UserSource, str]] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
     __slots__ = ("requests",)

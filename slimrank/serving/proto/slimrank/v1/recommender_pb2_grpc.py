@@ -65,7 +65,8 @@ class RecommenderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Search(self, request, context):
-        """Top-k items for a query vector of the index dimension.
+        """Top-k items for a query vector of the index dimension, or for the text a search box
+        sends, ranked for the user when the request names one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
