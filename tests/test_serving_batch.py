@@ -105,8 +105,8 @@ def test_a_batch_takes_an_admission_slot_and_is_shed_like_a_call() -> None:
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         release.set()
         assert [len(r.items) for r in running.result(timeout=10).responses] == [2, 2, 2]
+        release.clear()  # before the call starts, or it may pass the gate and free the slot
         busy = stub.Recommend.future(recommender_pb2.RecommendRequest(user_id="u1", k=2))
-        release.clear()
         assert entered.acquire(timeout=5)
         with pytest.raises(grpc.RpcError) as info:
             client.recommend_batch([BatchRequest("u3", 2)])
