@@ -18,6 +18,7 @@ from slimrank.evaluation.peers import (
     item_knn_weights,
     keep_top_k,
     observed_interactions,
+    protocol_check,
     rp3beta_weights,
     score_part,
 )
@@ -204,3 +205,20 @@ def test_the_pipeline_views_read_what_the_peers_read() -> None:
         for u in range(3):
             pooled[u, hist.items[hist.indptr[u] : hist.indptr[u + 1]]] = 1
         np.testing.assert_array_equal(pooled, expected)
+
+
+def test_protocol_check_reads_train_only_but_excludes_train_and_valid() -> None:
+    split = _hand_split()
+    seen: list[int] = []
+
+    def fit(x: sp.csr_matrix, params: dict) -> object:
+        seen.append(x.nnz)
+        return fit_most_popular(x, params)
+
+    metrics = protocol_check(fit, {}, split, k=2)
+    assert seen == [split.seen_for_valid().nnz]
+    # Train counts i0 3, i1 1, i2 1, i3 0; test ranks what neither train nor valid holds:
+    #   u0 -> [i3] (hit), u1 -> [i1, i2] (i1 hit at rank 1), u2 -> [i1, i3] (i3 at rank 2).
+    assert metrics["users"] == 3
+    assert metrics["hit@2"] == pytest.approx(1.0)
+    assert metrics["mrr@2"] == pytest.approx((1 + 1 + 0.5) / 3)

@@ -220,6 +220,24 @@ def score_part(
     return metrics, PerUser(users, per_user_metrics(top, rows, k)["ndcg"])
 
 
+def protocol_check(
+    fit: FitFn, params: Mapping[str, Any], split: Split, k: int = 10
+) -> dict[str, float]:
+    """Return test metrics of a peer fitted on, and reading, the training part only.
+
+    This is RecBole's setting (its models score test users from their training rows), kept
+    only to check the protocol against RecBole's published numbers (a different random split);
+    it is not a comparison under equal information. Exclusions stay train + valid.
+    """
+    train = observed_interactions(split, "valid")
+    truth = truth_of(split, "test")
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    top = rank_users(fit(train, params), users, observed_interactions(split, "test"), k)
+    metrics = ranking_metrics(top, truth[users], (k,))
+    metrics["users"] = float(len(users))
+    return metrics
+
+
 def evaluate_peer(peer: Peer, split: Split, k: int = 10) -> PeerResult:
     """Select ``peer``'s setting by validation NDCG@k, then refit and score the test part."""
     trials: list[tuple[dict[str, Any], float]] = []
