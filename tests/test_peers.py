@@ -222,3 +222,13 @@ def test_protocol_check_reads_train_only_but_excludes_train_and_valid() -> None:
     assert metrics["users"] == 3
     assert metrics["hit@2"] == pytest.approx(1.0)
     assert metrics["mrr@2"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_item_item_peers_are_skipped_past_the_dense_limit() -> None:
+    from slimrank.evaluation.peers import PEERS, peers_for
+
+    kept, skipped = peers_for(1_000, max_items=2_000)
+    assert kept == PEERS and skipped == ()
+    kept, skipped = peers_for(3_000, max_items=2_000)
+    assert [p.name for p in kept] == ["most popular"]
+    assert skipped == ("EASE", "item-KNN", "RP3beta")

@@ -190,6 +190,18 @@ PEERS: tuple[Peer, ...] = (
 )
 
 
+# Item-item peers hold dense (I, I) matrices: 20,000 items is 1.6 GB of float32 per matrix.
+MAX_DENSE_ITEMS = 20_000
+
+
+def peers_for(n_items: int, peers: Iterable[Peer] = PEERS, max_items: int = MAX_DENSE_ITEMS):
+    """Return ``(peers that fit, names skipped)``: item-item peers need ``n_items <= max_items``."""
+    fit, skipped = [], []
+    for peer in peers:
+        (fit if peer.fit is fit_most_popular or n_items <= max_items else skipped).append(peer)
+    return tuple(fit), tuple(p.name for p in skipped)
+
+
 @dataclasses.dataclass(frozen=True)
 class PeerResult:
     """A peer's selected setting, its metrics per part, per-user test NDCG and every trial."""

@@ -13,7 +13,14 @@ import dataclasses
 from typing import Any
 
 from slimrank.evaluation.paired import PairedInterval, PerUser, paired_bootstrap
-from slimrank.evaluation.peers import PEERS, Peer, evaluate_peers, format_params
+from slimrank.evaluation.peers import (
+    MAX_DENSE_ITEMS,
+    PEERS,
+    Peer,
+    evaluate_peers,
+    format_params,
+    peers_for,
+)
 from slimrank.pipeline.run import RunResult
 
 # Pipeline variants compared, by report key: (label, what it is).
@@ -45,6 +52,7 @@ class Comparison:
     k: int
     rows: tuple[Compared, ...]
     strongest_peer: str  # the peer with the highest test NDCG@k: the bar to clear
+    skipped: tuple[str, ...] = ()  # peers too large to build for this catalog
 
     def row(self, name: str) -> Compared:
         return next(r for r in self.rows if r.name == name)
@@ -57,6 +65,7 @@ class Comparison:
         return {
             "k": self.k,
             "strongest_peer": self.strongest_peer,
+            "skipped": list(self.skipped),
             "rows": [
                 {
                     **{f.name: getattr(r, f.name) for f in dataclasses.fields(r)},
@@ -109,6 +118,7 @@ def compare(
         rows.append(
             Compared(label, "-", key == "retrieval", valid_ndcg[key], per_user[key].mean, other)
         )
+    peers, skipped = peers_for(split.n_items, peers)
     found = evaluate_peers(split, k, peers)
     for res in found.values():
         rows.append(
@@ -122,7 +132,7 @@ def compare(
             )
         )
     strongest = max((r for r in rows if r.peer), key=lambda r: r.test_ndcg).name
-    return Comparison(k, tuple(rows), strongest)
+    return Comparison(k, tuple(rows), strongest, skipped)
 
 
 def comparison_goals(comparison: Comparison) -> tuple[tuple[str, bool, str], ...]:
@@ -171,4 +181,10 @@ def comparison_markdown(comparison: Comparison) -> list[str]:
         f"{n.resamples if n else 0} resamples. Strongest peer (highest test NDCG@{k}): "
         f"{comparison.strongest_peer}.",
     ]
+    if comparison.skipped:
+        lines[-1] += (
+            f" Not computed (dense item-item matrices past {MAX_DENSE_ITEMS:,} items): "
+            + ", ".join(comparison.skipped)
+            + "."
+        )
     return lines
