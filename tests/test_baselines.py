@@ -9,15 +9,15 @@ import pytest
 import scipy.sparse as sp
 
 from slimrank.cli import main
-from slimrank.data.dataset import Interactions, Split, item_popularity, split_random
-from slimrank.evaluation.baselines import (
-    EaseConfig,
-    ease_scorer,
-    ease_weights,
-    evaluate_most_popular,
-    evaluate_split,
-    most_popular_scorer,
-    tune_ease,
+from slimrank.data.dataset import Interactions, Split, split_random
+from slimrank.evaluation.baselines import EaseConfig, ease_weights
+from slimrank.evaluation.peers import (
+    PARTS,
+    Peer,
+    evaluate_peer,
+    fit_ease,
+    fit_most_popular,
+    score_part,
 )
 
 
@@ -39,7 +39,8 @@ def _hand_split() -> Split:
 
 
 def test_most_popular_by_hand() -> None:
-    result = evaluate_most_popular(_hand_split(), ks=(2,))
+    split = _hand_split()
+    result = {part: score_part(fit_most_popular, {}, split, part, k=2)[0] for part in PARTS}
     # valid, top-2 after removing training items:
     #   u0 -> [i2, i3], truth {i2}: all 1, precision 0.5
     #   u1 -> [i1, i2] (tie broken by lower index), truth {i3}: all 0
@@ -51,7 +52,7 @@ def test_most_popular_by_hand() -> None:
     assert valid["mrr@2"] == pytest.approx(0.5)
     assert valid["hit@2"] == pytest.approx(0.5)
     assert valid["precision@2"] == pytest.approx(0.25)
-    # test, removing training and validation items:
+    # test, counts and exclusions over training and validation items (i0 3, i1 1, i2 2, i3 1):
     #   u0 -> [i3], truth {i3}: all 1, precision 0.5
     #   u2 -> [i1, i3], truth {i3} at rank 2: ndcg 1/log2(3), mrr 0.5
     test = result["test"]
@@ -61,16 +62,6 @@ def test_most_popular_by_hand() -> None:
     assert test["mrr@2"] == pytest.approx(0.75)
     assert test["hit@2"] == pytest.approx(1.0)
     assert test["precision@2"] == pytest.approx(0.5)
-    assert result["test_seconds"] >= 0
-
-
-def test_most_popular_scorer_uses_train_counts_only() -> None:
-    split = _hand_split()
-    pop = item_popularity(split.train, 4)
-    np.testing.assert_array_equal(pop, [3, 1, 1, 0])  # i3 is in valid and test, not train
-    scores = most_popular_scorer(pop)(np.array([0, 2]))
-    assert scores.shape == (2, 4)
-    np.testing.assert_array_equal(scores[1], [3, 1, 1, 0])
 
 
 def test_ease_matches_per_item_ridge_regression() -> None:
@@ -86,7 +77,7 @@ def test_ease_matches_per_item_ridge_regression() -> None:
         xo = x[:, others]
         coef = np.linalg.solve(xo.T @ xo + l2 * np.eye(5), xo.T @ x[:, j])
         np.testing.assert_allclose(b[others, j], coef, rtol=1e-4, atol=1e-5)
-    scores = ease_scorer(sp.csr_matrix(x), b)(np.array([3, 1]))
+    scores = fit_ease(sp.csr_matrix(x), {"l2": l2})(np.array([3, 1]))
     np.testing.assert_allclose(scores, x[[3, 1]] @ b, rtol=1e-5, atol=1e-6)
 
 
@@ -109,23 +100,21 @@ def _random_split(n_users: int, n_items: int, per_user: int, seed: int) -> Split
     return split_random(inter, n_users, n_items, seed=seed)
 
 
-def test_tune_ease_picks_best_validation_l2_and_beats_popularity() -> None:
+def test_ease_selected_on_validation_beats_popularity() -> None:
     split = _random_split(120, 80, 10, seed=5)
-    config, result, trials = tune_ease(split, (1.0, 10.0, 100.0))
-    assert set(trials) == {1.0, 10.0, 100.0}
-    assert trials[config.l2] == max(trials.values())
-    assert result["valid"]["ndcg@10"] == pytest.approx(trials[config.l2])
-    weights = ease_weights(split.train_matrix(), config)
-    again = evaluate_split(ease_scorer(split.train_matrix(), weights), split)
-    assert again["test"]["ndcg@10"] == pytest.approx(result["test"]["ndcg@10"])
-    assert result["test"]["ndcg@10"] > evaluate_most_popular(split)["test"]["ndcg@10"]
+    peer = Peer("EASE", fit_ease, {"l2": (1.0, 10.0, 100.0)})
+    result = evaluate_peer(peer, split)
+    assert [t[0]["l2"] for t in result.trials] == [1.0, 10.0, 100.0]
+    best = max(result.trials, key=lambda t: t[1])
+    assert result.params == best[0] and result.valid["ndcg@10"] == pytest.approx(best[1])
+    popular = evaluate_peer(Peer("most popular", fit_most_popular, {}), split)
+    assert result.test["ndcg@10"] > popular.test["ndcg@10"]
 
 
 def test_most_popular_evaluation_is_fast_at_ml100k_size() -> None:
     split = _random_split(943, 1682, 50, seed=1)  # ml-100k's shape, ~100k interactions
-    result = evaluate_most_popular(split)
-    assert result["test"]["users"] == 943
-    assert result["test_seconds"] < 1.0
+    metrics, per_user = score_part(fit_most_popular, {}, split, "test")
+    assert metrics["users"] == 943 and len(per_user.users) == 943
 
 
 def test_baseline_cli_on_a_logs_file(tmp_path: Path, capsys) -> None:
@@ -136,6 +125,9 @@ def test_baseline_cli_on_a_logs_file(tmp_path: Path, capsys) -> None:
             split_rows.append(f"u{u},i{i},{u * 100 + i}")
     path = tmp_path / "logs.csv"
     path.write_text("\n".join(split_rows) + "\n", encoding="utf-8")
-    assert main(["baseline", "--dataset", str(path), "--ease-l2", "5", "50"]) == 0
+    assert main(["baseline", "--dataset", str(path), "--quick"]) == 0
     out = capsys.readouterr().out
-    assert "MostPop" in out and "EASE" in out and "RecBole" not in out
+    for name in ("most popular", "EASE", "item-KNN", "RP3beta"):
+        assert name in out
+    assert "RecBole" not in out
+    assert "train + valid" in out

@@ -68,11 +68,38 @@ def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
     assert "teacher/teacher.safetensors" in manifest.files
     assert read_serving(bundle.path).catalog_directory == "catalog"
     assert {"catalog/catalog.json", "catalog/catalog.safetensors"} <= set(manifest.files)
-    # The report: one table with the six variants, and a PNG plot.
-    table = (run.out / "compression.md").read_text()
+    # The report: a table with the six variants, the comparison with 3 pipeline rows and 4
+    # peers, and a PNG plot.
+    table, comparison = (run.out / "compression.md").read_text().split("## Quality under")
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 6
+    assert sum(line.startswith("| ") for line in comparison.splitlines()) == 1 + 3 + 4
     assert "| params | sparsity | FLOPs | bytes |" in table
     assert (run.out / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_compares_under_equal_information_paired_over_the_same_users(run: Run) -> None:
+    from slimrank.evaluation.peers import PEERS, format_params, score_part
+
+    report = json.loads((run.out / "compression.json").read_text())
+    by_key = {r["key"]: r for r in report["rows"]}
+    rows = {r["name"]: r for r in report["comparison"]["rows"]}
+    served = rows["pipeline, pruned int8 student (served)"]
+    # The per-user means that are paired are the step's own test metrics.
+    assert served["test_ndcg"] == pytest.approx(by_key["int8"]["ndcg"], abs=1e-9)
+    assert rows["pipeline, teacher fp32"]["test_ndcg"] == pytest.approx(
+        by_key["teacher"]["ndcg"], abs=1e-9
+    )
+    # Each peer's row is its chosen setting refitted on train + valid, recomputed here.
+    split = load_data(run_pipeline(_config(run)).path("data")).split
+    for peer in PEERS:
+        row = rows[peer.name]
+        chosen = next(p for p in peer.settings() if format_params(p) == row["selected"])
+        metrics, _ = score_part(peer.fit, chosen, split, "test")
+        assert row["test_ndcg"] == pytest.approx(metrics["ndcg@10"], abs=1e-9)
+        ci = row["served_minus"]
+        assert ci["diff"] == pytest.approx(served["test_ndcg"] - row["test_ndcg"], abs=1e-9)
+        assert ci["low"] <= ci["diff"] <= ci["high"]
+        assert ci["users"] == metrics["users"]
 
 
 def test_report_sparsity_and_flops_match_what_the_steps_recorded(run: Run) -> None:

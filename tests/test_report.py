@@ -13,6 +13,8 @@ from slimrank.compression.export import export_onnx
 from slimrank.compression.flops import count_cost, linear_cost, onnx_linear_cost
 from slimrank.compression.gate import quantize
 from slimrank.compression.quantize import QuantConfig
+from slimrank.evaluation.paired import PairedInterval
+from slimrank.pipeline.comparison import Compared, Comparison, comparison_goals
 from slimrank.pipeline.compress_steps import Standardized
 from slimrank.pipeline.report import Report, Row, render_markdown, report_goals, table_cells
 from slimrank.ranking.mlp import MLPConfig, MLPRanker
@@ -91,7 +93,16 @@ def test_table_shows_sparsity_and_flops_for_every_ranker() -> None:
         "mode": "weights",
         "decisions": {"weights": decision},
     }
-    report = Report(rows, (), 10, 200, 500, gate)
+    ci = PairedInterval(0.0123, 0.004, 0.0201, 0.95, 900, 1000)
+    comparison = Comparison(
+        10,
+        (
+            Compared("served", "-", False, 0.26, 0.30, None),
+            Compared("EASE", "l2=500", True, 0.25, 0.2877, ci),
+        ),
+        "EASE",
+    )
+    report = Report(rows, (), 10, 200, 500, gate, comparison)
     header, cells = table_cells(report)
     assert header[3:6] == ["params", "sparsity", "FLOPs"]
     assert [c[4:6] for c in cells] == [
@@ -105,7 +116,10 @@ def test_table_shows_sparsity_and_flops_for_every_ranker() -> None:
     assert "2 per multiply-add of the Linear layers" in text
     assert "same top-10 set as fp32 for >= 95% of validation users" in text
     assert "passed with int8 mode weights (same top-10: 98.6%)" in text
+    assert "| EASE | l2=500 | 0.2500 | 0.2877 | +0.0123 [+0.0040, +0.0201] |" in text
+    assert "paired bootstrap over the 900 test users" in text
     record = json.loads(json.dumps(report.to_dict()))
+    assert record["comparison"]["rows"][1]["served_minus"]["low"] == 0.004
     assert record["rows"][3]["sparsity"] == 0.25 and record["rows"][3]["flops"] == FLOPS
 
 
@@ -123,13 +137,33 @@ def test_goals_by_hand() -> None:
         _ranked("int8", 0.3465, 80_000, 10.0),
     ]
     goals = report_goals(rows, 10)
-    assert [met for _, met, _ in goals] == [True, True, True, True, True]
-    assert goals[1][2] == "200,000 vs 2,000,000"  # exactly a tenth passes
-    assert goals[2][2] == "0.990 x"  # 0.3465 / 0.35 = 0.99
+    assert [met for _, met, _ in goals] == [True, True, True, True]
+    assert goals[0][2] == "200,000 vs 2,000,000"  # exactly a tenth passes
+    assert goals[1][2] == "0.990 x"  # 0.3465 / 0.35 = 0.99
     # One FLOP over a tenth, 0.3464 (0.9897 x), 9.9x and a distilled student that only ties.
     rows[3] = _ranked("student_distill", 0.3460, 200_001, 12.0)
     rows[5] = _ranked("int8", 0.3464, 80_000, 9.9)
-    assert [met for _, met, _ in report_goals(rows, 10)] == [True, False, False, False, False]
+    assert [met for _, met, _ in report_goals(rows, 10)] == [False, False, False, False]
+
+
+def _comparison(diff: float, low: float) -> Comparison:
+    ci = PairedInterval(diff, low, diff + 0.01, 0.95, 900, 1000)
+    return Comparison(
+        10,
+        (
+            Compared("served", "-", False, 0.27, 0.35, None),
+            Compared("EASE", "l2=500", True, 0.26, 0.35 - diff, ci),
+            Compared("most popular", "-", True, 0.1, 0.14, ci),
+        ),
+        "EASE",
+    )
+
+
+def test_equal_information_goal_needs_the_margin_and_an_interval_above_zero() -> None:
+    assert comparison_goals(_comparison(0.012, 0.003))[0][1]
+    assert "strongest peer (EASE)" in comparison_goals(_comparison(0.012, 0.003))[0][0]
+    assert not comparison_goals(_comparison(0.008, 0.003))[0][1]  # under 0.01
+    assert not comparison_goals(_comparison(0.012, -0.001))[0][1]  # interval reaches zero
 
 
 def test_onnx_cost_refuses_a_weight_it_cannot_read(tmp_path: Path) -> None:

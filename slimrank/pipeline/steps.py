@@ -27,6 +27,7 @@ import scipy.sparse as sp
 from slimrank.bundle.formats import read_npy, read_tensors, write_json, write_npy, write_tensors
 from slimrank.data.dataset import Dataset, FeatureTable, Split, load_dataset, split_random
 from slimrank.data.logs import load_logs
+from slimrank.evaluation.peers import observed_interactions
 from slimrank.pipeline import artifacts
 from slimrank.pipeline.config import (
     SOURCES_SYNTHETIC,
@@ -73,8 +74,13 @@ class DataArtifacts:
         return self.split.valid_matrix() if view == "valid" else self.split.test_matrix()
 
     def seen(self, view: str) -> sp.csr_matrix:
-        """Return what users already have in ``view``: train, or train plus valid."""
-        return self.split.seen_for_valid() if view == "valid" else self.split.seen_for_test()
+        """Return what users already have in ``view``: train, or train plus valid.
+
+        It is what every system may read when scoring ``view``
+        (:func:`~slimrank.evaluation.peers.observed_interactions`, the peers' input too): the
+        view's user vectors, feature tables and exclusions are built from it.
+        """
+        return observed_interactions(self.split, view)
 
     def seen_times(self, view: str) -> sp.csr_matrix:
         """Return the latest timestamp of each (user, item) users already have in ``view``."""

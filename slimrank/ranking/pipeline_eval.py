@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import scipy.sparse as sp
 
-from slimrank.evaluation.metrics import ranking_metrics
+from slimrank.evaluation.metrics import per_user_metrics, ranking_metrics
+from slimrank.evaluation.paired import PerUser
 from slimrank.ranking.candidates import Candidates, SearchFn, label_candidates, mine_candidates
 from slimrank.ranking.features import CandidateFeatures, FeatureTables, candidate_features
 
@@ -59,6 +60,20 @@ def pipeline_metrics(
     out["candidate_recall"] = float((found[keep] / n_rel[keep]).mean()) if keep.any() else 0.0
     out["users"] = float(keep.sum())
     return out
+
+
+def pipeline_per_user(
+    cands: Candidates, scores: np.ndarray, truth: sp.csr_matrix, k: int = 10
+) -> PerUser:
+    """Return each evaluated user's NDCG@k of ranking ``cands`` by ``scores`` (for pairing).
+
+    The users are ``cands.user`` with at least one relevant item, the ones
+    :func:`pipeline_metrics` averages over, so the mean is its ``ndcg@k``.
+    """
+    rows = sp.csr_matrix(truth)[cands.user]  # (U, I)
+    top = rank_candidates(cands.items, scores, k)
+    keep = np.diff(rows.indptr) > 0
+    return PerUser(np.asarray(cands.user)[keep], per_user_metrics(top, rows, k)["ndcg"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,278 @@
+"""The peers the pipeline is compared with, all under one statement of what they may read.
+
+**Equal information.** :func:`observed_interactions` is the one statement: when a system scores
+the validation part it may read the training interactions; when it scores the test part it may
+read the training and validation interactions (what a served system has). Every peer here is
+selected on validation (fitted on train, scored on valid) and then refitted, with the selected
+hyperparameters, on ``observed_interactions(split, "test")`` to score the test part. The
+pipeline's test view reads the same: user vectors pooled over, and feature tables built from,
+the training and validation interactions (:mod:`slimrank.pipeline.steps`).
+
+Peers (Dacrema et al., "Are we really making much progress?", RecSys 2019, found the neighbour
+models hard to beat):
+
+- most popular: item counts;
+- EASE (Steck, "Embarrassingly shallow autoencoders for sparse data", WWW 2019);
+- item-KNN: cosine item-item similarity with a shrink term, top-k neighbours per item
+  (Sarwar et al., WWW 2001; the shrunk cosine of Dacrema et al.'s ``ItemKNNCF``);
+- RP3beta (Paudel et al., "Updatable, accurate, diverse, and scalable recommendations for
+  interactive applications", ACM TiiS 2017): three-step random-walk probabilities raised to
+  ``alpha``, divided by the target's popularity to the ``beta``, top-k per item.
+
+The item-item models are built densely (``(I, I)`` float32), which is what a peer on a catalog
+of thousands of items needs; they are measuring sticks, not served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from slimrank.data.dataset import Split
+from slimrank.evaluation.baselines import EaseConfig, ease_weights
+from slimrank.evaluation.metrics import per_user_metrics, ranking_metrics
+from slimrank.evaluation.paired import PerUser
+from slimrank.evaluation.protocol import ScoreFn, rank_users
+
+PARTS = ("valid", "test")
+# Fits a peer on the observed (U, I) binary matrix with one setting of its hyperparameters.
+FitFn = Callable[[sp.csr_matrix, Mapping[str, Any]], ScoreFn]
+
+
+def observed_interactions(split: Split, part: str) -> sp.csr_matrix:
+    """Return what every system may read when scoring ``part``, as a binary ``(U, I)`` matrix.
+
+    ``"valid"``: the training interactions. ``"test"``: training and validation interactions.
+    The same matrix is what the protocol excludes from the ranking of that part.
+    """
+    if part == "valid":
+        return split.seen_for_valid()
+    if part == "test":
+        return split.seen_for_test()
+    raise ValueError(f"part={part!r}: must be one of {PARTS}")
+
+
+def truth_of(split: Split, part: str) -> sp.csr_matrix:
+    """Return the relevant items of ``part`` (``"valid"`` or ``"test"``)."""
+    if part not in PARTS:
+        raise ValueError(f"part={part!r}: must be one of {PARTS}")
+    return split.valid_matrix() if part == "valid" else split.test_matrix()
+
+
+# -- scorers ------------------------------------------------------------------------------------
+
+
+def _binary(x: sp.spmatrix) -> sp.csr_matrix:
+    x = sp.csr_matrix(x, dtype=np.float64, copy=True)
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    return x
+
+
+def _rows_times(x: sp.csr_matrix, weights: np.ndarray | sp.spmatrix) -> ScoreFn:
+    """Return a scorer: the users' observed rows times the ``(I, I)`` item-item ``weights``."""
+    x = sp.csr_matrix(x, dtype=np.float32)
+
+    def score(users: np.ndarray) -> np.ndarray:
+        out = x[users] @ weights
+        return np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float64)
+
+    return score
+
+
+def keep_top_k(weights: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """Return ``weights`` with all but the ``k`` largest entries of each row (``axis=1``) or
+    column (``axis=0``) set to zero; ties go to the lower index."""
+    w = np.asarray(weights)
+    if k <= 0:
+        raise ValueError(f"k={k}: must be positive")
+    if k >= w.shape[axis]:
+        return w.copy()
+    order = np.argsort(-w, axis=axis, kind="stable")
+    keep = np.take(order, np.arange(k), axis=axis)
+    out = np.zeros_like(w)
+    np.put_along_axis(out, keep, np.take_along_axis(w, keep, axis=axis), axis=axis)
+    return out
+
+
+def fit_most_popular(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
+    """Every user gets the items' interaction counts in ``x`` as scores."""
+    popularity = np.asarray(_binary(x).sum(axis=0)).ravel()
+
+    def score(users: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(popularity, (len(users), len(popularity)))
+
+    return score
+
+
+def fit_ease(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
+    """EASE with L2 weight ``params["l2"]`` (Steck, 2019; see ``ease_weights``)."""
+    x = _binary(x)
+    return _rows_times(x, ease_weights(x, EaseConfig(l2=float(params["l2"]))))
+
+
+def item_knn_weights(x: sp.csr_matrix, k: int, shrink: float) -> np.ndarray:
+    """Return the ``(I, I)`` item-KNN weights: shrunk cosine, top ``k`` sources per target.
+
+    ``W[i, j] = <x_i, x_j> / (|x_i| |x_j| + shrink)`` over item columns of binary ``x``, zero
+    diagonal; each column ``j`` keeps its ``k`` largest entries, so a user's score of ``j`` sums
+    the similarities of ``j``'s ``k`` nearest items among the user's own.
+    """
+    x = _binary(x)
+    gram = (x.T @ x).toarray()  # (I, I)
+    norm = np.sqrt(np.diag(gram))
+    sim = gram / (np.outer(norm, norm) + shrink + 1e-12)
+    np.fill_diagonal(sim, 0.0)
+    return keep_top_k(sim, k, axis=0).astype(np.float32)
+
+
+def fit_item_knn(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
+    """Item-KNN with ``params["k"]`` neighbours and ``params["shrink"]``."""
+    x = _binary(x)
+    return _rows_times(x, item_knn_weights(x, int(params["k"]), float(params["shrink"])))
+
+
+def rp3beta_weights(x: sp.csr_matrix, alpha: float, beta: float, k: int) -> np.ndarray:
+    """Return RP3beta's ``(I, I)`` weights (Paudel et al., 2017), top ``k`` targets per source.
+
+    ``P_ui = x / deg(u)`` and ``P_iu = x^T / deg(i)`` are the random walk's transition
+    probabilities; ``W = (P_iu^alpha @ P_ui^alpha) / deg(j)^beta`` (powers elementwise), zero
+    diagonal; each row ``i`` keeps its ``k`` largest entries (as in Dacrema et al.'s code).
+    """
+    x = _binary(x)
+    deg_u = np.asarray(x.sum(axis=1)).ravel()
+    deg_i = np.asarray(x.sum(axis=0)).ravel()
+    p_ui = sp.diags(np.where(deg_u > 0, 1.0 / np.maximum(deg_u, 1), 0.0) ** alpha) @ x
+    p_iu = sp.diags(np.where(deg_i > 0, 1.0 / np.maximum(deg_i, 1), 0.0) ** alpha) @ x.T
+    w = (p_iu @ p_ui).toarray()  # (I, I)
+    w = w * np.where(deg_i > 0, np.maximum(deg_i, 1) ** -beta, 0.0)[None, :]
+    np.fill_diagonal(w, 0.0)
+    return keep_top_k(w, k, axis=1).astype(np.float32)
+
+
+def fit_rp3beta(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
+    """RP3beta with ``params["alpha"]``, ``params["beta"]`` and ``params["k"]``."""
+    x = _binary(x)
+    w = rp3beta_weights(x, float(params["alpha"]), float(params["beta"]), int(params["k"]))
+    return _rows_times(x, w)
+
+
+# -- selection on validation, test under equal information --------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """A peer: its name, how to fit it, and the grid its hyperparameters are chosen from."""
+
+    name: str
+    fit: FitFn
+    grid: Mapping[str, Sequence[Any]]
+
+    def settings(self) -> list[dict[str, Any]]:
+        keys = list(self.grid)
+        return [dict(zip(keys, v, strict=True)) for v in itertools.product(*self.grid.values())]
+
+
+PEERS: tuple[Peer, ...] = (
+    Peer("most popular", fit_most_popular, {}),
+    Peer("EASE", fit_ease, {"l2": (100.0, 250.0, 500.0, 1000.0)}),
+    Peer("item-KNN", fit_item_knn, {"k": (50, 100, 200, 400), "shrink": (0.0, 10.0, 50.0, 100.0)}),
+    Peer(
+        "RP3beta",
+        fit_rp3beta,
+        {"alpha": (0.5, 0.75, 1.0), "beta": (0.4, 0.6, 0.8, 1.0), "k": (100, 200, 400)},
+    ),
+)
+
+
+# Item-item peers hold dense (I, I) matrices: 20,000 items is 1.6 GB of float32 per matrix.
+MAX_DENSE_ITEMS = 20_000
+
+
+def peers_for(n_items: int, peers: Iterable[Peer] = PEERS, max_items: int = MAX_DENSE_ITEMS):
+    """Return ``(peers that fit, names skipped)``: item-item peers need ``n_items <= max_items``."""
+    fit, skipped = [], []
+    for peer in peers:
+        (fit if peer.fit is fit_most_popular or n_items <= max_items else skipped).append(peer)
+    return tuple(fit), tuple(p.name for p in skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerResult:
+    """A peer's selected setting, its metrics per part, per-user test NDCG and every trial."""
+
+    name: str
+    params: dict[str, Any]
+    valid: dict[str, float]
+    test: dict[str, float]
+    test_per_user: PerUser  # NDCG@k of each test user
+    trials: list[tuple[dict[str, Any], float]]  # (setting, validation NDCG@k)
+
+
+def score_part(
+    fit: FitFn, params: Mapping[str, Any], split: Split, part: str, k: int = 10
+) -> tuple[dict[str, float], PerUser]:
+    """Fit on what ``part`` may read, rank all unseen items, return metrics and per-user NDCG.
+
+    The fit input, the ranking's user rows and the excluded items are all
+    :func:`observed_interactions` of ``part``: the single place that decides it.
+    """
+    observed = observed_interactions(split, part)
+    truth = truth_of(split, part)
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    top = rank_users(fit(observed, params), users, observed, k)
+    rows = truth[users]
+    metrics = ranking_metrics(top, rows, (k,))
+    metrics["users"] = float(len(users))
+    return metrics, PerUser(users, per_user_metrics(top, rows, k)["ndcg"])
+
+
+def protocol_check(
+    fit: FitFn, params: Mapping[str, Any], split: Split, k: int = 10
+) -> dict[str, float]:
+    """Return test metrics of a peer fitted on, and reading, the training part only.
+
+    This is RecBole's setting (its models score test users from their training rows), kept
+    only to check the protocol against RecBole's published numbers (a different random split);
+    it is not a comparison under equal information. Exclusions stay train + valid.
+    """
+    train = observed_interactions(split, "valid")
+    truth = truth_of(split, "test")
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    top = rank_users(fit(train, params), users, observed_interactions(split, "test"), k)
+    metrics = ranking_metrics(top, truth[users], (k,))
+    metrics["users"] = float(len(users))
+    return metrics
+
+
+def evaluate_peer(peer: Peer, split: Split, k: int = 10) -> PeerResult:
+    """Select ``peer``'s setting by validation NDCG@k, then refit and score the test part."""
+    trials: list[tuple[dict[str, Any], float]] = []
+    best: tuple[float, dict[str, Any], dict[str, float]] | None = None
+    for params in peer.settings():
+        valid, _ = score_part(peer.fit, params, split, "valid", k)
+        value = valid[f"ndcg@{k}"]
+        trials.append((params, value))
+        if best is None or value > best[0]:
+            best = (value, params, valid)
+    assert best is not None  # settings() of an empty grid is one empty setting
+    _, params, valid = best
+    test, per_user = score_part(peer.fit, params, split, "test", k)
+    return PeerResult(peer.name, params, valid, test, per_user, trials)
+
+
+def evaluate_peers(
+    split: Split, k: int = 10, peers: Iterable[Peer] = PEERS
+) -> dict[str, PeerResult]:
+    """Return :func:`evaluate_peer` of every peer, by name."""
+    return {peer.name: evaluate_peer(peer, split, k) for peer in peers}
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    """Return ``"l2=500"``-style text of a setting (``"-"`` when there is none)."""
+    return ", ".join(f"{key}={value:g}" for key, value in params.items()) or "-"

@@ -1,0 +1,234 @@
+"""Peers under equal information: hand examples and brute-force dense references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from slimrank.data.dataset import Interactions, Split, split_random
+from slimrank.evaluation.baselines import EaseConfig, ease_weights
+from slimrank.evaluation.peers import (
+    Peer,
+    evaluate_peer,
+    fit_item_knn,
+    fit_most_popular,
+    item_knn_weights,
+    keep_top_k,
+    observed_interactions,
+    protocol_check,
+    rp3beta_weights,
+    score_part,
+)
+
+
+def _inter(pairs: list[tuple[int, int]]) -> Interactions:
+    user, item = np.array(pairs).T
+    n = len(pairs)
+    return Interactions(user, item, np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.int64))
+
+
+def _hand_split() -> Split:
+    """3 users, 4 items. Train counts i0: 3, i1: 1, i2: 1, i3: 0; valid adds i2 and i3."""
+    return Split(
+        train=_inter([(0, 0), (0, 1), (1, 0), (2, 0), (2, 2)]),
+        valid=_inter([(0, 2), (1, 3)]),
+        test=_inter([(0, 3), (1, 1), (2, 3)]),
+        n_users=3,
+        n_items=4,
+    )
+
+
+def _random_binary(seed: int, users: int = 30, items: int = 12, density: float = 0.3):
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((users, items)) < density).astype(np.float64)
+    dense[0, :] = 0.0  # a user with nothing
+    dense[:, -1] = 0.0  # an item nobody has
+    return dense
+
+
+def test_observed_interactions_is_train_for_valid_and_train_plus_valid_for_test() -> None:
+    split = _hand_split()
+    train = np.zeros((3, 4))
+    train[[0, 0, 1, 2, 2], [0, 1, 0, 0, 2]] = 1
+    both = train.copy()
+    both[[0, 1], [2, 3]] = 1
+    np.testing.assert_array_equal(observed_interactions(split, "valid").toarray(), train)
+    np.testing.assert_array_equal(observed_interactions(split, "test").toarray(), both)
+    with pytest.raises(ValueError, match="part"):
+        observed_interactions(split, "train")
+
+
+def test_most_popular_counts_what_the_part_may_read() -> None:
+    split = _hand_split()
+    valid = fit_most_popular(observed_interactions(split, "valid"), {})(np.array([0]))
+    test = fit_most_popular(observed_interactions(split, "test"), {})(np.array([0]))
+    np.testing.assert_array_equal(valid, [[3, 1, 1, 0]])
+    np.testing.assert_array_equal(test, [[3, 1, 2, 1]])
+
+
+def test_keep_top_k_by_row_and_column_with_ties_to_the_lower_index() -> None:
+    w = np.array([[3.0, 1.0, 3.0], [0.0, 2.0, 5.0], [4.0, 4.0, 1.0]])
+    np.testing.assert_array_equal(keep_top_k(w, 1, axis=1), [[3, 0, 0], [0, 0, 5], [4, 0, 0]])
+    np.testing.assert_array_equal(keep_top_k(w, 2, axis=0), [[3, 0, 3], [0, 2, 5], [4, 4, 0]])
+
+
+def test_item_knn_matches_a_brute_force_loop() -> None:
+    x = _random_binary(0)
+    k, shrink = 3, 2.0
+    n = x.shape[1]
+    sim = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                dot = float(x[:, i] @ x[:, j])
+                norms = np.sqrt(x[:, i].sum()) * np.sqrt(x[:, j].sum())
+                sim[i, j] = dot / (norms + shrink) if dot else 0.0
+    ref = np.zeros_like(sim)
+    for j in range(n):  # each target keeps its k most similar sources
+        for i in sorted(range(n), key=lambda i: (-sim[i, j], i))[:k]:
+            ref[i, j] = sim[i, j]
+    got = item_knn_weights(sp.csr_matrix(x), k, shrink)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    scores = fit_item_knn(sp.csr_matrix(x), {"k": k, "shrink": shrink})(np.arange(5))
+    np.testing.assert_allclose(scores, x[:5] @ ref, rtol=1e-5, atol=1e-6)
+
+
+def test_item_knn_hand_example() -> None:
+    # Items 0 and 1 share one of their two users: cosine 1 / (sqrt 2 sqrt 2) = 0.5.
+    x = sp.csr_matrix(np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=float))
+    w = item_knn_weights(x, k=2, shrink=0.0)
+    np.testing.assert_allclose(
+        w, [[0, 0.5, 0], [0.5, 0, 1 / np.sqrt(2)], [0, 1 / np.sqrt(2), 0]], rtol=1e-6
+    )
+
+
+def test_rp3beta_matches_a_brute_force_random_walk() -> None:
+    x = _random_binary(1)
+    alpha, beta, k = 0.8, 0.3, 4
+    users, n = x.shape
+    deg_u, deg_i = x.sum(axis=1), x.sum(axis=0)
+    w = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i == j or deg_i[i] == 0 or deg_i[j] == 0:
+                continue
+            walk = sum(
+                (x[u, i] / deg_i[i]) ** alpha * (x[u, j] / deg_u[u]) ** alpha
+                for u in range(users)
+                if x[u, i] and x[u, j]
+            )
+            w[i, j] = walk / deg_i[j] ** beta
+    ref = np.zeros_like(w)
+    for i in range(n):  # each source keeps its k strongest targets
+        for j in sorted(range(n), key=lambda j: (-w[i, j], j))[:k]:
+            ref[i, j] = w[i, j]
+    np.testing.assert_allclose(rp3beta_weights(sp.csr_matrix(x), alpha, beta, k), ref, rtol=1e-5)
+
+
+def test_score_part_reads_train_for_valid_and_train_plus_valid_for_test() -> None:
+    split = split_random(
+        _inter([(u, i) for u in range(20) for i in range(15) if (u * 7 + i * 3) % 4 == 0]),
+        20,
+        15,
+        seed=0,
+    )
+    seen: list[np.ndarray] = []
+
+    def fit(x: sp.csr_matrix, params: dict) -> object:
+        seen.append(x.toarray())
+        return fit_most_popular(x, params)
+
+    score_part(fit, {}, split, "valid")
+    score_part(fit, {}, split, "test")
+    np.testing.assert_array_equal(seen[0], split.seen_for_valid().toarray())
+    np.testing.assert_array_equal(seen[1], split.seen_for_test().toarray())
+
+
+def test_evaluate_peer_selects_on_validation_and_refits_on_train_plus_valid() -> None:
+    rng = np.random.default_rng(4)
+    pairs = sorted(
+        {
+            (int(u), int(i))
+            for u, i in zip(rng.integers(0, 60, 900), rng.integers(0, 25, 900), strict=True)
+        }
+    )
+    split = split_random(_inter(pairs), 60, 25, seed=1)
+    calls: list[tuple[float, int]] = []
+
+    def fit(x: sp.csr_matrix, params: dict) -> object:
+        calls.append((params["l2"], x.nnz))
+        w = ease_weights(x, EaseConfig(l2=params["l2"]))
+        return lambda users: np.asarray(x[users] @ w)
+
+    peer = Peer("EASE", fit, {"l2": (1.0, 10.0, 100.0)})
+    result = evaluate_peer(peer, split)
+    n_train, n_both = split.seen_for_valid().nnz, split.seen_for_test().nnz
+    assert calls[:3] == [(1.0, n_train), (10.0, n_train), (100.0, n_train)]
+    best = max(result.trials, key=lambda t: t[1])[0]
+    assert result.params == best
+    assert calls[3] == (best["l2"], n_both)  # the test fit reads train + valid
+    # The test metrics are those of EASE refit on train + valid with the chosen l2.
+    metrics, per_user = score_part(fit, best, split, "test")
+    assert result.test == metrics
+    np.testing.assert_array_equal(result.test_per_user.values, per_user.values)
+    assert result.test_per_user.mean == pytest.approx(result.test["ndcg@10"])
+
+
+def test_the_pipeline_views_read_what_the_peers_read() -> None:
+    from slimrank.data.dataset import FeatureTable
+    from slimrank.pipeline.steps import DataArtifacts
+    from slimrank.retrieval.embeddings import history_for
+
+    def timed(inter: Interactions) -> Interactions:  # distinct, non-zero timestamps
+        return dataclasses.replace(inter, timestamp=np.arange(1, len(inter) + 1) * 10)
+
+    hand = _hand_split()
+    split = dataclasses.replace(
+        hand, train=timed(hand.train), valid=timed(hand.valid), test=timed(hand.test)
+    )
+    data = DataArtifacts(
+        split,
+        np.array(["a", "b", "c"]),
+        np.arange(4).astype(str),
+        FeatureTable.empty(3),
+        FeatureTable.empty(4),
+    )
+    for part in ("valid", "test"):
+        expected = observed_interactions(split, part).toarray()
+        np.testing.assert_array_equal(data.seen(part).toarray(), expected)
+        np.testing.assert_array_equal(data.seen_times(part).toarray() != 0, expected != 0)
+        hist = history_for(split, part)
+        pooled = np.zeros_like(expected)
+        for u in range(3):
+            pooled[u, hist.items[hist.indptr[u] : hist.indptr[u + 1]]] = 1
+        np.testing.assert_array_equal(pooled, expected)
+
+
+def test_protocol_check_reads_train_only_but_excludes_train_and_valid() -> None:
+    split = _hand_split()
+    seen: list[int] = []
+
+    def fit(x: sp.csr_matrix, params: dict) -> object:
+        seen.append(x.nnz)
+        return fit_most_popular(x, params)
+
+    metrics = protocol_check(fit, {}, split, k=2)
+    assert seen == [split.seen_for_valid().nnz]
+    # Train counts i0 3, i1 1, i2 1, i3 0; test ranks what neither train nor valid holds:
+    #   u0 -> [i3] (hit), u1 -> [i1, i2] (i1 hit at rank 1), u2 -> [i1, i3] (i3 at rank 2).
+    assert metrics["users"] == 3
+    assert metrics["hit@2"] == pytest.approx(1.0)
+    assert metrics["mrr@2"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_item_item_peers_are_skipped_past_the_dense_limit() -> None:
+    from slimrank.evaluation.peers import PEERS, peers_for
+
+    kept, skipped = peers_for(1_000, max_items=2_000)
+    assert kept == PEERS and skipped == ()
+    kept, skipped = peers_for(3_000, max_items=2_000)
+    assert [p.name for p in kept] == ["most popular"]
+    assert skipped == ("EASE", "item-KNN", "RP3beta")
