@@ -261,9 +261,11 @@ class Split:
 
 
 def load_dataset(name_or_path: str) -> Dataset:
-    """Return ``"movielens-100k"`` (fetched on demand), a logs file, or a RecBole directory.
+    """Return ``"movielens-100k"`` (fetched on demand), a logs file, or a directory.
 
-    A directory must hold one ``<stem>.inter`` atomic file (``.user``, ``.item`` optional).
+    A directory holds either ``interactions.parquet`` (with optional ``users.parquet`` and
+    ``items.parquet`` feature tables: a logs directory, as ``slimrank data generate world``
+    writes) or one ``<stem>.inter`` RecBole atomic file (``.user``, ``.item`` optional).
     """
     from pathlib import Path
 
@@ -273,6 +275,8 @@ def load_dataset(name_or_path: str) -> Dataset:
     if name_or_path in movielens.NAMES:
         return movielens.load_movielens_100k()
     path = Path(name_or_path)
+    if path.is_dir() and (path / logs.LOGS_DIR_FILES[0]).is_file():
+        return logs.load_logs_dir(path)
     if path.is_dir():
         inter = sorted(path.glob("*.inter"))
         if len(inter) != 1:
