@@ -182,7 +182,11 @@ def _numbers(column: pd.Series, path: Path, name: str) -> np.ndarray:
 
 
 def _check_ids(column: pd.Series, path: Path, name: str) -> None:
-    null = (column.isna() | (column.astype(str).str.strip() == "")).to_numpy()
+    null = column.isna().to_numpy().copy()  # (n,)
+    if not pd.api.types.is_numeric_dtype(column):
+        # Only text can be blank; an integer column as text is one Python str per row
+        # (1.5 GB and 5 s for 20M rows).
+        null |= (column.astype(str).str.strip() == "").to_numpy()
     if null.any():
         raise DataError("null or empty id", **_where(path, name, int(np.flatnonzero(null)[0])))
 
