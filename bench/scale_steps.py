@@ -5,8 +5,10 @@ For one world size (``--users``, ``--items``, ``--per-user``) this generates the
 pipeline step of ``configs/scale.toml`` with the world as its source, then publishes the
 bundle and loads it as the server does. Each step records its wall time, its own peak RSS
 (``VmHWM``, reset through ``/proc/self/clear_refs`` when the step starts) and the size of its
-output. Results are merged by world name into ``bench/results/scale_steps.json`` and rendered
-to ``bench/results/scale_steps.md`` (whose prose, above the generated table, is kept).
+output, and its CPU seconds (on a shared machine wall time mostly shows the other jobs; the
+load average at the step's end is recorded beside it). Results are merged by world name into
+``bench/results/scale_steps.json`` and rendered to ``bench/results/scale_steps.md`` (whose
+prose, above the generated table, is kept).
 
     nice -n 10 .venv/bin/python bench/scale_steps.py --users 10000 --items 10000 --per-user 20
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import resource
 import shutil
 import sys
 import time
@@ -48,6 +52,13 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def cpu_seconds() -> float:
+    """Return this process's user + system CPU time (its threads and waited-for children)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def dir_mb(path: Path) -> float:
     """Return the size of the files under ``path``, MiB."""
     if path.is_file():
@@ -61,16 +72,20 @@ class Recorder:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self._start = 0.0
+        self._cpu = 0.0
 
     def begin(self, name: str) -> None:
         reset_peak()
         self._start = time.perf_counter()
+        self._cpu = cpu_seconds()
         print(f"{time.strftime('%H:%M:%S')} {name} ...", file=sys.stderr, flush=True)
 
     def end(self, name: str, output: Path | None, error: str | None = None) -> None:
         row = {
             "step": name,
             "seconds": round(time.perf_counter() - self._start, 1),
+            "cpu_seconds": round(cpu_seconds() - self._cpu, 1),
+            "load_average": round(os.getloadavg()[0], 1),
             "peak_rss_mb": round(peak_rss_mb(), 0),
             "output_mb": round(dir_mb(output), 1) if output is not None else None,
         }
@@ -168,12 +183,13 @@ def render(results: dict[str, Any]) -> str:
         if r.get("overrides"):
             out.append(f"Overrides of {r['config']}: `{json.dumps(r['overrides'])}`")
             out.append("")
-        out.append("| step | wall s | peak RSS MiB | output MiB | note |")
-        out.append("|---|---:|---:|---:|---|")
+        out.append("| step | wall s | CPU s | load avg | peak RSS MiB | output MiB | note |")
+        out.append("|---|---:|---:|---:|---:|---:|---|")
         for s in r["steps"]:
             size = "" if s.get("output_mb") is None else f"{s['output_mb']:,.1f}"
             out.append(
-                f"| {s['step']} | {s['seconds']:,.1f} | {s['peak_rss_mb']:,.0f} | {size} "
+                f"| {s['step']} | {s['seconds']:,.1f} | {s.get('cpu_seconds', 0):,.1f} "
+                f"| {s.get('load_average', 0):.1f} | {s['peak_rss_mb']:,.0f} | {size} "
                 f"| {s.get('error', '')} |"
             )
         out.append("")
