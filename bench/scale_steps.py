@@ -80,7 +80,9 @@ class Recorder:
         self._cpu = cpu_seconds()
         print(f"{time.strftime('%H:%M:%S')} {name} ...", file=sys.stderr, flush=True)
 
-    def end(self, name: str, output: Path | None, error: str | None = None) -> None:
+    def end(
+        self, name: str, output: Path | None, error: str | None = None, cached: bool = False
+    ) -> None:
         row = {
             "step": name,
             "seconds": round(time.perf_counter() - self._start, 1),
@@ -91,6 +93,8 @@ class Recorder:
         }
         if error:
             row["error"] = error
+        if cached:
+            row["cached"] = True
         self.rows.append(row)
         print(f"  {row}", file=sys.stderr, flush=True)
 
@@ -98,7 +102,77 @@ class Recorder:
         if output is None:
             self.begin(name)
         else:
-            self.end(name, output.path)
+            self.end(name, output.path, cached=output.cached)
+
+
+def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict[str, float]:
+    """Return NDCG@k against the generator's truth on the test view's users, per system.
+
+    The truth of a user is their ``k`` items of highest true utility among the items the log
+    has, minus what they have already seen (train + valid); each system's top ``k`` of the
+    test view's candidates is scored against it (binary relevance, the protocol's NDCG).
+    """
+    import numpy as np
+    import scipy.sparse as sp
+
+    from slimrank.data.world import true_top_k
+    from slimrank.evaluation.metrics import ranking_metrics
+    from slimrank.pipeline.artifacts import load_view
+    from slimrank.pipeline.compress_steps import onnx_score_fn
+    from slimrank.pipeline.steps import load_data, load_teacher_scores
+    from slimrank.ranking.pipeline_eval import rank_candidates
+
+    data = load_data(run_result.path("data"))
+    cands, feats, _ = load_view(run_result.path("candidates") / "test.safetensors")
+    world_user = data.user_ids.astype(np.int64)  # dataset index -> world id
+    world_item = data.item_ids.astype(np.int64)
+    to_index = np.full(world.n_items, -1, dtype=np.int64)
+    to_index[world_item] = np.arange(len(world_item))
+    allowed = to_index >= 0
+    seen = data.split.seen_for_test()  # (U, I) dataset indices
+    seen_world = sp.csr_matrix(
+        (seen.data, world_item[seen.indices], seen.indptr), shape=(seen.shape[0], world.n_items)
+    )
+    users = cands.user
+    # Rows of seen_world are dataset users; true_top_k indexes exclude by world user id.
+    order = np.argsort(world_user)
+    by_world = (
+        seen_world[order] if np.array_equal(world_user[order], np.arange(world.n_users)) else None
+    )
+    if by_world is None:
+        raise ValueError("the world's users are not all in the log")
+    top_world = true_top_k(world, world_user[users], k, exclude=by_world, allowed=allowed)
+    rows = np.repeat(np.arange(len(users)), k)
+    truth = sp.csr_matrix(
+        (np.ones(rows.size, np.float32), (rows, to_index[top_world.ravel()])),
+        shape=(len(users), len(world_item)),
+    )
+    systems = {
+        "two-tower retrieval": cands.retrieval_score,
+        "teacher": load_teacher_scores(run_result.path("teacher"))["test"],
+        "served int8 ranker": onnx_score_fn(bundle.file("ranker.onnx"))(feats),
+    }
+    out = {}
+    for name, scores in systems.items():
+        top = rank_candidates(cands.items, scores, k)
+        out[name] = round(ranking_metrics(top, truth, (k,))[f"ndcg@{k}"], 4)
+    popularity = np.bincount(data.split.train.item, minlength=len(world_item)).astype(float)
+    pop = np.argsort(-popularity, kind="stable")
+    seen_rows = seen[users]
+    top = np.zeros((len(users), k), dtype=np.int64)
+    for r in range(len(users)):  # the most popular items the user has not seen
+        have = set(seen_rows[r].indices.tolist())
+        top[r] = [i for i in pop[: k + len(have)] if i not in have][:k]
+    out["most popular"] = round(ranking_metrics(top, truth, (k,))[f"ndcg@{k}"], 4)
+    return out
+
+
+def _override(config: Any, path: list[str], value: Any) -> Any:
+    """Return ``config`` with the nested field ``path`` set to ``value``."""
+    if len(path) == 1:
+        return dataclasses.replace(config, **{path[0]: value})
+    inner = _override(getattr(config, path[0]), path[1:], value)
+    return dataclasses.replace(config, **{path[0]: inner})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,10 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=str(CACHE / f"cache-{name}"),
         data=dataclasses.replace(config.data, source=str(world_dir)),
     )
-    for path, value in overrides.items():  # e.g. {"candidates.sample_users": 5000}
-        section, field = path.split(".")
-        part = dataclasses.replace(getattr(config, section), **{field: value})
-        config = dataclasses.replace(config, **{section: part})
+    for path, value in overrides.items():  # e.g. {"two_tower.train.epochs": 2}
+        config = _override(config, path.split("."), value)
     result: dict[str, Any] = {
         "name": name,
         "world": counts,
@@ -150,9 +222,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["gate"] = "failed: nothing published"
         else:
             rec.begin("load bundle (verify + load as the server does)")
-            snapshot = load_snapshot(open_bundle(bundles, version))
+            bundle = open_bundle(bundles, version)
+            snapshot = load_snapshot(bundle)
             rec.end("load bundle (verify + load as the server does)", None)
             result["gate"] = f"published {version} ({snapshot.n_items} items)"
+            rec.begin("NDCG@10 against the generator's truth")
+            result["truth_ndcg@10"] = truth_metrics(run_result, bundle, world, config.k)
+            rec.end("NDCG@10 against the generator's truth", None)
         result["metrics"] = {
             step: run_result.metrics(step)
             for step in ("two_tower", "candidates", "teacher")
@@ -193,7 +269,13 @@ def render(results: dict[str, Any]) -> str:
                 f"| {s.get('error', '')} |"
             )
         out.append("")
-        out.append(f"Total {r['total_seconds']:,.0f} s; {r.get('gate', r.get('failed', ''))}.")
+        wall = sum(s["seconds"] for s in r["steps"])
+        cpu = sum(s.get("cpu_seconds", 0) for s in r["steps"])
+        peak = max(s["peak_rss_mb"] for s in r["steps"])
+        out.append(
+            f"All rows: {wall:,.0f} s wall, {cpu:,.0f} s CPU, peak RSS {peak:,.0f} MiB; "
+            f"{r.get('gate', r.get('failed', ''))}."
+        )
         m = r.get("metrics", {})
         if m:
             tt = m.get("two_tower", {}).get("test", {})
@@ -204,6 +286,12 @@ def render(results: dict[str, Any]) -> str:
                 f"retrieval top 10 of the candidates {cand.get('ndcg@10', float('nan')):.4f} "
                 f"(candidate recall {cand.get('candidate_recall', float('nan')):.3f}), "
                 f"teacher {te.get('ndcg@10', float('nan')):.4f}."
+            )
+        if r.get("truth_ndcg@10"):
+            out.append(
+                "NDCG@10 against the generator's truth (test view's users): "
+                + ", ".join(f"{k} {v:.4f}" for k, v in r["truth_ndcg@10"].items())
+                + "."
             )
         out.append("")
     return "\n".join(out)
@@ -219,10 +307,19 @@ def main() -> int:
     parser.add_argument("--config", default=str(ROOT / "configs" / "scale.toml"))
     parser.add_argument("--override", default="", help='JSON, e.g. {"candidates.folds": 1}')
     args = parser.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("slimrank").setLevel(logging.INFO)  # each step's progress lines
     result = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "scale_steps.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    # A step the cache answered keeps the row of the run that computed it.
+    before = {row["step"]: row for row in results.get(result["name"], {}).get("steps", [])}
+    result["steps"] = [
+        before.get(row["step"], row) if row.get("cached") else row for row in result["steps"]
+    ]
     results[result["name"]] = result
     path.write_text(json.dumps(results, indent=2) + "\n")
     md = RESULTS / "scale_steps.md"

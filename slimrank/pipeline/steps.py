@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -348,6 +349,7 @@ def candidates_step(
         limit: int = 0,
         salt: int = 0,
     ) -> tuple:
+        started = time.perf_counter()
         tables = build_feature_tables(
             observed,
             user_vecs,
@@ -357,9 +359,21 @@ def candidates_step(
             config.features,
             time=times,
         )
+        log.info(
+            "candidates: feature tables of %d users x %d items built in %.0f s",
+            *observed.shape,
+            time.perf_counter() - started,
+        )
+        started = time.perf_counter()
         users = sample_users(truth, limit, config.fold_seed, salt)
-        log.info("mining %d users' candidates", len(users))
-        return tables, *engine.mine(tables, user_vecs, search, users, config.n, observed, truth)
+        mined = engine.mine(tables, user_vecs, search, users, config.n, observed, truth)
+        log.info(
+            "candidates: %d users' top %d mined and featurized in %.0f s",
+            len(users),
+            config.n,
+            time.perf_counter() - started,
+        )
+        return tables, *mined
 
     def fold_search(i: int) -> tuple[np.ndarray, RetrievalIndex]:
         """A refit fold's item vectors and an exact index over them, else the model's."""
