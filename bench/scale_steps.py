@@ -69,8 +69,16 @@ def dir_mb(path: Path) -> float:
 class Recorder:
     """A pipeline step hook that records each step's wall time, peak RSS and output size."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Path | None = None) -> None:
         self.rows: list[dict[str, Any]] = []
+        # Rows of steps computed by earlier (maybe interrupted) runs with the same cache: a
+        # step the cache answers keeps the row of the run that computed it.
+        self.journal = journal
+        self.done: dict[str, dict[str, Any]] = {}
+        if journal is not None and journal.exists():
+            for line in journal.read_text().splitlines():
+                row = json.loads(line)
+                self.done[row["digest"]] = row
         self._start = 0.0
         self._cpu = 0.0
 
@@ -101,8 +109,14 @@ class Recorder:
     def __call__(self, name: str, output: Any, seconds: float | None) -> None:
         if output is None:
             self.begin(name)
-        else:
-            self.end(name, output.path, cached=output.cached)
+            return
+        if output.cached and output.digest in self.done:
+            self.rows.append({**self.done[output.digest], "from_cache": True})
+            return
+        self.end(name, output.path, cached=output.cached)
+        if not output.cached and self.journal is not None:
+            with self.journal.open("a") as f:
+                f.write(json.dumps({**self.rows[-1], "digest": output.digest}) + "\n")
 
 
 def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict[str, float]:
@@ -185,7 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     name = args.name or f"{args.users}u-{args.items}i-{args.per_user:g}"
     world_dir = CACHE / f"world-{name}"
-    rec = Recorder()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    rec = Recorder(CACHE / f"steps-{name}.jsonl")
     world = WorldConfig(
         n_users=args.users, n_items=args.items, per_user=args.per_user, seed=args.seed
     )
@@ -315,11 +330,6 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "scale_steps.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    # A step the cache answered keeps the row of the run that computed it.
-    before = {row["step"]: row for row in results.get(result["name"], {}).get("steps", [])}
-    result["steps"] = [
-        before.get(row["step"], row) if row.get("cached") else row for row in result["steps"]
-    ]
     results[result["name"]] = result
     path.write_text(json.dumps(results, indent=2) + "\n")
     md = RESULTS / "scale_steps.md"
