@@ -66,10 +66,15 @@ def dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
+class Until(Exception):
+    """Raised by the hook after the step ``--until`` names: the run stops there on purpose."""
+
+
 class Recorder:
     """A pipeline step hook that records each step's wall time, peak RSS and output size."""
 
-    def __init__(self, journal: Path | None = None) -> None:
+    def __init__(self, journal: Path | None = None, until: str = "") -> None:
+        self.until = until
         self.rows: list[dict[str, Any]] = []
         # Rows of steps computed by earlier (maybe interrupted) runs with the same cache: a
         # step the cache answers keeps the row of the run that computed it.
@@ -112,11 +117,16 @@ class Recorder:
             return
         if output.cached and output.digest in self.done:
             self.rows.append({**self.done[output.digest], "from_cache": True})
-            return
-        self.end(name, output.path, cached=output.cached)
-        if not output.cached and self.journal is not None:
-            with self.journal.open("a") as f:
-                f.write(json.dumps({**self.rows[-1], "digest": output.digest}) + "\n")
+        else:
+            self.end(name, output.path, cached=output.cached)
+            if not output.cached and self.journal is not None:
+                with self.journal.open("a") as f:
+                    f.write(json.dumps({**self.rows[-1], "digest": output.digest}) + "\n")
+        if name == "candidates":
+            tables = output.path / "serving_tables.safetensors"
+            self.rows[-1]["serving_tables_mb"] = round(dir_mb(tables), 1)
+        if name == self.until:
+            raise Until(name)
 
 
 def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict[str, float]:
@@ -181,14 +191,6 @@ def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict
     return out
 
 
-def _override(config: Any, path: list[str], value: Any) -> Any:
-    """Return ``config`` with the nested field ``path`` set to ``value``."""
-    if len(path) == 1:
-        return dataclasses.replace(config, **{path[0]: value})
-    inner = _override(getattr(config, path[0]), path[1:], value)
-    return dataclasses.replace(config, **{path[0]: inner})
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from slimrank.bundle import open_bundle
     from slimrank.data.world import WorldConfig, write_world
@@ -200,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     name = args.name or f"{args.users}u-{args.items}i-{args.per_user:g}"
     world_dir = CACHE / f"world-{name}"
     CACHE.mkdir(parents=True, exist_ok=True)
-    rec = Recorder(CACHE / f"steps-{name}.jsonl")
+    rec = Recorder(CACHE / f"steps-{name}.jsonl", args.until)
     world = WorldConfig(
         n_users=args.users, n_items=args.items, per_user=args.per_user, seed=args.seed
     )
@@ -216,12 +218,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=str(CACHE / f"cache-{name}"),
         data=dataclasses.replace(config.data, source=str(world_dir)),
     )
+    raw = config.to_dict()
     for path, value in overrides.items():  # e.g. {"two_tower.train.epochs": 2}
-        config = _override(config, path.split("."), value)
+        *parents, leaf = path.split(".")
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    config = type(config).from_dict(raw)  # checked once, with every override in place
     result: dict[str, Any] = {
         "name": name,
         "world": counts,
-        "config": str(Path(args.config)),
+        "config": str(Path(args.config).resolve().relative_to(ROOT)),
         "overrides": overrides,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -246,9 +254,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rec.end("NDCG@10 against the generator's truth", None)
         result["metrics"] = {
             step: run_result.metrics(step)
-            for step in ("two_tower", "candidates", "teacher")
+            for step in ("two_tower", "candidates", "teacher", "int8")
             if (run_result.path(step) / "metrics.json").exists()
         }
+    except Until as err:
+        result["stopped"] = f"stopped after {err} (--until)"
     except BaseException as err:  # a step that breaks is the measurement
         step = rec.rows[-1]["step"] if rec.rows else "?"
         last = traceback.format_exception_only(type(err), err)[-1].strip()
@@ -278,10 +288,13 @@ def render(results: dict[str, Any]) -> str:
         out.append("|---|---:|---:|---:|---:|---:|---|")
         for s in r["steps"]:
             size = "" if s.get("output_mb") is None else f"{s['output_mb']:,.1f}"
+            note = s.get("error", "")
+            if "serving_tables_mb" in s:
+                note = f"serving tables {s['serving_tables_mb']:,.1f} MiB"
             out.append(
                 f"| {s['step']} | {s['seconds']:,.1f} | {s.get('cpu_seconds', 0):,.1f} "
                 f"| {s.get('load_average', 0):.1f} | {s['peak_rss_mb']:,.0f} | {size} "
-                f"| {s.get('error', '')} |"
+                f"| {note} |"
             )
         out.append("")
         wall = sum(s["seconds"] for s in r["steps"])
@@ -289,18 +302,20 @@ def render(results: dict[str, Any]) -> str:
         peak = max(s["peak_rss_mb"] for s in r["steps"])
         out.append(
             f"All rows: {wall:,.0f} s wall, {cpu:,.0f} s CPU, peak RSS {peak:,.0f} MiB; "
-            f"{r.get('gate', r.get('failed', ''))}."
+            f"{r.get('gate', r.get('failed', r.get('stopped', '')))}."
         )
         m = r.get("metrics", {})
         if m:
             tt = m.get("two_tower", {}).get("test", {})
             te = m.get("teacher", {}).get("test", {})
             cand = m.get("candidates", {}).get("test", {})
+            i8 = m.get("int8", {}).get("test", {})
             out.append(
                 f"Test NDCG@10: two-tower full ranking {tt.get('ndcg@10', float('nan')):.4f}, "
                 f"retrieval top 10 of the candidates {cand.get('ndcg@10', float('nan')):.4f} "
                 f"(candidate recall {cand.get('candidate_recall', float('nan')):.3f}), "
-                f"teacher {te.get('ndcg@10', float('nan')):.4f}."
+                f"teacher {te.get('ndcg@10', float('nan')):.4f}, "
+                f"int8 student {i8.get('ndcg@10', float('nan')):.4f} (2,000 sampled users)."
             )
         if r.get("truth_ndcg@10"):
             out.append(
@@ -320,6 +335,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="")
     parser.add_argument("--config", default=str(ROOT / "configs" / "scale.toml"))
+    parser.add_argument("--until", default="", help="stop after this pipeline step")
     parser.add_argument("--override", default="", help='JSON, e.g. {"candidates.folds": 1}')
     args = parser.parse_args()
     import logging
