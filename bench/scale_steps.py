@@ -289,6 +289,8 @@ def render(results: dict[str, Any]) -> str:
         for s in r["steps"]:
             size = "" if s.get("output_mb") is None else f"{s['output_mb']:,.1f}"
             note = s.get("error", "")
+            if note == "KeyboardInterrupt":
+                note = "interrupted by hand (the session's time budget), mid-step"
             if "serving_tables_mb" in s:
                 note = f"serving tables {s['serving_tables_mb']:,.1f} MiB"
             out.append(
@@ -302,7 +304,7 @@ def render(results: dict[str, Any]) -> str:
         peak = max(s["peak_rss_mb"] for s in r["steps"])
         out.append(
             f"All rows: {wall:,.0f} s wall, {cpu:,.0f} s CPU, peak RSS {peak:,.0f} MiB; "
-            f"{r.get('gate', r.get('failed', r.get('stopped', '')))}."
+            f"{r.get('gate', r.get('stopped', r.get('failed', '')))}."
         )
         m = r.get("metrics", {})
         if m:
