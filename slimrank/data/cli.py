@@ -19,12 +19,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     fetch.add_argument("name", choices=["movielens-100k"], help="dataset to fetch")
     fetch.set_defaults(func=_fetch)
 
+    generate = data_sub.add_parser(
+        "generate", help="write a synthetic world's logs and feature tables as Parquet"
+    )
+    generate.add_argument("kind", choices=["world"], help="what to generate")
+    generate.add_argument("--users", type=int, default=10_000, help="number of users")
+    generate.add_argument("--items", type=int, default=10_000, help="number of items")
+    generate.add_argument(
+        "--interactions-per-user", type=float, default=20.0, help="mean interactions per user"
+    )
+    generate.add_argument("--seed", type=int, default=0, help="seed (same seed, same rows)")
+    generate.add_argument(
+        "--chunk-users", type=int, default=65_536, help="users per written row group"
+    )
+    generate.add_argument("--out", required=True, help="directory to write")
+    generate.set_defaults(func=_generate)
+
     info = data_sub.add_parser("info", help="users, items, interactions, density, date range")
     info.add_argument(
         "dataset",
         nargs="?",
         default="movielens-100k",
-        help="movielens-100k or a CSV / Parquet logs file (default: movielens-100k)",
+        help="movielens-100k, a CSV / Parquet logs file, or a logs directory "
+        "(interactions.parquet with optional users.parquet and items.parquet, as "
+        "`data generate world` writes) (default: movielens-100k)",
     )
     info.add_argument("--user-features", help="CSV / Parquet user features (logs only)")
     info.add_argument("--item-features", help="CSV / Parquet item features (logs only)")
@@ -41,6 +59,35 @@ def _fetch(args: argparse.Namespace) -> int:
         Console().print(f"fetched {args.name} into {directory}")
     else:
         Console().print(f"{args.name} is already in {directory}; nothing to do")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from slimrank.data.world import WorldConfig, write_world
+    from slimrank.errors import SlimrankError
+
+    try:
+        config = WorldConfig(
+            n_users=args.users,
+            n_items=args.items,
+            per_user=args.interactions_per_user,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise SlimrankError(str(err)) from err
+    console = Console()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("users", total=config.n_users)
+        counts = write_world(
+            config, args.out, args.chunk_users, lambda done, _: bar.update(task, completed=done)
+        )
+    console.print(
+        f"wrote {counts['interactions']:,} interactions of {counts['users']:,} users over "
+        f"{counts['items']:,} items to {args.out}"
+    )
     return 0
 
 

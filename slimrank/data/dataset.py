@@ -268,15 +268,19 @@ class Split:
 
 
 def load_dataset(name_or_path: str) -> Dataset:
-    """Return ``"movielens-100k"`` (fetched on demand), a logs file, or a RecBole directory.
+    """Return ``"movielens-100k"`` (fetched on demand), a logs file, or a directory.
 
-    A directory must hold one ``<stem>.inter`` atomic file (``.user``, ``.item`` optional).
+    A directory holds either ``interactions.parquet`` (with optional ``users.parquet`` and
+    ``items.parquet`` feature tables: a logs directory, as ``slimrank data generate world``
+    writes) or one ``<stem>.inter`` RecBole atomic file (``.user``, ``.item`` optional).
     """
     from slimrank.data import logs, movielens
 
     if name_or_path in movielens.NAMES:
         return movielens.load_movielens_100k()
     path = Path(name_or_path)
+    if path.is_dir() and (path / logs.LOGS_DIR_FILES[0]).is_file():
+        return logs.load_logs_dir(path)
     if path.is_dir():
         stem = _atomic_stem(path)
         return movielens.load_atomic_dataset(path, stem, name=stem)
@@ -288,11 +292,14 @@ def dataset_files(name_or_path: str) -> list[Path]:
 
     The pipeline keys its data step by these files' content.
     """
-    from slimrank.data import movielens
+    from slimrank.data import logs, movielens
     from slimrank.data.fetch import fetch_movielens_100k
 
     if name_or_path in movielens.NAMES:
         directory, stem = fetch_movielens_100k()[0], "ml-100k"
+    elif Path(name_or_path).is_dir() and (Path(name_or_path) / logs.LOGS_DIR_FILES[0]).is_file():
+        inter, *tables = (Path(name_or_path) / name for name in logs.LOGS_DIR_FILES)
+        return [inter, *(t for t in tables if t.exists())]
     elif Path(name_or_path).is_dir():
         directory = Path(name_or_path)
         stem = _atomic_stem(directory)

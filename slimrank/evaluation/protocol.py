@@ -68,21 +68,34 @@ def rank_users(
     return np.concatenate(parts) if parts else np.empty((0, k), dtype=np.int64)
 
 
+# Scores held at once when ranking every item: 2^24 float32 (64 MiB). A fixed 1,024-user batch
+# would hold a 4 GiB (1024, 1M) block on a million-item catalog.
+SCORE_BLOCK = 1 << 24
+
+
 def evaluate_full_ranking(
     score_fn: ScoreFn,
     truth: sp.csr_matrix,
     exclude: sp.csr_matrix,
     ks: Iterable[int] = (10,),
-    batch_size: int = 1024,
+    batch_size: int = 0,
+    max_users: int = 0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Return metrics of ``score_fn`` ranking all items for users with a relevant item.
 
     ``truth`` holds the evaluated part (validation or test) and ``exclude`` the items the user
     already has (training, or training plus validation), both ``(n_users, n_items)``.
+    ``batch_size`` users are scored at once (0: as many as fit :data:`SCORE_BLOCK` scores, at
+    most 1,024); ``max_users`` > 0 evaluates a seeded random sample of that many users.
     """
     ks = tuple(ks)
     truth = sp.csr_matrix(truth)
     users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    if 0 < max_users < len(users):
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    if batch_size <= 0:
+        batch_size = int(np.clip(SCORE_BLOCK // max(truth.shape[1], 1), 1, 1024))
     top = rank_users(score_fn, users, exclude, max(ks), batch_size)
     metrics = ranking_metrics(top, truth[users], ks)
     metrics["users"] = float(len(users))

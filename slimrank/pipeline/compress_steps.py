@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -28,6 +29,8 @@ from slimrank.ranking.pipeline_eval import pipeline_metrics
 if TYPE_CHECKING:
     from slimrank.compression.pruning import MagnitudePruner
     from slimrank.pipeline.engine import Engine
+
+log = logging.getLogger(__name__)
 
 
 def _standardization(feats: CandidateFeatures) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +195,7 @@ def fit_on_valid(
         if pruner is not None:
             record["sparsity"] = pruner.current_sparsity
         history.append(record)
+        log.info("student epoch %d/%d: %s", epoch + 1, config.epochs, record)
         if pruner is not None and step < pruner.schedule.end_step:
             best = model  # still pruning: not a candidate, but the fallback if none is
             continue

@@ -120,12 +120,19 @@ class CandidateConfig(Config):
     # their labels, as at validation and serving (stacking). Off: the full model retrieves
     # for the folds too, which saw the target fold in training.
     refit: bool = False
+    # Rankers train on the lists of a seeded sample of this many users per fold, and the
+    # valid / test views evaluate a sample of eval_users (0: every user). The feature tables
+    # the server reads are built from every user's interactions either way.
+    sample_users: int = 0
+    eval_users: int = 0
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
         require(self.n >= 1, self, "n", self.n, "must be >= 1")
         require(0 < self.target_frac < 1, self, "target_frac", self.target_frac, "in (0, 1)")
         require(self.folds >= 1, self, "folds", self.folds, "must be >= 1")
+        require(self.sample_users >= 0, self, "sample_users", self.sample_users, ">= 0")
+        require(self.eval_users >= 0, self, "eval_users", self.eval_users, ">= 0")
 
 
 @dataclasses.dataclass(frozen=True)

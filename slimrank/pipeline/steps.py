@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,7 +204,13 @@ def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int
     save_model(result.model, out / "model")
     metrics = {
         view: evaluate_model(
-            result.model, split, view, data.user_features, data.item_features, ks=(k,)
+            result.model,
+            split,
+            view,
+            data.user_features,
+            data.item_features,
+            ks=(k,),
+            max_users=config.train.eval_users,
         )
         for view in ("valid", "test")
     }
@@ -358,7 +365,10 @@ def candidates_step(
         item_vecs: np.ndarray = emb.item,
         search: RetrievalIndex = index,
         times: sp.csr_matrix = train_times,
+        limit: int = 0,
+        salt: int = 0,
     ) -> tuple:
+        started = time.perf_counter()
         tables = build_feature_tables(
             observed,
             user_vecs,
@@ -368,8 +378,21 @@ def candidates_step(
             config.features,
             time=times,
         )
-        users = np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
-        return tables, *engine.mine(tables, user_vecs, search, users, config.n, observed, truth)
+        log.info(
+            "candidates: feature tables of %d users x %d items built in %.0f s",
+            *observed.shape,
+            time.perf_counter() - started,
+        )
+        started = time.perf_counter()
+        users = sample_users(truth, limit, config.fold_seed, salt)
+        mined = engine.mine(tables, user_vecs, search, users, config.n, observed, truth)
+        log.info(
+            "candidates: %d users' top %d mined and featurized in %.0f s",
+            len(users),
+            config.n,
+            time.perf_counter() - started,
+        )
+        return tables, *mined
 
     def fold_search(i: int) -> tuple[np.ndarray, RetrievalIndex]:
         """A refit fold's item vectors and an exact index over them, else the model's."""
@@ -381,7 +404,14 @@ def candidates_step(
         return emb.fold_item[i], flat
 
     parts = [
-        mine(emb.history[i], emb.target[i], emb.user[f"fold{i}"], *fold_search(i))[1:]
+        mine(
+            emb.history[i],
+            emb.target[i],
+            emb.user[f"fold{i}"],
+            *fold_search(i),
+            limit=config.sample_users,
+            salt=i,
+        )[1:]
         for i in range(len(emb.history))
     ]
     cands = Candidates(*(np.concatenate([getattr(p[0], f) for p in parts]) for f in _CANDS))
@@ -396,7 +426,12 @@ def candidates_step(
     for view in ("valid", "test"):
         truth = data.truth(view)
         tables, cands, feats, labels = mine(
-            data.seen(view), truth, emb.user[view], times=times_of[view]
+            data.seen(view),
+            truth,
+            emb.user[view],
+            times=times_of[view],
+            limit=config.eval_users,
+            salt=VIEWS.index(view) + 1000,
         )
         artifacts.save_view(out / f"{view}.safetensors", cands, feats, labels)
         metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))
@@ -404,6 +439,16 @@ def candidates_step(
     layout = save_tables(out / "serving_tables.safetensors", tables)
     write_json(out / "serving_layout.json", layout)
     write_json(out / "metrics.json", metrics)
+
+
+def sample_users(truth: sp.spmatrix, limit: int, seed: int, salt: int) -> np.ndarray:
+    """Return the users with a relevant item in ``truth``, or a seeded sample of ``limit`` of
+    them (sorted) when ``limit`` > 0 and there are more."""
+    users = np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
+    if 0 < limit < len(users):
+        rng = np.random.default_rng([seed, salt])
+        users = np.sort(rng.choice(users, limit, replace=False))
+    return users
 
 
 def load_views(path: Path) -> dict[str, tuple[Candidates, CandidateFeatures, np.ndarray]]:

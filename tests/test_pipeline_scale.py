@@ -1,0 +1,156 @@
+"""configs/scale.toml, shrunk to a 2,000-user world, end to end: generate the world, run every
+step through the logs directory, publish, and serve the bundle with the real server.
+
+Only sizes change (epochs, widths, sample sizes, the source); every option scale.toml sets
+(sampled softmax, local EASE, user samples, the tuned IVF-PQ index) is what runs here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from slimrank.bundle import Bundle, open_bundle
+from slimrank.bundle.formats import read_npy
+from slimrank.compression.scorer import Scorer
+from slimrank.data.world import WorldConfig, write_world
+from slimrank.pipeline.artifacts import load_view
+from slimrank.pipeline.config import PipelineConfig
+from slimrank.pipeline.publish import publish_run
+from slimrank.pipeline.run import RunResult, run_pipeline
+from slimrank.pipeline.steps import load_data
+from slimrank.ranking.pipeline_eval import rank_candidates
+from slimrank.serving.client import SlimrankClient
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.reload import bundle_reload_fn, load_current
+from slimrank.serving.server import create_server
+from slimrank.serving.snapshot import SnapshotHolder
+
+SCALE = Path(__file__).resolve().parent.parent / "configs" / "scale.toml"
+WORLD = WorldConfig(n_users=2_000, n_items=1_000, per_user=15, pool_per_genre=60, seed=0)
+SAMPLE_USERS, EVAL_USERS, N = 400, 300, 50
+
+# Sizes only: the scale config's options stay as they are.
+SMALL: dict[str, Any] = {
+    "two_tower": {
+        "dim": 15,
+        "id_dim": 15,
+        "max_history": 50,
+        "train": {"epochs": 3, "batch_size": 1024, "eval_users": 300, "progress": False},
+    },
+    "index": {"tuning": {"n_queries": 300}},
+    "candidates": {
+        "n": N,
+        "sample_users": SAMPLE_USERS,
+        "eval_users": EVAL_USERS,
+        "features": {"cooc_neighbors": 30, "ease_neighbors": 30},
+    },
+    "teacher": {"deep": [64, 32], "train": {"epochs": 2}},
+    "student": {"hidden": [32, 16], "epochs": 3},
+    "prune": {"epochs": 2, "ramp_epochs": 1},
+    "int8": {"calibration_candidates": 512, "bench_repeats": 5},
+    "latency": {"candidates": N, "repeats": 5, "warmup": 1},
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict):
+            assert key in base, f"scale.toml has no [{key}]"
+            out[key] = _merge(base[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    result: RunResult
+    bundle: Bundle
+    client: SlimrankClient
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("scale")
+    write_world(WORLD, root / "world")
+    with open(SCALE, "rb") as f:
+        raw = tomllib.load(f)
+    config = PipelineConfig.from_dict(
+        _merge(
+            raw,
+            {**SMALL, "cache_dir": str(root / "cache"), "data": {"source": str(root / "world")}},
+        )
+    )
+    result = run_pipeline(config)
+    version = publish_run(result, root / "bundles")
+    if version is None:
+        pytest.fail(f"the small scale pipeline did not pass its gate: {result.gate()}")
+    holder = SnapshotHolder(load_current(root / "bundles"))
+    server, port = create_server(
+        ServerConfig(), holder, CollectorRegistry(), bundle_reload_fn(root / "bundles")
+    )
+    server.mark_serving()
+    client = SlimrankClient(f"127.0.0.1:{port}", timeout=10.0)
+    try:
+        yield Served(result, open_bundle(root / "bundles", version), client)
+    finally:
+        client.close()
+        server.shutdown(0).wait(5)
+
+
+def test_the_scale_config_trains_what_it_says() -> None:
+    with open(SCALE, "rb") as f:
+        config = PipelineConfig.from_dict(tomllib.load(f))
+    assert config.two_tower.train.loss == "sampled_softmax"
+    assert config.candidates.features.ease_method == "local"
+    assert config.index.kind == "ivfpq" and config.index.tuning.enabled
+    assert config.candidates.sample_users > 0 and config.candidates.eval_users > 0
+
+
+def test_rankers_train_on_a_sample_of_users(served: Served) -> None:
+    train, _, _ = load_view(served.result.path("candidates") / "train.safetensors")
+    assert len(np.unique(train.user)) == SAMPLE_USERS
+    for view in ("valid", "test"):
+        cands, _, _ = load_view(served.result.path("candidates") / f"{view}.safetensors")
+        assert len(np.unique(cands.user)) == EVAL_USERS
+    # Validation is on the sample too: the teacher's metrics count that many users.
+    assert served.result.metrics("teacher")["valid"]["users"] == EVAL_USERS
+
+
+def test_sampled_users_get_the_offline_ranking(served: Served) -> None:
+    cands, feats, _ = load_view(served.result.path("candidates") / "test.safetensors")
+    bundle = served.bundle
+    item_ids, user_ids = read_npy(bundle.file("items.npy")), read_npy(bundle.file("users.npy"))
+    scorer = Scorer(bundle.file("ranker.onnx"), bundle.manifest.files["ranker.onnx"].sha256)
+    for row in (0, len(cands) // 2, len(cands) - 1):
+        scores = scorer.score(feats.values[row])  # (N,)
+        top = rank_candidates(cands.items[row : row + 1], scores[None], 10)[0]
+        got = served.client.recommend(str(user_ids[int(cands.user[row])]), 10)
+        assert got.user_source == "KNOWN"
+        assert got.item_ids == tuple(str(item_ids[i]) for i in top if i >= 0)
+
+
+def test_users_outside_every_sample_are_served_from_the_full_tables(served: Served) -> None:
+    """The samples bound training; the served tables still cover every user."""
+    path = served.result.path("candidates")
+    sampled = set()
+    for view in ("train", "valid", "test"):
+        sampled |= set(load_view(path / f"{view}.safetensors")[0].user.tolist())
+    seen = load_data(served.bundle.path / "data").split.seen_for_test()
+    outside = [u for u in range(WORLD.n_users) if u not in sampled][:5]
+    assert len(outside) == 5
+    user_ids = read_npy(served.bundle.file("users.npy"))
+    item_ids = read_npy(served.bundle.file("items.npy"))
+    for user in outside:
+        got = served.client.recommend(str(user_ids[user]), 10)
+        assert got.user_source == "KNOWN" and len(got.item_ids) == 10
+        assert not set(got.item_ids) & {str(item_ids[i]) for i in seen[user].indices}

@@ -1,0 +1,160 @@
+"""The synthetic world: seeded rows independent of the chunk size, a truth that matches an
+independent brute-force ranking, logs that follow the truth, and the customer's logs path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from slimrank.cli import main
+from slimrank.data.dataset import dataset_files, load_dataset
+from slimrank.data.world import (
+    BLOCK_USERS,
+    WorldConfig,
+    iter_interactions,
+    iter_users,
+    load_world_config,
+    make_items,
+    true_top_k,
+)
+
+SMALL = WorldConfig(
+    n_users=BLOCK_USERS + 500, n_items=900, per_user=12, pool_per_genre=40, popular_pool=30, seed=3
+)
+
+
+def _all(config: WorldConfig, chunk: int) -> pd.DataFrame:
+    return pd.concat([pd.DataFrame(c) for c in iter_interactions(config, chunk)], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def logs() -> pd.DataFrame:
+    return _all(SMALL, BLOCK_USERS)
+
+
+def test_same_seed_same_rows_whatever_the_chunk_size(logs: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(logs, _all(SMALL, 10 * BLOCK_USERS))
+    pd.testing.assert_frame_equal(logs, _all(SMALL, 1))
+    # Fewer users: the same rows for the users they share.
+    fewer = _all(dataclasses.replace(SMALL, n_users=700), 1)
+    pd.testing.assert_frame_equal(fewer, logs[logs.user_id < 700].reset_index(drop=True))
+    other = _all(dataclasses.replace(SMALL, seed=4), 1)
+    assert not logs.equals(other)
+
+
+def test_logs_are_well_formed(logs: pd.DataFrame) -> None:
+    assert not logs.duplicated(["user_id", "item_id"]).any()  # each item once per user
+    per_user = logs.groupby("user_id").size()
+    assert len(per_user) == SMALL.n_users and per_user.min() >= SMALL.min_per_user
+    assert 0.8 * SMALL.per_user < per_user.mean() < 1.2 * SMALL.per_user
+    assert logs.item_id.between(0, SMALL.n_items - 1).all()
+    end = SMALL.start + SMALL.days * 86_400
+    assert logs.timestamp.between(SMALL.start, end).all()
+    # Sessions: within a user, most gaps are minutes, some are days.
+    gaps = logs.sort_values(["user_id", "timestamp"]).groupby("user_id").timestamp.diff().dropna()
+    assert (gaps < 900).mean() > 0.5 and (gaps > 86_400).mean() > 0.05
+
+
+def test_popularity_is_skewed(logs: pd.DataFrame) -> None:
+    counts = np.sort(np.bincount(logs.item_id, minlength=SMALL.n_items))[::-1]
+    top = counts[: SMALL.n_items // 100].sum() / counts.sum()
+    assert top > 0.1  # the top 1% of items hold over 10x their share
+    assert counts[SMALL.n_items // 2] < counts[0] / 20
+
+
+def _reference_utility(config: WorldConfig, users: np.ndarray) -> np.ndarray:
+    """Utility of every item for ``users``, item by item from the attributes (no blocks)."""
+    items = make_items(config)
+    attrs = [u for u in iter_users(config, items)]
+    taste = np.concatenate([u.taste for u in attrs])[users].astype(np.float64)
+    era = np.concatenate([u.era for u in attrs])[users].astype(np.float64)
+    out = np.zeros((len(users), config.n_items))
+    for i in range(config.n_items):
+        gap = (float(items.year[i]) - era) / 20.0
+        out[:, i] = taste @ items.vec[i].astype(np.float64) + items.bias[i] - 0.5 * gap**2
+    return out
+
+
+def test_true_top_k_is_the_brute_force_ranking(logs: pd.DataFrame) -> None:
+    users = np.array([0, 5, BLOCK_USERS - 1, BLOCK_USERS, BLOCK_USERS + 499])
+    ref = _reference_utility(SMALL, users)
+    k = 20
+    want = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(true_top_k(SMALL, users, k), want)
+    np.testing.assert_array_equal(true_top_k(SMALL, users, k, block_items=7), want)
+    # Excluding the training items and keeping only some items.
+    seen = sp.csr_matrix(
+        (np.ones(len(logs)), (logs.user_id, logs.item_id)), shape=(SMALL.n_users, SMALL.n_items)
+    )
+    allowed = np.arange(SMALL.n_items) % 3 != 0
+    masked = ref.copy()
+    masked[seen[users].toarray() > 0] = -np.inf
+    masked[:, ~allowed] = -np.inf
+    want = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+    got = true_top_k(SMALL, users, k, exclude=seen, allowed=allowed, block_items=100)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_users_interact_with_what_they_prefer(logs: pd.DataFrame) -> None:
+    """The logs are a noisy sample of the truth: far more of a user's items are in their true
+    top 50 than a popularity ranking puts there."""
+    users = np.arange(0, SMALL.n_users, 17)
+    top = true_top_k(SMALL, users, 50)
+    by_user = logs.groupby("user_id").item_id.apply(set)
+    popular = set(np.argsort(-np.bincount(logs.item_id, minlength=SMALL.n_items))[:50].tolist())
+    hit = np.mean(
+        [
+            len(by_user[u] & set(t.tolist())) / len(by_user[u])
+            for u, t in zip(users, top, strict=True)
+        ]
+    )
+    pop_hit = np.mean([len(by_user[u] & popular) / len(by_user[u]) for u in users])
+    assert hit > 0.5 and hit > pop_hit + 0.1
+
+
+def test_generate_writes_logs_that_the_customer_path_reads(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "world"
+    args = ["--users", "300", "--items", "200", "--interactions-per-user", "10", "--seed", "1"]
+    assert main(["data", "generate", "world", *args, "--out", str(out)]) == 0
+    config = load_world_config(out)
+    assert (config.n_users, config.n_items, config.per_user, config.seed) == (300, 200, 10, 1)
+    want = _all(config, BLOCK_USERS)
+    dataset = load_dataset(str(out))
+    assert dataset.n_users == 300 and len(dataset.interactions) == len(want)
+    assert dataset.n_items == want.item_id.nunique()
+    # External ids round-trip: the dataset's rows are the generator's rows.
+    user = dataset.users.external(dataset.interactions.user).astype(int)
+    item = dataset.items.external(dataset.interactions.item).astype(int)
+    np.testing.assert_array_equal(user, want.user_id)
+    np.testing.assert_array_equal(item, want.item_id)
+    assert set(dataset.item_features.names) >= {"genre", "year"}
+    assert set(dataset.user_features.names) >= {"age", "country"}
+    # Each item's genre is the generator's.
+    genre = dataset.item_features.categorical["genre"]
+    vocab = np.asarray(dataset.item_features.vocab["genre"], dtype=object)
+    world_genre = make_items(config).genre[
+        dataset.items.external(np.arange(dataset.n_items)).astype(int)
+    ]
+    assert (vocab[genre] == np.char.add("g", world_genre.astype(str))).all()
+    # The pipeline keys its data step by every file the load read (a changed table re-runs it).
+    assert dataset_files(str(out)) == [
+        out / "interactions.parquet",
+        out / "users.parquet",
+        out / "items.parquet",
+    ]
+    capsys.readouterr()
+    assert main(["data", "info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(want):,}" in printed and "genre" in printed
+
+
+def test_bad_world_size_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    code = main(["data", "generate", "world", "--users", "0", "--out", str(tmp_path / "w")])
+    assert code != 0
+    assert "n_users" in capsys.readouterr().err
