@@ -680,15 +680,18 @@ class EchoRecommender:
         from slimrank.serving.proto.slimrank.v1 import recommender_pb2
         from slimrank.serving.servicer import RecommenderServicer
 
-        real = RecommenderServicer(holder, config, metrics)
+        self._real = RecommenderServicer(holder, config, metrics)
         request = recommender_pb2.RecommendRequest(user_id=str(holder.get().user_ids[0]), k=K)
-        self._answer = real.Recommend(request, _LocalContext())
+        self._answer = self._real.Recommend(request, _LocalContext())
 
     def Recommend(self, request: Any, context: Any) -> Any:
         return self._answer
 
     def Search(self, request: Any, context: Any) -> Any:
-        return self._answer
+        return self._real.Search(request, context)
+
+    def RecommendBatch(self, request: Any, context: Any) -> Any:
+        return self._real.RecommendBatch(request, context)
 
 
 class _LocalContext:
