@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hand_data import interactions_of
 
 from slimrank.cli import main
 from slimrank.data.dataset import Interactions, Split, split_random
@@ -21,18 +22,12 @@ from slimrank.evaluation.peers import (
 )
 
 
-def _inter(pairs: list[tuple[int, int]]) -> Interactions:
-    user, item = np.array(pairs).T
-    n = len(pairs)
-    return Interactions(user, item, np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.int64))
-
-
 def _hand_split() -> Split:
     """3 users, 4 items; train popularity is i0: 3, i1: 1, i2: 1, i3: 0."""
     return Split(
-        train=_inter([(0, 0), (0, 1), (1, 0), (2, 0), (2, 2)]),
-        valid=_inter([(0, 2), (1, 3)]),
-        test=_inter([(0, 3), (2, 3)]),
+        train=interactions_of([(0, 0), (0, 1), (1, 0), (2, 0), (2, 2)]),
+        valid=interactions_of([(0, 2), (1, 3)]),
+        test=interactions_of([(0, 3), (2, 3)]),
         n_users=3,
         n_items=4,
     )

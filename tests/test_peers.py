@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hand_data import interactions_of
 
 from slimrank.data.dataset import Interactions, Split, split_random
 from slimrank.evaluation.baselines import EaseConfig, ease_weights
@@ -24,18 +25,12 @@ from slimrank.evaluation.peers import (
 )
 
 
-def _inter(pairs: list[tuple[int, int]]) -> Interactions:
-    user, item = np.array(pairs).T
-    n = len(pairs)
-    return Interactions(user, item, np.ones(n, dtype=np.float32), np.zeros(n, dtype=np.int64))
-
-
 def _hand_split() -> Split:
     """3 users, 4 items. Train counts i0: 3, i1: 1, i2: 1, i3: 0; valid adds i2 and i3."""
     return Split(
-        train=_inter([(0, 0), (0, 1), (1, 0), (2, 0), (2, 2)]),
-        valid=_inter([(0, 2), (1, 3)]),
-        test=_inter([(0, 3), (1, 1), (2, 3)]),
+        train=interactions_of([(0, 0), (0, 1), (1, 0), (2, 0), (2, 2)]),
+        valid=interactions_of([(0, 2), (1, 3)]),
+        test=interactions_of([(0, 3), (1, 1), (2, 3)]),
         n_users=3,
         n_items=4,
     )
@@ -130,7 +125,7 @@ def test_rp3beta_matches_a_brute_force_random_walk() -> None:
 
 def test_score_part_reads_train_for_valid_and_train_plus_valid_for_test() -> None:
     split = split_random(
-        _inter([(u, i) for u in range(20) for i in range(15) if (u * 7 + i * 3) % 4 == 0]),
+        interactions_of([(u, i) for u in range(20) for i in range(15) if (u * 7 + i * 3) % 4 == 0]),
         20,
         15,
         seed=0,
@@ -155,7 +150,7 @@ def test_evaluate_peer_selects_on_validation_and_refits_on_train_plus_valid() ->
             for u, i in zip(rng.integers(0, 60, 900), rng.integers(0, 25, 900), strict=True)
         }
     )
-    split = split_random(_inter(pairs), 60, 25, seed=1)
+    split = split_random(interactions_of(pairs), 60, 25, seed=1)
     calls: list[tuple[float, int]] = []
 
     def fit(x: sp.csr_matrix, params: dict) -> object:

@@ -18,6 +18,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from slimrank.errors import SlimrankError
+from slimrank.search.filters import ItemFilter
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.metrics import ServingMetrics
 from slimrank.serving.proto.slimrank.v1 import (
@@ -146,21 +147,28 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         ]
         return items, len(retrieved)
 
+    def _check_user_request(
+        self, request: recommender_pb2.RecommendRequest | recommender_pb2.SearchRequest
+    ) -> tuple[int, str, tuple[str, ...], tuple[str, ...], tuple[ItemFilter, ...]]:
+        """Return the checked ``k``, user id, recent and excluded ids and filters of a request
+        that names a user (Recommend, text Search); raises :class:`ValidationError`."""
+        cfg = self._config
+        k = check_k(request.k, cfg.max_k)
+        user_id = check_user_id(request.user_id, cfg.max_id_length)
+        recent = check_ids(
+            request.recent_item_ids, cfg.max_exclude, cfg.max_id_length, "recent_item_ids"
+        )
+        exclude = check_ids(
+            request.exclude_item_ids, cfg.max_exclude, cfg.max_id_length, "exclude_item_ids"
+        )
+        return k, user_id, recent, exclude, filters_from_proto(request.filters)
+
     @_internal_errors
     def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: grpc.ServicerContext
     ) -> recommender_pb2.RecommendResponse:
-        cfg = self._config
         try:
-            k = check_k(request.k, cfg.max_k)
-            user_id = check_user_id(request.user_id, cfg.max_id_length)
-            recent = check_ids(
-                request.recent_item_ids, cfg.max_exclude, cfg.max_id_length, "recent_item_ids"
-            )
-            exclude = check_ids(
-                request.exclude_item_ids, cfg.max_exclude, cfg.max_id_length, "exclude_item_ids"
-            )
-            filters = filters_from_proto(request.filters)
+            k, user_id, recent, exclude, filters = self._check_user_request(request)
         except ValidationError as error:
             _abort_invalid(context, error)
         self._require_time(context, "retrieval")
@@ -222,22 +230,13 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         snapshot: ModelSnapshot,
     ) -> recommender_pb2.SearchResponse:
         """A text search: validate, resolve the user, match, filter, order (text_search)."""
-        cfg = self._config
         try:
             if request.query_vector:
                 raise ValidationError("text", "send text or query_vector, not both")
             if not request.text:
                 raise ValidationError("text", "empty: send the words to search for")
             text = check_text(request.text)
-            k = check_k(request.k, cfg.max_k)
-            user_id = check_user_id(request.user_id, cfg.max_id_length)
-            recent = check_ids(
-                request.recent_item_ids, cfg.max_exclude, cfg.max_id_length, "recent_item_ids"
-            )
-            exclude = check_ids(
-                request.exclude_item_ids, cfg.max_exclude, cfg.max_id_length, "exclude_item_ids"
-            )
-            filters = filters_from_proto(request.filters)
+            k, user_id, recent, exclude, filters = self._check_user_request(request)
             if snapshot.catalog is None:
                 raise ValidationError("text", f"model {snapshot.version} has no text index")
             allowed = check_filters(snapshot.catalog, filters, snapshot.version)
