@@ -178,6 +178,8 @@ def test_serve_refuses_a_corrupt_current(
         (["--workers", "0"], "must be >= 1"),
         (["--max-inflight", "0"], "max_inflight"),
         (["--admin-token-file", "missing-token-file"], "missing-token-file"),
+        # The sync engine's own rejections cannot be counted: it is not offered to operators.
+        (["--engine", "sync"], "unrecognized arguments: --engine"),
     ],
 )
 def test_serve_rejects_bad_arguments(

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slimrank.serving.config import ENGINES, ReloadConfig, ServerConfig
+from slimrank.serving.config import ReloadConfig, ServerConfig
 
 if TYPE_CHECKING:
     from slimrank.serving.workers import ServeSpec
@@ -103,13 +103,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "promptly while a handler thread computes (default: %(default)s)",
     )
     p.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default=defaults.engine,
-        help="aio: admission on the event loop (default); sync: the thread-pool server, for "
-        "comparison",
-    )
-    p.add_argument(
         "--grace",
         type=float,
         default=defaults.grace_s,
@@ -186,7 +179,6 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
         server = ServerConfig(
             host=args.host,
             port=args.port,
-            engine=args.engine,
             handler_threads=args.handler_threads,
             max_wait_s=args.max_wait_ms / 1000 if args.max_wait_ms > 0 else None,
             switch_interval_s=(

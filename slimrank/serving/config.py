@@ -21,7 +21,9 @@ class ServerConfig(Config):
     inline on the event loop when it is 0; other sync handlers (Admin) on up to
     ``max_workers`` threads of their own.
 
-    ``engine`` "sync" (the thread-pool ``grpc.server``, kept for comparison): Recommender
+    ``engine`` "sync" (the thread-pool ``grpc.server``, kept for ``bench/serving.py``'s
+    comparison and not offered by ``slimrank serve``, because of the uncounted rejections
+    below): Recommender
     calls beyond ``max_inflight`` are shed once they reach a worker thread; ``max_workers``
     must exceed it so that rejections and health checks still find a thread.
     ``max_pending_rpcs`` is grpc's own bound on accepted calls there; its rejections happen
