@@ -250,3 +250,22 @@ def test_query_answers_a_new_user_without_importing_a_train_only_library(
     assert report["heavy"] == {}, f"imported (module: first command): {report['heavy']}"
     # The new user's vector came from the numpy user tower, in the server that maps no torch.
     assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_text_search_loads_no_train_only_library(
+    server: tuple[subprocess.Popen[str], str, int],
+) -> None:
+    """The search catalog is built offline (bm25s, pandas); serving it maps no train-only
+    library: a typo, a prefix and a personalized search, then the process's maps."""
+    from slimrank.serving.client import SlimrankClient
+
+    _, target, pid = server
+    with SlimrankClient(target, timeout=10.0) as client:
+        assert client.search_text("winetr", 5).item_ids  # a typo
+        assert client.search_text("star riv", 5).item_ids  # as typed: a prefix
+        assert client.recommend("u3", 3).user_source == "KNOWN"
+        assert client.search_text("garden city", 5, user_id="u3").user_source == "KNOWN"
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    heavy = sorted({line.split()[-1] for line in maps.splitlines() if HEAVY_LIBRARIES.search(line)})
+    assert heavy == [], f"text search mapped {len(heavy)} train-only libraries: {heavy[:5]}"
+    assert "rapidfuzz" in maps  # the typo matcher ran in this process: the right one was read
