@@ -376,8 +376,7 @@ def candidate_features(
         if name in col:
             values = np.where(mask, out[:, :, col[name]], -np.inf)  # (U, N)
             order = np.argsort(-values, axis=1, kind="stable")
-            rank = np.empty_like(order)
-            np.put_along_axis(rank, order, np.arange(n)[None, :], axis=1)
+            rank = np.argsort(order, axis=1)  # the inverse permutation: rank[order[j]] = j
             out[:, :, at] = np.log1p(rank)
             at += 1
     if at != len(layout):
