@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
+from blocking_snapshot import blocking
 from prometheus_client import CollectorRegistry
 
 from slimrank.serving.client import BatchRequest, SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.proto.slimrank.v1 import recommender_pb2, recommender_pb2_grpc
 from slimrank.serving.server import SlimrankServer, create_server
-from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
+from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
 from slimrank.serving.status import field_violations
 
 
@@ -70,19 +69,6 @@ def test_the_batch_is_bounded_and_names_the_bad_request(served) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.RecommendBatch(recommender_pb2.RecommendBatchRequest(), timeout=5)  # empty
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def blocking(snap: ModelSnapshot) -> tuple[ModelSnapshot, threading.Semaphore, threading.Event]:
-    entered, release, warmed = threading.Semaphore(0), threading.Event(), threading.Event()
-
-    def score(features: np.ndarray) -> np.ndarray:
-        if warmed.is_set():
-            entered.release()
-            release.wait(10)
-        warmed.set()
-        return snap.score(features)
-
-    return dataclasses.replace(snap, score=score), entered, release
 
 
 def test_a_batch_takes_an_admission_slot_and_is_shed_like_a_call() -> None:

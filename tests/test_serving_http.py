@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from blocking_snapshot import blocking
 from prometheus_client import CollectorRegistry
 
 from slimrank.serving.client import SlimrankClient
@@ -134,20 +135,6 @@ def test_what_is_not_a_json_call_is_refused_plainly(start: Callable[..., Running
     big = {"user_id": "u1", "k": 3, "exclude_item_ids": [f"i{i}" for i in range(400)]}
     assert post(f"{r.url}/v1/recommend", big)[0] == 413
     assert post(f"{r.url}/v1/recommend", ok)[0] == 200  # the server is fine afterwards
-
-
-def blocking(snap: ModelSnapshot) -> tuple[ModelSnapshot, threading.Semaphore, threading.Event]:
-    """A snapshot whose scorer (after the warm-up call) signals ``entered``, then waits."""
-    entered, release, warmed = threading.Semaphore(0), threading.Event(), threading.Event()
-
-    def score(features: np.ndarray) -> np.ndarray:
-        if warmed.is_set():
-            entered.release()
-            release.wait(10)
-        warmed.set()
-        return snap.score(features)
-
-    return dataclasses.replace(snap, score=score), entered, release
 
 
 def test_http_and_grpc_share_admission_and_http_sheds_with_429(
