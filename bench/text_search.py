@@ -45,6 +45,7 @@ from bench.serving import cpu_features  # noqa: E402
 
 RESULTS = HERE / "results"
 K = 10
+BOOTSTRAP_RESAMPLES = 2000
 POP_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
 RANK_GRID = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -126,15 +127,9 @@ def known_metrics(order: np.ndarray, target: int) -> tuple[float, float]:
     return float(rank <= K), 1.0 / rank
 
 
-def bootstrap(diff: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), (n, len(diff)))
-    means = diff[idx].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def main() -> int:
     from slimrank.bundle import open_bundle
+    from slimrank.evaluation.paired import PerUser, paired_bootstrap
     from slimrank.pipeline.artifacts import load_split
     from slimrank.serving.loader import load_snapshot
 
@@ -221,10 +216,11 @@ def main() -> int:
     ):
         a = np.asarray(pers[key[0]][key[1]] if key[1] else pers[key[0]], dtype=np.float64)
         b = np.asarray(base[key[0]][key[1]] if key[1] else base[key[0]], dtype=np.float64)
-        ok = ~(np.isnan(a) | np.isnan(b))
-        d = a[ok] - b[ok]
-        lo, hi = bootstrap(d)
-        diffs[metric] = {"mean_diff": float(d.mean()), "ci95": [lo, hi], "users": int(ok.sum())}
+        users = np.flatnonzero(~(np.isnan(a) | np.isnan(b)))
+        gain = paired_bootstrap(
+            PerUser(users, a[users]), PerUser(users, b[users]), resamples=BOOTSTRAP_RESAMPLES
+        )
+        diffs[metric] = {"mean_diff": gain.diff, "ci95": [gain.low, gain.high], "users": gain.users}
     n_known = sum(len(v) for u, v in known.items() if u % 2 == 0)
     n_genre = sum(len(v) for u, v in genre_q.items() if u % 2 == 0)
     report = {
