@@ -49,7 +49,7 @@ from slimrank.ranking.neighbors import (
     cooccurrence_table,
     ease_exact_table,
     ease_local_table,
-    history_signals,
+    history_signals_of,
 )
 
 log = logging.getLogger(__name__)
@@ -350,12 +350,14 @@ def candidate_features(
     out[:, :, 2] = tables.item_log_popularity[safe]
     out[:, :, 3] = np.log1p(users.n_history.astype(np.float32))[:, None]
     used = np.maximum(users.history.lengths, 1).astype(np.float32)[:, None]  # (U, 1)
-    c_sum, c_max = history_signals(users.history, tables.cooc, items)
+    neighbour_tables = (tables.cooc,) if tables.ease is None else (tables.cooc, tables.ease)
+    signals = history_signals_of(users.history, neighbour_tables, items)
+    c_sum, c_max = signals[0]
     out[:, :, 4] = c_sum
     out[:, :, 5] = c_max
     out[:, :, 6] = c_sum / used
     if tables.ease is not None:
-        e_sum, e_max = history_signals(users.history, tables.ease, items)
+        e_sum, e_max = signals[1]
         out[:, :, col["ease_score"]] = e_sum
         out[:, :, col["ease_max"]] = e_max
     at = 7 + 2 * int(tables.ease is not None)
@@ -381,5 +383,6 @@ def candidate_features(
             at += 1
     if at != len(layout):
         raise RuntimeError(f"filled {at} feature columns but named {len(layout)}")
-    out[~mask] = 0.0
+    if not mask.all():
+        out[~mask] = 0.0
     return CandidateFeatures(out, layout.names, cands.user.copy(), items.copy())

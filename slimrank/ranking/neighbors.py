@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -139,13 +140,26 @@ def history_signals(
     it, so the cost is the candidates times ``K`` plus the history, whatever the catalog's
     size.
     """
+    return history_signals_of(history, (table,), items)[0]
+
+
+def history_signals_of(
+    history: Histories, tables: Sequence[NeighborTable], items: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`history_signals` for several tables over one catalog, marking each history once."""
     items = np.asarray(items, dtype=np.int64)
     n_users, n = items.shape
     if history.n_rows != n_users:
         raise ValueError(f"{history.n_rows} histories for {n_users} candidate rows")
-    total = np.zeros((n_users, n), dtype=np.float32)
-    best = np.zeros((n_users, n), dtype=np.float32)
-    marks = _MARKS.get(table.n_items)  # marks[I] (the pad) stays False
+    if len({t.n_items for t in tables}) > 1:
+        raise ValueError("history_signals_of: the tables cover different catalogs")
+    out = [
+        (np.zeros((n_users, n), dtype=np.float32), np.zeros((n_users, n), dtype=np.float32))
+        for _ in tables
+    ]
+    if not tables:
+        return out
+    marks = _MARKS.get(tables[0].n_items)  # marks[I] (the pad) stays False
     for u in range(n_users):
         hist = history.items[history.indptr[u] : history.indptr[u + 1]]
         if not len(hist):
@@ -153,27 +167,28 @@ def history_signals(
         real = items[u] >= 0
         padded = not real.all()
         rows = np.where(real, items[u], 0) if padded else items[u]
-        columns = table.indices[rows].astype(np.intp)  # (N, W); an explicit cast is faster
         marks[hist] = True
         try:
-            hit = marks[columns]  # (N, W): entries from the history
+            for table, (total, best) in zip(tables, out, strict=True):
+                columns = table.indices[rows].astype(np.intp)  # (N, W); explicit cast: faster
+                hit = marks[columns]  # (N, W): entries from the history
+                if padded:
+                    hit &= real[:, None]
+                weight = table.values[rows] * hit  # (N, W), 0 off the history
+                total[u] = weight.sum(axis=1)
+                # Where some history item holds no weight for the candidate, that 0 takes part
+                # in the max (so the max of the masked row, 0 without hits, is right); only rows
+                # where every history item is an in-neighbour need the max of their hits alone.
+                best[u] = weight.max(axis=1, initial=0.0)
+                # With no negative weight the max of the hits is that of the masked row already.
+                if not table.nonnegative and len(hist) <= table.indices.shape[1]:
+                    count = np.count_nonzero(hit, axis=1)
+                    full = np.flatnonzero((count == len(hist)) & real)
+                    if len(full):
+                        best[u, full] = np.where(hit[full], weight[full], -np.inf).max(axis=1)
         finally:
             marks[hist] = False
-        if padded:
-            hit &= real[:, None]
-        weight = table.values[rows] * hit  # (N, W), 0 off the history
-        total[u] = weight.sum(axis=1)
-        # Where some history item holds no weight for the candidate, that 0 takes part in the
-        # max (so the max of the masked row, 0 without hits, is right); only rows where every
-        # history item is an in-neighbour need the max of their hits alone.
-        best[u] = weight.max(axis=1, initial=0.0)
-        # With no negative weight the max of the hits is that of the masked row already.
-        if not table.nonnegative and len(hist) <= table.indices.shape[1]:
-            count = np.count_nonzero(hit, axis=1)
-            full = np.flatnonzero((count == len(hist)) & real)
-            if len(full):
-                best[u, full] = np.where(hit[full], weight[full], -np.inf).max(axis=1)
-    return total, best
+    return out
 
 
 def _item_blocks(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
