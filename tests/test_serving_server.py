@@ -16,6 +16,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from blocking_snapshot import blocking
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -82,24 +83,6 @@ def reference(
     scores = dots[order] + 0.1 * np.log1p(snap.popularity[order])
     best = np.argsort(-scores, kind="stable")[:k]
     return [str(snap.item_ids[order[i]]) for i in best], scores[best]
-
-
-def blocking(snap: ModelSnapshot) -> tuple[ModelSnapshot, threading.Semaphore, threading.Event]:
-    """A snapshot whose scorer signals ``entered`` and then waits for ``release``.
-
-    The first call, the server's warm-up, is let through.
-    """
-    entered, release = threading.Semaphore(0), threading.Event()
-    warmed = threading.Event()
-
-    def score(features: np.ndarray) -> np.ndarray:
-        if warmed.is_set():
-            entered.release()
-            release.wait(10)
-        warmed.set()
-        return snap.score(features)
-
-    return dataclasses.replace(snap, score=score), entered, release
 
 
 def test_known_user_matches_direct_retrieve_and_rank(start: Callable[..., Running]) -> None:
