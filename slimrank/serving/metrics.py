@@ -123,8 +123,8 @@ class ServingMetrics:
             buckets=CANDIDATE_BUCKETS,
             registry=registry,
         )
-        for stage in STAGES:
-            self.stage_duration.labels(stage)
+        # Resolved once: labels() takes a lock and builds a key on every call.
+        self._stages = {stage: self.stage_duration.labels(stage) for stage in STAGES}
         # process_cpu_seconds_total, process_resident_memory_bytes, ... for the dashboard. With
         # --workers N the merged endpoint reads only the multiprocess files, so it lacks these.
         ProcessCollector(registry=registry)
@@ -146,7 +146,8 @@ class ServingMetrics:
         try:
             yield
         finally:
-            self.stage_duration.labels(name).observe(time.perf_counter() - start)
+            child = self._stages.get(name) or self.stage_duration.labels(name)
+            child.observe(time.perf_counter() - start)
 
 
 METRICS_PATH = "/metrics"
