@@ -124,7 +124,7 @@ class _Marks(threading.local):
         return self.array
 
 
-_MARKS = _Marks()
+MARKS = _Marks()  # also serving's exclusion test (slimrank.serving.snapshot)
 
 
 def history_signals(
@@ -159,7 +159,7 @@ def history_signals_of(
     ]
     if not tables:
         return out
-    marks = _MARKS.get(tables[0].n_items)  # marks[I] (the pad) stays False
+    marks = MARKS.get(tables[0].n_items)  # marks[I] (the pad) stays False
     for u in range(n_users):
         hist = history.items[history.indptr[u] : history.indptr[u + 1]]
         if not len(hist):

@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from slimrank.ranking.histories import Histories
+from slimrank.ranking.neighbors import MARKS as _MARKS
 from slimrank.search.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -212,18 +213,29 @@ class ModelSnapshot:
         want = min(n + int(drop.size), self.n_items)
         if query.vector is None:
             rows = self.popular_order[:want]
-            keep = ~np.isin(rows, drop)
+            keep = ~self._dropped(rows, drop)
             rows = rows[keep][:n]
             return Retrieved(rows, self.popularity[rows].astype(np.float32, copy=False))
         scores, rows = self.search(query.vector.reshape(1, -1), want)  # (1, want)
         rows, scores = rows[0], scores[0]
         # A non-finite score is no ranking (FastScan on a zero query): treated as not reached.
-        keep = (rows >= 0) & np.isfinite(scores) & ~np.isin(rows, drop)
+        keep = (rows >= 0) & np.isfinite(scores) & ~self._dropped(rows, drop)
         rows = rows[keep][:n].astype(np.int64, copy=False)
         scores = scores[keep][:n].astype(np.float32, copy=False)
         if len(rows) < n:
             rows, scores = self.exact_fill(query.vector, rows, scores, n, drop)
         return Retrieved(rows, scores)
+
+    def _dropped(self, rows: np.ndarray, drop: np.ndarray) -> np.ndarray:
+        """``np.isin(rows, drop)`` for item rows (-1 allowed in ``rows``), by marking ``drop``
+        in a per-thread array instead of sorting both (a few microseconds per request)."""
+        marks = _MARKS.get(self.n_items)  # marks[n_items] stands for -1 and stays False
+        drop = drop[(drop >= 0) & (drop < self.n_items)]
+        marks[drop] = True
+        try:
+            return marks[np.where(rows >= 0, rows, self.n_items)]
+        finally:
+            marks[drop] = False
 
     def exact_fill(
         self, vector: np.ndarray, rows: np.ndarray, scores: np.ndarray, n: int, drop: np.ndarray
