@@ -11,7 +11,7 @@ RUN_DIR ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray,peers]'
 	touch $(STAMP)
 
 install: $(STAMP)
