@@ -194,6 +194,19 @@ def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict
     return out
 
 
+def peer_comparison(run_result: Any) -> Any:
+    """Return the served ranker against the retrieval, the teacher and the peers that fit a
+    catalog this size (:data:`~slimrank.evaluation.peers.SCALE_PEERS`), each selected on
+    validation and refitted on train + valid, paired over the test view's users."""
+    from slimrank.evaluation.peers import SCALE_PEERS
+    from slimrank.pipeline.comparison import compare
+    from slimrank.pipeline.report import VARIANTS
+
+    metric = f"ndcg@{run_result.config.k}"
+    valid = {key: run_result.metrics(step)["valid"][metric] for key, _, step in VARIANTS}
+    return compare(run_result, valid, peers=SCALE_PEERS)
+
+
 def run_name(args: argparse.Namespace) -> str:
     """Return the run's name: ``--name``, else the world's size (and the overrides' digest)."""
     if args.name:
@@ -208,6 +221,7 @@ def run_name(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from slimrank.bundle import open_bundle
     from slimrank.data.world import WorldConfig, write_world
+    from slimrank.evaluation.peers import SCALE_PEERS
     from slimrank.pipeline.config import load_config
     from slimrank.pipeline.publish import publish_run
     from slimrank.pipeline.run import run_pipeline
@@ -268,6 +282,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rec.begin("NDCG@10 against the generator's truth")
             result["truth_ndcg@10"] = truth_metrics(run_result, bundle, world, config.k)
             rec.end("NDCG@10 against the generator's truth", None)
+            label = "peers (" + ", ".join(p.name for p in SCALE_PEERS) + ") under the protocol"
+            rec.begin(label)
+            result["comparison"] = peer_comparison(run_result).to_dict()
+            rec.end(label, None)
         result["metrics"] = {
             step: run_result.metrics(step)
             for step in ("two_tower", "candidates", "teacher", "int8")
@@ -335,6 +353,23 @@ def render(results: dict[str, Any]) -> str:
                 f"teacher {te.get('ndcg@10', float('nan')):.4f}, "
                 f"int8 student {i8.get('ndcg@10', float('nan')):.4f} "
                 f"({r.get('eval_users', 2000):,} sampled users)."
+            )
+        comp = r.get("comparison")
+        if comp:
+            users = next((c["served_minus"]["users"] for c in comp["rows"] if c["served_minus"]), 0)
+            parts = []
+            for c in comp["rows"]:
+                text = f"{c['name']} {c['test_ndcg']:.4f}"
+                if c["served_minus"]:
+                    d = c["served_minus"]
+                    ci = f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+                    text += f" (served minus it {ci})"
+                if c.get("fit_cpu_seconds") is not None:
+                    text += f", selected {c['selected']}, refit {c['fit_cpu_seconds']:,.1f} CPU s"
+                parts.append(text)
+            out.append(
+                f"Test NDCG@10 under equal information, paired over {users:,} test users "
+                "(95% bootstrap intervals): " + "; ".join(parts) + "."
             )
         if r.get("truth_ndcg@10"):
             out.append(

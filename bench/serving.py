@@ -349,9 +349,7 @@ def bare_floors(snapshot: Any, n: int) -> dict[str, dict[str, float]]:
     cands = [snapshot.retrieve(q, m, empty) for q in queries]
     feats = [snapshot.featurize(queries[i], cands[i]) for i in range(50)]
     return {
-        "faiss_search": percentiles_ms(
-            lambda i: snapshot.search(vectors[i : i + 1], m), n
-        ),
+        "faiss_search": percentiles_ms(lambda i: snapshot.search(vectors[i : i + 1], m), n),
         "features": percentiles_ms(lambda i: snapshot.featurize(queries[i % 50], cands[i % 50]), n),
         "ranker_forward": percentiles_ms(lambda i: snapshot.score(feats[i % 50]), n),
     }
