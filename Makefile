@@ -6,12 +6,12 @@ STAMP  := $(VENV)/.installed
 # Where `make demo` keeps its run (bundles, reports); data goes to $SLIMRANK_DATA or the user cache.
 RUN_DIR ?= runs/demo
 
-.PHONY: install system-deps test lint unit check-slim-install demo bench bench-retrieval-ml100k bench-serving bench-serving-ml100k bench-serving-quick bench-features bench-online bench-http protos check-protos clean
+.PHONY: install system-deps test lint unit check-slim-install demo bench bench-scale bench-retrieval-ml100k bench-serving bench-serving-ml100k bench-serving-quick bench-features bench-online bench-http protos check-protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray,peers]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -71,7 +71,19 @@ bench-retrieval-ml100k: install
 		--embeddings $(ML100K_TT)/item_embeddings.npy \
 		--query-embeddings $(ML100K_TT)/user_embeddings.npy
 
-# Only the serving load test (it builds, then caches, a 1M-item bundle in bench/.cache).
+# configs/scale.toml end to end on a synthetic world (generate, every step, publish, load),
+# with each step's wall and CPU time, peak RSS and output size: bench/results/scale_steps.md.
+# The size is users x items x interactions per user; a small run, e.g.
+#   make bench-scale SLIMRANK_SCALE_SIZE=2000x1000x15 SLIMRANK_SCALE_OVERRIDE='{"teacher.train.epochs": 1}'
+# A run that is interrupted resumes from the step cache (bench/.cache/scale) when restarted.
+SLIMRANK_SCALE_SIZE ?= 1000000x1000000x20
+SLIMRANK_SCALE_OVERRIDE ?=
+export SLIMRANK_SCALE_SIZE SLIMRANK_SCALE_OVERRIDE
+bench-scale: install
+	nice -n 10 $(BIN)/python bench/scale_steps.py
+
+# Only the serving load test: its scale target serves the bundle make bench-scale publishes
+# (it runs that pipeline first when the bundle is not cached; same SLIMRANK_SCALE_SIZE).
 bench-serving: install
 	$(BIN)/python bench/serving.py
 

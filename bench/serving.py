@@ -5,27 +5,26 @@ responses do, so a slow server shows up as latency rather than as a lower reques
 (latency is measured from the scheduled send time). Each run is bounded in calls and time,
 on loopback only. Targets:
 
-* ``synthetic``: a 1M x 64 synthetic catalog (``slimrank.data.synthetic``) behind the default
-  IVF-PQ + SQ8-refine index of ``slimrank.retrieval.index`` (tuned to recall@100 >= 0.95),
-  200 candidates, features ``[item, user * item, user . item, log1p(popularity)]`` (130
-  floats) scored by a small MLP (64, 32; random weights) exported to ONNX, dynamic-int8
-  quantized and run by the real :class:`~slimrank.compression.scorer.Scorer`. Built once and
-  cached under ``bench/.cache/serving/`` as a real bundle; served by ``serve_one`` /
-  ``serve_workers`` (``--workers``) with a bench-only loader kind.
-  Its floor: a bare gRPC echo server under the same load, and in this process a bare FAISS
-  search and a bare feature + ranker forward.
+* ``scale``: the bundle the pipeline publishes from ``configs/scale.toml`` on a synthetic world
+  (``slimrank data generate world``; 1M users x 1M items x 20 interactions per user by
+  default, ``--scale-size`` or ``$SLIMRANK_SCALE_SIZE`` for a smaller one), built once by
+  ``bench/scale_steps.py``'s run and cached under ``bench/.cache/scale``: the tuned IVF-PQ
+  index, the real feature set and the gated int8 ranker, loaded by the normal loader and served
+  by ``serve_one`` / ``serve_workers`` (``--workers``) as ``slimrank serve`` serves it.
+  Its floor: a bare gRPC echo server under the same load, and in this process the bundle's
+  FAISS search and its features + ranker forward.
 * ``ml100k``: server modes (``MODES``: the sync server, grpc.aio with handlers inline or on
   1-2 threads, 2 processes, GIL switch intervals) on ``runs/demo/bundles`` (``--demo-bundles``)
   as is and with a synthetic ~0.25 ms featurizer, each against the echo through the same
   server and client, and past capacity (twice the highest rate held); the load generator is
   ``bench/loadgen.py`` in its own process. Writes ``bench/results/serving_modes.{json,md}``.
 
-    .venv/bin/python bench/serving.py --targets synthetic   # 1M items, 10 s per rate
-    .venv/bin/python bench/serving.py --targets synthetic --quick   # 100k items, 3 s per rate
+    .venv/bin/python bench/serving.py --targets scale   # the 1M bundle, 10 s per rate
+    SLIMRANK_SCALE_SIZE=2000x1000x15 .venv/bin/python bench/serving.py --targets scale --quick
     .venv/bin/python bench/serving.py --targets ml100k --loadgen-ceiling   # all modes (~1 h)
 
-The synthetic target writes ``bench/results/serving.{json,md}``. The machine's load average is
-recorded beside the numbers: on a shared machine they are noisy.
+The scale target writes ``bench/results/serving.{json,md}`` (``--no-save``: print only). The
+machine's load average is recorded beside the numbers: on a shared machine they are noisy.
 """
 
 from __future__ import annotations
@@ -54,12 +53,10 @@ ROOT = HERE.parent
 CACHE = HERE / ".cache" / "serving"
 RESULTS = HERE / "results"
 DEMO_BUNDLES = ROOT / "runs" / "demo" / "bundles"
-KIND = "bench_ivf_mlp"
-DIM = 64
-N_USERS = 10_000
+SCALE_SIZE_ENV = "SLIMRANK_SCALE_SIZE"
+SCALE_OVERRIDE_ENV = "SLIMRANK_SCALE_OVERRIDE"
 N_CANDIDATES = 200
 K = 10
-HIDDEN = (64, 32)
 READY = re.compile(r"serving on (\S+):(\d+) metrics (\S+) pids ([\d,]+)")
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 ECHO = "/bench.Echo/Echo"
@@ -67,120 +64,73 @@ ECHO = "/bench.Echo/Echo"
 log = logging.getLogger("bench.serving")
 
 
-# -- the synthetic bundle ------------------------------------------------------------------
-
-
-def n_features(dim: int) -> int:
-    """Features per candidate: item (d), user * item (d), user . item, log1p(popularity)."""
-    return 2 * dim + 2
-
-
-def build_synthetic_bundle(root: Path, n_items: int) -> str:
-    """Publish (once; cached) the synthetic bundle under ``root``; return its version."""
-    from slimrank.bundle import current_version, publish
-
-    if current_version(root) is not None:
-        return str(current_version(root))
-    import tempfile
-
-    import torch
-
-    from slimrank.bundle.formats import write_json, write_npy
-    from slimrank.compression.export import export_onnx
-    from slimrank.compression.quantize import quantize_onnx_dynamic
-    from slimrank.data.synthetic import SyntheticConfig, items, queries
-    from slimrank.ranking.mlp import MLPConfig, MLPRanker
-    from slimrank.retrieval.index import IndexConfig, build_index
-    from slimrank.retrieval.index_io import save_index
-
-    config = SyntheticConfig(n_items=n_items, dim=DIM)
-    t0 = time.perf_counter()
-    xb = items(config)  # (N, d)
-    users = queries(config, N_USERS, stream=1)  # (U, d), held out from tuning
-    log.info("catalog %d x %d in %.1f s", n_items, DIM, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    index = build_index(xb, IndexConfig(threads=2), tune_queries=queries(config, 1000, stream=0))
-    log.info("built %s in %.1f s", index.factory_string, time.perf_counter() - t0)
-    torch.manual_seed(0)
-    model = MLPRanker(MLPConfig(input_dim=n_features(DIM), hidden=HIDDEN)).eval()
-    popularity = np.random.default_rng(0).zipf(1.5, n_items).astype(np.float32)  # (N,)
-
-    def write(directory: Path) -> None:
-        save_index(index, directory / "index")
-        with tempfile.TemporaryDirectory() as tmp:
-            fp32 = export_onnx(model, Path(tmp) / "ranker_fp32.onnx", n_features(DIM))
-            quantize_onnx_dynamic(fp32, directory / "ranker.onnx")
-        write_npy(directory / "items.npy", xb)
-        write_npy(directory / "popularity.npy", popularity)
-        write_npy(directory / "user_vectors.npy", users)
-        write_json(directory / "serving.json", {"kind": KIND, "n_items": n_items})
-
-    version = publish(root, write, config={"n_items": n_items, "dim": DIM, "hidden": HIDDEN})
-    log.info("published %s under %s", version, root)
-    return version
-
-
-def load_synthetic(bundle: Any) -> Any:
-    """Loader of the bench kind: IVF-PQ retrieval, numpy features, ONNX int8 ranker."""
-    import faiss
-
-    from slimrank.bundle.formats import read_npy
-    from slimrank.compression.scorer import Scorer
-    from slimrank.retrieval.index_io import load_index
-    from slimrank.serving.loader import bundle_metadata
-    from slimrank.serving.snapshot import ModelSnapshot
-
-    index = load_index(bundle.path / "index")
-    # One thread per query: concurrency comes from the server's threads (built with 2).
-    faiss.omp_set_num_threads(1)
-    items = read_npy(bundle.file("items.npy"))  # (N, d)
-    users = read_npy(bundle.file("user_vectors.npy"))  # (U, d)
-    popularity = read_npy(bundle.file("popularity.npy"))  # (N,)
-    log_pop = np.log1p(popularity).astype(np.float32)  # (N,)
-    scorer = Scorer(bundle.file("ranker.onnx"), bundle.manifest.files["ranker.onnx"].sha256)
-    featurize = Featurizer(items, log_pop)
-    return ModelSnapshot(
-        version=bundle.version,
-        item_ids=np.char.add("i", np.arange(len(items)).astype(str)),
-        item_vectors=items,
-        user_ids=np.char.add("u", np.arange(len(users)).astype(str)),
-        user_vectors=users,
-        popularity=popularity,
-        search=index.search,
-        featurize=featurize,
-        score=scorer.score,
-        metadata=bundle_metadata(bundle),
-    )
+# -- the scale bundle ------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class Featurizer:
-    """``[item, user * item, user . item, log1p(popularity)]`` per candidate: (m, 2d + 2)."""
+class ScaleSize:
+    """The synthetic world the scale target's bundle is trained on."""
 
-    items: np.ndarray  # (N, d) float32
-    log_popularity: np.ndarray  # (N,) float32
+    users: int
+    items: int
+    per_user: float
 
-    def __call__(self, query: Any, retrieved: Any) -> np.ndarray:
-        candidates = retrieved.rows
-        item = self.items[candidates]  # (m, d)
-        cross = item * query.vector  # (m, d)
-        dot = cross.sum(axis=1, keepdims=True)  # (m, 1)
-        pop = self.log_popularity[candidates][:, None]  # (m, 1)
-        return np.concatenate([item, cross, dot, pop], axis=1)  # (m, 2d + 2)
+    @classmethod
+    def parse(cls, text: str) -> ScaleSize:
+        """``USERSxITEMSxPER_USER``, e.g. ``1000000x1000000x20``."""
+        try:
+            users, items, per_user = text.lower().split("x")
+            return cls(int(users), int(items), float(per_user))
+        except ValueError:
+            raise SystemExit(
+                f"--scale-size / {SCALE_SIZE_ENV}={text!r}: expected USERSxITEMSxPER_USER, "
+                "e.g. 1000000x1000000x20"
+            ) from None
+
+
+def scale_bundle(size: ScaleSize, override: str) -> Path:
+    """Return the bundles root of ``configs/scale.toml``'s pipeline run on a world of ``size``.
+
+    Built once by ``bench/scale_steps.py``'s run (world, step cache and bundles under
+    ``bench/.cache/scale``; its table is not written from here) and reused while it holds a
+    published version: ``make bench-scale`` and this bench share it.
+    """
+    import scale_steps
+
+    from slimrank.bundle import current_version
+
+    args = argparse.Namespace(
+        users=size.users,
+        items=size.items,
+        per_user=size.per_user,
+        seed=0,
+        name="",
+        config=str(ROOT / "configs" / "scale.toml"),
+        until="",
+        override=override,
+    )
+    bundles = scale_steps.CACHE / f"bundles-{scale_steps.run_name(args)}"
+    if current_version(bundles) is None:
+        log.info("no published scale bundle in %s: running the pipeline", bundles)
+        result = scale_steps.run(args)
+        if current_version(bundles) is None:
+            raise SystemExit(
+                f"the scale pipeline published nothing: "
+                f"{result.get('failed') or result.get('gate')}"
+            )
+    return bundles
 
 
 # -- server processes ----------------------------------------------------------------------
 
 
 def role_serve(bundles: Path, workers: int) -> int:
-    """Serve the synthetic bundle (this script's loader kind) until SIGTERM."""
+    """Serve the bundles under ``bundles`` with the normal loaders until SIGTERM."""
     from slimrank.serving.config import ReloadConfig, ServerConfig
     from slimrank.serving.workers import ServeSpec, serve_one, serve_workers
 
     server = ServerConfig(port=0, metrics_port=None, max_inflight=8, n_candidates=N_CANDIDATES)
-    spec = ServeSpec(
-        bundles, server, ReloadConfig(poll_interval_s=0), loaders={KIND: load_synthetic}
-    )
+    spec = ServeSpec(bundles, server, ReloadConfig(poll_interval_s=0))
 
     def ready(port: int, mport: int | None, pids: list[int]) -> None:
         print(f"serving on 127.0.0.1:{port} metrics - pids {','.join(map(str, pids))}", flush=True)
@@ -335,16 +285,6 @@ def open_loop(
     )
 
 
-def recommend_requests(n_users: int, n: int = 1000, seed: int = 1) -> list[bytes]:
-    """Serialized Recommend requests for random known users, k = 10."""
-    from slimrank.serving.proto.slimrank.v1 import recommender_pb2
-
-    users = np.random.default_rng(seed).integers(0, n_users, size=n)
-    return [
-        recommender_pb2.RecommendRequest(user_id=f"u{u}", k=K).SerializeToString() for u in users
-    ]
-
-
 def response_size(target: str, request: bytes) -> int:
     """Bytes of one Recommend answer, to size the echo payload."""
     import grpc
@@ -398,22 +338,18 @@ def percentiles_ms(fn: Callable[[int], object], n: int) -> dict[str, float]:
     return {"p50_ms": float(p50), "p99_ms": float(p99)}
 
 
-def bare_floors(bundles: Path, n: int) -> dict[str, dict[str, float]]:
+def bare_floors(snapshot: Any, n: int) -> dict[str, dict[str, float]]:
     """Time FAISS search for 200 and the features + ranker forward, in this process."""
-    from slimrank.bundle import open_bundle
-
-    snapshot = load_synthetic(open_bundle(bundles))
     rng = np.random.default_rng(2)
     users = rng.integers(0, len(snapshot.user_vectors), size=n + 20)
     vectors = snapshot.user_vectors[users]  # (n, d)
     queries = [snapshot.user_query(str(snapshot.user_ids[u]), []) for u in users[:50]]
     empty = np.empty(0, dtype=np.int64)
-    cands = [snapshot.retrieve(q, N_CANDIDATES, empty) for q in queries]
+    m = snapshot.n_candidates or N_CANDIDATES  # what the server retrieves for this bundle
+    cands = [snapshot.retrieve(q, m, empty) for q in queries]
     feats = [snapshot.featurize(queries[i], cands[i]) for i in range(50)]
     return {
-        "faiss_search": percentiles_ms(
-            lambda i: snapshot.search(vectors[i : i + 1], N_CANDIDATES), n
-        ),
+        "faiss_search": percentiles_ms(lambda i: snapshot.search(vectors[i : i + 1], m), n),
         "features": percentiles_ms(lambda i: snapshot.featurize(queries[i % 50], cands[i % 50]), n),
         "ranker_forward": percentiles_ms(lambda i: snapshot.score(feats[i % 50]), n),
     }
@@ -423,10 +359,10 @@ def bare_floors(bundles: Path, n: int) -> dict[str, dict[str, float]]:
 
 
 def goals(runs: dict[str, list[LoadResult]], floor_ms: float) -> dict[str, Any]:
-    """Where the three goals land for the synthetic target(s)."""
+    """Where the three goals land for the scale target(s)."""
     out: dict[str, Any] = {}
     for name, results in runs.items():
-        if not name.startswith("synthetic"):
+        if not name.startswith("scale"):
             continue
         at200 = next((r for r in results if r.offered_rate == 200), None)
         held = [r.offered_rate for r in results if r.p99_ms <= 20 and not r.errors]
@@ -460,7 +396,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
                 f"{r['max_ms']:.2f} | {errors} |"
             )
-    lines += ["", "In-process floors (one query, 200 candidates):", ""]
+    lines += ["", f"In-process floors (one query, {report['n_candidates']} candidates):", ""]
     lines += ["| stage | p50 ms | p99 ms |", "|---|---:|---:|"]
     for stage, p in report["floors"].items():
         lines.append(f"| {stage} | {p['p50_ms']:.3f} | {p['p99_ms']:.3f} |")
@@ -474,34 +410,42 @@ def print_table(report: dict[str, Any]) -> None:
     print(markdown(report))
 
 
-def run_synthetic(args: argparse.Namespace) -> int:
-    n_items = args.items or (100_000 if args.quick else 1_000_000)
+def run_scale(args: argparse.Namespace) -> int:
+    from slimrank.bundle import open_bundle
+    from slimrank.serving.loader import load_snapshot
+
+    size = ScaleSize.parse(args.scale_size)
     duration = args.duration or (3.0 if args.quick else 10.0)
     rates = [float(r) for r in args.rates.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
-    bundles = CACHE / f"bundles-{n_items}"
-    build_synthetic_bundle(bundles, n_items)
+    bundles = scale_bundle(size, args.scale_override)
+    snapshot = load_snapshot(open_bundle(bundles))  # the normal loader, as the server's
+    n_items = snapshot.n_items
     runs: dict[str, list[LoadResult]] = {}
-    notes: list[str] = []
-    requests = recommend_requests(N_USERS)
+    notes: list[str] = [
+        f"bundle {snapshot.version} from {bundles.relative_to(ROOT)}: configs/scale.toml on a "
+        f"world of {size.users:,} users x {size.items:,} items x {size.per_user:g} per user"
+        + (f", overrides {args.scale_override}" if args.scale_override else "")
+    ]
+    requests = recommend_requests(snapshot.user_ids)
     me = [sys.executable, str(Path(__file__).resolve())]
-    size = 0
+    response_bytes = 0
     for n in workers:
         server = ServerProcess([*me, "--role", "serve", "--bundles", str(bundles), "--n", str(n)])
         try:
-            size = response_size(server.target, requests[0])
-            name = f"synthetic w{n}"
+            response_bytes = response_size(server.target, requests[0])
+            name = f"scale w{n}"
             runs[name] = sweep(name, server.target, RECOMMEND, requests, rates, duration)
         finally:
             server.stop()
-    echo = ServerProcess([*me, "--role", "echo", "--n", str(size)])
+    echo = ServerProcess([*me, "--role", "echo", "--n", str(response_bytes)])
     try:
         echo_requests = [r.ljust(len(requests[0]), b" ") for r in requests[:1]]
         runs["grpc echo"] = sweep("grpc echo", echo.target, ECHO, echo_requests, rates, duration)
     finally:
         echo.stop()
-    floors = bare_floors(bundles, 300 if args.quick else 1000)
+    floors = bare_floors(snapshot, 300 if args.quick else 1000)
     floor_ms = runs["grpc echo"][0].p50_ms + sum(
         floors[s]["p50_ms"] for s in ("faiss_search", "features", "ranker_forward")
     )
@@ -512,9 +456,10 @@ def run_synthetic(args: argparse.Namespace) -> int:
         "loadavg_before": loadavg_before,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "n_items": n_items,
+        "n_candidates": snapshot.n_candidates or N_CANDIDATES,
         "duration_s_per_rate": duration,
         "rates": rates,
-        "response_bytes": size,
+        "response_bytes": response_bytes,
         "runs": {k: [dataclasses.asdict(r) for r in v] for k, v in runs.items()},
         "floors": floors,
         "goals": goals(runs, floor_ms),
@@ -1224,9 +1169,14 @@ def demo_requests_from(bundles: Path, n: int = 1000) -> list[bytes]:
     """Recommend requests (k = 10) for random known users of the bundle."""
     from slimrank.bundle import open_bundle
     from slimrank.serving.loader import load_snapshot
+
+    return recommend_requests(load_snapshot(open_bundle(bundles)).user_ids, n)
+
+
+def recommend_requests(users: np.ndarray, n: int = 1000) -> list[bytes]:
+    """Recommend requests (k = 10) for ``n`` random ones of the known ``users`` ids."""
     from slimrank.serving.proto.slimrank.v1 import recommender_pb2
 
-    users = load_snapshot(open_bundle(bundles)).user_ids
     pick = np.random.default_rng(1).integers(0, len(users), size=n)
     return [
         recommender_pb2.RecommendRequest(user_id=str(users[u]), k=K).SerializeToString()
@@ -1348,13 +1298,23 @@ def modes_markdown(report: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--targets", default="synthetic,ml100k", help="synthetic and/or ml100k (default both)"
+        "--targets", default="scale,ml100k", help="scale and/or ml100k (default both)"
     )
-    parser.add_argument("--quick", action="store_true", help="synthetic: 100k items, 3 s per rate")
-    parser.add_argument("--items", type=int, default=0, help="synthetic: catalog size (1M)")
-    parser.add_argument("--rates", default="50,100,200,400,800", help="synthetic: offered calls/s")
+    parser.add_argument("--quick", action="store_true", help="scale: 3 s per rate")
+    parser.add_argument(
+        "--scale-size",
+        default=os.environ.get(SCALE_SIZE_ENV, "1000000x1000000x20"),
+        help=f"scale: USERSxITEMSxPER_USER of the world (${SCALE_SIZE_ENV})",
+    )
+    parser.add_argument(
+        "--scale-override",
+        default=os.environ.get(SCALE_OVERRIDE_ENV, ""),
+        help=f'scale: JSON overrides of scale.toml, e.g. {{"teacher.train.epochs": 1}} '
+        f"(${SCALE_OVERRIDE_ENV})",
+    )
+    parser.add_argument("--rates", default="50,100,200,400,800", help="scale: offered calls/s")
     parser.add_argument("--duration", type=float, default=0, help="seconds per rate")
-    parser.add_argument("--workers", default="1,2", help="synthetic: server processes to compare")
+    parser.add_argument("--workers", default="1,2", help="scale: server processes to compare")
     parser.add_argument("--modes", default=DEFAULT_MODES, help="ml100k: server modes to compare")
     parser.add_argument(
         "--variants", default="ml100k,fastfeat", help="ml100k: the bundle as is, and/or fastfeat"
@@ -1393,8 +1353,8 @@ def main() -> int:
         return role_mode_serve(args.spec)
     targets = args.targets.split(",")
     code = 0
-    if "synthetic" in targets:
-        code |= run_synthetic(args)
+    if "scale" in targets:
+        code |= run_scale(args)
     if "ml100k" in targets:
         args.duration = args.duration or 10.0
         code |= run_ml100k(args)

@@ -18,6 +18,7 @@ EXTRA_OF_MODULE = {
     "onnxscript": TRAIN_EXTRA,
     "matplotlib": TRAIN_EXTRA,
     "ray": "ray",
+    "implicit": "peers",  # ALS, a peer of the catalog-scale comparison
 }
 
 

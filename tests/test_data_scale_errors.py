@@ -96,3 +96,48 @@ def test_a_logs_directory_with_a_bad_feature_row(tmp_path: Path) -> None:
         load_dataset(str(tmp_path))
     assert err.value.path == str(tmp_path / "items.parquet")
     assert (err.value.column, err.value.row) == ("item_id", len(ids) // 2)
+
+
+CSV_ROWS = 100_000
+CSV_BAD = 61_234  # data row; the file's line is CSV_BAD + 2 (1-based, after the header)
+
+
+def _csv_lines() -> list[bytes]:
+    cols = _columns()
+    lines = [b"user_id,item_id,timestamp"]
+    lines += [
+        f"{u},{i},{t}".encode()
+        for u, i, t in zip(
+            cols["user_id"][:CSV_ROWS],
+            cols["item_id"][:CSV_ROWS],
+            cols["timestamp"][:CSV_ROWS],
+            strict=True,
+        )
+    ]
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (b"5,17,1600000000,extra", "Expected 3 fields in line"),
+        (b'5,"17,1600000000', "EOF inside string"),
+        (b"5,\xff\xfe,1600000000", "not UTF-8"),
+        (b"5,17", "a missing value"),
+    ],
+    ids=["extra field", "unclosed quote", "not utf-8", "too few fields"],
+)
+def test_a_malformed_csv_line_in_the_middle_is_named_by_line_and_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: bytes, says: str
+) -> None:
+    lines = _csv_lines()
+    lines[CSV_BAD + 1] = bad  # lines[0] is the header
+    path = tmp_path / "logs.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError) as err:
+        load_logs(path)
+    assert (err.value.path, err.value.line, err.value.row) == (str(path), CSV_BAD + 2, CSV_BAD)
+    assert says in str(err.value)
+    assert main(["data", "info", str(path)]) == 2
+    out = capsys.readouterr().err.strip()
+    assert out.startswith(f"slimrank: error: {path}:{CSV_BAD + 2}, ") and "\n" not in out

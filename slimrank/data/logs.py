@@ -12,7 +12,9 @@ bad row (0-based, header excluded) and, for CSV, the line (row + 2). Loading onl
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,13 +159,60 @@ def read_table(path: Path, id_columns: tuple[str, ...] = ()) -> pd.DataFrame:
             return pd.read_csv(path, sep=sep, dtype=dtype, keep_default_na=False, na_values=[""])
         if path.name.endswith(PARQUET_SUFFIXES):
             return pd.read_parquet(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot parse: {err}", path=path) from err
+    except UnicodeDecodeError as err:
+        line = first_undecodable_line(path)
+        raise DataError(
+            f"cannot parse: not UTF-8 ({err.reason})",
+            path=path,
+            row=None if line is None else line - 2,
+            line=line,
+        ) from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        line = _parser_error_line(str(err))
+        raise DataError(
+            f"cannot parse: {err}",
+            path=path,
+            row=None if line is None else line - 2,
+            line=line,
+        ) from err
     except (OSError, ValueError) as err:  # pyarrow's errors subclass these
         raise DataError(f"cannot read: {err}", path=path) from err
     raise DataError(
         f"unknown file type; expected one of {CSV_SUFFIXES + PARQUET_SUFFIXES}", path=path
     )
+
+
+# pandas' C parser names a bad line in one of these ways: 1-based "line N" (a row with too many
+# fields), or a 0-based "row N" of the file (an unclosed quote).
+_PARSER_LINE = (
+    (re.compile(r"Expected \d+ fields in line (\d+)"), 0),
+    (re.compile(r"EOF inside string starting at row (\d+)"), 1),
+)
+
+
+def _parser_error_line(message: str) -> int | None:
+    """Return the 1-based file line a pandas parser error names, if it names one."""
+    for pattern, shift in _PARSER_LINE:
+        match = pattern.search(message)
+        if match:
+            return int(match[1]) + shift
+    return None
+
+
+def first_undecodable_line(path: Path) -> int | None:
+    """Return the 1-based number of the first line of ``path`` that is not UTF-8, if any.
+
+    Read line by line (only on the error path): pandas' decode error gives a byte offset
+    inside one of its read buffers, which names no line.
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
 
 
 def parse_timestamps(column: pd.Series, path: Path) -> np.ndarray:
@@ -187,7 +236,7 @@ def parse_timestamps(column: pd.Series, path: Path) -> np.ndarray:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataError(
-            f"not a unix time or ISO-8601 date-time: {column.iloc[row]!r}",
+            f"not a unix time or ISO-8601 date-time: {_shown(column.iloc[row])}",
             **_where(path, "timestamp", row),
         )
     too_big = np.abs(seconds) >= MAX_UNIX_SECONDS
@@ -206,7 +255,9 @@ def _numbers(column: pd.Series, path: Path, name: str) -> np.ndarray:
     bad = ~np.isfinite(values)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError(f"not a finite number: {column.iloc[row]!r}", **_where(path, name, row))
+        raise DataError(
+            f"not a finite number: {_shown(column.iloc[row])}", **_where(path, name, row)
+        )
     return values
 
 
@@ -218,6 +269,13 @@ def _check_ids(column: pd.Series, path: Path, name: str) -> None:
         null |= (column.astype(str).str.strip() == "").to_numpy()
     if null.any():
         raise DataError("null or empty id", **_where(path, name, int(np.flatnonzero(null)[0])))
+
+
+def _shown(value: object) -> str:
+    """Return a cell as an error shows it: missing cells (NaN, None) as "a missing value"."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "a missing value (an empty cell, or a row with too few fields)"
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _id_strings(column: pd.Series) -> np.ndarray:

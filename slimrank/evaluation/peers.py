@@ -17,7 +17,12 @@ models hard to beat):
   (Sarwar et al., WWW 2001; the shrunk cosine of Dacrema et al.'s ``ItemKNNCF``);
 - RP3beta (Paudel et al., "Updatable, accurate, diverse, and scalable recommendations for
   interactive applications", ACM TiiS 2017): three-step random-walk probabilities raised to
-  ``alpha``, divided by the target's popularity to the ``beta``, top-k per item.
+  ``alpha``, divided by the target's popularity to the ``beta``, top-k per item;
+- ALS (Hu, Koren and Volinsky, "Collaborative filtering for implicit feedback datasets", ICDM
+  2008) from the ``implicit`` package (the ``peers`` extra), what a practitioner with a
+  million-item catalog would pick instead: its memory is (users + items) x factors, so it is
+  the peer :data:`SCALE_PEERS` keeps past the dense limit. Not in :data:`PEERS` (the ml-100k
+  comparison), so the train extra alone runs that comparison as before.
 
 The item-item models are built densely (``(I, I)`` float32), which is what a peer on a catalog
 of thousands of items needs; they are measuring sticks, not served.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -162,6 +168,36 @@ def fit_rp3beta(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
     return _rows_times(x, w)
 
 
+def fit_als(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
+    """``implicit``'s ALS on binary ``x`` (confidence ``1 + alpha * x``); a user's score of an
+    item is the dot of their factors, as ``AlternatingLeastSquares.recommend`` ranks them.
+
+    ``params``: ``factors``, ``regularization``, ``alpha``, ``iterations``; one thread and
+    ``random_state`` 0, so a fit is reproducible and its time is one core's.
+    """
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    # implicit's advice: one BLAS thread (its own loop is the parallel one); it warns otherwise.
+    with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=int(params["factors"]),
+            regularization=float(params["regularization"]),
+            alpha=float(params["alpha"]),
+            iterations=int(params["iterations"]),
+            random_state=0,
+            num_threads=1,
+        )
+        model.fit(sp.csr_matrix(_binary(x), dtype=np.float32), show_progress=False)
+    users_f = np.asarray(model.user_factors, dtype=np.float32)  # (U, f)
+    items_f = np.asarray(model.item_factors, dtype=np.float32)  # (I, f)
+
+    def score(users: np.ndarray) -> np.ndarray:
+        return users_f[users] @ items_f.T  # (B, I)
+
+    return score
+
+
 # -- selection on validation, test under equal information --------------------------------------
 
 
@@ -172,14 +208,23 @@ class Peer:
     name: str
     fit: FitFn
     grid: Mapping[str, Sequence[Any]]
+    # Holds (I, I) dense matrices: skipped past MAX_DENSE_ITEMS (see peers_for).
+    dense: bool = True
 
     def settings(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
         return [dict(zip(keys, v, strict=True)) for v in itertools.product(*self.grid.values())]
 
 
+MOST_POPULAR = Peer("most popular", fit_most_popular, {}, dense=False)
+ALS = Peer(
+    "ALS (implicit)",
+    fit_als,
+    {"factors": (64,), "regularization": (0.01, 0.1), "alpha": (1.0, 10.0), "iterations": (15,)},
+    dense=False,
+)
 PEERS: tuple[Peer, ...] = (
-    Peer("most popular", fit_most_popular, {}),
+    MOST_POPULAR,
     Peer("EASE", fit_ease, {"l2": (100.0, 250.0, 500.0, 1000.0)}),
     Peer("item-KNN", fit_item_knn, {"k": (50, 100, 200, 400), "shrink": (0.0, 10.0, 50.0, 100.0)}),
     Peer(
@@ -190,6 +235,9 @@ PEERS: tuple[Peer, ...] = (
 )
 
 
+# The peers that fit a catalog of a million items and users (configs/scale.toml's comparison).
+SCALE_PEERS: tuple[Peer, ...] = (MOST_POPULAR, ALS)
+
 # Item-item peers hold dense (I, I) matrices: 20,000 items is 1.6 GB of float32 per matrix.
 MAX_DENSE_ITEMS = 20_000
 
@@ -198,7 +246,7 @@ def peers_for(n_items: int, peers: Iterable[Peer] = PEERS, max_items: int = MAX_
     """Return ``(peers that fit, names skipped)``: item-item peers need ``n_items <= max_items``."""
     fit, skipped = [], []
     for peer in peers:
-        (fit if peer.fit is fit_most_popular or n_items <= max_items else skipped).append(peer)
+        (fit if not peer.dense or n_items <= max_items else skipped).append(peer)
     return tuple(fit), tuple(p.name for p in skipped)
 
 
@@ -212,20 +260,38 @@ class PeerResult:
     test: dict[str, float]
     test_per_user: PerUser  # NDCG@k of each test user
     trials: list[tuple[dict[str, Any], float]]  # (setting, validation NDCG@k)
+    # The test refit's training time (the selected setting on train + valid): wall and CPU s.
+    fit_seconds: float = 0.0
+    fit_cpu_seconds: float = 0.0
 
 
 def score_part(
-    fit: FitFn, params: Mapping[str, Any], split: Split, part: str, k: int = 10
+    fit: FitFn,
+    params: Mapping[str, Any],
+    split: Split,
+    part: str,
+    k: int = 10,
+    users: np.ndarray | None = None,
 ) -> tuple[dict[str, float], PerUser]:
     """Fit on what ``part`` may read, rank all unseen items, return metrics and per-user NDCG.
 
     The fit input, the ranking's user rows and the excluded items are all
-    :func:`observed_interactions` of ``part``: the single place that decides it.
+    :func:`observed_interactions` of ``part``: the single place that decides it. ``users``:
+    score only those of them that have ``part`` items (default: all that do).
     """
     observed = observed_interactions(split, part)
+    return score_fitted(fit(observed, params), split, part, k, users)
+
+
+def score_fitted(
+    score_fn: ScoreFn, split: Split, part: str, k: int = 10, users: np.ndarray | None = None
+) -> tuple[dict[str, float], PerUser]:
+    """Return the metrics and per-user NDCG of an already fitted ``score_fn`` on ``part``."""
+    observed = observed_interactions(split, part)
     truth = truth_of(split, part)
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
-    top = rank_users(fit(observed, params), users, observed, k)
+    have = np.flatnonzero(np.diff(truth.indptr) > 0)
+    users = have if users is None else np.intersect1d(have, users)
+    top = rank_users(score_fn, users, observed, k)
     rows = truth[users]
     metrics = ranking_metrics(top, rows, (k,))
     metrics["users"] = float(len(users))
@@ -250,27 +316,36 @@ def protocol_check(
     return metrics
 
 
-def evaluate_peer(peer: Peer, split: Split, k: int = 10) -> PeerResult:
-    """Select ``peer``'s setting by validation NDCG@k, then refit and score the test part."""
+def evaluate_peer(
+    peer: Peer, split: Split, k: int = 10, users: np.ndarray | None = None
+) -> PeerResult:
+    """Select ``peer``'s setting by validation NDCG@k, then refit and score the test part.
+
+    ``users``: select and score on those users only (e.g. the sample a pipeline evaluates
+    at scale); default every user with items in the part.
+    """
     trials: list[tuple[dict[str, Any], float]] = []
     best: tuple[float, dict[str, Any], dict[str, float]] | None = None
     for params in peer.settings():
-        valid, _ = score_part(peer.fit, params, split, "valid", k)
+        valid, _ = score_part(peer.fit, params, split, "valid", k, users)
         value = valid[f"ndcg@{k}"]
         trials.append((params, value))
         if best is None or value > best[0]:
             best = (value, params, valid)
     assert best is not None  # settings() of an empty grid is one empty setting
     _, params, valid = best
-    test, per_user = score_part(peer.fit, params, split, "test", k)
-    return PeerResult(peer.name, params, valid, test, per_user, trials)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fitted = peer.fit(observed_interactions(split, "test"), params)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    test, per_user = score_fitted(fitted, split, "test", k, users)
+    return PeerResult(peer.name, params, valid, test, per_user, trials, wall, cpu)
 
 
 def evaluate_peers(
-    split: Split, k: int = 10, peers: Iterable[Peer] = PEERS
+    split: Split, k: int = 10, peers: Iterable[Peer] = PEERS, users: np.ndarray | None = None
 ) -> dict[str, PeerResult]:
     """Return :func:`evaluate_peer` of every peer, by name."""
-    return {peer.name: evaluate_peer(peer, split, k) for peer in peers}
+    return {peer.name: evaluate_peer(peer, split, k, users) for peer in peers}
 
 
 def format_params(params: Mapping[str, Any]) -> str:

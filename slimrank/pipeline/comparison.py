@@ -43,6 +43,8 @@ class Compared:
     valid_ndcg: float
     test_ndcg: float
     served_minus: PairedInterval | None  # None for the served ranker itself
+    # A peer's training time (its test refit, CPU s); None for the pipeline's rows.
+    fit_cpu_seconds: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +121,9 @@ def compare(
             Compared(label, "-", key == "retrieval", valid_ndcg[key], per_user[key].mean, other)
         )
     peers, skipped = peers_for(split.n_items, peers)
-    found = evaluate_peers(split, k, peers)
+    # The peers rank for the users the pipeline's test view ranks (a sample at scale, see
+    # candidates.eval_users), so that every comparison is paired over the same users.
+    found = evaluate_peers(split, k, peers, users=served.users)
     for res in found.values():
         rows.append(
             Compared(
@@ -129,6 +133,7 @@ def compare(
                 res.valid[f"ndcg@{k}"],
                 res.test[f"ndcg@{k}"],
                 paired_bootstrap(served, res.test_per_user, resamples),
+                res.fit_cpu_seconds,
             )
         )
     strongest = max((r for r in rows if r.peer), key=lambda r: r.test_ndcg).name

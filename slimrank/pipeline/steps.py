@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from slimrank.pipeline.engine import Engine
     from slimrank.retrieval.index import IndexConfig, RetrievalIndex
     from slimrank.retrieval.train import TrainConfig as TwoTowerTrainConfig
+    from slimrank.retrieval.two_tower_config import TwoTowerConfig
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +172,14 @@ def load_data(path: Path) -> DataArtifacts:
 # -- two-tower and embeddings -----------------------------------------------------------------
 
 
-def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int) -> None:
-    """Train the two-tower model on the training split; save it and its full-ranking metrics."""
-    from slimrank.retrieval.train import evaluate_model, train_two_tower
-    from slimrank.retrieval.two_tower import FeatureSpec, TwoTowerConfig, save_model
+def two_tower_model_config(config: TwoTowerStepConfig, data: Dataset) -> TwoTowerConfig:
+    """Return the two-tower shape ``config`` asks for on ``data``'s users, items and features."""
+    from slimrank.retrieval.two_tower_config import FeatureSpec, TwoTowerConfig
 
-    data = load_data(data_dir)
     split = data.split
     spec_u = FeatureSpec.from_table(data.user_features) if config.use_features else FeatureSpec()
     spec_i = FeatureSpec.from_table(data.item_features) if config.use_features else FeatureSpec()
-    model_config = TwoTowerConfig(
+    return TwoTowerConfig(
         n_users=split.n_users,
         n_items=split.n_items,
         dim=config.dim,
@@ -198,6 +197,16 @@ def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int
         user_features=spec_u,
         item_features=spec_i,
     )
+
+
+def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int) -> None:
+    """Train the two-tower model on the training split; save it and its full-ranking metrics."""
+    from slimrank.retrieval.train import evaluate_model, train_two_tower
+    from slimrank.retrieval.two_tower import save_model
+
+    data = load_data(data_dir)
+    split = data.split
+    model_config = two_tower_model_config(config, data)
     result = train_two_tower(
         model_config, config.train, split, data.user_features, data.item_features
     )

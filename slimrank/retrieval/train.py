@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("softmax", "sampled_softmax", "bpr")
 EXAMPLES = ("leave_one_out", "masked", "multinomial")
+OPTIMIZERS = ("adamw", "sparse_adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,12 @@ class TrainConfig(Config):
     batch_size: int = 4096  # training items per batch (whole users)
     lr: float = 3e-3
     weight_decay: float = 0.05  # AdamW, decoupled
+    # "adamw": one dense AdamW over every parameter; each step reads and writes every row of
+    # every embedding table (at 1M users x 1M items that update was 3/4 of a step's time).
+    # "sparse_adam": the embedding tables give sparse gradients (only the batch's rows) and
+    # are updated by torch's SparseAdam (lazy Adam: a row's moments move only in steps that
+    # touch it), everything else by AdamW. SparseAdam has no weight decay.
+    optimizer: str = "adamw"  # one of OPTIMIZERS
     loss: str = "softmax"  # one of LOSSES
     logq: bool = True  # logQ correction of the sampled softmax
     history_dropout: float = 0.0  # drop each history item with this probability
@@ -91,6 +99,20 @@ class TrainConfig(Config):
         require(self.lr > 0, self, "lr", self.lr, "must be > 0")
         require(self.weight_decay >= 0, self, "weight_decay", self.weight_decay, "must be >= 0")
         require(self.loss in LOSSES, self, "loss", self.loss, f"must be one of {LOSSES}")
+        require(
+            self.optimizer in OPTIMIZERS,
+            self,
+            "optimizer",
+            self.optimizer,
+            f"must be one of {OPTIMIZERS}",
+        )
+        require(
+            self.optimizer != "sparse_adam" or self.weight_decay == 0.0,
+            self,
+            "weight_decay",
+            self.weight_decay,
+            "must be 0 with optimizer = 'sparse_adam' (SparseAdam has no weight decay)",
+        )
         require(
             0.0 <= self.history_dropout < 1.0,
             self,
@@ -131,6 +153,8 @@ class TrainResult:
     best_epoch: int
     best_valid: dict[str, float]
     log: list[dict[str, float]]  # one row per evaluation: epoch, loss, valid metrics
+    # CPU seconds of each epoch's training passes (validation excluded), for benchmarks.
+    epoch_cpu_seconds: tuple[float, ...] = ()
 
 
 def sampled_softmax_loss(
@@ -153,6 +177,49 @@ def sampled_softmax_loss(
 def bpr_loss(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """Return the mean of -log sigmoid(positive - negative) over (B,) logits."""
     return F.softplus(negative - positive).mean()
+
+
+class Optimizers:
+    """One or two torch optimizers stepped together (SparseAdam for the embedding tables,
+    AdamW for the rest), with the zero_grad / step / param_groups of one."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+
+def make_optimizer(model: TwoTower, config: TrainConfig) -> Optimizers:
+    """Return the optimizer ``config.optimizer`` names for ``model``.
+
+    ``"sparse_adam"`` switches every embedding table of ``model`` to sparse gradients (this
+    changes how gradients are built, not the weights or what is saved).
+    """
+    if config.optimizer == "adamw":
+        return Optimizers(
+            torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        )
+    tables = [
+        m for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+    ]
+    for table in tables:
+        table.sparse = True
+    sparse_ids = {id(t.weight) for t in tables}
+    sparse = [p for p in model.parameters() if id(p) in sparse_ids]
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids and p.requires_grad]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse, lr=config.lr)]
+    if dense:
+        optimizers.append(torch.optim.AdamW(dense, lr=config.lr, weight_decay=0.0))
+    return Optimizers(*optimizers)
 
 
 def evaluate_model(
@@ -218,9 +285,7 @@ def _train(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = TwoTower(model_config)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    optimizer = make_optimizer(model, config)
 
     history = UserHistory.from_interactions(split.train, split.n_users, model_config.max_history)
     ufeat = None
@@ -237,6 +302,7 @@ def _train(
 
     best_recall, best_epoch, best_valid, best_state = -1.0, 0, {}, None
     evals: list[dict[str, float]] = []
+    epoch_cpu: list[float] = []
     stale = 0
     metric = f"recall@{config.k}"
     columns = (
@@ -251,6 +317,7 @@ def _train(
         for epoch in range(1, config.epochs + 1):
             model.train()
             total, batches = 0.0, 0
+            cpu_start = time.process_time()
             for group in _user_batches(targets, config.batch_size, rng):
                 if config.examples != "leave_one_out":
                     loss_fn = _masked_loss if config.examples == "masked" else _multinomial_loss
@@ -299,6 +366,7 @@ def _train(
                 optimizer.step()
                 total += float(loss.detach())
                 batches += 1
+            epoch_cpu.append(time.process_time() - cpu_start)
             mean_loss = total / batches
             status = f"loss {mean_loss:.4f}"
             if epoch % config.eval_every == 0 or epoch == config.epochs:
@@ -322,7 +390,7 @@ def _train(
                 else:
                     stale += 1
                     if config.lr_patience and stale % config.lr_patience == 0:
-                        for group in optimizer.param_groups:
+                        for group in optimizer.param_groups():
                             group["lr"] *= config.lr_decay
                         log.info("lr x %g after %d stale evaluations", config.lr_decay, stale)
                 status += (
@@ -335,7 +403,13 @@ def _train(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(model=model, best_epoch=best_epoch, best_valid=best_valid, log=evals)
+    return TrainResult(
+        model=model,
+        best_epoch=best_epoch,
+        best_valid=best_valid,
+        log=evals,
+        epoch_cpu_seconds=tuple(epoch_cpu),
+    )
 
 
 def _masked_loss(
@@ -468,7 +542,10 @@ def _pooled_history(
     sums, counts = tower.pool(torch.as_tensor(bag_items), torch.as_tensor(bag_offsets))
     rows_t = torch.as_tensor(rows)
     in_bag = torch.as_tensor(found, dtype=sums.dtype)  # (B,)
-    target_vecs = tower.history.weight[torch.as_tensor(targets)]  # (B, D)
+    # F.embedding, not weight[targets]: indexing the weight would give a dense gradient.
+    target_vecs = F.embedding(
+        torch.as_tensor(targets), tower.history.weight, sparse=tower.history.sparse
+    )  # (B, D)
     sums = sums[rows_t] - in_bag[:, None] * target_vecs  # (B, D)
     counts = counts[rows_t].to(sums.dtype) - in_bag  # (B,)
     return model.pool_scale(sums, counts)

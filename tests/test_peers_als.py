@@ -1,0 +1,84 @@
+"""ALS from ``implicit`` as a peer: ranked under the protocol exactly as implicit's own
+``recommend()`` ranks, selected on validation, and kept at catalog sizes the dense peers skip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+from threadpoolctl import threadpool_limits
+
+from slimrank.data.dataset import Interactions, split_random
+from slimrank.data.world import WorldConfig, iter_interactions
+from slimrank.evaluation.peers import (
+    ALS,
+    MOST_POPULAR,
+    PEERS,
+    SCALE_PEERS,
+    evaluate_peer,
+    fit_als,
+    observed_interactions,
+    peers_for,
+    score_part,
+)
+from slimrank.evaluation.protocol import rank_users
+
+WORLD = WorldConfig(n_users=800, n_items=400, per_user=12, pool_per_genre=40, seed=2)
+PARAMS = {"factors": 16, "regularization": 0.05, "alpha": 5.0, "iterations": 8}
+
+
+@pytest.fixture(scope="module")
+def split():
+    cols = next(iter_interactions(WORLD, chunk_users=WORLD.n_users))
+    users = np.unique(cols["user_id"], return_inverse=True)[1]
+    item_ids, items = np.unique(cols["item_id"], return_inverse=True)
+    logs = Interactions(users, items, np.ones(len(users), np.float32), cols["timestamp"])
+    return split_random(logs, int(users.max()) + 1, len(item_ids), seed=0)
+
+
+def test_als_ranks_as_implicits_own_recommend(split) -> None:
+    observed = observed_interactions(split, "test")
+    users = np.arange(0, split.n_users, 7)
+    k = 10
+    ours = rank_users(fit_als(observed, PARAMS), users, observed, k)  # (U, k)
+
+    binary = sp.csr_matrix(observed, dtype=np.float32)
+    binary.data[:] = 1.0
+    with threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=PARAMS["factors"],
+            regularization=PARAMS["regularization"],
+            alpha=PARAMS["alpha"],
+            iterations=PARAMS["iterations"],
+            random_state=0,
+            num_threads=1,
+        )
+        model.fit(binary, show_progress=False)
+    ids, _ = model.recommend(users, binary[users], N=k, filter_already_liked_items=True)
+    np.testing.assert_array_equal(ours, ids)
+
+
+def test_als_is_selected_on_validation_and_refitted_on_train_and_valid(split) -> None:
+    als = evaluate_peer(ALS, split, k=10)
+    assert len(als.trials) == len(ALS.settings())
+    assert als.valid["ndcg@10"] == max(v for _, v in als.trials)
+    assert als.params in ALS.settings()
+    # The test score is the selected setting refitted on what the test part may read.
+    test, per_user = score_part(fit_als, als.params, split, "test", k=10)
+    assert als.test == test
+    np.testing.assert_array_equal(als.test_per_user.values, per_user.values)
+
+
+def test_a_user_sample_scores_only_those_users(split) -> None:
+    sample = np.arange(0, split.n_users, 5)
+    result = evaluate_peer(MOST_POPULAR, split, k=10, users=sample)
+    assert set(result.test_per_user.users) <= set(sample)
+    assert result.test["users"] == len(result.test_per_user.users) > 0
+
+
+def test_als_is_kept_past_the_dense_limit_and_not_in_the_small_comparison() -> None:
+    kept, skipped = peers_for(1_000_000, SCALE_PEERS + PEERS[1:])
+    assert [p.name for p in kept] == ["most popular", "ALS (implicit)"]
+    assert skipped == ("EASE", "item-KNN", "RP3beta")
+    assert ALS not in PEERS
