@@ -16,8 +16,8 @@ import pytest
 
 from slimrank.bundle import current_version, list_versions, open_bundle
 from slimrank.cli import main
+from slimrank.compression.scorer import onnx_score_fn
 from slimrank.pipeline.artifacts import load_view
-from slimrank.pipeline.compress_steps import onnx_score_fn
 from slimrank.pipeline.config import load_config
 from slimrank.pipeline.publish import load_bundle_tables, read_serving
 from slimrank.pipeline.run import STEPS, run_pipeline

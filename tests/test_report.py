@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from slimrank.compression.export import export_onnx
+from slimrank.compression.export import Standardized, export_onnx
 from slimrank.compression.flops import count_cost, linear_cost, onnx_linear_cost
 from slimrank.compression.gate import quantize
 from slimrank.compression.quantize import QuantConfig
 from slimrank.evaluation.paired import PairedInterval
 from slimrank.pipeline.comparison import Compared, Comparison, comparison_goals
-from slimrank.pipeline.compress_steps import Standardized
 from slimrank.pipeline.report import Report, Row, render_markdown, report_goals, table_cells
 from slimrank.ranking.mlp import MLPConfig, MLPRanker
 from slimrank.ranking.teacher import DCNv2, TeacherConfig, multiply_adds_per_candidate

@@ -15,23 +15,12 @@ switches to pointwise binary cross-entropy with logits, averaged over real candi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from slimrank.config import Config, require
-
-if TYPE_CHECKING:
-    from slimrank.compression.pruning import MagnitudePruner
-
-log = logging.getLogger(__name__)
 
 # Logit given to padded candidates: finite, so masked terms are 0 * finite rather than 0 * inf.
 _PAD_LOGIT = -1e9
@@ -126,139 +115,3 @@ def distillation_loss(
     hard = hard_loss(student, labels, mask, config.hard_loss)
     total = config.soft_weight * soft + config.hard_weight * hard
     return DistillLoss(total=total, soft=soft, hard=hard)
-
-
-@dataclasses.dataclass(frozen=True)
-class ListData:
-    """Candidate lists padded to one length: features ``(B, N, F)``, the rest ``(B, N)``."""
-
-    features: torch.Tensor
-    teacher_scores: torch.Tensor
-    labels: torch.Tensor
-    mask: torch.Tensor
-
-    def __post_init__(self) -> None:
-        b, n, _ = self.features.shape
-        for name in ("teacher_scores", "labels", "mask"):
-            shape = tuple(getattr(self, name).shape)
-            require(shape == (b, n), self, name, shape, f"must have shape {(b, n)}")
-        require(self.mask.dtype == torch.bool, self, "mask", self.mask.dtype, "must be bool")
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
-
-    def subset(self, index: torch.Tensor) -> ListData:
-        """Return the lists at ``index``."""
-        return ListData(
-            self.features[index], self.teacher_scores[index], self.labels[index], self.mask[index]
-        )
-
-
-def pad_lists(
-    features: Sequence[np.ndarray],
-    teacher_scores: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray] | None = None,
-) -> ListData:
-    """Return :class:`ListData` from per-user arrays ``(N_u, F)`` and ``(N_u,)``, zero-padded."""
-    require(len(features) > 0, "pad_lists", "features", len(features), "needs at least one list")
-    require(
-        len(teacher_scores) == len(features),
-        "pad_lists",
-        "teacher_scores",
-        len(teacher_scores),
-        f"must hold one array per list ({len(features)})",
-    )
-    if labels is None:
-        labels = [np.zeros(len(x), dtype=np.float32) for x in features]
-    n = max(len(x) for x in features)
-    dim = features[0].shape[1]
-    b = len(features)
-    feats = np.zeros((b, n, dim), dtype=np.float32)  # (B, N, F)
-    teach = np.zeros((b, n), dtype=np.float32)  # (B, N)
-    labs = np.zeros((b, n), dtype=np.float32)  # (B, N)
-    mask = np.zeros((b, n), dtype=bool)  # (B, N)
-    for i, (x, t, y) in enumerate(zip(features, teacher_scores, labels, strict=True)):
-        m = len(x)
-        require(
-            len(t) == m and len(y) == m, "pad_lists", "list", i, "needs one score per candidate"
-        )
-        feats[i, :m], teach[i, :m], labs[i, :m], mask[i, :m] = x, t, y, True
-    return ListData(
-        torch.from_numpy(feats),
-        torch.from_numpy(teach),
-        torch.from_numpy(labs),
-        torch.from_numpy(mask),
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(Config):
-    """Optimiser settings of :func:`train_student` (Adam over mini-batches of lists)."""
-
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        require(self.epochs > 0, self, "epochs", self.epochs, "must be positive")
-        require(self.batch_size > 0, self, "batch_size", self.batch_size, "must be positive")
-        require(self.lr > 0, self, "lr", self.lr, "must be positive")
-        require(self.weight_decay >= 0, self, "weight_decay", self.weight_decay, "must be >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-    """A trained copy of the student, the mean loss of each epoch and the step reached."""
-
-    model: nn.Module
-    epoch_loss: tuple[float, ...]
-    steps: int
-
-
-def train_student(
-    student: nn.Module,
-    data: ListData,
-    distill: DistillConfig,
-    train: TrainConfig,
-    pruner: MagnitudePruner | None = None,
-    start_step: int = 0,
-) -> TrainResult:
-    """Return a copy of ``student`` trained to match ``data.teacher_scores`` (the input is kept).
-
-    The same loop fine-tunes a pruned student: pass a structurally pruned model, or a
-    ``pruner`` whose masks are updated on its schedule and re-applied after every step.
-    ``start_step`` continues that schedule from an earlier call (one call per epoch);
-    ``TrainResult.steps`` is then the step reached, ``start_step`` included.
-    """
-    require(start_step >= 0, "train_student", "start_step", start_step, "must be >= 0")
-    generator = torch.Generator().manual_seed(train.seed)
-    model = copy.deepcopy(student)
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    step = start_step
-    if pruner is not None:
-        pruner.update(model, step)
-    epoch_loss: list[float] = []
-    for epoch in range(train.epochs):
-        order = torch.randperm(len(data), generator=generator)
-        total, batches = 0.0, 0
-        for start in range(0, len(data), train.batch_size):
-            batch = data.subset(order[start : start + train.batch_size])
-            scores = model(batch.features)  # (b, N)
-            loss = distillation_loss(
-                scores, batch.teacher_scores, batch.labels, batch.mask, distill
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.total.backward()
-            optimizer.step()
-            step += 1
-            if pruner is not None:
-                pruner.update(model, step)
-            total += float(loss.total.detach())
-            batches += 1
-        epoch_loss.append(total / batches)
-        log.debug("epoch %d loss %.5f", epoch, epoch_loss[-1])
-    model.eval()
-    return TrainResult(model=model, epoch_loss=tuple(epoch_loss), steps=step)

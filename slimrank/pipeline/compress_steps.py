@@ -1,9 +1,9 @@
 """The compression steps: students with and without distillation, pruning, int8 and the gate.
 
-Students train on standardized features (statistics of the training candidates) and are
-exported with the standardization inside the graph, so every ONNX ranker takes raw candidate
-features. Each step evaluates its ranker with the pipeline protocol on the
-validation and test views (see :mod:`slimrank.pipeline.steps`).
+Each step reads its inputs from the steps before it, hands the training to
+:mod:`slimrank.compression` (one loop, :func:`~slimrank.compression.fit.fit_epochs`, run here
+or by the engine) and evaluates its ranker with the pipeline protocol on the validation and
+test views (see :mod:`slimrank.pipeline.steps`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,89 +20,26 @@ import numpy as np
 import torch
 
 from slimrank.bundle.formats import read_tensors, write_json, write_tensors
+from slimrank.compression.lists import standardization, standardized_lists
+from slimrank.compression.scorer import bench_scorer, onnx_score_fn, score_lists
 from slimrank.pipeline.config import Int8Config, PruneConfig, StudentConfig
 from slimrank.pipeline.steps import evaluate_views, load_data, load_teacher_scores, load_views
 from slimrank.ranking.features import CandidateFeatures
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 
 if TYPE_CHECKING:
-    from slimrank.compression.pruning import MagnitudePruner
+    from slimrank.compression.lists import ListData
     from slimrank.pipeline.engine import Engine
-
-log = logging.getLogger(__name__)
-
-
-def _standardization(feats: CandidateFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """Return the ``(F,)`` mean and std of the real training candidates' features.
-
-    A feature constant over the training candidates gets std 1, not a tiny floor: the student
-    learns nothing from it, and dividing a later, different value by ~0 would feed the student
-    z-scores of 1e5 (seen on the synthetic catalog, where every training user has the same
-    history length and validation users a longer one).
-    """
-    x = feats.values[feats.mask].astype(np.float64)  # (M, F)
-    mean = x.mean(axis=0) if len(x) else np.zeros(feats.values.shape[-1])
-    std = x.std(axis=0) if len(x) else np.ones(feats.values.shape[-1])
-    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
 
 def list_data(
     feats: CandidateFeatures, labels: np.ndarray, teacher: np.ndarray, mean: Any, std: Any
-) -> Any:
+) -> ListData:
     """Return the distillation lists of standardized features, labels and teacher scores."""
-    from slimrank.compression.distill import ListData
-
-    mask = feats.mask
-    x = (feats.values - mean) / std  # (U, N, F)
-    x[~mask] = 0.0
-    return ListData(
-        torch.from_numpy(x.astype(np.float32)),
-        torch.from_numpy(np.where(mask, teacher, 0.0).astype(np.float32)),
-        torch.from_numpy(labels.astype(np.float32)),
-        torch.from_numpy(mask),
-    )
+    return standardized_lists(feats.values, feats.mask, labels, teacher, mean, std)
 
 
-def score_lists(scorer: Any, values: np.ndarray) -> np.ndarray:
-    """Return ``(U, N)`` scores of ``(U, N, F)`` lists, one scorer call per list.
-
-    One list per call is what a server does with one request; dynamic int8 quantizes
-    activations with one range per call, so scoring all lists at once would not be.
-    """
-    if len(values) == 0:
-        return np.zeros(values.shape[:2], dtype=np.float32)
-    return np.stack([scorer.score(x) for x in values])  # (U, N)
-
-
-def onnx_score_fn(path: Path) -> Any:
-    """Return ``score(features) -> (U, N)`` running the ONNX ranker at ``path`` (fp32 or int8)."""
-    from slimrank.bundle.checksums import sha256_file
-    from slimrank.compression.scorer import Scorer, ScorerConfig
-
-    scorer = Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
-
-    def score(feats: CandidateFeatures) -> np.ndarray:
-        return score_lists(scorer, feats.values)
-
-    return score
-
-
-class Standardized(torch.nn.Module):
-    """``model((x - mean) / std)`` with the scaling as its own (fp32) step in the graph.
-
-    Folding the scaling into the first Linear layer would be free in fp32, but then the int8
-    quantizer sees raw features (counts, scores and embeddings of very different ranges) as
-    one per-tensor activation range; standardized inputs quantize far better.
-    """
-
-    def __init__(self, model: torch.nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))  # (F,)
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))  # (F,)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model((features - self.mean) / self.std)
+log = logging.getLogger(__name__)
 
 
 def _save_student(
@@ -119,7 +55,7 @@ def _save_student(
     ``fold`` folds the standardization into the first layer; otherwise it stays a separate
     step (see :class:`Standardized`). Returns the ONNX path.
     """
-    from slimrank.compression.export import export_onnx, save_mlp
+    from slimrank.compression.export import Standardized, export_onnx, save_mlp
     from slimrank.compression.flops import count_cost
     from slimrank.ranking.mlp import fold_standardization
 
@@ -133,18 +69,6 @@ def _save_student(
     cost = count_cost(raw, model.config.input_dim)
     write_json(out / "model.json", {"hidden": list(model.config.hidden), **cost.to_dict(), **extra})
     return path
-
-
-def _student_train_config(config: StudentConfig, epochs: int, lr: float) -> Any:
-    from slimrank.compression.distill import TrainConfig
-
-    return TrainConfig(
-        epochs=epochs,
-        batch_size=config.batch_size,
-        lr=lr,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
-    )
 
 
 def _valid_ndcg(views: dict, data: Any, mean: np.ndarray, std: np.ndarray, k: int) -> Any:
@@ -163,51 +87,6 @@ def _valid_ndcg(views: dict, data: Any, mean: np.ndarray, std: np.ndarray, k: in
     return metric
 
 
-def fit_on_valid(
-    student: torch.nn.Module,
-    lists: Any,
-    loss: Any,
-    config: StudentConfig,
-    metric: Any,
-    pruner: MagnitudePruner | None = None,
-) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Return the student after the epoch with the best validation metric, and every epoch's.
-
-    Trains one epoch at a time (optimizer state restarts each epoch) and stops after
-    ``config.patience`` epochs without a better metric; ``patience=0`` trains all epochs and
-    keeps the last. With a ``pruner``, its schedule runs on across epochs and only epochs that
-    end at the final sparsity compete (an epoch halfway up the ramp is denser than what is
-    served); if none does, the last epoch is returned.
-    """
-    from slimrank.compression.distill import train_student
-
-    best, best_metric, stale = student, -np.inf, 0
-    model, step = student, 0
-    history: list[dict[str, float]] = []
-    for epoch in range(config.epochs):
-        train = dataclasses.replace(
-            _student_train_config(config, 1, config.lr), seed=config.seed + epoch
-        )
-        result = train_student(model, lists, loss, train, pruner=pruner, start_step=step)
-        model, step = result.model, result.steps
-        value = float(metric(model))
-        record = {"epoch": epoch + 1, "loss": result.epoch_loss[0], "valid": value}
-        if pruner is not None:
-            record["sparsity"] = pruner.current_sparsity
-        history.append(record)
-        log.info("student epoch %d/%d: %s", epoch + 1, config.epochs, record)
-        if pruner is not None and step < pruner.schedule.end_step:
-            best = model  # still pruning: not a candidate, but the fallback if none is
-            continue
-        if value > best_metric or config.patience == 0:
-            best, best_metric, stale = model, value, 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    return best, history
-
-
 def student_step(
     config: StudentConfig,
     distill: bool,
@@ -224,6 +103,7 @@ def student_step(
     it data-parallel (the Ray engine with several workers).
     """
     from slimrank.compression.distill import DistillConfig
+    from slimrank.compression.fit import fit_on_valid
     from slimrank.ranking.mlp import MLPConfig, MLPRanker
 
     torch.manual_seed(config.seed)
@@ -231,17 +111,18 @@ def student_step(
     views = load_views(cand_dir)
     _, feats, labels = views["train"]
     teacher = load_teacher_scores(teacher_dir)["train"]
-    mean, std = _standardization(feats)
+    mean, std = standardization(feats.values, feats.mask)
     lists = list_data(feats, labels, teacher, mean, std)
     loss = config.distill
     if not distill:
         loss = DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=config.distill.hard_loss)
     student = MLPRanker(MLPConfig(input_dim=feats.values.shape[-1], hidden=config.hidden))
     metric = _valid_ndcg(views, data, mean, std, k)
+    fit = config.fit()
     if engine is None:
-        model, history = fit_on_valid(student, lists, loss, config, metric)
+        model, history = fit_on_valid(student, lists, loss, fit, metric)
     else:
-        model, history = engine.fit_student(student, lists, loss, config, metric)
+        model, history = engine.fit_student(student, lists, loss, fit, metric)
     extra = {"epochs": history}
     path = _save_student(out, model, mean, std, extra, config.fold_standardization)
     write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
@@ -265,6 +146,7 @@ def pruned_step(
     within a few epochs on ml-100k's 1,886 training lists.
     """
     from slimrank.compression.export import load_mlp
+    from slimrank.compression.fit import fit_on_valid
     from slimrank.compression.pruning import (
         MagnitudePruner,
         PruningSchedule,
@@ -295,7 +177,7 @@ def pruned_step(
         frequency=frequency,
     )
     pruner = MagnitudePruner(schedule) if prune.final_sparsity > 0 else None
-    tune = dataclasses.replace(config, epochs=prune.epochs, lr=prune.lr, patience=prune.patience)
+    tune = config.fit(epochs=prune.epochs, lr=prune.lr, patience=prune.patience)
     metric = _valid_ndcg(views, data, mean, std, k)
     model, history = fit_on_valid(shrunk, lists, config.distill, tune, metric, pruner)
     model = fold_masks(model, pruner) if pruner is not None else model
@@ -309,25 +191,6 @@ def pruned_step(
 
 
 # -- int8 and the gate -------------------------------------------------------------------------
-
-
-def bench_scorer(path: Path, features: np.ndarray, repeats: int) -> float:
-    """Return the median seconds of scoring ``features`` (M, F) with the ONNX file, 1 thread."""
-    score = onnx_score_fn(path)
-    x = CandidateFeatures(
-        features[None],
-        (),
-        np.zeros(1, np.int64),
-        np.zeros((1, len(features)), np.int64),
-    )
-    for _ in range(5):
-        score(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        score(x)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def int8_step(

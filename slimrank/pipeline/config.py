@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slimrank.compression.distill import DistillConfig
+from slimrank.compression.fit import FitConfig
 from slimrank.compression.gate import MODES, GateConfig
 from slimrank.config import Config, ConfigError, require
 from slimrank.data.split import SplitConfig
@@ -172,6 +173,18 @@ class StudentConfig(Config):
         require(len(self.hidden) > 0, self, "hidden", self.hidden, "needs at least one layer")
         require(self.epochs >= 1, self, "epochs", self.epochs, "must be >= 1")
         require(self.patience >= 0, self, "patience", self.patience, "must be >= 0")
+
+    def fit(self, **overrides: Any) -> FitConfig:
+        """Return the training loop's settings of this student (``overrides`` replace some)."""
+        fields = {
+            "epochs": self.epochs,
+            "patience": self.patience,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+        }
+        return FitConfig(**{**fields, **overrides})
 
 
 @dataclasses.dataclass(frozen=True)

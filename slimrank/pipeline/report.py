@@ -103,7 +103,7 @@ def measure_latency(result: RunResult) -> dict[str, dict[str, float]]:
     """Return p50/p90 seconds of each ranker scoring the same candidates on one thread."""
     import torch
 
-    from slimrank.pipeline.compress_steps import onnx_score_fn
+    from slimrank.compression.scorer import onnx_score_fn
     from slimrank.ranking.candidates import Candidates
     from slimrank.ranking.features import CandidateFeatures
     from slimrank.ranking.teacher import load_teacher
