@@ -68,10 +68,10 @@ def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
     assert "teacher/teacher.safetensors" in manifest.files
     assert read_serving(bundle.path).catalog_directory == "catalog"
     assert {"catalog/catalog.json", "catalog/catalog.safetensors"} <= set(manifest.files)
-    # The report: a table with the six variants, the comparison with 3 pipeline rows and 4
+    # The report: a table with the eleven variants, the comparison with 3 pipeline rows and 4
     # peers, and a PNG plot.
     table, comparison = (run.out / "compression.md").read_text().split("## Quality under")
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 6
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 11
     assert sum(line.startswith("| ") for line in comparison.splitlines()) == 1 + 3 + 4
     assert "| params | sparsity | FLOPs | bytes |" in table
     assert (run.out / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,6 +89,19 @@ def test_report_compares_under_equal_information_paired_over_the_same_users(run:
     assert rows["pipeline, teacher fp32"]["test_ndcg"] == pytest.approx(
         by_key["teacher"]["ndcg"], abs=1e-9
     )
+    # Every table row's paired difference to the teacher is the difference of the steps' own
+    # test metrics (the same users on both sides), and its interval holds it.
+    for key, row in by_key.items():
+        if key == "teacher":
+            assert row["vs_teacher"] is None
+            continue
+        diff, low, high = row["vs_teacher"]
+        assert diff == pytest.approx(row["ndcg"] - by_key["teacher"]["ndcg"], abs=1e-9)
+        assert low <= diff <= high
+    # The seed spread: the distilled student's own seed, then the others, each its test NDCG.
+    seeds = report["seeds"]["test_ndcg"]
+    assert seeds[str(_config(run).student.seed)] == by_key["student_distill"]["ndcg"]
+    assert len(seeds) >= 2 and report["seeds"]["spread"] >= 0
     # Each peer's row is its chosen setting refitted on train + valid, recomputed here.
     split = load_data(run_pipeline(_config(run)).path("data")).split
     for peer in PEERS:

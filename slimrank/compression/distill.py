@@ -1,4 +1,4 @@
-"""Listwise distillation from teacher scores, and the loop that trains a student with it.
+"""Listwise distillation from teacher scores: the loss, and pseudo labels from the teacher.
 
 Data are lists of candidates per user, padded to ``(B, N, F)`` with a ``(B, N)`` mask that is
 True for real candidates. The loss is
@@ -11,6 +11,9 @@ scores (temperature 1) against the labels normalised to a distribution over the 
 lists without a positive label add no hard loss. It is listwise like the soft term, so both
 terms compare scores only within a list, which is all a ranker is used for. ``hard_loss="bce"``
 switches to pointwise binary cross-entropy with logits, averaged over real candidates.
+
+Pseudo-label distillation (:func:`pseudo_labels`) replaces the labels with the teacher's hard
+top-k per list and drops the soft term. The training loop is :mod:`slimrank.compression.fit`.
 """
 
 from __future__ import annotations
@@ -115,3 +118,25 @@ def distillation_loss(
     hard = hard_loss(student, labels, mask, config.hard_loss)
     total = config.soft_weight * soft + config.hard_weight * hard
     return DistillLoss(total=total, soft=soft, hard=hard)
+
+
+def pseudo_labels(teacher: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Return ``(B, N)`` 0/1 labels marking the teacher's top ``k`` real candidates per list.
+
+    Pseudo-label distillation trains the student on these hard choices of the teacher (as
+    labels of :func:`hard_loss`) instead of its soft score distribution. Pads are never chosen;
+    a list with fewer than ``k`` real candidates marks all of them. Ties go to the earlier
+    candidate (a stable sort), so the labels are deterministic.
+    """
+    require(k >= 1, "pseudo_labels", "k", k, "must be >= 1")
+    b, n = teacher.shape
+    scores = teacher.masked_fill(~mask, float("-inf"))  # (B, N)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, : min(k, n)]
+    labels = torch.zeros((b, n), dtype=torch.float32)
+    labels.scatter_(1, order, 1.0)
+    return torch.where(mask, labels, 0.0)
+
+
+def pseudo_label_config(hard_loss: str = "listwise") -> DistillConfig:
+    """Return the loss of pseudo-label distillation: the label term alone, no soft term."""
+    return DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=hard_loss)

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from slimrank.bundle.formats import read_tensors, write_json, write_tensors
+from slimrank.compression.cpu import cpu_features
 from slimrank.compression.lists import standardization, standardized_lists
-from slimrank.compression.scorer import bench_scorer, onnx_score_fn, score_lists
+from slimrank.compression.scorer import onnx_score_fn, score_lists
 from slimrank.pipeline.config import Int8Config, PruneConfig, StudentConfig
 from slimrank.pipeline.steps import evaluate_views, load_data, load_teacher_scores, load_views
 from slimrank.ranking.features import CandidateFeatures
@@ -87,36 +88,33 @@ def _valid_ndcg(views: dict, data: Any, mean: np.ndarray, std: np.ndarray, k: in
     return metric
 
 
+STUDENT_KINDS = ("plain", "distill", "pseudo")
+
+
 def student_step(
     config: StudentConfig,
-    distill: bool,
+    kind: str,
     k: int,
     data_dir: Path,
     cand_dir: Path,
     teacher_dir: Path,
     out: Path,
     engine: Engine | None = None,
+    pseudo_top_k: int = 10,
 ) -> None:
-    """Train the student MLP from labels only (``distill=False``) or with distillation.
+    """Train the student MLP from labels only (``plain``), with soft-label distillation
+    (``distill``), or on the teacher's top ``pseudo_top_k`` per list as labels (``pseudo``).
 
-    The epoch is chosen on validation NDCG (see :func:`fit_on_valid`); ``engine`` may train
-    it data-parallel (the Ray engine with several workers).
+    The epoch is chosen on validation NDCG (see :func:`~slimrank.compression.fit.fit_epochs`);
+    ``engine`` may train it data-parallel (the Ray engine with several workers).
     """
-    from slimrank.compression.distill import DistillConfig
     from slimrank.compression.fit import fit_on_valid
-    from slimrank.ranking.mlp import MLPConfig, MLPRanker
 
+    lists, views, data, mean, std, loss = _student_inputs(
+        config, kind, data_dir, cand_dir, teacher_dir, pseudo_top_k
+    )
     torch.manual_seed(config.seed)
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
-    _, feats, labels = views["train"]
-    teacher = load_teacher_scores(teacher_dir)["train"]
-    mean, std = standardization(feats.values, feats.mask)
-    lists = list_data(feats, labels, teacher, mean, std)
-    loss = config.distill
-    if not distill:
-        loss = DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=config.distill.hard_loss)
-    student = MLPRanker(MLPConfig(input_dim=feats.values.shape[-1], hidden=config.hidden))
+    student = _new_student(config, lists)
     metric = _valid_ndcg(views, data, mean, std, k)
     fit = config.fit()
     if engine is None:
@@ -128,6 +126,74 @@ def student_step(
     write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
 
 
+def _new_student(config: StudentConfig, lists: ListData) -> torch.nn.Module:
+    from slimrank.ranking.mlp import MLPConfig, MLPRanker
+
+    return MLPRanker(MLPConfig(input_dim=lists.features.shape[-1], hidden=config.hidden))
+
+
+def _student_inputs(
+    config: StudentConfig,
+    kind: str,
+    data_dir: Path,
+    cand_dir: Path,
+    teacher_dir: Path,
+    pseudo_top_k: int,
+) -> tuple[ListData, dict, Any, np.ndarray, np.ndarray, Any]:
+    """Return the training lists, views, data, standardization and loss of a student kind."""
+    from slimrank.compression.distill import DistillConfig, pseudo_label_config, pseudo_labels
+
+    if kind not in STUDENT_KINDS:
+        raise ValueError(f"student kind {kind!r}: one of {STUDENT_KINDS}")
+    data = load_data(data_dir)
+    views = load_views(cand_dir)
+    _, feats, labels = views["train"]
+    teacher = load_teacher_scores(teacher_dir)["train"]
+    mean, std = standardization(feats.values, feats.mask)
+    lists = list_data(feats, labels, teacher, mean, std)
+    hard = config.distill.hard_loss
+    loss = config.distill
+    if kind == "plain":
+        loss = DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=hard)
+    elif kind == "pseudo":
+        chosen = pseudo_labels(lists.teacher_scores, lists.mask, pseudo_top_k)
+        lists = dataclasses.replace(lists, labels=chosen)
+        loss = pseudo_label_config(hard)
+    return lists, views, data, mean, std, loss
+
+
+def seeds_step(
+    config: StudentConfig,
+    seeds: tuple[int, ...],
+    k: int,
+    data_dir: Path,
+    cand_dir: Path,
+    teacher_dir: Path,
+    out: Path,
+) -> None:
+    """Train the distilled student once per seed in ``seeds`` (the rest of its recipe fixed)
+    and record each one's validation and test metrics (``seeds.json``): its seed spread. The
+    student's own ``config.seed`` is skipped: that student is ``student_distill``."""
+    from slimrank.compression.fit import fit_on_valid
+
+    lists, views, data, mean, std, loss = _student_inputs(
+        config, "distill", data_dir, cand_dir, teacher_dir, 10
+    )
+    metric = _valid_ndcg(views, data, mean, std, k)
+    records = {}
+    for seed in (s for s in seeds if s != config.seed):  # config.seed is student_distill
+        seeded = dataclasses.replace(config, seed=seed)
+        torch.manual_seed(seed)
+        student = _new_student(seeded, lists)
+        model, _ = fit_on_valid(student, lists, loss, seeded.fit(), metric)
+        path = _save_student(out / f"seed{seed}", model, mean, std, {}, config.fold_standardization)
+        records[str(seed)] = evaluate_views(views, data, onnx_score_fn(path), k)
+    write_json(out / "seeds.json", records)
+
+
+PRUNE_METHODS = ("magnitude", "taylor", "l1")
+
+
 def pruned_step(
     config: StudentConfig,
     prune: PruneConfig,
@@ -137,16 +203,24 @@ def pruned_step(
     teacher_dir: Path,
     student_dir: Path,
     out: Path,
+    method: str = "magnitude",
+    l1_penalty: float = 0.0,
 ) -> None:
     """Prune the distilled student: drop hidden units, then prune weights while distilling.
 
-    Magnitude sparsity ramps up over the first ``prune.ramp_epochs`` epochs; fine-tuning goes
-    on at the final sparsity, and the epoch is chosen on validation NDCG among those (see
-    :func:`fit_on_valid`). Fine-tuning a fixed number of epochs overfit: the students peak
-    within a few epochs on ml-100k's 1,886 training lists.
+    ``method`` chooses which weights go: ``magnitude`` (the smallest), ``taylor`` (the least
+    first-order Taylor importance ``|w * grad|`` gathered during fine-tuning), or ``l1`` (an
+    L1 penalty of weight ``l1_penalty`` on the loss throughout fine-tuning, and the smallest
+    weights masked once, at the end of the ramp; see
+    :mod:`slimrank.compression.gradient_pruning`). Sparsity ramps up over the first
+    ``prune.ramp_epochs`` epochs; fine-tuning goes on at the final sparsity, and the epoch is
+    chosen on validation NDCG among those (see :func:`~slimrank.compression.fit.fit_epochs`).
+    Fine-tuning a fixed number of epochs overfit: the students peak within a few epochs on
+    ml-100k's 1,886 training lists.
     """
     from slimrank.compression.export import load_mlp
     from slimrank.compression.fit import fit_on_valid
+    from slimrank.compression.gradient_pruning import TaylorPruner, ThresholdPruner
     from slimrank.compression.pruning import (
         MagnitudePruner,
         PruningSchedule,
@@ -176,12 +250,23 @@ def pruned_step(
         end_step=frequency * prune.updates,
         frequency=frequency,
     )
-    pruner = MagnitudePruner(schedule) if prune.final_sparsity > 0 else None
+    pruner: Any = None
+    if prune.final_sparsity > 0 and method == "magnitude":
+        pruner = MagnitudePruner(schedule)
+    elif prune.final_sparsity > 0 and method == "taylor":
+        pruner = TaylorPruner(schedule)
+    elif prune.final_sparsity > 0 and method == "l1":
+        pruner = ThresholdPruner(prune.final_sparsity, schedule.end_step)
+    elif method not in PRUNE_METHODS:
+        raise ValueError(f"pruning method {method!r}: one of {PRUNE_METHODS}")
     tune = config.fit(epochs=prune.epochs, lr=prune.lr, patience=prune.patience)
+    if method == "l1":
+        tune = dataclasses.replace(tune, l1=l1_penalty)
     metric = _valid_ndcg(views, data, mean, std, k)
     model, history = fit_on_valid(shrunk, lists, config.distill, tune, metric, pruner)
     model = fold_masks(model, pruner) if pruner is not None else model
     extra = {
+        "method": method,
         "sparsity": sparsity_report(model),
         "schedule": schedule.to_dict(),
         "epochs": history,
@@ -193,6 +278,96 @@ def pruned_step(
 # -- int8 and the gate -------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _GateInputs:
+    """What a gated step reads: validation lists and metric, the teacher's value, calibration
+    rows and the benchmark list."""
+
+    data: Any
+    views: dict
+    teacher_valid: float
+    calibration: np.ndarray  # (M, F) real training candidates
+    bench_x: np.ndarray  # (N, F) one validation user's candidates, pads included as zeros
+    lists: Any  # ReferenceLists of the validation view
+    valid_metric: Any  # scorer -> validation NDCG@k
+
+
+def _gate_inputs(
+    k: int, data_dir: Path, cand_dir: Path, teacher_dir: Path, calibration_candidates: int
+) -> _GateInputs:
+    from slimrank.compression.gate import ReferenceLists
+
+    data = load_data(data_dir)
+    views = load_views(cand_dir)
+    teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    metric = f"ndcg@{k}"
+    v_cands, v_feats, _ = views["valid"]
+    truth = data.truth("valid")
+    _, t_feats, _ = views["train"]
+    rows = t_feats.values[t_feats.mask]  # (M, F) real training candidates
+    rng = np.random.default_rng(0)
+    calibration = rows[
+        np.sort(rng.choice(len(rows), min(len(rows), calibration_candidates), False))
+    ]
+
+    def valid_metric(scorer: Any) -> float:
+        return pipeline_metrics(v_cands, score_lists(scorer, v_feats.values), truth, (k,))[metric]
+
+    return _GateInputs(
+        data,
+        views,
+        float(teacher_metrics["valid"][metric]),
+        calibration,
+        v_feats.values[0],
+        ReferenceLists(v_feats.values, v_feats.mask, k),
+        valid_metric,
+    )
+
+
+def _mode_latency(
+    out: Path, modes: list[str], bench_x: np.ndarray, repeats: int
+) -> dict[str, float]:
+    """Return the median seconds of each mode's gated ranker on ``bench_x``, interleaved."""
+    from slimrank.compression.latency import interleaved_latency
+    from slimrank.compression.scorer import onnx_scorer
+
+    if not modes:
+        return {}
+    x = np.ascontiguousarray(bench_x, dtype=np.float32)
+    scorers = {m: onnx_scorer(out / m / "ranker.int8.onnx") for m in modes}
+    fns = {m: (lambda s=s: s.score(x)) for m, s in scorers.items()}
+    return {m: t["p50"] for m, t in interleaved_latency(fns, repeats, warmup=5).items()}
+
+
+def choose_mode(
+    passed: list[str],
+    fallbacks: dict[str, int],
+    latency: dict[str, float],
+    choose_by: str,
+    margin: float,
+) -> tuple[str | None, str]:
+    """Return the int8 mode to serve among those that ``passed`` the gate, and why.
+
+    The preferred mode needs the fewest fp32 fallbacks (ties: the order of ``passed``, the
+    config's). With ``choose_by="latency"`` a faster mode replaces it only when its measured
+    median is at least ``margin`` (a fraction) below the preferred mode's: modes a few µs
+    apart are within timing noise on a busy machine, and choosing by noise made the published
+    ranker change run to run.
+    """
+    if not passed:
+        return None, "no mode passed the gate"
+    preferred = min(passed, key=lambda m: (fallbacks[m], passed.index(m)))
+    if choose_by != "latency" or len(passed) == 1:
+        return preferred, f"{preferred}: fewest fp32 fallbacks, then config order"
+    fastest = min(passed, key=lambda m: (latency[m], passed.index(m)))
+    if fastest != preferred and latency[fastest] <= (1.0 - margin) * latency[preferred]:
+        saved = 1.0 - latency[fastest] / latency[preferred]
+        return fastest, f"{fastest}: {saved:.0%} faster than {preferred} on this CPU"
+    return preferred, (
+        f"{preferred}: fewest fp32 fallbacks; no passing mode was {margin:.0%} faster on this CPU"
+    )
+
+
 def int8_step(
     config: Int8Config,
     k: int,
@@ -202,38 +377,23 @@ def int8_step(
     pruned_dir: Path,
     out: Path,
 ) -> None:
-    """Quantize the pruned student in each mode through the gate; keep the first that passes.
+    """Quantize the pruned student in each mode through the gate; serve one that passes.
+
+    Among the passing modes, :func:`choose_mode` picks by fp32 fallbacks and measured
+    latency on this CPU; ``gate.json`` names the CPU's model and SIMD flags.
 
     The gate compares validation NDCG@k with the teacher's, and the int8 top-k of each
     validation user with the fp32 pruned student's. When no mode passes, nothing is kept as
     ``ranker.int8.onnx``; an ungated full-int8 copy (``rejected.int8.onnx``) is kept for the
     report only.
     """
-    from slimrank.compression.gate import ReferenceLists, gate_int8, quantize
+    from slimrank.compression.gate import gate_int8, quantize
 
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
-    teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
-    metric = f"ndcg@{k}"
-    teacher_valid = float(teacher_metrics["valid"][metric])
+    g = _gate_inputs(k, data_dir, cand_dir, teacher_dir, config.calibration_candidates)
+    data, views, teacher_valid, calibration = g.data, g.views, g.teacher_valid, g.calibration
+    valid_metric, lists, bench_x = g.valid_metric, g.lists, g.bench_x
     src = pruned_dir / "model.onnx"
-    v_cands, v_feats, _ = views["valid"]
-    truth = data.truth("valid")
-    _, t_feats, _ = views["train"]
-    rows = t_feats.values[t_feats.mask]  # (M, F) real training candidates
-    rng = np.random.default_rng(0)
-    calibration = rows[
-        np.sort(rng.choice(len(rows), min(len(rows), config.calibration_candidates), False))
-    ]
-    bench_x = v_feats.values[0]  # (N, F) one user's candidates, pads included as zeros
-
-    lists = ReferenceLists(v_feats.values, v_feats.mask, k)
-
-    def valid_metric(scorer: Any) -> float:
-        return pipeline_metrics(v_cands, score_lists(scorer, v_feats.values), truth, (k,))[metric]
-
     decisions: dict[str, Any] = {}
-    latency: dict[str, float] = {}
     for mode in config.modes:
         gate = dataclasses.replace(config.gate, mode=mode)
         decision = gate_int8(
@@ -242,17 +402,14 @@ def int8_step(
         record = decision.to_dict()
         record["model_path"] = f"{mode}/ranker.int8.onnx" if decision.accepted else None
         decisions[mode] = record
-        if decision.accepted:
-            latency[mode] = bench_scorer(
-                out / mode / "ranker.int8.onnx", bench_x, config.bench_repeats
-            )
-    # A mode that needed fewer fp32 fallbacks is more int8; among equals the config's order
-    # decides. Not the measured latency: the modes differ by a few µs, within timing noise on
-    # a busy machine, and choosing by noise made the published ranker change run to run.
-    chosen = (
-        min(latency, key=lambda m: (len(decisions[m]["excluded_nodes"]), config.modes.index(m)))
-        if latency
-        else None
+    passed = [m for m in config.modes if decisions[m]["accepted"]]
+    latency = _mode_latency(out, passed, bench_x, config.bench_repeats)
+    chosen, why = choose_mode(
+        passed,
+        {m: len(decisions[m]["excluded_nodes"]) for m in passed},
+        latency,
+        config.choose_by,
+        config.latency_margin,
     )
     if chosen is not None:
         shutil.copyfile(out / chosen / "ranker.int8.onnx", out / "ranker.int8.onnx")
@@ -267,8 +424,74 @@ def int8_step(
         "min_ratio": config.gate.min_ratio,
         "teacher_valid": teacher_valid,
         "median_seconds": latency,
+        "choice": why,
+        "cpu": cpu_features(),
         "decisions": decisions,
         "model": final.name,
     }
     write_json(out / "gate.json", summary)
     write_json(out / "metrics.json", metrics)
+
+
+# -- per-layer precision -----------------------------------------------------------------------
+
+
+def precision_step(
+    config: Int8Config,
+    choices: tuple[str, ...],
+    k: int,
+    data_dir: Path,
+    cand_dir: Path,
+    teacher_dir: Path,
+    pruned_dir: Path,
+    out: Path,
+) -> None:
+    """fp16 weights, and the per-layer precision search, on the pruned student.
+
+    Writes ``fp16/model.onnx`` (every layer's weights in fp16) with its metrics, and the
+    search (:func:`~slimrank.compression.precision.search_precision`, the int8 gate's checks
+    and bars): the fastest passing plan as ``ranker.onnx`` with ``metrics.json``, and every
+    plan in ``precision.json`` with the CPU it was timed on. If no plan passes, ``ranker.onnx``
+    is the all-fp32 plan and ``precision.json`` says it was not accepted.
+    """
+    from slimrank.compression.precision import apply_plan, search_precision
+    from slimrank.compression.quantize import quantizable_nodes
+    from slimrank.compression.scorer import onnx_scorer
+
+    g = _gate_inputs(k, data_dir, cand_dir, teacher_dir, config.calibration_candidates)
+    src = pruned_dir / "model.onnx"
+    nodes = quantizable_nodes(src)
+    half = apply_plan(src, out / "fp16" / "model.onnx", dict.fromkeys(nodes, "fp16"))
+    write_json(
+        out / "fp16" / "metrics.json", evaluate_views(g.views, g.data, onnx_score_fn(half), k)
+    )
+    reference = g.lists.scores(onnx_scorer(src))
+    search = search_precision(
+        src,
+        out,
+        choices,
+        g.valid_metric,
+        g.teacher_valid,
+        reference,
+        g.lists,
+        config.gate.min_ratio,
+        config.gate.min_same_top_k,
+        g.bench_x,
+        config.bench_repeats,
+        config.gate.quant,
+    )
+    if search.chosen is None:
+        shutil.copyfile(src, out / "ranker.onnx")
+    chosen = search.results[search.chosen].plan if search.chosen is not None else None
+    summary = {
+        "accepted": search.chosen is not None,
+        "plan": chosen,
+        "teacher_valid": g.teacher_valid,
+        "min_ratio": config.gate.min_ratio,
+        "min_same_top_k": config.gate.min_same_top_k,
+        "cpu": cpu_features(),
+        **search.to_dict(),
+    }
+    write_json(out / "precision.json", summary)
+    final = out / "ranker.onnx"
+    write_json(out / "metrics.json", evaluate_views(g.views, g.data, onnx_score_fn(final), k))
