@@ -423,9 +423,10 @@ def candidates_step(
     )
     labels = np.concatenate([p[2] for p in parts])
     artifacts.save_view(out / "train.safetensors", cands, feats, labels)
+    view_tables = {}
     for view in ("valid", "test"):
         truth = data.truth(view)
-        tables, cands, feats, labels = mine(
+        view_tables[view], cands, feats, labels = mine(
             data.seen(view),
             truth,
             emb.user[view],
@@ -435,8 +436,9 @@ def candidates_step(
         )
         artifacts.save_view(out / f"{view}.safetensors", cands, feats, labels)
         metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))
-    # The test view's tables are what a server knows: train + valid interactions.
-    layout = save_tables(out / "serving_tables.safetensors", tables)
+    # The test view's tables are what a server knows: train + valid interactions (named, not
+    # whatever the loop above happened to leave behind).
+    layout = save_tables(out / "serving_tables.safetensors", view_tables["test"])
     write_json(out / "serving_layout.json", layout)
     write_json(out / "metrics.json", metrics)
 
@@ -468,6 +470,20 @@ def evaluate_views(
         cands, feats, _ = views[view]
         out[view] = pipeline_metrics(cands, score(feats), data.truth(view), (k,))
     return out
+
+
+def evaluate_scores(
+    views: dict[str, tuple[Candidates, CandidateFeatures, np.ndarray]],
+    data: DataArtifacts,
+    scores: dict[str, np.ndarray],
+    k: int,
+) -> dict[str, dict[str, float]]:
+    """Return the pipeline metrics on "valid" and "test" of scores already computed per view
+    (``(U, N)`` each), so a ranker is not run a second time to be evaluated."""
+    return {
+        view: pipeline_metrics(views[view][0], scores[view], data.truth(view), (k,))
+        for view in ("valid", "test")
+    }
 
 
 # -- teacher -----------------------------------------------------------------------------------
@@ -514,7 +530,7 @@ def teacher_step(
     engine = engine or LocalEngine()
     scores = {view: engine.teacher_scores(result.model, views[view][1]) for view in VIEWS}
     write_tensors(out / "scores.safetensors", scores)
-    metrics = evaluate_views(views, data, lambda f: teacher_scores(result.model, f), k)
+    metrics = evaluate_scores(views, data, scores, k)
     write_json(out / "metrics.json", {"best_epoch": result.best_epoch, **metrics})
 
 
@@ -528,7 +544,7 @@ def rescore_teacher_step(
     engine: Engine | None = None,
 ) -> None:
     """Reuse a trained teacher: copy it, score the (new) candidates, record its version."""
-    from slimrank.ranking.teacher import load_teacher, teacher_scores
+    from slimrank.ranking.teacher import load_teacher
 
     model, names = load_teacher(source)
     data = load_data(data_dir)
@@ -542,7 +558,7 @@ def rescore_teacher_step(
     engine = engine or LocalEngine()
     scores = {view: engine.teacher_scores(model, views[view][1]) for view in VIEWS}
     write_tensors(out / "scores.safetensors", scores)
-    metrics = evaluate_views(views, data, lambda f: teacher_scores(model, f), k)
+    metrics = evaluate_scores(views, data, scores, k)
     write_json(out / "metrics.json", {"imported": version, **metrics})
     (out / "teacher_version.txt").write_text(version + "\n")
 
