@@ -9,7 +9,6 @@ test views (see :mod:`slimrank.pipeline.steps`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -19,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from slimrank.bundle.formats import read_tensors, write_json, write_tensors
+from slimrank.bundle.formats import write_json
 from slimrank.compression.cpu import cpu_features
 from slimrank.compression.lists import standardization, standardized_lists
 from slimrank.compression.scorer import onnx_score_fn, score_lists
+from slimrank.pipeline import artifacts
 from slimrank.pipeline.config import Int8Config, PruneConfig, StudentConfig
 from slimrank.pipeline.steps import evaluate_views, load_data, load_teacher_scores, load_views
 from slimrank.ranking.features import CandidateFeatures
@@ -61,14 +61,16 @@ def _save_student(
     from slimrank.ranking.mlp import fold_standardization
 
     save_mlp(model, out / "student.safetensors")
-    write_tensors(out / "standardization.safetensors", {"mean": mean, "std": std})
+    artifacts.save_standardization(out, mean, std)
     if fold:
         raw = fold_standardization(model, torch.from_numpy(mean), torch.from_numpy(std))
     else:
         raw = Standardized(model, mean, std).eval()
-    path = export_onnx(raw, out / "model.onnx", model.config.input_dim)
+    path = export_onnx(raw, artifacts.ranker_path(out), model.config.input_dim)
     cost = count_cost(raw, model.config.input_dim)
-    write_json(out / "model.json", {"hidden": list(model.config.hidden), **cost.to_dict(), **extra})
+    write_json(
+        out / artifacts.MODEL_INFO, {"hidden": list(model.config.hidden), **cost.to_dict(), **extra}
+    )
     return path
 
 
@@ -123,7 +125,7 @@ def student_step(
         model, history = engine.fit_student(student, lists, loss, fit, metric)
     extra = {"epochs": history}
     path = _save_student(out, model, mean, std, extra, config.fold_standardization)
-    write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
+    artifacts.save_metrics(out, evaluate_views(views, data, onnx_score_fn(path), k))
 
 
 def _new_student(config: StudentConfig, lists: ListData) -> torch.nn.Module:
@@ -234,8 +236,7 @@ def pruned_step(
     views = load_views(cand_dir)
     _, feats, labels = views["train"]
     teacher = load_teacher_scores(teacher_dir)["train"]
-    norm = read_tensors(student_dir / "standardization.safetensors")
-    mean, std = norm["mean"], norm["std"]
+    mean, std = artifacts.load_standardization(student_dir)
     lists = list_data(feats, labels, teacher, mean, std)
     student = load_mlp(student_dir / "student.safetensors")
     shrunk = (
@@ -272,7 +273,7 @@ def pruned_step(
         "epochs": history,
     }
     path = _save_student(out, model, mean, std, extra, config.fold_standardization)
-    write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
+    artifacts.save_metrics(out, evaluate_views(views, data, onnx_score_fn(path), k))
 
 
 # -- int8 and the gate -------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def _gate_inputs(
 
     data = load_data(data_dir)
     views = load_views(cand_dir)
-    teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    teacher_metrics = artifacts.load_metrics(teacher_dir)
     metric = f"ndcg@{k}"
     v_cands, v_feats, _ = views["valid"]
     truth = data.truth("valid")
@@ -392,7 +393,7 @@ def int8_step(
     g = _gate_inputs(k, data_dir, cand_dir, teacher_dir, config.calibration_candidates)
     data, views, teacher_valid, calibration = g.data, g.views, g.teacher_valid, g.calibration
     valid_metric, lists, bench_x = g.valid_metric, g.lists, g.bench_x
-    src = pruned_dir / "model.onnx"
+    src = artifacts.ranker_path(pruned_dir)
     decisions: dict[str, Any] = {}
     for mode in config.modes:
         gate = dataclasses.replace(config.gate, mode=mode)
@@ -430,7 +431,7 @@ def int8_step(
         "model": final.name,
     }
     write_json(out / "gate.json", summary)
-    write_json(out / "metrics.json", metrics)
+    artifacts.save_metrics(out, metrics)
 
 
 # -- per-layer precision -----------------------------------------------------------------------
@@ -459,12 +460,10 @@ def precision_step(
     from slimrank.compression.scorer import onnx_scorer
 
     g = _gate_inputs(k, data_dir, cand_dir, teacher_dir, config.calibration_candidates)
-    src = pruned_dir / "model.onnx"
+    src = artifacts.ranker_path(pruned_dir)
     nodes = quantizable_nodes(src)
-    half = apply_plan(src, out / "fp16" / "model.onnx", dict.fromkeys(nodes, "fp16"))
-    write_json(
-        out / "fp16" / "metrics.json", evaluate_views(g.views, g.data, onnx_score_fn(half), k)
-    )
+    half = apply_plan(src, artifacts.ranker_path(out / "fp16"), dict.fromkeys(nodes, "fp16"))
+    artifacts.save_metrics(out / "fp16", evaluate_views(g.views, g.data, onnx_score_fn(half), k))
     reference = g.lists.scores(onnx_scorer(src))
     search = search_precision(
         src,
@@ -494,4 +493,4 @@ def precision_step(
     }
     write_json(out / "precision.json", summary)
     final = out / "ranker.onnx"
-    write_json(out / "metrics.json", evaluate_views(g.views, g.data, onnx_score_fn(final), k))
+    artifacts.save_metrics(out, evaluate_views(g.views, g.data, onnx_score_fn(final), k))

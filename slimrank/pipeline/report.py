@@ -22,6 +22,7 @@ import numpy as np
 from slimrank.compression.cpu import cpu_features
 from slimrank.compression.latency import interleaved_latency
 from slimrank.evaluation.paired import PerUser, paired_bootstrap
+from slimrank.pipeline import artifacts
 from slimrank.pipeline.comparison import (
     Comparison,
     compare,
@@ -140,7 +141,7 @@ def _ranker_paths(result: RunResult) -> dict[str, Path]:
     """Return the ONNX file each student variant is scored (and served) from."""
     gate = result.gate()
     paths = {
-        key: result.path(key) / "model.onnx"
+        key: artifacts.ranker_path(result.path(key))
         for key in (
             "student_plain",
             "student_distill",
@@ -151,7 +152,7 @@ def _ranker_paths(result: RunResult) -> dict[str, Path]:
         )
     }
     paths["int8"] = result.path("int8") / gate["model"]
-    paths["fp16"] = result.path("precision") / "fp16" / "model.onnx"
+    paths["fp16"] = artifacts.ranker_path(result.path("precision") / "fp16")
     paths["precision"] = result.path("precision") / "ranker.onnx"
     return paths
 
@@ -252,7 +253,7 @@ def _params(result: RunResult, key: str) -> tuple[int | None, int | None]:
         model, _ = load_teacher(directory)
         return count_parameters(model), (directory / "teacher.safetensors").stat().st_size
     step = "student_pruned" if key in _PRUNED_FORMS else key
-    info = json.loads((result.path(step) / "model.json").read_text())
+    info = artifacts.load_model_info(result.path(step))
     return int(info["nonzero_params"]), _ranker_paths(result)[key].stat().st_size
 
 
@@ -319,7 +320,7 @@ def build_report(
     rows = []
     intervals = vs_teacher(result)
     for key, label, _, _ in VARIANTS:
-        m = json.loads((_variant_dir(result, key) / "metrics.json").read_text())
+        m = artifacts.load_metrics(_variant_dir(result, key))
         params, size = _params(result, key)
         sparsity, flops = _linear_cost(result, key)
         p50 = latency[key]["p50"] if key in latency else None

@@ -12,7 +12,7 @@ from typing import Any
 
 from slimrank.config import Config
 from slimrank.data.dataset import dataset_files
-from slimrank.pipeline import compress_steps, steps
+from slimrank.pipeline import artifacts, compress_steps, steps
 from slimrank.pipeline.cache import StepCache, StepOutput, step_digest
 from slimrank.pipeline.config import SOURCES_SYNTHETIC, PipelineConfig
 from slimrank.pipeline.engine import Engine, EngineConfig, open_engine
@@ -145,7 +145,7 @@ class RunResult:
 
     def metrics(self, name: str) -> dict[str, Any]:
         """Return the ``metrics.json`` of a step."""
-        return json.loads((self.path(name) / "metrics.json").read_text())
+        return artifacts.load_metrics(self.path(name))
 
     def gate(self) -> dict[str, Any]:
         """Return the int8 step's gate summary."""

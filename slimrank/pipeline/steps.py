@@ -3,14 +3,15 @@
 Order and inputs (each step's cache key is its config plus the digests of these inputs)::
 
     data -> two_tower -> embeddings -> index -> candidates -> teacher
-         -> student_plain, student_distill -> student_pruned -> int8   (compress_steps)
+         -> student_plain, student_distill, student_pseudo, student_seeds
+         -> student_pruned, pruned_taylor, pruned_l1 -> int8, precision   (compress_steps)
 
 ``embeddings`` holds the user views: ``fold<i>`` (pools the history fold ``i`` of the training
 items; training candidates are mined with it), ``valid`` (pools the training items) and
 ``test`` (training and validation items: what a server knows). Every ranker variant is
 evaluated with the pipeline protocol (retrieve ``n``, rank, top ``k``) on the validation view
 (selection, the gate) and the test view (reported). Loaders (``load_*``) read a step's
-directory back.
+directory back; the names of a step's own files are :mod:`slimrank.pipeline.artifacts`'.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int
         )
         for view in ("valid", "test")
     }
-    write_json(out / "metrics.json", {"best_epoch": result.best_epoch, **metrics})
+    artifacts.save_metrics(out, {"best_epoch": result.best_epoch, **metrics})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,7 +441,7 @@ def candidates_step(
     # whatever the loop above happened to leave behind).
     layout = save_tables(out / "serving_tables.safetensors", view_tables["test"])
     write_json(out / "serving_layout.json", layout)
-    write_json(out / "metrics.json", metrics)
+    artifacts.save_metrics(out, metrics)
 
 
 def sample_users(truth: sp.spmatrix, limit: int, seed: int, salt: int) -> np.ndarray:
@@ -531,7 +532,7 @@ def teacher_step(
     scores = {view: engine.teacher_scores(result.model, views[view][1]) for view in VIEWS}
     write_tensors(out / "scores.safetensors", scores)
     metrics = evaluate_scores(views, data, scores, k)
-    write_json(out / "metrics.json", {"best_epoch": result.best_epoch, **metrics})
+    artifacts.save_metrics(out, {"best_epoch": result.best_epoch, **metrics})
 
 
 def rescore_teacher_step(
@@ -559,7 +560,7 @@ def rescore_teacher_step(
     scores = {view: engine.teacher_scores(model, views[view][1]) for view in VIEWS}
     write_tensors(out / "scores.safetensors", scores)
     metrics = evaluate_scores(views, data, scores, k)
-    write_json(out / "metrics.json", {"imported": version, **metrics})
+    artifacts.save_metrics(out, {"imported": version, **metrics})
     (out / "teacher_version.txt").write_text(version + "\n")
 
 
@@ -585,7 +586,7 @@ def catalog_step(config: DataConfig, text: TextIndexConfig, data_dir: Path, out:
         columns = {"title": np.asarray(dataset.item_titles, dtype=str)}
     catalog = build_catalog(item_ids, dataset.item_features, columns, None, text)
     save_catalog(out / "catalog", catalog)
-    write_json(
-        out / "metrics.json",
+    artifacts.save_metrics(
+        out,
         {"items": catalog.n_items, "terms": len(catalog.text.vocab), "fields": catalog.fields},
     )
