@@ -98,6 +98,16 @@ def test_report_compares_under_equal_information_paired_over_the_same_users(run:
         diff, low, high = row["vs_teacher"]
         assert diff == pytest.approx(row["ndcg"] - by_key["teacher"]["ndcg"], abs=1e-9)
         assert low <= diff <= high
+    # Every pruning method reaches the same sparsity on the same shrunk student; fp16 weights
+    # shrink the file; the precision search keeps a plan that passed the gate.
+    for key in ("pruned_taylor", "pruned_l1"):
+        assert by_key[key]["sparsity"] == pytest.approx(by_key["student_pruned"]["sparsity"])
+        assert by_key[key]["params"] == by_key["student_pruned"]["params"]
+    assert by_key["fp16"]["bytes"] < by_key["student_pruned"]["bytes"]
+    search = report["precision"]
+    assert search["accepted"] and search["results"][search["chosen"]]["passed"]
+    assert len(search["results"]) == 3 ** len(search["plan"])
+    assert report["cpu"]["vnni"] in (True, False, None)
     # The seed spread: the distilled student's own seed, then the others, each its test NDCG.
     seeds = report["seeds"]["test_ndcg"]
     assert seeds[str(_config(run).student.seed)] == by_key["student_distill"]["ndcg"]
