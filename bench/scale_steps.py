@@ -142,10 +142,10 @@ def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict
     import numpy as np
     import scipy.sparse as sp
 
+    from slimrank.compression.scorer import onnx_score_fn
     from slimrank.data.world import true_top_k
     from slimrank.evaluation.metrics import ranking_metrics
     from slimrank.pipeline.artifacts import load_view
-    from slimrank.pipeline.compress_steps import onnx_score_fn
     from slimrank.pipeline.steps import load_data, load_teacher_scores
     from slimrank.ranking.pipeline_eval import rank_candidates
 

@@ -23,7 +23,6 @@ _AREAS = (
     "evaluation",
     "retrieval",
     "ranking",
-    "compression",
     "bundle",
     "pipeline",
     "serving",

@@ -10,16 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimrank.compression.distill import (
-    DistillConfig,
-    TrainConfig,
-    distillation_loss,
-    hard_loss,
-    pad_lists,
-    soft_loss,
-    train_student,
-)
+from slimrank.compression.distill import DistillConfig, distillation_loss, hard_loss, soft_loss
+from slimrank.compression.fit import TrainConfig, train_student
 from slimrank.compression.flops import count_cost, flops_ratio
+from slimrank.compression.lists import pad_lists
 from slimrank.ranking.mlp import MLPConfig, MLPRanker
 
 # One list of 3 candidates, T = 2. Teacher scores 2*ln(2, 1, 1) give softmax(teacher / T) =

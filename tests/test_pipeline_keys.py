@@ -156,7 +156,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     return tiny_pipeline(tmp_path_factory)
 
 
-def test_changing_the_pruning_section_reruns_pruning_and_int8_for_real(tiny: TinyRun) -> None:
+def test_changing_the_pruning_section_reruns_pruning_and_what_follows_for_real(
+    tiny: TinyRun,
+) -> None:
     seen: dict[str, Any] = {}
 
     def hook(name, output, seconds) -> None:
@@ -173,7 +175,7 @@ def test_changing_the_pruning_section_reruns_pruning_and_int8_for_real(tiny: Tin
     seen.clear()
     run_pipeline(config, hook)
     rerun = [n for n, o in seen.items() if not o.cached]
-    assert rerun == ["student_pruned", "int8"]
+    assert rerun == ["student_pruned", "pruned_taylor", "pruned_l1", "int8", "precision"]
     assert all(seen[n].path == base[n] for n in STEPS[: STEPS.index("student_pruned")])
     assert {n: o.digest for n, o in seen.items()} == step_digests(config)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slimrank.compression.latency import interleaved_latency
 from slimrank.data.dataset import Dataset, FeatureTable, IdMap, Interactions, Split
 from slimrank.pipeline import artifacts
 from slimrank.pipeline.config import PipelineConfig, load_config
-from slimrank.pipeline.latency import interleaved_latency
 from slimrank.pipeline.retrain import append_logs
 from slimrank.pipeline.steps import DataArtifacts
 

@@ -16,8 +16,8 @@ import pytest
 
 from slimrank.bundle import current_version, list_versions, open_bundle
 from slimrank.cli import main
+from slimrank.compression.scorer import onnx_score_fn
 from slimrank.pipeline.artifacts import load_view
-from slimrank.pipeline.compress_steps import onnx_score_fn
 from slimrank.pipeline.config import load_config
 from slimrank.pipeline.publish import load_bundle_tables, read_serving
 from slimrank.pipeline.run import STEPS, run_pipeline
@@ -68,10 +68,10 @@ def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
     assert "teacher/teacher.safetensors" in manifest.files
     assert read_serving(bundle.path).catalog_directory == "catalog"
     assert {"catalog/catalog.json", "catalog/catalog.safetensors"} <= set(manifest.files)
-    # The report: a table with the six variants, the comparison with 3 pipeline rows and 4
+    # The report: a table with the eleven variants, the comparison with 3 pipeline rows and 4
     # peers, and a PNG plot.
     table, comparison = (run.out / "compression.md").read_text().split("## Quality under")
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 6
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 11
     assert sum(line.startswith("| ") for line in comparison.splitlines()) == 1 + 3 + 4
     assert "| params | sparsity | FLOPs | bytes |" in table
     assert (run.out / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,6 +89,29 @@ def test_report_compares_under_equal_information_paired_over_the_same_users(run:
     assert rows["pipeline, teacher fp32"]["test_ndcg"] == pytest.approx(
         by_key["teacher"]["ndcg"], abs=1e-9
     )
+    # Every table row's paired difference to the teacher is the difference of the steps' own
+    # test metrics (the same users on both sides), and its interval holds it.
+    for key, row in by_key.items():
+        if key == "teacher":
+            assert row["vs_teacher"] is None
+            continue
+        diff, low, high = row["vs_teacher"]
+        assert diff == pytest.approx(row["ndcg"] - by_key["teacher"]["ndcg"], abs=1e-9)
+        assert low <= diff <= high
+    # Every pruning method reaches the same sparsity on the same shrunk student; fp16 weights
+    # shrink the file; the precision search keeps a plan that passed the gate.
+    for key in ("pruned_taylor", "pruned_l1"):
+        assert by_key[key]["sparsity"] == pytest.approx(by_key["student_pruned"]["sparsity"])
+        assert by_key[key]["params"] == by_key["student_pruned"]["params"]
+    assert by_key["fp16"]["bytes"] < by_key["student_pruned"]["bytes"]
+    search = report["precision"]
+    assert search["accepted"] and search["results"][search["chosen"]]["passed"]
+    assert len(search["results"]) == 3 ** len(search["plan"])
+    assert report["cpu"]["vnni"] in (True, False, None)
+    # The seed spread: the distilled student's own seed, then the others, each its test NDCG.
+    seeds = report["seeds"]["test_ndcg"]
+    assert seeds[str(_config(run).student.seed)] == by_key["student_distill"]["ndcg"]
+    assert len(seeds) >= 2 and report["seeds"]["spread"] >= 0
     # Each peer's row is its chosen setting refitted on train + valid, recomputed here.
     split = load_data(run_pipeline(_config(run)).path("data")).split
     for peer in PEERS:

@@ -9,14 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from slimrank.compression.distill import (
-    DistillConfig,
-    TrainConfig,
-    pad_lists,
-    soft_loss,
-    train_student,
-)
+from slimrank.compression.distill import DistillConfig, soft_loss
+from slimrank.compression.fit import TrainConfig, train_student
 from slimrank.compression.flops import count_cost
+from slimrank.compression.lists import pad_lists
 from slimrank.compression.pruning import (
     MagnitudePruner,
     PruningSchedule,
@@ -139,8 +135,7 @@ def test_schedule_continues_across_calls_with_start_step() -> None:
 
 
 def test_epoch_choice_waits_for_the_final_sparsity() -> None:
-    from slimrank.pipeline.compress_steps import fit_on_valid
-    from slimrank.pipeline.config import StudentConfig
+    from slimrank.compression.fit import FitConfig, fit_on_valid
 
     data = _lists(seed=2, users=40, cands=30, dim=10)
     torch.manual_seed(5)
@@ -152,7 +147,7 @@ def test_epoch_choice_waits_for_the_final_sparsity() -> None:
     def metric(model: nn.Module) -> float:
         return float(next(calls))
 
-    config = StudentConfig(hidden=(32, 16), epochs=5, patience=2, batch_size=8)
+    config = FitConfig(epochs=5, patience=2, batch_size=8)
     best, history = fit_on_valid(student, data, DistillConfig(), config, metric, pruner)
     # Epoch 1 scored best but was only partly pruned; epoch 2 is the first at 0.5, and two
     # worse epochs after it stop the run.

@@ -26,9 +26,8 @@ from slimrank.compression.quantize import (
     quantize_onnx_weights,
     torch_dynamic_int8,
 )
-from slimrank.compression.scorer import Scorer, ScorerConfig
+from slimrank.compression.scorer import Scorer, ScorerConfig, score_lists
 from slimrank.errors import IntegrityError
-from slimrank.pipeline.compress_steps import score_lists
 from slimrank.pipeline.run import run_pipeline
 from slimrank.pipeline.steps import VIEWS, load_views
 from slimrank.ranking.mlp import MLPConfig, MLPRanker, fold_standardization

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from slimrank.compression.export import export_onnx
+from slimrank.compression.export import Standardized, export_onnx
 from slimrank.compression.flops import count_cost, linear_cost, onnx_linear_cost
 from slimrank.compression.gate import quantize
 from slimrank.compression.quantize import QuantConfig
 from slimrank.evaluation.paired import PairedInterval
 from slimrank.pipeline.comparison import Compared, Comparison, comparison_goals
-from slimrank.pipeline.compress_steps import Standardized
 from slimrank.pipeline.report import Report, Row, render_markdown, report_goals, table_cells
 from slimrank.ranking.mlp import MLPConfig, MLPRanker
 from slimrank.ranking.teacher import DCNv2, TeacherConfig, multiply_adds_per_candidate
@@ -183,3 +183,48 @@ def test_onnx_cost_refuses_a_weight_it_cannot_read(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     with pytest.raises(ValueError, match="not a constant"):
         onnx_linear_cost(tmp_path / "m.onnx")
+
+
+def _overlaps(boxes: list) -> list[tuple[int, int]]:
+    return [
+        (i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes) if i < j and a.overlaps(b)
+    ]
+
+
+def test_the_plot_labels_and_ticks_do_not_overlap() -> None:
+    """Rankers of one size sit µs apart with equal NDCG (the tiny run): every label must still
+    be readable, so none is drawn on the points and no two tick labels collide."""
+    import matplotlib.pyplot as plt
+
+    from slimrank.pipeline.report import quality_latency_figure
+
+    rows = [Row("retrieval", "retrieval only", 0.2, 0.1, 0.2, None, None, None, None, None, None)]
+    rows += [_ranked("teacher", 0.40, 100, 1.0)]
+    rows += [
+        dataclasses.replace(_ranked(f"s{i}", 0.43, 10, 10.0), label=f"student variant {i}")
+        for i in range(9)
+    ]
+    rows = [
+        dataclasses.replace(r, p50_seconds=None if r.key == "retrieval" else p50)
+        for r, p50 in zip(rows, [None, 200e-6, *(17e-6 + 1e-7 * i for i in range(9))], strict=True)
+    ]
+    comparison = Comparison(10, (Compared("EASE", "-", True, 0.3, 0.5, None),), "EASE")
+    report = Report(tuple(rows), (), 10, 30, 10, {}, comparison)
+    fig = quality_latency_figure(report)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        assert len(ax.texts) == 0  # no annotation on the points
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert [r.label for r in rows[1:]] == legend[:10]  # every ranker named once
+        ticks = [
+            t.get_window_extent(renderer)
+            for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+            if t.get_visible() and t.get_text()
+        ]
+        assert len(ticks) >= 2 and _overlaps(ticks) == []
+        labels = [t.get_window_extent(renderer) for t in ax.get_legend().get_texts()]
+        assert _overlaps(labels) == []
+    finally:
+        plt.close(fig)

@@ -1,8 +1,14 @@
 """Distillation, pruning, int8 quantization and the accuracy gate.
 
+It imports nothing from :mod:`slimrank.pipeline` (a test reads the imports): the pipeline's
+steps and engines call into it. Students train in one loop, :func:`~slimrank.compression.fit.
+train_epoch`, which :func:`~slimrank.compression.fit.train_student` and
+:func:`~slimrank.compression.fit.fit_epochs` (the epoch chosen on validation; the local and Ray
+engines both run it) share.
+
 The pieces, in the order a ``compress`` job chains them (each returns a new object)::
 
-    data = pad_lists(features_per_user, teacher_scores_per_user, labels_per_user)  # distill
+    data = pad_lists(features_per_user, teacher_scores_per_user, labels_per_user)  # lists
     student = train_student(MLPRanker(MLPConfig(F)), data, DistillConfig(), TrainConfig()).model
     pruner = MagnitudePruner(PruningSchedule(final_sparsity=0.5, end_step=..., frequency=...))
     sparse = train_student(student, data, DistillConfig(), TrainConfig(), pruner).model  # pruning

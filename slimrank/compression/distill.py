@@ -1,4 +1,4 @@
-"""Listwise distillation from teacher scores, and the loop that trains a student with it.
+"""Listwise distillation from teacher scores: the loss, and pseudo labels from the teacher.
 
 Data are lists of candidates per user, padded to ``(B, N, F)`` with a ``(B, N)`` mask that is
 True for real candidates. The loss is
@@ -11,27 +11,19 @@ scores (temperature 1) against the labels normalised to a distribution over the 
 lists without a positive label add no hard loss. It is listwise like the soft term, so both
 terms compare scores only within a list, which is all a ranker is used for. ``hard_loss="bce"``
 switches to pointwise binary cross-entropy with logits, averaged over real candidates.
+
+Pseudo-label distillation (:func:`pseudo_labels`) replaces the labels with the teacher's hard
+top-k per list and drops the soft term. The training loop is :mod:`slimrank.compression.fit`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from slimrank.config import Config, require
-
-if TYPE_CHECKING:
-    from slimrank.compression.pruning import MagnitudePruner
-
-log = logging.getLogger(__name__)
 
 # Logit given to padded candidates: finite, so masked terms are 0 * finite rather than 0 * inf.
 _PAD_LOGIT = -1e9
@@ -128,137 +120,23 @@ def distillation_loss(
     return DistillLoss(total=total, soft=soft, hard=hard)
 
 
-@dataclasses.dataclass(frozen=True)
-class ListData:
-    """Candidate lists padded to one length: features ``(B, N, F)``, the rest ``(B, N)``."""
+def pseudo_labels(teacher: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Return ``(B, N)`` 0/1 labels marking the teacher's top ``k`` real candidates per list.
 
-    features: torch.Tensor
-    teacher_scores: torch.Tensor
-    labels: torch.Tensor
-    mask: torch.Tensor
-
-    def __post_init__(self) -> None:
-        b, n, _ = self.features.shape
-        for name in ("teacher_scores", "labels", "mask"):
-            shape = tuple(getattr(self, name).shape)
-            require(shape == (b, n), self, name, shape, f"must have shape {(b, n)}")
-        require(self.mask.dtype == torch.bool, self, "mask", self.mask.dtype, "must be bool")
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
-
-    def subset(self, index: torch.Tensor) -> ListData:
-        """Return the lists at ``index``."""
-        return ListData(
-            self.features[index], self.teacher_scores[index], self.labels[index], self.mask[index]
-        )
-
-
-def pad_lists(
-    features: Sequence[np.ndarray],
-    teacher_scores: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray] | None = None,
-) -> ListData:
-    """Return :class:`ListData` from per-user arrays ``(N_u, F)`` and ``(N_u,)``, zero-padded."""
-    require(len(features) > 0, "pad_lists", "features", len(features), "needs at least one list")
-    require(
-        len(teacher_scores) == len(features),
-        "pad_lists",
-        "teacher_scores",
-        len(teacher_scores),
-        f"must hold one array per list ({len(features)})",
-    )
-    if labels is None:
-        labels = [np.zeros(len(x), dtype=np.float32) for x in features]
-    n = max(len(x) for x in features)
-    dim = features[0].shape[1]
-    b = len(features)
-    feats = np.zeros((b, n, dim), dtype=np.float32)  # (B, N, F)
-    teach = np.zeros((b, n), dtype=np.float32)  # (B, N)
-    labs = np.zeros((b, n), dtype=np.float32)  # (B, N)
-    mask = np.zeros((b, n), dtype=bool)  # (B, N)
-    for i, (x, t, y) in enumerate(zip(features, teacher_scores, labels, strict=True)):
-        m = len(x)
-        require(
-            len(t) == m and len(y) == m, "pad_lists", "list", i, "needs one score per candidate"
-        )
-        feats[i, :m], teach[i, :m], labs[i, :m], mask[i, :m] = x, t, y, True
-    return ListData(
-        torch.from_numpy(feats),
-        torch.from_numpy(teach),
-        torch.from_numpy(labs),
-        torch.from_numpy(mask),
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(Config):
-    """Optimiser settings of :func:`train_student` (Adam over mini-batches of lists)."""
-
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        require(self.epochs > 0, self, "epochs", self.epochs, "must be positive")
-        require(self.batch_size > 0, self, "batch_size", self.batch_size, "must be positive")
-        require(self.lr > 0, self, "lr", self.lr, "must be positive")
-        require(self.weight_decay >= 0, self, "weight_decay", self.weight_decay, "must be >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-    """A trained copy of the student, the mean loss of each epoch and the step reached."""
-
-    model: nn.Module
-    epoch_loss: tuple[float, ...]
-    steps: int
-
-
-def train_student(
-    student: nn.Module,
-    data: ListData,
-    distill: DistillConfig,
-    train: TrainConfig,
-    pruner: MagnitudePruner | None = None,
-    start_step: int = 0,
-) -> TrainResult:
-    """Return a copy of ``student`` trained to match ``data.teacher_scores`` (the input is kept).
-
-    The same loop fine-tunes a pruned student: pass a structurally pruned model, or a
-    ``pruner`` whose masks are updated on its schedule and re-applied after every step.
-    ``start_step`` continues that schedule from an earlier call (one call per epoch);
-    ``TrainResult.steps`` is then the step reached, ``start_step`` included.
+    Pseudo-label distillation trains the student on these hard choices of the teacher (as
+    labels of :func:`hard_loss`) instead of its soft score distribution. Pads are never chosen;
+    a list with fewer than ``k`` real candidates marks all of them. Ties go to the earlier
+    candidate (a stable sort), so the labels are deterministic.
     """
-    require(start_step >= 0, "train_student", "start_step", start_step, "must be >= 0")
-    generator = torch.Generator().manual_seed(train.seed)
-    model = copy.deepcopy(student)
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    step = start_step
-    if pruner is not None:
-        pruner.update(model, step)
-    epoch_loss: list[float] = []
-    for epoch in range(train.epochs):
-        order = torch.randperm(len(data), generator=generator)
-        total, batches = 0.0, 0
-        for start in range(0, len(data), train.batch_size):
-            batch = data.subset(order[start : start + train.batch_size])
-            scores = model(batch.features)  # (b, N)
-            loss = distillation_loss(
-                scores, batch.teacher_scores, batch.labels, batch.mask, distill
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.total.backward()
-            optimizer.step()
-            step += 1
-            if pruner is not None:
-                pruner.update(model, step)
-            total += float(loss.total.detach())
-            batches += 1
-        epoch_loss.append(total / batches)
-        log.debug("epoch %d loss %.5f", epoch, epoch_loss[-1])
-    model.eval()
-    return TrainResult(model=model, epoch_loss=tuple(epoch_loss), steps=step)
+    require(k >= 1, "pseudo_labels", "k", k, "must be >= 1")
+    b, n = teacher.shape
+    scores = teacher.masked_fill(~mask, float("-inf"))  # (B, N)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, : min(k, n)]
+    labels = torch.zeros((b, n), dtype=torch.float32)
+    labels.scatter_(1, order, 1.0)
+    return torch.where(mask, labels, 0.0)
+
+
+def pseudo_label_config(hard_loss: str = "listwise") -> DistillConfig:
+    """Return the loss of pseudo-label distillation: the label term alone, no soft term."""
+    return DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=hard_loss)

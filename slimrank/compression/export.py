@@ -6,6 +6,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -88,3 +89,21 @@ def load_mlp(path: str | Path) -> MLPRanker:
     model = MLPRanker(MLPConfig.from_dict(json.loads(metadata["mlp_config"])))
     model.load_state_dict(load_file(str(path)))
     return model.eval()
+
+
+class Standardized(nn.Module):
+    """``model((x - mean) / std)`` with the scaling as its own (fp32) step in the graph.
+
+    Folding the scaling into the first Linear layer would be free in fp32, but then the int8
+    quantizer sees raw features (counts, scores and embeddings of very different ranges) as
+    one per-tensor activation range; standardized inputs quantize far better.
+    """
+
+    def __init__(self, model: nn.Module, mean: Any, std: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))  # (F,)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))  # (F,)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model((features - self.mean) / self.std)

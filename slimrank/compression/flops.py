@@ -106,8 +106,9 @@ def onnx_linear_cost(path: str | Path) -> LinearCost:
 
     Reads the constant weight of every Gemm/MatMul/MatMulInteger node: an fp32 initializer, or
     the int8 initializer behind a DequantizeLinear (static and weight-only int8) or read
-    directly (dynamic int8). Zeros are counted in the stored tensor, so an int8 row also
-    counts weights that rounding to int8 took to zero. A matmul with a ``(K, N)`` weight costs
+    directly (dynamic int8), or the fp16 initializer behind a Cast (fp16 weights). Zeros are
+    counted in the stored tensor, so an int8 row also counts weights that rounding to int8
+    took to zero. A matmul with a ``(K, N)`` weight costs
     ``2 K N`` FLOPs per candidate.
     """
     graph = onnx.load(str(path)).graph
@@ -119,7 +120,7 @@ def onnx_linear_cost(path: str | Path) -> LinearCost:
             continue
         name = node.input[1]
         dq = producer.get(name)
-        if name not in inits and dq is not None and dq.op_type == "DequantizeLinear":
+        if name not in inits and dq is not None and dq.op_type in ("DequantizeLinear", "Cast"):
             name = dq.input[0]
         require(
             name in inits,

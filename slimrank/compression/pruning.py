@@ -100,6 +100,14 @@ class MagnitudePruner:
         self.masks: dict[str, torch.Tensor] = {}
         self.current_sparsity = 0.0
 
+    @property
+    def end_step(self) -> int:
+        """The step at which the final sparsity is reached."""
+        return self.schedule.end_step
+
+    def observe(self, model: nn.Module) -> None:
+        """Magnitude needs no gradients: nothing to record."""
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> float:
         """Recompute the masks if ``step`` is an update step, then apply them in place.

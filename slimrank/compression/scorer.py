@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -68,3 +70,49 @@ class Scorer:
             return np.zeros(0, dtype=np.float32)
         (scores,) = self.session.run(None, {self.input_name: features})
         return scores.reshape(-1)  # (M,)
+
+
+def score_lists(scorer: Scorer, values: np.ndarray) -> np.ndarray:
+    """Return ``(U, N)`` scores of ``(U, N, F)`` lists, one scorer call per list.
+
+    One list per call is what a server does with one request; dynamic int8 quantizes
+    activations with one range per call, so scoring all lists at once would not be.
+    """
+    if len(values) == 0:
+        return np.zeros(values.shape[:2], dtype=np.float32)
+    return np.stack([scorer.score(x) for x in values])  # (U, N)
+
+
+def onnx_scorer(path: Path) -> Scorer:
+    """Return a one-thread :class:`Scorer` of an ONNX ranker this process wrote (its sha256
+    is computed here, not checked against a manifest)."""
+    from slimrank.bundle.checksums import sha256_file
+
+    return Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
+
+
+def onnx_score_fn(path: Path) -> Callable[[Any], np.ndarray]:
+    """Return ``score(feats) -> (U, N)`` running the ONNX ranker at ``path`` on
+    :class:`~slimrank.ranking.features.CandidateFeatures`-like ``feats`` (its ``values``)."""
+    scorer = onnx_scorer(path)
+
+    def score(feats: Any) -> np.ndarray:
+        return score_lists(scorer, feats.values)
+
+    return score
+
+
+def bench_scorer(path: Path, features: np.ndarray, repeats: int, warmup: int = 5) -> float:
+    """Return the median seconds of scoring ``(M, F)`` ``features`` with the ONNX file, 1 thread."""
+    import time
+
+    scorer = onnx_scorer(path)
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    for _ in range(warmup):
+        scorer.score(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        scorer.score(x)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -115,3 +115,44 @@ def load_view(path: str | Path) -> tuple[Candidates, CandidateFeatures, np.ndarr
     cands = Candidates(t["user"], t["items"], t["retrieval_score"])
     feats = CandidateFeatures(t["features"], names, cands.user, cands.items)
     return cands, feats, t["labels"]
+
+
+# -- a step's own files: one place names them, so steps do not reach for each other's names --
+
+METRICS = "metrics.json"  # every evaluated step: {"valid": {...}, "test": {...}, ...}
+RANKER = "model.onnx"  # a student step's ranker, taking raw candidate features
+MODEL_INFO = "model.json"  # a student step's shape, cost and training record
+STANDARDIZATION = "standardization.safetensors"  # the student's input mean and std
+
+
+def save_metrics(step_dir: str | Path, metrics: dict) -> None:
+    """Write a step's evaluation record."""
+    from slimrank.bundle.formats import write_json
+
+    write_json(Path(step_dir) / METRICS, metrics)
+
+
+def load_metrics(step_dir: str | Path) -> dict:
+    """Return a step's evaluation record."""
+    return json.loads((Path(step_dir) / METRICS).read_text())
+
+
+def ranker_path(step_dir: str | Path) -> Path:
+    """Return the ONNX ranker a student step wrote."""
+    return Path(step_dir) / RANKER
+
+
+def load_model_info(step_dir: str | Path) -> dict:
+    """Return a student step's ``model.json`` (hidden sizes, non-zero parameters, FLOPs...)."""
+    return json.loads((Path(step_dir) / MODEL_INFO).read_text())
+
+
+def save_standardization(step_dir: str | Path, mean: np.ndarray, std: np.ndarray) -> None:
+    """Write the ``(F,)`` mean and std a student's inputs are standardized with."""
+    write_tensors(Path(step_dir) / STANDARDIZATION, {"mean": mean, "std": std})
+
+
+def load_standardization(step_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Return the ``(F,)`` mean and std a student step standardized its inputs with."""
+    t = read_tensors(Path(step_dir) / STANDARDIZATION)
+    return t["mean"], t["std"]

@@ -16,7 +16,9 @@ EXIT_GATE_FAILED = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``pipeline`` and ``retrain`` commands."""
+    """Add the ``pipeline``, ``retrain`` and ``compress`` commands."""
+    from slimrank.pipeline import compress_cli
+
     parser = sub.add_parser(
         "pipeline",
         help="run every offline step and publish a bundle if the ranker passes the gate",
@@ -59,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _common(retrain)
     retrain.set_defaults(func=_retrain)
+    compress_cli.register(sub)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

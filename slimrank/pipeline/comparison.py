@@ -80,8 +80,8 @@ class Comparison:
 
 def pipeline_per_user_test(result: RunResult, key: str) -> PerUser:
     """Return test NDCG@k per user of a pipeline variant (``int8``, ``teacher``, ``retrieval``)."""
+    from slimrank.compression.scorer import onnx_score_fn
     from slimrank.pipeline.artifacts import load_view
-    from slimrank.pipeline.compress_steps import onnx_score_fn
     from slimrank.pipeline.steps import load_data, load_teacher_scores
     from slimrank.ranking.pipeline_eval import pipeline_per_user
 

@@ -1,109 +1,46 @@
 """The compression steps: students with and without distillation, pruning, int8 and the gate.
 
-Students train on standardized features (statistics of the training candidates) and are
-exported with the standardization inside the graph, so every ONNX ranker takes raw candidate
-features. Each step evaluates its ranker with the pipeline protocol on the
-validation and test views (see :mod:`slimrank.pipeline.steps`).
+Each step reads its inputs from the steps before it, hands the training to
+:mod:`slimrank.compression` (one loop, :func:`~slimrank.compression.fit.fit_epochs`, run here
+or by the engine) and evaluates its ranker with the pipeline protocol on the validation and
+test views (see :mod:`slimrank.pipeline.steps`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from slimrank.bundle.formats import read_tensors, write_json, write_tensors
+from slimrank.bundle.formats import write_json
+from slimrank.compression.cpu import cpu_features
+from slimrank.compression.lists import standardization, standardized_lists
+from slimrank.compression.scorer import onnx_score_fn, score_lists
+from slimrank.pipeline import artifacts
 from slimrank.pipeline.config import Int8Config, PruneConfig, StudentConfig
 from slimrank.pipeline.steps import evaluate_views, load_data, load_teacher_scores, load_views
 from slimrank.ranking.features import CandidateFeatures
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 
 if TYPE_CHECKING:
-    from slimrank.compression.pruning import MagnitudePruner
+    from slimrank.compression.lists import ListData
     from slimrank.pipeline.engine import Engine
-
-log = logging.getLogger(__name__)
-
-
-def _standardization(feats: CandidateFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """Return the ``(F,)`` mean and std of the real training candidates' features.
-
-    A feature constant over the training candidates gets std 1, not a tiny floor: the student
-    learns nothing from it, and dividing a later, different value by ~0 would feed the student
-    z-scores of 1e5 (seen on the synthetic catalog, where every training user has the same
-    history length and validation users a longer one).
-    """
-    x = feats.values[feats.mask].astype(np.float64)  # (M, F)
-    mean = x.mean(axis=0) if len(x) else np.zeros(feats.values.shape[-1])
-    std = x.std(axis=0) if len(x) else np.ones(feats.values.shape[-1])
-    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
 
 def list_data(
     feats: CandidateFeatures, labels: np.ndarray, teacher: np.ndarray, mean: Any, std: Any
-) -> Any:
+) -> ListData:
     """Return the distillation lists of standardized features, labels and teacher scores."""
-    from slimrank.compression.distill import ListData
-
-    mask = feats.mask
-    x = (feats.values - mean) / std  # (U, N, F)
-    x[~mask] = 0.0
-    return ListData(
-        torch.from_numpy(x.astype(np.float32)),
-        torch.from_numpy(np.where(mask, teacher, 0.0).astype(np.float32)),
-        torch.from_numpy(labels.astype(np.float32)),
-        torch.from_numpy(mask),
-    )
+    return standardized_lists(feats.values, feats.mask, labels, teacher, mean, std)
 
 
-def score_lists(scorer: Any, values: np.ndarray) -> np.ndarray:
-    """Return ``(U, N)`` scores of ``(U, N, F)`` lists, one scorer call per list.
-
-    One list per call is what a server does with one request; dynamic int8 quantizes
-    activations with one range per call, so scoring all lists at once would not be.
-    """
-    if len(values) == 0:
-        return np.zeros(values.shape[:2], dtype=np.float32)
-    return np.stack([scorer.score(x) for x in values])  # (U, N)
-
-
-def onnx_score_fn(path: Path) -> Any:
-    """Return ``score(features) -> (U, N)`` running the ONNX ranker at ``path`` (fp32 or int8)."""
-    from slimrank.bundle.checksums import sha256_file
-    from slimrank.compression.scorer import Scorer, ScorerConfig
-
-    scorer = Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
-
-    def score(feats: CandidateFeatures) -> np.ndarray:
-        return score_lists(scorer, feats.values)
-
-    return score
-
-
-class Standardized(torch.nn.Module):
-    """``model((x - mean) / std)`` with the scaling as its own (fp32) step in the graph.
-
-    Folding the scaling into the first Linear layer would be free in fp32, but then the int8
-    quantizer sees raw features (counts, scores and embeddings of very different ranges) as
-    one per-tensor activation range; standardized inputs quantize far better.
-    """
-
-    def __init__(self, model: torch.nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))  # (F,)
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))  # (F,)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model((features - self.mean) / self.std)
+log = logging.getLogger(__name__)
 
 
 def _save_student(
@@ -119,32 +56,22 @@ def _save_student(
     ``fold`` folds the standardization into the first layer; otherwise it stays a separate
     step (see :class:`Standardized`). Returns the ONNX path.
     """
-    from slimrank.compression.export import export_onnx, save_mlp
+    from slimrank.compression.export import Standardized, export_onnx, save_mlp
     from slimrank.compression.flops import count_cost
     from slimrank.ranking.mlp import fold_standardization
 
     save_mlp(model, out / "student.safetensors")
-    write_tensors(out / "standardization.safetensors", {"mean": mean, "std": std})
+    artifacts.save_standardization(out, mean, std)
     if fold:
         raw = fold_standardization(model, torch.from_numpy(mean), torch.from_numpy(std))
     else:
         raw = Standardized(model, mean, std).eval()
-    path = export_onnx(raw, out / "model.onnx", model.config.input_dim)
+    path = export_onnx(raw, artifacts.ranker_path(out), model.config.input_dim)
     cost = count_cost(raw, model.config.input_dim)
-    write_json(out / "model.json", {"hidden": list(model.config.hidden), **cost.to_dict(), **extra})
-    return path
-
-
-def _student_train_config(config: StudentConfig, epochs: int, lr: float) -> Any:
-    from slimrank.compression.distill import TrainConfig
-
-    return TrainConfig(
-        epochs=epochs,
-        batch_size=config.batch_size,
-        lr=lr,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
+    write_json(
+        out / artifacts.MODEL_INFO, {"hidden": list(model.config.hidden), **cost.to_dict(), **extra}
     )
+    return path
 
 
 def _valid_ndcg(views: dict, data: Any, mean: np.ndarray, std: np.ndarray, k: int) -> Any:
@@ -163,88 +90,110 @@ def _valid_ndcg(views: dict, data: Any, mean: np.ndarray, std: np.ndarray, k: in
     return metric
 
 
-def fit_on_valid(
-    student: torch.nn.Module,
-    lists: Any,
-    loss: Any,
-    config: StudentConfig,
-    metric: Any,
-    pruner: MagnitudePruner | None = None,
-) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Return the student after the epoch with the best validation metric, and every epoch's.
-
-    Trains one epoch at a time (optimizer state restarts each epoch) and stops after
-    ``config.patience`` epochs without a better metric; ``patience=0`` trains all epochs and
-    keeps the last. With a ``pruner``, its schedule runs on across epochs and only epochs that
-    end at the final sparsity compete (an epoch halfway up the ramp is denser than what is
-    served); if none does, the last epoch is returned.
-    """
-    from slimrank.compression.distill import train_student
-
-    best, best_metric, stale = student, -np.inf, 0
-    model, step = student, 0
-    history: list[dict[str, float]] = []
-    for epoch in range(config.epochs):
-        train = dataclasses.replace(
-            _student_train_config(config, 1, config.lr), seed=config.seed + epoch
-        )
-        result = train_student(model, lists, loss, train, pruner=pruner, start_step=step)
-        model, step = result.model, result.steps
-        value = float(metric(model))
-        record = {"epoch": epoch + 1, "loss": result.epoch_loss[0], "valid": value}
-        if pruner is not None:
-            record["sparsity"] = pruner.current_sparsity
-        history.append(record)
-        log.info("student epoch %d/%d: %s", epoch + 1, config.epochs, record)
-        if pruner is not None and step < pruner.schedule.end_step:
-            best = model  # still pruning: not a candidate, but the fallback if none is
-            continue
-        if value > best_metric or config.patience == 0:
-            best, best_metric, stale = model, value, 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    return best, history
+STUDENT_KINDS = ("plain", "distill", "pseudo")
 
 
 def student_step(
     config: StudentConfig,
-    distill: bool,
+    kind: str,
     k: int,
     data_dir: Path,
     cand_dir: Path,
     teacher_dir: Path,
     out: Path,
     engine: Engine | None = None,
+    pseudo_top_k: int = 10,
 ) -> None:
-    """Train the student MLP from labels only (``distill=False``) or with distillation.
+    """Train the student MLP from labels only (``plain``), with soft-label distillation
+    (``distill``), or on the teacher's top ``pseudo_top_k`` per list as labels (``pseudo``).
 
-    The epoch is chosen on validation NDCG (see :func:`fit_on_valid`); ``engine`` may train
-    it data-parallel (the Ray engine with several workers).
+    The epoch is chosen on validation NDCG (see :func:`~slimrank.compression.fit.fit_epochs`);
+    ``engine`` may train it data-parallel (the Ray engine with several workers).
     """
-    from slimrank.compression.distill import DistillConfig
+    from slimrank.compression.fit import fit_on_valid
+
+    lists, views, data, mean, std, loss = _student_inputs(
+        config, kind, data_dir, cand_dir, teacher_dir, pseudo_top_k
+    )
+    torch.manual_seed(config.seed)
+    student = _new_student(config, lists)
+    metric = _valid_ndcg(views, data, mean, std, k)
+    fit = config.fit()
+    if engine is None:
+        model, history = fit_on_valid(student, lists, loss, fit, metric)
+    else:
+        model, history = engine.fit_student(student, lists, loss, fit, metric)
+    extra = {"epochs": history}
+    path = _save_student(out, model, mean, std, extra, config.fold_standardization)
+    artifacts.save_metrics(out, evaluate_views(views, data, onnx_score_fn(path), k))
+
+
+def _new_student(config: StudentConfig, lists: ListData) -> torch.nn.Module:
     from slimrank.ranking.mlp import MLPConfig, MLPRanker
 
-    torch.manual_seed(config.seed)
+    return MLPRanker(MLPConfig(input_dim=lists.features.shape[-1], hidden=config.hidden))
+
+
+def _student_inputs(
+    config: StudentConfig,
+    kind: str,
+    data_dir: Path,
+    cand_dir: Path,
+    teacher_dir: Path,
+    pseudo_top_k: int,
+) -> tuple[ListData, dict, Any, np.ndarray, np.ndarray, Any]:
+    """Return the training lists, views, data, standardization and loss of a student kind."""
+    from slimrank.compression.distill import DistillConfig, pseudo_label_config, pseudo_labels
+
+    if kind not in STUDENT_KINDS:
+        raise ValueError(f"student kind {kind!r}: one of {STUDENT_KINDS}")
     data = load_data(data_dir)
     views = load_views(cand_dir)
     _, feats, labels = views["train"]
     teacher = load_teacher_scores(teacher_dir)["train"]
-    mean, std = _standardization(feats)
+    mean, std = standardization(feats.values, feats.mask)
     lists = list_data(feats, labels, teacher, mean, std)
+    hard = config.distill.hard_loss
     loss = config.distill
-    if not distill:
-        loss = DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=config.distill.hard_loss)
-    student = MLPRanker(MLPConfig(input_dim=feats.values.shape[-1], hidden=config.hidden))
+    if kind == "plain":
+        loss = DistillConfig(soft_weight=0.0, hard_weight=1.0, hard_loss=hard)
+    elif kind == "pseudo":
+        chosen = pseudo_labels(lists.teacher_scores, lists.mask, pseudo_top_k)
+        lists = dataclasses.replace(lists, labels=chosen)
+        loss = pseudo_label_config(hard)
+    return lists, views, data, mean, std, loss
+
+
+def seeds_step(
+    config: StudentConfig,
+    seeds: tuple[int, ...],
+    k: int,
+    data_dir: Path,
+    cand_dir: Path,
+    teacher_dir: Path,
+    out: Path,
+) -> None:
+    """Train the distilled student once per seed in ``seeds`` (the rest of its recipe fixed)
+    and record each one's validation and test metrics (``seeds.json``): its seed spread. The
+    student's own ``config.seed`` is skipped: that student is ``student_distill``."""
+    from slimrank.compression.fit import fit_on_valid
+
+    lists, views, data, mean, std, loss = _student_inputs(
+        config, "distill", data_dir, cand_dir, teacher_dir, 10
+    )
     metric = _valid_ndcg(views, data, mean, std, k)
-    if engine is None:
-        model, history = fit_on_valid(student, lists, loss, config, metric)
-    else:
-        model, history = engine.fit_student(student, lists, loss, config, metric)
-    extra = {"epochs": history}
-    path = _save_student(out, model, mean, std, extra, config.fold_standardization)
-    write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
+    records = {}
+    for seed in (s for s in seeds if s != config.seed):  # config.seed is student_distill
+        seeded = dataclasses.replace(config, seed=seed)
+        torch.manual_seed(seed)
+        student = _new_student(seeded, lists)
+        model, _ = fit_on_valid(student, lists, loss, seeded.fit(), metric)
+        path = _save_student(out / f"seed{seed}", model, mean, std, {}, config.fold_standardization)
+        records[str(seed)] = evaluate_views(views, data, onnx_score_fn(path), k)
+    write_json(out / "seeds.json", records)
+
+
+PRUNE_METHODS = ("magnitude", "taylor", "l1")
 
 
 def pruned_step(
@@ -256,15 +205,24 @@ def pruned_step(
     teacher_dir: Path,
     student_dir: Path,
     out: Path,
+    method: str = "magnitude",
+    l1_penalty: float = 0.0,
 ) -> None:
     """Prune the distilled student: drop hidden units, then prune weights while distilling.
 
-    Magnitude sparsity ramps up over the first ``prune.ramp_epochs`` epochs; fine-tuning goes
-    on at the final sparsity, and the epoch is chosen on validation NDCG among those (see
-    :func:`fit_on_valid`). Fine-tuning a fixed number of epochs overfit: the students peak
-    within a few epochs on ml-100k's 1,886 training lists.
+    ``method`` chooses which weights go: ``magnitude`` (the smallest), ``taylor`` (the least
+    first-order Taylor importance ``|w * grad|`` gathered during fine-tuning), or ``l1`` (an
+    L1 penalty of weight ``l1_penalty`` on the loss throughout fine-tuning, and the smallest
+    weights masked once, at the end of the ramp; see
+    :mod:`slimrank.compression.gradient_pruning`). Sparsity ramps up over the first
+    ``prune.ramp_epochs`` epochs; fine-tuning goes on at the final sparsity, and the epoch is
+    chosen on validation NDCG among those (see :func:`~slimrank.compression.fit.fit_epochs`).
+    Fine-tuning a fixed number of epochs overfit: the students peak within a few epochs on
+    ml-100k's 1,886 training lists.
     """
     from slimrank.compression.export import load_mlp
+    from slimrank.compression.fit import fit_on_valid
+    from slimrank.compression.gradient_pruning import TaylorPruner, ThresholdPruner
     from slimrank.compression.pruning import (
         MagnitudePruner,
         PruningSchedule,
@@ -278,8 +236,7 @@ def pruned_step(
     views = load_views(cand_dir)
     _, feats, labels = views["train"]
     teacher = load_teacher_scores(teacher_dir)["train"]
-    norm = read_tensors(student_dir / "standardization.safetensors")
-    mean, std = norm["mean"], norm["std"]
+    mean, std = artifacts.load_standardization(student_dir)
     lists = list_data(feats, labels, teacher, mean, std)
     student = load_mlp(student_dir / "student.safetensors")
     shrunk = (
@@ -294,40 +251,122 @@ def pruned_step(
         end_step=frequency * prune.updates,
         frequency=frequency,
     )
-    pruner = MagnitudePruner(schedule) if prune.final_sparsity > 0 else None
-    tune = dataclasses.replace(config, epochs=prune.epochs, lr=prune.lr, patience=prune.patience)
+    pruner: Any = None
+    if prune.final_sparsity > 0 and method == "magnitude":
+        pruner = MagnitudePruner(schedule)
+    elif prune.final_sparsity > 0 and method == "taylor":
+        pruner = TaylorPruner(schedule)
+    elif prune.final_sparsity > 0 and method == "l1":
+        pruner = ThresholdPruner(prune.final_sparsity, schedule.end_step)
+    elif method not in PRUNE_METHODS:
+        raise ValueError(f"pruning method {method!r}: one of {PRUNE_METHODS}")
+    tune = config.fit(epochs=prune.epochs, lr=prune.lr, patience=prune.patience)
+    if method == "l1":
+        tune = dataclasses.replace(tune, l1=l1_penalty)
     metric = _valid_ndcg(views, data, mean, std, k)
     model, history = fit_on_valid(shrunk, lists, config.distill, tune, metric, pruner)
     model = fold_masks(model, pruner) if pruner is not None else model
     extra = {
+        "method": method,
         "sparsity": sparsity_report(model),
         "schedule": schedule.to_dict(),
         "epochs": history,
     }
     path = _save_student(out, model, mean, std, extra, config.fold_standardization)
-    write_json(out / "metrics.json", evaluate_views(views, data, onnx_score_fn(path), k))
+    artifacts.save_metrics(out, evaluate_views(views, data, onnx_score_fn(path), k))
 
 
 # -- int8 and the gate -------------------------------------------------------------------------
 
 
-def bench_scorer(path: Path, features: np.ndarray, repeats: int) -> float:
-    """Return the median seconds of scoring ``features`` (M, F) with the ONNX file, 1 thread."""
-    score = onnx_score_fn(path)
-    x = CandidateFeatures(
-        features[None],
-        (),
-        np.zeros(1, np.int64),
-        np.zeros((1, len(features)), np.int64),
+@dataclasses.dataclass(frozen=True)
+class _GateInputs:
+    """What a gated step reads: validation lists and metric, the teacher's value, calibration
+    rows and the benchmark list."""
+
+    data: Any
+    views: dict
+    teacher_valid: float
+    calibration: np.ndarray  # (M, F) real training candidates
+    bench_x: np.ndarray  # (N, F) one validation user's candidates, pads included as zeros
+    lists: Any  # ReferenceLists of the validation view
+    valid_metric: Any  # scorer -> validation NDCG@k
+
+
+def _gate_inputs(
+    k: int, data_dir: Path, cand_dir: Path, teacher_dir: Path, calibration_candidates: int
+) -> _GateInputs:
+    from slimrank.compression.gate import ReferenceLists
+
+    data = load_data(data_dir)
+    views = load_views(cand_dir)
+    teacher_metrics = artifacts.load_metrics(teacher_dir)
+    metric = f"ndcg@{k}"
+    v_cands, v_feats, _ = views["valid"]
+    truth = data.truth("valid")
+    _, t_feats, _ = views["train"]
+    rows = t_feats.values[t_feats.mask]  # (M, F) real training candidates
+    rng = np.random.default_rng(0)
+    calibration = rows[
+        np.sort(rng.choice(len(rows), min(len(rows), calibration_candidates), False))
+    ]
+
+    def valid_metric(scorer: Any) -> float:
+        return pipeline_metrics(v_cands, score_lists(scorer, v_feats.values), truth, (k,))[metric]
+
+    return _GateInputs(
+        data,
+        views,
+        float(teacher_metrics["valid"][metric]),
+        calibration,
+        v_feats.values[0],
+        ReferenceLists(v_feats.values, v_feats.mask, k),
+        valid_metric,
     )
-    for _ in range(5):
-        score(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        score(x)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+
+
+def _mode_latency(
+    out: Path, modes: list[str], bench_x: np.ndarray, repeats: int
+) -> dict[str, float]:
+    """Return the median seconds of each mode's gated ranker on ``bench_x``, interleaved."""
+    from slimrank.compression.latency import interleaved_latency
+    from slimrank.compression.scorer import onnx_scorer
+
+    if not modes:
+        return {}
+    x = np.ascontiguousarray(bench_x, dtype=np.float32)
+    scorers = {m: onnx_scorer(out / m / "ranker.int8.onnx") for m in modes}
+    fns = {m: (lambda s=s: s.score(x)) for m, s in scorers.items()}
+    return {m: t["p50"] for m, t in interleaved_latency(fns, repeats, warmup=5).items()}
+
+
+def choose_mode(
+    passed: list[str],
+    fallbacks: dict[str, int],
+    latency: dict[str, float],
+    choose_by: str,
+    margin: float,
+) -> tuple[str | None, str]:
+    """Return the int8 mode to serve among those that ``passed`` the gate, and why.
+
+    The preferred mode needs the fewest fp32 fallbacks (ties: the order of ``passed``, the
+    config's). With ``choose_by="latency"`` a faster mode replaces it only when its measured
+    median is at least ``margin`` (a fraction) below the preferred mode's: modes a few µs
+    apart are within timing noise on a busy machine, and choosing by noise made the published
+    ranker change run to run.
+    """
+    if not passed:
+        return None, "no mode passed the gate"
+    preferred = min(passed, key=lambda m: (fallbacks[m], passed.index(m)))
+    if choose_by != "latency" or len(passed) == 1:
+        return preferred, f"{preferred}: fewest fp32 fallbacks, then config order"
+    fastest = min(passed, key=lambda m: (latency[m], passed.index(m)))
+    if fastest != preferred and latency[fastest] <= (1.0 - margin) * latency[preferred]:
+        saved = 1.0 - latency[fastest] / latency[preferred]
+        return fastest, f"{fastest}: {saved:.0%} faster than {preferred} on this CPU"
+    return preferred, (
+        f"{preferred}: fewest fp32 fallbacks; no passing mode was {margin:.0%} faster on this CPU"
+    )
 
 
 def int8_step(
@@ -339,38 +378,23 @@ def int8_step(
     pruned_dir: Path,
     out: Path,
 ) -> None:
-    """Quantize the pruned student in each mode through the gate; keep the first that passes.
+    """Quantize the pruned student in each mode through the gate; serve one that passes.
+
+    Among the passing modes, :func:`choose_mode` picks by fp32 fallbacks and measured
+    latency on this CPU; ``gate.json`` names the CPU's model and SIMD flags.
 
     The gate compares validation NDCG@k with the teacher's, and the int8 top-k of each
     validation user with the fp32 pruned student's. When no mode passes, nothing is kept as
     ``ranker.int8.onnx``; an ungated full-int8 copy (``rejected.int8.onnx``) is kept for the
     report only.
     """
-    from slimrank.compression.gate import ReferenceLists, gate_int8, quantize
+    from slimrank.compression.gate import gate_int8, quantize
 
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
-    teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
-    metric = f"ndcg@{k}"
-    teacher_valid = float(teacher_metrics["valid"][metric])
-    src = pruned_dir / "model.onnx"
-    v_cands, v_feats, _ = views["valid"]
-    truth = data.truth("valid")
-    _, t_feats, _ = views["train"]
-    rows = t_feats.values[t_feats.mask]  # (M, F) real training candidates
-    rng = np.random.default_rng(0)
-    calibration = rows[
-        np.sort(rng.choice(len(rows), min(len(rows), config.calibration_candidates), False))
-    ]
-    bench_x = v_feats.values[0]  # (N, F) one user's candidates, pads included as zeros
-
-    lists = ReferenceLists(v_feats.values, v_feats.mask, k)
-
-    def valid_metric(scorer: Any) -> float:
-        return pipeline_metrics(v_cands, score_lists(scorer, v_feats.values), truth, (k,))[metric]
-
+    g = _gate_inputs(k, data_dir, cand_dir, teacher_dir, config.calibration_candidates)
+    data, views, teacher_valid, calibration = g.data, g.views, g.teacher_valid, g.calibration
+    valid_metric, lists, bench_x = g.valid_metric, g.lists, g.bench_x
+    src = artifacts.ranker_path(pruned_dir)
     decisions: dict[str, Any] = {}
-    latency: dict[str, float] = {}
     for mode in config.modes:
         gate = dataclasses.replace(config.gate, mode=mode)
         decision = gate_int8(
@@ -379,17 +403,14 @@ def int8_step(
         record = decision.to_dict()
         record["model_path"] = f"{mode}/ranker.int8.onnx" if decision.accepted else None
         decisions[mode] = record
-        if decision.accepted:
-            latency[mode] = bench_scorer(
-                out / mode / "ranker.int8.onnx", bench_x, config.bench_repeats
-            )
-    # A mode that needed fewer fp32 fallbacks is more int8; among equals the config's order
-    # decides. Not the measured latency: the modes differ by a few µs, within timing noise on
-    # a busy machine, and choosing by noise made the published ranker change run to run.
-    chosen = (
-        min(latency, key=lambda m: (len(decisions[m]["excluded_nodes"]), config.modes.index(m)))
-        if latency
-        else None
+    passed = [m for m in config.modes if decisions[m]["accepted"]]
+    latency = _mode_latency(out, passed, bench_x, config.bench_repeats)
+    chosen, why = choose_mode(
+        passed,
+        {m: len(decisions[m]["excluded_nodes"]) for m in passed},
+        latency,
+        config.choose_by,
+        config.latency_margin,
     )
     if chosen is not None:
         shutil.copyfile(out / chosen / "ranker.int8.onnx", out / "ranker.int8.onnx")
@@ -404,8 +425,72 @@ def int8_step(
         "min_ratio": config.gate.min_ratio,
         "teacher_valid": teacher_valid,
         "median_seconds": latency,
+        "choice": why,
+        "cpu": cpu_features(),
         "decisions": decisions,
         "model": final.name,
     }
     write_json(out / "gate.json", summary)
-    write_json(out / "metrics.json", metrics)
+    artifacts.save_metrics(out, metrics)
+
+
+# -- per-layer precision -----------------------------------------------------------------------
+
+
+def precision_step(
+    config: Int8Config,
+    choices: tuple[str, ...],
+    k: int,
+    data_dir: Path,
+    cand_dir: Path,
+    teacher_dir: Path,
+    pruned_dir: Path,
+    out: Path,
+) -> None:
+    """fp16 weights, and the per-layer precision search, on the pruned student.
+
+    Writes ``fp16/model.onnx`` (every layer's weights in fp16) with its metrics, and the
+    search (:func:`~slimrank.compression.precision.search_precision`, the int8 gate's checks
+    and bars): the fastest passing plan as ``ranker.onnx`` with ``metrics.json``, and every
+    plan in ``precision.json`` with the CPU it was timed on. If no plan passes, ``ranker.onnx``
+    is the all-fp32 plan and ``precision.json`` says it was not accepted.
+    """
+    from slimrank.compression.precision import apply_plan, search_precision
+    from slimrank.compression.quantize import quantizable_nodes
+    from slimrank.compression.scorer import onnx_scorer
+
+    g = _gate_inputs(k, data_dir, cand_dir, teacher_dir, config.calibration_candidates)
+    src = artifacts.ranker_path(pruned_dir)
+    nodes = quantizable_nodes(src)
+    half = apply_plan(src, artifacts.ranker_path(out / "fp16"), dict.fromkeys(nodes, "fp16"))
+    artifacts.save_metrics(out / "fp16", evaluate_views(g.views, g.data, onnx_score_fn(half), k))
+    reference = g.lists.scores(onnx_scorer(src))
+    search = search_precision(
+        src,
+        out,
+        choices,
+        g.valid_metric,
+        g.teacher_valid,
+        reference,
+        g.lists,
+        config.gate.min_ratio,
+        config.gate.min_same_top_k,
+        g.bench_x,
+        config.bench_repeats,
+        config.gate.quant,
+    )
+    if search.chosen is None:
+        shutil.copyfile(src, out / "ranker.onnx")
+    chosen = search.results[search.chosen].plan if search.chosen is not None else None
+    summary = {
+        "accepted": search.chosen is not None,
+        "plan": chosen,
+        "teacher_valid": g.teacher_valid,
+        "min_ratio": config.gate.min_ratio,
+        "min_same_top_k": config.gate.min_same_top_k,
+        "cpu": cpu_features(),
+        **search.to_dict(),
+    }
+    write_json(out / "precision.json", summary)
+    final = out / "ranker.onnx"
+    artifacts.save_metrics(out, evaluate_views(g.views, g.data, onnx_score_fn(final), k))

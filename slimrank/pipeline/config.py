@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from slimrank.compression.distill import DistillConfig
+from slimrank.compression.fit import FitConfig
 from slimrank.compression.gate import MODES, GateConfig
+from slimrank.compression.precision import PRECISIONS
 from slimrank.config import Config, ConfigError, require
 from slimrank.data.split import SplitConfig
 from slimrank.ranking.features import FeatureConfig
@@ -173,6 +175,18 @@ class StudentConfig(Config):
         require(self.epochs >= 1, self, "epochs", self.epochs, "must be >= 1")
         require(self.patience >= 0, self, "patience", self.patience, "must be >= 0")
 
+    def fit(self, **overrides: Any) -> FitConfig:
+        """Return the training loop's settings of this student (``overrides`` replace some)."""
+        fields = {
+            "epochs": self.epochs,
+            "patience": self.patience,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+        }
+        return FitConfig(**{**fields, **overrides})
+
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig(Config):
@@ -215,19 +229,62 @@ class PruneConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class Int8Config(Config):
-    """int8 modes to try, in order of preference (the first that passes the gate with the
-    fewest fp32 fallbacks is kept), and the gate itself."""
+    """int8 modes to try, in order of preference, and the gate itself.
+
+    Of the modes that pass the gate, the one with the fewest fp32 fallbacks (then the first
+    in ``modes``) is served, unless another passing mode measures at least
+    ``latency_margin`` faster on this machine's CPU (``choose_by = "latency"``).
+    """
 
     modes: tuple[str, ...] = ("weights", "static", "dynamic")
     calibration_candidates: int = 4096
     bench_repeats: int = 200
+    # "latency": a passing mode at least latency_margin faster (measured here) is served
+    # instead of the one with the fewest fp32 fallbacks; "fallbacks": never.
+    choose_by: str = "latency"
+    latency_margin: float = 0.1
     gate: GateConfig = dataclasses.field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
+        require(
+            self.choose_by in ("latency", "fallbacks"),
+            self,
+            "choose_by",
+            self.choose_by,
+            "'latency' or 'fallbacks'",
+        )
+        require(0 <= self.latency_margin < 1, self, "latency_margin", self.latency_margin, "[0,1)")
         ok = len(self.modes) > 0 and all(m in MODES for m in self.modes)
         require(ok, self, "modes", self.modes, f"one or more of {MODES}")
         require(self.calibration_candidates >= 1, self, "calibration_candidates", 0, ">= 1")
         require(self.bench_repeats >= 1, self, "bench_repeats", self.bench_repeats, ">= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodsConfig(Config):
+    """The compression table's other methods, each its own step and row.
+
+    ``pseudo_top_k``: pseudo-label distillation learns the teacher's top-k per list as labels.
+    ``l1_penalty``: weight of the L1 penalty on the prunable weights while the L1-driven
+    pruned student fine-tunes (the magnitude mask at ``prune.final_sparsity`` is taken once,
+    at the end of the ramp). ``precision``: the per-layer precisions the precision search
+    tries (every layer one of them). ``seeds``: more student seeds for the distilled
+    student's seed spread (empty: not measured).
+    """
+
+    pseudo_top_k: int = 10
+    l1_penalty: float = 1e-4
+    precision: tuple[str, ...] = ("int8", "fp16", "fp32")
+    seeds: tuple[int, ...] = (1, 2)
+
+    def __post_init__(self) -> None:
+        require(self.pseudo_top_k >= 1, self, "pseudo_top_k", self.pseudo_top_k, ">= 1")
+        require(self.l1_penalty > 0, self, "l1_penalty", self.l1_penalty, "must be > 0")
+        ok = len(self.precision) > 0 and all(p in PRECISIONS for p in self.precision)
+        require(ok, self, "precision", list(self.precision), f"one or more of {PRECISIONS}")
+        require(
+            len(set(self.seeds)) == len(self.seeds), self, "seeds", list(self.seeds), "distinct"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +316,7 @@ class PipelineConfig(Config):
     student: StudentConfig = dataclasses.field(default_factory=StudentConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     int8: Int8Config = dataclasses.field(default_factory=Int8Config)
+    methods: MethodsConfig = dataclasses.field(default_factory=MethodsConfig)
     latency: LatencyConfig = dataclasses.field(default_factory=LatencyConfig)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,8 @@
 """Where the pipeline's heavy loops run: in this process (``local``) or on Ray (``ray``).
 
 An engine does three things the steps hand it: mine and featurize one view's candidates,
-score candidates with the teacher, and fit a student epoch by epoch on validation NDCG. The
+score candidates with the teacher, and fit a student epoch by epoch on validation NDCG (the
+one loop of :mod:`slimrank.compression.fit`, on one worker here, data-parallel on Ray). The
 local engine is the reference; :mod:`slimrank.pipeline.ray_engine` must give the same
 candidates, features and teacher scores (float tolerance) and students of the same quality.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -22,17 +23,15 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
     import torch
 
-    from slimrank.compression.distill import DistillConfig, ListData
-    from slimrank.pipeline.config import StudentConfig
+    from slimrank.compression.distill import DistillConfig
+    from slimrank.compression.fit import FitConfig, Metric
+    from slimrank.compression.lists import ListData
     from slimrank.ranking.candidates import Candidates
     from slimrank.ranking.features import CandidateFeatures, FeatureTables
     from slimrank.ranking.teacher import DCNv2
     from slimrank.retrieval.index import RetrievalIndex
 
 ENGINES = ("local", "ray")
-
-# A student's validation metric (higher is better); picklable when it closes over arrays only.
-Metric = Callable[["torch.nn.Module"], float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +95,7 @@ class Engine(Protocol):
         student: torch.nn.Module,
         lists: ListData,
         loss: DistillConfig,
-        config: StudentConfig,
+        config: FitConfig,
         metric: Metric,
     ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
         """Return the student of the best validation epoch and every epoch's record."""
@@ -130,11 +129,11 @@ class LocalEngine:
         student: torch.nn.Module,
         lists: ListData,
         loss: DistillConfig,
-        config: StudentConfig,
+        config: FitConfig,
         metric: Metric,
     ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
         """Return the student of the best validation epoch and every epoch's record."""
-        from slimrank.pipeline.compress_steps import fit_on_valid
+        from slimrank.compression.fit import fit_on_valid
 
         return fit_on_valid(student, lists, loss, config, metric)
 

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 def variant_metrics(result: RunResult) -> dict[str, Any]:
     """Return ``{step: {"valid": {...}, "test": {...}}}`` of every evaluated variant."""
     keys = ("two_tower", "candidates", "teacher", "student_plain", "student_distill")
-    keys += ("student_pruned", "int8")
+    keys += ("student_pseudo", "student_pruned", "pruned_taylor", "pruned_l1", "int8", "precision")
     out = {}
     for key in keys:
         m = result.metrics(key)

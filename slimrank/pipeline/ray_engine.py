@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 import ray
 
-from slimrank.pipeline.engine import EngineConfig, LocalEngine, Metric, mine_batch
+from slimrank.pipeline.engine import EngineConfig, LocalEngine, mine_batch
 from slimrank.ranking.candidates import Candidates
 from slimrank.ranking.features import CandidateFeatures
 
@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
     import torch
 
-    from slimrank.compression.distill import DistillConfig, ListData
-    from slimrank.pipeline.config import StudentConfig
+    from slimrank.compression.distill import DistillConfig
+    from slimrank.compression.fit import FitConfig, Metric
+    from slimrank.compression.lists import ListData
     from slimrank.ranking.features import FeatureTables
     from slimrank.ranking.teacher import DCNv2
     from slimrank.retrieval.index import RetrievalIndex
@@ -132,65 +133,46 @@ def _gather(ds: ray.data.Dataset, n_rows: int) -> dict[str, np.ndarray]:
     return {name: values[order] for name, values in out.items()}
 
 
-def _state_arrays(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-
-
 def _train_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train worker: the local epoch loop with each global batch split over the workers."""
+    """Ray Train worker: :func:`~slimrank.compression.fit.fit_epochs`, each global batch split
+    over the workers (DDP averages the gradients; the loss sums are all-reduced)."""
     import ray.train
     import ray.train.torch
     import torch
     import torch.distributed as dist
 
     from slimrank.bundle.formats import write_tensors
-    from slimrank.compression.distill import distillation_loss
+    from slimrank.compression.fit import Shard, fit_epochs
 
     p = ray.get(cfg["inputs"]["payload"])
-    lists, loss, config, metric = p["lists"], p["loss"], p["config"], p["metric"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    shard = Shard(ctx.get_world_rank(), ctx.get_world_size())
     model = ray.train.torch.prepare_model(copy.deepcopy(p["student"]), move_to_device=False)
     core = model.module if hasattr(model, "module") else model
-    best_state, best_metric, stale = _state_arrays(core), -np.inf, 0
-    history: list[dict[str, float]] = []
-    for epoch in range(config.epochs):
-        # Like fit_on_valid: a fresh optimizer and the local shuffle seed every epoch.
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
-        generator = torch.Generator().manual_seed(config.seed + epoch)
-        order = torch.randperm(len(lists), generator=generator)
-        model.train()
-        total = torch.zeros(2, dtype=torch.float64)  # (loss sum, batches)
-        for start in range(0, len(lists), config.batch_size):
-            mine = order[start : start + config.batch_size].tensor_split(world)[rank]
-            batch = lists.subset(mine)
-            scores = model(batch.features)  # (b, N)
-            terms = distillation_loss(scores, batch.teacher_scores, batch.labels, batch.mask, loss)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()  # DDP averages the gradients over the workers
-            optimizer.step()
-            total += torch.tensor([float(terms.total.detach()), 1.0], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(total)
-        # Every worker holds the same weights, so every worker takes the same decision.
-        value = float(metric(core))
-        record = {"epoch": epoch + 1, "loss": float(total[0] / total[1]), "valid": value}
-        history.append({**record, "workers": world})
-        if value > best_metric or config.patience == 0:
-            best_state, best_metric, stale = _state_arrays(core), value, 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
+
+    def reduce(total: float, batches: int) -> tuple[float, int]:
+        sums = torch.tensor([total, float(batches)], dtype=torch.float64)
+        if shard.world > 1:
+            dist.all_reduce(sums)
+        return float(sums[0]), int(sums[1])
+
+    result = fit_epochs(
+        model,
+        p["lists"],
+        p["loss"],
+        p["config"],
+        p["metric"],
+        shard=shard,
+        core=core,
+        reduce=reduce,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if rank == 0:
-            write_tensors(Path(tmp) / _STUDENT_FILE, best_state)
-            (Path(tmp) / _HISTORY_FILE).write_text(json.dumps(history))
+        if shard.rank == 0:
+            write_tensors(Path(tmp) / _STUDENT_FILE, result.state)
+            (Path(tmp) / _HISTORY_FILE).write_text(json.dumps(result.history))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"best_valid": best_metric}, checkpoint=checkpoint)
+        ray.train.report({"best_valid": result.best_metric}, checkpoint=checkpoint)
 
 
 class RayEngine:
@@ -267,7 +249,7 @@ class RayEngine:
         student: torch.nn.Module,
         lists: ListData,
         loss: DistillConfig,
-        config: StudentConfig,
+        config: FitConfig,
         metric: Metric,
     ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
         """Return the student of the best validation epoch and every epoch's record."""

@@ -2,7 +2,7 @@
 
 Quality is the pipeline protocol on the test view (retrieve ``n``, rank, top ``k``); latency is
 the median time to score ``latency.candidates`` candidates of one test user on one thread,
-measured side by side in one process (:func:`~slimrank.pipeline.latency.interleaved_latency`):
+measured side by side in one process (:func:`~slimrank.compression.latency.interleaved_latency`):
 the teacher in torch (its training runtime), the students in onnxruntime (their serving
 runtime). Sparsity and FLOPs per candidate cover the Linear (matmul) layers
 (:mod:`slimrank.compression.flops`): the teacher's from its torch module, every student's from
@@ -19,23 +19,44 @@ from typing import Any
 
 import numpy as np
 
-from slimrank.pipeline.comparison import Comparison, compare, comparison_goals, comparison_markdown
-from slimrank.pipeline.latency import interleaved_latency
+from slimrank.compression.cpu import cpu_features
+from slimrank.compression.latency import interleaved_latency
+from slimrank.evaluation.paired import PerUser, paired_bootstrap
+from slimrank.pipeline import artifacts
+from slimrank.pipeline.comparison import (
+    Comparison,
+    compare,
+    comparison_goals,
+    comparison_markdown,
+    pipeline_per_user_test,
+)
 from slimrank.pipeline.run import RunResult
 
+# (key, label, step, directory in the step's output holding metrics.json and the ranker)
 VARIANTS = (
-    ("retrieval", "retrieval only", "candidates"),
-    ("teacher", "teacher fp32", "teacher"),
-    ("student_plain", "student, no KD", "student_plain"),
-    ("student_distill", "student, KD", "student_distill"),
-    ("student_pruned", "pruned, KD", "student_pruned"),
-    ("int8", "pruned int8", "int8"),
+    ("retrieval", "retrieval only", "candidates", ""),
+    ("teacher", "teacher fp32", "teacher", ""),
+    ("student_plain", "student, no KD", "student_plain", ""),
+    ("student_distill", "student, KD", "student_distill", ""),
+    ("student_pseudo", "student, pseudo-label KD", "student_pseudo", ""),
+    ("student_pruned", "pruned, KD", "student_pruned", ""),
+    ("pruned_taylor", "pruned Taylor, KD", "pruned_taylor", ""),
+    ("pruned_l1", "pruned L1, KD", "pruned_l1", ""),
+    ("int8", "pruned int8", "int8", ""),
+    ("fp16", "pruned fp16 weights", "precision", "fp16"),
+    ("precision", "per-layer precision", "precision", ""),
 )
+# Variants that share the pruned student's weights (their non-zero parameters are its).
+_PRUNED_FORMS = ("int8", "fp16", "precision")
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One variant: test metrics, size and latency (``None`` where it does not apply)."""
+    """One variant: test metrics, size and latency (``None`` where it does not apply).
+
+    ``vs_teacher`` is the paired bootstrap 95% interval of its test NDCG@k minus the
+    teacher's over the same test users: ``(mean difference, low, high)``.
+    """
 
     key: str
     label: str
@@ -48,6 +69,33 @@ class Row:
     bytes: int | None
     p50_seconds: float | None
     speedup: float | None
+    vs_teacher: tuple[float, float, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedSpread:
+    """Test NDCG@k of the distilled student trained with each seed (the rest fixed)."""
+
+    test_ndcg: dict[int, float]
+
+    @property
+    def spread(self) -> float:
+        """Largest minus smallest test NDCG@k over the seeds."""
+        values = list(self.test_ndcg.values())
+        return max(values) - min(values) if values else float("nan")
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over the seeds (nan below two seeds)."""
+        values = list(self.test_ndcg.values())
+        return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "test_ndcg": {str(k): v for k, v in self.test_ndcg.items()},
+            "spread": self.spread,
+            "std": self.std,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +109,9 @@ class Report:
     repeats: int
     gate: dict[str, Any]
     comparison: Comparison  # every system under equal information, paired over test users
+    seeds: SeedSpread | None = None
+    cpu: dict[str, Any] | None = None  # the CPU the latencies were measured on
+    precision: dict[str, Any] | None = None  # the per-layer precision search's record
 
     def row(self, key: str) -> Row:
         return next(r for r in self.rows if r.key == key)
@@ -74,17 +125,76 @@ class Report:
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "goals": [{"goal": g, "met": m, "measured": s} for g, m, s in self.goals],
             "comparison": self.comparison.to_dict(),
+            "seeds": self.seeds.to_dict() if self.seeds else None,
+            "cpu": self.cpu,
+            "precision": self.precision,
         }
 
 
+def _variant_dir(result: RunResult, key: str) -> Path:
+    """Return the directory holding a variant's ``metrics.json``."""
+    _, _, step, sub = next(v for v in VARIANTS if v[0] == key)
+    return result.path(step) / sub if sub else result.path(step)
+
+
 def _ranker_paths(result: RunResult) -> dict[str, Path]:
+    """Return the ONNX file each student variant is scored (and served) from."""
     gate = result.gate()
-    return {
-        "student_plain": result.path("student_plain") / "model.onnx",
-        "student_distill": result.path("student_distill") / "model.onnx",
-        "student_pruned": result.path("student_pruned") / "model.onnx",
-        "int8": result.path("int8") / gate["model"],
+    paths = {
+        key: artifacts.ranker_path(result.path(key))
+        for key in (
+            "student_plain",
+            "student_distill",
+            "student_pseudo",
+            "student_pruned",
+            "pruned_taylor",
+            "pruned_l1",
+        )
     }
+    paths["int8"] = result.path("int8") / gate["model"]
+    paths["fp16"] = artifacts.ranker_path(result.path("precision") / "fp16")
+    paths["precision"] = result.path("precision") / "ranker.onnx"
+    return paths
+
+
+def per_user_test(result: RunResult, key: str) -> PerUser:
+    """Return test NDCG@k per user of one variant (retrieval, teacher, or an ONNX student)."""
+    from slimrank.compression.scorer import onnx_score_fn
+    from slimrank.pipeline.artifacts import load_view
+    from slimrank.pipeline.steps import load_data
+    from slimrank.ranking.pipeline_eval import pipeline_per_user
+
+    if key in ("retrieval", "teacher"):
+        return pipeline_per_user_test(result, key)
+    cands, feats, _ = load_view(result.path("candidates") / "test.safetensors")
+    scores = onnx_score_fn(_ranker_paths(result)[key])(feats)
+    truth = load_data(result.path("data")).truth("test")
+    return pipeline_per_user(cands, scores, truth, result.config.k)
+
+
+def vs_teacher(result: RunResult, resamples: int = 10_000) -> dict[str, tuple[float, ...]]:
+    """Return each variant's paired 95% bootstrap interval of test NDCG@k minus the teacher's."""
+    teacher = per_user_test(result, "teacher")
+    out = {}
+    for key, *_ in VARIANTS:
+        if key == "teacher":
+            continue
+        ci = paired_bootstrap(per_user_test(result, key), teacher, resamples)
+        out[key] = (ci.diff, ci.low, ci.high)
+    return out
+
+
+def seed_spread(result: RunResult) -> SeedSpread | None:
+    """Return the distilled student's test NDCG@k per seed (its own, then ``methods.seeds``)."""
+    k = result.config.k
+    seeds = json.loads((result.path("student_seeds") / "seeds.json").read_text())
+    if not seeds:
+        return None
+    found = {
+        result.config.student.seed: float(result.metrics("student_distill")["test"][f"ndcg@{k}"])
+    }
+    found.update({int(s): float(m["test"][f"ndcg@{k}"]) for s, m in seeds.items()})
+    return SeedSpread(found)
 
 
 def _bench_inputs(result: RunResult, n: int) -> tuple[np.ndarray, int, np.ndarray]:
@@ -103,7 +213,7 @@ def measure_latency(result: RunResult) -> dict[str, dict[str, float]]:
     """Return p50/p90 seconds of each ranker scoring the same candidates on one thread."""
     import torch
 
-    from slimrank.pipeline.compress_steps import onnx_score_fn
+    from slimrank.compression.scorer import onnx_score_fn
     from slimrank.ranking.candidates import Candidates
     from slimrank.ranking.features import CandidateFeatures
     from slimrank.ranking.teacher import load_teacher
@@ -142,8 +252,8 @@ def _params(result: RunResult, key: str) -> tuple[int | None, int | None]:
         directory = result.path("teacher") / "teacher"
         model, _ = load_teacher(directory)
         return count_parameters(model), (directory / "teacher.safetensors").stat().st_size
-    step = "student_pruned" if key == "int8" else key
-    info = json.loads((result.path(step) / "model.json").read_text())
+    step = "student_pruned" if key in _PRUNED_FORMS else key
+    info = artifacts.load_model_info(result.path(step))
     return int(info["nonzero_params"]), _ranker_paths(result)[key].stat().st_size
 
 
@@ -208,8 +318,9 @@ def build_report(
     metric, recall = f"ndcg@{k}", f"recall@{k}"
     teacher_p50 = latency["teacher"]["p50"]
     rows = []
-    for key, label, step in VARIANTS:
-        m = result.metrics(step)
+    intervals = vs_teacher(result)
+    for key, label, _, _ in VARIANTS:
+        m = artifacts.load_metrics(_variant_dir(result, key))
         params, size = _params(result, key)
         sparsity, flops = _linear_cost(result, key)
         p50 = latency[key]["p50"] if key in latency else None
@@ -226,13 +337,25 @@ def build_report(
                 bytes=size,
                 p50_seconds=p50,
                 speedup=None if p50 is None else teacher_p50 / p50,
+                vs_teacher=intervals.get(key),
             )
         )
     if comparison is None:
         comparison = compare(result, {r.key: r.valid_ndcg for r in rows})
     goals = comparison_goals(comparison) + report_goals(rows, k)
     cfg = result.config.latency
-    return Report(tuple(rows), goals, k, cfg.candidates, cfg.repeats, result.gate(), comparison)
+    return Report(
+        tuple(rows),
+        goals,
+        k,
+        cfg.candidates,
+        cfg.repeats,
+        result.gate(),
+        comparison,
+        seed_spread(result),
+        cpu_features(),
+        json.loads((result.path("precision") / "precision.json").read_text()),
+    )
 
 
 def _fmt_int(value: int | None) -> str:
@@ -257,6 +380,13 @@ def _fmt_bytes(value: int | None) -> str:
     return f"{value / 1e6:.2f} MB" if value >= 1e6 else f"{value / 1e3:.1f} kB"
 
 
+def _fmt_interval(value: tuple[float, ...] | None) -> str:
+    if value is None:
+        return "-"
+    diff, low, high = value
+    return f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
 def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
     """Return the header and the rows of the table as strings (shared by Markdown and rich)."""
     k = report.k
@@ -270,6 +400,7 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
         "bytes",
         "p50 µs",
         "speedup",
+        "vs teacher [95% CI]",
     ]
     rows = []
     for r in report.rows:
@@ -284,6 +415,7 @@ def table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
                 _fmt_bytes(r.bytes),
                 "-" if r.p50_seconds is None else f"{r.p50_seconds * 1e6:,.0f}",
                 "-" if r.speedup is None else f"{r.speedup:.1f}x",
+                _fmt_interval(r.vs_teacher),
             ]
         )
     return header, rows
@@ -300,8 +432,30 @@ def table_caption(report: Report) -> str:
         "zeros count; int8 stores the same matmuls' weights in 8 bits; k = 1e3, M = 1e6). p50: "
         f"median of {report.repeats} interleaved calls scoring {report.candidates} candidates "
         "on one thread; teacher in torch, students in onnxruntime; speedup over the teacher's "
-        "p50."
+        "p50. vs teacher: test NDCG minus the teacher's, mean over the same test users, with a "
+        "paired bootstrap 95% interval (users resampled 10,000 times)."
     )
+
+
+def _seed_line(report: Report) -> str:
+    seeds = report.seeds
+    if seeds is None:
+        return "Seed spread: not measured (methods.seeds is empty)."
+    each = ", ".join(f"seed {s}: {v:.4f}" for s, v in seeds.test_ndcg.items())
+    return (
+        f"Seed spread of the distilled student (test NDCG@{report.k}; everything before the "
+        f"student fixed): {each}; range {seeds.spread:.4f}, std {seeds.std:.4f}. A row's "
+        "difference smaller than this spread is within what a student seed changes."
+    )
+
+
+def _cpu_line(cpu: dict[str, Any] | None) -> str:
+    if not cpu:
+        return "Measured on: CPU not recorded."
+    vnni = {True: "with VNNI", False: "without VNNI", None: "VNNI unknown"}[cpu.get("vnni")]
+    flags = ", ".join(cpu.get("flags") or []) or "none found"
+    name = cpu.get("model") or "unknown CPU"
+    return f"Measured on: {name} ({cpu.get('cpus')} CPUs, {vnni}; {flags})."
 
 
 def _gate_line(gate: dict[str, Any], k: int) -> str:
@@ -319,7 +473,23 @@ def _gate_line(gate: dict[str, Any], k: int) -> str:
         line += f" (same top-{k}: {chosen['same_top_k']:.1%}"
         fp32 = chosen.get("excluded_nodes") or []
         line += f"; fp32 layers: {', '.join(fp32)})" if fp32 else ")"
+    if gate.get("choice"):
+        line += f". Served mode: {gate['choice']}"
     return line
+
+
+def _precision_line(search: dict[str, Any] | None) -> str:
+    """Return one line on the per-layer precision search: plans, passes, the one kept."""
+    if not search:
+        return ""
+    results = search["results"]
+    passed = sum(r["passed"] for r in results)
+    line = f"Per-layer precision search: {len(results)} plans, {passed} passed the gate"
+    if search["chosen"] is None:
+        return line + "; none kept (the row is the fp32 pruned student)."
+    plan = results[search["chosen"]]["plan"]
+    layers = ", ".join(f"{n} {p}" for n, p in plan.items())
+    return line + f"; the fastest that passed: {layers}."
 
 
 def render_markdown(report: Report, command: str = "") -> str:
@@ -335,7 +505,13 @@ def render_markdown(report: Report, command: str = "") -> str:
         "",
         table_caption(report),
         "",
+        _seed_line(report),
+        "",
+        _cpu_line(report.cpu),
+        "",
         _gate_line(gate, report.k),
+        "",
+        _precision_line(report.precision),
         "",
         "## Quality under equal information",
         "",
@@ -348,43 +524,59 @@ def render_markdown(report: Report, command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_report(report: Report, path: str | Path) -> Path:
-    """Write a PNG of test NDCG against p50 latency (log scale) for the ranked variants."""
+def quality_latency_figure(report: Report) -> Any:
+    """Return the matplotlib figure of test NDCG against p50 latency (log scale).
+
+    Labels never overlap, however close the points: each ranker has its own marker and
+    colour, named in a legend beside the axes, and no text is drawn inside the axes (rankers
+    of one size sit within a few µs of each other, where annotations collided). The x axis
+    has plain-number ticks at 1-2-5 steps only, without the log axis's crowded minor labels;
+    horizontal lines mark the retrieval-only quality and the strongest peer.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    markers = "osD^vP*Xhp<>"
+    timed = [r for r in report.rows if r.p50_seconds is not None]
+    for i, r in enumerate(timed):
+        x = r.p50_seconds * 1e6  # type: ignore[operator]
+        ax.scatter(
+            x, r.ndcg, s=70, marker=markers[i % len(markers)], alpha=0.8, label=r.label, zorder=3
+        )
     for r in report.rows:
         if r.p50_seconds is None:
-            ax.axhline(r.ndcg, color="grey", linestyle="--", linewidth=1)
-            ax.annotate(r.label, (0.01, r.ndcg), xycoords=("axes fraction", "data"), fontsize=8)
-            continue
-        ax.scatter(r.p50_seconds * 1e6, r.ndcg, s=40)
-        ax.annotate(
-            r.label,
-            (r.p50_seconds * 1e6, r.ndcg),
-            textcoords="offset points",
-            xytext=(5, 4),
-            fontsize=8,
-        )
+            ax.axhline(r.ndcg, color="grey", linestyle="--", linewidth=1, label=f"{r.label}")
     best = report.comparison.row(report.comparison.strongest_peer)
-    ax.axhline(best.test_ndcg, color="tab:red", linestyle=":", linewidth=1)
-    ax.annotate(
-        f"{best.name} {best.test_ndcg:.4f} (strongest peer, equal information)",
-        (0.01, best.test_ndcg),
-        fontsize=8,
+    ax.axhline(
+        best.test_ndcg,
         color="tab:red",
-        xycoords=("axes fraction", "data"),
+        linestyle=":",
+        linewidth=1,
+        label=f"{best.name} (strongest peer, equal information)",
     )
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"p50 latency to score {report.candidates} candidates, 1 thread (µs)")
     ax.set_ylabel(f"test NDCG@{report.k}")
     ax.set_title("Quality against latency")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_report(report: Report, path: str | Path) -> Path:
+    """Write :func:`quality_latency_figure` as a PNG to ``path``; return it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig = quality_latency_figure(report)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -23,7 +23,7 @@ from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import write_json
 from slimrank.config import ConfigError
 from slimrank.data.dataset import Interactions, Split
-from slimrank.pipeline import steps
+from slimrank.pipeline import artifacts, steps
 from slimrank.pipeline.cache import StepCache, StepOutput
 from slimrank.pipeline.config import PipelineConfig
 from slimrank.pipeline.inputs import InputDigests
@@ -116,7 +116,7 @@ def import_bundle(
     def write_model(out: Path) -> None:
         shutil.copytree(bundle.path / "two_tower", out / "model")
         variants = bundle.manifest.metrics.get("variants", {})
-        write_json(out / "metrics.json", variants.get("two_tower", {}))
+        artifacts.save_metrics(out, variants.get("two_tower", {}))
 
     model = cache.run("two_tower", {"bundle": bundle.version}, {}, write_model)
     parent = bundle.manifest.parent or f"teacher-of-{bundle.version}"

@@ -12,7 +12,7 @@ from typing import Any
 
 from slimrank.config import Config
 from slimrank.data.dataset import dataset_files
-from slimrank.pipeline import compress_steps, steps
+from slimrank.pipeline import artifacts, compress_steps, steps
 from slimrank.pipeline.cache import StepCache, StepOutput, step_digest
 from slimrank.pipeline.config import SOURCES_SYNTHETIC, PipelineConfig
 from slimrank.pipeline.engine import Engine, EngineConfig, open_engine
@@ -60,8 +60,16 @@ STEP_TABLE = (
     Step("teacher", ("data", "candidates"), ("k", "teacher")),
     Step("student_plain", _MINED, ("k", "student")),
     Step("student_distill", _MINED, ("k", "student")),
+    # The compression table's other methods (issue 14), each beside the one it varies.
+    Step("student_pseudo", _MINED, ("k", "student", "methods.pseudo_top_k")),
+    Step("student_seeds", _MINED, ("k", "student", "methods.seeds")),
     Step("student_pruned", (*_MINED, "student_distill"), ("k", "student", "prune")),
+    Step("pruned_taylor", (*_MINED, "student_distill"), ("k", "student", "prune")),
+    Step(
+        "pruned_l1", (*_MINED, "student_distill"), ("k", "student", "prune", "methods.l1_penalty")
+    ),
     Step("int8", (*_MINED, "student_pruned"), ("k", "int8")),
+    Step("precision", (*_MINED, "student_pruned"), ("k", "int8", "methods.precision")),
 )
 STEPS = tuple(s.name for s in STEP_TABLE)
 # Config no step reads: where outputs go, and the report's latency benchmark.
@@ -92,6 +100,8 @@ def step_config(
         key["format"] = CATALOG_FORMAT
     if step.name in ("student_plain", "student_distill"):
         key.update(distill=step.name == "student_distill", **(engine or EngineConfig()).cache_key())
+    if step.name == "student_pseudo":
+        key.update((engine or EngineConfig()).cache_key())
     return key
 
 
@@ -135,7 +145,7 @@ class RunResult:
 
     def metrics(self, name: str) -> dict[str, Any]:
         """Return the ``metrics.json`` of a step."""
-        return json.loads((self.path(name) / "metrics.json").read_text())
+        return artifacts.load_metrics(self.path(name))
 
     def gate(self) -> dict[str, Any]:
         """Return the int8 step's gate summary."""
@@ -248,19 +258,40 @@ def _run(
                 teacher.directory, teacher.version, k, d, cd, o, runner
             ),
         )
-    for name, distill in (("student_plain", False), ("student_distill", True)):
+    for name, kind in (
+        ("student_plain", "plain"),
+        ("student_distill", "distill"),
+        ("student_pseudo", "pseudo"),
+    ):
         step(
             name,
-            lambda d, cd, t, o, distill=distill: compress_steps.student_step(
-                c.student, distill, k, d, cd, t, o, runner
+            lambda d, cd, t, o, kind=kind: compress_steps.student_step(
+                c.student, kind, k, d, cd, t, o, runner, c.methods.pseudo_top_k
             ),
         )
     step(
-        "student_pruned",
-        lambda d, cd, t, s, o: compress_steps.pruned_step(c.student, c.prune, k, d, cd, t, s, o),
+        "student_seeds",
+        lambda d, cd, t, o: compress_steps.seeds_step(c.student, c.methods.seeds, k, d, cd, t, o),
     )
+    for name, method in (
+        ("student_pruned", "magnitude"),
+        ("pruned_taylor", "taylor"),
+        ("pruned_l1", "l1"),
+    ):
+        step(
+            name,
+            lambda d, cd, t, s, o, method=method: compress_steps.pruned_step(
+                c.student, c.prune, k, d, cd, t, s, o, method, c.methods.l1_penalty
+            ),
+        )
     step(
         "int8",
         lambda d, cd, t, p, o: compress_steps.int8_step(c.int8, k, d, cd, t, p, o),
+    )
+    step(
+        "precision",
+        lambda d, cd, t, p, o: compress_steps.precision_step(
+            c.int8, c.methods.precision, k, d, cd, t, p, o
+        ),
     )
     return RunResult(config, out)

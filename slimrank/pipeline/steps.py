@@ -3,14 +3,15 @@
 Order and inputs (each step's cache key is its config plus the digests of these inputs)::
 
     data -> two_tower -> embeddings -> index -> candidates -> teacher
-         -> student_plain, student_distill -> student_pruned -> int8   (compress_steps)
+         -> student_plain, student_distill, student_pseudo, student_seeds
+         -> student_pruned, pruned_taylor, pruned_l1 -> int8, precision   (compress_steps)
 
 ``embeddings`` holds the user views: ``fold<i>`` (pools the history fold ``i`` of the training
 items; training candidates are mined with it), ``valid`` (pools the training items) and
 ``test`` (training and validation items: what a server knows). Every ranker variant is
 evaluated with the pipeline protocol (retrieve ``n``, rank, top ``k``) on the validation view
 (selection, the gate) and the test view (reported). Loaders (``load_*``) read a step's
-directory back.
+directory back; the names of a step's own files are :mod:`slimrank.pipeline.artifacts`'.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int
         )
         for view in ("valid", "test")
     }
-    write_json(out / "metrics.json", {"best_epoch": result.best_epoch, **metrics})
+    artifacts.save_metrics(out, {"best_epoch": result.best_epoch, **metrics})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,9 +433,10 @@ def candidates_step(
     )
     labels = np.concatenate([p[2] for p in parts])
     artifacts.save_view(out / "train.safetensors", cands, feats, labels)
+    view_tables = {}
     for view in ("valid", "test"):
         truth = data.truth(view)
-        tables, cands, feats, labels = mine(
+        view_tables[view], cands, feats, labels = mine(
             data.seen(view),
             truth,
             emb.user[view],
@@ -444,10 +446,11 @@ def candidates_step(
         )
         artifacts.save_view(out / f"{view}.safetensors", cands, feats, labels)
         metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))
-    # The test view's tables are what a server knows: train + valid interactions.
-    layout = save_tables(out / "serving_tables.safetensors", tables)
+    # The test view's tables are what a server knows: train + valid interactions (named, not
+    # whatever the loop above happened to leave behind).
+    layout = save_tables(out / "serving_tables.safetensors", view_tables["test"])
     write_json(out / "serving_layout.json", layout)
-    write_json(out / "metrics.json", metrics)
+    artifacts.save_metrics(out, metrics)
 
 
 def sample_users(truth: sp.spmatrix, limit: int, seed: int, salt: int) -> np.ndarray:
@@ -477,6 +480,20 @@ def evaluate_views(
         cands, feats, _ = views[view]
         out[view] = pipeline_metrics(cands, score(feats), data.truth(view), (k,))
     return out
+
+
+def evaluate_scores(
+    views: dict[str, tuple[Candidates, CandidateFeatures, np.ndarray]],
+    data: DataArtifacts,
+    scores: dict[str, np.ndarray],
+    k: int,
+) -> dict[str, dict[str, float]]:
+    """Return the pipeline metrics on "valid" and "test" of scores already computed per view
+    (``(U, N)`` each), so a ranker is not run a second time to be evaluated."""
+    return {
+        view: pipeline_metrics(views[view][0], scores[view], data.truth(view), (k,))
+        for view in ("valid", "test")
+    }
 
 
 # -- teacher -----------------------------------------------------------------------------------
@@ -523,8 +540,8 @@ def teacher_step(
     engine = engine or LocalEngine()
     scores = {view: engine.teacher_scores(result.model, views[view][1]) for view in VIEWS}
     write_tensors(out / "scores.safetensors", scores)
-    metrics = evaluate_views(views, data, lambda f: teacher_scores(result.model, f), k)
-    write_json(out / "metrics.json", {"best_epoch": result.best_epoch, **metrics})
+    metrics = evaluate_scores(views, data, scores, k)
+    artifacts.save_metrics(out, {"best_epoch": result.best_epoch, **metrics})
 
 
 def rescore_teacher_step(
@@ -537,7 +554,7 @@ def rescore_teacher_step(
     engine: Engine | None = None,
 ) -> None:
     """Reuse a trained teacher: copy it, score the (new) candidates, record its version."""
-    from slimrank.ranking.teacher import load_teacher, teacher_scores
+    from slimrank.ranking.teacher import load_teacher
 
     model, names = load_teacher(source)
     data = load_data(data_dir)
@@ -551,8 +568,8 @@ def rescore_teacher_step(
     engine = engine or LocalEngine()
     scores = {view: engine.teacher_scores(model, views[view][1]) for view in VIEWS}
     write_tensors(out / "scores.safetensors", scores)
-    metrics = evaluate_views(views, data, lambda f: teacher_scores(model, f), k)
-    write_json(out / "metrics.json", {"imported": version, **metrics})
+    metrics = evaluate_scores(views, data, scores, k)
+    artifacts.save_metrics(out, {"imported": version, **metrics})
     (out / "teacher_version.txt").write_text(version + "\n")
 
 
@@ -578,7 +595,7 @@ def catalog_step(config: DataConfig, text: TextIndexConfig, data_dir: Path, out:
         columns = {"title": np.asarray(dataset.item_titles, dtype=str)}
     catalog = build_catalog(item_ids, dataset.item_features, columns, None, text)
     save_catalog(out / "catalog", catalog)
-    write_json(
-        out / "metrics.json",
+    artifacts.save_metrics(
+        out,
         {"items": catalog.n_items, "terms": len(catalog.text.vocab), "fields": catalog.fields},
     )

@@ -1,4 +1,5 @@
-"""``slimrank compress``: run the offline steps and print the compression table."""
+"""``slimrank compress``: run the pipeline's steps and print the compression table (its rows
+and their measurement live in :mod:`slimrank.pipeline.report`)."""
 
 from __future__ import annotations
 

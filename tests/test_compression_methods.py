@@ -1,0 +1,273 @@
+"""The compression table's other methods against hand-built references: pseudo labels, Taylor
+and L1-driven pruning, fp16 weights and per-layer precision, the int8 mode choice, CPU flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from slimrank.bundle.checksums import sha256_file
+from slimrank.compression.cpu import cpu_features, parse_cpuinfo
+from slimrank.compression.distill import DistillConfig, pseudo_labels
+from slimrank.compression.export import export_onnx
+from slimrank.compression.fit import FitConfig, fit_on_valid, l1_penalty
+from slimrank.compression.gate import ReferenceLists
+from slimrank.compression.gradient_pruning import TaylorPruner, ThresholdPruner
+from slimrank.compression.lists import ListData, pad_lists
+from slimrank.compression.precision import (
+    PrecisionSearch,
+    all_plans,
+    apply_plan,
+    fp16_weights,
+    search_precision,
+)
+from slimrank.compression.pruning import PruningSchedule, magnitude_mask
+from slimrank.compression.quantize import quantizable_nodes
+from slimrank.compression.scorer import Scorer, ScorerConfig, score_lists
+from slimrank.pipeline.compress_steps import choose_mode
+from slimrank.ranking.mlp import MLPConfig, MLPRanker
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# -- pseudo labels ------------------------------------------------------------------------------
+
+
+def test_pseudo_labels_are_the_teachers_top_k_per_list() -> None:
+    teacher = torch.tensor(
+        [
+            [0.1, 0.9, 0.5, 0.7, 0.0],  # top 2: candidates 1 and 3
+            [2.0, 2.0, 1.0, 3.0, 9.0],  # 4 is a pad; top 2: 3, then the tie 0/1 goes to 0
+            [5.0, 1.0, 0.0, 0.0, 0.0],  # one real candidate: only it
+        ]
+    )
+    mask = torch.tensor(
+        [
+            [True, True, True, True, True],
+            [True, True, True, True, False],
+            [False, True, False, False, False],
+        ]
+    )
+    expected = torch.tensor(
+        [
+            [0.0, 1.0, 0.0, 1.0, 0.0],
+            [1.0, 0.0, 0.0, 1.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    assert torch.equal(pseudo_labels(teacher, mask, 2), expected)
+    assert pseudo_labels(teacher, mask, 10).sum(dim=1).tolist() == [5.0, 4.0, 1.0]
+    with pytest.raises(ValueError, match="k"):
+        pseudo_labels(teacher, mask, 0)
+
+
+# -- Taylor and L1-driven pruning ---------------------------------------------------------------
+
+
+def _two_layer() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, 0.5]]))
+        model[2].weight.copy_(torch.tensor([[0.01, 0.02]]))
+    return model
+
+
+def test_taylor_masks_follow_the_summed_weight_times_gradient_importance() -> None:
+    model = _two_layer()
+    schedule = PruningSchedule(final_sparsity=0.5, begin_step=0, end_step=2, frequency=2)
+    pruner = TaylorPruner(schedule)
+    w = model[0].weight.detach().clone()
+    grads = [
+        torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.1, 10.0]]),
+        torch.tensor([[0.5, 0.1, 0.01], [0.01, 0.1, -2.0]]),
+    ]
+    for g in grads:
+        model[0].weight.grad = g
+        model[2].weight.grad = torch.ones(1, 2)
+        pruner.observe(model)
+    # By hand: |w*g1| + |w*g2| = [[1.5, 0.4, 0.03], [0.04, 1.0, 6.0]]; at sparsity 0.5 the 3
+    # least important of 6 go: (0, 2) 0.03, (1, 0) 0.04, (0, 1) 0.4. Magnitude would have
+    # pruned (1, 2) (|0.5|) instead: the gradients changed the choice.
+    pruner.update(model, 2)
+    keep = torch.tensor([[True, False, False], [False, True, True]])
+    assert torch.equal(pruner.masks["0"], keep)
+    assert torch.equal(model[0].weight, w * keep)
+    assert not torch.equal(keep, magnitude_mask(w, 0.5))
+    assert "2" not in pruner.masks  # the output layer is not pruned
+    assert pruner.importance == {}  # gathered afresh after each update
+    assert pruner.current_sparsity == pytest.approx(0.5)
+
+
+def test_threshold_pruner_takes_one_magnitude_mask_at_its_step() -> None:
+    model = _two_layer()
+    pruner = ThresholdPruner(0.5, at_step=3)
+    for step in range(3):
+        assert pruner.update(model, step) == 0.0
+    assert pruner.masks == {}
+    w = model[0].weight.detach().clone()
+    pruner.update(model, 3)
+    keep = torch.tensor([[False, False, True], [True, True, False]])  # |w| >= 3 stay
+    assert torch.equal(pruner.masks["0"], keep)
+    assert torch.equal(model[0].weight, w * keep)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.full((2, 3), 7.0))  # later steps move the weights
+    pruner.update(model, 10)
+    assert torch.equal(pruner.masks["0"], keep)  # the mask is kept, not recomputed
+    assert torch.equal(model[0].weight, torch.where(keep, 7.0, 0.0))
+
+
+def test_l1_penalty_is_the_sum_of_the_prunable_weights_magnitudes() -> None:
+    model = _two_layer()
+    assert l1_penalty(model).item() == pytest.approx(1 + 2 + 3 + 4 + 5 + 0.5)  # not the output
+
+
+def _lists(seed: int, users: int = 30, cands: int = 12, dim: int = 6) -> ListData:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=dim)
+    feats = [rng.normal(size=(cands, dim)).astype(np.float32) for _ in range(users)]
+    teacher = [(x @ w).astype(np.float32) for x in feats]
+    labels = [(t > np.quantile(t, 0.8)).astype(np.float32) for t in teacher]
+    return pad_lists(feats, teacher, labels)
+
+
+def test_the_l1_penalty_in_the_loop_shrinks_the_prunable_weights() -> None:
+    data = _lists(0)
+    torch.manual_seed(0)
+    student = MLPRanker(MLPConfig(6, (16, 8)))
+    config = FitConfig(epochs=4, patience=0, batch_size=8)
+
+    def metric(model: nn.Module) -> float:
+        return 0.0
+
+    plain, _ = fit_on_valid(student, data, DistillConfig(), config, metric)
+    lasso, _ = fit_on_valid(
+        student, data, DistillConfig(), dataclasses.replace(config, l1=0.05), metric
+    )
+    assert l1_penalty(lasso).item() < 0.8 * l1_penalty(plain).item()
+
+
+# -- fp16 weights and per-layer precision -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp32_ranker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(3)
+    model = MLPRanker(MLPConfig(6, (16, 8))).eval()
+    return export_onnx(model, tmp_path_factory.mktemp("precision") / "fp32.onnx", 6)
+
+
+def _scores(path: Path, x: np.ndarray) -> np.ndarray:
+    return Scorer(path, sha256_file(path), ScorerConfig()).score(x)
+
+
+def test_fp16_weights_score_like_fp32_and_store_half_precision(
+    fp32_ranker: Path, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(0).normal(size=(200, 6)).astype(np.float32)
+    nodes = quantizable_nodes(fp32_ranker)
+    half = fp16_weights(fp32_ranker, tmp_path / "fp16.onnx", nodes)
+    np.testing.assert_allclose(_scores(half, x), _scores(fp32_ranker, x), rtol=2e-3, atol=2e-3)
+    graph = onnx.load(str(half)).graph
+    dtypes = {t.name: t.data_type for t in graph.initializer}
+    weights = [n.input[1] for n in graph.node if n.name in nodes]
+    casts = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
+    assert all(dtypes[casts[w]] == onnx.TensorProto.FLOAT16 for w in weights)
+    with pytest.raises(ValueError, match="nodes"):
+        fp16_weights(fp32_ranker, tmp_path / "x.onnx", ["no_such_node"])
+
+
+def test_a_mixed_plan_puts_each_layer_in_its_precision(fp32_ranker: Path, tmp_path: Path) -> None:
+    x = np.random.default_rng(1).normal(size=(200, 6)).astype(np.float32)
+    first, second, last = quantizable_nodes(fp32_ranker)
+    plan = {first: "int8", second: "fp16", last: "fp32"}
+    path = apply_plan(fp32_ranker, tmp_path / "mixed.onnx", plan)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops  # int8 activations
+    assert "Cast" in ops  # the fp16 layer's weight
+    ref = _scores(fp32_ranker, x)
+    err = np.abs(_scores(path, x) - ref).mean() / ref.std()
+    assert err < 0.05  # int8 activations in one layer: within a few % of the score spread
+
+
+def test_all_plans_enumerate_every_assignment() -> None:
+    plans = all_plans(["a", "b"], ["int8", "fp32"])
+    assert plans == [
+        {"a": "int8", "b": "int8"},
+        {"a": "int8", "b": "fp32"},
+        {"a": "fp32", "b": "int8"},
+        {"a": "fp32", "b": "fp32"},
+    ]
+
+
+def test_the_search_keeps_the_fastest_plan_that_passes(fp32_ranker: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(20, 15, 6)).astype(np.float32)
+    lists = ReferenceLists(features, np.ones((20, 15), bool), 5)
+    fp32 = Scorer(fp32_ranker, sha256_file(fp32_ranker), ScorerConfig())
+    reference = lists.scores(fp32)
+
+    def agreement(scorer: Scorer) -> float:  # the metric: share of scores within 1e-6
+        return float((np.abs(score_lists(scorer, features) - reference) < 1e-6).mean()) + 1.0
+
+    def search(min_ratio: float) -> PrecisionSearch:
+        return search_precision(
+            fp32_ranker,
+            tmp_path / str(min_ratio),
+            ("fp16", "fp32"),
+            agreement,
+            2.0,
+            reference,
+            lists,
+            min_ratio,
+            0.0,
+            features[0],
+            repeats=3,
+        )
+
+    strict = search(1.0)  # only a plan that scores exactly like fp32 passes: the all-fp32 one
+    passed = [r.plan for r in strict.results if r.passed]
+    assert len(strict.results) == 8
+    assert passed == [dict.fromkeys(quantizable_nodes(fp32_ranker), "fp32")]
+    assert strict.chosen == 7
+    assert (tmp_path / "1.0" / "ranker.onnx").exists()
+    assert sorted(p.name for p in (tmp_path / "1.0").iterdir()) == ["ranker.onnx"]
+    loose = search(0.1)  # every plan passes; the chosen one has the smallest measured p50
+    assert all(r.passed for r in loose.results)
+    assert loose.chosen is not None
+    best = loose.results[loose.chosen].p50_seconds
+    assert best == min(r.p50_seconds for r in loose.results)
+
+
+# -- the int8 mode and the CPU it is chosen on --------------------------------------------------
+
+
+def test_choose_mode_prefers_fewer_fallbacks_unless_another_is_clearly_faster() -> None:
+    modes = ["weights", "static", "dynamic"]
+    fallbacks = {"weights": 0, "static": 1, "dynamic": 0}
+    even = {"weights": 100e-6, "static": 50e-6, "dynamic": 95e-6}
+    assert choose_mode(modes, fallbacks, even, "latency", 0.1)[0] == "static"  # 50% faster
+    close = {"weights": 100e-6, "static": 95e-6, "dynamic": 92e-6}
+    assert choose_mode(modes, fallbacks, close, "latency", 0.1)[0] == "weights"  # within 10%
+    assert choose_mode(modes, fallbacks, even, "fallbacks", 0.1)[0] == "weights"
+    assert choose_mode(["static"], {"static": 2}, {"static": 1.0}, "latency", 0.1)[0] == "static"
+    assert choose_mode([], {}, {}, "latency", 0.1) == (None, "no mode passed the gate")
+
+
+def test_cpu_flags_name_vnni(tmp_path: Path) -> None:
+    text = (
+        "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
+    )
+    assert parse_cpuinfo(text) == ("Some CPU", {"fpu", "sse", "avx2", "avx512f", "avx512_vnni"})
+    (tmp_path / "cpuinfo").write_text(text)
+    found = cpu_features(tmp_path / "cpuinfo")
+    assert found["flags"] == ["avx2", "avx512_vnni", "avx512f"] and found["vnni"] is True
+    (tmp_path / "avx2").write_text("model name\t: Old\nflags\t: avx2 sse\n")
+    assert cpu_features(tmp_path / "avx2")["vnni"] is False
+    assert cpu_features(tmp_path / "missing")["vnni"] is None
