@@ -17,6 +17,7 @@ from slimrank.compression.cpu import cpu_features, parse_cpuinfo
 from slimrank.compression.distill import DistillConfig, pseudo_labels
 from slimrank.compression.export import export_onnx
 from slimrank.compression.fit import FitConfig, fit_on_valid, l1_penalty
+from slimrank.compression.flops import onnx_linear_cost
 from slimrank.compression.gate import ReferenceLists
 from slimrank.compression.gradient_pruning import TaylorPruner, ThresholdPruner
 from slimrank.compression.lists import ListData, pad_lists
@@ -190,6 +191,9 @@ def test_a_mixed_plan_puts_each_layer_in_its_precision(fp32_ranker: Path, tmp_pa
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops  # int8 activations
     assert "Cast" in ops  # the fp16 layer's weight
+    # The table's FLOPs and sparsity read each weight through its cast, transpose or int8 form.
+    mixed, fp32 = onnx_linear_cost(path), onnx_linear_cost(fp32_ranker)
+    assert (mixed.weights, mixed.flops_per_candidate) == (fp32.weights, fp32.flops_per_candidate)
     ref = _scores(fp32_ranker, x)
     err = np.abs(_scores(path, x) - ref).mean() / ref.std()
     assert err < 0.05  # int8 activations in one layer: within a few % of the score spread

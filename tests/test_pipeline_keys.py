@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -197,3 +198,22 @@ def test_a_bundles_recorded_config_is_checked_naming_the_manifest(tiny: TinyRun)
         f"{bundle.path / 'manifest.json'} (config): "
         "student.seed: expected an integer, got a string ('x')"
     )
+
+
+def test_every_step_declares_its_outputs_and_a_missing_one_stops_the_run(
+    tiny: TinyRun, tmp_path: Path
+) -> None:
+    """The table says what each step leaves behind; the tiny run's directories hold it all, and
+    a step that forgets one fails naming it instead of publishing a half output."""
+    from slimrank.pipeline.run import check_outputs
+
+    result = run_pipeline(tiny.config)
+    for step in STEP_TABLE:
+        assert step.outputs, f"{step.name} declares no outputs"
+        check_outputs(step, result.path(step.name))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "metrics.json").write_text("{}")
+    int8 = next(s for s in STEP_TABLE if s.name == "int8")
+    with pytest.raises(RuntimeError, match=r"step int8 did not write gate\.json"):
+        check_outputs(int8, partial)

@@ -101,12 +101,16 @@ def linear_cost(model: nn.Module, input_dim: int) -> LinearCost:
     return LinearCost(weights=total, zero_weights=zeros, flops_per_candidate=flops)
 
 
+_WEIGHT_PATH_OPS = ("DequantizeLinear", "Cast", "Transpose")
+
+
 def onnx_linear_cost(path: str | Path) -> LinearCost:
     """Return the Linear-layer cost of an ONNX ranker ``features (M, F) -> scores (M,)``.
 
     Reads the constant weight of every Gemm/MatMul/MatMulInteger node: an fp32 initializer, or
     the int8 initializer behind a DequantizeLinear (static and weight-only int8) or read
-    directly (dynamic int8), or the fp16 initializer behind a Cast (fp16 weights). Zeros are
+    directly (dynamic int8), or the fp16 initializer behind a Cast (fp16 weights), through any
+    Transpose on the way (onnxruntime's dynamic quantizer rewrites Gemm so). Zeros are
     counted in the stored tensor, so an int8 row also counts weights that rounding to int8
     took to zero. A matmul with a ``(K, N)`` weight costs
     ``2 K N`` FLOPs per candidate.
@@ -119,9 +123,12 @@ def onnx_linear_cost(path: str | Path) -> LinearCost:
         if node.op_type not in _MATMUL_OPS or len(node.input) < 2:
             continue
         name = node.input[1]
-        dq = producer.get(name)
-        if name not in inits and dq is not None and dq.op_type in ("DequantizeLinear", "Cast"):
-            name = dq.input[0]
+        # Follow a constant weight through what the graph does to it on the way: dequantize
+        # (int8), cast (fp16 weights), transpose (the dynamic quantizer's Gemm rewrite).
+        source = producer.get(name)
+        while name not in inits and source is not None and source.op_type in _WEIGHT_PATH_OPS:
+            name = source.input[0]
+            source = producer.get(name)
         require(
             name in inits,
             "onnx_linear_cost",

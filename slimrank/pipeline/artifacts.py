@@ -123,6 +123,7 @@ METRICS = "metrics.json"  # every evaluated step: {"valid": {...}, "test": {...}
 RANKER = "model.onnx"  # a student step's ranker, taking raw candidate features
 MODEL_INFO = "model.json"  # a student step's shape, cost and training record
 STANDARDIZATION = "standardization.safetensors"  # the student's input mean and std
+SCORES = "scores.safetensors"  # the teacher's (U, N) scores of each view
 
 
 def save_metrics(step_dir: str | Path, metrics: dict) -> None:

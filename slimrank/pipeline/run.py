@@ -13,6 +13,7 @@ from typing import Any
 from slimrank.config import Config
 from slimrank.data.dataset import dataset_files
 from slimrank.pipeline import artifacts, compress_steps, steps
+from slimrank.pipeline.artifacts import METRICS, MODEL_INFO, RANKER, SCORES, STANDARDIZATION
 from slimrank.pipeline.cache import StepCache, StepOutput, step_digest
 from slimrank.pipeline.config import SOURCES_SYNTHETIC, PipelineConfig
 from slimrank.pipeline.engine import Engine, EngineConfig, open_engine
@@ -35,14 +36,18 @@ class Step:
     name: str
     inputs: tuple[str, ...]
     reads: tuple[str, ...]
+    # What the step leaves in its directory (files or directories; see
+    # slimrank.pipeline.artifacts): checked after it runs, before its output is kept.
+    outputs: tuple[str, ...] = ()
 
 
 _MINED = ("data", "candidates", "teacher")
+_STUDENT = (METRICS, RANKER, MODEL_INFO, STANDARDIZATION, "student.safetensors")
 STEP_TABLE = (
-    Step("data", (), ("data",)),
+    Step("data", (), ("data",), ("split.safetensors", "items.npy", "users.npy", "data.json")),
     # The search catalog: the source's item text (its format is part of the key).
-    Step("catalog", ("data",), ("data", "text")),
-    Step("two_tower", ("data",), ("k", "two_tower")),
+    Step("catalog", ("data",), ("data", "text"), ("catalog", METRICS)),
+    Step("two_tower", ("data",), ("k", "two_tower"), ("model", METRICS)),
     # The training folds, and (candidates.refit) each fold's two-tower, trained as two_tower is.
     Step(
         "embeddings",
@@ -54,26 +59,47 @@ STEP_TABLE = (
             "candidates.refit",
             "two_tower.train",
         ),
+        ("embeddings.safetensors",),
     ),
-    Step("index", ("data", "embeddings"), ("index",)),
-    Step("candidates", ("data", "embeddings", "index"), ("k", "candidates")),
-    Step("teacher", ("data", "candidates"), ("k", "teacher")),
-    Step("student_plain", _MINED, ("k", "student")),
-    Step("student_distill", _MINED, ("k", "student")),
-    # The compression table's other methods (issue 14), each beside the one it varies.
-    Step("student_pseudo", _MINED, ("k", "student", "methods.pseudo_top_k")),
-    Step("student_seeds", _MINED, ("k", "student", "methods.seeds")),
-    Step("student_pruned", (*_MINED, "student_distill"), ("k", "student", "prune")),
-    Step("pruned_taylor", (*_MINED, "student_distill"), ("k", "student", "prune")),
+    Step("index", ("data", "embeddings"), ("index",), ("index",)),
     Step(
-        "pruned_l1", (*_MINED, "student_distill"), ("k", "student", "prune", "methods.l1_penalty")
+        "candidates",
+        ("data", "embeddings", "index"),
+        ("k", "candidates"),
+        (*(f"{v}.safetensors" for v in ("train", "valid", "test")), "serving_tables.safetensors"),
     ),
-    Step("int8", (*_MINED, "student_pruned"), ("k", "int8")),
-    Step("precision", (*_MINED, "student_pruned"), ("k", "int8", "methods.precision")),
+    Step("teacher", ("data", "candidates"), ("k", "teacher"), ("teacher", SCORES, METRICS)),
+    Step("student_plain", _MINED, ("k", "student"), _STUDENT),
+    Step("student_distill", _MINED, ("k", "student"), _STUDENT),
+    # The compression table's other methods (issue 14), each beside the one it varies.
+    Step("student_pseudo", _MINED, ("k", "student", "methods.pseudo_top_k"), _STUDENT),
+    Step("student_seeds", _MINED, ("k", "student", "methods.seeds"), ("seeds.json",)),
+    Step("student_pruned", (*_MINED, "student_distill"), ("k", "student", "prune"), _STUDENT),
+    Step("pruned_taylor", (*_MINED, "student_distill"), ("k", "student", "prune"), _STUDENT),
+    Step(
+        "pruned_l1",
+        (*_MINED, "student_distill"),
+        ("k", "student", "prune", "methods.l1_penalty"),
+        _STUDENT,
+    ),
+    Step("int8", (*_MINED, "student_pruned"), ("k", "int8"), ("gate.json", METRICS)),
+    Step(
+        "precision",
+        (*_MINED, "student_pruned"),
+        ("k", "int8", "methods.precision"),
+        ("precision.json", "ranker.onnx", METRICS, f"fp16/{RANKER}", f"fp16/{METRICS}"),
+    ),
 )
 STEPS = tuple(s.name for s in STEP_TABLE)
 # Config no step reads: where outputs go, and the report's latency benchmark.
 NOT_IN_STEPS = ("cache_dir", "latency")
+
+
+def check_outputs(step: Step, directory: Path) -> None:
+    """Raise if ``step`` left one of its declared outputs out of ``directory``."""
+    missing = [name for name in step.outputs if not (directory / name).exists()]
+    if missing:
+        raise RuntimeError(f"step {step.name} did not write {', '.join(missing)} in {directory}")
 
 
 def config_at(config: PipelineConfig, path: str) -> Any:
@@ -222,7 +248,7 @@ def _run(
             name,
             step_config(spec, config, engine, teacher),
             {i: out[i].digest for i in spec.inputs},
-            lambda tmp: fn(*paths, tmp),
+            lambda tmp, spec=spec: (fn(*paths, tmp), check_outputs(spec, tmp)),
             files,
         )
         out[name] = result

@@ -539,7 +539,7 @@ def teacher_step(
     save_teacher(result.model, out / "teacher", feats.names, {"best_epoch": result.best_epoch})
     engine = engine or LocalEngine()
     scores = {view: engine.teacher_scores(result.model, views[view][1]) for view in VIEWS}
-    write_tensors(out / "scores.safetensors", scores)
+    write_tensors(out / artifacts.SCORES, scores)
     metrics = evaluate_scores(views, data, scores, k)
     artifacts.save_metrics(out, {"best_epoch": result.best_epoch, **metrics})
 
@@ -567,7 +567,7 @@ def rescore_teacher_step(
     shutil.copytree(source, out / "teacher", ignore=shutil.ignore_patterns("step.json"))
     engine = engine or LocalEngine()
     scores = {view: engine.teacher_scores(model, views[view][1]) for view in VIEWS}
-    write_tensors(out / "scores.safetensors", scores)
+    write_tensors(out / artifacts.SCORES, scores)
     metrics = evaluate_scores(views, data, scores, k)
     artifacts.save_metrics(out, {"imported": version, **metrics})
     (out / "teacher_version.txt").write_text(version + "\n")
@@ -575,7 +575,7 @@ def rescore_teacher_step(
 
 def load_teacher_scores(path: Path) -> dict[str, np.ndarray]:
     """Return the teacher's ``(U, N)`` scores of each view (``-inf`` at pads)."""
-    return read_tensors(path / "scores.safetensors")
+    return read_tensors(path / artifacts.SCORES)
 
 
 # -- catalog: text index, filterable attributes, titles ----------------------------------------
