@@ -86,8 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=DEFAULT_MAX_WAIT_MS,
         help="refuse a model call when the calls in progress are expected to keep it waiting "
-        "longer than this (with --handler-threads 0: when the event loop has worked this long "
-        "without a pause); 0: only --max-inflight bounds them (default %(default)s)",
+        "longer than this; 0: only --max-inflight bounds them (default %(default)s)",
     )
     p.add_argument(
         "--handler-threads",
