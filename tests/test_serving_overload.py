@@ -131,25 +131,15 @@ def test_a_burst_beyond_capacity_is_refused_at_once_and_every_refusal_is_counted
         assert client.recommend("u2", 3).model_version == "v1"
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        ServerConfig(max_inflight=2),  # one handler thread: the calls in progress are counted
-        ServerConfig(handler_threads=0, max_wait_s=0.01),  # inline: the loop's busy clock
-    ],
-    ids=["thread", "inline"],
-)
-def test_sustained_overload_refuses_fast_and_serves_the_rest(
-    serve: Callable[..., Served], config: ServerConfig
-) -> None:
-    """Calls every millisecond into a server that takes 20 ms per call, one at a time."""
+def test_sustained_overload_refuses_fast_and_serves_the_rest(serve: Callable[..., Served]) -> None:
+    """Calls every millisecond into a server that takes 20 ms per call, on one thread."""
     base = random_snapshot("v1", dim=DIM)
 
     def slow_score(features: np.ndarray) -> np.ndarray:
         time.sleep(0.02)  # releases the GIL, like onnxruntime
         return base.score(features)
 
-    s = serve(dataclasses.replace(base, score=slow_score), config)
+    s = serve(dataclasses.replace(base, score=slow_score), ServerConfig(max_inflight=2))
     request = recommender_pb2.RecommendRequest(user_id="u3", k=3)
     channel = grpc.insecure_channel(f"127.0.0.1:{s.port}")
     stub = recommender_pb2_grpc.RecommenderStub(channel)
