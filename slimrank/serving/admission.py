@@ -51,9 +51,7 @@ class Admission:
     progress are expected to keep it waiting longer than that: their number times the mean
     time a handler takes (an exponential average of :meth:`observe`), over ``parallel``
     handlers. That bound follows the cost of a call as it changes (a new featurizer, a larger
-    bundle), where a fixed ``limit`` is right for one cost only. With ``busy`` (handlers run
-    on the event loop, whose waiting calls cannot be counted), a limited call is refused while
-    the loop has worked without a pause for too long (:class:`BusyClock`).
+    bundle), where a fixed ``limit`` is right for one cost only.
     """
 
     def __init__(
@@ -63,7 +61,6 @@ class Admission:
         max_wait_s: float | None = None,
         parallel: int = 1,
         smoothing: float = 0.05,
-        busy: BusyClock | None = None,
     ) -> None:
         if limit < 1 or total < limit:
             raise ValueError(f"Admission(limit={limit}, total={total}): need 1 <= limit <= total")
@@ -76,7 +73,6 @@ class Admission:
         self.lock = threading.Lock()
         self.limited_in_progress = 0
         self.total_in_progress = 0
-        self.busy = busy
 
     def observe(self, service_s: float) -> None:
         """Record how long one limited call's handler took."""
@@ -92,8 +88,6 @@ class Admission:
 
     def enter(self, limited: bool) -> Ticket | None:
         """Take a slot and return its ticket, or None when the call must be refused."""
-        if limited and self.busy is not None and self.busy.overloaded(time.perf_counter()):
-            return None
         with self.lock:
             if self.total_in_progress >= self.total or (
                 limited

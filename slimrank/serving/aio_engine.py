@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 
-from slimrank.serving.admission import Admission, Ticket, TimedSelector
+from slimrank.serving.admission import Admission, BusyClock, Ticket, TimedSelector
 from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
 from slimrank.serving.status import retry_info
@@ -201,7 +201,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
     ``interceptors`` are sync ``grpc.ServerInterceptor`` objects (e.g. the admin-token check);
     they run on the loop, in order, as they would on the sync server's polling thread.
     Recommender calls run inline (``handler_pool`` None) or on ``handler_pool``; other sync
-    handlers on ``other_pool``.
+    handlers on ``other_pool``. With inline handlers and a ``busy_clock``, Recommender calls
+    that arrive after the loop has worked without a pause for longer than its bound are
+    refused too (:class:`~slimrank.serving.admission.BusyClock`).
     """
 
     def __init__(
@@ -212,9 +214,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         handler_pool: futures.Executor | None,
         other_pool: futures.Executor,
         retry_after_s: float = 0.05,
+        busy_clock: BusyClock | None = None,
     ) -> None:
         self._metrics = metrics
         self._admission = admission
+        # Inline handlers only: the loop's busy period stands in for the queue it cannot see.
+        self._busy = busy_clock if handler_pool is None else None
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
         self._other_pool = other_pool
@@ -256,7 +261,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # Health checks are answered on the loop and never refused: a refused probe could get
         # an overloaded server restarted.
         if not method.startswith(HEALTH_PREFIX):
-            ticket = self._admission.enter(limited)
+            busy = self._busy
+            if limited and busy is not None and busy.overloaded(accepted):
+                ticket = None
+            else:
+                ticket = self._admission.enter(limited)
             if ticket is None:
                 self._metrics.shed.inc()
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()

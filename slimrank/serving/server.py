@@ -326,11 +326,12 @@ async def _start_aio(
         config.max_pending_rpcs,
         config.max_wait_s,
         parallel=max(1, config.handler_threads),
-        busy=busy,
     )
     server = grpc.aio.server(
         interceptors=[
-            ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
+            ServingInterceptor(
+                metrics, admission, interceptors, handler_pool, other_pool, busy_clock=busy
+            )
         ],
         options=_options(config),
     )
