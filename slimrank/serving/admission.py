@@ -11,11 +11,7 @@ a thread works on it.
 
 from __future__ import annotations
 
-import selectors
 import threading
-import time
-from collections.abc import Callable
-from typing import Any
 
 
 class Ticket:
@@ -101,55 +97,3 @@ class Admission:
             if limited:
                 self.limited_in_progress += 1
         return Ticket(self, limited)
-
-
-class BusyClock:
-    """How long the event loop has worked without a pause, for handlers run on the loop.
-
-    A handler run inline keeps the loop from taking new calls, so waiting calls stay in grpc's
-    core, where nobody can count them. What the loop can see is whether it ran out of work:
-    its selector blocked for at least ``idle_gap_s`` with nothing to do (:meth:`waited`, from
-    :class:`TimedSelector`). Every call waiting now arrived after the last such pause, so a
-    call taken ``max_busy_s`` or more after it may have waited that long, and so may every call
-    behind it; refusing them (a refusal is cheap) drains the queue until the loop pauses
-    again. Time the process spends descheduled counts as work, as it should: calls queue then
-    too. Used from the loop thread only.
-    """
-
-    def __init__(self, max_busy_s: float, idle_gap_s: float = 0.0005) -> None:
-        if max_busy_s <= 0 or idle_gap_s <= 0:
-            raise ValueError(
-                f"BusyClock(max_busy_s={max_busy_s}, idle_gap_s={idle_gap_s}): need both > 0"
-            )
-        self.max_busy_s = max_busy_s
-        self.idle_gap_s = idle_gap_s
-        self.busy_since = time.perf_counter()
-
-    def waited(self, start: float, end: float) -> None:
-        """Record that the loop's selector blocked from ``start`` to ``end`` (perf_counter)."""
-        if end - start >= self.idle_gap_s:
-            self.busy_since = end
-
-    def busy_for(self, now: float) -> float:
-        """Seconds since the loop last paused."""
-        return max(0.0, now - self.busy_since)
-
-    def overloaded(self, now: float) -> bool:
-        """True when a call taken at ``now`` should be refused."""
-        return self.busy_for(now) > self.max_busy_s
-
-
-class TimedSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
-    """The platform's default selector, telling ``listeners`` how long each select blocked."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.listeners: list[Callable[[float, float], None]] = []
-
-    def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
-        start = time.perf_counter()
-        events = super().select(timeout)
-        end = time.perf_counter()
-        for listener in self.listeners:
-            listener(start, end)
-        return events

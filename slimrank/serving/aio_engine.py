@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 
-from slimrank.serving.admission import Admission, BusyClock, Ticket, TimedSelector
+from slimrank.serving.admission import Admission, Ticket
 from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
 from slimrank.serving.status import retry_info
@@ -55,9 +55,7 @@ class LoopThread:
     """An asyncio event loop running forever in a daemon thread."""
 
     def __init__(self, name: str = "slimrank-aio") -> None:
-        # A selector that reports its waits, so inline admission can tell when the loop idles.
-        self.selector = TimedSelector()
-        self.loop = asyncio.SelectorEventLoop(self.selector)
+        self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(started,), name=name, daemon=True)
         self.thread.start()
@@ -201,9 +199,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
     ``interceptors`` are sync ``grpc.ServerInterceptor`` objects (e.g. the admin-token check);
     they run on the loop, in order, as they would on the sync server's polling thread.
     Recommender calls run inline (``handler_pool`` None) or on ``handler_pool``; other sync
-    handlers on ``other_pool``. With inline handlers and a ``busy_clock``, Recommender calls
-    that arrive after the loop has worked without a pause for longer than its bound are
-    refused too (:class:`~slimrank.serving.admission.BusyClock`).
+    handlers on ``other_pool``.
     """
 
     def __init__(
@@ -214,12 +210,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         handler_pool: futures.Executor | None,
         other_pool: futures.Executor,
         retry_after_s: float = 0.05,
-        busy_clock: BusyClock | None = None,
     ) -> None:
         self._metrics = metrics
         self._admission = admission
-        # Inline handlers only: the loop's busy period stands in for the queue it cannot see.
-        self._busy = busy_clock if handler_pool is None else None
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
         self._other_pool = other_pool
@@ -261,11 +254,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # Health checks are answered on the loop and never refused: a refused probe could get
         # an overloaded server restarted.
         if not method.startswith(HEALTH_PREFIX):
-            busy = self._busy
-            if limited and busy is not None and busy.overloaded(accepted):
-                ticket = None
-            else:
-                ticket = self._admission.enter(limited)
+            ticket = self._admission.enter(limited)
             if ticket is None:
                 self._metrics.shed.inc()
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()

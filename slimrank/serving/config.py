@@ -34,12 +34,6 @@ class ServerConfig(Config):
     ``handler_threads``), so accepted calls stay fast whatever a call costs; None: only
     ``max_inflight`` bounds them.
 
-    With inline handlers (``handler_threads`` 0) calls that wait stay in grpc's core, where
-    they cannot be counted, so ``max_wait_s`` bounds something else there: a Recommender call
-    is refused when the event loop has worked without a pause (no gap of ``idle_gap_s``
-    between one piece of work and the next) for longer than ``max_wait_s``
-    (:class:`~slimrank.serving.admission.BusyClock`).
-
     ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
 
     Connections (each holds a file descriptor and memory): one with no call for
@@ -56,7 +50,6 @@ class ServerConfig(Config):
     engine: str = "aio"
     handler_threads: int = 1
     max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 10 ms by default
-    idle_gap_s: float = 0.0005
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
@@ -111,7 +104,6 @@ class ServerConfig(Config):
             self.max_wait_s,
             "must be None or > 0",
         )
-        require(self.idle_gap_s > 0, self, "idle_gap_s", self.idle_gap_s, "must be > 0")
         require(bool(self.host), self, "host", self.host, "must not be empty")
         require(0 <= self.port < 65536, self, "port", self.port, "must be in [0, 65535]")
         require(self.max_inflight >= 1, self, "max_inflight", self.max_inflight, "must be >= 1")

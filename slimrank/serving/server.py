@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from slimrank.serving.admission import Admission, BusyClock
+from slimrank.serving.admission import Admission
 from slimrank.serving.aio_engine import LoopThread, ServingInterceptor, loop_thread
 from slimrank.serving.batch import BatchRecommenderServicer
 from slimrank.serving.config import ServerConfig
@@ -72,7 +72,6 @@ class SlimrankServer:
         self._stopped: threading.Event | None = None
         self._address: tuple[str, int] | None = None  # where a stop checks the listener closed
         self.http: Any = None  # the HTTP/JSON endpoint (http_server.HttpFront), if started
-        self.on_stopped: list[Callable[[], None]] = []  # run once the aio server has stopped
 
     @property
     def http_port(self) -> int | None:
@@ -133,8 +132,6 @@ class SlimrankServer:
     def _stopped_aio(self, stopped: threading.Event) -> None:
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
-        for callback in self.on_stopped:
-            callback()
         stopped.set()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -195,12 +192,8 @@ def create_server(
         loop, pools = None, ()
     else:
         loop = loop_thread()
-        busy = None
-        if config.handler_threads == 0 and config.max_wait_s is not None:
-            busy = BusyClock(config.max_wait_s, config.idle_gap_s)
-            loop.selector.listeners.append(busy.waited)
         server, health_servicer, port, pools, admission = loop.run(
-            _start_aio(config, metrics, servicers, credentials, interceptors, busy)
+            _start_aio(config, metrics, servicers, credentials, interceptors)
         )
         if config.http_port is not None:
             http = _start_http(loop, config, servicers[0], admission, metrics, pools)
@@ -211,8 +204,6 @@ def create_server(
     slimrank = SlimrankServer(
         server, health_servicer, metrics, endpoint, config.grace_s, loop, pools
     )
-    if loop is not None and busy is not None:
-        slimrank.on_stopped.append(lambda: loop.selector.listeners.remove(busy.waited))
     if loop is not None and config.http_port is not None:
         slimrank.http = http
         log.info("HTTP/JSON on %s:%d", config.http_host, http.port)
@@ -311,7 +302,6 @@ async def _start_aio(
     servicers: tuple[RecommenderServicer, AdminServicer],
     credentials: grpc.ServerCredentials | None,
     interceptors: Sequence[grpc.ServerInterceptor],
-    busy: BusyClock | None,
 ) -> tuple[grpc.aio.Server, Any, int, list[futures.ThreadPoolExecutor], Admission]:
     """Build and start the grpc.aio server (on the event loop thread)."""
     handler_pool = None
@@ -329,9 +319,7 @@ async def _start_aio(
     )
     server = grpc.aio.server(
         interceptors=[
-            ServingInterceptor(
-                metrics, admission, interceptors, handler_pool, other_pool, busy_clock=busy
-            )
+            ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
         ],
         options=_options(config),
     )
