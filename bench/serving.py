@@ -529,19 +529,7 @@ MODES = {
         Mode("sync", **TODAY, about="today: grpc.server, 12 threads, 8 in flight, 64 pending"),
         Mode("sync-w2", **TODAY, workers=2, about="today's server in 2 processes"),
         Mode("aio-inline", handler_threads=0, about="grpc.aio, handlers on the event loop"),
-        Mode(
-            "aio-inline-w2",
-            handler_threads=0,
-            workers=2,
-            about="aio-inline in 2 processes (refuses on the loop's busy clock)",
-        ),
-        Mode(
-            "aio-inline-w2-b15",
-            handler_threads=0,
-            workers=2,
-            max_wait_s=0.015,
-            about="aio-inline-w2, refusing after 15 ms busy",
-        ),
+        Mode("aio-inline-w2", handler_threads=0, workers=2, about="aio-inline in 2 processes"),
         Mode("aio-t1", about="grpc.aio, handlers on 1 thread"),
         Mode(
             "aio-t1-w2-si0.5ms",
