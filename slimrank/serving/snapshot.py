@@ -242,34 +242,50 @@ class ModelSnapshot:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Append to ``(rows, scores)`` the best other items by exact inner product, up to ``n``.
 
-        Items in ``rows`` or ``drop`` are skipped; ties (e.g. a zero query) go to the more
-        popular item. The index's own results stay first. One pass over ``item_vectors``:
-        bounded by the catalog, and taken only when the index came back short.
+        Items in ``rows`` or ``drop`` are skipped; the index's own results stay first
+        (:meth:`exact_best` picks the rest). Taken only when the index came back short.
         """
-        taken = np.zeros(self.n_items, dtype=bool)
-        taken[rows] = True
-        taken[drop[(drop >= 0) & (drop < self.n_items)]] = True
-        free = np.flatnonzero(~taken)  # (f,)
-        m = min(n - len(rows), free.size)
-        if m <= 0:
+        free = np.ones(self.n_items, dtype=bool)
+        free[rows] = False
+        free[drop[(drop >= 0) & (drop < self.n_items)]] = False
+        chosen, dots = self.exact_best(vector, free, n - len(rows))
+        if not len(chosen):
             return rows, scores
-        with np.errstate(over="ignore", invalid="ignore"):
-            dots = self.item_vectors @ vector  # (n_items,)
-        key = np.where(np.isnan(dots), -np.inf, dots)  # (n_items,)
-        # The m-th best free dot; every free item above it is in, ties at it go to the most
+        log.debug("index returned %d of %d candidates; %d added exactly", len(rows), n, len(chosen))
+        return (
+            np.concatenate([rows, chosen]).astype(np.int64, copy=False),
+            np.concatenate([scores, dots]).astype(np.float32, copy=False),
+        )
+
+    def exact_best(
+        self, vector: np.ndarray | None, keep: np.ndarray, m: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the rows and scores of the ``m`` best items where ``keep`` (an ``(I,)`` bool
+        mask) is True: by exact inner product with ``vector``, or by popularity without one.
+
+        Ties (e.g. a zero query) go to the more popular item, then the lower row. One pass over
+        the kept items' vectors: bounded by the catalog, for what the index cannot answer.
+        """
+        free = np.flatnonzero(keep)  # (f,)
+        m = min(m, free.size)
+        if m <= 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        if vector is None:
+            scores = self.popularity.astype(np.float32)  # (n_items,)
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                scores = self.item_vectors @ vector  # (n_items,)
+        key = np.where(np.isnan(scores), -np.inf, scores)  # (n_items,)
+        # The m-th best kept key; every kept item above it is in, ties at it go to the most
         # popular (a zero query ties them all).
         threshold = key[free[np.argpartition(-key[free], m - 1)[m - 1]]]
         above = free[key[free] > threshold]
-        tied = ~taken & (key == threshold)  # (n_items,)
+        tied = keep & (key == threshold)  # (n_items,)
         tied = self.popular_order[tied[self.popular_order]][: m - above.size]
         chosen = np.concatenate([above, tied])
-        # lexsort's last key is the primary one: best dot first, then most popular.
-        chosen = chosen[np.lexsort((-self.popularity[chosen], -key[chosen]))]
-        log.debug("index returned %d of %d candidates; %d added exactly", len(rows), n, m)
-        return (
-            np.concatenate([rows, chosen]).astype(np.int64, copy=False),
-            np.concatenate([scores, dots[chosen]]).astype(np.float32, copy=False),
-        )
+        # lexsort's last key is the primary one: best score first, then most popular, then row.
+        chosen = chosen[np.lexsort((chosen, -self.popularity[chosen], -key[chosen]))]
+        return chosen.astype(np.int64, copy=False), scores[chosen].astype(np.float32, copy=False)
 
     def rank(self, query: UserQuery, retrieved: Retrieved) -> np.ndarray:
         """Return ``(m,)`` float32 scores of the candidates (ranker, or popularity)."""

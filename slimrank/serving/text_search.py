@@ -125,15 +125,10 @@ def retrieve_allowed(
 
     The retrieval stage of a filtered Recommend: an exact inner product over the allowed items
     (the approximate index may not reach ``n`` of them when the filter is narrow), or, for
-    the popularity fallback, the most popular allowed items.
+    the popularity fallback, the most popular allowed items (:meth:`ModelSnapshot.exact_best`).
     """
     keep = allowed.copy()
     if drop.size:
         keep[drop] = False
-    rows = np.flatnonzero(keep).astype(np.int64)
-    if query.vector is None:
-        scores = snapshot.popularity[rows]
-    else:
-        scores = snapshot.item_vectors[rows] @ query.vector  # (a,)
-    order = np.argsort(-scores, kind="stable")[:n]
-    return Retrieved(rows[order], scores[order].astype(np.float32))
+    rows, scores = snapshot.exact_best(query.vector, keep, n)
+    return Retrieved(rows, scores)
