@@ -2,10 +2,13 @@
 
 ``two-tower``: the scale config's two-tower (``configs/scale.toml``: id + history tables,
 d = 63 + bias, in-batch sampled softmax) built for ``--users`` x ``--items``, timed over a few
-training steps on random users' histories: the forward/backward and the AdamW update apart.
-Prints one JSON line per batch size and appends it to ``bench/results/scale_probe.json``.
+training steps on random users' histories: the forward/backward and the optimizer update
+apart, for ``--optimizer`` (``adamw``: dense AdamW; ``sparse_adam``: sparse embedding
+gradients + SparseAdam, :func:`slimrank.retrieval.train.make_optimizer`). Prints one JSON
+line per batch size and appends it to ``bench/results/scale_probe.json``.
 
-    nice -n 10 .venv/bin/python bench/scale_probe.py --users 1000000 --items 1000000
+    nice -n 10 .venv/bin/python bench/scale_probe.py --users 100000 --items 100000 \
+        --optimizer sparse_adam
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def probe_two_tower(users: int, items: int, batch: int, steps: int, history: int) -> dict:
+def probe_two_tower(
+    users: int, items: int, batch: int, steps: int, history: int, optimizer: str = "adamw"
+) -> dict:
+    import dataclasses
+
     from slimrank.pipeline.config import PipelineConfig
-    from slimrank.retrieval.train import sampled_softmax_loss
+    from slimrank.retrieval.train import make_optimizer, sampled_softmax_loss
     from slimrank.retrieval.two_tower import TwoTower, TwoTowerConfig
 
     with open(ROOT / "configs" / "scale.toml", "rb") as f:
@@ -48,10 +55,12 @@ def probe_two_tower(users: int, items: int, batch: int, steps: int, history: int
     )
     model = TwoTower(config)
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=step.train.lr, weight_decay=0.0)
+    opt = make_optimizer(
+        model, dataclasses.replace(step.train, optimizer=optimizer, weight_decay=0.0)
+    )
     rng = np.random.default_rng(0)
     fwd, upd = [], []
-    for _ in range(steps + 1):  # the first step allocates AdamW's state: not timed
+    for _ in range(steps + 1):  # the first step allocates the optimizer's state: not timed
         user = torch.as_tensor(rng.integers(0, users, batch))
         item = torch.as_tensor(rng.integers(0, items, batch))
         bag = torch.as_tensor(rng.integers(0, items, batch * history))
@@ -76,8 +85,9 @@ def probe_two_tower(users: int, items: int, batch: int, steps: int, history: int
         "items": items,
         "batch": batch,
         "parameters": params,
+        "optimizer": optimizer,
         "forward_backward_cpu_s": round(fwd_s, 3),
-        "adamw_update_cpu_s": round(upd_s, 3),
+        "update_cpu_s": round(upd_s, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
 
@@ -89,11 +99,14 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--history", type=int, default=16, help="history items per example")
+    parser.add_argument("--optimizer", choices=("adamw", "sparse_adam"), default="adamw")
     args = parser.parse_args()
     out = ROOT / "bench" / "results" / "scale_probe.json"
     rows = json.loads(out.read_text()) if out.exists() else []
     for batch in args.batches:
-        row = probe_two_tower(args.users, args.items, batch, args.steps, args.history)
+        row = probe_two_tower(
+            args.users, args.items, batch, args.steps, args.history, args.optimizer
+        )
         row["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -49,14 +49,14 @@ def scale_like(split) -> TwoTowerConfig:
 
 def train_config(optimizer: str, **kwargs) -> TrainConfig:
     fields = {
-        "epochs": 6,
+        "epochs": 4,
         "batch_size": 512,
         "lr": 3e-3,
         "weight_decay": 0.0,
         "loss": "sampled_softmax",
         "examples": "leave_one_out",
         "history_dropout": 0.5,
-        "patience": 6,
+        "patience": 4,
         "seed": 0,
         "progress": False,
         "optimizer": optimizer,

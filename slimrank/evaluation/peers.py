@@ -220,7 +220,14 @@ MOST_POPULAR = Peer("most popular", fit_most_popular, {}, dense=False)
 ALS = Peer(
     "ALS (implicit)",
     fit_als,
-    {"factors": (64,), "regularization": (0.01, 0.1), "alpha": (1.0, 10.0), "iterations": (15,)},
+    # At 100k users x 84k items validation preferred alpha 40, regularization 10 (NDCG@10
+    # 0.082, against 0.061 for alpha 10, regularization 0.01); 128 factors did worse.
+    {
+        "factors": (64,),
+        "regularization": (0.01, 1.0, 10.0),
+        "alpha": (1.0, 10.0, 40.0),
+        "iterations": (15,),
+    },
     dense=False,
 )
 PEERS: tuple[Peer, ...] = (
