@@ -80,7 +80,13 @@ def in_process(snapshot: Any, qs: list[tuple[str, str, str]]) -> dict[str, Any]:
 
 
 def served(
-    bundles: Path, qs: list[tuple[str, str, str]], rate: float, seconds: float, method: str
+    bundles: Path,
+    qs: list[tuple[str, str, str]],
+    rate: float,
+    seconds: float,
+    method: str,
+    workers: int = 1,
+    handler_threads: int | None = None,
 ) -> dict:
     """Serve the bundle and drive ``method`` (Search by text, or Recommend for comparison)."""
     import base64
@@ -98,6 +104,9 @@ def served(
             recommender_pb2.RecommendRequest(user_id=u, k=10).SerializeToString() for u in users
         ]
     argv = [str(ROOT / ".venv" / "bin" / "slimrank"), "serve", "--bundles", str(bundles)]
+    argv += ["--workers", str(workers)]
+    if handler_threads is not None:
+        argv += ["--handler-threads", str(handler_threads)]
     server = ServerProcess([*argv, "--port", "0", "--metrics-port", "0", "--poll-interval", "0"])
     try:
         n = int(rate * seconds)
@@ -154,6 +163,10 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=200.0)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--calls", type=int, default=2000, help="in-process calls")
+    p.add_argument("--workers", type=int, default=1, help="slimrank serve --workers")
+    p.add_argument(
+        "--handler-threads", type=int, default=None, help="slimrank serve --handler-threads"
+    )
     args = p.parse_args()
     bundle = open_bundle(args.bundles)
     snapshot = load_snapshot(bundle)
@@ -163,9 +176,15 @@ def main() -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_features(),
         "in_process": in_process(snapshot, qs),
-        "served": served(args.bundles, qs, args.rate, args.seconds, SEARCH),
+        "workers": args.workers,
+        "handler_threads": args.handler_threads,
+        "served": served(
+            args.bundles, qs, args.rate, args.seconds, SEARCH, args.workers, args.handler_threads
+        ),
         # Recommend right after, on the same server build and rate: what the machine allows now.
-        "served_recommend": served(args.bundles, qs, args.rate, args.seconds, RECOMMEND),
+        "served_recommend": served(
+            args.bundles, qs, args.rate, args.seconds, RECOMMEND, args.workers, args.handler_threads
+        ),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "text_search_latency.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -181,7 +200,10 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['date']}; CPU {r['cpu'].get('model', '?')}; shared 2-core machine.",
         "",
-        f"**Served** (`slimrank serve`, 1 process, open loop {s['offered_per_s']:.0f} calls/s, "
+        f"**Served** (`slimrank serve --workers {r.get('workers', 1)}"
+        + ("" if r.get("handler_threads") is None else f" --handler-threads {r['handler_threads']}")
+        + "`, open loop "
+        f"{s['offered_per_s']:.0f} calls/s, "
         f"{s['calls']} calls, load average {s['loadavg_before']} before, "
         f"{s['loadavg_after']} after): p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms, "
         f"max {s['max_ms']:.1f} ms; {s['refused']} refused, {s['other_errors']} other errors.",
