@@ -429,8 +429,6 @@ def test_client_retries_unavailable_then_succeeds(start: Callable[..., Running])
 
 
 SERVE_SCRIPT = """
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.server import serve_forever
@@ -454,7 +452,9 @@ def test_serve_forever_stops_gracefully_on_sigterm() -> None:
             assert client.health() == "SERVING"
             assert client.recommend("u1", 3).model_version == "v1"
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
+        # Generous: no call is in flight, so it stops at once on a quiet machine; on a loaded
+        # CI machine the interpreter's exit alone has taken seconds.
+        out, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 0 and out.strip() == "stopped"
