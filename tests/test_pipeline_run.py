@@ -73,6 +73,8 @@ def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
     table, comparison = (run.out / "compression.md").read_text().split("## Quality under")
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 11
     assert sum(line.startswith("| ") for line in comparison.splitlines()) == 1 + 3 + 4
+    n = 30  # tiny.toml's [candidates] n: the retrieval row names the candidates it was given
+    assert f"| two-tower retrieval alone (IVF-PQ, {n} candidates) |" in comparison
     assert "| params | sparsity | FLOPs | bytes |" in table
     assert (run.out / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -28,7 +28,7 @@ SERVED = "int8"
 PIPELINE_ROWS = (
     ("int8", "pipeline, pruned int8 student (served)"),
     ("teacher", "pipeline, teacher fp32"),
-    ("retrieval", "two-tower retrieval alone (IVF-PQ, 200 candidates)"),
+    ("retrieval", "two-tower retrieval alone (IVF-PQ, {n} candidates)"),
 )
 MARGIN = 0.01  # issue 15: the served pipeline must beat the strongest peer by this much
 
@@ -116,6 +116,7 @@ def compare(
     served = per_user[SERVED]
     rows = []
     for key, label in PIPELINE_ROWS:
+        label = label.format(n=result.config.candidates.n)
         other = None if key == SERVED else paired_bootstrap(served, per_user[key], resamples)
         rows.append(
             Compared(label, "-", key == "retrieval", valid_ndcg[key], per_user[key].mean, other)
