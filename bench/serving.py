@@ -554,18 +554,9 @@ DEFAULT_MODES = ",".join(MODES)
 
 def cpu_features() -> dict[str, Any]:
     """The CPU's model name and the SIMD flags that matter to FAISS and onnxruntime."""
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not model:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = sorted(f for f in flags if f == "avx2" or f.startswith("avx512") or f == "avx_vnni")
-    return {"model": model, "cpus": os.cpu_count(), "flags": wanted}
+    from slimrank.compression.cpu import cpu_features as read_cpu
+
+    return read_cpu()
 
 
 def load_fastfeat(bundle: Any) -> Any:
