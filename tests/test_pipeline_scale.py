@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
+from served_store import serving
 
 from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import read_npy
@@ -28,10 +28,6 @@ from slimrank.pipeline.run import RunResult, run_pipeline
 from slimrank.pipeline.steps import load_data
 from slimrank.ranking.pipeline_eval import rank_candidates
 from slimrank.serving.client import SlimrankClient
-from slimrank.serving.config import ServerConfig
-from slimrank.serving.reload import bundle_reload_fn, load_current
-from slimrank.serving.server import create_server
-from slimrank.serving.snapshot import SnapshotHolder
 
 SCALE = Path(__file__).resolve().parent.parent / "configs" / "scale.toml"
 WORLD = WorldConfig(n_users=2_000, n_items=1_000, per_user=15, pool_per_genre=60, seed=0)
@@ -94,17 +90,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     version = publish_run(result, root / "bundles")
     if version is None:
         pytest.fail(f"the small scale pipeline did not pass its gate: {result.gate()}")
-    holder = SnapshotHolder(load_current(root / "bundles"))
-    server, port = create_server(
-        ServerConfig(), holder, CollectorRegistry(), bundle_reload_fn(root / "bundles")
-    )
-    server.mark_serving()
-    client = SlimrankClient(f"127.0.0.1:{port}", timeout=10.0)
-    try:
+    with serving(root / "bundles") as (_, _, client):
         yield Served(result, open_bundle(root / "bundles", version), client)
-    finally:
-        client.close()
-        server.shutdown(0).wait(5)
 
 
 def test_the_scale_config_trains_what_it_says() -> None:

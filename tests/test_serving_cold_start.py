@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from prometheus_client import CollectorRegistry
+from served_store import serving
 
 from slimrank.bundle import Bundle, open_bundle, publish
 from slimrank.data.dataset import FeatureTable
@@ -31,15 +31,12 @@ from slimrank.ranking.candidates import Candidates
 from slimrank.ranking.features import FeatureConfig, build_feature_tables, candidate_features
 from slimrank.ranking.histories import Histories
 from slimrank.serving.client import SlimrankClient
-from slimrank.serving.config import ServerConfig
 from slimrank.serving.featurizer import RequestFeaturizer
 from slimrank.serving.loader import load_snapshot
-from slimrank.serving.reload import bundle_reload_fn, load_current
-from slimrank.serving.server import create_server
+from slimrank.serving.reload import load_current
 from slimrank.serving.snapshot import (
     ModelSnapshot,
     Retrieved,
-    SnapshotHolder,
     UserQuery,
     UserSource,
     warm_up,
@@ -86,17 +83,8 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plain]:
     version = publish_run(run_pipeline(config), root / "bundles")
     if version is None:
         pytest.fail("the plain tiny pipeline did not publish")
-    holder = SnapshotHolder(load_current(root / "bundles"))
-    server, port = create_server(
-        ServerConfig(), holder, CollectorRegistry(), bundle_reload_fn(root / "bundles")
-    )
-    server.mark_serving()
-    client = SlimrankClient(f"127.0.0.1:{port}", timeout=10.0)
-    try:
+    with serving(root / "bundles") as (holder, _, client):
         yield Plain(root / "bundles", open_bundle(root / "bundles", version), holder.get(), client)
-    finally:
-        client.close()
-        server.shutdown(0).wait(5)
 
 
 def test_the_plain_bundle_reads_no_user_features_and_carries_its_user_tower(plain: Plain) -> None:

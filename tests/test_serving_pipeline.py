@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from prometheus_client import CollectorRegistry
+from served_store import serving
 from tiny_pipeline import TinyRun, tiny_pipeline
 
 from slimrank.bundle import Bundle, open_bundle
@@ -36,7 +37,7 @@ from slimrank.retrieval.two_tower import load_model
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import load_snapshot
-from slimrank.serving.reload import bundle_reload_fn, load_current
+from slimrank.serving.reload import bundle_reload_fn
 from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import SnapshotHolder
 
@@ -54,17 +55,8 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     run = tiny_pipeline(tmp_path_factory)
-    holder = SnapshotHolder(load_current(run.bundles))
-    server, port = create_server(
-        ServerConfig(), holder, CollectorRegistry(), bundle_reload_fn(run.bundles)
-    )
-    server.mark_serving()
-    client = SlimrankClient(f"127.0.0.1:{port}", timeout=10.0)
-    try:
+    with serving(run.bundles) as (_, _, client):
         yield Served(run, open_bundle(run.bundles, run.version), run_pipeline(run.config), client)
-    finally:
-        client.close()
-        server.shutdown(0).wait(5)
 
 
 def _scorer(bundle: Bundle) -> Scorer:

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from served_store import serving
 from tiny_pipeline import TinyRun, tiny_pipeline
 
 from slimrank.cli import main
@@ -36,20 +37,13 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     run = tiny_pipeline(tmp_path_factory)
-    snapshot = load_current(run.bundles)
-    holder = SnapshotHolder(snapshot)
-    server, port = create_server(
-        ServerConfig(), holder, CollectorRegistry(), bundle_reload_fn(run.bundles)
-    )
-    server.mark_serving()
-    client = SlimrankClient(f"127.0.0.1:{port}", timeout=10.0)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield Served(run, snapshot, client, recommender_pb2_grpc.RecommenderStub(channel))
-    finally:
-        channel.close()
-        client.close()
-        server.shutdown(0).wait(5)
+    with serving(run.bundles) as (holder, port, client):
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            yield Served(run, holder.get(), client, stub)
+        finally:
+            channel.close()
 
 
 @pytest.fixture
