@@ -161,20 +161,9 @@ def read_table(path: Path, id_columns: tuple[str, ...] = ()) -> pd.DataFrame:
             return pd.read_parquet(path)
     except UnicodeDecodeError as err:
         line = first_undecodable_line(path)
-        raise DataError(
-            f"cannot parse: not UTF-8 ({err.reason})",
-            path=path,
-            row=None if line is None else line - 2,
-            line=line,
-        ) from err
+        raise _unparsable(f"not UTF-8 ({err.reason})", path, line) from err
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        line = _parser_error_line(str(err))
-        raise DataError(
-            f"cannot parse: {err}",
-            path=path,
-            row=None if line is None else line - 2,
-            line=line,
-        ) from err
+        raise _unparsable(str(err), path, _parser_error_line(str(err))) from err
     except (OSError, ValueError) as err:  # pyarrow's errors subclass these
         raise DataError(f"cannot read: {err}", path=path) from err
     raise DataError(
@@ -188,6 +177,13 @@ _PARSER_LINE = (
     (re.compile(r"Expected \d+ fields in line (\d+)"), 0),
     (re.compile(r"EOF inside string starting at row (\d+)"), 1),
 )
+
+
+def _unparsable(reason: str, path: Path, line: int | None) -> DataError:
+    """The error for a file that cannot be parsed at ``line`` (1-based, the header is line 1)."""
+    return DataError(
+        f"cannot parse: {reason}", path=path, row=None if line is None else line - 2, line=line
+    )
 
 
 def _parser_error_line(message: str) -> int | None:
