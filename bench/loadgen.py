@@ -25,7 +25,9 @@ import asyncio
 import base64
 import json
 import resource
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -209,6 +211,54 @@ def _result(
         "codes": codes,
         "meta": {"cpu_s": cpu, "channels": n_channels, "balance": balance},
     }
+
+
+def job_for(
+    target: str,
+    method: str,
+    requests: list[bytes],
+    rate: float,
+    n: int,
+    *,
+    seed: int = 0,
+    client: str = "aio",
+    channels: int = 8,
+    workers: int = 1,
+    balance_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The JSON job of one run: ``n`` calls of ``method`` at ``rate``/s, 2 s deadlines."""
+    return {
+        "target": target,
+        "method": method,
+        "requests": [base64.b64encode(r).decode() for r in requests],
+        "rate": rate,
+        "n": n,
+        "seed": seed,
+        "timeout_s": 2.0,
+        "client": client,
+        "channels": channels,
+        "workers": workers,
+        "balance_dir": None if balance_dir is None else str(balance_dir),
+        "warmup": 100,
+    }
+
+
+def drive(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run ``job`` with this script in its own process; return the arrays it wrote, with
+    ``meta`` decoded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.npz"
+        job_path.write_text(json.dumps(job))
+        subprocess.run(
+            [sys.executable, __file__, str(job_path), str(out_path)],
+            check=True,
+            cwd=Path(__file__).parent.parent,
+            timeout=timeout_s,
+        )
+        with np.load(out_path) as out:
+            arrays = {key: out[key] for key in out.files}
+    arrays["meta"] = json.loads(str(arrays["meta"]))
+    return arrays
 
 
 def main(job_path: str, out_path: str) -> int:

@@ -50,6 +50,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # loadgen.py, also when this module is imported as bench.serving
+from loadgen import drive, job_for  # noqa: E402
+
 CACHE = HERE / ".cache" / "serving"
 RESULTS = HERE / "results"
 DEMO_BUNDLES = ROOT / "runs" / "demo" / "bundles"
@@ -490,7 +493,6 @@ MODES_JSON = "serving_modes.json"
 MODES_MD = "serving_modes.md"
 HOLD_P99_MS = 20.0
 HOLD_MAX_BAD = 0.001  # at most this fraction of calls refused or failed at a held rate
-LOADGEN = HERE / "loadgen.py"
 FAST_REPS = 6  # rounds of the fastfeat variant's featurizer: ~0.25 ms, what the new one costs
 
 
@@ -731,39 +733,26 @@ def load_run(
     seed: int = 0,
 ) -> Run:
     """Run bench/loadgen.py once against ``server``; summarize what it saw."""
-    import base64
-    import tempfile
 
     n = max(1, int(max(duration_s * rate, min(args.min_calls, 60 * rate))))
-    job = {
-        "target": server.target,
-        "method": RECOMMEND,
-        "requests": [base64.b64encode(r).decode() for r in requests],
-        "rate": rate,
-        "n": n,
-        "seed": seed,
-        "timeout_s": 2.0,
-        "client": args.client,
-        "channels": args.channels,
-        "workers": mode.workers,
-        "balance_dir": None if balance_dir is None else str(balance_dir),
-        "warmup": 100,
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.npz"
-        job_path.write_text(json.dumps(job))
-        loadavg_before = [round(x, 2) for x in os.getloadavg()]
-        cpu0, t0 = _cpu_seconds(server.pids), time.perf_counter()
-        subprocess.run(
-            [sys.executable, str(LOADGEN), str(job_path), str(out_path)],
-            check=True,
-            cwd=ROOT,
-            timeout=n / rate + 120,
-        )
-        cpu1, t1 = _cpu_seconds(server.pids), time.perf_counter()
-        out = np.load(out_path)
-        schedule, sent, done, codes = out["schedule"], out["sent"], out["done"], out["codes"]
-        meta = json.loads(str(out["meta"]))
+    job = job_for(
+        server.target,
+        RECOMMEND,
+        requests,
+        rate,
+        n,
+        seed=seed,
+        client=args.client,
+        channels=args.channels,
+        workers=mode.workers,
+        balance_dir=balance_dir,
+    )
+    loadavg_before = [round(x, 2) for x in os.getloadavg()]
+    cpu0, t0 = _cpu_seconds(server.pids), time.perf_counter()
+    out = drive(job, n / rate + 120)
+    cpu1, t1 = _cpu_seconds(server.pids), time.perf_counter()
+    schedule, sent, done, codes = out["schedule"], out["sent"], out["done"], out["codes"]
+    meta = out["meta"]
     latency = (done - schedule) * 1000  # (n,) ms from the scheduled send
     ok = codes == 0
     refused = codes == grpc_code("RESOURCE_EXHAUSTED")

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import LOADGEN, ServerProcess, cpu_features, grpc_code  # noqa: E402
+from bench.loadgen import drive, job_for  # noqa: E402
+from bench.serving import ServerProcess, cpu_features, grpc_code  # noqa: E402
 from bench.text_search import known_item_queries  # noqa: E402
 
 SEARCH = "/slimrank.v1.Recommender/Search"
@@ -89,7 +88,6 @@ def served(
     handler_threads: int | None = None,
 ) -> dict:
     """Serve the bundle and drive ``method`` (Search by text, or Recommend for comparison)."""
-    import base64
 
     from slimrank.serving.proto.slimrank.v1 import recommender_pb2
 
@@ -110,34 +108,12 @@ def served(
     server = ServerProcess([*argv, "--port", "0", "--metrics-port", "0", "--poll-interval", "0"])
     try:
         n = int(rate * seconds)
-        job = {
-            "target": server.target,
-            "method": method,
-            "requests": [base64.b64encode(r).decode() for r in requests],
-            "rate": rate,
-            "n": n,
-            "seed": 0,
-            "timeout_s": 2.0,
-            "client": "aio",
-            "channels": 8,
-            "workers": 1,
-            "balance_dir": None,
-            "warmup": 100,
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.npz"
-            job_path.write_text(json.dumps(job))
-            before = [round(x, 2) for x in os.getloadavg()]
-            subprocess.run(
-                [sys.executable, str(LOADGEN), str(job_path), str(out_path)],
-                check=True,
-                cwd=ROOT,
-                timeout=seconds + 120,
-            )
-            after = [round(x, 2) for x in os.getloadavg()]
-            out = np.load(out_path)
-            latency = (out["done"] - out["schedule"]) * 1000
-            codes = out["codes"]
+        job = job_for(server.target, method, requests, rate, n)
+        before = [round(x, 2) for x in os.getloadavg()]
+        out = drive(job, seconds + 120)
+        after = [round(x, 2) for x in os.getloadavg()]
+        latency = (out["done"] - out["schedule"]) * 1000
+        codes = out["codes"]
     finally:
         server.stop()
     ok = codes == 0
