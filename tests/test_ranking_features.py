@@ -20,11 +20,13 @@ from slimrank.ranking.features import (
 )
 from slimrank.ranking.histories import Histories, latest_times
 from slimrank.ranking.neighbors import (
+    JointNeighbors,
     NeighborTable,
     cooccurrence_table,
     ease_exact_table,
     ease_local_table,
     history_signals,
+    history_signals_of,
 )
 
 WIDE = FeatureConfig(history_cap=1000, cooc_neighbors=1000, ease_neighbors=1000)
@@ -215,6 +217,49 @@ def test_history_signals_equal_the_dense_reference(sign: str) -> None:
             one = history_signals(capped.recent(np.array([u]), 0), table, items[u : u + 1])
             np.testing.assert_array_equal(one[0][0], got[0][u])
             np.testing.assert_array_equal(one[1][0], got[1][u])
+
+
+def test_joint_tables_give_each_tables_dense_signals() -> None:
+    # Tables of different widths and signs side by side: each keeps its own sums and maxima
+    # (a column bound off by one, or one table's hits counted for another, changes them).
+    rng = np.random.default_rng(8)
+    n_users, n_items = 25, 30
+    tables = []
+    for seed, k, shift in ((1, 3, 0.01), (2, 7, -0.4), (3, 12, -1.5)):
+        m = sp.random(n_items, n_items, density=0.4, random_state=seed, format="csr")
+        m.data = (m.data + shift).astype(np.float32)
+        tables.append(NeighborTable.from_csr(m, k, by_magnitude=True))
+    assert len({t.indices.shape[1] for t in tables}) == 3
+    joint = JointNeighbors.of(tables)
+    observed = random_history(9, n_users, n_items, 0.25)
+    hist = Histories.from_matrix(observed)
+    items = np.stack([rng.permutation(n_items)[:10] for _ in range(n_users)])
+    items[rng.random(items.shape) < 0.15] = -1
+    for cap in (2, 100):
+        capped = hist.recent(np.arange(n_users), cap)
+        got = joint.signals(capped, items)
+        assert len(got) == 3
+        for i, (table, (total, best)) in enumerate(zip(tables, got, strict=True)):
+            want = dense_signals(table.to_csr().toarray().T, hist, cap, items)
+            np.testing.assert_allclose(total, want[0], atol=1e-5)
+            np.testing.assert_allclose(best, want[1], atol=1e-6)
+            np.testing.assert_array_equal(joint.table(i).indices, table.indices)
+            np.testing.assert_array_equal(joint.table(i).values, table.values)
+        for a, b in zip(history_signals_of(capped, tables, items), got, strict=True):
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_feature_tables_pickle_to_the_same_features() -> None:
+    # The Ray engine ships tables by pickle: the joint table is rebuilt from cooc and ease.
+    import pickle
+
+    tables, cands, _ = small_world(seed=3)
+    again = pickle.loads(pickle.dumps(tables))
+    assert np.shares_memory(again.cooc.values, again.neighbors.values)
+    np.testing.assert_array_equal(
+        candidate_features(again, cands).values, candidate_features(tables, cands).values
+    )
 
 
 def test_histories_newest_first_and_capped() -> None:

@@ -34,6 +34,7 @@ Padded candidates (item ``-1``) get all-zero features.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 
@@ -45,11 +46,11 @@ from slimrank.data.dataset import FeatureTable
 from slimrank.ranking.candidates import Candidates
 from slimrank.ranking.histories import Histories
 from slimrank.ranking.neighbors import (
+    JointNeighbors,
     NeighborTable,
     cooccurrence_table,
     ease_exact_table,
     ease_local_table,
-    history_signals_of,
 )
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ class FeatureTables:
     cooc: NeighborTable
     ease: NeighborTable | None
     layout: FeatureLayout = dataclasses.field(init=False, repr=False, compare=False)
+    # cooc and ease side by side (a request gathers both at once); cooc and ease become views.
+    neighbors: JointNeighbors = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n_users, n_items = self.history.n_rows, self.history.n_items
@@ -173,6 +176,16 @@ class FeatureTables:
             self.user_vecs.shape[1],
         )
         object.__setattr__(self, "layout", layout)
+        joint = JointNeighbors.of((self.cooc,) if self.ease is None else (self.cooc, self.ease))
+        object.__setattr__(self, "neighbors", joint)
+        object.__setattr__(self, "cooc", joint.table(0))
+        if self.ease is not None:
+            object.__setattr__(self, "ease", joint.table(1))
+
+    def __reduce__(self) -> tuple:
+        # Pickled (the Ray engine) as its init fields; the joint table is rebuilt, not shipped.
+        fields = (f.name for f in dataclasses.fields(self) if f.init)
+        return (type(self), tuple(getattr(self, name) for name in fields))
 
     @property
     def n_users(self) -> int:
@@ -328,6 +341,15 @@ def build_feature_tables(
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _log1p_range(n: int, precision: type = np.float64) -> np.ndarray:
+    """Return the read-only float32 ``log1p(0 .. n - 1)``, computed once per ``n`` in
+    ``precision`` (each column keeps the rounding its trained rankers saw)."""
+    values = np.log1p(np.arange(n, dtype=precision)).astype(np.float32)
+    values.flags.writeable = False
+    return values
+
+
 def candidate_features(
     tables: FeatureTables, cands: Candidates, users: UserBatch | None = None
 ) -> CandidateFeatures:
@@ -340,18 +362,18 @@ def candidate_features(
     users = known_users(tables, cands.user) if users is None else users
     items = cands.items
     mask = cands.mask  # (U, N)
-    safe = np.where(mask, items, 0)  # pads read item 0, zeroed at the end
+    all_real = bool(mask.all())
+    safe = items if all_real else np.where(mask, items, 0)  # pads read item 0, zeroed later
     n_users, n = items.shape
     layout = tables.layout
     col = layout.column
     out = np.empty((n_users, n, len(layout)), dtype=np.float32)  # (U, N, F)
     out[:, :, 0] = cands.retrieval_score
-    out[:, :, 1] = np.log1p(np.arange(n, dtype=np.float32))[None, :]
+    out[:, :, 1] = _log1p_range(n, np.float32)[None, :]
     out[:, :, 2] = tables.item_log_popularity[safe]
     out[:, :, 3] = np.log1p(users.n_history.astype(np.float32))[:, None]
     used = np.maximum(users.history.lengths, 1).astype(np.float32)[:, None]  # (U, 1)
-    neighbour_tables = (tables.cooc,) if tables.ease is None else (tables.cooc, tables.ease)
-    signals = history_signals_of(users.history, neighbour_tables, items)
+    signals = tables.neighbors.signals(users.history, items)
     c_sum, c_max = signals[0]
     out[:, :, 4] = c_sum
     out[:, :, 5] = c_max
@@ -376,13 +398,15 @@ def candidate_features(
         at += 3 * d
     for name in RANKED:
         if name in col:
-            values = np.where(mask, out[:, :, col[name]], -np.inf)  # (U, N)
+            values = out[:, :, col[name]]  # (U, N)
+            if not all_real:
+                values = np.where(mask, values, -np.inf)
             order = np.argsort(-values, axis=1, kind="stable")
-            rank = np.argsort(order, axis=1)  # the inverse permutation: rank[order[j]] = j
-            out[:, :, at] = np.log1p(rank)
+            # Position j of the order gets log1p(j): rank[order[j]] = j, without a second sort.
+            np.put_along_axis(out[:, :, at], order, _log1p_range(n)[None, :], axis=1)
             at += 1
     if at != len(layout):
         raise RuntimeError(f"filled {at} feature columns but named {len(layout)}")
-    if not mask.all():
+    if not all_real:
         out[~mask] = 0.0
     return CandidateFeatures(out, layout.names, cands.user.copy(), items.copy())

@@ -22,6 +22,7 @@ Two tables are built here:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 from collections.abc import Sequence
@@ -146,49 +147,94 @@ def history_signals(
 def history_signals_of(
     history: Histories, tables: Sequence[NeighborTable], items: np.ndarray
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`history_signals` for several tables over one catalog, marking each history once."""
-    items = np.asarray(items, dtype=np.int64)
-    n_users, n = items.shape
-    if history.n_rows != n_users:
-        raise ValueError(f"{history.n_rows} histories for {n_users} candidate rows")
-    if len({t.n_items for t in tables}) > 1:
-        raise ValueError("history_signals_of: the tables cover different catalogs")
-    out = [
-        (np.zeros((n_users, n), dtype=np.float32), np.zeros((n_users, n), dtype=np.float32))
-        for _ in tables
-    ]
-    if not tables:
-        return out
-    marks = MARKS.get(tables[0].n_items)  # marks[I] (the pad) stays False
-    for u in range(n_users):
-        hist = history.items[history.indptr[u] : history.indptr[u + 1]]
-        if not len(hist):
-            continue
-        real = items[u] >= 0
-        padded = not real.all()
-        rows = np.where(real, items[u], 0) if padded else items[u]
-        marks[hist] = True
-        try:
-            for table, (total, best) in zip(tables, out, strict=True):
-                columns = table.indices[rows].astype(np.intp)  # (N, W); explicit cast: faster
-                hit = marks[columns]  # (N, W): entries from the history
+    """:func:`history_signals` for several tables over one catalog, marking each history once.
+
+    Joins the tables for this call; :class:`JointNeighbors` keeps them joined for many."""
+    return JointNeighbors.of(tables).signals(history, items)
+
+
+@dataclasses.dataclass(frozen=True)
+class JointNeighbors:
+    """Neighbour tables over one catalog side by side: row ``c`` holds each table's row ``c``
+    in its own columns (``bounds``), so a request gathers its candidates' rows once for all
+    the tables, and :meth:`table` returns each as a view (no second copy)."""
+
+    indices: np.ndarray  # (I, W1 + W2 + ...) int32 item rows, I at pads
+    values: np.ndarray  # (I, W1 + W2 + ...) float32, 0 at pads
+    bounds: tuple[tuple[int, int], ...]  # each table's [start, stop) columns
+    nonnegative: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, tables: Sequence[NeighborTable]) -> JointNeighbors:
+        """Join ``tables`` (one copy of their arrays)."""
+        if len({t.n_items for t in tables}) > 1:
+            raise ValueError("JointNeighbors: the tables cover different catalogs")
+        widths = np.cumsum([0, *(t.indices.shape[1] for t in tables)])
+        n_items = tables[0].n_items if tables else 0
+        dtype = tables[0].indices.dtype if tables else np.int32
+        indices = np.empty((n_items, int(widths[-1])), dtype=dtype)
+        values = np.empty((n_items, int(widths[-1])), dtype=np.float32)
+        for t, a, b in zip(tables, widths[:-1], widths[1:], strict=True):
+            indices[:, a:b] = t.indices
+            values[:, a:b] = t.values
+        bounds = tuple((int(a), int(b)) for a, b in itertools.pairwise(widths))
+        return cls(indices, values, bounds, tuple(t.nonnegative for t in tables))
+
+    @property
+    def n_items(self) -> int:
+        return self.indices.shape[0]
+
+    def table(self, i: int) -> NeighborTable:
+        """Return table ``i`` as views of the joint arrays."""
+        a, b = self.bounds[i]
+        return NeighborTable(self.indices[:, a:b], self.values[:, a:b])
+
+    def signals(self, history: Histories, items: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Return each table's :func:`history_signals` of ``items`` ``(U, N)``."""
+        items = np.asarray(items, dtype=np.int64)
+        n_users, n = items.shape
+        if history.n_rows != n_users:
+            raise ValueError(f"{history.n_rows} histories for {n_users} candidate rows")
+        out = [
+            (np.zeros((n_users, n), dtype=np.float32), np.zeros((n_users, n), dtype=np.float32))
+            for _ in self.bounds
+        ]
+        if not self.bounds:
+            return out
+        marks = MARKS.get(self.n_items)  # marks[I] (the pad) stays False
+        for u in range(n_users):
+            hist = history.items[history.indptr[u] : history.indptr[u + 1]]
+            if not len(hist):
+                continue
+            real = items[u] >= 0
+            padded = not real.all()
+            rows = np.where(real, items[u], 0) if padded else items[u]
+            marks[hist] = True
+            try:
+                hit = marks.take(self.indices.take(rows, axis=0))  # (N, W): from the history
                 if padded:
                     hit &= real[:, None]
-                weight = table.values[rows] * hit  # (N, W), 0 off the history
-                total[u] = weight.sum(axis=1)
-                # Where some history item holds no weight for the candidate, that 0 takes part
-                # in the max (so the max of the masked row, 0 without hits, is right); only rows
-                # where every history item is an in-neighbour need the max of their hits alone.
-                best[u] = weight.max(axis=1, initial=0.0)
-                # With no negative weight the max of the hits is that of the masked row already.
-                if not table.nonnegative and len(hist) <= table.indices.shape[1]:
-                    count = np.count_nonzero(hit, axis=1)
+                weight = self.values.take(rows, axis=0)
+                weight *= hit  # (N, W), 0 off the history
+            finally:
+                marks[hist] = False
+            for (a, b), nonnegative, (total, best) in zip(
+                self.bounds, self.nonnegative, out, strict=True
+            ):
+                part = weight[:, a:b]
+                total[u] = part.sum(axis=1)
+                # Where some history item holds no weight for the candidate, that 0 takes
+                # part in the max (so the max of the masked row, 0 without hits, is right);
+                # only rows where every history item is an in-neighbour need the max of their
+                # hits alone. With no negative weight the max of the hits is that of the
+                # masked row already.
+                best[u] = part.max(axis=1, initial=0.0)
+                if not nonnegative and len(hist) <= b - a:
+                    count = np.count_nonzero(hit[:, a:b], axis=1)
                     full = np.flatnonzero((count == len(hist)) & real)
                     if len(full):
-                        best[u, full] = np.where(hit[full], weight[full], -np.inf).max(axis=1)
-        finally:
-            marks[hist] = False
-    return out
+                        best[u, full] = np.where(hit[full, a:b], part[full], -np.inf).max(axis=1)
+        return out
 
 
 def _item_blocks(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
