@@ -131,6 +131,37 @@ def test_a_burst_beyond_capacity_is_refused_at_once_and_every_refusal_is_counted
         assert client.recommend("u2", 3).model_version == "v1"
 
 
+def drive(port: int, calls: int, gap_s: float) -> list[tuple[grpc.StatusCode, float]]:
+    """Send ``calls`` Recommend calls ``gap_s`` apart on one connection (after one to connect);
+    return each one's code and latency from its send, in order."""
+    request = recommender_pb2.RecommendRequest(user_id="u3", k=3)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = recommender_pb2_grpc.RecommenderStub(channel)
+    stub.Recommend(request, timeout=DEADLINE_S)  # connected
+    sent: list[float] = []
+    answered: dict[int, tuple[grpc.StatusCode, float]] = {}
+    lock = threading.Lock()
+    futures = []
+    for i in range(calls):
+        sent.append(time.perf_counter())
+        future = stub.Recommend.future(request, timeout=DEADLINE_S)
+
+        def done(f: grpc.Future, i: int = i) -> None:
+            with lock:
+                answered[i] = (code_of(f), time.perf_counter() - sent[i])
+
+        future.add_done_callback(done)
+        futures.append(future)
+        time.sleep(gap_s)
+    for future in futures:
+        future.exception(timeout=DEADLINE_S + 5)
+    channel.close()
+    deadline = time.monotonic() + 5
+    while len(answered) < calls and time.monotonic() < deadline:  # callbacks may trail
+        time.sleep(0.01)
+    return [answered[i] for i in range(calls)]
+
+
 def test_sustained_overload_refuses_fast_and_serves_the_rest(serve: Callable[..., Served]) -> None:
     """Calls every millisecond into a server that takes 20 ms per call, on one thread."""
     base = random_snapshot("v1", dim=DIM)
@@ -140,39 +171,57 @@ def test_sustained_overload_refuses_fast_and_serves_the_rest(serve: Callable[...
         return base.score(features)
 
     s = serve(dataclasses.replace(base, score=slow_score), ServerConfig(max_inflight=2))
-    request = recommender_pb2.RecommendRequest(user_id="u3", k=3)
-    channel = grpc.insecure_channel(f"127.0.0.1:{s.port}")
-    stub = recommender_pb2_grpc.RecommenderStub(channel)
-    stub.Recommend(request, timeout=DEADLINE_S)  # connected
-    sent: list[float] = []
-    answered: dict[int, tuple[grpc.StatusCode, float]] = {}
-    lock = threading.Lock()
-    calls = []
-    for i in range(150):
-        sent.append(time.perf_counter())
-        future = stub.Recommend.future(request, timeout=DEADLINE_S)
-
-        def done(f: grpc.Future, i: int = i) -> None:
-            with lock:
-                answered[i] = (code_of(f), time.perf_counter() - sent[i])
-
-        future.add_done_callback(done)
-        calls.append(future)
-        time.sleep(0.001)
-    for future in calls:
-        future.exception(timeout=DEADLINE_S + 5)
-    channel.close()
-    codes = [answered[i][0] for i in range(len(calls))]
-    refused = [
-        answered[i][1] for i in range(len(calls)) if codes[i] == grpc.StatusCode.RESOURCE_EXHAUSTED
-    ]
+    answers = drive(s.port, 150, 0.001)
+    codes = [code for code, _ in answers]
+    refused = [t for code, t in answers if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
     ok = codes.count(grpc.StatusCode.OK)
-    assert ok + len(refused) == len(calls), codes
-    assert ok >= 2 and len(refused) >= len(calls) // 2
+    assert ok + len(refused) == len(answers), codes
+    assert ok >= 2 and len(refused) >= len(answers) // 2
     # Well before the deadline (and before the 150 calls' worth of 20 ms of work, 3 s).
     assert max(refused) < 1.0
     assert s.sample("slimrank_shed_requests_total") == len(refused)
     assert s.sample("slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}) == ok + 1
+
+
+@pytest.mark.parametrize("count_core_queue", [True, False])
+def test_handlers_on_the_loop_count_the_calls_queued_in_grpcs_core(
+    serve: Callable[..., Served], count_core_queue: bool
+) -> None:
+    """Handlers on the event loop (20 ms each, blocking it) and a call every millisecond.
+
+    While the loop runs a handler, new calls wait in gRPC's core, where no count of the
+    server's own sees them: without the core's queue (read from channelz) every call is
+    accepted and the last ones wait for all the work ahead (150 x 20 ms = 3 s). With it,
+    calls that the queue would keep waiting past max_wait are refused and counted, and the
+    accepted ones wait about max_wait.
+    """
+    base = random_snapshot("v1", dim=DIM)
+
+    def slow_score(features: np.ndarray) -> np.ndarray:
+        time.sleep(0.02)  # inline: holds the event loop
+        return base.score(features)
+
+    config = ServerConfig(
+        handler_threads=0,
+        max_inflight=2,
+        max_wait_s=0.1,
+        core_queue_refresh_s=0.002 if count_core_queue else None,
+    )
+    s = serve(dataclasses.replace(base, score=slow_score), config)
+    answers = drive(s.port, 150, 0.001)
+    codes = [code for code, _ in answers]
+    accepted = [t for code, t in answers if code == grpc.StatusCode.OK]
+    refused = [t for code, t in answers if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(accepted) + len(refused) == len(answers), codes
+    assert s.sample("slimrank_shed_requests_total") == len(refused)
+    if not count_core_queue:  # the reference: the queue nobody counts
+        assert refused == [] and max(accepted) > 2.0
+        return
+    assert len(accepted) >= 5 and len(refused) >= len(answers) // 2
+    # max_wait (0.1 s) + its own 20 ms + the loop's refusals and a slow CI machine: well
+    # under the 3 s the last call waits when the core's queue is not counted.
+    assert max(accepted) < 1.0
+    assert max(refused) < 1.0
 
 
 def test_admin_calls_beyond_the_total_bound_are_refused_and_counted_health_never(

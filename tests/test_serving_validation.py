@@ -77,6 +77,7 @@ def test_vector_accepts_exactly_the_finite(values: list[float]) -> None:
         ({"metrics_port": -1}, "metrics_port"),
         ({"max_pending_rpcs": 2}, "max_pending_rpcs"),
         ({"host": ""}, "host"),
+        ({"core_queue_refresh_s": -0.001}, "core_queue_refresh_s"),
     ],
 )
 def test_server_config_rejects(overrides: dict[str, object], field: str) -> None:

@@ -44,10 +44,12 @@ class Admission:
     """Bounds calls in progress: ``limit`` for the limited ones, ``total`` for all (thread-safe).
 
     With ``max_wait_s``, a limited call is also refused when the limited calls already in
-    progress are expected to keep it waiting longer than that: their number times the mean
-    time a handler takes (an exponential average of :meth:`observe`), over ``parallel``
-    handlers. That bound follows the cost of a call as it changes (a new featurizer, a larger
-    bundle), where a fixed ``limit`` is right for one cost only.
+    progress, and the ``queued`` calls ahead of it that the caller knows of (e.g. in gRPC's
+    core, :mod:`slimrank.serving.core_queue`), are expected to keep it waiting longer than
+    that: their number times the mean time a handler takes (an exponential average of
+    :meth:`observe`), over ``parallel`` handlers. That bound follows the cost of a call as
+    it changes (a new featurizer, a larger bundle), where a fixed ``limit`` is right for one
+    cost only.
     """
 
     def __init__(
@@ -78,18 +80,23 @@ class Admission:
             else:
                 self.mean_service_s += self.smoothing * (service_s - self.mean_service_s)
 
-    def expected_wait_s(self) -> float:
+    def expected_wait_s(self, queued: int = 0) -> float:
         """How long a limited call admitted now would wait for those ahead of it."""
-        return self.limited_in_progress * self.mean_service_s / self.parallel
+        return (self.limited_in_progress + queued) * self.mean_service_s / self.parallel
 
-    def enter(self, limited: bool) -> Ticket | None:
-        """Take a slot and return its ticket, or None when the call must be refused."""
+    def enter(self, limited: bool, queued: int = 0) -> Ticket | None:
+        """Take a slot and return its ticket, or None when the call must be refused.
+
+        ``queued``: calls known to wait ahead of this one besides those in progress."""
         with self.lock:
             if self.total_in_progress >= self.total or (
                 limited
                 and (
                     self.limited_in_progress >= self.limit
-                    or (self.max_wait_s is not None and self.expected_wait_s() > self.max_wait_s)
+                    or (
+                        self.max_wait_s is not None
+                        and self.expected_wait_s(queued) > self.max_wait_s
+                    )
                 )
             ):
                 return None

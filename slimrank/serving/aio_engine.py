@@ -5,7 +5,8 @@ binds its completion-queue poller to the first loop that uses it, so one loop is
 safe choice). For each call, on the loop:
 
 1. :class:`ServingInterceptor` finds the handler and, for a unary call, takes an admission
-   slot (:mod:`slimrank.serving.admission`) or refuses the call at once with
+   slot (:mod:`slimrank.serving.admission`, counting the calls still queued in gRPC's core,
+   :mod:`slimrank.serving.core_queue`) or refuses the call at once with
    RESOURCE_EXHAUSTED, counted in ``slimrank_shed_requests_total``. This runs before the
    request message is read and before any await, so a refused call never waits behind
    accepted work; the refusal is sent without reading the request.
@@ -35,6 +36,7 @@ from typing import Any
 import grpc
 
 from slimrank.serving.admission import Admission, Ticket
+from slimrank.serving.core_queue import CoreQueue
 from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
 from slimrank.serving.status import retry_info
@@ -210,8 +212,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         handler_pool: futures.Executor | None,
         other_pool: futures.Executor,
         retry_after_s: float = 0.05,
+        core_queue: CoreQueue | None = None,
     ) -> None:
         self._metrics = metrics
+        # Calls waiting in gRPC's core count as ahead of a new one (set once the server exists).
+        self.core_queue = core_queue
+        self._held = 0  # calls taken from gRPC's core and not finished (loop thread only)
+        self._taken = 0
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -243,6 +250,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         accepted = time.perf_counter()
+        task = asyncio.current_task()
+        self._taken += 1
+        if task is not None:  # always under grpc.aio: the call's own task
+            self._held += 1
+            task.add_done_callback(self._finished)
         handler = await continuation(handler_call_details)  # a lookup: does not suspend
         if handler is None:
             return None  # UNIMPLEMENTED
@@ -254,12 +266,14 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # Health checks are answered on the loop and never refused: a refused probe could get
         # an overloaded server restarted.
         if not method.startswith(HEALTH_PREFIX):
-            ticket = self._admission.enter(limited)
+            queued = 0
+            if limited and self.core_queue is not None:
+                queued = self.core_queue.waiting(self._held, self._taken)
+            ticket = self._admission.enter(limited, queued)
             if ticket is None:
                 self._metrics.shed.inc()
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
                 return grpc.stream_unary_rpc_method_handler(self._refuse)
-            task = asyncio.current_task()
             if task is None:  # not expected under grpc.aio; never leak the slot
                 ticket.release()
             else:
@@ -273,6 +287,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+    def _finished(self, _: object) -> None:
+        self._held -= 1
 
     async def _refuse(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         # A stream-unary handler starts without reading the request, so the refusal goes out

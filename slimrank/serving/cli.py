@@ -89,6 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "longer than this; 0: only --max-inflight bounds them (default %(default)s)",
     )
     p.add_argument(
+        "--core-queue-refresh-ms",
+        type=float,
+        default=defaults.core_queue_refresh_s * 1000,
+        help="count the calls queued in gRPC's core (read from channelz at most this often) "
+        "as ahead of a new call for --max-wait-ms; < 0: do not (default %(default)s)",
+    )
+    p.add_argument(
         "--handler-threads",
         type=int,
         default=defaults.handler_threads,
@@ -181,6 +188,9 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             port=args.port,
             handler_threads=args.handler_threads,
             max_wait_s=args.max_wait_ms / 1000 if args.max_wait_ms > 0 else None,
+            core_queue_refresh_s=(
+                args.core_queue_refresh_ms / 1000 if args.core_queue_refresh_ms >= 0 else None
+            ),
             switch_interval_s=(
                 None if args.switch_interval_ms is None else args.switch_interval_ms / 1000
             ),

@@ -32,7 +32,10 @@ class ServerConfig(Config):
     With ``max_wait_s`` (aio), a Recommender call is also refused when the calls in progress
     are expected to keep it waiting longer than that (their number x the mean handler time /
     ``handler_threads``), so accepted calls stay fast whatever a call costs; None: only
-    ``max_inflight`` bounds them.
+    ``max_inflight`` bounds them. The calls still queued in gRPC's core, which the server's
+    code has not seen yet (they pile up while a busy event loop cannot take them), count as
+    in progress too: read from channelz at most every ``core_queue_refresh_s``
+    (:mod:`slimrank.serving.core_queue`; None: not counted).
 
     ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
 
@@ -50,6 +53,7 @@ class ServerConfig(Config):
     engine: str = "aio"
     handler_threads: int = 1
     max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 10 ms by default
+    core_queue_refresh_s: float | None = 0.002
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
@@ -103,6 +107,13 @@ class ServerConfig(Config):
             "max_wait_s",
             self.max_wait_s,
             "must be None or > 0",
+        )
+        require(
+            self.core_queue_refresh_s is None or self.core_queue_refresh_s >= 0,
+            self,
+            "core_queue_refresh_s",
+            self.core_queue_refresh_s,
+            "must be None or >= 0",
         )
         require(bool(self.host), self, "host", self.host, "must not be empty")
         require(0 <= self.port < 65536, self, "port", self.port, "must be in [0, 65535]")

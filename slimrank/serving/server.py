@@ -26,6 +26,7 @@ from slimrank.serving.admission import Admission
 from slimrank.serving.aio_engine import LoopThread, ServingInterceptor, loop_thread
 from slimrank.serving.batch import BatchRecommenderServicer
 from slimrank.serving.config import ServerConfig
+from slimrank.serving.core_queue import CoreQueue
 from slimrank.serving.interceptors import ConcurrencyLimitInterceptor, MetricsInterceptor
 from slimrank.serving.metrics import MetricsEndpoint, ServingMetrics, start_metrics_endpoint
 from slimrank.serving.proto.slimrank.v1 import (
@@ -317,12 +318,10 @@ async def _start_aio(
         config.max_wait_s,
         parallel=max(1, config.handler_threads),
     )
-    server = grpc.aio.server(
-        interceptors=[
-            ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
-        ],
-        options=_options(config),
-    )
+    serving = ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
+    server = grpc.aio.server(interceptors=[serving], options=_options(config))
+    if config.core_queue_refresh_s is not None:
+        serving.core_queue = CoreQueue.of_newest_server(config.core_queue_refresh_s)
     health_servicer = health.aio.HealthServicer()
     for service in HEALTH_SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -1,0 +1,102 @@
+"""Calls waiting inside gRPC's core, where the server's own code cannot see them.
+
+A grpc.aio server takes calls from gRPC's core one at a time, on its event loop. When the loop
+is busy (a handler running on it, or starved of the GIL by a handler thread), new calls wait in
+the core, unseen: an admission check that counts only the calls the server's code holds lets
+that queue grow without bound (offered twice its capacity, the calls it answered had waited
+half a second). Channelz counts each call when it reaches the core (``callsStarted``) and when
+it ends (``callsSucceeded`` + ``callsFailed``, which include calls that expired before the
+server took them), so ``started - ended - held`` is the queue in the core.
+
+Reading channelz costs about 0.1 ms (the core writes a JSON document), so
+:meth:`CoreQueue.waiting` reads it at most once per ``refresh_s`` and in between counts down
+the calls taken since the last read: a lower bound on what is still queued of what was there.
+
+Channelz is reached through ``grpc._cython.cygrpc``, the functions grpcio-channelz's own
+servicer calls; when they are missing or channelz is off, :meth:`CoreQueue.of_newest_server`
+returns None and admission counts the held calls only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _cygrpc() -> Any:
+    try:
+        from grpc._cython import cygrpc
+    except ImportError:  # pragma: no cover - grpcio always ships it today
+        return None
+    if not hasattr(cygrpc, "channelz_get_servers") or not hasattr(cygrpc, "channelz_get_server"):
+        return None
+    return cygrpc
+
+
+def _server_ids(cygrpc: Any) -> list[int]:
+    """Return the channelz ids of this process's gRPC servers (every page)."""
+    ids: list[int] = []
+    start = 0
+    while True:
+        page = json.loads(cygrpc.channelz_get_servers(start))
+        ids += [int(s["ref"]["serverId"]) for s in page.get("server", [])]
+        if page.get("end", True) or not ids:
+            return ids
+        start = max(ids) + 1
+
+
+class CoreQueue:
+    """The number of calls queued in one gRPC server's core (loop thread only)."""
+
+    def __init__(
+        self,
+        read: Callable[[], tuple[int, int]],
+        refresh_s: float = 0.002,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._read = read  # () -> (calls started, calls ended)
+        self.refresh_s = refresh_s
+        self._clock = clock
+        self._read_at = -float("inf")
+        self._queued = 0  # at the last read
+        self._taken_at_read = 0
+
+    @classmethod
+    def of_newest_server(cls, refresh_s: float = 0.002) -> CoreQueue | None:
+        """Return the queue of the gRPC server created last in this process (call right after
+        creating it), or None when channelz cannot be read."""
+        cygrpc = _cygrpc()
+        if cygrpc is None:
+            log.info("channelz unavailable: admission counts held calls only")
+            return None
+        ids = _server_ids(cygrpc)
+        if not ids:
+            log.info("channelz lists no server: admission counts held calls only")
+            return None
+        server_id = max(ids)
+
+        def read() -> tuple[int, int]:
+            data = json.loads(cygrpc.channelz_get_server(server_id))["server"]["data"]
+            ended = int(data.get("callsSucceeded", 0)) + int(data.get("callsFailed", 0))
+            return int(data.get("callsStarted", 0)), ended
+
+        return cls(read, refresh_s)
+
+    def waiting(self, held: int, taken: int) -> int:
+        """Return how many calls wait in the core.
+
+        ``held``: calls the server's code has taken and not finished (the one being admitted
+        included); ``taken``: every call taken so far (a running count).
+        """
+        now = self._clock()
+        if now - self._read_at >= self.refresh_s:
+            started, ended = self._read()
+            self._queued = started - ended - held
+            self._taken_at_read = taken
+            self._read_at = now
+        return max(0, self._queued - (taken - self._taken_at_read))

@@ -1,0 +1,76 @@
+"""The calls queued in gRPC's core: channelz's counts of a real server, and the countdown
+between two reads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+
+from slimrank.serving.core_queue import CoreQueue
+
+
+def test_a_real_server_shows_the_calls_its_busy_loop_has_not_taken() -> None:
+    seen: list[int] = []
+    taken = 0
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        nonlocal taken
+        taken += 1
+        if request == b"block":
+            time.sleep(0.5)  # the loop cannot take the calls that arrive meanwhile
+            seen.append(queue.waiting(held=1, taken=taken))
+        return request
+
+    async def main() -> None:
+        nonlocal queue
+        server = grpc.aio.server()
+        queue = CoreQueue.of_newest_server(refresh_s=0.0)
+        assert queue is not None
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "t.T", {"M": grpc.unary_unary_rpc_method_handler(handler)}
+                ),
+            )
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        done = threading.Event()
+
+        def client() -> None:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary("/t.T/M")
+                call(b"warm", timeout=10)
+                first = call.future(b"block", timeout=10)
+                time.sleep(0.1)
+                rest = [call.future(b"x", timeout=10) for _ in range(5)]
+                assert first.result() == b"block"
+                assert [f.result() for f in rest] == [b"x"] * 5
+            done.set()
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        while not done.is_set() and thread.is_alive():
+            await asyncio.sleep(0.02)
+        thread.join()
+        assert queue.waiting(held=0, taken=taken) == 0  # everything answered
+        await server.stop(None)
+
+    queue: CoreQueue | None = None
+    asyncio.run(main())
+    assert seen == [5]  # the five calls sent while the handler held the loop
+
+
+def test_between_reads_the_calls_taken_count_down_the_last_read() -> None:
+    reads: list[tuple[int, int]] = [(20, 2), (30, 12)]  # (started, ended) per read
+    now = [0.0]
+    queue = CoreQueue(lambda: reads.pop(0), refresh_s=0.002, clock=lambda: now[0])
+    assert queue.waiting(held=3, taken=10) == 15  # 20 started - 2 ended - 3 held
+    assert queue.waiting(held=3, taken=14) == 11  # 4 taken since: no read within 2 ms
+    assert queue.waiting(held=3, taken=40) == 0  # never below zero
+    now[0] = 0.0021
+    assert queue.waiting(held=1, taken=41) == 17  # read again: 30 - 12 - 1
+    assert reads == []
