@@ -489,8 +489,6 @@ def run_scale(args: argparse.Namespace) -> int:
 # on the echo (the same server, engine, interceptors and client; a canned answer instead of
 # the model work). The load generator is bench/loadgen.py in its own process.
 
-MODES_JSON = "serving_modes.json"
-MODES_MD = "serving_modes.md"
 HOLD_P99_MS = 20.0
 HOLD_MAX_BAD = 0.001  # at most this fraction of calls refused or failed at a held rate
 FAST_REPS = 6  # rounds of the fastfeat variant's featurizer: ~0.25 ms, what the new one costs
@@ -1084,9 +1082,14 @@ def run_ml100k(args: argparse.Namespace) -> int:
     log.info("batching: %s", batching)
     all_runs: list[Run] = []
     summary: dict[str, dict[str, Any]] = {}
+    if "teacher" in variants and not (args.teacher_bundles / "CURRENT").is_file():
+        log.error("no %s/CURRENT: run bench/online_path.py first", args.teacher_bundles)
+        return 1
     for mode in modes:
         by_variant = {
-            variant: sweep_mode(mode, variant, args.demo_bundles, requests, rates, args, True)
+            variant: sweep_mode(
+                mode, variant, variant_bundles(variant, args), requests, rates, args, True
+            )
             for variant in variants
         }
         # The floor: the echo through the same server at the rates the variants ran.
@@ -1129,14 +1132,52 @@ def run_ml100k(args: argparse.Namespace) -> int:
         "runs": [dataclasses.asdict(r) for r in all_runs],
         "command": " ".join(sys.argv),
     }
+    if "teacher" in variants:
+        report["teacher_bundle_version"] = (args.teacher_bundles / "CURRENT").read_text().strip()
+        report["end_to_end"] = end_to_end(summary, RESULTS / "online_path.json")
     md = modes_markdown(report)
     print(md)
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / MODES_JSON).write_text(json.dumps(report, indent=2) + "\n")
-        (RESULTS / MODES_MD).write_text(md)
-        log.info("wrote %s and %s", RESULTS / MODES_JSON, RESULTS / MODES_MD)
+        (RESULTS / f"{args.results}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (RESULTS / f"{args.results}.md").write_text(md)
+        log.info("wrote %s.json and .md in %s", args.results, RESULTS)
     return 0
+
+
+def variant_bundles(variant: str, args: argparse.Namespace) -> Path:
+    """The bundles a variant serves: the teacher's (bench/online_path.py) or the demo's."""
+    return args.teacher_bundles if variant == "teacher" else args.demo_bundles
+
+
+def end_to_end(summary: dict[str, dict[str, Any]], online_path: Path) -> dict[str, Any]:
+    """Per mode, the served int8 student against the teacher behind the same server and
+    features, from this run: server CPU per call, p50 at 50 calls/s and the highest rate held;
+    beside them the ranker-only speed-up of ``bench/online_path.py`` (its last saved run)."""
+    out: dict[str, Any] = {}
+    for key, student in summary.items():
+        mode, variant = key.split(" / ")
+        teacher = summary.get(f"{mode} / teacher")
+        if variant != "ml100k" or teacher is None:
+            continue
+        row: dict[str, Any] = {}
+        cpu_s, cpu_t = student["server_cpu_ms_per_call"], teacher["server_cpu_ms_per_call"]
+        if cpu_s and cpu_t:
+            row["cpu_ms_per_call"] = [cpu_t, cpu_s]
+            row["cpu_speedup"] = round(cpu_t / cpu_s, 2)
+        if student["at_50"] and teacher["at_50"]:
+            row["p50_at_50"] = [teacher["at_50"]["p50_ms"], student["at_50"]["p50_ms"]]
+            row["p50_speedup"] = round(teacher["at_50"]["p50_ms"] / student["at_50"]["p50_ms"], 2)
+        row["held"] = [teacher["highest_held"], student["highest_held"]]
+        out[mode] = row
+    if online_path.is_file():
+        ranker = json.loads(online_path.read_text())
+        out["ranker_only"] = {
+            "speedup_p50": ranker.get("ranker_speedup_p50"),
+            "date": ranker.get("date"),
+            "bundle": ranker.get("bundle"),
+        }
+    return out
 
 
 def featurizer_note() -> str:
@@ -1236,6 +1277,37 @@ def modes_markdown(report: dict[str, Any]) -> str:
             f"max_wait {m['max_wait_s']}, switch interval {m['switch_interval_s'] or 'default'}, "
             f"core queue {_core_queue(m)})"
         )
+    if report.get("end_to_end"):
+        lines += [
+            "",
+            f"The int8 student (bundle `{report['bundle_version']}`) against the fp32 teacher "
+            f"(bundle `{report['teacher_bundle_version']}`: the same bundle, its ranker replaced "
+            "by the teacher's ONNX export) behind the same server, features and client, in "
+            "this run:",
+            "",
+            "| mode | server CPU ms/call teacher -> student | speed-up | p50 at 50/s teacher -> "
+            "student | speed-up | held calls/s teacher -> student |",
+            "|---|---|---:|---|---:|---|",
+        ]
+        for mode, row in report["end_to_end"].items():
+            if mode == "ranker_only":
+                continue
+            cpu = row.get("cpu_ms_per_call")
+            p50 = row.get("p50_at_50")
+            lines.append(
+                f"| {mode} | {'-' if cpu is None else f'{cpu[0]:.2f} -> {cpu[1]:.2f}'} | "
+                f"{row.get('cpu_speedup', '-')}x | "
+                f"{'-' if p50 is None else f'{p50[0]:.2f} -> {p50[1]:.2f}'} | "
+                f"{row.get('p50_speedup', '-')}x | {row['held'][0]} -> {row['held'][1]} |"
+            )
+        ranker = report["end_to_end"].get("ranker_only")
+        if ranker:
+            lines += [
+                "",
+                f"Ranker alone, same features, in process (`bench/online_path.py`, "
+                f"{ranker['date']}, bundle `{ranker['bundle']}`): the teacher takes "
+                f"{ranker['speedup_p50']}x the int8 student's p50.",
+            ]
     lines += ["", "In-process costs per call (one core, this process):", ""]
     lines += ["| stage | p50 ms | p99 ms |", "|---|---:|---:|"]
     for stage, p in report["floors"].items():
@@ -1307,7 +1379,10 @@ def main() -> int:
     parser.add_argument("--workers", default="1,2", help="scale: server processes to compare")
     parser.add_argument("--modes", default=DEFAULT_MODES, help="ml100k: server modes to compare")
     parser.add_argument(
-        "--variants", default="ml100k,fastfeat", help="ml100k: the bundle as is, and/or fastfeat"
+        "--variants",
+        default="ml100k,fastfeat",
+        help="ml100k: the bundle as is, fastfeat, and/or teacher (the teacher's fp32 ranker "
+        "behind the same server and features)",
     )
     parser.add_argument(
         "--ml-rates",
@@ -1321,6 +1396,17 @@ def main() -> int:
     )
     parser.add_argument("--floor-calls", type=int, default=500, help="ml100k: in-process timings")
     parser.add_argument("--demo-bundles", type=Path, default=DEMO_BUNDLES, help="ml100k bundles")
+    parser.add_argument(
+        "--teacher-bundles",
+        type=Path,
+        default=HERE / ".cache" / "teacher_bundles",
+        help="ml100k variant teacher: the bundles bench/online_path.py publishes",
+    )
+    parser.add_argument(
+        "--results",
+        default="serving_modes",
+        help="ml100k: name of the results files in bench/results (default %(default)s)",
+    )
     parser.add_argument(
         "--loadgen-ceiling", action="store_true", help="ml100k: measure the load generator too"
     )
