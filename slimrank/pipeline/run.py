@@ -238,10 +238,6 @@ class RunResult:
         """Return the ``metrics.json`` of a step."""
         return artifacts.load_metrics(self.path(name))
 
-    def artifact(self, name: str) -> Artifact:
-        """Return the output artifact of step ``name``, loaded from its directory."""
-        return _TABLE[name].output.load(self.path(name))
-
     def gate(self) -> dict[str, Any]:
         """Return the int8 step's gate summary."""
         return Int8Artifact.load(self.path("int8")).gate
