@@ -32,11 +32,10 @@ sys.path.insert(0, str(HERE.parent))
 from slimrank.evaluation.metrics import ranking_metrics  # noqa: E402
 from slimrank.evaluation.peers import fit_ease, observed_interactions, truth_of  # noqa: E402
 from slimrank.evaluation.protocol import rank_users  # noqa: E402
-from slimrank.pipeline.artifacts import load_view  # noqa: E402
+from slimrank.pipeline.artifacts import DataArtifact, load_view  # noqa: E402
 from slimrank.pipeline.cache import StepCache  # noqa: E402
 from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
 from slimrank.pipeline.run import data_inputs, step_digests  # noqa: E402
-from slimrank.pipeline.steps import load_data  # noqa: E402
 from slimrank.ranking.pipeline_eval import pipeline_metrics  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -55,7 +54,7 @@ def main() -> int:
     if not (cand_dir / "test.safetensors").exists():
         print(f"{cand_dir}: no candidates step; run slimrank pipeline --config {args.config}")
         return 1
-    split = load_data(data_dir).split
+    split = DataArtifact.load(data_dir).split
     lines = [
         "# EASE's hits among the retrieved candidates (ml-100k, seed 2020)",
         "",

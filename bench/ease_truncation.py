@@ -15,7 +15,6 @@ Writes ``bench/results/ease_truncation.md``.
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 from slimrank.evaluation.baselines import EaseConfig, ease_weights  # noqa: E402
 from slimrank.evaluation.metrics import ranking_metrics  # noqa: E402
 from slimrank.pipeline.config import DataConfig  # noqa: E402
-from slimrank.pipeline.steps import data_step, load_data  # noqa: E402
+from slimrank.pipeline.steps import data_step  # noqa: E402
 from slimrank.ranking.histories import Histories  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -43,9 +42,7 @@ def keep_top(weights: np.ndarray, k: int, axis: int) -> np.ndarray:
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        data_step(DataConfig(source="movielens-100k"), Path(tmp))
-        data = load_data(Path(tmp))
+    data = data_step(DataConfig(source="movielens-100k"))
     train, truth = data.seen("valid"), data.truth("valid")
     history = Histories.from_matrix(train, data.seen_times("valid"))
     users = np.flatnonzero(np.diff(truth.indptr) > 0)

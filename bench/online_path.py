@@ -137,11 +137,11 @@ def served_quality(bundles: Path, bundle: Any, cache_dir: Path | None) -> dict[s
     """Serve ``bundles`` with ``slimrank serve``; compare every test user's top 10."""
     from slimrank.bundle.formats import read_npy
     from slimrank.evaluation.metrics import ranking_metrics
-    from slimrank.pipeline.steps import load_data
+    from slimrank.pipeline.artifacts import DataArtifact
     from slimrank.ranking.histories import Histories
     from slimrank.serving.client import SlimrankClient
 
-    data = load_data(bundle.path / "data")
+    data = DataArtifact.load(bundle.path / "data")
     truth = data.truth("test")
     users = np.flatnonzero(np.diff(truth.indptr) > 0)
     user_ids = read_npy(bundle.file("users.npy"))

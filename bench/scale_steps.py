@@ -145,11 +145,10 @@ def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict
     from slimrank.compression.scorer import onnx_score_fn
     from slimrank.data.world import true_top_k
     from slimrank.evaluation.metrics import ranking_metrics
-    from slimrank.pipeline.artifacts import load_view
-    from slimrank.pipeline.steps import load_data, load_teacher_scores
+    from slimrank.pipeline.artifacts import DataArtifact, TeacherArtifact, load_view
     from slimrank.ranking.pipeline_eval import rank_candidates
 
-    data = load_data(run_result.path("data"))
+    data = DataArtifact.load(run_result.path("data"))
     cands, feats, _ = load_view(run_result.path("candidates") / "test.safetensors")
     world_user = data.user_ids.astype(np.int64)  # dataset index -> world id
     world_item = data.item_ids.astype(np.int64)
@@ -176,7 +175,7 @@ def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict
     )
     systems = {
         "two-tower retrieval": cands.retrieval_score,
-        "teacher": load_teacher_scores(run_result.path("teacher"))["test"],
+        "teacher": TeacherArtifact.load_scores(run_result.path("teacher"))["test"],
         "served int8 ranker": onnx_score_fn(bundle.file("ranker.onnx"))(feats),
     }
     out = {}

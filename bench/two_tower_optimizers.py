@@ -142,8 +142,8 @@ def main() -> int:
     import os
 
     from slimrank.data.world import WorldConfig, write_world
+    from slimrank.pipeline.artifacts import DataArtifact
     from slimrank.pipeline.config import load_config
-    from slimrank.pipeline.steps import load_data
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=100_000)
@@ -173,7 +173,7 @@ def main() -> int:
         cache_dir=str(CACHE / f"cache-{name}"),
         data=dataclasses.replace(config.data, source=str(world_dir)),
     )
-    data = load_data(data_dir_for(config))
+    data = DataArtifact.load(data_dir_for(config))
     runs = []
     for optimizer in args.optimizers:
         train = dataclasses.replace(

@@ -174,7 +174,7 @@ def test_evaluate_peer_selects_on_validation_and_refits_on_train_plus_valid() ->
 
 def test_the_pipeline_views_read_what_the_peers_read() -> None:
     from slimrank.data.dataset import FeatureTable
-    from slimrank.pipeline.steps import DataArtifacts
+    from slimrank.pipeline.artifacts import DataArtifact
     from slimrank.retrieval.embeddings import history_for
 
     def timed(inter: Interactions) -> Interactions:  # distinct, non-zero timestamps
@@ -184,7 +184,7 @@ def test_the_pipeline_views_read_what_the_peers_read() -> None:
     split = dataclasses.replace(
         hand, train=timed(hand.train), valid=timed(hand.valid), test=timed(hand.test)
     )
-    data = DataArtifacts(
+    data = DataArtifact(
         split,
         np.array(["a", "b", "c"]),
         np.arange(4).astype(str),

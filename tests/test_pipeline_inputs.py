@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from slimrank.bundle.checksums import sha256_file
+from slimrank.pipeline.artifacts import DataArtifact
 from slimrank.pipeline.config import PipelineConfig, load_config
 from slimrank.pipeline.inputs import InputDigests
 from slimrank.pipeline.run import STEPS, run_pipeline
-from slimrank.pipeline.steps import load_data
 from slimrank.pipeline.synthetic import synthetic_dataset
 
 
@@ -88,7 +88,8 @@ def test_a_log_rewritten_in_place_reruns_data_and_every_later_step(
     for name in STEPS:
         assert not second[name].cached, name
         assert second[name].digest != first[name].digest, name
-    old, new = load_data(first["data"].path).split, load_data(second["data"].path).split
+    old = DataArtifact.load(first["data"].path).split
+    new = DataArtifact.load(second["data"].path).split
     assert not np.array_equal(old.train.item, new.train.item)
     model = "model/model.safetensors"
     assert sha256_file(first["two_tower"].path / model) != sha256_file(
@@ -106,7 +107,7 @@ def test_a_log_rewritten_in_place_reruns_data_and_every_later_step(
     for name in STEPS:
         assert not third[name].cached, name
         assert third[name].digest not in (first[name].digest, second[name].digest), name
-    moved = load_data(third["data"].path).split
+    moved = DataArtifact.load(third["data"].path).split
     assert not np.array_equal(new.train.item, moved.train.item)
 
     # 4. Back to the first content: its outputs are still in the cache, and reused.

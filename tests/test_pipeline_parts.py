@@ -11,9 +11,9 @@ import pytest
 from slimrank.compression.latency import interleaved_latency
 from slimrank.data.dataset import Dataset, FeatureTable, IdMap, Interactions, Split
 from slimrank.pipeline import artifacts
+from slimrank.pipeline.artifacts import DataArtifact, EmbeddingsArtifact, TwoTowerArtifact
 from slimrank.pipeline.config import PipelineConfig, load_config
 from slimrank.pipeline.retrain import append_logs
-from slimrank.pipeline.steps import DataArtifacts
 
 CONFIGS = Path(__file__).resolve().parent.parent / "slimrank" / "configs"
 
@@ -85,7 +85,7 @@ def test_append_logs_keeps_known_new_pairs_only() -> None:
         return Interactions(users, items, np.ones(n), np.arange(n))
 
     split = Split(inter([0, 1], [0, 1]), inter([0], [2]), inter([1], [2]), 2, 3)
-    base = DataArtifacts(
+    base = DataArtifact(
         split, np.array(["u0", "u1"]), np.array(["i0", "i1", "i2"]),
         FeatureTable.empty(2), FeatureTable.empty(3),
     )  # fmt: skip
@@ -128,22 +128,21 @@ def test_refit_folds_retrieve_with_models_that_never_saw_their_targets(tmp_path:
     from slimrank.pipeline import steps
     from slimrank.retrieval.embeddings import export_embeddings
     from slimrank.retrieval.train import train_two_tower
-    from slimrank.retrieval.two_tower import UserHistory, load_model
+    from slimrank.retrieval.two_tower import UserHistory
 
     config = load_config(CONFIGS / "tiny.toml")
-    dirs = {name: tmp_path / name for name in ("data", "tt", "emb")}
-    for path in dirs.values():
-        path.mkdir()
-    steps.data_step(config.data, dirs["data"])
-    steps.two_tower_step(config.two_tower, dirs["data"], dirs["tt"], config.k)
+    data = steps.data_step(config.data)
+    two_tower = steps.two_tower_step(config.two_tower, data, config.k)
     candidates = dataclasses.replace(config.candidates, refit=True)
     train = config.two_tower.train
-    steps.embeddings_step(candidates, dirs["data"], dirs["tt"], dirs["emb"], train)
-    data = steps.load_data(dirs["data"])
+    # Through the artifacts' files, as the runner hands them on.
+    two_tower.save(tmp_path)
+    made = steps.embeddings_step(candidates, data, TwoTowerArtifact.load(tmp_path), train)
+    made.save(tmp_path)
+    emb = EmbeddingsArtifact.load(tmp_path)
     split = data.split
-    emb = steps.load_embeddings(dirs["emb"], split.n_users, split.n_items)
     assert len(emb.fold_item) == candidates.folds
-    model = load_model(dirs["tt"] / "model")
+    model = two_tower.model
     for i in range(candidates.folds):
         # The reference: the same model trained on the fold's history alone.
         history = artifacts.interactions_from_matrix(emb.history[i])

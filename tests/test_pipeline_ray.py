@@ -31,10 +31,9 @@ except ImportError:
 
 from slimrank.bundle import current_version, open_bundle
 from slimrank.cli import main
-from slimrank.pipeline.artifacts import load_view
+from slimrank.pipeline.artifacts import VIEWS, TeacherArtifact, load_view
 from slimrank.pipeline.config import load_config
 from slimrank.pipeline.run import RunResult, run_pipeline
-from slimrank.pipeline.steps import VIEWS, load_teacher_scores
 
 TINY = Path(__file__).resolve().parent.parent / "slimrank" / "configs" / "tiny.toml"
 # Two-worker DDP splits every batch in two; on the tiny config the int8 validation NDCG@10
@@ -86,8 +85,8 @@ def test_ray_engine_mines_the_local_candidates_and_features(runs: Runs) -> None:
 
 
 def test_ray_engine_scores_like_the_local_teacher(runs: Runs) -> None:
-    local = load_teacher_scores(runs.local.path("teacher"))
-    on_ray = load_teacher_scores(runs.ray.path("teacher"))
+    local = TeacherArtifact.load_scores(runs.local.path("teacher"))
+    on_ray = TeacherArtifact.load_scores(runs.ray.path("teacher"))
     assert set(on_ray) == set(local) == set(VIEWS)
     for view in VIEWS:
         real = np.isfinite(local[view])  # -inf marks padded candidates

@@ -17,11 +17,10 @@ import pytest
 from slimrank.bundle import current_version, list_versions, open_bundle
 from slimrank.cli import main
 from slimrank.compression.scorer import onnx_score_fn
-from slimrank.pipeline.artifacts import load_view
+from slimrank.pipeline.artifacts import DataArtifact, load_view
 from slimrank.pipeline.config import load_config
 from slimrank.pipeline.publish import load_bundle_tables, read_serving
 from slimrank.pipeline.run import STEPS, run_pipeline
-from slimrank.pipeline.steps import load_data
 from slimrank.ranking.features import candidate_features
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 from slimrank.serving.featurizer import RequestFeaturizer
@@ -115,7 +114,7 @@ def test_report_compares_under_equal_information_paired_over_the_same_users(run:
     assert seeds[str(_config(run).student.seed)] == by_key["student_distill"]["ndcg"]
     assert len(seeds) >= 2 and report["seeds"]["spread"] >= 0
     # Each peer's row is its chosen setting refitted on train + valid, recomputed here.
-    split = load_data(run_pipeline(_config(run)).path("data")).split
+    split = DataArtifact.load(run_pipeline(_config(run)).path("data")).split
     for peer in PEERS:
         row = rows[peer.name]
         chosen = next(p for p in peer.settings() if format_params(p) == row["selected"])
@@ -156,7 +155,7 @@ def test_bundle_tables_reproduce_the_pipeline_features(run: Run) -> None:
     np.testing.assert_allclose(again.values, feats.values, rtol=1e-6, atol=1e-6)
     # The bundle's ranker on those features gives exactly the int8 metrics the run reported.
     scores = onnx_score_fn(bundle.file("ranker.onnx"))(again)
-    truth = load_data(bundle.path / "data").truth("test")
+    truth = DataArtifact.load(bundle.path / "data").truth("test")
     assert pipeline_metrics(cands, scores, truth, (10,)) == result.metrics("int8")["test"]
     assert bundle.manifest.metrics["variants"]["int8"]["test"] == result.metrics("int8")["test"]
     serving = read_serving(bundle.path)
@@ -209,7 +208,7 @@ def test_gate_failure_publishes_nothing_and_exits_nonzero(run: Run, tmp_path: Pa
 
 def _new_logs(run: Run, path: Path) -> int:
     """Write logs of unseen (user, item) pairs of known ids plus one unknown user."""
-    data = load_data(run_pipeline(_config(run)).path("data"))
+    data = DataArtifact.load(run_pipeline(_config(run)).path("data"))
     split = data.split
     seen = (split.train_matrix() + split.valid_matrix() + split.test_matrix()).toarray() > 0
     rng = np.random.default_rng(7)
@@ -256,8 +255,8 @@ def test_retrain_publishes_a_version_naming_its_parent_teacher(run: Run, tmp_pat
         == old.manifest.files["teacher/teacher.safetensors"].sha256
     )
     # The new training part holds exactly the known new interactions on top of the old ones.
-    old_train = load_data(old.path / "data").split.train
-    new_train = load_data(bundle.path / "data").split.train
+    old_train = DataArtifact.load(old.path / "data").split.train
+    new_train = DataArtifact.load(bundle.path / "data").split.train
     assert len(new_train) == len(old_train) + n_new
     assert json.loads((bundle.path / "data" / "data.json").read_text())["train"] == len(new_train)
     # The items did not change, so the retrained bundle keeps the parent's search catalog.

@@ -21,11 +21,10 @@ from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import read_npy
 from slimrank.compression.scorer import Scorer
 from slimrank.data.world import WorldConfig, write_world
-from slimrank.pipeline.artifacts import load_view
+from slimrank.pipeline.artifacts import DataArtifact, load_view
 from slimrank.pipeline.config import PipelineConfig
 from slimrank.pipeline.publish import publish_run
 from slimrank.pipeline.run import RunResult, run_pipeline
-from slimrank.pipeline.steps import load_data
 from slimrank.ranking.pipeline_eval import rank_candidates
 from slimrank.serving.client import SlimrankClient
 
@@ -132,7 +131,7 @@ def test_users_outside_every_sample_are_served_from_the_full_tables(served: Serv
     sampled = set()
     for view in ("train", "valid", "test"):
         sampled |= set(load_view(path / f"{view}.safetensors")[0].user.tolist())
-    seen = load_data(served.bundle.path / "data").split.seen_for_test()
+    seen = DataArtifact.load(served.bundle.path / "data").split.seen_for_test()
     outside = [u for u in range(WORLD.n_users) if u not in sampled][:5]
     assert len(outside) == 5
     user_ids = read_npy(served.bundle.file("users.npy"))

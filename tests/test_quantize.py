@@ -28,8 +28,8 @@ from slimrank.compression.quantize import (
 )
 from slimrank.compression.scorer import Scorer, ScorerConfig, score_lists
 from slimrank.errors import IntegrityError
+from slimrank.pipeline.artifacts import VIEWS, CandidatesArtifact
 from slimrank.pipeline.run import run_pipeline
-from slimrank.pipeline.steps import VIEWS, load_views
 from slimrank.ranking.mlp import MLPConfig, MLPRanker, fold_standardization
 
 USERS, CANDS, DIM = 50, 200, 16
@@ -275,7 +275,7 @@ def mined(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny pipeline's candidate lists of every view, its fp32 pruned student's scores."""
     run = tiny_pipeline(tmp_path_factory)
     result = run_pipeline(run.config)  # every step cached by tiny_pipeline
-    views = load_views(result.path("candidates"))
+    views = CandidatesArtifact.load(result.path("candidates")).views
     feats = [views[v][1] for v in VIEWS]
     features = np.concatenate([f.values for f in feats])  # (U, N, F)
     mask = np.concatenate([f.mask for f in feats])  # (U, N)

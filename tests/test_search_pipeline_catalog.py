@@ -10,9 +10,8 @@ import pytest
 from slimrank.data.logs import load_logs
 from slimrank.errors import DataError
 from slimrank.pipeline.config import DataConfig, PipelineConfig
-from slimrank.pipeline.steps import catalog_step, data_step, load_data
+from slimrank.pipeline.steps import catalog_step, data_step
 from slimrank.search.build import TextIndexConfig
-from slimrank.search.catalog import load_catalog_dir
 
 
 def write_tables(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -63,12 +62,8 @@ def test_the_pipeline_catalog_indexes_the_item_tables_text(tmp_path: Path) -> No
         item_features=str(items),
         text_columns=("title", "blurb"),
     )
-    (tmp_path / "data").mkdir()
-    (tmp_path / "catalog").mkdir()
-    data_step(config, tmp_path / "data")
-    catalog_step(config, TextIndexConfig(), tmp_path / "data", tmp_path / "catalog")
-    data = load_data(tmp_path / "data")
-    catalog = load_catalog_dir(tmp_path / "catalog" / "catalog")
+    data = data_step(config)
+    catalog = catalog_step(config, TextIndexConfig(), data).catalog
     ids = [str(i) for i in data.item_ids]
     assert catalog.fields == ("title", "blurb", "brand")
     assert [ids[r] for r in np.flatnonzero(catalog.text.score("kettle "))] == sorted(

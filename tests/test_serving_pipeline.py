@@ -25,10 +25,9 @@ from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import read_npy
 from slimrank.cli import main
 from slimrank.compression.scorer import Scorer
-from slimrank.pipeline.artifacts import load_view
+from slimrank.pipeline.artifacts import DataArtifact, IndexArtifact, load_view
 from slimrank.pipeline.publish import load_bundle_tables, read_serving
 from slimrank.pipeline.run import RunResult, run_pipeline
-from slimrank.pipeline.steps import load_data, load_search
 from slimrank.ranking.candidates import Candidates, mine_candidates
 from slimrank.ranking.features import candidate_features
 from slimrank.ranking.histories import Histories
@@ -66,7 +65,7 @@ def _scorer(bundle: Bundle) -> Scorer:
 def test_snapshot_takes_the_bundles_candidates_and_seen_items(served: Served) -> None:
     snapshot = load_snapshot(served.bundle)
     assert snapshot.n_candidates == read_serving(served.bundle.path).candidates == 30
-    seen = load_data(served.bundle.path / "data").split.seen_for_test()
+    seen = DataArtifact.load(served.bundle.path / "data").split.seen_for_test()
     assert snapshot.seen is not None
     assert (snapshot.seen.matrix() != (seen > 0)).nnz == 0
 
@@ -76,7 +75,7 @@ def test_known_users_get_the_offline_ranking(served: Served) -> None:
     cands, feats, _ = load_view(served.result.path("candidates") / "test.safetensors")
     item_ids = read_npy(served.bundle.file("items.npy"))
     user_ids = read_npy(served.bundle.file("users.npy"))
-    seen = load_data(served.bundle.path / "data").split.seen_for_test()
+    seen = DataArtifact.load(served.bundle.path / "data").split.seen_for_test()
     scorer = _scorer(served.bundle)
     rows = np.unique(np.linspace(0, len(cands) - 1, 6).astype(int))
     for row in rows:
@@ -122,7 +121,7 @@ def test_unknown_user_with_recent_items_is_ranked_as_a_user_with_that_history(
         (np.ones(len(recent), np.float32), (np.zeros(len(recent), int), recent)),
         shape=(1, n_items),
     )
-    index = load_search(served.result.path("index"))
+    index = IndexArtifact.load(served.result.path("index")).index
     mined = mine_candidates(vector[None], index.search, np.array([0]), n, row)
     hist = tables.history  # the new user is appended as the last row, newest item first
     appended = dataclasses.replace(
@@ -150,7 +149,7 @@ def test_unknown_user_with_recent_items_is_ranked_as_a_user_with_that_history(
 
 def test_unknown_user_without_history_gets_the_most_popular_items(served: Served) -> None:
     item_ids = read_npy(served.bundle.file("items.npy"))
-    seen = load_data(served.bundle.path / "data").split.seen_for_test()
+    seen = DataArtifact.load(served.bundle.path / "data").split.seen_for_test()
     popularity = np.asarray(seen.sum(axis=0)).ravel()  # (I,) train + valid interactions
     top = np.argsort(-popularity, kind="stable")[:K]
     got = served.client.recommend("someone-new", K)

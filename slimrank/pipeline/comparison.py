@@ -81,20 +81,24 @@ class Comparison:
 def pipeline_per_user_test(result: RunResult, key: str) -> PerUser:
     """Return test NDCG@k per user of a pipeline variant (``int8``, ``teacher``, ``retrieval``)."""
     from slimrank.compression.scorer import onnx_score_fn
-    from slimrank.pipeline.artifacts import load_view
-    from slimrank.pipeline.steps import load_data, load_teacher_scores
+    from slimrank.pipeline.artifacts import (
+        CandidatesArtifact,
+        DataArtifact,
+        Int8Artifact,
+        TeacherArtifact,
+    )
     from slimrank.ranking.pipeline_eval import pipeline_per_user
 
-    cands, feats, _ = load_view(result.path("candidates") / "test.safetensors")
+    cands, feats, _ = CandidatesArtifact.load_one(result.path("candidates"), "test")
     if key == "retrieval":
         scores = cands.retrieval_score
     elif key == "teacher":
-        scores = load_teacher_scores(result.path("teacher"))["test"]
+        scores = TeacherArtifact.load_scores(result.path("teacher"))["test"]
     elif key == SERVED:
-        scores = onnx_score_fn(result.path("int8") / result.gate()["model"])(feats)
+        scores = onnx_score_fn(Int8Artifact.load(result.path("int8")).ranker)(feats)
     else:
         raise ValueError(f"no per-user scores for variant {key!r}")
-    truth = load_data(result.path("data")).truth("test")
+    truth = DataArtifact.load(result.path("data")).truth("test")
     return pipeline_per_user(cands, scores, truth, result.config.k)
 
 
@@ -108,10 +112,10 @@ def compare(
 
     ``valid_ndcg`` holds the pipeline variants' validation NDCG@k (from their steps).
     """
-    from slimrank.pipeline.steps import load_data
+    from slimrank.pipeline.artifacts import DataArtifact
 
     k = result.config.k
-    split = load_data(result.path("data")).split
+    split = DataArtifact.load(result.path("data")).split
     per_user = {key: pipeline_per_user_test(result, key) for key, _ in PIPELINE_ROWS}
     served = per_user[SERVED]
     rows = []

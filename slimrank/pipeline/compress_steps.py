@@ -1,9 +1,11 @@
 """The compression steps: students with and without distillation, pruning, int8 and the gate.
 
-Each step reads its inputs from the steps before it, hands the training to
+Each step takes the artifacts of the steps before it (loaded by the runner), hands the training to
 :mod:`slimrank.compression` (one loop, :func:`~slimrank.compression.fit.fit_epochs`, run here
 or by the engine) and evaluates its ranker with the pipeline protocol on the validation and
-test views (see :mod:`slimrank.pipeline.steps`).
+test views (see :mod:`slimrank.pipeline.steps`). The exporter and the quantizer write ONNX
+files, so each step writes its artifact into ``out``, its own directory, under the names of
+:mod:`slimrank.pipeline.artifacts`, and returns it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,17 @@ from slimrank.compression.cpu import cpu_features
 from slimrank.compression.lists import standardization, standardized_lists
 from slimrank.compression.scorer import onnx_score_fn, score_lists
 from slimrank.pipeline import artifacts
+from slimrank.pipeline.artifacts import (
+    CandidatesArtifact,
+    DataArtifact,
+    Int8Artifact,
+    PrecisionArtifact,
+    SeedsArtifact,
+    StudentArtifact,
+    TeacherArtifact,
+)
 from slimrank.pipeline.config import Int8Config, PruneConfig, StudentConfig
-from slimrank.pipeline.steps import evaluate_views, load_data, load_teacher_scores, load_views
+from slimrank.pipeline.steps import evaluate_views
 from slimrank.ranking.features import CandidateFeatures
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 
@@ -60,7 +71,7 @@ def _save_student(
     from slimrank.compression.flops import count_cost
     from slimrank.ranking.mlp import fold_standardization
 
-    save_mlp(model, out / "student.safetensors")
+    save_mlp(model, StudentArtifact.weights_path(out))
     artifacts.save_standardization(out, mean, std)
     if fold:
         raw = fold_standardization(model, torch.from_numpy(mean), torch.from_numpy(std))
@@ -69,7 +80,8 @@ def _save_student(
     path = export_onnx(raw, artifacts.ranker_path(out), model.config.input_dim)
     cost = count_cost(raw, model.config.input_dim)
     write_json(
-        out / artifacts.MODEL_INFO, {"hidden": list(model.config.hidden), **cost.to_dict(), **extra}
+        StudentArtifact.info_path(out),
+        {"hidden": list(model.config.hidden), **cost.to_dict(), **extra},
     )
     return path
 
@@ -97,13 +109,13 @@ def student_step(
     config: StudentConfig,
     kind: str,
     k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    teacher_dir: Path,
+    data: DataArtifact,
+    candidates: CandidatesArtifact,
+    teacher: TeacherArtifact,
     out: Path,
     engine: Engine | None = None,
     pseudo_top_k: int = 10,
-) -> None:
+) -> StudentArtifact:
     """Train the student MLP from labels only (``plain``), with soft-label distillation
     (``distill``), or on the teacher's top ``pseudo_top_k`` per list as labels (``pseudo``).
 
@@ -112,9 +124,8 @@ def student_step(
     """
     from slimrank.compression.fit import fit_on_valid
 
-    lists, views, data, mean, std, loss = _student_inputs(
-        config, kind, data_dir, cand_dir, teacher_dir, pseudo_top_k
-    )
+    views = candidates.views
+    lists, mean, std, loss = _student_inputs(config, kind, candidates, teacher, pseudo_top_k)
     torch.manual_seed(config.seed)
     student = _new_student(config, lists)
     metric = _valid_ndcg(views, data, mean, std, k)
@@ -126,6 +137,7 @@ def student_step(
     extra = {"epochs": history}
     path = _save_student(out, model, mean, std, extra, config.fold_standardization)
     artifacts.save_metrics(out, evaluate_views(views, data, onnx_score_fn(path), k))
+    return StudentArtifact(out)
 
 
 def _new_student(config: StudentConfig, lists: ListData) -> torch.nn.Module:
@@ -137,22 +149,18 @@ def _new_student(config: StudentConfig, lists: ListData) -> torch.nn.Module:
 def _student_inputs(
     config: StudentConfig,
     kind: str,
-    data_dir: Path,
-    cand_dir: Path,
-    teacher_dir: Path,
+    candidates: CandidatesArtifact,
+    teacher: TeacherArtifact,
     pseudo_top_k: int,
-) -> tuple[ListData, dict, Any, np.ndarray, np.ndarray, Any]:
-    """Return the training lists, views, data, standardization and loss of a student kind."""
+) -> tuple[ListData, np.ndarray, np.ndarray, Any]:
+    """Return the training lists, standardization and loss of a student kind."""
     from slimrank.compression.distill import DistillConfig, pseudo_label_config, pseudo_labels
 
     if kind not in STUDENT_KINDS:
         raise ValueError(f"student kind {kind!r}: one of {STUDENT_KINDS}")
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
-    _, feats, labels = views["train"]
-    teacher = load_teacher_scores(teacher_dir)["train"]
+    _, feats, labels = candidates.views["train"]
     mean, std = standardization(feats.values, feats.mask)
-    lists = list_data(feats, labels, teacher, mean, std)
+    lists = list_data(feats, labels, teacher.scores["train"], mean, std)
     hard = config.distill.hard_loss
     loss = config.distill
     if kind == "plain":
@@ -161,26 +169,25 @@ def _student_inputs(
         chosen = pseudo_labels(lists.teacher_scores, lists.mask, pseudo_top_k)
         lists = dataclasses.replace(lists, labels=chosen)
         loss = pseudo_label_config(hard)
-    return lists, views, data, mean, std, loss
+    return lists, mean, std, loss
 
 
 def seeds_step(
     config: StudentConfig,
     seeds: tuple[int, ...],
     k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    teacher_dir: Path,
+    data: DataArtifact,
+    candidates: CandidatesArtifact,
+    teacher: TeacherArtifact,
     out: Path,
-) -> None:
+) -> SeedsArtifact:
     """Train the distilled student once per seed in ``seeds`` (the rest of its recipe fixed)
     and record each one's validation and test metrics (``seeds.json``): its seed spread. The
     student's own ``config.seed`` is skipped: that student is ``student_distill``."""
     from slimrank.compression.fit import fit_on_valid
 
-    lists, views, data, mean, std, loss = _student_inputs(
-        config, "distill", data_dir, cand_dir, teacher_dir, 10
-    )
+    views = candidates.views
+    lists, mean, std, loss = _student_inputs(config, "distill", candidates, teacher, 10)
     metric = _valid_ndcg(views, data, mean, std, k)
     records = {}
     for seed in (s for s in seeds if s != config.seed):  # config.seed is student_distill
@@ -188,9 +195,11 @@ def seeds_step(
         torch.manual_seed(seed)
         student = _new_student(seeded, lists)
         model, _ = fit_on_valid(student, lists, loss, seeded.fit(), metric)
-        path = _save_student(out / f"seed{seed}", model, mean, std, {}, config.fold_standardization)
+        seed_dir = SeedsArtifact.seed_dir(out, seed)
+        path = _save_student(seed_dir, model, mean, std, {}, config.fold_standardization)
         records[str(seed)] = evaluate_views(views, data, onnx_score_fn(path), k)
-    write_json(out / "seeds.json", records)
+    SeedsArtifact.save_records(out, records)
+    return SeedsArtifact(out)
 
 
 PRUNE_METHODS = ("magnitude", "taylor", "l1")
@@ -200,14 +209,14 @@ def pruned_step(
     config: StudentConfig,
     prune: PruneConfig,
     k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    teacher_dir: Path,
-    student_dir: Path,
+    data: DataArtifact,
+    candidates: CandidatesArtifact,
+    teacher: TeacherArtifact,
+    student: StudentArtifact,
     out: Path,
     method: str = "magnitude",
     l1_penalty: float = 0.0,
-) -> None:
+) -> StudentArtifact:
     """Prune the distilled student: drop hidden units, then prune weights while distilling.
 
     ``method`` chooses which weights go: ``magnitude`` (the smallest), ``taylor`` (the least
@@ -220,7 +229,6 @@ def pruned_step(
     Fine-tuning a fixed number of epochs overfit: the students peak within a few epochs on
     ml-100k's 1,886 training lists.
     """
-    from slimrank.compression.export import load_mlp
     from slimrank.compression.fit import fit_on_valid
     from slimrank.compression.gradient_pruning import TaylorPruner, ThresholdPruner
     from slimrank.compression.pruning import (
@@ -232,16 +240,12 @@ def pruned_step(
     from slimrank.compression.structured import prune_units
 
     torch.manual_seed(config.seed)
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
+    views = candidates.views
     _, feats, labels = views["train"]
-    teacher = load_teacher_scores(teacher_dir)["train"]
-    mean, std = artifacts.load_standardization(student_dir)
-    lists = list_data(feats, labels, teacher, mean, std)
-    student = load_mlp(student_dir / "student.safetensors")
-    shrunk = (
-        prune_units(student, prune.structured_fraction) if prune.structured_fraction else student
-    )
+    mean, std = student.standardization()
+    lists = list_data(feats, labels, teacher.scores["train"], mean, std)
+    model = student.model()
+    shrunk = prune_units(model, prune.structured_fraction) if prune.structured_fraction else model
     ramp_steps = prune.ramp_epochs * math.ceil(len(lists) / config.batch_size)
     frequency = max(1, ramp_steps // prune.updates)
     schedule = PruningSchedule(
@@ -274,6 +278,7 @@ def pruned_step(
     }
     path = _save_student(out, model, mean, std, extra, config.fold_standardization)
     artifacts.save_metrics(out, evaluate_views(views, data, onnx_score_fn(path), k))
+    return StudentArtifact(out)
 
 
 # -- int8 and the gate -------------------------------------------------------------------------
@@ -284,7 +289,7 @@ class _GateInputs:
     """What a gated step reads: validation lists and metric, the teacher's value, calibration
     rows and the benchmark list."""
 
-    data: Any
+    data: DataArtifact
     views: dict
     teacher_valid: float
     calibration: np.ndarray  # (M, F) real training candidates
@@ -294,13 +299,16 @@ class _GateInputs:
 
 
 def _gate_inputs(
-    k: int, data_dir: Path, cand_dir: Path, teacher_dir: Path, calibration_candidates: int
+    k: int,
+    data: DataArtifact,
+    candidates: CandidatesArtifact,
+    teacher: TeacherArtifact,
+    calibration_candidates: int,
 ) -> _GateInputs:
     from slimrank.compression.gate import ReferenceLists
 
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
-    teacher_metrics = artifacts.load_metrics(teacher_dir)
+    views = candidates.views
+    teacher_metrics = teacher.metrics
     metric = f"ndcg@{k}"
     v_cands, v_feats, _ = views["valid"]
     truth = data.truth("valid")
@@ -335,7 +343,7 @@ def _mode_latency(
     if not modes:
         return {}
     x = np.ascontiguousarray(bench_x, dtype=np.float32)
-    scorers = {m: onnx_scorer(out / m / "ranker.int8.onnx") for m in modes}
+    scorers = {m: onnx_scorer(Int8Artifact.mode_dir(out, m) / artifacts.INT8_RANKER) for m in modes}
     fns = {m: (lambda s=s: s.score(x)) for m, s in scorers.items()}
     return {m: t["p50"] for m, t in interleaved_latency(fns, repeats, warmup=5).items()}
 
@@ -372,12 +380,12 @@ def choose_mode(
 def int8_step(
     config: Int8Config,
     k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    teacher_dir: Path,
-    pruned_dir: Path,
+    data: DataArtifact,
+    candidates: CandidatesArtifact,
+    teacher: TeacherArtifact,
+    pruned: StudentArtifact,
     out: Path,
-) -> None:
+) -> Int8Artifact:
     """Quantize the pruned student in each mode through the gate; serve one that passes.
 
     Among the passing modes, :func:`choose_mode` picks by fp32 fallbacks and measured
@@ -390,18 +398,25 @@ def int8_step(
     """
     from slimrank.compression.gate import gate_int8, quantize
 
-    g = _gate_inputs(k, data_dir, cand_dir, teacher_dir, config.calibration_candidates)
-    data, views, teacher_valid, calibration = g.data, g.views, g.teacher_valid, g.calibration
+    g = _gate_inputs(k, data, candidates, teacher, config.calibration_candidates)
+    views, teacher_valid, calibration = g.views, g.teacher_valid, g.calibration
     valid_metric, lists, bench_x = g.valid_metric, g.lists, g.bench_x
-    src = artifacts.ranker_path(pruned_dir)
+    src = pruned.ranker
     decisions: dict[str, Any] = {}
     for mode in config.modes:
         gate = dataclasses.replace(config.gate, mode=mode)
         decision = gate_int8(
-            src, out / mode, valid_metric, teacher_valid, calibration, gate, lists=lists
+            src,
+            Int8Artifact.mode_dir(out, mode),
+            valid_metric,
+            teacher_valid,
+            calibration,
+            gate,
+            lists=lists,
         )
         record = decision.to_dict()
-        record["model_path"] = f"{mode}/ranker.int8.onnx" if decision.accepted else None
+        accepted = Int8Artifact.mode_dir(out, mode) / artifacts.INT8_RANKER
+        record["model_path"] = str(accepted.relative_to(out)) if decision.accepted else None
         decisions[mode] = record
     passed = [m for m in config.modes if decisions[m]["accepted"]]
     latency = _mode_latency(out, passed, bench_x, config.bench_repeats)
@@ -413,10 +428,10 @@ def int8_step(
         config.latency_margin,
     )
     if chosen is not None:
-        shutil.copyfile(out / chosen / "ranker.int8.onnx", out / "ranker.int8.onnx")
-        final = out / "ranker.int8.onnx"
+        final = out / artifacts.INT8_RANKER
+        shutil.copyfile(Int8Artifact.mode_dir(out, chosen) / artifacts.INT8_RANKER, final)
     else:
-        final = out / "rejected.int8.onnx"
+        final = out / artifacts.REJECTED_INT8
         quantize(config.modes[0], src, final, calibration, config.gate.quant)
     metrics = evaluate_views(views, data, onnx_score_fn(final), k)
     summary = {
@@ -430,8 +445,9 @@ def int8_step(
         "decisions": decisions,
         "model": final.name,
     }
-    write_json(out / "gate.json", summary)
+    Int8Artifact.save_gate(out, summary)
     artifacts.save_metrics(out, metrics)
+    return Int8Artifact(out)
 
 
 # -- per-layer precision -----------------------------------------------------------------------
@@ -441,12 +457,12 @@ def precision_step(
     config: Int8Config,
     choices: tuple[str, ...],
     k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    teacher_dir: Path,
-    pruned_dir: Path,
+    data: DataArtifact,
+    candidates: CandidatesArtifact,
+    teacher: TeacherArtifact,
+    pruned: StudentArtifact,
     out: Path,
-) -> None:
+) -> PrecisionArtifact:
     """fp16 weights, and the per-layer precision search, on the pruned student.
 
     Writes ``fp16/model.onnx`` (every layer's weights in fp16) with its metrics, and the
@@ -459,11 +475,12 @@ def precision_step(
     from slimrank.compression.quantize import quantizable_nodes
     from slimrank.compression.scorer import onnx_scorer
 
-    g = _gate_inputs(k, data_dir, cand_dir, teacher_dir, config.calibration_candidates)
-    src = artifacts.ranker_path(pruned_dir)
+    g = _gate_inputs(k, data, candidates, teacher, config.calibration_candidates)
+    src = pruned.ranker
     nodes = quantizable_nodes(src)
-    half = apply_plan(src, artifacts.ranker_path(out / "fp16"), dict.fromkeys(nodes, "fp16"))
-    artifacts.save_metrics(out / "fp16", evaluate_views(g.views, g.data, onnx_score_fn(half), k))
+    fp16 = PrecisionArtifact(out).fp16
+    half = apply_plan(src, artifacts.ranker_path(fp16), dict.fromkeys(nodes, "fp16"))
+    artifacts.save_metrics(fp16, evaluate_views(g.views, data, onnx_score_fn(half), k))
     reference = g.lists.scores(onnx_scorer(src))
     search = search_precision(
         src,
@@ -479,8 +496,9 @@ def precision_step(
         config.bench_repeats,
         config.gate.quant,
     )
+    final = PrecisionArtifact(out).ranker
     if search.chosen is None:
-        shutil.copyfile(src, out / "ranker.onnx")
+        shutil.copyfile(src, final)
     chosen = search.results[search.chosen].plan if search.chosen is not None else None
     summary = {
         "accepted": search.chosen is not None,
@@ -491,6 +509,6 @@ def precision_step(
         "cpu": cpu_features(),
         **search.to_dict(),
     }
-    write_json(out / "precision.json", summary)
-    final = out / "ranker.onnx"
-    artifacts.save_metrics(out, evaluate_views(g.views, g.data, onnx_score_fn(final), k))
+    PrecisionArtifact.save_summary(out, summary)
+    artifacts.save_metrics(out, evaluate_views(g.views, data, onnx_score_fn(final), k))
+    return PrecisionArtifact(out)

@@ -64,33 +64,38 @@ def bundle_writer(result: RunResult) -> Callable[[Path], None]:
     """Return the function that writes the bundle files of ``result`` into a directory."""
 
     def write(out: Path) -> None:
-        from slimrank.pipeline.steps import load_data, load_embeddings
+        from slimrank.pipeline import artifacts
+        from slimrank.pipeline.artifacts import (
+            CandidatesArtifact,
+            DataArtifact,
+            EmbeddingsArtifact,
+            Int8Artifact,
+            TeacherArtifact,
+        )
 
-        gate = result.gate()
-        data = load_data(result.path("data"))
+        int8 = Int8Artifact.load(result.path("int8"))
+        gate = int8.gate
+        data = DataArtifact.load(result.path("data"))
         split = data.split
-        emb = load_embeddings(result.path("embeddings"), split.n_users, split.n_items)
-        shutil.copyfile(result.path("int8") / gate["model"], out / "ranker.onnx")
-        _copytree(result.path("index") / "index", out / "index")
+        emb = EmbeddingsArtifact.load(result.path("embeddings"))
+        shutil.copyfile(int8.ranker, out / "ranker.onnx")
+        _copytree(result.path("index") / artifacts.INDEX, out / "index")
         write_npy(out / "items.npy", np.asarray(data.item_ids).astype(str))
         write_npy(out / "users.npy", np.asarray(data.user_ids).astype(str))
         write_npy(out / "item_vectors.npy", emb.item.astype(np.float32))
         write_npy(out / "user_vectors.npy", emb.user["test"].astype(np.float32))
         seen = sp.csr_matrix(split.seen_for_test())
         write_npy(out / "popularity.npy", np.asarray(seen.sum(axis=0)).ravel().astype(np.float32))
-        cand = result.path("candidates")
-        shutil.copyfile(cand / "serving_tables.safetensors", out / "features.safetensors")
-        layout = json.loads((cand / "serving_layout.json").read_text())
-        _copytree(result.path("teacher") / "teacher", out / "teacher")
-        _copytree(result.path("two_tower") / "model", out / "two_tower")
+        tables, layout = CandidatesArtifact.serving_files(result.path("candidates"))
+        shutil.copyfile(tables, out / "features.safetensors")
+        _copytree(TeacherArtifact.model_dir(result.path("teacher")), out / "teacher")
+        _copytree(result.path("two_tower") / artifacts.TWO_TOWER, out / "two_tower")
         (out / "data").mkdir()
-        for name in ("split.safetensors", "users.npy", "items.npy", "data.json"):
-            shutil.copyfile(result.path("data") / name, out / "data" / name)
-        for name in ("user_features.safetensors", "item_features.safetensors"):
+        for name in DataArtifact.FILES:
             shutil.copyfile(result.path("data") / name, out / "data" / name)
         catalog = None
         if "catalog" in result.outputs:
-            _copytree(result.path("catalog") / "catalog", out / "catalog")
+            _copytree(result.path("catalog") / artifacts.CATALOG, out / "catalog")
             catalog = "catalog"
         decision = gate["decisions"][gate["mode"]]
         spec = PipelineSpec(

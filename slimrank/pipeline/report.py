@@ -12,7 +12,6 @@ the ONNX file that is scored, so the int8 row is measured on the int8 weights th
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,15 @@ from slimrank.compression.cpu import cpu_features
 from slimrank.compression.latency import interleaved_latency
 from slimrank.evaluation.paired import PerUser, paired_bootstrap
 from slimrank.pipeline import artifacts
+from slimrank.pipeline.artifacts import (
+    CandidatesArtifact,
+    DataArtifact,
+    Int8Artifact,
+    PrecisionArtifact,
+    SeedsArtifact,
+    StudentArtifact,
+    TeacherArtifact,
+)
 from slimrank.pipeline.comparison import (
     Comparison,
     compare,
@@ -43,7 +51,7 @@ VARIANTS = (
     ("pruned_taylor", "pruned Taylor, KD", "pruned_taylor", ""),
     ("pruned_l1", "pruned L1, KD", "pruned_l1", ""),
     ("int8", "pruned int8", "int8", ""),
-    ("fp16", "pruned fp16 weights", "precision", "fp16"),
+    ("fp16", "pruned fp16 weights", "precision", artifacts.FP16),
     ("precision", "per-layer precision", "precision", ""),
 )
 # Variants that share the pruned student's weights (their non-zero parameters are its).
@@ -139,9 +147,9 @@ def _variant_dir(result: RunResult, key: str) -> Path:
 
 def _ranker_paths(result: RunResult) -> dict[str, Path]:
     """Return the ONNX file each student variant is scored (and served) from."""
-    gate = result.gate()
+    precision = PrecisionArtifact.load(result.path("precision"))
     paths = {
-        key: artifacts.ranker_path(result.path(key))
+        key: StudentArtifact.load(result.path(key)).ranker
         for key in (
             "student_plain",
             "student_distill",
@@ -151,24 +159,22 @@ def _ranker_paths(result: RunResult) -> dict[str, Path]:
             "pruned_l1",
         )
     }
-    paths["int8"] = result.path("int8") / gate["model"]
-    paths["fp16"] = artifacts.ranker_path(result.path("precision") / "fp16")
-    paths["precision"] = result.path("precision") / "ranker.onnx"
+    paths["int8"] = Int8Artifact.load(result.path("int8")).ranker
+    paths["fp16"] = artifacts.ranker_path(precision.fp16)
+    paths["precision"] = precision.ranker
     return paths
 
 
 def per_user_test(result: RunResult, key: str) -> PerUser:
     """Return test NDCG@k per user of one variant (retrieval, teacher, or an ONNX student)."""
     from slimrank.compression.scorer import onnx_score_fn
-    from slimrank.pipeline.artifacts import load_view
-    from slimrank.pipeline.steps import load_data
     from slimrank.ranking.pipeline_eval import pipeline_per_user
 
     if key in ("retrieval", "teacher"):
         return pipeline_per_user_test(result, key)
-    cands, feats, _ = load_view(result.path("candidates") / "test.safetensors")
+    cands, feats, _ = CandidatesArtifact.load_one(result.path("candidates"), "test")
     scores = onnx_score_fn(_ranker_paths(result)[key])(feats)
-    truth = load_data(result.path("data")).truth("test")
+    truth = DataArtifact.load(result.path("data")).truth("test")
     return pipeline_per_user(cands, scores, truth, result.config.k)
 
 
@@ -187,7 +193,7 @@ def vs_teacher(result: RunResult, resamples: int = 10_000) -> dict[str, tuple[fl
 def seed_spread(result: RunResult) -> SeedSpread | None:
     """Return the distilled student's test NDCG@k per seed (its own, then ``methods.seeds``)."""
     k = result.config.k
-    seeds = json.loads((result.path("student_seeds") / "seeds.json").read_text())
+    seeds = SeedsArtifact.load(result.path("student_seeds")).records
     if not seeds:
         return None
     found = {
@@ -199,9 +205,7 @@ def seed_spread(result: RunResult) -> SeedSpread | None:
 
 def _bench_inputs(result: RunResult, n: int) -> tuple[np.ndarray, int, np.ndarray]:
     """Return ``(features (n, F), user, items (n,))`` of the first test user, tiled to ``n``."""
-    from slimrank.pipeline.artifacts import load_view
-
-    cands, feats, _ = load_view(result.path("candidates") / "test.safetensors")
+    cands, feats, _ = CandidatesArtifact.load_one(result.path("candidates"), "test")
     real = feats.mask[0]
     x = feats.values[0][real]
     items = cands.items[0][real]
@@ -220,7 +224,7 @@ def measure_latency(result: RunResult) -> dict[str, dict[str, float]]:
 
     cfg = result.config.latency
     x, user, items = _bench_inputs(result, cfg.candidates)
-    teacher, _ = load_teacher(result.path("teacher") / "teacher")
+    teacher, _ = load_teacher(TeacherArtifact.model_dir(result.path("teacher")))
     tx = torch.from_numpy(x[None])  # (1, n, F)
     tu = torch.tensor([[user]])  # (1, 1)
     ti = torch.from_numpy(items[None])  # (1, n)
@@ -247,13 +251,13 @@ def _params(result: RunResult, key: str) -> tuple[int | None, int | None]:
     if key == "retrieval":
         return None, None
     if key == "teacher":
-        from slimrank.ranking.teacher import count_parameters, load_teacher
+        from slimrank.ranking.teacher import WEIGHTS_FILE, count_parameters, load_teacher
 
-        directory = result.path("teacher") / "teacher"
+        directory = TeacherArtifact.model_dir(result.path("teacher"))
         model, _ = load_teacher(directory)
-        return count_parameters(model), (directory / "teacher.safetensors").stat().st_size
+        return count_parameters(model), (directory / WEIGHTS_FILE).stat().st_size
     step = "student_pruned" if key in _PRUNED_FORMS else key
-    info = artifacts.load_model_info(result.path(step))
+    info = StudentArtifact.load(result.path(step)).info
     return int(info["nonzero_params"]), _ranker_paths(result)[key].stat().st_size
 
 
@@ -266,7 +270,7 @@ def _linear_cost(result: RunResult, key: str) -> tuple[float | None, int | None]
     if key == "teacher":
         from slimrank.ranking.teacher import load_teacher
 
-        model, names = load_teacher(result.path("teacher") / "teacher")
+        model, names = load_teacher(TeacherArtifact.model_dir(result.path("teacher")))
         cost = linear_cost(model, len(names))
     else:
         cost = onnx_linear_cost(_ranker_paths(result)[key])
@@ -354,7 +358,7 @@ def build_report(
         comparison,
         seed_spread(result),
         cpu_features(),
-        json.loads((result.path("precision") / "precision.json").read_text()),
+        PrecisionArtifact.load(result.path("precision")).summary,
     )
 
 

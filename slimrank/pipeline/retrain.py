@@ -23,7 +23,8 @@ from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import write_json
 from slimrank.config import ConfigError
 from slimrank.data.dataset import Interactions, Split
-from slimrank.pipeline import artifacts, steps
+from slimrank.pipeline import artifacts
+from slimrank.pipeline.artifacts import DataArtifact
 from slimrank.pipeline.cache import StepCache, StepOutput
 from slimrank.pipeline.config import PipelineConfig
 from slimrank.pipeline.inputs import InputDigests
@@ -49,7 +50,7 @@ def bundle_config(bundle: Bundle) -> PipelineConfig:
         raise err.within(f"{bundle.path / 'manifest.json'} (config)") from None
 
 
-def append_logs(data: steps.DataArtifacts, new: Any) -> tuple[steps.DataArtifacts, dict[str, int]]:
+def append_logs(data: DataArtifact, new: Any) -> tuple[DataArtifact, dict[str, int]]:
     """Return ``data`` with the known rows of the ``new`` dataset appended to its training part.
 
     Also returns counts of what was appended and dropped, and why.
@@ -101,10 +102,10 @@ def import_bundle(
     counts: dict[str, int] = {}
 
     def write_data(out: Path) -> None:
-        base = steps.load_data(bundle.path / "data")
+        base = DataArtifact.load(bundle.path / "data")
         data, found = append_logs(base, load_logs(logs))
         counts.update(found)
-        steps.write_data(out, data)
+        data.save(out)
         write_json(out / "retrain.json", {"bundle": bundle.version, **found})
 
     files = InputDigests(cache.root).digest([logs])  # keyed by content, not by path
@@ -114,7 +115,7 @@ def import_bundle(
         counts.pop("bundle", None)
 
     def write_model(out: Path) -> None:
-        shutil.copytree(bundle.path / "two_tower", out / "model")
+        shutil.copytree(bundle.path / "two_tower", out / artifacts.TWO_TOWER)
         variants = bundle.manifest.metrics.get("variants", {})
         artifacts.save_metrics(out, variants.get("two_tower", {}))
 
@@ -125,7 +126,7 @@ def import_bundle(
     if (bundle.path / "catalog").is_dir():  # the items do not change: keep their catalog
 
         def write_catalog(out: Path) -> None:
-            shutil.copytree(bundle.path / "catalog", out / "catalog")
+            shutil.copytree(bundle.path / "catalog", out / artifacts.CATALOG)
 
         outputs["catalog"] = cache.run("catalog", {"bundle": bundle.version}, {}, write_catalog)
     return outputs, teacher, counts

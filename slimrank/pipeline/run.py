@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -13,7 +12,21 @@ from typing import Any
 from slimrank.config import Config
 from slimrank.data.dataset import dataset_files
 from slimrank.pipeline import artifacts, compress_steps, steps
-from slimrank.pipeline.artifacts import METRICS, MODEL_INFO, RANKER, SCORES, STANDARDIZATION
+from slimrank.pipeline.artifacts import (
+    Artifact,
+    CandidatesArtifact,
+    CatalogArtifact,
+    DataArtifact,
+    EmbeddingsArtifact,
+    IndexArtifact,
+    Int8Artifact,
+    PrecisionArtifact,
+    SeedsArtifact,
+    StudentArtifact,
+    TeacherArtifact,
+    TeacherModel,
+    TwoTowerArtifact,
+)
 from slimrank.pipeline.cache import StepCache, StepOutput, step_digest
 from slimrank.pipeline.config import SOURCES_SYNTHETIC, PipelineConfig
 from slimrank.pipeline.engine import Engine, EngineConfig, open_engine
@@ -25,7 +38,13 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One offline step: the steps whose outputs it reads and the config it reads.
+    """One offline step: the steps whose artifacts it takes, the config it reads, its output.
+
+    ``inputs`` name upstream steps: the runner loads each one's output artifact and passes
+    them to the step's function in this order; the function returns an ``output`` artifact,
+    which the runner saves (:mod:`slimrank.pipeline.artifacts`). ``functions`` are the
+    functions that may run the step (the teacher has two: train, or re-score an imported
+    one); ``tests/test_pipeline_graph.py`` checks their type hints against this row.
 
     ``reads`` are dotted paths into :class:`PipelineConfig` (a whole section, ``"prune"``, or
     one field, ``"candidates.folds"``). They are the step's cache key, so they must name all
@@ -36,18 +55,23 @@ class Step:
     name: str
     inputs: tuple[str, ...]
     reads: tuple[str, ...]
-    # What the step leaves in its directory (files or directories; see
-    # slimrank.pipeline.artifacts): checked after it runs, before its output is kept.
-    outputs: tuple[str, ...] = ()
+    output: type[Artifact]
+    functions: tuple[Callable[..., Artifact], ...]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What the step leaves in its directory: checked before its output is kept."""
+        return self.output.FILES
 
 
 _MINED = ("data", "candidates", "teacher")
-_STUDENT = (METRICS, RANKER, MODEL_INFO, STANDARDIZATION, "student.safetensors")
+_STUDENT = (compress_steps.student_step,)
+_PRUNED = (compress_steps.pruned_step,)
 STEP_TABLE = (
-    Step("data", (), ("data",), ("split.safetensors", "items.npy", "users.npy", "data.json")),
+    Step("data", (), ("data",), DataArtifact, (steps.data_step,)),
     # The search catalog: the source's item text (its format is part of the key).
-    Step("catalog", ("data",), ("data", "text"), ("catalog", METRICS)),
-    Step("two_tower", ("data",), ("k", "two_tower"), ("model", METRICS)),
+    Step("catalog", ("data",), ("data", "text"), CatalogArtifact, (steps.catalog_step,)),
+    Step("two_tower", ("data",), ("k", "two_tower"), TwoTowerArtifact, (steps.two_tower_step,)),
     # The training folds, and (candidates.refit) each fold's two-tower, trained as two_tower is.
     Step(
         "embeddings",
@@ -59,45 +83,86 @@ STEP_TABLE = (
             "candidates.refit",
             "two_tower.train",
         ),
-        ("embeddings.safetensors",),
+        EmbeddingsArtifact,
+        (steps.embeddings_step,),
     ),
-    Step("index", ("data", "embeddings"), ("index",), ("index",)),
+    Step("index", ("embeddings",), ("index",), IndexArtifact, (steps.index_step,)),
     Step(
         "candidates",
         ("data", "embeddings", "index"),
         ("k", "candidates"),
-        (*(f"{v}.safetensors" for v in ("train", "valid", "test")), "serving_tables.safetensors"),
+        CandidatesArtifact,
+        (steps.candidates_step,),
     ),
-    Step("teacher", ("data", "candidates"), ("k", "teacher"), ("teacher", SCORES, METRICS)),
-    Step("student_plain", _MINED, ("k", "student"), _STUDENT),
-    Step("student_distill", _MINED, ("k", "student"), _STUDENT),
+    Step(
+        "teacher",
+        ("data", "candidates"),
+        ("k", "teacher"),
+        TeacherArtifact,
+        (steps.teacher_step, steps.rescore_teacher_step),
+    ),
+    Step("student_plain", _MINED, ("k", "student"), StudentArtifact, _STUDENT),
+    Step("student_distill", _MINED, ("k", "student"), StudentArtifact, _STUDENT),
     # The compression table's other methods (issue 14), each beside the one it varies.
-    Step("student_pseudo", _MINED, ("k", "student", "methods.pseudo_top_k"), _STUDENT),
-    Step("student_seeds", _MINED, ("k", "student", "methods.seeds"), ("seeds.json",)),
-    Step("student_pruned", (*_MINED, "student_distill"), ("k", "student", "prune"), _STUDENT),
-    Step("pruned_taylor", (*_MINED, "student_distill"), ("k", "student", "prune"), _STUDENT),
+    Step(
+        "student_pseudo",
+        _MINED,
+        ("k", "student", "methods.pseudo_top_k"),
+        StudentArtifact,
+        _STUDENT,
+    ),
+    Step(
+        "student_seeds",
+        _MINED,
+        ("k", "student", "methods.seeds"),
+        SeedsArtifact,
+        (compress_steps.seeds_step,),
+    ),
+    Step(
+        "student_pruned",
+        (*_MINED, "student_distill"),
+        ("k", "student", "prune"),
+        StudentArtifact,
+        _PRUNED,
+    ),
+    Step(
+        "pruned_taylor",
+        (*_MINED, "student_distill"),
+        ("k", "student", "prune"),
+        StudentArtifact,
+        _PRUNED,
+    ),
     Step(
         "pruned_l1",
         (*_MINED, "student_distill"),
         ("k", "student", "prune", "methods.l1_penalty"),
-        _STUDENT,
+        StudentArtifact,
+        _PRUNED,
     ),
-    Step("int8", (*_MINED, "student_pruned"), ("k", "int8"), ("gate.json", METRICS)),
+    Step(
+        "int8",
+        (*_MINED, "student_pruned"),
+        ("k", "int8"),
+        Int8Artifact,
+        (compress_steps.int8_step,),
+    ),
     Step(
         "precision",
         (*_MINED, "student_pruned"),
         ("k", "int8", "methods.precision"),
-        ("precision.json", "ranker.onnx", METRICS, f"fp16/{RANKER}", f"fp16/{METRICS}"),
+        PrecisionArtifact,
+        (compress_steps.precision_step,),
     ),
 )
 STEPS = tuple(s.name for s in STEP_TABLE)
+_TABLE = {s.name: s for s in STEP_TABLE}
 # Config no step reads: where outputs go, and the report's latency benchmark.
 NOT_IN_STEPS = ("cache_dir", "latency")
 
 
 def check_outputs(step: Step, directory: Path) -> None:
     """Raise if ``step`` left one of its declared outputs out of ``directory``."""
-    missing = [name for name in step.outputs if not (directory / name).exists()]
+    missing = step.output.missing(directory)
     if missing:
         raise RuntimeError(f"step {step.name} did not write {', '.join(missing)} in {directory}")
 
@@ -175,7 +240,7 @@ class RunResult:
 
     def gate(self) -> dict[str, Any]:
         """Return the int8 step's gate summary."""
-        return json.loads((self.path("int8") / "gate.json").read_text())
+        return Int8Artifact.load(self.path("int8")).gate
 
     @property
     def teacher_version(self) -> str:
@@ -185,10 +250,7 @@ class RunResult:
 
 def teacher_version(output: StepOutput) -> str:
     """Return the version id of a teacher step output (an imported one keeps its own)."""
-    marker = output.path / "teacher_version.txt"
-    if marker.exists():
-        return marker.read_text().strip()
-    return f"teacher-{output.digest[:16]}"
+    return artifacts.imported_version(output.path) or f"teacher-{output.digest[:16]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +293,8 @@ def _run(
     out: dict[str, StepOutput] = {}
     k = config.k
 
-    table = {step.name: step for step in STEP_TABLE}
-
-    def step(name: str, fn: Callable[..., None], files: Sequence[InputFile] = ()) -> None:
+    def step(name: str, call: Callable[..., Artifact], files: Sequence[InputFile] = ()) -> None:
+        """Run ``call(*input artifacts, own directory)`` through the cache, save its output."""
         if name in provided:
             out[name] = provided[name]
             if hook:
@@ -242,13 +303,23 @@ def _run(
         if hook:
             hook(name, None, None)
         start = time.perf_counter()
-        spec = table[name]
-        paths = [out[i].path for i in spec.inputs]
+        spec = _TABLE[name]
+        upstream = [(_TABLE[i].output, out[i].path) for i in spec.inputs]
+
+        def produce(tmp: Path) -> None:
+            result = call(*(kind.load(path) for kind, path in upstream), tmp)
+            if not isinstance(result, spec.output):
+                raise TypeError(
+                    f"step {name} returned {type(result).__name__}, not {spec.output.__name__}"
+                )
+            result.save(tmp)
+            check_outputs(spec, tmp)
+
         result = cache.run(
             name,
             step_config(spec, config, engine, teacher),
             {i: out[i].digest for i in spec.inputs},
-            lambda tmp, spec=spec: (fn(*paths, tmp), check_outputs(spec, tmp)),
+            produce,
             files,
         )
         out[name] = result
@@ -259,31 +330,29 @@ def _run(
 
     c = config
     files = [] if "data" in provided else data_inputs(c)
-    step("data", lambda o: steps.data_step(c.data, o), files)
+    step("data", lambda o: steps.data_step(c.data), files)
     # The search catalog reads the source's item text; data provided without a catalog (a
     # bundle published before catalogs existed) has none, and its bundle has no text search.
     if "data" not in provided or "catalog" in provided:
-        step("catalog", lambda d, o: steps.catalog_step(c.data, c.text, d, o))
-    step("two_tower", lambda d, o: steps.two_tower_step(c.two_tower, d, o, k))
+        step("catalog", lambda d, o: steps.catalog_step(c.data, c.text, d))
+    step("two_tower", lambda d, o: steps.two_tower_step(c.two_tower, d, k))
     refit = c.two_tower.train if c.candidates.refit else None
-    step("embeddings", lambda d, m, o: steps.embeddings_step(c.candidates, d, m, o, refit))
-    step("index", lambda d, e, o: steps.index_step(c.index, d, e, o))
+    step("embeddings", lambda d, m, o: steps.embeddings_step(c.candidates, d, m, refit))
+    step("index", lambda e, o: steps.index_step(c.index, e))
     step(
         "candidates",
-        lambda d, e, i, o: steps.candidates_step(c.candidates, k, d, e, i, o, runner),
+        lambda d, e, i, o: steps.candidates_step(c.candidates, k, d, e, i, runner),
     )
     if teacher is None:
-        step(
-            "teacher",
-            lambda d, cd, o: steps.teacher_step(c.teacher, k, d, cd, o, runner),
-        )
+        step("teacher", lambda d, cd, o: steps.teacher_step(c.teacher, k, d, cd, runner))
     else:
-        step(
-            "teacher",
-            lambda d, cd, o: steps.rescore_teacher_step(
-                teacher.directory, teacher.version, k, d, cd, o, runner
-            ),
-        )
+        imported = teacher
+
+        def rescore(d: DataArtifact, cd: CandidatesArtifact, o: Path) -> TeacherArtifact:
+            model = TeacherModel.load(imported.directory, imported.version)
+            return steps.rescore_teacher_step(model, k, d, cd, runner)
+
+        step("teacher", rescore)
     for name, kind in (
         ("student_plain", "plain"),
         ("student_distill", "distill"),

@@ -1,6 +1,7 @@
-"""The offline steps up to the teacher; each writes its outputs into the directory it is given.
+"""The offline steps up to the teacher; each returns its output artifact from its input ones.
 
-Order and inputs (each step's cache key is its config plus the digests of these inputs)::
+Order and inputs (each step's cache key is its config plus the digests of these inputs; the
+table is :data:`slimrank.pipeline.run.STEP_TABLE`)::
 
     data -> two_tower -> embeddings -> index -> candidates -> teacher
          -> student_plain, student_distill, student_pseudo, student_seeds
@@ -10,27 +11,36 @@ Order and inputs (each step's cache key is its config plus the digests of these 
 items; training candidates are mined with it), ``valid`` (pools the training items) and
 ``test`` (training and validation items: what a server knows). Every ranker variant is
 evaluated with the pipeline protocol (retrieve ``n``, rank, top ``k``) on the validation view
-(selection, the gate) and the test view (reported). Loaders (``load_*``) read a step's
-directory back; the names of a step's own files are :mod:`slimrank.pipeline.artifacts`'.
+(selection, the gate) and the test view (reported). The runner loads a step's input
+artifacts and saves its output one (:mod:`slimrank.pipeline.artifacts`); no step here reads
+or writes a file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from slimrank.bundle.formats import read_npy, read_tensors, write_json, write_npy, write_tensors
-from slimrank.data.dataset import Dataset, FeatureTable, Split, load_dataset, split_random
+from slimrank.data.dataset import Dataset, load_dataset, split_random
 from slimrank.data.logs import load_logs
-from slimrank.evaluation.peers import observed_interactions
 from slimrank.pipeline import artifacts
+from slimrank.pipeline.artifacts import (
+    VIEWS,
+    CandidatesArtifact,
+    CatalogArtifact,
+    DataArtifact,
+    EmbeddingsArtifact,
+    IndexArtifact,
+    TeacherArtifact,
+    TeacherModel,
+    TwoTowerArtifact,
+    View,
+)
 from slimrank.pipeline.config import (
     SOURCES_SYNTHETIC,
     CandidateConfig,
@@ -41,9 +51,7 @@ from slimrank.pipeline.config import (
 from slimrank.pipeline.engine import LocalEngine
 from slimrank.pipeline.synthetic import synthetic_dataset
 from slimrank.ranking.candidates import Candidates, split_history
-from slimrank.ranking.feature_io import save_tables
-from slimrank.ranking.features import CandidateFeatures, build_feature_tables
-from slimrank.ranking.histories import latest_times
+from slimrank.ranking.features import build_feature_tables
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 from slimrank.search.build import TextIndexConfig
 
@@ -55,67 +63,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("train", "valid", "test")
 _CANDS = ("user", "items", "retrieval_score")
 
 
 # -- data ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DataArtifacts:
-    """The split with its external ids and raw side-feature tables."""
-
-    split: Split
-    user_ids: np.ndarray  # (U,) str
-    item_ids: np.ndarray  # (I,) str
-    user_features: FeatureTable
-    item_features: FeatureTable
-
-    def truth(self, view: str) -> sp.csr_matrix:
-        """Return the relevant items of ``view`` ("valid" or "test"), ``(U, I)``."""
-        return self.split.valid_matrix() if view == "valid" else self.split.test_matrix()
-
-    def seen(self, view: str) -> sp.csr_matrix:
-        """Return what users already have in ``view``: train, or train plus valid.
-
-        It is what every system may read when scoring ``view``
-        (:func:`~slimrank.evaluation.peers.observed_interactions`, the peers' input too): the
-        view's user vectors, feature tables and exclusions are built from it.
-        """
-        return observed_interactions(self.split, view)
-
-    def seen_times(self, view: str) -> sp.csr_matrix:
-        """Return the latest timestamp of each (user, item) users already have in ``view``."""
-        parts = [self.split.train] if view == "valid" else [self.split.train, self.split.valid]
-        shape = (self.split.n_users, self.split.n_items)
-        return latest_times(
-            *(
-                np.concatenate([getattr(p, f) for p in parts])
-                for f in ("user", "item", "timestamp")
-            ),
-            shape,
-        )
-
-
-def write_data(out: Path, data: DataArtifacts) -> None:
-    """Write the data step's files."""
-    artifacts.save_split(out / "split.safetensors", data.split)
-    write_npy(out / "users.npy", np.asarray(data.user_ids).astype(str))
-    write_npy(out / "items.npy", np.asarray(data.item_ids).astype(str))
-    artifacts.save_feature_table(out / "user_features.safetensors", data.user_features)
-    artifacts.save_feature_table(out / "item_features.safetensors", data.item_features)
-    split = data.split
-    write_json(
-        out / "data.json",
-        {
-            "n_users": split.n_users,
-            "n_items": split.n_items,
-            "train": len(split.train),
-            "valid": len(split.valid),
-            "test": len(split.test),
-        },
-    )
 
 
 def load_source(config: DataConfig) -> Dataset:
@@ -137,7 +88,7 @@ def load_source(config: DataConfig) -> Dataset:
     return load_dataset(config.source)
 
 
-def data_step(config: DataConfig, out: Path) -> None:
+def data_step(config: DataConfig) -> DataArtifact:
     """Load (or generate) the interactions and split them."""
     dataset = load_source(config)
     split = split_random(
@@ -147,33 +98,19 @@ def data_step(config: DataConfig, out: Path) -> None:
         tuple(config.split.ratios),
         config.split.seed,
     )
-    write_data(
-        out,
-        DataArtifacts(
-            split,
-            dataset.users.ids,
-            dataset.items.ids,
-            dataset.user_features,
-            dataset.item_features,
-        ),
-    )
-
-
-def load_data(path: Path) -> DataArtifacts:
-    """Return what :func:`write_data` wrote."""
-    return DataArtifacts(
-        split=artifacts.load_split(path / "split.safetensors"),
-        user_ids=read_npy(path / "users.npy"),
-        item_ids=read_npy(path / "items.npy"),
-        user_features=artifacts.load_feature_table(path / "user_features.safetensors"),
-        item_features=artifacts.load_feature_table(path / "item_features.safetensors"),
+    return DataArtifact(
+        split,
+        dataset.users.ids,
+        dataset.items.ids,
+        dataset.user_features,
+        dataset.item_features,
     )
 
 
 # -- two-tower and embeddings -----------------------------------------------------------------
 
 
-def two_tower_model_config(config: TwoTowerStepConfig, data: Dataset) -> TwoTowerConfig:
+def two_tower_model_config(config: TwoTowerStepConfig, data: DataArtifact) -> TwoTowerConfig:
     """Return the two-tower shape ``config`` asks for on ``data``'s users, items and features."""
     from slimrank.retrieval.two_tower_config import FeatureSpec, TwoTowerConfig
 
@@ -200,18 +137,15 @@ def two_tower_model_config(config: TwoTowerStepConfig, data: Dataset) -> TwoTowe
     )
 
 
-def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int) -> None:
-    """Train the two-tower model on the training split; save it and its full-ranking metrics."""
+def two_tower_step(config: TwoTowerStepConfig, data: DataArtifact, k: int) -> TwoTowerArtifact:
+    """Train the two-tower model on the training split, with its full-ranking metrics."""
     from slimrank.retrieval.train import evaluate_model, train_two_tower
-    from slimrank.retrieval.two_tower import save_model
 
-    data = load_data(data_dir)
     split = data.split
     model_config = two_tower_model_config(config, data)
     result = train_two_tower(
         model_config, config.train, split, data.user_features, data.item_features
     )
-    save_model(result.model, out / "model")
     metrics = {
         view: evaluate_model(
             result.model,
@@ -224,28 +158,15 @@ def two_tower_step(config: TwoTowerStepConfig, data_dir: Path, out: Path, k: int
         )
         for view in ("valid", "test")
     }
-    artifacts.save_metrics(out, {"best_epoch": result.best_epoch, **metrics})
-
-
-@dataclasses.dataclass(frozen=True)
-class Embeddings:
-    """Item vectors, user vectors of each view, and the training items' history/target folds."""
-
-    item: np.ndarray  # (I, d)
-    user: dict[str, np.ndarray]  # view -> (U, d); views "fold0", ..., "valid", "test"
-    history: list[sp.csr_matrix]  # per fold, (U, I) history part of the training items
-    target: list[sp.csr_matrix]  # per fold, (U, I) target part
-    # Per fold, (I, d) item vectors of the fold's own two-tower (refit), else empty.
-    fold_item: list[np.ndarray] = dataclasses.field(default_factory=list)
+    return TwoTowerArtifact(result.model, {"best_epoch": result.best_epoch, **metrics})
 
 
 def embeddings_step(
     config: CandidateConfig,
-    data_dir: Path,
-    model_dir: Path,
-    out: Path,
+    data: DataArtifact,
+    two_tower: TwoTowerArtifact,
     refit: TwoTowerTrainConfig | None = None,
-) -> None:
+) -> EmbeddingsArtifact:
     """Export item vectors and the user vectors of each view; cut the training folds.
 
     With ``refit`` (the training config), each fold gets its own two-tower, trained on the
@@ -256,87 +177,61 @@ def embeddings_step(
     from slimrank.ranking.train import procrustes_align
     from slimrank.retrieval.embeddings import export_embeddings, history_for
     from slimrank.retrieval.train import train_two_tower
-    from slimrank.retrieval.two_tower import UserHistory, load_model
+    from slimrank.retrieval.two_tower import UserHistory
 
-    data = load_data(data_dir)
     split = data.split
-    model = load_model(model_dir / "model")
+    model = two_tower.model
     views = {
         "valid": history_for(split, "valid", model.config.max_history),
         "test": history_for(split, "test", model.config.max_history),
     }
-    tensors: dict[str, np.ndarray] = {}
+    history: list[sp.csr_matrix] = []
+    target: list[sp.csr_matrix] = []
     fold_logs = []  # per fold, the history part as interactions
     for i in range(config.folds):
-        history, target = split_history(
+        fold_history, fold_target = split_history(
             split.train_matrix(), config.target_frac, config.fold_seed + i
         )
-        fold_logs.append(artifacts.interactions_from_matrix(history))
+        history.append(fold_history)
+        target.append(fold_target)
+        fold_logs.append(artifacts.interactions_from_matrix(fold_history))
         views[f"fold{i}"] = UserHistory.from_interactions(
             fold_logs[i], split.n_users, model.config.max_history
         )
-        for name, m in ((f"history{i}", history), (f"target{i}", target)):
-            tensors[f"{name}/indptr"] = m.indptr.astype(np.int64)
-            tensors[f"{name}/indices"] = m.indices.astype(np.int64)
+    user: dict[str, np.ndarray] = {}
+    item = np.zeros((0, 0), dtype=np.float32)
     for name, hist in views.items():
-        user, item = export_embeddings(model, hist, data.user_features, data.item_features)
-        tensors[f"user/{name}"] = user
-        tensors["item"] = item
+        user[name], item = export_embeddings(model, hist, data.user_features, data.item_features)
+    fold_item: list[np.ndarray] = []
     for i in range(config.folds if refit is not None else 0):
-        history = fold_logs[i]
-        fold_split = dataclasses.replace(split, train=history)
-        log.info("fold %d: training a two-tower on %d history items", i, len(history))
+        fold_log = fold_logs[i]
+        fold_split = dataclasses.replace(split, train=fold_log)
+        log.info("fold %d: training a two-tower on %d history items", i, len(fold_log))
         fold_model = train_two_tower(
             model.config, refit, fold_split, data.user_features, data.item_features
         ).model
-        user, item = export_embeddings(
+        fold_user, fold_vecs = export_embeddings(
             fold_model, views[f"fold{i}"], data.user_features, data.item_features
         )
-        rot = procrustes_align(item, tensors["item"])
-        tensors[f"user/fold{i}"] = (user @ rot).astype(np.float32)
-        tensors[f"item/fold{i}"] = (item @ rot).astype(np.float32)
-    write_tensors(out / "embeddings.safetensors", tensors)
-
-
-def load_embeddings(path: Path, n_users: int, n_items: int) -> Embeddings:
-    """Return what :func:`embeddings_step` wrote."""
-    t = read_tensors(path / "embeddings.safetensors")
-
-    def csr(name: str) -> sp.csr_matrix:
-        idx = t[f"{name}/indices"]
-        data = np.ones(len(idx), dtype=np.float32)
-        return sp.csr_matrix((data, idx, t[f"{name}/indptr"]), shape=(n_users, n_items))
-
-    user = {k.removeprefix("user/"): v for k, v in t.items() if k.startswith("user/")}
-    folds = sum(1 for k in t if k.startswith("history") and k.endswith("/indptr"))
-    history = [csr(f"history{i}") for i in range(folds)]
-    fold_item = [t[f"item/fold{i}"] for i in range(folds) if f"item/fold{i}" in t]
-    targets = [csr(f"target{i}") for i in range(folds)]
-    return Embeddings(t["item"], user, history, targets, fold_item)
+        rot = procrustes_align(fold_vecs, item)
+        user[f"fold{i}"] = (fold_user @ rot).astype(np.float32)
+        fold_item.append((fold_vecs @ rot).astype(np.float32))
+    return EmbeddingsArtifact(item, user, history, target, fold_item)
 
 
 # -- index -------------------------------------------------------------------------------------
 
 
-def index_step(config: IndexConfig, data_dir: Path, emb_dir: Path, out: Path) -> None:
+def index_step(config: IndexConfig, embeddings: EmbeddingsArtifact) -> IndexArtifact:
     """Build the FAISS index over item vectors, tuned on the test view's user vectors."""
     from slimrank.retrieval.index import build_index
-    from slimrank.retrieval.index_io import save_index
 
-    split = artifacts.load_split(data_dir / "split.safetensors")
-    emb = load_embeddings(emb_dir, split.n_users, split.n_items)
     rng = np.random.default_rng(config.seed)
-    queries = emb.user["test"]
+    queries = embeddings.user["test"]
     pick = np.sort(rng.choice(len(queries), min(len(queries), config.tuning.n_queries), False))
-    index = build_index(emb.item, config, tune_queries=queries[pick], progress=False)
-    save_index(index, out / "index")
-
-
-def load_search(index_dir: Path) -> RetrievalIndex:
-    """Return the saved :class:`RetrievalIndex` (its ``search`` is a ``SearchFn``)."""
-    from slimrank.retrieval.index_io import load_index
-
-    return load_index(index_dir / "index", mmap=False)
+    return IndexArtifact(
+        build_index(embeddings.item, config, tune_queries=queries[pick], progress=False)
+    )
 
 
 # -- candidates --------------------------------------------------------------------------------
@@ -345,22 +240,19 @@ def load_search(index_dir: Path) -> RetrievalIndex:
 def candidates_step(
     config: CandidateConfig,
     k: int,
-    data_dir: Path,
-    emb_dir: Path,
-    index_dir: Path,
-    out: Path,
+    data: DataArtifact,
+    embeddings: EmbeddingsArtifact,
+    index_artifact: IndexArtifact,
     engine: Engine | None = None,
-) -> None:
+) -> CandidatesArtifact:
     """Mine and featurize the candidates of each view; keep the test view's serving tables.
 
     Training users: retrieval, features and exclusion see only the history fold, the target
     fold gives the labels. Validation and test: the protocol's seen items, truth as labels.
     """
     engine = engine or LocalEngine()
-    data = load_data(data_dir)
-    split = data.split
-    emb = load_embeddings(emb_dir, split.n_users, split.n_items)
-    index = load_search(index_dir)
+    emb = embeddings
+    index = index_artifact.index
     metrics: dict[str, Any] = {}
 
     # Each view's timestamps, built once: a fold's history is part of the training items,
@@ -432,7 +324,7 @@ def candidates_step(
         items=cands.items,
     )
     labels = np.concatenate([p[2] for p in parts])
-    artifacts.save_view(out / "train.safetensors", cands, feats, labels)
+    views: dict[str, View] = {"train": (cands, feats, labels)}
     view_tables = {}
     for view in ("valid", "test"):
         truth = data.truth(view)
@@ -444,13 +336,11 @@ def candidates_step(
             limit=config.eval_users,
             salt=VIEWS.index(view) + 1000,
         )
-        artifacts.save_view(out / f"{view}.safetensors", cands, feats, labels)
+        views[view] = (cands, feats, labels)
         metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))
     # The test view's tables are what a server knows: train + valid interactions (named, not
     # whatever the loop above happened to leave behind).
-    layout = save_tables(out / "serving_tables.safetensors", view_tables["test"])
-    write_json(out / "serving_layout.json", layout)
-    artifacts.save_metrics(out, metrics)
+    return CandidatesArtifact(views, metrics, view_tables["test"])
 
 
 def sample_users(truth: sp.spmatrix, limit: int, seed: int, salt: int) -> np.ndarray:
@@ -463,14 +353,9 @@ def sample_users(truth: sp.spmatrix, limit: int, seed: int, salt: int) -> np.nda
     return users
 
 
-def load_views(path: Path) -> dict[str, tuple[Candidates, CandidateFeatures, np.ndarray]]:
-    """Return ``{view: (candidates, features, labels)}`` of the candidates step."""
-    return {view: artifacts.load_view(path / f"{view}.safetensors") for view in VIEWS}
-
-
 def evaluate_views(
-    views: dict[str, tuple[Candidates, CandidateFeatures, np.ndarray]],
-    data: DataArtifacts,
+    views: dict[str, View],
+    data: DataArtifact,
     score: Any,
     k: int,
 ) -> dict[str, dict[str, float]]:
@@ -483,8 +368,8 @@ def evaluate_views(
 
 
 def evaluate_scores(
-    views: dict[str, tuple[Candidates, CandidateFeatures, np.ndarray]],
-    data: DataArtifacts,
+    views: dict[str, View],
+    data: DataArtifact,
     scores: dict[str, np.ndarray],
     k: int,
 ) -> dict[str, dict[str, float]]:
@@ -502,18 +387,16 @@ def evaluate_scores(
 def teacher_step(
     config: TeacherStepConfig,
     k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    out: Path,
+    data: DataArtifact,
+    candidates: CandidatesArtifact,
     engine: Engine | None = None,
-) -> None:
-    """Train the DCN-v2 teacher, early-stopped on validation NDCG; save it and its scores."""
+) -> TeacherArtifact:
+    """Train the DCN-v2 teacher, early-stopped on validation NDCG; score every view once."""
     from slimrank.ranking.pipeline_eval import PipelineView
-    from slimrank.ranking.teacher import TeacherConfig, save_teacher, teacher_scores
+    from slimrank.ranking.teacher import TeacherConfig, teacher_scores
     from slimrank.ranking.train import train_teacher
 
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
+    views = candidates.views
     _, feats, labels = views["train"]
     model_config = TeacherConfig(
         n_features=feats.values.shape[-1],
@@ -536,66 +419,57 @@ def teacher_step(
         config=train_config,
         progress=False,
     )
-    save_teacher(result.model, out / "teacher", feats.names, {"best_epoch": result.best_epoch})
     engine = engine or LocalEngine()
     scores = {view: engine.teacher_scores(result.model, views[view][1]) for view in VIEWS}
-    write_tensors(out / artifacts.SCORES, scores)
     metrics = evaluate_scores(views, data, scores, k)
-    artifacts.save_metrics(out, {"best_epoch": result.best_epoch, **metrics})
+    record = {"best_epoch": result.best_epoch}
+    return TeacherArtifact(result.model, feats.names, record, scores, {**record, **metrics})
 
 
 def rescore_teacher_step(
-    source: Path,
-    version: str,
+    imported: TeacherModel,
     k: int,
-    data_dir: Path,
-    cand_dir: Path,
-    out: Path,
+    data: DataArtifact,
+    candidates: CandidatesArtifact,
     engine: Engine | None = None,
-) -> None:
-    """Reuse a trained teacher: copy it, score the (new) candidates, record its version."""
-    from slimrank.ranking.teacher import load_teacher
-
-    model, names = load_teacher(source)
-    data = load_data(data_dir)
-    views = load_views(cand_dir)
+) -> TeacherArtifact:
+    """Reuse a trained teacher: score the (new) candidates with it, keep its version."""
+    views = candidates.views
+    names = imported.feature_names
     if tuple(names) != tuple(views["train"][1].names):
         raise ValueError(
-            f"teacher {version} expects {len(names)} features that differ from the "
+            f"teacher {imported.version} expects {len(names)} features that differ from the "
             f"{len(views['train'][1].names)} the candidates have: retrain it (--retrain-teacher)"
         )
-    shutil.copytree(source, out / "teacher", ignore=shutil.ignore_patterns("step.json"))
     engine = engine or LocalEngine()
-    scores = {view: engine.teacher_scores(model, views[view][1]) for view in VIEWS}
-    write_tensors(out / artifacts.SCORES, scores)
+    scores = {view: engine.teacher_scores(imported.model, views[view][1]) for view in VIEWS}
     metrics = evaluate_scores(views, data, scores, k)
-    artifacts.save_metrics(out, {"imported": version, **metrics})
-    (out / "teacher_version.txt").write_text(version + "\n")
-
-
-def load_teacher_scores(path: Path) -> dict[str, np.ndarray]:
-    """Return the teacher's ``(U, N)`` scores of each view (``-inf`` at pads)."""
-    return read_tensors(path / artifacts.SCORES)
+    return TeacherArtifact(
+        imported.model,
+        names,
+        imported.extra,
+        scores,
+        {"imported": imported.version, **metrics},
+        imported.version,
+    )
 
 
 # -- catalog: text index, filterable attributes, titles ----------------------------------------
 
 
-def catalog_step(config: DataConfig, text: TextIndexConfig, data_dir: Path, out: Path) -> None:
+def catalog_step(config: DataConfig, text: TextIndexConfig, data: DataArtifact) -> CatalogArtifact:
     """Build the search catalog of the data step's items (same rows, same order)."""
     from slimrank.search.build import build_catalog
-    from slimrank.search.catalog import save_catalog
 
     dataset = load_source(config)
-    item_ids = read_npy(data_dir / "items.npy")
+    item_ids = np.asarray(data.item_ids, dtype=str)
     if not np.array_equal(np.asarray(dataset.items.ids, dtype=str), item_ids):
         raise ValueError(f"{config.source}: items differ from the data step's; re-run data")
     columns = dict(dataset.item_text or {})
     if dataset.item_titles is not None and not columns:
         columns = {"title": np.asarray(dataset.item_titles, dtype=str)}
     catalog = build_catalog(item_ids, dataset.item_features, columns, None, text)
-    save_catalog(out / "catalog", catalog)
-    artifacts.save_metrics(
-        out,
+    return CatalogArtifact(
+        catalog,
         {"items": catalog.n_items, "terms": len(catalog.text.vocab), "fields": catalog.fields},
     )
