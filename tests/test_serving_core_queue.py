@@ -26,9 +26,9 @@ def test_a_real_server_shows_the_calls_its_busy_loop_has_not_taken() -> None:
 
     async def main() -> None:
         nonlocal queue
+        before = CoreQueue.server_ids()
+        assert before is not None
         server = grpc.aio.server()
-        queue = CoreQueue.of_newest_server(refresh_s=0.0)
-        assert queue is not None
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
@@ -38,6 +38,8 @@ def test_a_real_server_shows_the_calls_its_busy_loop_has_not_taken() -> None:
         )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
+        queue = CoreQueue.of_new_server(before, refresh_s=0.0)
+        assert queue is not None
         done = threading.Event()
 
         def client() -> None:
@@ -62,6 +64,19 @@ def test_a_real_server_shows_the_calls_its_busy_loop_has_not_taken() -> None:
     queue: CoreQueue | None = None
     asyncio.run(main())
     assert seen == [5]  # the five calls sent while the handler held the loop
+
+
+def test_a_read_that_fails_stops_counting_instead_of_failing_calls() -> None:
+    reads = []
+
+    def gone() -> tuple[int, int]:
+        reads.append(1)
+        raise ValueError("Failed to get the server, please ensure your server_id==7 is valid")
+
+    queue = CoreQueue(gone, refresh_s=0.0)
+    assert queue.waiting(held=1, taken=5) == 0
+    assert queue.waiting(held=1, taken=6) == 0
+    assert len(reads) == 1  # not read again
 
 
 def test_between_reads_the_calls_taken_count_down_the_last_read() -> None:

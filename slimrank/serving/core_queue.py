@@ -13,8 +13,10 @@ Reading channelz costs about 0.1 ms (the core writes a JSON document), so
 the calls taken since the last read: a lower bound on what is still queued of what was there.
 
 Channelz is reached through ``grpc._cython.cygrpc``, the functions grpcio-channelz's own
-servicer calls; when they are missing or channelz is off, :meth:`CoreQueue.of_newest_server`
-returns None and admission counts the held calls only.
+servicer calls; when they are missing or channelz is off, :meth:`CoreQueue.of_new_server`
+returns None and admission counts the held calls only. The server is found as the one whose
+channelz id appeared between :meth:`CoreQueue.server_ids` before it was created and
+:meth:`CoreQueue.of_new_server` once it started.
 """
 
 from __future__ import annotations
@@ -59,26 +61,39 @@ class CoreQueue:
         refresh_s: float = 0.002,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self._read = read  # () -> (calls started, calls ended)
+        self._read: Callable[[], tuple[int, int]] | None = read  # () -> (started, ended)
         self.refresh_s = refresh_s
         self._clock = clock
         self._read_at = -float("inf")
         self._queued = 0  # at the last read
         self._taken_at_read = 0
 
-    @classmethod
-    def of_newest_server(cls, refresh_s: float = 0.002) -> CoreQueue | None:
-        """Return the queue of the gRPC server created last in this process (call right after
-        creating it), or None when channelz cannot be read."""
+    @staticmethod
+    def server_ids() -> set[int] | None:
+        """Return the channelz ids of this process's gRPC servers, None if unreadable."""
         cygrpc = _cygrpc()
         if cygrpc is None:
+            return None
+        try:
+            return set(_server_ids(cygrpc))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @classmethod
+    def of_new_server(cls, before: set[int] | None, refresh_s: float = 0.002) -> CoreQueue | None:
+        """Return the queue of the one gRPC server started since ``before`` (the ids
+        :meth:`server_ids` gave before creating it), or None when channelz cannot tell which
+        (unreadable, off, or several servers started meanwhile)."""
+        after = cls.server_ids()
+        if before is None or after is None:
             log.info("channelz unavailable: admission counts held calls only")
             return None
-        ids = _server_ids(cygrpc)
-        if not ids:
-            log.info("channelz lists no server: admission counts held calls only")
+        new = after - before
+        if len(new) != 1:
+            log.info("channelz shows %d new servers: admission counts held calls only", len(new))
             return None
-        server_id = max(ids)
+        (server_id,) = new
+        cygrpc = _cygrpc()
 
         def read() -> tuple[int, int]:
             data = json.loads(cygrpc.channelz_get_server(server_id))["server"]["data"]
@@ -94,8 +109,13 @@ class CoreQueue:
         included); ``taken``: every call taken so far (a running count).
         """
         now = self._clock()
-        if now - self._read_at >= self.refresh_s:
-            started, ended = self._read()
+        if self._read is not None and now - self._read_at >= self.refresh_s:
+            try:
+                started, ended = self._read()
+            except (ValueError, KeyError, TypeError) as err:  # never fail a call over it
+                log.warning("channelz unreadable (%s): the core's queue is no longer counted", err)
+                self._read, self._queued = None, 0
+                return 0
             self._queued = started - ended - held
             self._taken_at_read = taken
             self._read_at = now

@@ -319,9 +319,8 @@ async def _start_aio(
         parallel=max(1, config.handler_threads),
     )
     serving = ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
+    servers_before = CoreQueue.server_ids() if config.core_queue_refresh_s is not None else None
     server = grpc.aio.server(interceptors=[serving], options=_options(config))
-    if config.core_queue_refresh_s is not None:
-        serving.core_queue = CoreQueue.of_newest_server(config.core_queue_refresh_s)
     health_servicer = health.aio.HealthServicer()
     for service in HEALTH_SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -333,6 +332,8 @@ async def _start_aio(
         for pool in pools:
             pool.shutdown(wait=False)
         raise
+    if config.core_queue_refresh_s is not None:
+        serving.core_queue = CoreQueue.of_new_server(servers_before, config.core_queue_refresh_s)
     return server, health_servicer, port, pools, admission
 
 
