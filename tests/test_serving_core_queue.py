@@ -89,3 +89,16 @@ def test_between_reads_the_calls_taken_count_down_the_last_read() -> None:
     now[0] = 0.0021
     assert queue.waiting(held=1, taken=41) == 17  # read again: 30 - 12 - 1
     assert reads == []
+
+
+def test_after_an_idle_spell_nothing_is_read_and_the_old_count_is_dropped() -> None:
+    reads = [(30, 0), (9, 0)]
+    now = [0.0]
+    queue = CoreQueue(lambda: reads.pop(0), refresh_s=0.002, clock=lambda: now[0], idle_s=0.001)
+    assert queue.waiting(held=1, taken=1) == 29
+    now[0] = 0.1
+    # Idle for 5 ms before this call: whatever was queued then has been taken since.
+    assert queue.waiting(held=1, taken=2, idle_s=0.005) == 0
+    assert reads == [(9, 0)]  # not read
+    assert queue.waiting(held=2, taken=3, idle_s=0.0) == 7  # back to back: read again
+    assert reads == []

@@ -219,6 +219,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self.core_queue = core_queue
         self._held = 0  # calls taken from gRPC's core and not finished (loop thread only)
         self._taken = 0
+        self._idle_since = time.perf_counter()  # when _held last fell to 0
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -268,7 +269,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if not method.startswith(HEALTH_PREFIX):
             queued = 0
             if limited and self.core_queue is not None:
-                queued = self.core_queue.waiting(self._held, self._taken)
+                idle = accepted - self._idle_since if self._held == 1 else 0.0
+                queued = self.core_queue.waiting(self._held, self._taken, idle)
             ticket = self._admission.enter(limited, queued)
             if ticket is None:
                 self._metrics.shed.inc()
@@ -290,6 +292,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
     def _finished(self, _: object) -> None:
         self._held -= 1
+        if self._held == 0:
+            self._idle_since = time.perf_counter()
 
     async def _refuse(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         # A stream-unary handler starts without reading the request, so the refusal goes out

@@ -60,9 +60,11 @@ class CoreQueue:
         read: Callable[[], tuple[int, int]],
         refresh_s: float = 0.002,
         clock: Callable[[], float] = time.perf_counter,
+        idle_s: float = 0.001,
     ) -> None:
         self._read: Callable[[], tuple[int, int]] | None = read  # () -> (started, ended)
         self.refresh_s = refresh_s
+        self.idle_s = idle_s  # a loop idle this long has taken everything queued before
         self._clock = clock
         self._read_at = -float("inf")
         self._queued = 0  # at the last read
@@ -102,13 +104,19 @@ class CoreQueue:
 
         return cls(read, refresh_s)
 
-    def waiting(self, held: int, taken: int) -> int:
+    def waiting(self, held: int, taken: int, idle_s: float = 0.0) -> int:
         """Return how many calls wait in the core.
 
         ``held``: calls the server's code has taken and not finished (the one being admitted
-        included); ``taken``: every call taken so far (a running count).
+        included); ``taken``: every call taken so far (a running count); ``idle_s``: how long
+        the server's code had held no call before this one. A loop idle for ``self.idle_s``
+        or more would have taken any call queued before that, so nothing is read then: at low
+        and moderate rates most calls arrive at an idle loop and cost no read.
         """
         now = self._clock()
+        if idle_s >= self.idle_s > 0:
+            self._queued, self._taken_at_read = 0, taken
+            return 0
         if self._read is not None and now - self._read_at >= self.refresh_s:
             try:
                 started, ended = self._read()
