@@ -42,7 +42,7 @@ from slimrank.pipeline.engine import LocalEngine
 from slimrank.pipeline.synthetic import synthetic_dataset
 from slimrank.ranking.candidates import Candidates, split_history
 from slimrank.ranking.feature_io import save_tables
-from slimrank.ranking.features import CandidateFeatures, build_feature_tables
+from slimrank.ranking.features import CandidateFeatures, FeatureTables, build_feature_tables
 from slimrank.ranking.histories import latest_times
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 from slimrank.search.build import TextIndexConfig
@@ -377,6 +377,7 @@ def candidates_step(
         times: sp.csr_matrix = train_times,
         limit: int = 0,
         salt: int = 0,
+        item_item: FeatureTables | None = None,
     ) -> tuple:
         started = time.perf_counter()
         tables = build_feature_tables(
@@ -387,10 +388,12 @@ def candidates_step(
             data.item_features,
             config.features,
             time=times,
+            item_item=item_item,
         )
         log.info(
-            "candidates: feature tables of %d users x %d items built in %.0f s",
+            "candidates: feature tables of %d users x %d items %s in %.0f s",
             *observed.shape,
+            "built" if item_item is None else "built on the fold's item-item tables",
             time.perf_counter() - started,
         )
         started = time.perf_counter()
@@ -413,7 +416,7 @@ def candidates_step(
         flat = build_index(emb.fold_item[i], IndexConfig(kind="flat"), progress=False)
         return emb.fold_item[i], flat
 
-    parts = [
+    folds = [
         mine(
             emb.history[i],
             emb.target[i],
@@ -421,9 +424,14 @@ def candidates_step(
             *fold_search(i),
             limit=config.sample_users,
             salt=i,
-        )[1:]
+        )
         for i in range(len(emb.history))
     ]
+    # "fold": the valid view reads the first fold's item-item tables (built from a subset of
+    # train, so nothing valid holds out leaks into them).
+    shared = folds[0][0] if config.valid_tables == "fold" else None
+    parts = [fold[1:] for fold in folds]
+    del folds  # the folds' tables, but for the one shared
     cands = Candidates(*(np.concatenate([getattr(p[0], f) for p in parts]) for f in _CANDS))
     feats = dataclasses.replace(
         parts[0][1],
@@ -433,22 +441,28 @@ def candidates_step(
     )
     labels = np.concatenate([p[2] for p in parts])
     artifacts.save_view(out / "train.safetensors", cands, feats, labels)
-    view_tables = {}
-    for view in ("valid", "test"):
+    del parts, cands, feats, labels  # 1 KiB a candidate: GiBs at 5,000 sampled users
+
+    def view_tables(view: str, item_item: FeatureTables | None = None) -> FeatureTables:
+        """Mine, featurize and save ``view``'s candidates; return its feature tables."""
         truth = data.truth(view)
-        view_tables[view], cands, feats, labels = mine(
+        tables, cands, feats, labels = mine(
             data.seen(view),
             truth,
             emb.user[view],
             times=times_of[view],
             limit=config.eval_users,
             salt=VIEWS.index(view) + 1000,
+            item_item=item_item,
         )
         artifacts.save_view(out / f"{view}.safetensors", cands, feats, labels)
         metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))
-    # The test view's tables are what a server knows: train + valid interactions (named, not
-    # whatever the loop above happened to leave behind).
-    layout = save_tables(out / "serving_tables.safetensors", view_tables["test"])
+        return tables
+
+    view_tables("valid", shared)  # not served: its tables are freed here
+    del shared
+    # The test view's tables are what a server knows: train + valid interactions.
+    layout = save_tables(out / "serving_tables.safetensors", view_tables("test"))
     write_json(out / "serving_layout.json", layout)
     artifacts.save_metrics(out, metrics)
 
