@@ -236,3 +236,22 @@ def test_cli_reports_a_bad_flag_without_a_traceback(tmp_path, capsys):
     args = ["retrieval", "train", "--dataset", str(path), "--out", str(tmp_path / "run")]
     assert main([*args, "--loss", "bpr"]) == 2  # bpr needs leave_one_out examples
     assert "TrainConfig.loss='bpr'" in capsys.readouterr().err
+
+
+def test_an_epoch_logs_its_progress_a_tenth_at_a_time(caplog):
+    """At 1M users an epoch is thousands of batches: the log says how far it is."""
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+    config = TrainConfig(
+        epochs=2, batch_size=16, loss="sampled_softmax", examples="leave_one_out", progress=False
+    )
+    with caplog.at_level("INFO", logger="slimrank.retrieval.train"):
+        train_two_tower(small_config(), config, split)
+    lines = [r.getMessage() for r in caplog.records if ": " in r.getMessage()]
+    # 60 users x ~9.6 training items, 16 per batch of whole users: about 36 batches an epoch.
+    for epoch in (1, 2):
+        done = [line.split(" ")[2] for line in lines if line.startswith(f"epoch {epoch}: ")]
+        assert len(done) == 9
+        counts = [int(d.split("/")[0]) for d in done]
+        total = int(done[0].split("/")[1])
+        assert counts == sorted(counts) and 0 < counts[0] < counts[-1] < total
+        assert counts == [int(total * t / 10) for t in range(1, 10)]

@@ -318,7 +318,20 @@ def _train(
             model.train()
             total, batches = 0.0, 0
             cpu_start = time.process_time()
-            for group in _user_batches(targets, config.batch_size, rng):
+            groups = list(_user_batches(targets, config.batch_size, rng))
+            # A tenth of an epoch at a time in the log: at 1M users an epoch is 7,800
+            # batches and the bar (one tick per epoch) shows nothing for many minutes.
+            marks = set(np.linspace(0, len(groups), 11)[1:].astype(int).tolist())
+            for group in groups:
+                if batches in marks and batches > 0:
+                    log.info(
+                        "epoch %d: %d/%d batches, loss %.4f, %.0f s CPU",
+                        epoch,
+                        batches,
+                        len(groups),
+                        total / batches,
+                        time.process_time() - cpu_start,
+                    )
                 if config.examples != "leave_one_out":
                     loss_fn = _masked_loss if config.examples == "masked" else _multinomial_loss
                     share = (
