@@ -73,6 +73,15 @@ def rank_users(
 SCORE_BLOCK = 1 << 24
 
 
+def evaluated_users(truth: sp.spmatrix, max_users: int = 0, seed: int = 0) -> np.ndarray:
+    """Return the users :func:`evaluate_full_ranking` ranks: those with a relevant item in
+    ``truth``, or (``max_users`` > 0) a seeded sample of that many of them, sorted."""
+    users = np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
+    if 0 < max_users < len(users):
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    return users
+
+
 def evaluate_full_ranking(
     score_fn: ScoreFn,
     truth: sp.csr_matrix,
@@ -91,9 +100,7 @@ def evaluate_full_ranking(
     """
     ks = tuple(ks)
     truth = sp.csr_matrix(truth)
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
-    if 0 < max_users < len(users):
-        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    users = evaluated_users(truth, max_users, seed)
     if batch_size <= 0:
         batch_size = int(np.clip(SCORE_BLOCK // max(truth.shape[1], 1), 1, 1024))
     top = rank_users(score_fn, users, exclude, max(ks), batch_size)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from slimrank.config import Config, require
 from slimrank.data.dataset import FeatureTable, Split, item_popularity
-from slimrank.evaluation.protocol import evaluate_full_ranking
+from slimrank.evaluation.protocol import evaluate_full_ranking, evaluated_users
 from slimrank.retrieval.embeddings import export_embeddings, history_for
 from slimrank.retrieval.two_tower import (
     TwoTower,
@@ -240,14 +240,19 @@ def evaluate_model(
     if view not in ("valid", "test"):
         raise ValueError(f"view={view!r}: expected 'valid' or 'test'")
     history = history_for(split, view, model.config.max_history)  # type: ignore[arg-type]
-    user_vecs, item_vecs = export_embeddings(model, history, user_features, item_features)
     if view == "valid":
         truth, exclude = split.valid_matrix(), split.seen_for_valid()
     else:
         truth, exclude = split.test_matrix(), split.seen_for_test()
-    return evaluate_full_ranking(
-        lambda users: user_vecs[users] @ item_vecs.T, truth, exclude, ks, max_users=max_users
+    ranked = evaluated_users(truth, max_users)  # the users evaluate_full_ranking ranks
+    user_vecs, item_vecs = export_embeddings(
+        model, history, user_features, item_features, users=ranked
     )
+
+    def score(users: np.ndarray) -> np.ndarray:
+        return user_vecs[np.searchsorted(ranked, users)] @ item_vecs.T
+
+    return evaluate_full_ranking(score, truth, exclude, ks, max_users=max_users)
 
 
 def train_two_tower(
