@@ -39,9 +39,18 @@ def topk_items(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None)
         rows = np.repeat(np.arange(n_rows), np.diff(exclude.indptr))
         scores[rows, exclude.indices] = -np.inf
     k_eff = min(k, n_items)
-    # Stable sort of -score keeps lower indices first among equal scores.
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]  # (B, k_eff)
-    top = np.where(np.take_along_axis(scores, order, axis=1) == -np.inf, -1, order)
+    if k_eff == 0:
+        return np.full((n_rows, k), -1, dtype=np.int64)
+    # Sorting every item is O(I log I) a row (minutes for 2,000 users on a 600k catalog):
+    # keep each row's items scoring at least its k-th best (k, more with ties), then sort those
+    # by score, ties to the lower item index, as a stable sort of the whole row would.
+    kth = np.partition(scores, n_items - k_eff, axis=1)[:, n_items - k_eff]  # (B,)
+    rows, cols = np.nonzero(scores >= kth[:, None])  # row-major: rows, then items, ascending
+    values = scores[rows, cols]
+    order = np.lexsort((cols, -values, rows))
+    first = np.searchsorted(rows[order], np.arange(n_rows))  # each row has >= k_eff kept
+    take = order[first[:, None] + np.arange(k_eff)]  # (B, k_eff)
+    top = np.where(values[take] == -np.inf, -1, cols[take])
     if k_eff < k:
         top = np.pad(top, ((0, 0), (0, k - k_eff)), constant_values=-1)
     return top
