@@ -168,3 +168,21 @@ def test_the_valid_view_reads_the_history_folds_item_item_tables(served: Served)
     np.testing.assert_allclose(feats.values, shared, rtol=1e-6, atol=1e-6)
     cooc_sum = feats.names.index("cooc_sum")
     assert not np.allclose(own[..., cooc_sum], shared[..., cooc_sum])  # the tables differ
+
+
+def test_the_scale_bench_compares_the_served_ranker_with_the_peers(served: Served) -> None:
+    """bench/scale_steps.py's last step, on this run: it broke at 1M when report.VARIANTS
+    gained a fourth field (its sub-directory)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "scale_steps.py"
+    spec = importlib.util.spec_from_file_location("scale_steps", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    comparison = bench.peer_comparison(served.result).to_dict()
+    names = [row["name"] for row in comparison["rows"]]
+    assert names[0] == "pipeline, pruned int8 student (served)"
+    assert "ALS (implicit)" in names and "most popular" in names
+    int8 = served.result.metrics("int8")["valid"]["ndcg@10"]
+    assert comparison["rows"][0]["valid_ndcg"] == int8
