@@ -25,7 +25,7 @@ from slimrank.pipeline.artifacts import load_view
 from slimrank.pipeline.config import PipelineConfig
 from slimrank.pipeline.publish import publish_run
 from slimrank.pipeline.run import RunResult, run_pipeline
-from slimrank.pipeline.steps import load_data, load_embeddings
+from slimrank.pipeline.steps import candidates_step, load_data, load_embeddings
 from slimrank.ranking.features import FeatureTables, build_feature_tables, candidate_features
 from slimrank.ranking.pipeline_eval import rank_candidates
 from slimrank.serving.client import SlimrankClient
@@ -144,13 +144,15 @@ def test_users_outside_every_sample_are_served_from_the_full_tables(served: Serv
         assert not set(got.item_ids) & {str(item_ids[i]) for i in seen[user].indices}
 
 
-def test_the_valid_view_reads_the_history_folds_item_item_tables(served: Served) -> None:
-    """scale.toml's ``valid_tables = "fold"``: the valid view's co-occurrence and EASE come
-    from the history fold (a subset of train, built once for the training lists), its own
-    history and vectors from train; the test view (served) builds its own from train + valid."""
+def test_the_valid_view_reads_its_own_or_the_history_folds_item_item_tables(
+    served: Served, tmp_path: Path
+) -> None:
+    """``valid_tables = "own"`` (scale.toml): the valid view's co-occurrence and EASE are
+    built from train, as the served ones are from train + valid. ``"fold"``: they are the
+    history fold's (the tables the rankers trained on), its history and vectors still train's."""
     result = served.result
     config = result.config.candidates
-    assert config.valid_tables == "fold"
+    assert config.valid_tables == "own"
     data = load_data(result.path("data"))
     emb = load_embeddings(result.path("embeddings"), data.split.n_users, data.split.n_items)
     sides = (data.user_features, data.item_features, config.features)
@@ -163,8 +165,13 @@ def test_the_valid_view_reads_the_history_folds_item_item_tables(served: Served)
 
     fold = build_feature_tables(emb.history[0], emb.user["fold0"], emb.item, *sides, time=times)
     cands, feats, _ = load_view(result.path("candidates") / "valid.safetensors")
-    shared = candidate_features(valid_tables(fold), cands).values
     own = candidate_features(valid_tables(None), cands).values
+    np.testing.assert_allclose(feats.values, own, rtol=1e-6, atol=1e-6)
+    shared_config = dataclasses.replace(config, valid_tables="fold")
+    paths = [result.path(step) for step in ("data", "embeddings", "index")]
+    candidates_step(shared_config, result.config.k, *paths, tmp_path)
+    cands, feats, _ = load_view(tmp_path / "valid.safetensors")
+    shared = candidate_features(valid_tables(fold), cands).values
     np.testing.assert_allclose(feats.values, shared, rtol=1e-6, atol=1e-6)
     cooc_sum = feats.names.index("cooc_sum")
     assert not np.allclose(own[..., cooc_sum], shared[..., cooc_sum])  # the tables differ
