@@ -198,11 +198,12 @@ def peer_comparison(run_result: Any) -> Any:
     catalog this size (:data:`~slimrank.evaluation.peers.SCALE_PEERS`), each selected on
     validation and refitted on train + valid, paired over the test view's users."""
     from slimrank.evaluation.peers import SCALE_PEERS
-    from slimrank.pipeline.comparison import compare
+    from slimrank.pipeline.comparison import PIPELINE_ROWS, compare
     from slimrank.pipeline.report import VARIANTS
 
     metric = f"ndcg@{run_result.config.k}"
-    valid = {key: run_result.metrics(step)["valid"][metric] for key, _, step in VARIANTS}
+    step_of = {key: step for key, _, step, _ in VARIANTS}  # (key, label, step, sub-directory)
+    valid = {key: run_result.metrics(step_of[key])["valid"][metric] for key, _ in PIPELINE_ROWS}
     return compare(run_result, valid, peers=SCALE_PEERS)
 
 

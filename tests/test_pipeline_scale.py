@@ -21,10 +21,17 @@ from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import read_npy
 from slimrank.compression.scorer import Scorer
 from slimrank.data.world import WorldConfig, write_world
-from slimrank.pipeline.artifacts import DataArtifact, load_view
+from slimrank.pipeline.artifacts import (
+    DataArtifact,
+    EmbeddingsArtifact,
+    IndexArtifact,
+    load_view,
+)
 from slimrank.pipeline.config import PipelineConfig
 from slimrank.pipeline.publish import publish_run
 from slimrank.pipeline.run import RunResult, run_pipeline
+from slimrank.pipeline.steps import candidates_step
+from slimrank.ranking.features import FeatureTables, build_feature_tables, candidate_features
 from slimrank.ranking.pipeline_eval import rank_candidates
 from slimrank.serving.client import SlimrankClient
 
@@ -140,3 +147,54 @@ def test_users_outside_every_sample_are_served_from_the_full_tables(served: Serv
         got = served.client.recommend(str(user_ids[user]), 10)
         assert got.user_source == "KNOWN" and len(got.item_ids) == 10
         assert not set(got.item_ids) & {str(item_ids[i]) for i in seen[user].indices}
+
+
+def test_the_valid_view_reads_its_own_or_the_history_folds_item_item_tables(
+    served: Served,
+) -> None:
+    """``valid_tables = "own"`` (scale.toml): the valid view's co-occurrence and EASE are
+    built from train, as the served ones are from train + valid. ``"fold"``: they are the
+    history fold's (the tables the rankers trained on), its history and vectors still train's."""
+    result = served.result
+    config = result.config.candidates
+    assert config.valid_tables == "own"
+    data = DataArtifact.load(result.path("data"))
+    emb = EmbeddingsArtifact.load(result.path("embeddings"))
+    sides = (data.user_features, data.item_features, config.features)
+    times = data.seen_times("valid")
+
+    def valid_tables(item_item: FeatureTables | None) -> FeatureTables:
+        return build_feature_tables(
+            data.seen("valid"), emb.user["valid"], emb.item, *sides, time=times, item_item=item_item
+        )
+
+    fold = build_feature_tables(emb.history[0], emb.user["fold0"], emb.item, *sides, time=times)
+    cands, feats, _ = load_view(result.path("candidates") / "valid.safetensors")
+    own = candidate_features(valid_tables(None), cands).values
+    np.testing.assert_allclose(feats.values, own, rtol=1e-6, atol=1e-6)
+    shared_config = dataclasses.replace(config, valid_tables="fold")
+    index = IndexArtifact.load(result.path("index"))
+    mined = candidates_step(shared_config, result.config.k, data, emb, index)
+    cands, feats, _ = mined.views["valid"]
+    shared = candidate_features(valid_tables(fold), cands).values
+    np.testing.assert_allclose(feats.values, shared, rtol=1e-6, atol=1e-6)
+    cooc_sum = feats.names.index("cooc_sum")
+    assert not np.allclose(own[..., cooc_sum], shared[..., cooc_sum])  # the tables differ
+
+
+def test_the_scale_bench_compares_the_served_ranker_with_the_peers(served: Served) -> None:
+    """bench/scale_steps.py's last step, on this run: it broke at 1M when report.VARIANTS
+    gained a fourth field (its sub-directory)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "scale_steps.py"
+    spec = importlib.util.spec_from_file_location("scale_steps", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    comparison = bench.peer_comparison(served.result).to_dict()
+    names = [row["name"] for row in comparison["rows"]]
+    assert names[0] == "pipeline, pruned int8 student (served)"
+    assert "ALS (implicit)" in names and "most popular" in names
+    int8 = served.result.metrics("int8")["valid"]["ndcg@10"]
+    assert comparison["rows"][0]["valid_ndcg"] == int8

@@ -66,3 +66,23 @@ def test_score_fn_with_wrong_shape_is_an_error() -> None:
     truth = sp.csr_matrix(np.eye(2, dtype=np.float32))
     with pytest.raises(ValueError, match="score_fn returned shape"):
         evaluate_full_ranking(lambda users: np.zeros((len(users), 3)), truth, sp.csr_matrix((2, 2)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 15), st.integers(1, 14))
+def test_topk_matches_a_full_sort_with_ties_exclusions_and_padding(
+    seed: int, n_items: int, k: int
+) -> None:
+    """The partial selection gives what sorting every item on (-score, index) gives, with
+    excluded items never ranked and -1 once a row runs out of rankable items."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-2, 3, size=(5, n_items)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.1] = -np.inf  # unrankable by score alone
+    exclude = sp.csr_matrix(rng.random(scores.shape) < 0.4)
+    expected = []
+    for r, row in enumerate(scores):
+        banned = set(exclude[r].indices.tolist())
+        ranked = sorted(range(n_items), key=lambda i, row=row: (-row[i], i))
+        ok = [i for i in ranked if i not in banned and row[i] != -np.inf][:k]
+        expected.append(ok + [-1] * (k - len(ok)))
+    assert topk_items(scores, k, exclude).tolist() == expected

@@ -360,3 +360,24 @@ def test_rank_columns_rank_within_the_list() -> None:
         real = cands.mask[row]
         expected = np.argsort(np.argsort(-ease[real], kind="stable"), kind="stable")
         np.testing.assert_array_equal(rank[real], expected)
+
+
+def test_item_item_tables_are_reused_from_a_subset_of_the_history() -> None:
+    """``item_item``: co-occurrence and EASE come from the given tables (here built from
+    u0's row alone); the user rows, popularity and vectors from ``history``."""
+    history = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 0, 1]], dtype=np.float32))
+    subset = history.multiply(np.array([[1], [0], [0]])).tocsr()
+    vecs = np.eye(4, 2, dtype=np.float32)
+    config = FeatureConfig(ease_lambda=10.0)
+    shared = build_feature_tables(subset, vecs[:3], vecs, config=config)
+    tables = build_feature_tables(history, vecs[:3], vecs, config=config, item_item=shared)
+    # Only u0's {0, 1} co-occur in the subset: item 0's one neighbour is item 1.
+    np.testing.assert_array_equal(
+        tables.cooc.to_csr().toarray(), [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(tables.ease.indices, shared.ease.indices)
+    np.testing.assert_array_equal(tables.ease.values, shared.ease.values)
+    np.testing.assert_allclose(tables.item_log_popularity, np.log1p([2, 3, 1, 1]))
+    assert tables.history.matrix().nnz == history.nnz
+    with pytest.raises(ValueError, match="another config or catalog"):
+        build_feature_tables(history, vecs[:3], vecs, config=FeatureConfig(), item_item=shared)

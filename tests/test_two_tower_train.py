@@ -236,3 +236,48 @@ def test_cli_reports_a_bad_flag_without_a_traceback(tmp_path, capsys):
     args = ["retrieval", "train", "--dataset", str(path), "--out", str(tmp_path / "run")]
     assert main([*args, "--loss", "bpr"]) == 2  # bpr needs leave_one_out examples
     assert "TrainConfig.loss='bpr'" in capsys.readouterr().err
+
+
+def test_an_epoch_logs_its_progress_a_tenth_at_a_time(caplog):
+    """At 1M users an epoch is thousands of batches: the log says how far it is."""
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+    config = TrainConfig(
+        epochs=2, batch_size=16, loss="sampled_softmax", examples="leave_one_out", progress=False
+    )
+    with caplog.at_level("INFO", logger="slimrank.retrieval.train"):
+        train_two_tower(small_config(), config, split)
+    lines = [r.getMessage() for r in caplog.records if ": " in r.getMessage()]
+    # 60 users x ~9.6 training items, 16 per batch of whole users: about 36 batches an epoch.
+    for epoch in (1, 2):
+        done = [line.split(" ")[2] for line in lines if line.startswith(f"epoch {epoch}: ")]
+        assert len(done) == 9
+        counts = [int(d.split("/")[0]) for d in done]
+        total = int(done[0].split("/")[1])
+        assert counts == sorted(counts) and 0 < counts[0] < counts[-1] < total
+        assert counts == [int(total * t / 10) for t in range(1, 10)]
+
+
+def test_a_sampled_evaluation_pools_only_the_sampled_users_and_scores_as_before():
+    """``max_users``: the vectors of the sampled users alone, the metrics of ranking them with
+    every user's vectors (the reference: export all, rank the same sample)."""
+    from slimrank.evaluation.protocol import evaluate_full_ranking, evaluated_users
+
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+    config = TrainConfig(epochs=2, batch_size=64, seed=0, progress=False)
+    model = train_two_tower(small_config(), config, split).model
+    history = history_for(split, "valid")
+    every_user, item_vecs = export_embeddings(model, history)
+    sample = evaluated_users(split.valid_matrix(), 17)
+    assert len(sample) == 17
+    some, same_items = export_embeddings(model, history, users=sample[::-1])
+    np.testing.assert_allclose(some, every_user[sample[::-1]], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(same_items, item_vecs)
+    expected = evaluate_full_ranking(
+        lambda users: every_user[users] @ item_vecs.T,
+        split.valid_matrix(),
+        split.seen_for_valid(),
+        (5, 10),
+        max_users=17,
+    )
+    got = evaluate_model(model, split, "valid", ks=(5, 10), max_users=17)
+    assert got == pytest.approx(expected) and got["users"] == 17

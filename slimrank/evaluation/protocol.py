@@ -39,9 +39,18 @@ def topk_items(scores: np.ndarray, k: int, exclude: sp.csr_matrix | None = None)
         rows = np.repeat(np.arange(n_rows), np.diff(exclude.indptr))
         scores[rows, exclude.indices] = -np.inf
     k_eff = min(k, n_items)
-    # Stable sort of -score keeps lower indices first among equal scores.
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]  # (B, k_eff)
-    top = np.where(np.take_along_axis(scores, order, axis=1) == -np.inf, -1, order)
+    if k_eff == 0:
+        return np.full((n_rows, k), -1, dtype=np.int64)
+    # Sorting every item is O(I log I) a row (minutes for 2,000 users on a 600k catalog):
+    # keep each row's items scoring at least its k-th best (k, more with ties), then sort those
+    # by score, ties to the lower item index, as a stable sort of the whole row would.
+    kth = np.partition(scores, n_items - k_eff, axis=1)[:, n_items - k_eff]  # (B,)
+    rows, cols = np.nonzero(scores >= kth[:, None])  # row-major: rows, then items, ascending
+    values = scores[rows, cols]
+    order = np.lexsort((cols, -values, rows))
+    first = np.searchsorted(rows[order], np.arange(n_rows))  # each row has >= k_eff kept
+    take = order[first[:, None] + np.arange(k_eff)]  # (B, k_eff)
+    top = np.where(values[take] == -np.inf, -1, cols[take])
     if k_eff < k:
         top = np.pad(top, ((0, 0), (0, k - k_eff)), constant_values=-1)
     return top
@@ -73,6 +82,15 @@ def rank_users(
 SCORE_BLOCK = 1 << 24
 
 
+def evaluated_users(truth: sp.spmatrix, max_users: int = 0, seed: int = 0) -> np.ndarray:
+    """Return the users :func:`evaluate_full_ranking` ranks: those with a relevant item in
+    ``truth``, or (``max_users`` > 0) a seeded sample of that many of them, sorted."""
+    users = np.flatnonzero(np.diff(sp.csr_matrix(truth).indptr) > 0)
+    if 0 < max_users < len(users):
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    return users
+
+
 def evaluate_full_ranking(
     score_fn: ScoreFn,
     truth: sp.csr_matrix,
@@ -91,9 +109,7 @@ def evaluate_full_ranking(
     """
     ks = tuple(ks)
     truth = sp.csr_matrix(truth)
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
-    if 0 < max_users < len(users):
-        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    users = evaluated_users(truth, max_users, seed)
     if batch_size <= 0:
         batch_size = int(np.clip(SCORE_BLOCK // max(truth.shape[1], 1), 1, 1024))
     top = rank_users(score_fn, users, exclude, max(ks), batch_size)

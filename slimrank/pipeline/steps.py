@@ -51,7 +51,7 @@ from slimrank.pipeline.config import (
 from slimrank.pipeline.engine import LocalEngine
 from slimrank.pipeline.synthetic import synthetic_dataset
 from slimrank.ranking.candidates import Candidates, split_history
-from slimrank.ranking.features import build_feature_tables
+from slimrank.ranking.features import FeatureTables, build_feature_tables
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 from slimrank.search.build import TextIndexConfig
 
@@ -269,6 +269,7 @@ def candidates_step(
         times: sp.csr_matrix = train_times,
         limit: int = 0,
         salt: int = 0,
+        item_item: FeatureTables | None = None,
     ) -> tuple:
         started = time.perf_counter()
         tables = build_feature_tables(
@@ -279,10 +280,12 @@ def candidates_step(
             data.item_features,
             config.features,
             time=times,
+            item_item=item_item,
         )
         log.info(
-            "candidates: feature tables of %d users x %d items built in %.0f s",
+            "candidates: feature tables of %d users x %d items %s in %.0f s",
             *observed.shape,
+            "built" if item_item is None else "built on the fold's item-item tables",
             time.perf_counter() - started,
         )
         started = time.perf_counter()
@@ -305,7 +308,7 @@ def candidates_step(
         flat = build_index(emb.fold_item[i], IndexConfig(kind="flat"), progress=False)
         return emb.fold_item[i], flat
 
-    parts = [
+    folds = [
         mine(
             emb.history[i],
             emb.target[i],
@@ -313,9 +316,14 @@ def candidates_step(
             *fold_search(i),
             limit=config.sample_users,
             salt=i,
-        )[1:]
+        )
         for i in range(len(emb.history))
     ]
+    # "fold": the valid view reads the first fold's item-item tables (built from a subset of
+    # train, so nothing valid holds out leaks into them).
+    shared = folds[0][0] if config.valid_tables == "fold" else None
+    parts = [fold[1:] for fold in folds]
+    del folds  # the folds' tables, but for the one shared
     cands = Candidates(*(np.concatenate([getattr(p[0], f) for p in parts]) for f in _CANDS))
     feats = dataclasses.replace(
         parts[0][1],
@@ -326,7 +334,7 @@ def candidates_step(
     labels = np.concatenate([p[2] for p in parts])
     views: dict[str, View] = {"train": (cands, feats, labels)}
     view_tables = {}
-    for view in ("valid", "test"):
+    for view, item_item in (("valid", shared), ("test", None)):
         truth = data.truth(view)
         view_tables[view], cands, feats, labels = mine(
             data.seen(view),
@@ -335,6 +343,7 @@ def candidates_step(
             times=times_of[view],
             limit=config.eval_users,
             salt=VIEWS.index(view) + 1000,
+            item_item=item_item,
         )
         views[view] = (cands, feats, labels)
         metrics[view] = pipeline_metrics(cands, cands.retrieval_score, truth, (k,))

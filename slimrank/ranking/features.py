@@ -291,6 +291,25 @@ def side_matrix(table: FeatureTable | None, n_rows: int, max_onehot: int) -> tup
     return np.concatenate(cols, axis=1), tuple(names)
 
 
+def item_item_tables(
+    observed: sp.csr_matrix, config: FeatureConfig
+) -> tuple[NeighborTable, NeighborTable | None]:
+    """Return the co-occurrence and (``ease_lambda`` > 0) EASE neighbours of ``observed``."""
+    n_items = observed.shape[1]
+    cooc = cooccurrence_table(observed, config.cooc_neighbors, config.block_pairs)
+    if config.ease_lambda <= 0:
+        return cooc, None
+    if config.ease_is_exact(n_items):
+        return cooc, ease_exact_table(observed, config.ease_lambda, config.ease_neighbors)
+    log.info(
+        "EASE: local ridge over %d neighbours (%d items)", config.ease_local_neighbors, n_items
+    )
+    ease = ease_local_table(
+        observed, cooc, config.ease_lambda, config.ease_neighbors, config.ease_local_neighbors
+    )
+    return cooc, ease
+
+
 def build_feature_tables(
     history: sp.spmatrix,
     user_vecs: np.ndarray,
@@ -299,12 +318,17 @@ def build_feature_tables(
     item_features: FeatureTable | None = None,
     config: FeatureConfig | None = None,
     time: sp.spmatrix | None = None,
+    item_item: FeatureTables | None = None,
 ) -> FeatureTables:
     """Return the tables of features read from ``history`` (the observed interactions).
 
     ``time`` (same shape, e.g. :func:`~slimrank.ranking.histories.latest_times`) orders each
     user's history newest first, which decides the ``history_cap`` items the item-item
     signals read; without it histories are in item-row order.
+
+    ``item_item``: tables whose co-occurrence and EASE neighbours are reused instead of built
+    (the costly part at catalog scale); the caller must have built them from a subset of
+    ``history``, or the features leak what ``history`` does not hold.
     """
     config = config or FeatureConfig()
     hist = Histories.from_matrix(history, time)
@@ -315,17 +339,12 @@ def build_feature_tables(
     popularity = np.bincount(hist.items, minlength=n_items)
     user_side, user_names = side_matrix(user_features, n_users, config.max_onehot)
     item_side, item_names = side_matrix(item_features, n_items, config.max_onehot)
-    cooc = cooccurrence_table(observed, config.cooc_neighbors, config.block_pairs)
-    ease = None
-    if config.ease_lambda > 0 and config.ease_is_exact(n_items):
-        ease = ease_exact_table(observed, config.ease_lambda, config.ease_neighbors)
-    elif config.ease_lambda > 0:
-        log.info(
-            "EASE: local ridge over %d neighbours (%d items)", config.ease_local_neighbors, n_items
-        )
-        ease = ease_local_table(
-            observed, cooc, config.ease_lambda, config.ease_neighbors, config.ease_local_neighbors
-        )
+    if item_item is not None:
+        if item_item.config != config or item_item.history.n_items != n_items:
+            raise ValueError("item_item tables were built with another config or catalog")
+        cooc, ease = item_item.cooc, item_item.ease
+    else:
+        cooc, ease = item_item_tables(observed, config)
     return FeatureTables(
         config=config,
         history=hist,

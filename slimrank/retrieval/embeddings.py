@@ -63,8 +63,12 @@ def export_embeddings(
     user_features: FeatureTable | None = None,
     item_features: FeatureTable | None = None,
     batch_size: int = 4096,
+    users: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (user_vecs (U, d), item_vecs (I, d)) float32 for every user and item.
+
+    ``users``: only these users' vectors, one row each in this order (an evaluation sample:
+    at 1M users, pooling every history to rank 2,000 of them took minutes).
 
     The dot product ranks items as the model does. With ``item_bias`` both are d + 1 wide:
     users get a last column of ones, items their bias divided by the logit scale.
@@ -79,9 +83,10 @@ def export_embeddings(
         raise ValueError(f"history has {history.n_users} users, the model {config.n_users}")
     ufeat = _features(user_features, config.user_features, config.n_users, "user")
     ifeat = _features(item_features, config.item_features, config.n_items, "item")
+    wanted = np.arange(config.n_users) if users is None else np.array(users, dtype=np.int64)
     users = []
-    for start in range(0, config.n_users, batch_size):
-        idx = np.arange(start, min(start + batch_size, config.n_users))
+    for start in range(0, len(wanted), batch_size):
+        idx = wanted[start : start + batch_size]
         rows = torch.as_tensor(idx)
         bag_items = bag_offsets = None
         if config.use_history:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from slimrank.config import Config, require
 from slimrank.data.dataset import FeatureTable, Split, item_popularity
-from slimrank.evaluation.protocol import evaluate_full_ranking
+from slimrank.evaluation.protocol import evaluate_full_ranking, evaluated_users
 from slimrank.retrieval.embeddings import export_embeddings, history_for
 from slimrank.retrieval.two_tower import (
     TwoTower,
@@ -240,14 +240,19 @@ def evaluate_model(
     if view not in ("valid", "test"):
         raise ValueError(f"view={view!r}: expected 'valid' or 'test'")
     history = history_for(split, view, model.config.max_history)  # type: ignore[arg-type]
-    user_vecs, item_vecs = export_embeddings(model, history, user_features, item_features)
     if view == "valid":
         truth, exclude = split.valid_matrix(), split.seen_for_valid()
     else:
         truth, exclude = split.test_matrix(), split.seen_for_test()
-    return evaluate_full_ranking(
-        lambda users: user_vecs[users] @ item_vecs.T, truth, exclude, ks, max_users=max_users
+    ranked = evaluated_users(truth, max_users)  # the users evaluate_full_ranking ranks
+    user_vecs, item_vecs = export_embeddings(
+        model, history, user_features, item_features, users=ranked
     )
+
+    def score(users: np.ndarray) -> np.ndarray:
+        return user_vecs[np.searchsorted(ranked, users)] @ item_vecs.T
+
+    return evaluate_full_ranking(score, truth, exclude, ks, max_users=max_users)
 
 
 def train_two_tower(
@@ -318,7 +323,20 @@ def _train(
             model.train()
             total, batches = 0.0, 0
             cpu_start = time.process_time()
-            for group in _user_batches(targets, config.batch_size, rng):
+            groups = list(_user_batches(targets, config.batch_size, rng))
+            # A tenth of an epoch at a time in the log: at 1M users an epoch is 7,800
+            # batches and the bar (one tick per epoch) shows nothing for many minutes.
+            marks = set(np.linspace(0, len(groups), 11)[1:].astype(int).tolist())
+            for group in groups:
+                if batches in marks and batches > 0:
+                    log.info(
+                        "epoch %d: %d/%d batches, loss %.4f, %.0f s CPU",
+                        epoch,
+                        batches,
+                        len(groups),
+                        total / batches,
+                        time.process_time() - cpu_start,
+                    )
                 if config.examples != "leave_one_out":
                     loss_fn = _masked_loss if config.examples == "masked" else _multinomial_loss
                     share = (

@@ -1,0 +1,111 @@
+"""Checks on a finished ``make bench-scale`` run's step cache (no pipeline step is re-run).
+
+- ``recall``: the tuned index's recall@200 against exact search on held-out users: test-view
+  user vectors of users with a test interaction, outside the 2,000 the index step tuned on.
+- ``evaluation``: the CPU of the two-tower step's sampled full-ranking evaluation
+  (``evaluate_model``, 2,000 users) on the run's model, valid and test, with its metrics
+  beside the ones the step saved (they must agree).
+
+    nice -n 19 .venv/bin/python bench/scale_checks.py recall \
+        bench/.cache/scale/cache-1000000u-1000000i-20-oe9c68b9b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def step_dir(cache: Path, step: str) -> Path:
+    """Return the one cached output of ``step`` under ``cache``."""
+    found = sorted(cache.glob(f"{step}-*"))
+    if len(found) != 1:
+        raise SystemExit(f"{cache}: expected one {step}-* directory, found {len(found)}")
+    return found[0]
+
+
+def held_out_recall(cache: Path, n_users: int = 2000, k: int = 200) -> dict[str, Any]:
+    """Return the index's recall@k against exact search on ``n_users`` held-out users."""
+    import faiss
+
+    from slimrank.pipeline import artifacts
+    from slimrank.pipeline.steps import load_embeddings, load_search
+    from slimrank.retrieval.index import IndexConfig
+    from slimrank.retrieval.tuning import exact_knn
+
+    split = artifacts.load_split(step_dir(cache, "data") / "split.safetensors")
+    emb = load_embeddings(step_dir(cache, "embeddings"), split.n_users, split.n_items)
+    index_dir = step_dir(cache, "index")
+    index = load_search(index_dir)
+    config = IndexConfig.from_dict(
+        json.loads((index_dir / "step.json").read_text())["config"]["index"]
+    )
+    queries = emb.user["test"]
+    # The index step's own pick (index_step: seed, n_queries) is left out.
+    rng = np.random.default_rng(config.seed)
+    tuned = rng.choice(len(queries), min(len(queries), config.tuning.n_queries), False)
+    pool = np.setdiff1d(np.unique(split.test.user), tuned)
+    users = np.sort(np.random.default_rng(12345).choice(pool, n_users, replace=False))
+    xq = np.ascontiguousarray(queries[users], dtype=np.float32)
+    cpu = time.process_time()
+    _, got = index.search(xq, k)
+    search_cpu = time.process_time() - cpu
+    cpu = time.process_time()
+    _, truth = exact_knn(xq, [emb.item], k, faiss.METRIC_INNER_PRODUCT)
+    exact_cpu = time.process_time() - cpu
+    recall = np.mean(
+        [
+            len(set(g[g >= 0].tolist()) & set(t.tolist())) / k
+            for g, t in zip(got, truth, strict=True)
+        ]
+    )
+    return {
+        "held_out_users": len(users),
+        f"recall@{k}": round(float(recall), 4),
+        "params": index.params,
+        "search_cpu_s": round(search_cpu, 1),
+        "exact_cpu_s": round(exact_cpu, 1),
+    }
+
+
+def evaluation_cost(cache: Path, max_users: int = 2000) -> dict[str, Any]:
+    """Return the CPU seconds and metrics of the two-tower step's sampled evaluation."""
+    from slimrank.pipeline.steps import load_data
+    from slimrank.retrieval.train import evaluate_model
+    from slimrank.retrieval.two_tower import load_model
+
+    data = load_data(step_dir(cache, "data"))
+    model_dir = step_dir(cache, "two_tower")
+    model = load_model(model_dir / "model")
+    saved = json.loads((model_dir / "metrics.json").read_text())
+    out: dict[str, Any] = {}
+    for view in ("valid", "test"):
+        cpu = time.process_time()
+        got = evaluate_model(model, data.split, view, ks=(10,), max_users=max_users)
+        out[view] = {
+            "cpu_s": round(time.process_time() - cpu, 1),
+            "ndcg@10": got["ndcg@10"],
+            "saved_ndcg@10": saved[view]["ndcg@10"],
+            "same_as_saved": all(got[m] == saved[view][m] for m in got),
+        }
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("check", choices=("recall", "evaluation"))
+    parser.add_argument("cache", type=Path, help="the run's step cache (bench/.cache/scale/...)")
+    args = parser.parse_args()
+    fn = held_out_recall if args.check == "recall" else evaluation_cost
+    print(json.dumps(fn(args.cache), indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
