@@ -7,13 +7,13 @@ their validation items: the lists closest to the test view) join the training li
 teacher is trained twice with the pipeline's teacher config and seed: on the training lists
 alone, and on them plus B's lists; both are evaluated after every epoch on A. The refit rule
 would train for the epoch count chosen on validation, so the table gives every epoch and
-the paired difference at the epoch the baseline chooses on A. Then the halves swap.
+the paired difference at the epoch the baseline chooses on A (``--held B``: the halves swap).
 
 Reads the candidates step of ``slimrank pipeline --config CONFIG`` from the step cache::
 
     .venv/bin/python bench/refit_valid.py [--config pipeline]
 
-Writes ``bench/results/refit_valid.md``.
+Writes ``bench/results/refit_valid.md`` (``refit_valid_B.md`` with ``--held B``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--config", default="pipeline")
     parser.add_argument("--candidates", type=Path, help="a candidates step directory instead")
     parser.add_argument("--seed", type=int, default=0, help="seed of the halves")
-    parser.add_argument("--swaps", type=int, default=1, help="1: A held out only; 2: also B")
+    parser.add_argument("--held", choices=("A", "B", "both"), default="A", help="half held out")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of each run")
     args = parser.parse_args()
     config = load_config(resolve_config(args.config))
@@ -98,7 +98,7 @@ def main() -> int:
         "half's valid lists | paired difference [95% CI] |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for swap in range(args.swaps):
+    for swap in {"A": [0], "B": [1], "both": [0, 1]}[args.held]:
         held = half if swap == 0 else ~half
         a_cands, a_feats = v_cands.take(held), v_feats.take(held)
         per_epoch: dict[str, list] = {}
@@ -122,15 +122,21 @@ def main() -> int:
         chosen = int(np.argmax([r.mean for r in base]))
         for epoch in range(1, len(base)):
             ci = paired_bootstrap(refit[epoch], base[epoch], resamples=2000)
-            mark = " (chosen on A)" if epoch == chosen else ""
+            mark = " (chosen)" if epoch == chosen else ""
             lines.append(
                 f"| {'A' if swap == 0 else 'B'} ({int(held.sum())} users) | {int((~held).sum())} "
                 f"| {epoch}{mark} | {base[epoch].mean:.4f} | {refit[epoch].mean:.4f} "
                 f"| {ci.diff:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] |"
             )
-    lines += ["", f"Command: `.venv/bin/python bench/refit_valid.py --config {args.config}`"]
+    lines += [
+        "",
+        f"Command: `.venv/bin/python bench/refit_valid.py --config {args.config} "
+        f"--held {args.held}`",
+    ]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "refit_valid.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"refit_valid{'' if args.held == 'A' else '_' + args.held}.md").write_text(
+        "\n".join(lines) + "\n"
+    )
     print("\n".join(lines))
     return 0
 
