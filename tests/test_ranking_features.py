@@ -3,6 +3,8 @@ references (EASE's dense scores, hand-computed co-occurrences, dense item-item t
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -381,3 +383,35 @@ def test_item_item_tables_are_reused_from_a_subset_of_the_history() -> None:
     assert tables.history.matrix().nnz == history.nnz
     with pytest.raises(ValueError, match="another config or catalog"):
         build_feature_tables(history, vecs[:3], vecs, config=FeatureConfig(), item_item=shared)
+
+
+def test_list_stats_columns_match_a_per_user_loop() -> None:
+    config = FeatureConfig(history_cap=3, list_stats=True)
+    tables, cands, _ = small_world(seed=9, config=config)
+    # Pad the tail of two lists, as mining does for users with few candidates.
+    items = cands.items.copy()
+    items[3, 8:] = -1
+    items[11, 2:] = -1
+    cands = Candidates(cands.user, items, np.where(items >= 0, cands.retrieval_score, 0.0))
+    feats = candidate_features(tables, cands)
+    col = tables.layout.column
+    plain = candidate_features(
+        dataclasses.replace(tables, config=FeatureConfig(history_cap=3)), cands
+    )
+    assert feats.names[: len(plain.names)] == plain.names  # appended: the old columns stay put
+    np.testing.assert_array_equal(feats.values[:, :, : len(plain.names)], plain.values)
+    for row in range(len(cands.user)):
+        real = cands.mask[row]
+        for name in ("retrieval_score", "cooc_sum", "ease_score"):
+            x = feats.values[row, real, col[name]].astype(np.float64)
+            std = x.std()
+            want = (x - x.mean()) / (std if std > 0 else 1.0)
+            np.testing.assert_allclose(feats.values[row, real, col[f"{name}_z"]], want, atol=1e-5)
+        newest = tables.history.row(cands.user[row])[:3]
+        mean = tables.item_log_popularity[newest].mean() if len(newest) else 0.0
+        np.testing.assert_allclose(
+            feats.values[row, real, col["user_mean_popularity"]], mean, rtol=1e-6
+        )
+        gap = tables.item_log_popularity[cands.items[row, real]] - mean
+        np.testing.assert_allclose(feats.values[row, real, col["popularity_gap"]], gap, atol=1e-6)
+        assert not feats.values[row, ~real].any()

@@ -26,7 +26,14 @@ Columns, in order (:class:`FeatureLayout` fixes names and offsets once per table
   cardinality, multi-hots);
 - ``user_vec_k``, ``item_vec_k``, ``dot_k``: both towers' embeddings and their product;
 - ``cooc_sum_rank``, ``ease_score_rank``: ``log1p`` of the candidate's rank by that signal
-  within the user's list (0 = best).
+  within the user's list (0 = best);
+- with ``list_stats`` (off by default, so older tables keep their layout):
+  ``retrieval_score_z``, ``cooc_sum_z``, ``ease_score_z``, each signal's z-score over the
+  user's real candidates (the gaps between candidates, which a rank drops, without the scale
+  that differs between a training fold's shorter history and serving's), and
+  ``user_mean_popularity`` and ``popularity_gap``: the mean ``item_log_popularity`` of the
+  user's capped history, and the candidate's minus it (how mainstream the user is, and the
+  candidate against that). Cost: N per signal, plus the capped history.
 
 Padded candidates (item ``-1``) get all-zero features.
 """
@@ -59,6 +66,8 @@ log = logging.getLogger(__name__)
 # signal's scale does (the history fold of training has fewer items than serving's history).
 RANKED = ("cooc_sum", "ease_score")
 EASE_METHODS = ("auto", "exact", "local")
+# Signals also given as z-scores within the user's list (FeatureConfig.list_stats).
+LIST_Z = ("retrieval_score", "cooc_sum", "ease_score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +86,9 @@ class FeatureConfig(Config):
     max_onehot: int = 64  # categoricals with more values than this are left out
     embeddings: bool = True  # include user_vec, item_vec and their product
     block_pairs: int = 20_000_000  # co-occurrence products per block of items when building
+    # Within-list z-scores of the main signals and the user's mean popularity (off: the layout
+    # of tables built before it; configs/pipeline.toml turns it on).
+    list_stats: bool = False
 
     def __post_init__(self) -> None:
         for name in ("history_cap", "cooc_neighbors", "ease_neighbors", "ease_local_neighbors"):
@@ -127,6 +139,9 @@ class FeatureLayout:
             for prefix in ("user_vec", "item_vec", "dot"):
                 names += [f"{prefix}_{k}" for k in range(dim)]
         names += [f"{n}_rank" for n in RANKED if n in names]
+        if config.list_stats:
+            names += [f"{n}_z" for n in LIST_Z if n in names]
+            names += ["user_mean_popularity", "popularity_gap"]
         return cls(tuple(names), {n: i for i, n in enumerate(names)})
 
     def __len__(self) -> int:
@@ -369,6 +384,45 @@ def _log1p_range(n: int, precision: type = np.float64) -> np.ndarray:
     return values
 
 
+def _list_stats(
+    out: np.ndarray,
+    at: int,
+    col: Mapping[str, int],
+    mask: np.ndarray,
+    all_real: bool,
+    history: Histories,
+    tables: FeatureTables,
+    safe: np.ndarray,
+) -> int:
+    """Fill the ``list_stats`` columns of ``out`` (U, N, F) from column ``at``; return the next.
+
+    Z-scores are over each user's real candidates (0 where a list's signal is constant);
+    the mean popularity is over the capped history (0 for an empty one).
+    """
+    real = mask.astype(np.float32)
+    count = np.maximum(real.sum(axis=1, keepdims=True), 1.0)  # (U, 1)
+    for name in LIST_Z:
+        if name not in col:
+            continue
+        values = out[:, :, col[name]]  # (U, N)
+        if not all_real:
+            values = values * real
+        mean = values.sum(axis=1, keepdims=True) / count
+        centred = values - mean
+        if not all_real:
+            centred *= real
+        std = np.sqrt((centred * centred).sum(axis=1, keepdims=True) / count)
+        out[:, :, at] = centred / np.where(std > 0, std, 1.0)
+        at += 1
+    lengths = history.lengths
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    total = np.bincount(rows, tables.item_log_popularity[history.items], minlength=len(lengths))
+    user_mean = (total / np.maximum(lengths, 1)).astype(np.float32)[:, None]  # (U, 1)
+    out[:, :, at] = user_mean
+    out[:, :, at + 1] = tables.item_log_popularity[safe] - user_mean
+    return at + 2
+
+
 def candidate_features(
     tables: FeatureTables, cands: Candidates, users: UserBatch | None = None
 ) -> CandidateFeatures:
@@ -424,6 +478,8 @@ def candidate_features(
             # Position j of the order gets log1p(j): rank[order[j]] = j, without a second sort.
             np.put_along_axis(out[:, :, at], order, _log1p_range(n)[None, :], axis=1)
             at += 1
+    if cfg.list_stats:
+        at = _list_stats(out, at, col, mask, all_real, users.history, tables, safe)
     if at != len(layout):
         raise RuntimeError(f"filled {at} feature columns but named {len(layout)}")
     if not all_real:
