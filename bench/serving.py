@@ -567,6 +567,10 @@ MODES = {
 DEFAULT_MODES = ",".join(MODES)
 
 
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio}x"
+
+
 def _core_queue(mode: dict[str, Any]) -> str:
     """How a results row's mode counted gRPC's core queue (rows older than the count: not)."""
     refresh = mode.get("core_queue_refresh_s")
@@ -1296,9 +1300,10 @@ def modes_markdown(report: dict[str, Any]) -> str:
             p50 = row.get("p50_at_50")
             lines.append(
                 f"| {mode} | {'-' if cpu is None else f'{cpu[0]:.2f} -> {cpu[1]:.2f}'} | "
-                f"{row.get('cpu_speedup', '-')}x | "
+                f"{_times(row.get('cpu_speedup'))} | "
                 f"{'-' if p50 is None else f'{p50[0]:.2f} -> {p50[1]:.2f}'} | "
-                f"{row.get('p50_speedup', '-')}x | {row['held'][0]} -> {row['held'][1]} |"
+                f"{_times(row.get('p50_speedup'))} | "
+                f"{row['held'][0] or 'none'} -> {row['held'][1] or 'none'} |"
             )
         ranker = report["end_to_end"].get("ranker_only")
         if ranker:
