@@ -201,9 +201,12 @@ def test_handlers_on_the_loop_count_the_calls_queued_in_grpcs_core(
         time.sleep(0.02)  # inline: holds the event loop
         return base.score(features)
 
+    # max_inflight well above the two or three calls the loop holds at once (one running, one
+    # sending its answer): only the expected wait refuses here.
     config = ServerConfig(
         handler_threads=0,
-        max_inflight=2,
+        max_inflight=16,
+        max_workers=20,
         max_wait_s=0.1,
         core_queue_refresh_s=0.002 if count_core_queue else None,
     )
