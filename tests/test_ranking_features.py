@@ -28,7 +28,6 @@ from slimrank.ranking.neighbors import (
     ease_exact_table,
     ease_local_table,
     history_signals,
-    history_signals_of,
 )
 
 WIDE = FeatureConfig(history_cap=1000, cooc_neighbors=1000, ease_neighbors=1000)
@@ -247,9 +246,6 @@ def test_joint_tables_give_each_tables_dense_signals() -> None:
             np.testing.assert_allclose(best, want[1], atol=1e-6)
             np.testing.assert_array_equal(joint.table(i).indices, table.indices)
             np.testing.assert_array_equal(joint.table(i).values, table.values)
-        for a, b in zip(history_signals_of(capped, tables, items), got, strict=True):
-            np.testing.assert_array_equal(a[0], b[0])
-            np.testing.assert_array_equal(a[1], b[1])
 
 
 def test_feature_tables_pickle_to_the_same_features() -> None:

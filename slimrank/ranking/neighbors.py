@@ -141,16 +141,7 @@ def history_signals(
     it, so the cost is the candidates times ``K`` plus the history, whatever the catalog's
     size.
     """
-    return history_signals_of(history, (table,), items)[0]
-
-
-def history_signals_of(
-    history: Histories, tables: Sequence[NeighborTable], items: np.ndarray
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`history_signals` for several tables over one catalog, marking each history once.
-
-    Joins the tables for this call; :class:`JointNeighbors` keeps them joined for many."""
-    return JointNeighbors.of(tables).signals(history, items)
+    return JointNeighbors.of((table,)).signals(history, items)[0]
 
 
 @dataclasses.dataclass(frozen=True)
