@@ -29,13 +29,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
+from slimrank.pipeline.artifacts import CandidatesArtifact, DataArtifact  # noqa: E402
 from slimrank.pipeline.cache import StepCache  # noqa: E402
 from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
 from slimrank.pipeline.run import data_inputs, step_digests  # noqa: E402
-from slimrank.pipeline.steps import load_data, load_views  # noqa: E402
+from slimrank.pipeline.steps import teacher_model_config  # noqa: E402
 from slimrank.ranking.features import CandidateFeatures  # noqa: E402
 from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
-from slimrank.ranking.teacher import TeacherConfig, teacher_scores  # noqa: E402
+from slimrank.ranking.teacher import teacher_scores  # noqa: E402
 from slimrank.ranking.train import train_teacher  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -65,23 +66,14 @@ def main() -> int:
     if not (cand_dir / "valid.safetensors").exists():
         print(f"{cand_dir}: no candidates step; run slimrank pipeline --config {args.config}")
         return 1
-    data = load_data(cache.path_for("data", digests["data"]))
-    views = load_views(cand_dir)
+    data = DataArtifact.load(cache.path_for("data", digests["data"]))
+    views = CandidatesArtifact.load(cand_dir).views
     _, feats, labels = views["train"]
     v_cands, v_feats, v_labels = views["valid"]
     truth = data.truth("valid")
     k = config.k
     tc = config.teacher
-    model_config = TeacherConfig(
-        n_features=feats.values.shape[-1],
-        n_users=data.split.n_users,
-        n_items=data.split.n_items,
-        id_dim=tc.id_dim,
-        n_cross=tc.n_cross,
-        deep=tc.deep,
-        dropout=tc.dropout,
-        id_dropout=tc.id_dropout,
-    )
+    model_config = teacher_model_config(tc, feats.values.shape[-1], data)
     # Train every epoch (no early stop) so both runs have each epoch's model evaluated.
     train = dataclasses.replace(
         tc.train, metric=f"ndcg@{k}", epochs=args.epochs, patience=args.epochs

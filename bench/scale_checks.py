@@ -34,15 +34,14 @@ def held_out_recall(cache: Path, n_users: int = 2000, k: int = 200) -> dict[str,
     """Return the index's recall@k against exact search on ``n_users`` held-out users."""
     import faiss
 
-    from slimrank.pipeline import artifacts
-    from slimrank.pipeline.steps import load_embeddings, load_search
+    from slimrank.pipeline.artifacts import DataArtifact, EmbeddingsArtifact, IndexArtifact
     from slimrank.retrieval.index import IndexConfig
     from slimrank.retrieval.tuning import exact_knn
 
-    split = artifacts.load_split(step_dir(cache, "data") / "split.safetensors")
-    emb = load_embeddings(step_dir(cache, "embeddings"), split.n_users, split.n_items)
+    split = DataArtifact.load(step_dir(cache, "data")).split
+    emb = EmbeddingsArtifact.load(step_dir(cache, "embeddings"))
     index_dir = step_dir(cache, "index")
-    index = load_search(index_dir)
+    index = IndexArtifact.load(index_dir).index
     config = IndexConfig.from_dict(
         json.loads((index_dir / "step.json").read_text())["config"]["index"]
     )
@@ -76,14 +75,12 @@ def held_out_recall(cache: Path, n_users: int = 2000, k: int = 200) -> dict[str,
 
 def evaluation_cost(cache: Path, max_users: int = 2000) -> dict[str, Any]:
     """Return the CPU seconds and metrics of the two-tower step's sampled evaluation."""
-    from slimrank.pipeline.steps import load_data
+    from slimrank.pipeline.artifacts import DataArtifact, TwoTowerArtifact
     from slimrank.retrieval.train import evaluate_model
-    from slimrank.retrieval.two_tower import load_model
 
-    data = load_data(step_dir(cache, "data"))
-    model_dir = step_dir(cache, "two_tower")
-    model = load_model(model_dir / "model")
-    saved = json.loads((model_dir / "metrics.json").read_text())
+    data = DataArtifact.load(step_dir(cache, "data"))
+    two_tower = TwoTowerArtifact.load(step_dir(cache, "two_tower"))
+    model, saved = two_tower.model, two_tower.metrics
     out: dict[str, Any] = {}
     for view in ("valid", "test"):
         cpu = time.process_time()

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from slimrank.compression.scorer import onnx_score_fn
 from slimrank.evaluation.metrics import ranking_metrics
-from slimrank.pipeline.artifacts import load_view
+from slimrank.pipeline.artifacts import CandidatesArtifact, DataArtifact, EmbeddingsArtifact
 from slimrank.pipeline.config import CandidateConfig
-from slimrank.pipeline.steps import load_data, load_embeddings
 from slimrank.ranking.features import build_feature_tables, candidate_features
 from slimrank.ranking.pipeline_eval import rank_candidates
 
@@ -25,9 +24,9 @@ one = lambda step: Path(glob.glob(str(cache / f"{step}-*"))[0])  # noqa: E731
 config = CandidateConfig.from_dict(
     json.loads((one("candidates") / "step.json").read_text())["config"]["candidates"]
 )
-data = load_data(one("data"))
-emb = load_embeddings(one("embeddings"), data.split.n_users, data.split.n_items)
-cands, saved, _ = load_view(one("candidates") / "test.safetensors")
+data = DataArtifact.load(one("data"))
+emb = EmbeddingsArtifact.load(one("embeddings"))
+cands, saved, _ = CandidatesArtifact.load_one(one("candidates"), "test")
 score = onnx_score_fn(one("int8") / "ranker.int8.onnx")
 truth = data.truth("test")[cands.user]
 sides = (data.user_features, data.item_features, config.features)

@@ -57,6 +57,7 @@ from slimrank.search.build import TextIndexConfig
 
 if TYPE_CHECKING:
     from slimrank.pipeline.engine import Engine
+    from slimrank.ranking.teacher import TeacherConfig
     from slimrank.retrieval.index import IndexConfig, RetrievalIndex
     from slimrank.retrieval.train import TrainConfig as TwoTowerTrainConfig
     from slimrank.retrieval.two_tower_config import TwoTowerConfig
@@ -393,6 +394,24 @@ def evaluate_scores(
 # -- teacher -----------------------------------------------------------------------------------
 
 
+def teacher_model_config(
+    config: TeacherStepConfig, n_features: int, data: DataArtifact
+) -> TeacherConfig:
+    """Return the teacher model's shape: the step's config, the features' and the split's sizes."""
+    from slimrank.ranking.teacher import TeacherConfig
+
+    return TeacherConfig(
+        n_features=n_features,
+        n_users=data.split.n_users,
+        n_items=data.split.n_items,
+        id_dim=config.id_dim,
+        n_cross=config.n_cross,
+        deep=config.deep,
+        dropout=config.dropout,
+        id_dropout=config.id_dropout,
+    )
+
+
 def teacher_step(
     config: TeacherStepConfig,
     k: int,
@@ -402,21 +421,12 @@ def teacher_step(
 ) -> TeacherArtifact:
     """Train the DCN-v2 teacher, early-stopped on validation NDCG; score every view once."""
     from slimrank.ranking.pipeline_eval import PipelineView
-    from slimrank.ranking.teacher import TeacherConfig, teacher_scores
+    from slimrank.ranking.teacher import teacher_scores
     from slimrank.ranking.train import train_teacher
 
     views = candidates.views
     _, feats, labels = views["train"]
-    model_config = TeacherConfig(
-        n_features=feats.values.shape[-1],
-        n_users=data.split.n_users,
-        n_items=data.split.n_items,
-        id_dim=config.id_dim,
-        n_cross=config.n_cross,
-        deep=config.deep,
-        dropout=config.dropout,
-        id_dropout=config.id_dropout,
-    )
+    model_config = teacher_model_config(config, feats.values.shape[-1], data)
     v_cands, v_feats, _ = views["valid"]
     valid = PipelineView(v_cands, v_feats, data.truth("valid"))
     train_config = dataclasses.replace(config.train, metric=f"ndcg@{k}")
