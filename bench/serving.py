@@ -507,7 +507,7 @@ class Mode:
     switch_interval_s: float | None = None
     max_workers: int = 20
     max_pending_rpcs: int = 64
-    core_queue_refresh_s: float | None = 0.002  # slimrank serve's default; None: not counted
+    core_queue_refresh_s: float | None = 0.005  # slimrank serve's default; None: not counted
     about: str = ""
 
     def server(self) -> dict[str, Any]:

@@ -91,6 +91,56 @@ def test_between_reads_the_calls_taken_count_down_the_last_read() -> None:
     assert reads == []
 
 
+def test_between_reads_the_arrival_rate_of_the_last_two_reads_carries_the_count() -> None:
+    reads: list[tuple[int, int]] = [(100, 80), (120, 90)]  # (started, ended) per read
+    now = [0.0]
+    queue = CoreQueue(lambda: reads.pop(0), refresh_s=0.005, clock=lambda: now[0])
+    assert queue.waiting(held=1, taken=50) == 19  # 100 - 80 - 1; no rate known yet
+    now[0] = 0.002
+    assert queue.waiting(held=1, taken=52) == 17  # no read within 5 ms; 2 taken
+    now[0] = 0.010
+    assert queue.waiting(held=1, taken=55) == 29  # read: 120 - 90 - 1
+    # 20 calls arrived in the 10 ms between the reads: 2 per ms from now on.
+    now[0] = 0.013
+    assert queue.waiting(held=1, taken=57) == 29 + 6 - 2
+    assert reads == []
+
+
+def test_after_a_pause_the_arrivals_are_carried_from_the_pause_not_the_last_read() -> None:
+    reads: list[tuple[int, int]] = [(100, 90), (120, 100)]
+    now = [0.0]
+    queue = CoreQueue(lambda: reads.pop(0), refresh_s=0.005, clock=lambda: now[0])
+    assert queue.waiting(held=1, taken=10) == 9
+    now[0] = 0.010
+    assert queue.waiting(held=1, taken=12) == 19  # 2 arrivals per ms
+    now[0] = 0.012
+    assert queue.waiting(held=1, taken=30, idle_s=0.002) == 0  # the loop paused: none left
+    now[0] = 0.014
+    assert queue.waiting(held=1, taken=31) == 4 - 1  # 2 ms at 2 per ms since the pause
+
+
+def test_reads_far_apart_give_no_arrival_rate() -> None:
+    reads: list[tuple[int, int]] = [(10, 0), (5010, 5000)]
+    now = [0.0]
+    queue = CoreQueue(lambda: reads.pop(0), refresh_s=0.005, clock=lambda: now[0])
+    assert queue.waiting(held=1, taken=1) == 9
+    now[0] = 5.0  # 5,000 arrivals in 5 s: an old average, not the rate of this burst
+    assert queue.waiting(held=1, taken=2) == 9
+    now[0] = 5.004
+    assert queue.waiting(held=1, taken=2) == 9
+
+
+def test_early_in_a_busy_spell_nothing_is_read() -> None:
+    reads = [(40, 0)]
+    now = [0.0]
+    queue = CoreQueue(lambda: reads.pop(0), refresh_s=0.0, clock=lambda: now[0], busy_s=0.003)
+    # Busy for 2 ms since the loop last paused: whatever queued meanwhile is that short.
+    assert queue.waiting(held=1, taken=1, busy_s=0.002) == 0
+    assert reads == [(40, 0)]
+    assert queue.waiting(held=1, taken=2, busy_s=0.0031) == 39
+    assert reads == []
+
+
 def test_after_an_idle_spell_nothing_is_read_and_the_old_count_is_dropped() -> None:
     reads = [(30, 0), (9, 0)]
     now = [0.0]

@@ -220,6 +220,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self._held = 0  # calls taken from gRPC's core and not finished (loop thread only)
         self._taken = 0
         self._idle_since = time.perf_counter()  # when _held last fell to 0
+        self._busy_since = self._idle_since  # when the current busy spell began
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -269,8 +270,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if not method.startswith(HEALTH_PREFIX):
             queued = 0
             if limited and self.core_queue is not None:
+                core_queue = self.core_queue
                 idle = accepted - self._idle_since if self._held == 1 else 0.0
-                queued = self.core_queue.waiting(self._held, self._taken, idle)
+                if idle >= core_queue.idle_s:
+                    self._busy_since = accepted
+                busy = accepted - self._busy_since
+                queued = core_queue.waiting(self._held, self._taken, idle, busy)
             ticket = self._admission.enter(limited, queued)
             if ticket is None:
                 self._metrics.shed.inc()

@@ -53,7 +53,7 @@ class ServerConfig(Config):
     engine: str = "aio"
     handler_threads: int = 1
     max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 10 ms by default
-    core_queue_refresh_s: float | None = 0.002
+    core_queue_refresh_s: float | None = 0.005
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port

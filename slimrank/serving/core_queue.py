@@ -8,9 +8,13 @@ half a second). Channelz counts each call when it reaches the core (``callsStart
 it ends (``callsSucceeded`` + ``callsFailed``, which include calls that expired before the
 server took them), so ``started - ended - held`` is the queue in the core.
 
-Reading channelz costs about 0.1 ms (the core writes a JSON document), so
-:meth:`CoreQueue.waiting` reads it at most once per ``refresh_s`` and in between counts down
-the calls taken since the last read: a lower bound on what is still queued of what was there.
+Reading channelz costs 0.1 ms on an idle server and 0.4 ms of CPU on a busy one (the core
+renders a JSON document), as much as a quarter of a call, so :meth:`CoreQueue.waiting` reads
+it only when a queue can have formed: not when the server's code was idle just before the call
+(``idle_s``), nor early in a busy spell (``busy_s``: a queue that has waited less than that is
+short), and at most once per ``refresh_s``. In between, the count is carried forward: plus the
+calls expected to have arrived since the last read (at the rate seen between the last two
+reads), minus the calls taken since.
 
 Channelz is reached through ``grpc._cython.cygrpc``, the functions grpcio-channelz's own
 servicer calls; when they are missing or channelz is off, :meth:`CoreQueue.of_new_server`
@@ -28,6 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+_RATE_WINDOW_S = 1.0  # reads further apart than this give no arrival rate
 
 
 def _cygrpc() -> Any:
@@ -58,17 +64,22 @@ class CoreQueue:
     def __init__(
         self,
         read: Callable[[], tuple[int, int]],
-        refresh_s: float = 0.002,
+        refresh_s: float = 0.005,
         clock: Callable[[], float] = time.perf_counter,
         idle_s: float = 0.001,
+        busy_s: float = 0.003,
     ) -> None:
         self._read: Callable[[], tuple[int, int]] | None = read  # () -> (started, ended)
         self.refresh_s = refresh_s
         self.idle_s = idle_s  # a loop idle this long has taken everything queued before
+        self.busy_s = busy_s  # a busy spell shorter than this leaves no queue worth a read
         self._clock = clock
         self._read_at = -float("inf")
         self._queued = 0  # at the last read
         self._taken_at_read = 0
+        self._started_at_read = 0
+        self._arrivals_per_s = 0.0  # between the last two reads
+        self._counted_at = -float("inf")  # when _queued was last known (a read or a reset)
 
     @staticmethod
     def server_ids() -> set[int] | None:
@@ -82,7 +93,7 @@ class CoreQueue:
             return None
 
     @classmethod
-    def of_new_server(cls, before: set[int] | None, refresh_s: float = 0.002) -> CoreQueue | None:
+    def of_new_server(cls, before: set[int] | None, refresh_s: float = 0.005) -> CoreQueue | None:
         """Return the queue of the one gRPC server started since ``before`` (the ids
         :meth:`server_ids` gave before creating it), or None when channelz cannot tell which
         (unreadable, off, or several servers started meanwhile)."""
@@ -104,18 +115,22 @@ class CoreQueue:
 
         return cls(read, refresh_s)
 
-    def waiting(self, held: int, taken: int, idle_s: float = 0.0) -> int:
+    def waiting(
+        self, held: int, taken: int, idle_s: float = 0.0, busy_s: float = float("inf")
+    ) -> int:
         """Return how many calls wait in the core.
 
         ``held``: calls the server's code has taken and not finished (the one being admitted
         included); ``taken``: every call taken so far (a running count); ``idle_s``: how long
-        the server's code had held no call before this one. A loop idle for ``self.idle_s``
-        or more would have taken any call queued before that, so nothing is read then: at low
-        and moderate rates most calls arrive at an idle loop and cost no read.
+        the server's code had held no call before this one; ``busy_s``: how long it has held
+        calls without such an idle spell. A loop idle for ``self.idle_s`` or more would have
+        taken any call queued before that, and a busy spell shorter than ``self.busy_s`` has
+        let at most that much wait pile up behind it, so nothing is read then (and 0 is
+        returned): at low and moderate rates most calls cost no read.
         """
         now = self._clock()
-        if idle_s >= self.idle_s > 0:
-            self._queued, self._taken_at_read = 0, taken
+        if idle_s >= self.idle_s > 0 or busy_s < self.busy_s:
+            self._queued, self._taken_at_read, self._counted_at = 0, taken, now
             return 0
         if self._read is not None and now - self._read_at >= self.refresh_s:
             try:
@@ -124,7 +139,11 @@ class CoreQueue:
                 log.warning("channelz unreadable (%s): the core's queue is no longer counted", err)
                 self._read, self._queued = None, 0
                 return 0
+            since = now - self._read_at
+            if 0 < since <= _RATE_WINDOW_S:
+                self._arrivals_per_s = (started - self._started_at_read) / since
             self._queued = started - ended - held
-            self._taken_at_read = taken
-            self._read_at = now
-        return max(0, self._queued - (taken - self._taken_at_read))
+            self._taken_at_read, self._started_at_read = taken, started
+            self._read_at = self._counted_at = now
+        arrived = self._arrivals_per_s * (now - self._counted_at) if self._arrivals_per_s else 0.0
+        return max(0, round(self._queued + arrived) - (taken - self._taken_at_read))
