@@ -722,6 +722,7 @@ class Run:
     send_lag_p99_ms: float
     loadgen_cpu_ms_per_call: float
     server_cpu_cores: float  # server CPU seconds per second of the run, all its processes
+    server_rss_mib: float  # the largest VmRSS of the server's processes after the run
     loadavg_before: list[float]
     loadavg_after: list[float]
     channels: int
@@ -730,6 +731,20 @@ class Run:
 
 def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def _rss_mib(pids: list[int]) -> float:
+    """The largest resident set (VmRSS) of ``pids``, in MiB (NaN when none is readable)."""
+    sizes = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        sizes += [
+            int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")
+        ]
+    return round(max(sizes), 1) if sizes else float("nan")
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -806,6 +821,7 @@ def load_run(
         send_lag_p99_ms=_pct((sent - schedule) * 1000, 99),
         loadgen_cpu_ms_per_call=round(meta["cpu_s"] * 1000 / n, 4),
         server_cpu_cores=round((cpu1 - cpu0) / (t1 - t0), 3),
+        server_rss_mib=_rss_mib(server.pids),
         loadavg_before=loadavg_before,
         loadavg_after=[round(x, 2) for x in os.getloadavg()],
         channels=int(meta["channels"]),
@@ -1045,6 +1061,7 @@ def summarize(runs: list[Run], echo: list[Run]) -> dict[str, Any]:
             if busy
             else None
         ),
+        "server_rss_mib": max((r.server_rss_mib for r in runs), default=float("nan")),
         "at_50": at(normal, 50),
         "at_400": at(normal, 400),
         "echo_at_50": at(echo, 50),
@@ -1241,11 +1258,11 @@ def modes_markdown(report: dict[str, Any]) -> str:
         f"Held = p99 <= {HOLD_P99_MS:.0f} ms with at most {HOLD_MAX_BAD:.1%} of calls refused "
         "or failed. Latency is from the scheduled send time, in ms (p50 / p99).",
         "",
-        "| mode | variant | held calls/s | server CPU ms/call | cores at held | "
+        "| mode | variant | held calls/s | server CPU ms/call | cores at held | RSS MiB | "
         "p50 / p99 at 50/s | echo at 50/s | p50 / p99 at 400/s | echo at 400/s | "
         "overload offered | goodput (at capacity) | accepted p99 | refused | refusal p99 | "
         "other failures |",
-        "|---|---|---:|---:|---:|---|---|---|---|---:|---|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---|---|---|---|---:|---|---:|---:|---:|---|",
     ]
     for key, s in report["summary"].items():
         mode, variant = key.split(" / ")
@@ -1268,7 +1285,8 @@ def modes_markdown(report: dict[str, Any]) -> str:
         )
         cpu = "-" if s["server_cpu_ms_per_call"] is None else f"{s['server_cpu_ms_per_call']:.2f}"
         lines.append(
-            f"| {mode} | {variant} | {held} | {cpu} | {cores} | {_fmt(s['at_50'])} | "
+            f"| {mode} | {variant} | {held} | {cpu} | {cores} | "
+            f"{s.get('server_rss_mib', float('nan')):.0f} | {_fmt(s['at_50'])} | "
             f"{_fmt(s['echo_at_50'])} | {_fmt(s['at_400'])} | {_fmt(s['echo_at_400'])} | "
             + " | ".join(over)
             + " |"
@@ -1346,8 +1364,8 @@ def modes_markdown(report: dict[str, Any]) -> str:
         "All runs:",
         "",
         "| mode | variant | offered/s | goodput | p50 | p95 | p99 | max | refused | refusal p99 "
-        "| failed | lag p99 | server cores | load before -> after |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| failed | lag p99 | server cores | server RSS MiB | load before -> after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in report["runs"]:
         failed = ", ".join(f"{k} {v}" for k, v in r["failed"].items()) or "0"
@@ -1355,7 +1373,8 @@ def modes_markdown(report: dict[str, Any]) -> str:
             f"| {r['mode']} | {r['variant']} | {r['offered_rate']:.0f} | {r['goodput']:.0f} | "
             f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} | "
             f"{r['refused']} | {r['refusal_p99_ms']:.2f} | {failed} | {r['send_lag_p99_ms']:.2f} "
-            f"| {r['server_cpu_cores']:.2f} | {r['loadavg_before'][0]} -> "
+            f"| {r['server_cpu_cores']:.2f} | {r.get('server_rss_mib', float('nan')):.0f} "
+            f"| {r['loadavg_before'][0]} -> "
             f"{r['loadavg_after'][0]} |"
         )
     lines += ["", f"Command: `{report['command']}`"]
