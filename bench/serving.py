@@ -540,6 +540,13 @@ MODES = {
             about="aio-inline-w2 without counting the calls queued in gRPC's core",
         ),
         Mode(
+            "aio-inline-w2-wait5ms",
+            handler_threads=0,
+            workers=2,
+            max_wait_s=0.005,
+            about="aio-inline-w2, refusing calls expected to wait over 5 ms instead of 10",
+        ),
+        Mode(
             "aio-t1-w2-uncounted",
             workers=2,
             core_queue_refresh_s=None,
@@ -574,7 +581,7 @@ def _times(ratio: float | None) -> str:
 def _core_queue(mode: dict[str, Any]) -> str:
     """How a results row's mode counted gRPC's core queue (rows older than the count: not)."""
     refresh = mode.get("core_queue_refresh_s")
-    return "not counted" if refresh is None else f"read every {refresh * 1000:g} ms"
+    return "not counted" if refresh is None else f"read at most every {refresh * 1000:g} ms"
 
 
 def cpu_features() -> dict[str, Any]:
