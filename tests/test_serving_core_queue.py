@@ -8,6 +8,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from slimrank.serving.core_queue import CoreQueue
 
@@ -152,3 +153,12 @@ def test_after_an_idle_spell_nothing_is_read_and_the_old_count_is_dropped() -> N
     assert reads == [(9, 0)]  # not read
     assert queue.waiting(held=2, taken=3, idle_s=0.0) == 7  # back to back: read again
     assert reads == []
+
+
+def test_the_take_interval_is_an_exponential_average_of_busy_takes() -> None:
+    queue = CoreQueue(lambda: (0, 0))
+    assert queue.take_interval_s is None  # unknown until a busy server took two calls
+    queue.observe_take(0.002)
+    assert queue.take_interval_s == pytest.approx(0.002)
+    queue.observe_take(0.004)
+    assert queue.take_interval_s == pytest.approx(0.002 + 0.05 * 0.002)

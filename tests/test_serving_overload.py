@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -69,9 +70,16 @@ class Served:
 def serve() -> Iterator[Callable[..., Served]]:
     servers: list[SlimrankServer] = []
 
-    def _serve(snapshot: ModelSnapshot, config: ServerConfig, reload_fn=None) -> Served:
+    def _serve(
+        snapshot: ModelSnapshot,
+        config: ServerConfig,
+        reload_fn=None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
+    ) -> Served:
         registry = CollectorRegistry()
-        server, port = create_server(config, SnapshotHolder(snapshot), registry, reload_fn)
+        server, port = create_server(
+            config, SnapshotHolder(snapshot), registry, reload_fn, interceptors=interceptors
+        )
         server.mark_serving()
         servers.append(server)
         return Served(server, port, registry)
@@ -227,6 +235,46 @@ def test_handlers_on_the_loop_count_the_calls_queued_in_grpcs_core(
     assert max(refused) < 1.0
 
 
+class LoopBlocker(grpc.ServerInterceptor):
+    """A sync interceptor: it runs on the event loop for every accepted call, outside the
+    handler, like gRPC's own work per call."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def intercept_service(
+        self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        time.sleep(self.seconds)
+        return continuation(handler_call_details)
+
+
+def test_queued_calls_are_costed_at_the_loops_time_per_call_not_the_handlers(
+    serve: Callable[..., Served],
+) -> None:
+    """The loop spends 15 ms per accepted call outside the handler and well under 1 ms in it.
+
+    Costing the core's queue at the handler's time would admit a hundred queued calls within
+    max_wait (50 ms) and the last ones would wait over a second; costed at the measured time
+    between two calls taken, the queue stays a few calls long."""
+    config = ServerConfig(
+        handler_threads=0,
+        max_inflight=16,
+        max_workers=20,
+        max_wait_s=0.05,
+        core_queue_refresh_s=0.002,
+    )
+    s = serve(random_snapshot("v1", dim=DIM), config, interceptors=(LoopBlocker(0.015),))
+    answers = drive(s.port, 150, 0.001)
+    accepted = [t for code, t in answers if code == grpc.StatusCode.OK]
+    refused = [t for code, t in answers if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(accepted) + len(refused) == len(answers)
+    assert len(accepted) >= 5 and len(refused) >= len(answers) // 2
+    # max_wait (50 ms) + 15 ms of its own + the loop's refusals and a slow CI machine: well
+    # under the 150 x 15 ms the last call would wait with the queue costed by handler time.
+    assert max(accepted) < 0.75
+
+
 def test_admin_calls_beyond_the_total_bound_are_refused_and_counted_health_never(
     serve: Callable[..., Served],
 ) -> None:
@@ -308,6 +356,17 @@ def test_admission_refuses_when_the_expected_wait_is_too_long() -> None:
     assert admission.enter(True) is not None  # 10 ms: still within
     assert admission.enter(True) is None  # 12 ms: refused
     assert admission.enter(False) is not None  # the wait bounds only the limited calls
+
+
+def test_queued_calls_cost_the_measured_take_interval_not_the_handler_time() -> None:
+    """A handler's own time leaves out gRPC's work per call and the refusals in between; the
+    interval between two calls taken by a busy server includes both."""
+    admission = Admission(limit=100, total=100, max_wait_s=0.010, parallel=1)
+    admission.observe(0.001)  # the handler alone: 1 ms
+    assert admission.enter(True, queued=6) is not None  # 6 ms by handler time
+    assert admission.expected_wait_s(6, take_interval_s=0.002) == pytest.approx(0.001 + 0.012)
+    assert admission.enter(True, queued=6, take_interval_s=0.002) is None  # 1 held + 12 ms
+    assert admission.enter(True, queued=4, take_interval_s=0.002) is not None  # 1 + 8 ms
 
 
 def test_a_burst_past_the_total_bound_is_counted_call_for_call(

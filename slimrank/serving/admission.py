@@ -46,10 +46,12 @@ class Admission:
     With ``max_wait_s``, a limited call is also refused when the limited calls already in
     progress, and the ``queued`` calls ahead of it that the caller knows of (e.g. in gRPC's
     core, :mod:`slimrank.serving.core_queue`), are expected to keep it waiting longer than
-    that: their number times the mean time a handler takes (an exponential average of
-    :meth:`observe`), over ``parallel`` handlers. That bound follows the cost of a call as
-    it changes (a new featurizer, a larger bundle), where a fixed ``limit`` is right for one
-    cost only.
+    that. Calls in progress cost the mean time a handler takes (an exponential average of
+    :meth:`observe`) over ``parallel`` handlers; queued calls cost ``take_interval_s`` each
+    when the caller knows how fast its queue drains (the time between two calls taken by a
+    busy server: a handler's time plus gRPC's own work, and the refusals in between), else
+    the same as a call in progress. That bound follows the cost of a call as it changes (a
+    new featurizer, a larger bundle), where a fixed ``limit`` is right for one cost only.
     """
 
     def __init__(
@@ -80,14 +82,19 @@ class Admission:
             else:
                 self.mean_service_s += self.smoothing * (service_s - self.mean_service_s)
 
-    def expected_wait_s(self, queued: int = 0) -> float:
+    def expected_wait_s(self, queued: int = 0, take_interval_s: float | None = None) -> float:
         """How long a limited call admitted now would wait for those ahead of it."""
-        return (self.limited_in_progress + queued) * self.mean_service_s / self.parallel
+        per_call = self.mean_service_s / self.parallel
+        queued_s = queued * (per_call if take_interval_s is None else take_interval_s)
+        return self.limited_in_progress * per_call + queued_s
 
-    def enter(self, limited: bool, queued: int = 0) -> Ticket | None:
+    def enter(
+        self, limited: bool, queued: int = 0, take_interval_s: float | None = None
+    ) -> Ticket | None:
         """Take a slot and return its ticket, or None when the call must be refused.
 
-        ``queued``: calls known to wait ahead of this one besides those in progress."""
+        ``queued``: calls known to wait ahead of this one besides those in progress;
+        ``take_interval_s``: how long each of them holds up the ones behind it, if known."""
         with self.lock:
             if self.total_in_progress >= self.total or (
                 limited
@@ -95,7 +102,7 @@ class Admission:
                     self.limited_in_progress >= self.limit
                     or (
                         self.max_wait_s is not None
-                        and self.expected_wait_s(queued) > self.max_wait_s
+                        and self.expected_wait_s(queued, take_interval_s) > self.max_wait_s
                     )
                 )
             ):

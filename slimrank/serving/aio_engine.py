@@ -221,6 +221,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self._taken = 0
         self._idle_since = time.perf_counter()  # when _held last fell to 0
         self._busy_since = self._idle_since  # when the current busy spell began
+        self._last_take: float | None = None  # when the previous call was taken
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -253,6 +254,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         accepted = time.perf_counter()
         task = asyncio.current_task()
+        core_queue = self.core_queue
+        if core_queue is not None and core_queue.last_waiting > 0 and self._last_take is not None:
+            # Calls were waiting when the previous one was taken: this one came as soon as the
+            # server could take it, so the interval is what a queued call holds up the rest.
+            core_queue.observe_take(accepted - self._last_take)
+        self._last_take = accepted
         self._taken += 1
         if task is not None:  # always under grpc.aio: the call's own task
             self._held += 1
@@ -268,15 +275,16 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # Health checks are answered on the loop and never refused: a refused probe could get
         # an overloaded server restarted.
         if not method.startswith(HEALTH_PREFIX):
-            queued = 0
-            if limited and self.core_queue is not None:
-                core_queue = self.core_queue
+            queued, take_interval = 0, None
+            if limited and core_queue is not None:
                 idle = accepted - self._idle_since if self._held == 1 else 0.0
                 if idle >= core_queue.idle_s:
                     self._busy_since = accepted
-                busy = accepted - self._busy_since
-                queued = core_queue.waiting(self._held, self._taken, idle, busy)
-            ticket = self._admission.enter(limited, queued)
+                queued = core_queue.waiting(
+                    self._held, self._taken, idle, accepted - self._busy_since
+                )
+                take_interval = core_queue.take_interval_s
+            ticket = self._admission.enter(limited, queued, take_interval)
             if ticket is None:
                 self._metrics.shed.inc()
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()

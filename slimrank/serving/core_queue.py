@@ -80,6 +80,11 @@ class CoreQueue:
         self._started_at_read = 0
         self._arrivals_per_s = 0.0  # between the last two reads
         self._counted_at = -float("inf")  # when _queued was last known (a read or a reset)
+        self.last_waiting = 0  # what the last waiting() returned
+        # How long each queued call holds up those behind it: the mean time between two calls
+        # taken while calls were waiting (None until such a pair was seen).
+        self.take_interval_s: float | None = None
+        self.smoothing = 0.05
 
     @staticmethod
     def server_ids() -> set[int] | None:
@@ -115,6 +120,13 @@ class CoreQueue:
 
         return cls(read, refresh_s)
 
+    def observe_take(self, interval_s: float) -> None:
+        """Record the time between two calls taken while calls were waiting in the core."""
+        if self.take_interval_s is None:
+            self.take_interval_s = interval_s
+        else:
+            self.take_interval_s += self.smoothing * (interval_s - self.take_interval_s)
+
     def waiting(
         self, held: int, taken: int, idle_s: float = 0.0, busy_s: float = float("inf")
     ) -> int:
@@ -129,15 +141,18 @@ class CoreQueue:
         returned): at low and moderate rates most calls cost no read.
         """
         now = self._clock()
+        if self._read is None:  # a read failed: not counted any more
+            return 0
         if idle_s >= self.idle_s > 0 or busy_s < self.busy_s:
             self._queued, self._taken_at_read, self._counted_at = 0, taken, now
+            self.last_waiting = 0
             return 0
-        if self._read is not None and now - self._read_at >= self.refresh_s:
+        if now - self._read_at >= self.refresh_s:
             try:
                 started, ended = self._read()
             except (ValueError, KeyError, TypeError) as err:  # never fail a call over it
                 log.warning("channelz unreadable (%s): the core's queue is no longer counted", err)
-                self._read, self._queued = None, 0
+                self._read, self.last_waiting = None, 0
                 return 0
             since = now - self._read_at
             if 0 < since <= _RATE_WINDOW_S:
@@ -146,4 +161,5 @@ class CoreQueue:
             self._taken_at_read, self._started_at_read = taken, started
             self._read_at = self._counted_at = now
         arrived = self._arrivals_per_s * (now - self._counted_at) if self._arrivals_per_s else 0.0
-        return max(0, round(self._queued + arrived) - (taken - self._taken_at_read))
+        self.last_waiting = max(0, round(self._queued + arrived) - (taken - self._taken_at_read))
+        return self.last_waiting
