@@ -209,7 +209,9 @@ def _result(
         "sent": sent - start,
         "done": done - start,
         "codes": codes,
-        "meta": {"cpu_s": cpu, "channels": n_channels, "balance": balance},
+        # start: time.perf_counter() of offset 0, CLOCK_MONOTONIC on Linux, which other
+        # processes on the machine share (bench/serving_reload.py aligns its reloads by it).
+        "meta": {"cpu_s": cpu, "channels": n_channels, "balance": balance, "start": start},
     }
 
 

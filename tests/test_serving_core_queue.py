@@ -155,10 +155,16 @@ def test_after_an_idle_spell_nothing_is_read_and_the_old_count_is_dropped() -> N
     assert reads == []
 
 
-def test_the_take_interval_is_an_exponential_average_of_busy_takes() -> None:
-    queue = CoreQueue(lambda: (0, 0))
-    assert queue.take_interval_s is None  # unknown until a busy server took two calls
+def test_the_take_interval_is_an_exponential_average_forgotten_after_a_second() -> None:
+    now = [0.0]
+    queue = CoreQueue(lambda: (0, 0), clock=lambda: now[0])
+    assert queue.take_interval() is None  # unknown until two calls were taken from a queue
     queue.observe_take(0.002)
-    assert queue.take_interval_s == pytest.approx(0.002)
+    assert queue.take_interval() == pytest.approx(0.002)
+    now[0] = 0.5
     queue.observe_take(0.004)
-    assert queue.take_interval_s == pytest.approx(0.002 + 0.05 * 0.002)
+    assert queue.take_interval() == pytest.approx(0.002 + 0.05 * 0.002)
+    now[0] = 1.6  # no queue for over a second: a stall then says nothing about now
+    assert queue.take_interval() is None
+    queue.observe_take(0.050)
+    assert queue.take_interval() == pytest.approx(0.050)  # starts afresh

@@ -283,7 +283,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 queued = core_queue.waiting(
                     self._held, self._taken, idle, accepted - self._busy_since
                 )
-                take_interval = core_queue.take_interval_s
+                take_interval = core_queue.take_interval()
             ticket = self._admission.enter(limited, queued, take_interval)
             if ticket is None:
                 self._metrics.shed.inc()

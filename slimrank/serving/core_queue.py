@@ -34,6 +34,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _RATE_WINDOW_S = 1.0  # reads further apart than this give no arrival rate
+_TAKE_MEMORY_S = 1.0  # a take interval older than this is forgotten
 
 
 def _cygrpc() -> Any:
@@ -85,6 +86,7 @@ class CoreQueue:
         # taken while calls were waiting (None until such a pair was seen).
         self.take_interval_s: float | None = None
         self.smoothing = 0.05
+        self._take_seen_at = -float("inf")
 
     @staticmethod
     def server_ids() -> set[int] | None:
@@ -122,10 +124,19 @@ class CoreQueue:
 
     def observe_take(self, interval_s: float) -> None:
         """Record the time between two calls taken while calls were waiting in the core."""
-        if self.take_interval_s is None:
-            self.take_interval_s = interval_s
+        now = self._clock()
+        if self.take_interval_s is None or now - self._take_seen_at > _TAKE_MEMORY_S:
+            self.take_interval_s = interval_s  # an old average says little about this queue
         else:
             self.take_interval_s += self.smoothing * (interval_s - self.take_interval_s)
+        self._take_seen_at = now
+
+    def take_interval(self) -> float | None:
+        """The mean take interval, or None when no queue was seen in the last second (e.g. a
+        stall of the whole machine is not held against the next small queue)."""
+        if self._clock() - self._take_seen_at > _TAKE_MEMORY_S:
+            return None
+        return self.take_interval_s
 
     def waiting(
         self, held: int, taken: int, idle_s: float = 0.0, busy_s: float = float("inf")

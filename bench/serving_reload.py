@@ -1,0 +1,323 @@
+"""Start-up, memory and reloads under load, through ``slimrank serve`` on a bundles root.
+
+    .venv/bin/python bench/serving_reload.py                      # runs/demo/bundles
+    .venv/bin/python bench/serving_reload.py --bundles ROOT --rate 100 --duration 60
+
+The reload goes from the root's CURRENT to another version (``--to``), or, by default and
+by default, to a copy of CURRENT under the next
+version name (the same files hard-linked, its manifest naming the new version): the server
+loads it as it would load a new model of the same size. Everything happens in a scratch root
+under ``bench/.cache/reload`` of hard links (the user's root and its HISTORY are never
+touched):
+
+1. launches ``slimrank serve --bundles SCRATCH --port 0`` (the CLI with its defaults, CURRENT
+   polled every ``--poll-interval`` s) and times start-up, from launch to the ready line (the
+   bundle verified, loaded and warmed up, health SERVING);
+2. offers ``--rate`` Recommend calls/s for known users, open loop (``bench/loadgen.py``), for
+   ``--duration`` s; a third of the way in it promotes the other version, two thirds of the way
+   in the original one back: two reloads, under load, as an operator's ``slimrank bundle
+   promote`` makes them;
+3. times each reload from the moved CURRENT to the first answer that names the new version, and
+   counts every call that was not answered OK, with the latency of the calls sent during each
+   reload beside the rest.
+
+RSS is the server's VmRSS once it is ready and after the run, and its peak (VmHWM), which
+includes the moment two snapshots are held during a reload. Writes
+``bench/results/serving_reload_<name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from loadgen import drive, job_for  # noqa: E402
+from serving import (  # noqa: E402
+    RECOMMEND,
+    RESULTS,
+    ServerProcess,
+    cpu_features,
+    demo_requests_from,
+)
+
+log = logging.getLogger("bench.serving_reload")
+
+SCRATCH = HERE / ".cache" / "reload"
+RELOAD_TIMEOUT_S = 600.0
+LOADGEN_START_S = 3.0  # the load generator's start-up and warm-up calls
+
+
+def _status_kib(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def scratch_root(root: Path, current: str, other: str | None) -> tuple[Path, str]:
+    """A bundles root of hard links to ``current`` (its CURRENT) and ``other`` of ``root``, or
+    with ``other`` None to ``current`` twice, the copy under the next version name; return it
+    and the version to reload to."""
+    from slimrank.bundle import store
+    from slimrank.bundle.versions import format_version, version_key
+
+    scratch = SCRATCH / root.resolve().as_posix().strip("/").replace("/", "_")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    shutil.copytree(root / current, scratch / current, copy_function=os.link)
+    if other is not None:
+        shutil.copytree(root / other, scratch / other, copy_function=os.link)
+    else:
+        other = format_version(version_key(current) + 1, datetime.now(UTC))
+        shutil.copytree(root / current, scratch / other, copy_function=os.link)
+        manifest = scratch / other / "manifest.json"
+        data = json.loads(manifest.read_text())
+        manifest.unlink()  # a new file: the link shares current's
+        manifest.write_text(json.dumps({**data, "version": other}, indent=1))
+    store.promote(scratch, current)  # verifies every file, as the server will
+    return scratch, other
+
+
+def check_loads(root: Path, version: str) -> None:
+    """Fail now, not mid-run, when the server's loader would refuse ``version``."""
+    from slimrank.bundle import open_bundle
+    from slimrank.errors import SlimrankError
+    from slimrank.serving.loader import load_snapshot
+
+    try:
+        load_snapshot(open_bundle(root, version))
+    except SlimrankError as err:
+        raise SystemExit(
+            f"{root}: the server would refuse {version}, so it cannot be reloaded to: {err} "
+            "(pass --to a version this code serves, or leave --to out to reload a copy of "
+            "CURRENT)"
+        ) from err
+
+
+def served_version(target: str, request: bytes) -> str | None:
+    """The model version a Recommend answer names (None if the call failed)."""
+    import grpc
+
+    from slimrank.serving.proto.slimrank.v1 import recommender_pb2
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(RECOMMEND)
+        try:
+            raw = call(request, timeout=5)
+        except grpc.RpcError as err:
+            log.error("Recommend failed: %s %s", err.code(), err.details())
+            return None
+    return recommender_pb2.RecommendResponse.FromString(raw).model_version
+
+
+def wait_for_version(target: str, request: bytes, version: str, since: float) -> float:
+    """Seconds from ``since`` until answers name ``version`` (polled every 50 ms; a failed
+    poll ends the bench: no call may fail during a reload)."""
+    deadline = since + RELOAD_TIMEOUT_S
+    while time.perf_counter() < deadline:
+        served = served_version(target, request)
+        if served is None:
+            raise SystemExit(f"a Recommend call failed while reloading to {version}")
+        if served == version:
+            return time.perf_counter() - since
+        time.sleep(0.05)
+    raise SystemExit(f"the server did not serve {version} within {RELOAD_TIMEOUT_S:.0f} s")
+
+
+def summarize(out: dict[str, Any], reloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Codes and latency of the whole run, and of the calls sent during each reload."""
+    import grpc
+
+    schedule, done, codes = out["schedule"], out["done"], out["codes"]
+    latency = (done - schedule) * 1000
+    ok = codes == 0
+    names = {code.value[0]: code.name for code in grpc.StatusCode}
+    bad = {names.get(int(c), str(c)): int((codes == c).sum()) for c in np.unique(codes[~ok])}
+
+    def pct(mask: np.ndarray) -> dict[str, float]:
+        lat = latency[mask & ok]
+        if not lat.size:
+            return {"calls": int(mask.sum()), "p50_ms": float("nan"), "p99_ms": float("nan")}
+        return {
+            "calls": int(mask.sum()),
+            "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "max_ms": round(float(lat.max()), 2),
+        }
+
+    start = float(out["meta"]["start"])
+    during = np.zeros(len(codes), dtype=bool)
+    for reload in reloads:
+        begin = reload["promoted_at"] - start
+        window = (schedule >= begin) & (schedule <= begin + reload["seconds"])
+        reload["calls"] = pct(window)
+        during |= window
+    return {
+        "sent": len(codes),
+        "ok": int(ok.sum()),
+        "not_ok": bad,
+        "all": pct(np.ones(len(codes), dtype=bool)),
+        "during_reloads": pct(during),
+        "outside_reloads": pct(~during),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    lines = [
+        f"# Start-up, memory and reloads under load: `{report['bundles']}`",
+        "",
+        f"{report['date']} · {report['machine']} · {report['cpu']['model']} · flags "
+        f"{' '.join(report['cpu']['flags']) or '-'} · load average before/after "
+        f"{report['loadavg_before']} / {report['loadavg_after']}",
+        "",
+        f"`slimrank serve --bundles <scratch root> --port 0 --metrics-port -1 --poll-interval "
+        f"{report['poll_interval_s']:g}` (one process, defaults otherwise); "
+        f"{report['rate']:g} Recommend calls/s for known users, open loop, "
+        f"{report['duration_s']:g} s; versions `{report['versions'][0]}` (CURRENT) and "
+        f"`{report['versions'][1]}`, {report['bundle_mib']:.0f} MiB each.",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| start-up (launch to ready: verify, load, warm up) | {report['startup_s']:.1f} s |",
+        f"| RSS when ready | {report['rss_ready_mib']:.0f} MiB |",
+        f"| RSS after the run | {report['rss_after_mib']:.0f} MiB |",
+        f"| peak RSS (VmHWM) | {report['rss_peak_mib']:.0f} MiB |",
+    ]
+    for i, r in enumerate(report["reloads"], 1):
+        c = r["calls"]
+        lines.append(
+            f"| reload {i} to `{r['version']}`: CURRENT moved to first answer "
+            f"| {r['seconds']:.2f} s |"
+        )
+        lines.append(
+            f"| calls sent during reload {i}: p50 / p99 | {c['p50_ms']:.2f} / {c['p99_ms']:.2f} ms"
+            f" ({c['calls']} calls) |"
+        )
+    o, a = s["outside_reloads"], s["all"]
+    lines += [
+        f"| calls outside the reloads: p50 / p99 | {o['p50_ms']:.2f} / {o['p99_ms']:.2f} ms |",
+        f"| all calls: p50 / p99 / max | {a['p50_ms']:.2f} / {a['p99_ms']:.2f} / "
+        f"{a.get('max_ms', float('nan')):.1f} ms |",
+        f"| sent / OK | {s['sent']} / {s['ok']} |",
+        f"| not OK | {', '.join(f'{k} {v}' for k, v in s['not_ok'].items()) or 'none'} |",
+        "",
+        f"Command: `{report['command']}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundles", type=Path, default=ROOT / "runs" / "demo" / "bundles")
+    parser.add_argument("--to", help="the version to reload to (default: a copy of CURRENT)")
+    parser.add_argument("--rate", type=float, default=100.0, help="Recommend calls/s")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    parser.add_argument("--poll-interval", type=float, default=0.5, help="of CURRENT, in s")
+    parser.add_argument("--name", help="results file suffix (default: the bundles dir's name)")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    from slimrank.bundle import store
+
+    root = args.bundles
+    current = store.current_version(root)
+    if current is None:
+        raise SystemExit(f"{root}: no CURRENT; publish a bundle first (make demo)")
+    other = None
+    if args.to:
+        other = store.resolve_version(root, args.to)
+        if other == current:
+            raise SystemExit(f"--to {args.to}: that is CURRENT; leave --to out to reload a copy")
+        check_loads(root, other)
+    scratch, other = scratch_root(root, current, other)
+    bundle_mib = sum(f.stat().st_size for f in (scratch / current).rglob("*") if f.is_file())
+    requests = demo_requests_from(scratch)
+    loadavg_before = [round(x, 2) for x in os.getloadavg()]
+    cli = Path(sys.executable).parent / "slimrank"
+    argv = [str(cli), "serve", "--bundles", str(scratch), "--port", "0", "--metrics-port", "-1"]
+    argv += ["--poll-interval", str(args.poll_interval)]
+    launched = time.perf_counter()
+    server = ServerProcess(argv, timeout_s=RELOAD_TIMEOUT_S)
+    startup_s = time.perf_counter() - launched
+    pid = server.pids[0]
+    try:
+        rss_ready = _status_kib(pid, "VmRSS") / 1024
+        log.info(
+            "ready in %.1f s, RSS %.0f MiB; %g calls/s for %g s",
+            startup_s,
+            rss_ready,
+            args.rate,
+            args.duration,
+        )
+        n = int(args.rate * args.duration)
+        job = job_for(server.target, RECOMMEND, requests, args.rate, n)
+        result: dict[str, Any] = {}
+        load = threading.Thread(target=lambda: result.update(drive(job, args.duration + 600)))
+        load.start()
+        begun = time.perf_counter() + LOADGEN_START_S  # about when the first call goes out
+        reloads = []
+        for version, at in ((other, 1 / 3), (current, 2 / 3)):
+            time.sleep(max(0.0, begun + at * args.duration - time.perf_counter()))
+            store.promote(scratch, version)  # verifies the version, then moves CURRENT
+            promoted_at = time.perf_counter()
+            seconds = wait_for_version(server.target, requests[0], version, promoted_at)
+            log.info("reloaded to %s in %.2f s", version, seconds)
+            reloads.append({"version": version, "promoted_at": promoted_at, "seconds": seconds})
+        load.join()
+        rss_after = _status_kib(pid, "VmRSS") / 1024
+        rss_peak = _status_kib(pid, "VmHWM") / 1024
+    finally:
+        server.stop()
+    summary = summarize(result, reloads)
+    report = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "cpu": cpu_features(),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "bundles": str(root),
+        "versions": [current, other],
+        "bundle_mib": bundle_mib / 2**20,
+        "rate": args.rate,
+        "duration_s": args.duration,
+        "poll_interval_s": args.poll_interval,
+        "startup_s": round(startup_s, 2),
+        "rss_ready_mib": round(rss_ready, 1),
+        "rss_after_mib": round(rss_after, 1),
+        "rss_peak_mib": round(rss_peak, 1),
+        "reloads": [{k: v for k, v in r.items() if k != "promoted_at"} for r in reloads],
+        "summary": summary,
+        "command": "bench/serving_reload.py " + " ".join(sys.argv[1:]),
+    }
+    text = markdown(report)
+    print(text)
+    if not args.no_save:
+        name = args.name or root.resolve().name
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"serving_reload_{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (RESULTS / f"serving_reload_{name}.md").write_text(text)
+        log.info("wrote serving_reload_%s.{json,md} in %s", name, RESULTS)
+    shutil.rmtree(scratch, ignore_errors=True)
+    failed = summary["sent"] - summary["ok"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
