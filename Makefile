@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Where `make demo` keeps its run (bundles, reports); data goes to $SLIMRANK_DATA or the user cache.
 RUN_DIR ?= runs/demo
 
-.PHONY: install system-deps test lint unit check-slim-install demo bench bench-scale bench-retrieval-ml100k bench-serving bench-serving-ml100k bench-serving-quick bench-features bench-online bench-http protos check-protos clean
+.PHONY: install system-deps test lint unit check-slim-install demo bench bench-scale bench-retrieval-ml100k bench-serving bench-serving-ml100k bench-serving-quick bench-features bench-online bench-http bench-reload protos check-protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,7 @@ bench: install bench-retrieval-ml100k bench-features
 	$(BIN)/python bench/ease_truncation.py
 	$(BIN)/python bench/online_path.py
 	$(BIN)/python bench/serving.py --variants ml100k,fastfeat,teacher
+	$(BIN)/python bench/serving_reload.py
 
 # Per-request feature cost on synthetic 10k / 100k / 1M worlds (the tables' build takes minutes).
 bench-features: install
@@ -96,6 +97,12 @@ bench-serving-quick: install
 bench-serving-ml100k: bench-online
 	$(BIN)/python bench/serving.py --targets ml100k --variants ml100k,fastfeat,teacher \
 		--loadgen-ceiling
+
+# Start-up, RSS and two reloads under 100 calls/s through slimrank serve (needs make demo's
+# bundle; BUNDLES=<root> for another, e.g. the one make bench-scale publishes).
+BUNDLES ?= $(RUN_DIR)/bundles
+bench-reload: install
+	$(BIN)/python bench/serving_reload.py --bundles $(BUNDLES)
 
 # The HTTP/JSON endpoint's stack: aiohttp vs asyncio + h11 (needs make demo's bundle).
 bench-http: install
