@@ -503,7 +503,8 @@ class Mode:
     handler_threads: int = 1
     workers: int = 1
     max_inflight: int = 16
-    max_wait_s: float | None = 0.010  # slimrank serve's default (--max-wait-ms 10)
+    max_wait_s: float | None = 0.005  # slimrank serve's default (--max-wait-ms 5)
+    burst_wait_s: float | None = 0.030  # slimrank serve's default (--burst-wait-ms 30)
     switch_interval_s: float | None = None
     max_workers: int = 20
     max_pending_rpcs: int = 64
@@ -517,6 +518,7 @@ class Mode:
             "handler_threads": self.handler_threads,
             "max_inflight": self.max_inflight,
             "max_wait_s": self.max_wait_s,
+            "burst_wait_s": self.burst_wait_s,
             "switch_interval_s": self.switch_interval_s,
             "max_workers": self.max_workers,
             "max_pending_rpcs": self.max_pending_rpcs,
@@ -524,7 +526,13 @@ class Mode:
         }
 
 
-TODAY = {"engine": "sync", "max_inflight": 8, "max_wait_s": None, "max_workers": 12}
+TODAY = {
+    "engine": "sync",
+    "max_inflight": 8,
+    "max_wait_s": None,
+    "burst_wait_s": None,
+    "max_workers": 12,
+}
 MODES = {
     m.name: m
     for m in (
@@ -540,11 +548,11 @@ MODES = {
             about="aio-inline-w2 without counting the calls queued in gRPC's core",
         ),
         Mode(
-            "aio-inline-w2-wait5ms",
+            "aio-inline-w2-noburst",
             handler_threads=0,
             workers=2,
-            max_wait_s=0.005,
-            about="aio-inline-w2, refusing calls expected to wait over 5 ms instead of 10",
+            burst_wait_s=None,
+            about="aio-inline-w2 holding every call to max_wait, bursts too",
         ),
         Mode(
             "aio-t1-w2-uncounted",
@@ -1303,7 +1311,8 @@ def modes_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"- `{name}`: {m['about']} (engine {m['engine']}, handler threads "
             f"{m['handler_threads']}, workers {m['workers']}, max_inflight {m['max_inflight']}, "
-            f"max_wait {m['max_wait_s']}, switch interval {m['switch_interval_s'] or 'default'}, "
+            f"max_wait {m['max_wait_s']}, burst wait {m.get('burst_wait_s')}, "
+            f"switch interval {m['switch_interval_s'] or 'default'}, "
             f"core queue {_core_queue(m)})"
         )
     if report.get("end_to_end"):

@@ -358,6 +358,53 @@ def test_admission_refuses_when_the_expected_wait_is_too_long() -> None:
     assert admission.enter(False) is not None  # the wait bounds only the limited calls
 
 
+def test_a_burst_may_wait_up_to_the_burst_bound_until_the_queue_stands() -> None:
+    admission = Admission(limit=100, total=100, max_wait_s=0.005, burst_wait_s=0.030)
+    assert admission.wait_bound_s(0.010) == 0.030  # busy 10 ms: still a burst
+    assert admission.wait_bound_s(0.030) == 0.005  # a queue that stood 30 ms: overload
+    assert admission.wait_bound_s(None) == 0.005  # not known: overload
+    admission.observe(0.002)
+    assert admission.enter(True, queued=10, busy_for_s=0.010) is not None  # 20 ms <= 30
+    assert admission.enter(True, queued=10, busy_for_s=0.031) is None  # 22 ms > 5
+    assert admission.enter(True, queued=20, busy_for_s=0.010) is None  # 42 ms > 30
+    assert admission.enter(True, queued=10) is None  # the HTTP endpoint's call: 22 ms > 5
+    without = Admission(limit=100, total=100, max_wait_s=0.005)
+    assert without.wait_bound_s(0.010) == 0.005
+
+
+@pytest.mark.parametrize("burst_wait_s", [0.2, None])
+def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
+    serve: Callable[..., Served], burst_wait_s: float | None
+) -> None:
+    """Ten calls at once to handlers on the loop that take 5 ms each: the last waits about
+    45 ms, over max_wait (10 ms). The server is idle before and after: a burst, not overload.
+    With the burst bound (0.2 s) every call is answered; held to max_wait (the reference),
+    the burst's tail is refused."""
+    base = random_snapshot("v1", dim=DIM)
+
+    def slow_score(features: np.ndarray) -> np.ndarray:
+        time.sleep(0.005)  # inline: holds the event loop
+        return base.score(features)
+
+    config = ServerConfig(
+        handler_threads=0,
+        max_inflight=16,
+        max_workers=20,
+        max_wait_s=0.01,
+        burst_wait_s=burst_wait_s,
+        core_queue_refresh_s=0.0,
+    )
+    s = serve(dataclasses.replace(base, score=slow_score), config)
+    drive(s.port, 20, 0.02)  # one at a time: the server learns what a call costs
+    codes = [code for code, _ in drive(s.port, 10, 0.0)]
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert codes.count(grpc.StatusCode.OK) + refused == len(codes), codes
+    if burst_wait_s is None:
+        assert refused >= 2, codes
+    else:
+        assert refused == 0, codes
+
+
 def test_queued_calls_cost_the_measured_take_interval_not_the_handler_time() -> None:
     """A handler's own time leaves out gRPC's work per call and the refusals in between; the
     interval between two calls taken by a busy server includes both."""

@@ -52,6 +52,12 @@ class Admission:
     busy server: a handler's time plus gRPC's own work, and the refusals in between), else
     the same as a call in progress. That bound follows the cost of a call as it changes (a
     new featurizer, a larger bundle), where a fixed ``limit`` is right for one cost only.
+
+    With ``burst_wait_s`` the bound is that longer one until the server has been busy without
+    a pause for ``burst_wait_s`` (the caller says how long, ``busy_for_s``): a burst that a
+    server below capacity works off is let through, and only a standing queue, i.e. overload,
+    is cut down to ``max_wait_s`` (the queue discipline of CoDel as Facebook applies it to
+    server queues; see "Fail at Scale", ACM Queue 13(8), 2015).
     """
 
     def __init__(
@@ -61,12 +67,14 @@ class Admission:
         max_wait_s: float | None = None,
         parallel: int = 1,
         smoothing: float = 0.05,
+        burst_wait_s: float | None = None,
     ) -> None:
         if limit < 1 or total < limit:
             raise ValueError(f"Admission(limit={limit}, total={total}): need 1 <= limit <= total")
         self.limit = limit
         self.total = total
         self.max_wait_s = max_wait_s
+        self.burst_wait_s = burst_wait_s
         self.parallel = max(1, parallel)
         self.smoothing = smoothing
         self.mean_service_s = 0.0  # no estimate until the first observe()
@@ -88,22 +96,33 @@ class Admission:
         queued_s = queued * (per_call if take_interval_s is None else take_interval_s)
         return self.limited_in_progress * per_call + queued_s
 
+    def wait_bound_s(self, busy_for_s: float | None = None) -> float | None:
+        """The longest expected wait a limited call is admitted with, after ``busy_for_s`` of
+        unbroken work (None: unknown, which counts as overload)."""
+        burst = self.burst_wait_s
+        if self.max_wait_s is None or burst is None or busy_for_s is None or busy_for_s >= burst:
+            return self.max_wait_s
+        return max(burst, self.max_wait_s)
+
     def enter(
-        self, limited: bool, queued: int = 0, take_interval_s: float | None = None
+        self,
+        limited: bool,
+        queued: int = 0,
+        take_interval_s: float | None = None,
+        busy_for_s: float | None = None,
     ) -> Ticket | None:
         """Take a slot and return its ticket, or None when the call must be refused.
 
         ``queued``: calls known to wait ahead of this one besides those in progress;
-        ``take_interval_s``: how long each of them holds up the ones behind it, if known."""
+        ``take_interval_s``: how long each of them holds up the ones behind it, if known;
+        ``busy_for_s``: how long the server has worked without a pause (see ``burst_wait_s``)."""
         with self.lock:
+            bound = self.wait_bound_s(busy_for_s) if limited else None
             if self.total_in_progress >= self.total or (
                 limited
                 and (
                     self.limited_in_progress >= self.limit
-                    or (
-                        self.max_wait_s is not None
-                        and self.expected_wait_s(queued, take_interval_s) > self.max_wait_s
-                    )
+                    or (bound is not None and self.expected_wait_s(queued, take_interval_s) > bound)
                 )
             ):
                 return None

@@ -48,6 +48,7 @@ QUEUE_PREFIX = "/slimrank.v1."
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 BATCH_METHOD = RECOMMENDER_PREFIX + "RecommendBatch"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+IDLE_S = 0.001  # a pause this long between two calls ends a busy spell
 
 
 # -- the event loop thread ----------------------------------------------------------------
@@ -255,6 +256,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         accepted = time.perf_counter()
         task = asyncio.current_task()
         core_queue = self.core_queue
+        if self._held == 0 and accepted - self._idle_since >= IDLE_S:
+            self._busy_since = accepted  # a pause before this call: a new busy spell begins
         if core_queue is not None and core_queue.last_waiting > 0 and self._last_take is not None:
             # Calls were waiting when the previous one was taken: this one came as soon as the
             # server could take it, so the interval is what a queued call holds up the rest.
@@ -275,16 +278,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # Health checks are answered on the loop and never refused: a refused probe could get
         # an overloaded server restarted.
         if not method.startswith(HEALTH_PREFIX):
-            queued, take_interval = 0, None
+            queued, take_interval, busy_for = 0, None, accepted - self._busy_since
             if limited and core_queue is not None:
                 idle = accepted - self._idle_since if self._held == 1 else 0.0
-                if idle >= core_queue.idle_s:
-                    self._busy_since = accepted
-                queued = core_queue.waiting(
-                    self._held, self._taken, idle, accepted - self._busy_since
-                )
+                queued = core_queue.waiting(self._held, self._taken, idle, busy_for)
                 take_interval = core_queue.take_interval()
-            ticket = self._admission.enter(limited, queued, take_interval)
+            ticket = self._admission.enter(limited, queued, take_interval, busy_for)
             if ticket is None:
                 self._metrics.shed.inc()
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()

@@ -29,7 +29,8 @@ ENV_ADMIN_TOKEN_FILE = "SLIMRANK_ADMIN_TOKEN_FILE"
 SPARE_THREADS = 4
 # The wait a model call may be expected to have before it is refused: with the handler time
 # on top, accepted calls stay within the 20 ms p99 the benchmark holds the server to.
-DEFAULT_MAX_WAIT_MS = 10.0
+DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_BURST_WAIT_MS = 30.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +88,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_WAIT_MS,
         help="refuse a model call when the calls in progress are expected to keep it waiting "
         "longer than this; 0: only --max-inflight bounds them (default %(default)s)",
+    )
+    p.add_argument(
+        "--burst-wait-ms",
+        type=float,
+        default=DEFAULT_BURST_WAIT_MS,
+        help="until the server has worked this long without a pause, let calls wait up to this "
+        "instead of --max-wait-ms: a burst is let through, a standing queue is cut; 0: "
+        "--max-wait-ms always (default %(default)s)",
     )
     p.add_argument(
         "--core-queue-refresh-ms",
@@ -188,6 +197,7 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             port=args.port,
             handler_threads=args.handler_threads,
             max_wait_s=args.max_wait_ms / 1000 if args.max_wait_ms > 0 else None,
+            burst_wait_s=args.burst_wait_ms / 1000 if args.burst_wait_ms > 0 else None,
             core_queue_refresh_s=(
                 args.core_queue_refresh_ms / 1000 if args.core_queue_refresh_ms >= 0 else None
             ),

@@ -35,7 +35,9 @@ class ServerConfig(Config):
     ``max_inflight`` bounds them. The calls still queued in gRPC's core, which the server's
     code has not seen yet (they pile up while a busy event loop cannot take them), count as
     in progress too: read from channelz at most every ``core_queue_refresh_s``
-    (:mod:`slimrank.serving.core_queue`; None: not counted).
+    (:mod:`slimrank.serving.core_queue`; None: not counted). Until the server has worked for
+    ``burst_wait_s`` without a pause, calls may wait up to that instead (a burst below
+    capacity is let through; a standing queue is overload; None: ``max_wait_s`` always).
 
     ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
 
@@ -54,6 +56,7 @@ class ServerConfig(Config):
     handler_threads: int = 1
     max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 10 ms by default
     core_queue_refresh_s: float | None = 0.005
+    burst_wait_s: float | None = None  # slimrank serve: --burst-wait-ms, 30 ms by default
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
@@ -106,6 +109,13 @@ class ServerConfig(Config):
             self,
             "max_wait_s",
             self.max_wait_s,
+            "must be None or > 0",
+        )
+        require(
+            self.burst_wait_s is None or self.burst_wait_s > 0,
+            self,
+            "burst_wait_s",
+            self.burst_wait_s,
             "must be None or > 0",
         )
         require(
