@@ -360,13 +360,13 @@ def test_admission_refuses_when_the_expected_wait_is_too_long() -> None:
 
 def test_a_burst_may_wait_up_to_the_burst_bound_until_the_queue_stands() -> None:
     admission = Admission(limit=100, total=100, max_wait_s=0.005, burst_wait_s=0.030)
-    assert admission.wait_bound_s(0.010) == 0.030  # busy 10 ms: still a burst
+    assert admission.wait_bound_s(0.010) == 0.030  # calls waiting for 10 ms: still a burst
     assert admission.wait_bound_s(0.030) == 0.005  # a queue that stood 30 ms: overload
     assert admission.wait_bound_s(None) == 0.005  # not known: overload
     admission.observe(0.002)
-    assert admission.enter(True, queued=10, busy_for_s=0.010) is not None  # 20 ms <= 30
-    assert admission.enter(True, queued=10, busy_for_s=0.031) is None  # 22 ms > 5
-    assert admission.enter(True, queued=20, busy_for_s=0.010) is None  # 42 ms > 30
+    assert admission.enter(True, queued=10, standing_s=0.010) is not None  # 20 ms <= 30
+    assert admission.enter(True, queued=10, standing_s=0.031) is None  # 22 ms > 5
+    assert admission.enter(True, queued=20, standing_s=0.010) is None  # 42 ms > 30
     assert admission.enter(True, queued=10) is None  # the HTTP endpoint's call: 22 ms > 5
     without = Admission(limit=100, total=100, max_wait_s=0.005)
     assert without.wait_bound_s(0.010) == 0.005

@@ -53,8 +53,8 @@ class Admission:
     the same as a call in progress. That bound follows the cost of a call as it changes (a
     new featurizer, a larger bundle), where a fixed ``limit`` is right for one cost only.
 
-    With ``burst_wait_s`` the bound is that longer one until the server has been busy without
-    a pause for ``burst_wait_s`` (the caller says how long, ``busy_for_s``): a burst that a
+    With ``burst_wait_s`` the bound is that longer one until calls have been waiting without
+    a break for ``burst_wait_s`` (the caller says how long, ``standing_s``): a burst that a
     server below capacity works off is let through, and only a standing queue, i.e. overload,
     is cut down to ``max_wait_s`` (the queue discipline of CoDel as Facebook applies it to
     server queues; see "Fail at Scale", ACM Queue 13(8), 2015).
@@ -96,11 +96,11 @@ class Admission:
         queued_s = queued * (per_call if take_interval_s is None else take_interval_s)
         return self.limited_in_progress * per_call + queued_s
 
-    def wait_bound_s(self, busy_for_s: float | None = None) -> float | None:
-        """The longest expected wait a limited call is admitted with, after ``busy_for_s`` of
-        unbroken work (None: unknown, which counts as overload)."""
+    def wait_bound_s(self, standing_s: float | None = None) -> float | None:
+        """The longest expected wait a limited call is admitted with when calls have waited
+        without a break for ``standing_s`` (None: unknown, which counts as overload)."""
         burst = self.burst_wait_s
-        if self.max_wait_s is None or burst is None or busy_for_s is None or busy_for_s >= burst:
+        if self.max_wait_s is None or burst is None or standing_s is None or standing_s >= burst:
             return self.max_wait_s
         return max(burst, self.max_wait_s)
 
@@ -109,15 +109,15 @@ class Admission:
         limited: bool,
         queued: int = 0,
         take_interval_s: float | None = None,
-        busy_for_s: float | None = None,
+        standing_s: float | None = None,
     ) -> Ticket | None:
         """Take a slot and return its ticket, or None when the call must be refused.
 
         ``queued``: calls known to wait ahead of this one besides those in progress;
         ``take_interval_s``: how long each of them holds up the ones behind it, if known;
-        ``busy_for_s``: how long the server has worked without a pause (see ``burst_wait_s``)."""
+        ``standing_s``: how long calls have waited without a break (see ``burst_wait_s``)."""
         with self.lock:
-            bound = self.wait_bound_s(busy_for_s) if limited else None
+            bound = self.wait_bound_s(standing_s) if limited else None
             if self.total_in_progress >= self.total or (
                 limited
                 and (

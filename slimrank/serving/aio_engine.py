@@ -222,7 +222,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self._taken = 0
         self._idle_since = time.perf_counter()  # when _held last fell to 0
         self._busy_since = self._idle_since  # when the current busy spell began
-        self._last_take: float | None = None  # when the previous call was taken
+        self._queue_since = self._idle_since  # since when calls have been waiting without a break
+        self._last_take: float | None = None  # when the previous call, if accepted, was taken
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -257,12 +258,15 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         task = asyncio.current_task()
         core_queue = self.core_queue
         if self._held == 0 and accepted - self._idle_since >= IDLE_S:
-            self._busy_since = accepted  # a pause before this call: a new busy spell begins
+            # A pause before this call: a new busy spell begins, and no queue stands.
+            self._busy_since = self._queue_since = accepted
         if core_queue is not None and core_queue.last_waiting > 0 and self._last_take is not None:
-            # Calls were waiting when the previous one was taken: this one came as soon as the
-            # server could take it, so the interval is what a queued call holds up the rest.
+            # Calls were waiting when the previous one, an accepted model call, was taken: this
+            # one came as soon as the server could take it, so the interval is what an accepted
+            # call holds up the ones queued behind it. (Refusals take far less; counting them
+            # would let the queue grow with calls that are then accepted.)
             core_queue.observe_take(accepted - self._last_take)
-        self._last_take = accepted
+        self._last_take = None  # set again below if this call is an accepted model call
         self._taken += 1
         if task is not None:  # always under grpc.aio: the call's own task
             self._held += 1
@@ -278,12 +282,21 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # Health checks are answered on the loop and never refused: a refused probe could get
         # an overloaded server restarted.
         if not method.startswith(HEALTH_PREFIX):
-            queued, take_interval, busy_for = 0, None, accepted - self._busy_since
+            queued, take_interval, standing = 0, None, None
             if limited and core_queue is not None:
                 idle = accepted - self._idle_since if self._held == 1 else 0.0
-                queued = core_queue.waiting(self._held, self._taken, idle, busy_for)
+                busy = accepted - self._busy_since
+                queued = core_queue.waiting(self._held, self._taken, idle, busy)
                 take_interval = core_queue.take_interval()
-            ticket = self._admission.enter(limited, queued, take_interval, busy_for)
+                # Nothing waits ahead of this call: none in gRPC's core and, with handler
+                # threads, a thread free (a call on the loop runs as soon as it is taken).
+                admission = self._admission
+                if queued == 0 and (
+                    self._handler_pool is None or admission.limited_in_progress < admission.parallel
+                ):
+                    self._queue_since = accepted
+                standing = accepted - self._queue_since
+            ticket = self._admission.enter(limited, queued, take_interval, standing)
             if ticket is None:
                 self._metrics.shed.inc()
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
@@ -292,6 +305,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 ticket.release()
             else:
                 task.add_done_callback(ticket.release)
+            if limited:
+                self._last_take = accepted
         handler = self._sync_chain(handler, handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
