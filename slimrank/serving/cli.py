@@ -93,8 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--burst-wait-ms",
         type=float,
         default=DEFAULT_BURST_WAIT_MS,
-        help="until the server has worked this long without a pause, let calls wait up to this "
-        "instead of --max-wait-ms: a burst is let through, a standing queue is cut; 0: "
+        help="until calls have been waiting this long without a break, let them wait up to "
+        "this instead of --max-wait-ms: a burst is let through, a standing queue is cut; 0: "
         "--max-wait-ms always (default %(default)s)",
     )
     p.add_argument(

@@ -35,8 +35,8 @@ class ServerConfig(Config):
     ``max_inflight`` bounds them. The calls still queued in gRPC's core, which the server's
     code has not seen yet (they pile up while a busy event loop cannot take them), count as
     in progress too: read from channelz at most every ``core_queue_refresh_s``
-    (:mod:`slimrank.serving.core_queue`; None: not counted). Until the server has worked for
-    ``burst_wait_s`` without a pause, calls may wait up to that instead (a burst below
+    (:mod:`slimrank.serving.core_queue`; None: not counted). Until calls have been waiting
+    without a break for ``burst_wait_s``, they may wait up to that instead (a burst below
     capacity is let through; a standing queue is overload; None: ``max_wait_s`` always).
 
     ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
