@@ -548,6 +548,19 @@ MODES = {
             about="aio-inline-w2 without counting the calls queued in gRPC's core",
         ),
         Mode(
+            "aio-inline-wait2ms",
+            handler_threads=0,
+            max_wait_s=0.002,
+            about="aio-inline, a standing queue cut to 2 ms instead of 5",
+        ),
+        Mode(
+            "aio-inline-w2-wait2ms",
+            handler_threads=0,
+            workers=2,
+            max_wait_s=0.002,
+            about="aio-inline-w2, a standing queue cut to 2 ms instead of 5",
+        ),
+        Mode(
             "aio-inline-w2-noburst",
             handler_threads=0,
             workers=2,

@@ -31,6 +31,10 @@ SPARE_THREADS = 4
 # on top, accepted calls stay within the 20 ms p99 the benchmark holds the server to.
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_BURST_WAIT_MS = 30.0
+# Model calls on the event loop: the most calls held within 10 ms on the ml-100k bundle, one
+# process or two (bench/results/serving_modes.md). ServerConfig keeps 1 thread for embedders
+# whose handlers may block, which on the loop would stall every call.
+DEFAULT_HANDLER_THREADS = 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -107,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--handler-threads",
         type=int,
-        default=defaults.handler_threads,
+        default=DEFAULT_HANDLER_THREADS,
         help="threads per process running model calls; 0 runs them on the event loop "
         "(default %(default)s)",
     )
