@@ -309,7 +309,8 @@ def main() -> int:
     text = markdown(report)
     print(text)
     if not args.no_save:
-        name = args.name or root.resolve().name
+        resolved = root.resolve()  # runs/demo/bundles -> demo
+        name = args.name or (resolved.parent.name if resolved.name == "bundles" else resolved.name)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"serving_reload_{name}.json").write_text(json.dumps(report, indent=1) + "\n")
         (RESULTS / f"serving_reload_{name}.md").write_text(text)
