@@ -128,11 +128,21 @@ def scale_bundle(size: ScaleSize, override: str) -> Path:
 
 
 def role_serve(bundles: Path, workers: int) -> int:
-    """Serve the bundles under ``bundles`` with the normal loaders until SIGTERM."""
+    """Serve the bundles under ``bundles`` with the normal loaders until SIGTERM, configured
+    as ``slimrank serve`` is by default (handlers on the loop, its wait bounds)."""
+    from slimrank.serving import cli
     from slimrank.serving.config import ReloadConfig, ServerConfig
     from slimrank.serving.workers import ServeSpec, serve_one, serve_workers
 
-    server = ServerConfig(port=0, metrics_port=None, max_inflight=8, n_candidates=N_CANDIDATES)
+    server = ServerConfig(
+        port=0,
+        metrics_port=None,
+        max_inflight=8,
+        n_candidates=N_CANDIDATES,
+        handler_threads=cli.DEFAULT_HANDLER_THREADS,
+        max_wait_s=cli.DEFAULT_MAX_WAIT_MS / 1000,
+        burst_wait_s=cli.DEFAULT_BURST_WAIT_MS / 1000,
+    )
     spec = ServeSpec(bundles, server, ReloadConfig(poll_interval_s=0))
 
     def ready(port: int, mport: int | None, pids: list[int]) -> None:

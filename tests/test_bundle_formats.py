@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 
 from slimrank.bundle.formats import (
     read_json,
     read_npy,
     read_table,
+    read_tensor_np,
     read_tensors,
     read_tensors_metadata,
     write_json,
@@ -88,3 +91,28 @@ def test_json_is_strict(tmp_path):
     (tmp_path / "n.json").write_text('{"x": NaN}')
     with pytest.raises(IntegrityError, match=r"n\.json"):
         read_json(tmp_path / "n.json")
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 50, 1000, 1 << 30])
+def test_tensors_read_in_row_blocks_equal_the_librarys_whole_reads(
+    tmp_path: Path, chunk_bytes: int
+) -> None:
+    """Row blocks bound how long one copy holds the GIL; the result must not change."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        "rows": rng.standard_normal((1000, 7)).astype(np.float32),
+        "cube": rng.integers(0, 9, (333, 5, 2)).astype(np.int64),
+        "vector": np.arange(5, dtype=np.int32),
+        "long_vector": rng.standard_normal(2001).astype(np.float64),
+        "one_row": rng.standard_normal((1, 3)).astype(np.float16),
+        "empty": np.zeros((0, 4), np.float16),
+    }
+    path = tmp_path / "t.safetensors"
+    write_tensors(path, tensors)
+    with safe_open(str(path), framework="np") as handle:
+        for name, tensor in tensors.items():
+            got = read_tensor_np(handle, name, chunk_bytes)
+            whole = handle.get_tensor(name)
+            assert got.dtype == whole.dtype == tensor.dtype, name
+            assert got.shape == whole.shape == tensor.shape, name
+            assert np.array_equal(got, tensor), name

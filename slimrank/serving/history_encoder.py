@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from slimrank.bundle import Bundle, BundleError
+from slimrank.bundle.formats import read_tensor_np
 from slimrank.retrieval.two_tower_config import MODEL_CONFIG, MODEL_WEIGHTS, TwoTowerConfig
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def read_user_tower(directory: str | Path) -> dict[str, np.ndarray]:
     try:
         with safe_open(str(path), framework="np") as f:
             return {
-                k: f.get_tensor(k)
+                k: read_tensor_np(f, k)
                 for k in f.keys()  # noqa: SIM118 (a safe_open handle is not a mapping)
                 if k == HISTORY_TABLE or k.startswith(MLP_PREFIX)
             }
