@@ -275,55 +275,6 @@ def test_queued_calls_are_costed_at_the_loops_time_per_call_not_the_handlers(
     assert max(accepted) < 0.75
 
 
-@pytest.mark.parametrize("reloading", [True, False])
-def test_while_a_reload_loads_calls_wait_instead_of_being_refused(
-    serve: Callable[..., Served], reloading: bool
-) -> None:
-    """Handlers on the loop (20 ms each) and a call every millisecond: a standing queue. With
-    no reload (the reference) admission refuses most calls; while a reload is loading a new
-    snapshot (its stalls are not overload, and a deploy must not fail calls), none is refused
-    and every call is answered, later."""
-    base = random_snapshot("v1", dim=DIM)
-    entered, release = threading.Semaphore(0), threading.Event()
-
-    def slow_score(features: np.ndarray) -> np.ndarray:
-        time.sleep(0.02)  # inline: holds the event loop
-        return base.score(features)
-
-    def slow_load(version: str | None) -> ModelSnapshot:
-        entered.release()
-        release.wait(DEADLINE_S)
-        return random_snapshot("v2", dim=DIM, seed=2)
-
-    config = ServerConfig(
-        handler_threads=0,
-        max_inflight=16,
-        max_workers=20,
-        max_wait_s=0.01,
-        burst_wait_s=0.03,
-        core_queue_refresh_s=0.002,
-    )
-    s = serve(dataclasses.replace(base, score=slow_score), config, slow_load)
-    channel = grpc.insecure_channel(f"127.0.0.1:{s.port}")
-    reload = None
-    try:
-        if reloading:
-            admin = admin_pb2_grpc.AdminStub(channel)
-            reload = admin.Reload.future(admin_pb2.ReloadRequest(), timeout=DEADLINE_S)
-            assert entered.acquire(timeout=10)
-        answers = drive(s.port, 60, 0.001)
-    finally:
-        release.set()
-    codes = [code for code, _ in answers]
-    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
-    if reloading:
-        assert codes == [grpc.StatusCode.OK] * len(codes), codes
-        assert reload is not None and reload.result(timeout=10).reloaded
-    else:
-        assert refused >= len(codes) // 2, codes
-    channel.close()
-
-
 def test_admin_calls_beyond_the_total_bound_are_refused_and_counted_health_never(
     serve: Callable[..., Served],
 ) -> None:
@@ -421,13 +372,13 @@ def test_a_burst_may_wait_up_to_the_burst_bound_until_the_queue_stands() -> None
     assert without.wait_bound_s(0.010) == 0.005
 
 
-@pytest.mark.parametrize("burst_wait_s", [1.0, None])
+@pytest.mark.parametrize("burst_wait_s", [0.2, None])
 def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
     serve: Callable[..., Served], burst_wait_s: float | None
 ) -> None:
     """Ten calls at once to handlers on the loop that take 5 ms each: the last waits about
     45 ms, over max_wait (10 ms). The server is idle before and after: a burst, not overload.
-    With the burst bound (1 s) every call is answered; held to max_wait (the reference),
+    With the burst bound (0.2 s) every call is answered; held to max_wait (the reference),
     the burst's tail is refused."""
     base = random_snapshot("v1", dim=DIM)
 

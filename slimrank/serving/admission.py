@@ -110,16 +110,14 @@ class Admission:
         queued: int = 0,
         take_interval_s: float | None = None,
         standing_s: float | None = None,
-        lenient: bool = False,
     ) -> Ticket | None:
         """Take a slot and return its ticket, or None when the call must be refused.
 
         ``queued``: calls known to wait ahead of this one besides those in progress;
         ``take_interval_s``: how long each of them holds up the ones behind it, if known;
-        ``standing_s``: how long calls have waited without a break (see ``burst_wait_s``);
-        ``lenient``: no wait bound, only ``limit`` and ``total`` (e.g. while a reload runs)."""
+        ``standing_s``: how long calls have waited without a break (see ``burst_wait_s``)."""
         with self.lock:
-            bound = self.wait_bound_s(standing_s) if limited and not lenient else None
+            bound = self.wait_bound_s(standing_s) if limited else None
             if self.total_in_progress >= self.total or (
                 limited
                 and (

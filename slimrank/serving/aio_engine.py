@@ -214,14 +214,10 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         other_pool: futures.Executor,
         retry_after_s: float = 0.05,
         core_queue: CoreQueue | None = None,
-        reloading: Callable[[], bool] | None = None,
     ) -> None:
         self._metrics = metrics
         # Calls waiting in gRPC's core count as ahead of a new one (set once the server exists).
         self.core_queue = core_queue
-        # While a reload loads a new snapshot beside the served one, calls wait (its stalls
-        # are not overload) and are not refused for waiting: a deploy must not fail calls.
-        self._reloading = reloading
         self._held = 0  # calls taken from gRPC's core and not finished (loop thread only)
         self._taken = 0
         self._idle_since = time.perf_counter()  # when _held last fell to 0
@@ -300,8 +296,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 ):
                     self._queue_since = accepted
                 standing = accepted - self._queue_since
-            reloading = self._reloading is not None and self._reloading()
-            ticket = self._admission.enter(limited, queued, take_interval, standing, reloading)
+            ticket = self._admission.enter(limited, queued, take_interval, standing)
             if ticket is None:
                 self._metrics.shed.inc()
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()

@@ -319,15 +319,7 @@ async def _start_aio(
         parallel=max(1, config.handler_threads),
         burst_wait_s=config.burst_wait_s,
     )
-    holder = servicers[1].holder
-    serving = ServingInterceptor(
-        metrics,
-        admission,
-        interceptors,
-        handler_pool,
-        other_pool,
-        reloading=lambda: holder.loading,
-    )
+    serving = ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
     servers_before = CoreQueue.server_ids() if config.core_queue_refresh_s is not None else None
     server = grpc.aio.server(interceptors=[serving], options=_options(config))
     health_servicer = health.aio.HealthServicer()

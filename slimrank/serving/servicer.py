@@ -307,7 +307,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         reload_lock: threading.Lock | None = None,
     ) -> None:
         self._holder = holder
-        self.holder = holder  # the admission reads whether a reload is loading
         self._metrics = metrics
         self._reload_fn = reload_fn
         # Shared with a bundle watcher, if any, so that reloads never interleave.
@@ -347,9 +346,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                         reloaded=False,
                         message=f"already serving {previous.version}; not loaded again",
                     )
-                with self._holder.loading_new():
-                    new = self._reload_fn(version)
-                    warm_up(new)
+                new = self._reload_fn(version)
+                warm_up(new)
             except Exception as error:  # any load failure must leave the served model in place
                 self._metrics.reload_failures.inc()
                 log_reload_failure(version, previous.version, error)

@@ -14,13 +14,12 @@ are interchangeable.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import enum
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
 import faiss
@@ -345,25 +344,6 @@ class SnapshotHolder:
         self._lock = threading.Lock()
         self._served = Served(snapshot, dt.datetime.now(dt.UTC))
         self._listeners: list[Callable[[ModelSnapshot], None]] = []
-        self._loading = 0  # reloads loading a new snapshot beside the served one
-
-    @property
-    def loading(self) -> bool:
-        """Whether a new snapshot is being loaded beside the served one (see ``loading_new``)."""
-        return self._loading > 0
-
-    @contextlib.contextmanager
-    def loading_new(self) -> Iterator[None]:
-        """Mark the block as loading a new snapshot: the loading takes CPU and the GIL from
-        the calls being answered, and admission lets them wait instead of refusing them as
-        overload while it lasts."""
-        with self._lock:
-            self._loading += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._loading -= 1
 
     def get(self) -> ModelSnapshot:
         """Return the current snapshot."""
