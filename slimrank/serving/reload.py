@@ -13,10 +13,12 @@ share one lock, so reloads never interleave.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from slimrank.bundle import current_version, open_bundle
@@ -49,7 +51,26 @@ class BundleSource:
         return resolve_version(self.root, version)
 
     def __call__(self, version: str | None) -> ModelSnapshot:
-        return load_snapshot(open_bundle(self.root, version), self.loaders)
+        with gil_shared(RELOAD_SWITCH_INTERVAL_S):
+            return load_snapshot(open_bundle(self.root, version), self.loaders)
+
+
+# While a bundle loads beside a serving event loop, the loading thread gives up the GIL this
+# often (Python's default is 5 ms): each step of a call on the loop (taking it, admitting it,
+# answering it) can otherwise wait that long for the GIL.
+RELOAD_SWITCH_INTERVAL_S = 0.0005
+
+
+@contextlib.contextmanager
+def gil_shared(interval_s: float) -> Iterator[None]:
+    """Within the block, threads switch the GIL at most every ``interval_s`` (restored after;
+    never lengthened)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, interval_s))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def bundle_reload_fn(
