@@ -1,0 +1,204 @@
+"""Would the peers' item-item scores help as teacher features? Measured on validation only.
+
+Issue 15, idea (b): RP3beta and item-KNN (the peers of ``slimrank/evaluation/peers.py``, at
+the settings validation chose for them) as candidate features. Before building them into
+the top-K neighbour tables the server reads, this probes the upper bound: each candidate's
+*full* peer score (no top-K cut on the candidate's side), fitted on exactly what the list's
+other features read (a training fold's history for the training lists, the training items
+for the validation lists), is appended with its log rank within the list, and the
+pipeline's MLP teacher is trained again (same config and seed) and compared with the
+cached teacher on the validation view: pipeline NDCG@10 and a paired bootstrap interval.
+
+    .venv/bin/python bench/feature_probe.py [--config pipeline] [--peers rp3beta itemknn]
+
+Writes ``bench/results/feature_probe.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from slimrank.evaluation.baselines import EaseConfig, ease_weights  # noqa: E402
+from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
+from slimrank.evaluation.peers import (  # noqa: E402
+    fit_item_knn,
+    fit_rp3beta,
+    item_knn_weights,
+)
+from slimrank.pipeline.artifacts import (  # noqa: E402
+    CandidatesArtifact,
+    DataArtifact,
+    EmbeddingsArtifact,
+    TeacherArtifact,
+)
+from slimrank.pipeline.cache import StepCache  # noqa: E402
+from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
+from slimrank.pipeline.run import data_inputs, step_digests  # noqa: E402
+from slimrank.pipeline.steps import teacher_model_config  # noqa: E402
+from slimrank.ranking.features import CandidateFeatures  # noqa: E402
+from slimrank.ranking.pipeline_eval import PipelineView, pipeline_per_user  # noqa: E402
+from slimrank.ranking.teacher import teacher_scores  # noqa: E402
+from slimrank.ranking.train import train_teacher  # noqa: E402
+
+RESULTS = HERE / "results"
+# The settings the peers' validation grid chose (README, Evaluation protocol).
+PEERS = {
+    "rp3beta": (fit_rp3beta, {"alpha": 0.75, "beta": 0.6, "k": 400}),
+    "itemknn": (fit_item_knn, {"k": 200, "shrink": 10.0}),
+}
+
+
+def peer_columns(observed: sp.csr_matrix, users: np.ndarray, items: np.ndarray, name: str):
+    """Return ``(U, N, 2)``: the peer's score of each candidate and its log1p rank in the list."""
+    fit, params = PEERS[name]
+    return with_rank(fit(observed, params)(users), items)
+
+
+def newest(observed: sp.csr_matrix, times: sp.csr_matrix, n: int) -> sp.csr_matrix:
+    """Return ``observed`` with each row cut to its ``n`` newest items (by ``times``)."""
+    x = sp.csr_matrix(observed, dtype=np.float64)
+    t = sp.csr_matrix(times)
+    rows, cols = [], []
+    for u in range(x.shape[0]):
+        items = x.indices[x.indptr[u] : x.indptr[u + 1]]
+        when = np.asarray(t[u, items].todense()).ravel() if len(items) else items
+        keep = items[np.argsort(-when, kind="stable")[:n]]
+        rows.append(np.full(len(keep), u))
+        cols.append(keep)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    return sp.csr_matrix((np.ones(len(r)), (r, c)), shape=x.shape)
+
+
+def recent_columns(observed, times, users, items, n: int) -> np.ndarray:
+    """Return ``(U, N, 4)``: EASE (l2 = 250, the tables') and cosine co-occurrence scores over
+    the user's ``n`` newest items, each with its log1p rank in the list (weights fitted on the
+    whole of ``observed``)."""
+    x = sp.csr_matrix(observed, dtype=np.float64)
+    x.data[:] = 1.0
+    recent = newest(x, times, n)[users]
+    ease = ease_weights(x, EaseConfig(l2=250.0))
+    cos = item_knn_weights(x, x.shape[1], 0.0)
+    parts = [with_rank(np.asarray(recent @ w), items) for w in (ease, cos)]
+    return np.concatenate(parts, axis=-1)
+
+
+def with_rank(full: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Return ``(U, N, 2)``: ``full`` (U, I) at each candidate, and its log1p rank in the list."""
+    real = items >= 0
+    score = np.where(real, np.take_along_axis(full, np.maximum(items, 0), axis=1), 0.0)
+    ranked = np.where(real, score, -np.inf)
+    order = np.argsort(-ranked, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(items.shape[1])[None, :], axis=1)
+    out = np.stack([score, np.log1p(rank)], axis=-1)
+    return np.where(real[..., None], out, 0.0).astype(np.float32)
+
+
+def widen(feats: CandidateFeatures, extra: np.ndarray, names: tuple[str, ...]):
+    values = np.concatenate([feats.values, extra], axis=-1)
+    return CandidateFeatures(values, feats.names + names, feats.user, feats.items)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="pipeline")
+    parser.add_argument("--peers", nargs="*", default=["rp3beta"], choices=sorted(PEERS))
+    parser.add_argument(
+        "--recent", type=int, default=0, help="EASE and co-occurrence over the N newest items"
+    )
+    parser.add_argument("--out", default="feature_probe")
+    args = parser.parse_args()
+    config = load_config(resolve_config(args.config))
+    digests = step_digests(config, files=data_inputs(config))
+    cache = StepCache(config.cache_dir)
+    path = {s: cache.path_for(s, digests[s]) for s in ("data", "embeddings", "candidates")}
+    teacher_dir = cache.path_for("teacher", digests["teacher"])
+    data = DataArtifact.load(path["data"])
+    emb = EmbeddingsArtifact.load(path["embeddings"])
+    cands, feats, labels = CandidatesArtifact.load_one(path["candidates"], "train")
+    v_cands, v_feats, _ = CandidatesArtifact.load_one(path["candidates"], "valid")
+    truth = data.truth("valid")
+    k = config.k
+    base = pipeline_per_user(
+        v_cands, TeacherArtifact.load_scores(teacher_dir)["valid"].astype(np.float64), truth, k
+    )
+    # The training lists are the folds' lists one after the other (candidates_step).
+    fold_users = [np.flatnonzero(np.diff(t.indptr) > 0) for t in emb.target]
+    if not np.array_equal(np.concatenate(fold_users), cands.user):
+        raise SystemExit("training lists are not the folds' users in order: re-run candidates")
+    bounds = np.cumsum([0] + [len(u) for u in fold_users])
+    names: tuple[str, ...] = ()
+    train_extra, valid_extra = [], []
+    for peer in args.peers:
+        names += (f"{peer}_score", f"{peer}_rank")
+        parts = [
+            peer_columns(emb.history[i], cands.user[a:b], cands.items[a:b], peer)
+            for i, (a, b) in enumerate(itertools.pairwise(bounds))
+        ]
+        train_extra.append(np.concatenate(parts))
+        valid_extra.append(peer_columns(data.seen("valid"), v_cands.user, v_cands.items, peer))
+    if args.recent:
+        n = args.recent
+        names += (f"ease_recent{n}", f"ease_recent{n}_rank", f"cooc_recent{n}")
+        names += (f"cooc_recent{n}_rank",)
+        train_times = data.seen_times("valid")  # a fold's history is part of the training items
+        parts = [
+            recent_columns(emb.history[i], train_times, cands.user[a:b], cands.items[a:b], n)
+            for i, (a, b) in enumerate(itertools.pairwise(bounds))
+        ]
+        train_extra.append(np.concatenate(parts))
+        valid_extra.append(
+            recent_columns(data.seen("valid"), train_times, v_cands.user, v_cands.items, n)
+        )
+    feats = widen(feats, np.concatenate(train_extra, axis=-1), names)
+    v_feats = widen(v_feats, np.concatenate(valid_extra, axis=-1), names)
+    valid = PipelineView(v_cands, v_feats, truth)
+    model_config = teacher_model_config(config.teacher, feats.values.shape[-1], data)
+    train = dataclasses.replace(config.teacher.train, metric=f"ndcg@{k}")
+    result = train_teacher(
+        model_config,
+        feats,
+        labels,
+        validate=lambda m: valid.evaluate(lambda f: teacher_scores(m, f), (k,)),
+        config=train,
+        progress=False,
+    )
+    scores = teacher_scores(result.model, v_feats).astype(np.float64)
+    per = pipeline_per_user(v_cands, scores, truth, k)
+    ci = paired_bootstrap(per, base)
+    history = [round(h.get(f"valid_ndcg@{k}", float("nan")), 4) for h in result.history]
+    lines = [
+        "# Peer scores as teacher features, on validation (issue 15)",
+        "",
+        f"`bench/feature_probe.py --config {args.config} --peers {' '.join(args.peers)} "
+        f"--recent {args.recent}`: "
+        f"columns {', '.join(names)} appended; the pipeline's teacher config and seed. "
+        "Pipeline NDCG@10 on the validation view; the interval is the row minus the cached "
+        "teacher (same features without these columns), paired over users.",
+        "",
+        "| teacher | chosen on valid | valid NDCG@10 | minus cached teacher [95% CI] |",
+        "|---|---|---|---|",
+        f"| cached teacher | - | {base.mean:.4f} | - |",
+        f"| with {', '.join(names)} | epoch {result.best_epoch} | {per.mean:.4f} | "
+        f"{ci.diff:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] |",
+        "",
+        f"Validation NDCG@10 by epoch (0: untrained): {history}",
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
