@@ -48,9 +48,9 @@ class Admission:
     core, :mod:`slimrank.serving.core_queue`), are expected to keep it waiting longer than
     that. Calls in progress cost the mean time a handler takes (an exponential average of
     :meth:`observe`) over ``parallel`` handlers; queued calls cost ``take_interval_s`` each
-    when the caller knows how fast its queue drains (the time between two calls taken by a
-    busy server: a handler's time plus gRPC's own work, and the refusals in between), else
-    the same as a call in progress. That bound follows the cost of a call as it changes (a
+    when the caller knows how fast its queue drains (the time between two accepted calls
+    taken while calls waited: a handler's time plus gRPC's own work per call), else the same
+    as a call in progress. That bound follows the cost of a call as it changes (a
     new featurizer, a larger bundle), where a fixed ``limit`` is right for one cost only.
 
     With ``burst_wait_s`` the bound is that longer one until calls have been waiting without
