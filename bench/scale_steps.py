@@ -230,6 +230,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     name = run_name(args)
     seed = f"-s{args.seed}" if args.seed else ""
     world_dir = CACHE / f"world-{args.users}u-{args.items}i-{args.per_user:g}{seed}"
+    if args.world:  # an existing world, read where it is (its path is in the data step's key)
+        world_dir = Path(args.world).resolve()
+        if not (world_dir / "world.json").exists():
+            raise SystemExit(f"--world {args.world}: no world.json there")
     CACHE.mkdir(parents=True, exist_ok=True)
     rec = Recorder(CACHE / f"steps-{name}.jsonl", args.until)
     world = WorldConfig(
@@ -395,6 +399,12 @@ def main() -> int:
     parser.add_argument("--name", default="")
     parser.add_argument("--config", default=str(ROOT / "configs" / "scale.toml"))
     parser.add_argument("--until", default="", help="stop after this pipeline step")
+    parser.add_argument(
+        "--world",
+        default="",
+        help="read this world directory (of the same size) instead of the cache's; the cache "
+        "of a run that read it from there answers its steps",
+    )
     parser.add_argument(
         "--override",
         default=os.environ.get(OVERRIDE_ENV, ""),
