@@ -1,6 +1,7 @@
 """Does the served int8 ranker lose NDCG on the test view because its features come from
 other item-item tables than the ones it trained on? Scores the 1M run's test candidates with
-the test view's own tables (as served) and with the history fold's (as in training).
+the test view's own tables (as served) and with the history fold's (as the rankers trained
+on before ``candidates.fold_items = "all"``; the run at e479dd6 trained on them).
 
     nice -n 19 .venv/bin/python bench/scale_shift_check.py \
         bench/.cache/scale/cache-1000000u-1000000i-20-oe9c68b9b

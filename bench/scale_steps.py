@@ -132,12 +132,16 @@ class Recorder:
             raise Until(name)
 
 
-def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict[str, float]:
+def truth_metrics(
+    run_result: Any, bundle: Any, world: Any, k: int = 10, peers: Any = None
+) -> dict[str, float]:
     """Return NDCG@k against the generator's truth on the test view's users, per system.
 
     The truth of a user is their ``k`` items of highest true utility among the items the log
     has, minus what they have already seen (train + valid); each system's top ``k`` of the
     test view's candidates is scored against it (binary relevance, the protocol's NDCG).
+    ``peers``: the comparison's peer results, whose test rankings (every unseen item, for
+    the same users) are scored against it too.
     """
     import numpy as np
     import scipy.sparse as sp
@@ -190,21 +194,37 @@ def truth_metrics(run_result: Any, bundle: Any, world: Any, k: int = 10) -> dict
         have = set(seen_rows[r].indices.tolist())
         top[r] = [i for i in pop[: k + len(have)] if i not in have][:k]
     out["most popular"] = round(ranking_metrics(top, truth, (k,))[f"ndcg@{k}"], 4)
+    row_of = {int(u): r for r, u in enumerate(users)}
+    for name, res in (peers or {}).items():
+        rows = [row_of[int(u)] for u in res.test_per_user.users]
+        value = ranking_metrics(res.test_top, truth[rows], (k,))[f"ndcg@{k}"]
+        out[f"{name} (peer, full ranking)"] = round(value, 4)
     return out
 
 
-def peer_comparison(run_result: Any) -> Any:
+def peer_comparison(run_result: Any, grids: dict[str, Any] | None = None) -> Any:
     """Return the served ranker against the retrieval, the teacher and the peers that fit a
     catalog this size (:data:`~slimrank.evaluation.peers.SCALE_PEERS`), each selected on
-    validation and refitted on train + valid, paired over the test view's users."""
+    validation and refitted on train + valid, paired over the test view's users.
+
+    ``grids``: by peer name, hyperparameter values that replace the peer's own (a narrower
+    selection where the full grid costs too much; the report says which were tried)."""
     from slimrank.evaluation.peers import SCALE_PEERS
     from slimrank.pipeline.comparison import PIPELINE_ROWS, compare
     from slimrank.pipeline.report import VARIANTS
 
+    grids = grids or {}
+    unknown = set(grids) - {p.name for p in SCALE_PEERS}
+    if unknown:
+        raise ValueError(f"--peer-grid: no scale peer named {sorted(unknown)}")
+    peers = tuple(
+        dataclasses.replace(p, grid={**p.grid, **grids[p.name]}) if p.name in grids else p
+        for p in SCALE_PEERS
+    )
     metric = f"ndcg@{run_result.config.k}"
     step_of = {key: step for key, _, step, _ in VARIANTS}  # (key, label, step, sub-directory)
     valid = {key: run_result.metrics(step_of[key])["valid"][metric] for key, _ in PIPELINE_ROWS}
-    return compare(run_result, valid, peers=SCALE_PEERS)
+    return compare(run_result, valid, peers=peers)
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -230,6 +250,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     name = run_name(args)
     seed = f"-s{args.seed}" if args.seed else ""
     world_dir = CACHE / f"world-{args.users}u-{args.items}i-{args.per_user:g}{seed}"
+    if args.world:  # an existing world, read where it is (its path is in the data step's key)
+        world_dir = Path(args.world).resolve()
+        if not (world_dir / "world.json").exists():
+            raise SystemExit(f"--world {args.world}: no world.json there")
     CACHE.mkdir(parents=True, exist_ok=True)
     rec = Recorder(CACHE / f"steps-{name}.jsonl", args.until)
     world = WorldConfig(
@@ -240,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         counts = write_world(world, world_dir)
         rec.end("generate world", world_dir)
     counts = json.loads((world_dir / "world.json").read_text())["counts"]
+    grids = json.loads(args.peer_grid) if args.peer_grid else {}
     config = load_config(args.config)
     overrides = dict(json.loads(args.override)) if args.override else {}
     config = dataclasses.replace(
@@ -260,6 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "world": counts,
         "config": str(Path(args.config).resolve().relative_to(ROOT)),
         "overrides": overrides,
+        "peer_grids": grids,
         "eval_users": config.candidates.eval_users,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -279,13 +305,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             snapshot = load_snapshot(bundle)
             rec.end("load bundle (verify + load as the server does)", None)
             result["gate"] = f"published {version} ({snapshot.n_items} items)"
-            rec.begin("NDCG@10 against the generator's truth")
-            result["truth_ndcg@10"] = truth_metrics(run_result, bundle, world, config.k)
-            rec.end("NDCG@10 against the generator's truth", None)
             label = "peers (" + ", ".join(p.name for p in SCALE_PEERS) + ") under the protocol"
             rec.begin(label)
-            result["comparison"] = peer_comparison(run_result).to_dict()
+            comparison = peer_comparison(run_result, grids)
+            result["comparison"] = comparison.to_dict()
+            result["peer_trials"] = {
+                name: [[params, round(v, 4)] for params, v in res.trials]
+                for name, res in comparison.peer_results.items()
+            }
             rec.end(label, None)
+            rec.begin("NDCG@10 against the generator's truth")
+            result["truth_ndcg@10"] = truth_metrics(
+                run_result, bundle, world, config.k, comparison.peer_results
+            )
+            rec.end("NDCG@10 against the generator's truth", None)
         result["metrics"] = {
             step: run_result.metrics(step)
             for step in ("two_tower", "candidates", "teacher", "int8")
@@ -371,6 +404,8 @@ def render(results: dict[str, Any]) -> str:
                 f"Test NDCG@10 under equal information, paired over {users:,} test users "
                 "(95% bootstrap intervals): " + "; ".join(parts) + "."
             )
+        if r.get("peer_grids"):
+            out.append(f"Peer grids narrowed (`--peer-grid`): `{json.dumps(r['peer_grids'])}`.")
         if r.get("truth_ndcg@10"):
             out.append(
                 "NDCG@10 against the generator's truth (test view's users): "
@@ -396,9 +431,21 @@ def main() -> int:
     parser.add_argument("--config", default=str(ROOT / "configs" / "scale.toml"))
     parser.add_argument("--until", default="", help="stop after this pipeline step")
     parser.add_argument(
+        "--world",
+        default="",
+        help="read this world directory (of the same size) instead of the cache's; the cache "
+        "of a run that read it from there answers its steps",
+    )
+    parser.add_argument(
         "--override",
         default=os.environ.get(OVERRIDE_ENV, ""),
         help=f'JSON, e.g. {{"candidates.folds": 1}} (${OVERRIDE_ENV})',
+    )
+    parser.add_argument(
+        "--peer-grid",
+        default="",
+        help='JSON, by scale peer name, values replacing its grid, e.g. {"ALS (implicit)": '
+        '{"regularization": [10.0], "alpha": [40.0]}}',
     )
     args = parser.parse_args()
     if args.size:

@@ -10,6 +10,7 @@ from slimrank.evaluation.protocol import evaluate_full_ranking
 from slimrank.ranking.candidates import (
     Candidates,
     exact_search,
+    fold_item_history,
     label_candidates,
     mine_candidates,
     pair_lookup,
@@ -101,6 +102,41 @@ def test_split_history_partitions_each_user() -> None:
     assert (again != target).nnz == 0  # seeded
     other = split_history(train, target_frac=0.2, seed=6)[1]
     assert (other != target).nnz > 0
+
+
+def test_a_folds_item_history_is_train_but_the_sampled_users_targets() -> None:
+    _, _, train = random_data(seed=3, n_users=40, n_items=60)
+    history, target = split_history(train, target_frac=0.25, seed=1)
+    sampled = np.array([0, 3, 4, 17, 39])
+    items = fold_item_history(history, target, sampled)
+    dense = items.toarray()
+    for u in range(40):  # row by row, from the definition
+        expected = history[u] if u in sampled else train[u]
+        np.testing.assert_array_equal(dense[u], expected.toarray().ravel())
+    assert sp.csr_matrix(items.multiply(target)[sampled]).nnz == 0  # no label is read
+    every = np.flatnonzero(np.diff(target.indptr) > 0)
+    assert (fold_item_history(history, target, every) != history).nnz == 0
+
+
+def test_item_history_gives_the_item_statistics_and_history_the_users() -> None:
+    """build_feature_tables(history, item_history=M): popularity, co-occurrence and EASE are
+    M's, each user's history is ``history``'s."""
+    user_vecs, item_vecs, train = random_data(seed=5, n_users=40, n_items=30)
+    history, target = split_history(train, target_frac=0.25, seed=2)
+    items = fold_item_history(history, target, np.arange(0, 40, 4))
+    tables = build_feature_tables(history, user_vecs, item_vecs, item_history=items)
+    of_items = build_feature_tables(items, user_vecs, item_vecs)
+    of_history = build_feature_tables(history, user_vecs, item_vecs)
+    np.testing.assert_array_equal(tables.item_log_popularity, of_items.item_log_popularity)
+    assert not np.array_equal(tables.item_log_popularity, of_history.item_log_popularity)
+    for name in ("cooc", "ease"):
+        got, want = getattr(tables, name).to_csr(), getattr(of_items, name).to_csr()
+        assert abs(got - want).max() == 0
+        assert abs(got - getattr(of_history, name).to_csr()).max() > 0
+    np.testing.assert_array_equal(tables.history.items, of_history.history.items)
+    np.testing.assert_array_equal(tables.history.indptr, of_history.history.indptr)
+    with pytest.raises(ValueError, match="item_history"):
+        build_feature_tables(history, user_vecs, item_vecs, item_history=items[:10])
 
 
 def test_training_view_has_positives_among_candidates() -> None:

@@ -1,5 +1,6 @@
-"""ALS from ``implicit`` as a peer: ranked under the protocol exactly as implicit's own
-``recommend()`` ranks, selected on validation, and kept at catalog sizes the dense peers skip."""
+"""The catalog-scale peers: ALS from ``implicit``, ranked under the protocol exactly as
+implicit's own ``recommend()`` ranks, and item-KNN from a sparse top-k table against a dense
+brute force; both selected on validation and kept at catalog sizes the dense peers skip."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from slimrank.evaluation.peers import (
     SCALE_PEERS,
     evaluate_peer,
     fit_als,
+    fit_item_knn_sparse,
     observed_interactions,
     peers_for,
     score_part,
@@ -79,6 +81,29 @@ def test_a_user_sample_scores_only_those_users(split) -> None:
 
 def test_als_is_kept_past_the_dense_limit_and_not_in_the_small_comparison() -> None:
     kept, skipped = peers_for(1_000_000, SCALE_PEERS + PEERS[1:])
-    assert [p.name for p in kept] == ["most popular", "ALS (implicit)"]
+    assert [p.name for p in kept] == ["most popular", "item-KNN (sparse top-k)", "ALS (implicit)"]
     assert skipped == ("EASE", "item-KNN", "RP3beta")
     assert ALS not in PEERS
+
+
+def test_sparse_item_knn_scores_with_each_items_k_nearest_by_brute_force(split) -> None:
+    observed = observed_interactions(split, "valid")
+    x = observed.toarray() > 0
+    counts = x.sum(axis=0).astype(np.float32)
+    inv = (1.0 / np.sqrt(np.maximum(counts, 1.0))).astype(np.float32)
+    # float32 in the table's order of operations, so that equal similarities tie exactly
+    cosine = ((x.T.astype(np.float32) @ x) * inv[:, None]) * inv[None, :]
+    np.fill_diagonal(cosine, 0.0)
+    users = np.arange(0, split.n_users, 7)
+    for k in (5, 40):
+        weights = np.zeros_like(cosine)
+        for j in range(cosine.shape[1]):  # item j's k strongest (ties: the lower item row)
+            column = cosine[j, :]  # row j is item j's, as the table computes it
+            keep = [h for h in np.lexsort((np.arange(len(column)), -column)) if column[h] > 0]
+            weights[keep[:k], j] = column[keep[:k]]
+        expected = x[users].astype(np.float64) @ weights
+        got = fit_item_knn_sparse(observed, {"k": k})(users)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    result = evaluate_peer(SCALE_PEERS[1], split, k=10, users=users)
+    assert result.params["k"] in (50, 100, 200) and result.test_top is not None
+    assert result.test_top.shape == (len(result.test_per_user.users), 10)

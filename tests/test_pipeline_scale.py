@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from served_store import serving
 
 from slimrank.bundle import Bundle, open_bundle
@@ -31,6 +32,7 @@ from slimrank.pipeline.config import PipelineConfig
 from slimrank.pipeline.publish import publish_run
 from slimrank.pipeline.run import RunResult, run_pipeline
 from slimrank.pipeline.steps import candidates_step
+from slimrank.ranking.candidates import fold_item_history
 from slimrank.ranking.features import FeatureTables, build_feature_tables, candidate_features
 from slimrank.ranking.pipeline_eval import rank_candidates
 from slimrank.serving.client import SlimrankClient
@@ -168,7 +170,15 @@ def test_the_valid_view_reads_its_own_or_the_history_folds_item_item_tables(
             data.seen("valid"), emb.user["valid"], emb.item, *sides, time=times, item_item=item_item
         )
 
-    fold = build_feature_tables(emb.history[0], emb.user["fold0"], emb.item, *sides, time=times)
+    sampled = np.unique(load_view(result.path("candidates") / "train.safetensors")[0].user)
+    fold = build_feature_tables(
+        emb.history[0],
+        emb.user["fold0"],
+        emb.item,
+        *sides,
+        time=times,
+        item_history=fold_item_history(emb.history[0], emb.target[0], sampled),
+    )
     cands, feats, _ = load_view(result.path("candidates") / "valid.safetensors")
     own = candidate_features(valid_tables(None), cands).values
     np.testing.assert_allclose(feats.values, own, rtol=1e-6, atol=1e-6)
@@ -180,6 +190,54 @@ def test_the_valid_view_reads_its_own_or_the_history_folds_item_item_tables(
     np.testing.assert_allclose(feats.values, shared, rtol=1e-6, atol=1e-6)
     cooc_sum = feats.names.index("cooc_sum")
     assert not np.allclose(own[..., cooc_sum], shared[..., cooc_sum])  # the tables differ
+
+
+def test_training_lists_read_the_item_statistics_of_all_but_their_labels(served: Served) -> None:
+    """The rankers train on the lists of a sample of users; the item statistics of those
+    lists (popularity, co-occurrence, EASE) read every user's training items but the sampled
+    users' target folds, so they are as complete as the served ones and blind to the labels.
+    At 1M, tables from the history fold alone made the rankers lose test NDCG@10."""
+    result = served.result
+    config = result.config.candidates
+    assert config.fold_items == "all" and config.folds == 1
+    data = DataArtifact.load(result.path("data"))
+    emb = EmbeddingsArtifact.load(result.path("embeddings"))
+    cands, feats, labels = load_view(result.path("candidates") / "train.safetensors")
+    sampled = np.isin(np.arange(WORLD.n_users), np.unique(cands.user))
+    train = data.split.train_matrix().tocsr()
+    train.sum_duplicates()
+    train.data[:] = 1.0
+    history = emb.history[0].tocsr()
+    # Written from the definition: the others' whole train rows, the sampled users' history.
+    rows = sp.diags((~sampled).astype(np.float32))
+    reference = rows @ train + sp.diags(sampled.astype(np.float32)) @ history
+    # The labels of the training lists are the sampled users' targets: none is in it.
+    labelled = sp.csr_matrix(reference.multiply(emb.target[0]))[sampled]
+    labelled.eliminate_zeros()
+    assert labelled.nnz == 0 and labels.sum() > 0
+    assert reference.nnz > history.nnz  # the other users' target folds are read
+    sides = (data.user_features, data.item_features, config.features)
+    times = data.seen_times("valid")
+    items = build_feature_tables(reference, emb.user["fold0"], emb.item, *sides, time=times)
+    tables = build_feature_tables(
+        history, emb.user["fold0"], emb.item, *sides, time=times, item_item=items
+    )
+    expected = candidate_features(tables, cands).values
+    names = list(feats.names)
+    pop = names.index("item_log_popularity")
+    counts = np.asarray(reference.sum(axis=0)).ravel()
+    real = cands.mask
+    np.testing.assert_allclose(
+        feats.values[..., pop][real], np.log1p(counts)[cands.items[real]], rtol=1e-6
+    )
+    rest = [i for i in range(len(names)) if i != pop]
+    np.testing.assert_allclose(feats.values[..., rest], expected[..., rest], rtol=1e-5, atol=1e-5)
+    # The history fold's own tables (what the rankers trained on before) give other values.
+    own = candidate_features(
+        build_feature_tables(history, emb.user["fold0"], emb.item, *sides, time=times), cands
+    ).values
+    for name in ("item_log_popularity", "cooc_sum", "ease_score"):
+        assert not np.allclose(own[..., names.index(name)], feats.values[..., names.index(name)])
 
 
 def test_the_scale_bench_compares_the_served_ranker_with_the_peers(served: Served) -> None:

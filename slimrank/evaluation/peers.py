@@ -23,6 +23,9 @@ models hard to beat):
   million-item catalog would pick instead: its memory is (users + items) x factors, so it is
   the peer :data:`SCALE_PEERS` keeps past the dense limit. Not in :data:`PEERS` (the ml-100k
   comparison), so the train extra alone runs that comparison as before.
+- item-KNN from a sparse table (:data:`ITEM_KNN_SPARSE`, in :data:`SCALE_PEERS`): each item's
+  top-k cosine co-occurrences, built in blocks by the ranker's own
+  :func:`~slimrank.ranking.neighbors.cooccurrence_table`, so it fits a million items.
 
 The item-item models are built densely (``(I, I)`` float32), which is what a peer on a catalog
 of thousands of items needs; they are measuring sticks, not served.
@@ -143,6 +146,26 @@ def fit_item_knn(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
     return _rows_times(x, item_knn_weights(x, int(params["k"]), float(params["shrink"])))
 
 
+def fit_item_knn_sparse(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
+    """Item-KNN from a sparse table: each item's ``params["k"]`` strongest cosine
+    co-occurrences (no shrink), the table the ranker's ``cooc_*`` features read
+    (:func:`~slimrank.ranking.neighbors.cooccurrence_table`); memory items x k, not items^2.
+
+    A user's score of item ``j`` sums the similarities of ``j``'s neighbours among the user's
+    items, as :func:`fit_item_knn` with ``shrink = 0`` scores them.
+    """
+    from slimrank.ranking.neighbors import cooccurrence_table
+
+    x = _binary(x)
+    table = cooccurrence_table(x, int(params["k"])).to_csr()  # T[j, h] = sim(h, j)
+    weights = sp.csr_matrix(table.T)  # W[h, j]
+
+    def score(users: np.ndarray) -> np.ndarray:
+        return (x[users] @ weights).toarray()
+
+    return score
+
+
 def rp3beta_weights(x: sp.csr_matrix, alpha: float, beta: float, k: int) -> np.ndarray:
     """Return RP3beta's ``(I, I)`` weights (Paudel et al., 2017), top ``k`` targets per source.
 
@@ -230,6 +253,9 @@ ALS = Peer(
     },
     dense=False,
 )
+ITEM_KNN_SPARSE = Peer(
+    "item-KNN (sparse top-k)", fit_item_knn_sparse, {"k": (50, 100, 200)}, dense=False
+)
 PEERS: tuple[Peer, ...] = (
     MOST_POPULAR,
     Peer("EASE", fit_ease, {"l2": (100.0, 250.0, 500.0, 1000.0)}),
@@ -243,7 +269,7 @@ PEERS: tuple[Peer, ...] = (
 
 
 # The peers that fit a catalog of a million items and users (configs/scale.toml's comparison).
-SCALE_PEERS: tuple[Peer, ...] = (MOST_POPULAR, ALS)
+SCALE_PEERS: tuple[Peer, ...] = (MOST_POPULAR, ITEM_KNN_SPARSE, ALS)
 
 # Item-item peers hold dense (I, I) matrices: 20,000 items is 1.6 GB of float32 per matrix.
 MAX_DENSE_ITEMS = 20_000
@@ -270,6 +296,8 @@ class PeerResult:
     # The test refit's training time (the selected setting on train + valid): wall and CPU s.
     fit_seconds: float = 0.0
     fit_cpu_seconds: float = 0.0
+    # The test ranking: the top k items of each of test_per_user.users, in that order.
+    test_top: np.ndarray | None = None
 
 
 def score_part(
@@ -294,6 +322,14 @@ def score_fitted(
     score_fn: ScoreFn, split: Split, part: str, k: int = 10, users: np.ndarray | None = None
 ) -> tuple[dict[str, float], PerUser]:
     """Return the metrics and per-user NDCG of an already fitted ``score_fn`` on ``part``."""
+    metrics, per_user, _ = rank_fitted(score_fn, split, part, k, users)
+    return metrics, per_user
+
+
+def rank_fitted(
+    score_fn: ScoreFn, split: Split, part: str, k: int = 10, users: np.ndarray | None = None
+) -> tuple[dict[str, float], PerUser, np.ndarray]:
+    """Return :func:`score_fitted`'s metrics and per-user NDCG and the ``(U, k)`` top items."""
     observed = observed_interactions(split, part)
     truth = truth_of(split, part)
     have = np.flatnonzero(np.diff(truth.indptr) > 0)
@@ -302,7 +338,7 @@ def score_fitted(
     rows = truth[users]
     metrics = ranking_metrics(top, rows, (k,))
     metrics["users"] = float(len(users))
-    return metrics, PerUser(users, per_user_metrics(top, rows, k)["ndcg"])
+    return metrics, PerUser(users, per_user_metrics(top, rows, k)["ndcg"]), top
 
 
 def protocol_check(
@@ -344,8 +380,8 @@ def evaluate_peer(
     wall, cpu = time.perf_counter(), time.process_time()
     fitted = peer.fit(observed_interactions(split, "test"), params)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    test, per_user = score_fitted(fitted, split, "test", k, users)
-    return PeerResult(peer.name, params, valid, test, per_user, trials, wall, cpu)
+    test, per_user, top = rank_fitted(fitted, split, "test", k, users)
+    return PeerResult(peer.name, params, valid, test, per_user, trials, wall, cpu, top)
 
 
 def evaluate_peers(

@@ -61,10 +61,16 @@ def rank_users(
     users: np.ndarray,
     exclude: sp.csr_matrix,
     k: int,
-    batch_size: int = 1024,
+    batch_size: int = 0,
 ) -> np.ndarray:
-    """Return the ``(len(users), k)`` top-k items for ``users``, excluding ``exclude[users]``."""
+    """Return the ``(len(users), k)`` top-k items for ``users``, excluding ``exclude[users]``.
+
+    ``batch_size`` users are scored at once (0: as many as fit :data:`SCORE_BLOCK` scores, at
+    most 1,024).
+    """
     exclude = sp.csr_matrix(exclude)
+    if batch_size <= 0:
+        batch_size = score_batch(exclude.shape[1])
     parts = []
     for start in range(0, len(users), batch_size):
         batch = users[start : start + batch_size]
@@ -80,6 +86,11 @@ def rank_users(
 # Scores held at once when ranking every item: 2^24 float32 (64 MiB). A fixed 1,024-user batch
 # would hold a 4 GiB (1024, 1M) block on a million-item catalog.
 SCORE_BLOCK = 1 << 24
+
+
+def score_batch(n_items: int) -> int:
+    """Return how many users' scores of ``n_items`` items fit :data:`SCORE_BLOCK` (1-1,024)."""
+    return int(np.clip(SCORE_BLOCK // max(n_items, 1), 1, 1024))
 
 
 def evaluated_users(truth: sp.spmatrix, max_users: int = 0, seed: int = 0) -> np.ndarray:
@@ -111,7 +122,7 @@ def evaluate_full_ranking(
     truth = sp.csr_matrix(truth)
     users = evaluated_users(truth, max_users, seed)
     if batch_size <= 0:
-        batch_size = int(np.clip(SCORE_BLOCK // max(truth.shape[1], 1), 1, 1024))
+        batch_size = score_batch(truth.shape[1])
     top = rank_users(score_fn, users, exclude, max(ks), batch_size)
     metrics = ranking_metrics(top, truth[users], ks)
     metrics["users"] = float(len(users))

@@ -10,6 +10,7 @@ users (:func:`~slimrank.evaluation.paired.paired_bootstrap`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from slimrank.evaluation.paired import PairedInterval, PerUser, paired_bootstrap
@@ -17,6 +18,7 @@ from slimrank.evaluation.peers import (
     MAX_DENSE_ITEMS,
     PEERS,
     Peer,
+    PeerResult,
     evaluate_peers,
     format_params,
     peers_for,
@@ -55,6 +57,10 @@ class Comparison:
     rows: tuple[Compared, ...]
     strongest_peer: str  # the peer with the highest test NDCG@k: the bar to clear
     skipped: tuple[str, ...] = ()  # peers too large to build for this catalog
+    # Each peer's full result (its test ranking too), by name; not part of to_dict().
+    peer_results: Mapping[str, PeerResult] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def row(self, name: str) -> Compared:
         return next(r for r in self.rows if r.name == name)
@@ -142,7 +148,7 @@ def compare(
             )
         )
     strongest = max((r for r in rows if r.peer), key=lambda r: r.test_ndcg).name
-    return Comparison(k, tuple(rows), strongest, skipped)
+    return Comparison(k, tuple(rows), strongest, skipped, found)
 
 
 def comparison_goals(comparison: Comparison) -> tuple[tuple[str, bool, str], ...]:

@@ -134,6 +134,13 @@ class CandidateConfig(Config):
     # int8 ranker scored 0.2326 test NDCG@10 on the fold's tables, 0.2008 on the served).
     # The test view (served) always builds its own.
     valid_tables: str = "own"
+    # What a training fold's item statistics (popularity, co-occurrence, EASE) read: "all"
+    # every user's training items but the target folds of the users whose lists are trained
+    # on (the labels), as complete as the served tables up to the labels; "history" the
+    # history fold alone (1 - target_frac of train; at 1M the rankers learned features of
+    # another scale than the served ones and lost test NDCG@10). The same when every user
+    # is sampled (sample_users = 0).
+    fold_items: str = "all"
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
@@ -148,6 +155,13 @@ class CandidateConfig(Config):
             "valid_tables",
             self.valid_tables,
             'must be "own" or "fold"',
+        )
+        require(
+            self.fold_items in ("all", "history"),
+            self,
+            "fold_items",
+            self.fold_items,
+            'must be "all" or "history"',
         )
 
 

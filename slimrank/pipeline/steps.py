@@ -50,7 +50,7 @@ from slimrank.pipeline.config import (
 )
 from slimrank.pipeline.engine import LocalEngine
 from slimrank.pipeline.synthetic import synthetic_dataset
-from slimrank.ranking.candidates import Candidates, split_history
+from slimrank.ranking.candidates import Candidates, fold_item_history, split_history
 from slimrank.ranking.features import FeatureTables, build_feature_tables
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 from slimrank.search.build import TextIndexConfig
@@ -248,8 +248,10 @@ def candidates_step(
 ) -> CandidatesArtifact:
     """Mine and featurize the candidates of each view; keep the test view's serving tables.
 
-    Training users: retrieval, features and exclusion see only the history fold, the target
-    fold gives the labels. Validation and test: the protocol's seen items, truth as labels.
+    Training users: retrieval, their own features and exclusion see only the history fold,
+    the target fold gives the labels; the item statistics read the other users' target folds
+    too (``config.fold_items``). Validation and test: the protocol's seen items, truth as
+    labels.
     """
     engine = engine or LocalEngine()
     emb = embeddings
@@ -271,7 +273,15 @@ def candidates_step(
         limit: int = 0,
         salt: int = 0,
         item_item: FeatureTables | None = None,
+        fold: bool = False,
     ) -> tuple:
+        # A fold's labels are ``truth`` (its target fold): its item statistics read every
+        # user's training items but the sampled users' targets, as complete as the served
+        # tables' and blind to the labels (fold_item_history).
+        users = sample_users(truth, limit, config.fold_seed, salt)
+        item_history = None
+        if fold and config.fold_items == "all":
+            item_history = fold_item_history(observed, truth, users)
         started = time.perf_counter()
         tables = build_feature_tables(
             observed,
@@ -282,7 +292,9 @@ def candidates_step(
             config.features,
             time=times,
             item_item=item_item,
+            item_history=item_history,
         )
+        del item_history
         log.info(
             "candidates: feature tables of %d users x %d items %s in %.0f s",
             *observed.shape,
@@ -290,7 +302,6 @@ def candidates_step(
             time.perf_counter() - started,
         )
         started = time.perf_counter()
-        users = sample_users(truth, limit, config.fold_seed, salt)
         mined = engine.mine(tables, user_vecs, search, users, config.n, observed, truth)
         log.info(
             "candidates: %d users' top %d mined and featurized in %.0f s",
@@ -317,11 +328,12 @@ def candidates_step(
             *fold_search(i),
             limit=config.sample_users,
             salt=i,
+            fold=True,
         )
         for i in range(len(emb.history))
     ]
     # "fold": the valid view reads the first fold's item-item tables (built from a subset of
-    # train, so nothing valid holds out leaks into them).
+    # train either way, so nothing valid holds out leaks into them).
     shared = folds[0][0] if config.valid_tables == "fold" else None
     parts = [fold[1:] for fold in folds]
     del folds  # the folds' tables, but for the one shared

@@ -196,3 +196,23 @@ def split_history(
         return m
 
     return part(~is_target), part(is_target)
+
+
+def fold_item_history(
+    history: sp.csr_matrix, target: sp.csr_matrix, users: np.ndarray
+) -> sp.csr_matrix:
+    """Return the training items a fold's item statistics may read: every user's, but for
+    ``users`` (whose target fold labels the training lists) only their history fold.
+
+    The served tables read every user's items; a fold's tables built from its history alone
+    read ``1 - target_frac`` of them, and the rankers learn item-item features of another
+    scale than the ones they are served. Users outside ``users`` label nothing, so their
+    target fold leaks nothing.
+    """
+    keep = np.ones(target.shape[0], dtype=np.float32)
+    keep[np.asarray(users, dtype=np.int64)] = 0.0
+    others = sp.diags(keep).dot(sp.csr_matrix(target, dtype=np.float32))
+    out = sp.csr_matrix(history, dtype=np.float32) + others
+    out.eliminate_zeros()
+    out.sort_indices()
+    return sp.csr_matrix(out)

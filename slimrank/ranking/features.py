@@ -334,6 +334,7 @@ def build_feature_tables(
     config: FeatureConfig | None = None,
     time: sp.spmatrix | None = None,
     item_item: FeatureTables | None = None,
+    item_history: sp.spmatrix | None = None,
 ) -> FeatureTables:
     """Return the tables of features read from ``history`` (the observed interactions).
 
@@ -344,14 +345,26 @@ def build_feature_tables(
     ``item_item``: tables whose co-occurrence and EASE neighbours are reused instead of built
     (the costly part at catalog scale); the caller must have built them from a subset of
     ``history``, or the features leak what ``history`` does not hold.
+
+    ``item_history`` (same shape): the interactions the item statistics (popularity,
+    co-occurrence, EASE) are read from instead of ``history``, whose rows still give each
+    user's own history. Training folds pass every user's items but the labels of the users
+    whose lists are trained on, so that the item statistics are as complete as the served
+    ones; it must hold none of the labels the features are trained against.
     """
     config = config or FeatureConfig()
     hist = Histories.from_matrix(history, time)
     observed = hist.matrix()
     n_users, n_items = observed.shape
+    if item_history is not None:
+        if item_history.shape != observed.shape:
+            raise ValueError(
+                f"item_history {item_history.shape} does not match history {observed.shape}"
+            )
+        observed = Histories.from_matrix(item_history).matrix()
     user_vecs = np.ascontiguousarray(user_vecs, dtype=np.float32)
     item_vecs = np.ascontiguousarray(item_vecs, dtype=np.float32)
-    popularity = np.bincount(hist.items, minlength=n_items)
+    popularity = np.bincount(observed.indices, minlength=n_items)
     user_side, user_names = side_matrix(user_features, n_users, config.max_onehot)
     item_side, item_names = side_matrix(item_features, n_items, config.max_onehot)
     if item_item is not None:
