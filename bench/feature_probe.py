@@ -17,7 +17,6 @@ Writes ``bench/results/feature_probe.md``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -44,11 +43,10 @@ from slimrank.pipeline.artifacts import (  # noqa: E402
 from slimrank.pipeline.cache import StepCache  # noqa: E402
 from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
 from slimrank.pipeline.run import data_inputs, step_digests  # noqa: E402
-from slimrank.pipeline.steps import teacher_model_config  # noqa: E402
+from slimrank.pipeline.steps import train_pipeline_teacher  # noqa: E402
 from slimrank.ranking.features import CandidateFeatures  # noqa: E402
-from slimrank.ranking.pipeline_eval import PipelineView, pipeline_per_user  # noqa: E402
+from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
 from slimrank.ranking.teacher import teacher_scores  # noqa: E402
-from slimrank.ranking.train import train_teacher  # noqa: E402
 
 RESULTS = HERE / "results"
 # The settings the peers' validation grid chose (README, Evaluation protocol).
@@ -162,17 +160,7 @@ def main() -> int:
         )
     feats = widen(feats, np.concatenate(train_extra, axis=-1), names)
     v_feats = widen(v_feats, np.concatenate(valid_extra, axis=-1), names)
-    valid = PipelineView(v_cands, v_feats, truth)
-    model_config = teacher_model_config(config.teacher, feats.values.shape[-1], data)
-    train = dataclasses.replace(config.teacher.train, metric=f"ndcg@{k}")
-    result = train_teacher(
-        model_config,
-        feats,
-        labels,
-        validate=lambda m: valid.evaluate(lambda f: teacher_scores(m, f), (k,)),
-        config=train,
-        progress=False,
-    )
+    result = train_pipeline_teacher(config.teacher, k, data, (feats, labels), (v_cands, v_feats))
     scores = teacher_scores(result.model, v_feats).astype(np.float64)
     per = pipeline_per_user(v_cands, scores, truth, k)
     ci = paired_bootstrap(per, base)

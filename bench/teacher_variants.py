@@ -74,26 +74,14 @@ def zscore(scores: np.ndarray) -> np.ndarray:
 
 def mlp_ensemble(config, data, feats, labels, v_cands, v_feats, truth, mlp, base, args) -> list:
     """Train the pipeline's MLP teacher with other seeds; rows of each and of their z-mean."""
-    import dataclasses
-
-    from slimrank.pipeline.steps import teacher_model_config
-    from slimrank.ranking.pipeline_eval import PipelineView
+    from slimrank.pipeline.steps import train_pipeline_teacher
     from slimrank.ranking.teacher import teacher_scores
-    from slimrank.ranking.train import train_teacher
 
     k = config.k
-    valid = PipelineView(v_cands, v_feats, truth)
-    model_config = teacher_model_config(config.teacher, feats.values.shape[-1], data)
     rows, members = [], [zscore(mlp)]
     for seed in args.mlp_seeds:
-        train = dataclasses.replace(config.teacher.train, metric=f"ndcg@{k}", seed=seed)
-        result = train_teacher(
-            model_config,
-            feats,
-            labels,
-            validate=lambda m: valid.evaluate(lambda f: teacher_scores(m, f), (k,)),
-            config=train,
-            progress=False,
+        result = train_pipeline_teacher(
+            config.teacher, k, data, (feats, labels), (v_cands, v_feats), seed=seed
         )
         scores = teacher_scores(result.model, v_feats).astype(np.float64)
         per = pipeline_per_user(v_cands, scores, truth, k)

@@ -57,7 +57,9 @@ from slimrank.search.build import TextIndexConfig
 
 if TYPE_CHECKING:
     from slimrank.pipeline.engine import Engine
+    from slimrank.ranking.features import CandidateFeatures
     from slimrank.ranking.teacher import TeacherConfig
+    from slimrank.ranking.train import TrainResult
     from slimrank.retrieval.index import IndexConfig, RetrievalIndex
     from slimrank.retrieval.train import TrainConfig as TwoTowerTrainConfig
     from slimrank.retrieval.two_tower_config import TwoTowerConfig
@@ -424,6 +426,35 @@ def teacher_model_config(
     )
 
 
+def train_pipeline_teacher(
+    config: TeacherStepConfig,
+    k: int,
+    data: DataArtifact,
+    train: tuple[CandidateFeatures, np.ndarray],
+    valid: tuple[Candidates, CandidateFeatures],
+    seed: int | None = None,
+) -> TrainResult:
+    """Train the DCN-v2 teacher on ``train`` (features, labels), early-stopped on the
+    pipeline's NDCG@k over the ``valid`` lists (``seed``: instead of the config's)."""
+    from slimrank.ranking.pipeline_eval import PipelineView
+    from slimrank.ranking.teacher import teacher_scores
+    from slimrank.ranking.train import train_teacher
+
+    feats, labels = train
+    view = PipelineView(*valid, data.truth("valid"))
+    train_config = dataclasses.replace(config.train, metric=f"ndcg@{k}")
+    if seed is not None:
+        train_config = dataclasses.replace(train_config, seed=seed)
+    return train_teacher(
+        teacher_model_config(config, feats.values.shape[-1], data),
+        feats,
+        labels,
+        validate=lambda m: view.evaluate(lambda f: teacher_scores(m, f), (k,)),
+        config=train_config,
+        progress=False,
+    )
+
+
 def teacher_step(
     config: TeacherStepConfig,
     k: int,
@@ -432,24 +463,10 @@ def teacher_step(
     engine: Engine | None = None,
 ) -> TeacherArtifact:
     """Train the DCN-v2 teacher, early-stopped on validation NDCG; score every view once."""
-    from slimrank.ranking.pipeline_eval import PipelineView
-    from slimrank.ranking.teacher import teacher_scores
-    from slimrank.ranking.train import train_teacher
-
     views = candidates.views
     _, feats, labels = views["train"]
-    model_config = teacher_model_config(config, feats.values.shape[-1], data)
     v_cands, v_feats, _ = views["valid"]
-    valid = PipelineView(v_cands, v_feats, data.truth("valid"))
-    train_config = dataclasses.replace(config.train, metric=f"ndcg@{k}")
-    result = train_teacher(
-        model_config,
-        feats,
-        labels,
-        validate=lambda m: valid.evaluate(lambda f: teacher_scores(m, f), (k,)),
-        config=train_config,
-        progress=False,
-    )
+    result = train_pipeline_teacher(config, k, data, (feats, labels), (v_cands, v_feats))
     engine = engine or LocalEngine()
     scores = {view: engine.teacher_scores(result.model, views[view][1]) for view in VIEWS}
     metrics = evaluate_scores(views, data, scores, k)
