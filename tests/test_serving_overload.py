@@ -37,6 +37,18 @@ RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 DEADLINE_S = 20.0
 
 
+def slow_snapshot(seconds: float) -> ModelSnapshot:
+    """A random snapshot whose ranker sleeps ``seconds`` per call (on the event loop when
+    handlers run inline, holding it; on a handler thread, releasing the GIL like onnxruntime)."""
+    base = random_snapshot("v1", dim=DIM)
+
+    def score(features: np.ndarray) -> np.ndarray:
+        time.sleep(seconds)
+        return base.score(features)
+
+    return dataclasses.replace(base, score=score)
+
+
 @dataclasses.dataclass
 class Gate:
     """Holds every model call (after the warm-up) until ``release``; counts those that entered."""
@@ -172,13 +184,7 @@ def drive(port: int, calls: int, gap_s: float) -> list[tuple[grpc.StatusCode, fl
 
 def test_sustained_overload_refuses_fast_and_serves_the_rest(serve: Callable[..., Served]) -> None:
     """Calls every millisecond into a server that takes 20 ms per call, on one thread."""
-    base = random_snapshot("v1", dim=DIM)
-
-    def slow_score(features: np.ndarray) -> np.ndarray:
-        time.sleep(0.02)  # releases the GIL, like onnxruntime
-        return base.score(features)
-
-    s = serve(dataclasses.replace(base, score=slow_score), ServerConfig(max_inflight=2))
+    s = serve(slow_snapshot(0.02), ServerConfig(max_inflight=2))
     answers = drive(s.port, 150, 0.001)
     codes = [code for code, _ in answers]
     refused = [t for code, t in answers if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
@@ -203,12 +209,6 @@ def test_handlers_on_the_loop_count_the_calls_queued_in_grpcs_core(
     calls that the queue would keep waiting past max_wait are refused and counted, and the
     accepted ones wait about max_wait.
     """
-    base = random_snapshot("v1", dim=DIM)
-
-    def slow_score(features: np.ndarray) -> np.ndarray:
-        time.sleep(0.02)  # inline: holds the event loop
-        return base.score(features)
-
     # max_inflight well above the two or three calls the loop holds at once (one running, one
     # sending its answer): only the expected wait refuses here.
     config = ServerConfig(
@@ -218,7 +218,7 @@ def test_handlers_on_the_loop_count_the_calls_queued_in_grpcs_core(
         max_wait_s=0.1,
         core_queue_refresh_s=0.002 if count_core_queue else None,
     )
-    s = serve(dataclasses.replace(base, score=slow_score), config)
+    s = serve(slow_snapshot(0.02), config)
     answers = drive(s.port, 150, 0.001)
     codes = [code for code, _ in answers]
     accepted = [t for code, t in answers if code == grpc.StatusCode.OK]
@@ -380,12 +380,6 @@ def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
     45 ms, over max_wait (10 ms). The server is idle before and after: a burst, not overload.
     With the burst bound (0.2 s) every call is answered; held to max_wait (the reference),
     the burst's tail is refused."""
-    base = random_snapshot("v1", dim=DIM)
-
-    def slow_score(features: np.ndarray) -> np.ndarray:
-        time.sleep(0.005)  # inline: holds the event loop
-        return base.score(features)
-
     config = ServerConfig(
         handler_threads=0,
         max_inflight=16,
@@ -394,7 +388,7 @@ def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
         burst_wait_s=burst_wait_s,
         core_queue_refresh_s=0.0,
     )
-    s = serve(dataclasses.replace(base, score=slow_score), config)
+    s = serve(slow_snapshot(0.005), config)
     drive(s.port, 20, 0.02)  # one at a time: the server learns what a call costs
     codes = [code for code, _ in drive(s.port, 10, 0.0)]
     refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
