@@ -771,17 +771,22 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else float("nan")
 
 
+def status_kib(pid: int, field: str) -> float:
+    """A ``kB`` field of ``/proc/<pid>/status`` (e.g. VmRSS, VmHWM); NaN if unreadable."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    for line in status.splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    return float("nan")
+
+
 def _rss_mib(pids: list[int]) -> float:
     """The largest resident set (VmRSS) of ``pids``, in MiB (NaN when none is readable)."""
-    sizes = []
-    for pid in pids:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        sizes += [
-            int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")
-        ]
+    sizes = [status_kib(pid, "VmRSS") / 1024 for pid in pids]
+    sizes = [size for size in sizes if not np.isnan(size)]
     return round(max(sizes), 1) if sizes else float("nan")
 
 

@@ -53,6 +53,7 @@ from serving import (  # noqa: E402
     ServerProcess,
     cpu_features,
     demo_requests_from,
+    status_kib,
 )
 
 log = logging.getLogger("bench.serving_reload")
@@ -60,13 +61,6 @@ log = logging.getLogger("bench.serving_reload")
 SCRATCH = HERE / ".cache" / "reload"
 RELOAD_TIMEOUT_S = 600.0
 LOADGEN_START_S = 3.0  # the load generator's start-up and warm-up calls
-
-
-def _status_kib(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return float(line.split()[1])
-    return float("nan")
 
 
 def scratch_root(root: Path, current: str, other: str | None) -> tuple[Path, str]:
@@ -265,7 +259,7 @@ def main() -> int:
     startup_s = time.perf_counter() - launched
     pid = server.pids[0]
     try:
-        rss_ready = _status_kib(pid, "VmRSS") / 1024
+        rss_ready = status_kib(pid, "VmRSS") / 1024
         log.info(
             "ready in %.1f s, RSS %.0f MiB; %g calls/s for %g s",
             startup_s,
@@ -297,8 +291,8 @@ def main() -> int:
                 }
             )
         load.join()
-        rss_after = _status_kib(pid, "VmRSS") / 1024
-        rss_peak = _status_kib(pid, "VmHWM") / 1024
+        rss_after = status_kib(pid, "VmRSS") / 1024
+        rss_peak = status_kib(pid, "VmHWM") / 1024
     finally:
         server.stop()
     summary = summarize(result, reloads)
