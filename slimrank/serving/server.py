@@ -318,6 +318,7 @@ async def _start_aio(
         config.max_wait_s,
         parallel=max(1, config.handler_threads),
         burst_wait_s=config.burst_wait_s,
+        burst_recovery_s=config.burst_recovery_s,
     )
     serving = ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
     servers_before = CoreQueue.server_ids() if config.core_queue_refresh_s is not None else None
