@@ -515,7 +515,7 @@ class Mode:
     max_inflight: int = 16
     max_wait_s: float | None = 0.005  # slimrank serve's default (--max-wait-ms 5)
     burst_wait_s: float | None = 0.030  # slimrank serve's default (--burst-wait-ms 30)
-    burst_recovery_s: float = 1.0  # slimrank serve's default (--burst-recovery-ms 1000)
+    burst_recovery_s: float = 0.25  # slimrank serve's default (--burst-recovery-ms 250)
     switch_interval_s: float | None = None
     max_workers: int = 20
     max_pending_rpcs: int = 64
@@ -577,6 +577,12 @@ MODES = {
             handler_threads=0,
             burst_recovery_s=0.0,
             about="aio-inline, a fresh burst allowance each time the queue empties",
+        ),
+        Mode(
+            "aio-inline-recovery1s",
+            handler_threads=0,
+            burst_recovery_s=1.0,
+            about="aio-inline, overload remembered for 1 s instead of 0.25 s",
         ),
         Mode(
             "aio-inline-w2-norecovery",

@@ -70,7 +70,7 @@ class Admission:
         parallel: int = 1,
         smoothing: float = 0.05,
         burst_wait_s: float | None = None,
-        burst_recovery_s: float = 1.0,
+        burst_recovery_s: float = 0.25,
     ) -> None:
         if limit < 1 or total < limit:
             raise ValueError(f"Admission(limit={limit}, total={total}): need 1 <= limit <= total")

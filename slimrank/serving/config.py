@@ -60,7 +60,7 @@ class ServerConfig(Config):
     max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 5 ms by default
     core_queue_refresh_s: float | None = 0.005
     burst_wait_s: float | None = None  # slimrank serve: --burst-wait-ms, 30 ms by default
-    burst_recovery_s: float = 1.0
+    burst_recovery_s: float = 0.25
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
