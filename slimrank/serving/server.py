@@ -399,7 +399,12 @@ def serve_forever(
             on_ready(server, port)
         stop.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.shutdown().wait()
+        try:
+            # A second SIGTERM during the drain (a supervisor signalling every process of the
+            # group, then the parent of --workers forwarding its own) only sets ``stop`` again:
+            # with the default handler back it killed the worker mid-drain.
+            server.shutdown().wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         log.info("stopped")
