@@ -373,6 +373,30 @@ def test_a_burst_may_wait_up_to_the_burst_bound_until_the_queue_stands() -> None
     assert without.wait_bound_s(0.010) == 0.005
 
 
+def warm_loop_server(serve: Callable[..., Served], **overrides: Any) -> Served:
+    """A server with 5 ms handlers on the loop, a 10 ms wait bound and the core queue read on
+    every call, which has learnt what a call costs from 20 calls sent one at a time."""
+    fields = {
+        "handler_threads": 0,
+        "max_inflight": 16,
+        "max_workers": 20,
+        "max_wait_s": 0.01,
+        "core_queue_refresh_s": 0.0,
+        **overrides,
+    }
+    s = serve(slow_snapshot(0.005), ServerConfig(**fields))
+    drive(s.port, 20, 0.02)
+    return s
+
+
+def burst_refusals(port: int) -> int:
+    """Send ten calls at once; return how many were refused (every other one answered OK)."""
+    codes = [code for code, _ in drive(port, 10, 0.0)]
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert codes.count(grpc.StatusCode.OK) + refused == len(codes), codes
+    return refused
+
+
 @pytest.mark.parametrize("burst_wait_s", [1.0, None])
 def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
     serve: Callable[..., Served], burst_wait_s: float | None
@@ -381,23 +405,12 @@ def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
     45 ms, over max_wait (10 ms). The server is idle before and after: a burst, not overload.
     With the burst bound (1 s) every call is answered; held to max_wait (the reference),
     the burst's tail is refused."""
-    config = ServerConfig(
-        handler_threads=0,
-        max_inflight=16,
-        max_workers=20,
-        max_wait_s=0.01,
-        burst_wait_s=burst_wait_s,
-        core_queue_refresh_s=0.0,
-    )
-    s = serve(slow_snapshot(0.005), config)
-    drive(s.port, 20, 0.02)  # one at a time: the server learns what a call costs
-    codes = [code for code, _ in drive(s.port, 10, 0.0)]
-    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert codes.count(grpc.StatusCode.OK) + refused == len(codes), codes
+    s = warm_loop_server(serve, burst_wait_s=burst_wait_s)
+    refused = burst_refusals(s.port)
     if burst_wait_s is None:
-        assert refused >= 2, codes
+        assert refused >= 2
     else:
-        assert refused == 0, codes
+        assert refused == 0
 
 
 def test_overload_is_remembered_for_the_recovery_time_after_the_queue_empties() -> None:
@@ -428,28 +441,22 @@ def test_after_a_standing_queue_a_burst_gets_no_allowance_until_the_recovery_tim
     longer than the burst bound (0.1 s): overload. A burst of ten that follows soon after is
     held to max_wait (10 ms) while that overload is remembered (its tail is refused), and let
     through once it is forgotten (recovery 0: the reference)."""
-    config = ServerConfig(
-        handler_threads=0,
+    s = warm_loop_server(
+        serve,
         max_inflight=64,
         max_workers=80,
         max_pending_rpcs=256,
-        max_wait_s=0.01,
         burst_wait_s=0.1,
         burst_recovery_s=recovery_s,
-        core_queue_refresh_s=0.0,
     )
-    s = serve(slow_snapshot(0.005), config)
-    drive(s.port, 20, 0.02)  # one at a time: the server learns what a call costs
     overload = [code for code, _ in drive(s.port, 150, 0.002)]
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in overload, overload  # the queue was cut
     time.sleep(0.2)  # the queue has emptied
-    codes = [code for code, _ in drive(s.port, 10, 0.0)]
-    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert codes.count(grpc.StatusCode.OK) + refused == len(codes), codes
+    refused = burst_refusals(s.port)
     if recovery_s > 0:
-        assert refused >= 2, codes
+        assert refused >= 2
     else:
-        assert refused == 0, codes
+        assert refused == 0
 
 
 def test_queued_calls_cost_the_measured_take_interval_not_the_handler_time() -> None:
