@@ -2,7 +2,8 @@
 step through the logs directory, publish, and serve the bundle with the real server.
 
 Only sizes change (epochs, widths, sample sizes, the source); every option scale.toml sets
-(sampled softmax, local EASE, user samples, the tuned IVF-PQ index) is what runs here.
+(sampled softmax, local EASE, user samples, the tuned IVF index over the MIPS-to-L2
+transform) is what runs here.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ SMALL: dict[str, Any] = {
         "max_history": 50,
         "train": {"epochs": 3, "batch_size": 1024, "eval_users": 300, "progress": False},
     },
-    "index": {"tuning": {"n_queries": 300}},
+    # ~950 items: under flat_below the plan would search exactly, without the transform.
+    "index": {"flat_below": 0, "tuning": {"n_queries": 300}},
     "candidates": {
         "n": N,
         "sample_users": SAMPLE_USERS,
@@ -107,7 +109,8 @@ def test_the_scale_config_trains_what_it_says() -> None:
         config = PipelineConfig.from_dict(tomllib.load(f))
     assert config.two_tower.train.loss == "sampled_softmax"
     assert config.candidates.features.ease_method == "local"
-    assert config.index.kind == "ivfpq" and config.index.tuning.enabled
+    assert config.index.kind == "ivfflat" and config.index.tuning.enabled
+    assert config.index.transform == "mips_l2"
     assert config.candidates.sample_users > 0 and config.candidates.eval_users > 0
 
 
