@@ -9,6 +9,7 @@ transform) is what runs here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +123,23 @@ def test_rankers_train_on_a_sample_of_users(served: Served) -> None:
         assert len(np.unique(cands.user)) == EVAL_USERS
     # Validation is on the sample too: the teacher's metrics count that many users.
     assert served.result.metrics("teacher")["valid"]["users"] == EVAL_USERS
+
+
+def test_the_index_is_searched_over_the_mips_transform_with_inner_product_scores(
+    served: Served,
+) -> None:
+    """The bundle names the transform (serving.json format 3), and the retrieval score the
+    rankers read is still the inner product of the user's and the item's vectors."""
+    spec = json.loads(served.bundle.file("serving.json").read_text())
+    index = IndexArtifact.load(served.result.path("index")).index
+    assert index.transform == "mips_l2" and index.factory_string.startswith("IVF")
+    assert spec["format"] == 3
+    assert spec["index"]["transform"] == {"kind": "mips_l2", "max_norm": index.mips_norm}
+    emb = EmbeddingsArtifact.load(served.result.path("embeddings"))
+    cands, _, _ = load_view(served.result.path("candidates") / "test.safetensors")
+    ok = cands.items >= 0
+    exact = np.einsum("ud,und->un", emb.user["test"][cands.user], emb.item[cands.items])
+    np.testing.assert_allclose(cands.retrieval_score[ok], exact[ok], atol=1e-4 * index.mips_norm**2)
 
 
 def test_sampled_users_get_the_offline_ranking(served: Served) -> None:
