@@ -515,6 +515,7 @@ class Mode:
     max_inflight: int = 16
     max_wait_s: float | None = 0.005  # slimrank serve's default (--max-wait-ms 5)
     burst_wait_s: float | None = 0.030  # slimrank serve's default (--burst-wait-ms 30)
+    burst_recovery_s: float = 0.25  # slimrank serve's default (--burst-recovery-ms 250)
     switch_interval_s: float | None = None
     max_workers: int = 20
     max_pending_rpcs: int = 64
@@ -529,6 +530,7 @@ class Mode:
             "max_inflight": self.max_inflight,
             "max_wait_s": self.max_wait_s,
             "burst_wait_s": self.burst_wait_s,
+            "burst_recovery_s": self.burst_recovery_s,
             "switch_interval_s": self.switch_interval_s,
             "max_workers": self.max_workers,
             "max_pending_rpcs": self.max_pending_rpcs,
@@ -569,6 +571,25 @@ MODES = {
             workers=2,
             max_wait_s=0.002,
             about="aio-inline-w2, a standing queue cut to 2 ms instead of 5",
+        ),
+        Mode(
+            "aio-inline-norecovery",
+            handler_threads=0,
+            burst_recovery_s=0.0,
+            about="aio-inline, a fresh burst allowance each time the queue empties",
+        ),
+        Mode(
+            "aio-inline-recovery1s",
+            handler_threads=0,
+            burst_recovery_s=1.0,
+            about="aio-inline, overload remembered for 1 s instead of 0.25 s",
+        ),
+        Mode(
+            "aio-inline-w2-norecovery",
+            handler_threads=0,
+            workers=2,
+            burst_recovery_s=0.0,
+            about="aio-inline-w2, a fresh burst allowance each time the queue empties",
         ),
         Mode(
             "aio-inline-w2-noburst",
@@ -1339,7 +1360,8 @@ def modes_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"- `{name}`: {m['about']} (engine {m['engine']}, handler threads "
             f"{m['handler_threads']}, workers {m['workers']}, max_inflight {m['max_inflight']}, "
-            f"max_wait {m['max_wait_s']}, burst wait {m.get('burst_wait_s')}, "
+            f"max_wait {m['max_wait_s']}, burst wait {m.get('burst_wait_s')}, burst recovery "
+            f"{m.get('burst_recovery_s', 0.0)}, "
             f"switch interval {m['switch_interval_s'] or 'default'}, "
             f"core queue {_core_queue(m)})"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 
 import faiss
 import numpy as np
@@ -285,3 +286,22 @@ def test_reused_coarse_centroids_skip_kmeans_and_keep_recall(default_index, cata
     assert recall_at_k(found, catalog["truth"], 100) >= TUNING.target - 0.02
     with pytest.raises(DataError, match="coarse_centroids: shape"):
         build_index(catalog["xb"], config, progress=False, coarse_centroids=centroids[:64])
+
+
+def test_a_search_from_another_thread_uses_the_configured_openmp_threads(default_index, catalog):
+    """OpenMP's thread count is per thread: the server searches from its event loop or a
+    handler thread, not the thread that loaded the index, and must still use one thread."""
+    seen: dict[str, int] = {}
+
+    def search() -> None:
+        seen["before"] = faiss.omp_get_max_threads()
+        default_index.search(catalog["held_out"][:1], 10)
+        seen["after"] = faiss.omp_get_max_threads()
+
+    thread = threading.Thread(target=search)
+    thread.start()
+    thread.join()
+    if seen["before"] == 1:
+        pytest.skip("a new thread starts at one OpenMP thread here (one core or OMP_NUM_THREADS)")
+    assert default_index.config.threads == 1
+    assert seen["after"] == 1

@@ -9,6 +9,7 @@ beyond generous bounds; the benchmark measures them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from slimrank.serving.admission import Admission
+from slimrank.serving.admission import Admission, StandingQueue
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.proto.slimrank.v1 import (
@@ -394,6 +395,58 @@ def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
     refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert codes.count(grpc.StatusCode.OK) + refused == len(codes), codes
     if burst_wait_s is None:
+        assert refused >= 2, codes
+    else:
+        assert refused == 0, codes
+
+
+def test_overload_is_remembered_for_the_recovery_time_after_the_queue_empties() -> None:
+    queue = StandingQueue(burst_wait_s=0.030, recovery_s=1.0, now=0.0)
+    assert queue.standing(0.010) == pytest.approx(0.010)  # a burst, 10 ms old
+    queue.empty(0.020)
+    assert queue.standing(0.045) == pytest.approx(0.025)  # a new burst: the allowance holds
+    assert queue.standing(0.051) == pytest.approx(0.031)  # stood 30 ms: overload
+    queue.empty(0.060)  # emptied for a moment between refusals
+    assert queue.standing(0.061) == math.inf  # still overload: no fresh allowance
+    queue.empty(1.049)
+    assert queue.standing(1.050) == math.inf  # 0.999 s after it last stood
+    queue.empty(1.052)
+    assert queue.standing(1.060) == pytest.approx(0.008)  # 1 s without a standing queue
+    forgetful = StandingQueue(burst_wait_s=0.030, recovery_s=0.0, now=0.0)
+    assert forgetful.standing(0.031) == pytest.approx(0.031)
+    forgetful.empty(0.032)
+    assert forgetful.standing(0.033) == pytest.approx(0.001)
+    unbounded = StandingQueue(burst_wait_s=None, recovery_s=1.0, now=0.0)
+    assert unbounded.standing(5.0) == 5.0
+
+
+@pytest.mark.parametrize("recovery_s", [0.0, 30.0])
+def test_after_a_standing_queue_a_burst_gets_no_allowance_until_the_recovery_time_passed(
+    serve: Callable[..., Served], recovery_s: float
+) -> None:
+    """A call every 2 ms for 0.3 s to 5 ms handlers on the loop keeps a queue standing for
+    longer than the burst bound (0.1 s): overload. A burst of ten that follows soon after is
+    held to max_wait (10 ms) while that overload is remembered (its tail is refused), and let
+    through once it is forgotten (recovery 0: the reference)."""
+    config = ServerConfig(
+        handler_threads=0,
+        max_inflight=64,
+        max_workers=80,
+        max_pending_rpcs=256,
+        max_wait_s=0.01,
+        burst_wait_s=0.1,
+        burst_recovery_s=recovery_s,
+        core_queue_refresh_s=0.0,
+    )
+    s = serve(slow_snapshot(0.005), config)
+    drive(s.port, 20, 0.02)  # one at a time: the server learns what a call costs
+    overload = [code for code, _ in drive(s.port, 150, 0.002)]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in overload, overload  # the queue was cut
+    time.sleep(0.2)  # the queue has emptied
+    codes = [code for code, _ in drive(s.port, 10, 0.0)]
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert codes.count(grpc.StatusCode.OK) + refused == len(codes), codes
+    if recovery_s > 0:
         assert refused >= 2, codes
     else:
         assert refused == 0, codes

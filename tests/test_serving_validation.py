@@ -79,6 +79,7 @@ def test_vector_accepts_exactly_the_finite(values: list[float]) -> None:
         ({"host": ""}, "host"),
         ({"core_queue_refresh_s": -0.001}, "core_queue_refresh_s"),
         ({"burst_wait_s": 0.0}, "burst_wait_s"),
+        ({"burst_recovery_s": -1.0}, "burst_recovery_s"),
     ],
 )
 def test_server_config_rejects(overrides: dict[str, object], field: str) -> None:

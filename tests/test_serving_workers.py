@@ -117,3 +117,36 @@ def test_a_port_is_shared_only_when_every_server_asks_for_it() -> None:
         second.shutdown(0).wait(5)
     finally:
         first.shutdown(0).wait(5)
+
+
+def test_sigterm_to_the_whole_process_group_drains_every_worker(tmp_path: Path) -> None:
+    """A supervisor (systemd's default, `timeout`, a shell's Ctrl-C) signals every process of
+    the group; the parent then forwards its own SIGTERM. A worker already draining must not
+    be killed by that second signal."""
+    root = tmp_path / "bundles"
+    publish(root, random_flat_bundle("a", seed=1))
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(root)),
+            *("--port", "0", "--metrics-port", "-1", "--workers", "2"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as under a supervisor
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")},
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        match = READY.search(line)
+        assert match is not None, f"no ready line in {line!r}: {proc.stderr and proc.stderr.read()}"
+        with SlimrankClient(f"{match[1]}:{match[2]}", timeout=10.0) as client:
+            assert client.recommend("u1", 3).model_version
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "exit codes" not in err, err

@@ -11,6 +11,7 @@ a thread works on it.
 
 from __future__ import annotations
 
+import math
 import threading
 
 
@@ -57,7 +58,8 @@ class Admission:
     a break for ``burst_wait_s`` (the caller says how long, ``standing_s``): a burst that a
     server below capacity works off is let through, and only a standing queue, i.e. overload,
     is cut down to ``max_wait_s`` (the queue discipline of CoDel as Facebook applies it to
-    server queues; see "Fail at Scale", ACM Queue 13(8), 2015).
+    server queues; see "Fail at Scale", ACM Queue 13(8), 2015). :class:`StandingQueue`
+    tells how long the queue has stood, and remembers overload for ``burst_recovery_s``.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class Admission:
         parallel: int = 1,
         smoothing: float = 0.05,
         burst_wait_s: float | None = None,
+        burst_recovery_s: float = 0.25,
     ) -> None:
         if limit < 1 or total < limit:
             raise ValueError(f"Admission(limit={limit}, total={total}): need 1 <= limit <= total")
@@ -75,6 +78,7 @@ class Admission:
         self.total = total
         self.max_wait_s = max_wait_s
         self.burst_wait_s = burst_wait_s
+        self.burst_recovery_s = burst_recovery_s
         self.parallel = max(1, parallel)
         self.smoothing = smoothing
         self.mean_service_s = 0.0  # no estimate until the first observe()
@@ -130,3 +134,37 @@ class Admission:
             if limited:
                 self.limited_in_progress += 1
         return Ticket(self, limited)
+
+
+class StandingQueue:
+    """How long calls have waited without a break, as :meth:`Admission.enter`'s ``standing_s``
+    reads it (one caller thread; times from the caller's clock).
+
+    The caller says when nothing waits (:meth:`empty`). Once calls have waited ``burst_wait_s``
+    without a break (overload), :meth:`standing` stays infinite until none have for
+    ``recovery_s``: under sustained overload the queue empties for moments between refusals,
+    and a fresh burst allowance each time would let it grow back to ``burst_wait_s``, so
+    refusals would go out only after that long (CoDel likewise stays in its dropping state
+    when it re-enters it soon after leaving).
+    """
+
+    def __init__(self, burst_wait_s: float | None, recovery_s: float, now: float) -> None:
+        self.burst_wait_s = burst_wait_s
+        self.recovery_s = recovery_s
+        self.since = now  # since when calls have waited without a break
+        self.stood_at = -math.inf  # when calls last had waited burst_wait_s without a break
+
+    def empty(self, now: float) -> None:
+        """Nothing waits at ``now``."""
+        self.since = now
+
+    def standing(self, now: float) -> float:
+        """How long calls have waited without a break at ``now`` (inf: overload remembered)."""
+        standing = now - self.since
+        if self.burst_wait_s is None:
+            return standing
+        if standing >= self.burst_wait_s:
+            self.stood_at = now
+        elif now - self.stood_at < self.recovery_s:
+            return math.inf
+        return standing

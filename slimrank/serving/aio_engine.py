@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 
-from slimrank.serving.admission import Admission, Ticket
+from slimrank.serving.admission import Admission, StandingQueue, Ticket
 from slimrank.serving.core_queue import CoreQueue
 from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
@@ -222,7 +222,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self._taken = 0
         self._idle_since = time.perf_counter()  # when _held last fell to 0
         self._busy_since = self._idle_since  # when the current busy spell began
-        self._queue_since = self._idle_since  # since when calls have been waiting without a break
+        self._queue = StandingQueue(
+            admission.burst_wait_s, admission.burst_recovery_s, self._idle_since
+        )
         self._last_take: float | None = None  # when the previous call, if accepted, was taken
         self._admission = admission
         self._interceptors = tuple(interceptors)
@@ -259,7 +261,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         core_queue = self.core_queue
         if self._held == 0 and accepted - self._idle_since >= IDLE_S:
             # A pause before this call: a new busy spell begins, and no queue stands.
-            self._busy_since = self._queue_since = accepted
+            self._busy_since = accepted
+            self._queue.empty(accepted)
         if core_queue is not None and core_queue.last_waiting > 0 and self._last_take is not None:
             # Calls were waiting when the previous one, an accepted model call, was taken: this
             # one came as soon as the server could take it, so the interval is what an accepted
@@ -294,8 +297,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 if queued == 0 and (
                     self._handler_pool is None or admission.limited_in_progress < admission.parallel
                 ):
-                    self._queue_since = accepted
-                standing = accepted - self._queue_since
+                    self._queue.empty(accepted)
+                standing = self._queue.standing(accepted)
             ticket = self._admission.enter(limited, queued, take_interval, standing)
             if ticket is None:
                 self._metrics.shed.inc()

@@ -102,6 +102,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-wait-ms always (default %(default)s)",
     )
     p.add_argument(
+        "--burst-recovery-ms",
+        type=float,
+        default=1000 * defaults.burst_recovery_s,
+        help="after calls waited --burst-wait-ms without a break (overload), the burst "
+        "allowance comes back once none have for this long (default %(default)s)",
+    )
+    p.add_argument(
         "--core-queue-refresh-ms",
         type=float,
         default=defaults.core_queue_refresh_s * 1000,
@@ -202,6 +209,7 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             handler_threads=args.handler_threads,
             max_wait_s=args.max_wait_ms / 1000 if args.max_wait_ms > 0 else None,
             burst_wait_s=args.burst_wait_ms / 1000 if args.burst_wait_ms > 0 else None,
+            burst_recovery_s=args.burst_recovery_ms / 1000,
             core_queue_refresh_s=(
                 args.core_queue_refresh_ms / 1000 if args.core_queue_refresh_ms >= 0 else None
             ),

@@ -37,7 +37,10 @@ class ServerConfig(Config):
     in progress too: read from channelz at most every ``core_queue_refresh_s``
     (:mod:`slimrank.serving.core_queue`; None: not counted). Until calls have been waiting
     without a break for ``burst_wait_s``, they may wait up to that instead (a burst below
-    capacity is let through; a standing queue is overload; None: ``max_wait_s`` always).
+    capacity is let through; a standing queue is overload; None: ``max_wait_s`` always). After
+    a queue stood that long, the allowance comes back once none has stood for
+    ``burst_recovery_s`` (so sustained overload is refused after ``max_wait_s``, not after
+    ``burst_wait_s`` each time its queue empties for a moment).
 
     ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
 
@@ -54,9 +57,10 @@ class ServerConfig(Config):
 
     engine: str = "aio"
     handler_threads: int = 1
-    max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 10 ms by default
+    max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 5 ms by default
     core_queue_refresh_s: float | None = 0.005
     burst_wait_s: float | None = None  # slimrank serve: --burst-wait-ms, 30 ms by default
+    burst_recovery_s: float = 0.25
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
@@ -117,6 +121,13 @@ class ServerConfig(Config):
             "burst_wait_s",
             self.burst_wait_s,
             "must be None or > 0",
+        )
+        require(
+            self.burst_recovery_s >= 0,
+            self,
+            "burst_recovery_s",
+            self.burst_recovery_s,
+            "must be >= 0 (0: the allowance comes back as soon as the queue empties)",
         )
         require(
             self.core_queue_refresh_s is None or self.core_queue_refresh_s >= 0,

@@ -318,6 +318,7 @@ async def _start_aio(
         config.max_wait_s,
         parallel=max(1, config.handler_threads),
         burst_wait_s=config.burst_wait_s,
+        burst_recovery_s=config.burst_recovery_s,
     )
     serving = ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
     servers_before = CoreQueue.server_ids() if config.core_queue_refresh_s is not None else None
@@ -398,7 +399,12 @@ def serve_forever(
             on_ready(server, port)
         stop.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.shutdown().wait()
+        try:
+            # A second SIGTERM during the drain (a supervisor signalling every process of the
+            # group, then the parent of --workers forwarding its own) only sets ``stop`` again:
+            # with the default handler back it killed the worker mid-drain.
+            server.shutdown().wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         log.info("stopped")
