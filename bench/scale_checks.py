@@ -5,6 +5,9 @@
 - ``evaluation``: the CPU of the two-tower step's sampled full-ranking evaluation
   (``evaluate_model``, 2,000 users) on the run's model, valid and test, with its metrics
   beside the ones the step saved (they must agree).
+- ``scores``: the candidates step's retrieval order on valid and test (the index's own
+  scores) against the same candidates ordered by their exact inner products: what the
+  index's score error costs retrieval alone (and the rankers' ``retrieval_score`` feature).
 
     nice -n 19 .venv/bin/python bench/scale_checks.py recall \
         bench/.cache/scale/cache-1000000u-1000000i-20-oe9c68b9b
@@ -94,12 +97,41 @@ def evaluation_cost(cache: Path, max_users: int = 2000) -> dict[str, Any]:
     return out
 
 
+def score_error(cache: Path) -> dict[str, Any]:
+    """Return NDCG@10 of the candidates by the index's scores and by exact inner products."""
+    from slimrank.pipeline.artifacts import DataArtifact, EmbeddingsArtifact, load_view
+    from slimrank.ranking.pipeline_eval import pipeline_metrics
+
+    data = DataArtifact.load(step_dir(cache, "data"))
+    emb = EmbeddingsArtifact.load(step_dir(cache, "embeddings"))
+    out: dict[str, Any] = {}
+    for view in ("valid", "test"):
+        cands, _, _ = load_view(step_dir(cache, "candidates") / f"{view}.safetensors")
+        ok = cands.items >= 0
+        items = np.where(ok, cands.items, 0)
+        exact = np.einsum("ud,und->un", emb.user[view][cands.user], emb.item[items])
+        exact = np.where(ok, exact, -np.inf).astype(np.float32)  # (U, N)
+        err = np.abs(cands.retrieval_score - exact)[ok]
+        truth = data.truth(view)
+        out[view] = {
+            "ndcg@10 by the index's scores": pipeline_metrics(cands, cands.retrieval_score, truth)[
+                "ndcg@10"
+            ],
+            "ndcg@10 by exact inner products": pipeline_metrics(cands, exact, truth)["ndcg@10"],
+            "score error max": float(err.max()),
+            "score error mean": float(err.mean()),
+        }
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("check", choices=("recall", "evaluation"))
+    parser.add_argument("check", choices=("recall", "evaluation", "scores"))
     parser.add_argument("cache", type=Path, help="the run's step cache (bench/.cache/scale/...)")
     args = parser.parse_args()
-    fn = held_out_recall if args.check == "recall" else evaluation_cost
+    fn = {"recall": held_out_recall, "evaluation": evaluation_cost, "scores": score_error}[
+        args.check
+    ]
     print(json.dumps(fn(args.cache), indent=1, default=str))
     return 0
 

@@ -129,8 +129,10 @@ def test_engine_config_rejects_ray_options_without_ray() -> None:
     assert EngineConfig(kind="ray", workers=3).cache_key() == {"train_workers": 3}
 
 
-def test_shipped_ivfpq_index_searches_like_the_original() -> None:
-    """FAISS indexes do not pickle; their serialized bytes (and tuned params) travel instead."""
+@pytest.mark.parametrize("transform", ["none", "mips_l2"])
+def test_shipped_ivfpq_index_searches_like_the_original(transform: str) -> None:
+    """FAISS indexes do not pickle; their serialized bytes (and tuned params, and the MIPS-to-L2
+    transform's norm) travel instead."""
     import pickle
 
     from slimrank.pipeline.ray_engine import ShippedIndex
@@ -139,8 +141,10 @@ def test_shipped_ivfpq_index_searches_like_the_original() -> None:
     rng = np.random.default_rng(0)
     items = rng.standard_normal((3000, 32)).astype(np.float32)  # (I, d)
     queries = rng.standard_normal((100, 32)).astype(np.float32)  # (Q, d)
-    index = build_index(items, IndexConfig(pq_m=16), tune_queries=queries, progress=False)
+    config = IndexConfig(pq_m=16, transform=transform)
+    index = build_index(items, config, tune_queries=queries, progress=False)
     again = pickle.loads(pickle.dumps(ShippedIndex.of(index))).load()
     assert again.factory_string == index.factory_string and again.params == index.params
+    assert again.transform == index.transform == transform
     for got, want in zip(again.search(queries, 50), index.search(queries, 50), strict=True):
         np.testing.assert_array_equal(got, want)

@@ -2,12 +2,14 @@
 step through the logs directory, publish, and serve the bundle with the real server.
 
 Only sizes change (epochs, widths, sample sizes, the source); every option scale.toml sets
-(sampled softmax, local EASE, user samples, the tuned IVF-PQ index) is what runs here.
+(sampled softmax, local EASE, user samples, the tuned IVF index over the MIPS-to-L2
+transform) is what runs here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +51,8 @@ SMALL: dict[str, Any] = {
         "max_history": 50,
         "train": {"epochs": 3, "batch_size": 1024, "eval_users": 300, "progress": False},
     },
-    "index": {"tuning": {"n_queries": 300}},
+    # ~950 items: under flat_below the plan would search exactly, without the transform.
+    "index": {"flat_below": 0, "tuning": {"n_queries": 300}},
     "candidates": {
         "n": N,
         "sample_users": SAMPLE_USERS,
@@ -107,7 +110,8 @@ def test_the_scale_config_trains_what_it_says() -> None:
         config = PipelineConfig.from_dict(tomllib.load(f))
     assert config.two_tower.train.loss == "sampled_softmax"
     assert config.candidates.features.ease_method == "local"
-    assert config.index.kind == "ivfpq" and config.index.tuning.enabled
+    assert config.index.kind == "ivfflat" and config.index.tuning.enabled
+    assert config.index.transform == "mips_l2"
     assert config.candidates.sample_users > 0 and config.candidates.eval_users > 0
 
 
@@ -119,6 +123,23 @@ def test_rankers_train_on_a_sample_of_users(served: Served) -> None:
         assert len(np.unique(cands.user)) == EVAL_USERS
     # Validation is on the sample too: the teacher's metrics count that many users.
     assert served.result.metrics("teacher")["valid"]["users"] == EVAL_USERS
+
+
+def test_the_index_is_searched_over_the_mips_transform_with_inner_product_scores(
+    served: Served,
+) -> None:
+    """The bundle names the transform (serving.json format 3), and the retrieval score the
+    rankers read is still the inner product of the user's and the item's vectors."""
+    spec = json.loads(served.bundle.file("serving.json").read_text())
+    index = IndexArtifact.load(served.result.path("index")).index
+    assert index.transform == "mips_l2" and index.factory_string.startswith("IVF")
+    assert spec["format"] == 3
+    assert spec["index"]["transform"] == {"kind": "mips_l2", "max_norm": index.mips_norm}
+    emb = EmbeddingsArtifact.load(served.result.path("embeddings"))
+    cands, _, _ = load_view(served.result.path("candidates") / "test.safetensors")
+    ok = cands.items >= 0
+    exact = np.einsum("ud,und->un", emb.user["test"][cands.user], emb.item[cands.items])
+    np.testing.assert_allclose(cands.retrieval_score[ok], exact[ok], atol=1e-4 * index.mips_norm**2)
 
 
 def test_sampled_users_get_the_offline_ranking(served: Served) -> None:

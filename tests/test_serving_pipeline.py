@@ -236,6 +236,14 @@ def _edit_spec(change):
     return edit
 
 
+def _with_transform(norm):
+    def change(spec) -> None:
+        spec["format"] = 3
+        spec["index"]["transform"] = {"kind": "mips_l2", "max_norm": norm}
+
+    return change
+
+
 def _bad_row(a):
     a[0, 0] = a.shape[0] + 5
     return a
@@ -250,6 +258,9 @@ def _bad_row(a):
         (_edit_spec(lambda s: s.update(format=1)), "format 1"),
         (_edit_spec(lambda s: s["features"].update(n_users=3)), "users"),
         (_edit_spec(lambda s: s["ranker"].update(file="../ranker.onnx")), "[ranker]['file']"),
+        # A transform the index was not built with, and a malformed one.
+        (_edit_spec(_with_transform(2.0)), "['transform'] has max_norm 2.0"),
+        (_edit_spec(_with_transform("2")), "[index]['transform']['max_norm'] = '2'"),
     ],
 )
 def test_a_bundle_that_verifies_but_holds_wrong_tables_is_refused_naming_why(

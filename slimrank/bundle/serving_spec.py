@@ -5,9 +5,12 @@
 names files of the bundle and sizes, never code: which featurizer and loader read the files is
 decided by the ``format`` number, and a server refuses a format it does not know.
 
-Format 2 (this one) ships top-K item-item neighbour tables and newest-first histories
+Format 2 ships top-K item-item neighbour tables and newest-first histories
 (:mod:`slimrank.ranking.feature_io`); format 1 bundles (dense tables, module paths) must be
-published again.
+published again. Format 3 is format 2 plus ``index.transform``, the MIPS-to-L2 transform the
+index was built over (``{"kind": "mips_l2", "max_norm": M}``, :mod:`slimrank.retrieval.mips`):
+a bundle whose index has no transform is still written as format 2, so servers that predate
+the transform read it, and refuse (by its format) one they could not search.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import dataclasses
 from typing import Any
 
 from slimrank.bundle.store import BundleError
+from slimrank.retrieval.mips import parse_transform, transform_record
 
 SERVING_JSON = "serving.json"
 PIPELINE_KIND = "pipeline"
-PIPELINE_FORMAT = 2
+PIPELINE_FORMAT = 3  # the newest; written only for an index with a transform
+PLAIN_FORMAT = 2  # no index transform
+READ_FORMATS = (PLAIN_FORMAT, PIPELINE_FORMAT)
 
 
 def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -67,11 +73,20 @@ class PipelineSpec:
     teacher_version: str = ""
     # The search catalog's directory (slimrank.search.catalog); None: no text search.
     catalog_directory: str | None = None
-    format: int = PIPELINE_FORMAT
+    # max_norm of the MIPS-to-L2 transform the index is built over; None: no transform.
+    index_transform_norm: float | None = None
+
+    @property
+    def format(self) -> int:
+        """The ``format`` written: 3 with an index transform, else 2."""
+        return PLAIN_FORMAT if self.index_transform_norm is None else PIPELINE_FORMAT
 
     def to_json(self) -> dict[str, Any]:
         """Return the ``serving.json`` object."""
         catalog = {"catalog": {"directory": self.catalog_directory}}
+        index: dict[str, Any] = {"directory": self.index_directory, "metric": "ip"}
+        if self.index_transform_norm is not None:
+            index["transform"] = transform_record(self.index_transform_norm)
         return {
             "kind": PIPELINE_KIND,
             "format": self.format,
@@ -86,7 +101,7 @@ class PipelineSpec:
                 "int8_mode": self.ranker.int8_mode,
                 "fp32_nodes": list(self.ranker.fp32_nodes),
             },
-            "index": {"directory": self.index_directory, "metric": "ip"},
+            "index": index,
             "users": {"ids": self.user_ids, "vectors": self.user_vectors, "tower": self.user_tower},
             "items": {"ids": self.item_ids, "vectors": self.item_vectors},
             "popularity": self.popularity,
@@ -101,10 +116,12 @@ class PipelineSpec:
             raise BundleError(f"{where}: expected a JSON object")
         if data.get("kind") != PIPELINE_KIND:
             raise BundleError(f"{where}: kind {data.get('kind')!r}, expected {PIPELINE_KIND!r}")
-        if data.get("format") != PIPELINE_FORMAT:
+        fmt = data.get("format")
+        if isinstance(fmt, bool) or fmt not in READ_FORMATS:
             raise BundleError(
-                f"{where}: format {data.get('format')!r}; this server reads format "
-                f"{PIPELINE_FORMAT} (publish the bundle again with this version)"
+                f"{where}: format {fmt!r}; this server reads formats "
+                f"{' and '.join(map(str, READ_FORMATS))} (publish the bundle again with this "
+                "version)"
             )
         sections = {}
         for name in ("ranker", "index", "users", "items", "features"):
@@ -126,6 +143,7 @@ class PipelineSpec:
         if tower is not None:
             tower = _file(users, "tower", f"{where}[users]")
         layout = {key: value for key, value in feats.items() if key != "file"}
+        norm = _transform(sections["index"], fmt, f"{where}[index]")
         catalog = None
         if data.get("catalog") is not None:
             section = _get(data, "catalog", dict, where)
@@ -150,4 +168,24 @@ class PipelineSpec:
             user_tower=tower,
             teacher_version=str(data.get("teacher_version", "")),
             catalog_directory=catalog,
+            index_transform_norm=norm,
         )
+
+
+def _transform(index: dict[str, Any], fmt: int, where: str) -> float | None:
+    """Return the index transform's ``max_norm`` (None: none); format 3 must name it, format
+    2 cannot."""
+    record = index.get("transform")
+    if fmt == PLAIN_FORMAT:
+        if record is not None:
+            raise BundleError(
+                f"{where}['transform'] = {record!r}: format {PLAIN_FORMAT} has no index "
+                f"transform (format {PIPELINE_FORMAT} does)"
+            )
+        return None
+    if record is None:
+        raise BundleError(f"{where}['transform']: missing (format {PIPELINE_FORMAT} needs it)")
+    try:
+        return parse_transform(record, f"{where}['transform']")
+    except ValueError as err:
+        raise BundleError(str(err)) from None

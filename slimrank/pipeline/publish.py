@@ -7,7 +7,7 @@ Bundle files (all pickle-free; ``serving.json`` says how they fit together)::
     ranker.onnx                  gated int8 ranker: "features" (M, F) float32 -> "scores" (M,)
     index/index.faiss            FAISS index over item_vectors (rows = dense item index)
     index/item_ids.npy           int64 dense item index of each FAISS id (identity)
-    index/index.json             factory string, tuned search parameters, config
+    index/index.json             factory string, tuned search parameters, config, transform
     items.npy, users.npy         (I,), (U,) external ids (unicode); row = dense index
     item_vectors.npy             (I, d) float32 item tower outputs
     user_vectors.npy             (U, d) float32 user vectors pooling train + valid history
@@ -72,6 +72,7 @@ def bundle_writer(result: RunResult) -> Callable[[Path], None]:
             Int8Artifact,
             TeacherArtifact,
         )
+        from slimrank.retrieval.index_io import read_transform
 
         int8 = Int8Artifact.load(result.path("int8"))
         gate = int8.gate
@@ -118,6 +119,7 @@ def bundle_writer(result: RunResult) -> Callable[[Path], None]:
             user_tower="two_tower",
             teacher_version=result.teacher_version or "",
             catalog_directory=catalog,
+            index_transform_norm=read_transform(out / "index"),
         )
         write_json(out / SERVING_JSON, spec.to_json())
 

@@ -56,6 +56,7 @@ class ShippedIndex:
     config: dict[str, Any]
     factory_string: str
     params: dict[str, float]
+    mips_norm: float | None = None
 
     @classmethod
     def of(cls, index: RetrievalIndex) -> ShippedIndex:
@@ -65,6 +66,7 @@ class ShippedIndex:
             index.config.to_dict(),
             index.factory_string,
             dict(index.params),
+            index.mips_norm,
         )
 
     def load(self) -> RetrievalIndex:
@@ -73,7 +75,14 @@ class ShippedIndex:
 
         faiss_index = faiss.deserialize_index(self.faiss_bytes)
         config = IndexConfig.from_dict(self.config)
-        return RetrievalIndex(faiss_index, self.item_ids, config, self.factory_string, self.params)
+        return RetrievalIndex(
+            faiss_index,
+            self.item_ids,
+            config,
+            self.factory_string,
+            self.params,
+            mips_norm=self.mips_norm,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,10 @@
 ``index_factory`` string, shrinking settings the catalog cannot train (fewer lists, fewer PQ
 bits, or exact search) and saying why. ``build_index`` trains on a seeded sample, adds in
 chunks, tunes nprobe / refine k_factor to a recall target and returns a :class:`RetrievalIndex`.
-Saving and loading live in :mod:`slimrank.retrieval.index_io`.
+With ``transform = "mips_l2"`` an inner-product index is built over the MIPS-to-L2 transform
+of the items (:mod:`slimrank.retrieval.mips`) and searched by L2; ``RetrievalIndex.search``
+still takes d-dim queries and returns inner products. Saving and loading live in
+:mod:`slimrank.retrieval.index_io`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ import numpy as np
 
 from slimrank.config import Config, require
 from slimrank.errors import DataError
+from slimrank.retrieval.mips import (
+    MIPS_L2,
+    TRANSFORMS,
+    augment_items,
+    augment_queries,
+    inner_products,
+    max_norm,
+    transform_record,
+)
 from slimrank.retrieval.tuning import (
     TuningConfig,
     TuningResult,
@@ -33,7 +45,7 @@ from slimrank.retrieval.tuning import (
 log = logging.getLogger(__name__)
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
-KINDS = ("ivfpq", "flat")
+KINDS = ("ivfpq", "ivfflat", "flat")
 REFINES = ("none", "sq8", "flat")
 
 # k-means wants at least this many training points per centroid (FAISS warns below it).
@@ -47,10 +59,16 @@ class IndexConfig(Config):
 
     The default is IVF (about 4*sqrt(N) lists) + 4-bit FastScan PQ with 32 sub-quantizers,
     re-ranked with SQ8 codes: 16 + 64 bytes of codes + 8 bytes of id per vector at d=64.
+    ``kind = "ivfflat"`` keeps the vectors uncompressed in the IVF lists (4 bytes per dim;
+    the PQ, OPQ and refine fields do not apply); ``"flat"`` is exact search.
+    ``transform = "mips_l2"`` (inner product only) indexes the items after the MIPS-to-L2
+    transform (one more dimension) and searches by L2: the IVF lists and the probe then use
+    the same metric, which matters when item norms vary widely.
     """
 
     kind: str = "ivfpq"
     metric: str = "ip"
+    transform: str = "none"
     nlist: int = 0
     lists_per_sqrt_n: float = 4.0
     pq_m: int = 32
@@ -68,6 +86,20 @@ class IndexConfig(Config):
     def __post_init__(self) -> None:
         require(self.kind in KINDS, self, "kind", self.kind, f"must be one of {KINDS}")
         require(self.metric in METRICS, self, "metric", self.metric, f"one of {tuple(METRICS)}")
+        require(
+            self.transform in TRANSFORMS,
+            self,
+            "transform",
+            self.transform,
+            f"must be one of {TRANSFORMS}",
+        )
+        require(
+            self.transform == "none" or self.metric == "ip",
+            self,
+            "transform",
+            self.transform,
+            'the MIPS-to-L2 transform is for metric = "ip"',
+        )
         require(self.nlist >= 0, self, "nlist", self.nlist, "must be >= 0 (0 = auto)")
         require(
             1 <= self.lists_per_sqrt_n <= 64,
@@ -106,13 +138,18 @@ class IndexConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class IndexPlan:
-    """The concrete index chosen for one catalog; ``notes`` say what was changed and why."""
+    """The concrete index chosen for one catalog; ``notes`` say what was changed and why.
+
+    ``transform`` is the MIPS-to-L2 transform's name when the index is built over it (the
+    FAISS index then holds ``d + 1`` dims, L2), else ``"none"``.
+    """
 
     factory_string: str
     nlist: int
     pq_bits: int
     train_size: int
     notes: tuple[str, ...]
+    transform: str = "none"
 
 
 def _pow2_floor(x: float) -> int:
@@ -131,20 +168,12 @@ def plan_index(config: IndexConfig, n: int, d: int) -> IndexPlan:
     if n < 1:
         raise DataError("cannot build an index over an empty catalog (0 items)")
     notes: list[str] = []
+    exact = "" if config.transform == "none" else "; exact search needs no MIPS-to-L2 transform"
     if config.kind == "flat":
-        return IndexPlan("Flat", 0, 0, 0, ())
+        return IndexPlan("Flat", 0, 0, 0, (exact[2:],) if exact else ())
     if n < config.flat_below:
-        notes.append(f"{n} items < flat_below={config.flat_below}: exact search (Flat)")
+        notes.append(f"{n} items < flat_below={config.flat_below}: exact search (Flat){exact}")
         return IndexPlan("Flat", 0, 0, 0, tuple(notes))
-    require(config.pq_m <= d, config, "pq_m", config.pq_m, f"must be <= the vector dimension {d}")
-    padded = -(-d // config.pq_m) * config.pq_m  # the next multiple of pq_m
-    if padded != d:
-        # Zero dimensions change no inner product or distance; PQ needs d divisible by m.
-        notes.append(
-            f"pq_m={config.pq_m} does not divide d={d}: zero-padding the vectors to {padded} "
-            f"dims (Pad{padded})"
-        )
-
     nlist = config.nlist or _pow2_round(config.lists_per_sqrt_n * math.sqrt(n))
     max_lists = n // MIN_POINTS_PER_CENTROID
     if nlist > max_lists:
@@ -155,6 +184,22 @@ def plan_index(config: IndexConfig, n: int, d: int) -> IndexPlan:
         )
         nlist = smaller
 
+    if config.kind == "ivfflat":
+        train_size = min(n, config.train_points_per_list * nlist)
+        factory = f"IVF{nlist},Flat"
+        return IndexPlan(factory, nlist, 0, train_size, tuple(notes), config.transform)
+
+    require(config.pq_m <= d, config, "pq_m", config.pq_m, f"must be <= the vector dimension {d}")
+    if config.transform == MIPS_L2:
+        d += 1  # the transform's extra coordinate
+    padded = -(-d // config.pq_m) * config.pq_m  # the next multiple of pq_m
+    if padded != d:
+        # Zero dimensions change no inner product or distance; PQ needs d divisible by m.
+        notes.append(
+            f"pq_m={config.pq_m} does not divide d={d}: zero-padding the vectors to {padded} "
+            f"dims (Pad{padded})"
+        )
+
     bits = config.pq_bits
     if n < MIN_POINTS_PER_CENTROID * 2**bits:
         # FastScan needs 4-bit codes; plain PQ can drop bits down to 4.
@@ -162,7 +207,7 @@ def plan_index(config: IndexConfig, n: int, d: int) -> IndexPlan:
         if config.fastscan or smaller_bits < 4:
             notes.append(
                 f"{bits}-bit PQ needs {MIN_POINTS_PER_CENTROID * 2**bits} training points, "
-                f"the catalog has {n}: exact search (Flat)"
+                f"the catalog has {n}: exact search (Flat){exact}"
             )
             return IndexPlan("Flat", 0, 0, 0, tuple(notes))
         notes.append(
@@ -182,7 +227,7 @@ def plan_index(config: IndexConfig, n: int, d: int) -> IndexPlan:
         parts.append("Refine(SQ8)")
     elif config.refine == "flat":
         parts.append("RFlat")
-    return IndexPlan(",".join(parts), nlist, bits, train_size, tuple(notes))
+    return IndexPlan(",".join(parts), nlist, bits, train_size, tuple(notes), config.transform)
 
 
 def check_vectors(vectors: Any, name: str, d: int | None = None) -> np.ndarray:
@@ -237,6 +282,10 @@ class RetrievalIndex:
     and dense item indices; ``item_ids[item_idx]`` maps them to catalog ids. Missing results
     (fewer than k items reachable) are index -1 with score -inf. Searches with
     ``config.threads`` OpenMP threads from whichever thread calls :meth:`search`.
+
+    ``mips_norm`` set: the FAISS index holds the items after the MIPS-to-L2 transform with
+    that ``max_norm`` (``d + 1`` dims, L2); ``search`` augments the d-dim queries and returns
+    the inner products recovered from the distances.
     """
 
     def __init__(
@@ -247,12 +296,16 @@ class RetrievalIndex:
         factory_string: str,
         params: dict[str, float],
         tuning: TuningResult | None = None,
+        mips_norm: float | None = None,
     ) -> None:
         if item_ids.shape != (index.ntotal,):
             raise DataError(
                 f"item id map has shape {item_ids.shape}, the index holds {index.ntotal} vectors"
             )
+        if mips_norm is not None and (index.metric_type != faiss.METRIC_L2 or index.d < 2):
+            raise DataError("a MIPS-to-L2 transformed index must be an L2 index of >= 2 dims")
         self._index = index
+        self.mips_norm = mips_norm
         self.item_ids = item_ids
         self.config = config
         self.factory_string = factory_string
@@ -268,8 +321,13 @@ class RetrievalIndex:
 
     @property
     def d(self) -> int:
-        """Vector dimension."""
-        return int(self._index.d)
+        """Vector dimension of items and queries (the FAISS index's minus the transform's)."""
+        return int(self._index.d) - (self.mips_norm is not None)
+
+    @property
+    def transform(self) -> str:
+        """``"mips_l2"`` when the index is built over the MIPS-to-L2 transform, else ``"none"``."""
+        return "none" if self.mips_norm is None else MIPS_L2
 
     @property
     def faiss_index(self) -> faiss.Index:
@@ -286,10 +344,15 @@ class RetrievalIndex:
         # at least recall_k; smaller k searches at recall_k and keeps the top k.
         k_search = max(k, self.config.tuning.recall_k) if "k_factor_rf" in self.params else k
         omp_threads(self.config.threads)
-        scores, idx = self._index.search(xq, k_search)  # (B, k_search)
-        scores, idx = scores[:, :k], idx[:, :k]  # (B, k)
-        if self.config.metric == "l2":
-            scores = -scores
+        if self.mips_norm is not None:
+            dist, idx = self._index.search(augment_queries(xq), k_search)  # (B, k_search)
+            scores = inner_products(xq, dist[:, :k], self.mips_norm)  # (B, k)
+            idx = idx[:, :k]
+        else:
+            scores, idx = self._index.search(xq, k_search)  # (B, k_search)
+            scores, idx = scores[:, :k], idx[:, :k]  # (B, k)
+            if self.config.metric == "l2":
+                scores = -scores
         scores[idx < 0] = -np.inf
         return scores, idx
 
@@ -306,6 +369,7 @@ class RetrievalIndex:
             "factory_string": self.factory_string,
             "metric": self.config.metric,
             "d": self.d,
+            "transform": None if self.mips_norm is None else transform_record(self.mips_norm),
             "ntotal": self.ntotal,
             "params": self.params,
             "config": self.config.to_dict(),
@@ -350,8 +414,14 @@ def build_index(
     plan = plan_index(config, n, d)
     for note in plan.notes:
         log.info("index plan: %s", note)
+    norm = None
+    metric = config.faiss_metric
+    if plan.transform == MIPS_L2:
+        norm = max_norm(xb)
+        metric = faiss.METRIC_L2
+        log.info("MIPS-to-L2 transform: max item norm %.4g, %d + 1 dims, L2", norm, d)
     log.info("building %s over %d x %d (%s)", plan.factory_string, n, d, config.metric)
-    index = faiss.index_factory(d, plan.factory_string, config.faiss_metric)
+    index = faiss.index_factory(d + (norm is not None), plan.factory_string, metric)
 
     if coarse_centroids is not None:
         _set_coarse_centroids(index, plan, config, coarse_centroids)
@@ -359,12 +429,14 @@ def build_index(
     if not index.is_trained or coarse_centroids is not None:
         sample = np.sort(rng.choice(n, size=plan.train_size, replace=False))
         xt = np.ascontiguousarray(xb[sample], dtype=np.float32)  # (T, d)
+        if norm is not None:
+            xt = augment_items(xt, norm)  # (T, d + 1)
         log.info("training on %d sampled vectors", len(xt))
         index.train(xt)
         del xt
-    _add_in_chunks(index, xb, config.add_chunk, progress)
+    _add_in_chunks(index, xb, config.add_chunk, progress, norm)
 
-    built = RetrievalIndex(index, ids, config, plan.factory_string, {})
+    built = RetrievalIndex(index, ids, config, plan.factory_string, {}, mips_norm=norm)
     if config.tuning.enabled and plan.factory_string != "Flat":
         return tune_index(built, xb, tune_queries)
     return built
@@ -393,13 +465,15 @@ def _set_coarse_centroids(
     ivf.quantizer.add(np.ascontiguousarray(check_vectors(centroids, "coarse_centroids"), "f4"))
 
 
-def _add_in_chunks(index: faiss.Index, xb: np.ndarray, rows: int, progress: bool) -> None:
+def _add_in_chunks(
+    index: faiss.Index, xb: np.ndarray, rows: int, progress: bool, norm: float | None = None
+) -> None:
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("adding vectors", total=xb.shape[0])
         for _, chunk in _chunks(xb, rows):
-            index.add(chunk)
+            index.add(chunk if norm is None else augment_items(chunk, norm))
             bar.advance(task, len(chunk))
 
 
@@ -413,7 +487,8 @@ def tune_index(
 
     ``vectors`` (N, d) are the indexed vectors, in index order. ``queries`` (Q, d) are held-out
     queries; without them a seeded sample of ``n_queries`` catalog vectors is used. The new
-    object shares the FAISS index with ``index``, whose parameters it overrides.
+    object shares the FAISS index with ``index``, whose parameters it overrides. An index over
+    the MIPS-to-L2 transform is tuned against exact inner-product search.
     """
     tc = config or index.config.tuning
     xb = check_vectors(vectors, "vectors", index.d)
@@ -431,7 +506,8 @@ def tune_index(
     metric = index.config.faiss_metric
     chunks = (c for _, c in _chunks(xb, index.config.add_chunk))
     _, truth = exact_knn(xq, chunks, tc.recall_k, metric)  # (Q, k)
-    result = tune(index.faiss_index, xq, truth, tc)
+    searched = xq if index.mips_norm is None else augment_queries(xq)  # (Q, d [+ 1])
+    result = tune(index.faiss_index, searched, truth, tc)
     log.info(
         "tuned %s: recall@%d %.4f (target %.3f) on %d queries",
         result.params,
@@ -442,7 +518,13 @@ def tune_index(
     )
     config = dataclasses.replace(index.config, tuning=tc)
     return RetrievalIndex(
-        index.faiss_index, index.item_ids, config, index.factory_string, result.params, result
+        index.faiss_index,
+        index.item_ids,
+        config,
+        index.factory_string,
+        result.params,
+        result,
+        mips_norm=index.mips_norm,
     )
 
 

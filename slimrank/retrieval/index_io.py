@@ -2,7 +2,8 @@
 
 Layout of the directory: ``index.faiss`` (FAISS's own format), ``item_ids.npy`` (int64, read
 with ``allow_pickle=False``), ``index.json`` (factory string, config, tuned search parameters,
-written last). Loading memory-maps the index where FAISS supports it (IVF array lists become
+the MIPS-to-L2 transform's ``max_norm`` when the index is built over it; written last).
+Loading memory-maps the index where FAISS supports it (IVF array lists become
 ``OnDiskInvertedLists``); FastScan's block lists and flat codes are read into memory.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from slimrank.errors import DataError
 from slimrank.retrieval.index import IndexConfig, RetrievalIndex
+from slimrank.retrieval.mips import parse_transform
 from slimrank.retrieval.tuning import TuningResult
 
 log = logging.getLogger(__name__)
@@ -56,16 +58,33 @@ def load_index(directory: str | Path, mmap: bool = True) -> RetrievalIndex:
             path=src / META_FILE,
         )
     config = IndexConfig.from_dict(meta["config"])
+    try:  # an index.json without "transform" (written before it existed): none
+        norm = parse_transform(meta.get("transform"), "transform")
+    except ValueError as err:
+        raise DataError(str(err), path=src / META_FILE) from err
     index = _read_faiss(src / INDEX_FILE, mmap)
     ids = np.load(src / IDS_FILE, allow_pickle=False)
-    if index.d != meta["d"] or index.ntotal != meta["ntotal"]:
+    extra = 0 if norm is None else 1  # the transform's coordinate
+    if index.d != meta["d"] + extra or index.ntotal != meta["ntotal"]:
         raise DataError(
-            f"index has d={index.d}, ntotal={index.ntotal}; "
-            f"sidecar says d={meta['d']}, ntotal={meta['ntotal']}",
+            f"index has d={index.d}, ntotal={index.ntotal}; sidecar says "
+            f"d={meta['d']}{' + 1 (transform)' if extra else ''}, ntotal={meta['ntotal']}",
             path=src / INDEX_FILE,
         )
     tuning = None if meta.get("tuning") is None else TuningResult(**meta["tuning"])
-    return RetrievalIndex(index, ids, config, meta["factory_string"], meta["params"], tuning)
+    return RetrievalIndex(
+        index, ids, config, meta["factory_string"], meta["params"], tuning, mips_norm=norm
+    )
+
+
+def read_transform(directory: str | Path) -> float | None:
+    """Return the MIPS-to-L2 ``max_norm`` an index directory's sidecar records (None: none)."""
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+        return parse_transform(meta.get("transform"), "transform")
+    except (OSError, json.JSONDecodeError, ValueError) as err:
+        raise DataError(str(err), path=path) from err
 
 
 def _read_faiss(path: Path, mmap: bool) -> faiss.Index:

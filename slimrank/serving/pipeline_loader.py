@@ -10,7 +10,10 @@ what. The snapshot serves what the pipeline evaluated offline on its test view:
   served by popularity;
 - **retrieve**: the tuned FAISS index searches ``candidates`` items, minus the items the
   user already has (train + valid: the protocol's exclusion); its scores are kept, as
-  candidate mining kept them;
+  candidate mining kept them. An index built over the MIPS-to-L2 transform (the spec's
+  ``index.transform``, format 3, which must match the index's own sidecar) gets the query
+  transform and gives back inner products, the quantity the ranker's ``retrieval_score``
+  feature was trained on (:class:`~slimrank.retrieval.index.RetrievalIndex`);
 - **features**: :class:`~slimrank.serving.featurizer.RequestFeaturizer` over the bundle's
   feature tables (:mod:`slimrank.ranking.feature_io`);
 - **score**: the int8 ONNX ranker.
@@ -119,6 +122,12 @@ def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
         raise BundleError(f"bundle {version}: missing {err}") from err
     except ValueError as err:
         raise BundleError(f"bundle {version}: {err}") from err
+    if index.mips_norm != spec.index_transform_norm:
+        raise BundleError(
+            f"bundle {version}: {SERVING_JSON}[index]['transform'] has max_norm "
+            f"{spec.index_transform_norm!r}, {spec.index_directory}/index.json has "
+            f"{index.mips_norm!r} (None: no transform)"
+        )
     if index.ntotal != len(item_ids) or not np.array_equal(
         index.item_ids, np.arange(len(item_ids))
     ):
