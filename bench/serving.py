@@ -423,6 +423,12 @@ def print_table(report: dict[str, Any]) -> None:
     print(markdown(report))
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it, else as given."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def run_scale(args: argparse.Namespace) -> int:
     from slimrank.bundle import open_bundle
     from slimrank.serving.loader import load_snapshot
@@ -432,12 +438,12 @@ def run_scale(args: argparse.Namespace) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
-    bundles = scale_bundle(size, args.scale_override)
+    bundles = args.scale_bundles or scale_bundle(size, args.scale_override)
     snapshot = load_snapshot(open_bundle(bundles))  # the normal loader, as the server's
     n_items = snapshot.n_items
     runs: dict[str, list[LoadResult]] = {}
     notes: list[str] = [
-        f"bundle {snapshot.version} from {bundles.relative_to(ROOT)}: configs/scale.toml on a "
+        f"bundle {snapshot.version} from {_shown(bundles)}: configs/scale.toml on a "
         f"world of {size.users:,} users x {size.items:,} items x {size.per_user:g} per user"
         + (f", overrides {args.scale_override}" if args.scale_override else "")
     ]
@@ -1463,6 +1469,13 @@ def main() -> int:
         default=os.environ.get(SCALE_OVERRIDE_ENV, ""),
         help=f'scale: JSON overrides of scale.toml, e.g. {{"teacher.train.epochs": 1}} '
         f"(${SCALE_OVERRIDE_ENV})",
+    )
+    parser.add_argument(
+        "--scale-bundles",
+        type=Path,
+        default=None,
+        help="scale: serve this published bundles root (e.g. a bench/scale_steps.py --name "
+        "run's) instead of the one --scale-size and --scale-override name",
     )
     parser.add_argument("--rates", default="50,100,200,400,800", help="scale: offered calls/s")
     parser.add_argument("--duration", type=float, default=0, help="seconds per rate")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from slimrank.search.catalog import CATALOG_FILES, load_catalog
 from slimrank.serving.history_encoder import load_history_encoder
 from slimrank.serving.loader import bundle_metadata
 from slimrank.serving.snapshot import ModelSnapshot
+
+if TYPE_CHECKING:
+    from slimrank.retrieval.index import RetrievalIndex
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +88,23 @@ def load_spec(bundle: Bundle) -> PipelineSpec:
     return PipelineSpec.from_json(read_json(path), f"bundle {bundle.version}: {SERVING_JSON}")
 
 
+def load_served_index(bundle: Bundle, spec: PipelineSpec) -> RetrievalIndex:
+    """The bundle's retrieval index, read into memory.
+
+    Not memory-mapped: FAISS's mapped IVF-Flat lists took ~24 page faults a query, 0.63 ms a
+    search against 0.065 ms in memory on the 1M bundle (the fast-scan IVF-PQ index is read
+    into memory either way).
+    """
+    from slimrank.retrieval.index_io import load_index
+
+    with _unreadable(bundle.version, spec.index_directory):
+        return load_index(bundle.path / spec.index_directory, mmap=False)
+
+
 def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
     """Return the snapshot of a verified ``pipeline`` bundle; ``BundleError`` if it cannot serve."""
     from slimrank.compression.scorer import Scorer, ScorerConfig
     from slimrank.ranking.feature_io import load_tables
-    from slimrank.retrieval.index_io import load_index
     from slimrank.serving.featurizer import RequestFeaturizer
 
     version = bundle.version
@@ -108,8 +124,7 @@ def load_pipeline_bundle(bundle: Bundle) -> ModelSnapshot:
             scorer = Scorer(
                 bundle.file(ranker), bundle.manifest.files[ranker].sha256, ScorerConfig()
             )
-        with _unreadable(version, spec.index_directory):
-            index = load_index(bundle.path / spec.index_directory)
+        index = load_served_index(bundle, spec)
         encoder = None
         if spec.user_tower is not None:
             encoder = load_history_encoder(bundle, spec.user_tower)
