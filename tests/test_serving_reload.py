@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,14 @@ from slimrank.errors import IntegrityError
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import default_loaders, load_flat, load_snapshot, random_flat_bundle
-from slimrank.serving.reload import BundleWatcher, ReloadConfig, bundle_reload_fn, load_current
+from slimrank.serving.reload import (
+    RELOAD_NICE,
+    BundleWatcher,
+    ReloadConfig,
+    bundle_reload_fn,
+    load_current,
+    run_deprioritized,
+)
 from slimrank.serving.server import SlimrankServer, create_server
 from slimrank.serving.snapshot import SnapshotHolder
 
@@ -330,3 +338,28 @@ def test_current_naming_a_symlink_to_outside_the_store_is_refused(
     assert served.client.recommend("u1", 3).model_version == v1
     with pytest.raises(IntegrityError, match="not a published version"):
         load_current(served.root)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_a_reload_loads_on_a_thread_below_the_servers_priority(tmp_path: Path) -> None:
+    """The load runs niced on its own thread and gives back its snapshot; the calling thread's
+    priority is left as it was, and a load that fails raises in the caller."""
+    version = publish_flat(tmp_path, "i", 0)
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def load() -> str:
+        seen["tid"] = threading.get_native_id()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, seen["tid"])
+        return load_snapshot(open_bundle(tmp_path, version)).version
+
+    assert run_deprioritized(load, RELOAD_NICE) == version
+    assert seen["tid"] != threading.get_native_id()
+    assert seen["nice"] == min(19, caller + RELOAD_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller
+
+    corrupt(tmp_path, version)
+    with pytest.raises(IntegrityError, match=r"items\.npy"):
+        run_deprioritized(lambda: open_bundle(tmp_path, version), RELOAD_NICE)
+    with pytest.raises(IntegrityError, match=r"items\.npy"):
+        bundle_reload_fn(tmp_path)(version)
