@@ -107,13 +107,37 @@ def instrument(timeline: Timeline) -> None:
         setattr(owner, name, timeline.wrap(attr, original))
 
 
-async def probe(period_s: float, stop: threading.Event, lags: list[tuple[float, float]]) -> None:
-    """Sleep ``period_s`` again and again; record ``(woke, lateness)`` of every wake-up."""
+def runqueue_wait_s(tid: int | None = None) -> float:
+    """Seconds thread ``tid`` (None: the caller) has spent runnable but waiting for a CPU
+    (Linux schedstat; 0 elsewhere). A thread waiting for the GIL sleeps on a lock and does
+    not count."""
+    try:
+        with open(f"/proc/self/task/{tid or threading.get_native_id()}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def loader_wait_s() -> float:
+    """Run-queue wait of the reload's loading thread (0 while there is none)."""
+    for thread in threading.enumerate():
+        if thread.name == "slimrank-load" and thread.native_id is not None:
+            return runqueue_wait_s(thread.native_id)
+    return 0.0
+
+
+async def probe(
+    period_s: float, stop: threading.Event, lags: list[tuple[float, float, float, float]]
+) -> None:
+    """Sleep ``period_s`` again and again; record ``(woke, lateness, cpu wait, loader's cpu
+    wait)`` of every wake-up: how long the loop's thread, and the loading thread, waited for
+    a CPU meanwhile."""
     while not stop.is_set():
+        waited, loader = runqueue_wait_s(), loader_wait_s()
         due = time.perf_counter() + period_s
         await asyncio.sleep(period_s)
         now = time.perf_counter()
-        lags.append((now, now - due))
+        lags.append((now, now - due, runqueue_wait_s() - waited, loader_wait_s() - loader))
 
 
 def reload_once(root: Path, holder: dict[str, Any], timeline: Timeline) -> None:
@@ -133,12 +157,14 @@ def reload_once(root: Path, holder: dict[str, Any], timeline: Timeline) -> None:
 
 
 def stalls(
-    lags: list[tuple[float, float]], spans: list[tuple[str, float, float]], threshold_s: float
+    lags: list[tuple[float, float, float, float]],
+    spans: list[tuple[str, float, float]],
+    threshold_s: float,
 ) -> list[dict[str, Any]]:
     """Every wake-up later than ``threshold_s``, with the steps its stalled stretch overlaps
     (innermost first: the shortest spans)."""
     out = []
-    for woke, late in lags:
+    for woke, late, cpu_wait, loader_wait in lags:
         if late < threshold_s:
             continue
         start = woke - late
@@ -149,6 +175,8 @@ def stalls(
             {
                 "at_s": start,
                 "lag_ms": round(late * 1e3, 1),
+                "cpu_wait_ms": round(cpu_wait * 1e3, 1),
+                "loader_cpu_wait_ms": round(max(0.0, loader_wait) * 1e3, 1),
                 "steps": [name for name, _, _ in inside],
             }
         )
@@ -162,7 +190,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="reloads, one after another")
     parser.add_argument("--threshold-ms", type=float, default=5.0)
     parser.add_argument("--period-ms", type=float, default=1.0)
+    parser.add_argument(
+        "--nice", type=int, default=None, help="the loading thread's niceness (default: the server's)"
+    )
     args = parser.parse_args()
+
+    from slimrank.serving import reload
+
+    if args.nice is not None:
+        reload.RELOAD_NICE = args.nice
 
     from slimrank.serving.reload import load_current
 
@@ -182,7 +218,7 @@ def main() -> None:
             gc_spans.append((f"gc gen{info['generation']}", gc_start["t"], time.perf_counter()))
 
     gc.callbacks.append(on_gc)
-    lags: list[tuple[float, float]] = []
+    lags: list[tuple[float, float, float, float]] = []
     stop = threading.Event()
     reloads: list[float] = []
 
@@ -203,7 +239,7 @@ def main() -> None:
     gc.callbacks.remove(on_gc)
     spans = timeline.spans + gc_spans
     found = stalls(lags, spans, args.threshold_ms / 1e3)
-    lag_ms = sorted(late * 1e3 for _, late in lags)
+    lag_ms = sorted(lag[1] * 1e3 for lag in lags)
     result = {
         "bundles": str(args.bundles),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -213,6 +249,7 @@ def main() -> None:
         "startup_s": round(startup_s, 2),
         "reload_s": [round(r, 2) for r in reloads],
         "threshold_ms": args.threshold_ms,
+        "reload_nice": reload.RELOAD_NICE,
         "wakeups": len(lags),
         "lag_p50_ms": round(lag_ms[len(lag_ms) // 2], 2),
         "lag_p99_ms": round(lag_ms[int(len(lag_ms) * 0.99)], 2),
@@ -245,17 +282,28 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"## Stalls over {result['threshold_ms']:g} ms",
         "",
-        "| at (s) | lag (ms) | during (innermost first) |",
-        "|---:|---:|---|",
+        "The loop's thread waits either for the GIL or for a CPU (runnable, not running: "
+        "the cores are busy); the second is measured (schedstat), the rest is the first. "
+        "The loading thread's own wait for a CPU in the same stretch is beside it (a thread "
+        "that holds the GIL and waits for a CPU holds up the loop too).",
+        "",
+        f"Loading thread niced by {result['reload_nice']}.",
+        "",
+        "| at (s) | lag (ms) | loop waiting for a CPU (ms) | loader waiting for a CPU (ms) "
+        "| during (innermost first) |",
+        "|---:|---:|---:|---:|---|",
     ]
     for s in result["stalls"]:
-        lines.append(f"| {s['at_s']} | {s['lag_ms']} | {' < '.join(s['steps']) or '-'} |")
+        lines.append(
+            f"| {s['at_s']} | {s['lag_ms']} | {s['cpu_wait_ms']} | {s['loader_cpu_wait_ms']} | "
+            f"{' < '.join(s['steps']) or '-'} |"
+        )
     if not result["stalls"]:
-        lines.append("| - | - | none |")
+        lines.append("| - | - | - | - | none |")
     lines += [
         "",
         "Command: `bench/reload_stalls.py --bundles "
-        f"{args.bundles} --name {args.name} --rounds {args.rounds}`",
+        f"{args.bundles} --name {args.name} --rounds {args.rounds} --nice {result['reload_nice']}`",
         "",
     ]
     return "\n".join(lines)
