@@ -191,7 +191,10 @@ def main() -> None:
     parser.add_argument("--threshold-ms", type=float, default=5.0)
     parser.add_argument("--period-ms", type=float, default=1.0)
     parser.add_argument(
-        "--nice", type=int, default=None, help="the loading thread's niceness (default: the server's)"
+        "--nice",
+        type=int,
+        default=None,
+        help="the loading thread's niceness (default: the server's)",
     )
     args = parser.parse_args()
 
@@ -254,6 +257,11 @@ def main() -> None:
         "lag_p50_ms": round(lag_ms[len(lag_ms) // 2], 2),
         "lag_p99_ms": round(lag_ms[int(len(lag_ms) * 0.99)], 2),
         "lag_max_ms": round(lag_ms[-1], 1),
+        "stalls_n": len(found),
+        "stalls_total_ms": round(sum(s["lag_ms"] for s in found), 1),
+        "stalls_not_waiting_for_cpu_ms": round(
+            sum(max(0.0, s["lag_ms"] - s["cpu_wait_ms"]) for s in found), 1
+        ),
         "stalls": [{**s, "at_s": round(s["at_s"] - t_zero, 3)} for s in found],
         "steps": [
             {"step": n, "start_s": round(a - t_zero, 3), "ms": round((b - a) * 1e3, 1)}
@@ -282,8 +290,14 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"## Stalls over {result['threshold_ms']:g} ms",
         "",
+        f"{result['stalls_n']} stalls, {result['stalls_total_ms']} ms in all, of which "
+        f"{result['stalls_not_waiting_for_cpu_ms']} ms not waiting for a CPU (the GIL, or the "
+        "machine: see below).",
+        "",
         "The loop's thread waits either for the GIL or for a CPU (runnable, not running: "
-        "the cores are busy); the second is measured (schedstat), the rest is the first. "
+        "the cores are busy); the second is measured (schedstat). The rest is the GIL, or "
+        "the machine: this VM also stalls a lone event loop for ~28 ms with no CPU wait "
+        "while another process hashes the same files. "
         "The loading thread's own wait for a CPU in the same stretch is beside it (a thread "
         "that holds the GIL and waits for a CPU holds up the loop too).",
         "",
