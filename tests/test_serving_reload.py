@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -363,3 +364,49 @@ def test_a_reload_loads_on_a_thread_below_the_servers_priority(tmp_path: Path) -
         run_deprioritized(lambda: open_bundle(tmp_path, version), RELOAD_NICE)
     with pytest.raises(IntegrityError, match=r"items\.npy"):
         bundle_reload_fn(tmp_path)(version)
+
+
+def test_the_reload_frees_the_old_snapshot_after_the_calls_still_on_it(tmp_path: Path) -> None:
+    """A call still running on the old snapshot at the swap finishes on it, and the reload
+    then frees it on its own thread; before, the last call to finish freed it (in the server,
+    on the event loop: ~2 GiB of arrays at 1M)."""
+    v1 = publish_flat(tmp_path, "a", seed=1)
+    holder = SnapshotHolder(load_current(tmp_path))
+    registry = CollectorRegistry()
+    server, _ = create_server(ServerConfig(), holder, registry)
+    try:
+        watcher = BundleWatcher(
+            tmp_path, holder, bundle_reload_fn(tmp_path), server.metrics, threading.Lock()
+        )
+        freed_on: list[str] = []
+        weakref.finalize(holder.get(), lambda: freed_on.append(threading.current_thread().name))
+        in_call, finish = threading.Event(), threading.Event()
+        answered: list[str] = []
+
+        def call() -> None:  # what a call on the event loop holds while it runs
+            snapshot = holder.get()
+            in_call.set()
+            finish.wait()
+            answered.append(snapshot.user_query("u1", []).source.name)
+            del snapshot
+
+        caller = threading.Thread(target=call, name="call")
+        caller.start()
+        in_call.wait()
+        v2 = publish_flat(tmp_path, "b", seed=2)
+        reloaded: list[bool] = []
+        reloader = threading.Thread(target=lambda: reloaded.append(watcher.poll_once()))
+        reloader.name = "reload"
+        reloader.start()
+        while holder.get().version == v1 and reloader.is_alive():
+            time.sleep(0.005)
+        assert holder.get().version == v2
+        assert not freed_on  # the call still holds it
+        finish.set()
+        caller.join()
+        reloader.join()
+        assert reloaded == [True]
+        assert answered == ["KNOWN"]
+        assert freed_on == ["reload"]
+    finally:
+        server.shutdown(0).wait(5)

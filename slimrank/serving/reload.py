@@ -30,7 +30,12 @@ from slimrank.serving.config import ReloadConfig
 from slimrank.serving.loader import SnapshotLoader, load_snapshot
 from slimrank.serving.metrics import ServingMetrics
 from slimrank.serving.servicer import ReloadFn, log_reload_failure
-from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, warm_up
+from slimrank.serving.snapshot import (
+    ModelSnapshot,
+    SnapshotHolder,
+    release_when_unused,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +209,10 @@ class BundleWatcher:
                 self._metrics.reload_failures.inc()
                 log_reload_failure(version, previous.version, error)
                 return False
-            self._holder.swap(snapshot)
+            del previous
+            retired = [self._holder.swap(snapshot)]
             self._metrics.reloads.inc()
+        release_when_unused(retired)
         return True
 
     def start(self) -> None:
