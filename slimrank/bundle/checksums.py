@@ -44,8 +44,10 @@ class Problem:
 
 # Files are hashed in chunks this large. Reading and hashing each chunk release the GIL, and
 # taking it back between chunks is the only Python work: with ``hashlib.file_digest``'s 256
-# KiB, a 2.3 GiB bundle took the GIL back ~9,000 times, and an event loop that serves calls
-# beside a reload could wait tens of milliseconds behind that train of short hand-overs.
+# KiB, a 2.3 GiB bundle takes the GIL back ~9,000 times (~300 times in 8 MiB chunks), each a
+# chance for the loading thread to retake it before a waiting event loop does. (The ~28 ms
+# loop stalls seen while a reload hashed showed up too when another process hashed: those
+# are the machine's, not this.)
 DIGEST_CHUNK_BYTES = 8 << 20
 
 
