@@ -15,8 +15,9 @@ touched):
    bundle verified, loaded and warmed up, health SERVING);
 2. offers ``--rate`` Recommend calls/s for known users, open loop (``bench/loadgen.py``), for
    ``--duration`` s; a third of the way in it promotes the other version, two thirds of the way
-   in the original one back: two reloads, under load, as an operator's ``slimrank bundle
-   promote`` makes them;
+   in the original one back: two reloads, under load, as an operator's ``nice slimrank
+   bundle promote`` makes them (the promote hashes the whole bundle, 10 nice steps below the
+   server);
 3. times each reload from the moved CURRENT to the first answer that names the new version, and
    counts every call that was not answered OK, with the latency of the calls sent during each
    reload beside the rest.
@@ -61,6 +62,7 @@ log = logging.getLogger("bench.serving_reload")
 SCRATCH = HERE / ".cache" / "reload"
 RELOAD_TIMEOUT_S = 600.0
 LOADGEN_START_S = 3.0  # the load generator's start-up and warm-up calls
+PROMOTE_NICE = 10
 
 
 def scratch_root(root: Path, current: str, other: str | None) -> tuple[Path, str]:
@@ -164,6 +166,7 @@ def summarize(out: dict[str, Any], reloads: list[dict[str, Any]]) -> dict[str, A
     during = np.zeros(len(codes), dtype=bool)
     for reload in reloads:
         begin = reload["promoted_at"] - start
+        reload["begin_s"] = round(begin, 2)  # since the first scheduled call
         window = (schedule >= begin) & (schedule <= begin + reload["seconds"])
         reload["calls"] = pct(window)
         during |= window
@@ -174,6 +177,9 @@ def summarize(out: dict[str, Any], reloads: list[dict[str, Any]]) -> dict[str, A
         "all": pct(np.ones(len(codes), dtype=bool)),
         "during_reloads": pct(during),
         "outside_reloads": pct(~during),
+        # When each call that was not OK was scheduled (s since the first), to place them
+        # against the reloads' begin_s.
+        "not_ok_at_s": [round(float(t), 2) for t in schedule[~ok]],
     }
 
 
@@ -190,7 +196,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['poll_interval_s']:g}` (one process, defaults otherwise); "
         f"{report['rate']:g} Recommend calls/s for known users, open loop, "
         f"{report['duration_s']:g} s; versions `{report['versions'][0]}` (CURRENT) and "
-        f"`{report['versions'][1]}`, {report['bundle_mib']:.0f} MiB each.",
+        f"`{report['versions'][1]}`, {report['bundle_mib']:.0f} MiB each. Each reload is "
+        f"set off by a promote (which hashes the bundle) run {PROMOTE_NICE} nice steps below "
+        "the server.",
         "",
         "| measure | value |",
         "|---|---:|",
@@ -230,12 +238,20 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=100.0, help="Recommend calls/s")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     parser.add_argument("--poll-interval", type=float, default=0.5, help="of CURRENT, in s")
+    parser.add_argument(
+        "--reloads",
+        type=int,
+        choices=(0, 1, 2),
+        default=2,
+        help="reloads during the run (0: a control run under the same load, none)",
+    )
     parser.add_argument("--name", help="results file suffix (default: the bundles dir's name)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from slimrank.bundle import store
+    from slimrank.serving.reload import run_deprioritized
 
     root = args.bundles
     current = store.current_version(root)
@@ -274,9 +290,14 @@ def main() -> int:
         load.start()
         begun = time.perf_counter() + LOADGEN_START_S  # about when the first call goes out
         reloads = []
-        for version, at in ((other, 1 / 3), (current, 2 / 3)):
+        for version, at in ((other, 1 / 3), (current, 2 / 3))[: args.reloads]:
             time.sleep(max(0.0, begun + at * args.duration - time.perf_counter()))
-            store.promote(scratch, version)  # verifies the version, then moves CURRENT
+            # Verifies the version (hashes every file), then moves CURRENT: an operator's
+            # promote on the serving host, run below the server's priority as one should
+            # (`nice slimrank bundle promote`), so that its hashing does not take the cores
+            # from the server and the clients (at the same priority it did, and calls were
+            # refused before the server had even seen the new CURRENT).
+            run_deprioritized(lambda v=version: store.promote(scratch, v), PROMOTE_NICE)
             promoted_at = time.perf_counter()
             seconds, poll_failed = wait_for_version(
                 server.target, requests[0], version, promoted_at

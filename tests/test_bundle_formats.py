@@ -15,9 +15,9 @@ from slimrank.bundle.formats import (
     read_json,
     read_npy,
     read_table,
-    read_tensor_np,
     read_tensors,
     read_tensors_metadata,
+    read_tensors_np,
     write_json,
     write_npy,
     write_table,
@@ -93,26 +93,41 @@ def test_json_is_strict(tmp_path):
         read_json(tmp_path / "n.json")
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 50, 1000, 1 << 30])
-def test_tensors_read_in_row_blocks_equal_the_librarys_whole_reads(
-    tmp_path: Path, chunk_bytes: int
-) -> None:
-    """Row blocks bound how long one copy holds the GIL; the result must not change."""
+def test_tensors_read_without_the_library_copy_equal_the_librarys_reads(tmp_path: Path) -> None:
+    """read_tensors_np reads each tensor's bytes itself (without the GIL); every dtype and
+    shape must come back as the library reads it, and ``keep`` picks tensors by name."""
     rng = np.random.default_rng(0)
     tensors = {
         "rows": rng.standard_normal((1000, 7)).astype(np.float32),
-        "cube": rng.integers(0, 9, (333, 5, 2)).astype(np.int64),
+        "cube": rng.integers(-9, 9, (333, 5, 2)).astype(np.int64),
         "vector": np.arange(5, dtype=np.int32),
         "long_vector": rng.standard_normal(2001).astype(np.float64),
         "one_row": rng.standard_normal((1, 3)).astype(np.float16),
         "empty": np.zeros((0, 4), np.float16),
+        "flags": rng.random(17) > 0.5,
+        "bytes": rng.integers(0, 255, (4, 4)).astype(np.uint8),
+        "small": rng.integers(-100, 100, 9).astype(np.int8),
+        "shorts": rng.integers(0, 60000, 9).astype(np.uint16),
+        "words": rng.integers(0, 2**32 - 1, 9, dtype=np.uint64).astype(np.uint32),
     }
     path = tmp_path / "t.safetensors"
     write_tensors(path, tensors)
+    got = read_tensors_np(path)
+    assert set(got) == set(tensors)
     with safe_open(str(path), framework="np") as handle:
         for name, tensor in tensors.items():
-            got = read_tensor_np(handle, name, chunk_bytes)
             whole = handle.get_tensor(name)
-            assert got.dtype == whole.dtype == tensor.dtype, name
-            assert got.shape == whole.shape == tensor.shape, name
-            assert np.array_equal(got, tensor), name
+            assert got[name].dtype == whole.dtype == tensor.dtype, name
+            assert got[name].shape == whole.shape == tensor.shape, name
+            assert np.array_equal(got[name], whole), name
+    picked = read_tensors_np(path, lambda name: name.startswith("r"))
+    assert set(picked) == {"rows"}
+    np.testing.assert_array_equal(picked["rows"], tensors["rows"])
+
+
+def test_tensors_refuse_a_file_cut_inside_a_tensor(tmp_path: Path) -> None:
+    path = tmp_path / "cut.safetensors"
+    write_tensors(path, {"a": np.arange(100, dtype=np.float64)})
+    os.truncate(path, path.stat().st_size - 8)
+    with pytest.raises(IntegrityError, match=r"cut\.safetensors"):
+        read_tensors_np(path)

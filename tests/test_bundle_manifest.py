@@ -8,6 +8,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,9 +47,18 @@ def _tree(tmp_path):
 
 
 def test_digest_matches_hashlib(tmp_path):
-    data = os.urandom(3 * 1024 * 1024 + 7)  # several read chunks
+    data = os.urandom(3 * 1024 * 1024 + 7)
     (tmp_path / "f").write_bytes(data)
     assert digest_file(tmp_path / "f") == FileDigest(len(data), hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 100_003])
+def test_digest_in_any_chunk_size_matches_hashlib(tmp_path, chunk_bytes, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    expected = FileDigest(size, hashlib.sha256(data).hexdigest())
+    assert digest_file(tmp_path / "f", chunk_bytes) == expected
 
 
 def test_hash_tree_names_and_tree_digest(tmp_path):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,14 @@ from slimrank.errors import IntegrityError
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import default_loaders, load_flat, load_snapshot, random_flat_bundle
-from slimrank.serving.reload import BundleWatcher, ReloadConfig, bundle_reload_fn, load_current
+from slimrank.serving.reload import (
+    RELOAD_NICE,
+    BundleWatcher,
+    ReloadConfig,
+    bundle_reload_fn,
+    load_current,
+    run_deprioritized,
+)
 from slimrank.serving.server import SlimrankServer, create_server
 from slimrank.serving.snapshot import SnapshotHolder
 
@@ -330,3 +339,74 @@ def test_current_naming_a_symlink_to_outside_the_store_is_refused(
     assert served.client.recommend("u1", 3).model_version == v1
     with pytest.raises(IntegrityError, match="not a published version"):
         load_current(served.root)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_a_reload_loads_on_a_thread_below_the_servers_priority(tmp_path: Path) -> None:
+    """The load runs niced on its own thread and gives back its snapshot; the calling thread's
+    priority is left as it was, and a load that fails raises in the caller."""
+    version = publish_flat(tmp_path, "i", 0)
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def load() -> str:
+        seen["tid"] = threading.get_native_id()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, seen["tid"])
+        return load_snapshot(open_bundle(tmp_path, version)).version
+
+    assert run_deprioritized(load, RELOAD_NICE) == version
+    assert seen["tid"] != threading.get_native_id()
+    assert seen["nice"] == min(19, caller + RELOAD_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller
+
+    corrupt(tmp_path, version)
+    with pytest.raises(IntegrityError, match=r"items\.npy"):
+        run_deprioritized(lambda: open_bundle(tmp_path, version), RELOAD_NICE)
+    with pytest.raises(IntegrityError, match=r"items\.npy"):
+        bundle_reload_fn(tmp_path)(version)
+
+
+def test_the_reload_frees_the_old_snapshot_after_the_calls_still_on_it(tmp_path: Path) -> None:
+    """A call still running on the old snapshot at the swap finishes on it, and the reload
+    then frees it on its own thread; before, the last call to finish freed it (in the server,
+    on the event loop: ~2 GiB of arrays at 1M)."""
+    v1 = publish_flat(tmp_path, "a", seed=1)
+    holder = SnapshotHolder(load_current(tmp_path))
+    registry = CollectorRegistry()
+    server, _ = create_server(ServerConfig(), holder, registry)
+    try:
+        watcher = BundleWatcher(
+            tmp_path, holder, bundle_reload_fn(tmp_path), server.metrics, threading.Lock()
+        )
+        freed_on: list[str] = []
+        weakref.finalize(holder.get(), lambda: freed_on.append(threading.current_thread().name))
+        in_call, finish = threading.Event(), threading.Event()
+        answered: list[str] = []
+
+        def call() -> None:  # what a call on the event loop holds while it runs
+            snapshot = holder.get()
+            in_call.set()
+            finish.wait()
+            answered.append(snapshot.user_query("u1", []).source.name)
+            del snapshot
+
+        caller = threading.Thread(target=call, name="call")
+        caller.start()
+        in_call.wait()
+        v2 = publish_flat(tmp_path, "b", seed=2)
+        reloaded: list[bool] = []
+        reloader = threading.Thread(target=lambda: reloaded.append(watcher.poll_once()))
+        reloader.name = "reload"
+        reloader.start()
+        while holder.get().version == v1 and reloader.is_alive():
+            time.sleep(0.005)
+        assert holder.get().version == v2
+        assert not freed_on  # the call still holds it
+        finish.set()
+        caller.join()
+        reloader.join()
+        assert reloaded == [True]
+        assert answered == ["KNOWN"]
+        assert freed_on == ["reload"]
+    finally:
+        server.shutdown(0).wait(5)

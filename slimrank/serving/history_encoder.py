@@ -21,7 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from slimrank.bundle import Bundle, BundleError
-from slimrank.bundle.formats import read_tensor_np
+from slimrank.bundle.formats import read_tensors_np
+from slimrank.errors import IntegrityError
 from slimrank.retrieval.two_tower_config import MODEL_CONFIG, MODEL_WEIGHTS, TwoTowerConfig
 
 log = logging.getLogger(__name__)
@@ -163,18 +164,11 @@ def read_user_tower(directory: str | Path) -> dict[str, np.ndarray]:
     Only the history table and the MLP are read (not the item tower, which can be the size of
     the catalog again); safetensors holds raw tensors, nothing is unpickled.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(directory) / MODEL_WEIGHTS
     try:
-        with safe_open(str(path), framework="np") as f:
-            return {
-                k: read_tensor_np(f, k)
-                for k in f.keys()  # noqa: SIM118 (a safe_open handle is not a mapping)
-                if k == HISTORY_TABLE or k.startswith(MLP_PREFIX)
-            }
-    except SafetensorError as err:
-        raise ValueError(f"{path.name}: not a valid safetensors file: {err}") from None
+        return read_tensors_np(path, lambda k: k == HISTORY_TABLE or k.startswith(MLP_PREFIX))
+    except IntegrityError as err:
+        raise ValueError(str(err)) from None
 
 
 def load_tower_encoder(directory: str | Path) -> HistoryEncoder | None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 from slimrank.bundle import current_version, open_bundle
 from slimrank.bundle.store import resolve_version
@@ -28,9 +30,16 @@ from slimrank.serving.config import ReloadConfig
 from slimrank.serving.loader import SnapshotLoader, load_snapshot
 from slimrank.serving.metrics import ServingMetrics
 from slimrank.serving.servicer import ReloadFn, log_reload_failure
-from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, warm_up
+from slimrank.serving.snapshot import (
+    ModelSnapshot,
+    SnapshotHolder,
+    release_when_unused,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class BundleSource:
@@ -52,13 +61,63 @@ class BundleSource:
 
     def __call__(self, version: str | None) -> ModelSnapshot:
         with gil_shared(RELOAD_SWITCH_INTERVAL_S):
-            return load_snapshot(open_bundle(self.root, version), self.loaders)
+            return run_deprioritized(
+                lambda: load_bundle(self.root, version, self.loaders), RELOAD_NICE
+            )
+
+
+def load_bundle(
+    root: str | Path, version: str | None, loaders: Mapping[str, SnapshotLoader] | None = None
+) -> ModelSnapshot:
+    """Return the snapshot of bundle ``version`` (None: ``CURRENT``), verified then loaded."""
+    return load_snapshot(open_bundle(root, version), loaders)
 
 
 # While a bundle loads beside a serving event loop, the loading thread gives up the GIL this
 # often (Python's default is 5 ms): each step of a call on the loop (taking it, admitting it,
 # answering it) can otherwise wait that long for the GIL.
 RELOAD_SWITCH_INTERVAL_S = 0.0005
+
+# ... and runs this many nice steps below the process (Linux sets it per thread): on a machine
+# whose cores are all busy, a reload at the server's own priority takes a core's time slices
+# from the event loop and from the clients, and calls wait behind it for the CPU. Niced, the
+# load takes what the serving threads leave; it takes longer only when the cores are busy.
+RELOAD_NICE = 10
+
+
+def run_deprioritized(work: Callable[[], T], nice: int) -> T:
+    """Return ``work()`` run on a thread of its own, ``nice`` steps below the caller's CPU
+    priority where the platform sets priorities per thread (the caller's stays as it was)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        lower_thread_priority(nice)
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # re-raised in the caller
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="slimrank-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def lower_thread_priority(steps: int) -> bool:
+    """Lower the calling thread's CPU priority by ``steps`` nice steps (at most to 19); False
+    where that cannot be done for one thread (not Linux) or is not allowed."""
+    if sys.platform != "linux" or steps <= 0:
+        return False
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + steps))
+    except OSError as err:
+        log.info("cannot lower the loading thread's priority: %s", err)
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -84,7 +143,7 @@ def load_current(
     root: str | Path, loaders: Mapping[str, SnapshotLoader] | None = None
 ) -> ModelSnapshot:
     """Return the verified, loaded and warmed-up snapshot of ``CURRENT`` (for start-up)."""
-    snapshot = bundle_reload_fn(root, loaders)(None)
+    snapshot = load_bundle(root, None, loaders)
     warm_up(snapshot)
     return snapshot
 
@@ -150,8 +209,10 @@ class BundleWatcher:
                 self._metrics.reload_failures.inc()
                 log_reload_failure(version, previous.version, error)
                 return False
-            self._holder.swap(snapshot)
+            del previous
+            retired = [self._holder.swap(snapshot)]
             self._metrics.reloads.inc()
+        release_when_unused(retired)
         return True
 
     def start(self) -> None:

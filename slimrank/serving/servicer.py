@@ -32,6 +32,7 @@ from slimrank.serving.snapshot import (
     SnapshotHolder,
     UserQuery,
     UserSource,
+    release_when_unused,
     top_k,
     warm_up,
 )
@@ -363,11 +364,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     reloaded=False,
                     message=f"already serving {previous.version}",
                 )
-            self._holder.swap(new)
+            versions = (previous.version, new.version)
+            del previous
+            retired = [self._holder.swap(new)]
+            del new
             self._metrics.reloads.inc()
+        release_when_unused(retired)
         return admin_pb2.ReloadResponse(
-            version=new.version,
-            previous_version=previous.version,
+            version=versions[1],
+            previous_version=versions[0],
             reloaded=True,
-            message=f"swapped {previous.version} -> {new.version}",
+            message=f"swapped {versions[0]} -> {versions[1]}",
         )

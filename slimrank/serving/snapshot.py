@@ -18,9 +18,10 @@ import dataclasses
 import datetime as dt
 import enum
 import logging
+import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from types import MappingProxyType
 
 import faiss
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 from slimrank.ranking.histories import Histories
 from slimrank.ranking.neighbors import MARKS as _MARKS
 from slimrank.search.catalog import Catalog
+from slimrank.serving.id_index import IdIndex
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,9 @@ class ModelSnapshot:
     encode_history: HistoryEncoder | None = None
     # Text index, filterable attributes and titles (None: no text search or filters).
     catalog: Catalog | None = None
-    item_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
-    user_row: Mapping[str, int] = dataclasses.field(init=False, repr=False)
+    # Id -> row, held in arrays (no Python object per id: see :mod:`slimrank.serving.id_index`).
+    item_row: IdIndex = dataclasses.field(init=False, repr=False)
+    user_row: IdIndex = dataclasses.field(init=False, repr=False)
     popular_order: np.ndarray = dataclasses.field(init=False, repr=False)  # (n_items,) rows
 
     def __post_init__(self) -> None:
@@ -144,10 +147,10 @@ class ModelSnapshot:
             raise ValueError(
                 f"ModelSnapshot {self.version}: n_candidates {self.n_candidates} must be >= 1"
             )
-        item_row = {str(item): i for i, item in enumerate(self.item_ids)}
-        user_row = {str(user): i for i, user in enumerate(self.user_ids)}
-        if len(item_row) != n_items or len(user_row) != len(self.user_ids):
-            raise ValueError(f"ModelSnapshot {self.version}: item or user ids are not unique")
+        try:
+            item_row, user_row = IdIndex(self.item_ids), IdIndex(self.user_ids)
+        except ValueError as err:
+            raise ValueError(f"ModelSnapshot {self.version}: item or user {err}") from None
         order = np.argsort(-self.popularity, kind="stable")
         for name, array in (
             ("item_vectors", self.item_vectors),
@@ -155,8 +158,8 @@ class ModelSnapshot:
         ):
             if array.dtype != np.float32:
                 raise ValueError(f"ModelSnapshot {self.version}: {name} must be float32")
-        object.__setattr__(self, "item_row", MappingProxyType(item_row))
-        object.__setattr__(self, "user_row", MappingProxyType(user_row))
+        object.__setattr__(self, "item_row", item_row)
+        object.__setattr__(self, "user_row", user_row)
         object.__setattr__(self, "popular_order", order)
 
     @property
@@ -171,8 +174,8 @@ class ModelSnapshot:
 
     def item_rows(self, ids: Sequence[str]) -> np.ndarray:
         """Return the ``(m,)`` int64 rows of the ids this snapshot knows, skipping unknown ids."""
-        rows = [self.item_row[i] for i in ids if i in self.item_row]
-        return np.asarray(rows, dtype=np.int64)
+        rows = self.item_row.rows(ids)  # (m,) -1 where unknown
+        return rows[rows >= 0]
 
     def seen_rows(self, user_row: int) -> np.ndarray:
         """Return the ``(s,)`` int64 item rows user ``user_row`` already has (none for -1)."""
@@ -187,7 +190,7 @@ class ModelSnapshot:
         once, where the request names it last), or without one the mean of their item
         vectors; unknown ids are skipped.
         """
-        row = self.user_row.get(user_id, -1) if user_id else -1
+        row = self.user_row.row(user_id) if user_id else -1
         if row >= 0:
             return UserQuery(UserSource.KNOWN, row, self.user_vectors[row])
         recent = self.item_rows(recent_item_ids)  # (r,) request order, repeats kept
@@ -368,6 +371,35 @@ class SnapshotHolder:
         with self._lock:
             self._listeners.append(listener)
             listener(self._served.snapshot)
+
+
+# How long a reload waits for the calls still running on the old snapshot to finish, so that
+# it frees the old snapshot itself; past that, the last call to finish frees it.
+RETIRE_TIMEOUT_S = 1.0
+
+
+def release_when_unused(
+    retired: list[ModelSnapshot], timeout_s: float = RETIRE_TIMEOUT_S, poll_s: float = 0.005
+) -> bool:
+    """Free the snapshot in ``retired`` (emptied; it must hold the caller's only reference) on
+    this thread, once the calls still using it have let go of it (at most ``timeout_s``).
+
+    Calls in flight finish on the snapshot they started with, and whoever drops the last
+    reference frees it: for a 1M bundle ~2 GiB of arrays, an index and an ONNX session, tens
+    of milliseconds that would otherwise fall on the event loop when a call was the last.
+    Return True if it was the last reference here, False if calls still held it at the
+    deadline (the last of them frees it).
+    """
+    snapshot = retired.pop()
+    deadline = time.monotonic() + timeout_s
+    # References: `snapshot` here and getrefcount's own argument.
+    while sys.getrefcount(snapshot) > 2:
+        if time.monotonic() >= deadline:
+            log.info("calls still hold snapshot %s after %.0f s", snapshot.version, timeout_s)
+            return False
+        time.sleep(poll_s)
+    del snapshot
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
