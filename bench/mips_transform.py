@@ -44,6 +44,15 @@ sys.path.insert(0, str(HERE))
 from scale_checks import step_dir  # noqa: E402
 
 
+def emit(lines: list[str], path: Path, save: bool) -> int:
+    """Print a results table's lines and, with ``save``, write them to ``path``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if save:
+        path.write_text(text)
+    return 0
+
+
 def recall_and_ms(
     search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, truth: np.ndarray, k: int
 ) -> tuple[float, float]:
@@ -209,11 +218,7 @@ def pipeline_main(config_name: str, save: bool) -> int:
         "",
         f"Command: `bench/mips_transform.py --pipeline {config_name}`",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if save:
-        (HERE / "results" / f"mips_transform_{name}.md").write_text(text)
-    return 0
+    return emit(lines, HERE / "results" / f"mips_transform_{name}.md", save)
 
 
 def main() -> int:
@@ -306,10 +311,7 @@ def main() -> int:
         "",
         f"Command: `bench/mips_transform.py {args.cache}`",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_save:
-        (HERE / "results" / "mips_transform.md").write_text(text)
+    emit(lines, HERE / "results" / "mips_transform.md", not args.no_save)
     return 0
 
 
