@@ -33,9 +33,8 @@ from slimrank.evaluation.metrics import ranking_metrics  # noqa: E402
 from slimrank.evaluation.peers import fit_ease, observed_interactions, truth_of  # noqa: E402
 from slimrank.evaluation.protocol import rank_users  # noqa: E402
 from slimrank.pipeline.artifacts import DataArtifact, load_view  # noqa: E402
-from slimrank.pipeline.cache import StepCache  # noqa: E402
 from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
-from slimrank.pipeline.run import data_inputs, step_digests  # noqa: E402
+from slimrank.pipeline.run import cached_step_paths  # noqa: E402
 from slimrank.ranking.pipeline_eval import pipeline_metrics  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -47,10 +46,8 @@ def main() -> int:
     parser.add_argument("--config", default="pipeline")
     args = parser.parse_args()
     config = load_config(resolve_config(args.config))
-    digests = step_digests(config, files=data_inputs(config))
-    cache = StepCache(config.cache_dir)
-    cand_dir = cache.path_for("candidates", digests["candidates"])
-    data_dir = cache.path_for("data", digests["data"])
+    paths = cached_step_paths(config)
+    cand_dir, data_dir = paths["candidates"], paths["data"]
     if not (cand_dir / "test.safetensors").exists():
         print(f"{cand_dir}: no candidates step; run slimrank pipeline --config {args.config}")
         return 1

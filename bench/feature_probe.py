@@ -40,9 +40,8 @@ from slimrank.pipeline.artifacts import (  # noqa: E402
     EmbeddingsArtifact,
     TeacherArtifact,
 )
-from slimrank.pipeline.cache import StepCache  # noqa: E402
 from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
-from slimrank.pipeline.run import data_inputs, step_digests  # noqa: E402
+from slimrank.pipeline.run import cached_step_paths  # noqa: E402
 from slimrank.pipeline.steps import train_pipeline_teacher  # noqa: E402
 from slimrank.ranking.features import CandidateFeatures  # noqa: E402
 from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
@@ -117,10 +116,8 @@ def main() -> int:
     parser.add_argument("--out", default="feature_probe")
     args = parser.parse_args()
     config = load_config(resolve_config(args.config))
-    digests = step_digests(config, files=data_inputs(config))
-    cache = StepCache(config.cache_dir)
-    path = {s: cache.path_for(s, digests[s]) for s in ("data", "embeddings", "candidates")}
-    teacher_dir = cache.path_for("teacher", digests["teacher"])
+    path = cached_step_paths(config)
+    teacher_dir = path["teacher"]
     data = DataArtifact.load(path["data"])
     emb = EmbeddingsArtifact.load(path["embeddings"])
     cands, feats, labels = CandidatesArtifact.load_one(path["candidates"], "train")

@@ -30,9 +30,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
 from slimrank.pipeline.artifacts import CandidatesArtifact, DataArtifact  # noqa: E402
-from slimrank.pipeline.cache import StepCache  # noqa: E402
 from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
-from slimrank.pipeline.run import data_inputs, step_digests  # noqa: E402
+from slimrank.pipeline.run import cached_step_paths  # noqa: E402
 from slimrank.pipeline.steps import teacher_model_config  # noqa: E402
 from slimrank.ranking.features import CandidateFeatures  # noqa: E402
 from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
@@ -60,13 +59,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="epochs of each run")
     args = parser.parse_args()
     config = load_config(resolve_config(args.config))
-    digests = step_digests(config, files=data_inputs(config))
-    cache = StepCache(config.cache_dir)
-    cand_dir = args.candidates or cache.path_for("candidates", digests["candidates"])
+    paths = cached_step_paths(config)
+    cand_dir = args.candidates or paths["candidates"]
     if not (cand_dir / "valid.safetensors").exists():
         print(f"{cand_dir}: no candidates step; run slimrank pipeline --config {args.config}")
         return 1
-    data = DataArtifact.load(cache.path_for("data", digests["data"]))
+    data = DataArtifact.load(paths["data"])
     views = CandidatesArtifact.load(cand_dir).views
     _, feats, labels = views["train"]
     v_cands, v_feats, v_labels = views["valid"]

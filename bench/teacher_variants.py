@@ -34,9 +34,8 @@ from slimrank.pipeline.artifacts import (  # noqa: E402
     DataArtifact,
     TeacherArtifact,
 )
-from slimrank.pipeline.cache import StepCache  # noqa: E402
 from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
-from slimrank.pipeline.run import data_inputs, step_digests  # noqa: E402
+from slimrank.pipeline.run import cached_step_paths  # noqa: E402
 from slimrank.ranking.features import CandidateFeatures  # noqa: E402
 from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
 
@@ -117,14 +116,12 @@ def main() -> int:
     import lightgbm as lgb
 
     config = load_config(resolve_config(args.config))
-    digests = step_digests(config, files=data_inputs(config))
-    cache = StepCache(config.cache_dir)
-    cand_dir = cache.path_for("candidates", digests["candidates"])
-    teacher_dir = cache.path_for("teacher", digests["teacher"])
+    paths = cached_step_paths(config)
+    cand_dir, teacher_dir = paths["candidates"], paths["teacher"]
     if not (teacher_dir / "metrics.json").exists():
         print(f"{teacher_dir}: no teacher step; run slimrank pipeline --config {args.config}")
         return 1
-    data = DataArtifact.load(cache.path_for("data", digests["data"]))
+    data = DataArtifact.load(paths["data"])
     _, feats, labels = CandidatesArtifact.load_one(cand_dir, "train")
     v_cands, v_feats, v_labels = CandidatesArtifact.load_one(cand_dir, "valid")
     truth = data.truth("valid")

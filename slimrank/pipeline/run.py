@@ -213,6 +213,14 @@ def step_digests(
     return digests
 
 
+def cached_step_paths(config: PipelineConfig) -> dict[str, Path]:
+    """Return where each step's output lives in ``config``'s step cache once it has run (the
+    directories ``run_pipeline(config)`` reads and writes; they need not exist yet)."""
+    cache = StepCache(config.cache_dir)
+    digests = step_digests(config, files=data_inputs(config))
+    return {step: cache.path_for(step, digest) for step, digest in digests.items()}
+
+
 def data_inputs(config: PipelineConfig) -> list[InputFile]:
     """Return the content keys of the files the data step reads (none for synthetic data)."""
     if config.data.source == SOURCES_SYNTHETIC:
