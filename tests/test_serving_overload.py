@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from slimrank.serving.admission import Admission, StandingQueue
+from slimrank.serving.admission import Admission, LoadActivity, StandingQueue
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.proto.slimrank.v1 import (
@@ -516,3 +516,78 @@ def test_a_burst_past_the_total_bound_is_counted_call_for_call(
     assert len(refused) == 54
     assert not any("Concurrent RPC limit" in (c.exception().details() or "") for c in refused)
     assert s.sample("slimrank_shed_requests_total") == len(refused)
+
+
+@pytest.mark.parametrize("reload_wait_s", [1.0, None])
+def test_a_queue_behind_a_reload_is_worked_off_not_refused(
+    serve: Callable[..., Served], reload_wait_s: float | None
+) -> None:
+    """Ten calls at once while an Admin.Reload is loading, to handlers on the loop that take
+    5 ms each with a 10 ms wait bound and no burst allowance: outside a reload the burst's tail
+    is refused (the reference, ``reload_wait_s`` None); during one the bound is
+    ``reload_wait_s`` (1 s) and every call is answered. After the reload and its tail, the
+    strict bound is back."""
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def slow_load(version: str | None) -> ModelSnapshot:
+        entered.release()
+        release.wait(DEADLINE_S)
+        return dataclasses.replace(slow_snapshot(0.005), version="v2")
+
+    s = serve(
+        slow_snapshot(0.005),
+        ServerConfig(
+            handler_threads=0,
+            max_inflight=16,
+            max_workers=20,
+            max_wait_s=0.01,
+            burst_wait_s=None,
+            reload_wait_s=reload_wait_s,
+            core_queue_refresh_s=0.0,
+        ),
+        slow_load,
+    )
+    drive(s.port, 20, 0.02)  # the server learns what a call costs
+    channel = grpc.insecure_channel(f"127.0.0.1:{s.port}")
+    reload = admin_pb2_grpc.AdminStub(channel).Reload.future(
+        admin_pb2.ReloadRequest(), timeout=DEADLINE_S
+    )
+    try:
+        assert entered.acquire(timeout=10)
+        during = burst_refusals(s.port)
+    finally:
+        release.set()
+    assert reload.result(timeout=10).reloaded
+    channel.close()
+    if reload_wait_s is None:
+        assert during >= 2
+        return
+    assert during == 0
+    time.sleep(LoadActivity().tail_s + 0.1)
+    assert burst_refusals(s.port) >= 2  # no reload: the strict bound again
+
+
+def test_the_wait_bound_is_the_reload_bound_while_a_load_runs_and_for_its_tail() -> None:
+    now = [0.0]
+    loading = LoadActivity(tail_s=0.5, clock=lambda: now[0])
+    admission = Admission(
+        limit=100, total=100, max_wait_s=0.005, reload_wait_s=0.25, loading=loading
+    )
+    assert not loading.active() and admission.wait_bound_s(0.0) == 0.005
+    with loading.running():
+        assert loading.active() and admission.wait_bound_s(0.0) == 0.25
+        with loading.running():  # two reloads at once (Admin.Reload and the poller)
+            now[0] = 1.0
+        assert loading.active()  # the first still runs
+        now[0] = 2.0
+    assert admission.wait_bound_s(None) == 0.25  # its tail
+    now[0] = 2.49
+    assert loading.active()
+    now[0] = 2.5
+    assert not loading.active() and admission.wait_bound_s(0.0) == 0.005
+    never = Admission(limit=100, total=100, max_wait_s=0.005, loading=loading)
+    with loading.running():
+        assert never.wait_bound_s(0.0) == 0.005  # reload_wait_s None: no change
+    unbounded = Admission(limit=100, total=100, reload_wait_s=0.25, loading=loading)
+    with loading.running():
+        assert unbounded.wait_bound_s(0.0) is None  # no bound to raise

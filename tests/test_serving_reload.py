@@ -31,7 +31,7 @@ from slimrank.serving.reload import (
     run_deprioritized,
 )
 from slimrank.serving.server import SlimrankServer, create_server
-from slimrank.serving.snapshot import SnapshotHolder
+from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder
 
 DIM = 8
 N_ITEMS = 300
@@ -410,3 +410,24 @@ def test_the_reload_frees_the_old_snapshot_after_the_calls_still_on_it(tmp_path:
         assert freed_on == ["reload"]
     finally:
         server.shutdown(0).wait(5)
+
+
+def test_a_polled_reload_marks_the_holder_as_loading_for_admission(served: Served) -> None:
+    """The watcher's reload, not only Admin.Reload, runs as a load that admission sees (it
+    lets the load's queue wait, slimrank.serving.admission.LoadActivity)."""
+    seen: list[bool] = []
+    load = bundle_reload_fn(served.root)
+
+    def watched_load(version: str | None) -> ModelSnapshot:
+        seen.append(served.holder.loading.active())
+        return load(version)
+
+    watcher = BundleWatcher(
+        served.root, served.holder, watched_load, served.server.metrics, threading.Lock()
+    )
+    version = publish_flat(served.root, "b", seed=2)
+    promote(served.root, version)
+    assert not served.holder.loading.active()
+    assert watcher.poll_once() and served.holder.get().version == version
+    assert seen == [True]
+    assert served.holder.loading.active()  # its tail: the queue it left is worked off

@@ -7,12 +7,21 @@ the caller of :meth:`Admission.enter`, which also counts it. An accepted call ho
 :class:`Ticket` until everything it started has finished (its task and, when its handler runs
 on a thread, that thread's work), so a call cancelled by its client still holds its slot while
 a thread works on it.
+
+While a bundle loads beside the serving threads (:class:`LoadActivity`), the wait bound is
+``reload_wait_s`` instead: the load takes the GIL and a core's time slices from the event
+loop for seconds, so calls queue behind it for tens of milliseconds at a load the server
+otherwise answers at once. That queue is the load's, not overload, and refusing it would fail
+calls that are answered a few milliseconds later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+import time
+from collections.abc import Callable, Iterator
 
 
 class Ticket:
@@ -41,6 +50,37 @@ class Ticket:
                     admission.limited_in_progress -= 1
 
 
+class LoadActivity:
+    """Whether a bundle is loading beside the serving threads (thread-safe).
+
+    Each reload runs inside :meth:`running`; :meth:`active` is True while one does and for
+    ``tail_s`` after it ended (the queue it left is worked off, the old snapshot freed).
+    """
+
+    def __init__(self, tail_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+        self.tail_s = tail_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._running = 0
+        self._ended_at = -math.inf
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """A load runs within the block."""
+        with self._lock:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._ended_at = self._clock()
+
+    def active(self) -> bool:
+        """True while a load runs and for ``tail_s`` after the last one ended."""
+        return self._running > 0 or self._clock() - self._ended_at < self.tail_s
+
+
 class Admission:
     """Bounds calls in progress: ``limit`` for the limited ones, ``total`` for all (thread-safe).
 
@@ -60,6 +100,8 @@ class Admission:
     is cut down to ``max_wait_s`` (the queue discipline of CoDel as Facebook applies it to
     server queues; see "Fail at Scale", ACM Queue 13(8), 2015). :class:`StandingQueue`
     tells how long the queue has stood, and remembers overload for ``burst_recovery_s``.
+
+    While ``loading`` is active, the bound is at least ``reload_wait_s`` (None: no change).
     """
 
     def __init__(
@@ -71,6 +113,8 @@ class Admission:
         smoothing: float = 0.05,
         burst_wait_s: float | None = None,
         burst_recovery_s: float = 0.25,
+        reload_wait_s: float | None = None,
+        loading: LoadActivity | None = None,
     ) -> None:
         if limit < 1 or total < limit:
             raise ValueError(f"Admission(limit={limit}, total={total}): need 1 <= limit <= total")
@@ -79,6 +123,8 @@ class Admission:
         self.max_wait_s = max_wait_s
         self.burst_wait_s = burst_wait_s
         self.burst_recovery_s = burst_recovery_s
+        self.reload_wait_s = reload_wait_s
+        self.loading = loading
         self.parallel = max(1, parallel)
         self.smoothing = smoothing
         self.mean_service_s = 0.0  # no estimate until the first observe()
@@ -105,8 +151,13 @@ class Admission:
         without a break for ``standing_s`` (None: unknown, which counts as overload)."""
         burst = self.burst_wait_s
         if self.max_wait_s is None or burst is None or standing_s is None or standing_s >= burst:
-            return self.max_wait_s
-        return max(burst, self.max_wait_s)
+            bound = self.max_wait_s
+        else:
+            bound = max(burst, self.max_wait_s)
+        reload_wait, loading = self.reload_wait_s, self.loading
+        if bound is None or reload_wait is None or loading is None or not loading.active():
+            return bound
+        return max(bound, reload_wait)
 
     def enter(
         self,

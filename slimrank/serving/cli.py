@@ -31,6 +31,7 @@ SPARE_THREADS = 4
 # on top, accepted calls stay within the 20 ms p99 the benchmark holds the server to.
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_BURST_WAIT_MS = 30.0
+DEFAULT_RELOAD_WAIT_MS = 250.0
 # Model calls on the event loop: the most calls held within 10 ms on the ml-100k bundle, one
 # process or two (bench/results/serving_modes.md). ServerConfig keeps 1 thread for embedders
 # whose handlers may block, which on the loop would stall every call.
@@ -107,6 +108,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1000 * defaults.burst_recovery_s,
         help="after calls waited --burst-wait-ms without a break (overload), the burst "
         "allowance comes back once none have for this long (default %(default)s)",
+    )
+    p.add_argument(
+        "--reload-wait-ms",
+        type=float,
+        default=DEFAULT_RELOAD_WAIT_MS,
+        help="while a bundle loads (and for 0.5 s after), let calls wait up to this: the "
+        "queue a reload causes is worked off, not refused; 0: no change (default %(default)s)",
     )
     p.add_argument(
         "--core-queue-refresh-ms",
@@ -209,6 +217,7 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             handler_threads=args.handler_threads,
             max_wait_s=args.max_wait_ms / 1000 if args.max_wait_ms > 0 else None,
             burst_wait_s=args.burst_wait_ms / 1000 if args.burst_wait_ms > 0 else None,
+            reload_wait_s=args.reload_wait_ms / 1000 if args.reload_wait_ms > 0 else None,
             burst_recovery_s=args.burst_recovery_ms / 1000,
             core_queue_refresh_s=(
                 args.core_queue_refresh_ms / 1000 if args.core_queue_refresh_ms >= 0 else None

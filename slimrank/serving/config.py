@@ -40,7 +40,9 @@ class ServerConfig(Config):
     capacity is let through; a standing queue is overload; None: ``max_wait_s`` always). After
     a queue stood that long, the allowance comes back once none has stood for
     ``burst_recovery_s`` (so sustained overload is refused after ``max_wait_s``, not after
-    ``burst_wait_s`` each time its queue empties for a moment).
+    ``burst_wait_s`` each time its queue empties for a moment). While a bundle loads (a
+    reload, and half a second after it), the bound is at least ``reload_wait_s`` (None: no
+    change): the queue a load causes is worked off, not refused.
 
     ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
 
@@ -61,6 +63,7 @@ class ServerConfig(Config):
     core_queue_refresh_s: float | None = 0.005
     burst_wait_s: float | None = None  # slimrank serve: --burst-wait-ms, 30 ms by default
     burst_recovery_s: float = 0.25
+    reload_wait_s: float | None = None  # slimrank serve: --reload-wait-ms, 250 ms by default
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
@@ -120,6 +123,13 @@ class ServerConfig(Config):
             self,
             "burst_wait_s",
             self.burst_wait_s,
+            "must be None or > 0",
+        )
+        require(
+            self.reload_wait_s is None or self.reload_wait_s > 0,
+            self,
+            "reload_wait_s",
+            self.reload_wait_s,
             "must be None or > 0",
         )
         require(

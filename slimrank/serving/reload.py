@@ -197,6 +197,10 @@ class BundleWatcher:
         return self._reload(current)
 
     def _reload(self, version: str) -> bool:
+        with self._holder.loading.running():  # admission lets the load's queue wait
+            return self._load_and_swap(version)
+
+    def _load_and_swap(self, version: str) -> bool:
         with self._lock:
             previous = self._holder.get()
             if previous.version == version:

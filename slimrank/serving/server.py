@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from slimrank.serving.admission import Admission
+from slimrank.serving.admission import Admission, LoadActivity
 from slimrank.serving.aio_engine import LoopThread, ServingInterceptor, loop_thread
 from slimrank.serving.batch import BatchRecommenderServicer
 from slimrank.serving.config import ServerConfig
@@ -194,7 +194,7 @@ def create_server(
     else:
         loop = loop_thread()
         server, health_servicer, port, pools, admission = loop.run(
-            _start_aio(config, metrics, servicers, credentials, interceptors)
+            _start_aio(config, metrics, servicers, credentials, interceptors, holder.loading)
         )
         if config.http_port is not None:
             http = _start_http(loop, config, servicers[0], admission, metrics, pools)
@@ -303,8 +303,10 @@ async def _start_aio(
     servicers: tuple[RecommenderServicer, AdminServicer],
     credentials: grpc.ServerCredentials | None,
     interceptors: Sequence[grpc.ServerInterceptor],
+    loading: LoadActivity | None = None,
 ) -> tuple[grpc.aio.Server, Any, int, list[futures.ThreadPoolExecutor], Admission]:
-    """Build and start the grpc.aio server (on the event loop thread)."""
+    """Build and start the grpc.aio server (on the event loop thread); admission reads
+    ``loading`` (the served snapshot holder's reloads)."""
     handler_pool = None
     if config.handler_threads > 0:
         handler_pool = futures.ThreadPoolExecutor(
@@ -319,6 +321,8 @@ async def _start_aio(
         parallel=max(1, config.handler_threads),
         burst_wait_s=config.burst_wait_s,
         burst_recovery_s=config.burst_recovery_s,
+        reload_wait_s=config.reload_wait_s,
+        loading=loading,
     )
     serving = ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
     servers_before = CoreQueue.server_ids() if config.core_queue_refresh_s is not None else None

@@ -336,6 +336,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if self._reload_fn is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no bundle source")
         version = request.version if request.HasField("version") else None
+        with self._holder.loading.running():  # admission lets the load's queue wait
+            return self._reload(version, context)
+
+    def _reload(
+        self, version: str | None, context: grpc.ServicerContext
+    ) -> admin_pb2.ReloadResponse:
         with self._reload_lock:
             previous = self._holder.get()
             try:

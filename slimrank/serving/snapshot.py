@@ -29,6 +29,7 @@ import numpy as np
 from slimrank.ranking.histories import Histories
 from slimrank.ranking.neighbors import MARKS as _MARKS
 from slimrank.search.catalog import Catalog
+from slimrank.serving.admission import LoadActivity
 from slimrank.serving.id_index import IdIndex
 
 log = logging.getLogger(__name__)
@@ -340,10 +341,12 @@ class SnapshotHolder:
 
     ``get`` is a single attribute read, so a request that took a snapshot keeps it for its
     whole life even if ``swap`` replaces it meanwhile. Listeners run after each swap, in swap
-    order, e.g. to update the model-info metrics.
+    order, e.g. to update the model-info metrics. Reloads run inside ``loading.running()``,
+    which admission reads (:class:`~slimrank.serving.admission.LoadActivity`).
     """
 
     def __init__(self, snapshot: ModelSnapshot) -> None:
+        self.loading = LoadActivity()
         self._lock = threading.Lock()
         self._served = Served(snapshot, dt.datetime.now(dt.UTC))
         self._listeners: list[Callable[[ModelSnapshot], None]] = []
