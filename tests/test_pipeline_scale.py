@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from served_store import serving
 
 from slimrank.bundle import Bundle, open_bundle
@@ -29,6 +30,7 @@ from slimrank.pipeline.artifacts import (
     DataArtifact,
     EmbeddingsArtifact,
     IndexArtifact,
+    TwoTowerArtifact,
     load_view,
 )
 from slimrank.pipeline.config import PipelineConfig
@@ -38,6 +40,7 @@ from slimrank.pipeline.steps import candidates_step
 from slimrank.ranking.candidates import fold_item_history
 from slimrank.ranking.features import FeatureTables, build_feature_tables, candidate_features
 from slimrank.ranking.pipeline_eval import rank_candidates
+from slimrank.retrieval.train import train_two_tower
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.pipeline_loader import load_served_index, load_spec
 
@@ -115,6 +118,7 @@ def test_the_scale_config_trains_what_it_says() -> None:
     assert config.index.kind == "ivfflat" and config.index.tuning.enabled
     assert config.index.transform == "mips_l2"
     assert config.candidates.sample_users > 0 and config.candidates.eval_users > 0
+    assert not config.candidates.refit and config.candidates.hold_out_labels == "sampled"
 
 
 def test_rankers_train_on_a_sample_of_users(served: Served) -> None:
@@ -273,6 +277,40 @@ def test_training_lists_read_the_item_statistics_of_all_but_their_labels(served:
     ).values
     for name in ("item_log_popularity", "cooc_sum", "ease_score"):
         assert not np.allclose(own[..., names.index(name)], feats.values[..., names.index(name)])
+
+
+def test_the_two_tower_never_trained_on_the_training_lists_labels(served: Served) -> None:
+    """Without refit the main two-tower retrieves and featurizes the rankers' training lists,
+    so it trains on train minus their labels (the sampled users' target folds): trained again
+    on that log, written here from the definition, it gives the saved weights exactly. Trained
+    on all of train (before), its retrieval score knew the training lists' labels."""
+    result = served.result
+    data = DataArtifact.load(result.path("data"))
+    emb = EmbeddingsArtifact.load(result.path("embeddings"))
+    cands, _, labels = load_view(result.path("candidates") / "train.safetensors")
+    log = data.split.train
+    target = emb.target[0].tocsr()
+    is_label = np.isin(log.user, cands.user) & (np.asarray(target[log.user, log.item]).ravel() > 0)
+    # Every positive of the training lists is one of those rows.
+    rows, cols = np.nonzero(labels > 0)
+    label_pairs = set(zip(cands.user[rows].tolist(), cands.items[rows, cols].tolist(), strict=True))
+    held = set(zip(log.user[is_label].tolist(), log.item[is_label].tolist(), strict=True))
+    assert label_pairs and label_pairs <= held
+    saved = TwoTowerArtifact.load(result.path("two_tower"))
+    assert saved.metrics["held_out_labels"] == int(is_label.sum()) > 0
+    split = dataclasses.replace(data.split, train=log.take(~is_label))
+    again = train_two_tower(
+        saved.model.config,
+        result.config.two_tower.train,
+        split,
+        data.user_features,
+        data.item_features,
+    ).model
+    want = saved.model.state_dict()
+    got = again.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
 
 
 def test_the_scale_bench_compares_the_served_ranker_with_the_peers(served: Served) -> None:
