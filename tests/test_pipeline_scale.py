@@ -327,5 +327,12 @@ def test_the_scale_bench_compares_the_served_ranker_with_the_peers(served: Serve
     names = [row["name"] for row in comparison["rows"]]
     assert names[0] == "pipeline, pruned int8 student (served)"
     assert "ALS (implicit)" in names and "most popular" in names
+    # The retrieval row names the index the config built, not a fixed "IVF-PQ".
+    factory = IndexArtifact.load(served.result.path("index")).index.factory_string
+    assert factory.startswith("IVF") and factory.endswith(",Flat")
+    retrieval = (
+        f"two-tower retrieval alone ({factory} over the MIPS-to-L2 transform, {N} candidates)"
+    )
+    assert retrieval in names
     int8 = served.result.metrics("int8")["valid"]["ndcg@10"]
     assert comparison["rows"][0]["valid_ndcg"] == int8
