@@ -25,21 +25,24 @@ from served_store import serving
 from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import read_npy
 from slimrank.compression.scorer import Scorer
+from slimrank.config import ConfigError
 from slimrank.data.world import WorldConfig, write_world
 from slimrank.pipeline.artifacts import (
     DataArtifact,
     EmbeddingsArtifact,
     IndexArtifact,
+    TeacherArtifact,
     TwoTowerArtifact,
     load_view,
 )
 from slimrank.pipeline.config import PipelineConfig
 from slimrank.pipeline.publish import publish_run
 from slimrank.pipeline.run import RunResult, run_pipeline
-from slimrank.pipeline.steps import candidates_step
+from slimrank.pipeline.steps import candidates_step, teacher_model_config
 from slimrank.ranking.candidates import fold_item_history
 from slimrank.ranking.features import FeatureTables, build_feature_tables, candidate_features
 from slimrank.ranking.pipeline_eval import rank_candidates
+from slimrank.ranking.teacher import DCNv2, teacher_scores
 from slimrank.retrieval.train import train_two_tower
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.pipeline_loader import load_served_index, load_spec
@@ -311,6 +314,44 @@ def test_the_two_tower_never_trained_on_the_training_lists_labels(served: Served
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_the_teacher_learns_a_correction_to_the_retrieval_score(served: Served) -> None:
+    """scale.toml's teacher starts from the retrieval score's ranking (``base_feature``):
+    its untrained model ranks as retrieval alone does, so the epoch early stopping keeps on
+    valid is no worse than retrieval alone there."""
+    result = served.result
+    teacher = TeacherArtifact.load(result.path("teacher"))
+    assert teacher.model.config.base_feature == list(teacher.feature_names).index("retrieval_score")
+    valid = result.metrics("teacher")["valid"]["ndcg@10"]
+    assert valid >= result.metrics("candidates")["valid"]["ndcg@10"]
+    # The untrained model of that shape: retrieval's order, list by list.
+    cands, feats, _ = load_view(result.path("candidates") / "valid.safetensors")
+    data = DataArtifact.load(result.path("data"))
+    _, train_feats, _ = load_view(result.path("candidates") / "train.safetensors")
+    config = teacher_model_config(
+        result.config.teacher, feats.values.shape[-1], data, tuple(feats.names)
+    )
+    untrained = DCNv2(config)
+    untrained.fit_normalization(train_feats.values, train_feats.mask)
+    untrained.eval()
+    scores = teacher_scores(untrained, feats)
+    real = cands.mask
+    for row in range(0, len(cands), 37):
+        keep = real[row]
+        np.testing.assert_array_equal(
+            np.argsort(-scores[row][keep], kind="stable"),
+            np.argsort(-cands.retrieval_score[row][keep], kind="stable"),
+        )
+
+
+def test_an_unknown_base_feature_is_named(served: Served) -> None:
+    teacher = dataclasses.replace(served.result.config.teacher, base_feature="retrieval_scor")
+    data = DataArtifact.load(served.result.path("data"))
+    with pytest.raises(ConfigError) as err:
+        teacher_model_config(teacher, 2, data, ("retrieval_score", "ease_score"))
+    assert err.value.key == "teacher.base_feature"
+    assert "'retrieval_scor' is not a candidate feature" in str(err.value)
 
 
 def test_the_scale_bench_compares_the_served_ranker_with_the_peers(served: Served) -> None:
