@@ -8,6 +8,10 @@
 - ``scores``: the candidates step's retrieval order on valid and test (the index's own
   scores) against the same candidates ordered by their exact inner products: what the
   index's score error costs retrieval alone (and the rankers' ``retrieval_score`` feature).
+- ``leak``: NDCG@10 of single features (the retrieval score, EASE, co-occurrence,
+  popularity) on the training lists (the sampled users' target folds as truth) and on the
+  valid view's lists: a feature that ranks the training lists far better, relative to the
+  others, than it ranks valid's has seen the training labels.
 
     nice -n 19 .venv/bin/python bench/scale_checks.py recall \
         bench/.cache/scale/cache-1000000u-1000000i-20-oe9c68b9b
@@ -124,14 +128,43 @@ def score_error(cache: Path) -> dict[str, Any]:
     return out
 
 
+LEAK_FEATURES = ("retrieval_score", "ease_score", "cooc_sum", "item_log_popularity")
+
+
+def feature_leak(cache: Path) -> dict[str, Any]:
+    """Return NDCG@10 of ranking each view's lists by one feature alone, per feature."""
+    from slimrank.pipeline.artifacts import DataArtifact, EmbeddingsArtifact, load_view
+    from slimrank.ranking.pipeline_eval import pipeline_metrics
+
+    data = DataArtifact.load(step_dir(cache, "data"))
+    target = EmbeddingsArtifact.load(step_dir(cache, "embeddings")).target[0]
+    out: dict[str, Any] = {}
+    for view, truth in (("train", target), ("valid", data.truth("valid"))):
+        cands, feats, _ = load_view(step_dir(cache, "candidates") / f"{view}.safetensors")
+        ok = cands.items >= 0
+        row: dict[str, float] = {}
+        for name in LEAK_FEATURES:
+            score = np.where(ok, feats.values[..., feats.names.index(name)], -np.inf)
+            row[name] = round(pipeline_metrics(cands, score, truth)["ndcg@10"], 4)
+        row["users"] = len(cands.user)
+        out[view] = row
+    out["train / valid"] = {
+        name: round(out["train"][name] / out["valid"][name], 3) for name in LEAK_FEATURES
+    }
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("check", choices=("recall", "evaluation", "scores"))
+    parser.add_argument("check", choices=("recall", "evaluation", "scores", "leak"))
     parser.add_argument("cache", type=Path, help="the run's step cache (bench/.cache/scale/...)")
     args = parser.parse_args()
-    fn = {"recall": held_out_recall, "evaluation": evaluation_cost, "scores": score_error}[
-        args.check
-    ]
+    fn = {
+        "recall": held_out_recall,
+        "evaluation": evaluation_cost,
+        "scores": score_error,
+        "leak": feature_leak,
+    }[args.check]
     print(json.dumps(fn(args.cache), indent=1, default=str))
     return 0
 

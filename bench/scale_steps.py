@@ -202,13 +202,16 @@ def truth_metrics(
     return out
 
 
-def peer_comparison(run_result: Any, grids: dict[str, Any] | None = None) -> Any:
+def peer_comparison(
+    run_result: Any, grids: dict[str, Any] | None = None, with_peers: bool = True
+) -> Any:
     """Return the served ranker against the retrieval, the teacher and the peers that fit a
     catalog this size (:data:`~slimrank.evaluation.peers.SCALE_PEERS`), each selected on
     validation and refitted on train + valid, paired over the test view's users.
 
     ``grids``: by peer name, hyperparameter values that replace the peer's own (a narrower
-    selection where the full grid costs too much; the report says which were tried)."""
+    selection where the full grid costs too much; the report says which were tried).
+    ``with_peers=False``: the pipeline's own rows only (served, teacher, retrieval alone)."""
     from slimrank.evaluation.peers import SCALE_PEERS
     from slimrank.pipeline.comparison import PIPELINE_ROWS, compare
     from slimrank.pipeline.report import VARIANTS
@@ -220,6 +223,7 @@ def peer_comparison(run_result: Any, grids: dict[str, Any] | None = None) -> Any
     peers = tuple(
         dataclasses.replace(p, grid={**p.grid, **grids[p.name]}) if p.name in grids else p
         for p in SCALE_PEERS
+        if with_peers
     )
     metric = f"ndcg@{run_result.config.k}"
     step_of = {key: step for key, _, step, _ in VARIANTS}  # (key, label, step, sub-directory)
@@ -306,8 +310,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rec.end("load bundle (verify + load as the server does)", None)
             result["gate"] = f"published {version} ({snapshot.n_items} items)"
             label = "peers (" + ", ".join(p.name for p in SCALE_PEERS) + ") under the protocol"
+            if args.no_peers:
+                label = "served against teacher and retrieval alone (--no-peers)"
             rec.begin(label)
-            comparison = peer_comparison(run_result, grids)
+            comparison = peer_comparison(run_result, grids, with_peers=not args.no_peers)
             result["comparison"] = comparison.to_dict()
             result["peer_trials"] = {
                 name: [[params, round(v, 4)] for params, v in res.trials]
@@ -446,6 +452,12 @@ def main() -> int:
         default="",
         help='JSON, by scale peer name, values replacing its grid, e.g. {"ALS (implicit)": '
         '{"regularization": [10.0], "alpha": [40.0]}}',
+    )
+    parser.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="compare the served ranker with the teacher and retrieval alone only (the peers' "
+        "fits are the bench's longest step at 1M)",
     )
     args = parser.parse_args()
     if args.size:

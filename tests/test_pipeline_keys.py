@@ -20,7 +20,15 @@ from slimrank.bundle import open_bundle
 from slimrank.config import ConfigError
 from slimrank.pipeline.config import PipelineConfig, load_config
 from slimrank.pipeline.retrain import bundle_config
-from slimrank.pipeline.run import NOT_IN_STEPS, STEP_TABLE, STEPS, Step, run_pipeline, step_digests
+from slimrank.pipeline.run import (
+    HOLD_OUT_READS,
+    NOT_IN_STEPS,
+    STEP_TABLE,
+    STEPS,
+    Step,
+    run_pipeline,
+    step_digests,
+)
 
 
 def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -147,6 +155,29 @@ def test_config_outside_every_step_reruns_nothing() -> None:
             config = _changed(leaf)
             assert config is not None, leaf
             assert step_digests(config) == before, leaf
+
+
+def test_what_decides_the_held_out_labels_is_in_the_two_towers_key_when_it_holds_some_out() -> None:
+    """``candidates.hold_out_labels = "sampled"``: the two-tower trains on train minus the
+    sampled users' target folds, so the folds' cut and sample re-run it; with "none" they
+    do not (the key stays as it was)."""
+    candidates = dataclasses.replace(BASE.candidates, hold_out_labels="sampled", sample_users=3)
+    held = dataclasses.replace(BASE, candidates=candidates)
+    before = step_digests(held)
+    assert before["two_tower"] != step_digests(BASE)["two_tower"]
+    changes = {
+        "candidates.sample_users": {"sample_users": 4},
+        "candidates.target_frac": {"target_frac": 0.3},
+        "candidates.fold_seed": {"fold_seed": 1},
+        "candidates.folds": {"folds": BASE.candidates.folds + 1},
+    }
+    assert set(changes) | {"candidates.hold_out_labels"} == set(HOLD_OUT_READS)
+    for path, change in changes.items():
+        config = dataclasses.replace(held, candidates=dataclasses.replace(candidates, **change))
+        after = step_digests(config)
+        assert {n for n in STEPS if after[n] != before[n]} == _downstream({"two_tower"}), path
+        plain = dataclasses.replace(BASE, candidates=dataclasses.replace(BASE.candidates, **change))
+        assert step_digests(plain)["two_tower"] == step_digests(BASE)["two_tower"], path
 
 
 # -- one real rerun ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from slimrank.compression.scorer import onnx_score_fn
 from slimrank.pipeline.artifacts import DataArtifact, load_view
 from slimrank.pipeline.config import load_config
 from slimrank.pipeline.publish import load_bundle_tables, read_serving
-from slimrank.pipeline.run import STEPS, run_pipeline
+from slimrank.pipeline.run import STEPS, cached_step_paths, run_pipeline
 from slimrank.ranking.features import candidate_features
 from slimrank.ranking.pipeline_eval import pipeline_metrics
 from slimrank.serving.featurizer import RequestFeaturizer
@@ -73,7 +73,12 @@ def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 11
     assert sum(line.startswith("| ") for line in comparison.splitlines()) == 1 + 3 + 4
     n = 30  # tiny.toml's [candidates] n: the retrieval row names the candidates it was given
-    assert f"| two-tower retrieval alone (IVF-PQ, {n} candidates) |" in comparison
+    # ... and the index the run built (tiny's catalog is under index.flat_below: exact search).
+    index_dir = cached_step_paths(_config(run))["index"]
+    index = json.loads((index_dir / "index" / "index.json").read_text())
+    factory = index["factory_string"]
+    assert factory == "Flat" and index.get("transform") is None
+    assert f"| two-tower retrieval alone ({factory}, {n} candidates) |" in comparison
     assert "| params | sparsity | FLOPs | bytes |" in table
     assert (run.out / "compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -19,25 +19,31 @@ import faiss
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from served_store import serving
 
 from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import read_npy
 from slimrank.compression.scorer import Scorer
+from slimrank.config import ConfigError
 from slimrank.data.world import WorldConfig, write_world
 from slimrank.pipeline.artifacts import (
     DataArtifact,
     EmbeddingsArtifact,
     IndexArtifact,
+    TeacherArtifact,
+    TwoTowerArtifact,
     load_view,
 )
 from slimrank.pipeline.config import PipelineConfig
 from slimrank.pipeline.publish import publish_run
 from slimrank.pipeline.run import RunResult, run_pipeline
-from slimrank.pipeline.steps import candidates_step
+from slimrank.pipeline.steps import candidates_step, teacher_model_config
 from slimrank.ranking.candidates import fold_item_history
 from slimrank.ranking.features import FeatureTables, build_feature_tables, candidate_features
 from slimrank.ranking.pipeline_eval import rank_candidates
+from slimrank.ranking.teacher import DCNv2, teacher_scores
+from slimrank.retrieval.train import train_two_tower
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.pipeline_loader import load_served_index, load_spec
 
@@ -115,6 +121,7 @@ def test_the_scale_config_trains_what_it_says() -> None:
     assert config.index.kind == "ivfflat" and config.index.tuning.enabled
     assert config.index.transform == "mips_l2"
     assert config.candidates.sample_users > 0 and config.candidates.eval_users > 0
+    assert not config.candidates.refit and config.candidates.hold_out_labels == "sampled"
 
 
 def test_rankers_train_on_a_sample_of_users(served: Served) -> None:
@@ -275,6 +282,78 @@ def test_training_lists_read_the_item_statistics_of_all_but_their_labels(served:
         assert not np.allclose(own[..., names.index(name)], feats.values[..., names.index(name)])
 
 
+def test_the_two_tower_never_trained_on_the_training_lists_labels(served: Served) -> None:
+    """Without refit the main two-tower retrieves and featurizes the rankers' training lists,
+    so it trains on train minus their labels (the sampled users' target folds): trained again
+    on that log, written here from the definition, it gives the saved weights exactly. Trained
+    on all of train (before), its retrieval score knew the training lists' labels."""
+    result = served.result
+    data = DataArtifact.load(result.path("data"))
+    emb = EmbeddingsArtifact.load(result.path("embeddings"))
+    cands, _, labels = load_view(result.path("candidates") / "train.safetensors")
+    log = data.split.train
+    target = emb.target[0].tocsr()
+    is_label = np.isin(log.user, cands.user) & (np.asarray(target[log.user, log.item]).ravel() > 0)
+    # Every positive of the training lists is one of those rows.
+    rows, cols = np.nonzero(labels > 0)
+    label_pairs = set(zip(cands.user[rows].tolist(), cands.items[rows, cols].tolist(), strict=True))
+    held = set(zip(log.user[is_label].tolist(), log.item[is_label].tolist(), strict=True))
+    assert label_pairs and label_pairs <= held
+    saved = TwoTowerArtifact.load(result.path("two_tower"))
+    assert saved.metrics["held_out_labels"] == int(is_label.sum()) > 0
+    split = dataclasses.replace(data.split, train=log.take(~is_label))
+    again = train_two_tower(
+        saved.model.config,
+        result.config.two_tower.train,
+        split,
+        data.user_features,
+        data.item_features,
+    ).model
+    want = saved.model.state_dict()
+    got = again.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_the_teacher_learns_a_correction_to_the_retrieval_score(served: Served) -> None:
+    """scale.toml's teacher starts from the retrieval score's ranking (``base_feature``):
+    its untrained model ranks as retrieval alone does, so the epoch early stopping keeps on
+    valid is no worse than retrieval alone there."""
+    result = served.result
+    teacher = TeacherArtifact.load(result.path("teacher"))
+    assert teacher.model.config.base_feature == list(teacher.feature_names).index("retrieval_score")
+    valid = result.metrics("teacher")["valid"]["ndcg@10"]
+    assert valid >= result.metrics("candidates")["valid"]["ndcg@10"]
+    # The untrained model of that shape: retrieval's order, list by list.
+    cands, feats, _ = load_view(result.path("candidates") / "valid.safetensors")
+    data = DataArtifact.load(result.path("data"))
+    _, train_feats, _ = load_view(result.path("candidates") / "train.safetensors")
+    config = teacher_model_config(
+        result.config.teacher, feats.values.shape[-1], data, tuple(feats.names)
+    )
+    untrained = DCNv2(config)
+    untrained.fit_normalization(train_feats.values, train_feats.mask)
+    untrained.eval()
+    scores = teacher_scores(untrained, feats)
+    real = cands.mask
+    for row in range(0, len(cands), 37):
+        keep = real[row]
+        np.testing.assert_array_equal(
+            np.argsort(-scores[row][keep], kind="stable"),
+            np.argsort(-cands.retrieval_score[row][keep], kind="stable"),
+        )
+
+
+def test_an_unknown_base_feature_is_named(served: Served) -> None:
+    teacher = dataclasses.replace(served.result.config.teacher, base_feature="retrieval_scor")
+    data = DataArtifact.load(served.result.path("data"))
+    with pytest.raises(ConfigError) as err:
+        teacher_model_config(teacher, 2, data, ("retrieval_score", "ease_score"))
+    assert err.value.key == "teacher.base_feature"
+    assert "'retrieval_scor' is not a candidate feature" in str(err.value)
+
+
 def test_the_scale_bench_compares_the_served_ranker_with_the_peers(served: Served) -> None:
     """bench/scale_steps.py's last step, on this run: it broke at 1M when report.VARIANTS
     gained a fourth field (its sub-directory)."""
@@ -289,5 +368,12 @@ def test_the_scale_bench_compares_the_served_ranker_with_the_peers(served: Serve
     names = [row["name"] for row in comparison["rows"]]
     assert names[0] == "pipeline, pruned int8 student (served)"
     assert "ALS (implicit)" in names and "most popular" in names
+    # The retrieval row names the index the config built, not a fixed "IVF-PQ".
+    factory = IndexArtifact.load(served.result.path("index")).index.factory_string
+    assert factory.startswith("IVF") and factory.endswith(",Flat")
+    retrieval = (
+        f"two-tower retrieval alone ({factory} over the MIPS-to-L2 transform, {N} candidates)"
+    )
+    assert retrieval in names
     int8 = served.result.metrics("int8")["valid"]["ndcg@10"]
     assert comparison["rows"][0]["valid_ndcg"] == int8

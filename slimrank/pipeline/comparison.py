@@ -30,7 +30,7 @@ SERVED = "int8"
 PIPELINE_ROWS = (
     ("int8", "pipeline, pruned int8 student (served)"),
     ("teacher", "pipeline, teacher fp32"),
-    ("retrieval", "two-tower retrieval alone (IVF-PQ, {n} candidates)"),
+    ("retrieval", "two-tower retrieval alone ({index}, {n} candidates)"),
 )
 MARGIN = 0.01  # issue 15: the served pipeline must beat the strongest peer by this much
 
@@ -118,15 +118,17 @@ def compare(
 
     ``valid_ndcg`` holds the pipeline variants' validation NDCG@k (from their steps).
     """
-    from slimrank.pipeline.artifacts import DataArtifact
+    from slimrank.pipeline.artifacts import INDEX, DataArtifact
+    from slimrank.retrieval.index_io import describe_index
 
     k = result.config.k
+    index = describe_index(result.path("index") / INDEX)  # the index the run built
     split = DataArtifact.load(result.path("data")).split
     per_user = {key: pipeline_per_user_test(result, key) for key, _ in PIPELINE_ROWS}
     served = per_user[SERVED]
     rows = []
     for key, label in PIPELINE_ROWS:
-        label = label.format(n=result.config.candidates.n)
+        label = label.format(n=result.config.candidates.n, index=index)
         other = None if key == SERVED else paired_bootstrap(served, per_user[key], resamples)
         rows.append(
             Compared(label, "-", key == "retrieval", valid_ndcg[key], per_user[key].mean, other)

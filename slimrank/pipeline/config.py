@@ -141,6 +141,12 @@ class CandidateConfig(Config):
     # another scale than the served ones and lost test NDCG@10). The same when every user
     # is sampled (sample_users = 0).
     fold_items: str = "all"
+    # Without refit the main two-tower retrieves and featurizes the training lists, so it must
+    # not have trained on their labels: "sampled" trains it on train minus the sampled users'
+    # target folds (sample_users x target_frac of their items; with sample_users = 0 that is
+    # every user's target fold), "none" on all of train (its retrieval score and embedding
+    # columns then know the training labels and not valid's or test's).
+    hold_out_labels: str = "none"
     features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
@@ -163,6 +169,13 @@ class CandidateConfig(Config):
             self.fold_items,
             'must be "all" or "history"',
         )
+        require(
+            self.hold_out_labels in ("none", "sampled"),
+            self,
+            "hold_out_labels",
+            self.hold_out_labels,
+            'must be "none" or "sampled"',
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +187,9 @@ class TeacherStepConfig(Config):
     deep: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.2
     id_dropout: float = 0.1
+    # A candidate feature the score starts from (the head starts at zero and learns a
+    # correction to that feature's ranking, e.g. "retrieval_score"); "" starts from nothing.
+    base_feature: str = ""
     train: TeacherTrainConfig = dataclasses.field(default_factory=TeacherTrainConfig)
 
     def __post_init__(self) -> None:

@@ -154,6 +154,14 @@ STEP_TABLE = (
         (compress_steps.precision_step,),
     ),
 )
+# The two-tower step's extra reads when candidates.hold_out_labels holds some labels out.
+HOLD_OUT_READS = (
+    "candidates.hold_out_labels",
+    "candidates.sample_users",
+    "candidates.target_frac",
+    "candidates.fold_seed",
+    "candidates.folds",
+)
 STEPS = tuple(s.name for s in STEP_TABLE)
 _TABLE = {s.name: s for s in STEP_TABLE}
 # Config no step reads: where outputs go, and the report's latency benchmark.
@@ -189,6 +197,10 @@ def step_config(
     key = {path: config_at(config, path) for path in step.reads}
     if step.name == "catalog":
         key["format"] = CATALOG_FORMAT
+    if step.name == "two_tower" and config.candidates.hold_out_labels != "none":
+        # What decides the held-out labels (the folds and their user sample); only when some
+        # are held out, so the keys of runs that hold out nothing stay as they were.
+        key.update({path: config_at(config, path) for path in HOLD_OUT_READS})
     if step.name in ("student_plain", "student_distill"):
         key.update(distill=step.name == "student_distill", **(engine or EngineConfig()).cache_key())
     if step.name == "student_pseudo":
@@ -343,7 +355,7 @@ def _run(
     # bundle published before catalogs existed) has none, and its bundle has no text search.
     if "data" not in provided or "catalog" in provided:
         step("catalog", lambda d, o: steps.catalog_step(c.data, c.text, d))
-    step("two_tower", lambda d, o: steps.two_tower_step(c.two_tower, d, k))
+    step("two_tower", lambda d, o: steps.two_tower_step(c.two_tower, d, k, c.candidates))
     refit = c.two_tower.train if c.candidates.refit else None
     step("embeddings", lambda d, m, o: steps.embeddings_step(c.candidates, d, m, refit))
     step("index", lambda e, o: steps.index_step(c.index, e))

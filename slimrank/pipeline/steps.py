@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from slimrank.data.dataset import Dataset, load_dataset, split_random
+from slimrank.data.dataset import Dataset, Interactions, load_dataset, split_random
 from slimrank.data.logs import load_logs
 from slimrank.pipeline import artifacts
 from slimrank.pipeline.artifacts import (
@@ -140,14 +140,67 @@ def two_tower_model_config(config: TwoTowerStepConfig, data: DataArtifact) -> Tw
     )
 
 
-def two_tower_step(config: TwoTowerStepConfig, data: DataArtifact, k: int) -> TwoTowerArtifact:
-    """Train the two-tower model on the training split, with its full-ranking metrics."""
+def training_folds(
+    train: sp.csr_matrix, config: CandidateConfig
+) -> list[tuple[sp.csr_matrix, sp.csr_matrix]]:
+    """Return each training fold's ``(history, target)`` cut of every user's ``train`` items."""
+    return [
+        split_history(train, config.target_frac, config.fold_seed + i) for i in range(config.folds)
+    ]
+
+
+def fold_label_users(target: sp.csr_matrix, config: CandidateConfig, fold: int) -> np.ndarray:
+    """Return the users whose lists fold ``fold`` trains the rankers on (its sampled users)."""
+    return sample_users(target, config.sample_users, config.fold_seed, fold)
+
+
+def held_out_labels(train: sp.csr_matrix, config: CandidateConfig) -> sp.csr_matrix:
+    """Return the training lists' labels: each fold's target items of its sampled users, as
+    a binary ``(U, I)`` matrix (what the main two-tower must not train on without refit)."""
+    held = sp.csr_matrix(train.shape, dtype=np.float32)
+    for i, (_, target) in enumerate(training_folds(train, config)):
+        rows = np.zeros(target.shape[0], dtype=np.float32)
+        rows[fold_label_users(target, config, i)] = 1.0
+        held = held + sp.diags(rows) @ target
+    held = sp.csr_matrix(held)
+    held.data[:] = 1.0
+    held.eliminate_zeros()
+    return held
+
+
+def drop_pairs(log: Interactions, pairs: sp.csr_matrix) -> Interactions:
+    """Return ``log`` without its rows whose ``(user, item)`` is a non-zero of ``pairs``."""
+    coo = pairs.tocoo()
+    n_items = np.int64(pairs.shape[1])
+    held = np.sort(coo.row.astype(np.int64) * n_items + coo.col)
+    return log.take(~np.isin(log.user * n_items + log.item, held, assume_unique=False))
+
+
+def two_tower_step(
+    config: TwoTowerStepConfig,
+    data: DataArtifact,
+    k: int,
+    folds: CandidateConfig | None = None,
+) -> TwoTowerArtifact:
+    """Train the two-tower model on the training split, with its full-ranking metrics.
+
+    With ``folds.hold_out_labels == "sampled"`` it trains on train minus the labels of the
+    rankers' training lists (:func:`held_out_labels`), so that the retrieval scores and
+    embedding features of those lists are as blind to their labels as valid's and test's.
+    """
     from slimrank.retrieval.train import evaluate_model, train_two_tower
 
     split = data.split
     model_config = two_tower_model_config(config, data)
+    fit_split = split
+    held_out = 0
+    if folds is not None and folds.hold_out_labels == "sampled":
+        held = held_out_labels(split.train_matrix(), folds)
+        fit_split = dataclasses.replace(split, train=drop_pairs(split.train, held))
+        held_out = len(split.train) - len(fit_split.train)
+        log.info("two-tower: %d training interactions held out (the rankers' labels)", held_out)
     result = train_two_tower(
-        model_config, config.train, split, data.user_features, data.item_features
+        model_config, config.train, fit_split, data.user_features, data.item_features
     )
     metrics = {
         view: evaluate_model(
@@ -161,7 +214,8 @@ def two_tower_step(config: TwoTowerStepConfig, data: DataArtifact, k: int) -> Tw
         )
         for view in ("valid", "test")
     }
-    return TwoTowerArtifact(result.model, {"best_epoch": result.best_epoch, **metrics})
+    record = {"best_epoch": result.best_epoch, "held_out_labels": held_out}
+    return TwoTowerArtifact(result.model, {**record, **metrics})
 
 
 def embeddings_step(
@@ -191,10 +245,7 @@ def embeddings_step(
     history: list[sp.csr_matrix] = []
     target: list[sp.csr_matrix] = []
     fold_logs = []  # per fold, the history part as interactions
-    for i in range(config.folds):
-        fold_history, fold_target = split_history(
-            split.train_matrix(), config.target_frac, config.fold_seed + i
-        )
+    for i, (fold_history, fold_target) in enumerate(training_folds(split.train_matrix(), config)):
         history.append(fold_history)
         target.append(fold_target)
         fold_logs.append(artifacts.interactions_from_matrix(fold_history))
@@ -409,12 +460,25 @@ def evaluate_scores(
 
 
 def teacher_model_config(
-    config: TeacherStepConfig, n_features: int, data: DataArtifact
+    config: TeacherStepConfig,
+    n_features: int,
+    data: DataArtifact,
+    names: tuple[str, ...] = (),
 ) -> TeacherConfig:
-    """Return the teacher model's shape: the step's config, the features' and the split's sizes."""
+    """Return the teacher model's shape: the step's config, the features' and the split's sizes
+    (``names``: the features', where ``config.base_feature`` is looked up)."""
+    from slimrank.pipeline.config import ConfigError
     from slimrank.ranking.teacher import TeacherConfig
 
+    base = -1
+    if config.base_feature:
+        if config.base_feature not in names:
+            raise ConfigError(
+                "teacher.base_feature", f"{config.base_feature!r} is not a candidate feature"
+            )
+        base = list(names).index(config.base_feature)
     return TeacherConfig(
+        base_feature=base,
         n_features=n_features,
         n_users=data.split.n_users,
         n_items=data.split.n_items,
@@ -446,7 +510,7 @@ def train_pipeline_teacher(
     if seed is not None:
         train_config = dataclasses.replace(train_config, seed=seed)
     return train_teacher(
-        teacher_model_config(config, feats.values.shape[-1], data),
+        teacher_model_config(config, feats.values.shape[-1], data, tuple(feats.names)),
         feats,
         labels,
         validate=lambda m: view.evaluate(lambda f: teacher_scores(m, f), (k,)),

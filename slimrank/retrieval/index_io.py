@@ -77,6 +77,20 @@ def load_index(directory: str | Path, mmap: bool = True) -> RetrievalIndex:
     )
 
 
+def describe_index(directory: str | Path) -> str:
+    """Return what an index directory holds, in words: its FAISS factory string, and the
+    MIPS-to-L2 transform when it searches over it (``IVF4096,Flat over the MIPS-to-L2
+    transform``); read from the sidecar, the index itself is not loaded."""
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+        transform = parse_transform(meta.get("transform"), "transform")
+        factory = str(meta["factory_string"])
+    except (OSError, json.JSONDecodeError, KeyError, ValueError) as err:
+        raise DataError(str(err), path=path) from err
+    return factory if transform is None else f"{factory} over the MIPS-to-L2 transform"
+
+
 def read_transform(directory: str | Path) -> float | None:
     """Return the MIPS-to-L2 ``max_norm`` an index directory's sidecar records (None: none)."""
     path = Path(directory) / META_FILE
