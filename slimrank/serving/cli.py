@@ -200,6 +200,10 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be >= 1")
+    for flag in ("max_wait_ms", "burst_wait_ms", "reload_wait_ms"):
+        value = getattr(args, flag)
+        if value < 0:  # 0 turns the bound off; a negative one is a typo, not a wish
+            parser.error(f"--{flag.replace('_', '-')} {value:g}: must be >= 0 (0: off)")
     if args.http_port == 0 and args.workers > 1:
         parser.error("--http-port 0 with --workers: give a fixed port the workers can share")
     token_file = args.admin_token_file or os.environ.get(ENV_ADMIN_TOKEN_FILE)
