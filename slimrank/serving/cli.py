@@ -188,6 +188,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     query.register(sub)
 
 
+def _wait_bound_s(parser: argparse.ArgumentParser, flag: str, ms: float) -> float | None:
+    """Return a wait-bound flag's milliseconds in seconds: 0 turns the bound off (None), and a
+    negative value, a typo rather than a wish, is an error naming the flag."""
+    if ms < 0:
+        parser.error(f"{flag} {ms:g}: must be >= 0 (0: off)")
+    return ms / 1000 if ms > 0 else None
+
+
 def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
     """Return the serve spec the arguments describe; exits with a usage error on a bad one."""
     from slimrank.serving.security import TLSConfig, read_token
@@ -200,10 +208,9 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be >= 1")
-    for flag in ("max_wait_ms", "burst_wait_ms", "reload_wait_ms"):
-        value = getattr(args, flag)
-        if value < 0:  # 0 turns the bound off; a negative one is a typo, not a wish
-            parser.error(f"--{flag.replace('_', '-')} {value:g}: must be >= 0 (0: off)")
+    max_wait_s = _wait_bound_s(parser, "--max-wait-ms", args.max_wait_ms)
+    burst_wait_s = _wait_bound_s(parser, "--burst-wait-ms", args.burst_wait_ms)
+    reload_wait_s = _wait_bound_s(parser, "--reload-wait-ms", args.reload_wait_ms)
     if args.http_port == 0 and args.workers > 1:
         parser.error("--http-port 0 with --workers: give a fixed port the workers can share")
     token_file = args.admin_token_file or os.environ.get(ENV_ADMIN_TOKEN_FILE)
@@ -219,9 +226,9 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             host=args.host,
             port=args.port,
             handler_threads=args.handler_threads,
-            max_wait_s=args.max_wait_ms / 1000 if args.max_wait_ms > 0 else None,
-            burst_wait_s=args.burst_wait_ms / 1000 if args.burst_wait_ms > 0 else None,
-            reload_wait_s=args.reload_wait_ms / 1000 if args.reload_wait_ms > 0 else None,
+            max_wait_s=max_wait_s,
+            burst_wait_s=burst_wait_s,
+            reload_wait_s=reload_wait_s,
             burst_recovery_s=args.burst_recovery_ms / 1000,
             core_queue_refresh_s=(
                 args.core_queue_refresh_ms / 1000 if args.core_queue_refresh_ms >= 0 else None
