@@ -14,6 +14,7 @@ line per batch size and appends it to ``bench/results/scale_probe.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import sys
@@ -28,7 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def probe_two_tower(
-    users: int, items: int, batch: int, steps: int, history: int, optimizer: str = "adamw"
+    users: int,
+    items: int,
+    batch: int,
+    steps: int,
+    history: int,
+    optimizer: str = "adamw",
+    threads: int = 1,
 ) -> dict:
     import dataclasses
 
@@ -38,7 +45,7 @@ def probe_two_tower(
 
     with open(ROOT / "configs" / "scale.toml", "rb") as f:
         step = PipelineConfig.from_dict(tomllib.load(f)).two_tower
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     config = TwoTowerConfig(
         n_users=users,
         n_items=items,
@@ -59,13 +66,13 @@ def probe_two_tower(
         model, dataclasses.replace(step.train, optimizer=optimizer, weight_decay=0.0)
     )
     rng = np.random.default_rng(0)
-    fwd, upd = [], []
+    fwd, upd, wall = [], [], []
     for _ in range(steps + 1):  # the first step allocates the optimizer's state: not timed
         user = torch.as_tensor(rng.integers(0, users, batch))
         item = torch.as_tensor(rng.integers(0, items, batch))
         bag = torch.as_tensor(rng.integers(0, items, batch * history))
         offsets = torch.arange(0, batch * history, history)
-        t0 = time.process_time()
+        w0, t0 = time.perf_counter(), time.process_time()
         sums, counts = model.user_tower.pool(bag, offsets)
         pooled = model.pool_scale(sums, counts.to(sums.dtype))
         u = model.user_vectors_pooled(user, None, pooled)
@@ -75,7 +82,8 @@ def probe_two_tower(
         loss.backward()
         t1 = time.process_time()
         opt.step()
-        t2 = time.process_time()
+        t2, w2 = time.process_time(), time.perf_counter()
+        wall.append(w2 - w0)
         fwd.append(t1 - t0)
         upd.append(t2 - t1)
     fwd_s, upd_s = float(np.median(fwd[1:])), float(np.median(upd[1:]))
@@ -86,6 +94,8 @@ def probe_two_tower(
         "batch": batch,
         "parameters": params,
         "optimizer": optimizer,
+        "threads": threads,
+        "step_wall_s": round(float(np.median(wall[1:])), 3),
         "forward_backward_cpu_s": round(fwd_s, 3),
         "update_cpu_s": round(upd_s, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -100,12 +110,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--history", type=int, default=16, help="history items per example")
     parser.add_argument("--optimizer", choices=("adamw", "sparse_adam"), default="adamw")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1], help="torch threads; each is probed"
+    )
     args = parser.parse_args()
     out = ROOT / "bench" / "results" / "scale_probe.json"
     rows = json.loads(out.read_text()) if out.exists() else []
-    for batch in args.batches:
+    for batch, threads in itertools.product(args.batches, args.threads):
         row = probe_two_tower(
-            args.users, args.items, batch, args.steps, args.history, args.optimizer
+            args.users, args.items, batch, args.steps, args.history, args.optimizer, threads
         )
         row["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         print(json.dumps(row), flush=True)
