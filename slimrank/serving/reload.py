@@ -29,13 +29,12 @@ from slimrank.errors import IntegrityError
 from slimrank.serving.config import ReloadConfig
 from slimrank.serving.loader import SnapshotLoader, load_snapshot
 from slimrank.serving.metrics import ServingMetrics
-from slimrank.serving.servicer import ReloadFn, log_reload_failure
 from slimrank.serving.snapshot import (
     ModelSnapshot,
     SnapshotHolder,
-    release_when_unused,
     warm_up,
 )
+from slimrank.serving.swap import ReloadFn, replace_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -197,27 +196,17 @@ class BundleWatcher:
         return self._reload(current)
 
     def _reload(self, version: str) -> bool:
-        with self._holder.loading.running():  # admission lets the load's queue wait
-            return self._load_and_swap(version)
-
-    def _load_and_swap(self, version: str) -> bool:
-        with self._lock:
-            previous = self._holder.get()
-            if previous.version == version:
-                return False
-            try:
-                snapshot = self._load(version)
-                warm_up(snapshot)
-            except Exception as error:  # any failure must leave the served model in place
-                self._failed_at = self._clock()
-                self._metrics.reload_failures.inc()
-                log_reload_failure(version, previous.version, error)
-                return False
-            del previous
-            retired = [self._holder.swap(snapshot)]
-            self._metrics.reloads.inc()
-        release_when_unused(retired)
-        return True
+        done = replace_snapshot(
+            self._holder,
+            self._lock,
+            lambda: self._load(version),
+            self._metrics,
+            version,
+            skip=lambda served: served == version,
+        )
+        if done.error is not None:
+            self._failed_at = self._clock()
+        return done.version is not None
 
     def start(self) -> None:
         """Poll in a daemon thread (no-op when ``poll_interval_s`` is 0)."""

@@ -35,8 +35,9 @@ from slimrank.serving.proto.slimrank.v1 import (
     recommender_pb2,
     recommender_pb2_grpc,
 )
-from slimrank.serving.servicer import AdminServicer, RecommenderServicer, ReloadFn
+from slimrank.serving.servicer import AdminServicer, RecommenderServicer
 from slimrank.serving.snapshot import SnapshotHolder, warm_up
+from slimrank.serving.swap import ReloadFn
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from slimrank.errors import SlimrankError
 from slimrank.search.filters import ItemFilter
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.metrics import ServingMetrics
@@ -32,11 +31,10 @@ from slimrank.serving.snapshot import (
     SnapshotHolder,
     UserQuery,
     UserSource,
-    release_when_unused,
     top_k,
-    warm_up,
 )
 from slimrank.serving.status import bad_request
+from slimrank.serving.swap import ReloadFn, one_line, reload_status, replace_snapshot
 from slimrank.serving.text_search import TextSearchConfig, retrieve_allowed, search_text
 from slimrank.serving.text_validation import check_filters, check_text, filters_from_proto
 from slimrank.serving.validation import (
@@ -50,10 +48,6 @@ from slimrank.serving.validation import (
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
-# Loads the snapshot of a bundle version (None: the newest); raises on any failure. One with a
-# ``resolve(version) -> name`` method (``reload.BundleSource``) lets Reload answer at once
-# when the name resolves to the version already served.
-ReloadFn = Callable[[str | None], ModelSnapshot]
 
 
 class NonFiniteScores(ArithmeticError):
@@ -271,32 +265,6 @@ def _timestamp(value: object) -> Timestamp | None:
     return stamp
 
 
-def _reload_status(error: Exception) -> grpc.StatusCode:
-    if isinstance(error, LookupError | FileNotFoundError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, SlimrankError | ValueError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    return grpc.StatusCode.INTERNAL
-
-
-def one_line(error: BaseException) -> str:
-    """Return ``Type: message`` of ``error`` on one line (an integrity report has several)."""
-    return f"{type(error).__name__}: " + "; ".join(str(error).split("\n"))
-
-
-def log_reload_failure(version: str | None, serving: str, error: Exception) -> None:
-    """Log a failed reload: one WARNING line for a refused bundle, a traceback for a bug.
-
-    A bad name, a missing or corrupt bundle are the operator's to fix and can be repeated by
-    any admin caller, so they get one line, the version quoted with ``repr`` (a name is
-    client input and may hold a newline).
-    """
-    if _reload_status(error) is grpc.StatusCode.INTERNAL:
-        log.exception("reload of %r failed; still serving %s", version, serving)
-    else:
-        log.warning("reload of %r refused; still serving %s: %s", version, serving, one_line(error))
-
-
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     """Model info and reload; reloads are serialized and swap only a warmed-up snapshot."""
 
@@ -333,52 +301,36 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def Reload(
         self, request: admin_pb2.ReloadRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ReloadResponse:
-        if self._reload_fn is None:
+        reload_fn = self._reload_fn
+        if reload_fn is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no bundle source")
         version = request.version if request.HasField("version") else None
-        with self._holder.loading.running():  # admission lets the load's queue wait
-            return self._reload(version, context)
-
-    def _reload(
-        self, version: str | None, context: grpc.ServicerContext
-    ) -> admin_pb2.ReloadResponse:
-        with self._reload_lock:
-            previous = self._holder.get()
-            try:
-                resolve = getattr(self._reload_fn, "resolve", None)
-                if resolve is not None and resolve(version) == previous.version:
-                    return admin_pb2.ReloadResponse(
-                        version=previous.version,
-                        previous_version=previous.version,
-                        reloaded=False,
-                        message=f"already serving {previous.version}; not loaded again",
-                    )
-                new = self._reload_fn(version)
-                warm_up(new)
-            except Exception as error:  # any load failure must leave the served model in place
-                self._metrics.reload_failures.inc()
-                log_reload_failure(version, previous.version, error)
-                name = "the newest bundle" if version is None else repr(version)
-                context.abort(
-                    _reload_status(error),
-                    f"reload of {name} failed, still serving {previous.version}: {one_line(error)}",
-                )
-            if new.version == previous.version:
-                return admin_pb2.ReloadResponse(
-                    version=previous.version,
-                    previous_version=previous.version,
-                    reloaded=False,
-                    message=f"already serving {previous.version}",
-                )
-            versions = (previous.version, new.version)
-            del previous
-            retired = [self._holder.swap(new)]
-            del new
-            self._metrics.reloads.inc()
-        release_when_unused(retired)
+        resolve = getattr(reload_fn, "resolve", None)
+        done = replace_snapshot(
+            self._holder,
+            self._reload_lock,
+            lambda: reload_fn(version),
+            self._metrics,
+            version,
+            skip=(lambda served: False) if resolve is None else (lambda s: resolve(version) == s),
+        )
+        if done.error is not None:
+            name = "the newest bundle" if version is None else repr(version)
+            context.abort(
+                reload_status(done.error),
+                f"reload of {name} failed, still serving {done.previous}: {one_line(done.error)}",
+            )
+        if done.version is None:
+            return admin_pb2.ReloadResponse(
+                version=done.previous,
+                previous_version=done.previous,
+                reloaded=False,
+                message=f"already serving {done.previous}"
+                + ("" if done.loaded else "; not loaded again"),
+            )
         return admin_pb2.ReloadResponse(
-            version=versions[1],
-            previous_version=versions[0],
+            version=done.version,
+            previous_version=done.previous,
             reloaded=True,
-            message=f"swapped {versions[0]} -> {versions[1]}",
+            message=f"swapped {done.previous} -> {done.version}",
         )
