@@ -242,39 +242,28 @@ def run_name(args: argparse.Namespace) -> str:
     return name
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from slimrank.bundle import open_bundle
-    from slimrank.data.world import WorldConfig, write_world
-    from slimrank.evaluation.peers import SCALE_PEERS
-    from slimrank.pipeline.config import load_config
-    from slimrank.pipeline.publish import publish_run
-    from slimrank.pipeline.run import run_pipeline
-    from slimrank.serving.loader import load_snapshot
-
-    name = run_name(args)
-    seed = f"-s{args.seed}" if args.seed else ""
-    world_dir = CACHE / f"world-{args.users}u-{args.items}i-{args.per_user:g}{seed}"
+def world_dir(args: argparse.Namespace) -> Path:
+    """Return the world directory of ``args`` (``--world``, else the bench's cache)."""
     if args.world:  # an existing world, read where it is (its path is in the data step's key)
-        world_dir = Path(args.world).resolve()
-        if not (world_dir / "world.json").exists():
+        path = Path(args.world).resolve()
+        if not (path / "world.json").exists():
             raise SystemExit(f"--world {args.world}: no world.json there")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    rec = Recorder(CACHE / f"steps-{name}.jsonl", args.until)
-    world = WorldConfig(
-        n_users=args.users, n_items=args.items, per_user=args.per_user, seed=args.seed
-    )
-    if not (world_dir / "world.json").exists():
-        rec.begin("generate world")
-        counts = write_world(world, world_dir)
-        rec.end("generate world", world_dir)
-    counts = json.loads((world_dir / "world.json").read_text())["counts"]
-    grids = json.loads(args.peer_grid) if args.peer_grid else {}
+        return path
+    seed = f"-s{args.seed}" if args.seed else ""
+    return CACHE / f"world-{args.users}u-{args.items}i-{args.per_user:g}{seed}"
+
+
+def run_config(args: argparse.Namespace, world: Path) -> tuple[Any, dict[str, Any]]:
+    """Return the run's pipeline config (its cache, ``world`` as the source, ``--override``
+    applied) and the overrides."""
+    from slimrank.pipeline.config import load_config
+
     config = load_config(args.config)
     overrides = dict(json.loads(args.override)) if args.override else {}
     config = dataclasses.replace(
         config,
-        cache_dir=str(CACHE / f"cache-{name}"),
-        data=dataclasses.replace(config.data, source=str(world_dir)),
+        cache_dir=str(CACHE / f"cache-{run_name(args)}"),
+        data=dataclasses.replace(config.data, source=str(world)),
     )
     raw = config.to_dict()
     for path, value in overrides.items():  # e.g. {"two_tower.train.epochs": 2}
@@ -283,7 +272,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key in parents:
             node = node[key]
         node[leaf] = value
-    config = type(config).from_dict(raw)  # checked once, with every override in place
+    return type(config).from_dict(raw), overrides  # checked once, every override in place
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from slimrank.bundle import open_bundle
+    from slimrank.data.world import WorldConfig, write_world
+    from slimrank.evaluation.peers import SCALE_PEERS
+    from slimrank.pipeline.publish import publish_run
+    from slimrank.pipeline.run import run_pipeline
+    from slimrank.serving.loader import load_snapshot
+
+    name = run_name(args)
+    world_path = world_dir(args)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    rec = Recorder(CACHE / f"steps-{name}.jsonl", args.until)
+    world = WorldConfig(
+        n_users=args.users, n_items=args.items, per_user=args.per_user, seed=args.seed
+    )
+    if not (world_path / "world.json").exists():
+        rec.begin("generate world")
+        counts = write_world(world, world_path)
+        rec.end("generate world", world_path)
+    counts = json.loads((world_path / "world.json").read_text())["counts"]
+    grids = json.loads(args.peer_grid) if args.peer_grid else {}
+    config, overrides = run_config(args, world_path)
     result: dict[str, Any] = {
         "name": name,
         "world": counts,
@@ -422,8 +435,8 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that name a run: its world's size, name, config, world and overrides."""
     parser.add_argument(
         "--size",
         default=os.environ.get(SIZE_ENV, ""),
@@ -435,7 +448,6 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="")
     parser.add_argument("--config", default=str(ROOT / "configs" / "scale.toml"))
-    parser.add_argument("--until", default="", help="stop after this pipeline step")
     parser.add_argument(
         "--world",
         default="",
@@ -447,6 +459,26 @@ def main() -> int:
         default=os.environ.get(OVERRIDE_ENV, ""),
         help=f'JSON, e.g. {{"candidates.folds": 1}} (${OVERRIDE_ENV})',
     )
+
+
+def parse_run_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line; ``--size`` sets ``users``, ``items`` and ``per_user``."""
+    args = parser.parse_args()
+    if args.size:
+        try:
+            users, items, per_user = args.size.lower().split("x")
+            args.users, args.items, args.per_user = int(users), int(items), float(per_user)
+        except ValueError:
+            parser.error(f"--size / ${SIZE_ENV}={args.size!r}: expected USERSxITEMSxPER_USER")
+    if args.users < 1 or args.items < 1:
+        parser.error(f"give --size (or ${SIZE_ENV}) or --users and --items")
+    return args
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_args(parser)
+    parser.add_argument("--until", default="", help="stop after this pipeline step")
     parser.add_argument(
         "--peer-grid",
         default="",
@@ -459,15 +491,7 @@ def main() -> int:
         help="compare the served ranker with the teacher and retrieval alone only (the peers' "
         "fits are the bench's longest step at 1M)",
     )
-    args = parser.parse_args()
-    if args.size:
-        try:
-            users, items, per_user = args.size.lower().split("x")
-            args.users, args.items, args.per_user = int(users), int(items), float(per_user)
-        except ValueError:
-            parser.error(f"--size / ${SIZE_ENV}={args.size!r}: expected USERSxITEMSxPER_USER")
-    if args.users < 1 or args.items < 1:
-        parser.error(f"give --size (or ${SIZE_ENV}) or --users and --items")
+    args = parse_run_args(parser)
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
