@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -47,6 +48,8 @@ from slimrank.evaluation.baselines import EaseConfig, ease_weights
 from slimrank.evaluation.metrics import per_user_metrics, ranking_metrics
 from slimrank.evaluation.paired import PerUser
 from slimrank.evaluation.protocol import ScoreFn, rank_users
+
+log = logging.getLogger(__name__)
 
 PARTS = ("valid", "test")
 # Fits a peer on the observed (U, I) binary matrix with one setting of its hyperparameters.
@@ -371,10 +374,22 @@ def evaluate_peer(
     """
     trials: list[tuple[dict[str, Any], float]] = []
     best: tuple[float, dict[str, Any], dict[str, float]] | None = None
-    for params in peer.settings():
+    settings = peer.settings()
+    for i, params in enumerate(settings, 1):
+        started = time.perf_counter()
         valid, _ = score_part(peer.fit, params, split, "valid", k, users)
         value = valid[f"ndcg@{k}"]
         trials.append((params, value))
+        log.info(
+            "peer %s, setting %d/%d (%s): valid NDCG@%d %.4f in %.0f s",
+            peer.name,
+            i,
+            len(settings),
+            format_params(params),
+            k,
+            value,
+            time.perf_counter() - started,
+        )
         if best is None or value > best[0]:
             best = (value, params, valid)
     assert best is not None  # settings() of an empty grid is one empty setting
@@ -383,6 +398,13 @@ def evaluate_peer(
     fitted = peer.fit(observed_interactions(split, "test"), params)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     test, per_user, top = rank_fitted(fitted, split, "test", k, users)
+    log.info(
+        "peer %s: refit on train + valid in %.0f s, test NDCG@%d %.4f",
+        peer.name,
+        wall,
+        k,
+        test[f"ndcg@{k}"],
+    )
     return PeerResult(peer.name, params, valid, test, per_user, trials, wall, cpu, top)
 
 
