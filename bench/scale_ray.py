@@ -51,6 +51,7 @@ class TreeMemory:
         self._me = psutil.Process()
         self._every = every_s
         self._peak = 0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -64,12 +65,16 @@ class TreeMemory:
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
-            self._peak = max(self._peak, self._sample())
+            sample = self._sample()  # slow (smaps); taken before the lock, so a phase that
+            with self._lock:  # ends meanwhile does not get its predecessor's peak back
+                self._peak = max(self._peak, sample)
 
     def phase(self) -> float:
         """Return the peak PSS in MiB since the last call, and start a new phase."""
-        peak = max(self._peak, self._sample())
-        self._peak = 0
+        sample = self._sample()
+        with self._lock:
+            peak = max(self._peak, sample)
+            self._peak = 0
         return round(peak / 2**20)
 
     def stop(self) -> None:
@@ -239,10 +244,13 @@ def render(report: dict[str, Any], argv: list[str]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in report["phases"]:
+        pss = "-" if r["peak_pss_mib"] is None else f"{r['peak_pss_mib']:,}"
         out.append(
             f"| {r['phase']} | {r['wall_s']:,.1f} | {r['driver_cpu_s']:,.1f} | "
-            f"{r['peak_pss_mib']:,} | {r['load_after']} |"
+            f"{pss} | {r['load_after']} |"
         )
+    if report.get("note"):
+        out += ["", report["note"]]
     for key, title in (
         ("candidates_ray_vs_cached", "Ray engine's candidates vs the cached local run"),
         ("candidates_local_vs_cached", "local engine's candidates, again, vs the cached run"),
