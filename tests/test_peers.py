@@ -227,3 +227,31 @@ def test_item_item_peers_are_skipped_past_the_dense_limit() -> None:
     kept, skipped = peers_for(3_000, max_items=2_000)
     assert [p.name for p in kept] == ["most popular"]
     assert skipped == ("EASE", "item-KNN", "RP3beta")
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e9])
+def test_peer_fits_show_progress_only_when_they_are_long(
+    threshold: float, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from slimrank.evaluation import peers
+
+    monkeypatch.setattr(peers, "PROGRESS_AFTER_S", threshold)
+    rng = np.random.default_rng(5)
+    pairs = sorted({(int(u), int(i)) for u, i in rng.integers(0, 20, (200, 2))})
+    split = split_random(interactions_of(pairs), 20, 20, seed=1)
+    peer = Peer("most popular", fit_most_popular, {"unused": (1, 2)})
+    with caplog.at_level(logging.INFO, logger="slimrank.evaluation.peers"):
+        result = evaluate_peer(peer, split)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    if threshold == 0.0:  # every fit counts as long: each setting and the refit, with its NDCG
+        value = result.trials[1][1]
+        assert (
+            lines[1]
+            == f"peer most popular, setting 2/2 (unused=2): valid NDCG@10 {value:.4f} in 0 s"
+        )
+        assert lines[2].startswith("peer most popular: refit on train + valid in 0 s, test NDCG@10")
+        assert len(lines) == 3
+    else:
+        assert lines == []

@@ -50,6 +50,8 @@ from slimrank.evaluation.paired import PerUser
 from slimrank.evaluation.protocol import ScoreFn, rank_users
 
 log = logging.getLogger(__name__)
+# Peer fits that take at least this long are logged at INFO (progress on long work).
+PROGRESS_AFTER_S = 5.0
 
 PARTS = ("valid", "test")
 # Fits a peer on the observed (U, I) binary matrix with one setting of its hyperparameters.
@@ -364,6 +366,11 @@ def protocol_check(
     return metrics
 
 
+def _progress_level(seconds: float) -> int:
+    """INFO for a fit long enough to want progress (a 1M ALS fit), DEBUG for a quick one."""
+    return logging.INFO if seconds >= PROGRESS_AFTER_S else logging.DEBUG
+
+
 def evaluate_peer(
     peer: Peer, split: Split, k: int = 10, users: np.ndarray | None = None
 ) -> PeerResult:
@@ -380,7 +387,9 @@ def evaluate_peer(
         valid, _ = score_part(peer.fit, params, split, "valid", k, users)
         value = valid[f"ndcg@{k}"]
         trials.append((params, value))
-        log.info(
+        seconds = time.perf_counter() - started
+        log.log(
+            _progress_level(seconds),
             "peer %s, setting %d/%d (%s): valid NDCG@%d %.4f in %.0f s",
             peer.name,
             i,
@@ -388,7 +397,7 @@ def evaluate_peer(
             format_params(params),
             k,
             value,
-            time.perf_counter() - started,
+            seconds,
         )
         if best is None or value > best[0]:
             best = (value, params, valid)
@@ -398,7 +407,8 @@ def evaluate_peer(
     fitted = peer.fit(observed_interactions(split, "test"), params)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     test, per_user, top = rank_fitted(fitted, split, "test", k, users)
-    log.info(
+    log.log(
+        _progress_level(wall),
         "peer %s: refit on train + valid in %.0f s, test NDCG@%d %.4f",
         peer.name,
         wall,
