@@ -175,3 +175,30 @@ def test_the_pure_functions_make_l2_distance_rank_by_inner_product() -> None:
     np.testing.assert_allclose(inner_products(xq, dist, norm), xq @ xb.T, atol=1e-4 * norm**2)
     with pytest.raises(ValueError, match="exceeds the transform's max_norm"):
         augment_items(xb, norm / 2)
+
+
+def test_describe_index_names_the_factory_and_the_transform_and_a_bad_sidecar(
+    catalog, tmp_path
+) -> None:
+    from slimrank.retrieval.index_io import describe_index
+
+    for transform in ("", "mips_l2"):
+        config = IndexConfig(kind="ivfflat", transform=transform or "none", tuning=OFF)
+        index = build_index(catalog["xb"][:2000], config, progress=False)
+        save_index(index, tmp_path / f"idx{transform}")
+    assert describe_index(tmp_path / "idx") == load_index(tmp_path / "idx").factory_string
+    assert describe_index(tmp_path / "idxmips_l2") == (
+        load_index(tmp_path / "idxmips_l2").factory_string + " over the MIPS-to-L2 transform"
+    )
+    sidecar = tmp_path / "idx" / "index.json"
+    meta = json.loads(sidecar.read_text())
+    del meta["factory_string"]
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="factory_string") as err:
+        describe_index(tmp_path / "idx")
+    assert "index.json" in str(err.value)
+    sidecar.write_text("{not json")
+    with pytest.raises(DataError, match=re.escape("index.json")):
+        describe_index(tmp_path / "idx")
+    with pytest.raises(DataError, match=re.escape("index.json")):
+        describe_index(tmp_path / "missing")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -77,28 +78,31 @@ def load_index(directory: str | Path, mmap: bool = True) -> RetrievalIndex:
     )
 
 
+def _read_sidecar(directory: str | Path) -> tuple[dict[str, Any], float | None]:
+    """Return an index directory's sidecar and its MIPS-to-L2 ``max_norm`` (None: none), or a
+    ``DataError`` naming the file."""
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+        return meta, parse_transform(meta.get("transform"), "transform")
+    except (OSError, json.JSONDecodeError, ValueError) as err:
+        raise DataError(str(err), path=path) from err
+
+
 def describe_index(directory: str | Path) -> str:
     """Return what an index directory holds, in words: its FAISS factory string, and the
     MIPS-to-L2 transform when it searches over it (``IVF4096,Flat over the MIPS-to-L2
     transform``); read from the sidecar, the index itself is not loaded."""
-    path = Path(directory) / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-        transform = parse_transform(meta.get("transform"), "transform")
-        factory = str(meta["factory_string"])
-    except (OSError, json.JSONDecodeError, KeyError, ValueError) as err:
-        raise DataError(str(err), path=path) from err
+    meta, transform = _read_sidecar(directory)
+    if "factory_string" not in meta:
+        raise DataError('no "factory_string"', path=Path(directory) / META_FILE)
+    factory = str(meta["factory_string"])
     return factory if transform is None else f"{factory} over the MIPS-to-L2 transform"
 
 
 def read_transform(directory: str | Path) -> float | None:
     """Return the MIPS-to-L2 ``max_norm`` an index directory's sidecar records (None: none)."""
-    path = Path(directory) / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-        return parse_transform(meta.get("transform"), "transform")
-    except (OSError, json.JSONDecodeError, ValueError) as err:
-        raise DataError(str(err), path=path) from err
+    return _read_sidecar(directory)[1]
 
 
 def _read_faiss(path: Path, mmap: bool) -> faiss.Index:
