@@ -172,8 +172,8 @@ def drop_pairs(log: Interactions, pairs: sp.csr_matrix) -> Interactions:
     """Return ``log`` without its rows whose ``(user, item)`` is a non-zero of ``pairs``."""
     coo = pairs.tocoo()
     n_items = np.int64(pairs.shape[1])
-    held = np.sort(coo.row.astype(np.int64) * n_items + coo.col)
-    return log.take(~np.isin(log.user * n_items + log.item, held, assume_unique=False))
+    held = coo.row.astype(np.int64) * n_items + coo.col
+    return log.take(~np.isin(log.user * n_items + log.item, held))
 
 
 def two_tower_step(

@@ -312,7 +312,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             lambda: reload_fn(version),
             self._metrics,
             version,
-            skip=(lambda served: False) if resolve is None else (lambda s: resolve(version) == s),
+            skip=lambda served: resolve is not None and resolve(version) == served,
         )
         if done.error is not None:
             name = "the newest bundle" if version is None else repr(version)

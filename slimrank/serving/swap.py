@@ -90,8 +90,7 @@ def replace_snapshot(
     """
     with holder.loading.running():
         with lock:
-            previous = holder.get()
-            served = previous.version
+            served = holder.get().version  # the version only: no reference to the snapshot
             try:
                 if skip(served):
                     return Replacement(served)
@@ -100,12 +99,11 @@ def replace_snapshot(
             except Exception as error:  # any failure must leave the served model in place
                 metrics.reload_failures.inc()
                 log_reload_failure(requested, served, error)
-                # The traceback's frames hold the served snapshot; the caller needs the error.
+                # The traceback's frames hold what was loaded; the caller needs the error only.
                 return Replacement(served, error=error.with_traceback(None))
             if new.version == served:
                 return Replacement(served, loaded=True)
             version = new.version
-            del previous
             retired = [holder.swap(new)]
             del new
             metrics.reloads.inc()
