@@ -28,13 +28,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-
-def step_dir(cache: Path, step: str) -> Path:
-    """Return the one cached output of ``step`` under ``cache``."""
-    found = sorted(cache.glob(f"{step}-*"))
-    if len(found) != 1:
-        raise SystemExit(f"{cache}: expected one {step}-* directory, found {len(found)}")
-    return found[0]
+from bench.scale_checks import step_dir  # noqa: E402
+from bench.scale_steps import set_dotted  # noqa: E402
 
 
 def teacher_section(cache: Path) -> dict[str, Any]:
@@ -46,20 +41,6 @@ def teacher_section(cache: Path) -> dict[str, Any]:
         return load_config("scale").teacher.to_dict()
     step = json.loads((step_dir(cache, "teacher") / "step.json").read_text())
     return step["config"]["teacher"]
-
-
-def with_overrides(section: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return ``section`` with dotted ``overrides`` set (``{"train.epochs": 5}``)."""
-    out = json.loads(json.dumps(section))
-    for path, value in overrides.items():
-        *parents, leaf = path.split(".")
-        node = out
-        for key in parents:
-            node = node[key]
-        if leaf not in node:
-            raise SystemExit(f"--variant: [teacher] has no {path}")
-        node[leaf] = value
-    return out
 
 
 def main() -> int:
@@ -91,7 +72,7 @@ def main() -> int:
     rows = []
     for text in args.variant or ["{}"]:
         overrides = json.loads(text)
-        config = TeacherStepConfig.from_dict(with_overrides(section, overrides))
+        config = TeacherStepConfig.from_dict(set_dotted(section, overrides, "--variant"))
         started, cpu = time.perf_counter(), time.process_time()
         result = train_pipeline_teacher(config, args.k, data, (feats, labels), views["valid"])
         row: dict[str, Any] = {"variant": overrides, "best_epoch": result.best_epoch}

@@ -265,14 +265,23 @@ def run_config(args: argparse.Namespace, world: Path) -> tuple[Any, dict[str, An
         cache_dir=str(CACHE / f"cache-{run_name(args)}"),
         data=dataclasses.replace(config.data, source=str(world)),
     )
-    raw = config.to_dict()
-    for path, value in overrides.items():  # e.g. {"two_tower.train.epochs": 2}
-        *parents, leaf = path.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
+    raw = set_dotted(config.to_dict(), overrides, "--override")
     return type(config).from_dict(raw), overrides  # checked once, every override in place
+
+
+def set_dotted(raw: dict[str, Any], overrides: dict[str, Any], flag: str) -> dict[str, Any]:
+    """Return a copy of the config dict ``raw`` with dotted ``overrides`` set (e.g.
+    ``{"two_tower.train.epochs": 2}``); a path ``raw`` does not hold stops naming ``flag``."""
+    out = json.loads(json.dumps(raw))
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise SystemExit(f"{flag}: the config has no {path}")
+        node[leaf] = value
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
