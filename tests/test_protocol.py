@@ -68,21 +68,56 @@ def test_score_fn_with_wrong_shape_is_an_error() -> None:
         evaluate_full_ranking(lambda users: np.zeros((len(users), 3)), truth, sp.csr_matrix((2, 2)))
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 15), st.integers(1, 14))
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 60),
+    st.integers(1, 14),
+    st.sampled_from([1, 2, 3, 7, 128]),
+    st.sampled_from([np.float32, np.float64]),
+    st.floats(0.0, 0.95),
+)
 def test_topk_matches_a_full_sort_with_ties_exclusions_and_padding(
-    seed: int, n_items: int, k: int
+    seed: int, n_items: int, k: int, block: int, dtype: type, excluded: float
 ) -> None:
-    """The partial selection gives what sorting every item on (-score, index) gives, with
-    excluded items never ranked and -1 once a row runs out of rankable items."""
+    """The block pre-selection gives what sorting every item on (-score, index) gives, with
+    excluded items never ranked and -1 once a row runs out of rankable items, whatever the
+    block size (1: a block per item; 128: one block, the plain partition)."""
     rng = np.random.default_rng(seed)
-    scores = rng.integers(-2, 3, size=(5, n_items)).astype(np.float32)
+    scores = rng.integers(-2, 3, size=(5, n_items)).astype(dtype)
     scores[rng.random(scores.shape) < 0.1] = -np.inf  # unrankable by score alone
-    exclude = sp.csr_matrix(rng.random(scores.shape) < 0.4)
+    scores[rng.random(scores.shape) < 0.05] = np.inf
+    exclude = sp.csr_matrix(rng.random(scores.shape) < excluded)
     expected = []
     for r, row in enumerate(scores):
         banned = set(exclude[r].indices.tolist())
         ranked = sorted(range(n_items), key=lambda i, row=row: (-row[i], i))
         ok = [i for i in ranked if i not in banned and row[i] != -np.inf][:k]
         expected.append(ok + [-1] * (k - len(ok)))
-    assert topk_items(scores, k, exclude).tolist() == expected
+    assert topk_items(scores, k, exclude, block=block).tolist() == expected
+
+
+def test_topk_of_a_large_catalog_matches_a_full_sort() -> None:
+    """Real-valued scores over 50,000 items with a few planted ties at the top, many
+    exclusions, a row excluded almost entirely and a row of equal scores: the default blocks
+    give the full sort's top k."""
+    rng = np.random.default_rng(7)
+    n_items, k = 50_000, 10
+    scores = rng.normal(size=(6, n_items))
+    scores[0, [11, 40_000, 25]] = scores[0].max() + 1.0  # a three-way tie for first
+    scores[1, ::3] = 0.5  # a tie across the whole row
+    scores[2] = 1.0  # every item equal
+    exclude = sp.lil_matrix(scores.shape, dtype=bool)
+    exclude[3, : n_items - 4] = True  # four rankable items left
+    exclude[4, rng.choice(n_items, 20_000, replace=False)] = True
+    exclude[0, 25] = True  # one of the tied items is known
+    exclude = sp.csr_matrix(exclude)
+    got = topk_items(scores, k, exclude)
+    for r in range(len(scores)):
+        banned = np.zeros(n_items, dtype=bool)
+        banned[exclude[r].indices] = True
+        order = np.lexsort((np.arange(n_items), -scores[r]))
+        want = [int(i) for i in order if not banned[i]][:k]
+        assert got[r].tolist() == want + [-1] * (k - len(want)), r
+    assert got[0, :2].tolist() == [11, 40_000]
+    assert got[3].tolist()[4:] == [-1] * 6
