@@ -82,7 +82,7 @@ def test_topk_matches_a_full_sort_with_ties_exclusions_and_padding(
 ) -> None:
     """The block pre-selection gives what sorting every item on (-score, index) gives, with
     excluded items never ranked and -1 once a row runs out of rankable items, whatever the
-    block size (1: a block per item; 128: one block, the plain partition)."""
+    block size (1: a block per item; 128: as few blocks as k allows on these small rows)."""
     rng = np.random.default_rng(seed)
     scores = rng.integers(-2, 3, size=(5, n_items)).astype(dtype)
     scores[rng.random(scores.shape) < 0.1] = -np.inf  # unrankable by score alone

@@ -31,8 +31,8 @@ def topk_items(
 
     ``exclude`` (``(B, n_items)``) marks items that may not be ranked. Rows with fewer than
     ``k`` rankable items are padded with ``-1``. Ties go to the lower item index.
-    ``block``: the items per block of the pre-selection below (any value gives the same
-    result).
+    ``block``: the most items per block of the pre-selection below (any value gives the
+    same result).
     """
     scores = np.asarray(scores)
     # Float32 stays float32 (no arithmetic is done on the scores, only comparisons).
@@ -57,22 +57,19 @@ def topk_items(
     # the items at or above it, in the blocks whose maximum reaches it, hold the top k with all
     # their ties. Those few are sorted by score, ties to the lower item index, as a stable
     # sort of the whole row would.
-    starts = np.arange(0, n_items, max(int(block), 1))
-    if len(starts) >= k_eff:
-        maxima = np.maximum.reduceat(scores, starts, axis=1)  # (B, blocks)
-        bound = np.partition(maxima, len(starts) - k_eff, axis=1)[:, len(starts) - k_eff]
-        hit_row, hit_block = np.nonzero(maxima >= bound[:, None])  # row-major
-        cols = starts[hit_block][:, None] + np.arange(max(int(block), 1))  # (H, block)
-        rows = np.broadcast_to(hit_row[:, None], cols.shape)
-        inside = cols < n_items
-        rows, cols = rows[inside], cols[inside]  # row-major: rows, then items, ascending
-        values = scores[rows, cols]
-        keep = values >= bound[rows]
-        rows, cols, values = rows[keep], cols[keep], values[keep]
-    else:
-        bound = np.partition(scores, n_items - k_eff, axis=1)[:, n_items - k_eff]
-        rows, cols = np.nonzero(scores >= bound[:, None])
-        values = scores[rows, cols]
+    # Blocks small enough that there are at least k of them (a tiny catalog: one item each).
+    width = max(1, min(int(block), n_items // k_eff))
+    starts = np.arange(0, n_items, width)
+    maxima = np.maximum.reduceat(scores, starts, axis=1)  # (B, blocks)
+    bound = np.partition(maxima, len(starts) - k_eff, axis=1)[:, len(starts) - k_eff]
+    hit_row, hit_block = np.nonzero(maxima >= bound[:, None])  # row-major
+    cols = starts[hit_block][:, None] + np.arange(width)  # (H, width)
+    rows = np.broadcast_to(hit_row[:, None], cols.shape)
+    inside = cols < n_items
+    rows, cols = rows[inside], cols[inside]  # row-major: rows, then items, ascending
+    values = scores[rows, cols]
+    keep = values >= bound[rows]
+    rows, cols, values = rows[keep], cols[keep], values[keep]
     order = np.lexsort((cols, -values, rows))
     first = np.searchsorted(rows[order], np.arange(n_rows))  # each row has >= k_eff kept
     take = order[first[:, None] + np.arange(k_eff)]  # (B, k_eff)
