@@ -20,7 +20,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from slimrank.serving.admission import Admission, LoadActivity, StandingQueue
+from slimrank.serving.admission import (
+    Admission,
+    LoadActivity,
+    StandingQueue,
+    is_stall,
+    smoothed,
+)
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.proto.slimrank.v1 import (
@@ -433,6 +439,84 @@ def test_overload_is_remembered_for_the_recovery_time_after_the_queue_empties() 
     assert unbounded.standing(5.0) == 5.0
 
 
+def test_a_freeze_moves_the_mean_call_time_little_and_a_lasting_rise_comes_through() -> None:
+    admission = Admission(limit=100, total=100, smoothing=0.05)
+    admission.observe(0.004)
+    assert admission.mean_service_s == pytest.approx(0.004)  # the first sample
+    admission.observe(0.150)  # a call the machine froze for 150 ms counts as 16 ms
+    assert admission.mean_service_s == pytest.approx(0.004 + 0.05 * (0.016 - 0.004))
+    assert smoothed(0.004, 0.040, 0.05) == pytest.approx(0.0058)  # under 50 ms: as it is
+    assert smoothed(0.020, 0.079, 0.05) == pytest.approx(0.02295)  # within 4x: as it is
+    assert smoothed(None, 0.3, 0.05) == 0.3 and smoothed(0.0, 0.3, 0.05) == 0.3
+    assert is_stall(0.051, 0.010) and not is_stall(0.049, 0.001) and not is_stall(0.1, 0.03)
+    assert not is_stall(1.0, 0.0)  # nothing usual known
+    mean = 0.015
+    for _ in range(60):  # every call ten times slower from now on
+        mean = smoothed(mean, 0.150, 0.05)
+    assert 0.13 < mean <= 0.150
+
+
+def frozen_once_snapshot(freeze_s: float) -> tuple[ModelSnapshot, threading.Event, threading.Event]:
+    """``slow_snapshot(0.005)`` whose next call after ``arm.set()`` holds the loop for
+    ``freeze_s`` (setting ``frozen`` as it starts): a machine that stops the process for that
+    long in the middle of a call."""
+    base = slow_snapshot(0.005)
+    arm, frozen = threading.Event(), threading.Event()
+
+    def score(features: np.ndarray) -> np.ndarray:
+        if arm.is_set():
+            arm.clear()
+            frozen.set()
+            time.sleep(freeze_s)
+        return base.score(features)
+
+    return dataclasses.replace(base, score=score), arm, frozen
+
+
+def test_calls_that_queued_while_the_server_stood_still_are_answered_not_refused(
+    serve: Callable[..., Served],
+) -> None:
+    """5 ms handlers on the loop, a 10 ms wait bound and a 30 ms burst bound. One call holds
+    the loop for 150 ms and ten calls arrive meanwhile: they have stood far longer than 30 ms,
+    which reads as overload (bound 10 ms), and the last are 50 ms behind, over the burst bound
+    too. The server was still, not slower than its arrivals: the stall is counted and for
+    300 ms a call may wait as long as the stall lasted, so all ten are answered. Overload
+    afterwards (a call every millisecond) is still cut."""
+    snapshot, arm, frozen = frozen_once_snapshot(0.15)
+    s = serve(
+        snapshot,
+        ServerConfig(
+            handler_threads=0,
+            max_inflight=16,
+            max_workers=20,
+            max_wait_s=0.01,
+            burst_wait_s=0.03,
+            core_queue_refresh_s=0.0,
+        ),
+    )
+    drive(s.port, 20, 0.02)  # the server learns what a call costs
+    assert s.sample("slimrank_stalls_total") == 0
+    channel = grpc.insecure_channel(f"127.0.0.1:{s.port}")
+    recommend = recommender_pb2_grpc.RecommenderStub(channel).Recommend
+    request = recommender_pb2.RecommendRequest(user_id="u3", k=3)
+    try:
+        recommend(request, timeout=DEADLINE_S)  # connected
+        arm.set()
+        first = recommend.future(request, timeout=DEADLINE_S)
+        assert frozen.wait(10)
+        time.sleep(0.05)
+        burst = [recommend.future(request, timeout=DEADLINE_S) for _ in range(10)]
+        codes = [code_of(f) for f in [first, *burst]]
+    finally:
+        channel.close()
+    assert codes == [grpc.StatusCode.OK] * 11, codes
+    assert s.sample("slimrank_shed_requests_total") == 0
+    assert s.sample("slimrank_stalls_total") >= 1
+    time.sleep(LoadActivity().tail_s + 0.1)  # past the stall's tail
+    overload = [code for code, _ in drive(s.port, 150, 0.001)]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in overload, overload
+
+
 @pytest.mark.parametrize("recovery_s", [0.0, 30.0])
 def test_after_a_standing_queue_a_burst_gets_no_allowance_until_the_recovery_time_passed(
     serve: Callable[..., Served], recovery_s: float
@@ -585,9 +669,27 @@ def test_the_wait_bound_is_the_reload_bound_while_a_load_runs_and_for_its_tail()
     assert loading.active()
     now[0] = 2.5
     assert not loading.active() and admission.wait_bound_s(0.0) == 0.005
+    now[0] = 3.0
+    loading.stalled(0.1)  # the server stood still for 100 ms
+    assert admission.wait_bound_s(0.0) == 0.1  # for 200 ms a call may wait that long
+    assert not loading.active()  # not a reload: the reload bound does not apply
+    now[0] = 3.15
+    loading.stalled(0.03)  # a shorter one within the tail: the longer still holds
+    assert admission.wait_bound_s(0.0) == 0.1 and loading.stall_s() == 0.1
+    now[0] = 3.349
+    assert admission.wait_bound_s(0.0) == 0.1  # its tail runs from the last stall
+    now[0] = 3.35
+    assert loading.stall_s() == 0.0 and admission.wait_bound_s(0.0) == 0.005
+    loading.stalled(0.02)  # a new stall after the last one's tail: its own length only
+    assert loading.stall_s() == 0.02
+    with loading.running():
+        assert admission.wait_bound_s(0.0) == 0.25  # a reload's bound is the larger
+    now[0] = 4.0
     never = Admission(limit=100, total=100, max_wait_s=0.005, loading=loading)
     with loading.running():
         assert never.wait_bound_s(0.0) == 0.005  # reload_wait_s None: no change
+    loading.stalled(0.1)
+    assert never.wait_bound_s(0.0) == 0.1  # but a stall's length does
     unbounded = Admission(limit=100, total=100, reload_wait_s=0.25, loading=loading)
     with loading.running():
         assert unbounded.wait_bound_s(0.0) is None  # no bound to raise

@@ -23,6 +23,27 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+# A time longer than STALL_MIN_S and than STALL_FACTOR times the usual one is a stall: the
+# process stood still (the machine froze it, a long garbage collection), which is not what a
+# call costs. Far above what overload or a burst makes of the time between two calls.
+STALL_MIN_S = 0.050
+STALL_FACTOR = 4.0
+
+
+def is_stall(seconds: float, usual: float) -> bool:
+    """Whether ``seconds``, where ``usual`` is expected, means the process stood still."""
+    return usual > 0 and seconds > max(STALL_MIN_S, STALL_FACTOR * usual)
+
+
+def smoothed(mean: float | None, sample: float, smoothing: float) -> float:
+    """``mean`` moved ``smoothing`` of the way towards ``sample``, a stall counting as
+    ``STALL_FACTOR`` times ``mean``; ``sample`` itself when there is no mean yet."""
+    if not mean:
+        return sample
+    if is_stall(sample, mean):
+        sample = STALL_FACTOR * mean
+    return mean + smoothing * (sample - mean)
+
 
 class Ticket:
     """One accepted call's slot; given back when every :meth:`hold` has been released."""
@@ -51,10 +72,12 @@ class Ticket:
 
 
 class LoadActivity:
-    """Whether a bundle is loading beside the serving threads (thread-safe).
+    """Whether a bundle is loading beside the serving threads, and whether the server just
+    stood still (thread-safe).
 
     Each reload runs inside :meth:`running`; :meth:`active` is True while one does and for
     ``tail_s`` after it ended (the queue it left is worked off, the old snapshot freed).
+    The serving loop reports each stall (:meth:`stalled`, :meth:`stall_s`).
     """
 
     def __init__(self, tail_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
@@ -63,6 +86,8 @@ class LoadActivity:
         self._lock = threading.Lock()
         self._running = 0
         self._ended_at = -math.inf
+        self._stalled_at = -math.inf
+        self._stall_s = 0.0
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -75,6 +100,22 @@ class LoadActivity:
             with self._lock:
                 self._running -= 1
                 self._ended_at = self._clock()
+
+    def stalled(self, seconds: float) -> None:
+        """The server just stood still for ``seconds`` while calls waited (the machine froze
+        the process): see :meth:`stall_s`."""
+        with self._lock:
+            if self.stall_s() == 0.0:
+                self._stall_s = 0.0  # the last stall's tail is over
+            self._stall_s = max(self._stall_s, seconds)
+            self._stalled_at = self._clock()
+
+    def stall_s(self) -> float:
+        """The last stall's length while its tail runs, for twice as long as it lasted, else
+        0.0. The calls it held up have waited that long already; a server below capacity
+        works off what arrived in a stall within that tail."""
+        stall = self._stall_s
+        return stall if self._clock() - self._stalled_at < 2 * stall else 0.0
 
     def active(self) -> bool:
         """True while a load runs and for ``tail_s`` after the last one ended."""
@@ -101,7 +142,9 @@ class Admission:
     server queues; see "Fail at Scale", ACM Queue 13(8), 2015). :class:`StandingQueue`
     tells how long the queue has stood, and remembers overload for ``burst_recovery_s``.
 
-    While ``loading`` is active, the bound is at least ``reload_wait_s`` (None: no change).
+    While ``loading`` is active, the bound is at least ``reload_wait_s`` (None: no change),
+    and for twice as long as a stall of the server lasted, at least the stall's length
+    (:meth:`LoadActivity.stall_s`).
     """
 
     def __init__(
@@ -135,10 +178,7 @@ class Admission:
     def observe(self, service_s: float) -> None:
         """Record how long one limited call's handler took."""
         with self.lock:
-            if self.mean_service_s == 0.0:
-                self.mean_service_s = service_s
-            else:
-                self.mean_service_s += self.smoothing * (service_s - self.mean_service_s)
+            self.mean_service_s = smoothed(self.mean_service_s, service_s, self.smoothing)
 
     def expected_wait_s(self, queued: int = 0, take_interval_s: float | None = None) -> float:
         """How long a limited call admitted now would wait for those ahead of it."""
@@ -154,10 +194,12 @@ class Admission:
             bound = self.max_wait_s
         else:
             bound = max(burst, self.max_wait_s)
-        reload_wait, loading = self.reload_wait_s, self.loading
-        if bound is None or reload_wait is None or loading is None or not loading.active():
+        loading = self.loading
+        if bound is None or loading is None:
             return bound
-        return max(bound, reload_wait)
+        if self.reload_wait_s is not None and loading.active():
+            bound = max(bound, self.reload_wait_s)
+        return max(bound, loading.stall_s())
 
     def enter(
         self,

@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 
-from slimrank.serving.admission import Admission, StandingQueue, Ticket
+from slimrank.serving.admission import Admission, StandingQueue, Ticket, is_stall
 from slimrank.serving.core_queue import CoreQueue
 from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
@@ -226,6 +226,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             admission.burst_wait_s, admission.burst_recovery_s, self._idle_since
         )
         self._last_take: float | None = None  # when the previous call, if accepted, was taken
+        self._last_model_take: float | None = None  # the last accepted one-request model call
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -289,6 +290,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             if limited and core_queue is not None:
                 idle = accepted - self._idle_since if self._held == 1 else 0.0
                 busy = accepted - self._busy_since
+                self._notice_stall(accepted, core_queue)
                 queued = core_queue.waiting(self._held, self._taken, idle, busy)
                 take_interval = core_queue.take_interval()
                 # Nothing waits ahead of this call: none in gRPC's core and, with handler
@@ -310,6 +312,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 task.add_done_callback(ticket.release)
             if limited:
                 self._last_take = accepted
+                self._last_model_take = None if method == BATCH_METHOD else accepted
         handler = self._sync_chain(handler, handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -319,6 +322,37 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+    def _notice_stall(self, now: float, core_queue: CoreQueue) -> None:
+        """Tell admission when the server stood still before ``now``.
+
+        Two one-request model calls taken ``gap`` apart within one busy spell, where calls
+        are usually taken every ``usual`` (the take interval or a handler's mean time),
+        with ``gap`` a stall (``is_stall``: over 50 ms and 4x ``usual``): the loop was held
+        (the machine froze the process, as this 2-core VM does for 0.03-0.6 s at times; a
+        long garbage collection). The calls that queued meanwhile came no faster than the
+        server works, and they have waited ``gap`` already: for ``2 * gap`` a call may wait
+        up to ``gap`` (``LoadActivity.stall_s``), so that queue is worked off instead of
+        refused (refused, the calls failed as late as they would have been answered).
+        Counted in ``slimrank_stalls_total``.
+        Under overload the intervals are the usual ones and nothing is noticed; a lasting
+        slow-down raises ``usual`` within a few dozen calls. A batch's long handler is real
+        work: the call after one is not compared.
+        """
+        last = self._last_model_take
+        loading = self._admission.loading
+        if last is None or last < self._busy_since or loading is None:
+            return
+        # A handler's mean time as well: two calls can be taken back to back before either
+        # runs, so the take interval alone can be far below what a call holds the loop.
+        admission = self._admission
+        usual = max(
+            core_queue.take_interval() or 0.0, admission.mean_service_s / admission.parallel
+        )
+        gap = now - last
+        if is_stall(gap, usual):
+            loading.stalled(gap)
+            self._metrics.stalls.inc()
 
     def _finished(self, _: object) -> None:
         self._held -= 1

@@ -40,7 +40,11 @@ class ServerConfig(Config):
     capacity is let through; a standing queue is overload; None: ``max_wait_s`` always). After
     a queue stood that long, the allowance comes back once none has stood for
     ``burst_recovery_s`` (so sustained overload is refused after ``max_wait_s``, not after
-    ``burst_wait_s`` each time its queue empties for a moment). While a bundle loads (a
+    ``burst_wait_s`` each time its queue empties for a moment). When the server stood still for
+    ``g`` while calls waited (two calls taken far further apart than usual: the machine froze
+    the process), the bound is at least ``g`` for ``2 g``: those calls have waited already and
+    are worked off, not refused (a stall: over 50 ms and 4x the usual time between two
+    calls); such a time counts as 4x the mean in the estimates. While a bundle loads (a
     reload, and half a second after it), the bound is at least ``reload_wait_s`` (None: no
     change): the queue a load causes is worked off, not refused.
 

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from slimrank.serving.admission import smoothed
+
 log = logging.getLogger(__name__)
 
 _RATE_WINDOW_S = 1.0  # reads further apart than this give no arrival rate
@@ -125,10 +127,9 @@ class CoreQueue:
     def observe_take(self, interval_s: float) -> None:
         """Record the time between two calls taken while calls were waiting in the core."""
         now = self._clock()
-        if self.take_interval_s is None or now - self._take_seen_at > _TAKE_MEMORY_S:
-            self.take_interval_s = interval_s  # an old average says little about this queue
-        else:
-            self.take_interval_s += self.smoothing * (interval_s - self.take_interval_s)
+        if now - self._take_seen_at > _TAKE_MEMORY_S:
+            self.take_interval_s = None  # an old average says little about this queue
+        self.take_interval_s = smoothed(self.take_interval_s, interval_s, self.smoothing)
         self._take_seen_at = now
 
     def take_interval(self) -> float | None:

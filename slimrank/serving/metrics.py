@@ -92,6 +92,13 @@ class ServingMetrics:
             "max_wait_s or max_pending_rpcs).",
             registry=registry,
         )
+        self.stalls = Counter(
+            "slimrank_stalls",
+            "Times the server stood still while calls waited (two calls taken far further "
+            "apart than usual: the machine froze the process); the queue that formed is "
+            "worked off, not refused.",
+            registry=registry,
+        )
         # A gauge, not an Info: prometheus_client's multiprocess mode drops Info metrics.
         self.model = Gauge(
             "slimrank_model_info",
