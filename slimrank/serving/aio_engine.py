@@ -329,7 +329,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         Two one-request model calls taken ``gap`` apart within one busy spell, where calls
         are usually taken every ``usual`` (the take interval or a handler's mean time),
         with ``gap`` a stall (``is_stall``: over 50 ms and 4x ``usual``): the loop was held
-        (the machine froze the process, as this 2-core VM does for 0.03-0.6 s at times; a
+        (the machine froze the process, as this 2-core VM does for 0.08-0.7 s at times; a
         long garbage collection). The calls that queued meanwhile came no faster than the
         server works, and they have waited ``gap`` already: for ``2 * gap`` a call may wait
         up to ``gap`` (``LoadActivity.stall_s``), so that queue is worked off instead of
