@@ -290,9 +290,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             if limited and core_queue is not None:
                 idle = accepted - self._idle_since if self._held == 1 else 0.0
                 busy = accepted - self._busy_since
-                self._notice_stall(accepted, core_queue)
-                queued = core_queue.waiting(self._held, self._taken, idle, busy)
                 take_interval = core_queue.take_interval()
+                self._notice_stall(accepted, take_interval)
+                queued = core_queue.waiting(self._held, self._taken, idle, busy)
                 # Nothing waits ahead of this call: none in gRPC's core and, with handler
                 # threads, a thread free (a call on the loop runs as soon as it is taken).
                 admission = self._admission
@@ -323,11 +323,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _notice_stall(self, now: float, core_queue: CoreQueue) -> None:
+    def _notice_stall(self, now: float, take_interval: float | None) -> None:
         """Tell admission when the server stood still before ``now``.
 
         Two one-request model calls taken ``gap`` apart within one busy spell, where calls
-        are usually taken every ``usual`` (the take interval or a handler's mean time),
+        are usually taken every ``usual`` (``take_interval`` or a handler's mean time),
         with ``gap`` a stall (``is_stall``: over 50 ms and 4x ``usual``): the loop was held
         (the machine froze the process, as this 2-core VM does for 0.08-0.7 s at times; a
         long garbage collection). The calls that queued meanwhile came no faster than the
@@ -339,16 +339,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         slow-down raises ``usual`` within a few dozen calls. A batch's long handler is real
         work: the call after one is not compared.
         """
-        last = self._last_model_take
-        loading = self._admission.loading
+        admission = self._admission
+        last, loading = self._last_model_take, admission.loading
         if last is None or last < self._busy_since or loading is None:
             return
         # A handler's mean time as well: two calls can be taken back to back before either
         # runs, so the take interval alone can be far below what a call holds the loop.
-        admission = self._admission
-        usual = max(
-            core_queue.take_interval() or 0.0, admission.mean_service_s / admission.parallel
-        )
+        usual = max(take_interval or 0.0, admission.mean_service_s / admission.parallel)
         gap = now - last
         if is_stall(gap, usual):
             loading.stalled(gap)
