@@ -651,6 +651,43 @@ def test_a_queue_behind_a_reload_is_worked_off_not_refused(
     assert burst_refusals(s.port) >= 2  # no reload: the strict bound again
 
 
+def test_the_freeze_watch_finds_a_stall_from_a_late_tick_and_from_an_overdue_one() -> None:
+    """Ticks every 10 ms: one that comes 50 ms late or more is a stall of that length for
+    twice as long (a new one each time its tail is over); before that tick comes, the time
+    since the last one is the stall so far; without a watch, no tick is ever overdue."""
+    now = [0.0]
+    loading = LoadActivity(clock=lambda: now[0])
+    admission = Admission(limit=100, total=100, max_wait_s=0.005, loading=loading)
+    now[0] = 10.0
+    assert loading.stall_s() == 0.0 and not loading.tick()  # no watch: nothing is overdue
+    loading.watched(0.01)
+    for _ in range(5):
+        now[0] += 0.012  # a tick a little late (the GIL, the scheduler): no stall
+        assert not loading.tick() and loading.stall_s() == 0.0
+    now[0] += 0.049
+    assert loading.stall_s() == 0.0  # not overdue by a stall yet
+    assert not loading.tick()
+    now[0] += 0.3  # the process stands still; a call taken before the watch runs again
+    assert loading.stall_s() == pytest.approx(0.3)
+    assert admission.wait_bound_s(0.0) == pytest.approx(0.3)
+    assert loading.tick()  # the late tick: a new stall, for 0.6 s
+    for _ in range(59):  # ticks on time again
+        now[0] += 0.01
+        assert not loading.tick()
+    assert loading.stall_s() == pytest.approx(0.3)  # at 0.59 s
+    now[0] += 0.011
+    assert not loading.tick()
+    assert loading.stall_s() == 0.0 and admission.wait_bound_s(0.0) == 0.005
+    now[0] += 0.2
+    assert loading.tick()  # after the last one's tail: a new stall
+    now[0] += 0.06
+    assert not loading.tick()  # within its tail: the same stall, not counted again
+    assert loading.stall_s() == pytest.approx(0.2)
+    loading.watched(None)  # the watch stopped: its silence is not a stall
+    now[0] += 5.0
+    assert loading.stall_s() == 0.0 and not loading.tick()
+
+
 def test_the_wait_bound_is_the_reload_bound_while_a_load_runs_and_for_its_tail() -> None:
     now = [0.0]
     loading = LoadActivity(tail_s=0.5, clock=lambda: now[0])

@@ -77,7 +77,10 @@ class LoadActivity:
 
     Each reload runs inside :meth:`running`; :meth:`active` is True while one does and for
     ``tail_s`` after it ended (the queue it left is worked off, the old snapshot freed).
-    The serving loop reports each stall (:meth:`stalled`, :meth:`stall_s`).
+    The serving loop reports each stall it sees between two calls (:meth:`stalled`), and a
+    watch thread (:class:`~slimrank.serving.freeze_watch.FreezeWatch`) ticks every
+    ``interval_s`` (:meth:`tick`), so a stall is known from the tick that comes late and,
+    before that tick, from the one that is overdue (:meth:`stall_s`).
     """
 
     def __init__(self, tail_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
@@ -88,6 +91,8 @@ class LoadActivity:
         self._ended_at = -math.inf
         self._stalled_at = -math.inf
         self._stall_s = 0.0
+        self._watch_interval_s: float | None = None  # None: no watch ticks
+        self._ticked_at = -math.inf
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -101,21 +106,47 @@ class LoadActivity:
                 self._running -= 1
                 self._ended_at = self._clock()
 
-    def stalled(self, seconds: float) -> None:
-        """The server just stood still for ``seconds`` while calls waited (the machine froze
-        the process): see :meth:`stall_s`."""
+    def stalled(self, seconds: float) -> bool:
+        """The server just stood still for ``seconds`` (the machine froze the process): see
+        :meth:`stall_s`. Returns whether this is a new stall, not one within the last one's
+        tail (the watch and the serving loop can both report the same one)."""
         with self._lock:
-            if self.stall_s() == 0.0:
+            now = self._clock()
+            new = now - self._stalled_at >= 2 * self._stall_s
+            if new:
                 self._stall_s = 0.0  # the last stall's tail is over
             self._stall_s = max(self._stall_s, seconds)
-            self._stalled_at = self._clock()
+            self._stalled_at = now
+            return new
+
+    def watched(self, interval_s: float | None) -> None:
+        """A watch ticks every ``interval_s`` from now on (None: it stopped)."""
+        with self._lock:
+            self._watch_interval_s = interval_s
+            self._ticked_at = self._clock()
+
+    def tick(self) -> bool:
+        """The watch woke up; True when it woke a stall late (:func:`is_stall` against its
+        interval: the whole process stood still meanwhile), which :meth:`stalled` records."""
+        interval = self._watch_interval_s
+        if interval is None:
+            return False
+        now = self._clock()
+        gap, self._ticked_at = now - self._ticked_at, now
+        return is_stall(gap, interval) and self.stalled(gap)
 
     def stall_s(self) -> float:
-        """The last stall's length while its tail runs, for twice as long as it lasted, else
-        0.0. The calls it held up have waited that long already; a server below capacity
-        works off what arrived in a stall within that tail."""
-        stall = self._stall_s
-        return stall if self._clock() - self._stalled_at < 2 * stall else 0.0
+        """How long the server stood still, while that matters, else 0.0: the last stall's
+        length for twice as long as it lasted (its tail), or the time since the watch's last
+        tick once that is a stall (the process stood still until just now and the watch has
+        not run yet). The calls a stall held up have waited that long already; a server
+        below capacity works off what arrived in a stall within its tail."""
+        now = self._clock()
+        stall = self._stall_s if now - self._stalled_at < 2 * self._stall_s else 0.0
+        interval = self._watch_interval_s
+        if interval is not None and is_stall(now - self._ticked_at, interval):
+            stall = max(stall, now - self._ticked_at)
+        return stall
 
     def active(self) -> bool:
         """True while a load runs and for ``tail_s`` after the last one ended."""

@@ -334,7 +334,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         server works, and they have waited ``gap`` already: for ``2 * gap`` a call may wait
         up to ``gap`` (``LoadActivity.stall_s``), so that queue is worked off instead of
         refused (refused, the calls failed as late as they would have been answered).
-        Counted in ``slimrank_stalls_total``.
+        Counted in ``slimrank_stalls_total`` unless the freeze watch already counted it.
         Under overload the intervals are the usual ones and nothing is noticed; a lasting
         slow-down raises ``usual`` within a few dozen calls. A batch's long handler is real
         work: the call after one is not compared.
@@ -347,8 +347,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # runs, so the take interval alone can be far below what a call holds the loop.
         usual = max(take_interval or 0.0, admission.mean_service_s / admission.parallel)
         gap = now - last
-        if is_stall(gap, usual):
-            loading.stalled(gap)
+        if is_stall(gap, usual) and loading.stalled(gap):
             self._metrics.stalls.inc()
 
     def _finished(self, _: object) -> None:

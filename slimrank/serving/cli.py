@@ -117,6 +117,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "queue a reload causes is worked off, not refused; 0: no change (default %(default)s)",
     )
     p.add_argument(
+        "--freeze-watch-ms",
+        type=float,
+        default=1000 * defaults.freeze_watch_s,
+        help="a thread wakes this often; one that wakes 50 ms late or later finds the process "
+        "stood still, and the calls that queued meanwhile may wait that long instead of "
+        "being refused as overload; 0: no watch (default %(default)s)",
+    )
+    p.add_argument(
         "--core-queue-refresh-ms",
         type=float,
         default=defaults.core_queue_refresh_s * 1000,
@@ -189,8 +197,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _wait_bound_s(parser: argparse.ArgumentParser, flag: str, ms: float) -> float | None:
-    """Return a wait-bound flag's milliseconds in seconds: 0 turns the bound off (None), and a
-    negative value, a typo rather than a wish, is an error naming the flag."""
+    """Return a millisecond flag (a wait bound, the freeze watch's interval) in seconds: 0
+    turns it off (None), and a negative value, a typo rather than a wish, is an error naming
+    the flag."""
     if ms < 0:
         parser.error(f"{flag} {ms:g}: must be >= 0 (0: off)")
     return ms / 1000 if ms > 0 else None
@@ -230,6 +239,7 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             burst_wait_s=burst_wait_s,
             reload_wait_s=reload_wait_s,
             burst_recovery_s=args.burst_recovery_ms / 1000,
+            freeze_watch_s=_wait_bound_s(parser, "--freeze-watch-ms", args.freeze_watch_ms),
             core_queue_refresh_s=(
                 args.core_queue_refresh_ms / 1000 if args.core_queue_refresh_ms >= 0 else None
             ),

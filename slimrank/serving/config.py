@@ -46,7 +46,9 @@ class ServerConfig(Config):
     are worked off, not refused (a stall: over 50 ms and 4x the usual time between two
     calls); such a time counts as 4x the mean in the estimates. While a bundle loads (a
     reload, and half a second after it), the bound is at least ``reload_wait_s`` (None: no
-    change): the queue a load causes is worked off, not refused.
+    change): the queue a load causes is worked off, not refused. A thread that wakes every
+    ``freeze_watch_s`` (aio; None: none) notices a stall that began while the server was idle,
+    which no two calls show (:mod:`slimrank.serving.freeze_watch`).
 
     ``switch_interval_s`` sets ``sys.setswitchinterval`` for the process (None: Python's 5 ms).
 
@@ -68,6 +70,7 @@ class ServerConfig(Config):
     burst_wait_s: float | None = None  # slimrank serve: --burst-wait-ms, 30 ms by default
     burst_recovery_s: float = 0.25
     reload_wait_s: float | None = None  # slimrank serve: --reload-wait-ms, 250 ms by default
+    freeze_watch_s: float | None = 0.01
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free port
@@ -134,6 +137,13 @@ class ServerConfig(Config):
             self,
             "reload_wait_s",
             self.reload_wait_s,
+            "must be None or > 0",
+        )
+        require(
+            self.freeze_watch_s is None or self.freeze_watch_s > 0,
+            self,
+            "freeze_watch_s",
+            self.freeze_watch_s,
             "must be None or > 0",
         )
         require(

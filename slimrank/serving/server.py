@@ -27,6 +27,7 @@ from slimrank.serving.aio_engine import LoopThread, ServingInterceptor, loop_thr
 from slimrank.serving.batch import BatchRecommenderServicer
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.core_queue import CoreQueue
+from slimrank.serving.freeze_watch import FreezeWatch
 from slimrank.serving.interceptors import ConcurrencyLimitInterceptor, MetricsInterceptor
 from slimrank.serving.metrics import MetricsEndpoint, ServingMetrics, start_metrics_endpoint
 from slimrank.serving.proto.slimrank.v1 import (
@@ -63,6 +64,7 @@ class SlimrankServer:
         grace_s: float,
         loop: LoopThread | None = None,
         pools: Sequence[futures.ThreadPoolExecutor] = (),
+        watch: FreezeWatch | None = None,
     ) -> None:
         self.server = server
         self.health = health_servicer
@@ -71,6 +73,7 @@ class SlimrankServer:
         self._grace_s = grace_s
         self._loop = loop  # None: the sync engine
         self._pools = tuple(pools)
+        self._watch = watch
         self._stopped: threading.Event | None = None
         self._address: tuple[str, int] | None = None  # where a stop checks the listener closed
         self.http: Any = None  # the HTTP/JSON endpoint (http_server.HttpFront), if started
@@ -132,6 +135,8 @@ class SlimrankServer:
         await _listener_closed(self._address, LISTENER_CLOSE_S)
 
     def _stopped_aio(self, stopped: threading.Event) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
         stopped.set()
@@ -187,6 +192,7 @@ def create_server(
         (recommender or BatchRecommenderServicer)(holder, config, metrics),
         AdminServicer(holder, metrics, reload_fn, reload_lock),
     )
+    watch = None
     if config.engine == "sync":
         server, health_servicer, port = _start_sync(
             config, metrics, servicers, credentials, interceptors
@@ -199,12 +205,14 @@ def create_server(
         )
         if config.http_port is not None:
             http = _start_http(loop, config, servicers[0], admission, metrics, pools)
+        if config.freeze_watch_s is not None:
+            watch = FreezeWatch(holder.loading, config.freeze_watch_s, metrics.stalls.inc).start()
     endpoint = None
     if config.metrics_port is not None:
         endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
     log.info("gRPC (%s) on %s:%d, model %s", config.engine, config.host, port, holder.get().version)
     slimrank = SlimrankServer(
-        server, health_servicer, metrics, endpoint, config.grace_s, loop, pools
+        server, health_servicer, metrics, endpoint, config.grace_s, loop, pools, watch
     )
     if loop is not None and config.http_port is not None:
         slimrank.http = http
