@@ -120,9 +120,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--freeze-watch-ms",
         type=float,
         default=1000 * defaults.freeze_watch_s,
-        help="a thread wakes this often; one that wakes 50 ms late or later finds the process "
-        "stood still, and the calls that queued meanwhile may wait that long instead of "
-        "being refused as overload; 0: no watch (default %(default)s)",
+        help="a thread wakes this often; a wake-up over 50 ms after the last one means the "
+        "process stood still, and the calls that queued meanwhile may wait that long instead "
+        "of being refused as overload; 0: no watch (default %(default)s)",
     )
     p.add_argument(
         "--core-queue-refresh-ms",

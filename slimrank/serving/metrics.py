@@ -94,9 +94,9 @@ class ServingMetrics:
         )
         self.stalls = Counter(
             "slimrank_stalls",
-            "Times the server process stood still (its freeze watch woke 50 ms late or later, "
-            "or two calls were taken far further apart than usual: the machine froze it); the "
-            "queue that formed meanwhile is worked off, not refused.",
+            "Times the server process stood still (its freeze watch woke over 50 ms after its "
+            "last wake-up, or two calls were taken far further apart than usual: the machine "
+            "froze it); the queue that formed meanwhile is worked off, not refused.",
             registry=registry,
         )
         # A gauge, not an Info: prometheus_client's multiprocess mode drops Info metrics.
