@@ -479,9 +479,11 @@ def test_calls_that_queued_while_the_server_stood_still_are_answered_not_refused
     """5 ms handlers on the loop, a 10 ms wait bound and a 30 ms burst bound. One call holds
     the loop for 150 ms and ten calls arrive meanwhile: they have stood far longer than 30 ms,
     which reads as overload (bound 10 ms), and the last are 50 ms behind, over the burst bound
-    too. The server was still, not slower than its arrivals: the stall is counted and for
-    300 ms a call may wait as long as the stall lasted, so all ten are answered. Overload
-    afterwards (a call every millisecond) is still cut."""
+    too. The server was still, not slower than its arrivals: the stall is counted and the
+    calls it held up may wait as long as it lasted, so all ten are answered. That allowance is
+    theirs only: 25 calls sent at once right after, within the stall's tail (300 ms), get the
+    30 ms burst bound (most of them refused), and overload later (a call every millisecond)
+    is cut."""
     snapshot, arm, frozen = frozen_once_snapshot(0.15)
     s = serve(
         snapshot,
@@ -504,14 +506,21 @@ def test_calls_that_queued_while_the_server_stood_still_are_answered_not_refused
         arm.set()
         first = recommend.future(request, timeout=DEADLINE_S)
         assert frozen.wait(10)
+        frozen_at = time.perf_counter()
         time.sleep(0.05)
         burst = [recommend.future(request, timeout=DEADLINE_S) for _ in range(10)]
         codes = [code_of(f) for f in [first, *burst]]
+        # The stall ended about 0.15 s after it began; its tail runs 0.3 s more.
+        assert time.perf_counter() - frozen_at < 0.4, "too slow to test within the tail"
+        later = [recommend.future(request, timeout=DEADLINE_S) for _ in range(25)]
+        after = [code_of(f) for f in later]
     finally:
         channel.close()
     assert codes == [grpc.StatusCode.OK] * 11, codes
-    assert s.sample("slimrank_shed_requests_total") == 0
     assert s.sample("slimrank_stalls_total") >= 1
+    refused_after = after.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert refused_after >= 10, after  # 25 x 5 ms: all but the first ~6 are over 30 ms
+    assert s.sample("slimrank_shed_requests_total") == refused_after
     time.sleep(LoadActivity().tail_s + 0.1)  # past the stall's tail
     overload = [code for code, _ in drive(s.port, 150, 0.001)]
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in overload, overload

@@ -91,6 +91,7 @@ class LoadActivity:
         self._ended_at = -math.inf
         self._stalled_at = -math.inf
         self._stall_s = 0.0
+        self._stalls = 0  # stalls recorded, extensions included
         self._watch_interval_s: float | None = None  # None: no watch ticks
         self._ticked_at = -math.inf
 
@@ -117,6 +118,7 @@ class LoadActivity:
                 self._stall_s = 0.0  # the last stall's tail is over
             self._stall_s = max(self._stall_s, seconds)
             self._stalled_at = now
+            self._stalls += 1
             return new
 
     def watched(self, interval_s: float | None) -> None:
@@ -141,12 +143,17 @@ class LoadActivity:
         tick once that is a stall (the process stood still until just now and the watch has
         not run yet). The calls a stall held up have waited that long already; a server
         below capacity works off what arrived in a stall within its tail."""
+        return self.stall()[0]
+
+    def stall(self) -> tuple[float, tuple[int, float | None]]:
+        """:meth:`stall_s` and a mark that changes whenever a stall is recorded (or extended)
+        or a watch tick becomes overdue: a caller that saw the mark before knows the stall."""
         now = self._clock()
         stall = self._stall_s if now - self._stalled_at < 2 * self._stall_s else 0.0
-        interval = self._watch_interval_s
-        if interval is not None and is_stall(now - self._ticked_at, interval):
-            stall = max(stall, now - self._ticked_at)
-        return stall
+        interval, ticked_at = self._watch_interval_s, self._ticked_at
+        if interval is not None and is_stall(now - ticked_at, interval):
+            return max(stall, now - ticked_at), (self._stalls, ticked_at)
+        return stall, (self._stalls, None)
 
     def active(self) -> bool:
         """True while a load runs and for ``tail_s`` after the last one ended."""
@@ -174,8 +181,9 @@ class Admission:
     tells how long the queue has stood, and remembers overload for ``burst_recovery_s``.
 
     While ``loading`` is active, the bound is at least ``reload_wait_s`` (None: no change),
-    and for twice as long as a stall of the server lasted, at least the stall's length
-    (:meth:`LoadActivity.stall_s`).
+    and for the calls a stall of the server held up, at least the stall's length (the
+    caller says which calls those are, ``stall_s``; else every call for twice as long as the
+    stall lasted, :meth:`LoadActivity.stall_s`).
     """
 
     def __init__(
@@ -217,9 +225,13 @@ class Admission:
         queued_s = queued * (per_call if take_interval_s is None else take_interval_s)
         return self.limited_in_progress * per_call + queued_s
 
-    def wait_bound_s(self, standing_s: float | None = None) -> float | None:
+    def wait_bound_s(
+        self, standing_s: float | None = None, stall_s: float | None = None
+    ) -> float | None:
         """The longest expected wait a limited call is admitted with when calls have waited
-        without a break for ``standing_s`` (None: unknown, which counts as overload)."""
+        without a break for ``standing_s`` (None: unknown, which counts as overload).
+        ``stall_s``: how long the calls ahead of this one were held up by a stall of the
+        server (None: the last stall's, :meth:`LoadActivity.stall_s`, for its whole tail)."""
         burst = self.burst_wait_s
         if self.max_wait_s is None or burst is None or standing_s is None or standing_s >= burst:
             bound = self.max_wait_s
@@ -230,7 +242,7 @@ class Admission:
             return bound
         if self.reload_wait_s is not None and loading.active():
             bound = max(bound, self.reload_wait_s)
-        return max(bound, loading.stall_s())
+        return max(bound, loading.stall_s() if stall_s is None else stall_s)
 
     def enter(
         self,
@@ -238,14 +250,16 @@ class Admission:
         queued: int = 0,
         take_interval_s: float | None = None,
         standing_s: float | None = None,
+        stall_s: float | None = None,
     ) -> Ticket | None:
         """Take a slot and return its ticket, or None when the call must be refused.
 
         ``queued``: calls known to wait ahead of this one besides those in progress;
         ``take_interval_s``: how long each of them holds up the ones behind it, if known;
-        ``standing_s``: how long calls have waited without a break (see ``burst_wait_s``)."""
+        ``standing_s``: how long calls have waited without a break (see ``burst_wait_s``);
+        ``stall_s``: see :meth:`wait_bound_s`."""
         with self.lock:
-            bound = self.wait_bound_s(standing_s) if limited else None
+            bound = self.wait_bound_s(standing_s, stall_s) if limited else None
             if self.total_in_progress >= self.total or (
                 limited
                 and (

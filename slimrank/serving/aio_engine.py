@@ -227,6 +227,10 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         )
         self._last_take: float | None = None  # when the previous call, if accepted, was taken
         self._last_model_take: float | None = None  # the last accepted one-request model call
+        # The last stall seen (LoadActivity.stall's mark) and the last call it held up: the
+        # calls queued when it was first seen, counted in _taken.
+        self._stall_mark: object = None
+        self._stall_last_call = 0
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -286,13 +290,16 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # Health checks are answered on the loop and never refused: a refused probe could get
         # an overloaded server restarted.
         if not method.startswith(HEALTH_PREFIX):
-            queued, take_interval, standing = 0, None, None
+            queued, take_interval, standing, stall = 0, None, None, None
             if limited and core_queue is not None:
                 idle = accepted - self._idle_since if self._held == 1 else 0.0
                 busy = accepted - self._busy_since
                 take_interval = core_queue.take_interval()
                 self._notice_stall(accepted, take_interval)
-                queued = core_queue.waiting(self._held, self._taken, idle, busy)
+                stall, fresh = self._stall_for_this_call()
+                queued = core_queue.waiting(self._held, self._taken, idle, busy, fresh)
+                if fresh:  # the calls queued now are those the stall held up
+                    self._stall_last_call = self._taken + queued
                 # Nothing waits ahead of this call: none in gRPC's core and, with handler
                 # threads, a thread free (a call on the loop runs as soon as it is taken).
                 admission = self._admission
@@ -301,7 +308,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 ):
                     self._queue.empty(accepted)
                 standing = self._queue.standing(accepted)
-            ticket = self._admission.enter(limited, queued, take_interval, standing)
+            ticket = self._admission.enter(limited, queued, take_interval, standing, stall)
             if ticket is None:
                 self._metrics.shed.inc()
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
@@ -331,9 +338,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         with ``gap`` a stall (``is_stall``: over 50 ms and 4x ``usual``): the loop was held
         (the machine froze the process, as this 2-core VM does for 0.08-0.7 s at times; a
         long garbage collection). The calls that queued meanwhile came no faster than the
-        server works, and they have waited ``gap`` already: for ``2 * gap`` a call may wait
-        up to ``gap`` (``LoadActivity.stall_s``), so that queue is worked off instead of
-        refused (refused, the calls failed as late as they would have been answered).
+        server works, and they have waited ``gap`` already: they may wait up to ``gap``
+        (:meth:`_stall_for_this_call`), so that queue is worked off instead of refused
+        (refused, the calls failed as late as they would have been answered).
         Counted in ``slimrank_stalls_total`` unless the freeze watch already counted it.
         Under overload the intervals are the usual ones and nothing is noticed; a lasting
         slow-down raises ``usual`` within a few dozen calls. A batch's long handler is real
@@ -349,6 +356,27 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         gap = now - last
         if is_stall(gap, usual) and loading.stalled(gap):
             self._metrics.stalls.inc()
+
+    def _stall_for_this_call(self) -> tuple[float, bool]:
+        """How long the server stood still before this call was taken, as far as admission
+        should allow for it, and whether the stall is new to this interceptor (then the core's
+        queue is read afresh: the calls in it are the ones the stall held up).
+
+        A stall's length counts for the calls that queued during it only (this call and the
+        ones queued when the stall was first seen), not for the calls that arrive after it:
+        under overload those would otherwise be admitted to wait as long as the stall lasted
+        while its tail runs (measured: see the README's Serving section)."""
+        loading = self._admission.loading
+        if loading is None:
+            return 0.0, False
+        stall, mark = loading.stall()
+        if stall == 0.0:
+            return 0.0, False
+        if mark != self._stall_mark:
+            self._stall_mark = mark
+            self._stall_last_call = self._taken
+            return stall, True
+        return (stall if self._taken <= self._stall_last_call else 0.0), False
 
     def _finished(self, _: object) -> None:
         self._held -= 1

@@ -42,9 +42,10 @@ class ServerConfig(Config):
     ``burst_recovery_s`` (so sustained overload is refused after ``max_wait_s``, not after
     ``burst_wait_s`` each time its queue empties for a moment). When the server stood still for
     ``g`` while calls waited (two calls taken far further apart than usual: the machine froze
-    the process), the bound is at least ``g`` for ``2 g``: those calls have waited already and
-    are worked off, not refused (a stall: over 50 ms and 4x the usual time between two
-    calls); such a time counts as 4x the mean in the estimates. While a bundle loads (a
+    the process), the bound is at least ``g`` for the calls queued in the core when the stall
+    is seen: those calls have waited already and are worked off, not refused (a stall: over
+    50 ms and 4x the usual time between two calls); such a time counts as 4x the mean in the
+    estimates. While a bundle loads (a
     reload, and half a second after it), the bound is at least ``reload_wait_s`` (None: no
     change): the queue a load causes is worked off, not refused. A thread that wakes every
     ``freeze_watch_s`` (aio; None: none) notices a stall that began while the server was idle,

@@ -140,7 +140,12 @@ class CoreQueue:
         return self.take_interval_s
 
     def waiting(
-        self, held: int, taken: int, idle_s: float = 0.0, busy_s: float = float("inf")
+        self,
+        held: int,
+        taken: int,
+        idle_s: float = 0.0,
+        busy_s: float = float("inf"),
+        fresh: bool = False,
     ) -> int:
         """Return how many calls wait in the core.
 
@@ -150,16 +155,17 @@ class CoreQueue:
         calls without such an idle spell. A loop idle for ``self.idle_s`` or more would have
         taken any call queued before that, and a busy spell shorter than ``self.busy_s`` has
         let at most that much wait pile up behind it, so nothing is read then (and 0 is
-        returned): at low and moderate rates most calls cost no read.
+        returned): at low and moderate rates most calls cost no read. ``fresh`` reads
+        channelz whatever these say (e.g. once the server stood still: a queue formed unseen).
         """
         now = self._clock()
         if self._read is None:  # a read failed: not counted any more
             return 0
-        if idle_s >= self.idle_s > 0 or busy_s < self.busy_s:
+        if not fresh and (idle_s >= self.idle_s > 0 or busy_s < self.busy_s):
             self._queued, self._taken_at_read, self._counted_at = 0, taken, now
             self.last_waiting = 0
             return 0
-        if now - self._read_at >= self.refresh_s:
+        if fresh or now - self._read_at >= self.refresh_s:
             try:
                 started, ended = self._read()
             except (ValueError, KeyError, TypeError) as err:  # never fail a call over it
