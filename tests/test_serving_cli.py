@@ -176,9 +176,12 @@ def test_serve_refuses_a_corrupt_current(
     [
         (["--tls-cert", "x.pem"], "go together"),
         (["--workers", "0"], "must be >= 1"),
-        (["--reload-wait-ms", "-5"], "--reload-wait-ms -5: must be >= 0"),
-        (["--max-wait-ms", "-1"], "--max-wait-ms -1: must be >= 0"),
-        (["--burst-wait-ms", "-30"], "--burst-wait-ms -30: must be >= 0"),
+        (["--reload-wait-ms", "-5"], "--reload-wait-ms -5: must be a finite number >= 0"),
+        (["--max-wait-ms", "-1"], "--max-wait-ms -1: must be a finite number >= 0"),
+        (["--burst-wait-ms", "-30"], "--burst-wait-ms -30: must be a finite number >= 0"),
+        (["--freeze-watch-ms", "-10"], "--freeze-watch-ms -10: must be a finite number >= 0"),
+        (["--freeze-watch-ms", "inf"], "--freeze-watch-ms inf: must be a finite number >= 0"),
+        (["--max-wait-ms", "nan"], "--max-wait-ms nan: must be a finite number >= 0"),
         (["--max-inflight", "0"], "max_inflight"),
         (["--admin-token-file", "missing-token-file"], "missing-token-file"),
         # The sync engine's own rejections cannot be counted: it is not offered to operators.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -200,8 +201,8 @@ def _wait_bound_s(parser: argparse.ArgumentParser, flag: str, ms: float) -> floa
     """Return a millisecond flag (a wait bound, the freeze watch's interval) in seconds: 0
     turns it off (None), and a negative value, a typo rather than a wish, is an error naming
     the flag."""
-    if ms < 0:
-        parser.error(f"{flag} {ms:g}: must be >= 0 (0: off)")
+    if not math.isfinite(ms) or ms < 0:
+        parser.error(f"{flag} {ms:g}: must be a finite number >= 0 (0: off)")
     return ms / 1000 if ms > 0 else None
 
 
