@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -197,7 +198,21 @@ class ServerProcess:
             self.stop()
             raise RuntimeError(f"{argv[:4]}... did not report ready (got {line!r})")
         self.target = f"{match[1]}:{match[2]}"
+        self.metrics = match[3]  # host:port of /metrics, or what the server prints without it
         self.pids = [int(p) for p in match[4].split(",")]
+
+    def counters(self, *names: str) -> dict[str, float]:
+        """Read counters (``slimrank_stalls_total`` ...) from the server's /metrics, summed
+        over their labels; NaN when the server has no metrics port."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as r:
+                text = r.read().decode()
+        except (OSError, ValueError):
+            return {name: float("nan") for name in names}
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        return {name: sum(s.value for s in samples if s.name == name) for name in names}
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -48,6 +48,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from loadgen import drive, job_for  # noqa: E402
+
+# Read from the server's /metrics after the load: refusals it counted and stalls it noticed.
+SERVER_COUNTERS = ("slimrank_shed_requests_total", "slimrank_stalls_total")
 from serving import (  # noqa: E402
     RECOMMEND,
     RESULTS,
@@ -192,7 +195,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{' '.join(report['cpu']['flags']) or '-'} · load average before/after "
         f"{report['loadavg_before']} / {report['loadavg_after']}",
         "",
-        f"`slimrank serve --bundles <scratch root> --port 0 --metrics-port -1 --poll-interval "
+        f"`slimrank serve --bundles <scratch root> --port 0 --metrics-port 0 --poll-interval "
         f"{report['poll_interval_s']:g}` (one process, defaults otherwise); "
         f"{report['rate']:g} Recommend calls/s for known users, open loop, "
         f"{report['duration_s']:g} s; versions `{report['versions'][0]}` (CURRENT) and "
@@ -225,6 +228,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"{a.get('max_ms', float('nan')):.1f} ms |",
         f"| sent / OK | {s['sent']} / {s['ok']} |",
         f"| not OK | {', '.join(f'{k} {v}' for k, v in s['not_ok'].items()) or 'none'} |",
+    ]
+    counted = report.get("server_counters", {})
+    lines += [f"| server's `{name}` | {value:g} |" for name, value in counted.items()]
+    lines += [
         "",
         f"Command: `{report['command']}`",
     ]
@@ -268,7 +275,7 @@ def main() -> int:
     requests = demo_requests_from(scratch)
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
     cli = Path(sys.executable).parent / "slimrank"
-    argv = [str(cli), "serve", "--bundles", str(scratch), "--port", "0", "--metrics-port", "-1"]
+    argv = [str(cli), "serve", "--bundles", str(scratch), "--port", "0", "--metrics-port", "0"]
     argv += ["--poll-interval", str(args.poll_interval)]
     launched = time.perf_counter()
     server = ServerProcess(argv, timeout_s=RELOAD_TIMEOUT_S)
@@ -312,6 +319,7 @@ def main() -> int:
                 }
             )
         load.join()
+        counted = server.counters(*SERVER_COUNTERS)
         rss_after = status_kib(pid, "VmRSS") / 1024
         rss_peak = status_kib(pid, "VmHWM") / 1024
     finally:
@@ -335,6 +343,7 @@ def main() -> int:
         "rss_peak_mib": round(rss_peak, 1),
         "reloads": [{k: v for k, v in r.items() if k != "promoted_at"} for r in reloads],
         "summary": summary,
+        "server_counters": counted,
         "command": "bench/serving_reload.py " + " ".join(sys.argv[1:]),
     }
     text = markdown(report)
