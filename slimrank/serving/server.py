@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from slimrank.serving import heap
 from slimrank.serving.admission import Admission, LoadActivity
 from slimrank.serving.aio_engine import LoopThread, ServingInterceptor, loop_thread
 from slimrank.serving.batch import BatchRecommenderServicer
@@ -407,6 +408,7 @@ def serve_forever(
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
     try:
+        heap.freeze()  # what lives as long as the process is no longer walked by the collector
         server.mark_serving()
         if on_ready is not None:
             on_ready(server, port)

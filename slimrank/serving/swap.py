@@ -16,6 +16,7 @@ from collections.abc import Callable
 import grpc
 
 from slimrank.errors import SlimrankError
+from slimrank.serving import heap
 from slimrank.serving.metrics import ServingMetrics
 from slimrank.serving.snapshot import (
     ModelSnapshot,
@@ -108,4 +109,5 @@ def replace_snapshot(
             del new
             metrics.reloads.inc()
         release_when_unused(retired)
+        heap.refreeze()  # the new snapshot joins the collector's permanent generation
     return Replacement(served, version, loaded=True)
