@@ -12,52 +12,22 @@ the reference that refuses them.
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from serve_process import Server
 
 from slimrank.bundle import publish
 from slimrank.serving.loader import random_flat_bundle
 from slimrank.serving.proto.slimrank.v1 import recommender_pb2, recommender_pb2_grpc
 
-READY = re.compile(r"serving on (\S+):(\d+) metrics (\S+) pids ([\d,]+)")
 FROZEN_S = 0.3
 CALLS = 48  # sent while frozen, under the server's 64 concurrent calls
 DEADLINE_S = 10.0
-
-
-def serve(root: Path, watch_ms: float) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "slimrank.cli",
-            "serve",
-            "--bundles",
-            str(root),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--burst-wait-ms",
-            "0",
-            "--freeze-watch-ms",
-            str(watch_ms),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -67,36 +37,22 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def sample(metrics: str, name: str) -> float:
-    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    )
-
-
 @pytest.fixture(params=[10.0, 0.0], ids=["watch", "no-watch"])
 def frozen_run(request: pytest.FixtureRequest, bundles: Path) -> Iterator[dict[str, object]]:
     """Serve, learn what a call costs, freeze the idle server for 0.3 s while CALLS calls
     arrive, let it run; yields the calls' codes, the watch's interval and the metrics."""
     watch_ms = request.param
-    proc = serve(bundles, watch_ms)
+    args = ["--bundles", str(bundles), "--metrics-port", "0", "--burst-wait-ms", "0"]
+    server = Server([*args, "--freeze-watch-ms", str(watch_ms)], {"OMP_NUM_THREADS": "1"})
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        match = READY.search(line)
-        assert match is not None, f"no ready line in {line!r}: {proc.stderr and proc.stderr.read()}"
-        target, metrics, pid = f"{match[1]}:{match[2]}", match[3], int(match[4])
-        channel = grpc.insecure_channel(target)
+        channel = grpc.insecure_channel(server.target)
         recommend = recommender_pb2_grpc.RecommenderStub(channel).Recommend
         request_ = recommender_pb2.RecommendRequest(user_id="u3", k=3)
         try:
             for _ in range(50):  # one at a time: the server learns a call's cost, refuses none
                 recommend(request_, timeout=DEADLINE_S)
             time.sleep(0.2)  # idle
-            os.kill(pid, signal.SIGSTOP)
+            os.kill(server.pids[0], signal.SIGSTOP)
             try:
                 calls = []
                 for _ in range(CALLS):
@@ -104,7 +60,7 @@ def frozen_run(request: pytest.FixtureRequest, bundles: Path) -> Iterator[dict[s
                     time.sleep(FROZEN_S / CALLS / 2)
                 time.sleep(FROZEN_S / 2)
             finally:
-                os.kill(pid, signal.SIGCONT)
+                os.kill(server.pids[0], signal.SIGCONT)
             codes = []
             for call in calls:
                 try:
@@ -122,14 +78,13 @@ def frozen_run(request: pytest.FixtureRequest, bundles: Path) -> Iterator[dict[s
             "watch_ms": watch_ms,
             "codes": codes,
             "after": after_codes,
-            "stalls": sample(metrics, "slimrank_stalls_total"),
-            "shed": sample(metrics, "slimrank_shed_requests_total"),
+            "stalls": server.metric("slimrank_stalls_total"),
+            "shed": server.metric("slimrank_shed_requests_total"),
         }
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGCONT)
+            server.terminate()
 
 
 def test_calls_that_arrive_while_the_idle_process_is_frozen_are_answered(
@@ -147,3 +102,4 @@ def test_calls_that_arrive_while_the_idle_process_is_frozen_are_answered(
         assert refused > 0, "nothing refused without the watch: the test would not notice it"
     # The stall widened the bound for its tail only: a burst later is still cut.
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in after, after
+

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
+from serve_process import READY, Server
 
 from slimrank.bundle import publish
 from slimrank.serving.client import SlimrankClient
@@ -22,7 +22,6 @@ from slimrank.serving.loader import random_flat_bundle
 from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
 
-READY = re.compile(r"serving on (\S+):(\d+) metrics (\S+) pids ([\d,]+)")
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 CONNECTIONS = 24
 
@@ -47,33 +46,13 @@ def test_two_workers_share_the_port_and_both_answer(tmp_path: Path) -> None:
     root = tmp_path / "bundles"
     version = publish(root, random_flat_bundle("a", seed=1))
     metrics_dir = tmp_path / "metrics"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "slimrank.cli",
-            "serve",
-            "--bundles",
-            str(root),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--workers",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+    server = Server(
+        ["--bundles", str(root), "--metrics-port", "0", "--workers", "2"],
+        {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
     )
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        match = READY.search(line)
-        assert match is not None, f"no ready line in {line!r}: {proc.stderr and proc.stderr.read()}"
-        target, metrics, pids = f"{match[1]}:{match[2]}", match[3], match[4].split(",")
-        pids = [int(p) for p in pids]
-        assert len(set(pids)) == 2 and proc.pid not in pids
+        target, metrics, pids = server.target, server.metrics, server.pids
+        assert len(set(pids)) == 2 and server.proc.pid not in pids
         # Each new channel is a new TCP connection, which the kernel hands to either worker.
         for i in range(CONNECTIONS):
             with SlimrankClient(target, timeout=10.0) as client:
@@ -94,9 +73,8 @@ def test_two_workers_share_the_port_and_both_answer(tmp_path: Path) -> None:
         assert merged[("slimrank_model_info", (("version", version),))] == 1
         assert ("slimrank_index_items", ()) in merged
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=90)
-    assert proc.returncode == 0, err
+        code, err = server.terminate(timeout_s=90)
+    assert code == 0, err
 
 
 def test_a_port_is_shared_only_when_every_server_asks_for_it() -> None:
