@@ -22,6 +22,10 @@ import pytest
 from serve_process import Server
 
 from slimrank.bundle import publish
+from slimrank.config import FieldError
+from slimrank.serving.admission import LoadActivity
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.freeze_watch import FreezeWatch
 from slimrank.serving.loader import random_flat_bundle
 from slimrank.serving.proto.slimrank.v1 import recommender_pb2, recommender_pb2_grpc
 
@@ -103,3 +107,13 @@ def test_calls_that_arrive_while_the_idle_process_is_frozen_are_answered(
     # The stall widened the bound for its tail only: a burst later is still cut.
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in after, after
 
+
+@pytest.mark.parametrize("interval_s", [0.0, -0.01, float("inf"), float("nan")])
+def test_a_freeze_watch_interval_that_is_not_a_positive_finite_number_is_refused(
+    interval_s: float,
+) -> None:
+    with pytest.raises(FieldError, match=r"ServerConfig.freeze_watch_s=.*: must be None or"):
+        ServerConfig(freeze_watch_s=interval_s)
+    if not interval_s > 0:
+        with pytest.raises(ValueError, match="interval_s"):
+            FreezeWatch(LoadActivity(), interval_s)

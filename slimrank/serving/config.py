@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from slimrank.config import Config, require
 
@@ -45,9 +46,9 @@ class ServerConfig(Config):
     the process), the bound is at least ``g`` for the calls queued in the core when the stall
     is seen: those calls have waited already and are worked off, not refused (a stall: over
     50 ms and 4x the usual time between two calls); such a time counts as 4x the mean in the
-    estimates. While a bundle loads (a
-    reload, and half a second after it), the bound is at least ``reload_wait_s`` (None: no
-    change): the queue a load causes is worked off, not refused. A thread that wakes every
+    estimates. While a bundle loads (a reload, and half a second after it), the bound is at
+    least ``reload_wait_s`` (None: no change): the queue a load causes is worked off, not
+    refused. A thread that wakes every
     ``freeze_watch_s`` (aio; None: none) notices a stall that began while the server was idle,
     which no two calls show (:mod:`slimrank.serving.freeze_watch`).
 
@@ -141,11 +142,11 @@ class ServerConfig(Config):
             "must be None or > 0",
         )
         require(
-            self.freeze_watch_s is None or self.freeze_watch_s > 0,
+            self.freeze_watch_s is None or 0 < self.freeze_watch_s < math.inf,
             self,
             "freeze_watch_s",
             self.freeze_watch_s,
-            "must be None or > 0",
+            "must be None or a finite number > 0",
         )
         require(
             self.burst_recovery_s >= 0,
