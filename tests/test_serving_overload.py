@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from slimrank.serving.admission import (
     Admission,
+    HeldUpCalls,
     LoadActivity,
     StandingQueue,
     is_stall,
@@ -695,6 +696,46 @@ def test_the_freeze_watch_finds_a_stall_from_a_late_tick_and_from_an_overdue_one
     loading.watched(None)  # the watch stopped: its silence is not a stall
     now[0] += 5.0
     assert loading.stall_s() == 0.0 and not loading.tick()
+
+
+def held_up_run(core_started: Callable[[float], int], taken_at: list[float]) -> list[float]:
+    """Drive :class:`HeldUpCalls` as the serving loop does after a 0.3 s stall (mark "s1")
+    seen at t=0: call ``i`` (numbered from 1) is taken at ``taken_at[i - 1]``, and a read at
+    ``t`` finds the calls the core had started by then; returns each call's allowance."""
+    held_up = HeldUpCalls()
+    allowances = []
+    for call, now in enumerate(taken_at, start=1):
+        if held_up.needs_read(now, "s1"):
+            held_up.counted(now, max(call, core_started(now)))
+        allowances.append(held_up.allowance(call, 0.3))
+    return allowances
+
+
+def test_the_calls_the_core_reads_in_after_a_stall_are_held_up_by_it_later_ones_not() -> None:
+    """48 calls queued in the kernel during a stall; gRPC's core counts 24 at once and the
+    rest 6 ms later (as it did on CI, where the first count alone left 37 refused). All 48
+    are allowed the stall; 30 calls arriving 40 ms on, past the catch-up, are not."""
+
+    def core_started(t: float) -> int:
+        return 24 if t < 0.006 else 48 if t < 0.040 else 48 + int((t - 0.040) / 0.001) + 1
+
+    taken_at = [0.0005 * i for i in range(48)] + [0.040 + 0.001 * i for i in range(30)]
+    allowances = held_up_run(core_started, taken_at)
+    assert allowances[:48] == [0.3] * 48
+    assert allowances[48:] == [0.0] * 30
+    # A core that has counted every held-up call at once: the same 48, no more.
+    assert held_up_run(lambda t: 48 if t < 0.040 else 78, taken_at) == allowances
+    # Calls still arriving during the catch-up (a read every 2 ms at most) count as held up;
+    # a new stall (a new mark) starts a new count.
+    held_up = HeldUpCalls(catch_up_s=0.025, reread_s=0.002)
+    assert held_up.needs_read(1.0, "s2")
+    held_up.counted(1.0, 10)
+    assert not held_up.needs_read(1.001, "s2")  # read 1 ms ago
+    assert held_up.needs_read(1.0021, "s2")
+    held_up.counted(1.0021, 12)
+    assert held_up.allowance(12, 0.1) == 0.1 and held_up.allowance(13, 0.1) == 0.0
+    assert not held_up.needs_read(1.026, "s2")  # the catch-up is over
+    assert held_up.needs_read(1.026, "s3")
 
 
 def test_the_wait_bound_is_the_reload_bound_while_a_load_runs_and_for_its_tail() -> None:

@@ -250,16 +250,26 @@ def test_graceful_shutdown_lets_in_flight_call_finish(start: Callable[..., Runni
     caller = threading.Thread(target=call)
     caller.start()
     assert entered.acquire(timeout=5)
-    stopped = r.server.shutdown(grace=5)
-    late = SlimrankClient(f"127.0.0.1:{r.port}", timeout=1.0, retries=0)
-    with pytest.raises(grpc.RpcError) as info:
-        late.recommend("u2", 4)  # new calls are refused during the grace period
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    late.close()
+    stopped = r.server.shutdown(grace=30)
+    for _ in range(3):  # new calls are refused during the grace period, each one alike
+        late = SlimrankClient(f"127.0.0.1:{r.port}", timeout=1.0, retries=0)
+        with pytest.raises(grpc.RpcError) as info:
+            late.recommend("u2", 4)
+        late.close()
+        # Refused by the server's code (UNAVAILABLE, which clients retry), not cancelled by
+        # gRPC's core racing its stop (CANCELLED, which they do not).
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (info.value.details() or "")
     assert not stopped.is_set()
+    assert (
+        r.registry.get_sample_value(
+            "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "UNAVAILABLE"}
+        )
+        == 3
+    )
     release.set()
     caller.join(5)
-    assert stopped.wait(5)
+    assert stopped.wait(5)  # as soon as the call in progress finished, not after the grace
     assert result["ranked"].item_ids and result["ranked"].model_version == "v1"  # type: ignore[attr-defined]
 
 

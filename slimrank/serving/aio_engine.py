@@ -35,7 +35,13 @@ from typing import Any
 
 import grpc
 
-from slimrank.serving.admission import Admission, StandingQueue, Ticket, is_stall
+from slimrank.serving.admission import (
+    Admission,
+    HeldUpCalls,
+    StandingQueue,
+    Ticket,
+    is_stall,
+)
 from slimrank.serving.core_queue import CoreQueue
 from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
@@ -49,6 +55,7 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 BATCH_METHOD = RECOMMENDER_PREFIX + "RecommendBatch"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 IDLE_S = 0.001  # a pause this long between two calls ends a busy spell
+DRAINING_MESSAGE = "server shutting down: retry, preferably on another replica"
 
 
 # -- the event loop thread ----------------------------------------------------------------
@@ -227,10 +234,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         )
         self._last_take: float | None = None  # when the previous call, if accepted, was taken
         self._last_model_take: float | None = None  # the last accepted one-request model call
-        # The last stall seen (LoadActivity.stall's mark) and the last call it held up: the
-        # calls queued when it was first seen, counted in _taken.
-        self._stall_mark: object = None
-        self._stall_last_call = 0
+        # Which calls (counted in _taken) the last stall seen held up.
+        self._held_up = HeldUpCalls()
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -285,6 +290,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler.request_streaming or handler.response_streaming:
             return self._sync_chain(handler, handler_call_details)  # health Watch, reflection
+        if self._admission.draining and not method.startswith(HEALTH_PREFIX):
+            # Shutting down: refused by this code, UNAVAILABLE, rather than left for gRPC's
+            # core, which cancels a call that races its stop (CANCELLED is not retried).
+            self._metrics.requests.labels(method, "UNAVAILABLE").inc()
+            return grpc.stream_unary_rpc_method_handler(self._refuse_draining)
         limited = method.startswith(RECOMMENDER_PREFIX)
         ticket = None
         # Health checks are answered on the loop and never refused: a refused probe could get
@@ -296,10 +306,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 busy = accepted - self._busy_since
                 take_interval = core_queue.take_interval()
                 self._notice_stall(accepted, take_interval)
-                stall, fresh = self._stall_for_this_call()
+                stall, fresh = self._stall_for_this_call(accepted)
                 queued = core_queue.waiting(self._held, self._taken, idle, busy, fresh)
-                if fresh:  # the calls queued now are those the stall held up
-                    self._stall_last_call = self._taken + queued
+                if fresh:  # the calls queued now are among those the stall held up
+                    self._held_up.counted(accepted, self._taken + queued)
+                stall = self._held_up.allowance(self._taken, stall)
                 # Nothing waits ahead of this call: none in gRPC's core and, with handler
                 # threads, a thread free (a call on the loop runs as soon as it is taken).
                 admission = self._admission
@@ -357,26 +368,18 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if is_stall(gap, usual) and loading.stalled(gap):
             self._metrics.stalls.inc()
 
-    def _stall_for_this_call(self) -> tuple[float, bool]:
-        """How long the server stood still before this call was taken, as far as admission
-        should allow for it, and whether the stall is new to this interceptor (then the core's
-        queue is read afresh: the calls in it are the ones the stall held up).
-
-        A stall's length counts for the calls that queued during it only (this call and the
-        ones queued when the stall was first seen), not for the calls that arrive after it:
-        under overload those would otherwise be admitted to wait as long as the stall lasted
-        while its tail runs (measured: see the README's Serving section)."""
+    def _stall_for_this_call(self, now: float) -> tuple[float, bool]:
+        """How long the server stood still before the call taken at ``now`` (0.0 if it did
+        not, or that is over) and whether to read the core's queue afresh: the calls in it
+        are among those the stall held up (:class:`HeldUpCalls`; the caller counts them and
+        cuts the allowance to them)."""
         loading = self._admission.loading
         if loading is None:
             return 0.0, False
         stall, mark = loading.stall()
         if stall == 0.0:
             return 0.0, False
-        if mark != self._stall_mark:
-            self._stall_mark = mark
-            self._stall_last_call = self._taken
-            return stall, True
-        return (stall if self._taken <= self._stall_last_call else 0.0), False
+        return stall, self._held_up.needs_read(now, mark)
 
     def _finished(self, _: object) -> None:
         self._held -= 1
@@ -391,6 +394,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             self._refusal_message,
             trailing_metadata=self._refusal_trailers,
         )
+
+    async def _refuse_draining(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
 
     def _behavior(
         self,

@@ -47,7 +47,8 @@ RECOMMENDER = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_na
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICES = ("", RECOMMENDER, ADMIN)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-LISTENER_CLOSE_S = 2.0  # how long a stop waits, at most, for grpc.aio to close its listeners
+LISTENER_CLOSE_S = 2.0  # how long a stop waits, at most, for the HTTP endpoint to close
+DRAIN_POLL_S = 0.005  # how often a stop checks whether the calls in progress have finished
 
 # (holder, config, metrics) -> the Recommender servicer a server uses.
 RecommenderFactory = Callable[[SnapshotHolder, ServerConfig, ServingMetrics], Any]
@@ -66,6 +67,7 @@ class SlimrankServer:
         loop: LoopThread | None = None,
         pools: Sequence[futures.ThreadPoolExecutor] = (),
         watch: FreezeWatch | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.server = server
         self.health = health_servicer
@@ -76,7 +78,7 @@ class SlimrankServer:
         self._pools = tuple(pools)
         self._watch = watch
         self._stopped: threading.Event | None = None
-        self._address: tuple[str, int] | None = None  # where a stop checks the listener closed
+        self._admission = admission  # None: the sync engine
         self.http: Any = None  # the HTTP/JSON endpoint (http_server.HttpFront), if started
 
     @property
@@ -119,7 +121,7 @@ class SlimrankServer:
                 self._loop.run(self.http.close(), timeout=grace + LISTENER_CLOSE_S)
                 self.http = None
             stopped = self._stopped = threading.Event()
-            # Returns once grpc stops taking calls, like the sync server's stop().
+            # Returns once new calls are refused, like the sync server's stop().
             self._loop.run(self._begin_stop(grace, stopped))
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
@@ -127,13 +129,25 @@ class SlimrankServer:
         return stopped
 
     async def _begin_stop(self, grace: float, stopped: threading.Event) -> None:
-        """Start stopping the aio server; return once it has stopped taking calls."""
-        task = asyncio.ensure_future(self.server.stop(grace))
+        """Refuse new calls from now on (UNAVAILABLE), then stop the aio server once the
+        calls in progress have finished or ``grace`` has passed; ``stopped`` is set then."""
+        if self._admission is not None:
+            self._admission.draining = True
+        task = asyncio.ensure_future(self._drain_and_stop(grace))
         task.add_done_callback(lambda _: self._stopped_aio(stopped))
-        await asyncio.sleep(0)  # stop()'s first step asks grpc to close the listeners
-        # grpc closes them asynchronously: a call that connects before that is cancelled
-        # instead of refused with UNAVAILABLE (which clients retry elsewhere). Wait for it.
-        await _listener_closed(self._address, LISTENER_CLOSE_S)
+
+    async def _drain_and_stop(self, grace: float) -> None:
+        # The listener stays open meanwhile: a call that arrives is refused by the serving
+        # interceptor with UNAVAILABLE, which clients retry. gRPC's core would cancel it
+        # instead, were it to race the stop (as a call did on CI while grpc.aio closed its
+        # listener), and clients do not retry CANCELLED.
+        deadline = time.monotonic() + grace
+        admission = self._admission
+        while admission is not None and admission.total_in_progress > 0:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
 
     def _stopped_aio(self, stopped: threading.Event) -> None:
         if self._watch is not None:
@@ -147,20 +161,6 @@ class SlimrankServer:
         if self._loop is None:
             return self.server.wait_for_termination(timeout)
         return bool(self._loop.run(self.server.wait_for_termination(timeout)))
-
-
-async def _listener_closed(address: tuple[str, int] | None, timeout: float) -> None:
-    """Return once ``address`` refuses connections (or after ``timeout`` s)."""
-    if address is None:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(*address), 0.2)
-        except (TimeoutError, OSError):
-            return
-        writer.close()
-        await asyncio.sleep(0.005)
 
 
 def create_server(
@@ -198,7 +198,7 @@ def create_server(
         server, health_servicer, port = _start_sync(
             config, metrics, servicers, credentials, interceptors
         )
-        loop, pools = None, ()
+        loop, pools, admission = None, (), None
     else:
         loop = loop_thread()
         server, health_servicer, port, pools, admission = loop.run(
@@ -213,17 +213,11 @@ def create_server(
         endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
     log.info("gRPC (%s) on %s:%d, model %s", config.engine, config.host, port, holder.get().version)
     slimrank = SlimrankServer(
-        server, health_servicer, metrics, endpoint, config.grace_s, loop, pools, watch
+        server, health_servicer, metrics, endpoint, config.grace_s, loop, pools, watch, admission
     )
     if loop is not None and config.http_port is not None:
         slimrank.http = http
         log.info("HTTP/JSON on %s:%d", config.http_host, http.port)
-    if loop is not None and not config.so_reuseport:  # a shared port stays open for the others
-        host = config.host.strip("[]")
-        slimrank._address = (
-            "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host,
-            port,
-        )
     return slimrank, port
 
 
