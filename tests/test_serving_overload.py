@@ -25,6 +25,7 @@ from slimrank.serving.admission import (
     HeldUpCalls,
     LoadActivity,
     StandingQueue,
+    Ticket,
     is_stall,
     smoothed,
 )
@@ -736,6 +737,38 @@ def test_the_calls_the_core_reads_in_after_a_stall_are_held_up_by_it_later_ones_
     assert held_up.allowance(12, 0.1) == 0.1 and held_up.allowance(13, 0.1) == 0.0
     assert not held_up.needs_read(1.026, "s2")  # the catch-up is over
     assert held_up.needs_read(1.026, "s3")
+
+
+def test_a_bound_widened_by_a_stall_or_a_load_lifts_the_in_progress_limit_to_the_total() -> None:
+    """Limit 8, total 64, 1 ms a call, a 10 ms bound: the ninth call in progress is refused
+    by the limit. The calls a 0.3 s stall held up are admitted past it, each expected within
+    the stall's length, up to the total; under a load's 30 ms bound the expected wait, not
+    the limit, stops them at about 30."""
+    now = [0.0]
+    loading = LoadActivity(tail_s=0.5, clock=lambda: now[0])
+    admission = Admission(limit=8, total=64, max_wait_s=0.01, reload_wait_s=0.03, loading=loading)
+    admission.observe(0.001)
+
+    def admit_all(stall_s: float) -> list[Ticket]:
+        tickets = []
+        while (ticket := admission.enter(True, stall_s=stall_s)) is not None:
+            tickets.append(ticket)
+        return tickets
+
+    usual = admit_all(0.0)
+    assert len(usual) == 8  # 8 ms expected: within the bound, cut by the limit
+    held_up = admit_all(0.3)
+    assert len(usual) + len(held_up) == 64  # the total still bounds them
+    assert admission.enter(False) is None
+    for ticket in usual + held_up:
+        ticket.release()
+    with loading.running():
+        during_load = admit_all(0.0)
+    assert 29 <= len(during_load) <= 31, len(during_load)
+    for ticket in during_load:
+        ticket.release()
+    now[0] = 1.0  # past the load's tail: the limit again
+    assert len(admit_all(0.0)) == 8
 
 
 def test_the_wait_bound_is_the_reload_bound_while_a_load_runs_and_for_its_tail() -> None:
