@@ -48,6 +48,7 @@ ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICES = ("", RECOMMENDER, ADMIN)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LISTENER_CLOSE_S = 2.0  # how long a stop waits, at most, for the HTTP endpoint to close
+STOP_MARGIN_S = 5.0  # how long past its grace a stop waits for grpc.aio before giving up
 DRAIN_POLL_S = 0.005  # how often a stop checks whether the calls in progress have finished
 
 # (holder, config, metrics) -> the Recommender servicer a server uses.
@@ -147,7 +148,11 @@ class SlimrankServer:
             if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(DRAIN_POLL_S)
-        await self.server.stop(max(0.0, deadline - time.monotonic()))
+        left = max(0.0, deadline - time.monotonic())
+        try:  # grpc.aio's stop cancels what is left after ``left``; never wait on it forever
+            await asyncio.wait_for(self.server.stop(left), left + STOP_MARGIN_S)
+        except TimeoutError:
+            log.warning("gRPC did not stop within %.1f s of its grace; stopping anyway", left)
 
     def _stopped_aio(self, stopped: threading.Event) -> None:
         if self._watch is not None:
