@@ -1,0 +1,217 @@
+"""Two code trees serving one bundle in alternation, open loop: what a server change does.
+
+    .venv/bin/python bench/serving_ab.py --a old=../wt-old --b new=. --rate 400 --pairs 12
+
+Each tree is a checkout of slimrank (``git worktree add ../wt-old <rev>``) put first on
+``PYTHONPATH`` of a ``slimrank serve`` subprocess, so both variants run from this venv with
+the same libraries. Pair i serves the bundle with one tree and then the other (the order
+alternates from pair to pair, so a drift of the machine's speed favours neither) and offers
+each the same seeded Poisson schedule of ``--calls`` Recommend calls at ``--rate``/s
+(``bench/loadgen.py``, 2 s deadlines, known users of the bundle). Per run it records the
+calls answered, refused (RESOURCE_EXHAUSTED) and failed otherwise, p50/p99 of the answered
+ones from their scheduled send, the server's CPU time per call, its counters, and the load
+average; the summary gives each variant's medians and, pair by pair, how often B refused
+fewer calls than A. The machine's speed changes between runs on a shared VM (CPU per call
+is printed beside each run for that reason), so compare within pairs.
+
+Writes ``bench/results/serving_ab_<name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import drive, job_for
+from serving import ROOT, ServerProcess, _cpu_seconds, cpu_features, demo_requests_from
+
+RECOMMEND = "/slimrank.v1.Recommender/Recommend"
+COUNTERS = ("slimrank_shed_requests_total", "slimrank_stalls_total")
+
+
+def variant(spec: str) -> tuple[str, Path]:
+    """``label=path`` -> (label, the checkout's absolute path), checked."""
+    label, sep, path = spec.partition("=")
+    tree = Path(path).resolve()
+    if not sep or not label or not (tree / "slimrank" / "cli.py").is_file():
+        raise argparse.ArgumentTypeError(f"{spec!r}: want LABEL=PATH of a slimrank checkout")
+    return label, tree
+
+
+def one_run(
+    label: str,
+    tree: Path,
+    bundles: Path,
+    requests: list[bytes],
+    args: argparse.Namespace,
+    seed: int,
+) -> dict[str, Any]:
+    """Serve ``bundles`` from ``tree``, offer the seeded schedule, return the run's figures."""
+    argv = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(bundles)]
+    argv += ["--port", "0", "--metrics-port", "0", *args.serve_args]
+    server = ServerProcess(argv, env={"PYTHONPATH": str(tree)})
+    try:
+        cpu0 = _cpu_seconds(server.pids)
+        job = job_for(server.target, RECOMMEND, requests, args.rate, args.calls, seed=seed)
+        out = drive(job, timeout_s=args.calls / args.rate + 120)
+        cpu = _cpu_seconds(server.pids) - cpu0
+        counters = server.counters(*COUNTERS)
+    finally:
+        server.stop()
+    codes = out["codes"]
+    latency_ms = (out["done"] - out["schedule"]) * 1000
+    ok = codes == 0
+    answered = latency_ms[ok]
+    return {
+        "variant": label,
+        "pair": seed,
+        "answered": int(ok.sum()),
+        "refused": int((codes == 8).sum()),
+        "failed_otherwise": int((~ok & (codes != 8)).sum()),
+        "p50_ms": round(float(np.percentile(answered, 50)), 2) if answered.size else None,
+        "p99_ms": round(float(np.percentile(answered, 99)), 2) if answered.size else None,
+        "server_cpu_ms_per_call": round(1000 * cpu / args.calls, 3),
+        "shed_counter": counters["slimrank_shed_requests_total"],
+        "stalls": counters["slimrank_stalls_total"],
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def summarize(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """Each variant's medians and ranges, and the pairs where B refused fewer than A."""
+    by = {v: [r for r in runs if r["variant"] == v] for v in (a, b)}
+    summary: dict[str, Any] = {}
+    for v, rs in by.items():
+        summary[v] = {
+            key: {
+                "median": float(np.median([r[key] for r in rs])),
+                "min": min(r[key] for r in rs),
+                "max": max(r[key] for r in rs),
+            }
+            for key in ("refused", "p99_ms", "server_cpu_ms_per_call")
+        }
+        summary[v]["runs_with_none_refused"] = sum(r["refused"] == 0 for r in rs)
+    pairs = sorted({r["pair"] for r in runs})
+    refused = {(r["variant"], r["pair"]): r["refused"] for r in runs}
+    summary["pairs"] = len(pairs)
+    summary[f"{b}_fewer_refused"] = sum(refused[b, p] < refused[a, p] for p in pairs)
+    summary[f"{a}_fewer_refused"] = sum(refused[a, p] < refused[b, p] for p in pairs)
+    return summary
+
+
+def cpu_line(cpu: dict[str, Any]) -> str:
+    """The CPU's model, core count and SIMD flags, on one line."""
+    flags = " ".join(cpu.get("flags", [])) or "no AVX-512"
+    return f"{cpu.get('model')}, {cpu.get('cpus')} cores, VNNI {cpu.get('vnni')}, {flags}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    a, b = report["variants"]
+    s = report["summary"]
+    lines = [
+        f"# Serving A/B: {a} vs {b}",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"Bundle `{report['bundles']}`, {report['calls']} Recommend calls at {report['rate']:g}/s "
+        f"per run, open loop, {s['pairs']} alternated pairs. CPU: {cpu_line(report['cpu'])}. "
+        f"Python {report['python']}. Trees: "
+        + ", ".join(f"{k} `{v}`" for k, v in report["trees"].items()),
+        "",
+        "| variant | pair | answered | refused | other | p50 ms | p99 ms | server CPU ms/call"
+        " | stalls | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['variant']} | {r['pair']} | {r['answered']} | {r['refused']} | "
+            f"{r['failed_otherwise']} | {r['p50_ms']} | {r['p99_ms']} | "
+            f"{r['server_cpu_ms_per_call']} | {r['stalls']:g} | {r['load_average_1m']} |"
+        )
+    lines += [
+        "",
+        "| variant | refused, median (range) | p99 ms, median (range) | CPU ms/call, median"
+        " | runs with none refused |",
+        "|---|---|---|---:|---:|",
+    ]
+    for v in (a, b):
+        m = s[v]
+        lines.append(
+            f"| {v} | {m['refused']['median']:g} ({m['refused']['min']}-{m['refused']['max']}) | "
+            f"{m['p99_ms']['median']:.2f} ({m['p99_ms']['min']}-{m['p99_ms']['max']}) | "
+            f"{m['server_cpu_ms_per_call']['median']:.3f} | "
+            f"{m['runs_with_none_refused']} of {s['pairs']} |"
+        )
+    lines += [
+        "",
+        f"Pairs where {b} refused fewer calls than {a}: {s[f'{b}_fewer_refused']} of {s['pairs']}; "
+        f"the other way: {s[f'{a}_fewer_refused']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--a", type=variant, required=True, help="LABEL=PATH of the first tree")
+    parser.add_argument("--b", type=variant, required=True, help="LABEL=PATH of the second tree")
+    parser.add_argument("--bundles", type=Path, default=ROOT / "runs" / "demo" / "bundles")
+    parser.add_argument("--rate", type=float, default=400.0, help="Recommend calls/s offered")
+    parser.add_argument("--calls", type=int, default=4000, help="calls per run")
+    parser.add_argument("--pairs", type=int, default=12, help="alternated pairs of runs")
+    parser.add_argument("--name", help="results file suffix (default: LABEL-vs-LABEL-RATE)")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("serve_args", nargs="*", help="more `slimrank serve` flags, after --")
+    args = parser.parse_args()
+    if not (args.bundles / "CURRENT").is_file():
+        parser.error(f"--bundles {args.bundles}: no CURRENT there (run `make demo` first)")
+    if args.rate <= 0 or args.calls < 100 or args.pairs < 1:
+        parser.error("--rate must be > 0, --calls >= 100, --pairs >= 1")
+    (a, tree_a), (b, tree_b) = args.a, args.b
+    if a == b:
+        parser.error("--a and --b need different labels")
+    requests = demo_requests_from(args.bundles)
+    runs = []
+    for pair in range(args.pairs):
+        order = [(a, tree_a), (b, tree_b)] if pair % 2 == 0 else [(b, tree_b), (a, tree_a)]
+        for label, tree in order:
+            run = one_run(label, tree, args.bundles, requests, args, seed=pair)
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    report = {
+        "command": "bench/serving_ab.py " + " ".join(sys.argv[1:]),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "variants": [a, b],
+        "trees": {a: str(tree_a), b: str(tree_b)},
+        "bundles": str(args.bundles),
+        "rate": args.rate,
+        "calls": args.calls,
+        "cpu": cpu_features(),
+        "python": platform.python_version(),
+        "runs": runs,
+        "summary": summarize(runs, a, b),
+    }
+    text = markdown(report)
+    print(text)
+    if not args.no_save:
+        name = args.name or f"{a}-vs-{b}-{args.rate:g}"
+        out = ROOT / "bench" / "results" / f"serving_ab_{name}"
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        out.with_suffix(".md").write_text(text)
+        print(f"wrote {out}.{{json,md}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
