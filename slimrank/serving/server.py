@@ -39,6 +39,7 @@ from slimrank.serving.proto.slimrank.v1 import (
 )
 from slimrank.serving.servicer import AdminServicer, RecommenderServicer
 from slimrank.serving.snapshot import SnapshotHolder, warm_up
+from slimrank.serving.stop_request import stop_on
 from slimrank.serving.swap import ReloadFn
 
 log = logging.getLogger(__name__)
@@ -404,21 +405,16 @@ def serve_forever(
         interceptors=interceptors,
         recommender=recommender,
     )
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
-    try:
-        heap.freeze()  # what lives as long as the process is no longer walked by the collector
-        server.mark_serving()
-        if on_ready is not None:
-            on_ready(server, port)
-        stop.wait()
-    finally:
+    with stop_on(STOP_SIGNALS) as stop:
         try:
+            heap.freeze()  # what lives as long as the process is no longer walked by the GC
+            server.mark_serving()
+            if on_ready is not None:
+                on_ready(server, port)
+            stop.wait()
+        finally:
             # A second SIGTERM during the drain (a supervisor signalling every process of the
-            # group, then the parent of --workers forwarding its own) only sets ``stop`` again:
+            # group, then the parent of --workers forwarding its own) only asks the stop again:
             # with the default handler back it killed the worker mid-drain.
             server.shutdown().wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        log.info("stopped")
+    log.info("stopped")

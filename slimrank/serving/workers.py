@@ -47,6 +47,7 @@ from slimrank.serving.server import (
     serve_forever,
 )
 from slimrank.serving.snapshot import SnapshotHolder
+from slimrank.serving.stop_request import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def _stop_all(procs: list[BaseProcess], timeout: float) -> None:
 
 
 def _await_ready(
-    procs: list[BaseProcess], reports: multiprocessing.Queue, stop: threading.Event
+    procs: list[BaseProcess], reports: multiprocessing.Queue, stop: StopRequest
 ) -> list[int] | None:
     """Wait until every worker reports SERVING; None if one failed or a stop was asked."""
     ready: list[int] = []
@@ -208,8 +209,8 @@ def serve_workers(spec: ServeSpec, n: int, on_ready: OnReady | None = None) -> i
     os.environ[MULTIPROC_ENV] = str(metrics_dir)  # read by prometheus_client in each worker
     from prometheus_client import multiprocess
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
+    stop = StopRequest()  # not a threading.Event: see slimrank.serving.stop_request
+    previous = {sig: signal.signal(sig, stop.set) for sig in STOP_SIGNALS}
     endpoint = None
     procs: list[BaseProcess] = []
     code = 1
@@ -264,6 +265,7 @@ def serve_workers(spec: ServeSpec, n: int, on_ready: OnReady | None = None) -> i
             endpoint.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        stop.close()
     if code == 0 and any(p.exitcode != 0 for p in procs):
         log.error("worker exit codes: %s", [p.exitcode for p in procs])
         code = 1
