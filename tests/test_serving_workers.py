@@ -9,6 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -53,10 +54,14 @@ def test_two_workers_share_the_port_and_both_answer(tmp_path: Path) -> None:
     try:
         target, metrics, pids = server.target, server.metrics, server.pids
         assert len(set(pids)) == 2 and server.proc.pid not in pids
-        # Each new channel is a new TCP connection, which the kernel hands to either worker.
+        # Each new channel is a new TCP connection, which the kernel hands to either worker:
+        # with its own subchannel pool (gRPC's global pool can hand a new channel the last
+        # one's connection while it lingers; CI then saw all 24 calls on one worker).
         for i in range(CONNECTIONS):
-            with SlimrankClient(target, timeout=10.0) as client:
+            channel = grpc.insecure_channel(target, [("grpc.use_local_subchannel_pool", 1)])
+            with SlimrankClient(target, timeout=10.0, channel=channel) as client:
                 assert client.recommend(f"u{i}", 3).model_version == version
+            channel.close()
         per_worker = requests_by_pid(metrics_dir, pids)
         assert sum(per_worker.values()) == CONNECTIONS
         assert all(n > 0 for n in per_worker.values()), per_worker
