@@ -81,6 +81,7 @@ class SlimrankServer:
         self._watch = watch
         self._stopped: threading.Event | None = None
         self._admission = admission  # None: the sync engine
+        self._stop_task: asyncio.Future[None] | None = None
         self.http: Any = None  # the HTTP/JSON endpoint (http_server.HttpFront), if started
 
     @property
@@ -135,8 +136,9 @@ class SlimrankServer:
         calls in progress have finished or ``grace`` has passed; ``stopped`` is set then."""
         if self._admission is not None:
             self._admission.draining = True
-        task = asyncio.ensure_future(self._drain_and_stop(grace))
-        task.add_done_callback(lambda _: self._stopped_aio(stopped))
+        # Kept: the event loop holds only a weak reference to a task.
+        self._stop_task = asyncio.ensure_future(self._drain_and_stop(grace))
+        self._stop_task.add_done_callback(lambda _: self._stopped_aio(stopped))
 
     async def _drain_and_stop(self, grace: float) -> None:
         # The listener stays open meanwhile: a call that arrives is refused by the serving
