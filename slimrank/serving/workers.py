@@ -47,7 +47,7 @@ from slimrank.serving.server import (
     serve_forever,
 )
 from slimrank.serving.snapshot import SnapshotHolder
-from slimrank.serving.stop_request import StopRequest
+from slimrank.serving.stop_request import StopRequest, stop_on
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +209,8 @@ def serve_workers(spec: ServeSpec, n: int, on_ready: OnReady | None = None) -> i
     os.environ[MULTIPROC_ENV] = str(metrics_dir)  # read by prometheus_client in each worker
     from prometheus_client import multiprocess
 
-    stop = StopRequest()  # not a threading.Event: see slimrank.serving.stop_request
-    previous = {sig: signal.signal(sig, stop.set) for sig in STOP_SIGNALS}
+    signals = contextlib.ExitStack()  # handlers put back last, after the workers stopped
+    stop = signals.enter_context(stop_on(STOP_SIGNALS))
     endpoint = None
     procs: list[BaseProcess] = []
     code = 1
@@ -263,9 +263,7 @@ def serve_workers(spec: ServeSpec, n: int, on_ready: OnReady | None = None) -> i
                 multiprocess.mark_process_dead(proc.pid, str(metrics_dir))
         if endpoint is not None:
             endpoint.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        stop.close()
+        signals.close()
     if code == 0 and any(p.exitcode != 0 for p in procs):
         log.error("worker exit codes: %s", [p.exitcode for p in procs])
         code = 1
