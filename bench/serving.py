@@ -204,15 +204,28 @@ class ServerProcess:
     def counters(self, *names: str) -> dict[str, float]:
         """Read counters (``slimrank_stalls_total`` ...) from the server's /metrics, summed
         over their labels; NaN when the server has no metrics port."""
+        samples = self._samples()
+        if samples is None:
+            return {name: float("nan") for name in names}
+        return {name: sum(s.value for s in samples if s.name == name) for name in names}
+
+    def counter_by(self, name: str, label: str) -> dict[str, float]:
+        """Counter ``name`` summed per value of ``label`` (``{}`` without a metrics port)."""
+        by: dict[str, float] = {}
+        for s in self._samples() or []:
+            if s.name == name:
+                by[s.labels.get(label, "")] = by.get(s.labels.get(label, ""), 0.0) + s.value
+        return by
+
+    def _samples(self) -> list[Any] | None:
         from prometheus_client.parser import text_string_to_metric_families
 
         try:
             with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as r:
                 text = r.read().decode()
         except (OSError, ValueError):
-            return {name: float("nan") for name in names}
-        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-        return {name: sum(s.value for s in samples if s.name == name) for name in names}
+            return None
+        return [s for f in text_string_to_metric_families(text) for s in f.samples]
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -65,6 +65,7 @@ def one_run(
         out = drive(job, timeout_s=args.calls / args.rate + 120)
         cpu = _cpu_seconds(server.pids) - cpu0
         counters = server.counters(*COUNTERS)
+        shed_by = server.counter_by("slimrank_shed_requests_total", "reason")
     finally:
         server.stop()
     codes = out["codes"]
@@ -81,6 +82,7 @@ def one_run(
         "p99_ms": round(float(np.percentile(answered, 99)), 2) if answered.size else None,
         "server_cpu_ms_per_call": round(1000 * cpu / args.calls, 3),
         "shed_counter": counters["slimrank_shed_requests_total"],
+        "shed_by_reason": shed_by,
         "stalls": counters["slimrank_stalls_total"],
         "load_average_1m": round(os.getloadavg()[0], 2),
     }

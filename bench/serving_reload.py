@@ -231,6 +231,10 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     counted = report.get("server_counters", {})
     lines += [f"| server's `{name}` | {value:g} |" for name, value in counted.items()]
+    by_reason = report.get("shed_by_reason", {})
+    if by_reason:
+        shown = ", ".join(f"{reason} {value:g}" for reason, value in sorted(by_reason.items()))
+        lines.append(f"| of which by reason | {shown} |")
     lines += [
         "",
         f"Command: `{report['command']}`",
@@ -320,6 +324,7 @@ def main() -> int:
             )
         load.join()
         counted = server.counters(*SERVER_COUNTERS)
+        shed_by = server.counter_by("slimrank_shed_requests_total", "reason")
         rss_after = status_kib(pid, "VmRSS") / 1024
         rss_peak = status_kib(pid, "VmHWM") / 1024
     finally:
@@ -344,6 +349,7 @@ def main() -> int:
         "reloads": [{k: v for k, v in r.items() if k != "promoted_at"} for r in reloads],
         "summary": summary,
         "server_counters": counted,
+        "shed_by_reason": shed_by,
         "command": "bench/serving_reload.py " + " ".join(sys.argv[1:]),
     }
     text = markdown(report)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from blocking_snapshot import blocking
 from prometheus_client import CollectorRegistry
+from registry_samples import sample_sum
 
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
@@ -36,7 +37,7 @@ class Running:
         return f"http://127.0.0.1:{self.server.http_port}"
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self.registry.get_sample_value(name, labels or {}) or 0.0
+        return sample_sum(self.registry, name, labels)
 
 
 @pytest.fixture

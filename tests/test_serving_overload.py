@@ -19,11 +19,13 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from registry_samples import sample_sum
 
 from slimrank.serving.admission import (
     Admission,
     HeldUpCalls,
     LoadActivity,
+    Refusal,
     StandingQueue,
     Ticket,
     is_stall,
@@ -84,7 +86,7 @@ class Served:
     registry: CollectorRegistry
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self.registry.get_sample_value(name, labels or {}) or 0.0
+        return sample_sum(self.registry, name, labels)
 
 
 @pytest.fixture
@@ -146,6 +148,8 @@ def test_a_burst_beyond_capacity_is_refused_at_once_and_every_refusal_is_counted
     ok = codes.count(grpc.StatusCode.OK)
     assert ok + refused == len(codes), codes  # nothing else: no timeouts, no UNAVAILABLE
     assert ok >= 2 and refused >= 1
+    # No handler time is known while the first two are held: the limit refused them all.
+    assert s.sample("slimrank_shed_requests_total", {"reason": "in_progress"}) == refused
     assert s.sample("slimrank_shed_requests_total") == refused
     assert (
         s.sample(
@@ -318,6 +322,7 @@ def test_admin_calls_beyond_the_total_bound_are_refused_and_counted_health_never
     assert first.result(timeout=10).reloaded
     assert not second.result(timeout=10).reloaded  # already serving v2
     channel.close()
+    assert s.sample("slimrank_shed_requests_total", {"reason": "total"}) == 2
     assert s.sample("slimrank_shed_requests_total") == 2
 
 
@@ -344,27 +349,29 @@ def test_refusals_carry_retry_info(serve: Callable[..., Served]) -> None:
 def test_admission_bounds_and_tickets() -> None:
     admission = Admission(limit=2, total=3)
     a, b = admission.enter(True), admission.enter(True)
-    assert a is not None and b is not None
-    assert admission.enter(True) is None  # limited: 2
+    assert isinstance(a, Ticket) and isinstance(b, Ticket)
+    assert admission.enter(True) is Refusal.IN_PROGRESS  # limited: 2
     c = admission.enter(False)
-    assert c is not None and admission.enter(False) is None  # total: 3
+    assert isinstance(c, Ticket) and admission.enter(False) is Refusal.TOTAL  # total: 3
+    assert admission.enter(True) is Refusal.TOTAL  # the total bounds the limited calls too
     a.hold()
     a.release()
-    assert admission.enter(True) is None  # a is still held
+    c.release()
+    assert admission.enter(True) is Refusal.IN_PROGRESS  # a is still held
     a.release()
-    assert admission.enter(True) is not None
+    assert isinstance(admission.enter(True), Ticket)
 
 
 def test_admission_refuses_when_the_expected_wait_is_too_long() -> None:
     admission = Admission(limit=100, total=100, max_wait_s=0.010, parallel=2)
-    assert admission.enter(True) is not None  # no estimate yet: only the limit applies
+    assert isinstance(admission.enter(True), Ticket)  # no estimate yet: only the limit applies
     admission.observe(0.004)  # 4 ms per call, 2 handlers: 2 ms of wait per call ahead
     tickets = [admission.enter(True) for _ in range(4)]  # 1..4 ahead: 2..8 ms
-    assert all(t is not None for t in tickets)
+    assert all(isinstance(t, Ticket) for t in tickets)
     assert admission.expected_wait_s() == pytest.approx(0.010)
-    assert admission.enter(True) is not None  # 10 ms: still within
-    assert admission.enter(True) is None  # 12 ms: refused
-    assert admission.enter(False) is not None  # the wait bounds only the limited calls
+    assert isinstance(admission.enter(True), Ticket)  # 10 ms: still within
+    assert admission.enter(True) is Refusal.WAIT  # 12 ms: refused
+    assert isinstance(admission.enter(False), Ticket)  # the wait bounds only the limited calls
 
 
 def test_a_burst_may_wait_up_to_the_burst_bound_until_the_queue_stands() -> None:
@@ -373,10 +380,10 @@ def test_a_burst_may_wait_up_to_the_burst_bound_until_the_queue_stands() -> None
     assert admission.wait_bound_s(0.030) == 0.005  # a queue that stood 30 ms: overload
     assert admission.wait_bound_s(None) == 0.005  # not known: overload
     admission.observe(0.002)
-    assert admission.enter(True, queued=10, standing_s=0.010) is not None  # 20 ms <= 30
-    assert admission.enter(True, queued=10, standing_s=0.031) is None  # 22 ms > 5
-    assert admission.enter(True, queued=20, standing_s=0.010) is None  # 42 ms > 30
-    assert admission.enter(True, queued=10) is None  # the HTTP endpoint's call: 22 ms > 5
+    assert isinstance(admission.enter(True, queued=10, standing_s=0.010), Ticket)  # 20 <= 30
+    assert admission.enter(True, queued=10, standing_s=0.031) is Refusal.WAIT  # 22 ms > 5
+    assert admission.enter(True, queued=20, standing_s=0.010) is Refusal.WAIT  # 42 ms > 30
+    assert admission.enter(True, queued=10) is Refusal.WAIT  # the HTTP endpoint's: 22 ms > 5
     without = Admission(limit=100, total=100, max_wait_s=0.005)
     assert without.wait_bound_s(0.010) == 0.005
 
@@ -559,10 +566,10 @@ def test_queued_calls_cost_the_measured_take_interval_not_the_handler_time() -> 
     interval between two calls taken by a busy server includes both."""
     admission = Admission(limit=100, total=100, max_wait_s=0.010, parallel=1)
     admission.observe(0.001)  # the handler alone: 1 ms
-    assert admission.enter(True, queued=6) is not None  # 6 ms by handler time
+    assert isinstance(admission.enter(True, queued=6), Ticket)  # 6 ms by handler time
     assert admission.expected_wait_s(6, take_interval_s=0.002) == pytest.approx(0.001 + 0.012)
-    assert admission.enter(True, queued=6, take_interval_s=0.002) is None  # 1 held + 12 ms
-    assert admission.enter(True, queued=4, take_interval_s=0.002) is not None  # 1 + 8 ms
+    assert admission.enter(True, queued=6, take_interval_s=0.002) is Refusal.WAIT  # 1 + 12 ms
+    assert isinstance(admission.enter(True, queued=4, take_interval_s=0.002), Ticket)  # 1 + 8
 
 
 def test_a_burst_past_the_total_bound_is_counted_call_for_call(
@@ -749,22 +756,26 @@ def test_a_bound_widened_by_a_stall_or_a_load_lifts_the_in_progress_limit_to_the
     admission = Admission(limit=8, total=64, max_wait_s=0.01, reload_wait_s=0.03, loading=loading)
     admission.observe(0.001)
 
+    refusals: list[Refusal] = []
+
     def admit_all(stall_s: float) -> list[Ticket]:
         tickets = []
-        while (ticket := admission.enter(True, stall_s=stall_s)) is not None:
+        while isinstance(ticket := admission.enter(True, stall_s=stall_s), Ticket):
             tickets.append(ticket)
+        refusals.append(ticket)
         return tickets
 
     usual = admit_all(0.0)
     assert len(usual) == 8  # 8 ms expected: within the bound, cut by the limit
     held_up = admit_all(0.3)
     assert len(usual) + len(held_up) == 64  # the total still bounds them
-    assert admission.enter(False) is None
+    assert admission.enter(False) is Refusal.TOTAL
     for ticket in usual + held_up:
         ticket.release()
     with loading.running():
         during_load = admit_all(0.0)
     assert 29 <= len(during_load) <= 31, len(during_load)
+    assert refusals == [Refusal.IN_PROGRESS, Refusal.TOTAL, Refusal.WAIT]
     for ticket in during_load:
         ticket.release()
     now[0] = 1.0  # past the load's tail: the limit again

@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from registry_samples import sample_sum
 
 from slimrank.errors import IntegrityError
 from slimrank.serving.client import SlimrankClient
@@ -43,8 +44,7 @@ class Running:
     client: SlimrankClient
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
-        value = self.registry.get_sample_value(name, labels or {})
-        return 0.0 if value is None else value
+        return sample_sum(self.registry, name, labels)
 
 
 @pytest.fixture
@@ -211,7 +211,8 @@ def test_calls_beyond_max_inflight_are_shed_at_once(start: Callable[..., Running
     finally:
         release.set()
     assert all(len(f.result(timeout=5).items) == 3 for f in busy)
-    assert r.sample("slimrank_shed_requests_total") == 1
+    assert r.sample("slimrank_shed_requests_total", {"reason": "in_progress"}) == 1
+    assert r.sample("slimrank_shed_requests_total") == 1  # and no other reason
     shed = {"method": RECOMMEND, "code": "RESOURCE_EXHAUSTED"}
     assert r.sample("slimrank_grpc_requests_total", shed) == 1
     assert r.sample("slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}) == 2
@@ -389,7 +390,8 @@ def test_metrics_endpoint_exposes_counts(start: Callable[..., Running]) -> None:
     assert value("slimrank_index_items") == 500
     assert value("slimrank_model_info", version="v1") == 1
     assert value("slimrank_inflight_requests") == 0
-    assert value("slimrank_shed_requests_total") == 0
+    for reason in ("in_progress", "total", "wait"):  # every reason's series from the start
+        assert value("slimrank_shed_requests_total", reason=reason) == 0
     assert (
         "slimrank_grpc_request_duration_seconds_bucket",
         (("le", "0.0005"), ("method", RECOMMEND)),

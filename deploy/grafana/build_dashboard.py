@@ -140,16 +140,18 @@ PANELS: tuple[Panel, ...] = (
     ),
     Panel(
         "In-flight and shed calls",
-        "Calls being served now, and calls shed per second: refused with RESOURCE_EXHAUSTED "
-        "on arrival, because the calls in progress would have kept them waiting too long.",
+        "Calls being served now, and calls shed per second by reason: refused with "
+        "RESOURCE_EXHAUSTED on arrival because the calls ahead would have kept them waiting "
+        "too long (wait), --max-inflight model calls were in progress (in_progress), or every "
+        "slot was taken (total).",
         "short",
         (
             Target(
                 f"sum by (instance) (slimrank_inflight_requests{{{SEL}}})", "in flight {{instance}}"
             ),
             Target(
-                f"sum by (instance) (rate(slimrank_shed_requests_total{{{SEL}}}[{RATE}]))",
-                "shed/s {{instance}}",
+                f"sum by (instance, reason) (rate(slimrank_shed_requests_total{{{SEL}}}[{RATE}]))",
+                "shed/s {{instance}} {{reason}}",
             ),
         ),
     ),

@@ -3,7 +3,8 @@
 :class:`Admission` counts the calls in progress: Recommender calls up to ``limit`` (the model
 work a process takes on at once), every unary call up to ``total`` (so health and admin calls
 cannot pile up either). A call over either bound is refused at once with RESOURCE_EXHAUSTED by
-the caller of :meth:`Admission.enter`, which also counts it. An accepted call holds a
+the caller of :meth:`Admission.enter`, which also counts it under the :class:`Refusal` that
+:meth:`~Admission.enter` returns for it (which bound refused it). An accepted call holds a
 :class:`Ticket` until everything it started has finished (its task and, when its handler runs
 on a thread, that thread's work), so a call cancelled by its client still holds its slot while
 a thread works on it.
@@ -18,6 +19,7 @@ calls that are answered a few milliseconds later.
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import threading
 import time
@@ -43,6 +45,21 @@ def smoothed(mean: float | None, sample: float, smoothing: float) -> float:
     if is_stall(sample, mean):
         sample = STALL_FACTOR * mean
     return mean + smoothing * (sample - mean)
+
+
+class Refusal(enum.Enum):
+    """Which bound refused a call: the ``reason`` label of ``slimrank_shed_requests_total``.
+
+    ``in_progress``: ``limit`` model calls were in progress (``--max-inflight``); ``total``:
+    ``total`` calls of any kind were (``max_pending_rpcs``); ``wait``: the calls ahead would
+    have kept it waiting over the bound in force (``--max-wait-ms``, ``--burst-wait-ms``, a
+    reload's or a stall's). An operator raises ``--max-inflight`` for the first, and reads the
+    second as overload, or as a queue the server's pace does not explain.
+    """
+
+    IN_PROGRESS = "in_progress"
+    TOTAL = "total"
+    WAIT = "wait"
 
 
 class Ticket:
@@ -264,23 +281,23 @@ class Admission:
         take_interval_s: float | None = None,
         standing_s: float | None = None,
         stall_s: float | None = None,
-    ) -> Ticket | None:
-        """Take a slot and return its ticket, or None when the call must be refused.
+    ) -> Ticket | Refusal:
+        """Take a slot and return its ticket, or the :class:`Refusal` when the call must be
+        refused.
 
         ``queued``: calls known to wait ahead of this one besides those in progress;
         ``take_interval_s``: how long each of them holds up the ones behind it, if known;
         ``standing_s``: how long calls have waited without a break (see ``burst_wait_s``);
         ``stall_s``: see :meth:`wait_bound_s`."""
         with self.lock:
-            bound, widened = self._bound(standing_s, stall_s) if limited else (None, False)
-            if self.total_in_progress >= self.total or (
-                limited
-                and (
-                    self.limited_in_progress >= (self.total if widened else self.limit)
-                    or (bound is not None and self.expected_wait_s(queued, take_interval_s) > bound)
-                )
-            ):
-                return None
+            if self.total_in_progress >= self.total:
+                return Refusal.TOTAL
+            if limited:
+                bound, widened = self._bound(standing_s, stall_s)
+                if self.limited_in_progress >= (self.total if widened else self.limit):
+                    return Refusal.IN_PROGRESS
+                if bound is not None and self.expected_wait_s(queued, take_interval_s) > bound:
+                    return Refusal.WAIT
             self.total_in_progress += 1
             if limited:
                 self.limited_in_progress += 1

@@ -38,6 +38,7 @@ import grpc
 from slimrank.serving.admission import (
     Admission,
     HeldUpCalls,
+    Refusal,
     StandingQueue,
     Ticket,
     is_stall,
@@ -296,7 +297,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             self._metrics.requests.labels(method, "UNAVAILABLE").inc()
             return grpc.stream_unary_rpc_method_handler(self._refuse_draining)
         limited = method.startswith(RECOMMENDER_PREFIX)
-        ticket = None
+        ticket: Ticket | None = None
         # Health checks are answered on the loop and never refused: a refused probe could get
         # an overloaded server restarted.
         if not method.startswith(HEALTH_PREFIX):
@@ -320,8 +321,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     self._queue.empty(accepted)
                 standing = self._queue.standing(accepted)
             ticket = self._admission.enter(limited, queued, take_interval, standing, stall)
-            if ticket is None:
-                self._metrics.shed.inc()
+            if isinstance(ticket, Refusal):
+                self._metrics.refused(ticket)
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
                 return grpc.stream_unary_rpc_method_handler(self._refuse)
             if task is None:  # not expected under grpc.aio; never leak the slot

@@ -30,7 +30,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client import Counter, Histogram
 
-from slimrank.serving.admission import Admission
+from slimrank.serving.admission import Admission, Refusal
 from slimrank.serving.aio_engine import HandlerAborted
 from slimrank.serving.metrics import LATENCY_BUCKETS, ServingMetrics
 from slimrank.serving.proto.slimrank.v1 import recommender_pb2
@@ -236,8 +236,8 @@ class HttpApi:
             message = f"Content-Type must be {JSON}, got {content_type or 'none'}"
             return self._count(path, error_response(415, "UNSUPPORTED_MEDIA_TYPE", message), start)
         ticket = self._admission.enter(limited=True)
-        if ticket is None:
-            self._metrics.shed.inc()
+        if isinstance(ticket, Refusal):
+            self._metrics.refused(ticket)
             message = (
                 "server busy: refused on arrival so that accepted calls stay fast; "
                 "retry with backoff, preferably on another replica"

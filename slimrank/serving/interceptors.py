@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from slimrank.serving.admission import Refusal
 from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
 
@@ -122,7 +123,7 @@ class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
             if not self._slots.acquire(blocking=False):
-                self._metrics.shed.inc()
+                self._metrics.refused(Refusal.IN_PROGRESS)
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"server busy: {self._limit} calls in flight; retry with backoff",

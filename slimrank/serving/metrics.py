@@ -22,6 +22,7 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
+from slimrank.serving.admission import Refusal
 from slimrank.serving.snapshot import ModelSnapshot
 
 # 0.5 ms .. 2.5 s, roughly x2 apart: fine enough for a millisecond-scale service. 0.025 is the
@@ -88,10 +89,15 @@ class ServingMetrics:
         )
         self.shed = Counter(
             "slimrank_shed_requests",
-            "Calls refused with RESOURCE_EXHAUSTED when they arrived (admission: max_inflight, "
-            "max_wait_s or max_pending_rpcs).",
+            "Calls refused with RESOURCE_EXHAUSTED when they arrived, by the admission bound "
+            "that refused them: in_progress (max_inflight), total (max_pending_rpcs), wait "
+            "(the expected wait over max_wait_ms, burst_wait_ms, a reload's or a stall's).",
+            ["reason"],
             registry=registry,
         )
+        # Every reason's series from the start: a rate() over a series born at its first
+        # refusal misses that refusal, and an alert on it needs the series to exist.
+        self._shed = {reason: self.shed.labels(reason.value) for reason in Refusal}
         self.stalls = Counter(
             "slimrank_stalls",
             "Times the server process stood still (its freeze watch woke over 50 ms after its "
@@ -135,6 +141,10 @@ class ServingMetrics:
         # process_cpu_seconds_total, process_resident_memory_bytes, ... for the dashboard. With
         # --workers N the merged endpoint reads only the multiprocess files, so it lacks these.
         ProcessCollector(registry=registry)
+
+    def refused(self, reason: Refusal) -> None:
+        """Count one call refused on arrival by the bound ``reason``."""
+        self._shed[reason].inc()
 
     def observe_model(self, snapshot: ModelSnapshot) -> None:
         """Describe ``snapshot`` as the served model (replaces the previous version label)."""
