@@ -139,6 +139,8 @@ def test_serve_refuses_a_corrupt_current(
         (["--freeze-watch-ms", "inf"], "--freeze-watch-ms inf: must be a finite number >= 0"),
         (["--max-wait-ms", "nan"], "--max-wait-ms nan: must be a finite number >= 0"),
         (["--max-inflight", "0"], "max_inflight"),
+        (["--overload-fraction", "2"], "ServerConfig.overload_fraction=2.0: must be in [0, 1]"),
+        (["--overload-fraction", "nan"], "ServerConfig.overload_fraction=nan: must be in"),
         (["--admin-token-file", "missing-token-file"], "missing-token-file"),
         # The sync engine's own rejections cannot be counted: it is not offered to operators.
         (["--engine", "sync"], "unrecognized arguments: --engine"),

@@ -25,6 +25,7 @@ from slimrank.serving.admission import (
     Admission,
     HeldUpCalls,
     LoadActivity,
+    OfferedRate,
     Refusal,
     StandingQueue,
     Ticket,
@@ -428,6 +429,78 @@ def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
         assert refused == 0
 
 
+@pytest.mark.parametrize("overload_fraction", [0.5, 0.0])
+def test_a_queue_well_below_capacity_is_worked_off_and_overload_still_cut(
+    serve: Callable[..., Served], overload_fraction: float
+) -> None:
+    """Ten calls at once to 5 ms handlers on the loop with a strict 10 ms bound: alone in
+    the last 0.2 s they take about a quarter of the server, so the queue is transient and
+    may wait up to the reload bound (1 s): every call is answered. With the rule off (the
+    reference, fraction 0) the burst's tail is refused. Calls every millisecond (five times
+    what the server can do) are overload either way: most are refused, and the answered ones
+    wait about the strict bound, not the reload bound."""
+    s = warm_loop_server(
+        serve, burst_wait_s=None, reload_wait_s=1.0, overload_fraction=overload_fraction
+    )
+    time.sleep(0.3)  # the warm-up's calls leave the 0.2 s window
+    refused = burst_refusals(s.port)
+    if overload_fraction == 0:
+        assert refused >= 2
+    else:
+        assert refused == 0
+    assert s.sample("slimrank_shed_requests_total", {"reason": "wait"}) == refused
+    time.sleep(0.3)
+    answers = drive(s.port, 150, 0.001)
+    accepted = [t for code, t in answers if code == grpc.StatusCode.OK]
+    cut = [t for code, t in answers if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(accepted) + len(cut) == len(answers)
+    assert len(cut) >= len(answers) // 2
+    # Admitted under the 1 s bound, the last calls would wait for all 150 x 5 ms ahead.
+    assert max(accepted) < 0.4, sorted(accepted)[-5:]
+
+
+def test_the_offered_rate_counts_the_calls_of_the_last_window() -> None:
+    rate = OfferedRate(window_s=0.2, min_span_s=0.02)
+    assert rate.note(10.0) == pytest.approx(1 / 0.02)  # the first call: over min_span
+    for i in range(1, 11):  # ten more at 100/s: 11 calls over 0.1 s
+        last = rate.note(10.0 + i * 0.01)
+    assert last == pytest.approx(11 / 0.1)
+    for i in range(11, 41):
+        last = rate.note(10.0 + i * 0.01)
+    assert last == pytest.approx(20 / 0.2)  # a full window: its 20 calls (the edge left out)
+    # A freeze of 150 ms: the calls sent meanwhile are taken late, all at once; the window
+    # still holds about the same number of calls.
+    held = [rate.note(10.55 + i * 1e-4) for i in range(15)]
+    assert held[-1] == pytest.approx((5 + 15) / 0.2)
+    assert rate.note(20.0) == pytest.approx(1 / 0.2)  # after a pause: this call alone
+    with pytest.raises(ValueError, match="need both > 0"):
+        OfferedRate(window_s=0.0)
+
+
+def test_a_transient_queue_may_wait_up_to_the_reload_bound() -> None:
+    admission = Admission(
+        limit=4,
+        total=64,
+        max_wait_s=0.005,
+        burst_wait_s=0.03,
+        reload_wait_s=0.25,
+        overload_fraction=0.5,
+    )
+    admission.observe(0.004)
+    # Overload remembered (standing inf): 5 ms, unless the load offered is well below capacity.
+    assert admission.wait_bound_s(math.inf, load=0.49) == 0.25
+    assert admission.wait_bound_s(math.inf, load=0.5) == 0.005
+    assert admission.wait_bound_s(math.inf) == 0.005  # unknown load: the strict bound
+    assert admission.wait_bound_s(0.01, load=0.9) == 0.03  # a young burst: the burst bound
+    assert isinstance(admission.enter(True, queued=50, standing_s=math.inf, load=0.3), Ticket)
+    assert admission.enter(True, queued=50, standing_s=math.inf, load=0.7) is Refusal.WAIT
+    assert admission.enter(True, queued=70, standing_s=math.inf, load=0.3) is Refusal.WAIT
+    off = Admission(limit=4, total=64, max_wait_s=0.005, reload_wait_s=0.25)  # fraction 0
+    assert off.wait_bound_s(math.inf, load=0.0) == 0.005
+    no_reload_bound = Admission(limit=4, total=64, max_wait_s=0.005, overload_fraction=0.5)
+    assert no_reload_bound.wait_bound_s(math.inf, load=0.1) == 0.005
+
+
 def test_overload_is_remembered_for_the_recovery_time_after_the_queue_empties() -> None:
     queue = StandingQueue(burst_wait_s=0.030, recovery_s=1.0, now=0.0)
     assert queue.standing(0.010) == pytest.approx(0.010)  # a burst, 10 ms old
@@ -645,6 +718,7 @@ def test_a_queue_behind_a_reload_is_worked_off_not_refused(
             max_wait_s=0.01,
             burst_wait_s=None,
             reload_wait_s=reload_wait_s,
+            overload_fraction=0.0,  # a burst at an idle server is transient too: not here
             core_queue_refresh_s=0.0,
         ),
         slow_load,

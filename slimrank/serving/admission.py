@@ -13,11 +13,15 @@ While a bundle loads beside the serving threads (:class:`LoadActivity`), the wai
 ``reload_wait_s`` instead: the load takes the GIL and a core's time slices from the event
 loop for seconds, so calls queue behind it for tens of milliseconds at a load the server
 otherwise answers at once. That queue is the load's, not overload, and refusing it would fail
-calls that are answered a few milliseconds later.
+calls that are answered a few milliseconds later. The same holds for any queue that forms
+while the calls offered over the last moment (:class:`OfferedRate`) are well below what the
+server can do (``overload_fraction``): a random burst, a freeze of the machine, a neighbour
+taking the core for a while. Such a queue is worked off at the server's spare capacity.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import math
@@ -197,8 +201,11 @@ class Admission:
     server queues; see "Fail at Scale", ACM Queue 13(8), 2015). :class:`StandingQueue`
     tells how long the queue has stood, and remembers overload for ``burst_recovery_s``.
 
-    While ``loading`` is active, the bound is at least ``reload_wait_s`` (None: no change),
-    and for the calls a stall of the server held up, at least the stall's length (the
+    While ``loading`` is active, and while the calls offered keep the server below
+    ``overload_fraction`` of its capacity (the caller says how busy, ``load``: calls offered
+    per second times what one costs; None: unknown), the bound is at least ``reload_wait_s``
+    (None: no change): such a queue is transient, not overload. For the calls a stall of
+    the server held up, the bound is at least the stall's length (the
     caller says which calls those are, ``stall_s``; else every call for twice as long as the
     stall lasted, :meth:`LoadActivity.stall_s`). A bound widened so also lifts ``limit`` to
     ``total``: the calls that queued behind the load or the stall may be in progress (queued
@@ -218,6 +225,7 @@ class Admission:
         burst_recovery_s: float = 0.25,
         reload_wait_s: float | None = None,
         loading: LoadActivity | None = None,
+        overload_fraction: float = 0.0,
     ) -> None:
         if limit < 1 or total < limit:
             raise ValueError(f"Admission(limit={limit}, total={total}): need 1 <= limit <= total")
@@ -228,6 +236,7 @@ class Admission:
         self.burst_recovery_s = burst_recovery_s
         self.reload_wait_s = reload_wait_s
         self.loading = loading
+        self.overload_fraction = overload_fraction
         self.parallel = max(1, parallel)
         self.smoothing = smoothing
         self.mean_service_s = 0.0  # no estimate until the first observe()
@@ -250,28 +259,41 @@ class Admission:
         return self.limited_in_progress * per_call + queued_s
 
     def wait_bound_s(
-        self, standing_s: float | None = None, stall_s: float | None = None
+        self,
+        standing_s: float | None = None,
+        stall_s: float | None = None,
+        load: float | None = None,
     ) -> float | None:
         """The longest expected wait a limited call is admitted with when calls have waited
         without a break for ``standing_s`` (None: unknown, which counts as overload).
         ``stall_s``: how long the calls ahead of this one were held up by a stall of the
-        server (None: the last stall's, :meth:`LoadActivity.stall_s`, for its whole tail)."""
-        return self._bound(standing_s, stall_s)[0]
+        server (None: the last stall's, :meth:`LoadActivity.stall_s`, for its whole tail).
+        ``load``: the share of the server's capacity offered of late (None: unknown)."""
+        return self._bound(standing_s, stall_s, load)[0]
 
-    def _bound(self, standing_s: float | None, stall_s: float | None) -> tuple[float | None, bool]:
-        """:meth:`wait_bound_s` and whether a load or a stall widened it."""
+    def transient(self, load: float | None) -> bool:
+        """Whether a queue at offered ``load`` (a share of capacity) is transient."""
+        return load is not None and load < self.overload_fraction
+
+    def _bound(
+        self, standing_s: float | None, stall_s: float | None, load: float | None
+    ) -> tuple[float | None, bool]:
+        """:meth:`wait_bound_s` and whether a load, a stall or a transient queue widened it."""
         burst = self.burst_wait_s
         if self.max_wait_s is None or burst is None or standing_s is None or standing_s >= burst:
             bound = self.max_wait_s
         else:
             bound = max(burst, self.max_wait_s)
-        loading = self.loading
-        if bound is None or loading is None:
+        if bound is None:
             return bound, False
         usual = bound
-        if self.reload_wait_s is not None and loading.active():
+        loading = self.loading
+        if self.reload_wait_s is not None and (
+            (loading is not None and loading.active()) or self.transient(load)
+        ):
             bound = max(bound, self.reload_wait_s)
-        bound = max(bound, loading.stall_s() if stall_s is None else stall_s)
+        if loading is not None:
+            bound = max(bound, loading.stall_s() if stall_s is None else stall_s)
         return bound, bound > usual
 
     def enter(
@@ -281,6 +303,7 @@ class Admission:
         take_interval_s: float | None = None,
         standing_s: float | None = None,
         stall_s: float | None = None,
+        load: float | None = None,
     ) -> Ticket | Refusal:
         """Take a slot and return its ticket, or the :class:`Refusal` when the call must be
         refused.
@@ -288,12 +311,12 @@ class Admission:
         ``queued``: calls known to wait ahead of this one besides those in progress;
         ``take_interval_s``: how long each of them holds up the ones behind it, if known;
         ``standing_s``: how long calls have waited without a break (see ``burst_wait_s``);
-        ``stall_s``: see :meth:`wait_bound_s`."""
+        ``stall_s``, ``load``: see :meth:`wait_bound_s`."""
         with self.lock:
             if self.total_in_progress >= self.total:
                 return Refusal.TOTAL
             if limited:
-                bound, widened = self._bound(standing_s, stall_s)
+                bound, widened = self._bound(standing_s, stall_s, load)
                 if self.limited_in_progress >= (self.total if widened else self.limit):
                     return Refusal.IN_PROGRESS
                 if bound is not None and self.expected_wait_s(queued, take_interval_s) > bound:
@@ -302,6 +325,38 @@ class Admission:
             if limited:
                 self.limited_in_progress += 1
         return Ticket(self, limited)
+
+
+class OfferedRate:
+    """Calls offered per second over the last ``window_s`` (one caller thread; times from
+    its clock).
+
+    Counted when the server takes them, accepted or refused. A window of a few hundred
+    milliseconds keeps the rate when a freeze delays calls (they are taken late, but within
+    it) and lets it rise within tens of milliseconds when overload begins. Until a window has
+    passed since the first call, the rate is over the time since then (at least
+    ``min_span_s``).
+    """
+
+    def __init__(self, window_s: float = 0.2, min_span_s: float = 0.02) -> None:
+        if window_s <= 0 or min_span_s <= 0:
+            raise ValueError(f"OfferedRate({window_s}, {min_span_s}): need both > 0")
+        self.window_s = window_s
+        self.min_span_s = min_span_s
+        self._times: collections.deque[float] = collections.deque()
+        self._first: float | None = None
+
+    def note(self, now: float) -> float:
+        """Count one call offered at ``now``; return the calls per second up to it."""
+        times = self._times
+        times.append(now)
+        if self._first is None:
+            self._first = now
+        edge = now - self.window_s
+        while times[0] <= edge:
+            times.popleft()
+        span = min(self.window_s, now - self._first)
+        return len(times) / max(span, self.min_span_s)
 
 
 class HeldUpCalls:

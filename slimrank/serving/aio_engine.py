@@ -38,6 +38,7 @@ import grpc
 from slimrank.serving.admission import (
     Admission,
     HeldUpCalls,
+    OfferedRate,
     Refusal,
     StandingQueue,
     Ticket,
@@ -237,6 +238,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self._last_model_take: float | None = None  # the last accepted one-request model call
         # Which calls (counted in _taken) the last stall seen held up.
         self._held_up = HeldUpCalls()
+        self._offered = OfferedRate()  # model calls offered per second, refused ones too
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -320,7 +322,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 ):
                     self._queue.empty(accepted)
                 standing = self._queue.standing(accepted)
-            ticket = self._admission.enter(limited, queued, take_interval, standing, stall)
+            load = self._load(accepted, take_interval) if limited else None
+            ticket = self._admission.enter(limited, queued, take_interval, standing, stall, load)
             if isinstance(ticket, Refusal):
                 self._metrics.refused(ticket)
                 self._metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
@@ -341,6 +344,14 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+    def _load(self, now: float, take_interval: float | None) -> float:
+        """The share of the server's capacity that the model calls offered of late take: their
+        rate (this one counted) times what one costs (the measured time between two calls
+        taken from a queue, else a handler's mean time over the handlers)."""
+        admission = self._admission
+        cost = take_interval or admission.mean_service_s / admission.parallel
+        return self._offered.note(now) * cost
 
     def _notice_stall(self, now: float, take_interval: float | None) -> None:
         """Tell admission when the server stood still before ``now``.

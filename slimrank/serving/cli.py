@@ -114,8 +114,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--reload-wait-ms",
         type=float,
         default=DEFAULT_RELOAD_WAIT_MS,
-        help="while a bundle loads (and for 0.5 s after), let calls wait up to this: the "
-        "queue a reload causes is worked off, not refused; 0: no change (default %(default)s)",
+        help="while a bundle loads (and for 0.5 s after), or while the calls offered take "
+        "less than --overload-fraction of the server, let calls wait up to this: the queue a "
+        "reload, a burst or a freeze causes is worked off, not refused; 0: no change "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--overload-fraction",
+        type=float,
+        default=defaults.overload_fraction,
+        help="a queue is overload only when the model calls offered over the last 0.2 s take "
+        "at least this share of the server's capacity (their rate times the measured cost "
+        "of one); below it a queue may wait up to --reload-wait-ms; 0: every standing queue "
+        "is overload (default %(default)s)",
     )
     p.add_argument(
         "--freeze-watch-ms",
@@ -239,6 +250,7 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             max_wait_s=max_wait_s,
             burst_wait_s=burst_wait_s,
             reload_wait_s=reload_wait_s,
+            overload_fraction=args.overload_fraction,
             burst_recovery_s=args.burst_recovery_ms / 1000,
             freeze_watch_s=_wait_bound_s(parser, "--freeze-watch-ms", args.freeze_watch_ms),
             core_queue_refresh_s=(

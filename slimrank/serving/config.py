@@ -48,7 +48,11 @@ class ServerConfig(Config):
     and are worked off, not refused (a stall: over 50 ms and 4x the usual time between two
     calls); such a time counts as 4x the mean in the estimates. While a bundle loads (a
     reload, and half a second after it), the bound is at least ``reload_wait_s`` (None: no
-    change): the queue a load causes is worked off, not refused. A thread that wakes every
+    change): the queue a load causes is worked off, not refused. So is a queue that forms
+    while the model calls offered over the last 0.2 s take less than ``overload_fraction`` of
+    the server's capacity (their rate times the measured cost of a call; 0: never): a random
+    burst, a freeze of the machine or a busy neighbour at a load the server holds, not
+    overload. A thread that wakes every
     ``freeze_watch_s`` (aio; None: none) notices a stall that began while the server was idle,
     which no two calls show (:mod:`slimrank.serving.freeze_watch`).
 
@@ -72,6 +76,7 @@ class ServerConfig(Config):
     burst_wait_s: float | None = None  # slimrank serve: --burst-wait-ms, 30 ms by default
     burst_recovery_s: float = 0.25
     reload_wait_s: float | None = None  # slimrank serve: --reload-wait-ms, 250 ms by default
+    overload_fraction: float = 0.5
     freeze_watch_s: float | None = 0.01
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
@@ -140,6 +145,13 @@ class ServerConfig(Config):
             "reload_wait_s",
             self.reload_wait_s,
             "must be None or > 0",
+        )
+        require(
+            0 <= self.overload_fraction <= 1,
+            self,
+            "overload_fraction",
+            self.overload_fraction,
+            "must be in [0, 1] (0: every standing queue is overload)",
         )
         require(
             self.freeze_watch_s is None or 0 < self.freeze_watch_s < math.inf,

@@ -335,6 +335,7 @@ async def _start_aio(
         burst_recovery_s=config.burst_recovery_s,
         reload_wait_s=config.reload_wait_s,
         loading=loading,
+        overload_fraction=config.overload_fraction,
     )
     serving = ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
     servers_before = CoreQueue.server_ids() if config.core_queue_refresh_s is not None else None
