@@ -182,10 +182,17 @@ class ServerProcess:
     """A server subprocess; the target comes from its ready line."""
 
     def __init__(
-        self, argv: list[str], timeout_s: float = 600, env: dict[str, str] | None = None
+        self,
+        argv: list[str],
+        timeout_s: float = 600,
+        env: dict[str, str] | None = None,
+        code: Path = ROOT,
     ) -> None:
+        """Run ``argv`` (``python -m slimrank.cli serve ...``) in ``code``, a checkout: ``-m``
+        puts the working directory first on ``sys.path``, so that checkout's ``slimrank`` is
+        served (``PYTHONPATH`` alone would lose to it)."""
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})}
+            argv, stdout=subprocess.PIPE, text=True, cwd=code, env={**os.environ, **(env or {})}
         )
         line = ""
         deadline = time.monotonic() + timeout_s
@@ -236,6 +243,19 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(10)
         return int(self.proc.returncode)
+
+
+def imported_tree(code: Path) -> Path:
+    """The checkout whose ``slimrank`` a ``python -m slimrank.cli`` started in ``code``
+    imports (checked by starting one: an A/B that served one tree twice measured nothing)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import slimrank; print(slimrank.__file__)"],
+        cwd=code,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip()).resolve().parent.parent
 
 
 # -- the load generator --------------------------------------------------------------------

@@ -2,11 +2,15 @@
 
     .venv/bin/python bench/serving_ab.py --a old=../wt-old --b new=. --rate 400 --pairs 12
 
-Each tree is a checkout of slimrank (``git worktree add ../wt-old <rev>``) put first on
-``PYTHONPATH`` of a ``slimrank serve`` subprocess, so both variants run from this venv with
-the same libraries. Pair i serves the bundle with one tree and then the other (the order
-alternates from pair to pair, so a drift of the machine's speed favours neither) and offers
-each the same seeded Poisson schedule of ``--calls`` Recommend calls at ``--rate``/s
+Each tree is a checkout of slimrank (``git worktree add ../wt-old <rev>``); its ``slimrank
+serve`` subprocess runs in that directory (``python -m`` puts it first on ``sys.path``), so
+both variants run from this venv with the same libraries, and before the first run the tool
+checks that each tree's server imports its own ``slimrank``. (Until 2026-12-01 the tool put
+the tree on ``PYTHONPATH`` and started every server in this checkout, whose ``slimrank`` came
+first: both variants served this checkout's code.) Pair i serves the bundle with one tree
+and then the other (the order alternates from pair to pair, so a drift of the machine's
+speed favours neither) and offers each the same seeded Poisson schedule of ``--calls``
+Recommend calls at ``--rate``/s
 (``bench/loadgen.py``, 2 s deadlines, known users of the bundle). Per run it records the
 calls answered, refused (RESOURCE_EXHAUSTED) and failed otherwise, p50/p99 of the answered
 ones from their scheduled send, the server's CPU time per call, its counters, and the load
@@ -32,7 +36,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import drive, job_for
-from serving import ROOT, ServerProcess, _cpu_seconds, cpu_features, demo_requests_from
+from serving import (
+    ROOT,
+    ServerProcess,
+    _cpu_seconds,
+    cpu_features,
+    demo_requests_from,
+    imported_tree,
+)
 
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 COUNTERS = ("slimrank_shed_requests_total", "slimrank_stalls_total")
@@ -58,7 +69,7 @@ def one_run(
     """Serve ``bundles`` from ``tree``, offer the seeded schedule, return the run's figures."""
     argv = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(bundles)]
     argv += ["--port", "0", "--metrics-port", "0", *args.serve_args]
-    server = ServerProcess(argv, env={"PYTHONPATH": str(tree)})
+    server = ServerProcess(argv, code=tree)
     try:
         cpu0 = _cpu_seconds(server.pids)
         job = job_for(server.target, RECOMMEND, requests, args.rate, args.calls, seed=seed)
@@ -183,6 +194,10 @@ def main() -> int:
     (a, tree_a), (b, tree_b) = args.a, args.b
     if a == b:
         parser.error("--a and --b need different labels")
+    for flag, (label, tree) in (("--a", args.a), ("--b", args.b)):
+        served = imported_tree(tree)
+        if served != tree:
+            parser.error(f"{flag} {label}: a server started in {tree} imports {served}'s slimrank")
     requests = demo_requests_from(args.bundles)
     runs = []
     for pair in range(args.pairs):

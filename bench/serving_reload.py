@@ -57,6 +57,7 @@ from serving import (  # noqa: E402
     ServerProcess,
     cpu_features,
     demo_requests_from,
+    imported_tree,
     status_kib,
 )
 
@@ -257,8 +258,18 @@ def main() -> int:
         help="reloads during the run (0: a control run under the same load, none)",
     )
     parser.add_argument("--name", help="results file suffix (default: the bundles dir's name)")
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=ROOT,
+        help="serve the slimrank of this checkout (a git worktree of another commit; "
+        "default: this one)",
+    )
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()
+    args.code = args.code.resolve()
+    if imported_tree(args.code) != args.code:
+        parser.error(f"--code {args.code}: a server started there imports another slimrank")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     from slimrank.bundle import store
@@ -282,7 +293,7 @@ def main() -> int:
     argv = [str(cli), "serve", "--bundles", str(scratch), "--port", "0", "--metrics-port", "0"]
     argv += ["--poll-interval", str(args.poll_interval)]
     launched = time.perf_counter()
-    server = ServerProcess(argv, timeout_s=RELOAD_TIMEOUT_S)
+    server = ServerProcess(argv, timeout_s=RELOAD_TIMEOUT_S, code=args.code)
     startup_s = time.perf_counter() - launched
     pid = server.pids[0]
     try:
@@ -351,6 +362,7 @@ def main() -> int:
         "server_counters": counted,
         "shed_by_reason": shed_by,
         "command": "bench/serving_reload.py " + " ".join(sys.argv[1:]),
+        "code": str(args.code),
     }
     text = markdown(report)
     print(text)
