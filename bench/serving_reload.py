@@ -289,8 +289,10 @@ def main() -> int:
     bundle_mib = sum(f.stat().st_size for f in (scratch / current).rglob("*") if f.is_file())
     requests = demo_requests_from(scratch)
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
-    cli = Path(sys.executable).parent / "slimrank"
-    argv = [str(cli), "serve", "--bundles", str(scratch), "--port", "0", "--metrics-port", "0"]
+    # python -m, not the console script: -m imports the slimrank of the working directory
+    # (--code), the console script the installed one.
+    argv = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(scratch)]
+    argv += ["--port", "0", "--metrics-port", "0"]
     argv += ["--poll-interval", str(args.poll_interval)]
     launched = time.perf_counter()
     server = ServerProcess(argv, timeout_s=RELOAD_TIMEOUT_S, code=args.code)
