@@ -186,3 +186,21 @@ def test_the_take_interval_is_an_exponential_average_forgotten_after_a_second() 
     assert queue.take_interval() is None
     queue.observe_take(0.050)
     assert queue.take_interval() == pytest.approx(0.050)  # starts afresh
+
+
+def test_a_stall_between_two_takes_is_not_taken_for_the_cost_of_a_call() -> None:
+    """The process froze for 0.3 s between two takes: with the average forgotten, that interval
+    would become the cost of every queued call (30 queued: 9 s expected, all refused)."""
+    now = [0.0]
+    queue = CoreQueue(lambda: (0, 0), clock=lambda: now[0])
+    queue.observe_take(0.3, usual_s=0.003)  # a handler takes 3 ms: a stall, left out
+    assert queue.take_interval() is None
+    queue.observe_take(0.004, usual_s=0.003)
+    assert queue.take_interval() == pytest.approx(0.004)
+    queue.observe_take(0.3)  # against the average (4 ms) too
+    assert queue.take_interval() == pytest.approx(0.004)
+    queue.observe_take(0.012)  # slow, not a stall (under 50 ms): counted
+    assert queue.take_interval() == pytest.approx(0.004 + 0.05 * 0.008)
+    fresh = CoreQueue(lambda: (0, 0), clock=lambda: now[0])
+    fresh.observe_take(0.3)  # nothing to compare it with (no call has finished yet): kept
+    assert fresh.take_interval() == pytest.approx(0.3)

@@ -281,7 +281,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             # one came as soon as the server could take it, so the interval is what an accepted
             # call holds up the ones queued behind it. (Refusals take far less; counting them
             # would let the queue grow with calls that are then accepted.)
-            core_queue.observe_take(accepted - self._last_take)
+            admission = self._admission
+            usual = admission.mean_service_s / admission.parallel
+            core_queue.observe_take(accepted - self._last_take, usual)
         self._last_take = None  # set again below if this call is an accepted model call
         self._taken += 1
         if task is not None:  # always under grpc.aio: the call's own task
@@ -351,7 +353,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         taken from a queue, else a handler's mean time over the handlers)."""
         admission = self._admission
         cost = take_interval or admission.mean_service_s / admission.parallel
-        return self._offered.note(now) * cost
+        load = self._offered.note(now) * cost
+        self._metrics.offered_load.set(load)
+        return load
 
     def _notice_stall(self, now: float, take_interval: float | None) -> None:
         """Tell admission when the server stood still before ``now``.

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from slimrank.serving.admission import smoothed
+from slimrank.serving.admission import is_stall, smoothed
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,19 @@ class CoreQueue:
 
         return cls(read, refresh_s)
 
-    def observe_take(self, interval_s: float) -> None:
-        """Record the time between two calls taken while calls were waiting in the core."""
+    def observe_take(self, interval_s: float, usual_s: float = 0.0) -> None:
+        """Record the time between two calls taken while calls were waiting in the core.
+
+        An interval that is a stall (:func:`is_stall`) against ``usual_s`` (a handler's mean
+        time) or the average is left out: the process stood still between the two takes, which
+        is not what a call costs. (Taken as the first sample after the average was forgotten, a
+        0.3 s freeze of the 1M server became the cost of every queued call, and the server
+        refused nearly every call for the next second.)"""
         now = self._clock()
         if now - self._take_seen_at > _TAKE_MEMORY_S:
             self.take_interval_s = None  # an old average says little about this queue
+        if is_stall(interval_s, max(usual_s, self.take_interval_s or 0.0)):
+            return
         self.take_interval_s = smoothed(self.take_interval_s, interval_s, self.smoothing)
         self._take_seen_at = now
 
