@@ -87,6 +87,15 @@ class ServingMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.offered_load = Gauge(
+            "slimrank_offered_load",
+            "Share of a process's capacity that the model calls offered over the last 0.2 s "
+            "take (their rate times the measured cost of one call), at the last call; the "
+            "busiest process with --workers. Below --overload-fraction a queue is worked off, "
+            "not refused.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.shed = Counter(
             "slimrank_shed_requests",
             "Calls refused with RESOURCE_EXHAUSTED when they arrived, by the admission bound "
