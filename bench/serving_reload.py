@@ -197,7 +197,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['loadavg_before']} / {report['loadavg_after']}",
         "",
         f"`slimrank serve --bundles <scratch root> --port 0 --metrics-port 0 --poll-interval "
-        f"{report['poll_interval_s']:g}` (one process, defaults otherwise); "
+        f"{report['poll_interval_s']:g}{''.join(' ' + a for a in report.get('serve_args', []))}` "
+        "(one process, defaults otherwise); "
         f"{report['rate']:g} Recommend calls/s for known users, open loop, "
         f"{report['duration_s']:g} s; versions `{report['versions'][0]}` (CURRENT) and "
         f"`{report['versions'][1]}`, {report['bundle_mib']:.0f} MiB each. Each reload is "
@@ -258,6 +259,7 @@ def main() -> int:
         help="reloads during the run (0: a control run under the same load, none)",
     )
     parser.add_argument("--name", help="results file suffix (default: the bundles dir's name)")
+    parser.add_argument("serve_args", nargs="*", help="more `slimrank serve` flags, after --")
     parser.add_argument(
         "--code",
         type=Path,
@@ -293,7 +295,7 @@ def main() -> int:
     # (--code), the console script the installed one.
     argv = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(scratch)]
     argv += ["--port", "0", "--metrics-port", "0"]
-    argv += ["--poll-interval", str(args.poll_interval)]
+    argv += ["--poll-interval", str(args.poll_interval), *args.serve_args]
     launched = time.perf_counter()
     server = ServerProcess(argv, timeout_s=RELOAD_TIMEOUT_S, code=args.code)
     startup_s = time.perf_counter() - launched
@@ -355,6 +357,7 @@ def main() -> int:
         "rate": args.rate,
         "duration_s": args.duration,
         "poll_interval_s": args.poll_interval,
+        "serve_args": args.serve_args,
         "startup_s": round(startup_s, 2),
         "rss_ready_mib": round(rss_ready, 1),
         "rss_after_mib": round(rss_after, 1),

@@ -76,7 +76,7 @@ class ServerConfig(Config):
     burst_wait_s: float | None = None  # slimrank serve: --burst-wait-ms, 30 ms by default
     burst_recovery_s: float = 0.25
     reload_wait_s: float | None = None  # slimrank serve: --reload-wait-ms, 250 ms by default
-    overload_fraction: float = 0.5
+    overload_fraction: float = 0.8
     freeze_watch_s: float | None = 0.01
     switch_interval_s: float | None = None
     host: str = "127.0.0.1"
