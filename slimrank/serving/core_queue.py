@@ -133,13 +133,10 @@ class CoreQueue:
         time) or the average is left out: the process stood still between the two takes, which
         is not what a call costs. (Taken as the first sample after the average was forgotten, a
         0.3 s freeze of the 1M server became the cost of every queued call, and the server
-        refused nearly every call for the next second.) A forgotten average starts again from
-        ``usual_s``."""
+        refused nearly every call for the next second.)"""
         now = self._clock()
         if now - self._take_seen_at > _TAKE_MEMORY_S:
-            # An old average says little about this queue. Start again from a handler's time
-            # when known, so that one odd interval does not become the whole average.
-            self.take_interval_s = usual_s or None
+            self.take_interval_s = None  # an old average says little about this queue
         if is_stall(interval_s, max(usual_s, self.take_interval_s or 0.0)):
             return
         self.take_interval_s = smoothed(self.take_interval_s, interval_s, self.smoothing)
