@@ -25,6 +25,7 @@ from slimrank.serving.admission import (
     Admission,
     HeldUpCalls,
     LoadActivity,
+    LoadMemory,
     OfferedRate,
     Refusal,
     StandingQueue,
@@ -475,6 +476,17 @@ def test_the_offered_rate_counts_the_calls_of_the_last_window() -> None:
     assert rate.note(20.0) == pytest.approx(1 / 0.2)  # after a pause: this call alone
     with pytest.raises(ValueError, match="need both > 0"):
         OfferedRate(window_s=0.0)
+
+
+def test_a_high_load_is_remembered_for_the_hold_time() -> None:
+    memory = LoadMemory(threshold=0.8, hold_s=0.25)
+    assert memory.load(1.0, 0.3) == 0.3  # nothing high seen
+    assert memory.load(1.1, 1.5) == 1.5
+    assert memory.load(1.2, 0.4) == 0.8  # a dip under overload: still at the threshold
+    assert memory.load(1.34, 0.4) == 0.8
+    assert memory.load(1.36, 0.4) == 0.4  # 0.26 s after the high one
+    assert memory.load(1.4, 0.8) == 0.8  # the threshold itself is high
+    assert memory.load(1.6, 0.5) == 0.8
 
 
 def test_a_transient_queue_may_wait_up_to_the_reload_bound() -> None:

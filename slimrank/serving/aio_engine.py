@@ -38,6 +38,7 @@ import grpc
 from slimrank.serving.admission import (
     Admission,
     HeldUpCalls,
+    LoadMemory,
     OfferedRate,
     Refusal,
     StandingQueue,
@@ -239,6 +240,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # Which calls (counted in _taken) the last stall seen held up.
         self._held_up = HeldUpCalls()
         self._offered = OfferedRate()  # model calls offered per second, refused ones too
+        self._high_load = LoadMemory(admission.overload_fraction, admission.burst_recovery_s)
         self._admission = admission
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
@@ -357,12 +359,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
     def _load(self, now: float, take_interval: float | None) -> float:
         """The share of the server's capacity that the model calls offered of late take: their
         rate (this one counted) times what one costs (the measured time between two calls
-        taken from a queue, else a handler's mean time over the handlers)."""
+        taken from a queue, else a handler's mean time over the handlers); at least the
+        overload fraction for ``burst_recovery_s`` after it reached it (:class:`LoadMemory`)."""
         admission = self._admission
         cost = take_interval or admission.mean_service_s / admission.parallel
         load = self._offered.note(now) * cost
         self._metrics.offered_load.set(load)
-        return load
+        return self._high_load.load(now, load)
 
     def _notice_stall(self, now: float, take_interval: float | None) -> None:
         """Tell admission when the server stood still before ``now``.
