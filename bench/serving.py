@@ -221,7 +221,8 @@ class ServerProcess:
         by: dict[str, float] = {}
         for s in self._samples() or []:
             if s.name == name:
-                by[s.labels.get(label, "")] = by.get(s.labels.get(label, ""), 0.0) + s.value
+                value = s.labels.get(label, "")
+                by[value] = by.get(value, 0.0) + s.value
         return by
 
     def _samples(self) -> list[Any] | None:

@@ -252,9 +252,15 @@ class Admission:
         with self.lock:
             self.mean_service_s = smoothed(self.mean_service_s, service_s, self.smoothing)
 
+    @property
+    def per_call_s(self) -> float:
+        """A handler's mean time over the ``parallel`` handlers: how long one call in progress
+        holds up the calls behind it (0.0 until the first :meth:`observe`)."""
+        return self.mean_service_s / self.parallel
+
     def expected_wait_s(self, queued: int = 0, take_interval_s: float | None = None) -> float:
         """How long a limited call admitted now would wait for those ahead of it."""
-        per_call = self.mean_service_s / self.parallel
+        per_call = self.per_call_s
         queued_s = queued * (per_call if take_interval_s is None else take_interval_s)
         return self.limited_in_progress * per_call + queued_s
 

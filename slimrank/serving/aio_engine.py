@@ -290,9 +290,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             # (Refusals take far less; counting them would let the queue grow with calls that
             # are then accepted. A pause means the wait the count showed was not there: on the
             # 1M bundle at 100 calls/s such idle intervals made a call cost 10 ms, not 4.5.)
-            admission = self._admission
-            usual = admission.mean_service_s / admission.parallel
-            core_queue.observe_take(accepted - self._last_take, usual)
+            core_queue.observe_take(accepted - self._last_take, self._admission.per_call_s)
         self._last_take = None  # set again below if this call is an accepted model call
         self._taken += 1
         if task is not None:  # always under grpc.aio: the call's own task
@@ -361,8 +359,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         rate (this one counted) times what one costs (the measured time between two calls
         taken from a queue, else a handler's mean time over the handlers); at least the
         overload fraction for ``burst_recovery_s`` after it reached it (:class:`LoadMemory`)."""
-        admission = self._admission
-        cost = take_interval or admission.mean_service_s / admission.parallel
+        cost = take_interval or self._admission.per_call_s
         load = self._offered.note(now) * cost
         self._metrics.offered_load.set(load)
         return self._high_load.load(now, load)
@@ -389,7 +386,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             return
         # A handler's mean time as well: two calls can be taken back to back before either
         # runs, so the take interval alone can be far below what a call holds the loop.
-        usual = max(take_interval or 0.0, admission.mean_service_s / admission.parallel)
+        usual = max(take_interval or 0.0, admission.per_call_s)
         gap = now - last
         if is_stall(gap, usual) and loading.stalled(gap):
             self._metrics.stalls.inc()
