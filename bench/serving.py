@@ -246,6 +246,16 @@ class ServerProcess:
         return int(self.proc.returncode)
 
 
+def checkout(path: str) -> Path:
+    """``path`` as the absolute path of a slimrank checkout (an argparse ``type``)."""
+    tree = Path(path).resolve()
+    if not (tree / "slimrank" / "cli.py").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{path!r} is not a slimrank checkout (no slimrank/cli.py)"
+        )
+    return tree
+
+
 def imported_tree(code: Path) -> Path:
     """The checkout whose ``slimrank`` a ``python -m slimrank.cli`` started in ``code``
     imports (checked by starting one: an A/B that served one tree twice measured nothing)."""

@@ -40,6 +40,7 @@ from serving import (
     ROOT,
     ServerProcess,
     _cpu_seconds,
+    checkout,
     cpu_features,
     demo_requests_from,
     imported_tree,
@@ -52,10 +53,9 @@ COUNTERS = ("slimrank_shed_requests_total", "slimrank_stalls_total")
 def variant(spec: str) -> tuple[str, Path]:
     """``label=path`` -> (label, the checkout's absolute path), checked."""
     label, sep, path = spec.partition("=")
-    tree = Path(path).resolve()
-    if not sep or not label or not (tree / "slimrank" / "cli.py").is_file():
+    if not sep or not label:
         raise argparse.ArgumentTypeError(f"{spec!r}: want LABEL=PATH of a slimrank checkout")
-    return label, tree
+    return label, checkout(path)
 
 
 def one_run(

@@ -55,6 +55,7 @@ from serving import (  # noqa: E402
     RECOMMEND,
     RESULTS,
     ServerProcess,
+    checkout,
     cpu_features,
     demo_requests_from,
     imported_tree,
@@ -262,14 +263,13 @@ def main() -> int:
     parser.add_argument("serve_args", nargs="*", help="more `slimrank serve` flags, after --")
     parser.add_argument(
         "--code",
-        type=Path,
+        type=checkout,
         default=ROOT,
         help="serve the slimrank of this checkout (a git worktree of another commit; "
         "default: this one)",
     )
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()
-    args.code = args.code.resolve()
     if imported_tree(args.code) != args.code:
         parser.error(f"--code {args.code}: a server started there imports another slimrank")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
