@@ -390,9 +390,27 @@ def test_a_burst_may_wait_up_to_the_burst_bound_until_the_queue_stands() -> None
     assert without.wait_bound_s(0.010) == 0.005
 
 
-def warm_loop_server(serve: Callable[..., Served], **overrides: Any) -> Served:
-    """A server with 5 ms handlers on the loop, a 10 ms wait bound and the core queue read on
-    every call, which has learnt what a call costs from 20 calls sent one at a time."""
+def stalling_snapshot(seconds: float, stall_s: float, stall: threading.Event) -> ModelSnapshot:
+    """:func:`slow_snapshot`, except that the first call after ``stall`` is set sleeps
+    ``stall_s``: on the event loop that holds the server still, as a frozen process is."""
+    base = slow_snapshot(seconds)
+    stalled = threading.Event()
+
+    def score(features: np.ndarray) -> np.ndarray:
+        if stall.is_set() and not stalled.is_set():
+            stalled.set()
+            time.sleep(stall_s)
+        return base.score(features)
+
+    return dataclasses.replace(base, score=score)
+
+
+def warm_loop_server(
+    serve: Callable[..., Served], snapshot: ModelSnapshot | None = None, **overrides: Any
+) -> Served:
+    """A server with 5 ms handlers on the loop (or ``snapshot``), a 10 ms wait bound and the
+    core queue read on every call, which has learnt what a call costs from 20 calls sent one
+    at a time."""
     fields = {
         "handler_threads": 0,
         "max_inflight": 16,
@@ -401,7 +419,7 @@ def warm_loop_server(serve: Callable[..., Served], **overrides: Any) -> Served:
         "core_queue_refresh_s": 0.0,
         **overrides,
     }
-    s = serve(slow_snapshot(0.005), ServerConfig(**fields))
+    s = serve(snapshot or slow_snapshot(0.005), ServerConfig(**fields))
     drive(s.port, 20, 0.02)
     return s
 
@@ -460,6 +478,44 @@ def test_a_queue_well_below_capacity_is_worked_off_and_overload_still_cut(
     assert max(accepted) < 0.4, sorted(accepted)[-5:]
 
 
+@pytest.mark.parametrize("overload_fraction", [0.8, 0.0])
+def test_the_calls_that_come_while_a_stalls_backlog_drains_are_answered(
+    serve: Callable[..., Served], overload_fraction: float
+) -> None:
+    """Calls every 20 ms to 5 ms handlers on the loop (a quarter of what the server does);
+    one call holds the loop for 1 s, as a frozen process is held. The ~50 calls that queued
+    meanwhile are taken in a rush after it, one as soon as the last is done: over the rate's
+    0.2 s window that reads as the server's whole capacity, however fast it works, i.e.
+    overload, and the calls that came behind the rush were refused. The rate read before
+    the stall holds through its tail, so the queue is transient, the calls behind the rush
+    may wait for it, and every call is answered. With the rule off (the reference, fraction
+    0) the calls behind the rush are refused."""
+    stall = threading.Event()
+    s = warm_loop_server(
+        serve,
+        stalling_snapshot(0.005, 1.0, stall),
+        reload_wait_s=0.25,
+        overload_fraction=overload_fraction,
+    )
+    timer = threading.Timer(1.0, stall.set)
+    timer.start()
+    try:
+        answers = drive(s.port, 150, 0.02)
+    finally:
+        timer.cancel()
+    assert stall.is_set()
+    codes = [code for code, _ in answers]
+    refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert codes.count(grpc.StatusCode.OK) + refused == len(codes), codes
+    assert s.sample("slimrank_stalls_total") >= 1
+    if overload_fraction == 0:
+        assert refused >= 5, "nothing refused with the rule off: the test would not notice"
+    else:
+        at = [i for i, code in enumerate(codes) if code != grpc.StatusCode.OK]
+        assert refused == 0, f"{refused} of {len(codes)} refused, calls {at}"
+        assert max(t for _, t in answers) < 1.6  # the stall and its backlog, nothing longer
+
+
 def test_the_offered_rate_counts_the_calls_of_the_last_window() -> None:
     rate = OfferedRate(window_s=0.2, min_span_s=0.02)
     assert rate.note(10.0) == pytest.approx(1 / 0.02)  # the first call: over min_span
@@ -474,6 +530,14 @@ def test_the_offered_rate_counts_the_calls_of_the_last_window() -> None:
     held = [rate.note(10.55 + i * 1e-4) for i in range(15)]
     assert held[-1] == pytest.approx((5 + 15) / 0.2)
     assert rate.note(20.0) == pytest.approx(1 / 0.2)  # after a pause: this call alone
+    # A stall's tail: the calls taken in a rush after it count, but the rate read before it
+    # holds until the tail is over.
+    for i in range(1, 21):  # 100/s again
+        before = rate.note(20.0 + i * 0.01)
+    assert before == pytest.approx(100, rel=0.06)
+    rush = [rate.note(21.0 + i * 0.002, hold=True) for i in range(60)]
+    assert rush == [before] * 60
+    assert rate.note(21.125) == pytest.approx(61 / 0.2)  # the tail is over: the window counts
     with pytest.raises(ValueError, match="need both > 0"):
         OfferedRate(window_s=0.0)
 
@@ -577,7 +641,9 @@ def test_calls_that_queued_while_the_server_stood_still_are_answered_not_refused
     calls it held up may wait as long as it lasted, so all ten are answered. That allowance is
     theirs only: 25 calls sent at once right after, within the stall's tail (300 ms), get the
     30 ms burst bound (most of them refused), and overload later (a call every millisecond)
-    is cut."""
+    is cut. The transient-queue rule is off: at the low rate read before the stall it would
+    let every call in the tail wait for the stall's backlog
+    (`test_the_calls_that_come_while_a_stalls_backlog_drains_are_answered`)."""
     snapshot, arm, frozen = frozen_once_snapshot(0.15)
     s = serve(
         snapshot,
@@ -588,6 +654,7 @@ def test_calls_that_queued_while_the_server_stood_still_are_answered_not_refused
             max_wait_s=0.01,
             burst_wait_s=0.03,
             core_queue_refresh_s=0.0,
+            overload_fraction=0.0,
         ),
     )
     drive(s.port, 20, 0.02)  # the server learns what a call costs
@@ -830,6 +897,33 @@ def test_the_calls_the_core_reads_in_after_a_stall_are_held_up_by_it_later_ones_
     assert held_up.allowance(12, 0.1) == 0.1 and held_up.allowance(13, 0.1) == 0.0
     assert not held_up.needs_read(1.026, "s2")  # the catch-up is over
     assert held_up.needs_read(1.026, "s3")
+
+
+def test_at_a_transient_load_every_call_in_a_stalls_tail_may_wait_for_its_backlog() -> None:
+    now = [0.0]
+    loading = LoadActivity(clock=lambda: now[0])
+    admission = Admission(
+        limit=100,
+        total=100,
+        max_wait_s=0.005,
+        reload_wait_s=0.25,
+        loading=loading,
+        overload_fraction=0.8,
+    )
+    loading.stalled(0.7)  # the server stood still for 0.7 s
+    # A call the stall did not hold up (allowance 0): below capacity it may wait as long as
+    # the stall lasted, since its backlog drains; under overload only the strict bound.
+    assert admission.wait_bound_s(math.inf, stall_s=0.0, load=0.3) == 0.7
+    assert admission.wait_bound_s(math.inf, stall_s=0.0, load=0.8) == 0.005
+    assert admission.wait_bound_s(math.inf, stall_s=0.0) == 0.005  # load unknown
+    assert admission.wait_bound_s(math.inf, stall_s=0.7, load=0.9) == 0.7  # held up by it
+    admission.observe(0.004)
+    behind = {"queued": 100, "standing_s": math.inf, "stall_s": 0.0}  # 0.4 s of calls ahead
+    assert isinstance(admission.enter(True, **behind, load=0.3), Ticket)
+    assert admission.enter(True, **behind, load=0.9) is Refusal.WAIT
+    now[0] = 1.4  # the tail is over: the transient bound alone
+    assert admission.wait_bound_s(math.inf, stall_s=0.0, load=0.3) == 0.25
+    assert admission.enter(True, **behind, load=0.3) is Refusal.WAIT
 
 
 def test_a_bound_widened_by_a_stall_or_a_load_lifts_the_in_progress_limit_to_the_total() -> None:

@@ -207,7 +207,9 @@ class Admission:
     (None: no change): such a queue is transient, not overload. For the calls a stall of
     the server held up, the bound is at least the stall's length (the
     caller says which calls those are, ``stall_s``; else every call for twice as long as the
-    stall lasted, :meth:`LoadActivity.stall_s`). A bound widened so also lifts ``limit`` to
+    stall lasted, :meth:`LoadActivity.stall_s`). At a transient load, so is the bound of
+    every call in the stall's tail: the calls that come while its backlog is worked off wait
+    behind it, and below capacity it drains. A bound widened so also lifts ``limit`` to
     ``total``: the calls that queued behind the load or the stall may be in progress (queued
     for a handler thread) as long as they are expected within that bound, which ``limit``
     would otherwise cut at a few calls (seen: a freeze's 48 calls on a busy machine, 11 of
@@ -294,12 +296,16 @@ class Admission:
             return bound, False
         usual = bound
         loading = self.loading
+        transient = self.transient(load)
         if self.reload_wait_s is not None and (
-            (loading is not None and loading.active()) or self.transient(load)
+            (loading is not None and loading.active()) or transient
         ):
             bound = max(bound, self.reload_wait_s)
         if loading is not None:
-            bound = max(bound, loading.stall_s() if stall_s is None else stall_s)
+            # Below capacity, the calls that come while a stall's backlog is worked off
+            # may wait for it too: it drains, where under overload it would not.
+            tail = loading.stall_s() if stall_s is None or transient else 0.0
+            bound = max(bound, tail, stall_s or 0.0)
         return bound, bound > usual
 
     def enter(
@@ -342,6 +348,12 @@ class OfferedRate:
     it) and lets it rise within tens of milliseconds when overload begins. Until a window has
     passed since the first call, the rate is over the time since then (at least
     ``min_span_s``).
+
+    A freeze longer than the window is another matter: the calls that queued meanwhile are
+    taken in a rush after it, as fast as the server works, and read as a rate several times
+    the real one (on ml-100k, a 0.7 s freeze at 200 calls/s then looked like overload, and
+    31-33 calls that came just after it were refused). While the caller is in a stall's tail
+    (``hold``), the rate is the one last read outside it.
     """
 
     def __init__(self, window_s: float = 0.2, min_span_s: float = 0.02) -> None:
@@ -351,9 +363,11 @@ class OfferedRate:
         self.min_span_s = min_span_s
         self._times: collections.deque[float] = collections.deque()
         self._first: float | None = None
+        self._outside_stall = 0.0  # the rate last read outside a stall's tail
 
-    def note(self, now: float) -> float:
-        """Count one call offered at ``now``; return the calls per second up to it."""
+    def note(self, now: float, hold: bool = False) -> float:
+        """Count one call offered at ``now``; return the calls per second up to it, or with
+        ``hold`` (a stall's tail) the rate last returned without it."""
         times = self._times
         times.append(now)
         if self._first is None:
@@ -361,8 +375,11 @@ class OfferedRate:
         edge = now - self.window_s
         while times[0] <= edge:
             times.popleft()
+        if hold:
+            return self._outside_stall
         span = min(self.window_s, now - self._first)
-        return len(times) / max(span, self.min_span_s)
+        self._outside_stall = len(times) / max(span, self.min_span_s)
+        return self._outside_stall
 
 
 class LoadMemory:

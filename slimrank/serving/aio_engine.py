@@ -313,12 +313,14 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         # an overloaded server restarted.
         if not method.startswith(HEALTH_PREFIX):
             queued, take_interval, standing, stall = 0, None, None, None
+            in_stall_tail = False
             if limited and core_queue is not None:
                 idle = accepted - self._idle_since if self._held == 1 else 0.0
                 busy = accepted - self._busy_since
                 take_interval = core_queue.take_interval()
                 self._notice_stall(accepted, take_interval)
                 stall, fresh = self._stall_for_this_call(accepted)
+                in_stall_tail = stall > 0.0
                 queued = core_queue.waiting(self._held, self._taken, idle, busy, fresh)
                 if fresh:  # the calls queued now are among those the stall held up
                     self._held_up.counted(accepted, self._taken + queued)
@@ -331,7 +333,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 ):
                     self._queue.empty(accepted)
                 standing = self._queue.standing(accepted)
-            load = self._load(accepted, take_interval) if limited else None
+            load = self._load(accepted, take_interval, in_stall_tail) if limited else None
             ticket = self._admission.enter(limited, queued, take_interval, standing, stall, load)
             if isinstance(ticket, Refusal):
                 self._metrics.refused(ticket)
@@ -354,13 +356,14 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _load(self, now: float, take_interval: float | None) -> float:
+    def _load(self, now: float, take_interval: float | None, in_stall_tail: bool) -> float:
         """The share of the server's capacity that the model calls offered of late take: their
         rate (this one counted) times what one costs (the measured time between two calls
         taken from a queue, else a handler's mean time over the handlers); at least the
-        overload fraction for ``burst_recovery_s`` after it reached it (:class:`LoadMemory`)."""
+        overload fraction for ``burst_recovery_s`` after it reached it (:class:`LoadMemory`).
+        In a stall's tail the rate is the one read before the stall (:class:`OfferedRate`)."""
         cost = take_interval or self._admission.per_call_s
-        load = self._offered.note(now) * cost
+        load = self._offered.note(now, hold=in_stall_tail) * cost
         self._metrics.offered_load.set(load)
         return self._high_load.load(now, load)
 
