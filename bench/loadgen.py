@@ -15,6 +15,11 @@ the least CPU per call) and ``sync`` (grpc futures from a sending thread, answer
 callback thread). The generator records its own CPU time, and how late each send was against
 the schedule (its send lag): when the lag grows, the generator, not the server, is the limit.
 
+With ``freeze`` in the job (``{"pids": [...], "at_s": t, "for_s": g}``), the aio client stops
+those processes with SIGSTOP at offset ``t`` of the schedule and lets them run again (SIGCONT)
+``g`` seconds later: a freeze of the server, as this 2-core VM gives it at times, at a known
+moment of a seeded run (``bench/serving_ab.py --freeze``).
+
 Writes ``OUT.npz`` with per-call arrays (scheduled and sent offsets, completion offsets in
 seconds from the start, status code numbers) and a JSON string ``meta``.
 """
@@ -24,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -132,6 +139,13 @@ async def run_aio(job: dict[str, Any], requests: list[bytes], schedule: np.ndarr
     tasks = []
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     start = clock() + 0.05
+    freeze = job.get("freeze")
+    if freeze:
+        stop_at = start + float(freeze["at_s"])
+        go_at = stop_at + float(freeze["for_s"])
+        for pid in freeze["pids"]:
+            loop.call_later(stop_at - clock(), os.kill, pid, signal.SIGSTOP)
+            loop.call_later(go_at - clock(), os.kill, pid, signal.SIGCONT)
     i = 0
     while i < n:
         now = clock()
@@ -227,8 +241,12 @@ def job_for(
     channels: int = 8,
     workers: int = 1,
     balance_dir: Path | None = None,
+    freeze: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON job of one run: ``n`` calls of ``method`` at ``rate``/s, 2 s deadlines."""
+    """The JSON job of one run: ``n`` calls of ``method`` at ``rate``/s, 2 s deadlines;
+    ``freeze``: stop the server for a while (see the module's docstring; aio client only)."""
+    if freeze is not None and client != "aio":
+        raise ValueError(f"freeze needs the aio client, not {client!r}")
     return {
         "target": target,
         "method": method,
@@ -242,6 +260,7 @@ def job_for(
         "workers": workers,
         "balance_dir": None if balance_dir is None else str(balance_dir),
         "warmup": 100,
+        "freeze": freeze,
     }
 
 

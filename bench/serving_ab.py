@@ -15,7 +15,9 @@ Recommend calls at ``--rate``/s
 calls answered, refused (RESOURCE_EXHAUSTED) and failed otherwise, p50/p99 of the answered
 ones from their scheduled send, the server's CPU time per call, its counters, and the load
 average; the summary gives each variant's medians and, pair by pair, how often B refused
-fewer calls than A. The machine's speed changes between runs on a shared VM (CPU per call
+fewer calls than A. With ``--freeze G`` each server is stopped (SIGSTOP) for G seconds at
+``--freeze-at`` into the schedule, as this VM at times freezes a process (the load generator
+sends on meanwhile). The machine's speed changes between runs on a shared VM (CPU per call
 is printed beside each run for that reason), so compare within pairs.
 
 Writes ``bench/results/serving_ab_<name>.{json,md}``.
@@ -72,7 +74,12 @@ def one_run(
     server = ServerProcess(argv, code=tree)
     try:
         cpu0 = _cpu_seconds(server.pids)
-        job = job_for(server.target, RECOMMEND, requests, args.rate, args.calls, seed=seed)
+        freeze = None
+        if args.freeze:
+            freeze = {"pids": server.pids, "at_s": args.freeze_at, "for_s": args.freeze}
+        job = job_for(
+            server.target, RECOMMEND, requests, args.rate, args.calls, seed=seed, freeze=freeze
+        )
         out = drive(job, timeout_s=args.calls / args.rate + 120)
         cpu = _cpu_seconds(server.pids) - cpu0
         counters = server.counters(*COUNTERS)
@@ -136,7 +143,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`",
         "",
         f"Bundle `{report['bundles']}`, {report['calls']} Recommend calls at {report['rate']:g}/s "
-        f"per run, open loop, {s['pairs']} alternated pairs. CPU: {cpu_line(report['cpu'])}. "
+        f"per run, open loop, {s['pairs']} alternated pairs"
+        + (
+            f", each server stopped (SIGSTOP) for {report['freeze_s']:g} s from "
+            f"{report['freeze_at_s']:g} s into the schedule"
+            if report.get("freeze_s")
+            else ""
+        )
+        + f". CPU: {cpu_line(report['cpu'])}. "
         f"Python {report['python']}. Trees: "
         + ", ".join(f"{k} `{v}`" for k, v in report["trees"].items()),
         "",
@@ -183,6 +197,12 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=400.0, help="Recommend calls/s offered")
     parser.add_argument("--calls", type=int, default=4000, help="calls per run")
     parser.add_argument("--pairs", type=int, default=12, help="alternated pairs of runs")
+    parser.add_argument(
+        "--freeze", type=float, default=0.0, help="stop each server for this many s (SIGSTOP)"
+    )
+    parser.add_argument(
+        "--freeze-at", type=float, default=2.0, help="that many s into the schedule"
+    )
     parser.add_argument("--name", help="results file suffix (default: LABEL-vs-LABEL-RATE)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("serve_args", nargs="*", help="more `slimrank serve` flags, after --")
@@ -191,6 +211,8 @@ def main() -> int:
         parser.error(f"--bundles {args.bundles}: no CURRENT there (run `make demo` first)")
     if args.rate <= 0 or args.calls < 100 or args.pairs < 1:
         parser.error("--rate must be > 0, --calls >= 100, --pairs >= 1")
+    if not (0 <= args.freeze <= 10) or not (0 <= args.freeze_at < args.calls / args.rate):
+        parser.error("--freeze must be in [0, 10] s, --freeze-at within the schedule")
     (a, tree_a), (b, tree_b) = args.a, args.b
     if a == b:
         parser.error("--a and --b need different labels")
@@ -214,6 +236,8 @@ def main() -> int:
         "bundles": str(args.bundles),
         "rate": args.rate,
         "calls": args.calls,
+        "freeze_s": args.freeze,
+        "freeze_at_s": args.freeze_at,
         "cpu": cpu_features(),
         "python": platform.python_version(),
         "runs": runs,
