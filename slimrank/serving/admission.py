@@ -352,8 +352,9 @@ class OfferedRate:
     A freeze longer than the window is another matter: the calls that queued meanwhile are
     taken in a rush after it, as fast as the server works, and read as a rate several times
     the real one (on ml-100k, a 0.7 s freeze at 200 calls/s then looked like overload, and
-    31-33 calls that came just after it were refused). While the caller is in a stall's tail
-    (``hold``), the rate is the one last read outside it.
+    54-65 of the calls that came just after it were refused: ``bench/serving_ab.py
+    --freeze``). While the caller is in a stall's tail (``hold``), the rate is the one last
+    read outside it.
     """
 
     def __init__(self, window_s: float = 0.2, min_span_s: float = 0.02) -> None:
