@@ -23,8 +23,8 @@ system-deps:
 	  echo "warning: prometheus/promtool not installed; their tests will skip" >&2; }
 
 lint: install
-	$(BIN)/ruff check slimrank tests bench deploy
-	$(BIN)/ruff format --check slimrank tests bench deploy
+	$(BIN)/ruff check slimrank tests bench deploy scripts
+	$(BIN)/ruff format --check slimrank tests bench deploy scripts
 
 unit: install system-deps
 	$(BIN)/python -m pytest -q

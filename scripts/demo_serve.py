@@ -67,9 +67,7 @@ def start_server(bundles: Path, log_path: Path) -> tuple[subprocess.Popen[str], 
     return proc, lines
 
 
-def wait_ready(
-    proc: subprocess.Popen[str], lines: queue.Queue, timeout: float
-) -> tuple[str, str]:
+def wait_ready(proc: subprocess.Popen[str], lines: queue.Queue, timeout: float) -> tuple[str, str]:
     """Return the gRPC and the HTTP ``host:port`` from the server's ready line; raises if it
     exits or times out."""
     deadline = time.monotonic() + timeout
@@ -133,9 +131,7 @@ def http_recommend(http: str, user: str, k: int) -> tuple[str, list[str]]:
     return curl, [item["item_id"] for item in answer["items"]]
 
 
-def demo(
-    args: argparse.Namespace, client: SlimrankClient, console: Console, http: str
-) -> None:
+def demo(args: argparse.Namespace, client: SlimrankClient, console: Console, http: str) -> None:
     """Query a few users (one over HTTP/JSON too), then time ``args.requests`` Recommend calls."""
     version = current_version(args.bundles)
     if version is None:
