@@ -115,6 +115,9 @@ def train_teacher(
         labels.shape,
         f"expected {feats.items.shape}",
     )
+    # Left set on purpose: the steps after the teacher (students, pruning, int8) run on this
+    # count too (configs/scale.toml's two threads; one in make demo, whose README figures
+    # come from that). Restoring the caller's count would move them to torch's default.
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
