@@ -80,3 +80,8 @@ def test_an_interrupted_run_resumes_from_the_step_cache(tmp_path: Path) -> None:
     assert all(how[s] == "cached" for s in STEPS[:upto]), how
     assert all(how[s] == "done" for s in STEPS[upto:]), how
     assert current_version(tmp_path / "bundles") is not None
+    # The students train on the teacher's threads (1 in tiny.toml) whether the teacher step
+    # ran or came from the cache; before, a resumed run trained them on torch's default.
+    threads = re.findall(r"student (\w+): training on (\d+) torch threads", second)
+    assert [kind for kind, _ in threads] == ["plain", "distill", "pseudo"], second
+    assert {n for _, n in threads} == {"1"}, threads

@@ -126,6 +126,7 @@ def student_step(
 
     views = candidates.views
     lists, mean, std, loss = _student_inputs(config, kind, candidates, teacher, pseudo_top_k)
+    log.info("student %s: training on %d torch threads", kind, torch.get_num_threads())
     torch.manual_seed(config.seed)
     student = _new_student(config, lists)
     metric = _valid_ndcg(views, data, mean, std, k)

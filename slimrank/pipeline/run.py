@@ -373,6 +373,7 @@ def _run(
             return steps.rescore_teacher_step(model, k, d, cd, runner)
 
         step("teacher", rescore)
+    compression_threads(c.teacher.train.threads)
     for name, kind in (
         ("student_plain", "plain"),
         ("student_distill", "distill"),
@@ -410,3 +411,13 @@ def _run(
         ),
     )
     return RunResult(config, out)
+
+
+def compression_threads(n: int) -> None:
+    """Run the steps after the teacher (students, pruning, int8) on torch's ``n`` threads, the
+    teacher's: training the teacher leaves the count set so, and a teacher from the step
+    cache (or an imported one) must give the same students as one trained in this run,
+    not students trained on torch's default count."""
+    import torch
+
+    torch.set_num_threads(n)

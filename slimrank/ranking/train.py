@@ -115,9 +115,8 @@ def train_teacher(
         labels.shape,
         f"expected {feats.items.shape}",
     )
-    # Left set on purpose: the steps after the teacher (students, pruning, int8) run on this
-    # count too (configs/scale.toml's two threads; one in make demo, whose README figures
-    # come from that). Restoring the caller's count would move them to torch's default.
+    # Left set: the pipeline runs the steps after the teacher on this count too, also when the
+    # teacher comes from the step cache (slimrank.pipeline.run.compression_threads).
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
