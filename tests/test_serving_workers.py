@@ -80,6 +80,13 @@ def test_two_workers_share_the_port_and_both_answer(tmp_path: Path) -> None:
     finally:
         code, err = server.terminate(timeout_s=90)
     assert code == 0, err
+    # Each worker's INFO lines reach the parent's stderr, named by its pid (the CLI sets the
+    # slimrank logger to INFO apart from the root's WARNING, and a spawned worker starts
+    # with neither), and each exits without a traceback.
+    for pid in pids:
+        for line in ("serving", "shutting down", "stopped"):
+            assert f"slimrank.serving.server[{pid}]: {line}" in err, err
+    assert "Traceback" not in err, err
 
 
 def test_a_port_is_shared_only_when_every_server_asks_for_it() -> None:

@@ -24,7 +24,12 @@ from prometheus_client import CollectorRegistry
 
 from slimrank.serving import heap
 from slimrank.serving.admission import Admission, LoadActivity
-from slimrank.serving.aio_engine import LoopThread, ServingInterceptor, loop_thread
+from slimrank.serving.aio_engine import (
+    LoopThread,
+    ServingInterceptor,
+    loop_thread,
+    stop_loop_thread,
+)
 from slimrank.serving.batch import BatchRecommenderServicer
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.core_queue import CoreQueue
@@ -396,7 +401,8 @@ def serve_forever(
     """Serve until SIGTERM or SIGINT, then shut down gracefully; call from the main thread.
 
     ``on_ready(server, port)`` runs once the server reports SERVING; the keyword arguments
-    are passed to :func:`create_server`.
+    are passed to :func:`create_server`. This is the process's whole serving life: the event
+    loop thread is stopped once the server has (:func:`stop_loop_thread`).
     """
     server, port = create_server(
         config,
@@ -420,4 +426,8 @@ def serve_forever(
             # group, then the parent of --workers forwarding its own) only asks the stop again:
             # with the default handler back it killed the worker mid-drain.
             server.shutdown().wait()
+            # Before ``server`` is released: releasing grpc.aio's last server closes its
+            # completion queue's socket from this thread, and a loop still polling it on its
+            # own thread failed then with "Bad file descriptor" (at a worker's exit).
+            stop_loop_thread()
     log.info("stopped")

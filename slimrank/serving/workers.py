@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LOG_FORMAT = "%(levelname)s %(name)s[%(process)d]: %(message)s"
+# The loggers whose levels a worker takes from its parent ("": the root).
+LOGGERS = ("", "slimrank")
 # Seconds a stopping worker gets beyond the server's grace before it is killed.
 KILL_AFTER_S = 10.0
 
@@ -119,9 +121,18 @@ def serve_one(spec: ServeSpec, on_ready: OnReady | None = None) -> int:
     return 0
 
 
-def _worker_main(spec: ServeSpec, reports: multiprocessing.Queue, log_level: int) -> None:
-    """Entry point of a spawned worker: serve, reporting ``(pid, port or error)`` once."""
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+def _worker_main(
+    spec: ServeSpec, reports: multiprocessing.Queue, log_levels: dict[str, int]
+) -> None:
+    """Entry point of a spawned worker: serve, reporting ``(pid, port or error)`` once.
+
+    ``log_levels`` are the parent's effective levels of the root logger (``""``) and of the
+    ``slimrank`` logger: a spawned process starts with logging unconfigured, and the CLI
+    sets ``slimrank`` (INFO) apart from the root (WARNING)."""
+    logging.basicConfig(level=log_levels.get("", logging.WARNING), format=LOG_FORMAT)
+    for name, level in log_levels.items():
+        if name:
+            logging.getLogger(name).setLevel(level)
     pid = os.getpid()
 
     def ready(port: int, metrics_port: int | None, pids: list[int], *http: int) -> None:
@@ -222,11 +233,11 @@ def serve_workers(spec: ServeSpec, n: int, on_ready: OnReady | None = None) -> i
             worker_spec = dataclasses.replace(spec, server=worker_config)
             ctx = multiprocessing.get_context("spawn")  # no fork after grpc or faiss threads
             reports = ctx.Queue()
-            level = logging.getLogger().getEffectiveLevel()
+            levels = {name: logging.getLogger(name).getEffectiveLevel() for name in LOGGERS}
             for i in range(n):
                 proc = ctx.Process(
                     target=_worker_main,
-                    args=(worker_spec, reports, level),
+                    args=(worker_spec, reports, levels),
                     name=f"slimrank-worker-{i}",
                 )
                 proc.start()
