@@ -489,25 +489,35 @@ def test_the_calls_that_come_while_a_stalls_backlog_drains_are_answered(
     overload, and the calls that came behind the rush were refused. The rate read before
     the stall holds through its tail, so the queue is transient, the calls behind the rush
     may wait for it, and every call is answered. With the rule off (the reference, fraction
-    0) the calls behind the rush are refused."""
-    stall = threading.Event()
-    s = warm_loop_server(
-        serve,
-        stalling_snapshot(0.005, 1.0, stall),
-        reload_wait_s=0.25,
-        overload_fraction=overload_fraction,
-    )
-    timer = threading.Timer(1.0, stall.set)
-    timer.start()
-    try:
-        answers = drive(s.port, 150, 0.02)
-    finally:
-        timer.cancel()
-    assert stall.is_set()
+    0) the calls behind the rush are refused.
+
+    The server sees this stall by the interval between two takes within one busy spell; on
+    a busy machine the core can take over a millisecond to hand over the first queued call,
+    which reads as a pause, and then the stall goes unseen (once in about twenty runs of
+    the serving tests). Such a run tests nothing here, so it is repeated, up to three times.
+    """
+    for _ in range(3):
+        stall = threading.Event()
+        s = warm_loop_server(
+            serve,
+            stalling_snapshot(0.005, 1.0, stall),
+            reload_wait_s=0.25,
+            overload_fraction=overload_fraction,
+        )
+        timer = threading.Timer(1.0, stall.set)
+        timer.start()
+        try:
+            answers = drive(s.port, 150, 0.02)
+        finally:
+            timer.cancel()
+        assert stall.is_set()
+        if s.sample("slimrank_stalls_total") >= 1:
+            break
+    else:
+        pytest.fail("the server saw the 1 s stall in none of three runs")
     codes = [code for code, _ in answers]
     refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert codes.count(grpc.StatusCode.OK) + refused == len(codes), codes
-    assert s.sample("slimrank_stalls_total") >= 1
     if overload_fraction == 0:
         assert refused >= 5, "nothing refused with the rule off: the test would not notice"
     else:
