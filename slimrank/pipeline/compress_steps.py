@@ -22,7 +22,7 @@ import torch
 
 from slimrank.bundle.formats import write_json
 from slimrank.compression.cpu import cpu_features
-from slimrank.compression.lists import standardization, standardized_lists
+from slimrank.compression.lists import standardization, standardized, standardized_lists
 from slimrank.compression.scorer import onnx_score_fn, score_lists
 from slimrank.pipeline import artifacts
 from slimrank.pipeline.artifacts import (
@@ -89,8 +89,7 @@ def _save_student(
 def _valid_ndcg(views: dict, data: Any, mean: np.ndarray, std: np.ndarray, k: int) -> Any:
     """Return ``metric(model)``: validation NDCG@k of a torch student on standardized input."""
     cands, feats, _ = views["valid"]
-    x = torch.from_numpy(np.where(feats.mask[..., None], (feats.values - mean) / std, 0.0))
-    x = x.float()  # (U, N, F)
+    x = torch.from_numpy(standardized(feats.values, feats.mask, mean, std))  # (U, N, F)
     truth = data.truth("valid")
 
     def metric(model: torch.nn.Module) -> float:
