@@ -21,7 +21,7 @@ def lists(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return values, mask
 
 
-@pytest.mark.parametrize("block", [1, 4, 23, 1000])
+@pytest.mark.parametrize("block", [0, 1, 4, 23, 1000])
 def test_the_statistics_are_those_of_the_real_candidates_in_float64(block: int) -> None:
     values, mask = lists()
     real = values[mask].astype(np.float64)
@@ -49,7 +49,7 @@ def test_lists_without_a_real_candidate_get_the_identity() -> None:
     np.testing.assert_array_equal(std, np.ones(5, dtype=np.float32))
 
 
-@pytest.mark.parametrize("block", [1, 3, 1000])
+@pytest.mark.parametrize("block", [0, 1, 3, 1000])
 def test_standardized_lists_are_z_scores_with_zero_pads(block: int) -> None:
     values, mask = lists(seed=1)
     mean, std = standardization(values, mask)

@@ -129,11 +129,12 @@ def standardized(
     mean = np.asarray(mean, dtype=np.float32)
     std = np.asarray(std, dtype=np.float32)
     x = np.empty(values.shape, dtype=np.float32)  # (U, N, F)
-    for a in range(0, len(values), max(1, block_lists)):
-        part = x[a : a + block_lists]
-        np.subtract(values[a : a + block_lists], mean, out=part)
+    step = max(1, block_lists)
+    for a in range(0, len(values), step):
+        part = x[a : a + step]
+        np.subtract(values[a : a + step], mean, out=part)
         part /= std
-        part[~mask[a : a + block_lists]] = 0.0
+        part[~mask[a : a + step]] = 0.0
     return x
 
 

@@ -106,11 +106,11 @@ def loop_thread() -> LoopThread:
 def stop_loop_thread(timeout: float = 5.0) -> None:
     """Stop this process's event loop thread (if started) and wait for it; call at exit.
 
-    grpc.aio closes its completion queue's socket when the interpreter tears its objects
-    down; with the loop still polling that socket on its own thread, the loop's reader then
-    fails with "Bad file descriptor" (seen at the exit of ``--workers`` processes). With the
-    loop stopped first, nothing polls it. Not for a process that serves again afterwards:
-    grpc.aio stays bound to the first loop it used.
+    grpc.aio closes its completion queue's socket when its last server is released, on
+    whichever thread releases it; with the loop still polling that socket on its own thread,
+    the loop's reader then failed with "Bad file descriptor" (at about one exit in three of
+    ``--workers`` processes). With the loop stopped first, nothing polls it. Not for a
+    process that serves again afterwards: grpc.aio stays bound to the first loop it used.
     """
     global _loop_thread
     with _loop_lock:
