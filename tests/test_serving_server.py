@@ -482,6 +482,49 @@ def test_serve_forever_stops_gracefully_on_sigterm() -> None:
     assert "Traceback" not in err, err
 
 
+LATE_SIGNAL_SCRIPT = """
+import os, signal, sys, time
+from prometheus_client import CollectorRegistry
+from slimrank.serving.config import ServerConfig
+from slimrank.serving.server import serve_forever
+from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
+
+serve_forever(
+    ServerConfig(grace_s=5),
+    SnapshotHolder(random_snapshot("v1")),
+    CollectorRegistry(),
+    on_ready=lambda server, port: print(port, flush=True),
+    after_stop=signal.SIG_IGN if sys.argv[1] == "ignore" else None,
+)
+os.kill(os.getpid(), signal.SIGTERM)  # as a worker's parent forwards its own, late
+time.sleep(0.5)
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("after_stop", ["ignore", "default"])
+def test_a_signal_after_the_stop_is_ignored_when_asked(after_stop: str) -> None:
+    """A ``--workers`` worker passes ``SIG_IGN``: its parent's forwarded SIGTERM can arrive
+    after the worker has drained, and with the default handler back it killed the worker.
+    The reference (default handlers put back) dies of it, so the test would notice."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LATE_SIGNAL_SCRIPT, after_stop],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        int(proc.stdout.readline())  # type: ignore[union-attr]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    if after_stop == "ignore":
+        assert proc.returncode == 0 and out.strip() == "survived", (out, err)
+    else:
+        assert proc.returncode == -signal.SIGTERM and "survived" not in out, (out, err)
+
+
 @pytest.fixture(scope="module")
 def shared() -> Iterator[Running]:
     holder = SnapshotHolder(random_snapshot("v1", n_items=120, dim=DIM, seed=5))

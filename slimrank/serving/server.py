@@ -397,12 +397,15 @@ def serve_forever(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     recommender: RecommenderFactory | None = None,
+    after_stop: signal.Handlers | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; call from the main thread.
 
-    ``on_ready(server, port)`` runs once the server reports SERVING; the keyword arguments
-    are passed to :func:`create_server`. This is the process's whole serving life: the event
-    loop thread is stopped once the server has (:func:`stop_loop_thread`).
+    ``on_ready(server, port)`` runs once the server reports SERVING; ``after_stop`` is the
+    handler of those signals once the server has stopped (default: the ones before); the
+    other keyword arguments are passed to :func:`create_server`. This is the process's whole
+    serving life: the event loop thread is stopped once the server has
+    (:func:`stop_loop_thread`).
     """
     server, port = create_server(
         config,
@@ -414,7 +417,7 @@ def serve_forever(
         interceptors=interceptors,
         recommender=recommender,
     )
-    with stop_on(STOP_SIGNALS) as stop:
+    with stop_on(STOP_SIGNALS, then=after_stop) as stop:
         try:
             heap.freeze()  # what lives as long as the process is no longer walked by the GC
             server.mark_serving()

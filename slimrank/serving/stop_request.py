@@ -52,14 +52,18 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on(signals: Iterable[signal.Signals]) -> Iterator[StopRequest]:
-    """Within the block, each of ``signals`` asks the yielded request to stop; the previous
-    handlers are put back afterwards (main thread only, as ``signal.signal`` requires)."""
+def stop_on(
+    signals: Iterable[signal.Signals], then: signal.Handlers | None = None
+) -> Iterator[StopRequest]:
+    """Within the block, each of ``signals`` asks the yielded request to stop; afterwards the
+    previous handlers are put back, or ``then`` is installed for each (e.g. ``SIG_IGN``: a
+    process that has stopped and is exiting is not killed by a late signal). Main thread
+    only, as ``signal.signal`` requires."""
     request = StopRequest()
     previous = {sig: signal.signal(sig, request.set) for sig in signals}
     try:
         yield request
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if then is None else then)
         request.close()

@@ -83,10 +83,17 @@ class ServeSpec:
         return {**default_loaders(), **self.loaders}
 
 
-def serve_one(spec: ServeSpec, on_ready: OnReady | None = None) -> int:
+def serve_one(
+    spec: ServeSpec,
+    on_ready: OnReady | None = None,
+    *,
+    after_stop: signal.Handlers | None = None,
+) -> int:
     """Serve ``spec`` in this process until SIGTERM/SIGINT; return the exit code (0).
 
     Raises the load error (e.g. ``IntegrityError``) if ``CURRENT`` cannot be served.
+    ``after_stop``: the handler of those signals once the server has stopped (see
+    :func:`~slimrank.serving.server.serve_forever`).
     """
     loaders = spec.all_loaders()
     holder = SnapshotHolder(load_current(spec.bundles, loaders))
@@ -114,6 +121,7 @@ def serve_one(spec: ServeSpec, on_ready: OnReady | None = None) -> int:
             credentials=None if spec.tls is None else server_credentials(spec.tls),
             interceptors=(AdminAuthInterceptor(spec.admin_token, spec.admin_insecure),),
             recommender=spec.recommender,
+            after_stop=after_stop,
         )
     finally:
         for watcher in watchers:
@@ -139,7 +147,10 @@ def _worker_main(
         reports.put((pid, port))
 
     try:
-        code = serve_one(spec, ready)
+        # The parent forwards its SIGTERM to every worker when it stops; when the process
+        # group got one too, a worker may already have drained, and with the default handler
+        # back the forwarded one killed it (exit code -15, so the parent exited 1).
+        code = serve_one(spec, ready, after_stop=signal.SIG_IGN)
     except Exception as err:  # report any start-up failure to the parent, then exit non-zero
         log.exception("worker %d failed", pid)
         reports.put((pid, f"{type(err).__name__}: {err}"))
