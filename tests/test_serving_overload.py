@@ -829,7 +829,10 @@ def test_a_queue_behind_a_reload_is_worked_off_not_refused(
         return
     assert during == 0
     time.sleep(LoadActivity().tail_s + 0.1)
-    assert burst_refusals(s.port) >= 2  # no reload: the strict bound again
+    # No reload: the strict bound again. Thirty calls, not ten: on a machine busy with other
+    # work the client spread ten over enough time that only one waited past the bound.
+    after = [code for code, _ in drive(s.port, 30, 0.0)]
+    assert after.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 2, after
 
 
 def test_the_freeze_watch_finds_a_stall_from_a_late_tick_and_from_an_overdue_one() -> None:
