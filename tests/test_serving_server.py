@@ -441,6 +441,7 @@ def test_client_retries_unavailable_then_succeeds(start: Callable[..., Running])
 
 
 SERVE_SCRIPT = """
+import os, signal, sys, threading, time
 from prometheus_client import CollectorRegistry
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.server import serve_forever
@@ -451,55 +452,52 @@ serve_forever(
     SnapshotHolder(random_snapshot("v1")),
     CollectorRegistry(),
     on_ready=lambda server, port: print(port, flush=True),
+    after_stop=signal.SIG_IGN if "ignore" in sys.argv else None,
 )
-import threading
 # grpc.aio's server is released after this returns; a loop still polling its completion
 # queue then raced the socket's close ("Bad file descriptor" at a worker's exit).
 loops = [t.name for t in threading.enumerate() if t.name == "slimrank-aio"]
 print("stopped", *loops, flush=True)
+if "late" in sys.argv:
+    os.kill(os.getpid(), signal.SIGTERM)  # as a worker's parent forwards its own, late
+    time.sleep(0.5)
+    print("survived", flush=True)
 """
 
 
-def test_serve_forever_stops_gracefully_on_sigterm() -> None:
+def stopped_by_sigterm(
+    *args: str, while_serving: Callable[[int], None] | None = None
+) -> tuple[int, str, str]:
+    """Run :data:`SERVE_SCRIPT` with ``args``, call ``while_serving(port)`` once it serves,
+    SIGTERM it; return its exit code, stdout and stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE_SCRIPT],
+        [sys.executable, "-c", SERVE_SCRIPT, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         port = int(proc.stdout.readline())  # type: ignore[union-attr]
-        with SlimrankClient(f"127.0.0.1:{port}", timeout=5.0) as client:
-            assert client.health() == "SERVING"
-            assert client.recommend("u1", 3).model_version == "v1"
+        if while_serving is not None:
+            while_serving(port)
         proc.send_signal(signal.SIGTERM)
         # Generous: no call is in flight, so it stops at once on a quiet machine; on a loaded
         # CI machine the interpreter's exit alone has taken seconds.
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 0 and out.strip() == "stopped", (out, err)
+    return proc.returncode, out, err
+
+
+def test_serve_forever_stops_gracefully_on_sigterm() -> None:
+    def calls(port: int) -> None:
+        with SlimrankClient(f"127.0.0.1:{port}", timeout=5.0) as client:
+            assert client.health() == "SERVING"
+            assert client.recommend("u1", 3).model_version == "v1"
+
+    code, out, err = stopped_by_sigterm(while_serving=calls)
+    assert code == 0 and out.strip() == "stopped", (out, err)
     assert "Traceback" not in err, err
-
-
-LATE_SIGNAL_SCRIPT = """
-import os, signal, sys, time
-from prometheus_client import CollectorRegistry
-from slimrank.serving.config import ServerConfig
-from slimrank.serving.server import serve_forever
-from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
-
-serve_forever(
-    ServerConfig(grace_s=5),
-    SnapshotHolder(random_snapshot("v1")),
-    CollectorRegistry(),
-    on_ready=lambda server, port: print(port, flush=True),
-    after_stop=signal.SIG_IGN if sys.argv[1] == "ignore" else None,
-)
-os.kill(os.getpid(), signal.SIGTERM)  # as a worker's parent forwards its own, late
-time.sleep(0.5)
-print("survived", flush=True)
-"""
 
 
 @pytest.mark.parametrize("after_stop", ["ignore", "default"])
@@ -507,22 +505,11 @@ def test_a_signal_after_the_stop_is_ignored_when_asked(after_stop: str) -> None:
     """A ``--workers`` worker passes ``SIG_IGN``: its parent's forwarded SIGTERM can arrive
     after the worker has drained, and with the default handler back it killed the worker.
     The reference (default handlers put back) dies of it, so the test would notice."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LATE_SIGNAL_SCRIPT, after_stop],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        int(proc.stdout.readline())  # type: ignore[union-attr]
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
+    code, out, err = stopped_by_sigterm(after_stop, "late")
     if after_stop == "ignore":
-        assert proc.returncode == 0 and out.strip() == "survived", (out, err)
+        assert code == 0 and out.split() == ["stopped", "survived"], (out, err)
     else:
-        assert proc.returncode == -signal.SIGTERM and "survived" not in out, (out, err)
+        assert code == -signal.SIGTERM and "survived" not in out, (out, err)
 
 
 @pytest.fixture(scope="module")
