@@ -19,6 +19,7 @@ from slimrank.data.world import (
     iter_users,
     load_world_config,
     make_items,
+    top_k_by_score,
     true_top_k,
 )
 
@@ -97,6 +98,35 @@ def test_true_top_k_is_the_brute_force_ranking(logs: pd.DataFrame) -> None:
     want = np.argsort(-masked, axis=1, kind="stable")[:, :k]
     got = true_top_k(SMALL, users, k, exclude=seen, allowed=allowed, block_items=100)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 40, 60])
+def test_top_k_by_score_equals_a_full_sort_with_ties_and_masked_entries(k: int) -> None:
+    """Integer scores tie often, -inf (masked) entries fill rows short of k real ones, and
+    ids run in no order: each row must match its whole row sorted by (-score, id)."""
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 6, size=(30, 50)).astype(np.float64)
+    scores[rng.random(scores.shape) < 0.3] = -np.inf
+    scores[0] = -np.inf  # a row with nothing left
+    scores[1, :] = 2.0  # a row of one tie
+    ids = np.stack([rng.permutation(1000)[:50] for _ in range(30)])
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    got_s, got_i = top_k_by_score(scores, ids, k)
+    np.testing.assert_array_equal(got_i, np.take_along_axis(ids, order, 1))
+    np.testing.assert_array_equal(got_s, np.take_along_axis(scores, order, 1))
+
+
+def test_true_top_k_fills_short_rows_with_the_lowest_masked_ids() -> None:
+    """With fewer allowed items than k, the masked items follow in id order, as a sort does."""
+    users = np.array([1, 2])
+    allowed = np.zeros(SMALL.n_items, dtype=bool)
+    allowed[[7, 3, 11]] = True
+    ref = _reference_utility(SMALL, users)
+    ref[:, ~allowed] = -np.inf
+    want = np.argsort(-ref, axis=1, kind="stable")[:, :10]
+    got = true_top_k(SMALL, users, 10, allowed=allowed, block_items=64)
+    np.testing.assert_array_equal(got, want)
+    assert set(got[0, :3]) == {3, 7, 11}
 
 
 def test_users_interact_with_what_they_prefer(logs: pd.DataFrame) -> None:

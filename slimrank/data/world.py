@@ -358,7 +358,7 @@ def true_top_k(
             count=attrs.count[local],
         )
         best_s = np.full((len(rows), k), -np.inf, dtype=np.float64)
-        best_i = np.zeros((len(rows), k), dtype=np.int64)
+        best_i = np.full((len(rows), k), np.iinfo(np.int64).max)  # after any real item
         for lo in range(0, config.n_items, block_items):
             ids = np.arange(lo, min(config.n_items, lo + block_items))
             score = utility(config, items, sub, ids).astype(np.float64)  # (b, I')
@@ -369,12 +369,34 @@ def true_top_k(
                 score[m.row, m.col] = -np.inf
             both_s = np.concatenate([best_s, score], axis=1)
             both_i = np.concatenate([best_i, np.broadcast_to(ids, score.shape)], axis=1)
-            # Higher score first, then lower item id.
-            order = np.lexsort((both_i, -both_s), axis=1)[:, :k]
-            best_s = np.take_along_axis(both_s, order, 1)
-            best_i = np.take_along_axis(both_i, order, 1)
+            best_s, best_i = top_k_by_score(both_s, both_i, k)
         out[rows] = best_i
     return out
+
+
+def top_k_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return each row's ``k`` entries of highest score, ties to the lower id, in that order:
+    ``(scores, ids)``, both ``(B, k)``; the same as sorting each whole row by ``(-score, id)``.
+
+    A partition finds each row's k-th highest score; only the entries at or above it (k
+    and their ties) are sorted, so a row of ``n`` costs O(n) and not a sort of ``n``: 84% of
+    the 1M truth step's time went to the full sort. NaN scores are not supported.
+    """
+    n = scores.shape[1]
+    if n <= k:
+        order = np.lexsort((ids, -scores), axis=1)
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    kth = np.partition(scores, n - k, axis=1)[:, n - k]  # (B,) the k-th highest
+    rows, cols = np.nonzero(scores >= kth[:, None])  # row-major: k or more per row
+    counts = np.bincount(rows, minlength=len(scores))
+    width = int(counts.max())
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    cand_s = np.full((len(scores), width), -np.inf, dtype=scores.dtype)
+    cand_i = np.full((len(scores), width), np.iinfo(np.int64).max, dtype=np.int64)
+    cand_s[rows, slot] = scores[rows, cols]
+    cand_i[rows, slot] = ids[rows, cols]  # the fill sorts after any real entry
+    order = np.lexsort((cand_i, -cand_s), axis=1)[:, :k]
+    return np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
 
 
 def item_table(config: WorldConfig, items: Items | None = None) -> dict[str, np.ndarray]:
