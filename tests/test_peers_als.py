@@ -47,6 +47,7 @@ def test_als_ranks_as_implicits_own_recommend(split) -> None:
 
     binary = sp.csr_matrix(observed, dtype=np.float32)
     binary.data[:] = 1.0
+    # The reference fits on one thread; fit_als on ALS_THREADS (every core): the same factors.
     with threadpool_limits(1, "blas"):
         model = AlternatingLeastSquares(
             factors=PARAMS["factors"],

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 PROGRESS_AFTER_S = 5.0
 
 PARTS = ("valid", "test")
+# implicit's ALS threads (0: one per core). A 1M fit took 1.4-1.65x less wall time on both
+# cores of the 2-core machine than on one; the result does not depend on it.
+ALS_THREADS = 0
 # Fits a peer on the observed (U, I) binary matrix with one setting of its hyperparameters.
 FitFn = Callable[[sp.csr_matrix, Mapping[str, Any]], ScoreFn]
 
@@ -200,8 +203,10 @@ def fit_als(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
     """``implicit``'s ALS on binary ``x`` (confidence ``1 + alpha * x``); a user's score of an
     item is the dot of their factors, as ``AlternatingLeastSquares.recommend`` ranks them.
 
-    ``params``: ``factors``, ``regularization``, ``alpha``, ``iterations``; one thread and
-    ``random_state`` 0, so a fit is reproducible and its time is one core's.
+    ``params``: ``factors``, ``regularization``, ``alpha``, ``iterations``; ``random_state``
+    0, so a fit is reproducible. It runs on :data:`ALS_THREADS` threads: each user's (and
+    item's) conjugate-gradient solve reads only the other side's factors, so the factors
+    are the same bit for bit on any number of threads (``tests/test_peers.py``).
     """
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
@@ -214,7 +219,7 @@ def fit_als(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
             alpha=float(params["alpha"]),
             iterations=int(params["iterations"]),
             random_state=0,
-            num_threads=1,
+            num_threads=ALS_THREADS,
         )
         model.fit(sp.csr_matrix(_binary(x), dtype=np.float32), show_progress=False)
     users_f = np.asarray(model.user_factors, dtype=np.float32)  # (U, f)
@@ -250,7 +255,7 @@ ALS = Peer(
     fit_als,
     # At 100k users x 84k items validation preferred alpha 40, regularization 10 (NDCG@10
     # 0.082, against 0.061 for alpha 10, regularization 0.01); 128 factors did worse. The grid
-    # is the four settings around that choice: one fit at 1M costs ~150 s of one core, and
+    # is the four settings around that choice: one fit at 1M costs ~150-200 s of one core, and
     # nine (with 0.01 and alpha 1) did not fit make bench-scale's 90 minutes.
     {
         "factors": (64,),
