@@ -25,9 +25,11 @@ from slimrank.ranking.neighbors import (
     JointNeighbors,
     NeighborTable,
     cooccurrence_table,
+    descending_bits,
     ease_exact_table,
     ease_local_table,
     history_signals,
+    top_k_rows,
 )
 
 WIDE = FeatureConfig(history_cap=1000, cooc_neighbors=1000, ease_neighbors=1000)
@@ -172,6 +174,42 @@ def test_truncation_keeps_the_strongest_by_value_or_magnitude() -> None:
             vals = top.values[r, : top.lengths[r]]
             k = np.abs(vals) if by_magnitude else vals
             assert (np.diff(k) <= 0).all()
+
+
+def test_descending_bits_sort_floats_from_highest_to_lowest() -> None:
+    f32 = np.finfo(np.float32)
+    values = np.array(
+        [-np.inf, -f32.max, -1.5, -1.0, -f32.tiny, -1e-45, 1e-45, f32.tiny, 0.25, 1.0, f32.max, np.inf],
+        dtype=np.float32,
+    )
+    shuffled = np.random.default_rng(0).permutation(values)
+    np.testing.assert_array_equal(shuffled[np.argsort(descending_bits(shuffled))], values[::-1])
+
+
+@pytest.mark.parametrize("by_magnitude", [False, True])
+def test_top_k_rows_equal_a_sort_by_row_strength_and_column(by_magnitude: bool) -> None:
+    """Values on a coarse grid tie often (and +-v tie by magnitude); duplicates are summed
+    and explicit zeros dropped before ranking. Reference: lexsort of the whole matrix."""
+    rng = np.random.default_rng(7)
+    n = 4000
+    rows, cols = rng.integers(0, 60, n), rng.integers(0, 90, n)
+    data = rng.integers(-4, 5, n).astype(np.float32) / 4  # ties, signs and zeros
+    m = sp.csr_matrix((data, (rows, cols)), shape=(60, 90))  # duplicates summed here
+    m.data[::17] = 0.0  # explicit zeros
+    ref = m.copy()
+    ref.eliminate_zeros()
+    ref.sort_indices()
+    r = np.repeat(np.arange(60), np.diff(ref.indptr))
+    key = np.abs(ref.data) if by_magnitude else ref.data
+    order = np.lexsort((ref.indices, -key, r))
+    for k in (1, 5, 0):
+        indices, values = top_k_rows(m, k, by_magnitude=by_magnitude)
+        for row in range(60):
+            mine = order[r[order] == row][: k or None]
+            width = len(mine)
+            np.testing.assert_array_equal(indices[row, :width], ref.indices[mine])
+            np.testing.assert_array_equal(values[row, :width], ref.data[mine])
+            assert (indices[row, width:] == 90).all() and (values[row, width:] == 0).all()
 
 
 def dense_signals(weights: np.ndarray, hist: Histories, cap: int, items: np.ndarray):
