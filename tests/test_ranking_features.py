@@ -179,7 +179,20 @@ def test_truncation_keeps_the_strongest_by_value_or_magnitude() -> None:
 def test_descending_bits_sort_floats_from_highest_to_lowest() -> None:
     f32 = np.finfo(np.float32)
     values = np.array(
-        [-np.inf, -f32.max, -1.5, -1.0, -f32.tiny, -1e-45, 1e-45, f32.tiny, 0.25, 1.0, f32.max, np.inf],
+        [
+            -np.inf,
+            -f32.max,
+            -1.5,
+            -1.0,
+            -f32.tiny,
+            -1e-45,
+            1e-45,
+            f32.tiny,
+            0.25,
+            1.0,
+            f32.max,
+            np.inf,
+        ],
         dtype=np.float32,
     )
     shuffled = np.random.default_rng(0).permutation(values)
