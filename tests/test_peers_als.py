@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 
 from slimrank.data.dataset import Interactions, split_random
 from slimrank.data.world import WorldConfig, iter_interactions
+from slimrank.evaluation import peers
 from slimrank.evaluation.peers import (
     ALS,
     MOST_POPULAR,
@@ -60,6 +61,17 @@ def test_als_ranks_as_implicits_own_recommend(split) -> None:
         model.fit(binary, show_progress=False)
     ids, _ = model.recommend(users, binary[users], N=k, filter_already_liked_items=True)
     np.testing.assert_array_equal(ours, ids)
+
+
+def test_als_scores_do_not_depend_on_its_thread_count(split, monkeypatch) -> None:
+    """fit_als runs on ALS_THREADS; one thread and two give the same scores bit for bit."""
+    observed = observed_interactions(split, "test")
+    users = np.arange(0, split.n_users, 3)
+    scores = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(peers, "ALS_THREADS", threads)
+        scores[threads] = fit_als(observed, PARAMS)(users)
+    np.testing.assert_array_equal(scores[1], scores[2])
 
 
 def test_als_is_selected_on_validation_and_refitted_on_train_and_valid(split) -> None:

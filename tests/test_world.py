@@ -116,6 +116,12 @@ def test_top_k_by_score_equals_a_full_sort_with_ties_and_masked_entries(k: int) 
     np.testing.assert_array_equal(got_s, np.take_along_axis(scores, order, 1))
 
 
+def test_top_k_by_score_of_nothing_is_empty() -> None:
+    scores, ids = np.zeros((2, 3)), np.zeros((2, 3), dtype=np.int64)
+    assert top_k_by_score(scores, ids, 0)[1].shape == (2, 0)
+    assert top_k_by_score(scores[:0], ids[:0], 2)[1].shape == (0, 0)
+
+
 def test_true_top_k_fills_short_rows_with_the_lowest_masked_ids() -> None:
     """With fewer allowed items than k, the masked items follow in id order, as a sort does."""
     users = np.array([1, 2])

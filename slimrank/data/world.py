@@ -383,6 +383,8 @@ def top_k_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndar
     the 1M truth step's time went to the full sort. NaN scores are not supported.
     """
     n = scores.shape[1]
+    if k <= 0 or len(scores) == 0:
+        return scores[:, :0].copy(), ids[:, :0].copy()
     if n <= k:
         order = np.lexsort((ids, -scores), axis=1)
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)

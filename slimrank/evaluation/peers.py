@@ -206,7 +206,7 @@ def fit_als(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
     ``params``: ``factors``, ``regularization``, ``alpha``, ``iterations``; ``random_state``
     0, so a fit is reproducible. It runs on :data:`ALS_THREADS` threads: each user's (and
     item's) conjugate-gradient solve reads only the other side's factors, so the factors
-    are the same bit for bit on any number of threads (``tests/test_peers.py``).
+    are the same bit for bit on any number of threads (``tests/test_peers_als.py``).
     """
     from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits

@@ -103,7 +103,7 @@ def top_k_rows(
     """Return ``(indices, values)``, each ``(R, W)``: the ``k`` largest entries of each row,
     strongest first, padded with the column count and 0.
 
-    Explicit zeros are dropped; ties keep the lower column.
+    Explicit zeros are dropped; ties keep the lower column. NaN entries are not supported.
     """
     m = sp.csr_matrix(matrix, dtype=np.float32)
     m.sum_duplicates()  # also sorts each row's columns, which the stable sort keeps for ties
