@@ -93,8 +93,9 @@ def descending_bits(values: np.ndarray) -> np.ndarray:
     """Return uint32 keys of float32 ``values`` that sort ascending as the values sort
     descending (the IEEE-754 bits made order-preserving, then inverted). NaN unsupported."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    ascending = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
-    return ~ascending
+    # Negative floats sort descending already by their bits and come after every positive
+    # one (sign bit set); positive ones reverse by inverting all but the sign bit.
+    return np.where(bits >> np.uint32(31), bits, ~bits & np.uint32(0x7FFFFFFF))
 
 
 def top_k_rows(
@@ -106,9 +107,9 @@ def top_k_rows(
     Explicit zeros are dropped; ties keep the lower column. NaN entries are not supported.
     """
     m = sp.csr_matrix(matrix, dtype=np.float32)
-    m.sum_duplicates()  # also sorts each row's columns, which the stable sort keeps for ties
+    m.sum_duplicates()
     m.eliminate_zeros()
-    m.sort_indices()
+    m.sort_indices()  # columns in order within each row: the stable sort below keeps it for ties
     n_rows, n_cols = m.shape
     rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(m.indptr))
     key = np.abs(m.data) if by_magnitude else m.data
