@@ -299,6 +299,64 @@ def test_joint_tables_give_each_tables_dense_signals() -> None:
             np.testing.assert_array_equal(joint.table(i).values, table.values)
 
 
+def masked_sums_and_maxima(table: NeighborTable, hist: Histories, items: np.ndarray):
+    """The reference for one table, bit for bit: each real candidate's row of weights, zero
+    off the history, summed and maximized (from 0) along the row; 0 at pads and empty rows."""
+    total = np.zeros(items.shape, dtype=np.float32)
+    best = np.zeros(items.shape, dtype=np.float32)
+    for u in range(hist.n_rows):
+        h = hist.row(u)
+        if not len(h):
+            continue
+        real = items[u] >= 0
+        rows = np.where(real, items[u], 0)
+        hit = np.isin(table.indices[rows], h) & real[:, None]
+        weight = table.values[rows] * hit
+        total[u], best[u] = weight.sum(axis=1), weight.max(axis=1, initial=0.0)
+    return total, best
+
+
+def test_joint_tables_of_one_width_reduce_each_table_bit_for_bit() -> None:
+    # Nonnegative tables of one width (the served case: the max is the masked row's) are
+    # reduced as one (N, T, K) block: each table must keep its own columns, to the bit.
+    rng = np.random.default_rng(12)
+    n_users, n_items = 20, 35
+    tables = []
+    for seed in (4, 5, 6):
+        m = sp.random(n_items, n_items, density=0.4, random_state=seed, format="csr")
+        m.data = (m.data * (1 + seed)).astype(np.float32)
+        tables.append(NeighborTable.from_csr(m, 6))
+    assert all(t.nonnegative for t in tables) and {t.indices.shape[1] for t in tables} == {6}
+    joint = JointNeighbors.of(tables)
+    hist = Histories.from_matrix(random_history(13, n_users, n_items, 0.3))
+    items = np.stack([rng.permutation(n_items)[:12] for _ in range(n_users)])
+    items[rng.random(items.shape) < 0.2] = -1
+    got = joint.signals(hist, items)
+    for table, (total, best) in zip(tables, got, strict=True):
+        want = masked_sums_and_maxima(table, hist, items)
+        np.testing.assert_array_equal(total, want[0])
+        np.testing.assert_array_equal(best, want[1])
+        assert (total > 0).any()  # the histories reach the tables: not a test of zeros
+
+
+def test_one_users_recent_history_equals_the_batch_rows() -> None:
+    # The one-row read (a request's user) is a slice; it must give what the batch read gives
+    # for that row, for every cap, and a copy the caller may change.
+    hist = Histories.from_matrix(random_history(3, 12, 30, 0.3))
+    empty = Histories(np.array([0, 0, 4]), np.array([3, 1, 2, 0]), 30)
+    for h in (hist, empty):
+        for cap in (0, 1, 3, 100):
+            batch = h.recent(np.arange(h.n_rows), cap)
+            for u in range(h.n_rows):
+                one = h.recent(np.array([u]), cap)
+                np.testing.assert_array_equal(one.indptr, [0, batch.lengths[u]])
+                np.testing.assert_array_equal(one.items, batch.row(u))
+                assert one.items.dtype == np.int64
+    one = hist.recent(np.array([0]), 0)
+    one.items[:] = -7
+    assert (hist.items >= 0).all()
+
+
 def test_feature_tables_pickle_to_the_same_features() -> None:
     # The Ray engine ships tables by pickle: the joint table is rebuilt from cooc and ease.
     import pickle
@@ -403,12 +461,14 @@ def test_rank_columns_rank_within_the_list() -> None:
     tables, cands, _ = small_world(seed=5)
     feats = candidate_features(tables, cands)
     col = tables.layout.column
-    for row in (0, 9):
-        ease = feats.values[row, :, col["ease_score"]]
-        rank = np.expm1(feats.values[row, :, col["ease_score_rank"]]).round().astype(int)
-        real = cands.mask[row]
-        expected = np.argsort(np.argsort(-ease[real], kind="stable"), kind="stable")
-        np.testing.assert_array_equal(rank[real], expected)
+    for name in ("ease_score", "cooc_sum"):
+        for row in range(len(cands.items)):  # every row: one row's ranks written to another
+            signal = feats.values[row, :, col[name]]
+            rank = np.expm1(feats.values[row, :, col[f"{name}_rank"]]).round().astype(int)
+            real = cands.mask[row]
+            expected = np.argsort(np.argsort(-signal[real], kind="stable"), kind="stable")
+            np.testing.assert_array_equal(rank[real], expected)
+            assert (rank[~real] == 0).all()
 
 
 def test_item_item_tables_are_reused_from_a_subset_of_the_history() -> None:

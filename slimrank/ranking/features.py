@@ -489,7 +489,7 @@ def candidate_features(
                 values = np.where(mask, values, -np.inf)
             order = np.argsort(-values, axis=1, kind="stable")
             # Position j of the order gets log1p(j): rank[order[j]] = j, without a second sort.
-            np.put_along_axis(out[:, :, at], order, _log1p_range(n)[None, :], axis=1)
+            out[np.arange(n_users)[:, None], order, at] = _log1p_range(n)[None, :]
             at += 1
     if cfg.list_stats:
         at = _list_stats(out, at, col, mask, all_real, users.history, tables, safe)

@@ -223,23 +223,34 @@ class JointNeighbors:
                 weight *= hit  # (N, W), 0 off the history
             finally:
                 marks[hist] = False
-            for (a, b), nonnegative, (total, best) in zip(
-                self.bounds, self.nonnegative, out, strict=True
+            # Where some history item holds no weight for the candidate, that 0 takes part in
+            # the max (so the max of the masked row, 0 without hits, is right); only rows
+            # where every history item is an in-neighbour need the max of their hits alone.
+            # With no negative weight the max of the hits is that of the masked row already.
+            # Tables of one width are reduced in one call each (the same per-row sums).
+            totals, bests = self._reduce(weight)
+            for t, ((a, b), nonnegative, (total, best)) in enumerate(
+                zip(self.bounds, self.nonnegative, out, strict=True)
             ):
                 part = weight[:, a:b]
-                total[u] = part.sum(axis=1)
-                # Where some history item holds no weight for the candidate, that 0 takes
-                # part in the max (so the max of the masked row, 0 without hits, is right);
-                # only rows where every history item is an in-neighbour need the max of their
-                # hits alone. With no negative weight the max of the hits is that of the
-                # masked row already.
-                best[u] = part.max(axis=1, initial=0.0)
+                total[u] = totals[:, t] if totals is not None else part.sum(axis=1)
+                best[u] = bests[:, t] if bests is not None else part.max(axis=1, initial=0.0)
                 if not nonnegative and len(hist) <= b - a:
                     count = np.count_nonzero(hit[:, a:b], axis=1)
                     full = np.flatnonzero((count == len(hist)) & real)
                     if len(full):
                         best[u, full] = np.where(hit[full, a:b], part[full], -np.inf).max(axis=1)
         return out
+
+    def _reduce(self, weight: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Return each table's row sums and maxima (from 0) of the masked ``(N, W)`` weights
+        as ``(N, T)``, or ``(None, None)`` when the tables' widths differ."""
+        n_tables = len(self.bounds)
+        k = weight.shape[1] // n_tables
+        if self.bounds != tuple((t * k, (t + 1) * k) for t in range(n_tables)):
+            return None, None
+        blocks = weight[:, : n_tables * k].reshape(len(weight), n_tables, k)  # (N, T, K)
+        return blocks.sum(axis=2), blocks.max(axis=2, initial=0.0)
 
 
 def _item_blocks(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
