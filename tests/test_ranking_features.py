@@ -316,19 +316,21 @@ def masked_sums_and_maxima(table: NeighborTable, hist: Histories, items: np.ndar
     return total, best
 
 
-def test_joint_tables_of_one_width_reduce_each_table_bit_for_bit() -> None:
+@pytest.mark.parametrize("width", [6, 40, 130])
+def test_joint_tables_of_one_width_reduce_each_table_bit_for_bit(width: int) -> None:
     # Nonnegative tables of one width (the served case: the max is the masked row's) are
     # reduced as one (N, T, K) block: each table must keep its own columns, to the bit.
+    # Widths below 8, up to 128 and past it take numpy's three ways of summing a row.
     rng = np.random.default_rng(12)
-    n_users, n_items = 20, 35
+    n_users, n_items = 20, 160
     tables = []
     for seed in (4, 5, 6):
-        m = sp.random(n_items, n_items, density=0.4, random_state=seed, format="csr")
-        m.data = (m.data * (1 + seed)).astype(np.float32)
-        tables.append(NeighborTable.from_csr(m, 6))
-    assert all(t.nonnegative for t in tables) and {t.indices.shape[1] for t in tables} == {6}
+        m = sp.random(n_items, n_items, density=0.9, random_state=seed, format="csr")
+        m.data = (m.data * 10.0 ** rng.uniform(-3, 3, m.nnz)).astype(np.float32)
+        tables.append(NeighborTable.from_csr(m, width))
+    assert all(t.nonnegative for t in tables) and {t.indices.shape[1] for t in tables} == {width}
     joint = JointNeighbors.of(tables)
-    hist = Histories.from_matrix(random_history(13, n_users, n_items, 0.3))
+    hist = Histories.from_matrix(random_history(13, n_users, n_items, 0.5))
     items = np.stack([rng.permutation(n_items)[:12] for _ in range(n_users)])
     items[rng.random(items.shape) < 0.2] = -1
     got = joint.signals(hist, items)
