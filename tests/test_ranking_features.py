@@ -301,7 +301,9 @@ def test_joint_tables_give_each_tables_dense_signals() -> None:
 
 def masked_sums_and_maxima(table: NeighborTable, hist: Histories, items: np.ndarray):
     """The reference for one table, bit for bit: each real candidate's row of weights, zero
-    off the history, summed and maximized (from 0) along the row; 0 at pads and empty rows."""
+    off the history, summed and maximized (from 0) along the row; where every history item
+    holds a weight for the candidate, the max of those weights alone. 0 at pads and empty
+    rows."""
     total = np.zeros(items.shape, dtype=np.float32)
     best = np.zeros(items.shape, dtype=np.float32)
     for u in range(hist.n_rows):
@@ -313,6 +315,9 @@ def masked_sums_and_maxima(table: NeighborTable, hist: Histories, items: np.ndar
         hit = np.isin(table.indices[rows], h) & real[:, None]
         weight = table.values[rows] * hit
         total[u], best[u] = weight.sum(axis=1), weight.max(axis=1, initial=0.0)
+        full = hit.sum(axis=1) == len(h)
+        if full.any():
+            best[u, full] = np.where(hit[full], weight[full], -np.inf).max(axis=1)
     return total, best
 
 
@@ -321,16 +326,20 @@ def test_joint_tables_of_one_width_reduce_each_table_bit_for_bit(width: int) -> 
     # Nonnegative tables of one width (the served case: the max is the masked row's) are
     # reduced as one (N, T, K) block: each table must keep its own columns, to the bit.
     # Widths below 8, up to 128 and past it take numpy's three ways of summing a row.
+    # A signed table beside them: its maxima may be negative (and -0.0 is not 0.0 to the bit).
     rng = np.random.default_rng(12)
     n_users, n_items = 20, 160
     tables = []
-    for seed in (4, 5, 6):
+    for seed, shift in ((4, 0.0), (5, 0.0), (6, -0.5)):
         m = sp.random(n_items, n_items, density=0.9, random_state=seed, format="csr")
-        m.data = (m.data * 10.0 ** rng.uniform(-3, 3, m.nnz)).astype(np.float32)
-        tables.append(NeighborTable.from_csr(m, width))
-    assert all(t.nonnegative for t in tables) and {t.indices.shape[1] for t in tables} == {width}
+        m.data = ((m.data + shift) * 10.0 ** rng.uniform(-3, 3, m.nnz)).astype(np.float32)
+        tables.append(NeighborTable.from_csr(m, width, by_magnitude=True))
+    assert [t.nonnegative for t in tables] == [True, True, False]
+    assert {t.indices.shape[1] for t in tables} == {width}
     joint = JointNeighbors.of(tables)
+    # Short histories too: a candidate whose every history item is an in-neighbour.
     hist = Histories.from_matrix(random_history(13, n_users, n_items, 0.5))
+    hist = hist.recent(np.arange(n_users), 0 if width > 6 else 2)
     items = np.stack([rng.permutation(n_items)[:12] for _ in range(n_users)])
     items[rng.random(items.shape) < 0.2] = -1
     got = joint.signals(hist, items)
@@ -338,7 +347,21 @@ def test_joint_tables_of_one_width_reduce_each_table_bit_for_bit(width: int) -> 
         want = masked_sums_and_maxima(table, hist, items)
         np.testing.assert_array_equal(total, want[0])
         np.testing.assert_array_equal(best, want[1])
-        assert (total > 0).any()  # the histories reach the tables: not a test of zeros
+        assert (total != 0).any()  # the histories reach the tables: not a test of zeros
+
+
+def test_joint_tables_of_width_zero_give_zeros() -> None:
+    n_items = 5
+    joint = JointNeighbors(
+        np.zeros((n_items, 0), np.int32),
+        np.zeros((n_items, 0), np.float32),
+        ((0, 0), (0, 0)),
+        (True, False),
+    )
+    hist = Histories(np.array([0, 2]), np.array([1, 3]), n_items)
+    for total, best in joint.signals(hist, np.array([[0, 1, -1]])):
+        np.testing.assert_array_equal(total.view(np.uint32), np.zeros((1, 3), np.uint32))
+        np.testing.assert_array_equal(best.view(np.uint32), np.zeros((1, 3), np.uint32))
 
 
 def test_one_users_recent_history_equals_the_batch_rows() -> None:
@@ -353,7 +376,10 @@ def test_one_users_recent_history_equals_the_batch_rows() -> None:
                 one = h.recent(np.array([u]), cap)
                 np.testing.assert_array_equal(one.indptr, [0, batch.lengths[u]])
                 np.testing.assert_array_equal(one.items, batch.row(u))
-                assert one.items.dtype == np.int64
+                assert one.items.dtype == one.indptr.dtype == np.int64
+        for row in (-1, h.n_rows):
+            with pytest.raises(IndexError):
+                h.recent(np.array([row]), 0)
     one = hist.recent(np.array([0]), 0)
     one.items[:] = -7
     assert (hist.items >= 0).all()
@@ -471,6 +497,11 @@ def test_rank_columns_rank_within_the_list() -> None:
             expected = np.argsort(np.argsort(-signal[real], kind="stable"), kind="stable")
             np.testing.assert_array_equal(rank[real], expected)
             assert (rank[~real] == 0).all()
+            # To the bit: log1p computed in float64, then rounded once (what rankers saw).
+            log_rank = np.log1p(np.arange(cands.items.shape[1], dtype=np.float64))
+            written = feats.values[row, real, col[f"{name}_rank"]]
+            want = log_rank.astype(np.float32)[expected]
+            np.testing.assert_array_equal(written.view(np.uint32), want.view(np.uint32))
 
 
 def test_item_item_tables_are_reused_from_a_subset_of_the_history() -> None:

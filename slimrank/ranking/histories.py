@@ -57,6 +57,8 @@ class Histories:
         """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.shape == (1,):  # one request's user: a slice, without the ragged gather
+            if not 0 <= rows[0] < self.n_rows:
+                raise IndexError(f"row {rows[0]} is outside [0, {self.n_rows})")
             start, end = int(self.indptr[rows[0]]), int(self.indptr[rows[0] + 1])
             if cap > 0:
                 end = min(end, start + cap)
