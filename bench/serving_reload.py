@@ -3,10 +3,9 @@
     .venv/bin/python bench/serving_reload.py                      # runs/demo/bundles
     .venv/bin/python bench/serving_reload.py --bundles ROOT --rate 100 --duration 60
 
-The reload goes from the root's CURRENT to another version (``--to``), or, by default and
-by default, to a copy of CURRENT under the next
-version name (the same files hard-linked, its manifest naming the new version): the server
-loads it as it would load a new model of the same size. Everything happens in a scratch root
+The reload goes from the root's CURRENT to another version (``--to``), or, by default, to a
+copy of CURRENT under the next version name (the same files hard-linked, its manifest naming
+the new version): the server loads it as it would load a new model of the same size. Everything happens in a scratch root
 under ``bench/.cache/reload`` of hard links (the user's root and its HISTORY are never
 touched):
 
