@@ -5,9 +5,9 @@
 
 The reload goes from the root's CURRENT to another version (``--to``), or, by default, to a
 copy of CURRENT under the next version name (the same files hard-linked, its manifest naming
-the new version): the server loads it as it would load a new model of the same size. Everything happens in a scratch root
-under ``bench/.cache/reload`` of hard links (the user's root and its HISTORY are never
-touched):
+the new version): the server loads it as it would load a new model of the same size.
+Everything happens in a scratch root under ``bench/.cache/reload`` of hard links (the user's
+root and its HISTORY are never touched):
 
 1. launches ``slimrank serve --bundles SCRATCH --port 0`` (the CLI with its defaults, CURRENT
    polled every ``--poll-interval`` s) and times start-up, from launch to the ready line (the
