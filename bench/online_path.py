@@ -137,7 +137,7 @@ def stages(
         times["features"][j] = t3 - t2
         times["rank_int8"][j] = t4 - t3
         times["request_int8"][j] = t4 - t0
-        if j < 300:
+        if teacher is not None and j < 300:
             kept.append(feats)
     if teacher is None:
         return {name: pct(value) for name, value in times.items()}

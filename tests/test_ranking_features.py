@@ -377,9 +377,11 @@ def test_one_users_recent_history_equals_the_batch_rows() -> None:
                 np.testing.assert_array_equal(one.indptr, [0, batch.lengths[u]])
                 np.testing.assert_array_equal(one.items, batch.row(u))
                 assert one.items.dtype == one.indptr.dtype == np.int64
-        for row in (-1, h.n_rows):
-            with pytest.raises(IndexError):
+        for row in (-1, -2, h.n_rows):  # -2 read the last row before the batch path checked
+            with pytest.raises(IndexError, match=f"row {row} is outside"):
                 h.recent(np.array([row]), 0)
+            with pytest.raises(IndexError, match=f"row {row} is outside"):
+                h.recent(np.array([0, row]), 0)
     one = hist.recent(np.array([0]), 0)
     one.items[:] = -7
     assert (hist.items >= 0).all()

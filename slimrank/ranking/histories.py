@@ -56,9 +56,10 @@ class Histories:
         ``cap = 0`` keeps every item. Cost: the items kept, not the histories' lengths.
         """
         rows = np.asarray(rows, dtype=np.int64)
+        outside = rows[(rows < 0) | (rows >= self.n_rows)]
+        if outside.size:  # a negative row would read another row's items
+            raise IndexError(f"row {outside[0]} is outside [0, {self.n_rows})")
         if rows.shape == (1,):  # one request's user: a slice, without the ragged gather
-            if not 0 <= rows[0] < self.n_rows:
-                raise IndexError(f"row {rows[0]} is outside [0, {self.n_rows})")
             start, end = int(self.indptr[rows[0]]), int(self.indptr[rows[0] + 1])
             if cap > 0:
                 end = min(end, start + cap)

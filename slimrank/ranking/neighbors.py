@@ -22,6 +22,7 @@ Two tables are built here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import threading
@@ -227,14 +228,12 @@ class JointNeighbors:
             # the max (so the max of the masked row, 0 without hits, is right); only rows
             # where every history item is an in-neighbour need the max of their hits alone.
             # With no negative weight the max of the hits is that of the masked row already.
-            # Tables of one width are reduced in one call each (the same per-row sums).
             totals, bests = self._reduce(weight)
             for t, ((a, b), nonnegative, (total, best)) in enumerate(
                 zip(self.bounds, self.nonnegative, out, strict=True)
             ):
+                total[u], best[u] = totals[:, t], bests[:, t]
                 part = weight[:, a:b]
-                total[u] = totals[:, t] if totals is not None else part.sum(axis=1)
-                best[u] = bests[:, t] if bests is not None else part.max(axis=1, initial=0.0)
                 if not nonnegative and len(hist) <= b - a:
                     count = np.count_nonzero(hit[:, a:b], axis=1)
                     full = np.flatnonzero((count == len(hist)) & real)
@@ -242,15 +241,23 @@ class JointNeighbors:
                         best[u, full] = np.where(hit[full, a:b], part[full], -np.inf).max(axis=1)
         return out
 
-    def _reduce(self, weight: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Return each table's row sums and maxima (from 0) of the masked ``(N, W)`` weights
-        as ``(N, T)``, or ``(None, None)`` when the tables' widths differ."""
-        n_tables = len(self.bounds)
-        k = weight.shape[1] // n_tables
-        if self.bounds != tuple((t * k, (t + 1) * k) for t in range(n_tables)):
-            return None, None
-        blocks = weight[:, : n_tables * k].reshape(len(weight), n_tables, k)  # (N, T, K)
-        return blocks.sum(axis=2), blocks.max(axis=2, initial=0.0)
+    @functools.cached_property
+    def _one_width(self) -> int | None:
+        """The tables' common width when they sit side by side from column 0, else None."""
+        k = self.bounds[0][1] - self.bounds[0][0] if self.bounds else 0
+        same = self.bounds == tuple((t * k, (t + 1) * k) for t in range(len(self.bounds)))
+        return k if same else None
+
+    def _reduce(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return each table's row sums and maxima (from 0) of the masked ``(N, W)`` weights,
+        each ``(N, T)``: tables of one width in one call each (the same per-row sums)."""
+        k, n_tables = self._one_width, len(self.bounds)
+        if k is not None:
+            blocks = weight[:, : n_tables * k].reshape(len(weight), n_tables, k)  # (N, T, K)
+            return blocks.sum(axis=2), blocks.max(axis=2, initial=0.0)
+        parts = [weight[:, a:b] for a, b in self.bounds]
+        totals = np.stack([part.sum(axis=1) for part in parts], axis=1)
+        return totals, np.stack([part.max(axis=1, initial=0.0) for part in parts], axis=1)
 
 
 def _item_blocks(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
