@@ -244,6 +244,11 @@ def main() -> int:
     parser.add_argument("--spaced-calls", type=int, default=1000)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
+    if args.gap_ms < 0 or args.spaced_calls < 1:
+        parser.error(
+            f"--gap-ms must be >= 0 and --spaced-calls >= 1 (got {args.gap_ms}, "
+            f"{args.spaced_calls})"
+        )
 
     from slimrank.bundle import open_bundle
     from slimrank.bundle.checksums import sha256_file
