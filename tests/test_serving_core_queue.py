@@ -204,3 +204,42 @@ def test_a_stall_between_two_takes_is_not_taken_for_the_cost_of_a_call() -> None
     fresh = CoreQueue(lambda: (0, 0), clock=lambda: now[0])
     fresh.observe_take(0.3)  # nothing to compare it with (no call has finished yet): kept
     assert fresh.take_interval() == pytest.approx(0.3)
+
+
+def test_the_servers_channelz_node_counts_calls_without_rendering_a_trace() -> None:
+    """Admission reads this node every few ms under load; a trace would only make reads dearer."""
+    import json
+
+    from grpc._cython import cygrpc
+
+    from slimrank.serving.config import ServerConfig
+    from slimrank.serving.server import _options
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    async def main() -> dict:
+        before = CoreQueue.server_ids()
+        assert before is not None
+        server = grpc.aio.server(options=_options(ServerConfig()))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "t.T", {"M": grpc.unary_unary_rpc_method_handler(handler)}
+                ),
+            )
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        (server_id,) = CoreQueue.server_ids() - before
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(3):
+                assert await channel.unary_unary("/t.T/M")(b"x", timeout=10) == b"x"
+        node = json.loads(cygrpc.channelz_get_server(server_id))["server"]
+        await server.stop(None)
+        return node
+
+    node = asyncio.run(main())
+    assert "trace" not in node["data"]
+    assert int(node["data"]["callsStarted"]) == 3
+    assert int(node["data"]["callsSucceeded"]) == 3

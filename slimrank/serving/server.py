@@ -268,7 +268,7 @@ def _ms(seconds: float) -> int:
 
 
 def _options(config: ServerConfig) -> list[tuple[str, int]]:
-    """The grpc channel arguments of the server: message sizes and connection limits."""
+    """The grpc channel arguments of the server: message sizes, connection limits, no trace."""
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -282,6 +282,11 @@ def _options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", _ms(config.min_client_ping_interval_s)),
         ("grpc.http2.max_ping_strikes", 2),
+        # No channelz trace events: admission reads the server's channelz node every few
+        # milliseconds under load (core_queue.py), and without the trace a read costs less:
+        # 0.058 against 0.10 ms on an idle server, 0.128 against 0.137 ms of CPU on a busy
+        # one (scratch runs). The call counts stay.
+        ("grpc.max_channel_trace_event_memory_per_node", 0),
     ]
     if config.max_connection_age_s is not None:
         options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age_s)))
