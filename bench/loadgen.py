@@ -20,6 +20,10 @@ those processes with SIGSTOP at offset ``t`` of the schedule and lets them run a
 ``g`` seconds later: a freeze of the server, as this 2-core VM gives it at times, at a known
 moment of a seeded run (``bench/serving_ab.py --freeze``).
 
+Before the schedule, ``warmup`` calls open and warm every connection; they are not timed, and
+the ones that fail (a cold server may refuse some of these bursts) are counted by status in
+``meta["warmup_errors"]``, since a server's own refusal counter includes them.
+
 Writes ``OUT.npz`` with per-call arrays (scheduled and sent offsets, completion offsets in
 seconds from the start, status code numbers) and a JSON string ``meta``.
 """
@@ -114,14 +118,21 @@ async def run_aio(job: dict[str, Any], requests: list[bytes], schedule: np.ndarr
     calls = [channel.unary_unary(job["method"]) for channel in channels]
     n_channels, n_requests = len(calls), len(requests)
     timeout = float(job["timeout_s"])
+    warmup_errors: dict[str, int] = {}
     for first in range(0, job["warmup"], n_channels):  # warm every connection, a few at a time
-        await asyncio.gather(
+        answers = await asyncio.gather(
             *(
                 calls[i % n_channels](requests[i % n_requests], timeout=10)
                 for i in range(first, first + n_channels)
             ),
             return_exceptions=True,
         )
+        for answer in answers:
+            if isinstance(answer, grpc.aio.AioRpcError):
+                name = answer.code().name
+                warmup_errors[name] = warmup_errors.get(name, 0) + 1
+            elif isinstance(answer, BaseException):
+                raise answer
     n = len(schedule)
     sent = np.full(n, np.nan)
     done = np.full(n, np.nan)
@@ -169,7 +180,9 @@ async def run_aio(job: dict[str, Any], requests: list[bytes], schedule: np.ndarr
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     for channel in channels:
         await channel.close()
-    return _result(start, schedule, sent, done, codes, cpu0, cpu1, balance, n_channels)
+    out = _result(start, schedule, sent, done, codes, cpu0, cpu1, balance, n_channels)
+    out["meta"]["warmup_errors"] = warmup_errors
+    return out
 
 
 def run_sync(job: dict[str, Any], requests: list[bytes], schedule: np.ndarray) -> dict:
@@ -181,8 +194,13 @@ def run_sync(job: dict[str, Any], requests: list[bytes], schedule: np.ndarray) -
     calls = [channel.unary_unary(job["method"]) for channel in channels]
     n_channels, n_requests = len(calls), len(requests)
     timeout = float(job["timeout_s"])
+    warmup_errors: dict[str, int] = {}
     for i in range(job["warmup"]):
-        calls[i % n_channels](requests[i % n_requests], timeout=10)
+        try:
+            calls[i % n_channels](requests[i % n_requests], timeout=10)
+        except grpc.RpcError as error:
+            name = error.code().name
+            warmup_errors[name] = warmup_errors.get(name, 0) + 1
     n = len(schedule)
     sent = np.full(n, np.nan)
     done = np.full(n, np.nan)
@@ -211,7 +229,9 @@ def run_sync(job: dict[str, Any], requests: list[bytes], schedule: np.ndarray) -
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     for channel in channels:
         channel.close()
-    return _result(start, schedule, sent, done, codes, cpu0, cpu1, {}, n_channels)
+    out = _result(start, schedule, sent, done, codes, cpu0, cpu1, {}, n_channels)
+    out["meta"]["warmup_errors"] = warmup_errors
+    return out
 
 
 def _result(

@@ -237,6 +237,13 @@ def markdown(report: dict[str, Any]) -> str:
     if by_reason:
         shown = ", ".join(f"{reason} {value:g}" for reason, value in sorted(by_reason.items()))
         lines.append(f"| of which by reason | {shown} |")
+    # The server's counts include the warm-up calls the load generator sends before the
+    # schedule (not in "sent"); a cold server may refuse some of those bursts.
+    warmup = report.get("warmup_errors", {})
+    lines.append(
+        "| the load generator's warm-up calls (before the schedule, in the server's counts) "
+        f"that failed | {', '.join(f'{k} {v}' for k, v in warmup.items()) or 'none'} |"
+    )
     lines += [
         "",
         f"Command: `{report['command']}`",
@@ -365,6 +372,7 @@ def main() -> int:
         "summary": summary,
         "server_counters": counted,
         "shed_by_reason": shed_by,
+        "warmup_errors": result["meta"].get("warmup_errors", {}),
         "command": "bench/serving_reload.py " + " ".join(sys.argv[1:]),
         "code": str(args.code),
     }

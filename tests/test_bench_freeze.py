@@ -66,3 +66,19 @@ def test_bad_freeze_flags_are_refused_naming_them(tmp_path: Path, flags: list[st
     )
     assert done.returncode == 2, done.stderr
     assert "--freeze must be in [0, 10] s, --freeze-at within the schedule" in done.stderr
+
+
+@pytest.mark.parametrize("client", ["aio", "sync"])
+def test_the_warm_up_calls_that_fail_are_counted_by_status(client: str) -> None:
+    """A server counts the warm-up calls too (refusals of a cold server's first bursts), so
+    the load generator reports the ones that failed instead of dropping them."""
+    from loadgen import job_for, run_sync
+
+    job = job_for("127.0.0.1:1", RECOMMEND, [b""], rate=200.0, n=2, client=client)
+    job.update(warmup=2 * job["channels"], timeout_s=0.5)  # aio warms in rounds of channels
+    schedule = schedule_of(200.0, 2, 0)
+    if client == "aio":
+        result = asyncio.run(run_aio(job, [b""], schedule))
+    else:
+        result = run_sync(job, [b""], schedule)
+    assert result["meta"]["warmup_errors"] == {"UNAVAILABLE": 2 * job["channels"]}
