@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import os
@@ -118,7 +119,7 @@ async def run_aio(job: dict[str, Any], requests: list[bytes], schedule: np.ndarr
     calls = [channel.unary_unary(job["method"]) for channel in channels]
     n_channels, n_requests = len(calls), len(requests)
     timeout = float(job["timeout_s"])
-    warmup_errors: dict[str, int] = {}
+    warmup_errors: collections.Counter[str] = collections.Counter()
     for first in range(0, job["warmup"], n_channels):  # warm every connection, a few at a time
         answers = await asyncio.gather(
             *(
@@ -129,8 +130,7 @@ async def run_aio(job: dict[str, Any], requests: list[bytes], schedule: np.ndarr
         )
         for answer in answers:
             if isinstance(answer, grpc.aio.AioRpcError):
-                name = answer.code().name
-                warmup_errors[name] = warmup_errors.get(name, 0) + 1
+                warmup_errors[answer.code().name] += 1
             elif isinstance(answer, BaseException):
                 raise answer
     n = len(schedule)
@@ -180,9 +180,9 @@ async def run_aio(job: dict[str, Any], requests: list[bytes], schedule: np.ndarr
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     for channel in channels:
         await channel.close()
-    out = _result(start, schedule, sent, done, codes, cpu0, cpu1, balance, n_channels)
-    out["meta"]["warmup_errors"] = warmup_errors
-    return out
+    return _result(
+        start, schedule, sent, done, codes, cpu0, cpu1, balance, n_channels, warmup_errors
+    )
 
 
 def run_sync(job: dict[str, Any], requests: list[bytes], schedule: np.ndarray) -> dict:
@@ -194,13 +194,12 @@ def run_sync(job: dict[str, Any], requests: list[bytes], schedule: np.ndarray) -
     calls = [channel.unary_unary(job["method"]) for channel in channels]
     n_channels, n_requests = len(calls), len(requests)
     timeout = float(job["timeout_s"])
-    warmup_errors: dict[str, int] = {}
+    warmup_errors: collections.Counter[str] = collections.Counter()
     for i in range(job["warmup"]):
         try:
             calls[i % n_channels](requests[i % n_requests], timeout=10)
         except grpc.RpcError as error:
-            name = error.code().name
-            warmup_errors[name] = warmup_errors.get(name, 0) + 1
+            warmup_errors[error.code().name] += 1
     n = len(schedule)
     sent = np.full(n, np.nan)
     done = np.full(n, np.nan)
@@ -229,9 +228,7 @@ def run_sync(job: dict[str, Any], requests: list[bytes], schedule: np.ndarray) -
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     for channel in channels:
         channel.close()
-    out = _result(start, schedule, sent, done, codes, cpu0, cpu1, {}, n_channels)
-    out["meta"]["warmup_errors"] = warmup_errors
-    return out
+    return _result(start, schedule, sent, done, codes, cpu0, cpu1, {}, n_channels, warmup_errors)
 
 
 def _result(
@@ -244,6 +241,7 @@ def _result(
     cpu1: Any,
     balance: dict[str, int],
     n_channels: int,
+    warmup_errors: dict[str, int],
 ) -> dict:
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {
@@ -253,7 +251,13 @@ def _result(
         "codes": codes,
         # start: time.perf_counter() of offset 0, CLOCK_MONOTONIC on Linux, which other
         # processes on the machine share (bench/serving_reload.py aligns its reloads by it).
-        "meta": {"cpu_s": cpu, "channels": n_channels, "balance": balance, "start": start},
+        "meta": {
+            "cpu_s": cpu,
+            "channels": n_channels,
+            "balance": balance,
+            "start": start,
+            "warmup_errors": dict(warmup_errors),  # failed warm-up calls by status
+        },
     }
 
 
