@@ -2,7 +2,11 @@
 
     .venv/bin/python bench/serving_ab.py --a old=../wt-old --b new=. --rate 400 --pairs 12
 
-Each tree is a checkout of slimrank (``git worktree add ../wt-old <rev>``); its ``slimrank
+    .venv/bin/python bench/serving_ab.py --a w5=. --b w2=. --b-flags "--max-wait-ms 2"
+
+Each tree is a checkout of slimrank (``git worktree add ../wt-old <rev>``), or the same tree
+for both with each variant's own flags (``--a-flags``, ``--b-flags``; the flags after ``--``
+go to both); its ``slimrank
 serve`` subprocess runs in that directory (``python -m`` puts it first on ``sys.path``), so
 both variants run from this venv with the same libraries, and before the first run the tool
 checks that each tree's server imports its own ``slimrank``. (Until 2026-12-01 the tool put
@@ -13,12 +17,13 @@ speed favours neither) and offers each the same seeded Poisson schedule of ``--c
 Recommend calls at ``--rate``/s
 (``bench/loadgen.py``, 2 s deadlines, known users of the bundle). Per run it records the
 calls answered, refused (RESOURCE_EXHAUSTED) and failed otherwise, p50/p99 of the answered
-ones from their scheduled send, the server's CPU time per call, its counters, and the load
-average; the summary gives each variant's medians and, pair by pair, how often B refused
-fewer calls than A. With ``--freeze G`` each server is stopped (SIGSTOP) for G seconds at
-``--freeze-at`` into the schedule, as this VM at times freezes a process (the load generator
-sends on meanwhile). The machine's speed changes between runs on a shared VM (CPU per call
-is printed beside each run for that reason), so compare within pairs.
+ones and of the refused ones from their scheduled send, the server's CPU time per call, its
+counters, and the load average; the summary gives each variant's medians and, pair by
+pair, how often B refused fewer calls than A. With ``--freeze G`` each server is stopped
+(SIGSTOP) for G seconds at ``--freeze-at`` into the schedule, as this VM at times freezes a
+process (the load generator sends on meanwhile). The machine's speed changes between runs
+on a shared VM (CPU per call is printed beside each run for that reason), so compare within
+pairs.
 
 Writes ``bench/results/serving_ab_<name>.{json,md}``.
 """
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -60,6 +66,14 @@ def variant(spec: str) -> tuple[str, Path]:
     return label, checkout(path)
 
 
+def serve_flags(text: str) -> list[str]:
+    """One variant's own ``slimrank serve`` flags, as a shell would split them."""
+    try:
+        return shlex.split(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
 def one_run(
     label: str,
     tree: Path,
@@ -67,10 +81,12 @@ def one_run(
     requests: list[bytes],
     args: argparse.Namespace,
     seed: int,
+    flags: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Serve ``bundles`` from ``tree``, offer the seeded schedule, return the run's figures."""
+    """Serve ``bundles`` from ``tree`` (with the common and this variant's ``flags``), offer
+    the seeded schedule, return the run's figures."""
     argv = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(bundles)]
-    argv += ["--port", "0", "--metrics-port", "0", *args.serve_args]
+    argv += ["--port", "0", "--metrics-port", "0", *args.serve_args, *(flags or [])]
     server = ServerProcess(argv, code=tree)
     try:
         cpu0 = _cpu_seconds(server.pids)
@@ -90,6 +106,7 @@ def one_run(
     latency_ms = (out["done"] - out["schedule"]) * 1000
     ok = codes == 0
     answered = latency_ms[ok]
+    refused = latency_ms[codes == 8]
     return {
         "variant": label,
         "pair": seed,
@@ -98,6 +115,9 @@ def one_run(
         "failed_otherwise": int((~ok & (codes != 8)).sum()),
         "p50_ms": round(float(np.percentile(answered, 50)), 2) if answered.size else None,
         "p99_ms": round(float(np.percentile(answered, 99)), 2) if answered.size else None,
+        # How long a refused call took to hear so (the overload criterion: within a few ms).
+        "refusal_p50_ms": round(float(np.percentile(refused, 50)), 2) if refused.size else None,
+        "refusal_p99_ms": round(float(np.percentile(refused, 99)), 2) if refused.size else None,
         "server_cpu_ms_per_call": round(1000 * cpu / args.calls, 3),
         "shed_counter": counters["slimrank_shed_requests_total"],
         "shed_by_reason": shed_by,
@@ -119,6 +139,9 @@ def summarize(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
             }
             for key in ("refused", "p99_ms", "server_cpu_ms_per_call")
         }
+        for key in ("refusal_p50_ms", "refusal_p99_ms"):  # runs that refused any call
+            values = [r[key] for r in rs if r.get(key) is not None]
+            summary[v][key] = float(np.median(values)) if values else None
         summary[v]["runs_with_none_refused"] = sum(r["refused"] == 0 for r in rs)
     pairs = sorted({r["pair"] for r in runs})
     refused = {(r["variant"], r["pair"]): r["refused"] for r in runs}
@@ -132,6 +155,11 @@ def cpu_line(cpu: dict[str, Any]) -> str:
     """The CPU's model, core count and SIMD flags, on one line."""
     flags = " ".join(cpu.get("flags", [])) or "no AVX-512"
     return f"{cpu.get('model')}, {cpu.get('cpus')} cores, VNNI {cpu.get('vnni')}, {flags}"
+
+
+def ms(value: float | None) -> str:
+    """A latency in ms to two decimals; "-" when there is none (no call refused)."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -152,29 +180,34 @@ def markdown(report: dict[str, Any]) -> str:
         )
         + f". CPU: {cpu_line(report['cpu'])}. "
         f"Python {report['python']}. Trees: "
-        + ", ".join(f"{k} `{v}`" for k, v in report["trees"].items()),
+        + ", ".join(f"{k} `{v}`" for k, v in report["trees"].items())
+        + "".join(
+            f"; {k}'s own flags `{' '.join(v)}`" for k, v in report.get("flags", {}).items() if v
+        ),
         "",
-        "| variant | pair | answered | refused | other | p50 ms | p99 ms | server CPU ms/call"
-        " | stalls | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | pair | answered | refused | other | p50 ms | p99 ms | refusal p50 / p99 ms"
+        " | server CPU ms/call | stalls | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in report["runs"]:
         lines.append(
             f"| {r['variant']} | {r['pair']} | {r['answered']} | {r['refused']} | "
             f"{r['failed_otherwise']} | {r['p50_ms']} | {r['p99_ms']} | "
+            f"{r.get('refusal_p50_ms')} / {r.get('refusal_p99_ms')} | "
             f"{r['server_cpu_ms_per_call']} | {r['stalls']:g} | {r['load_average_1m']} |"
         )
     lines += [
         "",
-        "| variant | refused, median (range) | p99 ms, median (range) | CPU ms/call, median"
-        " | runs with none refused |",
-        "|---|---|---|---:|---:|",
+        "| variant | refused, median (range) | p99 ms, median (range) | refusal p50 / p99 ms,"
+        " medians | CPU ms/call, median | runs with none refused |",
+        "|---|---|---|---|---:|---:|",
     ]
     for v in (a, b):
         m = s[v]
         lines.append(
             f"| {v} | {m['refused']['median']:g} ({m['refused']['min']}-{m['refused']['max']}) | "
             f"{m['p99_ms']['median']:.2f} ({m['p99_ms']['min']}-{m['p99_ms']['max']}) | "
+            f"{ms(m.get('refusal_p50_ms'))} / {ms(m.get('refusal_p99_ms'))} | "
             f"{m['server_cpu_ms_per_call']['median']:.3f} | "
             f"{m['runs_with_none_refused']} of {s['pairs']} |"
         )
@@ -203,6 +236,12 @@ def main() -> int:
     parser.add_argument(
         "--freeze-at", type=float, default=2.0, help="that many s into the schedule"
     )
+    parser.add_argument(
+        "--a-flags", type=serve_flags, default=[], help="`slimrank serve` flags for A only"
+    )
+    parser.add_argument(
+        "--b-flags", type=serve_flags, default=[], help="`slimrank serve` flags for B only"
+    )
     parser.add_argument("--name", help="results file suffix (default: LABEL-vs-LABEL-RATE)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("serve_args", nargs="*", help="more `slimrank serve` flags, after --")
@@ -222,10 +261,11 @@ def main() -> int:
             parser.error(f"{flag} {label}: a server started in {tree} imports {served}'s slimrank")
     requests = demo_requests_from(args.bundles)
     runs = []
+    flags = {a: args.a_flags, b: args.b_flags}
     for pair in range(args.pairs):
         order = [(a, tree_a), (b, tree_b)] if pair % 2 == 0 else [(b, tree_b), (a, tree_a)]
         for label, tree in order:
-            run = one_run(label, tree, args.bundles, requests, args, seed=pair)
+            run = one_run(label, tree, args.bundles, requests, args, pair, flags[label])
             print(json.dumps(run), flush=True)
             runs.append(run)
     report = {
@@ -233,6 +273,7 @@ def main() -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "variants": [a, b],
         "trees": {a: str(tree_a), b: str(tree_b)},
+        "flags": flags,
         "bundles": str(args.bundles),
         "rate": args.rate,
         "calls": args.calls,

@@ -82,3 +82,52 @@ def test_the_warm_up_calls_that_fail_are_counted_by_status(client: str) -> None:
     else:
         result = run_sync(job, [b""], schedule)
     assert result["meta"]["warmup_errors"] == {"UNAVAILABLE": 2 * job["channels"]}
+
+
+def test_a_variants_own_flags_are_split_as_a_shell_would_and_bad_quoting_is_refused(
+    tmp_path: Path,
+) -> None:
+    """``--b-flags`` compares one tree under two flag sets; a flag string a shell could not
+    split is refused with exit 2 naming the option, before any server starts."""
+    from serving_ab import serve_flags
+
+    assert serve_flags('--max-wait-ms 2 --label "a b"') == ["--max-wait-ms", "2", "--label", "a b"]
+    assert serve_flags("") == []
+    (tmp_path / "CURRENT").write_text("v1\n")
+    root = BENCH.parent
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "serving_ab.py"),
+            *["--a", f"x={root}", "--b", f"y={root}", "--bundles", str(tmp_path)],
+            *["--b-flags", '--max-wait-ms "2'],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "argument --b-flags" in done.stderr and "No closing quotation" in done.stderr
+
+
+def test_the_summary_gives_refusal_latency_medians_over_the_runs_that_refused() -> None:
+    from serving_ab import summarize
+
+    def run(variant: str, pair: int, refused: int, p50: float | None) -> dict:
+        p99 = None if p50 is None else 3 * p50
+        return {
+            "variant": variant,
+            "pair": pair,
+            "refused": refused,
+            "p99_ms": 9.0,
+            "server_cpu_ms_per_call": 1.0,
+            "refusal_p50_ms": p50,
+            "refusal_p99_ms": p99,
+        }
+
+    runs = [run("a", 0, 5, 4.0), run("b", 0, 0, None), run("a", 1, 9, 6.0), run("b", 1, 2, 2.0)]
+    summary = summarize(runs, "a", "b")
+    assert summary["a"]["refusal_p50_ms"] == 5.0 and summary["a"]["refusal_p99_ms"] == 15.0
+    assert summary["b"]["refusal_p50_ms"] == 2.0  # the run without a refusal is left out
+    assert summary["b_fewer_refused"] == 2 and summary["a_fewer_refused"] == 0
