@@ -193,7 +193,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['variant']} | {r['pair']} | {r['answered']} | {r['refused']} | "
             f"{r['failed_otherwise']} | {r['p50_ms']} | {r['p99_ms']} | "
-            f"{r.get('refusal_p50_ms')} / {r.get('refusal_p99_ms')} | "
+            f"{ms(r.get('refusal_p50_ms'))} / {ms(r.get('refusal_p99_ms'))} | "
             f"{r['server_cpu_ms_per_call']} | {r['stalls']:g} | {r['load_average_1m']} |"
         )
     lines += [
