@@ -54,6 +54,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # loadgen.py, also when this module is imported as bench.serving
 from loadgen import drive, job_for  # noqa: E402
 
+from slimrank.serving.core_queue import DEFAULT_REFRESH_S  # noqa: E402
+
 CACHE = HERE / ".cache" / "serving"
 RESULTS = HERE / "results"
 DEMO_BUNDLES = ROOT / "runs" / "demo" / "bundles"
@@ -584,7 +586,7 @@ class Mode:
     switch_interval_s: float | None = None
     max_workers: int = 20
     max_pending_rpcs: int = 64
-    core_queue_refresh_s: float | None = 0.005  # slimrank serve's default; None: not counted
+    core_queue_refresh_s: float | None = DEFAULT_REFRESH_S  # serve's default; None: off
     about: str = ""
 
     def server(self) -> dict[str, Any]:

@@ -269,7 +269,7 @@ def main() -> int:
             print(json.dumps(run), flush=True)
             runs.append(run)
     report = {
-        "command": "bench/serving_ab.py " + " ".join(sys.argv[1:]),
+        "command": "bench/serving_ab.py " + shlex.join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "variants": [a, b],
         "trees": {a: str(tree_a), b: str(tree_b)},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -243,3 +244,26 @@ def test_the_servers_channelz_node_counts_calls_without_rendering_a_trace() -> N
     assert "trace" not in node["data"]
     assert int(node["data"]["callsStarted"]) == 3
     assert int(node["data"]["callsSucceeded"]) == 3
+
+
+def test_serve_the_server_config_and_the_bench_share_one_channelz_read_interval(
+    tmp_path: Path,
+) -> None:
+    """`slimrank serve` without the flag, ServerConfig and bench/serving.py's modes all read
+    channelz at most every DEFAULT_REFRESH_S (the bench once kept an old copy of the default)."""
+    import sys
+
+    from slimrank.cli import build_parser
+    from slimrank.serving.cli import _spec_from_args
+    from slimrank.serving.config import ServerConfig
+    from slimrank.serving.core_queue import DEFAULT_REFRESH_S
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from serving import Mode
+
+    args = build_parser().parse_args(["serve", "--bundles", str(tmp_path)])
+    assert _spec_from_args(args).server.core_queue_refresh_s == DEFAULT_REFRESH_S
+    assert ServerConfig().core_queue_refresh_s == DEFAULT_REFRESH_S
+    assert Mode("m", "aio").core_queue_refresh_s == DEFAULT_REFRESH_S
+    off = build_parser().parse_args(["serve", "--core-queue-refresh-ms", "-1"])
+    assert _spec_from_args(off).server.core_queue_refresh_s is None

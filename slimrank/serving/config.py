@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from slimrank.config import Config, require
+from slimrank.serving.core_queue import DEFAULT_REFRESH_S
 
 ENGINES = ("aio", "sync")
 
@@ -72,7 +73,7 @@ class ServerConfig(Config):
     engine: str = "aio"
     handler_threads: int = 1
     max_wait_s: float | None = None  # slimrank serve: --max-wait-ms, 5 ms by default
-    core_queue_refresh_s: float | None = 0.005
+    core_queue_refresh_s: float | None = DEFAULT_REFRESH_S
     burst_wait_s: float | None = None  # slimrank serve: --burst-wait-ms, 30 ms by default
     burst_recovery_s: float = 0.25
     reload_wait_s: float | None = None  # slimrank serve: --reload-wait-ms, 250 ms by default
