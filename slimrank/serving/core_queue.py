@@ -37,9 +37,10 @@ from slimrank.serving.admission import is_stall, smoothed
 
 log = logging.getLogger(__name__)
 
-# At most one read this often: 10 ms against 5 saved about 5% of server CPU per call and, on
-# ml-100k at 400-800 calls/s, refused no more calls (bench/results/serving_ab_s22-refresh-*).
-DEFAULT_REFRESH_S = 0.010
+# At most one read this often. 10 ms saved about 5% of server CPU per call on ml-100k and
+# refused no more calls there (bench/results/serving_ab_s22-refresh-*), but a cold 1M server
+# refused more of a client's first bursts (README, "The request path"), so 5 ms stays.
+DEFAULT_REFRESH_S = 0.005
 _RATE_WINDOW_S = 1.0  # reads further apart than this give no arrival rate
 _TAKE_MEMORY_S = 1.0  # a take interval older than this is forgotten
 
