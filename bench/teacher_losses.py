@@ -34,16 +34,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # cached_teacher.py
+
+from cached_teacher import load_cached_teacher  # noqa: E402
 
 import slimrank.ranking.train as train_module  # noqa: E402
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
-from slimrank.pipeline.artifacts import (  # noqa: E402
-    CandidatesArtifact,
-    DataArtifact,
-    TeacherArtifact,
-)
-from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
-from slimrank.pipeline.run import cached_step_paths  # noqa: E402
 from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -129,17 +125,12 @@ def main() -> int:
     from slimrank.pipeline.steps import train_pipeline_teacher
     from slimrank.ranking.teacher import teacher_scores
 
-    config = load_config(resolve_config(args.config))
-    paths = cached_step_paths(config)
-    if not (paths["teacher"] / "metrics.json").exists():
-        print(f"{paths['teacher']}: no teacher step; run slimrank pipeline --config {args.config}")
+    cached = load_cached_teacher(args.config)
+    if cached is None:
         return 1
-    data = DataArtifact.load(paths["data"])
-    _, feats, labels = CandidatesArtifact.load_one(paths["candidates"], "train")
-    v_cands, v_feats, _ = CandidatesArtifact.load_one(paths["candidates"], "valid")
-    truth, k = data.truth("valid"), config.k
-    cached = TeacherArtifact.load_scores(paths["teacher"])["valid"].astype(np.float64)
-    base = pipeline_per_user(v_cands, cached, truth, k)
+    config, data, k, base = cached.config, cached.data, cached.k, cached.base
+    feats, labels = cached.feats, cached.labels
+    v_cands, v_feats, truth = cached.v_cands, cached.v_feats, cached.truth
     print(f"cached teacher: valid NDCG@{k} {base.mean:.4f}", flush=True)
     rows = []
     for name in args.losses:

@@ -27,15 +27,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # cached_teacher.py
+
+from cached_teacher import load_cached_teacher  # noqa: E402
 
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
-from slimrank.pipeline.artifacts import (  # noqa: E402
-    CandidatesArtifact,
-    DataArtifact,
-    TeacherArtifact,
-)
-from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
-from slimrank.pipeline.run import cached_step_paths  # noqa: E402
 from slimrank.ranking.features import CandidateFeatures  # noqa: E402
 from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
 
@@ -115,19 +111,13 @@ def main() -> int:
     args = parser.parse_args()
     import lightgbm as lgb
 
-    config = load_config(resolve_config(args.config))
-    paths = cached_step_paths(config)
-    cand_dir, teacher_dir = paths["candidates"], paths["teacher"]
-    if not (teacher_dir / "metrics.json").exists():
-        print(f"{teacher_dir}: no teacher step; run slimrank pipeline --config {args.config}")
+    cached = load_cached_teacher(args.config)
+    if cached is None:
         return 1
-    data = DataArtifact.load(paths["data"])
-    _, feats, labels = CandidatesArtifact.load_one(cand_dir, "train")
-    v_cands, v_feats, v_labels = CandidatesArtifact.load_one(cand_dir, "valid")
-    truth = data.truth("valid")
-    k = config.k
-    mlp = TeacherArtifact.load_scores(teacher_dir)["valid"].astype(np.float64)
-    base = pipeline_per_user(v_cands, mlp, truth, k)
+    config, data, k, mlp, base = cached.config, cached.data, cached.k, cached.scores, cached.base
+    feats, labels = cached.feats, cached.labels
+    v_cands, v_feats, v_labels = cached.v_cands, cached.v_feats, cached.v_labels
+    truth = cached.truth
 
     rows = [("MLP teacher (cached)", "-", base.mean, None)]
     if args.mlp_seeds:
