@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from datetime import UTC, datetime
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "candidates": N_CANDIDATES,
         "calls": args.calls,
         "rows": rows,
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),
     }
 
 

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -284,7 +285,7 @@ def main() -> int:
             timed["rank_teacher_paired"]["p50_ms"] / timed["rank_int8_paired"]["p50_ms"], 2
         ),
         "quality": quality,
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),
     }
     text = markdown(report)
     print(text)

@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -548,7 +549,7 @@ def run_scale(args: argparse.Namespace) -> int:
             "floor = echo p50 at the lowest rate + bare FAISS search + features + ranker p50",
             "latency is from the scheduled send time; client and server share the machine",
         ],
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),
     }
     print_table(report)
     if not args.no_save:
@@ -1282,7 +1283,7 @@ def run_ml100k(args: argparse.Namespace) -> int:
         "batching": batching,
         "loadgen_ceiling": ceiling,
         "runs": [dataclasses.asdict(r) for r in all_runs],
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),
     }
     if "teacher" in variants:
         report["teacher_bundle_version"] = (args.teacher_bundles / "CURRENT").read_text().strip()

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import sys
 import threading
@@ -373,7 +374,7 @@ def main() -> int:
         "server_counters": counted,
         "shed_by_reason": shed_by,
         "warmup_errors": result["meta"].get("warmup_errors", {}),
-        "command": "bench/serving_reload.py " + " ".join(sys.argv[1:]),
+        "command": "bench/serving_reload.py " + shlex.join(sys.argv[1:]),
         "code": str(args.code),
     }
     text = markdown(report)
