@@ -76,3 +76,22 @@ def test_lists_without_a_positive_are_left_out() -> None:
     )
     for loss in (lambda_loss, smoothed_softmax, approx_ndcg):
         assert torch.allclose(loss(*both), loss(scores, labels, mask), atol=1e-6), loss.__name__
+
+
+def test_without_a_cached_teacher_step_it_says_which_command_to_run(tmp_path: Path) -> None:
+    """Run where no `make demo` cache is: a message naming the missing step and the command
+    that makes it, exit 1, and no results file written."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    done = subprocess.run(
+        [sys.executable, str(bench / "teacher_losses.py"), "--losses", "softmax", "--out", "x"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "no teacher step; run slimrank pipeline --config pipeline" in done.stdout
+    assert not (bench / "results" / "x.md").exists()
