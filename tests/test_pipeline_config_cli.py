@@ -28,6 +28,9 @@ BAD = {
     ),
     "syntax error": ("[student\nseed = 1\n", "TOML syntax error: "),
     "out of range": ("[prune]\nepochs = 0\n", "prune.epochs: 0: must be >= 1"),
+    # Checked at load, not hours later when the teacher step builds its model.
+    "teacher dropout": ("[teacher]\ndropout = 1.5\n", "teacher.dropout: 1.5: must lie in [0, 1)"),
+    "teacher width": ("[teacher]\ndeep = [64, 0]\n", "teacher.deep: "),
 }
 
 

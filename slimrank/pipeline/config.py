@@ -193,7 +193,13 @@ class TeacherStepConfig(Config):
     train: TeacherTrainConfig = dataclasses.field(default_factory=TeacherTrainConfig)
 
     def __post_init__(self) -> None:
+        # Checked here, when the config loads, not when the teacher step builds its model.
         require(len(self.deep) > 0, self, "deep", self.deep, "needs at least one layer")
+        require(all(w > 0 for w in self.deep), self, "deep", self.deep, "widths must be > 0")
+        require(self.id_dim >= 0, self, "id_dim", self.id_dim, "must be >= 0")
+        require(self.n_cross >= 0, self, "n_cross", self.n_cross, "must be >= 0")
+        require(0 <= self.dropout < 1, self, "dropout", self.dropout, "must lie in [0, 1)")
+        require(0 <= self.id_dropout < 1, self, "id_dropout", self.id_dropout, "in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
