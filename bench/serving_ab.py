@@ -6,7 +6,7 @@
 
 Each tree is a checkout of slimrank (``git worktree add ../wt-old <rev>``), or the same tree
 for both with each variant's own flags (``--a-flags``, ``--b-flags``; the flags after ``--``
-go to both); its ``slimrank
+go to both) and environment (``--a-env``, ``--b-env`` KEY=VALUE); its ``slimrank
 serve`` subprocess runs in that directory (``python -m`` puts it first on ``sys.path``), so
 both variants run from this venv with the same libraries, and before the first run the tool
 checks that each tree's server imports its own ``slimrank``. (Until 2026-12-01 the tool put
@@ -74,6 +74,14 @@ def serve_flags(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
 
+def serve_env(text: str) -> tuple[str, str]:
+    """One ``KEY=VALUE`` of a variant's server environment."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: want KEY=VALUE")
+    return key, value
+
+
 def one_run(
     label: str,
     tree: Path,
@@ -82,12 +90,14 @@ def one_run(
     args: argparse.Namespace,
     seed: int,
     flags: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Serve ``bundles`` from ``tree`` (with the common and this variant's ``flags``), offer
-    the seeded schedule, return the run's figures."""
+    """Serve ``bundles`` from ``tree`` (with the common and this variant's ``flags``, and
+    ``env`` added to the server's environment), offer the seeded schedule, return the run's
+    figures."""
     argv = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(bundles)]
     argv += ["--port", "0", "--metrics-port", "0", *args.serve_args, *(flags or [])]
-    server = ServerProcess(argv, code=tree)
+    server = ServerProcess(argv, code=tree, env=env)
     try:
         cpu0 = _cpu_seconds(server.pids)
         freeze = None
@@ -183,6 +193,11 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{k} `{v}`" for k, v in report["trees"].items())
         + "".join(
             f"; {k}'s own flags `{' '.join(v)}`" for k, v in report.get("flags", {}).items() if v
+        )
+        + "".join(
+            f"; {k}'s environment `{' '.join(f'{n}={x}' for n, x in e.items())}`"
+            for k, e in report.get("env", {}).items()
+            if e
         ),
         "",
         "| variant | pair | answered | refused | other | p50 ms | p99 ms | refusal p50 / p99 ms"
@@ -242,6 +257,20 @@ def main() -> int:
     parser.add_argument(
         "--b-flags", type=serve_flags, default=[], help="`slimrank serve` flags for B only"
     )
+    parser.add_argument(
+        "--a-env",
+        type=serve_env,
+        action="append",
+        default=[],
+        help="KEY=VALUE in A's server environment only (repeatable)",
+    )
+    parser.add_argument(
+        "--b-env",
+        type=serve_env,
+        action="append",
+        default=[],
+        help="KEY=VALUE in B's server environment only (repeatable)",
+    )
     parser.add_argument("--name", help="results file suffix (default: LABEL-vs-LABEL-RATE)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("serve_args", nargs="*", help="more `slimrank serve` flags, after --")
@@ -262,10 +291,13 @@ def main() -> int:
     requests = demo_requests_from(args.bundles)
     runs = []
     flags = {a: args.a_flags, b: args.b_flags}
+    envs = {a: dict(args.a_env), b: dict(args.b_env)}
     for pair in range(args.pairs):
         order = [(a, tree_a), (b, tree_b)] if pair % 2 == 0 else [(b, tree_b), (a, tree_a)]
         for label, tree in order:
-            run = one_run(label, tree, args.bundles, requests, args, pair, flags[label])
+            run = one_run(
+                label, tree, args.bundles, requests, args, pair, flags[label], envs[label]
+            )
             print(json.dumps(run), flush=True)
             runs.append(run)
     report = {
@@ -274,6 +306,7 @@ def main() -> int:
         "variants": [a, b],
         "trees": {a: str(tree_a), b: str(tree_b)},
         "flags": flags,
+        "env": envs,
         "bundles": str(args.bundles),
         "rate": args.rate,
         "calls": args.calls,

@@ -131,3 +131,31 @@ def test_the_summary_gives_refusal_latency_medians_over_the_runs_that_refused() 
     assert summary["a"]["refusal_p50_ms"] == 5.0 and summary["a"]["refusal_p99_ms"] == 15.0
     assert summary["b"]["refusal_p50_ms"] == 2.0  # the run without a refusal is left out
     assert summary["b_fewer_refused"] == 2 and summary["a_fewer_refused"] == 0
+
+
+def test_a_variants_environment_is_key_value_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    """``--b-env`` runs one variant's server under another environment (e.g. a gRPC
+    experiment); a value keeps its own ``=``, and an entry without ``KEY=`` is refused with
+    exit 2 naming the option, before any server starts."""
+    from serving_ab import serve_env
+
+    assert serve_env("GRPC_EXPERIMENTS=ph2_server") == ("GRPC_EXPERIMENTS", "ph2_server")
+    assert serve_env("A=b=c") == ("A", "b=c")
+    assert serve_env("EMPTY=") == ("EMPTY", "")
+    (tmp_path / "CURRENT").write_text("v1\n")
+    root = BENCH.parent
+    for bad in ("GRPC_EXPERIMENTS", "=x"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(BENCH / "serving_ab.py"),
+                *["--a", f"x={root}", "--b", f"y={root}", "--bundles", str(tmp_path)],
+                *["--b-env", bad],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "argument --b-env" in done.stderr and "want KEY=VALUE" in done.stderr
