@@ -1,0 +1,115 @@
+"""Teacher settings tried on validation: the pipeline's teacher with ``[teacher]`` overrides.
+
+Issue 15 needs a stronger teacher. The teacher's shape and training settings in
+``configs/pipeline.toml`` were set by hand; this trains the teacher again (same training
+lists, seed and early stop on validation NDCG@10, ``train_pipeline_teacher``) with each
+variant's overrides and compares it with the cached teacher on the validation view, paired
+over users. Nothing here reads the test view.
+
+    .venv/bin/python bench/teacher_search.py --variant '{"base_feature": "ease_score"}' \\
+        --variant '{"train.lr": 0.001}' [--config pipeline] [--out teacher_search]
+
+A variant is a JSON object of dotted ``[teacher]`` overrides (``"deep": [2048, 1024, 256]``,
+``"train.weight_decay": 0.001``); every variant starts from the config's own section. Reads
+the cached steps of ``slimrank pipeline --config CONFIG`` (after ``make demo``); about 3.5
+minutes per variant. Writes ``bench/results/<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))  # cached_teacher.py
+
+from cached_teacher import load_cached_teacher  # noqa: E402
+
+from bench.scale_steps import set_dotted  # noqa: E402
+from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
+from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+def variant(text: str) -> dict[str, Any]:
+    """One ``--variant``: a JSON object of dotted ``[teacher]`` overrides."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: want a JSON object of overrides")
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="pipeline")
+    parser.add_argument("--variant", type=variant, action="append", required=True)
+    parser.add_argument("--out", default="teacher_search")
+    args = parser.parse_args()
+    from slimrank.config import ConfigError
+    from slimrank.pipeline.config import TeacherStepConfig, load_config, resolve_config
+    from slimrank.pipeline.steps import train_pipeline_teacher
+    from slimrank.ranking.teacher import teacher_scores
+
+    section = load_config(resolve_config(args.config)).teacher.to_dict()
+    try:  # every variant checked before the cache is read and the first one trains
+        configs = [
+            TeacherStepConfig.from_dict(set_dotted(section, v, "--variant")) for v in args.variant
+        ]
+    except ConfigError as error:
+        parser.error(f"--variant: {error}")
+    cached = load_cached_teacher(args.config)
+    if cached is None:
+        return 1
+    k, base = cached.k, cached.base
+    print(f"cached teacher: valid NDCG@{k} {base.mean:.4f}", flush=True)
+    rows = []
+    for overrides, teacher in zip(args.variant, configs, strict=True):
+        started = time.perf_counter()
+        result = train_pipeline_teacher(
+            teacher, k, cached.data, (cached.feats, cached.labels), (cached.v_cands, cached.v_feats)
+        )
+        scores = teacher_scores(result.model, cached.v_feats).astype(np.float64)
+        per = pipeline_per_user(cached.v_cands, scores, cached.truth, k)
+        ci = paired_bootstrap(per, base)
+        curve = [h[f"valid_ndcg@{k}"] for h in result.history]
+        took = time.perf_counter() - started
+        rows.append((json.dumps(overrides), result.best_epoch, per.mean, ci, curve, took))
+        print(f"{overrides}: epoch {result.best_epoch}, valid {per.mean:.4f}, {ci}", flush=True)
+
+    lines = [
+        "# Teacher settings on validation (issue 15)",
+        "",
+        "`bench/teacher_search.py " + " ".join(f"--variant '{r[0]}'" for r in rows) + "`"
+        f" (config `{args.config}`). The pipeline's teacher with each row's `[teacher]` "
+        f"overrides, its training lists and seed, early stop on validation NDCG@{k}; pipeline "
+        f"NDCG@{k} on the validation view ({len(base.values)} users), the interval the row "
+        "minus the cached teacher, paired over users. Nothing reads test.",
+        "",
+        f"| overrides | chosen epoch | valid NDCG@{k} | minus cached teacher [95% CI] "
+        "| valid NDCG by epoch (0 = untrained) | minutes |",
+        "|---|---:|---:|---|---|---:|",
+        f"| none (the cached teacher) | - | {base.mean:.4f} | - | - | - |",
+    ]
+    for name, epoch, mean, ci, curve, took in rows:
+        diff = f"{ci.diff:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]"
+        by_epoch = ", ".join(f"{v:.4f}" for v in curve)
+        lines.append(f"| `{name}` | {epoch} | {mean:.4f} | {diff} | {by_epoch} | {took / 60:.1f} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote bench/results/{args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
