@@ -34,6 +34,7 @@ from cached_teacher import load_cached_teacher  # noqa: E402
 
 from bench.scale_steps import set_dotted  # noqa: E402
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
+from slimrank.ranking.features import CandidateFeatures  # noqa: E402
 from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -50,10 +51,24 @@ def variant(text: str) -> dict[str, Any]:
     return value
 
 
+def drop_columns(feats: CandidateFeatures, prefixes: list[str]) -> CandidateFeatures:
+    """``feats`` without the columns whose name starts with one of ``prefixes``."""
+    keep = [i for i, n in enumerate(feats.names) if not n.startswith(tuple(prefixes))]
+    names = tuple(feats.names[i] for i in keep)
+    return CandidateFeatures(feats.values[..., keep], names, feats.user, feats.items)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="pipeline")
     parser.add_argument("--variant", type=variant, action="append", required=True)
+    parser.add_argument(
+        "--drop",
+        nargs="+",
+        default=[],
+        help="leave out, for every variant, the columns whose name starts with these "
+        "(e.g. user_vec_ item_vec_: the teacher without the raw embeddings)",
+    )
     parser.add_argument("--out", default="teacher_search")
     args = parser.parse_args()
     from slimrank.config import ConfigError
@@ -72,14 +87,21 @@ def main() -> int:
     if cached is None:
         return 1
     k, base = cached.k, cached.base
+    feats, v_feats = cached.feats, cached.v_feats
+    if args.drop:
+        feats, v_feats = drop_columns(feats, args.drop), drop_columns(v_feats, args.drop)
+        left = len(cached.feats.names) - len(feats.names)
+        if left == 0:
+            parser.error(f"--drop {' '.join(args.drop)}: no column starts with these")
+        print(f"left out {left} of {len(cached.feats.names)} columns", flush=True)
     print(f"cached teacher: valid NDCG@{k} {base.mean:.4f}", flush=True)
     rows = []
     for overrides, teacher in zip(args.variant, configs, strict=True):
         started = time.perf_counter()
         result = train_pipeline_teacher(
-            teacher, k, cached.data, (cached.feats, cached.labels), (cached.v_cands, cached.v_feats)
+            teacher, k, cached.data, (feats, cached.labels), (cached.v_cands, v_feats)
         )
-        scores = teacher_scores(result.model, cached.v_feats).astype(np.float64)
+        scores = teacher_scores(result.model, v_feats).astype(np.float64)
         per = pipeline_per_user(cached.v_cands, scores, cached.truth, k)
         ci = paired_bootstrap(per, base)
         curve = [h[f"valid_ndcg@{k}"] for h in result.history]
@@ -87,11 +109,12 @@ def main() -> int:
         rows.append((json.dumps(overrides), result.best_epoch, per.mean, ci, curve, took))
         print(f"{overrides}: epoch {result.best_epoch}, valid {per.mean:.4f}, {ci}", flush=True)
 
+    command = "bench/teacher_search.py " + " ".join(f"--variant '{r[0]}'" for r in rows)
+    command += f" --drop {' '.join(args.drop)}" if args.drop else ""
     lines = [
         "# Teacher settings on validation (issue 15)",
         "",
-        "`bench/teacher_search.py " + " ".join(f"--variant '{r[0]}'" for r in rows) + "`"
-        f" (config `{args.config}`). The pipeline's teacher with each row's `[teacher]` "
+        f"`{command}` (config `{args.config}`). The pipeline's teacher with each row's `[teacher]` "
         f"overrides, its training lists and seed, early stop on validation NDCG@{k}; pipeline "
         f"NDCG@{k} on the validation view ({len(base.values)} users), the interval the row "
         "minus the cached teacher, paired over users. Nothing reads test.",

@@ -47,3 +47,21 @@ def test_without_a_cached_teacher_step_it_says_which_command_to_run(tmp_path: Pa
     assert done.returncode == 1, done.stderr
     assert "no teacher step; run slimrank pipeline --config pipeline" in done.stdout
     assert not (BENCH / "results" / "search-test.md").exists()
+
+
+def test_drop_leaves_out_the_named_columns_and_keeps_the_rest_in_order() -> None:
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    from teacher_search import drop_columns
+
+    from slimrank.ranking.features import CandidateFeatures
+
+    names = ("retrieval_score", "user_vec_0", "user_vec_1", "ease_score", "item_vec_0")
+    values = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    feats = CandidateFeatures(values, names, np.array([4, 7]), np.zeros((2, 3), dtype=np.int64))
+    kept = drop_columns(feats, ["user_vec_", "item_vec_"])
+    assert kept.names == ("retrieval_score", "ease_score")
+    np.testing.assert_array_equal(kept.values, values[..., [0, 3]])
+    np.testing.assert_array_equal(kept.user, feats.user)
+    assert drop_columns(feats, ["nothing_"]).names == names
