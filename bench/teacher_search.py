@@ -58,6 +58,25 @@ def drop_columns(feats: CandidateFeatures, prefixes: list[str]) -> CandidateFeat
     return CandidateFeatures(feats.values[..., keep], names, feats.user, feats.items)
 
 
+def check_variants(
+    section: dict[str, Any], variants: list[dict[str, Any]]
+) -> tuple[list[Any], str | None]:
+    """Each variant's ``TeacherStepConfig``, or the first bad one's message (naming it)."""
+    from slimrank.config import ConfigError
+    from slimrank.pipeline.config import TeacherStepConfig
+
+    configs = []
+    for overrides in variants:
+        try:
+            raw = set_dotted(section, overrides, "--variant")
+            configs.append(TeacherStepConfig.from_dict(raw))
+        except SystemExit as error:  # set_dotted: a path the config does not hold
+            return [], f"{error} (in {json.dumps(overrides)})"
+        except ConfigError as error:
+            return [], f"--variant {json.dumps(overrides)}: teacher.{error}"
+    return configs, None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="pipeline")
@@ -72,28 +91,36 @@ def main() -> int:
     parser.add_argument("--out", default="teacher_search")
     args = parser.parse_args()
     from slimrank.config import ConfigError
-    from slimrank.pipeline.config import TeacherStepConfig, load_config, resolve_config
-    from slimrank.pipeline.steps import train_pipeline_teacher
+    from slimrank.pipeline.config import load_config, resolve_config
+    from slimrank.pipeline.steps import teacher_model_config, train_pipeline_teacher
     from slimrank.ranking.teacher import teacher_scores
 
-    section = load_config(resolve_config(args.config)).teacher.to_dict()
-    try:  # every variant checked before the cache is read and the first one trains
-        configs = [
-            TeacherStepConfig.from_dict(set_dotted(section, v, "--variant")) for v in args.variant
-        ]
-    except ConfigError as error:
-        parser.error(f"--variant: {error}")
+    try:
+        section = load_config(resolve_config(args.config)).teacher.to_dict()
+    except (ConfigError, OSError) as error:
+        parser.error(f"--config {args.config}: {error}")
+    configs, bad = check_variants(section, args.variant)
+    if bad is not None:  # before the cache is read and the first variant trains
+        parser.error(bad)
     cached = load_cached_teacher(args.config)
     if cached is None:
         return 1
     k, base = cached.k, cached.base
     feats, v_feats = cached.feats, cached.v_feats
+    dropped = ""
     if args.drop:
+        unmatched = [p for p in args.drop if not any(n.startswith(p) for n in feats.names)]
+        if unmatched:
+            parser.error(f"--drop: no column starts with {', '.join(unmatched)}")
         feats, v_feats = drop_columns(feats, args.drop), drop_columns(v_feats, args.drop)
-        left = len(cached.feats.names) - len(feats.names)
-        if left == 0:
-            parser.error(f"--drop {' '.join(args.drop)}: no column starts with these")
-        print(f"left out {left} of {len(cached.feats.names)} columns", flush=True)
+        dropped = f"left out {len(cached.feats.names) - len(feats.names)} of "
+        dropped += f"{len(cached.feats.names)} columns"
+        print(dropped, flush=True)
+    for overrides, teacher in zip(args.variant, configs, strict=True):
+        try:  # a base_feature the (kept) columns lack, before anything trains
+            teacher_model_config(teacher, len(feats.names), cached.data, tuple(feats.names))
+        except ConfigError as error:
+            parser.error(f"--variant {json.dumps(overrides)}: {error}")
     print(f"cached teacher: valid NDCG@{k} {base.mean:.4f}", flush=True)
     rows = []
     for overrides, teacher in zip(args.variant, configs, strict=True):
@@ -108,13 +135,21 @@ def main() -> int:
         took = time.perf_counter() - started
         rows.append((json.dumps(overrides), result.best_epoch, per.mean, ci, curve, took))
         print(f"{overrides}: epoch {result.best_epoch}, valid {per.mean:.4f}, {ci}", flush=True)
+        # Written after each variant: a run cut short keeps the rows it finished.
+        write_results(args, rows, base, k, dropped)
+    print(f"wrote bench/results/{args.out}.md")
+    return 0
 
+
+def write_results(args: argparse.Namespace, rows: list, base: Any, k: int, dropped: str) -> None:
+    """The results table of the variants trained so far."""
     command = "bench/teacher_search.py " + " ".join(f"--variant '{r[0]}'" for r in rows)
     command += f" --drop {' '.join(args.drop)}" if args.drop else ""
     lines = [
         "# Teacher settings on validation (issue 15)",
         "",
-        f"`{command}` (config `{args.config}`). The pipeline's teacher with each row's `[teacher]` "
+        f"`{command}` (config `{args.config}`{'; ' + dropped if dropped else ''}). The "
+        "pipeline's teacher with each row's `[teacher]` "
         f"overrides, its training lists and seed, early stop on validation NDCG@{k}; pipeline "
         f"NDCG@{k} on the validation view ({len(base.values)} users), the interval the row "
         "minus the cached teacher, paired over users. Nothing reads test.",
@@ -130,8 +165,6 @@ def main() -> int:
         lines.append(f"| `{name}` | {epoch} | {mean:.4f} | {diff} | {by_epoch} | {took / 60:.1f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote bench/results/{args.out}.md")
-    return 0
 
 
 if __name__ == "__main__":
