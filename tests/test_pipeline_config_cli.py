@@ -30,7 +30,12 @@ BAD = {
     "out of range": ("[prune]\nepochs = 0\n", "prune.epochs: 0: must be >= 1"),
     # Checked at load, not hours later when the teacher step builds its model.
     "teacher dropout": ("[teacher]\ndropout = 1.5\n", "teacher.dropout: 1.5: must lie in [0, 1)"),
-    "teacher width": ("[teacher]\ndeep = [64, 0]\n", "teacher.deep: "),
+    "teacher width": ("[teacher]\ndeep = [64, 0]\n", "teacher.deep: (64, 0): widths must be > 0"),
+    "teacher id dropout": (
+        "[teacher]\nid_dropout = -0.1\n",
+        "teacher.id_dropout: -0.1: must lie in [0, 1)",
+    ),
+    "teacher cross layers": ("[teacher]\nn_cross = -1\n", "teacher.n_cross: -1: must be >= 0"),
 }
 
 

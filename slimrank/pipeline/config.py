@@ -199,7 +199,7 @@ class TeacherStepConfig(Config):
         require(self.id_dim >= 0, self, "id_dim", self.id_dim, "must be >= 0")
         require(self.n_cross >= 0, self, "n_cross", self.n_cross, "must be >= 0")
         require(0 <= self.dropout < 1, self, "dropout", self.dropout, "must lie in [0, 1)")
-        require(0 <= self.id_dropout < 1, self, "id_dropout", self.id_dropout, "in [0, 1)")
+        require(0 <= self.id_dropout < 1, self, "id_dropout", self.id_dropout, "must lie in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
