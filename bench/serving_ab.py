@@ -281,6 +281,10 @@ def main() -> int:
         parser.error("--rate must be > 0, --calls >= 100, --pairs >= 1")
     if not (0 <= args.freeze <= 10) or not (0 <= args.freeze_at < args.calls / args.rate):
         parser.error("--freeze must be in [0, 10] s, --freeze-at within the schedule")
+    for flag, pairs in (("--a-env", args.a_env), ("--b-env", args.b_env)):
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) < len(keys):
+            parser.error(f"{flag}: a key given twice ({', '.join(sorted(keys))})")
     (a, tree_a), (b, tree_b) = args.a, args.b
     if a == b:
         parser.error("--a and --b need different labels")

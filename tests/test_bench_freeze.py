@@ -144,18 +144,41 @@ def test_a_variants_environment_is_key_value_and_a_bad_one_is_refused(tmp_path: 
     assert serve_env("EMPTY=") == ("EMPTY", "")
     (tmp_path / "CURRENT").write_text("v1\n")
     root = BENCH.parent
-    for bad in ("GRPC_EXPERIMENTS", "=x"):
-        done = subprocess.run(
+
+    def serving_ab(*env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
             [
                 sys.executable,
                 str(BENCH / "serving_ab.py"),
                 *["--a", f"x={root}", "--b", f"y={root}", "--bundles", str(tmp_path)],
-                *["--b-env", bad],
+                *env,
             ],
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
         )
+
+    for bad in ("GRPC_EXPERIMENTS", "=x"):
+        done = serving_ab("--b-env", bad)
         assert done.returncode == 2, done.stderr
         assert "argument --b-env" in done.stderr and "want KEY=VALUE" in done.stderr
+    done = serving_ab("--a-env", "K=1", "--a-env", "K=2")
+    assert done.returncode == 2, done.stderr
+    assert "--a-env: a key given twice" in done.stderr
+
+
+def test_the_report_names_each_variants_environment() -> None:
+    """What a results file says about a variant's environment (the command alone would not
+    show which run had it): the committed ph2 A/B's report, rendered again."""
+    import json
+
+    from serving_ab import markdown
+
+    saved = BENCH / "results" / "serving_ab_s23-core-pending-1400.json"
+    report = json.loads(saved.read_text())
+    assert report["env"] == {"default": {}, "ph2-cap2": {"GRPC_EXPERIMENTS": "ph2_server"}}
+    text = markdown(report)
+    assert "ph2-cap2's environment `GRPC_EXPERIMENTS=ph2_server`" in text
+    assert "default's environment" not in text
+    assert text == saved.with_suffix(".md").read_text()
