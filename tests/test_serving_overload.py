@@ -432,6 +432,22 @@ def burst_refusals(port: int) -> int:
     return refused
 
 
+def reference_burst_refusals(port: int) -> int:
+    """For a reference run, where a burst's tail must be refused: send bursts of ten until
+    one has at least two refused, three in all; return the refusals of all of them, after
+    checking the last had its tail refused. On a busy machine the ten calls can reach the
+    server spread out enough that no queue forms (seen once in a fresh-clone run,
+    2026-12-02); such a burst tests nothing. A server that never refuses fails all three."""
+    total = 0
+    for _ in range(3):
+        refused = burst_refusals(port)
+        total += refused
+        if refused >= 2:
+            return total
+        time.sleep(0.3)  # the burst's calls leave the 0.2 s window
+    raise AssertionError("no burst of three had its tail refused in the reference run")
+
+
 @pytest.mark.parametrize("burst_wait_s", [1.0, None])
 def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
     serve: Callable[..., Served], burst_wait_s: float | None
@@ -441,11 +457,10 @@ def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
     With the burst bound (1 s) every call is answered; held to max_wait (the reference),
     the burst's tail is refused."""
     s = warm_loop_server(serve, burst_wait_s=burst_wait_s)
-    refused = burst_refusals(s.port)
     if burst_wait_s is None:
-        assert refused >= 2
+        reference_burst_refusals(s.port)
     else:
-        assert refused == 0
+        assert burst_refusals(s.port) == 0
 
 
 @pytest.mark.parametrize("overload_fraction", [0.5, 0.0])
@@ -462,10 +477,10 @@ def test_a_queue_well_below_capacity_is_worked_off_and_overload_still_cut(
         serve, burst_wait_s=None, reload_wait_s=1.0, overload_fraction=overload_fraction
     )
     time.sleep(0.3)  # the warm-up's calls leave the 0.2 s window
-    refused = burst_refusals(s.port)
     if overload_fraction == 0:
-        assert refused >= 2
+        refused = reference_burst_refusals(s.port)
     else:
+        refused = burst_refusals(s.port)
         assert refused == 0
     assert s.sample("slimrank_shed_requests_total", {"reason": "wait"}) == refused
     time.sleep(0.3)
