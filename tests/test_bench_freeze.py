@@ -18,6 +18,21 @@ from loadgen import run_aio, schedule_of  # noqa: E402
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 
 
+def serving_ab_refusal(bundles: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Run ``bench/serving_ab.py`` with two labels of this checkout, a fake bundles root
+    (``CURRENT`` only: no server can start from it) and ``flags``, which it must refuse."""
+    (bundles / "CURRENT").write_text("v1\n")
+    root = BENCH.parent
+    trees = ["--a", f"x={root}", "--b", f"y={root}", "--bundles", str(bundles)]
+    return subprocess.run(
+        [sys.executable, str(BENCH / "serving_ab.py"), *trees, *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def state(pid: int) -> str:
     """The process's scheduler state letter (T: stopped)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -53,17 +68,7 @@ def test_a_freeze_needs_the_aio_client() -> None:
     [["--freeze", "20"], ["--freeze", "nan"], ["--freeze", "0.5", "--freeze-at", "30"]],
 )
 def test_bad_freeze_flags_are_refused_naming_them(tmp_path: Path, flags: list[str]) -> None:
-    (tmp_path / "CURRENT").write_text("v1\n")
-    root = BENCH.parent
-    trees = ["--a", f"x={root}", "--b", f"y={root}"]
-    schedule = ["--bundles", str(tmp_path), "--rate", "100", "--calls", "1000"]
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "serving_ab.py"), *trees, *schedule, *flags],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = serving_ab_refusal(tmp_path, "--rate", "100", "--calls", "1000", *flags)
     assert done.returncode == 2, done.stderr
     assert "--freeze must be in [0, 10] s, --freeze-at within the schedule" in done.stderr
 
@@ -93,20 +98,7 @@ def test_a_variants_own_flags_are_split_as_a_shell_would_and_bad_quoting_is_refu
 
     assert serve_flags('--max-wait-ms 2 --label "a b"') == ["--max-wait-ms", "2", "--label", "a b"]
     assert serve_flags("") == []
-    (tmp_path / "CURRENT").write_text("v1\n")
-    root = BENCH.parent
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "serving_ab.py"),
-            *["--a", f"x={root}", "--b", f"y={root}", "--bundles", str(tmp_path)],
-            *["--b-flags", '--max-wait-ms "2'],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = serving_ab_refusal(tmp_path, "--b-flags", '--max-wait-ms "2')
     assert done.returncode == 2, done.stderr
     assert "argument --b-flags" in done.stderr and "No closing quotation" in done.stderr
 
@@ -142,28 +134,11 @@ def test_a_variants_environment_is_key_value_and_a_bad_one_is_refused(tmp_path: 
     assert serve_env("GRPC_EXPERIMENTS=ph2_server") == ("GRPC_EXPERIMENTS", "ph2_server")
     assert serve_env("A=b=c") == ("A", "b=c")
     assert serve_env("EMPTY=") == ("EMPTY", "")
-    (tmp_path / "CURRENT").write_text("v1\n")
-    root = BENCH.parent
-
-    def serving_ab(*env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [
-                sys.executable,
-                str(BENCH / "serving_ab.py"),
-                *["--a", f"x={root}", "--b", f"y={root}", "--bundles", str(tmp_path)],
-                *env,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
     for bad in ("GRPC_EXPERIMENTS", "=x"):
-        done = serving_ab("--b-env", bad)
+        done = serving_ab_refusal(tmp_path, "--b-env", bad)
         assert done.returncode == 2, done.stderr
         assert "argument --b-env" in done.stderr and "want KEY=VALUE" in done.stderr
-    done = serving_ab("--a-env", "K=1", "--a-env", "K=2")
+    done = serving_ab_refusal(tmp_path, "--a-env", "K=1", "--a-env", "K=2")
     assert done.returncode == 2, done.stderr
     assert "--a-env: a key given twice" in done.stderr
 
