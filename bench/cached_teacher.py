@@ -1,14 +1,17 @@
 """The cached teacher step of ``slimrank pipeline``, read for benches that try another teacher.
 
-``bench/teacher_variants.py`` and ``bench/teacher_losses.py`` both compare a new teacher with
-the cached one on the validation view, paired over users; this reads what they share: the
-training lists, the validation lists and truth, and the cached teacher's validation ranking.
+``bench/teacher_variants.py``, ``bench/teacher_losses.py`` and ``bench/teacher_search.py``
+compare a new teacher with the cached one on the validation view, paired over users; this
+reads what they share (the training lists, the validation lists and truth, the cached
+teacher's validation ranking), trains a teacher and compares it (:func:`train_against_cached`),
+and writes a row of their results tables (:func:`table_row`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slimrank.evaluation.paired import PerUser
+from slimrank.evaluation.paired import PairedInterval, PerUser, paired_bootstrap
 from slimrank.pipeline.artifacts import (
     CandidatesArtifact,
     DataArtifact,
@@ -63,4 +66,60 @@ def load_cached_teacher(config_name: str) -> CachedTeacher | None:
     base = pipeline_per_user(v_cands, scores, truth, config.k)
     return CachedTeacher(
         config, data, feats, labels, v_cands, v_feats, v_labels, truth, scores, base
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRun:
+    """One teacher trained again and compared with the cached one on the validation view."""
+
+    best_epoch: int
+    scores: np.ndarray  # its validation scores, float64
+    per: PerUser  # its pipeline NDCG@k per validation user
+    ci: PairedInterval  # it minus the cached teacher, paired over users
+    curve: list[float]  # validation NDCG@k by epoch (0 = untrained)
+    minutes: float  # training and scoring
+
+
+def train_against_cached(
+    cached: CachedTeacher,
+    teacher: Any,
+    feats: Any = None,
+    v_feats: Any = None,
+    seed: int | None = None,
+) -> TeacherRun:
+    """Train the pipeline's teacher with the step config ``teacher`` on the cached training
+    lists (or ``feats`` / ``v_feats``: the same lists with other columns), early-stopped on
+    validation as the pipeline's is, and compare it with the cached teacher."""
+    from slimrank.pipeline.steps import train_pipeline_teacher
+    from slimrank.ranking.teacher import teacher_scores
+
+    feats = cached.feats if feats is None else feats
+    v_feats = cached.v_feats if v_feats is None else v_feats
+    k = cached.k
+    started = time.perf_counter()
+    result = train_pipeline_teacher(
+        teacher, k, cached.data, (feats, cached.labels), (cached.v_cands, v_feats), seed=seed
+    )
+    scores = teacher_scores(result.model, v_feats).astype(np.float64)
+    per = pipeline_per_user(cached.v_cands, scores, cached.truth, k)
+    return TeacherRun(
+        best_epoch=result.best_epoch,
+        scores=scores,
+        per=per,
+        ci=paired_bootstrap(per, cached.base),
+        curve=[h[f"valid_ndcg@{k}"] for h in result.history],
+        minutes=(time.perf_counter() - started) / 60,
+    )
+
+
+def table_row(name: str, run: TeacherRun) -> str:
+    """A results table row: name, chosen epoch, valid NDCG, minus the cached teacher [95% CI],
+    NDCG by epoch, minutes."""
+    ci = run.ci
+    diff = f"{ci.diff:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]"
+    by_epoch = ", ".join(f"{v:.4f}" for v in run.curve)
+    return (
+        f"| {name} | {run.best_epoch} | {run.per.mean:.4f} | {diff} | {by_epoch} "
+        f"| {run.minutes:.1f} |"
     )

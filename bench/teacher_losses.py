@@ -25,22 +25,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))  # cached_teacher.py
 
-from cached_teacher import load_cached_teacher  # noqa: E402
+from cached_teacher import load_cached_teacher, table_row, train_against_cached  # noqa: E402
 
 import slimrank.ranking.train as train_module  # noqa: E402
-from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
-from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
 
 RESULTS = HERE / "results"
 SOFTMAX = train_module.listwise_softmax_loss
@@ -122,50 +118,34 @@ def main() -> int:
     parser.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=list(LOSSES))
     parser.add_argument("--out", default="teacher_losses")
     args = parser.parse_args()
-    from slimrank.pipeline.steps import train_pipeline_teacher
-    from slimrank.ranking.teacher import teacher_scores
-
     cached = load_cached_teacher(args.config)
     if cached is None:
         return 1
-    config, data, k, base = cached.config, cached.data, cached.k, cached.base
-    feats, labels = cached.feats, cached.labels
-    v_cands, v_feats, truth = cached.v_cands, cached.v_feats, cached.truth
-    print(f"cached teacher: valid NDCG@{k} {base.mean:.4f}", flush=True)
+    k = cached.k
+    print(f"cached teacher: valid NDCG@{k} {cached.base.mean:.4f}", flush=True)
     rows = []
     for name in args.losses:
         train_module.listwise_softmax_loss = LOSSES[name]  # what train_teacher calls
-        started = time.perf_counter()
         try:
-            result = train_pipeline_teacher(
-                config.teacher, k, data, (feats, labels), (v_cands, v_feats)
-            )
+            run = train_against_cached(cached, cached.config.teacher)
         finally:
             train_module.listwise_softmax_loss = SOFTMAX
-        scores = teacher_scores(result.model, v_feats).astype(np.float64)
-        per = pipeline_per_user(v_cands, scores, truth, k)
-        ci = paired_bootstrap(per, base)
-        curve = [h[f"valid_ndcg@{k}"] for h in result.history]
-        took = time.perf_counter() - started
-        rows.append((name, result.best_epoch, per.mean, ci, curve, took))
-        print(f"{name}: epoch {result.best_epoch}, valid {per.mean:.4f}, {ci}", flush=True)
+        rows.append(table_row(name, run))
+        print(f"{name}: epoch {run.best_epoch}, valid {run.per.mean:.4f}, {run.ci}", flush=True)
 
     lines = [
         "# Teacher training losses on validation (issue 15)",
         "",
         f"`bench/teacher_losses.py --config {args.config} --losses {' '.join(args.losses)}`. "
         f"The pipeline's teacher config and seed, its training lists, early stop on validation "
-        f"NDCG@{k}; pipeline NDCG@{k} on the validation view ({len(per.values)} users), the "
-        "interval the row minus the cached teacher, paired over users. Nothing reads test.",
+        f"NDCG@{k}; pipeline NDCG@{k} on the validation view ({len(cached.base.values)} users), "
+        "the interval the row minus the cached teacher, paired over users. Nothing reads test.",
         "",
         f"| loss | chosen epoch | valid NDCG@{k} | minus cached teacher [95% CI] "
         "| valid NDCG by epoch (0 = untrained) | minutes |",
         "|---|---:|---:|---|---|---:|",
+        *rows,
     ]
-    for name, epoch, mean, ci, curve, took in rows:
-        diff = f"{ci.diff:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]"
-        by_epoch = ", ".join(f"{v:.4f}" for v in curve)
-        lines.append(f"| {name} | {epoch} | {mean:.4f} | {diff} | {by_epoch} | {took / 60:.1f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote bench/results/{args.out}.md")

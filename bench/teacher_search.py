@@ -20,22 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))  # cached_teacher.py
 
-from cached_teacher import load_cached_teacher  # noqa: E402
+from cached_teacher import TeacherRun, load_cached_teacher, table_row, train_against_cached  # noqa: E402
 
 from bench.scale_steps import set_dotted  # noqa: E402
-from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
 from slimrank.ranking.features import CandidateFeatures  # noqa: E402
-from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
 
 RESULTS = HERE / "results"
 
@@ -92,8 +87,7 @@ def main() -> int:
     args = parser.parse_args()
     from slimrank.config import ConfigError
     from slimrank.pipeline.config import load_config, resolve_config
-    from slimrank.pipeline.steps import teacher_model_config, train_pipeline_teacher
-    from slimrank.ranking.teacher import teacher_scores
+    from slimrank.pipeline.steps import teacher_model_config
 
     try:
         section = load_config(resolve_config(args.config)).teacher.to_dict()
@@ -124,24 +118,20 @@ def main() -> int:
     print(f"cached teacher: valid NDCG@{k} {base.mean:.4f}", flush=True)
     rows = []
     for overrides, teacher in zip(args.variant, configs, strict=True):
-        started = time.perf_counter()
-        result = train_pipeline_teacher(
-            teacher, k, cached.data, (feats, cached.labels), (cached.v_cands, v_feats)
+        run = train_against_cached(cached, teacher, feats, v_feats)
+        rows.append((json.dumps(overrides), run))
+        print(
+            f"{overrides}: epoch {run.best_epoch}, valid {run.per.mean:.4f}, {run.ci}", flush=True
         )
-        scores = teacher_scores(result.model, v_feats).astype(np.float64)
-        per = pipeline_per_user(cached.v_cands, scores, cached.truth, k)
-        ci = paired_bootstrap(per, base)
-        curve = [h[f"valid_ndcg@{k}"] for h in result.history]
-        took = time.perf_counter() - started
-        rows.append((json.dumps(overrides), result.best_epoch, per.mean, ci, curve, took))
-        print(f"{overrides}: epoch {result.best_epoch}, valid {per.mean:.4f}, {ci}", flush=True)
         # Written after each variant: a run cut short keeps the rows it finished.
         write_results(args, rows, base, k, dropped)
     print(f"wrote bench/results/{args.out}.md")
     return 0
 
 
-def write_results(args: argparse.Namespace, rows: list, base: Any, k: int, dropped: str) -> None:
+def write_results(
+    args: argparse.Namespace, rows: list[tuple[str, TeacherRun]], base: Any, k: int, dropped: str
+) -> None:
     """The results table of the variants trained so far."""
     command = "bench/teacher_search.py " + " ".join(f"--variant '{r[0]}'" for r in rows)
     command += f" --drop {' '.join(args.drop)}" if args.drop else ""
@@ -159,10 +149,7 @@ def write_results(args: argparse.Namespace, rows: list, base: Any, k: int, dropp
         "|---|---:|---:|---|---|---:|",
         f"| none (the cached teacher) | - | {base.mean:.4f} | - | - | - |",
     ]
-    for name, epoch, mean, ci, curve, took in rows:
-        diff = f"{ci.diff:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]"
-        by_epoch = ", ".join(f"{v:.4f}" for v in curve)
-        lines.append(f"| `{name}` | {epoch} | {mean:.4f} | {diff} | {by_epoch} | {took / 60:.1f} |")
+    lines += [table_row(f"`{name}`", run) for name, run in rows]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
 

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))  # cached_teacher.py
 
-from cached_teacher import load_cached_teacher  # noqa: E402
+from cached_teacher import CachedTeacher, load_cached_teacher, train_against_cached  # noqa: E402
 
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
 from slimrank.ranking.features import CandidateFeatures  # noqa: E402
@@ -67,25 +67,17 @@ def zscore(scores: np.ndarray) -> np.ndarray:
     return np.where(finite, (s - mean) / np.where(std > 0, std, 1.0), -np.inf)
 
 
-def mlp_ensemble(config, data, feats, labels, v_cands, v_feats, truth, mlp, base, args) -> list:
+def mlp_ensemble(cached: CachedTeacher, seeds: list[int]) -> list:
     """Train the pipeline's MLP teacher with other seeds; rows of each and of their z-mean."""
-    from slimrank.pipeline.steps import train_pipeline_teacher
-    from slimrank.ranking.teacher import teacher_scores
-
-    k = config.k
-    rows, members = [], [zscore(mlp)]
-    for seed in args.mlp_seeds:
-        result = train_pipeline_teacher(
-            config.teacher, k, data, (feats, labels), (v_cands, v_feats), seed=seed
-        )
-        scores = teacher_scores(result.model, v_feats).astype(np.float64)
-        per = pipeline_per_user(v_cands, scores, truth, k)
-        ci = paired_bootstrap(per, base)
-        rows.append((f"MLP teacher, seed {seed}", f"epoch {result.best_epoch}", per.mean, ci))
-        print(f"MLP seed {seed}: valid {per.mean:.4f} {ci}")
-        members.append(zscore(scores))
+    k, base = cached.k, cached.base
+    rows, members = [], [zscore(cached.scores)]
+    for seed in seeds:
+        run = train_against_cached(cached, cached.config.teacher, seed=seed)
+        rows.append((f"MLP teacher, seed {seed}", f"epoch {run.best_epoch}", run.per.mean, run.ci))
+        print(f"MLP seed {seed}: valid {run.per.mean:.4f} {run.ci}")
+        members.append(zscore(run.scores))
         mean = np.mean(members, axis=0)
-        per_e = pipeline_per_user(v_cands, mean, truth, k)
+        per_e = pipeline_per_user(cached.v_cands, mean, cached.truth, k)
         ci_e = paired_bootstrap(per_e, base)
         rows.append((f"mean z of {len(members)} MLP teachers", "-", per_e.mean, ci_e))
         print(f"ensemble of {len(members)}: valid {per_e.mean:.4f} {ci_e}")
@@ -114,14 +106,14 @@ def main() -> int:
     cached = load_cached_teacher(args.config)
     if cached is None:
         return 1
-    config, data, k, mlp, base = cached.config, cached.data, cached.k, cached.scores, cached.base
+    k, mlp, base = cached.k, cached.scores, cached.base
     feats, labels = cached.feats, cached.labels
     v_cands, v_feats, v_labels = cached.v_cands, cached.v_feats, cached.v_labels
     truth = cached.truth
 
     rows = [("MLP teacher (cached)", "-", base.mean, None)]
     if args.mlp_seeds:
-        rows += mlp_ensemble(config, data, feats, labels, v_cands, v_feats, truth, mlp, base, args)
+        rows += mlp_ensemble(cached, args.mlp_seeds)
     keep = [i for i, n in enumerate(feats.names) if not n.startswith(tuple(args.drop))]
     if args.drop:
         feats = CandidateFeatures(feats.values[..., keep], (), feats.user, feats.items)
