@@ -4,7 +4,8 @@
 compare a new teacher with the cached one on the validation view, paired over users; this
 reads what they share (the training lists, the validation lists and truth, the cached
 teacher's validation ranking), trains a teacher and compares it (:func:`train_against_cached`),
-and writes a row of their results tables (:func:`table_row`).
+writes a row of their results tables (:func:`table_row`), and leaves columns out
+(:func:`drop_columns`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from slimrank.pipeline.artifacts import (
 )
 from slimrank.pipeline.config import load_config, resolve_config
 from slimrank.pipeline.run import cached_step_paths
+from slimrank.ranking.features import CandidateFeatures
 from slimrank.ranking.pipeline_eval import pipeline_per_user
 
 
@@ -123,3 +125,10 @@ def table_row(name: str, run: TeacherRun) -> str:
         f"| {name} | {run.best_epoch} | {run.per.mean:.4f} | {diff} | {by_epoch} "
         f"| {run.minutes:.1f} |"
     )
+
+
+def drop_columns(feats: CandidateFeatures, prefixes: list[str]) -> CandidateFeatures:
+    """``feats`` without the columns whose name starts with one of ``prefixes``."""
+    keep = [i for i, n in enumerate(feats.names) if not n.startswith(tuple(prefixes))]
+    names = tuple(feats.names[i] for i in keep)
+    return CandidateFeatures(feats.values[..., keep], names, feats.user, feats.items)

@@ -27,10 +27,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))  # cached_teacher.py
 
-from cached_teacher import TeacherRun, load_cached_teacher, table_row, train_against_cached  # noqa: E402
+from cached_teacher import (  # noqa: E402
+    TeacherRun,
+    drop_columns,
+    load_cached_teacher,
+    table_row,
+    train_against_cached,
+)
 
 from bench.scale_steps import set_dotted  # noqa: E402
-from slimrank.ranking.features import CandidateFeatures  # noqa: E402
 
 RESULTS = HERE / "results"
 
@@ -44,13 +49,6 @@ def variant(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r}: want a JSON object of overrides")
     return value
-
-
-def drop_columns(feats: CandidateFeatures, prefixes: list[str]) -> CandidateFeatures:
-    """``feats`` without the columns whose name starts with one of ``prefixes``."""
-    keep = [i for i, n in enumerate(feats.names) if not n.startswith(tuple(prefixes))]
-    names = tuple(feats.names[i] for i in keep)
-    return CandidateFeatures(feats.values[..., keep], names, feats.user, feats.items)
 
 
 def check_variants(

@@ -29,7 +29,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))  # cached_teacher.py
 
-from cached_teacher import CachedTeacher, load_cached_teacher, train_against_cached  # noqa: E402
+from cached_teacher import (  # noqa: E402
+    CachedTeacher,
+    drop_columns,
+    load_cached_teacher,
+    train_against_cached,
+)
 
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
 from slimrank.ranking.features import CandidateFeatures  # noqa: E402
@@ -114,10 +119,8 @@ def main() -> int:
     rows = [("MLP teacher (cached)", "-", base.mean, None)]
     if args.mlp_seeds:
         rows += mlp_ensemble(cached, args.mlp_seeds)
-    keep = [i for i, n in enumerate(feats.names) if not n.startswith(tuple(args.drop))]
     if args.drop:
-        feats = CandidateFeatures(feats.values[..., keep], (), feats.user, feats.items)
-        v_feats = CandidateFeatures(v_feats.values[..., keep], (), v_feats.user, v_feats.items)
+        feats, v_feats = drop_columns(feats, args.drop), drop_columns(v_feats, args.drop)
     x, y, group = flat(feats, labels)
     vx, vy, vgroup = flat(v_feats, v_labels)  # valid lists with a positive (early stop)
     vx_all, _, _ = flat(v_feats)

@@ -78,7 +78,7 @@ def test_drop_leaves_out_the_named_columns_and_keeps_the_rest_in_order() -> None
     import numpy as np
 
     sys.path.insert(0, str(BENCH))
-    from teacher_search import drop_columns
+    from cached_teacher import drop_columns
 
     from slimrank.ranking.features import CandidateFeatures
 
