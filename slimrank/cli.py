@@ -26,6 +26,7 @@ _AREAS = (
     "bundle",
     "pipeline",
     "serving",
+    "front",
 )
 
 

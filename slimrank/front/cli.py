@@ -1,0 +1,113 @@
+"""``slimrank front``: an nginx front that refuses model calls past a set rate in C."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slimrank.front.config import FrontConfig
+
+DEFAULTS = FrontConfig(rate=1)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``front`` subcommand."""
+    p = sub.add_parser(
+        "front",
+        help="run nginx in front of `slimrank serve`, refusing calls past a rate at once",
+        description=(
+            "Run nginx (Debian's nginx-light) in front of one `slimrank serve`, on the same "
+            "host. Recommender calls past --rate calls a second (plus a burst of --burst) are "
+            "refused by nginx itself with RESOURCE_EXHAUSTED, within a millisecond or so, "
+            "with the server's retry details; the rest are forwarded. Health and Admin calls "
+            "are never limited. Set --rate to the rate the server holds in a load test "
+            "(bench/serving.py): the front then admits that much and no more, whatever the "
+            "machine could do at the moment; the server's own admission stays on behind it. "
+            "Prints `front on HOST:PORT metrics HOST:PORT pid N` once it listens."
+        ),
+    )
+    p.add_argument("--rate", type=float, required=True, help="Recommender calls admitted a second")
+    p.add_argument(
+        "--burst", type=int, default=DEFAULTS.burst, help="calls over the rate let through at once"
+    )
+    p.add_argument(
+        "--upstream", default=DEFAULTS.upstream, help="the server's host:port (%(default)s)"
+    )
+    p.add_argument("--host", default=DEFAULTS.host, help="bind address (%(default)s)")
+    p.add_argument(
+        "--port", type=int, default=DEFAULTS.port, help="port, 0 picks one (%(default)s)"
+    )
+    p.add_argument("--metrics-host", default=DEFAULTS.metrics_host, help="/metrics bind address")
+    p.add_argument(
+        "--metrics-port", type=int, default=-1, help="/metrics port, 0 picks one; -1: none"
+    )
+    p.add_argument(
+        "--retry-after-ms",
+        type=float,
+        default=DEFAULTS.retry_after_s * 1000,
+        help="the retry delay a refusal asks for (%(default)g)",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULTS.max_message_bytes,
+        help="largest request forwarded (%(default)s, as the server's)",
+    )
+    p.add_argument(
+        "--nginx-workers",
+        type=int,
+        default=DEFAULTS.worker_processes,
+        help="nginx worker processes (%(default)s)",
+    )
+    p.add_argument("--nginx", default="nginx", help="the nginx binary (name or path)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds to finish calls on stop")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the nginx.conf (with --port as given, not 0) and exit, for your own nginx",
+    )
+    p.set_defaults(func=cmd_front, parser=p)
+
+
+def config_from_args(args: argparse.Namespace) -> FrontConfig:
+    """Return the front's config; exits with a usage error naming the flag on a bad value."""
+    parser: argparse.ArgumentParser = args.parser
+    try:
+        return FrontConfig(
+            rate=args.rate,
+            upstream=args.upstream,
+            host=args.host,
+            port=args.port,
+            burst=args.burst,
+            retry_after_s=args.retry_after_ms / 1000,
+            max_message_bytes=args.max_message_bytes,
+            worker_processes=args.nginx_workers,
+            metrics_host=args.metrics_host,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        )
+    except ValueError as err:
+        field = getattr(err, "field", "")
+        flag = {"worker_processes": "--nginx-workers", "retry_after_s": "--retry-after-ms"}.get(
+            field, "--" + field.replace("_", "-")
+        )
+        parser.error(f"{flag}: {err}")
+        raise  # unreachable: parser.error exits
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    """Run the front until SIGTERM/SIGINT; 0 after a clean stop."""
+    from slimrank.front.nginx_conf import render
+    from slimrank.front.run import run_front
+
+    config = config_from_args(args)
+    if args.print_config:
+        if config.port == 0:
+            args.parser.error("--port 0: --print-config needs a fixed port")
+        print(render(config, str(Path("/var/lib/slimrank-front")), config.port, 514), end="")
+        return 0
+
+    def ready(port: int, metrics_port: int | None, pid: int) -> None:
+        metrics = "-" if metrics_port is None else f"{config.metrics_host}:{metrics_port}"
+        print(f"front on {config.host}:{port} metrics {metrics} pid {pid}", flush=True)
+
+    return run_front(config, args.nginx, ready, grace_s=args.grace)

@@ -1,0 +1,121 @@
+"""The front's configuration: where it listens, the server it forwards to, the rate it admits."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from slimrank.config import Config, require
+
+# host:port with a DNS name, an IPv4 address or a bracketed IPv6 address.
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def nginx_rate(calls_per_s: float) -> str | None:
+    """Return ``calls_per_s`` as nginx writes a rate (whole calls a second, ``400r/s``, or a
+    minute, ``90r/m``), or None if it is neither (nginx reads whole numbers only)."""
+    if not math.isfinite(calls_per_s) or calls_per_s <= 0:
+        return None
+    if calls_per_s >= 1 and float(calls_per_s).is_integer():
+        return f"{int(calls_per_s)}r/s"
+    per_minute = round(calls_per_s * 60, 9)
+    if per_minute >= 1 and float(per_minute).is_integer():
+        return f"{int(per_minute)}r/m"
+    return None
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """Return ``(host, port)`` of ``host:port`` (IPv6 in brackets), or None if it is not one."""
+    match = _ADDRESS.match(address)
+    if match is None or not 0 < int(match[2]) < 65536:
+        return None
+    return match[1], int(match[2])
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontConfig(Config):
+    """An nginx front that admits at most ``rate`` Recommender calls a second (plus a burst of
+    ``burst`` calls at once) and refuses the rest itself with RESOURCE_EXHAUSTED.
+
+    The refusal carries what the server's own refusal carries: a ``google.rpc.RetryInfo`` of
+    ``retry_after_s`` and the ``grpc-retry-pushback-ms`` trailer, so clients back off the same
+    way. Health and Admin calls are forwarded without a limit (a probe or a reload is never
+    refused). ``port`` 0 picks a free port; ``metrics_port`` None serves no /metrics.
+    ``worker_processes`` nginx workers share one limit (nginx keeps it in shared memory).
+    """
+
+    rate: float
+    upstream: str = "127.0.0.1:50051"
+    host: str = "127.0.0.1"
+    port: int = 50050
+    burst: int = 25
+    retry_after_s: float = 0.05
+    max_message_bytes: int = 1 << 20
+    worker_processes: int = 1
+    upstream_keepalive: int = 64
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            nginx_rate(self.rate) is not None,
+            self,
+            "rate",
+            self.rate,
+            "must be whole calls per second (400), or per minute (0.5 = 30 a minute): "
+            "nginx reads whole numbers only",
+        )
+        require(
+            split_address(self.upstream) is not None,
+            self,
+            "upstream",
+            self.upstream,
+            "must be host:port with a port in [1, 65535] (IPv6 in brackets)",
+        )
+        require(0 <= self.port < 65536, self, "port", self.port, "must be in [0, 65535]")
+        require(self.burst >= 0, self, "burst", self.burst, "must be >= 0")
+        require(
+            math.isfinite(self.retry_after_s) and self.retry_after_s >= 0,
+            self,
+            "retry_after_s",
+            self.retry_after_s,
+            "must be a finite number >= 0",
+        )
+        require(
+            self.max_message_bytes >= 1024,
+            self,
+            "max_message_bytes",
+            self.max_message_bytes,
+            "must be >= 1024",
+        )
+        require(
+            1 <= self.worker_processes <= 64,
+            self,
+            "worker_processes",
+            self.worker_processes,
+            "must be in [1, 64]",
+        )
+        require(
+            self.upstream_keepalive >= 1,
+            self,
+            "upstream_keepalive",
+            self.upstream_keepalive,
+            "must be >= 1",
+        )
+        require(
+            self.metrics_port is None or 0 <= self.metrics_port < 65536,
+            self,
+            "metrics_port",
+            self.metrics_port,
+            "must be None or in [0, 65535]",
+        )
+        for field in ("host", "metrics_host"):
+            value = getattr(self, field)
+            require(
+                re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+", value) is not None,
+                self,
+                field,
+                value,
+                "must be a host name or address (IPv6 in brackets)",
+            )

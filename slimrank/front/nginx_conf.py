@@ -1,0 +1,115 @@
+"""The nginx configuration of the front, rendered from a :class:`FrontConfig` (pure: no I/O).
+
+One server block speaks HTTP/2 (gRPC) and forwards to the upstream ``slimrank serve``
+(``grpc_pass`` over a pool of kept-alive connections). ``/slimrank.v1.Recommender/`` calls
+pass nginx's ``limit_req`` (a leaky bucket of ``rate`` calls a second; ``burst`` calls over
+it go through at once, ``nodelay``), and a call over the limit is answered by nginx itself
+with a trailers-only gRPC response: status RESOURCE_EXHAUSTED and the same retry details the
+server's own refusal sends. Every other path is forwarded unlimited. Each Recommender call's
+outcome is logged as one syslog datagram to ``log_port`` on loopback, which the runner
+counts into ``slimrank_front_calls_total`` (UDP: nginx never waits for the reader).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import grpc
+
+from slimrank.front.config import FrontConfig, nginx_rate
+from slimrank.serving.status import retry_info
+
+RECOMMENDER_PATH = "/slimrank.v1.Recommender/"
+REFUSAL_MESSAGE = (
+    "front busy: over its rate limit, refused so that accepted calls stay fast; "
+    "retry with backoff, preferably on another replica"
+)
+LOG_TAG = "slimrank_front"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def refusal_headers(config: FrontConfig) -> list[tuple[str, str]]:
+    """Return the gRPC status headers of the front's refusal, as the server's refusal has them:
+    ``grpc-status`` 8, the message, a ``google.rpc.Status`` with RetryInfo (base64, unpadded,
+    as gRPC writes binary headers) and the retry pushback in milliseconds."""
+    status = retry_info(grpc.StatusCode.RESOURCE_EXHAUSTED, REFUSAL_MESSAGE, config.retry_after_s)
+    details = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    encoded = base64.b64encode(details).decode().rstrip("=")
+    return [
+        ("grpc-status", str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])),
+        ("grpc-message", REFUSAL_MESSAGE),
+        ("grpc-status-details-bin", encoded),
+        (RETRY_PUSHBACK_KEY, str(round(config.retry_after_s * 1000))),
+    ]
+
+
+def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
+    """Return nginx.conf for ``config``, listening on ``port`` (the resolved one, never 0),
+    with its temporary files and pid under ``prefix`` and the call log sent to ``log_port``."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port}: the front needs a resolved port in [1, 65535]")
+    headers = "\n".join(
+        f'      add_header {name} "{value}" always;' for name, value in refusal_headers(config)
+    )
+    tmp = f"{prefix}/tmp"
+    # nginx refuses burst=0; without the parameter the burst is 0.
+    burst = f" burst={config.burst} nodelay" if config.burst else ""
+    return f"""# slimrank front: rendered by `slimrank front`; do not edit (flags change it).
+worker_processes {config.worker_processes};
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+daemon off;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  server_tokens off;
+  client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+  uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+  log_format slimrank_front '$limit_req_status $status';
+  # One bucket for every caller: the limit protects the server, whoever calls.
+  limit_req_zone $server_name zone=slimrank_calls:1m rate={nginx_rate(config.rate)};
+  limit_req_status 429;
+  limit_req_log_level info;
+  upstream slimrank {{
+    server {config.upstream};
+    keepalive {config.upstream_keepalive};
+  }}
+  server {{
+    listen {config.host}:{port} http2;
+    server_name slimrank_front;
+    http2_max_concurrent_streams 1024;
+    client_max_body_size {config.max_message_bytes};
+    grpc_set_header X-Forwarded-For $remote_addr;
+    location {RECOMMENDER_PATH} {{
+      limit_req zone=slimrank_calls{burst};
+      error_page 429 = @refused;
+      access_log syslog:server=127.0.0.1:{log_port},tag={LOG_TAG},nohostname slimrank_front;
+      grpc_pass grpc://slimrank;
+    }}
+    location / {{
+      grpc_pass grpc://slimrank;
+    }}
+    location @refused {{
+      default_type application/grpc;
+{headers}
+      access_log syslog:server=127.0.0.1:{log_port},tag={LOG_TAG},nohostname slimrank_front;
+      return 200;
+    }}
+  }}
+}}
+"""
+
+
+def outcome(log_line: str) -> str | None:
+    """Return a call's outcome from one syslog datagram of the front's log: ``refused``
+    (over the rate), ``upstream_error`` (nginx could not reach the server: HTTP 502/504, which
+    the caller sees as UNAVAILABLE) or ``forwarded``; None for a line that is not one."""
+    fields = log_line.rsplit(": ", 1)[-1].split()
+    if len(fields) != 2 or not fields[1].isdigit():
+        return None
+    limit, status = fields
+    if limit == "REJECTED":
+        return "refused"
+    if status in ("502", "503", "504"):
+        return "upstream_error"
+    return "forwarded"

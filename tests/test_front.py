@@ -1,0 +1,360 @@
+"""``slimrank front``: the real nginx in front of a real ``slimrank serve``, called through a
+real client. The front forwards calls unchanged, refuses Recommender calls past its rate with
+the server's RESOURCE_EXHAUSTED and retry details (and those never reach the server), never
+limits health or Admin calls, counts every outcome, and stops without leaving nginx behind.
+
+nginx comes from Debian's package (``scripts/install_nginx.sh``): installed here when we are
+root, a failure in CI when missing, a skip otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from serve_process import Server
+
+from slimrank.bundle import publish
+from slimrank.front.config import FrontConfig, nginx_rate
+from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, refusal_headers, render
+from slimrank.serving.client import SlimrankClient
+from slimrank.serving.loader import random_flat_bundle
+from slimrank.serving.status import field_violations, retry_delay_s
+
+ROOT = Path(__file__).resolve().parents[1]
+READY = re.compile(r"front on (\S+):(\d+) metrics (\S+) pid (\d+)")
+RECOMMEND = "/slimrank.v1.Recommender/Recommend"
+FRONT = [sys.executable, "-m", "slimrank.cli", "front"]
+
+
+def nginx_binary() -> str:
+    """Return nginx's path, installing Debian's package first if we can."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if found:
+        return found
+    if os.geteuid() == 0:
+        subprocess.run([str(ROOT / "scripts" / "install_nginx.sh")], check=True, timeout=900)
+        found = shutil.which("nginx", path="/usr/sbin:/usr/bin")
+        if found is None:
+            pytest.fail("nginx still missing after scripts/install_nginx.sh")
+        return found
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail("nginx is missing in CI: run `sudo scripts/install_nginx.sh` first")
+    pytest.skip("nginx is not installed and we are not root: `sudo scripts/install_nginx.sh`")
+
+
+@pytest.fixture(scope="module")
+def nginx() -> str:
+    return nginx_binary()
+
+
+def front_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*FRONT, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+class Front:
+    """A ``slimrank front`` subprocess and what its ready line announced."""
+
+    def __init__(self, nginx: str, upstream: str, *args: str) -> None:
+        ports = ["--port", "0", "--metrics-port", "0"]
+        self.proc = subprocess.Popen(
+            [*FRONT, "--nginx", nginx, *ports, "--upstream", upstream, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        match = READY.search(line)
+        if match is None:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=30)
+            raise AssertionError(f"no ready line, got {line!r}; stderr:\n{err}")
+        self.target = f"{match[1]}:{match[2]}"
+        self.metrics = match[3]
+        self.nginx_pid = int(match[4])
+
+    def calls(self) -> dict[str, float]:
+        """``slimrank_front_calls_total`` by outcome."""
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {
+            s.labels["outcome"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "slimrank_front_calls_total"
+        }
+
+    def calls_when(self, expected: dict[str, float], timeout_s: float = 10) -> dict[str, float]:
+        """The counts once they equal ``expected`` (the log is read asynchronously), or the
+        last counts read after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = self.calls()
+            if seen == expected or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.05)
+
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str]:
+        self.proc.send_signal(signum)
+        _, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, err
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: it only waits for its parent to read its status.
+    status = Path(f"/proc/{pid}/stat")
+    return status.exists() and status.read_text().split()[2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("front") / "bundles"
+    publish(root, random_flat_bundle("a", seed=3))
+    server = Server(["--bundles", str(root), "--metrics-port", "0", "--admin-insecure"])
+    yield server
+    server.terminate()
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_rates_are_written_as_nginx_reads_them() -> None:
+    assert nginx_rate(400) == "400r/s"
+    assert nginx_rate(400.0) == "400r/s"
+    assert nginx_rate(0.5) == "30r/m"
+    assert nginx_rate(2.5) == "150r/m"
+    assert nginx_rate(1 / 60) == "1r/m"
+    for bad in (0, -5, 0.3333, 1 / 120, float("nan"), float("inf")):
+        assert nginx_rate(bad) is None, bad
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--rate", "0"], "--rate"),
+        (["--rate", "0.3333"], "--rate"),
+        (["--rate", "nan"], "--rate"),
+        (["--rate", "10", "--burst", "-1"], "--burst"),
+        (["--rate", "10", "--upstream", "nohost"], "--upstream"),
+        (["--rate", "10", "--upstream", "h:0"], "--upstream"),
+        (["--rate", "10", "--port", "70000"], "--port"),
+        (["--rate", "10", "--host", "a b"], "--host"),
+        (["--rate", "10", "--retry-after-ms", "-1"], "--retry-after-ms"),
+        (["--rate", "10", "--nginx-workers", "0"], "--nginx-workers"),
+        (["--rate", "10", "--max-message-bytes", "10"], "--max-message-bytes"),
+        (["--rate", "10", "--port", "0", "--print-config"], "--port"),
+    ],
+)
+def test_a_bad_flag_is_refused_by_name(args: list[str], named: str) -> None:
+    result = front_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert f"error: {named}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_nginx_is_named_with_how_to_install_it(tmp_path: Path) -> None:
+    result = front_cli("--rate", "10", "--nginx", str(tmp_path / "no-nginx"))
+    assert result.returncode == 2, result.stderr
+    assert "nginx not found" in result.stderr and "install_nginx.sh" in result.stderr
+
+
+def test_the_refusal_carries_the_servers_retry_details() -> None:
+    headers = dict(refusal_headers(FrontConfig(rate=10, retry_after_s=0.12)))
+    assert headers["grpc-status"] == "8"
+    assert headers["grpc-message"] == REFUSAL_MESSAGE
+    assert headers["grpc-retry-pushback-ms"] == "120"
+    # Nothing nginx would read as a variable or the end of a quoted string.
+    for value in headers.values():
+        assert '"' not in value and "$" not in value and "%" not in value
+
+
+def test_log_lines_are_read_as_outcomes() -> None:
+    assert outcome("<190>slimrank_front: REJECTED 200") == "refused"
+    assert outcome("<190>slimrank_front: PASSED 200") == "forwarded"
+    assert outcome("<190>slimrank_front: DELAYED 200") == "forwarded"
+    assert outcome("<190>slimrank_front: PASSED 502") == "upstream_error"
+    assert outcome("<190>slimrank_front: PASSED 504") == "upstream_error"
+    assert outcome("garbage") is None
+    assert outcome("<190>slimrank_front: PASSED") is None
+
+
+def test_nginx_accepts_the_rendered_config(nginx: str, tmp_path: Path) -> None:
+    (tmp_path / "tmp").mkdir()
+    conf = tmp_path / "nginx.conf"
+    config = FrontConfig(rate=0.5, burst=0, upstream="127.0.0.1:9", worker_processes=2)
+    conf.write_text(render(config, str(tmp_path), 50050, 5140))
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rate=30r/m" in conf.read_text() and "zone=slimrank_calls;" in conf.read_text()
+    conf.write_text(render(FrontConfig(rate=400, burst=25), str(tmp_path), 50050, 5140))
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rate=400r/s" in conf.read_text() and "burst=25 nodelay" in conf.read_text()
+
+
+# --- through the real server -----------------------------------------------------------------
+
+
+def test_forwarded_calls_are_answered_as_the_server_answers_them(nginx: str, server) -> None:
+    front = Front(nginx, server.target, "--rate", "1000", "--burst", "100")
+    try:
+        with (
+            SlimrankClient(front.target, timeout=10, retries=0) as via,
+            SlimrankClient(server.target, timeout=10, retries=0) as direct,
+        ):
+            for user in ("u0", "u7", "u39"):
+                assert via.recommend(user, 10) == direct.recommend(user, 10)
+            recent = via.recommend("nobody", 5, recent=["a1", "a2"])
+            assert recent == direct.recommend("nobody", 5, recent=["a1", "a2"])
+            # The server's own errors pass through whole: code, message and details.
+            with pytest.raises(grpc.RpcError) as err:
+                via.recommend("u0", 0)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "k" in field_violations(err.value)
+        assert front.calls_when({"forwarded": 5, "refused": 0, "upstream_error": 0}) == {
+            "forwarded": 5,
+            "refused": 0,
+            "upstream_error": 0,
+        }
+    finally:
+        front.close()
+
+
+def test_calls_past_the_rate_are_refused_by_the_front_and_never_reach_the_server(
+    nginx: str, server
+) -> None:
+    # One call a minute and a burst of 3: of 12 calls at once, exactly 4 go through.
+    front = Front(nginx, server.target, "--rate", "0.016666666666666666", "--burst", "3")
+    before = server.metric("slimrank_grpc_requests_total", {"method": RECOMMEND})
+    try:
+        with SlimrankClient(front.target, timeout=10, retries=0) as client:
+            start = threading.Barrier(12)
+
+            def call(i: int) -> grpc.RpcError | None:
+                start.wait()
+                try:
+                    client.recommend(f"u{i}", 5)
+                except grpc.RpcError as err:
+                    return err
+                return None
+
+            with ThreadPoolExecutor(12) as pool:
+                results = list(pool.map(call, range(12)))
+        refused = [r for r in results if r is not None]
+        assert len(refused) == 8, [r.code() for r in refused]
+        for err in refused:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.details() == REFUSAL_MESSAGE
+            assert retry_delay_s(err) == pytest.approx(0.05)
+            assert ("grpc-retry-pushback-ms", "50") in [
+                (m.key, m.value) for m in err.trailing_metadata()
+            ]
+        after = server.metric("slimrank_grpc_requests_total", {"method": RECOMMEND})
+        assert after - before == 4
+        expected = {"forwarded": 4, "refused": 8, "upstream_error": 0}
+        assert front.calls_when(expected) == expected
+    finally:
+        front.close()
+
+
+def test_health_and_admin_calls_are_never_limited(nginx: str, server) -> None:
+    front = Front(nginx, server.target, "--rate", "0.016666666666666666", "--burst", "0")
+    try:
+        with SlimrankClient(front.target, timeout=10, retries=0) as client:
+            client.recommend("u1", 3)  # the bucket is now full for a minute
+            with pytest.raises(grpc.RpcError) as err:
+                client.recommend("u1", 3)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for _ in range(20):
+                assert client.health() == "SERVING"
+                assert client.health("slimrank.v1.Recommender") == "SERVING"
+                assert client.model_info().n_items == 300
+    finally:
+        front.close()
+
+
+def test_an_unreachable_server_is_unavailable_and_counted(nginx: str) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    front = Front(nginx, dead, "--rate", "100")
+    try:
+        with (
+            SlimrankClient(front.target, timeout=10, retries=0) as client,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            client.recommend("u1", 3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        expected = {"forwarded": 0, "refused": 0, "upstream_error": 1}
+        assert front.calls_when(expected) == expected
+    finally:
+        front.close()
+
+
+def test_a_stop_ends_nginx_too(nginx: str, server) -> None:
+    front = Front(nginx, server.target, "--rate", "100")
+    with SlimrankClient(front.target, timeout=10, retries=0) as client:
+        client.recommend("u2", 3)
+    code, err = front.stop(signal.SIGTERM)
+    assert code == 0, err
+    deadline = time.monotonic() + 10
+    while pid_alive(front.nginx_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(front.nginx_pid)
+
+
+def test_a_killed_front_takes_its_nginx_with_it(nginx: str, server) -> None:
+    front = Front(nginx, server.target, "--rate", "100")
+    front.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(front.nginx_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(front.nginx_pid), "nginx outlived its front"
+
+
+def test_a_port_in_use_is_a_clear_error(nginx: str, server) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = front_cli(
+            "--nginx", nginx, "--rate", "10", "--upstream", server.target, "--port", str(port)
+        )
+    assert result.returncode != 0
+    assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
