@@ -25,6 +25,11 @@ process (the load generator sends on meanwhile). The machine's speed changes bet
 on a shared VM (CPU per call is printed beside each run for that reason), so compare within
 pairs.
 
+With ``--b-front "--rate 400"`` (or ``--a-front``) that variant's calls go through a
+``slimrank front`` (nginx, started from the same tree, with those flags) in front of its
+server: the front's refusals, its nginx's CPU time per call and its call counts are recorded
+beside the server's.
+
 Writes ``bench/results/serving_ab_<name>.{json,md}``.
 """
 
@@ -34,7 +39,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,6 +64,50 @@ from serving import (
 
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 COUNTERS = ("slimrank_shed_requests_total", "slimrank_stalls_total")
+FRONT_READY = re.compile(r"front on (\S+):(\d+) metrics (\S+) pid (\d+)")
+
+
+class FrontProcess:
+    """``slimrank front`` (from ``tree``) in front of ``upstream``; its nginx's pids."""
+
+    def __init__(self, tree: Path, upstream: str, flags: list[str]) -> None:
+        argv = [sys.executable, "-m", "slimrank.cli", "front", "--upstream", upstream]
+        argv += ["--port", "0", "--metrics-port", "0", *flags]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=tree)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        match = FRONT_READY.search(line)
+        if match is None:
+            self.stop()
+            raise RuntimeError(f"slimrank front did not report ready (got {line!r})")
+        self.target = f"{match[1]}:{match[2]}"
+        self.metrics = match[3]
+        master = int(match[4])
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        self.pids = [master, *map(int, children)]
+
+    def calls(self) -> dict[str, float]:
+        """``slimrank_front_calls_total`` by outcome."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {
+            s.labels["outcome"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "slimrank_front_calls_total"
+        }
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 def variant(spec: str) -> tuple[str, Path]:
@@ -91,26 +143,41 @@ def one_run(
     seed: int,
     flags: list[str] | None = None,
     env: dict[str, str] | None = None,
+    front_flags: list[str] | None = None,
 ) -> dict[str, Any]:
     """Serve ``bundles`` from ``tree`` (with the common and this variant's ``flags``, and
-    ``env`` added to the server's environment), offer the seeded schedule, return the run's
+    ``env`` added to the server's environment), behind ``slimrank front`` with
+    ``front_flags`` unless those are None, offer the seeded schedule, return the run's
     figures."""
     argv = [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", str(bundles)]
     argv += ["--port", "0", "--metrics-port", "0", *args.serve_args, *(flags or [])]
     server = ServerProcess(argv, code=tree, env=env)
+    front = None
+    front_figures: dict[str, Any] = {}
     try:
+        target = server.target
+        if front_flags is not None:
+            front = FrontProcess(tree, server.target, front_flags)
+            target = front.target
         cpu0 = _cpu_seconds(server.pids)
+        front_cpu0 = 0.0 if front is None else _cpu_seconds(front.pids)
         freeze = None
         if args.freeze:
             freeze = {"pids": server.pids, "at_s": args.freeze_at, "for_s": args.freeze}
-        job = job_for(
-            server.target, RECOMMEND, requests, args.rate, args.calls, seed=seed, freeze=freeze
-        )
+        job = job_for(target, RECOMMEND, requests, args.rate, args.calls, seed=seed, freeze=freeze)
         out = drive(job, timeout_s=args.calls / args.rate + 120)
         cpu = _cpu_seconds(server.pids) - cpu0
+        if front is not None:
+            front_cpu = _cpu_seconds(front.pids) - front_cpu0
+            front_figures = {
+                "front_cpu_ms_per_call": round(1000 * front_cpu / args.calls, 3),
+                "front_calls": front.calls(),
+            }
         counters = server.counters(*COUNTERS)
         shed_by = server.counter_by("slimrank_shed_requests_total", "reason")
     finally:
+        if front is not None:
+            front.stop()
         server.stop()
     codes = out["codes"]
     latency_ms = (out["done"] - out["schedule"]) * 1000
@@ -133,6 +200,7 @@ def one_run(
         "shed_by_reason": shed_by,
         "stalls": counters["slimrank_stalls_total"],
         "load_average_1m": round(os.getloadavg()[0], 2),
+        **front_figures,
     }
 
 
@@ -172,6 +240,12 @@ def ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def front_cpu(run: dict[str, Any]) -> str:
+    """`` (+X front)``: the front's CPU per call beside the server's, for a run behind one."""
+    cpu = run.get("front_cpu_ms_per_call")
+    return "" if cpu is None else f" (+{cpu} front)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     a, b = report["variants"]
     s = report["summary"]
@@ -198,6 +272,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"; {k}'s environment `{' '.join(f'{n}={x}' for n, x in e.items())}`"
             for k, e in report.get("env", {}).items()
             if e
+        )
+        + "".join(
+            f"; {k} behind `slimrank front {' '.join(v)}` (the front's nginx CPU in brackets)"
+            for k, v in report.get("front", {}).items()
+            if v is not None
         ),
         "",
         "| variant | pair | answered | refused | other | p50 ms | p99 ms | refusal p50 / p99 ms"
@@ -209,7 +288,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['variant']} | {r['pair']} | {r['answered']} | {r['refused']} | "
             f"{r['failed_otherwise']} | {r['p50_ms']} | {r['p99_ms']} | "
             f"{ms(r.get('refusal_p50_ms'))} / {ms(r.get('refusal_p99_ms'))} | "
-            f"{r['server_cpu_ms_per_call']} | {r['stalls']:g} | {r['load_average_1m']} |"
+            f"{r['server_cpu_ms_per_call']}{front_cpu(r)} | {r['stalls']:g} | "
+            f"{r['load_average_1m']} |"
         )
     lines += [
         "",
@@ -271,6 +351,16 @@ def main() -> int:
         default=[],
         help="KEY=VALUE in B's server environment only (repeatable)",
     )
+    parser.add_argument(
+        "--a-front",
+        type=serve_flags,
+        help="serve A behind `slimrank front` with these flags (e.g. '--rate 400')",
+    )
+    parser.add_argument(
+        "--b-front",
+        type=serve_flags,
+        help="serve B behind `slimrank front` with these flags (e.g. '--rate 400')",
+    )
     parser.add_argument("--name", help="results file suffix (default: LABEL-vs-LABEL-RATE)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("serve_args", nargs="*", help="more `slimrank serve` flags, after --")
@@ -296,11 +386,20 @@ def main() -> int:
     runs = []
     flags = {a: args.a_flags, b: args.b_flags}
     envs = {a: dict(args.a_env), b: dict(args.b_env)}
+    fronts = {a: args.a_front, b: args.b_front}
     for pair in range(args.pairs):
         order = [(a, tree_a), (b, tree_b)] if pair % 2 == 0 else [(b, tree_b), (a, tree_a)]
         for label, tree in order:
             run = one_run(
-                label, tree, args.bundles, requests, args, pair, flags[label], envs[label]
+                label,
+                tree,
+                args.bundles,
+                requests,
+                args,
+                pair,
+                flags[label],
+                envs[label],
+                fronts[label],
             )
             print(json.dumps(run), flush=True)
             runs.append(run)
@@ -311,6 +410,7 @@ def main() -> int:
         "trees": {a: str(tree_a), b: str(tree_b)},
         "flags": flags,
         "env": envs,
+        "front": fronts,
         "bundles": str(args.bundles),
         "rate": args.rate,
         "calls": args.calls,
