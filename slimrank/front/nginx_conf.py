@@ -6,8 +6,9 @@ pass nginx's ``limit_req`` (a leaky bucket of ``rate`` calls a second; ``burst``
 it go through at once, ``nodelay``), and a call over the limit is answered by nginx itself
 with a trailers-only gRPC response: status RESOURCE_EXHAUSTED and the same retry details the
 server's own refusal sends. Every other path is forwarded unlimited. Each Recommender call's
-outcome is logged as one syslog datagram to ``log_port`` on loopback, which the runner
-counts into ``slimrank_front_calls_total`` (UDP: nginx never waits for the reader).
+outcome (with the server's gRPC status, so that its refusals are seen too) is logged as one
+syslog datagram to ``log_port`` on loopback, which the runner counts into
+``slimrank_front_calls_total`` (UDP: nginx never waits for the reader).
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ def refusal_headers(config: FrontConfig) -> list[tuple[str, str]]:
     ]
 
 
-def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
+def render(
+    config: FrontConfig, prefix: str, port: int, log_port: int, rate: float | None = None
+) -> str:
     """Return nginx.conf for ``config``, listening on ``port`` (the resolved one, never 0),
-    with its temporary files and pid under ``prefix`` and the call log sent to ``log_port``."""
+    with its temporary files and pid under ``prefix``, the call log sent to ``log_port`` and
+    ``rate`` calls a second admitted (None: ``config.rate``; the adaptive front's current
+    rate otherwise)."""
     if not 0 < port < 65536:
         raise ValueError(f"port {port}: the front needs a resolved port in [1, 65535]")
     headers = "\n".join(
@@ -54,6 +59,7 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
     tmp = f"{prefix}/tmp"
     # nginx refuses burst=0; without the parameter the burst is 0.
     burst = f" burst={config.burst} nodelay" if config.burst else ""
+    admitted = nginx_rate(config.rate if rate is None else rate)
     return f"""# slimrank front: rendered by `slimrank front`; do not edit (flags change it).
 worker_processes {config.worker_processes};
 pid {prefix}/nginx.pid;
@@ -65,9 +71,12 @@ http {{
   server_tokens off;
   client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
   uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
-  log_format slimrank_front '$limit_req_status $status';
+  # The server's own status: in the headers of a trailers-only answer (its refusals), else
+  # in the trailers.
+  log_format slimrank_front
+    '$limit_req_status $status $upstream_http_grpc_status $upstream_trailer_grpc_status';
   # One bucket for every caller: the limit protects the server, whoever calls.
-  limit_req_zone $server_name zone=slimrank_calls:1m rate={nginx_rate(config.rate)};
+  limit_req_zone $server_name zone=slimrank_calls:1m rate={admitted};
   limit_req_status 429;
   limit_req_log_level info;
   upstream slimrank {{
@@ -101,15 +110,19 @@ http {{
 
 
 def outcome(log_line: str) -> str | None:
-    """Return a call's outcome from one syslog datagram of the front's log: ``refused``
-    (over the rate), ``upstream_error`` (nginx could not reach the server: HTTP 502/504, which
-    the caller sees as UNAVAILABLE) or ``forwarded``; None for a line that is not one."""
+    """Return a call's outcome from one syslog datagram of the front's log: ``refused`` (by
+    the front, over its rate), ``server_refused`` (forwarded, and the server answered
+    RESOURCE_EXHAUSTED itself), ``upstream_error`` (nginx could not reach the server: HTTP
+    502/504, which the caller sees as UNAVAILABLE) or ``forwarded``; None for a line that is
+    not one."""
     fields = log_line.rsplit(": ", 1)[-1].split()
-    if len(fields) != 2 or not fields[1].isdigit():
+    if len(fields) != 4 or not fields[1].isdigit():
         return None
-    limit, status = fields
+    limit, status, header_status, trailer_status = fields
     if limit == "REJECTED":
         return "refused"
     if status in ("502", "503", "504"):
         return "upstream_error"
+    if "8" in (header_status, trailer_status):
+        return "server_refused"
     return "forwarded"

@@ -19,16 +19,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from slimrank.errors import SlimrankError
+from slimrank.front.adapt import Interval, next_rate
 from slimrank.front.config import FrontConfig
 from slimrank.front.nginx_conf import outcome, render
 from slimrank.serving.metrics import start_metrics_endpoint
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("forwarded", "refused", "upstream_error")
+OUTCOMES = ("forwarded", "refused", "server_refused", "upstream_error")
 INSTALL_HINT = "install Debian's nginx-light (sudo scripts/install_nginx.sh) or pass --nginx PATH"
 START_TIMEOUT_S = 10.0
 
@@ -66,14 +67,23 @@ class CallLog:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.calls = Counter(
             "slimrank_front_calls_total",
-            "Recommender calls through the front, by outcome: forwarded to the server, "
-            "refused by the front's rate limit (RESOURCE_EXHAUSTED), or upstream_error "
-            "(the server could not be reached; the caller saw UNAVAILABLE)",
+            "Recommender calls through the front, by outcome: forwarded to the server and "
+            "answered, refused by the front's rate limit (RESOURCE_EXHAUSTED), "
+            "server_refused (forwarded, and refused by the server's own admission), or "
+            "upstream_error (the server could not be reached; the caller saw UNAVAILABLE)",
             ["outcome"],
+            registry=registry,
+        )
+        self.rate = Gauge(
+            "slimrank_front_rate_limit",
+            "Recommender calls a second the front admits now (its --rate; with --adapt, the "
+            "rate the controller set last)",
             registry=registry,
         )
         for name in OUTCOMES:
             self.calls.labels(name)
+        self._counts = dict.fromkeys(OUTCOMES, 0)
+        self._lock = threading.Lock()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
@@ -92,6 +102,13 @@ class CallLog:
             name = outcome(data.decode(errors="replace").strip())
             if name is not None:
                 self.calls.labels(name).inc()
+                with self._lock:
+                    self._counts[name] += 1
+
+    def counts(self) -> dict[str, int]:
+        """The calls counted so far, by outcome."""
+        with self._lock:
+            return dict(self._counts)
 
     def close(self) -> None:
         self.sock.close()
@@ -113,6 +130,32 @@ def _wait_listening(proc: subprocess.Popen[bytes], host: str, port: int) -> None
             time.sleep(0.02)
     proc.kill()
     raise FrontError(f"nginx did not listen on {host}:{port} within {START_TIMEOUT_S:g} s")
+
+
+def _adapt_rate(
+    config: FrontConfig,
+    calls: CallLog,
+    apply: Callable[[int], None],
+    ended: threading.Event,
+) -> None:
+    """Every interval until ``ended``, set the rate :func:`next_rate` returns (``apply``
+    renders the config and reloads nginx)."""
+    assert config.adapt is not None
+    rate = int(config.rate)
+    last = calls.counts()
+    while not ended.wait(config.adapt.interval_s):
+        now = calls.counts()
+        seen = Interval(
+            forwarded=now["forwarded"] - last["forwarded"],
+            server_refused=now["server_refused"] - last["server_refused"],
+            front_refused=now["refused"] - last["refused"],
+        )
+        last = now
+        new = next_rate(rate, seen, config.adapt)
+        if new != rate:
+            log.info("rate %d -> %d calls/s after %s", rate, new, seen)
+            apply(new)
+            rate = new
 
 
 def run_front(
@@ -139,16 +182,19 @@ def run_front(
         port = config.port or free_port(config.host)
         conf = prefix / "nginx.conf"
         conf.write_text(render(config, str(prefix), port, calls.port))
+        calls.rate.set(config.rate)
         args = [binary, "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
         check = subprocess.run([*args, "-t", "-q"], capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise FrontError(f"nginx refused the front's config:\n{check.stderr.strip()}")
         calls.start()
         proc = subprocess.Popen(args, preexec_fn=_die_with_parent)
-        stopping = threading.Event()
+        stopping = threading.Event()  # a stop was asked for
+        ended = threading.Event()  # nginx is stopping or gone: no more reloads
 
         def stop(signum: int, frame: object) -> None:
             stopping.set()
+            ended.set()
             if proc.poll() is None:
                 proc.send_signal(signal.SIGQUIT)  # graceful: in-flight calls finish
 
@@ -161,6 +207,22 @@ def run_front(
                     config.metrics_host, config.metrics_port, registry
                 )
             ready(port, None if endpoint is None else endpoint.port, proc.pid)
+            if config.adapt is not None:
+
+                def apply(rate: int) -> None:
+                    staged = prefix / "nginx.conf.new"
+                    staged.write_text(render(config, str(prefix), port, calls.port, rate=rate))
+                    staged.replace(conf)
+                    if proc.poll() is None and not ended.is_set():
+                        proc.send_signal(signal.SIGHUP)  # nginx reloads; calls go on
+                    calls.rate.set(rate)
+
+                threading.Thread(
+                    target=_adapt_rate,
+                    args=(config, calls, apply, ended),
+                    name="front-adapt",
+                    daemon=True,
+                ).start()
             while proc.poll() is None:
                 try:
                     proc.wait(timeout=0.5)
@@ -173,6 +235,7 @@ def run_front(
                 return 1
             return 0
         finally:
+            ended.set()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if proc.poll() is None:
