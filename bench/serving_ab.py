@@ -68,7 +68,7 @@ FRONT_READY = re.compile(r"front on (\S+):(\d+) metrics (\S+) pid (\d+)")
 
 
 class FrontProcess:
-    """``slimrank front`` (from ``tree``) in front of ``upstream``; its nginx's pids."""
+    """``slimrank front`` (from ``tree``) in front of ``upstream``, and its nginx's CPU time."""
 
     def __init__(self, tree: Path, upstream: str, flags: list[str]) -> None:
         argv = [sys.executable, "-m", "slimrank.cli", "front", "--upstream", upstream]
@@ -81,9 +81,17 @@ class FrontProcess:
             raise RuntimeError(f"slimrank front did not report ready (got {line!r})")
         self.target = f"{match[1]}:{match[2]}"
         self.metrics = match[3]
-        master = int(match[4])
-        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-        self.pids = [master, *map(int, children)]
+        self.master = int(match[4])
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the front so far: its own process (which counts nginx's log), nginx's
+        master, its live workers, and (the master's ``cutime``/``cstime``) the workers a
+        reload replaced, once the master reaped them."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        fields = Path(f"/proc/{self.master}/stat").read_text().rsplit(")", 1)[1].split()
+        own = sum(int(f) for f in fields[11:15]) / ticks  # utime stime cutime cstime
+        children = Path(f"/proc/{self.master}/task/{self.master}/children").read_text().split()
+        return own + _cpu_seconds([self.proc.pid, *(int(pid) for pid in children)])
 
     def calls(self) -> dict[str, float]:
         """``slimrank_front_calls_total`` by outcome."""
@@ -160,7 +168,7 @@ def one_run(
             front = FrontProcess(tree, server.target, front_flags)
             target = front.target
         cpu0 = _cpu_seconds(server.pids)
-        front_cpu0 = 0.0 if front is None else _cpu_seconds(front.pids)
+        front_cpu0 = 0.0 if front is None else front.cpu_seconds()
         freeze = None
         if args.freeze:
             freeze = {"pids": server.pids, "at_s": args.freeze_at, "for_s": args.freeze}
@@ -168,7 +176,7 @@ def one_run(
         out = drive(job, timeout_s=args.calls / args.rate + 120)
         cpu = _cpu_seconds(server.pids) - cpu0
         if front is not None:
-            front_cpu = _cpu_seconds(front.pids) - front_cpu0
+            front_cpu = front.cpu_seconds() - front_cpu0
             front_figures = {
                 "front_cpu_ms_per_call": round(1000 * front_cpu / args.calls, 3),
                 "front_calls": front.calls(),
@@ -274,7 +282,7 @@ def markdown(report: dict[str, Any]) -> str:
             if e
         )
         + "".join(
-            f"; {k} behind `slimrank front {' '.join(v)}` (the front's nginx CPU in brackets)"
+            f"; {k} behind `slimrank front {' '.join(v)}` (the front's CPU in brackets)"
             for k, v in report.get("front", {}).items()
             if v is not None
         ),
