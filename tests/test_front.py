@@ -20,24 +20,18 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from serve_process import Server
 
 from slimrank.bundle import publish
-from slimrank.front.adapt import AdaptConfig, Interval, next_rate
 from slimrank.front.config import FrontConfig, nginx_rate
 from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, refusal_headers, render
 from slimrank.serving.client import SlimrankClient
-from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import random_flat_bundle
-from slimrank.serving.server import create_server
-from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
 from slimrank.serving.status import field_violations, retry_delay_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,27 +126,6 @@ class Front:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.stop()
-
-
-def refusal(client: SlimrankClient, user: str) -> str | None:
-    """The message of a RESOURCE_EXHAUSTED answer to a Recommend call, None if answered."""
-    try:
-        client.recommend(user, 3)
-    except grpc.RpcError as err:
-        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
-        return err.details()
-    return None
-
-
-def slow_snapshot(seconds: float):
-    """A random snapshot whose ranker sleeps ``seconds`` a call."""
-    base = random_snapshot("v1", dim=8)
-
-    def score(features):
-        time.sleep(seconds)
-        return base.score(features)
-
-    return replace(base, score=score)
 
 
 def pid_alive(pid: int) -> bool:
@@ -287,6 +260,7 @@ def test_forwarded_calls_are_answered_as_the_server_answers_them(nginx: str, ser
             assert "k" in field_violations(err.value)
         expected = {"forwarded": 5, "refused": 0, "server_refused": 0, "upstream_error": 0}
         assert front.calls_when(expected) == expected
+        assert front.gauge("slimrank_front_rate_limit") == 1000
     finally:
         front.close()
 
@@ -393,114 +367,3 @@ def test_a_port_in_use_is_a_clear_error(nginx: str, server) -> None:
         )
     assert result.returncode != 0
     assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
-
-
-# --- the adaptive rate -----------------------------------------------------------------------
-
-
-ADAPT = AdaptConfig(min_rate=10, max_rate=1000, interval_s=1.0)
-
-
-@pytest.mark.parametrize(
-    ("rate", "seen", "expected"),
-    [
-        # The server refused 50 of 450 it was given: down to 0.95 x the 400 it answered.
-        (500, Interval(forwarded=400, server_refused=50, front_refused=0), 380),
-        # ... but at least by 10%: it answered 490, and 0.9 x 500 = 450 is lower.
-        (500, Interval(forwarded=490, server_refused=10, front_refused=0), 450),
-        # Four refusals, or under 2% of the calls let through, are a burst, not overload.
-        (500, Interval(forwarded=490, server_refused=4, front_refused=100), 500),
-        (500, Interval(forwarded=1000, server_refused=19, front_refused=0), 500),
-        # The front refused and the server did not: up 10%, and at least 1 call/s.
-        (500, Interval(forwarded=500, server_refused=0, front_refused=30), 550),
-        (10, Interval(forwarded=10, server_refused=0, front_refused=3), 11),
-        # The front refused and the server refused a little too: no rise.
-        (500, Interval(forwarded=500, server_refused=2, front_refused=30), 500),
-        # Nothing refused: no change.
-        (500, Interval(forwarded=300, server_refused=0, front_refused=0), 500),
-        # Within the bounds.
-        (950, Interval(forwarded=950, server_refused=0, front_refused=9), 1000),
-        (12, Interval(forwarded=0, server_refused=40, front_refused=0), 10),
-    ],
-)
-def test_the_rate_follows_what_the_server_answers(rate, seen, expected) -> None:
-    assert next_rate(rate, seen, ADAPT) == expected
-
-
-def test_the_interval_scales_the_answered_rate() -> None:
-    half = AdaptConfig(min_rate=1, max_rate=1000, interval_s=0.5)
-    # 100 answered in half a second is 200 calls/s; 0.95 x 200 = 190.
-    assert next_rate(500, Interval(100, 50, 0), half) == 190
-
-
-@pytest.mark.parametrize(
-    ("args", "named"),
-    [
-        (["--rate", "10", "--min-rate", "5"], "--min-rate and --max-rate go with --adapt"),
-        (["--rate", "10", "--adapt", "--min-rate", "0"], "--min-rate"),
-        (["--rate", "10", "--adapt", "--min-rate", "8", "--max-rate", "5"], "--max-rate"),
-        (["--rate", "10", "--adapt", "--min-rate", "2.5"], "--min-rate"),
-        (["--rate", "10", "--adapt", "--min-rate", "20", "--max-rate", "30"], "--rate"),
-        (["--rate", "10", "--adapt", "--adapt-interval-ms", "1"], "--adapt-interval-ms"),
-    ],
-)
-def test_bad_adaptive_flags_are_refused_by_name(args: list[str], named: str) -> None:
-    result = front_cli(*args)
-    assert result.returncode == 2, result.stderr
-    assert f"error: {named}" in result.stderr, result.stderr
-
-
-def test_the_adaptive_front_lowers_its_rate_when_the_server_refuses(nginx: str) -> None:
-    # A real server (in this process) that holds 2 calls of 20 ms at a time and refuses the
-    # rest: about 100 calls/s, far under the front's starting 400.
-    registry = CollectorRegistry()
-    server, port = create_server(
-        ServerConfig(port=0, max_inflight=2), SnapshotHolder(slow_snapshot(0.02)), registry
-    )
-    server.mark_serving()
-    front = Front(
-        nginx,
-        f"127.0.0.1:{port}",
-        *("--rate", "400", "--burst", "100", "--adapt", "--min-rate", "5"),
-        *("--adapt-interval-ms", "200"),
-    )
-    try:
-        assert front.gauge("slimrank_front_rate_limit") == 400
-        with SlimrankClient(front.target, timeout=10, retries=0) as client:
-            messages: list[str] = []
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                with ThreadPoolExecutor(20) as pool:
-                    errors = list(pool.map(lambda i: refusal(client, f"u{i}"), range(20)))
-                messages += [e for e in errors if e is not None]
-                if REFUSAL_MESSAGE in messages[-20:]:
-                    break
-                time.sleep(0.05)
-        # The server refused first; then the front, at a rate near what the server answered.
-        assert any(m != REFUSAL_MESSAGE for m in messages)
-        assert REFUSAL_MESSAGE in messages, "the front never lowered its rate"
-        assert front.gauge("slimrank_front_rate_limit") < 150
-        assert front.calls()["server_refused"] >= 5
-    finally:
-        front.close()
-        server.shutdown(0).wait(10)
-
-
-def test_the_adaptive_front_raises_its_rate_while_the_server_keeps_up(nginx: str, server) -> None:
-    front = Front(
-        nginx,
-        server.target,
-        *("--rate", "2", "--burst", "1", "--adapt", "--min-rate", "1", "--max-rate", "40"),
-        *("--adapt-interval-ms", "200"),
-    )
-    try:
-        with SlimrankClient(front.target, timeout=10, retries=0) as client:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and front.gauge("slimrank_front_rate_limit") < 8:
-                for i in range(5):
-                    refusal(client, f"u{i}")
-                time.sleep(0.05)
-        assert front.gauge("slimrank_front_rate_limit") >= 8
-        assert front.calls()["server_refused"] == 0
-    finally:
-        front.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slimrank.front.adapt import AdaptConfig
 from slimrank.front.config import FrontConfig
 
 DEFAULTS = FrontConfig(rate=1)
@@ -60,21 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULTS.worker_processes,
         help="nginx worker processes (%(default)s)",
     )
-    p.add_argument(
-        "--adapt",
-        action="store_true",
-        help="let the rate follow the server: down to what it answers when it refuses calls "
-        "the front let through, up 10%% a second while the front refuses and the server does "
-        "not; --rate is where it starts",
-    )
-    p.add_argument("--min-rate", type=float, help="with --adapt: lowest rate (default rate/4)")
-    p.add_argument("--max-rate", type=float, help="with --adapt: highest rate (default 2 x rate)")
-    p.add_argument(
-        "--adapt-interval-ms",
-        type=float,
-        default=1000.0,
-        help="with --adapt: how often the rate is set (%(default)g)",
-    )
     p.add_argument("--nginx", default="nginx", help="the nginx binary (name or path)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to finish calls on stop")
     p.add_argument(
@@ -88,16 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> FrontConfig:
     """Return the front's config; exits with a usage error naming the flag on a bad value."""
     parser: argparse.ArgumentParser = args.parser
-    if not args.adapt and (args.min_rate is not None or args.max_rate is not None):
-        parser.error("--min-rate and --max-rate go with --adapt")
     try:
-        adapt = None
-        if args.adapt:
-            low = args.min_rate if args.min_rate is not None else max(1, args.rate // 4)
-            high = args.max_rate if args.max_rate is not None else 2 * args.rate
-            adapt = AdaptConfig(
-                min_rate=low, max_rate=high, interval_s=args.adapt_interval_ms / 1000
-            )
         return FrontConfig(
             rate=args.rate,
             upstream=args.upstream,
@@ -109,14 +84,12 @@ def config_from_args(args: argparse.Namespace) -> FrontConfig:
             worker_processes=args.nginx_workers,
             metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-            adapt=adapt,
         )
     except ValueError as err:
         field = getattr(err, "field", "")
         flags = {
             "worker_processes": "--nginx-workers",
             "retry_after_s": "--retry-after-ms",
-            "interval_s": "--adapt-interval-ms",
         }
         flag = flags.get(field, "--" + field.replace("_", "-"))
         parser.error(f"{flag}: {err}")

@@ -7,7 +7,6 @@ import math
 import re
 
 from slimrank.config import Config, require
-from slimrank.front.adapt import AdaptConfig
 
 # host:port with a DNS name, an IPv4 address or a bracketed IPv6 address.
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -42,8 +41,7 @@ class FrontConfig(Config):
     The refusal carries what the server's own refusal carries: a ``google.rpc.RetryInfo`` of
     ``retry_after_s`` and the ``grpc-retry-pushback-ms`` trailer, so clients back off the same
     way. Health and Admin calls are forwarded without a limit (a probe or a reload is never
-    refused). With ``adapt``, ``rate`` is where the rate starts, and it then follows what the
-    server answers (:mod:`slimrank.front.adapt`). ``port`` 0 picks a free port;
+    refused). ``port`` 0 picks a free port;
     ``metrics_port`` None serves no /metrics.
     ``worker_processes`` nginx workers share one limit (nginx keeps it in shared memory).
     """
@@ -59,7 +57,6 @@ class FrontConfig(Config):
     upstream_keepalive: int = 64
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
-    adapt: AdaptConfig | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -114,24 +111,6 @@ class FrontConfig(Config):
             self.metrics_port,
             "must be None or in [0, 65535]",
         )
-        if self.adapt is not None:
-            for field in ("min_rate", "max_rate"):
-                value = getattr(self.adapt, field)
-                require(
-                    float(value).is_integer(),
-                    self,
-                    field,
-                    value,
-                    "must be whole calls per second (the adaptive front moves in whole calls)",
-                )
-            require(
-                self.adapt.min_rate <= self.rate <= self.adapt.max_rate,
-                self,
-                "rate",
-                self.rate,
-                f"must be within [{self.adapt.min_rate:g}, {self.adapt.max_rate:g}], the "
-                "adaptive rate's bounds",
-            )
         for field in ("host", "metrics_host"):
             value = getattr(self, field)
             require(

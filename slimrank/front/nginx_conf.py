@@ -44,13 +44,9 @@ def refusal_headers(config: FrontConfig) -> list[tuple[str, str]]:
     ]
 
 
-def render(
-    config: FrontConfig, prefix: str, port: int, log_port: int, rate: float | None = None
-) -> str:
+def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
     """Return nginx.conf for ``config``, listening on ``port`` (the resolved one, never 0),
-    with its temporary files and pid under ``prefix``, the call log sent to ``log_port`` and
-    ``rate`` calls a second admitted (None: ``config.rate``; the adaptive front's current
-    rate otherwise)."""
+    with its temporary files and pid under ``prefix`` and the call log sent to ``log_port``."""
     if not 0 < port < 65536:
         raise ValueError(f"port {port}: the front needs a resolved port in [1, 65535]")
     headers = "\n".join(
@@ -59,7 +55,7 @@ def render(
     tmp = f"{prefix}/tmp"
     # nginx refuses burst=0; without the parameter the burst is 0.
     burst = f" burst={config.burst} nodelay" if config.burst else ""
-    admitted = nginx_rate(config.rate if rate is None else rate)
+    admitted = nginx_rate(config.rate)
     return f"""# slimrank front: rendered by `slimrank front`; do not edit (flags change it).
 worker_processes {config.worker_processes};
 pid {prefix}/nginx.pid;

@@ -22,7 +22,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from slimrank.errors import SlimrankError
-from slimrank.front.adapt import Interval, next_rate
 from slimrank.front.config import FrontConfig
 from slimrank.front.nginx_conf import outcome, render
 from slimrank.serving.metrics import start_metrics_endpoint
@@ -76,8 +75,7 @@ class CallLog:
         )
         self.rate = Gauge(
             "slimrank_front_rate_limit",
-            "Recommender calls a second the front admits now (its --rate; with --adapt, the "
-            "rate the controller set last)",
+            "Recommender calls a second the front admits (its --rate)",
             registry=registry,
         )
         for name in OUTCOMES:
@@ -132,32 +130,6 @@ def _wait_listening(proc: subprocess.Popen[bytes], host: str, port: int) -> None
     raise FrontError(f"nginx did not listen on {host}:{port} within {START_TIMEOUT_S:g} s")
 
 
-def _adapt_rate(
-    config: FrontConfig,
-    calls: CallLog,
-    apply: Callable[[int], None],
-    ended: threading.Event,
-) -> None:
-    """Every interval until ``ended``, set the rate :func:`next_rate` returns (``apply``
-    renders the config and reloads nginx)."""
-    assert config.adapt is not None
-    rate = int(config.rate)
-    last = calls.counts()
-    while not ended.wait(config.adapt.interval_s):
-        now = calls.counts()
-        seen = Interval(
-            forwarded=now["forwarded"] - last["forwarded"],
-            server_refused=now["server_refused"] - last["server_refused"],
-            front_refused=now["refused"] - last["refused"],
-        )
-        last = now
-        new = next_rate(rate, seen, config.adapt)
-        if new != rate:
-            log.info("rate %d -> %d calls/s after %s", rate, new, seen)
-            apply(new)
-            rate = new
-
-
 def run_front(
     config: FrontConfig,
     nginx: str,
@@ -189,12 +161,10 @@ def run_front(
             raise FrontError(f"nginx refused the front's config:\n{check.stderr.strip()}")
         calls.start()
         proc = subprocess.Popen(args, preexec_fn=_die_with_parent)
-        stopping = threading.Event()  # a stop was asked for
-        ended = threading.Event()  # nginx is stopping or gone: no more reloads
+        stopping = threading.Event()
 
         def stop(signum: int, frame: object) -> None:
             stopping.set()
-            ended.set()
             if proc.poll() is None:
                 proc.send_signal(signal.SIGQUIT)  # graceful: in-flight calls finish
 
@@ -207,22 +177,6 @@ def run_front(
                     config.metrics_host, config.metrics_port, registry
                 )
             ready(port, None if endpoint is None else endpoint.port, proc.pid)
-            if config.adapt is not None:
-
-                def apply(rate: int) -> None:
-                    staged = prefix / "nginx.conf.new"
-                    staged.write_text(render(config, str(prefix), port, calls.port, rate=rate))
-                    staged.replace(conf)
-                    if proc.poll() is None and not ended.is_set():
-                        proc.send_signal(signal.SIGHUP)  # nginx reloads; calls go on
-                    calls.rate.set(rate)
-
-                threading.Thread(
-                    target=_adapt_rate,
-                    args=(config, calls, apply, ended),
-                    name="front-adapt",
-                    daemon=True,
-                ).start()
             while proc.poll() is None:
                 try:
                     proc.wait(timeout=0.5)
@@ -235,7 +189,6 @@ def run_front(
                 return 1
             return 0
         finally:
-            ended.set()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if proc.poll() is None:
