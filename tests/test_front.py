@@ -32,6 +32,7 @@ from slimrank.front.config import FrontConfig, nginx_rate
 from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, refusal_headers, render
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.loader import random_flat_bundle
+from slimrank.serving.security import channel_credentials
 from slimrank.serving.status import field_violations, retry_delay_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,3 +368,128 @@ def test_a_port_in_use_is_a_clear_error(nginx: str, server) -> None:
         )
     assert result.returncode != 0
     assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA with a server cert (localhost, 127.0.0.1) and a client cert."""
+    out = tmp_path_factory.mktemp("certs")
+    script = ROOT / "scripts" / "gen_certs.sh"
+    subprocess.run(["bash", str(script), str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tls_server(certs: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``slimrank serve`` over mutual TLS, as deploy/ runs it."""
+    root = tmp_path_factory.mktemp("front-tls") / "bundles"
+    publish(root, random_flat_bundle("a", seed=4))
+    tls = ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")]
+    server = Server(
+        [
+            "--bundles",
+            str(root),
+            "--metrics-port",
+            "0",
+            *tls,
+            "--tls-client-ca",
+            str(certs / "ca.pem"),
+        ]
+    )
+    yield server
+    server.terminate()
+
+
+def mutual_tls(certs: Path) -> grpc.ChannelCredentials:
+    return channel_credentials(certs / "ca.pem", certs / "client.pem", certs / "client.key")
+
+
+def test_mutual_tls_on_both_sides(nginx: str, certs: Path, tls_server) -> None:
+    front = Front(
+        nginx,
+        tls_server.target,
+        *("--rate", "1000"),
+        *("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")),
+        *("--tls-client-ca", str(certs / "ca.pem")),
+        *("--upstream-tls-ca", str(certs / "ca.pem"), "--upstream-tls-name", "localhost"),
+        *("--upstream-tls-cert", str(certs / "client.pem")),
+        *("--upstream-tls-key", str(certs / "client.key")),
+    )
+    try:
+        with (
+            SlimrankClient(front.target, timeout=10, retries=0, tls=mutual_tls(certs)) as via,
+            SlimrankClient(tls_server.target, timeout=10, retries=0, tls=mutual_tls(certs)) as to,
+        ):
+            assert via.recommend("u3", 10) == to.recommend("u3", 10)
+        # Neither a plaintext client nor a TLS client without a certificate gets through.
+        with (
+            SlimrankClient(front.target, timeout=5, retries=0) as plain,
+            pytest.raises(grpc.RpcError),
+        ):
+            plain.recommend("u3", 10)
+        anonymous = channel_credentials(certs / "ca.pem")
+        with (
+            SlimrankClient(front.target, timeout=5, retries=0, tls=anonymous) as anon,
+            pytest.raises(grpc.RpcError),
+        ):
+            anon.recommend("u3", 10)
+        expected = {"forwarded": 1, "refused": 0, "server_refused": 0, "upstream_error": 0}
+        assert front.calls_when(expected) == expected
+    finally:
+        front.close()
+
+
+@pytest.mark.parametrize(
+    "upstream_flags",
+    [
+        [],  # plaintext to a TLS server
+        # The server's certificate does not carry that name (all else right).
+        [
+            *("--upstream-tls-ca", "ca.pem", "--upstream-tls-name", "not-the-server.example"),
+            *("--upstream-tls-cert", "client.pem", "--upstream-tls-key", "client.key"),
+        ],
+        ["--upstream-tls-ca", "ca.pem", "--upstream-tls-name", "localhost"],  # no client cert
+    ],
+)
+def test_a_server_the_front_cannot_reach_safely_is_unavailable(
+    nginx: str, certs: Path, tls_server, upstream_flags: list[str]
+) -> None:
+    flags = [str(certs / f) if f.endswith((".pem", ".key")) else f for f in upstream_flags]
+    front = Front(nginx, tls_server.target, "--rate", "1000", *flags)
+    try:
+        with (
+            SlimrankClient(front.target, timeout=10, retries=0) as client,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            client.recommend("u3", 10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        front.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--tls-cert", "ca.pem"], "--tls-cert"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca"),
+        (
+            ["--upstream-tls-cert", "client.pem", "--upstream-tls-key", "client.key"],
+            "--upstream-tls-cert",
+        ),
+        (
+            ["--upstream-tls-ca", "ca.pem", "--upstream-tls-cert", "client.pem"],
+            "--upstream-tls-cert",
+        ),
+        (["--upstream-tls-name", "localhost"], "--upstream-tls-name"),
+        (["--upstream-tls-ca", "missing.pem"], "--upstream-tls-ca"),
+    ],
+)
+def test_bad_tls_flags_are_refused_by_name(certs: Path, args: list[str], named: str) -> None:
+    result = front_cli(
+        "--rate", "10", *[str(certs / a) if "." in a and a != "localhost" else a for a in args]
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"error: {named}" in result.stderr, result.stderr

@@ -8,6 +8,19 @@ from pathlib import Path
 from slimrank.front.config import FrontConfig
 
 DEFAULTS = FrontConfig(rate=1)
+TLS_FILES = (
+    "--tls-cert",
+    "--tls-key",
+    "--tls-client-ca",
+    "--upstream-tls-ca",
+    "--upstream-tls-cert",
+    "--upstream-tls-key",
+)
+
+
+def _absolute(path: Path | None) -> str | None:
+    """nginx reads relative paths from its own prefix: give it absolute ones."""
+    return None if path is None else str(path.resolve())
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +72,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULTS.worker_processes,
         help="nginx worker processes (%(default)s)",
     )
+    p.add_argument("--tls-cert", type=Path, help="the front's certificate chain (PEM): TLS")
+    p.add_argument("--tls-key", type=Path, help="the front's private key (PEM)")
+    p.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA"
+    )
+    p.add_argument(
+        "--upstream-tls-ca",
+        type=Path,
+        help="speak TLS to the server and verify its certificate against this CA",
+    )
+    p.add_argument(
+        "--upstream-tls-cert", type=Path, help="the front's client certificate, for mutual TLS"
+    )
+    p.add_argument("--upstream-tls-key", type=Path, help="its private key")
+    p.add_argument(
+        "--upstream-tls-name",
+        help="the name the server's certificate must carry (default: the --upstream host; "
+        "give a DNS name of the certificate when that is an IP address)",
+    )
     p.add_argument("--nginx", default="nginx", help="the nginx binary (name or path)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to finish calls on stop")
     p.add_argument(
@@ -72,6 +104,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> FrontConfig:
     """Return the front's config; exits with a usage error naming the flag on a bad value."""
     parser: argparse.ArgumentParser = args.parser
+    for flag in TLS_FILES:
+        path = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if path is not None and not path.is_file():
+            parser.error(f"{flag} {path}: no such file")
     try:
         return FrontConfig(
             rate=args.rate,
@@ -84,12 +120,23 @@ def config_from_args(args: argparse.Namespace) -> FrontConfig:
             worker_processes=args.nginx_workers,
             metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            tls_cert=_absolute(args.tls_cert),
+            tls_key=_absolute(args.tls_key),
+            tls_client_ca=_absolute(args.tls_client_ca),
+            upstream_ca=_absolute(args.upstream_tls_ca),
+            upstream_cert=_absolute(args.upstream_tls_cert),
+            upstream_key=_absolute(args.upstream_tls_key),
+            upstream_name=args.upstream_tls_name,
         )
     except ValueError as err:
         field = getattr(err, "field", "")
         flags = {
             "worker_processes": "--nginx-workers",
             "retry_after_s": "--retry-after-ms",
+            "upstream_ca": "--upstream-tls-ca",
+            "upstream_cert": "--upstream-tls-cert",
+            "upstream_key": "--upstream-tls-key",
+            "upstream_name": "--upstream-tls-name",
         }
         flag = flags.get(field, "--" + field.replace("_", "-"))
         parser.error(f"{flag}: {err}")

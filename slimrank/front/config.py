@@ -8,6 +8,11 @@ import re
 
 from slimrank.config import Config, require
 
+# What may go into nginx.conf unquoted: no whitespace, quotes, ';', braces or variables.
+_NGINX_SAFE = re.compile(r"[^\s'\";{}$#]+")
+
+_PATHS = ("tls_cert", "tls_key", "tls_client_ca", "upstream_ca", "upstream_cert", "upstream_key")
+
 # host:port with a DNS name, an IPv4 address or a bracketed IPv6 address.
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
@@ -41,9 +46,16 @@ class FrontConfig(Config):
     The refusal carries what the server's own refusal carries: a ``google.rpc.RetryInfo`` of
     ``retry_after_s`` and the ``grpc-retry-pushback-ms`` trailer, so clients back off the same
     way. Health and Admin calls are forwarded without a limit (a probe or a reload is never
-    refused). ``port`` 0 picks a free port;
-    ``metrics_port`` None serves no /metrics.
+    refused). ``port`` 0 picks a free port; ``metrics_port`` None serves no /metrics.
     ``worker_processes`` nginx workers share one limit (nginx keeps it in shared memory).
+
+    TLS, each side on its own: ``tls_cert``/``tls_key`` (PEM) make the front's listener speak
+    TLS, and ``tls_client_ca`` makes it require client certificates signed by that CA (mutual
+    TLS, as ``slimrank serve --tls-client-ca``). ``upstream_ca`` makes the front speak TLS to
+    the server and verify its certificate against that CA for the name ``upstream_name``
+    (None: the upstream's host; give a DNS name of the certificate when the upstream is an
+    IP address); ``upstream_cert``/``upstream_key`` are the front's client certificate, for a
+    server that requires mutual TLS.
     """
 
     rate: float
@@ -57,6 +69,19 @@ class FrontConfig(Config):
     upstream_keepalive: int = 64
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    upstream_ca: str | None = None
+    upstream_cert: str | None = None
+    upstream_key: str | None = None
+    upstream_name: str | None = None
+
+    @property
+    def upstream_host(self) -> str:
+        """The server's host, as ``upstream`` names it (IPv6 in brackets)."""
+        address = split_address(self.upstream)
+        return "" if address is None else address[0]
 
     def __post_init__(self) -> None:
         require(
@@ -110,6 +135,58 @@ class FrontConfig(Config):
             "metrics_port",
             self.metrics_port,
             "must be None or in [0, 65535]",
+        )
+        require(
+            (self.tls_cert is None) == (self.tls_key is None),
+            self,
+            "tls_cert",
+            self.tls_cert,
+            "tls_cert and tls_key go together",
+        )
+        require(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            self,
+            "tls_client_ca",
+            self.tls_client_ca,
+            "needs tls_cert and tls_key",
+        )
+        require(
+            (self.upstream_cert is None) == (self.upstream_key is None),
+            self,
+            "upstream_cert",
+            self.upstream_cert,
+            "upstream_cert and upstream_key go together",
+        )
+        require(
+            self.upstream_cert is None or self.upstream_ca is not None,
+            self,
+            "upstream_cert",
+            self.upstream_cert,
+            "needs upstream_ca (a client certificate is sent over TLS only)",
+        )
+        require(
+            self.upstream_name is None or self.upstream_ca is not None,
+            self,
+            "upstream_name",
+            self.upstream_name,
+            "needs upstream_ca (the name is checked in the server's certificate)",
+        )
+        for field in _PATHS:
+            value = getattr(self, field)
+            require(
+                value is None or _NGINX_SAFE.fullmatch(value) is not None,
+                self,
+                field,
+                value,
+                "must be a path without spaces, quotes, semicolons, braces or $",
+            )
+        require(
+            self.upstream_name is None
+            or re.fullmatch(r"[A-Za-z0-9.-]+", self.upstream_name) is not None,
+            self,
+            "upstream_name",
+            self.upstream_name,
+            "must be a DNS name",
         )
         for field in ("host", "metrics_host"):
             value = getattr(self, field)

@@ -1,7 +1,8 @@
 """The nginx configuration of the front, rendered from a :class:`FrontConfig` (pure: no I/O).
 
-One server block speaks HTTP/2 (gRPC) and forwards to the upstream ``slimrank serve``
-(``grpc_pass`` over a pool of kept-alive connections). ``/slimrank.v1.Recommender/`` calls
+One server block speaks HTTP/2 (gRPC), over TLS when configured, and forwards to the
+upstream ``slimrank serve`` (``grpc_pass`` over a pool of kept-alive connections, TLS with
+the server's certificate verified when configured). ``/slimrank.v1.Recommender/`` calls
 pass nginx's ``limit_req`` (a leaky bucket of ``rate`` calls a second; ``burst`` calls over
 it go through at once, ``nodelay``), and a call over the limit is answered by nginx itself
 with a trailers-only gRPC response: status RESOURCE_EXHAUSTED and the same retry details the
@@ -56,6 +57,7 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
     # nginx refuses burst=0; without the parameter the burst is 0.
     burst = f" burst={config.burst} nodelay" if config.burst else ""
     admitted = nginx_rate(config.rate)
+    listen_tls, upstream_tls, scheme = _tls_lines(config)
     return f"""# slimrank front: rendered by `slimrank front`; do not edit (flags change it).
 worker_processes {config.worker_processes};
 pid {prefix}/nginx.pid;
@@ -80,8 +82,8 @@ http {{
     keepalive {config.upstream_keepalive};
   }}
   server {{
-    listen {config.host}:{port} http2;
-    server_name slimrank_front;
+    listen {config.host}:{port}{" ssl" if config.tls_cert else ""} http2;
+    server_name slimrank_front;{listen_tls}{upstream_tls}
     http2_max_concurrent_streams 1024;
     client_max_body_size {config.max_message_bytes};
     grpc_set_header X-Forwarded-For $remote_addr;
@@ -89,10 +91,10 @@ http {{
       limit_req zone=slimrank_calls{burst};
       error_page 429 = @refused;
       access_log syslog:server=127.0.0.1:{log_port},tag={LOG_TAG},nohostname slimrank_front;
-      grpc_pass grpc://slimrank;
+      grpc_pass {scheme}://slimrank;
     }}
     location / {{
-      grpc_pass grpc://slimrank;
+      grpc_pass {scheme}://slimrank;
     }}
     location @refused {{
       default_type application/grpc;
@@ -103,6 +105,36 @@ http {{
   }}
 }}
 """
+
+
+def _tls_lines(config: FrontConfig) -> tuple[str, str, str]:
+    """The listener's TLS directives, the upstream's, and the ``grpc_pass`` scheme."""
+    protocols = "TLSv1.2 TLSv1.3"
+    listen = ""
+    if config.tls_cert:
+        listen += (
+            f"\n    ssl_certificate {config.tls_cert};"
+            f"\n    ssl_certificate_key {config.tls_key};"
+            f"\n    ssl_protocols {protocols};"
+        )
+    if config.tls_client_ca:
+        listen += f"\n    ssl_client_certificate {config.tls_client_ca};\n    ssl_verify_client on;"
+    if not config.upstream_ca:
+        return listen, "", "grpc"
+    name = config.upstream_name or config.upstream_host
+    upstream = (
+        f"\n    grpc_ssl_trusted_certificate {config.upstream_ca};"
+        "\n    grpc_ssl_verify on;"
+        f"\n    grpc_ssl_name {name};"
+        "\n    grpc_ssl_server_name on;"
+        f"\n    grpc_ssl_protocols {protocols};"
+    )
+    if config.upstream_cert:
+        upstream += (
+            f"\n    grpc_ssl_certificate {config.upstream_cert};"
+            f"\n    grpc_ssl_certificate_key {config.upstream_key};"
+        )
+    return listen, upstream, "grpcs"
 
 
 def outcome(log_line: str) -> str | None:
