@@ -162,6 +162,7 @@ def slimrank_commands() -> dict[str, list[str]]:
     commands = {"Dockerfile CMD": exec_form(docker, "CMD")}
     services = compose()["services"]
     commands["compose slimrank"] = [str(a) for a in services["slimrank"]["command"]]
+    commands["compose front"] = [str(a) for a in services["front"]["command"]]
     (container,) = pod_spec(k8s("Deployment"))["containers"]
     assert "command" not in container, "the server must keep the image's entrypoint"
     commands["k8s Deployment slimrank"] = container["args"]
@@ -399,8 +400,9 @@ def test_retrain_script_keeps_the_logs_of_a_failed_run(tmp_path):
 
 def test_compose_services_images_and_mounts():
     services = compose()["services"]
-    assert set(services) == {"slimrank", "retrain", "prometheus", "grafana"}
+    assert set(services) == {"slimrank", "front", "retrain", "prometheus", "grafana"}
     assert services["slimrank"]["image"] == IMAGE
+    assert services["front"]["image"] == IMAGE
     assert services["retrain"]["image"] == RETRAIN_IMAGE
     for name in ("slimrank", "retrain"):
         build = services[name]["build"]
@@ -418,6 +420,35 @@ def test_compose_services_images_and_mounts():
                 assert (DEPLOY / source).exists(), f"{name}: {source} does not exist"
             else:
                 assert source in compose()["volumes"], f"{name}: volume {source} not declared"
+
+
+def test_compose_front_reaches_the_server_over_loopback_with_mutual_tls():
+    """The optional front runs in the server's network namespace, forwards to its gRPC port
+    with the frontend certificate, serves mutual TLS on a port the server service publishes
+    on loopback, and only under its profile."""
+    services = compose()["services"]
+    front = services["front"]
+    argv = slimrank_commands()["compose front"]
+    assert front["profiles"] == ["front"]
+    assert front["network_mode"] == "service:slimrank"
+    assert "ports" not in front  # published by the service whose namespace it shares
+    assert flag(argv, "--upstream") == f"127.0.0.1:{GRPC_PORT}"
+    port = flag(argv, "--port")
+    assert f"127.0.0.1:{port}:{port}" in services["slimrank"]["ports"]
+    assert flag(argv, "--metrics-port") in services["slimrank"]["expose"]
+    secrets = "/etc/slimrank/tls/"
+    for name in ("--tls-cert", "--tls-key", "--tls-client-ca", "--upstream-tls-ca"):
+        assert flag(argv, name).startswith(secrets), name
+    assert flag(argv, "--upstream-tls-cert") == secrets + "client.crt"
+    assert flag(argv, "--upstream-tls-key") == secrets + "client.key"
+    assert f"./secrets/tls:{secrets.rstrip('/')}:ro" in front["volumes"]
+    # make_secrets.sh's server certificate carries the name the front checks.
+    assert "DNS:" + flag(argv, "--upstream-tls-name") in (DEPLOY / "make_secrets.sh").read_text()
+
+
+def test_the_server_image_has_nginx_for_the_front():
+    installs = " ".join(rest for k, rest in final_stage() if k == "RUN")
+    assert "apt-get install" in installs and "nginx-light" in installs
 
 
 def _mounts(service: str) -> dict[str, Path]:
