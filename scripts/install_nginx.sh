@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install nginx from the distribution's packages (Debian/Ubuntu), for `slimrank front` and its
-# tests. Needs root; CI runs it as root before the tests. nginx-light (Debian 12) has the
-# HTTP/2 and gRPC proxy modules the front needs; where it no longer exists (Debian 13 folds the
-# light build into `nginx`), the plain package is installed.
+# tests. Needs root; CI runs it as root before the tests. The front needs nginx's HTTP/2 and
+# gRPC proxy modules, which Debian's `nginx` has built in; `nginx-light` (in Debian 12 a small
+# package that pulls `nginx` and one module) is asked for where it exists, `nginx` otherwise.
 #
 # The package also enables an nginx service on :80; the front runs its own nginx on a port
 # of its own, so the packaged service is stopped when systemd runs.

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from slimrank.front.run import CallLog
+from slimrank.front.run import FrontMetrics
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.proto.slimrank.v1 import admin_pb2, recommender_pb2
 from slimrank.serving.server import create_server
@@ -50,7 +50,7 @@ def test_architecture_lists_every_metric_the_server_and_front_export():
     holder = SnapshotHolder(random_snapshot("v1", dim=8))
     server, _ = create_server(ServerConfig(http_port=0), holder, registry)
     server.shutdown(0).wait(5)
-    CallLog(registry).close()  # `slimrank front`'s own metric, listed in the same table
+    FrontMetrics(registry)  # `slimrank front`'s own metrics, listed in the same table
     exported = {
         m.name + ("_total" if m.type == "counter" else "")
         for m in registry.collect()

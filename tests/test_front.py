@@ -9,6 +9,7 @@ root, a failure in CI when missing, a skip otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -23,16 +24,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from serve_process import Server
 
 from slimrank.bundle import publish
 from slimrank.front.config import FrontConfig, nginx_rate
 from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, refusal_headers, render
+from slimrank.front.run import OUTCOMES
 from slimrank.serving.client import SlimrankClient
+from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import random_flat_bundle
 from slimrank.serving.security import channel_credentials
+from slimrank.serving.server import create_server
+from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
 from slimrank.serving.status import field_violations, retry_delay_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +67,11 @@ def nginx_binary() -> str:
 @pytest.fixture(scope="module")
 def nginx() -> str:
     return nginx_binary()
+
+
+def outcomes(**counts: float) -> dict[str, float]:
+    """``slimrank_front_calls_total`` by outcome: these counts, every other outcome 0."""
+    return {name: counts.get(name, 0) for name in OUTCOMES}
 
 
 def front_cli(*args: str) -> subprocess.CompletedProcess:
@@ -91,6 +103,9 @@ class Front:
         self.target = f"{match[1]}:{match[2]}"
         self.metrics = match[3]
         self.nginx_pid = int(match[4])
+        # nginx retitles itself ("nginx: master process /usr/sbin/nginx -p DIR ...").
+        title = Path(f"/proc/{self.nginx_pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        self.prefix = Path(re.search(r" -p (\S+)", title.decode())[1])  # its own directory
 
     def samples(self) -> list:
         with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as response:
@@ -110,12 +125,16 @@ class Front:
         return value
 
     def calls_when(self, expected: dict[str, float], timeout_s: float = 10) -> dict[str, float]:
-        """The counts once they equal ``expected`` (the log is read asynchronously), or the
-        last counts read after ``timeout_s``."""
+        """The counts once they equal ``expected`` and still do 0.3 s later (the log is read
+        asynchronously, so a late count would show then), or the last counts read after
+        ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
             seen = self.calls()
-            if seen == expected or time.monotonic() > deadline:
+            if seen == expected:
+                time.sleep(0.3)
+                return self.calls()
+            if time.monotonic() > deadline:
                 return seen
             time.sleep(0.05)
 
@@ -129,14 +148,15 @@ class Front:
             self.stop()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead too: it only waits for its parent to read its status.
-    status = Path(f"/proc/{pid}/stat")
-    return status.exists() and status.read_text().split()[2] != "Z"
+def slow_snapshot(seconds: float) -> ModelSnapshot:
+    """A random snapshot whose ranker sleeps ``seconds`` a call."""
+    base = random_snapshot("v1", dim=8)
+
+    def score(features: np.ndarray) -> np.ndarray:
+        time.sleep(seconds)
+        return base.score(features)
+
+    return dataclasses.replace(base, score=score)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +279,7 @@ def test_forwarded_calls_are_answered_as_the_server_answers_them(nginx: str, ser
                 via.recommend("u0", 0)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "k" in field_violations(err.value)
-        expected = {"forwarded": 5, "refused": 0, "server_refused": 0, "upstream_error": 0}
+        expected = outcomes(forwarded=5)
         assert front.calls_when(expected) == expected
         assert front.gauge("slimrank_front_rate_limit") == 1000
     finally:
@@ -297,7 +317,7 @@ def test_calls_past_the_rate_are_refused_by_the_front_and_never_reach_the_server
             ]
         after = server.metric("slimrank_grpc_requests_total", {"method": RECOMMEND})
         assert after - before == 4
-        expected = {"forwarded": 4, "refused": 8, "server_refused": 0, "upstream_error": 0}
+        expected = outcomes(forwarded=4, refused=8)
         assert front.calls_when(expected) == expected
     finally:
         front.close()
@@ -331,31 +351,105 @@ def test_an_unreachable_server_is_unavailable_and_counted(nginx: str) -> None:
         ):
             client.recommend("u1", 3)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        expected = {"forwarded": 0, "refused": 0, "server_refused": 0, "upstream_error": 1}
+        expected = outcomes(upstream_error=1)
         assert front.calls_when(expected) == expected
     finally:
         front.close()
 
 
-def test_a_stop_ends_nginx_too(nginx: str, server) -> None:
+def group_gone(pgid: int, timeout_s: float = 10) -> bool:
+    """Whether every process of the group (nginx's master and workers) is gone (zombies of
+    the test's own children aside) within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        members = [
+            p
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _pgid_of(p) == pgid and _state_of(p) != "Z"
+        ]
+        if not members:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _stat_fields(proc_dir: Path) -> list[str]:
+    try:
+        return proc_dir.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _pgid_of(proc_dir: Path) -> int | None:
+    fields = _stat_fields(proc_dir)
+    return int(fields[2]) if len(fields) > 2 else None
+
+
+def _state_of(proc_dir: Path) -> str:
+    fields = _stat_fields(proc_dir)
+    return fields[0] if fields else ""
+
+
+def test_a_stop_ends_nginx_and_removes_its_directory(nginx: str, server) -> None:
     front = Front(nginx, server.target, "--rate", "100")
+    assert front.prefix.is_dir()
     with SlimrankClient(front.target, timeout=10, retries=0) as client:
         client.recommend("u2", 3)
     code, err = front.stop(signal.SIGTERM)
     assert code == 0, err
-    deadline = time.monotonic() + 10
-    while pid_alive(front.nginx_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(front.nginx_pid)
+    assert group_gone(front.nginx_pid), "nginx (master or workers) outlived its front"
+    assert not front.prefix.exists()
+
+
+def test_a_stop_waits_for_calls_in_flight_for_the_grace_only(nginx: str) -> None:
+    # A server that accepts connections and never answers: the call stays in flight.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        upstream = f"127.0.0.1:{silent.getsockname()[1]}"
+        front = Front(nginx, upstream, "--rate", "100", "--grace", "1")
+        errors: list[grpc.RpcError] = []
+
+        def call() -> None:
+            with SlimrankClient(front.target, timeout=60, retries=0) as client:
+                try:
+                    client.recommend("u1", 3)
+                except grpc.RpcError as err:
+                    errors.append(err)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        conn, _ = silent.accept()  # nginx forwarded the call
+        started = time.monotonic()
+        code, err = front.stop(signal.SIGTERM)
+        took = time.monotonic() - started
+        caller.join(30)
+        conn.close()
+    assert code == 0, err
+    # The grace (1 s), then SIGTERM and at most its 5 s wait: not the call's 60 s deadline.
+    assert 0.9 < took < 10, took
+    assert errors and errors[0].code() != grpc.StatusCode.OK
+    assert group_gone(front.nginx_pid)
 
 
 def test_a_killed_front_takes_its_nginx_with_it(nginx: str, server) -> None:
     front = Front(nginx, server.target, "--rate", "100")
     front.stop(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while pid_alive(front.nginx_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(front.nginx_pid), "nginx outlived its front"
+    assert group_gone(front.nginx_pid), "nginx outlived its front"
+
+
+def test_a_front_whose_nginx_dies_exits_and_leaves_no_worker(nginx: str, server) -> None:
+    front = Front(nginx, server.target, "--rate", "100")
+    host, port = front.target.rsplit(":", 1)
+    os.kill(front.nginx_pid, signal.SIGKILL)  # the master only: its workers live on, orphans
+    code = front.proc.wait(timeout=30)
+    assert code == 1
+    # Checked first: an orphaned worker would also hold the front's stderr open.
+    assert group_gone(front.nginx_pid), "nginx's workers outlived their master and front"
+    assert "nginx exited by itself" in (front.proc.stderr.read() if front.proc.stderr else "")
+    with pytest.raises(OSError):  # nobody serves the port any more
+        socket.create_connection((host, int(port)), timeout=2).close()
+    assert not front.prefix.exists()
 
 
 def test_a_port_in_use_is_a_clear_error(nginx: str, server) -> None:
@@ -366,8 +460,58 @@ def test_a_port_in_use_is_a_clear_error(nginx: str, server) -> None:
         result = front_cli(
             "--nginx", nginx, "--rate", "10", "--upstream", server.target, "--port", str(port)
         )
-    assert result.returncode != 0
-    assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "front on" not in result.stdout
+    assert f"slimrank: error: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_metrics_port_in_use_is_a_clear_error(nginx: str, server) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = front_cli(
+            *("--nginx", nginx, "--rate", "10", "--upstream", server.target, "--port", "0"),
+            *("--metrics-port", str(port)),
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"slimrank: error: cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_calls_the_server_refuses_are_counted_as_its_refusals(nginx: str) -> None:
+    # A real server (in this process) that takes one call of 50 ms at a time and refuses
+    # the rest itself; the front lets every call through.
+    server, port = create_server(
+        ServerConfig(port=0, max_inflight=1),
+        SnapshotHolder(slow_snapshot(0.05)),
+        CollectorRegistry(),
+    )
+    server.mark_serving()
+    front = Front(nginx, f"127.0.0.1:{port}", "--rate", "1000", "--burst", "100")
+    try:
+        with SlimrankClient(front.target, timeout=10, retries=0) as client:
+            start = threading.Barrier(8)
+
+            def call(i: int) -> str | None:
+                start.wait()
+                try:
+                    client.recommend(f"u{i}", 3)
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                    return err.details()
+                return None
+
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(call, range(8)))
+        refused = [r for r in results if r is not None]
+        assert refused and REFUSAL_MESSAGE not in refused  # the server's, not the front's
+        expected = outcomes(forwarded=8 - len(refused), server_refused=len(refused))
+        assert front.calls_when(expected) == expected
+    finally:
+        front.close()
+        server.shutdown(0).wait(10)
 
 
 # --- TLS -------------------------------------------------------------------------------------
@@ -436,7 +580,7 @@ def test_mutual_tls_on_both_sides(nginx: str, certs: Path, tls_server) -> None:
             pytest.raises(grpc.RpcError),
         ):
             anon.recommend("u3", 10)
-        expected = {"forwarded": 1, "refused": 0, "server_refused": 0, "upstream_error": 0}
+        expected = outcomes(forwarded=1)
         assert front.calls_when(expected) == expected
     finally:
         front.close()

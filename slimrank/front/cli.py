@@ -8,6 +8,10 @@ from pathlib import Path
 from slimrank.front.config import FrontConfig
 
 DEFAULTS = FrontConfig(rate=1)
+# What --print-config writes for an nginx run by the system: its pid and temporary files
+# there, and the call log to the local syslog daemon.
+PRINTED_PREFIX = "/var/lib/slimrank-front"
+SYSLOG_PORT = 514
 TLS_FILES = (
     "--tls-cert",
     "--tls-key",
@@ -31,11 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Run nginx (Debian's nginx-light) in front of one `slimrank serve`, on the same "
             "host. Recommender calls past --rate calls a second (plus a burst of --burst) are "
-            "refused by nginx itself with RESOURCE_EXHAUSTED, within a millisecond or so, "
-            "with the server's retry details; the rest are forwarded. Health and Admin calls "
-            "are never limited. Set --rate to the rate the server holds in a load test "
-            "(bench/serving.py): the front then admits that much and no more, whatever the "
-            "machine could do at the moment; the server's own admission stays on behind it. "
+            "refused by nginx itself with RESOURCE_EXHAUSTED (in about a millisecond at the "
+            "median on one process's host), with the server's retry details; the rest are "
+            "forwarded. Health and Admin calls are never limited. Set --rate to about 1.2x "
+            "the rate the server holds in a load test (bench/serving.py): the front then "
+            "admits that much and no more, whatever the machine could do at the moment; the "
+            "server's own admission stays on behind it. "
             "Prints `front on HOST:PORT metrics HOST:PORT pid N` once it listens."
         ),
     )
@@ -152,7 +157,7 @@ def cmd_front(args: argparse.Namespace) -> int:
     if args.print_config:
         if config.port == 0:
             args.parser.error("--port 0: --print-config needs a fixed port")
-        print(render(config, str(Path("/var/lib/slimrank-front")), config.port, 514), end="")
+        print(render(config, PRINTED_PREFIX, config.port, SYSLOG_PORT), end="")
         return 0
 
     def ready(port: int, metrics_port: int | None, pid: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import re
 
@@ -13,8 +14,9 @@ _NGINX_SAFE = re.compile(r"[^\s'\";{}$#]+")
 
 _PATHS = ("tls_cert", "tls_key", "tls_client_ca", "upstream_ca", "upstream_cert", "upstream_key")
 
-# host:port with a DNS name, an IPv4 address or a bracketed IPv6 address.
-_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+# A DNS name, an IPv4 address or a bracketed IPv6 address; and host:port.
+_HOST = r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+"
+_ADDRESS = re.compile(rf"^({_HOST}):(\d{{1,5}})$")
 
 
 def nginx_rate(calls_per_s: float) -> str | None:
@@ -28,6 +30,14 @@ def nginx_rate(calls_per_s: float) -> str | None:
     if per_minute >= 1 and float(per_minute).is_integer():
         return f"{int(per_minute)}r/m"
     return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def split_address(address: str) -> tuple[str, int] | None:
@@ -165,6 +175,16 @@ class FrontConfig(Config):
             "needs upstream_ca (a client certificate is sent over TLS only)",
         )
         require(
+            self.upstream_ca is None
+            or self.upstream_name is not None
+            or not _is_ip(self.upstream_host),
+            self,
+            "upstream_name",
+            self.upstream_name,
+            f"needed with upstream_ca when the upstream is an IP address ({self.upstream}): "
+            "nginx checks a certificate's DNS names only; give one the server's carries",
+        )
+        require(
             self.upstream_name is None or self.upstream_ca is not None,
             self,
             "upstream_name",
@@ -191,7 +211,7 @@ class FrontConfig(Config):
         for field in ("host", "metrics_host"):
             value = getattr(self, field)
             require(
-                re.fullmatch(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+", value) is not None,
+                re.fullmatch(_HOST, value) is not None,
                 self,
                 field,
                 value,

@@ -19,30 +19,31 @@ import base64
 import grpc
 
 from slimrank.front.config import FrontConfig, nginx_rate
-from slimrank.serving.status import retry_info
+from slimrank.serving.aio_engine import RECOMMENDER_PREFIX
+from slimrank.serving.status import refusal_metadata
 
-RECOMMENDER_PATH = "/slimrank.v1.Recommender/"
 REFUSAL_MESSAGE = (
     "front busy: over its rate limit, refused so that accepted calls stay fast; "
     "retry with backoff, preferably on another replica"
 )
 LOG_TAG = "slimrank_front"
-RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+GRPC_FRAME_HEADER_BYTES = 5
 
 
 def refusal_headers(config: FrontConfig) -> list[tuple[str, str]]:
-    """Return the gRPC status headers of the front's refusal, as the server's refusal has them:
-    ``grpc-status`` 8, the message, a ``google.rpc.Status`` with RetryInfo (base64, unpadded,
-    as gRPC writes binary headers) and the retry pushback in milliseconds."""
-    status = retry_info(grpc.StatusCode.RESOURCE_EXHAUSTED, REFUSAL_MESSAGE, config.retry_after_s)
-    details = dict(status.trailing_metadata)["grpc-status-details-bin"]
-    encoded = base64.b64encode(details).decode().rstrip("=")
-    return [
+    """Return the gRPC status headers of the front's refusal, as the server's refusal has
+    them (:func:`slimrank.serving.status.refusal_metadata`): ``grpc-status`` 8, the message,
+    the ``google.rpc.Status`` with RetryInfo (base64, unpadded, as gRPC writes binary
+    headers) and the retry pushback."""
+    headers = [
         ("grpc-status", str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])),
         ("grpc-message", REFUSAL_MESSAGE),
-        ("grpc-status-details-bin", encoded),
-        (RETRY_PUSHBACK_KEY, str(round(config.retry_after_s * 1000))),
     ]
+    for key, value in refusal_metadata(REFUSAL_MESSAGE, config.retry_after_s):
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode().rstrip("=")
+        headers.append((key, value))
+    return headers
 
 
 def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
@@ -62,8 +63,7 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
 worker_processes {config.worker_processes};
 pid {prefix}/nginx.pid;
 error_log stderr warn;
-daemon off;
-events {{ worker_connections 8192; }}
+events {{ worker_connections 4096; }}
 http {{
   access_log off;
   server_tokens off;
@@ -82,18 +82,22 @@ http {{
     keepalive {config.upstream_keepalive};
   }}
   server {{
-    listen {config.host}:{port}{" ssl" if config.tls_cert else ""} http2;
+    listen {config.host}:{port}{" ssl" if config.tls_cert else ""} http2 reuseport;
     server_name slimrank_front;{listen_tls}{upstream_tls}
     http2_max_concurrent_streams 1024;
-    client_max_body_size {config.max_message_bytes};
+    # A gRPC body is the message and a 5-byte frame header.
+    client_max_body_size {config.max_message_bytes + GRPC_FRAME_HEADER_BYTES};
     grpc_set_header X-Forwarded-For $remote_addr;
-    location {RECOMMENDER_PATH} {{
+    location {RECOMMENDER_PREFIX} {{
       limit_req zone=slimrank_calls{burst};
       error_page 429 = @refused;
       access_log syslog:server=127.0.0.1:{log_port},tag={LOG_TAG},nohostname slimrank_front;
       grpc_pass {scheme}://slimrank;
     }}
     location / {{
+      # Health.Watch streams stay open: not cut after nginx's default 60 s of silence.
+      grpc_read_timeout 1h;
+      grpc_send_timeout 1h;
       grpc_pass {scheme}://slimrank;
     }}
     location @refused {{
@@ -141,8 +145,9 @@ def outcome(log_line: str) -> str | None:
     """Return a call's outcome from one syslog datagram of the front's log: ``refused`` (by
     the front, over its rate), ``server_refused`` (forwarded, and the server answered
     RESOURCE_EXHAUSTED itself), ``upstream_error`` (nginx could not reach the server: HTTP
-    502/504, which the caller sees as UNAVAILABLE) or ``forwarded``; None for a line that is
-    not one."""
+    502/504, which the caller sees as UNAVAILABLE), ``other`` (nginx answered another HTTP
+    status: 413 for a request over the size limit, 499 when the caller went away) or
+    ``forwarded``; None for a line that is not one."""
     fields = log_line.rsplit(": ", 1)[-1].split()
     if len(fields) != 4 or not fields[1].isdigit():
         return None
@@ -151,6 +156,8 @@ def outcome(log_line: str) -> str | None:
         return "refused"
     if status in ("502", "503", "504"):
         return "upstream_error"
+    if status != "200":
+        return "other"
     if "8" in (header_status, trailer_status):
         return "server_refused"
     return "forwarded"

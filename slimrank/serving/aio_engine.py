@@ -48,7 +48,7 @@ from slimrank.serving.admission import (
 from slimrank.serving.core_queue import CoreQueue
 from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.metrics import ServingMetrics
-from slimrank.serving.status import retry_info
+from slimrank.serving.status import refusal_metadata
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ RECOMMENDER_PREFIX = "/slimrank.v1.Recommender/"
 QUEUE_PREFIX = "/slimrank.v1."
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 BATCH_METHOD = RECOMMENDER_PREFIX + "RecommendBatch"
-RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 IDLE_S = 0.001  # a pause this long between two calls ends a busy spell
 DRAINING_MESSAGE = "server shutting down: retry, preferably on another replica"
 
@@ -268,13 +267,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             "retry with backoff, preferably on another replica"
         )
         self._refusal_message = message
-        # A google.rpc.RetryInfo for clients that read status details, and the pushback
-        # trailer that gRPC's own retry policy (the Python client's) honours.
-        status = retry_info(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s)
-        self._refusal_trailers = (
-            *status.trailing_metadata,
-            (RETRY_PUSHBACK_KEY, str(round(retry_after_s * 1000))),
-        )
+        self._refusal_trailers = refusal_metadata(message, retry_after_s)
 
     def _sync_chain(
         self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails

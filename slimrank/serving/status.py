@@ -17,6 +17,9 @@ from grpc_status import rpc_status
 
 T = TypeVar("T")
 
+# The trailer gRPC's own retry policy honours (the Python client's among them) for the delay.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 
 def _status(code: grpc.StatusCode, message: str, *details: object) -> status_pb2.Status:
     status = status_pb2.Status(code=code.value[0], message=message)
@@ -39,6 +42,15 @@ def retry_info(code: grpc.StatusCode, message: str, retry_after_s: float) -> grp
     delay.FromNanoseconds(round(retry_after_s * 1e9))
     detail = error_details_pb2.RetryInfo(retry_delay=delay)
     return rpc_status.to_status(_status(code, message, detail))
+
+
+def refusal_metadata(message: str, retry_after_s: float) -> tuple[tuple[str, str | bytes], ...]:
+    """Return the trailers of a RESOURCE_EXHAUSTED refusal (without ``grpc-status`` and
+    ``grpc-message``): a ``google.rpc.Status`` with a RetryInfo of ``retry_after_s``, for
+    clients that read status details, and the pushback in milliseconds, for gRPC's retry
+    policy. The server's refusals and ``slimrank front``'s carry the same."""
+    status = retry_info(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry_after_s)
+    return (*status.trailing_metadata, (RETRY_PUSHBACK_KEY, str(round(retry_after_s * 1000))))
 
 
 def _details(error: grpc.RpcError, kind: type[T]) -> list[T]:
