@@ -571,15 +571,19 @@ def test_mutual_tls_on_both_sides(nginx: str, certs: Path, tls_server) -> None:
         # Neither a plaintext client nor a TLS client without a certificate gets through.
         with (
             SlimrankClient(front.target, timeout=5, retries=0) as plain,
-            pytest.raises(grpc.RpcError),
+            pytest.raises(grpc.RpcError) as err,
         ):
             plain.recommend("u3", 10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         anonymous = channel_credentials(certs / "ca.pem")
         with (
             SlimrankClient(front.target, timeout=5, retries=0, tls=anonymous) as anon,
-            pytest.raises(grpc.RpcError),
+            pytest.raises(grpc.RpcError) as err,
         ):
             anon.recommend("u3", 10)
+        # nginx asks for the certificate in the handshake and answers HTTP 400 without one.
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "400" in (err.value.details() or "")
         expected = outcomes(forwarded=1)
         assert front.calls_when(expected) == expected
     finally:
