@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve_process import Server
 
 from slimrank.bundle import publish
+from slimrank.front.cli import PRINTED_PREFIX
 from slimrank.front.config import FrontConfig, nginx_rate
 from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, refusal_headers, render
 from slimrank.front.run import OUTCOMES
@@ -260,6 +261,25 @@ def test_nginx_accepts_the_rendered_config(nginx: str, tmp_path: Path) -> None:
     assert "rate=400r/s" in conf.read_text() and "burst=25 nodelay" in conf.read_text()
 
 
+def test_the_printed_config_is_one_nginx_accepts(nginx: str, tmp_path: Path) -> None:
+    result = front_cli("--rate", "400", "--burst", "50", "--port", "50050", "--print-config")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "daemon" not in text  # a system nginx (systemd's unit) sets it on its command line
+    assert "rate=400r/s" in text and "burst=50 nodelay" in text
+    # Its paths, moved to a scratch directory, as a system nginx would have them.
+    (tmp_path / "tmp").mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text.replace(PRINTED_PREFIX, str(tmp_path)))
+    check = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stderr
+
+
 # --- through the real server -----------------------------------------------------------------
 
 
@@ -436,6 +456,7 @@ def test_a_killed_front_takes_its_nginx_with_it(nginx: str, server) -> None:
     front = Front(nginx, server.target, "--rate", "100")
     front.stop(signal.SIGKILL)
     assert group_gone(front.nginx_pid), "nginx outlived its front"
+    shutil.rmtree(front.prefix, ignore_errors=True)  # a killed front cannot remove it
 
 
 def test_a_front_whose_nginx_dies_exits_and_leaves_no_worker(nginx: str, server) -> None:
