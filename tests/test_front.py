@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,8 +26,7 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
-from serve_process import Server
+from serve_process import Server, scrape, start_ready
 
 from slimrank.bundle import publish
 from slimrank.front.cli import PRINTED_PREFIX
@@ -89,18 +87,8 @@ class Front:
 
     def __init__(self, nginx: str, upstream: str, *args: str) -> None:
         ports = ["--port", "0", "--metrics-port", "0"]
-        self.proc = subprocess.Popen(
-            [*FRONT, "--nginx", nginx, *ports, "--upstream", upstream, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        match = READY.search(line)
-        if match is None:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=30)
-            raise AssertionError(f"no ready line, got {line!r}; stderr:\n{err}")
+        argv = ["front", "--nginx", nginx, *ports, "--upstream", upstream, *args]
+        self.proc, match = start_ready(argv, READY)
         self.target = f"{match[1]}:{match[2]}"
         self.metrics = match[3]
         self.nginx_pid = int(match[4])
@@ -108,21 +96,16 @@ class Front:
         title = Path(f"/proc/{self.nginx_pid}/cmdline").read_bytes().replace(b"\0", b" ")
         self.prefix = Path(re.search(r" -p (\S+)", title.decode())[1])  # its own directory
 
-    def samples(self) -> list:
-        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        return [s for family in text_string_to_metric_families(text) for s in family.samples]
-
     def calls(self) -> dict[str, float]:
         """``slimrank_front_calls_total`` by outcome."""
         return {
             s.labels["outcome"]: s.value
-            for s in self.samples()
+            for s in scrape(self.metrics)
             if s.name == "slimrank_front_calls_total"
         }
 
     def gauge(self, name: str) -> float:
-        (value,) = [s.value for s in self.samples() if s.name == name]
+        (value,) = [s.value for s in scrape(self.metrics) if s.name == name]
         return value
 
     def calls_when(self, expected: dict[str, float], timeout_s: float = 10) -> dict[str, float]:
@@ -237,28 +220,29 @@ def test_log_lines_are_read_as_outcomes() -> None:
     assert outcome("<190>slimrank_front: PASSED 200") is None
 
 
+def nginx_check(nginx: str, prefix: Path, text: str) -> subprocess.CompletedProcess:
+    """``nginx -t`` on ``text`` written as ``prefix/nginx.conf``, with ``prefix/tmp``."""
+    (prefix / "tmp").mkdir(exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(text)
+    return subprocess.run(
+        [nginx, "-t", "-p", str(prefix), "-c", str(conf), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_nginx_accepts_the_rendered_config(nginx: str, tmp_path: Path) -> None:
-    (tmp_path / "tmp").mkdir()
-    conf = tmp_path / "nginx.conf"
     config = FrontConfig(rate=0.5, burst=0, upstream="127.0.0.1:9", worker_processes=2)
-    conf.write_text(render(config, str(tmp_path), 50050, 5140))
-    result = subprocess.run(
-        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    text = render(config, str(tmp_path), 50050, 5140)
+    result = nginx_check(nginx, tmp_path, text)
     assert result.returncode == 0, result.stderr
-    assert "rate=30r/m" in conf.read_text() and "zone=slimrank_calls;" in conf.read_text()
-    conf.write_text(render(FrontConfig(rate=400, burst=25), str(tmp_path), 50050, 5140))
-    result = subprocess.run(
-        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    assert "rate=30r/m" in text and "zone=slimrank_calls;" in text
+    text = render(FrontConfig(rate=400, burst=25), str(tmp_path), 50050, 5140)
+    result = nginx_check(nginx, tmp_path, text)
     assert result.returncode == 0, result.stderr
-    assert "rate=400r/s" in conf.read_text() and "burst=25 nodelay" in conf.read_text()
+    assert "rate=400r/s" in text and "burst=25 nodelay" in text
 
 
 def test_the_printed_config_is_one_nginx_accepts(nginx: str, tmp_path: Path) -> None:
@@ -268,15 +252,7 @@ def test_the_printed_config_is_one_nginx_accepts(nginx: str, tmp_path: Path) -> 
     assert "daemon" not in text  # a system nginx (systemd's unit) sets it on its command line
     assert "rate=400r/s" in text and "burst=50 nodelay" in text
     # Its paths, moved to a scratch directory, as a system nginx would have them.
-    (tmp_path / "tmp").mkdir()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(text.replace(PRINTED_PREFIX, str(tmp_path)))
-    check = subprocess.run(
-        [nginx, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", "stderr"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    check = nginx_check(nginx, tmp_path, text.replace(PRINTED_PREFIX, str(tmp_path)))
     assert check.returncode == 0, check.stderr
 
 
