@@ -229,24 +229,34 @@ class ServerProcess:
         return by
 
     def _samples(self) -> list[Any] | None:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        try:
-            with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as r:
-                text = r.read().decode()
-        except (OSError, ValueError):
-            return None
-        return [s for f in text_string_to_metric_families(text) for s in f.samples]
+        return metric_samples(self.metrics)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return int(self.proc.returncode)
+        return stop_process(self.proc)
+
+
+def metric_samples(address: str) -> list[Any] | None:
+    """Every sample on ``http://ADDRESS/metrics``; None when it cannot be read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return None
+    return [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def stop_process(proc: subprocess.Popen[str]) -> int:
+    """SIGTERM ``proc`` (a server or a front), SIGKILL it after 60 s; return its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return int(proc.returncode)
 
 
 def checkout(path: str) -> Path:

@@ -41,7 +41,6 @@ import os
 import platform
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -60,6 +59,8 @@ from serving import (
     cpu_features,
     demo_requests_from,
     imported_tree,
+    metric_samples,
+    stop_process,
 )
 
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
@@ -95,27 +96,14 @@ class FrontProcess:
 
     def calls(self) -> dict[str, float]:
         """``slimrank_front_calls_total`` by outcome."""
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10) as r:
-            text = r.read().decode()
         return {
             s.labels["outcome"]: s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
+            for s in metric_samples(self.metrics) or []
             if s.name == "slimrank_front_calls_total"
         }
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def variant(spec: str) -> tuple[str, Path]:
