@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from slimrank.front.config import FrontConfig
+from slimrank.serving.cli import tls_from_args
 
 DEFAULTS = FrontConfig(rate=1)
 # What --print-config writes for an nginx run by the system: its pid and temporary files
@@ -113,6 +114,8 @@ def config_from_args(args: argparse.Namespace) -> FrontConfig:
         path = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")
+    listener = (args.tls_cert, args.tls_key, args.tls_client_ca)
+    tls = tls_from_args(parser, *(None if p is None else p.resolve() for p in listener))
     try:
         return FrontConfig(
             rate=args.rate,
@@ -125,9 +128,7 @@ def config_from_args(args: argparse.Namespace) -> FrontConfig:
             worker_processes=args.nginx_workers,
             metrics_host=args.metrics_host,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-            tls_cert=_absolute(args.tls_cert),
-            tls_key=_absolute(args.tls_key),
-            tls_client_ca=_absolute(args.tls_client_ca),
+            tls=tls,
             upstream_ca=_absolute(args.upstream_tls_ca),
             upstream_cert=_absolute(args.upstream_tls_cert),
             upstream_key=_absolute(args.upstream_tls_key),

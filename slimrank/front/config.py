@@ -8,11 +8,12 @@ import math
 import re
 
 from slimrank.config import Config, require
+from slimrank.serving.security import TLSConfig
 
 # What may go into nginx.conf unquoted: no whitespace, quotes, ';', braces or variables.
 _NGINX_SAFE = re.compile(r"[^\s'\";{}$#]+")
 
-_PATHS = ("tls_cert", "tls_key", "tls_client_ca", "upstream_ca", "upstream_cert", "upstream_key")
+_UPSTREAM_PATHS = ("upstream_ca", "upstream_cert", "upstream_key")
 
 # A DNS name, an IPv4 address or a bracketed IPv6 address; and host:port.
 _HOST = r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+"
@@ -59,9 +60,9 @@ class FrontConfig(Config):
     refused). ``port`` 0 picks a free port; ``metrics_port`` None serves no /metrics.
     ``worker_processes`` nginx workers share one limit (nginx keeps it in shared memory).
 
-    TLS, each side on its own: ``tls_cert``/``tls_key`` (PEM) make the front's listener speak
-    TLS, and ``tls_client_ca`` makes it require client certificates signed by that CA (mutual
-    TLS, as ``slimrank serve --tls-client-ca``). ``upstream_ca`` makes the front speak TLS to
+    TLS, each side on its own: ``tls`` (the server's own :class:`TLSConfig`: certificate, key
+    and, for mutual TLS, the CA client certificates must be signed by) makes the front's
+    listener speak TLS as ``slimrank serve`` does. ``upstream_ca`` makes the front speak TLS to
     the server and verify its certificate against that CA for the name ``upstream_name``
     (None: the upstream's host; give a DNS name of the certificate when the upstream is an
     IP address); ``upstream_cert``/``upstream_key`` are the front's client certificate, for a
@@ -79,9 +80,7 @@ class FrontConfig(Config):
     upstream_keepalive: int = 64
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
+    tls: TLSConfig | None = None
     upstream_ca: str | None = None
     upstream_cert: str | None = None
     upstream_key: str | None = None
@@ -147,20 +146,6 @@ class FrontConfig(Config):
             "must be None or in [0, 65535]",
         )
         require(
-            (self.tls_cert is None) == (self.tls_key is None),
-            self,
-            "tls_cert",
-            self.tls_cert,
-            "tls_cert and tls_key go together",
-        )
-        require(
-            self.tls_client_ca is None or self.tls_cert is not None,
-            self,
-            "tls_client_ca",
-            self.tls_client_ca,
-            "needs tls_cert and tls_key",
-        )
-        require(
             (self.upstream_cert is None) == (self.upstream_key is None),
             self,
             "upstream_cert",
@@ -191,8 +176,11 @@ class FrontConfig(Config):
             self.upstream_name,
             "needs upstream_ca (the name is checked in the server's certificate)",
         )
-        for field in _PATHS:
-            value = getattr(self, field)
+        paths = {field: getattr(self, field) for field in _UPSTREAM_PATHS}
+        if self.tls is not None:
+            tls = self.tls
+            paths.update(tls_cert=tls.cert, tls_key=tls.key, tls_client_ca=tls.client_ca)
+        for field, value in paths.items():
             require(
                 value is None or _NGINX_SAFE.fullmatch(value) is not None,
                 self,

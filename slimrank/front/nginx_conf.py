@@ -58,6 +58,9 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
     # nginx refuses burst=0; without the parameter the burst is 0.
     burst = f" burst={config.burst} nodelay" if config.burst else ""
     admitted = nginx_rate(config.rate)
+    call_log = (
+        f"access_log syslog:server=127.0.0.1:{log_port},tag={LOG_TAG},nohostname slimrank_front;"
+    )
     listen_tls, upstream_tls, scheme = _tls_lines(config)
     return f"""# slimrank front: rendered by `slimrank front`; do not edit (flags change it).
 worker_processes {config.worker_processes};
@@ -82,7 +85,7 @@ http {{
     keepalive {config.upstream_keepalive};
   }}
   server {{
-    listen {config.host}:{port}{" ssl" if config.tls_cert else ""} http2 reuseport;
+    listen {config.host}:{port}{"" if config.tls is None else " ssl"} http2 reuseport;
     server_name slimrank_front;{listen_tls}{upstream_tls}
     http2_max_concurrent_streams 1024;
     # A gRPC body is the message and a 5-byte frame header.
@@ -91,7 +94,7 @@ http {{
     location {RECOMMENDER_PREFIX} {{
       limit_req zone=slimrank_calls{burst};
       error_page 429 = @refused;
-      access_log syslog:server=127.0.0.1:{log_port},tag={LOG_TAG},nohostname slimrank_front;
+      {call_log}
       grpc_pass {scheme}://slimrank;
     }}
     location / {{
@@ -103,7 +106,7 @@ http {{
     location @refused {{
       default_type application/grpc;
 {headers}
-      access_log syslog:server=127.0.0.1:{log_port},tag={LOG_TAG},nohostname slimrank_front;
+      {call_log}
       return 200;
     }}
   }}
@@ -115,14 +118,16 @@ def _tls_lines(config: FrontConfig) -> tuple[str, str, str]:
     """The listener's TLS directives, the upstream's, and the ``grpc_pass`` scheme."""
     protocols = "TLSv1.2 TLSv1.3"
     listen = ""
-    if config.tls_cert:
+    if config.tls is not None:
         listen += (
-            f"\n    ssl_certificate {config.tls_cert};"
-            f"\n    ssl_certificate_key {config.tls_key};"
+            f"\n    ssl_certificate {config.tls.cert};"
+            f"\n    ssl_certificate_key {config.tls.key};"
             f"\n    ssl_protocols {protocols};"
         )
-    if config.tls_client_ca:
-        listen += f"\n    ssl_client_certificate {config.tls_client_ca};\n    ssl_verify_client on;"
+        if config.tls.client_ca:
+            listen += (
+                f"\n    ssl_client_certificate {config.tls.client_ca};\n    ssl_verify_client on;"
+            )
     if not config.upstream_ca:
         return listen, "", "grpc"
     name = config.upstream_name or config.upstream_host

@@ -197,7 +197,7 @@ def run_front(
     ``ready(port, metrics_port, nginx_pid)`` is called once nginx listens.
     """
     binary = find_nginx(nginx)
-    if config.upstream_cert and not config.tls_client_ca:
+    if config.upstream_cert and (config.tls is None or config.tls.client_ca is None):
         log.warning(
             "the front presents a client certificate to the server but asks its own callers "
             "for none (--tls-client-ca): anyone who reaches its port gets the server's "

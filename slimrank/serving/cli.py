@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from slimrank.serving.config import ReloadConfig, ServerConfig
 
 if TYPE_CHECKING:
+    from slimrank.serving.security import TLSConfig
     from slimrank.serving.workers import ServeSpec
 
 log = logging.getLogger(__name__)
@@ -217,16 +218,35 @@ def _wait_bound_s(parser: argparse.ArgumentParser, flag: str, ms: float) -> floa
     return ms / 1000 if ms > 0 else None
 
 
+def tls_from_args(
+    parser: argparse.ArgumentParser, cert: Path | None, key: Path | None, client_ca: Path | None
+) -> TLSConfig | None:
+    """Return the TLS config of a listener's ``--tls-cert``, ``--tls-key`` and
+    ``--tls-client-ca`` (None without them); exits with a usage error naming the flags when
+    they do not go together or a file is missing. ``slimrank serve`` and ``slimrank front``
+    take the same three."""
+    from slimrank.serving.security import TLSConfig
+
+    if (cert is None) != (key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if client_ca is not None and cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if cert is None or key is None:
+        return None
+    try:
+        return TLSConfig(str(cert), str(key), None if client_ca is None else str(client_ca))
+    except ValueError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
+
+
 def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
     """Return the serve spec the arguments describe; exits with a usage error on a bad one."""
-    from slimrank.serving.security import TLSConfig, read_token
+    from slimrank.serving.security import read_token
     from slimrank.serving.workers import ServeSpec
 
     parser: argparse.ArgumentParser = args.parser
-    if (args.tls_cert is None) != (args.tls_key is None):
-        parser.error("--tls-cert and --tls-key go together")
-    if args.tls_client_ca is not None and args.tls_cert is None:
-        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = tls_from_args(parser, args.tls_cert, args.tls_key, args.tls_client_ca)
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be >= 1")
     max_wait_s = _wait_bound_s(parser, "--max-wait-ms", args.max_wait_ms)
@@ -239,10 +259,6 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
         parser.error("--admin-insecure and an admin token exclude each other")
     try:
         token = read_token(token_file) if token_file else None
-        tls = None
-        if args.tls_cert is not None:
-            client_ca = None if args.tls_client_ca is None else str(args.tls_client_ca)
-            tls = TLSConfig(str(args.tls_cert), str(args.tls_key), client_ca)
         server = ServerConfig(
             host=args.host,
             port=args.port,
