@@ -11,6 +11,10 @@ cached teacher on the validation view: pipeline NDCG@10 and a paired bootstrap i
 
     .venv/bin/python bench/feature_probe.py [--config pipeline] [--peers rp3beta itemknn]
 
+``--recent N``: EASE and co-occurrence over the user's N newest items. ``--rating-ease P L2``:
+EASE fitted and scored on rows weighted by rating**P (mean 1; no served system reads rating
+values), or with P = 0 the exact EASE at that l2 that the served top-K table approximates.
+
 Writes ``bench/results/feature_probe.md``.
 """
 
@@ -89,6 +93,28 @@ def recent_columns(observed, times, users, items, n: int) -> np.ndarray:
     return np.concatenate(parts, axis=-1)
 
 
+def rating_weights(data: DataArtifact, power: float) -> sp.csr_matrix:
+    """Return ``(U, I)``: each training interaction's rating to ``power``, mean 1 (repeats:
+    the last one)."""
+    train = data.split.train
+    w = train.rating.astype(np.float64) ** power
+    m = sp.coo_matrix(
+        (w / w.mean(), (train.user, train.item)), shape=data.split.train_matrix().shape
+    )
+    return sp.csr_matrix(m)  # duplicates summed: ml-100k has none
+
+
+def rating_ease_columns(
+    observed: sp.csr_matrix, weights: sp.csr_matrix, users, items, l2: float
+) -> np.ndarray:
+    """Return ``(U, N, 2)``: EASE fitted and scored on rating-weighted rows (``observed``'s
+    items with their weights), with its log1p rank in the list."""
+    x = sp.csr_matrix(observed, dtype=np.float64)
+    x.data[:] = 1.0
+    r = sp.csr_matrix(x.multiply(weights))
+    return with_rank(np.asarray(r[users] @ ease_weights(r, EaseConfig(l2=l2))), items)
+
+
 def with_rank(full: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Return ``(U, N, 2)``: ``full`` (U, I) at each candidate, and its log1p rank in the list."""
     real = items >= 0
@@ -112,6 +138,13 @@ def main() -> int:
     parser.add_argument("--peers", nargs="*", default=["rp3beta"], choices=sorted(PEERS))
     parser.add_argument(
         "--recent", type=int, default=0, help="EASE and co-occurrence over the N newest items"
+    )
+    parser.add_argument(
+        "--rating-ease",
+        type=float,
+        nargs=2,
+        metavar=("POWER", "L2"),
+        help="EASE on rating**POWER weighted rows (mean 1) with this l2, and its rank",
     )
     parser.add_argument("--out", default="feature_probe")
     args = parser.parse_args()
@@ -155,6 +188,20 @@ def main() -> int:
         valid_extra.append(
             recent_columns(data.seen("valid"), train_times, v_cands.user, v_cands.items, n)
         )
+    if args.rating_ease:
+        power, l2 = args.rating_ease
+        # rating**0 is the binary matrix: the exact, untruncated EASE at that l2.
+        name = "ease_full" if power == 0 else f"rating{power:g}_ease"
+        names += (name, f"{name}_rank")
+        weights = rating_weights(data, power)
+        parts = [
+            rating_ease_columns(emb.history[i], weights, cands.user[a:b], cands.items[a:b], l2)
+            for i, (a, b) in enumerate(itertools.pairwise(bounds))
+        ]
+        train_extra.append(np.concatenate(parts))
+        valid_extra.append(
+            rating_ease_columns(data.seen("valid"), weights, v_cands.user, v_cands.items, l2)
+        )
     feats = widen(feats, np.concatenate(train_extra, axis=-1), names)
     v_feats = widen(v_feats, np.concatenate(valid_extra, axis=-1), names)
     result = train_pipeline_teacher(config.teacher, k, data, (feats, labels), (v_cands, v_feats))
@@ -166,7 +213,7 @@ def main() -> int:
         "# Peer scores as teacher features, on validation (issue 15)",
         "",
         f"`bench/feature_probe.py --config {args.config} --peers {' '.join(args.peers)} "
-        f"--recent {args.recent}`: "
+        f"--recent {args.recent} --rating-ease {args.rating_ease}`: "
         f"columns {', '.join(names)} appended; the pipeline's teacher config and seed. "
         "Pipeline NDCG@10 on the validation view; the interval is the row minus the cached "
         "teacher (same features without these columns), paired over users.",
