@@ -154,6 +154,8 @@ def test_model_config_errors_name_the_field_and_value(kwargs, field):
         ({"eval_every": 0}, "eval_every"),
         ({"k": 0}, "k"),
         ({"threads": 0}, "threads"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": -0.1}, "ema_decay"),
     ],
 )
 def test_train_config_errors_name_the_field_and_value(kwargs, field):

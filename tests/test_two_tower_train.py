@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from slimrank.cli import main
 from slimrank.data.dataset import Interactions, load_dataset, split_random
@@ -96,6 +97,38 @@ def test_early_stopping_keeps_the_best_epoch():
     # The returned model is the best epoch's, not the last one's.
     again = evaluate_model(result.model, split, "valid")
     assert again["recall@10"] == pytest.approx(best_row["recall@10"])
+
+
+@pytest.mark.parametrize("examples", ["multinomial", "leave_one_out"])
+def test_ema_keeps_the_moving_average_of_every_step_and_validates_it(examples):
+    """The kept model is the EMA of the weights after each step (a hand loop over the same
+    seeded run without EMA), and its validation row is that model's."""
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+    decay = 0.8
+    options = {"epochs": 1, "batch_size": 64, "seed": 3, "progress": False}
+    options["examples"] = examples
+    steps: list[list[torch.Tensor]] = []  # every parameter after each step, in model order
+
+    def record(optimizer, args, kwargs):
+        steps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        raw = train_two_tower(small_config(), TrainConfig(**options), split)
+    finally:
+        handle.remove()
+    assert len(steps) >= 3
+    for value, seen in zip(raw.model.parameters(), steps[-1], strict=True):  # the run's weights
+        assert torch.equal(value.detach(), seen)
+    expected = steps[0]
+    for step in steps[1:]:
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, step, strict=True)]
+    ema = train_two_tower(small_config(), TrainConfig(**options, ema_decay=decay), split)
+    for value, want, last in zip(ema.model.parameters(), expected, steps[-1], strict=True):
+        assert torch.allclose(value.detach(), want, atol=1e-6)
+        assert not torch.allclose(value.detach(), last, atol=1e-6)
+    again = evaluate_model(ema.model, split, "valid")
+    assert again["recall@10"] == pytest.approx(ema.best_valid["recall@10"])
 
 
 @pytest.mark.parametrize(

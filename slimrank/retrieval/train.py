@@ -35,6 +35,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from slimrank.config import Config, require
 from slimrank.data.dataset import FeatureTable, Split, item_popularity
@@ -88,6 +89,10 @@ class TrainConfig(Config):
     # Validate on a seeded sample of this many users (0: all). Ranking every item for every
     # user is (U x I) dot products: at 1M x 1M that is hours per validation.
     eval_users: int = 0
+    # 0: off. Otherwise validate, and keep, an exponential moving average of the weights
+    # updated after every step with this decay (torch.optim.swa_utils' EMA), instead of the
+    # weights at the step an evaluation happens to fall on.
+    ema_decay: float = 0.0
     seed: int = 0
     # One thread: the ops are small, and on a shared machine more threads mostly wait.
     threads: int = 1  # torch intra-op threads while training
@@ -121,6 +126,7 @@ class TrainConfig(Config):
             "must be in [0, 1)",
         )
         require(self.examples in EXAMPLES, self, "examples", self.examples, f"one of {EXAMPLES}")
+        require(0.0 <= self.ema_decay < 1.0, self, "ema_decay", self.ema_decay, "in [0, 1)")
         require(
             self.examples == "leave_one_out" or self.loss == "softmax",
             self,
@@ -291,6 +297,12 @@ def _train(
     rng = np.random.default_rng(config.seed)
     model = TwoTower(model_config)
     optimizer = make_optimizer(model, config)
+    ema = None
+    if config.ema_decay > 0:
+        ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+    scored = model if ema is None else ema.module  # what is validated and kept
 
     history = UserHistory.from_interactions(split.train, split.n_users, model_config.max_history)
     ufeat = None
@@ -346,6 +358,8 @@ def _train(
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
                     total += float(loss.detach())
                     batches += 1
                     continue
@@ -382,6 +396,8 @@ def _train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 total += float(loss.detach())
                 batches += 1
             epoch_cpu.append(time.process_time() - cpu_start)
@@ -389,7 +405,7 @@ def _train(
             status = f"loss {mean_loss:.4f}"
             if epoch % config.eval_every == 0 or epoch == config.epochs:
                 valid = evaluate_model(
-                    model,
+                    scored,
                     split,
                     "valid",
                     user_features,
@@ -403,7 +419,7 @@ def _train(
                 )
                 if valid[metric] > best_recall:
                     best_recall, best_epoch, best_valid = valid[metric], epoch, valid
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
                     stale = 0
                 else:
                     stale += 1
