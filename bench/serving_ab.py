@@ -28,7 +28,8 @@ pairs.
 With ``--b-front "--rate 400"`` (or ``--a-front``) that variant's calls go through a
 ``slimrank front`` (nginx, started from the same tree, with those flags) in front of its
 server: the front's refusals, its nginx's CPU time per call and its call counts are recorded
-beside the server's.
+beside the server's. It needs Debian's nginx: ``make test`` installs it, ``make install``
+does not (``sudo scripts/install_nginx.sh``).
 
 Writes ``bench/results/serving_ab_<name>.{json,md}``.
 """
