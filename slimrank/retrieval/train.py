@@ -304,6 +304,15 @@ def _train(
         )
     scored = model if ema is None else ema.module  # what is validated and kept
 
+    def step(loss: torch.Tensor) -> float:
+        """Take one optimizer step on ``loss`` (and the average's), return the loss."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        return float(loss.detach())
+
     history = UserHistory.from_interactions(split.train, split.n_users, model_config.max_history)
     ufeat = None
     if not model_config.user_features.empty:
@@ -355,12 +364,7 @@ def _train(
                         config.mask_share if config.examples == "masked" else config.history_dropout
                     )
                     loss = loss_fn(model, targets, group, ufeat, ifeat, all_items, share, rng)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if ema is not None:
-                        ema.update_parameters(model)
-                    total += float(loss.detach())
+                    total += step(loss)
                     batches += 1
                     continue
                 items_np, offsets = targets.bags(group)  # every training item of the group
@@ -393,12 +397,7 @@ def _train(
                         model.pair_logits(user_vecs, pos_vecs, items),
                         model.pair_logits(user_vecs, neg_vecs, negatives),
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                total += float(loss.detach())
+                total += step(loss)
                 batches += 1
             epoch_cpu.append(time.process_time() - cpu_start)
             mean_loss = total / batches
