@@ -156,6 +156,7 @@ def test_model_config_errors_name_the_field_and_value(kwargs, field):
         ({"threads": 0}, "threads"),
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"ema_decay": -0.1}, "ema_decay"),
+        ({"members": 0}, "members"),
     ],
 )
 def test_train_config_errors_name_the_field_and_value(kwargs, field):

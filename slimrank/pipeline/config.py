@@ -21,8 +21,10 @@ from slimrank.config import Config, ConfigError, require
 from slimrank.data.split import SplitConfig
 from slimrank.ranking.features import FeatureConfig
 from slimrank.ranking.train import TrainConfig as TeacherTrainConfig
+from slimrank.retrieval.ensemble import ensemble_problem
 from slimrank.retrieval.index import IndexConfig
 from slimrank.retrieval.train import TrainConfig as TwoTowerTrainConfig
+from slimrank.retrieval.two_tower_config import TwoTowerConfig
 from slimrank.search.build import TextIndexConfig
 
 SOURCES_SYNTHETIC = "synthetic"
@@ -103,6 +105,20 @@ class TwoTowerStepConfig(Config):
     def __post_init__(self) -> None:
         require(self.dim >= 1, self, "dim", self.dim, "must be >= 1")
         require(self.id_dim >= 1, self, "id_dim", self.id_dim, "must be >= 1")
+        members = self.train.members
+        if members > 1:
+            shape = TwoTowerConfig(  # id_dim == dim is checked where the model is built
+                dim=self.dim,
+                id_dim=self.dim,
+                hidden=self.hidden,
+                projection=self.projection,
+                normalize=self.normalize,
+                temperature=self.temperature,
+            )
+            problem = ensemble_problem(shape, members)
+            if not problem and self.use_features:
+                problem = "members > 1 needs use_features = false"
+            require(not problem, self, "train.members", members, problem)
 
 
 @dataclasses.dataclass(frozen=True)

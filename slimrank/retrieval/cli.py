@@ -85,6 +85,13 @@ def register(sub: Any) -> None:
         default=False,
         help="feed the user and item feature columns to the towers (lowered ml-100k valid)",
     )
+    train.add_argument(
+        "--members",
+        type=int,
+        default=1,
+        help="train this many seeds (--seed, --seed + 1, ...), each --dim / N wide, and keep "
+        "their sum as one model (linear towers only)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=train_command)
 
@@ -100,6 +107,7 @@ def train_command(args: argparse.Namespace) -> int:
     """Train, keep the best validation epoch, and save the model."""
     from slimrank.data.dataset import load_dataset, split_random
     from slimrank.errors import SlimrankError
+    from slimrank.retrieval.ensemble import member_config
     from slimrank.retrieval.train import TrainConfig, train_two_tower
     from slimrank.retrieval.two_tower import FeatureSpec, TwoTowerConfig, save_model
 
@@ -145,8 +153,10 @@ def train_command(args: argparse.Namespace) -> int:
             patience=args.patience,
             eval_every=args.eval_every,
             seed=args.seed,
+            members=args.members,
             progress=not args.no_progress,
         )
+        member_config(model_config, train_config.members)  # a model that is no sum: say so
     except ValueError as err:  # a bad flag value: say which, without a traceback
         raise SlimrankError(str(err)) from err
     result = train_two_tower(

@@ -93,6 +93,9 @@ class TrainConfig(Config):
     # updated after every step with this decay (torch.optim.swa_utils' EMA), instead of the
     # weights at the step an evaluation happens to fall on.
     ema_decay: float = 0.0
+    # > 1: train this many models, seeds seed, seed + 1, ..., each 1/members of the model's
+    # width, and keep their sum as one model (slimrank.retrieval.ensemble; linear towers only).
+    members: int = 1
     seed: int = 0
     # One thread: the ops are small, and on a shared machine more threads mostly wait.
     threads: int = 1  # torch intra-op threads while training
@@ -149,6 +152,7 @@ class TrainConfig(Config):
         require(self.k >= 1, self, "k", self.k, "must be >= 1")
         require(self.eval_users >= 0, self, "eval_users", self.eval_users, "must be >= 0")
         require(self.threads >= 1, self, "threads", self.threads, "must be >= 1")
+        require(self.members >= 1, self, "members", self.members, "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,12 +280,53 @@ def train_two_tower(
         )
     if len(split.train) == 0:
         raise ValueError("the training split is empty")
+    if config.members > 1:
+        return _train_members(model_config, config, split, user_features, item_features)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
         return _train(model_config, config, split, user_features, item_features)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train_members(
+    model_config: TwoTowerConfig,
+    config: TrainConfig,
+    split: Split,
+    user_features: FeatureTable | None,
+    item_features: FeatureTable | None,
+) -> TrainResult:
+    """Train ``config.members`` models, one seed each, and return their sum as one model.
+
+    ``best_epoch`` is the latest of the members' best epochs, ``best_valid`` the sum's own
+    validation metrics, and each ``log`` row names its ``member``.
+    """
+    from slimrank.retrieval.ensemble import concat_two_towers, member_config
+
+    one = member_config(model_config, config.members)
+    results = []
+    for j in range(config.members):
+        log.info("two-tower member %d of %d (seed %d)", j + 1, config.members, config.seed + j)
+        member = dataclasses.replace(config, members=1, seed=config.seed + j)
+        results.append(train_two_tower(one, member, split, user_features, item_features))
+    model = concat_two_towers([r.model for r in results])
+    valid = evaluate_model(
+        model,
+        split,
+        "valid",
+        user_features,
+        item_features,
+        ks=(config.k,),
+        max_users=config.eval_users,
+    )
+    return TrainResult(
+        model=model,
+        best_epoch=max(r.best_epoch for r in results),
+        best_valid=valid,
+        log=[{**row, "member": float(j)} for j, r in enumerate(results) for row in r.log],
+        epoch_cpu_seconds=tuple(t for r in results for t in r.epoch_cpu_seconds),
+    )
 
 
 def _train(
