@@ -31,6 +31,7 @@ import scipy.sparse as sp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench.rating_ease import weighted_rows  # noqa: E402
 from slimrank.evaluation.baselines import EaseConfig, ease_weights  # noqa: E402
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
 from slimrank.evaluation.peers import (  # noqa: E402
@@ -91,17 +92,6 @@ def recent_columns(observed, times, users, items, n: int) -> np.ndarray:
     cos = item_knn_weights(x, x.shape[1], 0.0)
     parts = [with_rank(np.asarray(recent @ w), items) for w in (ease, cos)]
     return np.concatenate(parts, axis=-1)
-
-
-def rating_weights(data: DataArtifact, power: float) -> sp.csr_matrix:
-    """Return ``(U, I)``: each training interaction's rating to ``power``, mean 1 (repeats:
-    the last one)."""
-    train = data.split.train
-    w = train.rating.astype(np.float64) ** power
-    m = sp.coo_matrix(
-        (w / w.mean(), (train.user, train.item)), shape=data.split.train_matrix().shape
-    )
-    return sp.csr_matrix(m)  # duplicates summed: ml-100k has none
 
 
 def rating_ease_columns(
@@ -167,41 +157,33 @@ def main() -> int:
     bounds = np.cumsum([0] + [len(u) for u in fold_users])
     names: tuple[str, ...] = ()
     train_extra, valid_extra = [], []
-    for peer in args.peers:
-        names += (f"{peer}_score", f"{peer}_rank")
+
+    def add(columns) -> None:
+        """Append ``columns(observed, users, items)`` of each fold's training lists (their
+        fold's history) and of the validation lists (the training items)."""
         parts = [
-            peer_columns(emb.history[i], cands.user[a:b], cands.items[a:b], peer)
+            columns(emb.history[i], cands.user[a:b], cands.items[a:b])
             for i, (a, b) in enumerate(itertools.pairwise(bounds))
         ]
         train_extra.append(np.concatenate(parts))
-        valid_extra.append(peer_columns(data.seen("valid"), v_cands.user, v_cands.items, peer))
+        valid_extra.append(columns(data.seen("valid"), v_cands.user, v_cands.items))
+
+    for peer in args.peers:
+        names += (f"{peer}_score", f"{peer}_rank")
+        add(lambda observed, users, items, peer=peer: peer_columns(observed, users, items, peer))
     if args.recent:
         n = args.recent
         names += (f"ease_recent{n}", f"ease_recent{n}_rank", f"cooc_recent{n}")
         names += (f"cooc_recent{n}_rank",)
         train_times = data.seen_times("valid")  # a fold's history is part of the training items
-        parts = [
-            recent_columns(emb.history[i], train_times, cands.user[a:b], cands.items[a:b], n)
-            for i, (a, b) in enumerate(itertools.pairwise(bounds))
-        ]
-        train_extra.append(np.concatenate(parts))
-        valid_extra.append(
-            recent_columns(data.seen("valid"), train_times, v_cands.user, v_cands.items, n)
-        )
+        add(lambda observed, users, items: recent_columns(observed, train_times, users, items, n))
     if args.rating_ease:
         power, l2 = args.rating_ease
         # rating**0 is the binary matrix: the exact, untruncated EASE at that l2.
         name = "ease_full" if power == 0 else f"rating{power:g}_ease"
         names += (name, f"{name}_rank")
-        weights = rating_weights(data, power)
-        parts = [
-            rating_ease_columns(emb.history[i], weights, cands.user[a:b], cands.items[a:b], l2)
-            for i, (a, b) in enumerate(itertools.pairwise(bounds))
-        ]
-        train_extra.append(np.concatenate(parts))
-        valid_extra.append(
-            rating_ease_columns(data.seen("valid"), weights, v_cands.user, v_cands.items, l2)
-        )
+        weights = weighted_rows(data.split, power)
+        add(lambda observed, users, items: rating_ease_columns(observed, weights, users, items, l2))
     feats = widen(feats, np.concatenate(train_extra, axis=-1), names)
     v_feats = widen(v_feats, np.concatenate(valid_extra, axis=-1), names)
     result = train_pipeline_teacher(config.teacher, k, data, (feats, labels), (v_cands, v_feats))
