@@ -29,13 +29,13 @@ def linear_config(**kwargs):
 
 def scores(model, split, view="valid") -> np.ndarray:
     """Return the (U, I) scores the exported vectors give (what FAISS and the server rank)."""
-    user, item = export_embeddings(model, history_for(split, view))
+    user, item = export_embeddings(model, history_for(split, view, model.config.max_history))
     return user @ item.T
 
 
 def logits(model, split) -> torch.Tensor:
     """Return the (U, I) training logits of every user for every item."""
-    history = history_for(split, "valid")
+    history = history_for(split, "valid", model.config.max_history)
     items, offsets = history.bags(np.arange(N_USERS))
     with torch.no_grad():
         users = model.user_vectors(
@@ -45,17 +45,18 @@ def logits(model, split) -> torch.Tensor:
         return model.logits(users, model.item_vectors(every), every)
 
 
-@pytest.mark.parametrize("examples", ["multinomial", "leave_one_out"])
-def test_members_are_the_single_seeded_models_and_the_sum_is_their_logits(examples):
+# Seeds whose members stop at different epochs, so that the best epoch is checked.
+@pytest.mark.parametrize(("examples", "seed"), [("multinomial", 5), ("leave_one_out", 0)])
+def test_members_are_the_single_seeded_models_and_the_sum_is_their_logits(examples, seed):
     split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
-    options = {"epochs": 4, "batch_size": 64, "progress": False, "examples": examples}
-    options |= {"seed": 5, "eval_every": 1, "patience": 2}
+    options = {"epochs": 8, "batch_size": 64, "progress": False, "examples": examples}
+    options |= {"seed": seed, "eval_every": 1, "patience": 1, "k": 5, "eval_users": 40}
     summed = train_two_tower(linear_config(), TrainConfig(**options, members=3), split)
     singles = [
         train_two_tower(
             linear_config(dim=4, id_dim=4), TrainConfig(**{**options, "seed": s}), split
         )
-        for s in (5, 6, 7)
+        for s in (seed, seed + 1, seed + 2)
     ]
     assert summed.model.config == linear_config()
     want_logits = sum(logits(r.model, split) for r in singles)
@@ -68,14 +69,43 @@ def test_members_are_the_single_seeded_models_and_the_sum_is_their_logits(exampl
         assert not np.allclose(got, scores(r.model, split), atol=1e-3)
     user, item = export_embeddings(summed.model, history_for(split, "valid"))
     assert user.shape[1] == item.shape[1] == 13  # 3 x 4 wide, and the item-bias column
+    assert len({r.best_epoch for r in singles}) > 1  # else the next line tells nothing
     assert summed.best_epoch == max(r.best_epoch for r in singles)
-    assert summed.best_valid == evaluate_model(summed.model, split, "valid")
+    assert summed.best_valid == evaluate_model(summed.model, split, "valid", ks=(5,), max_users=40)
+    assert "recall@5" in summed.best_valid and summed.best_valid["users"] == 40
+    assert len(summed.epoch_cpu_seconds) == sum(len(r.log) for r in singles)
     assert [row["member"] for row in summed.log] == [
         float(j) for j, r in enumerate(singles) for _ in r.log
     ]
     assert [{k: v for k, v in row.items() if k != "member"} for row in summed.log] == [
         row for r in singles for row in r.log
     ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"use_user_id": True},
+        {"use_user_id": True, "use_history": False, "item_bias": False},
+        {"max_history": 2, "history_power": 1.0},
+    ],
+)
+def test_concatenation_sums_the_logits_of_any_linear_towers(change):
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+    members = []
+    for seed, width in ((0, 3), (1, 5)):
+        torch.manual_seed(seed)
+        model = TwoTower(linear_config(dim=width, id_dim=width, init_std=0.3, **change))
+        if model.item_bias is not None:
+            torch.nn.init.normal_(model.item_bias.weight)
+        members.append(model.eval())
+    summed = concat_two_towers(members)
+    assert summed.config == linear_config(dim=8, id_dim=8, init_std=0.3, **change)
+    want = sum(logits(m, split) for m in members)
+    assert torch.allclose(logits(summed, split), want, atol=1e-5)
+    np.testing.assert_allclose(
+        scores(summed, split), sum(scores(m, split) for m in members), atol=1e-5
+    )
 
 
 def test_the_sum_saves_and_loads_as_an_ordinary_two_tower(tmp_path):
@@ -151,5 +181,25 @@ def test_the_cli_trains_a_sum_of_seeds_and_refuses_one_it_cannot_build(tmp_path,
     assert load_model(run).config.dim == 8
     bad = tmp_path / "bad"
     assert main([*args, "--out", str(bad), "--dim", "8", "--members", "3"]) == 2
-    assert "not divisible by members = 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--members 3 with --dim 8" in err and "not divisible by members = 3" in err
     assert not bad.exists()
+
+
+@pytest.mark.parametrize(
+    ("two_tower", "key", "words"),
+    [
+        ("projection = false", "two_tower.projection", "needs hidden=()"),
+        ("projection = false\nhidden = []\nid_dim = 32", "two_tower.projection", "id_dim == dim"),
+        ("temperature = 0.0", "two_tower.temperature", "must be > 0"),
+    ],
+)
+def test_a_two_tower_shape_the_model_refuses_is_named_when_the_config_loads(
+    tmp_path, two_tower, key, words
+):
+    path = tmp_path / "shape.toml"
+    path.write_text(f"[two_tower]\n{two_tower}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "shape.toml" in message and key in message and words in message

@@ -17,7 +17,7 @@ from slimrank.compression.distill import DistillConfig
 from slimrank.compression.fit import FitConfig
 from slimrank.compression.gate import MODES, GateConfig
 from slimrank.compression.precision import PRECISIONS
-from slimrank.config import Config, ConfigError, require
+from slimrank.config import Config, ConfigError, FieldError, require
 from slimrank.data.split import SplitConfig
 from slimrank.ranking.features import FeatureConfig
 from slimrank.ranking.train import TrainConfig as TeacherTrainConfig
@@ -105,20 +105,22 @@ class TwoTowerStepConfig(Config):
     def __post_init__(self) -> None:
         require(self.dim >= 1, self, "dim", self.dim, "must be >= 1")
         require(self.id_dim >= 1, self, "id_dim", self.id_dim, "must be >= 1")
-        members = self.train.members
-        if members > 1:
-            shape = TwoTowerConfig(  # id_dim == dim is checked where the model is built
+        try:  # the model's own checks, named by this section's keys (the same names)
+            shape = TwoTowerConfig(
                 dim=self.dim,
-                id_dim=self.dim,
+                id_dim=self.id_dim,
                 hidden=self.hidden,
                 projection=self.projection,
                 normalize=self.normalize,
                 temperature=self.temperature,
             )
-            problem = ensemble_problem(shape, members)
-            if not problem and self.use_features:
-                problem = "members > 1 needs use_features = false"
-            require(not problem, self, "train.members", members, problem)
+        except FieldError as err:
+            require(False, self, err.field, err.value, err.why)
+        members = self.train.members
+        problem = ensemble_problem(shape, members)
+        if not problem and members > 1 and self.use_features:
+            problem = "members > 1 needs use_features = false"
+        require(not problem, self, "train.members", members, problem)
 
 
 @dataclasses.dataclass(frozen=True)

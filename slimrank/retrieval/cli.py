@@ -107,7 +107,7 @@ def train_command(args: argparse.Namespace) -> int:
     """Train, keep the best validation epoch, and save the model."""
     from slimrank.data.dataset import load_dataset, split_random
     from slimrank.errors import SlimrankError
-    from slimrank.retrieval.ensemble import member_config
+    from slimrank.retrieval.ensemble import ensemble_problem
     from slimrank.retrieval.train import TrainConfig, train_two_tower
     from slimrank.retrieval.two_tower import FeatureSpec, TwoTowerConfig, save_model
 
@@ -156,7 +156,9 @@ def train_command(args: argparse.Namespace) -> int:
             members=args.members,
             progress=not args.no_progress,
         )
-        member_config(model_config, train_config.members)  # a model that is no sum: say so
+        problem = ensemble_problem(model_config, train_config.members)
+        if problem:
+            raise SlimrankError(f"--members {args.members} with --dim {args.dim}: {problem}")
     except ValueError as err:  # a bad flag value: say which, without a traceback
         raise SlimrankError(str(err)) from err
     result = train_two_tower(

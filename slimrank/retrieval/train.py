@@ -280,11 +280,11 @@ def train_two_tower(
         )
     if len(split.train) == 0:
         raise ValueError("the training split is empty")
-    if config.members > 1:
-        return _train_members(model_config, config, split, user_features, item_features)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
+        if config.members > 1:
+            return _train_members(model_config, config, split, user_features, item_features)
         return _train(model_config, config, split, user_features, item_features)
     finally:
         torch.set_num_threads(threads)
