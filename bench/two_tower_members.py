@@ -43,7 +43,8 @@ def per_user(model, split, view: str) -> PerUser:
     truth = split.valid_matrix() if view == "valid" else split.test_matrix()
     seen = split.seen_for_valid() if view == "valid" else split.seen_for_test()
     users = evaluated_users(truth)
-    user, item = export_embeddings(model, history_for(split, view), users=users)
+    history = history_for(split, view, model.config.max_history)
+    user, item = export_embeddings(model, history, users=users)
     top = rank_users(lambda u: user[np.searchsorted(users, u)] @ item.T, users, seen, 10, 256)
     return PerUser(users, per_user_metrics(top, truth[users], 10)["ndcg"])
 

@@ -311,7 +311,25 @@ def _train_members(
         member = dataclasses.replace(config, members=1, seed=config.seed + j)
         results.append(train_two_tower(one, member, split, user_features, item_features))
     model = concat_two_towers([r.model for r in results])
-    valid = evaluate_model(
+    valid = _validate(model, config, split, user_features, item_features)
+    return TrainResult(
+        model=model,
+        best_epoch=max(r.best_epoch for r in results),
+        best_valid=valid,
+        log=[{**row, "member": float(j)} for j, r in enumerate(results) for row in r.log],
+        epoch_cpu_seconds=tuple(t for r in results for t in r.epoch_cpu_seconds),
+    )
+
+
+def _validate(
+    model: TwoTower,
+    config: TrainConfig,
+    split: Split,
+    user_features: FeatureTable | None,
+    item_features: FeatureTable | None,
+) -> dict[str, float]:
+    """Return ``model``'s validation metrics at the early-stopping cut-off and user sample."""
+    return evaluate_model(
         model,
         split,
         "valid",
@@ -319,13 +337,6 @@ def _train_members(
         item_features,
         ks=(config.k,),
         max_users=config.eval_users,
-    )
-    return TrainResult(
-        model=model,
-        best_epoch=max(r.best_epoch for r in results),
-        best_valid=valid,
-        log=[{**row, "member": float(j)} for j, r in enumerate(results) for row in r.log],
-        epoch_cpu_seconds=tuple(t for r in results for t in r.epoch_cpu_seconds),
     )
 
 
@@ -448,15 +459,7 @@ def _train(
             mean_loss = total / batches
             status = f"loss {mean_loss:.4f}"
             if epoch % config.eval_every == 0 or epoch == config.epochs:
-                valid = evaluate_model(
-                    scored,
-                    split,
-                    "valid",
-                    user_features,
-                    item_features,
-                    ks=(config.k,),
-                    max_users=config.eval_users,
-                )
+                valid = _validate(scored, config, split, user_features, item_features)
                 evals.append({"epoch": float(epoch), "loss": mean_loss, **valid})
                 log.info(
                     "epoch %d loss %.4f valid %s %.4f", epoch, mean_loss, metric, valid[metric]
