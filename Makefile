@@ -16,14 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian's prometheus and promtool, for the tests of deploy/prometheus, and nginx, for
-# `slimrank front` and its tests (needs root; CI is root). Without them those tests skip,
-# except under CI=true, where a missing promtool or nginx fails.
+# Debian's prometheus and promtool, for the tests of deploy/prometheus, and nginx and
+# HAProxy, for `slimrank front` and its tests (needs root; CI is root). Without them those
+# tests skip, except under CI=true, where a missing promtool, nginx or haproxy fails.
 system-deps:
 	@scripts/install_prometheus.sh || { if [ -n "$$CI" ]; then exit 1; fi; \
 	  echo "warning: prometheus/promtool not installed; their tests will skip" >&2; }
 	@scripts/install_nginx.sh || { if [ -n "$$CI" ]; then exit 1; fi; \
-	  echo "warning: nginx not installed; the front's tests will skip" >&2; }
+	  echo "warning: nginx not installed; the rate front's tests will skip" >&2; }
+	@scripts/install_haproxy.sh || { if [ -n "$$CI" ]; then exit 1; fi; \
+	  echo "warning: haproxy not installed; the queue front's tests will skip" >&2; }
 
 lint: install
 	$(BIN)/ruff check slimrank tests bench deploy scripts

@@ -1,10 +1,13 @@
-"""``slimrank front``: the real nginx in front of a real ``slimrank serve``, called through a
-real client. The front forwards calls unchanged, refuses Recommender calls past its rate with
-the server's RESOURCE_EXHAUSTED and retry details (and those never reach the server), never
-limits health or Admin calls, counts every outcome, and stops without leaving nginx behind.
+"""``slimrank front``: the real nginx (``--rate``) or HAProxy (``--in-flight``) in front of a
+real ``slimrank serve``, called through a real client. The front forwards calls unchanged,
+refuses Recommender calls past its limit with the server's RESOURCE_EXHAUSTED and retry
+details (and those never reach the server), never limits health or Admin calls, counts every
+outcome, and stops without leaving its proxy behind. What both proxies must do is tested
+on both (the ``proxy`` fixture); each limit's own behaviour on its own proxy.
 
-nginx comes from Debian's package (``scripts/install_nginx.sh``): installed here when we are
-root, a failure in CI when missing, a skip otherwise.
+The proxies come from Debian's packages (``scripts/install_nginx.sh``,
+``scripts/install_haproxy.sh``): installed here when we are root, a failure in CI when
+missing, a skip otherwise.
 """
 
 from __future__ import annotations
@@ -29,14 +32,16 @@ from prometheus_client import CollectorRegistry
 from serve_process import Server, scrape, start_ready
 
 from slimrank.bundle import publish
+from slimrank.front import haproxy_conf
 from slimrank.front.cli import PRINTED_PREFIX
 from slimrank.front.config import FrontConfig, nginx_rate
-from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, refusal_headers, render
-from slimrank.front.run import OUTCOMES
+from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, render
+from slimrank.front.refusal import QUEUE_MESSAGE, RATE_MESSAGE, refusal_headers
+from slimrank.front.run import OUTCOMES, write_pems
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import random_flat_bundle
-from slimrank.serving.security import channel_credentials
+from slimrank.serving.security import TLSConfig, channel_credentials
 from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
 from slimrank.serving.status import field_violations, retry_delay_s
@@ -47,25 +52,52 @@ RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 FRONT = [sys.executable, "-m", "slimrank.cli", "front"]
 
 
-def nginx_binary() -> str:
-    """Return nginx's path, installing Debian's package first if we can."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+def proxy_binary(engine: str) -> str:
+    """Return the path of ``engine`` (nginx or haproxy), installing Debian's package first if
+    we can."""
+    found = shutil.which(engine) or shutil.which(engine, path="/usr/sbin")
     if found:
         return found
+    script = f"scripts/install_{engine}.sh"
     if os.geteuid() == 0:
-        subprocess.run([str(ROOT / "scripts" / "install_nginx.sh")], check=True, timeout=900)
-        found = shutil.which("nginx", path="/usr/sbin:/usr/bin")
+        subprocess.run([str(ROOT / script)], check=True, timeout=900)
+        found = shutil.which(engine, path="/usr/sbin:/usr/bin")
         if found is None:
-            pytest.fail("nginx still missing after scripts/install_nginx.sh")
+            pytest.fail(f"{engine} still missing after {script}")
         return found
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail("nginx is missing in CI: run `sudo scripts/install_nginx.sh` first")
-    pytest.skip("nginx is not installed and we are not root: `sudo scripts/install_nginx.sh`")
+        pytest.fail(f"{engine} is missing in CI: run `sudo {script}` first")
+    pytest.skip(f"{engine} is not installed and we are not root: `sudo {script}`")
+
+
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+    """One of the front's proxies: its binary, and a limit no test call reaches."""
+
+    engine: str
+    binary: str
+
+    @property
+    def open_limit(self) -> tuple[str, ...]:
+        if self.engine == "nginx":
+            return ("--rate", "1000", "--burst", "100")
+        return ("--in-flight", "64", "--queue", "64")
 
 
 @pytest.fixture(scope="module")
 def nginx() -> str:
-    return nginx_binary()
+    return proxy_binary("nginx")
+
+
+@pytest.fixture(scope="module")
+def haproxy() -> str:
+    return proxy_binary("haproxy")
+
+
+@pytest.fixture(scope="module", params=["nginx", "haproxy"])
+def proxy(request: pytest.FixtureRequest) -> Proxy:
+    """Each proxy in turn, for what the front does whichever runs it."""
+    return Proxy(request.param, proxy_binary(request.param))
 
 
 def outcomes(**counts: float) -> dict[str, float]:
@@ -85,16 +117,20 @@ def front_cli(*args: str) -> subprocess.CompletedProcess:
 class Front:
     """A ``slimrank front`` subprocess and what its ready line announced."""
 
-    def __init__(self, nginx: str, upstream: str, *args: str) -> None:
+    def __init__(self, proxy: Proxy | str, upstream: str, *args: str) -> None:
+        if isinstance(proxy, str):  # an nginx binary
+            proxy = Proxy("nginx", proxy)
         ports = ["--port", "0", "--metrics-port", "0"]
-        argv = ["front", "--nginx", nginx, *ports, "--upstream", upstream, *args]
-        self.proc, match = start_ready(argv, READY)
+        argv = ["front", f"--{proxy.engine}", proxy.binary, *ports, "--upstream", upstream]
+        self.proc, match = start_ready([*argv, *args], READY)
         self.target = f"{match[1]}:{match[2]}"
         self.metrics = match[3]
-        self.nginx_pid = int(match[4])
-        # nginx retitles itself ("nginx: master process /usr/sbin/nginx -p DIR ...").
-        title = Path(f"/proc/{self.nginx_pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        self.prefix = Path(re.search(r" -p (\S+)", title.decode())[1])  # its own directory
+        self.proxy_pid = int(match[4])
+        # nginx retitles itself ("nginx: master process /usr/sbin/nginx -p DIR ..."); HAProxy
+        # keeps its command line ("... -f DIR/haproxy.cfg").
+        title = Path(f"/proc/{self.proxy_pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        found = re.search(r" -p (\S+)| -f (\S+)/haproxy\.cfg", title.decode())
+        self.prefix = Path(found[1] or found[2])  # its own directory
 
     def calls(self) -> dict[str, float]:
         """``slimrank_front_calls_total`` by outcome."""
@@ -180,6 +216,17 @@ def test_rates_are_written_as_nginx_reads_them() -> None:
         (["--rate", "10", "--nginx-workers", "0"], "--nginx-workers"),
         (["--rate", "10", "--max-message-bytes", "10"], "--max-message-bytes"),
         (["--rate", "10", "--port", "0", "--print-config"], "--port"),
+        ([], "one of the arguments --in-flight --rate is required"),
+        (["--in-flight", "2", "--rate", "10"], "argument --rate: not allowed with"),
+        (["--in-flight", "0"], "--in-flight"),
+        (["--in-flight", "2", "--queue", "0"], "--queue"),
+        (["--in-flight", "2", "--queue-timeout-ms", "0"], "--queue-timeout-ms"),
+        (["--in-flight", "2", "--burst", "5"], "--burst goes with --rate"),
+        (["--in-flight", "2", "--nginx-workers", "2"], "--nginx-workers goes with --rate"),
+        (["--in-flight", "2", "--max-message-bytes", "2048"], "--max-message-bytes goes"),
+        (["--rate", "10", "--queue", "3"], "--queue goes with --in-flight"),
+        (["--rate", "10", "--queue-timeout-ms", "30"], "--queue-timeout-ms goes"),
+        (["--in-flight", "2", "--port", "0", "--print-config"], "--port"),
     ],
 )
 def test_a_bad_flag_is_refused_by_name(args: list[str], named: str) -> None:
@@ -193,6 +240,24 @@ def test_a_missing_nginx_is_named_with_how_to_install_it(tmp_path: Path) -> None
     result = front_cli("--rate", "10", "--nginx", str(tmp_path / "no-nginx"))
     assert result.returncode == 2, result.stderr
     assert "nginx not found" in result.stderr and "install_nginx.sh" in result.stderr
+
+
+def test_a_missing_haproxy_is_named_with_how_to_install_it(tmp_path: Path) -> None:
+    result = front_cli("--in-flight", "2", "--haproxy", str(tmp_path / "no-haproxy"))
+    assert result.returncode == 2, result.stderr
+    assert "haproxy not found" in result.stderr and "install_haproxy.sh" in result.stderr
+
+
+def test_a_config_takes_exactly_one_limit() -> None:
+    for bad in ({}, {"rate": 10, "in_flight": 2}):
+        with pytest.raises(ValueError, match="either a rate"):
+            FrontConfig(**bad)
+    assert FrontConfig(rate=10).engine == "nginx"
+    assert FrontConfig(in_flight=2).engine == "haproxy"
+    with pytest.raises(ValueError, match="nginx front needs a rate"):
+        render(FrontConfig(in_flight=2), "/tmp/x", 50050, 5140)
+    with pytest.raises(ValueError, match="HAProxy front needs in_flight"):
+        haproxy_conf.render(FrontConfig(rate=10), "/tmp/x", 50050, 5140)
 
 
 def test_the_refusal_carries_the_servers_retry_details() -> None:
@@ -218,6 +283,62 @@ def test_log_lines_are_read_as_outcomes() -> None:
     assert outcome("<190>slimrank_front: PASSED 504 - -") == "upstream_error"
     assert outcome("garbage") is None
     assert outcome("<190>slimrank_front: PASSED 200") is None
+
+
+def test_queue_log_lines_are_read_as_outcomes() -> None:
+    read = haproxy_conf.outcome
+    line = "<134>Dec  3 08:00:00 slimrank_front[12]: "
+    assert read(line + "1 200 - LR--") == "refused"
+    assert read(line + "0 200 - ----") == "forwarded"
+    # The server's own answers: INVALID_ARGUMENT is an answer, RESOURCE_EXHAUSTED a refusal.
+    assert read(line + "0 200 3 ----") == "forwarded"
+    assert read(line + "0 200 8 ----") == "server_refused"
+    assert read(line + "0 503 - sQ--") == "queue_timeout"
+    assert read(line + "0 503 - SC--") == "upstream_error"
+    assert read(line + "0 502 - SH--") == "upstream_error"
+    assert read(line + "0 -1 - CD--") == "other"
+    assert read(line + "0 200 - CD--") == "other"
+    assert read("garbage") is None
+    assert read(line + "0 200 -") is None
+    assert read(line + "2 200 - ----") is None
+
+
+def haproxy_check(haproxy: str, text: str, prefix: Path) -> subprocess.CompletedProcess:
+    conf = prefix / "haproxy.cfg"
+    conf.write_text(text)
+    return subprocess.run(
+        [haproxy, "-c", "-f", str(conf)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_haproxy_accepts_the_rendered_config(haproxy: str, certs: Path, tmp_path: Path) -> None:
+    plain = FrontConfig(in_flight=2, queue=3, queue_timeout_ms=40, upstream="[::1]:9")
+    text = haproxy_conf.render(plain, str(tmp_path), 50050, 5140)
+    result = haproxy_check(haproxy, text, tmp_path)
+    assert result.returncode == 0 and "WARNING" not in result.stdout + result.stderr, result
+    assert "maxconn 2\n" in text and "queue(slimrank_limited) ge 3\n" in text
+    assert "timeout queue 40ms" in text
+    tls = FrontConfig(
+        in_flight=4,
+        upstream="127.0.0.1:9",
+        tls=TLSConfig(str(certs / "server.pem"), str(certs / "server.key"), str(certs / "ca.pem")),
+        upstream_ca=str(certs / "ca.pem"),
+        upstream_cert=str(certs / "client.pem"),
+        upstream_key=str(certs / "client.key"),
+        upstream_name="localhost",
+    )
+    write_pems(tls, tmp_path)
+    assert (tmp_path / haproxy_conf.FRONT_PEM).stat().st_mode & 0o077 == 0  # a private key
+    result = haproxy_check(haproxy, haproxy_conf.render(tls, str(tmp_path), 50050, 5140), tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_printed_queue_config_is_one_haproxy_accepts(haproxy: str, tmp_path: Path) -> None:
+    result = front_cli("--in-flight", "4", "--queue", "2", "--port", "50050", "--print-config")
+    assert result.returncode == 0, result.stderr
+    assert "maxconn 4\n" in result.stdout
+    check = haproxy_check(haproxy, result.stdout.replace(PRINTED_PREFIX, str(tmp_path)), tmp_path)
+    assert check.returncode == 0, check.stderr
 
 
 def nginx_check(nginx: str, prefix: Path, text: str) -> subprocess.CompletedProcess:
@@ -259,8 +380,8 @@ def test_the_printed_config_is_one_nginx_accepts(nginx: str, tmp_path: Path) -> 
 # --- through the real server -----------------------------------------------------------------
 
 
-def test_forwarded_calls_are_answered_as_the_server_answers_them(nginx: str, server) -> None:
-    front = Front(nginx, server.target, "--rate", "1000", "--burst", "100")
+def test_forwarded_calls_are_answered_as_the_server_answers_them(proxy: Proxy, server) -> None:
+    front = Front(proxy, server.target, *proxy.open_limit)
     try:
         with (
             SlimrankClient(front.target, timeout=10, retries=0) as via,
@@ -277,7 +398,11 @@ def test_forwarded_calls_are_answered_as_the_server_answers_them(nginx: str, ser
             assert "k" in field_violations(err.value)
         expected = outcomes(forwarded=5)
         assert front.calls_when(expected) == expected
-        assert front.gauge("slimrank_front_rate_limit") == 1000
+        if proxy.engine == "nginx":
+            assert front.gauge("slimrank_front_rate_limit") == 1000
+        else:
+            assert front.gauge("slimrank_front_in_flight_limit") == 64
+            assert front.gauge("slimrank_front_queue_limit") == 64
     finally:
         front.close()
 
@@ -335,11 +460,104 @@ def test_health_and_admin_calls_are_never_limited(nginx: str, server) -> None:
         front.close()
 
 
-def test_an_unreachable_server_is_unavailable_and_counted(nginx: str) -> None:
+def test_calls_past_the_servers_places_and_the_queue_are_refused_at_once(haproxy: str) -> None:
+    # A real server (in this process) whose ranker takes 0.5 s a call; the front lets one call
+    # at a time reach it and two wait: of 10 calls at once, 3 are answered and 7 refused by
+    # the front before the first answer comes back.
+    registry = CollectorRegistry()
+    server, port = create_server(
+        ServerConfig(port=0, max_inflight=8), SnapshotHolder(slow_snapshot(0.5)), registry
+    )
+    server.mark_serving()
+    front = Front(
+        Proxy("haproxy", haproxy),
+        f"127.0.0.1:{port}",
+        *("--in-flight", "1", "--queue", "2", "--queue-timeout-ms", "30000"),
+    )
+    try:
+        finished: list[str] = []
+        with SlimrankClient(front.target, timeout=30, retries=0) as client:
+            start = threading.Barrier(10)
+
+            def call(i: int) -> grpc.RpcError | None:
+                start.wait()
+                try:
+                    client.recommend(f"u{i}", 5)
+                except grpc.RpcError as err:
+                    finished.append("refused")
+                    return err
+                finished.append("answered")
+                return None
+
+            with ThreadPoolExecutor(10) as pool:
+                results = pool.map(call, range(10))
+                deadline = time.monotonic() + 20
+                while finished.count("refused") < 7 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                # The queue is full and the server busy: health calls still pass at once.
+                assert client.health() == "SERVING"
+                results = list(results)
+        assert finished == ["refused"] * 7 + ["answered"] * 3, finished
+        for err in (r for r in results if r is not None):
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.details() == QUEUE_MESSAGE
+            assert retry_delay_s(err) == pytest.approx(0.05)
+            assert ("grpc-retry-pushback-ms", "50") in [
+                (m.key, m.value) for m in err.trailing_metadata()
+            ]
+        served = registry.get_sample_value(
+            "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}
+        )
+        assert served == 3
+        expected = outcomes(forwarded=3, refused=7)
+        assert front.calls_when(expected) == expected
+    finally:
+        front.close()
+        server.shutdown(0).wait(10)
+
+
+def test_a_call_queued_past_its_timeout_is_unavailable_and_counted(haproxy: str) -> None:
+    registry = CollectorRegistry()
+    server, port = create_server(
+        ServerConfig(port=0, max_inflight=8), SnapshotHolder(slow_snapshot(1.0)), registry
+    )
+    server.mark_serving()
+    front = Front(
+        Proxy("haproxy", haproxy),
+        f"127.0.0.1:{port}",
+        *("--in-flight", "1", "--queue", "4", "--queue-timeout-ms", "200"),
+    )
+    try:
+        with SlimrankClient(front.target, timeout=30, retries=0) as client:
+            start = threading.Barrier(3)
+
+            def call(i: int) -> grpc.StatusCode:
+                start.wait()
+                try:
+                    client.recommend(f"u{i}", 5)
+                except grpc.RpcError as err:
+                    return err.code()
+                return grpc.StatusCode.OK
+
+            with ThreadPoolExecutor(3) as pool:
+                codes = sorted(pool.map(call, range(3)), key=str)
+        assert codes == sorted([grpc.StatusCode.OK] + [grpc.StatusCode.UNAVAILABLE] * 2, key=str)
+        served = registry.get_sample_value(
+            "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}
+        )
+        assert served == 1
+        expected = outcomes(forwarded=1, queue_timeout=2)
+        assert front.calls_when(expected) == expected
+    finally:
+        front.close()
+        server.shutdown(0).wait(10)
+
+
+def test_an_unreachable_server_is_unavailable_and_counted(proxy: Proxy) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
-    front = Front(nginx, dead, "--rate", "100")
+    front = Front(proxy, dead, *proxy.open_limit)
     try:
         with (
             SlimrankClient(front.target, timeout=10, retries=0) as client,
@@ -386,24 +604,24 @@ def _state_of(proc_dir: Path) -> str:
     return fields[0] if fields else ""
 
 
-def test_a_stop_ends_nginx_and_removes_its_directory(nginx: str, server) -> None:
-    front = Front(nginx, server.target, "--rate", "100")
+def test_a_stop_ends_the_proxy_and_removes_its_directory(proxy: Proxy, server) -> None:
+    front = Front(proxy, server.target, *proxy.open_limit)
     assert front.prefix.is_dir()
     with SlimrankClient(front.target, timeout=10, retries=0) as client:
         client.recommend("u2", 3)
     code, err = front.stop(signal.SIGTERM)
     assert code == 0, err
-    assert group_gone(front.nginx_pid), "nginx (master or workers) outlived its front"
+    assert group_gone(front.proxy_pid), "the proxy (or nginx's workers) outlived its front"
     assert not front.prefix.exists()
 
 
-def test_a_stop_waits_for_calls_in_flight_for_the_grace_only(nginx: str) -> None:
+def test_a_stop_waits_for_calls_in_flight_for_the_grace_only(proxy: Proxy) -> None:
     # A server that accepts connections and never answers: the call stays in flight.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         upstream = f"127.0.0.1:{silent.getsockname()[1]}"
-        front = Front(nginx, upstream, "--rate", "100", "--grace", "1")
+        front = Front(proxy, upstream, *proxy.open_limit, "--grace", "1")
         errors: list[grpc.RpcError] = []
 
         def call() -> None:
@@ -415,7 +633,7 @@ def test_a_stop_waits_for_calls_in_flight_for_the_grace_only(nginx: str) -> None
 
         caller = threading.Thread(target=call)
         caller.start()
-        conn, _ = silent.accept()  # nginx forwarded the call
+        conn, _ = silent.accept()  # the proxy forwarded the call
         started = time.monotonic()
         code, err = front.stop(signal.SIGTERM)
         took = time.monotonic() - started
@@ -425,37 +643,39 @@ def test_a_stop_waits_for_calls_in_flight_for_the_grace_only(nginx: str) -> None
     # The grace (1 s), then SIGTERM and at most its 5 s wait: not the call's 60 s deadline.
     assert 0.9 < took < 10, took
     assert errors and errors[0].code() != grpc.StatusCode.OK
-    assert group_gone(front.nginx_pid)
+    assert group_gone(front.proxy_pid)
 
 
-def test_a_killed_front_takes_its_nginx_with_it(nginx: str, server) -> None:
-    front = Front(nginx, server.target, "--rate", "100")
+def test_a_killed_front_takes_its_proxy_with_it(proxy: Proxy, server) -> None:
+    front = Front(proxy, server.target, *proxy.open_limit)
     front.stop(signal.SIGKILL)
-    assert group_gone(front.nginx_pid), "nginx outlived its front"
+    assert group_gone(front.proxy_pid), "the proxy outlived its front"
     shutil.rmtree(front.prefix, ignore_errors=True)  # a killed front cannot remove it
 
 
-def test_a_front_whose_nginx_dies_exits_and_leaves_no_worker(nginx: str, server) -> None:
-    front = Front(nginx, server.target, "--rate", "100")
+def test_a_front_whose_proxy_dies_exits_and_leaves_no_worker(proxy: Proxy, server) -> None:
+    front = Front(proxy, server.target, *proxy.open_limit)
     host, port = front.target.rsplit(":", 1)
-    os.kill(front.nginx_pid, signal.SIGKILL)  # the master only: its workers live on, orphans
+    os.kill(front.proxy_pid, signal.SIGKILL)  # nginx's master only: its workers live on
     code = front.proc.wait(timeout=30)
     assert code == 1
     # Checked first: an orphaned worker would also hold the front's stderr open.
-    assert group_gone(front.nginx_pid), "nginx's workers outlived their master and front"
-    assert "nginx exited by itself" in (front.proc.stderr.read() if front.proc.stderr else "")
+    assert group_gone(front.proxy_pid), "the proxy's workers outlived their master and front"
+    stderr = front.proc.stderr.read() if front.proc.stderr else ""
+    assert f"{proxy.engine} exited by itself" in stderr
     with pytest.raises(OSError):  # nobody serves the port any more
         socket.create_connection((host, int(port)), timeout=2).close()
     assert not front.prefix.exists()
 
 
-def test_a_port_in_use_is_a_clear_error(nginx: str, server) -> None:
+def test_a_port_in_use_is_a_clear_error(proxy: Proxy, server) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
         result = front_cli(
-            "--nginx", nginx, "--rate", "10", "--upstream", server.target, "--port", str(port)
+            *(f"--{proxy.engine}", proxy.binary, *proxy.open_limit),
+            *("--upstream", server.target, "--port", str(port)),
         )
     assert result.returncode == 2, result.stderr
     assert "front on" not in result.stdout
@@ -463,21 +683,21 @@ def test_a_port_in_use_is_a_clear_error(nginx: str, server) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_a_metrics_port_in_use_is_a_clear_error(nginx: str, server) -> None:
+def test_a_metrics_port_in_use_is_a_clear_error(proxy: Proxy, server) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
         result = front_cli(
-            *("--nginx", nginx, "--rate", "10", "--upstream", server.target, "--port", "0"),
-            *("--metrics-port", str(port)),
+            *(f"--{proxy.engine}", proxy.binary, *proxy.open_limit),
+            *("--upstream", server.target, "--port", "0", "--metrics-port", str(port)),
         )
     assert result.returncode == 2, result.stderr
     assert f"slimrank: error: cannot serve metrics on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_calls_the_server_refuses_are_counted_as_its_refusals(nginx: str) -> None:
+def test_calls_the_server_refuses_are_counted_as_its_refusals(proxy: Proxy) -> None:
     # A real server (in this process) that takes one call of 50 ms at a time and refuses
     # the rest itself; the front lets every call through.
     server, port = create_server(
@@ -486,7 +706,7 @@ def test_calls_the_server_refuses_are_counted_as_its_refusals(nginx: str) -> Non
         CollectorRegistry(),
     )
     server.mark_serving()
-    front = Front(nginx, f"127.0.0.1:{port}", "--rate", "1000", "--burst", "100")
+    front = Front(proxy, f"127.0.0.1:{port}", *proxy.open_limit)
     try:
         with SlimrankClient(front.target, timeout=10, retries=0) as client:
             start = threading.Barrier(8)
@@ -503,7 +723,8 @@ def test_calls_the_server_refuses_are_counted_as_its_refusals(nginx: str) -> Non
             with ThreadPoolExecutor(8) as pool:
                 results = list(pool.map(call, range(8)))
         refused = [r for r in results if r is not None]
-        assert refused and REFUSAL_MESSAGE not in refused  # the server's, not the front's
+        # The server's, not the front's.
+        assert refused and not {RATE_MESSAGE, QUEUE_MESSAGE} & set(refused)
         expected = outcomes(forwarded=8 - len(refused), server_refused=len(refused))
         assert front.calls_when(expected) == expected
     finally:
@@ -548,11 +769,11 @@ def mutual_tls(certs: Path) -> grpc.ChannelCredentials:
     return channel_credentials(certs / "ca.pem", certs / "client.pem", certs / "client.key")
 
 
-def test_mutual_tls_on_both_sides(nginx: str, certs: Path, tls_server) -> None:
+def test_mutual_tls_on_both_sides(proxy: Proxy, certs: Path, tls_server) -> None:
     front = Front(
-        nginx,
+        proxy,
         tls_server.target,
-        *("--rate", "1000"),
+        *proxy.open_limit,
         *("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")),
         *("--tls-client-ca", str(certs / "ca.pem")),
         *("--upstream-tls-ca", str(certs / "ca.pem"), "--upstream-tls-name", "localhost"),
@@ -578,9 +799,12 @@ def test_mutual_tls_on_both_sides(nginx: str, certs: Path, tls_server) -> None:
             pytest.raises(grpc.RpcError) as err,
         ):
             anon.recommend("u3", 10)
-        # nginx asks for the certificate in the handshake and answers HTTP 400 without one.
-        assert err.value.code() == grpc.StatusCode.INTERNAL
-        assert "400" in (err.value.details() or "")
+        if proxy.engine == "nginx":
+            # nginx asks for the certificate in the handshake and answers HTTP 400 without.
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+            assert "400" in (err.value.details() or "")
+        else:  # HAProxy fails the handshake itself
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         expected = outcomes(forwarded=1)
         assert front.calls_when(expected) == expected
     finally:
@@ -600,10 +824,10 @@ def test_mutual_tls_on_both_sides(nginx: str, certs: Path, tls_server) -> None:
     ],
 )
 def test_a_server_the_front_cannot_reach_safely_is_unavailable(
-    nginx: str, certs: Path, tls_server, upstream_flags: list[str]
+    proxy: Proxy, certs: Path, tls_server, upstream_flags: list[str]
 ) -> None:
     flags = [str(certs / f) if f.endswith((".pem", ".key")) else f for f in upstream_flags]
-    front = Front(nginx, tls_server.target, "--rate", "1000", *flags)
+    front = Front(proxy, tls_server.target, *proxy.open_limit, *flags)
     try:
         with (
             SlimrankClient(front.target, timeout=10, retries=0) as client,

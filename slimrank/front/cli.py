@@ -1,4 +1,6 @@
-"""``slimrank front``: an nginx front that refuses model calls past a set rate in C."""
+"""``slimrank front``: a proxy in front of the server that refuses model calls past its limit
+in C: nginx for a rate (``--rate``), HAProxy for calls in flight and a short queue
+(``--in-flight``)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from slimrank.front.config import FrontConfig
 from slimrank.serving.cli import tls_from_args
 
 DEFAULTS = FrontConfig(rate=1)
-# What --print-config writes for an nginx run by the system: its pid and temporary files
-# there, and the call log to the local syslog daemon.
+# What --print-config writes for a proxy run by the system: its pid, temporary and combined
+# PEM files there, and the call log to the local syslog daemon.
 PRINTED_PREFIX = "/var/lib/slimrank-front"
 SYSLOG_PORT = 514
 TLS_FILES = (
@@ -24,7 +26,7 @@ TLS_FILES = (
 
 
 def _absolute(path: Path | None) -> str | None:
-    """nginx reads relative paths from its own prefix: give it absolute ones."""
+    """The proxies read relative paths from their own directory: give them absolute ones."""
     return None if path is None else str(path.resolve())
 
 
@@ -32,22 +34,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``front`` subcommand."""
     p = sub.add_parser(
         "front",
-        help="run nginx in front of `slimrank serve`, refusing calls past a rate at once",
+        help="run a proxy in front of `slimrank serve`, refusing calls past its limit at once",
         description=(
-            "Run nginx (Debian's nginx-light) in front of one `slimrank serve`, on the same "
-            "host. Recommender calls past --rate calls a second (plus a burst of --burst) are "
-            "refused by nginx itself with RESOURCE_EXHAUSTED (in about a millisecond at the "
-            "median on one process's host), with the server's retry details; the rest are "
-            "forwarded. Health and Admin calls are never limited. Set --rate to about 1.2x "
-            "the rate the server holds in a load test (bench/serving.py): the front then "
-            "admits that much and no more, whatever the machine could do at the moment; the "
-            "server's own admission stays on behind it. "
+            "Run a proxy in front of one `slimrank serve`, on the same host, that refuses "
+            "Recommender calls past its limit itself with RESOURCE_EXHAUSTED (in about a "
+            "millisecond at the median), with the server's retry details; the rest are "
+            "forwarded. Health and Admin calls are never limited. Give one limit. "
+            "--in-flight N (HAProxy, Debian's haproxy): at most N calls at the server at once "
+            "and up to --queue more waiting in the front; a call that finds the queue full is "
+            "refused. It admits what the server finishes, so it follows the machine's speed; "
+            "N = 2 per server process. --rate R (nginx, Debian's nginx-light): R calls a "
+            "second plus a burst of --burst, whatever the machine could do at the moment; set "
+            "it to about 1.2x the rate the server holds in a load test (bench/serving.py). "
+            "The server's own admission stays on behind either. "
             "Prints `front on HOST:PORT metrics HOST:PORT pid N` once it listens."
         ),
     )
-    p.add_argument("--rate", type=float, required=True, help="Recommender calls admitted a second")
+    limit = p.add_mutually_exclusive_group(required=True)
+    limit.add_argument(
+        "--in-flight",
+        type=int,
+        help="Recommender calls at the server at once, the rest queued (HAProxy)",
+    )
+    limit.add_argument("--rate", type=float, help="Recommender calls admitted a second (nginx)")
     p.add_argument(
-        "--burst", type=int, default=DEFAULTS.burst, help="calls over the rate let through at once"
+        "--queue",
+        type=int,
+        help="with --in-flight: calls that may wait for the server; more are refused "
+        f"({DEFAULTS.queue})",
+    )
+    p.add_argument(
+        "--queue-timeout-ms",
+        type=int,
+        help="with --in-flight: a queued call waits at most this long, then UNAVAILABLE "
+        f"({DEFAULTS.queue_timeout_ms})",
+    )
+    p.add_argument(
+        "--burst",
+        type=int,
+        help=f"with --rate: calls over the rate let through at once ({DEFAULTS.burst})",
     )
     p.add_argument(
         "--upstream", default=DEFAULTS.upstream, help="the server's host:port (%(default)s)"
@@ -69,14 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-message-bytes",
         type=int,
-        default=DEFAULTS.max_message_bytes,
-        help="largest request forwarded (%(default)s, as the server's)",
+        help=f"with --rate: largest request forwarded ({DEFAULTS.max_message_bytes}, as the "
+        "server's; HAProxy leaves the limit to the server)",
     )
     p.add_argument(
         "--nginx-workers",
         type=int,
-        default=DEFAULTS.worker_processes,
-        help="nginx worker processes (%(default)s)",
+        help=f"with --rate: nginx worker processes ({DEFAULTS.worker_processes})",
     )
     p.add_argument("--tls-cert", type=Path, help="the front's certificate chain (PEM): TLS")
     p.add_argument("--tls-key", type=Path, help="the front's private key (PEM)")
@@ -98,11 +122,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "give a DNS name of the certificate when that is an IP address)",
     )
     p.add_argument("--nginx", default="nginx", help="the nginx binary (name or path)")
+    p.add_argument("--haproxy", default="haproxy", help="the HAProxy binary (name or path)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to finish calls on stop")
     p.add_argument(
         "--print-config",
         action="store_true",
-        help="print the nginx.conf (with --port as given, not 0) and exit, for your own nginx",
+        help="print the proxy's config (nginx.conf, or haproxy.cfg with --in-flight; --port "
+        "as given, not 0) and exit, for your own proxy",
     )
     p.set_defaults(func=cmd_front, parser=p)
 
@@ -114,11 +140,33 @@ def config_from_args(args: argparse.Namespace) -> FrontConfig:
         path = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if path is not None and not path.is_file():
             parser.error(f"{flag} {path}: no such file")
+    # Each limit's own flags: refused with the other limit rather than silently ignored.
+    own = {
+        "--rate": {
+            "--burst": ("burst", DEFAULTS.burst),
+            "--max-message-bytes": ("max_message_bytes", DEFAULTS.max_message_bytes),
+            "--nginx-workers": ("nginx_workers", DEFAULTS.worker_processes),
+        },
+        "--in-flight": {
+            "--queue": ("queue", DEFAULTS.queue),
+            "--queue-timeout-ms": ("queue_timeout_ms", DEFAULTS.queue_timeout_ms),
+        },
+    }
+    chosen = "--rate" if args.rate is not None else "--in-flight"
+    for limit, flags in own.items():
+        for flag, (name, default) in flags.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+            elif limit != chosen:
+                parser.error(f"{flag} goes with {limit}, not {chosen}")
     listener = (args.tls_cert, args.tls_key, args.tls_client_ca)
     tls = tls_from_args(parser, *(None if p is None else p.resolve() for p in listener))
     try:
         return FrontConfig(
             rate=args.rate,
+            in_flight=args.in_flight,
+            queue=args.queue,
+            queue_timeout_ms=args.queue_timeout_ms,
             upstream=args.upstream,
             host=args.host,
             port=args.port,
@@ -151,18 +199,24 @@ def config_from_args(args: argparse.Namespace) -> FrontConfig:
 
 def cmd_front(args: argparse.Namespace) -> int:
     """Run the front until SIGTERM/SIGINT; 0 after a clean stop."""
-    from slimrank.front.nginx_conf import render
+    from slimrank.front import haproxy_conf, nginx_conf
     from slimrank.front.run import run_front
 
     config = config_from_args(args)
     if args.print_config:
         if config.port == 0:
             args.parser.error("--port 0: --print-config needs a fixed port")
-        print(render(config, PRINTED_PREFIX, config.port, SYSLOG_PORT), end="")
+        if config.engine == "nginx":
+            print(nginx_conf.render(config, PRINTED_PREFIX, config.port, SYSLOG_PORT), end="")
+            return 0
+        for name, (cert, key) in haproxy_conf.combined_pems(config).items():
+            print(f"# {PRINTED_PREFIX}/{name}: cat {cert} {key} > it (mode 0600)")
+        print(haproxy_conf.render(config, PRINTED_PREFIX, config.port, SYSLOG_PORT), end="")
         return 0
 
     def ready(port: int, metrics_port: int | None, pid: int) -> None:
         metrics = "-" if metrics_port is None else f"{config.metrics_host}:{metrics_port}"
         print(f"front on {config.host}:{port} metrics {metrics} pid {pid}", flush=True)
 
-    return run_front(config, args.nginx, ready, grace_s=args.grace)
+    binary = args.nginx if config.engine == "nginx" else args.haproxy
+    return run_front(config, binary, ready, grace_s=args.grace)

@@ -1,4 +1,4 @@
-"""The front's configuration: where it listens, the server it forwards to, the rate it admits."""
+"""The front's configuration: where it listens, the server it forwards to, what it admits."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import re
 from slimrank.config import Config, require
 from slimrank.serving.security import TLSConfig
 
-# What may go into nginx.conf unquoted: no whitespace, quotes, ';', braces or variables.
-_NGINX_SAFE = re.compile(r"[^\s'\";{}$#]+")
+# What may go into nginx.conf or haproxy.cfg unquoted: no whitespace, quotes, ';', braces,
+# variables or HAProxy's '%' sample expressions.
+_CONF_SAFE = re.compile(r"[^\s'\";{}$#%\\]+")
 
 _UPSTREAM_PATHS = ("upstream_ca", "upstream_cert", "upstream_key")
 
@@ -51,8 +52,17 @@ def split_address(address: str) -> tuple[str, int] | None:
 
 @dataclasses.dataclass(frozen=True)
 class FrontConfig(Config):
-    """An nginx front that admits at most ``rate`` Recommender calls a second (plus a burst of
-    ``burst`` calls at once) and refuses the rest itself with RESOURCE_EXHAUSTED.
+    """A front that refuses Recommender calls past its limit itself, with RESOURCE_EXHAUSTED.
+
+    One of two limits. ``rate``: nginx admits at most ``rate`` calls a second (plus a burst of
+    ``burst`` calls at once), whatever the server could do at the moment. ``in_flight``:
+    HAProxy lets at most ``in_flight`` calls be at the server at once and up to ``queue``
+    more wait in its own queue (for at most ``queue_timeout_ms``, then UNAVAILABLE); a call
+    that finds the queue full is refused at once. The second follows the server's speed: it
+    admits what the server finishes, more in a fast hour and less in a slow one.
+    ``burst``, ``worker_processes``, ``max_message_bytes`` and ``upstream_keepalive`` are
+    nginx's (the rate front's); HAProxy runs one thread and leaves the size limit to the
+    server.
 
     The refusal carries what the server's own refusal carries: a ``google.rpc.RetryInfo`` of
     ``retry_after_s`` and the ``grpc-retry-pushback-ms`` trailer, so clients back off the same
@@ -69,7 +79,10 @@ class FrontConfig(Config):
     server that requires mutual TLS.
     """
 
-    rate: float
+    rate: float | None = None
+    in_flight: int | None = None
+    queue: int = 2
+    queue_timeout_ms: int = 50
     upstream: str = "127.0.0.1:50051"
     host: str = "127.0.0.1"
     port: int = 50050
@@ -87,6 +100,11 @@ class FrontConfig(Config):
     upstream_name: str | None = None
 
     @property
+    def engine(self) -> str:
+        """The proxy that runs this front: ``nginx`` for a rate, ``haproxy`` for a queue."""
+        return "nginx" if self.in_flight is None else "haproxy"
+
+    @property
     def upstream_host(self) -> str:
         """The server's host, as ``upstream`` names it (IPv6 in brackets)."""
         address = split_address(self.upstream)
@@ -94,12 +112,42 @@ class FrontConfig(Config):
 
     def __post_init__(self) -> None:
         require(
-            nginx_rate(self.rate) is not None,
+            (self.rate is None) != (self.in_flight is None),
+            self,
+            "rate",
+            self.rate,
+            "give either a rate (nginx admits so many calls a second) or in_flight (HAProxy "
+            "lets so many calls be at the server and queues a few more), not both or neither",
+        )
+        require(
+            self.rate is None or nginx_rate(self.rate) is not None,
             self,
             "rate",
             self.rate,
             "must be whole calls per second (400), or per minute (0.5 = 30 a minute): "
             "nginx reads whole numbers only",
+        )
+        require(
+            self.in_flight is None or 1 <= self.in_flight <= 10_000,
+            self,
+            "in_flight",
+            self.in_flight,
+            "must be in [1, 10000]",
+        )
+        require(1 <= self.queue <= 10_000, self, "queue", self.queue, "must be in [1, 10000]")
+        require(
+            1 <= self.queue_timeout_ms <= 60_000,
+            self,
+            "queue_timeout_ms",
+            self.queue_timeout_ms,
+            "must be in [1, 60000] (milliseconds)",
+        )
+        require(
+            self.in_flight is None or self.worker_processes == 1,
+            self,
+            "worker_processes",
+            self.worker_processes,
+            "is for the rate front's nginx; the queue front (in_flight) runs one HAProxy thread",
         )
         require(
             split_address(self.upstream) is not None,
@@ -167,7 +215,7 @@ class FrontConfig(Config):
             "upstream_name",
             self.upstream_name,
             f"needed with upstream_ca when the upstream is an IP address ({self.upstream}): "
-            "nginx checks a certificate's DNS names only; give one the server's carries",
+            "the front checks a certificate's DNS names only; give one the server's carries",
         )
         require(
             self.upstream_name is None or self.upstream_ca is not None,
@@ -182,11 +230,11 @@ class FrontConfig(Config):
             paths.update(tls_cert=tls.cert, tls_key=tls.key, tls_client_ca=tls.client_ca)
         for field, value in paths.items():
             require(
-                value is None or _NGINX_SAFE.fullmatch(value) is not None,
+                value is None or _CONF_SAFE.fullmatch(value) is not None,
                 self,
                 field,
                 value,
-                "must be a path without spaces, quotes, semicolons, braces or $",
+                "must be a path without spaces, quotes, semicolons, braces, $, % or backslashes",
             )
         require(
             self.upstream_name is None

@@ -14,36 +14,13 @@ syslog datagram to ``log_port`` on loopback, which the runner counts into
 
 from __future__ import annotations
 
-import base64
-
-import grpc
-
 from slimrank.front.config import FrontConfig, nginx_rate
+from slimrank.front.refusal import RATE_MESSAGE, refusal_headers
 from slimrank.serving.aio_engine import RECOMMENDER_PREFIX
-from slimrank.serving.status import refusal_metadata
 
-REFUSAL_MESSAGE = (
-    "front busy: over its rate limit, refused so that accepted calls stay fast; "
-    "retry with backoff, preferably on another replica"
-)
+REFUSAL_MESSAGE = RATE_MESSAGE
 LOG_TAG = "slimrank_front"
 GRPC_FRAME_HEADER_BYTES = 5
-
-
-def refusal_headers(config: FrontConfig) -> list[tuple[str, str]]:
-    """Return the gRPC status headers of the front's refusal, as the server's refusal has
-    them (:func:`slimrank.serving.status.refusal_metadata`): ``grpc-status`` 8, the message,
-    the ``google.rpc.Status`` with RetryInfo (base64, unpadded, as gRPC writes binary
-    headers) and the retry pushback."""
-    headers = [
-        ("grpc-status", str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])),
-        ("grpc-message", REFUSAL_MESSAGE),
-    ]
-    for key, value in refusal_metadata(REFUSAL_MESSAGE, config.retry_after_s):
-        if isinstance(value, bytes):
-            value = base64.b64encode(value).decode().rstrip("=")
-        headers.append((key, value))
-    return headers
 
 
 def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
@@ -51,6 +28,8 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
     with its temporary files and pid under ``prefix`` and the call log sent to ``log_port``."""
     if not 0 < port < 65536:
         raise ValueError(f"port {port}: the front needs a resolved port in [1, 65535]")
+    if config.rate is None:
+        raise ValueError("the nginx front needs a rate (in_flight is HAProxy's)")
     headers = "\n".join(
         f'      add_header {name} "{value}" always;' for name, value in refusal_headers(config)
     )

@@ -1,8 +1,10 @@
-"""Run the front: render nginx.conf into a private directory, check it with ``nginx -t``, run
-nginx in the foreground in its own process group, count its call log into Prometheus metrics,
-and stop it gracefully (then by force, after ``grace_s``).
+"""Run the front: render the proxy's config (nginx for a rate, HAProxy for a queue) into a
+private directory, check it, run the proxy in the foreground in its own process group, count
+its call log into Prometheus metrics, and stop it gracefully (then by force, after
+``grace_s``).
 
-The thin I/O shell around :mod:`slimrank.front.nginx_conf`.
+The thin I/O shell around :mod:`slimrank.front.nginx_conf` and
+:mod:`slimrank.front.haproxy_conf`.
 """
 
 from __future__ import annotations
@@ -24,16 +26,21 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from slimrank.errors import SlimrankError
+from slimrank.front import haproxy_conf, nginx_conf
 from slimrank.front.config import FrontConfig
-from slimrank.front.nginx_conf import outcome, render
 from slimrank.serving.metrics import MetricsEndpoint, start_metrics_endpoint
 from slimrank.serving.stop_request import StopRequest, stop_on
 from slimrank.serving.workers import reserve_port
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("forwarded", "refused", "server_refused", "upstream_error", "other")
-INSTALL_HINT = "install Debian's nginx-light (sudo scripts/install_nginx.sh) or pass --nginx PATH"
+OUTCOMES = ("forwarded", "refused", "queue_timeout", "server_refused", "upstream_error", "other")
+INSTALL_HINTS = {
+    "nginx": "install Debian's nginx-light (sudo scripts/install_nginx.sh) or pass --nginx PATH",
+    "haproxy": "install Debian's haproxy (sudo scripts/install_haproxy.sh) or pass --haproxy PATH",
+}
+# The signal that asks each proxy to stop taking calls and finish those in flight.
+GRACEFUL_STOP = {"nginx": signal.SIGQUIT, "haproxy": signal.SIGUSR1}
 START_TIMEOUT_S = 10.0
 KILL_AFTER_S = 5.0  # after the grace and a SIGTERM, SIGKILL the process group
 PR_SET_PDEATHSIG = 1
@@ -42,53 +49,69 @@ _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
 class FrontError(SlimrankError):
-    """The front could not start: nginx missing, its config refused, or a port taken."""
+    """The front could not start: its proxy missing, its config refused, or a port taken."""
 
 
-def find_nginx(nginx: str) -> str:
-    """Return the path of the nginx binary ``nginx`` names (a path or a name on PATH, also
-    looked up in /usr/sbin, where Debian puts it and a user's PATH often lacks)."""
-    found = shutil.which(nginx) or shutil.which(nginx, path="/usr/sbin:/usr/local/sbin")
+def find_proxy(engine: str, binary: str) -> str:
+    """Return the path of the ``engine`` binary ``binary`` names (a path or a name on PATH,
+    also looked up in /usr/sbin, where Debian puts it and a user's PATH often lacks)."""
+    found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/local/sbin")
     if found is None:
-        raise FrontError(f"nginx not found ({nginx!r}): {INSTALL_HINT}")
+        raise FrontError(f"{engine} not found ({binary!r}): {INSTALL_HINTS[engine]}")
     return found
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the front dies, so nginx is never orphaned."""
+    """In the child before exec: SIGTERM it when the front dies, so the proxy is never
+    orphaned."""
     _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class FrontMetrics:
-    """The front's own metrics: calls by outcome and the rate it admits."""
+    """The front's own metrics: calls by outcome and the limit it admits by."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, config: FrontConfig) -> None:
         self.calls = Counter(
             "slimrank_front_calls_total",
             "Recommender calls through the front, by outcome: forwarded to the server and "
-            "answered, refused by the front's rate limit (RESOURCE_EXHAUSTED), "
-            "server_refused (forwarded, and refused by the server's own admission), "
-            "upstream_error (the server could not be reached; the caller saw UNAVAILABLE), "
-            "or other (nginx answered with another HTTP status, e.g. 413 for a request over "
-            "the size limit, or the caller went away)",
+            "answered, refused by the front's limit (RESOURCE_EXHAUSTED), queue_timeout "
+            "(waited in the queue front's queue past its timeout; the caller saw "
+            "UNAVAILABLE), server_refused (forwarded, and refused by the server's own "
+            "admission), upstream_error (the server could not be reached; the caller saw "
+            "UNAVAILABLE), or other (the proxy answered with another HTTP status, e.g. 413 "
+            "for a request over the size limit, or the caller went away)",
             ["outcome"],
-            registry=registry,
-        )
-        self.rate = Gauge(
-            "slimrank_front_rate_limit",
-            "Recommender calls a second the front admits (its --rate)",
             registry=registry,
         )
         for name in OUTCOMES:
             self.calls.labels(name)
+        if config.rate is not None:
+            Gauge(
+                "slimrank_front_rate_limit",
+                "Recommender calls a second the front admits (its --rate)",
+                registry=registry,
+            ).set(config.rate)
+        if config.in_flight is not None:
+            Gauge(
+                "slimrank_front_in_flight_limit",
+                "Recommender calls the front lets be at the server at once (its --in-flight)",
+                registry=registry,
+            ).set(config.in_flight)
+            Gauge(
+                "slimrank_front_queue_limit",
+                "Recommender calls that may wait in the front's queue (its --queue)",
+                registry=registry,
+            ).set(config.queue)
 
 
 class CallLogReader:
-    """Reads nginx's syslog datagrams (one per Recommender call) on a loopback UDP port and
-    counts each call's outcome into :class:`FrontMetrics` on a thread of its own."""
+    """Reads the proxy's syslog datagrams (one per Recommender call) on a loopback UDP port
+    and counts each call's outcome (``outcome(line)``) into :class:`FrontMetrics` on a
+    thread of its own."""
 
-    def __init__(self, metrics: FrontMetrics) -> None:
+    def __init__(self, metrics: FrontMetrics, outcome: Callable[[str], str | None]) -> None:
         self._metrics = metrics
+        self._outcome = outcome
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
@@ -109,7 +132,7 @@ class CallLogReader:
                 continue
             except OSError:
                 return
-            name = outcome(data.decode(errors="replace").strip())
+            name = self._outcome(data.decode(errors="replace").strip())
             if name is not None:
                 self._metrics.calls.labels(name).inc()
 
@@ -121,10 +144,13 @@ class CallLogReader:
         self._sock.close()
 
 
-class NginxProcess:
-    """nginx in the foreground, in a process group of its own (master and workers)."""
+class ProxyProcess:
+    """nginx or HAProxy in the foreground, in a process group of its own (nginx's master and
+    workers). ``pid_file``: where the proxy writes its pid once it has bound its port (nginx
+    does; HAProxy in the foreground does not, and is ready when its port accepts)."""
 
-    def __init__(self, args: list[str], pid_file: Path) -> None:
+    def __init__(self, engine: str, args: list[str], pid_file: Path | None) -> None:
+        self.engine = engine
         self._pid_file = pid_file
         self.proc = subprocess.Popen(args, start_new_session=True, preexec_fn=_die_with_parent)
 
@@ -134,16 +160,18 @@ class NginxProcess:
         return self.proc.pid
 
     def wait_ready(self, host: str, port: int, stop: StopRequest) -> None:
-        """Return once nginx has bound its port (it writes its pid file after binding) and
-        accepts a connection; raise :class:`FrontError` if it exits or stalls first."""
+        """Return once the proxy has bound its port and accepts a connection; raise
+        :class:`FrontError` if it exits or stalls first."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and not stop.is_set():
             if self.proc.poll() is not None:
                 raise FrontError(
-                    f"nginx exited with code {self.proc.returncode} while starting on "
+                    f"{self.engine} exited with code {self.proc.returncode} while starting on "
                     f"{host}:{port} (its message is above)"
                 )
-            if self._pid_file.is_file() and self._pid_file.read_text().strip() == str(self.pid):
+            if self._pid_file is None or (
+                self._pid_file.is_file() and self._pid_file.read_text().strip() == str(self.pid)
+            ):
                 with (
                     contextlib.suppress(OSError),
                     socket.create_connection((host.strip("[]"), port), timeout=0.2),
@@ -151,13 +179,16 @@ class NginxProcess:
                     return
             stop.wait(0.02)
         if stop.is_set():
-            raise FrontError("stopped while nginx was starting")
-        raise FrontError(f"nginx did not listen on {host}:{port} within {START_TIMEOUT_S:g} s")
+            raise FrontError(f"stopped while {self.engine} was starting")
+        raise FrontError(
+            f"{self.engine} did not listen on {host}:{port} within {START_TIMEOUT_S:g} s"
+        )
 
     def stop(self, grace_s: float) -> None:
-        """Stop gracefully (SIGQUIT: nginx finishes the calls in flight and closes), for up to
-        ``grace_s``; then SIGTERM, then SIGKILL the whole group."""
-        for signum, wait_s in ((signal.SIGQUIT, grace_s), (signal.SIGTERM, KILL_AFTER_S)):
+        """Stop gracefully (nginx's SIGQUIT, HAProxy's SIGUSR1: finish the calls in flight and
+        close), for up to ``grace_s``; then SIGTERM, then SIGKILL the whole group."""
+        graceful = GRACEFUL_STOP[self.engine]
+        for signum, wait_s in ((graceful, grace_s), (signal.SIGTERM, KILL_AFTER_S)):
             if self.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.send_signal(signum)
@@ -184,19 +215,38 @@ def _metrics_endpoint(config: FrontConfig, registry: CollectorRegistry) -> Metri
         ) from err
 
 
+def _proxy_args(config: FrontConfig, binary: str, prefix: Path, conf: Path) -> list[list[str]]:
+    """The proxy's config check and its foreground run, as argument lists."""
+    if config.engine == "nginx":
+        args = [binary, "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
+        return [[*args, "-t", "-q"], [*args, "-g", "daemon off;"]]
+    return [[binary, "-c", "-q", "-f", str(conf)], [binary, "-db", "-q", "-f", str(conf)]]
+
+
+def write_pems(config: FrontConfig, prefix: Path) -> None:
+    """HAProxy's combined certificate-and-key files, readable by their owner only."""
+    for name, parts in haproxy_conf.combined_pems(config).items():
+        path = prefix / name
+        path.touch(mode=0o600)
+        path.write_text("\n".join(Path(part).read_text().strip() for part in parts) + "\n")
+
+
 def run_front(
     config: FrontConfig,
-    nginx: str,
+    binary: str,
     ready: Callable[[int, int | None, int], None],
     grace_s: float = 10.0,
 ) -> int:
-    """Run the front until SIGTERM/SIGINT (then nginx finishes the calls in flight, for up to
-    ``grace_s``, before it is killed) or until nginx exits; return 0 after a requested stop,
-    1 when nginx exited by itself.
+    """Run the front until SIGTERM/SIGINT (then the proxy finishes the calls in flight, for up
+    to ``grace_s``, before it is killed) or until the proxy exits; return 0 after a requested
+    stop, 1 when the proxy exited by itself.
 
-    ``ready(port, metrics_port, nginx_pid)`` is called once nginx listens.
+    ``binary``: the proxy ``config.engine`` names (nginx or haproxy), a name or a path.
+    ``ready(port, metrics_port, proxy_pid)`` is called once the proxy listens.
     """
-    binary = find_nginx(nginx)
+    engine = config.engine
+    conf_module = nginx_conf if engine == "nginx" else haproxy_conf
+    binary = find_proxy(engine, binary)
     if config.upstream_cert and (config.tls is None or config.tls.client_ca is None):
         log.warning(
             "the front presents a client certificate to the server but asks its own callers "
@@ -205,10 +255,10 @@ def run_front(
         )
     prefix = Path(tempfile.mkdtemp(prefix="slimrank-front-"))
     registry = CollectorRegistry()
-    metrics = FrontMetrics(registry)
-    reader = CallLogReader(metrics)
+    metrics = FrontMetrics(registry, config)
+    reader = CallLogReader(metrics, conf_module.outcome)
     endpoint = None
-    nginx_process = None
+    proxy = None
     try:
         with stop_on((signal.SIGTERM, signal.SIGINT)) as stop:
             # nginx started by root runs its workers as an unprivileged user: they must reach
@@ -218,37 +268,40 @@ def run_front(
             (prefix / "tmp").chmod(0o1777)
             endpoint = _metrics_endpoint(config, registry)
             with contextlib.ExitStack() as held:
-                # Held (SO_REUSEPORT, not listening) until nginx has bound it too, so that
-                # port 0's pick is not taken meanwhile; nginx listens with reuseport.
+                # Held (SO_REUSEPORT, not listening) until the proxy has bound it too, so that
+                # port 0's pick is not taken meanwhile; both proxies listen with reuseport.
                 try:
                     port = held.enter_context(reserve_port(config.host, config.port))
                 except OSError as err:
                     raise FrontError(
                         f"cannot listen on {config.host}:{config.port}: {err}"
                     ) from err
-                conf = prefix / "nginx.conf"
-                conf.write_text(render(config, str(prefix), port, reader.port))
-                metrics.rate.set(config.rate)
-                args = [binary, "-p", str(prefix), "-c", str(conf), "-e", "stderr"]
-                check = subprocess.run(
-                    [*args, "-t", "-q"], capture_output=True, text=True, check=False
-                )
+                conf = prefix / ("nginx.conf" if engine == "nginx" else "haproxy.cfg")
+                conf.write_text(conf_module.render(config, str(prefix), port, reader.port))
+                if engine == "haproxy":
+                    write_pems(config, prefix)
+                check_args, run_args = _proxy_args(config, binary, prefix, conf)
+                check = subprocess.run(check_args, capture_output=True, text=True, check=False)
                 if check.returncode != 0:
-                    raise FrontError(f"nginx refused the front's config:\n{check.stderr.strip()}")
-                nginx_process = NginxProcess([*args, "-g", "daemon off;"], prefix / "nginx.pid")
+                    raise FrontError(
+                        f"{engine} refused the front's config:\n"
+                        f"{(check.stderr or check.stdout).strip()}"
+                    )
+                pid_file = prefix / "nginx.pid" if engine == "nginx" else None
+                proxy = ProxyProcess(engine, run_args, pid_file)
                 reader.start()
-                nginx_process.wait_ready(config.host, port, stop)
-            ready(port, None if endpoint is None else endpoint.port, nginx_process.pid)
+                proxy.wait_ready(config.host, port, stop)
+            ready(port, None if endpoint is None else endpoint.port, proxy.pid)
             while not stop.wait(0.5):
-                if nginx_process.proc.poll() is not None:
-                    log.error("nginx exited by itself with code %d", nginx_process.proc.returncode)
+                if proxy.proc.poll() is not None:
+                    log.error("%s exited by itself with code %d", engine, proxy.proc.returncode)
                     return 1
-            log.info("stopping: nginx finishes the calls in flight (up to %g s)", grace_s)
-            nginx_process.stop(grace_s)
+            log.info("stopping: %s finishes the calls in flight (up to %g s)", engine, grace_s)
+            proxy.stop(grace_s)
             return 0
     finally:
-        if nginx_process is not None:
-            nginx_process.kill_group()
+        if proxy is not None:
+            proxy.kill_group()
         reader.close()
         if endpoint is not None:
             endpoint.close()

@@ -1,0 +1,136 @@
+"""The HAProxy configuration of the queue front, rendered from a :class:`FrontConfig` (pure).
+
+One frontend speaks HTTP/2 (gRPC), over TLS when configured, and forwards to the upstream
+``slimrank serve`` over HTTP/2 (TLS with the server's certificate verified when configured).
+``/slimrank.v1.Recommender/`` calls go to a backend whose one server takes at most
+``in_flight`` of them at once (``maxconn``); the next ones wait in HAProxy's queue, for at
+most ``queue_timeout_ms`` (then HAProxy answers 503, which the caller sees as UNAVAILABLE).
+A call that finds ``queue`` calls already waiting is answered by HAProxy itself at once with
+a trailers-only gRPC response: RESOURCE_EXHAUSTED and the server's own retry details. So the
+front admits what the server finishes, whatever the machine's speed that hour, and the wait
+of an admitted call is bounded by the calls ahead of it. Every other path goes to a second
+backend without a limit. Each Recommender call's outcome is logged as one syslog datagram to
+``log_port`` on loopback, which the runner counts into ``slimrank_front_calls_total``.
+"""
+
+from __future__ import annotations
+
+from slimrank.front.config import FrontConfig
+from slimrank.front.nginx_conf import LOG_TAG
+from slimrank.front.refusal import refusal_headers
+from slimrank.serving.aio_engine import RECOMMENDER_PREFIX
+
+LIMITED = "slimrank_limited"
+# One line per call: refused by the front (1/0), HTTP status, the server's grpc-status if it
+# came in the headers (a trailers-only answer: its refusals), and HAProxy's termination state.
+LOG_FORMAT = "%[var(txn.refused)] %ST %[var(txn.grpc_status)] %tsc"
+FRONT_PEM = "front.pem"
+UPSTREAM_PEM = "upstream.pem"
+
+
+def combined_pems(config: FrontConfig) -> dict[str, tuple[str, str]]:
+    """The PEM files HAProxy reads, each a certificate chain followed by its key (HAProxy
+    2.6 takes both from one file): name in the front's directory -> (cert, key)."""
+    pems = {}
+    if config.tls is not None:
+        pems[FRONT_PEM] = (config.tls.cert, config.tls.key)
+    if config.upstream_cert is not None and config.upstream_key is not None:
+        pems[UPSTREAM_PEM] = (config.upstream_cert, config.upstream_key)
+    return pems
+
+
+def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
+    """Return haproxy.cfg for ``config``, listening on ``port`` (the resolved one, never 0),
+    with its combined PEM files (:func:`combined_pems`) under ``prefix`` and the call log
+    sent to ``log_port``."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port}: the front needs a resolved port in [1, 65535]")
+    if config.in_flight is None:
+        raise ValueError("the HAProxy front needs in_flight (a rate is nginx's)")
+    refusal = " ".join(f'hdr {name} "{value}"' for name, value in refusal_headers(config))
+    listen_tls, server_tls = _tls_options(config, prefix)
+    refused = "{ var(txn.refused) -m int 1 }"
+    return f"""# slimrank front (queue): rendered by `slimrank front`; flags change it, not edits.
+global
+  nbthread 1
+  log 127.0.0.1:{log_port} len 1024 local0 info
+  log-tag {LOG_TAG}
+  tune.h2.max-concurrent-streams 1024
+
+defaults
+  mode http
+  log global
+  # One server: a failed connection is answered at once (UNAVAILABLE), not retried.
+  retries 0
+  timeout connect 1s
+  # Health.Watch streams stay open for long silences.
+  timeout client 1h
+  timeout server 1h
+  timeout queue {config.queue_timeout_ms}ms
+
+frontend slimrank_front
+  bind {config.host}:{port} proto h2{listen_tls}
+  log-format "{LOG_FORMAT}"
+  acl recommender path_beg {RECOMMENDER_PREFIX}
+  # Full: `queue` calls already wait for one of the server's `in_flight` places.
+  acl full queue({LIMITED}) ge {config.queue}
+  http-request set-log-level silent unless recommender
+  http-request set-var(txn.refused) int(0)
+  http-request set-var(txn.refused) int(1) if recommender full
+  http-request return status 200 {refusal} if {refused}
+  http-after-response set-header content-type application/grpc if {refused}
+  http-after-response del-header content-length if {refused}
+  http-request set-header X-Forwarded-For %[src]
+  http-response set-var(txn.grpc_status) res.hdr(grpc-status)
+  use_backend {LIMITED} if recommender
+  default_backend slimrank_open
+
+backend {LIMITED}
+  server slimrank {config.upstream} proto h2 maxconn {config.in_flight}{server_tls}
+
+backend slimrank_open
+  server slimrank {config.upstream} proto h2{server_tls}
+"""
+
+
+def _tls_options(config: FrontConfig, prefix: str) -> tuple[str, str]:
+    """The bind line's TLS options and the server lines'."""
+    listen = ""
+    if config.tls is not None:
+        listen = f" ssl crt {prefix}/{FRONT_PEM} alpn h2 ssl-min-ver TLSv1.2"
+        if config.tls.client_ca:
+            listen += f" ca-file {config.tls.client_ca} verify required"
+    if not config.upstream_ca:
+        return listen, ""
+    name = config.upstream_name or config.upstream_host
+    server = (
+        f" ssl verify required ca-file {config.upstream_ca} verifyhost {name}"
+        f" sni str({name}) alpn h2 ssl-min-ver TLSv1.2"
+    )
+    if config.upstream_cert:
+        server += f" crt {prefix}/{UPSTREAM_PEM}"
+    return listen, server
+
+
+def outcome(log_line: str) -> str | None:
+    """Return a call's outcome from one syslog datagram of the front's log: ``refused`` (by
+    the front: its queue was full), ``queue_timeout`` (waited in the queue past its timeout;
+    the caller saw UNAVAILABLE), ``server_refused`` (forwarded, and the server answered
+    RESOURCE_EXHAUSTED itself), ``upstream_error`` (HAProxy could not reach the server: HTTP
+    502/503/504, UNAVAILABLE to the caller), ``other`` (another HTTP status, or the caller
+    went away first) or ``forwarded``; None for a line that is not one."""
+    fields = log_line.rsplit(": ", 1)[-1].split()
+    if len(fields) != 4 or fields[0] not in ("0", "1") or not fields[1].lstrip("-").isdigit():
+        return None
+    refused, status, header_status, termination = fields
+    if refused == "1":
+        return "refused"
+    if termination.startswith("sQ"):
+        return "queue_timeout"
+    if status in ("502", "503", "504"):
+        return "upstream_error"
+    if status != "200" or termination[:1] == "C":
+        return "other"
+    if header_status == "8":
+        return "server_refused"
+    return "forwarded"
