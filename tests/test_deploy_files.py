@@ -446,9 +446,10 @@ def test_compose_front_reaches_the_server_over_loopback_with_mutual_tls():
     assert "DNS:" + flag(argv, "--upstream-tls-name") in (DEPLOY / "make_secrets.sh").read_text()
 
 
-def test_the_server_image_has_nginx_for_the_front():
+def test_the_server_image_has_both_proxies_of_the_front():
     installs = " ".join(rest for k, rest in final_stage() if k == "RUN")
-    assert "apt-get install" in installs and "nginx-light" in installs
+    assert "apt-get install" in installs
+    assert "nginx-light" in installs.split() and "haproxy" in installs.split()
 
 
 def _mounts(service: str) -> dict[str, Path]:
@@ -476,6 +477,11 @@ def test_compose_prometheus_loads_the_repository_config_and_rules():
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "slimrank"]
     assert job["static_configs"][0]["targets"] == [f"slimrank:{METRICS_PORT}"]
     assert str(METRICS_PORT) in [str(p) for p in compose()["services"]["slimrank"]["expose"]]
+    # The front's metrics, on the port its command gives, in the server's namespace.
+    (front,) = [j for j in config["scrape_configs"] if j["job_name"] == "slimrank-front"]
+    front_port = flag(slimrank_commands()["compose front"], "--metrics-port")
+    assert front["static_configs"][0]["targets"] == [f"slimrank:{front_port}"]
+    assert front_port in [str(p) for p in compose()["services"]["slimrank"]["expose"]]
 
 
 def test_compose_grafana_provisioning_finds_the_dashboard_and_prometheus():
