@@ -516,6 +516,71 @@ def test_calls_past_the_servers_places_and_the_queue_are_refused_at_once(haproxy
         server.shutdown(0).wait(10)
 
 
+def test_each_server_of_several_gets_its_own_calls_in_flight(haproxy: str) -> None:
+    # Two real servers (as two worker processes on their own ports would be), each taking
+    # 0.5 s a call: with --in-flight 1 each and a queue of 1, of 6 calls at once one runs at
+    # each server, one waits, and three are refused.
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    servers = [
+        create_server(
+            ServerConfig(port=0, max_inflight=8), SnapshotHolder(slow_snapshot(0.5)), registry
+        )
+        for registry in registries
+    ]
+    for server, _ in servers:
+        server.mark_serving()
+    upstream = ",".join(f"127.0.0.1:{port}" for _, port in servers)
+    front = Front(
+        Proxy("haproxy", haproxy),
+        upstream,
+        *("--in-flight", "1", "--queue", "1", "--queue-timeout-ms", "30000"),
+    )
+    try:
+        with SlimrankClient(front.target, timeout=30, retries=0) as client:
+            start = threading.Barrier(6)
+
+            def call(i: int) -> grpc.StatusCode:
+                start.wait()
+                try:
+                    client.recommend(f"u{i}", 5)
+                except grpc.RpcError as err:
+                    return err.code()
+                return grpc.StatusCode.OK
+
+            with ThreadPoolExecutor(6) as pool:
+                codes = list(pool.map(call, range(6)))
+        assert codes.count(grpc.StatusCode.OK) == 3, codes
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 3, codes
+        served = sorted(
+            registry.get_sample_value(
+                "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}
+            )
+            or 0
+            for registry in registries
+        )
+        assert served == [1, 2]
+    finally:
+        front.close()
+        for server, _ in servers:
+            server.shutdown(0).wait(10)
+
+
+def test_several_upstreams_are_checked_and_rendered() -> None:
+    config = FrontConfig(in_flight=2, upstream="127.0.0.1:9001, 127.0.0.1:9002")
+    assert config.upstreams == ["127.0.0.1:9001", "127.0.0.1:9002"]
+    text = haproxy_conf.render(config, "/tmp/x", 50050, 5140)
+    assert "server slimrank0 127.0.0.1:9001 proto h2 maxconn 2\n" in text
+    assert "server slimrank1 127.0.0.1:9002 proto h2 maxconn 2\n" in text
+    nginx_text = render(FrontConfig(rate=10, upstream=config.upstream), "/tmp/x", 50050, 5140)
+    assert "server 127.0.0.1:9001;" in nginx_text and "server 127.0.0.1:9002;" in nginx_text
+    for bad in ("127.0.0.1:9001,", "127.0.0.1:9001,127.0.0.1:9001", "a:1,b"):
+        with pytest.raises(ValueError, match="upstream"):
+            FrontConfig(in_flight=2, upstream=bad)
+    with pytest.raises(ValueError, match="different hosts"):
+        FrontConfig(in_flight=2, upstream="a.example:1,b.example:1", upstream_ca="/ca.pem")
+    FrontConfig(in_flight=2, upstream="a.example:1,a.example:2", upstream_ca="/ca.pem")
+
+
 def test_a_call_queued_past_its_timeout_is_unavailable_and_counted(haproxy: str) -> None:
     registry = CollectorRegistry()
     server, port = create_server(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -87,6 +88,69 @@ def test_two_workers_share_the_port_and_both_answer(tmp_path: Path) -> None:
         for line in ("serving", "shutting down", "stopped"):
             assert f"slimrank.serving.server[{pid}]: {line}" in err, err
     assert "Traceback" not in err, err
+
+
+def free_port_pair() -> int:
+    """A port that is free, with the next one free too (for ``--worker-ports``)."""
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            base = first.getsockname()[1]
+            try:
+                with socket.socket() as second:
+                    second.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise AssertionError("no two free ports in a row")
+
+
+def test_each_worker_also_answers_alone_on_its_own_port(tmp_path: Path) -> None:
+    root = tmp_path / "bundles"
+    publish(root, random_flat_bundle("a", seed=1))
+    metrics_dir = tmp_path / "metrics"
+    base = free_port_pair()
+    server = Server(
+        ["--bundles", str(root), "--workers", "2", "--worker-ports", str(base)],
+        {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+    )
+    try:
+        seen = []
+        for port in (base, base + 1):
+            # New channels each time: every call on this port reaches the same one worker.
+            for i in range(6):
+                channel = grpc.insecure_channel(
+                    f"127.0.0.1:{port}", [("grpc.use_local_subchannel_pool", 1)]
+                )
+                with SlimrankClient(f"127.0.0.1:{port}", timeout=10.0, channel=channel) as c:
+                    c.recommend(f"u{i}", 3)
+                channel.close()
+            seen.append(sorted(requests_by_pid(metrics_dir, server.pids).values()))
+        assert seen == [[0, 6], [6, 6]]
+    finally:
+        code, err = server.terminate(timeout_s=90)
+    assert code == 0, err
+    assert f"(and its own port {base})" in err and f"(and its own port {base + 1})" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--workers", "2", "--worker-ports", "65535"], "--worker-ports 65535"),
+        (["--workers", "2", "--worker-ports", "0"], "--worker-ports 0"),
+        (["--port", "50070", "--workers", "2", "--worker-ports", "50069"], "is also --port"),
+        (["--metrics-port", "50071", "--worker-ports", "50071"], "is also --metrics-port"),
+    ],
+)
+def test_bad_worker_ports_are_refused_by_name(args: list[str], named: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "slimrank.cli", "serve", "--bundles", "nowhere", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_a_port_is_shared_only_when_every_server_asks_for_it() -> None:

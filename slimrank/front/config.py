@@ -105,9 +105,15 @@ class FrontConfig(Config):
         return "nginx" if self.in_flight is None else "haproxy"
 
     @property
+    def upstreams(self) -> list[str]:
+        """The servers' ``host:port`` addresses: ``upstream`` is one, or several separated by
+        commas (one server's worker processes on their own ports, ``--worker-ports``)."""
+        return [part.strip() for part in self.upstream.split(",")]
+
+    @property
     def upstream_host(self) -> str:
-        """The server's host, as ``upstream`` names it (IPv6 in brackets)."""
-        address = split_address(self.upstream)
+        """The first server's host, as ``upstream`` names it (IPv6 in brackets)."""
+        address = split_address(self.upstreams[0])
         return "" if address is None else address[0]
 
     def __post_init__(self) -> None:
@@ -150,11 +156,13 @@ class FrontConfig(Config):
             "is for the rate front's nginx; the queue front (in_flight) runs one HAProxy thread",
         )
         require(
-            split_address(self.upstream) is not None,
+            all(split_address(part) is not None for part in self.upstreams)
+            and len(set(self.upstreams)) == len(self.upstreams),
             self,
             "upstream",
             self.upstream,
-            "must be host:port with a port in [1, 65535] (IPv6 in brackets)",
+            "must be host:port with a port in [1, 65535] (IPv6 in brackets), or several "
+            "different ones separated by commas",
         )
         require(0 <= self.port < 65536, self, "port", self.port, "must be in [0, 65535]")
         require(self.burst >= 0, self, "burst", self.burst, "must be >= 0")
@@ -216,6 +224,15 @@ class FrontConfig(Config):
             self.upstream_name,
             f"needed with upstream_ca when the upstream is an IP address ({self.upstream}): "
             "the front checks a certificate's DNS names only; give one the server's carries",
+        )
+        hosts = {split_address(part)[0] for part in self.upstreams if split_address(part)}
+        require(
+            self.upstream_ca is None or self.upstream_name is not None or len(hosts) <= 1,
+            self,
+            "upstream_name",
+            self.upstream_name,
+            f"needed with upstream_ca when the upstreams have different hosts ({self.upstream}): "
+            "the one name every server's certificate carries",
         )
         require(
             self.upstream_name is None or self.upstream_ca is not None,

@@ -2,8 +2,9 @@
 
 One frontend speaks HTTP/2 (gRPC), over TLS when configured, and forwards to the upstream
 ``slimrank serve`` over HTTP/2 (TLS with the server's certificate verified when configured).
-``/slimrank.v1.Recommender/`` calls go to a backend whose one server takes at most
-``in_flight`` of them at once (``maxconn``); the next ones wait in HAProxy's queue, for at
+``/slimrank.v1.Recommender/`` calls go to a backend whose servers (one, or one per worker
+process on its own port) each take at most ``in_flight`` of them at once (``maxconn``; a
+call goes to the server with the fewest); the next ones wait in HAProxy's queue, for at
 most ``queue_timeout_ms`` (then HAProxy answers 503, which the caller sees as UNAVAILABLE).
 A call that finds ``queue`` calls already waiting is answered by HAProxy itself at once with
 a trailers-only gRPC response: RESOURCE_EXHAUSTED and the server's own retry details. So the
@@ -50,6 +51,14 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
     refusal = " ".join(f'hdr {name} "{value}"' for name, value in refusal_headers(config))
     listen_tls, server_tls = _tls_options(config, prefix)
     refused = "{ var(txn.refused) -m int 1 }"
+    limited = "\n".join(
+        f"  server slimrank{i} {address} proto h2 maxconn {config.in_flight}{server_tls}"
+        for i, address in enumerate(config.upstreams)
+    )
+    open_ = "\n".join(
+        f"  server slimrank{i} {address} proto h2{server_tls}"
+        for i, address in enumerate(config.upstreams)
+    )
     return f"""# slimrank front (queue): rendered by `slimrank front`; flags change it, not edits.
 global
   nbthread 1
@@ -86,10 +95,13 @@ frontend slimrank_front
   default_backend slimrank_open
 
 backend {LIMITED}
-  server slimrank {config.upstream} proto h2 maxconn {config.in_flight}{server_tls}
+  # Each server (a process on its own port, or one server) takes `in_flight` calls at once;
+  # a call goes to the one with the fewest, and waits in the queue while all are full.
+  balance leastconn
+{limited}
 
 backend slimrank_open
-  server slimrank {config.upstream} proto h2{server_tls}
+{open_}
 """
 
 

@@ -41,6 +41,7 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
         f"access_log syslog:server=127.0.0.1:{log_port},tag={LOG_TAG},nohostname slimrank_front;"
     )
     listen_tls, upstream_tls, scheme = _tls_lines(config)
+    servers = "\n".join(f"    server {address};" for address in config.upstreams)
     return f"""# slimrank front: rendered by `slimrank front`; do not edit (flags change it).
 worker_processes {config.worker_processes};
 pid {prefix}/nginx.pid;
@@ -60,7 +61,7 @@ http {{
   limit_req_status 429;
   limit_req_log_level info;
   upstream slimrank {{
-    server {config.upstream};
+{servers}
     keepalive {config.upstream_keepalive};
   }}
   server {{

@@ -82,6 +82,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workers", type=int, default=1, help="server processes sharing the port (default 1)"
     )
+    p.add_argument(
+        "--worker-ports",
+        type=int,
+        metavar="BASE",
+        help="worker i also listens on BASE+i alone (i = 0..N-1), so that a front caps the "
+        "calls at each process: slimrank front --in-flight 2 --upstream H:BASE,H:BASE+1",
+    )
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     p.add_argument(
         "--max-inflight",
@@ -254,6 +261,7 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
     reload_wait_s = _wait_bound_s(parser, "--reload-wait-ms", args.reload_wait_ms)
     if args.http_port == 0 and args.workers > 1:
         parser.error("--http-port 0 with --workers: give a fixed port the workers can share")
+    own_ports = _worker_ports(parser, args)
     token_file = args.admin_token_file or os.environ.get(ENV_ADMIN_TOKEN_FILE)
     if token_file and args.admin_insecure:
         parser.error("--admin-insecure and an admin token exclude each other")
@@ -288,6 +296,7 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
             http_host=args.http_host,
             max_connection_idle_s=args.max_connection_idle,
             max_connection_age_s=args.max_connection_age or None,
+            own_port=None if own_ports is None or args.workers > 1 else own_ports[0],
         )
         reload = ReloadConfig(poll_interval_s=args.poll_interval, backoff_s=args.reload_backoff)
     except (OSError, ValueError) as err:
@@ -329,4 +338,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.workers == 1:
         return serve_one(spec, ready)
-    return serve_workers(spec, args.workers, ready)
+    return serve_workers(spec, args.workers, ready, _worker_ports(args.parser, args))
+
+
+def _worker_ports(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[int] | None:
+    """``--worker-ports BASE``: the ports BASE .. BASE+N-1, checked against the others."""
+    base = args.worker_ports
+    if base is None:
+        return None
+    ports = list(range(base, base + args.workers))
+    if base < 1 or ports[-1] > 65535:
+        last = f"BASE+{args.workers - 1}"
+        parser.error(f"--worker-ports {base}: BASE .. {last} must be in [1, 65535]")
+    taken = {
+        "--port": args.port,
+        "--metrics-port": args.metrics_port,
+        "--http-port": args.http_port,
+    }
+    for flag, port in taken.items():
+        if port in ports:
+            parser.error(f"--worker-ports {base}: {port} is also {flag}")
+    return ports

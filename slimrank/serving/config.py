@@ -102,6 +102,9 @@ class ServerConfig(Config):
     max_http_body_bytes: int = 1 << 20
     # Let several processes bind the same port (the kernel spreads connections among them).
     so_reuseport: bool = False
+    # A second port this process alone listens on (`--worker-ports`: a front can then cap the
+    # calls at each process on its own); None: none.
+    own_port: int | None = None
     max_connection_idle_s: float = 300.0
     max_connection_age_s: float | None = 1800.0
     max_connection_age_grace_s: float = 30.0
@@ -177,6 +180,13 @@ class ServerConfig(Config):
         )
         require(bool(self.host), self, "host", self.host, "must not be empty")
         require(0 <= self.port < 65536, self, "port", self.port, "must be in [0, 65535]")
+        require(
+            self.own_port is None or (0 < self.own_port < 65536 and self.own_port != self.port),
+            self,
+            "own_port",
+            self.own_port,
+            f"must be None or in [1, 65535] and not the shared port {self.port}",
+        )
         require(self.max_inflight >= 1, self, "max_inflight", self.max_inflight, "must be >= 1")
         require(
             self.max_workers > self.max_inflight,

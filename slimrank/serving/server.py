@@ -224,7 +224,15 @@ def create_server(
     endpoint = None
     if config.metrics_port is not None:
         endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
-    log.info("gRPC (%s) on %s:%d, model %s", config.engine, config.host, port, holder.get().version)
+    own = "" if config.own_port is None else f" (and its own port {config.own_port})"
+    log.info(
+        "gRPC (%s) on %s:%d%s, model %s",
+        config.engine,
+        config.host,
+        port,
+        own,
+        holder.get().version,
+    )
     slimrank = SlimrankServer(
         server, health_servicer, metrics, endpoint, config.grace_s, loop, pools, watch, admission
     )
@@ -253,13 +261,19 @@ def _bind(
     config: ServerConfig,
     credentials: grpc.ServerCredentials | None,
 ) -> int:
-    address = f"{config.host}:{config.port}"
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
-    if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+    """Listen on ``config.port`` (and ``config.own_port``, if set); return the port."""
+    port = 0
+    for wanted in (config.port, config.own_port):
+        if wanted is None:
+            continue
+        address = f"{config.host}:{wanted}"
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+        if bound == 0:
+            raise OSError(f"could not bind {address}")
+        port = port or bound
     return port
 
 

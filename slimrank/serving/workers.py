@@ -24,7 +24,7 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -219,14 +219,23 @@ def _await_ready(
     return ready
 
 
-def serve_workers(spec: ServeSpec, n: int, on_ready: OnReady | None = None) -> int:
-    """Serve ``spec`` from ``n`` worker processes on one port until SIGTERM/SIGINT.
+def serve_workers(
+    spec: ServeSpec,
+    n: int,
+    on_ready: OnReady | None = None,
+    own_ports: Sequence[int] | None = None,
+) -> int:
+    """Serve ``spec`` from ``n`` worker processes on one port until SIGTERM/SIGINT; worker
+    ``i`` also listens on ``own_ports[i]`` alone, when given (a front then reaches each
+    process on its own).
 
     Returns 0 after a requested stop, 1 if a worker failed to start or died while serving
     (the others are stopped too, so a supervisor restarts the whole server).
     """
     if n < 1:
         raise ValueError(f"serve_workers: n={n!r} must be >= 1")
+    if own_ports is not None and len(own_ports) != n:
+        raise ValueError(f"serve_workers: {len(own_ports)} own ports for {n} workers")
     metrics_dir = _multiproc_dir()
     os.environ[MULTIPROC_ENV] = str(metrics_dir)  # read by prometheus_client in each worker
     from prometheus_client import multiprocess
@@ -246,9 +255,11 @@ def serve_workers(spec: ServeSpec, n: int, on_ready: OnReady | None = None) -> i
             reports = ctx.Queue()
             levels = {name: logging.getLogger(name).getEffectiveLevel() for name in LOGGERS}
             for i in range(n):
+                own = None if own_ports is None else own_ports[i]
+                config = dataclasses.replace(worker_config, own_port=own)
                 proc = ctx.Process(
                     target=_worker_main,
-                    args=(worker_spec, reports, levels),
+                    args=(dataclasses.replace(worker_spec, server=config), reports, levels),
                     name=f"slimrank-worker-{i}",
                 )
                 proc.start()
