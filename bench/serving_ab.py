@@ -25,11 +25,13 @@ process (the load generator sends on meanwhile). The machine's speed changes bet
 on a shared VM (CPU per call is printed beside each run for that reason), so compare within
 pairs.
 
-With ``--b-front "--rate 400"`` (or ``--a-front``) that variant's calls go through a
-``slimrank front`` (nginx, started from the same tree, with those flags) in front of its
-server: the front's refusals, its nginx's CPU time per call and its call counts are recorded
-beside the server's. It needs Debian's nginx: ``make test`` installs it, ``make install``
-does not (``sudo scripts/install_nginx.sh``).
+With ``--b-front "--rate 400"`` or ``--b-front "--in-flight 2"`` (or ``--a-front``) that
+variant's calls go through a ``slimrank front`` (nginx for a rate, HAProxy for calls in
+flight; started from the same tree, with those flags, an ``--upstream`` among them
+overriding the server's address) in front of its server: the front's refusals, its proxy's
+CPU time per call and its call counts are recorded beside the server's. It needs Debian's
+nginx or haproxy: ``make test`` installs both, ``make install`` does not (``sudo
+scripts/install_nginx.sh``, ``sudo scripts/install_haproxy.sh``).
 
 Writes ``bench/results/serving_ab_<name>.{json,md}``.
 """
@@ -70,7 +72,7 @@ FRONT_READY = re.compile(r"front on (\S+):(\d+) metrics (\S+) pid (\d+)")
 
 
 class FrontProcess:
-    """``slimrank front`` (from ``tree``) in front of ``upstream``, and its nginx's CPU time."""
+    """``slimrank front`` (from ``tree``) in front of ``upstream``, and its proxy's CPU time."""
 
     def __init__(self, tree: Path, upstream: str, flags: list[str]) -> None:
         argv = [sys.executable, "-m", "slimrank.cli", "front", "--upstream", upstream]
@@ -86,9 +88,9 @@ class FrontProcess:
         self.master = int(match[4])
 
     def cpu_seconds(self) -> float:
-        """CPU time of the front so far: its own process (which counts nginx's log), nginx's
-        master, its live workers, and (the master's ``cutime``/``cstime``) the workers a
-        reload replaced, once the master reaped them."""
+        """CPU time of the front so far: its own process (which counts the proxy's log), the
+        proxy's process (nginx's master, or HAProxy), nginx's live workers, and (the
+        master's ``cutime``/``cstime``) the workers a reload replaced, once reaped."""
         ticks = os.sysconf("SC_CLK_TCK")
         fields = Path(f"/proc/{self.master}/stat").read_text().rsplit(")", 1)[1].split()
         own = sum(int(f) for f in fields[11:15]) / ticks  # utime stime cutime cstime

@@ -293,14 +293,15 @@ def test_queue_log_lines_are_read_as_outcomes() -> None:
     # The server's own answers: INVALID_ARGUMENT is an answer, RESOURCE_EXHAUSTED a refusal.
     assert read(line + "0 200 3 ----") == "forwarded"
     assert read(line + "0 200 8 ----") == "server_refused"
-    assert read(line + "0 503 - sQ--") == "queue_timeout"
+    assert read(line + "2 200 - sQ--") == "queue_timeout"
     assert read(line + "0 503 - SC--") == "upstream_error"
     assert read(line + "0 502 - SH--") == "upstream_error"
     assert read(line + "0 -1 - CD--") == "other"
     assert read(line + "0 200 - CD--") == "other"
     assert read("garbage") is None
     assert read(line + "0 200 -") is None
-    assert read(line + "2 200 - ----") is None
+    assert read(line + "3 200 - ----") is None
+    assert read(line + "01 200 - ----") is None
 
 
 def haproxy_check(haproxy: str, text: str, prefix: Path) -> subprocess.CompletedProcess:
@@ -581,7 +582,7 @@ def test_several_upstreams_are_checked_and_rendered() -> None:
     FrontConfig(in_flight=2, upstream="a.example:1,a.example:2", upstream_ca="/ca.pem")
 
 
-def test_a_call_queued_past_its_timeout_is_unavailable_and_counted(haproxy: str) -> None:
+def test_a_call_queued_past_its_timeout_is_refused_and_counted(haproxy: str) -> None:
     registry = CollectorRegistry()
     server, port = create_server(
         ServerConfig(port=0, max_inflight=8), SnapshotHolder(slow_snapshot(1.0)), registry
@@ -596,17 +597,22 @@ def test_a_call_queued_past_its_timeout_is_unavailable_and_counted(haproxy: str)
         with SlimrankClient(front.target, timeout=30, retries=0) as client:
             start = threading.Barrier(3)
 
-            def call(i: int) -> grpc.StatusCode:
+            def call(i: int) -> grpc.RpcError | None:
                 start.wait()
                 try:
                     client.recommend(f"u{i}", 5)
                 except grpc.RpcError as err:
-                    return err.code()
-                return grpc.StatusCode.OK
+                    return err
+                return None
 
             with ThreadPoolExecutor(3) as pool:
-                codes = sorted(pool.map(call, range(3)), key=str)
-        assert codes == sorted([grpc.StatusCode.OK] + [grpc.StatusCode.UNAVAILABLE] * 2, key=str)
+                results = list(pool.map(call, range(3)))
+        refused = [r for r in results if r is not None]
+        assert len(refused) == 2, results
+        for err in refused:  # after waiting 0.2 s, as the front's own refusal
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.details() == QUEUE_MESSAGE
+            assert retry_delay_s(err) == pytest.approx(0.05)
         served = registry.get_sample_value(
             "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}
         )

@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--queue-timeout-ms",
         type=int,
-        help="with --in-flight: a queued call waits at most this long, then UNAVAILABLE "
+        help="with --in-flight: a queued call waits at most this long, then is refused "
         f"({DEFAULTS.queue_timeout_ms})",
     )
     p.add_argument(

@@ -57,7 +57,7 @@ class FrontConfig(Config):
     One of two limits. ``rate``: nginx admits at most ``rate`` calls a second (plus a burst of
     ``burst`` calls at once), whatever the server could do at the moment. ``in_flight``:
     HAProxy lets at most ``in_flight`` calls be at the server at once and up to ``queue``
-    more wait in its own queue (for at most ``queue_timeout_ms``, then UNAVAILABLE); a call
+    more wait in its own queue (for at most ``queue_timeout_ms``, then refused too); a call
     that finds the queue full is refused at once. The second follows the server's speed: it
     admits what the server finishes, more in a fast hour and less in a slow one.
     ``burst``, ``worker_processes``, ``max_message_bytes`` and ``upstream_keepalive`` are

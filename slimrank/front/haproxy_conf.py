@@ -4,10 +4,10 @@ One frontend speaks HTTP/2 (gRPC), over TLS when configured, and forwards to the
 ``slimrank serve`` over HTTP/2 (TLS with the server's certificate verified when configured).
 ``/slimrank.v1.Recommender/`` calls go to a backend whose servers (one, or one per worker
 process on its own port) each take at most ``in_flight`` of them at once (``maxconn``; a
-call goes to the server with the fewest); the next ones wait in HAProxy's queue, for at
-most ``queue_timeout_ms`` (then HAProxy answers 503, which the caller sees as UNAVAILABLE).
-A call that finds ``queue`` calls already waiting is answered by HAProxy itself at once with
-a trailers-only gRPC response: RESOURCE_EXHAUSTED and the server's own retry details. So the
+call goes to the server with the fewest); the next ones wait in HAProxy's queue. A call
+that finds ``queue`` calls already waiting, or that has waited ``queue_timeout_ms``, is
+answered by HAProxy itself with a trailers-only gRPC response: RESOURCE_EXHAUSTED and the
+server's own retry details (a server HAProxy cannot reach is UNAVAILABLE, as before). So the
 front admits what the server finishes, whatever the machine's speed that hour, and the wait
 of an admitted call is bounded by the calls ahead of it. Every other path goes to a second
 backend without a limit. Each Recommender call's outcome is logged as one syslog datagram to
@@ -22,8 +22,9 @@ from slimrank.front.refusal import refusal_headers
 from slimrank.serving.aio_engine import RECOMMENDER_PREFIX
 
 LIMITED = "slimrank_limited"
-# One line per call: refused by the front (1/0), HTTP status, the server's grpc-status if it
-# came in the headers (a trailers-only answer: its refusals), and HAProxy's termination state.
+# One line per call: refused by the front (0: no; 1: the queue was full; 2: waited the queue's
+# timeout), HTTP status, the server's grpc-status if it came in the headers (a trailers-only
+# answer: its refusals), and HAProxy's termination state.
 LOG_FORMAT = "%[var(txn.refused)] %ST %[var(txn.grpc_status)] %tsc"
 FRONT_PEM = "front.pem"
 UPSTREAM_PEM = "upstream.pem"
@@ -51,6 +52,23 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
     refusal = " ".join(f'hdr {name} "{value}"' for name, value in refusal_headers(config))
     listen_tls, server_tls = _tls_options(config, prefix)
     refused = "{ var(txn.refused) -m int 1 }"
+    timed_out = "{ var(txn.refused) -m int 2 }"
+    # HAProxy answers a call whose queue wait ran out with 503 and no server; an unreachable
+    # server's 503 names its server. Only the first becomes the front's refusal.
+    timeout_rules = "\n".join(
+        [
+            "  http-error status 503",
+            "  http-after-response set-var(txn.refused) int(2) if { status 503 } "
+            "!{ srv_id -m found }",
+            f"  http-after-response set-status 200 if {timed_out}",
+            f"  http-after-response set-header content-type application/grpc if {timed_out}",
+            *(
+                f'  http-after-response set-header {name} "{value}" if {timed_out}'
+                for name, value in refusal_headers(config)
+            ),
+            f"  http-after-response del-header content-length if {timed_out}",
+        ]
+    )
     limited = "\n".join(
         f"  server slimrank{i} {address} proto h2 maxconn {config.in_flight}{server_tls}"
         for i, address in enumerate(config.upstreams)
@@ -98,6 +116,7 @@ backend {LIMITED}
   # Each server (a process on its own port, or one server) takes `in_flight` calls at once;
   # a call goes to the one with the fewest, and waits in the queue while all are full.
   balance leastconn
+{timeout_rules}
 {limited}
 
 backend slimrank_open
@@ -126,18 +145,18 @@ def _tls_options(config: FrontConfig, prefix: str) -> tuple[str, str]:
 
 def outcome(log_line: str) -> str | None:
     """Return a call's outcome from one syslog datagram of the front's log: ``refused`` (by
-    the front: its queue was full), ``queue_timeout`` (waited in the queue past its timeout;
-    the caller saw UNAVAILABLE), ``server_refused`` (forwarded, and the server answered
+    the front: its queue was full), ``queue_timeout`` (refused by the front after waiting in
+    the queue for its timeout), ``server_refused`` (forwarded, and the server answered
     RESOURCE_EXHAUSTED itself), ``upstream_error`` (HAProxy could not reach the server: HTTP
     502/503/504, UNAVAILABLE to the caller), ``other`` (another HTTP status, or the caller
     went away first) or ``forwarded``; None for a line that is not one."""
     fields = log_line.rsplit(": ", 1)[-1].split()
-    if len(fields) != 4 or fields[0] not in ("0", "1") or not fields[1].lstrip("-").isdigit():
+    if len(fields) != 4 or fields[0] not in ("0", "1", "2") or not fields[1].lstrip("-").isdigit():
         return None
     refused, status, header_status, termination = fields
     if refused == "1":
         return "refused"
-    if termination.startswith("sQ"):
+    if refused == "2":
         return "queue_timeout"
     if status in ("502", "503", "504"):
         return "upstream_error"

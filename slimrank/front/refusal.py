@@ -14,8 +14,9 @@ RATE_MESSAGE = (
     "retry with backoff, preferably on another replica"
 )
 QUEUE_MESSAGE = (
-    "front busy: the server's calls in flight and the front's queue are full, refused so "
-    "that accepted calls stay fast; retry with backoff, preferably on another replica"
+    "front busy: every place at the server is taken and the front's queue is full or the "
+    "wait in it ran out, refused so that accepted calls stay fast; retry with backoff, "
+    "preferably on another replica"
 )
 
 

@@ -75,8 +75,8 @@ class FrontMetrics:
             "slimrank_front_calls_total",
             "Recommender calls through the front, by outcome: forwarded to the server and "
             "answered, refused by the front's limit (RESOURCE_EXHAUSTED), queue_timeout "
-            "(waited in the queue front's queue past its timeout; the caller saw "
-            "UNAVAILABLE), server_refused (forwarded, and refused by the server's own "
+            "(refused by the queue front after waiting its queue timeout, "
+            "RESOURCE_EXHAUSTED too), server_refused (forwarded, and refused by the server's own "
             "admission), upstream_error (the server could not be reached; the caller saw "
             "UNAVAILABLE), or other (the proxy answered with another HTTP status, e.g. 413 "
             "for a request over the size limit, or the caller went away)",
