@@ -226,6 +226,8 @@ def test_rates_are_written_as_nginx_reads_them() -> None:
         (["--in-flight", "2", "--max-message-bytes", "2048"], "--max-message-bytes goes"),
         (["--rate", "10", "--queue", "3"], "--queue goes with --in-flight"),
         (["--rate", "10", "--queue-timeout-ms", "30"], "--queue-timeout-ms goes"),
+        (["--in-flight", "2", "--retry-after-ms", "1e300"], "--retry-after-ms"),
+        (["--in-flight", "2", "--upstream", "a.example:1,A.example:1"], "--upstream"),
         (["--in-flight", "2", "--port", "0", "--print-config"], "--port"),
     ],
 )
@@ -495,8 +497,14 @@ def test_calls_past_the_servers_places_and_the_queue_are_refused_at_once(haproxy
                 deadline = time.monotonic() + 20
                 while finished.count("refused") < 7 and time.monotonic() < deadline:
                     time.sleep(0.01)
-                # The queue is full and the server busy: health calls still pass at once.
+                # The queue is full and the server busy: health and Admin calls still pass.
                 assert client.health() == "SERVING"
+                assert client.model_info().version == "v1"
+                # On the wire the refusal is gRPC's trailers-only answer (stricter clients
+                # than Python's need its content-type).
+                head = raw_http2_post(front.target, RECOMMEND)
+                assert head.startswith("http/2 200"), head
+                assert "content-type: application/grpc" in head and "grpc-status: 8" in head
                 results = list(results)
         assert finished == ["refused"] * 7 + ["answered"] * 3, finished
         for err in (r for r in results if r is not None):
@@ -510,7 +518,7 @@ def test_calls_past_the_servers_places_and_the_queue_are_refused_at_once(haproxy
             "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}
         )
         assert served == 3
-        expected = outcomes(forwarded=3, refused=7)
+        expected = outcomes(forwarded=3, refused=8)  # curl's call included
         assert front.calls_when(expected) == expected
     finally:
         front.close()
@@ -570,8 +578,9 @@ def test_several_upstreams_are_checked_and_rendered() -> None:
     config = FrontConfig(in_flight=2, upstream="127.0.0.1:9001, 127.0.0.1:9002")
     assert config.upstreams == ["127.0.0.1:9001", "127.0.0.1:9002"]
     text = haproxy_conf.render(config, "/tmp/x", 50050, 5140)
-    assert "server slimrank0 127.0.0.1:9001 proto h2 maxconn 2\n" in text
-    assert "server slimrank1 127.0.0.1:9002 proto h2 maxconn 2\n" in text
+    assert "server slimrank0 127.0.0.1:9001 proto h2 maxconn 2 check inter 1s" in text
+    assert "server slimrank1 127.0.0.1:9002 proto h2 maxconn 2 check inter 1s" in text
+    assert "option redispatch 1" in text and "retries 0" not in text
     nginx_text = render(FrontConfig(rate=10, upstream=config.upstream), "/tmp/x", 50050, 5140)
     assert "server 127.0.0.1:9001;" in nginx_text and "server 127.0.0.1:9002;" in nginx_text
     for bad in ("127.0.0.1:9001,", "127.0.0.1:9001,127.0.0.1:9001", "a:1,b"):
@@ -580,6 +589,40 @@ def test_several_upstreams_are_checked_and_rendered() -> None:
     with pytest.raises(ValueError, match="different hosts"):
         FrontConfig(in_flight=2, upstream="a.example:1,b.example:1", upstream_ca="/ca.pem")
     FrontConfig(in_flight=2, upstream="a.example:1,a.example:2", upstream_ca="/ca.pem")
+
+
+def raw_http2_post(target: str, path: str) -> str:
+    """The response head of an empty HTTP/2 POST (curl, prior knowledge), lower-cased."""
+    curl = shutil.which("curl")
+    if curl is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("curl is missing in CI")
+        pytest.skip("curl is not installed")
+    result = subprocess.run(
+        [
+            *(curl, "-sS", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "-X", "POST"),
+            *("-H", "content-type: application/grpc", f"http://{target}{path}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return result.stdout.lower()
+
+
+def test_a_dead_server_among_several_gets_no_calls(haproxy: str, server) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    front = Front(Proxy("haproxy", haproxy), f"{dead},{server.target}", "--in-flight", "4")
+    try:
+        with SlimrankClient(front.target, timeout=10, retries=0) as client:
+            for i in range(12):  # each one retried on the live server, then the dead one out
+                client.recommend(f"u{i}", 3)
+        expected = outcomes(forwarded=12)
+        assert front.calls_when(expected) == expected
+    finally:
+        front.close()
 
 
 def test_a_call_queued_past_its_timeout_is_refused_and_counted(haproxy: str) -> None:

@@ -133,6 +133,22 @@ def test_each_worker_also_answers_alone_on_its_own_port(tmp_path: Path) -> None:
     assert f"(and its own port {base})" in err and f"(and its own port {base + 1})" in err
 
 
+def test_one_process_also_answers_on_its_own_port(tmp_path: Path) -> None:
+    root = tmp_path / "bundles"
+    publish(root, random_flat_bundle("a", seed=1))
+    base = free_port_pair()
+    server = Server(["--bundles", str(root), "--worker-ports", str(base)])
+    try:
+        with SlimrankClient(f"127.0.0.1:{base}", timeout=10.0) as client:
+            assert client.health() == "SERVING"
+            client.recommend("u1", 3)
+        assert server.target != f"127.0.0.1:{base}"
+    finally:
+        code, err = server.terminate(timeout_s=60)
+    assert code == 0, err
+    assert f"(and its own port {base})" in err
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [

@@ -157,7 +157,7 @@ class FrontConfig(Config):
         )
         require(
             all(split_address(part) is not None for part in self.upstreams)
-            and len(set(self.upstreams)) == len(self.upstreams),
+            and len({part.lower() for part in self.upstreams}) == len(self.upstreams),
             self,
             "upstream",
             self.upstream,
@@ -167,11 +167,11 @@ class FrontConfig(Config):
         require(0 <= self.port < 65536, self, "port", self.port, "must be in [0, 65535]")
         require(self.burst >= 0, self, "burst", self.burst, "must be >= 0")
         require(
-            math.isfinite(self.retry_after_s) and self.retry_after_s >= 0,
+            math.isfinite(self.retry_after_s) and 0 <= self.retry_after_s <= 3600,
             self,
             "retry_after_s",
             self.retry_after_s,
-            "must be a finite number >= 0",
+            "must be in [0, 3600] seconds",
         )
         require(
             self.max_message_bytes >= 1024,

@@ -51,6 +51,16 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
         raise ValueError("the HAProxy front needs in_flight (a rate is nginx's)")
     refusal = " ".join(f'hdr {name} "{value}"' for name, value in refusal_headers(config))
     listen_tls, server_tls = _tls_options(config, prefix)
+    if len(config.upstreams) == 1:
+        # One server: a failed connection is answered at once (UNAVAILABLE), not retried.
+        retry_lines = "  retries 0"
+        check = ""
+    else:
+        # Several: a call whose connection failed goes to another server (before anything
+        # was sent), and a server that stops accepting connections is taken out by its
+        # check, so that `leastconn` does not keep choosing the dead one.
+        retry_lines = "  retries 1\n  retry-on conn-failure\n  option redispatch 1"
+        check = " check inter 1s fall 2 rise 1"
     refused = "{ var(txn.refused) -m int 1 }"
     timed_out = "{ var(txn.refused) -m int 2 }"
     # HAProxy answers a call whose queue wait ran out with 503 and no server; an unreachable
@@ -58,8 +68,9 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
     timeout_rules = "\n".join(
         [
             "  http-error status 503",
+            # (With every server's check failing, "no server available" has none either.)
             "  http-after-response set-var(txn.refused) int(2) if { status 503 } "
-            "!{ srv_id -m found }",
+            f"!{{ srv_id -m found }} {{ nbsrv({LIMITED}) gt 0 }}",
             f"  http-after-response set-status 200 if {timed_out}",
             f"  http-after-response set-header content-type application/grpc if {timed_out}",
             *(
@@ -70,11 +81,11 @@ def render(config: FrontConfig, prefix: str, port: int, log_port: int) -> str:
         ]
     )
     limited = "\n".join(
-        f"  server slimrank{i} {address} proto h2 maxconn {config.in_flight}{server_tls}"
+        f"  server slimrank{i} {address} proto h2 maxconn {config.in_flight}{check}{server_tls}"
         for i, address in enumerate(config.upstreams)
     )
     open_ = "\n".join(
-        f"  server slimrank{i} {address} proto h2{server_tls}"
+        f"  server slimrank{i} {address} proto h2{check}{server_tls}"
         for i, address in enumerate(config.upstreams)
     )
     return f"""# slimrank front (queue): rendered by `slimrank front`; flags change it, not edits.
@@ -87,8 +98,7 @@ global
 defaults
   mode http
   log global
-  # One server: a failed connection is answered at once (UNAVAILABLE), not retried.
-  retries 0
+{retry_lines}
   timeout connect 1s
   # Health.Watch streams stay open for long silences.
   timeout client 1h

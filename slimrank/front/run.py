@@ -228,7 +228,8 @@ def write_pems(config: FrontConfig, prefix: Path) -> None:
     for name, parts in haproxy_conf.combined_pems(config).items():
         path = prefix / name
         path.touch(mode=0o600)
-        path.write_text("\n".join(Path(part).read_text().strip() for part in parts) + "\n")
+        # Bytes as they are: a file that is not PEM is HAProxy's config check to refuse.
+        path.write_bytes(b"\n".join(Path(part).read_bytes().strip() for part in parts) + b"\n")
 
 
 def run_front(
