@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
+from slimrank.front.config import FrontConfig
 from slimrank.front.run import FrontMetrics
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.proto.slimrank.v1 import admin_pb2, recommender_pb2
@@ -50,10 +51,14 @@ def test_architecture_lists_every_metric_the_server_and_front_export():
     holder = SnapshotHolder(random_snapshot("v1", dim=8))
     server, _ = create_server(ServerConfig(http_port=0), holder, registry)
     server.shutdown(0).wait(5)
-    FrontMetrics(registry)  # `slimrank front`'s own metrics, listed in the same table
+    # `slimrank front`'s own metrics, listed in the same table: each limit's front.
+    fronts = [CollectorRegistry(), CollectorRegistry()]
+    FrontMetrics(fronts[0], FrontConfig(rate=1))
+    FrontMetrics(fronts[1], FrontConfig(in_flight=1))
     exported = {
         m.name + ("_total" if m.type == "counter" else "")
-        for m in registry.collect()
+        for r in (registry, *fronts)
+        for m in r.collect()
         if m.name.startswith("slimrank_")
     }
     text = (ROOT / "docs" / "architecture.md").read_text()
