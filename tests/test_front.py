@@ -179,6 +179,28 @@ def slow_snapshot(seconds: float) -> ModelSnapshot:
     return dataclasses.replace(base, score=score)
 
 
+def slow_server(
+    seconds: float, max_inflight: int = 8
+) -> tuple[grpc.aio.Server, int, CollectorRegistry]:
+    """A real server in this process whose ranker takes ``seconds`` a call, serving."""
+    registry = CollectorRegistry()
+    server, port = create_server(
+        ServerConfig(port=0, max_inflight=max_inflight),
+        SnapshotHolder(slow_snapshot(seconds)),
+        registry,
+    )
+    server.mark_serving()
+    return server, port, registry
+
+
+def served_ok(registry: CollectorRegistry) -> float:
+    """Recommend calls a :func:`slow_server` answered OK."""
+    value = registry.get_sample_value(
+        "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}
+    )
+    return value or 0
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("front") / "bundles"
@@ -467,11 +489,7 @@ def test_calls_past_the_servers_places_and_the_queue_are_refused_at_once(haproxy
     # A real server (in this process) whose ranker takes 0.5 s a call; the front lets one call
     # at a time reach it and two wait: of 10 calls at once, 3 are answered and 7 refused by
     # the front before the first answer comes back.
-    registry = CollectorRegistry()
-    server, port = create_server(
-        ServerConfig(port=0, max_inflight=8), SnapshotHolder(slow_snapshot(0.5)), registry
-    )
-    server.mark_serving()
+    server, port, registry = slow_server(0.5)
     front = Front(
         Proxy("haproxy", haproxy),
         f"127.0.0.1:{port}",
@@ -514,10 +532,7 @@ def test_calls_past_the_servers_places_and_the_queue_are_refused_at_once(haproxy
             assert ("grpc-retry-pushback-ms", "50") in [
                 (m.key, m.value) for m in err.trailing_metadata()
             ]
-        served = registry.get_sample_value(
-            "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}
-        )
-        assert served == 3
+        assert served_ok(registry) == 3
         expected = outcomes(forwarded=3, refused=8)  # curl's call included
         assert front.calls_when(expected) == expected
     finally:
@@ -529,16 +544,8 @@ def test_each_server_of_several_gets_its_own_calls_in_flight(haproxy: str) -> No
     # Two real servers (as two worker processes on their own ports would be), each taking
     # 0.5 s a call: with --in-flight 1 each and a queue of 1, of 6 calls at once one runs at
     # each server, one waits, and three are refused.
-    registries = [CollectorRegistry(), CollectorRegistry()]
-    servers = [
-        create_server(
-            ServerConfig(port=0, max_inflight=8), SnapshotHolder(slow_snapshot(0.5)), registry
-        )
-        for registry in registries
-    ]
-    for server, _ in servers:
-        server.mark_serving()
-    upstream = ",".join(f"127.0.0.1:{port}" for _, port in servers)
+    servers = [slow_server(0.5), slow_server(0.5)]
+    upstream = ",".join(f"127.0.0.1:{port}" for _, port, _ in servers)
     front = Front(
         Proxy("haproxy", haproxy),
         upstream,
@@ -560,17 +567,10 @@ def test_each_server_of_several_gets_its_own_calls_in_flight(haproxy: str) -> No
                 codes = list(pool.map(call, range(6)))
         assert codes.count(grpc.StatusCode.OK) == 3, codes
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 3, codes
-        served = sorted(
-            registry.get_sample_value(
-                "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}
-            )
-            or 0
-            for registry in registries
-        )
-        assert served == [1, 2]
+        assert sorted(served_ok(registry) for _, _, registry in servers) == [1, 2]
     finally:
         front.close()
-        for server, _ in servers:
+        for server, _, _ in servers:
             server.shutdown(0).wait(10)
 
 
@@ -626,11 +626,7 @@ def test_a_dead_server_among_several_gets_no_calls(haproxy: str, server) -> None
 
 
 def test_a_call_queued_past_its_timeout_is_refused_and_counted(haproxy: str) -> None:
-    registry = CollectorRegistry()
-    server, port = create_server(
-        ServerConfig(port=0, max_inflight=8), SnapshotHolder(slow_snapshot(1.0)), registry
-    )
-    server.mark_serving()
+    server, port, registry = slow_server(1.0)
     front = Front(
         Proxy("haproxy", haproxy),
         f"127.0.0.1:{port}",
@@ -656,10 +652,7 @@ def test_a_call_queued_past_its_timeout_is_refused_and_counted(haproxy: str) -> 
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert err.details() == QUEUE_MESSAGE
             assert retry_delay_s(err) == pytest.approx(0.05)
-        served = registry.get_sample_value(
-            "slimrank_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}
-        )
-        assert served == 1
+        assert served_ok(registry) == 1
         expected = outcomes(forwarded=1, queue_timeout=2)
         assert front.calls_when(expected) == expected
     finally:
@@ -814,12 +807,7 @@ def test_a_metrics_port_in_use_is_a_clear_error(proxy: Proxy, server) -> None:
 def test_calls_the_server_refuses_are_counted_as_its_refusals(proxy: Proxy) -> None:
     # A real server (in this process) that takes one call of 50 ms at a time and refuses
     # the rest itself; the front lets every call through.
-    server, port = create_server(
-        ServerConfig(port=0, max_inflight=1),
-        SnapshotHolder(slow_snapshot(0.05)),
-        CollectorRegistry(),
-    )
-    server.mark_serving()
+    server, port, _ = slow_server(0.05, max_inflight=1)
     front = Front(proxy, f"127.0.0.1:{port}", *proxy.open_limit)
     try:
         with SlimrankClient(front.target, timeout=10, retries=0) as client:
