@@ -55,6 +55,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # loadgen.py, also when this module is imported as bench.serving
 from loadgen import drive, job_for  # noqa: E402
 
+from slimrank.compression.cpu import cpu_times, steal_share  # noqa: E402
 from slimrank.serving.core_queue import DEFAULT_REFRESH_S  # noqa: E402
 
 CACHE = HERE / ".cache" / "serving"
@@ -862,6 +863,7 @@ class Run:
     server_rss_mib: float  # the largest VmRSS of the server's processes after the run
     loadavg_before: list[float]
     loadavg_after: list[float]
+    steal_pct: float | None  # share of the machine's CPU time stolen by the hypervisor
     channels: int
     held: bool
 
@@ -928,9 +930,10 @@ def load_run(
         balance_dir=balance_dir,
     )
     loadavg_before = [round(x, 2) for x in os.getloadavg()]
-    cpu0, t0 = _cpu_seconds(server.pids), time.perf_counter()
+    cpu0, t0, times0 = _cpu_seconds(server.pids), time.perf_counter(), cpu_times()
     out = drive(job, n / rate + 120)
     cpu1, t1 = _cpu_seconds(server.pids), time.perf_counter()
+    stolen = steal_share(times0, cpu_times())
     schedule, sent, done, codes = out["schedule"], out["sent"], out["done"], out["codes"]
     meta = out["meta"]
     latency = (done - schedule) * 1000  # (n,) ms from the scheduled send
@@ -966,6 +969,7 @@ def load_run(
         server_rss_mib=_rss_mib(server.pids),
         loadavg_before=loadavg_before,
         loadavg_after=[round(x, 2) for x in os.getloadavg()],
+        steal_pct=None if stolen is None else round(100 * stolen, 1),
         channels=int(meta["channels"]),
         held=bool(p99 <= HOLD_P99_MS and bad <= HOLD_MAX_BAD * n),
     )
@@ -1009,7 +1013,7 @@ def start_mode(mode: Mode, variant: str, bundles: Path) -> tuple[ServerProcess, 
 def log_run(r: Run) -> None:
     log.info(
         "%-14s %-8s %5.0f/s: goodput %6.1f p50 %6.2f p99 %7.2f ms refused %d (p99 %.2f ms) "
-        "failed %s lag p99 %.2f ms server %.2f cores load %s",
+        "failed %s lag p99 %.2f ms server %.2f cores load %s steal %s%%",
         r.mode,
         r.variant,
         r.offered_rate,
@@ -1022,6 +1026,7 @@ def log_run(r: Run) -> None:
         r.send_lag_p99_ms,
         r.server_cpu_cores,
         r.loadavg_after,
+        r.steal_pct,
     )
 
 
@@ -1377,6 +1382,11 @@ def recommend_requests(users: np.ndarray, n: int = 1000) -> list[bytes]:
     ]
 
 
+def _steal(value: float | None) -> str:
+    """A run's steal share; "-" for runs recorded before it was, or off Linux."""
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _fmt(p: dict[str, Any] | None) -> str:
     if p is None:
         return "-"
@@ -1508,8 +1518,8 @@ def modes_markdown(report: dict[str, Any]) -> str:
         "All runs:",
         "",
         "| mode | variant | offered/s | goodput | p50 | p95 | p99 | max | refused | refusal p99 "
-        "| failed | lag p99 | server cores | server RSS MiB | load before -> after |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| failed | lag p99 | server cores | server RSS MiB | load before -> after | steal % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for r in report["runs"]:
         failed = ", ".join(f"{k} {v}" for k, v in r["failed"].items()) or "0"
@@ -1519,7 +1529,7 @@ def modes_markdown(report: dict[str, Any]) -> str:
             f"{r['refused']} | {r['refusal_p99_ms']:.2f} | {failed} | {r['send_lag_p99_ms']:.2f} "
             f"| {r['server_cpu_cores']:.2f} | {r.get('server_rss_mib', float('nan')):.0f} "
             f"| {r['loadavg_before'][0]} -> "
-            f"{r['loadavg_after'][0]} |"
+            f"{r['loadavg_after'][0]} | {_steal(r.get('steal_pct'))} |"
         )
     lines += ["", f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"

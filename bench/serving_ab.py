@@ -18,12 +18,13 @@ Recommend calls at ``--rate``/s
 (``bench/loadgen.py``, 2 s deadlines, known users of the bundle). Per run it records the
 calls answered, refused (RESOURCE_EXHAUSTED) and failed otherwise, p50/p99 of the answered
 ones and of the refused ones from their scheduled send, the server's CPU time per call, its
-counters, and the load average; the summary gives each variant's medians and, pair by
-pair, how often B refused fewer calls than A. With ``--freeze G`` each server is stopped
-(SIGSTOP) for G seconds at ``--freeze-at`` into the schedule, as this VM at times freezes a
-process (the load generator sends on meanwhile). The machine's speed changes between runs
-on a shared VM (CPU per call is printed beside each run for that reason), so compare within
-pairs.
+counters, the load average, and the share of the machine's CPU time the hypervisor stole
+for other guests during the run (``/proc/stat``'s steal); the summary gives each variant's
+medians and, pair by pair, how often B refused fewer calls than A. With ``--freeze G`` each
+server is stopped (SIGSTOP) for G seconds at ``--freeze-at`` into the schedule, as this VM
+at times freezes a process (the load generator sends on meanwhile). The machine's speed
+changes between runs on a shared VM (CPU per call and steal are printed beside each run for
+that reason), so compare within pairs.
 
 With ``--b-front "--rate 400"`` or ``--b-front "--in-flight 2"`` (or ``--a-front``) that
 variant's calls go through a ``slimrank front`` (nginx for a rate, HAProxy for calls in
@@ -65,6 +66,8 @@ from serving import (
     metric_samples,
     stop_process,
 )
+
+from slimrank.compression.cpu import cpu_times, steal_share
 
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 COUNTERS = ("slimrank_shed_requests_total", "slimrank_stalls_total")
@@ -164,7 +167,9 @@ def one_run(
         if args.freeze:
             freeze = {"pids": server.pids, "at_s": args.freeze_at, "for_s": args.freeze}
         job = job_for(target, RECOMMEND, requests, args.rate, args.calls, seed=seed, freeze=freeze)
+        times0 = cpu_times()
         out = drive(job, timeout_s=args.calls / args.rate + 120)
+        stolen = steal_share(times0, cpu_times())
         cpu = _cpu_seconds(server.pids) - cpu0
         if front is not None:
             front_cpu = front.cpu_seconds() - front_cpu0
@@ -199,6 +204,8 @@ def one_run(
         "shed_by_reason": shed_by,
         "stalls": counters["slimrank_stalls_total"],
         "load_average_1m": round(os.getloadavg()[0], 2),
+        # The share of the machine's CPU time the hypervisor gave other guests during the run.
+        "steal_pct": None if stolen is None else round(100 * stolen, 1),
         **front_figures,
     }
 
@@ -237,6 +244,11 @@ def cpu_line(cpu: dict[str, Any]) -> str:
 def ms(value: float | None) -> str:
     """A latency in ms to two decimals; "-" when there is none (no call refused)."""
     return "-" if value is None else f"{value:.2f}"
+
+
+def pct(value: float | None) -> str:
+    """A percentage to one decimal; "-" when it was not measured (older runs, not Linux)."""
+    return "-" if value is None else f"{value:.1f}"
 
 
 def front_cpu(run: dict[str, Any]) -> str:
@@ -279,8 +291,8 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "",
         "| variant | pair | answered | refused | other | p50 ms | p99 ms | refusal p50 / p99 ms"
-        " | server CPU ms/call | stalls | load |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        " | server CPU ms/call | stalls | load | steal % |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
         lines.append(
@@ -288,7 +300,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['failed_otherwise']} | {r['p50_ms']} | {r['p99_ms']} | "
             f"{ms(r.get('refusal_p50_ms'))} / {ms(r.get('refusal_p99_ms'))} | "
             f"{r['server_cpu_ms_per_call']}{front_cpu(r)} | {r['stalls']:g} | "
-            f"{r['load_average_1m']} |"
+            f"{r['load_average_1m']} | {pct(r.get('steal_pct'))} |"
         )
     lines += [
         "",

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from slimrank.bundle.checksums import sha256_file
-from slimrank.compression.cpu import cpu_features, parse_cpuinfo
+from slimrank.compression.cpu import (
+    CpuTimes,
+    cpu_features,
+    cpu_times,
+    parse_cpuinfo,
+    parse_proc_stat,
+    steal_share,
+)
 from slimrank.compression.distill import DistillConfig, pseudo_labels
 from slimrank.compression.export import export_onnx
 from slimrank.compression.fit import FitConfig, fit_on_valid, l1_penalty
@@ -275,3 +282,24 @@ def test_cpu_flags_name_vnni(tmp_path: Path) -> None:
     (tmp_path / "avx2").write_text("model name\t: Old\nflags\t: avx2 sse\n")
     assert cpu_features(tmp_path / "avx2")["vnni"] is False
     assert cpu_features(tmp_path / "missing")["vnni"] is None
+
+
+def test_steal_share_from_proc_stat(tmp_path: Path) -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice; guest is inside user
+    before = "cpu  100 0 50 800 10 0 5 35 40 0\ncpu0 50 0 25 400 5 0 2 18 20 0\nintr 1 2\n"
+    after = "cpu  400 0 150 1000 10 0 5 235 300 0\ncpu0 200 0 75 500 5 0 2 118 150 0\n"
+    assert parse_proc_stat(before) == CpuTimes(total=1000, steal=35)
+    assert parse_proc_stat(after) == CpuTimes(total=1800, steal=235)
+    # 800 ticks passed on all CPUs together, 200 of them stolen
+    assert steal_share(parse_proc_stat(before), parse_proc_stat(after)) == 0.25
+    assert steal_share(parse_proc_stat(after), parse_proc_stat(after)) is None
+    assert steal_share(None, parse_proc_stat(after)) is None
+    with pytest.raises(ValueError, match="steal"):
+        parse_proc_stat("cpu  1 2 3 4 5 6 7\n")
+    with pytest.raises(ValueError, match="no 'cpu' line"):
+        parse_proc_stat("cpu0 1 2 3 4 5 6 7 8\n")
+    (tmp_path / "stat").write_text(after)
+    assert cpu_times(tmp_path / "stat") == CpuTimes(total=1800, steal=235)
+    assert cpu_times(tmp_path / "missing") is None
+    live = cpu_times()
+    assert live is not None and 0 <= live.steal <= live.total
