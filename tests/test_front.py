@@ -583,7 +583,8 @@ def test_several_upstreams_are_checked_and_rendered() -> None:
     assert "option redispatch 1" in text and "retries 0" not in text
     nginx_text = render(FrontConfig(rate=10, upstream=config.upstream), "/tmp/x", 50050, 5140)
     assert "server 127.0.0.1:9001;" in nginx_text and "server 127.0.0.1:9002;" in nginx_text
-    for bad in ("127.0.0.1:9001,", "127.0.0.1:9001,127.0.0.1:9001", "a:1,b"):
+    same = ("127.0.0.1:9001,127.0.0.1:9001", "Host.example:9001,host.EXAMPLE:09001")
+    for bad in ("127.0.0.1:9001,", "a:1,b", *same):
         with pytest.raises(ValueError, match="upstream"):
             FrontConfig(in_flight=2, upstream=bad)
     with pytest.raises(ValueError, match="different hosts"):

@@ -50,6 +50,16 @@ def split_address(address: str) -> tuple[str, int] | None:
     return match[1], int(match[2])
 
 
+def _distinct(addresses: list[str]) -> set[tuple[str, int]]:
+    """The different servers among ``host:port`` addresses: hosts compared case-insensitively
+    and ports as numbers (``A:50051`` and ``a:050051`` are one server)."""
+    return {
+        (parsed[0].lower(), parsed[1])
+        for parsed in map(split_address, addresses)
+        if parsed is not None
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class FrontConfig(Config):
     """A front that refuses Recommender calls past its limit itself, with RESOURCE_EXHAUSTED.
@@ -157,7 +167,7 @@ class FrontConfig(Config):
         )
         require(
             all(split_address(part) is not None for part in self.upstreams)
-            and len({part.lower() for part in self.upstreams}) == len(self.upstreams),
+            and len(_distinct(self.upstreams)) == len(self.upstreams),
             self,
             "upstream",
             self.upstream,
