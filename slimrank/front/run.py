@@ -113,8 +113,12 @@ class CallLogReader:
         self._metrics = metrics
         self._outcome = outcome
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        try:
+            self._sock.bind(("127.0.0.1", 0))
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        except OSError as err:
+            self._sock.close()
+            raise FrontError(f"cannot open the proxy's call-log socket: {err}") from err
         self._sock.settimeout(0.2)  # so that close() is seen
         self.port = int(self._sock.getsockname()[1])
         self._closed = threading.Event()
@@ -254,13 +258,15 @@ def run_front(
             "for none (--tls-client-ca): anyone who reaches its port gets the server's "
             "mutual-TLS access"
         )
-    prefix = Path(tempfile.mkdtemp(prefix="slimrank-front-"))
     registry = CollectorRegistry()
     metrics = FrontMetrics(registry, config)
-    reader = CallLogReader(metrics, conf_module.outcome)
+    reader = None
+    prefix = None
     endpoint = None
     proxy = None
     try:
+        reader = CallLogReader(metrics, conf_module.outcome)  # binds its log socket
+        prefix = Path(tempfile.mkdtemp(prefix="slimrank-front-"))
         with stop_on((signal.SIGTERM, signal.SIGINT)) as stop:
             # nginx started by root runs its workers as an unprivileged user: they must reach
             # the directory of temporary files.
@@ -303,7 +309,9 @@ def run_front(
     finally:
         if proxy is not None:
             proxy.kill_group()
-        reader.close()
+        if reader is not None:
+            reader.close()
         if endpoint is not None:
             endpoint.close()
-        shutil.rmtree(prefix, ignore_errors=True)
+        if prefix is not None:
+            shutil.rmtree(prefix, ignore_errors=True)
