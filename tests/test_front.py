@@ -322,6 +322,11 @@ def test_queue_log_lines_are_read_as_outcomes() -> None:
     assert read(line + "0 502 - SH--") == "upstream_error"
     assert read(line + "0 -1 - CD--") == "other"
     assert read(line + "0 200 - CD--") == "other"
+    # The server reset the stream or closed the connection after its headers: a failure the
+    # caller sees, not a forwarded answer.
+    assert read(line + "0 200 - SD--") == "upstream_error"
+    assert read(line + "0 200 - sD--") == "upstream_error"
+    assert read(line + "0 200 - PD--") == "other"
     assert read("garbage") is None
     assert read(line + "0 200 -") is None
     assert read(line + "3 200 - ----") is None

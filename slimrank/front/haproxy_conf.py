@@ -158,8 +158,10 @@ def outcome(log_line: str) -> str | None:
     the front: its queue was full), ``queue_timeout`` (refused by the front after waiting in
     the queue for its timeout), ``server_refused`` (forwarded, and the server answered
     RESOURCE_EXHAUSTED itself), ``upstream_error`` (HAProxy could not reach the server: HTTP
-    502/503/504, UNAVAILABLE to the caller), ``other`` (another HTTP status, or the caller
-    went away first) or ``forwarded``; None for a line that is not one."""
+    502/503/504, UNAVAILABLE to the caller; or the server aborted the call or timed out after
+    its headers: termination state ``S`` or ``s``), ``other`` (another HTTP status, or the
+    caller went away first, or HAProxy ended the call for another reason) or ``forwarded``;
+    None for a line that is not one."""
     fields = log_line.rsplit(": ", 1)[-1].split()
     if len(fields) != 4 or fields[0] not in ("0", "1", "2") or not fields[1].lstrip("-").isdigit():
         return None
@@ -168,9 +170,10 @@ def outcome(log_line: str) -> str | None:
         return "refused"
     if refused == "2":
         return "queue_timeout"
-    if status in ("502", "503", "504"):
+    ended_by = termination[:1]  # "-": the call ended normally
+    if status in ("502", "503", "504") or ended_by in ("S", "s"):
         return "upstream_error"
-    if status != "200" or termination[:1] == "C":
+    if status != "200" or ended_by != "-":
         return "other"
     if header_status == "8":
         return "server_refused"
