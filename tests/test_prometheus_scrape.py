@@ -1,9 +1,10 @@
 """A real Prometheus scrapes a real ``slimrank serve``; every dashboard query must return data.
 
 ``slimrank serve`` runs as a subprocess over a bundle store holding a small ``flat`` bundle,
-exactly as the deploy files start it but on free loopback ports. Prometheus (the
-distribution's binary) scrapes it every second with the repository's recording and alert
-rules, while a thread drives Recommend, Search and invalid calls. Two more bundles are
+exactly as the deploy files start it but on free loopback ports, with a ``slimrank front
+--in-flight`` (HAProxy) before it. Prometheus (the distribution's binary) scrapes both every
+second with the repository's recording and alert rules, while a thread drives Recommend,
+Search and invalid calls to the server and Recommend calls through the front. Two more bundles are
 published while it runs: a good one, which the server's watcher swaps in (a reload), and one
 whose ``serving.json`` names no loader (a reload failure; the good one keeps serving).
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from test_front import Front, Proxy, proxy_binary
 from test_prometheus_rules import (
     RULE_FILES,
     dashboard_queries,
@@ -81,11 +83,14 @@ def unservable_bundle(directory: Path) -> None:
     write_json(directory / "serving.json", {"kind": "no-such-kind"})
 
 
-def drive(client: SlimrankClient, stop: threading.Event) -> None:
-    """Send a steady mix of calls until ``stop``; invalid calls are INVALID_ARGUMENT."""
+def drive(client: SlimrankClient, front: SlimrankClient, stop: threading.Event) -> None:
+    """Send a steady mix of calls until ``stop``; invalid calls are INVALID_ARGUMENT. Every
+    other Recommend call goes through the front."""
     i = 0
     while not stop.is_set():
         client.recommend(f"u{i % N_USERS}", 10, exclude=[f"i{i % 300}"])
+        if i % 2 == 0:
+            front.recommend(f"u{i % N_USERS}", 10)
         client.recommend("", 5)  # popularity path
         client.search([0.1] * DIM, 5)
         if i % 10 == 0:
@@ -148,12 +153,15 @@ def scraped(tmp_path_factory) -> Iterator[Scraped]:
     versions = [publish(bundles, random_flat_bundle("i", seed=1))]
     server, target, metrics_address = start_server(bundles, tmp / "serve.log")
     client = SlimrankClient(target, timeout=5.0)
+    front = Front(Proxy("haproxy", proxy_binary("haproxy")), target, "--in-flight", "4")
+    front_client = SlimrankClient(front.target, timeout=5.0)
 
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(p) for p in RULE_FILES],
         "scrape_configs": [
-            {"job_name": "slimrank", "static_configs": [{"targets": [metrics_address]}]}
+            {"job_name": "slimrank", "static_configs": [{"targets": [metrics_address]}]},
+            {"job_name": "slimrank-front", "static_configs": [{"targets": [front.metrics]}]},
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -171,9 +179,14 @@ def scraped(tmp_path_factory) -> Iterator[Scraped]:
     )
     prom = Prometheus(f"http://127.0.0.1:{web_port}", process)
     halt = threading.Event()
-    traffic = threading.Thread(target=drive, args=(client, halt), daemon=True)
+    traffic = threading.Thread(target=drive, args=(client, front_client, halt), daemon=True)
     try:
-        wait_until(lambda: prom.scalar('up{job="slimrank"}') == 1, 30, "first scrape", tmp)
+        wait_until(
+            lambda: prom.scalar('sum(up{job=~"slimrank|slimrank-front"})') == 2,
+            30,
+            "first scrapes of the server and the front",
+            tmp,
+        )
         traffic.start()
         time.sleep(2.5)  # a few scrapes under traffic before the reloads
         versions.append(publish(bundles, random_flat_bundle("i", seed=2)))
@@ -204,6 +217,8 @@ def scraped(tmp_path_factory) -> Iterator[Scraped]:
             process.kill()
         prom_log.close()
         client.close()
+        front_client.close()
+        front.close()
         stop(server)
 
 

@@ -30,6 +30,9 @@ BAD_CODES = (
     "UNKNOWN|INTERNAL|DATA_LOSS|UNIMPLEMENTED|UNAVAILABLE|RESOURCE_EXHAUSTED|DEADLINE_EXCEEDED"
 )
 RATE = "$__rate_interval"
+# The optional front's scrape job in deploy/prometheus/prometheus.yml (not a $job choice: the
+# front's calls are counted on its own metrics port, beside the servers' jobs).
+FRONT_JOB = "slimrank-front"
 
 
 def _rate(metric: str, *matchers: str, fn: str = "rate") -> str:
@@ -154,6 +157,23 @@ PANELS: tuple[Panel, ...] = (
                 "shed/s {{instance}} {{reason}}",
             ),
         ),
+    ),
+    Panel(
+        "Front: calls by outcome",
+        "Recommender calls through the optional `slimrank front`, per second by outcome: "
+        "forwarded (answered by a server), refused by the front's limit at once or after "
+        "waiting in its queue (queue_timeout), refused by a server after the front let them "
+        "through (server_refused), failed between the front and the servers (upstream_error), "
+        "or other. The front's refusals never reach the servers' panels. Empty without a front.",
+        "reqps",
+        (
+            Target(
+                "sum by (instance, outcome) "
+                f'(rate(slimrank_front_calls_total{{job="{FRONT_JOB}"}}[{RATE}]))',
+                "{{instance}} {{outcome}}",
+            ),
+        ),
+        stack=True,
     ),
     Panel(
         "Served model",
