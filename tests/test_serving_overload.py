@@ -463,13 +463,15 @@ def test_a_burst_below_capacity_is_let_through_and_only_a_standing_queue_is_cut(
         assert burst_refusals(s.port) == 0
 
 
-@pytest.mark.parametrize("overload_fraction", [0.5, 0.0])
+@pytest.mark.parametrize("overload_fraction", [0.8, 0.0])
 def test_a_queue_well_below_capacity_is_worked_off_and_overload_still_cut(
     serve: Callable[..., Served], overload_fraction: float
 ) -> None:
     """Ten calls at once to 5 ms handlers on the loop with a strict 10 ms bound: alone in
     the last 0.2 s they take about a quarter of the server, so the queue is transient and
-    may wait up to the reload bound (1 s): every call is answered. With the rule off (the
+    may wait up to the reload bound (1 s): every call is answered. (The fraction is 0.8, not
+    0.5: on a machine busy with other work a call's measured cost rises two- to threefold,
+    and at 0.5 the burst was read as overload in 3 of 5 runs beside two busy loops.) With the rule off (the
     reference, fraction 0) the burst's tail is refused. Calls every millisecond (five times
     what the server can do) are overload either way: most are refused, and the answered ones
     wait about the strict bound, not the reload bound."""
