@@ -579,6 +579,54 @@ def test_each_server_of_several_gets_its_own_calls_in_flight(haproxy: str) -> No
             server.shutdown(0).wait(10)
 
 
+def connections_to(port: int) -> set[int]:
+    """Local ports of the established TCP connections to ``port`` on loopback, from
+    ``/proc/net/tcp`` (the proxy's connections to a server)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if state == "01" and int(remote.split(":")[1], 16) == port:  # 01: ESTABLISHED
+            found.add(int(local.split(":")[1], 16))
+    return found
+
+
+def test_a_server_that_recycles_its_connections_loses_no_call_through_the_front(
+    proxy: Proxy, tmp_path: Path
+) -> None:
+    """The server closes each connection after 0.2 s of age or 0.1 s idle (GOAWAY, as
+    --max-connection-age does every 30 minutes in production): the proxy opens new ones and
+    no call reaches the caller as an error, including calls sent as a connection closes."""
+    root = tmp_path / "bundles"
+    publish(root, random_flat_bundle("a", seed=3))
+    recycling = ("--max-connection-age", "0.2", "--max-connection-idle", "0.1")
+    server = Server(["--bundles", str(root), "--metrics-port", "0", *recycling])
+    server_port = int(server.target.rsplit(":", 1)[1])
+    front = Front(proxy, server.target, *proxy.open_limit)
+    codes: dict[str, int] = {}
+    seen: set[int] = set()
+    try:
+        with SlimrankClient(front.target, timeout=10, retries=0) as client:
+            deadline = time.monotonic() + 3
+            i = 0
+            while time.monotonic() < deadline:
+                try:
+                    client.recommend(f"u{i % 40}", 5)
+                    name = "OK"
+                except grpc.RpcError as err:
+                    name = err.code().name
+                codes[name] = codes.get(name, 0) + 1
+                seen |= connections_to(server_port)
+                i += 1
+                if i % 40 == 0:
+                    time.sleep(0.15)  # idle past --max-connection-idle
+    finally:
+        front.close()
+        server.terminate()
+    assert set(codes) == {"OK"} and codes["OK"] >= 100, codes
+    # The server did close connections: the proxy reached it over many in 3 s.
+    assert len(seen) >= 5, seen
+
+
 def test_several_upstreams_are_checked_and_rendered() -> None:
     config = FrontConfig(in_flight=2, upstream="127.0.0.1:9001, 127.0.0.1:9002")
     assert config.upstreams == ["127.0.0.1:9001", "127.0.0.1:9002"]
