@@ -132,6 +132,64 @@ def pod_spec(obj: dict) -> dict:
     return obj["spec"]["template"]["spec"]
 
 
+FRONT_COMPONENT = K8S / "front"
+
+
+def json_patch(doc: dict, ops: list[dict]) -> dict:
+    """``doc`` with RFC 6902 ``add`` and ``replace`` operations applied (what the front
+    component uses); a path that does not exist in ``doc`` fails, as kustomize would."""
+    import copy
+
+    out = copy.deepcopy(doc)
+    for op in ops:
+        assert op["op"] in ("add", "replace"), op
+        *parents, last = [
+            p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]
+        ]
+        node = out
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            if last == "-" and op["op"] == "add":
+                node.append(op["value"])
+            else:
+                index = int(last)
+                assert index < len(node), op["path"]
+                if op["op"] == "add":
+                    node.insert(index, op["value"])
+                else:
+                    node[index] = op["value"]
+        else:
+            assert op["op"] == "add" or last in node, op["path"]
+            node[last] = op["value"]
+    return out
+
+
+def with_front() -> list[dict]:
+    """The k8s objects as ``components: [front]`` in kustomization.yaml makes them."""
+    component = yaml.safe_load((FRONT_COMPONENT / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    objects = k8s_objects()
+    for patch in component["patches"]:
+        ops = yaml.safe_load((FRONT_COMPONENT / patch["path"]).read_text())
+        target = patch["target"]
+        matches = [
+            i
+            for i, o in enumerate(objects)
+            if (o["kind"], o["metadata"]["name"]) == (target["kind"], target["name"])
+        ]
+        assert len(matches) == 1, target
+        objects[matches[0]] = json_patch(objects[matches[0]], ops)
+    return objects
+
+
+def front_container() -> dict:
+    """The front component's container in the patched Deployment."""
+    (deployment,) = [o for o in with_front() if o["kind"] == "Deployment"]
+    (front,) = [c for c in pod_spec(deployment)["containers"] if c["name"] == "front"]
+    return front
+
+
 def retrain_environments() -> dict[str, dict[str, str]]:
     """The environment retrain.sh gets in compose and in Kubernetes."""
     services = compose()["services"]
@@ -166,6 +224,7 @@ def slimrank_commands() -> dict[str, list[str]]:
     (container,) = pod_spec(k8s("Deployment"))["containers"]
     assert "command" not in container, "the server must keep the image's entrypoint"
     commands["k8s Deployment slimrank"] = container["args"]
+    commands["k8s front component"] = [str(a) for a in front_container()["args"]]
     for where, env in retrain_environments().items():
         commands[f"retrain.sh in {where}"] = retrain_script_command(env)
     return commands
@@ -660,3 +719,92 @@ def test_k8s_metrics_annotations_match_the_metrics_port():
     annotations = k8s("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(METRICS_PORT)
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+# The optional front component (deploy/k8s/front)
+
+
+def test_k8s_front_component_patches_existing_objects_only():
+    component = yaml.safe_load((FRONT_COMPONENT / "kustomization.yaml").read_text())
+    files = {p.name for p in FRONT_COMPONENT.glob("*.yaml")} - {"kustomization.yaml"}
+    assert {patch["path"] for patch in component["patches"]} == files
+    base = {(o["kind"], o["metadata"]["name"]) for o in k8s_objects()}
+    patched = {(o["kind"], o["metadata"]["name"]) for o in with_front()}
+    assert patched == base  # it adds no object, only changes these
+    kustomization = (K8S / "kustomization.yaml").read_text()
+    assert "components" not in yaml.safe_load(kustomization)  # off unless enabled
+    assert "#     - front" in kustomization or "#   - front" in kustomization
+
+
+def test_k8s_front_runs_as_compose_runs_it_beside_the_server():
+    """The same command line as compose's front, the server container untouched, and the
+    pod-level checks the server passes (image, user, mounts, TLS files, a CPU request)."""
+    front = front_container()
+    argv = [str(a) for a in front["args"]]
+    assert argv == slimrank_commands()["compose front"]
+    assert front["image"] == IMAGE and "command" not in front
+    (deployment,) = [o for o in with_front() if o["kind"] == "Deployment"]
+    spec = pod_spec(deployment)
+    server, _ = spec["containers"]
+    (base_server,) = pod_spec(k8s("Deployment"))["containers"]
+    assert server == base_server
+    ports = {p["name"]: p["containerPort"] for p in front["ports"]}
+    assert ports == {
+        "front": int(flag(argv, "--port")),
+        "front-metrics": int(flag(argv, "--metrics-port")),
+    }
+    assert flag(argv, "--upstream") == f"127.0.0.1:{GRPC_PORT}"
+    assert flag(argv, "--host") == "0.0.0.0" and flag(argv, "--metrics-host") == "0.0.0.0"
+    assert front["securityContext"] == server["securityContext"]
+    assert "cpu" in front["resources"]["requests"], "the HPA's utilization needs every request"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in front["volumeMounts"]}
+    assert all(m["name"] in volumes for m in mounts.values())
+    # HAProxy's config and PEM files go under a temporary directory on a read-only root.
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]] and not mounts["/tmp"].get("readOnly")
+    tls_mount = "/etc/slimrank/tls"
+    assert mounts[tls_mount]["name"] == "tls" and mounts[tls_mount]["readOnly"] is True
+    for name in ("--tls-cert", "--tls-key", "--tls-client-ca", "--upstream-tls-ca"):
+        assert flag(argv, name).startswith(tls_mount + "/"), name
+    probe = front["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == healthcheck_command()[:2]
+    assert flag(probe, "--target") == f"127.0.0.1:{ports['front']}"
+    assert flag(probe, "--service") in HEALTH_SERVICES
+    assert front["livenessProbe"]["tcpSocket"]["port"] == "front"
+
+
+def test_k8s_front_takes_the_services_callers_and_its_policy_admits_them():
+    objects = with_front()
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    named = {
+        p["name"]: p["containerPort"]
+        for c in pod_spec(deployment)["containers"]
+        for p in c["ports"]
+    }
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert len(services) == 2
+    for service in services:
+        grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+        assert grpc_port["targetPort"] == "front", service["metadata"]["name"]
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in named, port
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    allowed = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    assert set(allowed) <= set(named)
+    callers, monitoring = policy["spec"]["ingress"]
+    assert [p["port"] for p in callers["ports"]] == ["front"]
+    assert {p["port"] for p in monitoring["ports"]} == {"metrics", "front-metrics"}
+
+
+def test_json_patch_refuses_a_path_that_does_not_exist():
+    doc = {"spec": {"ports": [{"targetPort": "grpc"}]}}
+    assert (
+        json_patch(doc, [{"op": "replace", "path": "/spec/ports/0/targetPort", "value": "x"}])[
+            "spec"
+        ]["ports"][0]["targetPort"]
+        == "x"
+    )
+    with pytest.raises((AssertionError, KeyError, IndexError)):
+        json_patch(doc, [{"op": "replace", "path": "/spec/ports/1/targetPort", "value": "x"}])
+    with pytest.raises((AssertionError, KeyError)):
+        json_patch(doc, [{"op": "replace", "path": "/spec/nope", "value": "x"}])
