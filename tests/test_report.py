@@ -118,7 +118,17 @@ def test_table_shows_sparsity_and_flops_for_every_ranker() -> None:
     assert "passed with int8 mode weights (same top-10: 98.6%)" in text
     assert "| EASE | l2=500 | 0.2500 | 0.2877 | +0.0123 [+0.0040, +0.0201] |" in text
     assert "paired bootstrap over the 900 test users" in text
-    record = json.loads(json.dumps(report.to_dict()))
+    assert "Measured on: CPU not recorded." in text
+    cpu = {"model": "Some CPU", "cpus": 2, "flags": ["avx2"], "vnni": False, "steal_pct": 12.5}
+    timed = dataclasses.replace(report, cpu=cpu)
+    assert (
+        "Measured on: Some CPU (2 CPUs, without VNNI; avx2). Hypervisor steal while the "
+        "rankers were timed: 12.5%." in render_markdown(timed)
+    )
+    unmeasured = dataclasses.replace(report, cpu={**cpu, "steal_pct": None})
+    assert "steal" not in render_markdown(unmeasured)
+    record = json.loads(json.dumps(timed.to_dict()))
+    assert record["cpu"]["steal_pct"] == 12.5
     assert record["comparison"]["rows"][1]["served_minus"]["low"] == 0.004
     assert record["rows"][3]["sparsity"] == 0.25 and record["rows"][3]["flops"] == FLOPS
 

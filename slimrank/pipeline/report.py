@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from slimrank.compression.cpu import cpu_features
+from slimrank.compression.cpu import cpu_features, cpu_times, steal_share
 from slimrank.compression.latency import interleaved_latency
 from slimrank.evaluation.paired import PerUser, paired_bootstrap
 from slimrank.pipeline import artifacts
@@ -317,7 +317,11 @@ def build_report(
 ) -> Report:
     """Return the compression table of ``result`` (measuring latency and the peers unless
     given)."""
-    latency = latency if latency is not None else measure_latency(result)
+    stolen = None
+    if latency is None:
+        before = cpu_times()
+        latency = measure_latency(result)
+        stolen = steal_share(before, cpu_times())
     k = result.config.k
     metric, recall = f"ndcg@{k}", f"recall@{k}"
     teacher_p50 = latency["teacher"]["p50"]
@@ -357,7 +361,12 @@ def build_report(
         result.gate(),
         comparison,
         seed_spread(result),
-        cpu_features(),
+        {
+            **cpu_features(),
+            # The share of the machine's CPU time the hypervisor gave other guests while the
+            # rankers were timed: a shared VM's slow hour, beside the timings it slowed.
+            "steal_pct": None if stolen is None else round(100 * stolen, 1),
+        },
         PrecisionArtifact.load(result.path("precision")).summary,
     )
 
@@ -459,7 +468,9 @@ def _cpu_line(cpu: dict[str, Any] | None) -> str:
     vnni = {True: "with VNNI", False: "without VNNI", None: "VNNI unknown"}[cpu.get("vnni")]
     flags = ", ".join(cpu.get("flags") or []) or "none found"
     name = cpu.get("model") or "unknown CPU"
-    return f"Measured on: {name} ({cpu.get('cpus')} CPUs, {vnni}; {flags})."
+    steal = cpu.get("steal_pct")
+    stolen = "" if steal is None else f" Hypervisor steal while the rankers were timed: {steal}%."
+    return f"Measured on: {name} ({cpu.get('cpus')} CPUs, {vnni}; {flags}).{stolen}"
 
 
 def _gate_line(gate: dict[str, Any], k: int) -> str:
