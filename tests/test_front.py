@@ -37,7 +37,7 @@ from slimrank.front.cli import PRINTED_PREFIX
 from slimrank.front.config import FrontConfig, nginx_rate
 from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, render
 from slimrank.front.refusal import QUEUE_MESSAGE, RATE_MESSAGE, refusal_headers
-from slimrank.front.run import OUTCOMES, write_pems
+from slimrank.front.run import OUTCOMES, remove_stale_dirs, write_pems
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import random_flat_bundle
@@ -807,11 +807,39 @@ def test_a_stop_waits_for_calls_in_flight_for_the_grace_only(proxy: Proxy) -> No
     assert group_gone(front.proxy_pid)
 
 
-def test_a_killed_front_takes_its_proxy_with_it(proxy: Proxy, server) -> None:
+def test_a_killed_front_takes_its_proxy_with_it_and_the_next_removes_its_directory(
+    proxy: Proxy, server
+) -> None:
     front = Front(proxy, server.target, *proxy.open_limit)
     front.stop(signal.SIGKILL)
     assert group_gone(front.proxy_pid), "the proxy outlived its front"
-    shutil.rmtree(front.prefix, ignore_errors=True)  # a killed front cannot remove it
+    assert front.prefix.is_dir()  # a killed front cannot remove it (its TLS copies inside)
+    alive = Front(proxy, server.target, *proxy.open_limit)  # running while the next starts
+    following = Front(proxy, server.target, *proxy.open_limit)
+    try:
+        assert not front.prefix.exists()
+        assert alive.prefix.is_dir() and following.prefix.is_dir()
+    finally:
+        following.close()
+        alive.close()
+        shutil.rmtree(front.prefix, ignore_errors=True)
+
+
+def test_only_the_directories_of_dead_fronts_are_removed(tmp_path: Path) -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead = tmp_path / f"slimrank-front-{child.pid}-abc"
+    mine = tmp_path / f"slimrank-front-{os.getpid()}-def"
+    parent = tmp_path / f"slimrank-front-{os.getppid()}-ghi"
+    others = [tmp_path / "slimrank-front-xyz", tmp_path / "slimrank-front-12x-a", tmp_path / "x"]
+    for path in (dead, mine, parent, *others):
+        path.mkdir()
+    (dead / "front.pem").write_text("key")
+    link = tmp_path / f"slimrank-front-{child.pid}-link"
+    link.symlink_to(mine)
+    assert remove_stale_dirs(tmp_path) == [dead]
+    assert not dead.exists()
+    assert all(p.exists() for p in (mine, parent, link, *others))
 
 
 def test_a_front_whose_proxy_dies_exits_and_leaves_no_worker(proxy: Proxy, server) -> None:

@@ -34,6 +34,10 @@ from slimrank.serving.workers import reserve_port
 
 log = logging.getLogger(__name__)
 
+# Each front's private directory: its proxy's config, log and the combined PEM files (copies
+# of the TLS keys), named after the front's pid so that a later front can tell a dead one's.
+DIR_PREFIX = "slimrank-front-"
+
 OUTCOMES = ("forwarded", "refused", "queue_timeout", "server_refused", "upstream_error", "other")
 INSTALL_HINTS = {
     "nginx": "install Debian's nginx-light (sudo scripts/install_nginx.sh) or pass --nginx PATH",
@@ -59,6 +63,40 @@ def find_proxy(engine: str, binary: str) -> str:
     if found is None:
         raise FrontError(f"{engine} not found ({binary!r}): {INSTALL_HINTS[engine]}")
     return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_dirs(root: Path | None = None) -> list[Path]:
+    """Remove the private directories (``slimrank-front-<pid>-*`` under ``root``, the
+    temporary directory by default) of fronts killed before they could remove them (SIGKILL,
+    the OOM killer): those of this user whose process is gone. They hold copies of the TLS
+    keys, and in a pod the temporary directory outlives a container's restarts. Return the
+    directories removed. A pid reused since is taken as alive, and its directory kept."""
+    root = Path(tempfile.gettempdir()) if root is None else root
+    removed = []
+    for path in sorted(root.glob(f"{DIR_PREFIX}*-*")):
+        pid = path.name[len(DIR_PREFIX) :].split("-", 1)[0]
+        try:
+            mine = path.lstat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if not (pid.isdigit() and mine and path.is_dir() and not path.is_symlink()):
+            continue
+        if int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _die_with_parent() -> None:
@@ -266,7 +304,9 @@ def run_front(
     proxy = None
     try:
         reader = CallLogReader(metrics, conf_module.outcome)  # binds its log socket
-        prefix = Path(tempfile.mkdtemp(prefix="slimrank-front-"))
+        for stale in remove_stale_dirs():
+            log.info("removed %s, left by a front that was killed before it could", stale)
+        prefix = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))
         with stop_on((signal.SIGTERM, signal.SIGINT)) as stop:
             # nginx started by root runs its workers as an unprivileged user: they must reach
             # the directory of temporary files.
