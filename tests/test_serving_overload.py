@@ -471,10 +471,10 @@ def test_a_queue_well_below_capacity_is_worked_off_and_overload_still_cut(
     the last 0.2 s they take about a quarter of the server, so the queue is transient and
     may wait up to the reload bound (1 s): every call is answered. (The fraction is 0.8, not
     0.5: on a machine busy with other work a call's measured cost rises two- to threefold,
-    and at 0.5 the burst was read as overload in 3 of 5 runs beside two busy loops.) With the rule off (the
-    reference, fraction 0) the burst's tail is refused. Calls every millisecond (five times
-    what the server can do) are overload either way: most are refused, and the answered ones
-    wait about the strict bound, not the reload bound."""
+    and at 0.5 the burst was read as overload in 3 of 5 runs beside two busy loops.) With the
+    rule off (the reference, fraction 0) the burst's tail is refused. Calls every millisecond
+    (five times what the server can do) are overload either way: most are refused, and the
+    answered ones wait about the strict bound, not the reload bound."""
     s = warm_loop_server(
         serve, burst_wait_s=None, reload_wait_s=1.0, overload_fraction=overload_fraction
     )
