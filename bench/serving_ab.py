@@ -260,6 +260,8 @@ def front_cpu(run: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     a, b = report["variants"]
     s = report["summary"]
+    # Results recorded before steal was measured render as they were committed.
+    steal = any("steal_pct" in r for r in report["runs"])
     lines = [
         f"# Serving A/B: {a} vs {b}",
         "",
@@ -291,8 +293,8 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "",
         "| variant | pair | answered | refused | other | p50 ms | p99 ms | refusal p50 / p99 ms"
-        " | server CPU ms/call | stalls | load | steal % |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        " | server CPU ms/call | stalls | load |" + (" steal % |" if steal else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|" + ("---:|" if steal else ""),
     ]
     for r in report["runs"]:
         lines.append(
@@ -300,7 +302,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['failed_otherwise']} | {r['p50_ms']} | {r['p99_ms']} | "
             f"{ms(r.get('refusal_p50_ms'))} / {ms(r.get('refusal_p99_ms'))} | "
             f"{r['server_cpu_ms_per_call']}{front_cpu(r)} | {r['stalls']:g} | "
-            f"{r['load_average_1m']} | {pct(r.get('steal_pct'))} |"
+            f"{r['load_average_1m']} |" + (f" {pct(r.get('steal_pct'))} |" if steal else "")
         )
     lines += [
         "",
