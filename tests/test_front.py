@@ -37,7 +37,7 @@ from slimrank.front.cli import PRINTED_PREFIX
 from slimrank.front.config import FrontConfig, nginx_rate
 from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, render
 from slimrank.front.refusal import QUEUE_MESSAGE, RATE_MESSAGE, refusal_headers
-from slimrank.front.run import OUTCOMES, remove_stale_dirs, write_pems
+from slimrank.front.run import OUTCOMES, process_tag, remove_stale_dirs, write_pems
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import random_flat_bundle
@@ -826,20 +826,35 @@ def test_a_killed_front_takes_its_proxy_with_it_and_the_next_removes_its_directo
 
 
 def test_only_the_directories_of_dead_fronts_are_removed(tmp_path: Path) -> None:
+    """A directory is kept while the process named by its pid and start time runs; a reused
+    pid (a later process, as a container's pid 1 after a restart) does not keep it."""
     child = subprocess.Popen(["true"])
     child.wait()
-    dead = tmp_path / f"slimrank-front-{child.pid}-abc"
-    mine = tmp_path / f"slimrank-front-{os.getpid()}-def"
-    parent = tmp_path / f"slimrank-front-{os.getppid()}-ghi"
-    others = [tmp_path / "slimrank-front-xyz", tmp_path / "slimrank-front-12x-a", tmp_path / "x"]
-    for path in (dead, mine, parent, *others):
+    me, parent = process_tag(os.getpid()), process_tag(os.getppid())
+    assert me is not None and parent is not None
+    assert process_tag(child.pid) is None
+    pid, ticks = me.split(".")
+    assert int(pid) == os.getpid() and int(ticks) > 0
+    dead = tmp_path / f"slimrank-front-{child.pid}.{ticks}-abc"
+    # This very pid, started earlier: the directory of a killed front whose pid came back.
+    reused = tmp_path / f"slimrank-front-{pid}.{int(ticks) - 1}-rst"
+    mine = tmp_path / f"slimrank-front-{me}-def"
+    theirs = tmp_path / f"slimrank-front-{parent}-ghi"
+    others = [
+        tmp_path / "slimrank-front-xyz",
+        tmp_path / "slimrank-front-12x-a",
+        tmp_path / f"slimrank-front-{child.pid}-old",  # no start time: not a front's name
+        tmp_path / "x",
+    ]
+    for path in (dead, reused, mine, theirs, *others):
         path.mkdir()
     (dead / "front.pem").write_text("key")
-    link = tmp_path / f"slimrank-front-{child.pid}-link"
+    (reused / "front.pem").write_text("key")
+    link = tmp_path / f"slimrank-front-{child.pid}.{ticks}-link"
     link.symlink_to(mine)
-    assert remove_stale_dirs(tmp_path) == [dead]
-    assert not dead.exists()
-    assert all(p.exists() for p in (mine, parent, link, *others))
+    assert remove_stale_dirs(tmp_path) == sorted([dead, reused])
+    assert not dead.exists() and not reused.exists()
+    assert all(p.exists() for p in (mine, theirs, link, *others))
 
 
 def test_a_front_whose_proxy_dies_exits_and_leaves_no_worker(proxy: Proxy, server) -> None:

@@ -65,34 +65,44 @@ def find_proxy(engine: str, binary: str) -> str:
     return found
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (one of another user's counts as alive)."""
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22), or
+    None if there is no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or ")": split after it.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_tag(pid: int) -> str | None:
+    """``<pid>.<start ticks>``: names one process for as long as the machine is up, where a
+    pid alone is reused (a container's first process is pid 1 after every restart)."""
+    ticks = _start_ticks(pid)
+    return None if ticks is None else f"{pid}.{ticks}"
 
 
 def remove_stale_dirs(root: Path | None = None) -> list[Path]:
-    """Remove the private directories (``slimrank-front-<pid>-*`` under ``root``, the
-    temporary directory by default) of fronts killed before they could remove them (SIGKILL,
-    the OOM killer): those of this user whose process is gone. They hold copies of the TLS
-    keys, and in a pod the temporary directory outlives a container's restarts. Return the
-    directories removed. A pid reused since is taken as alive, and its directory kept."""
+    """Remove the private directories (``slimrank-front-<pid>.<start ticks>-*`` under
+    ``root``, the temporary directory by default) of fronts killed before they could remove
+    them (SIGKILL, the OOM killer): those of this user whose process is gone, including one
+    whose pid now belongs to a process started later. They hold copies of the TLS keys, and in
+    a pod the temporary directory outlives a container's restarts. Return the directories
+    removed."""
     root = Path(tempfile.gettempdir()) if root is None else root
     removed = []
     for path in sorted(root.glob(f"{DIR_PREFIX}*-*")):
-        pid = path.name[len(DIR_PREFIX) :].split("-", 1)[0]
+        tag = path.name[len(DIR_PREFIX) :].split("-", 1)[0]
+        pid, dot, ticks = tag.partition(".")
         try:
             mine = path.lstat().st_uid == os.getuid()
         except OSError:
             continue
-        if not (pid.isdigit() and mine and path.is_dir() and not path.is_symlink()):
+        named = pid.isdigit() and dot == "." and ticks.isdigit()
+        if not (named and mine and path.is_dir() and not path.is_symlink()):
             continue
-        if int(pid) == os.getpid() or _alive(int(pid)):
+        if process_tag(int(pid)) == tag:
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -306,7 +316,7 @@ def run_front(
         reader = CallLogReader(metrics, conf_module.outcome)  # binds its log socket
         for stale in remove_stale_dirs():
             log.info("removed %s, left by a front that was killed before it could", stale)
-        prefix = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-"))
+        prefix = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{process_tag(os.getpid())}-"))
         with stop_on((signal.SIGTERM, signal.SIGINT)) as stop:
             # nginx started by root runs its workers as an unprivileged user: they must reach
             # the directory of temporary files.
