@@ -796,6 +796,55 @@ def test_k8s_front_takes_the_services_callers_and_its_policy_admits_them():
     assert {p["port"] for p in monitoring["ports"]} == {"metrics", "front-metrics"}
 
 
+def kustomize(tmp_path: Path, front: bool) -> list[dict]:
+    """deploy/k8s as ``kubectl kustomize`` renders it, with the front component on or off."""
+    import shutil
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (its built-in kustomize) is not installed")
+    tree = tmp_path / ("front" if front else "base")
+    shutil.copytree(K8S, tree)
+    if front:
+        text = (tree / "kustomization.yaml").read_text()
+        enabled = text.replace("# components:", "components:").replace("#   - front", "  - front")
+        assert enabled != text
+        (tree / "kustomization.yaml").write_text(enabled)
+    done = subprocess.run(
+        [kubectl, "kustomize", str(tree)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def test_kustomize_renders_the_front_component_as_the_tests_read_it(tmp_path: Path):
+    """The real kustomize (kubectl's) builds the manifests with and without the front, and
+    the objects it makes are those the tests above check (their patches applied by
+    ``json_patch``), apart from the image tags kustomize sets."""
+
+    def by_key(objects: list[dict]) -> dict[tuple[str, str], dict]:
+        return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+    base = by_key(kustomize(tmp_path, front=False))
+    rendered = by_key(kustomize(tmp_path, front=True))
+    expected = by_key(with_front())
+    assert rendered.keys() == expected.keys() == base.keys() == by_key(k8s_objects()).keys()
+    for key in [("Service", n) for _, n in expected if _ == "Service"] + [
+        ("NetworkPolicy", next(n for k, n in expected if k == "NetworkPolicy"))
+    ]:
+        assert rendered[key]["spec"] == expected[key]["spec"], key
+        assert rendered[key] != base[key], f"{key}: the component did not change it"
+    containers = pod_spec(rendered[("Deployment", k8s("Deployment")["metadata"]["name"])])[
+        "containers"
+    ]
+    assert [c["name"] for c in containers][1:] == ["front"]
+    front = containers[1]
+    assert front["image"] == IMAGE  # kustomize's `images` applies to the sidecar too
+    assert {k: v for k, v in front.items() if k != "image"} == {
+        k: v for k, v in front_container().items() if k != "image"
+    }
+
+
 def test_json_patch_refuses_a_path_that_does_not_exist():
     doc = {"spec": {"ports": [{"targetPort": "grpc"}]}}
     assert (
