@@ -138,10 +138,12 @@ def test_failing_int8_falls_back_one_layer_at_a_time(
 
 
 def test_top10_disagreement_alone_makes_the_gate_fall_back(setup: dict, tmp_path: Path) -> None:
-    """Weight-only int8 keeps NDCG but not the fp32 top-10 of enough lists until layer 1 is fp32.
+    """Weight-only int8 keeps NDCG but not the fp32 top-10 of enough lists: the gate keeps
+    layers in fp32, input layer first, until the top-10 agree.
 
-    Measured: same top-10 set for 92% of the 50 lists fully int8, 96% with the input layer in
-    fp32; the NDCG ratio passes at both attempts.
+    Measured, same top-10 set for the 50 lists with 0, 1 and 2 layers in fp32: 92%, 96% on an
+    AMD EPYC (AVX-512 VNNI); 90%, 94%, 100% on an Intel Xeon with AMX, whose int8 kernels
+    differ; the NDCG ratio passes at every attempt on both.
     """
     metric = _ndcg_metric(setup["lists"], _relevance(_target(setup["lists"])))
     fp32_metric = metric(Scorer(setup["fp32"], sha256_file(setup["fp32"])))
@@ -152,8 +154,15 @@ def test_top10_disagreement_alone_makes_the_gate_fall_back(setup: dict, tmp_path
     first = decision.attempts[0]
     assert first.ratio >= 0.99 and first.same_top_k is not None and first.same_top_k < 0.95
     assert not first.passed
-    assert decision.accepted
-    assert decision.excluded_nodes == tuple(quantizable_nodes(setup["fp32"])[:1])
+    assert decision.accepted and len(decision.attempts) >= 2
+    nodes = quantizable_nodes(setup["fp32"])
+    for k, attempt in enumerate(decision.attempts):
+        assert attempt.excluded_nodes == tuple(nodes[:k])  # input layer first, one more a time
+        assert attempt.ratio >= 0.99  # NDCG passes at every attempt: the top-10 alone decide
+        assert attempt.same_top_k is not None
+        assert attempt.passed == (attempt.same_top_k >= 0.95)
+        assert attempt.passed == (k == len(decision.attempts) - 1)  # stops at the first pass
+    assert decision.excluded_nodes == decision.attempts[-1].excluded_nodes
     # The gate's number is the share measured against fp32 here, and it meets the bar.
     reference = _scores(setup["fp32"], setup["lists"])
     accepted = _scores(decision.model_path, setup["lists"])

@@ -238,9 +238,11 @@ def test_excluded_node_stays_fp32_and_input_layer_dominates_error(trained: dict,
         quantize(mode, trained["onnx"], path, trained["calib"], QuantConfig(), tuple(exclude))
         assert fp32_nodes(path, nodes) == exclude
         errors[name] = np.abs(_score(path, trained["lists"]) - trained["fp32"]).mean()
-    # The measurement behind the gate's first-layer-first fallback order (static: 2.2% -> 0.9%
-    # of the std; weights: 0.9% -> 0.3%).
-    assert errors["first"] < 0.6 * errors["none"]
+    # The measurement behind the gate's first-layer-first fallback order. On an AMD EPYC (AVX-512
+    # VNNI) the input layer in fp32 took the mean error from 2.2% to 0.9% of the scores' std
+    # (static) and from 0.9% to 0.3% (weights); on an Intel Xeon with AMX, to 0.63x, 0.62x and
+    # 0.45x of the fully int8 error (static, dynamic, weights), the last layer to 0.87x-0.96x.
+    assert errors["first"] < 0.7 * errors["none"]
     assert errors["first"] < errors["last"]
     with pytest.raises(ValueError, match="nodes_to_exclude"):
         quantize(
