@@ -104,37 +104,86 @@ def test_int8_passes_at_first_attempt_against_its_fp32_self(setup: dict, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranker.int8.onnx"]
 
 
+def _int8_layers(path: str | Path) -> int:
+    """How many weight matrices the ONNX file at ``path`` stores in int8."""
+    import onnx
+    from onnx import numpy_helper
+
+    arrays = (numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer)
+    return sum(1 for a in arrays if a.dtype == np.int8 and a.ndim == 2)
+
+
 @pytest.mark.parametrize("order", ["first_last", "last_first"])
 def test_failing_int8_falls_back_one_layer_at_a_time(
     setup: dict, tmp_path: Path, order: str
 ) -> None:
-    # Relevance = the fp32 model's own top-10, so fp32 scores NDCG 1.0 and any int8 swap in a
-    # top-10 costs; a 0.999 pass mark makes the fully int8 model fail (measured ratios by
-    # attempt, first_last: 0.976, 0.994, 0.998, 1.0).
+    """Relevance = the fp32 model's own top-10, so fp32 scores NDCG 1.0 and any int8 swap in a
+    top-10 costs. A pass mark above 1 shows every attempt the gate makes (measured ratios,
+    first_last: 0.976, 0.994, 0.998 on an AMD EPYC, 0.974, -, 0.999 on an Intel Xeon with AMX);
+    the pass mark of the second run is the best of the fallbacks, so the fully int8 model fails
+    it and the gate stops at the first attempt that reaches it."""
     metric = _ndcg_metric(setup["lists"], _relevance(setup["fp32_scores"]))
-    config = GateConfig(min_ratio=0.999, min_same_top_k=0.0, fallback_order=order)
-    decision = gate_int8(setup["fp32"], tmp_path, metric, 1.0, setup["calib"], config)
     nodes = quantizable_nodes(setup["fp32"])
     ordered = nodes if order == "first_last" else nodes[::-1]
 
+    probe = gate_int8(
+        setup["fp32"],
+        tmp_path / "probe",
+        metric,
+        1.0,
+        setup["calib"],
+        GateConfig(min_ratio=1.001, min_same_top_k=0.0, fallback_order=order),
+    )
+    assert not probe.accepted and probe.model_path is None
+    # One more layer in fp32 each time, and never all of them: the last try keeps one int8.
+    tried = [a.excluded_nodes for a in probe.attempts]
+    assert tried == [tuple(ordered[:k]) for k in range(len(nodes))]
+    assert len(tried[-1]) == len(nodes) - 1
+    assert list((tmp_path / "probe").iterdir()) == []
+    ratios = [a.ratio for a in probe.attempts]
+    assert all(r <= 1.0 for r in ratios) and max(ratios[1:]) > ratios[0]
+
+    mark = max(ratios[1:]) - 1e-9
+    expected = next(k for k, r in enumerate(ratios) if r >= mark)
+    config = GateConfig(min_ratio=mark, min_same_top_k=0.0, fallback_order=order)
+    decision = gate_int8(setup["fp32"], tmp_path, metric, 1.0, setup["calib"], config)
     assert not decision.attempts[0].passed
     assert decision.attempts[0].excluded_nodes == ()
-    assert decision.attempts[0].ratio < 0.999
+    assert len(decision.attempts) == expected + 1
     for k, attempt in enumerate(decision.attempts):
-        assert attempt.excluded_nodes == tuple(ordered[:k])  # one more layer in fp32 each time
-        assert attempt.passed == (k == len(decision.attempts) - 1)
-    assert 2 <= len(decision.attempts) <= len(nodes) + 1
+        assert attempt.excluded_nodes == tuple(ordered[:k])
+        assert attempt.ratio == pytest.approx(ratios[k])  # the same quantization, measured again
+        assert attempt.passed == (k == expected)
     assert decision.accepted
     assert decision.excluded_nodes == decision.attempts[-1].excluded_nodes
     assert decision.candidate_metric == decision.attempts[-1].metric
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranker.int8.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe", "ranker.int8.onnx"]
+    assert 1 <= _int8_layers(decision.model_path) == len(nodes) - len(decision.excluded_nodes)
 
     record = json.loads(json.dumps(decision.to_dict()))
     assert record["accepted"] is True
-    assert record["min_ratio"] == 0.999
+    assert record["min_ratio"] == mark
     assert record["excluded_nodes"] == list(decision.excluded_nodes)
     assert len(record["attempts"]) == len(decision.attempts)
     assert record["attempts"][0]["passed"] is False
+
+
+def test_a_model_that_passes_only_with_every_layer_in_fp32_is_rejected(
+    setup: dict, tmp_path: Path
+) -> None:
+    """Asked for the fp32 ranker's exact top-10 on every list, no int8 attempt passes, and the
+    fp32 model itself, which would, is never tried: it is not an int8 ranker. (Session 29's
+    demo on an Intel Xeon served static "int8" with all three layers in fp32, chosen as the
+    fastest mode, before the gate stopped there.)"""
+    metric = _ndcg_metric(setup["lists"], _relevance(setup["fp32_scores"]))
+    config = GateConfig(mode="static", min_ratio=1.0, min_same_top_k=1.0)
+    lists = _all_real(setup["lists"])
+    decision = gate_int8(setup["fp32"], tmp_path, metric, 1.0, setup["calib"], config, lists=lists)
+    nodes = quantizable_nodes(setup["fp32"])
+    assert not decision.accepted, [(a.ratio, a.same_top_k) for a in decision.attempts]
+    assert [len(a.excluded_nodes) for a in decision.attempts] == list(range(len(nodes)))
+    assert all(a.same_top_k is not None and a.same_top_k < 1.0 for a in decision.attempts)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_top10_disagreement_alone_makes_the_gate_fall_back(setup: dict, tmp_path: Path) -> None:
@@ -182,10 +231,9 @@ def test_rejects_when_even_fp32_misses_the_mark(setup: dict, tmp_path: Path) -> 
     decision = gate_int8(setup["fp32"], tmp_path, metric, 2.0, config=config, lists=lists)
     nodes = quantizable_nodes(setup["fp32"])
     assert not decision.accepted
-    assert len(decision.attempts) == len(nodes) + 1
-    assert decision.excluded_nodes == tuple(nodes)
+    assert len(decision.attempts) == len(nodes)
+    assert decision.excluded_nodes == tuple(nodes[:-1])  # the last layer stays int8
     assert decision.model_path is None and decision.sha256 is None
-    assert decision.same_top_k == 1.0  # the last attempt is all fp32: its own top-10
     assert list(tmp_path.iterdir()) == []
 
 
@@ -199,13 +247,9 @@ def test_gate_refuses_to_skip_a_check_it_was_asked_for(setup: dict, tmp_path: Pa
 
 
 def test_gate_helpers_and_config() -> None:
-    assert fallback_sequence(["a", "b", "c"], "first_last") == [
-        (),
-        ("a",),
-        ("a", "b"),
-        ("a", "b", "c"),
-    ]
-    assert fallback_sequence(["a", "b"], "last_first") == [(), ("b",), ("b", "a")]
+    assert fallback_sequence(["a", "b", "c"], "first_last") == [(), ("a",), ("a", "b")]
+    assert fallback_sequence(["a", "b"], "last_first") == [(), ("b",)]
+    assert fallback_sequence(["a"], "first_last") == [()]
     assert quality_ratio(0.297, 0.3) == pytest.approx(0.99)
     with pytest.raises(ValueError, match="teacher_metric=0"):
         quality_ratio(0.5, 0)

@@ -180,6 +180,19 @@ def test_what_decides_the_held_out_labels_is_in_the_two_towers_key_when_it_holds
         assert step_digests(plain)["two_tower"] == step_digests(BASE)["two_tower"], path
 
 
+def test_a_gate_that_decides_otherwise_reruns_the_int8_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gate's code is not config, so its revision is in the int8 step's key: a cached
+    decision of an older gate (one that accepted every layer in fp32) is not reused."""
+    import slimrank.pipeline.run as run
+
+    before = step_digests(BASE)
+    monkeypatch.setattr(run, "GATE_REVISION", run.GATE_REVISION + 1)
+    after = step_digests(BASE)
+    assert {n for n in STEPS if after[n] != before[n]} == _downstream({"int8"})
+
+
 # -- one real rerun ----------------------------------------------------------------------------
 
 

@@ -12,7 +12,9 @@ Two checks, both on the caller's validation data:
   ranker can keep the teacher's NDCG while serving other items than its fp32 self.
 
 The gate quantizes, measures, and on failure returns Gemm/MatMul layers to fp32 one at a time
-until both checks pass or no layer is left quantized.
+until both checks pass. It stops with one layer still int8: a model with every layer in fp32 is
+not an int8 model (it would pass the checks by being the reference), so a mode that only passes
+that way is rejected.
 
 Fallback order, ``"first_last"`` by default: the input layer first, then forwards. The input
 layer quantizes the raw candidate features, whose 8-bit rounding error reaches every later
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 
 # "weights": int8 weights, fp32 activations (see slimrank.compression.quantize).
 MODES = ("static", "dynamic", "weights")
+# Part of the int8 step's cache key: a gate that decides differently re-runs the step. 2: the
+# fallback stops with one layer in int8 (1 could accept a model with every layer in fp32).
+GATE_REVISION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +138,10 @@ def quality_ratio(candidate_metric: float, teacher_metric: float) -> float:
 
 
 def fallback_sequence(nodes: list[str], order: str) -> list[tuple[str, ...]]:
-    """Return the excluded-node sets to try: none, then one more node each time, up to all."""
+    """Return the excluded-node sets to try: none, then one more node each time, up to all
+    but one (the last node in ``order`` is never excluded, so every try holds some int8)."""
     ordered = list(reversed(nodes)) if order == "last_first" else list(nodes)
-    return [tuple(ordered[:k]) for k in range(len(ordered) + 1)]
+    return [tuple(ordered[:k]) for k in range(len(ordered))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,11 +220,12 @@ def gate_int8(
         f"min_same_top_k={config.min_same_top_k} needs reference lists",
     )
     quality_ratio(1.0, teacher_metric)  # validates the teacher's metric before any work
+    nodes = quantizable_nodes(fp32_onnx)
+    require(bool(nodes), "gate_int8", "fp32_onnx", str(fp32_onnx), "has no Gemm/MatMul to quantize")
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = None
     if lists is not None:
         reference = lists.scores(Scorer(fp32_onnx, sha256_file(fp32_onnx), scorer_config))
-    nodes = quantizable_nodes(fp32_onnx)
     attempts: list[Attempt] = []
     for exclude in fallback_sequence(nodes, config.fallback_order):
         path = out_dir / f"ranker.int8.try{len(attempts)}.onnx"
@@ -263,7 +270,7 @@ def gate_int8(
         path.unlink()
     last = attempts[-1]
     log.warning(
-        "gate rejected %s (%s): ratio %.4f, same top-k %s even with every layer in fp32",
+        "gate rejected %s (%s): ratio %.4f, same top-k %s even with one layer left in int8",
         fp32_onnx,
         config.mode,
         last.ratio,

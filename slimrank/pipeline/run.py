@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from slimrank.compression.gate import GATE_REVISION
 from slimrank.config import Config
 from slimrank.data.dataset import dataset_files
 from slimrank.pipeline import artifacts, compress_steps, steps
@@ -197,6 +198,8 @@ def step_config(
     key = {path: config_at(config, path) for path in step.reads}
     if step.name == "catalog":
         key["format"] = CATALOG_FORMAT
+    if step.name == "int8":
+        key["gate_revision"] = GATE_REVISION
     if step.name == "two_tower" and config.candidates.hold_out_labels != "none":
         # What decides the held-out labels (the folds and their user sample); only when some
         # are held out, so the keys of runs that hold out nothing stay as they were.
