@@ -112,8 +112,8 @@ def stages(
     scores are computed again after the timed loop: kept during it (300 arrays of 200 kB),
     each request's arrays came from fresh pages, and the features' p99 read 0.45-1.03 ms in
     10 runs against 0.36-0.41 ms in 6 without (Intel Xeon, session 29; p50 the same), a cost
-    the server, which frees each request's arrays, does not pay. ``gap_s``: a busy wait before each request, as when
-    requests arrive a few milliseconds apart.
+    the server, which frees each request's arrays, does not pay. ``gap_s``: a busy wait
+    before each request, as when requests arrive a few milliseconds apart.
     """
     rng = np.random.default_rng(0)
     users = rng.integers(0, len(snapshot.user_ids), calls + 50)
