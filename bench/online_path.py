@@ -120,7 +120,6 @@ def stages(
     n = snapshot.n_candidates
     names = ("resolve", "retrieve", "features", "rank_int8", "request_int8")
     times = {name: np.empty(calls) for name in names}
-    kept = []
     for i, u in enumerate(users):
         if gap_s:
             busy_wait(gap_s)
@@ -144,11 +143,10 @@ def stages(
         times["request_int8"][j] = t4 - t0
     if teacher is None:
         return {name: pct(value) for name, value in times.items()}
-    for u in users[50:350]:
-        query = snapshot.user_query(str(snapshot.user_ids[u]), [])
-        kept.append(
-            snapshot.featurize(query, snapshot.retrieve(query, n, snapshot.seen_rows(query.row)))
-        )
+    queries = [snapshot.user_query(str(snapshot.user_ids[u]), []) for u in users[50:350]]
+    kept = [
+        snapshot.featurize(q, snapshot.retrieve(q, n, snapshot.seen_rows(q.row))) for q in queries
+    ]
     pair = {"rank_int8_paired": np.empty(len(kept)), "rank_teacher_paired": np.empty(len(kept))}
     for j, feats in enumerate(kept):
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from test_quantize import _int8_weights
 
 from slimrank.bundle.checksums import sha256_file
 from slimrank.compression.agreement import same_top_k
@@ -104,15 +105,6 @@ def test_int8_passes_at_first_attempt_against_its_fp32_self(setup: dict, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranker.int8.onnx"]
 
 
-def _int8_layers(path: str | Path) -> int:
-    """How many weight matrices the ONNX file at ``path`` stores in int8."""
-    import onnx
-    from onnx import numpy_helper
-
-    arrays = (numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer)
-    return sum(1 for a in arrays if a.dtype == np.int8 and a.ndim == 2)
-
-
 @pytest.mark.parametrize("order", ["first_last", "last_first"])
 def test_failing_int8_falls_back_one_layer_at_a_time(
     setup: dict, tmp_path: Path, order: str
@@ -158,7 +150,8 @@ def test_failing_int8_falls_back_one_layer_at_a_time(
     assert decision.excluded_nodes == decision.attempts[-1].excluded_nodes
     assert decision.candidate_metric == decision.attempts[-1].metric
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe", "ranker.int8.onnx"]
-    assert 1 <= _int8_layers(decision.model_path) == len(nodes) - len(decision.excluded_nodes)
+    int8_layers = len(_int8_weights(Path(decision.model_path)))
+    assert 1 <= int8_layers == len(nodes) - len(decision.excluded_nodes)
 
     record = json.loads(json.dumps(decision.to_dict()))
     assert record["accepted"] is True
