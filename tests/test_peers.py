@@ -226,7 +226,27 @@ def test_item_item_peers_are_skipped_past_the_dense_limit() -> None:
     assert kept == PEERS and skipped == ()
     kept, skipped = peers_for(3_000, max_items=2_000)
     assert [p.name for p in kept] == ["most popular"]
-    assert skipped == ("EASE", "item-KNN", "RP3beta")
+    assert skipped == (
+        "EASE (dense item-item matrices, past 2,000 items)",
+        "item-KNN (dense item-item matrices, past 2,000 items)",
+        "RP3beta (dense item-item matrices, past 2,000 items)",
+        "ALS (implicit) (a grid of 27 fits tuned on ml-100k, past 2,000 items)",
+    )
+
+
+def test_a_peer_whose_extra_is_missing_is_skipped_and_named(monkeypatch) -> None:
+    """Without the peers extra the small comparison runs the others and says why not ALS."""
+    import importlib.util
+
+    from slimrank.evaluation.peers import ALS_SMALL, PEERS, peers_for
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "implicit" else real(name, *a)
+    )
+    kept, skipped = peers_for(1_000)
+    assert kept == tuple(p for p in PEERS if p is not ALS_SMALL)
+    assert skipped == ("ALS (implicit) (implicit is not installed: the peers extra)",)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1e9])

@@ -15,6 +15,7 @@ from slimrank.data.world import WorldConfig, iter_interactions
 from slimrank.evaluation import peers
 from slimrank.evaluation.peers import (
     ALS,
+    ALS_SMALL,
     MOST_POPULAR,
     PEERS,
     SCALE_PEERS,
@@ -74,6 +75,18 @@ def test_als_scores_do_not_depend_on_its_thread_count(split, monkeypatch) -> Non
     np.testing.assert_array_equal(scores[1], scores[2])
 
 
+def test_als_seed_is_a_parameter_and_only_it_changes_the_fit(split) -> None:
+    """``random_state`` (default 0) reaches implicit: the same seed gives the same scores,
+    another seed other ones (bench/more_peers.py's seed spread relies on it)."""
+    observed = observed_interactions(split, "valid")
+    users = np.arange(0, split.n_users, 5)
+    default = fit_als(observed, PARAMS)(users)
+    np.testing.assert_array_equal(default, fit_als(observed, {**PARAMS, "random_state": 0})(users))
+    seeded = fit_als(observed, {**PARAMS, "random_state": 1})(users)
+    np.testing.assert_array_equal(seeded, fit_als(observed, {**PARAMS, "random_state": 1})(users))
+    assert not np.allclose(default, seeded)
+
+
 def test_als_is_selected_on_validation_and_refitted_on_train_and_valid(split) -> None:
     als = evaluate_peer(ALS, split, k=10)
     assert len(als.trials) == len(ALS.settings())
@@ -92,11 +105,14 @@ def test_a_user_sample_scores_only_those_users(split) -> None:
     assert result.test["users"] == len(result.test_per_user.users) > 0
 
 
-def test_als_is_kept_past_the_dense_limit_and_not_in_the_small_comparison() -> None:
+def test_als_is_kept_past_the_dense_limit_with_its_own_grid_in_each_comparison() -> None:
     kept, skipped = peers_for(1_000_000, SCALE_PEERS + PEERS[1:])
-    assert [p.name for p in kept] == ["most popular", "item-KNN (sparse top-k)", "ALS (implicit)"]
-    assert skipped == ("EASE", "item-KNN", "RP3beta")
-    assert ALS not in PEERS
+    assert kept == SCALE_PEERS
+    assert [s.split(" (")[0] for s in skipped] == ["EASE", "item-KNN", "RP3beta", "ALS"]
+    # The small comparison's ALS is another grid (ml-100k wants far more regularization
+    # per unit of confidence alpha), under the same name.
+    assert ALS not in PEERS and ALS_SMALL in PEERS and ALS_SMALL.name == ALS.name
+    assert max(ALS_SMALL.grid["alpha"]) < min(ALS.grid["alpha"])
 
 
 def test_sparse_item_knn_scores_with_each_items_k_nearest_by_brute_force(split) -> None:

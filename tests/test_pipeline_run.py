@@ -67,11 +67,11 @@ def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
     assert "teacher/teacher.safetensors" in manifest.files
     assert read_serving(bundle.path).catalog_directory == "catalog"
     assert {"catalog/catalog.json", "catalog/catalog.safetensors"} <= set(manifest.files)
-    # The report: a table with the eleven variants, the comparison with 3 pipeline rows and 4
-    # peers, and a PNG plot.
+    # The report: a table with the eleven variants, the comparison with 3 pipeline rows and 5
+    # peers (ALS too: make install has the peers extra), and a PNG plot.
     table, comparison = (run.out / "compression.md").read_text().split("## Quality under")
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 11
-    assert sum(line.startswith("| ") for line in comparison.splitlines()) == 1 + 3 + 4
+    assert sum(line.startswith("| ") for line in comparison.splitlines()) == 1 + 3 + 5
     n = 30  # tiny.toml's [candidates] n: the retrieval row names the candidates it was given
     # ... and the index the run built (tiny's catalog is under index.flat_below: exact search).
     index_dir = cached_step_paths(_config(run))["index"]

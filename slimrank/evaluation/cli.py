@@ -37,6 +37,7 @@ def _baseline(args: argparse.Namespace) -> int:
         evaluate_peer,
         fit_ease,
         format_params,
+        peers_for,
         protocol_check,
     )
 
@@ -45,13 +46,13 @@ def _baseline(args: argparse.Namespace) -> int:
         console = Console(width=150)
     dataset = load_dataset(args.dataset)
     split = split_random(dataset.interactions, dataset.n_users, dataset.n_items, seed=args.seed)
-    peers = PEERS
+    peers, skipped = peers_for(dataset.n_items, PEERS)
     if args.quick:
         peers = tuple(
-            dataclasses.replace(p, grid={k: v[:1] for k, v in p.grid.items()}) for p in PEERS
+            dataclasses.replace(p, grid={k: v[:1] for k, v in p.grid.items()}) for p in peers
         )
     rows: list[tuple[str, str, str, dict[str, float]]] = []
-    notes: list[str] = []
+    notes: list[str] = [f"Not run: {'; '.join(skipped)}."] if skipped else []
     found = {}
     for peer in peers:
         with console.status(f"{peer.name}: {len(peer.settings())} settings on valid"):
@@ -82,7 +83,8 @@ def _baseline(args: argparse.Namespace) -> int:
         f"({len(split.train):,} / {len(split.valid):,} / {len(split.test):,}); chosen on "
         "valid (fit on train), test fitted on train + valid"
     )
-    table = Table(title=title)
+    console.print(title)  # not the table's title: a wide table would cut it short
+    table = Table()
     table.add_column("model", no_wrap=True)
     table.add_column("chosen on valid")
     table.add_column("part")

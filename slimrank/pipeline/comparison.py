@@ -15,7 +15,6 @@ from typing import Any
 
 from slimrank.evaluation.paired import PairedInterval, PerUser, paired_bootstrap
 from slimrank.evaluation.peers import (
-    MAX_DENSE_ITEMS,
     PEERS,
     Peer,
     PeerResult,
@@ -56,7 +55,7 @@ class Comparison:
     k: int
     rows: tuple[Compared, ...]
     strongest_peer: str  # the peer with the highest test NDCG@k: the bar to clear
-    skipped: tuple[str, ...] = ()  # peers too large to build for this catalog
+    skipped: tuple[str, ...] = ()  # peers not run, each with why (peers_for)
     # Each peer's full result (its test ranking too), by name; not part of to_dict().
     peer_results: Mapping[str, PeerResult] = dataclasses.field(
         default_factory=dict, compare=False, repr=False
@@ -200,9 +199,5 @@ def comparison_markdown(comparison: Comparison) -> list[str]:
         f"{comparison.strongest_peer}.",
     ]
     if comparison.skipped:
-        lines[-1] += (
-            f" Not computed (dense item-item matrices past {MAX_DENSE_ITEMS:,} items): "
-            + ", ".join(comparison.skipped)
-            + "."
-        )
+        lines[-1] += " Not computed: " + "; ".join(comparison.skipped) + "."
     return lines
