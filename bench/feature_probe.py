@@ -55,8 +55,6 @@ from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
 from slimrank.ranking.teacher import teacher_scores  # noqa: E402
 
 RESULTS = HERE / "results"
-
-
 # The settings the peers' validation grid chose (README, Evaluation protocol).
 PEERS = {
     "rp3beta": (fit_rp3beta, {"alpha": 0.75, "beta": 0.6, "k": 400}),
