@@ -12,11 +12,18 @@ import torch
 
 from slimrank.compression.export import Standardized, export_onnx
 from slimrank.compression.flops import count_cost, linear_cost, onnx_linear_cost
-from slimrank.compression.gate import quantize
+from slimrank.compression.gate import quantizable_nodes, quantize
 from slimrank.compression.quantize import QuantConfig
 from slimrank.evaluation.paired import PairedInterval
 from slimrank.pipeline.comparison import Compared, Comparison, comparison_goals
-from slimrank.pipeline.report import Report, Row, render_markdown, report_goals, table_cells
+from slimrank.pipeline.report import (
+    Report,
+    Row,
+    render_markdown,
+    report_goals,
+    table_cells,
+    variant_label,
+)
 from slimrank.ranking.mlp import MLPConfig, MLPRanker
 from slimrank.ranking.teacher import DCNv2, TeacherConfig, multiply_adds_per_candidate
 
@@ -48,6 +55,7 @@ def test_torch_cost_of_the_small_model_is_the_hand_count(small: dict) -> None:
     cost = linear_cost(small["raw"], 4)
     assert (cost.weights, cost.zero_weights, cost.flops_per_candidate) == (WEIGHTS, ZEROS, FLOPS)
     assert cost.sparsity == 0.25
+    assert (cost.layers, cost.int8_layers) == (3, 0)
     assert count_cost(small["raw"], 4).flops_per_candidate == FLOPS
 
 
@@ -61,6 +69,31 @@ def test_onnx_cost_of_every_variant_is_the_hand_count(small: dict, variant: str)
     cost = onnx_linear_cost(path)
     assert (cost.weights, cost.zero_weights, cost.flops_per_candidate) == (WEIGHTS, ZEROS, FLOPS)
     assert cost.sparsity == 0.25
+    assert (cost.layers, cost.int8_layers) == (3, 0 if variant == "fp32" else 3)
+
+
+@pytest.mark.parametrize("variant", ["weights", "static", "dynamic"])
+def test_the_int8_row_counts_its_int8_layers_from_the_file(small: dict, variant: str) -> None:
+    """An fp32 fallback shows in the row's label: the gate once served three fp32 layers as
+    "int8", and only the file's size gave it away."""
+    nodes = quantizable_nodes(small["onnx"])
+    gate = {"accepted": True, "mode": variant}
+    for fallback in range(len(nodes)):
+        path = small["dir"] / f"{variant}-fp32x{fallback}.onnx"
+        quantize(variant, small["onnx"], path, small["calib"], QuantConfig(), nodes[:fallback])
+        cost = onnx_linear_cost(path)
+        assert (cost.layers, cost.int8_layers) == (3, 3 - fallback)
+        label = variant_label("pruned int8", "int8", cost, gate)
+        assert label == f"pruned int8 ({variant}; {3 - fallback} of 3 layers int8)"
+    fp32 = onnx_linear_cost(small["onnx"])
+    assert variant_label("per-layer precision", "precision", fp32, gate) == (
+        "per-layer precision (0 of 3 layers int8)"
+    )
+    # A rejected gate names no mode; other rows keep their label.
+    assert variant_label("pruned int8", "int8", fp32, {"accepted": False}) == (
+        "pruned int8 (0 of 3 layers int8)"
+    )
+    assert variant_label("pruned fp16 weights", "fp16", fp32, gate) == "pruned fp16 weights"
 
 
 def test_teacher_cost_is_its_matmuls() -> None:

@@ -79,12 +79,15 @@ class LinearCost:
     """The weights of a ranker's Linear (matmul) layers and their dense FLOPs per candidate.
 
     Biases, embeddings and every other parameter are left out; ``sparsity`` is the share of
-    those weights that are exactly zero.
+    those weights that are exactly zero. ``layers`` counts the matmuls, ``int8_layers`` those
+    whose stored weight is 8-bit (an int8 ranker's fp32 fallbacks are the difference).
     """
 
     weights: int
     zero_weights: int
     flops_per_candidate: int
+    layers: int = 0
+    int8_layers: int = 0
 
     @property
     def sparsity(self) -> float:
@@ -98,7 +101,7 @@ def linear_cost(model: nn.Module, input_dim: int) -> LinearCost:
     total = sum(w.numel() for w in weights)
     zeros = sum(int((w == 0).sum()) for w in weights)
     flops = count_cost(model, input_dim).flops_per_candidate
-    return LinearCost(weights=total, zero_weights=zeros, flops_per_candidate=flops)
+    return LinearCost(total, zeros, flops, layers=len(weights))
 
 
 _WEIGHT_PATH_OPS = ("DequantizeLinear", "Cast", "Transpose")
@@ -112,13 +115,13 @@ def onnx_linear_cost(path: str | Path) -> LinearCost:
     directly (dynamic int8), or the fp16 initializer behind a Cast (fp16 weights), through any
     Transpose on the way (onnxruntime's dynamic quantizer rewrites Gemm so). Zeros are
     counted in the stored tensor, so an int8 row also counts weights that rounding to int8
-    took to zero. A matmul with a ``(K, N)`` weight costs
-    ``2 K N`` FLOPs per candidate.
+    took to zero. A matmul with a ``(K, N)`` weight costs ``2 K N`` FLOPs per candidate; one
+    whose stored weight is int8 or uint8 counts among ``int8_layers``.
     """
     graph = onnx.load(str(path)).graph
     inits = {t.name: t for t in graph.initializer}
     producer = {out: n for n in graph.node for out in n.output}
-    total = zeros = flops = 0
+    total = zeros = flops = layers = int8_layers = 0
     for node in graph.node:
         if node.op_type not in _MATMUL_OPS or len(node.input) < 2:
             continue
@@ -141,4 +144,6 @@ def onnx_linear_cost(path: str | Path) -> LinearCost:
         total += weight.size
         zeros += int(np.count_nonzero(weight == 0))
         flops += 2 * weight.size
-    return LinearCost(weights=total, zero_weights=zeros, flops_per_candidate=flops)
+        layers += 1
+        int8_layers += int(weight.dtype in (np.int8, np.uint8))
+    return LinearCost(total, zeros, flops, layers, int8_layers)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from slimrank.pipeline.comparison import (
 )
 from slimrank.pipeline.run import RunResult
 
+if TYPE_CHECKING:
+    from slimrank.compression.flops import LinearCost
+
 # (key, label, step, directory in the step's output holding metrics.json and the ranker)
 VARIANTS = (
     ("retrieval", "retrieval only", "candidates", ""),
@@ -56,6 +59,8 @@ VARIANTS = (
 )
 # Variants that share the pruned student's weights (their non-zero parameters are its).
 _PRUNED_FORMS = ("int8", "fp16", "precision")
+# Variants whose layers may be int8: the row says how many are.
+_INT8_FORMS = ("int8", "precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,20 +266,27 @@ def _params(result: RunResult, key: str) -> tuple[int | None, int | None]:
     return int(info["nonzero_params"]), _ranker_paths(result)[key].stat().st_size
 
 
-def _linear_cost(result: RunResult, key: str) -> tuple[float | None, int | None]:
-    """Return ``(sparsity, FLOPs per candidate)`` of a variant's Linear layers."""
+def _linear_cost(result: RunResult, key: str) -> LinearCost | None:
+    """Return the cost of a variant's Linear layers (``None`` for retrieval alone)."""
     from slimrank.compression.flops import linear_cost, onnx_linear_cost
 
     if key == "retrieval":
-        return None, None
+        return None
     if key == "teacher":
         from slimrank.ranking.teacher import load_teacher
 
         model, names = load_teacher(TeacherArtifact.model_dir(result.path("teacher")))
-        cost = linear_cost(model, len(names))
-    else:
-        cost = onnx_linear_cost(_ranker_paths(result)[key])
-    return cost.sparsity, cost.flops_per_candidate
+        return linear_cost(model, len(names))
+    return onnx_linear_cost(_ranker_paths(result)[key])
+
+
+def variant_label(label: str, key: str, cost: LinearCost | None, gate: dict[str, Any]) -> str:
+    """Return a row's label, saying how many layers of an int8 variant are int8, as read
+    from its file: ``"pruned int8 (weights; 3 of 3 layers int8)"``."""
+    if key not in _INT8_FORMS or cost is None or not cost.layers:
+        return label
+    mode = f"{gate['mode']}; " if key == "int8" and gate.get("accepted") else ""
+    return f"{label} ({mode}{cost.int8_layers} of {cost.layers} layers int8)"
 
 
 def report_goals(rows: Sequence[Row], k: int) -> tuple[tuple[str, bool, str], ...]:
@@ -327,21 +339,22 @@ def build_report(
     teacher_p50 = latency["teacher"]["p50"]
     rows = []
     intervals = vs_teacher(result)
+    gate = result.gate()
     for key, label, _, _ in VARIANTS:
         m = artifacts.load_metrics(_variant_dir(result, key))
         params, size = _params(result, key)
-        sparsity, flops = _linear_cost(result, key)
+        cost = _linear_cost(result, key)
         p50 = latency[key]["p50"] if key in latency else None
         rows.append(
             Row(
                 key=key,
-                label=label,
+                label=variant_label(label, key, cost, gate),
                 ndcg=float(m["test"][metric]),
                 recall=float(m["test"][recall]),
                 valid_ndcg=float(m["valid"][metric]),
                 params=params,
-                sparsity=sparsity,
-                flops=flops,
+                sparsity=None if cost is None else cost.sparsity,
+                flops=None if cost is None else cost.flops_per_candidate,
                 bytes=size,
                 p50_seconds=p50,
                 speedup=None if p50 is None else teacher_p50 / p50,
@@ -358,7 +371,7 @@ def build_report(
         k,
         cfg.candidates,
         cfg.repeats,
-        result.gate(),
+        gate,
         comparison,
         seed_spread(result),
         {
