@@ -209,6 +209,22 @@ def test_equal_information_goal_needs_the_margin_and_an_interval_above_zero() ->
     assert not comparison_goals(_comparison(0.012, -0.001))[0][1]  # interval reaches zero
 
 
+def test_the_comparison_says_which_peers_were_not_run_and_why() -> None:
+    from slimrank.evaluation.peers import PEERS, peers_for
+    from slimrank.pipeline.comparison import comparison_markdown
+
+    _, skipped = peers_for(30_000, PEERS)
+    text = "\n".join(
+        comparison_markdown(dataclasses.replace(_comparison(0.0, 0.0), skipped=skipped))
+    )
+    assert (
+        "Not computed: EASE (dense item-item matrices, past 20,000 items); item-KNN (dense "
+        "item-item matrices, past 20,000 items); RP3beta (dense item-item matrices, past "
+        "20,000 items); ALS (implicit) (a grid of 27 fits tuned on ml-100k, past 20,000 items)."
+    ) in text
+    assert "Not computed" not in "\n".join(comparison_markdown(_comparison(0.0, 0.0)))
+
+
 def test_onnx_cost_refuses_a_weight_it_cannot_read(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
