@@ -23,8 +23,8 @@ models hard to beat):
   million-item catalog would pick instead: its memory is (users + items) x factors, so it is
   the peer :data:`SCALE_PEERS` keeps past the dense limit. :data:`PEERS` (the comparison of
   catalogs up to :data:`MAX_DENSE_ITEMS`) holds it with a grid of its own (:data:`ALS_SMALL`),
-  tuned on ml-100k validation, where it is as strong as EASE; without the extra it is skipped,
-  and the report says so.
+  tuned on ml-100k validation, where it is the strongest peer (above EASE on validation and
+  test); without the extra it is skipped, and the report says so.
 - item-KNN from a sparse table (:data:`ITEM_KNN_SPARSE`, in :data:`SCALE_PEERS`): each item's
   top-k cosine co-occurrences, built in blocks by the ranker's own
   :func:`~slimrank.ranking.neighbors.cooccurrence_table`, so it fits a million items.
@@ -275,8 +275,7 @@ ALS = Peer(
 # ml-100k wants far more regularization per unit of alpha than the scale grid: on validation
 # (fitted on train) 256 factors, regularization 20, alpha 2 score 0.2622 NDCG@10 (EASE
 # 0.2596; the scale grid's best, 64 factors, regularization 10, alpha 10, 0.2056), and 512
-# factors no more (0.2622-0.2623). 27 fits of
-# 0.3-0.6 s each at 100k; at 1M one takes minutes.
+# factors no more (0.2622-0.2623). 27 fits of 0.3-0.6 s each at 100k; at 1M one takes minutes.
 ALS_SMALL = Peer(
     "ALS (implicit)",
     fit_als,
