@@ -31,23 +31,19 @@ import scipy.sparse as sp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from slimrank.compression.scorer import onnx_score_fn  # noqa: E402
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
-from slimrank.pipeline.artifacts import (  # noqa: E402
-    CandidatesArtifact,
-    DataArtifact,
-    EmbeddingsArtifact,
-    Int8Artifact,
-    TeacherArtifact,
-)
+from slimrank.evaluation.peers import als_model  # noqa: E402
+from slimrank.pipeline.artifacts import DataArtifact, EmbeddingsArtifact  # noqa: E402
 from slimrank.pipeline.cache import StepOutput  # noqa: E402
+from slimrank.pipeline.comparison import variant_per_user  # noqa: E402
 from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
 from slimrank.pipeline.run import cached_step_paths, run_pipeline  # noqa: E402
-from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
 from slimrank.ranking.train import procrustes_align  # noqa: E402
 
 RESULTS = HERE / "results"
 REUSED = ("data", "catalog", "two_tower")
+# The rankers compared, by the variant key variant_per_user reads.
+RANKERS = {"retrieval": "retrieval alone", "teacher": "teacher fp32", "int8": "served int8"}
 
 
 def als_embeddings(
@@ -55,52 +51,24 @@ def als_embeddings(
 ) -> EmbeddingsArtifact:
     """Return ``cached`` (its folds) with ALS's item and user vectors in place of the
     two-tower's."""
-    from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
-    def binary(x: sp.spmatrix) -> sp.csr_matrix:
-        x = sp.csr_matrix(x, dtype=np.float32, copy=True)
-        x.sum_duplicates()
-        x.data[:] = 1.0
-        return x
-
-    def fit(x: sp.spmatrix) -> AlternatingLeastSquares:
-        with threadpool_limits(1, "blas"):
-            model = AlternatingLeastSquares(random_state=0, num_threads=0, **params)
-            model.fit(binary(x), show_progress=False)
-        return model
-
-    main = fit(data.seen("valid"))  # the training part
+    main = als_model(data.seen("valid"), params)  # the training part
     item = np.asarray(main.item_factors, np.float32)
     user = {"valid": np.asarray(main.user_factors, np.float32)}
-    seen = binary(data.seen("test"))  # train + valid
+    seen = sp.csr_matrix(data.seen("test"), dtype=np.float32)  # train + valid, binary
     with threadpool_limits(1, "blas"):
         test = main.recalculate_user(np.arange(seen.shape[0]), seen)
     user["test"] = np.asarray(test, np.float32)
     fold_item = []
     for i, history in enumerate(cached.history):
-        model = fit(history)
+        model = als_model(history, params)
         fold_user = np.asarray(model.user_factors, np.float32)
         fold_vecs = np.asarray(model.item_factors, np.float32)
         rot = procrustes_align(fold_vecs, item)
         user[f"fold{i}"] = (fold_user @ rot).astype(np.float32)
         fold_item.append((fold_vecs @ rot).astype(np.float32))
     return EmbeddingsArtifact(item, user, cached.history, cached.target, fold_item)
-
-
-def valid_per_user(paths: dict[str, Path], data: DataArtifact, k: int) -> dict:
-    """Return validation NDCG@k per user of retrieval alone, the teacher and served int8."""
-    cands, feats, _ = CandidatesArtifact.load_one(paths["candidates"], "valid")
-    truth = data.truth("valid")
-    scores = {
-        "retrieval alone": cands.retrieval_score,
-        "teacher fp32": TeacherArtifact.load_scores(paths["teacher"])["valid"],
-        "served int8": onnx_score_fn(Int8Artifact.load(paths["int8"]).ranker)(feats),
-    }
-    return {
-        name: pipeline_per_user(cands, np.asarray(s, np.float64), truth, k)
-        for name, s in scores.items()
-    }
 
 
 def main() -> int:
@@ -130,9 +98,7 @@ def main() -> int:
     provided = {s: StepOutput(s, paths[s].name.rsplit("-", 1)[1], paths[s], True) for s in REUSED}
     provided["embeddings"] = StepOutput("embeddings", tag, vectors, True)
     probe = dataclasses.replace(config, cache_dir=str(args.work / "cache"))
-    result = run_pipeline(probe, provided=provided)
-    ours = valid_per_user({s: result.path(s) for s in ("candidates", "teacher", "int8")}, data, 10)
-    base = valid_per_user(paths, data, 10)
+    ours, base = run_pipeline(probe, provided=provided), run_pipeline(config)  # base: cached
     lines = [
         "# ALS's vectors in place of the two-tower's, on validation (issue 15)",
         "",
@@ -145,10 +111,11 @@ def main() -> int:
         "| ranker | two-tower vectors | ALS vectors | ALS minus two-tower [95% CI] |",
         "|---|---|---|---|",
     ]
-    for name, per in ours.items():
-        ci = paired_bootstrap(per, base[name])
+    for key, name in RANKERS.items():
+        per, before = variant_per_user(ours, key, "valid"), variant_per_user(base, key, "valid")
+        ci = paired_bootstrap(per, before)
         lines.append(
-            f"| {name} | {base[name].mean:.4f} | {per.mean:.4f} | "
+            f"| {name} | {before.mean:.4f} | {per.mean:.4f} | "
             f"{ci.diff:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] |"
         )
     RESULTS.mkdir(exist_ok=True)

@@ -7,7 +7,7 @@ against EASE (l2 = 500) and against the served int8 ranker of the cached ``make 
 User-KNN is not in the comparison (far below EASE); ALS is (``ALS_SMALL``), with one seed,
 ``random_state = 0``: the rows here refit its chosen setting with seeds 0-4.
 
-    .venv/bin/python bench/more_peers.py   # after make demo, from its checkout; ~3 minutes
+    .venv/bin/python bench/more_peers.py   # after make demo, from its checkout; about 35 s
 
 Writes ``bench/results/more_peers.md``.
 """
@@ -23,7 +23,6 @@ import scipy.sparse as sp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from slimrank.compression.scorer import onnx_score_fn  # noqa: E402
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
 from slimrank.evaluation.peers import (  # noqa: E402
     ALS_SMALL,
@@ -33,14 +32,10 @@ from slimrank.evaluation.peers import (  # noqa: E402
     format_params,
     score_part,
 )
-from slimrank.pipeline.artifacts import (  # noqa: E402
-    CandidatesArtifact,
-    DataArtifact,
-    Int8Artifact,
-)
+from slimrank.pipeline.artifacts import DataArtifact  # noqa: E402
+from slimrank.pipeline.comparison import variant_per_user  # noqa: E402
 from slimrank.pipeline.config import load_config, resolve_config  # noqa: E402
-from slimrank.pipeline.run import cached_step_paths  # noqa: E402
-from slimrank.ranking.pipeline_eval import pipeline_per_user  # noqa: E402
+from slimrank.pipeline.run import run_pipeline  # noqa: E402
 
 RESULTS = HERE / "results"
 
@@ -68,19 +63,10 @@ USER_KNN = Peer("user-KNN", fit_user_knn, {"k": (25, 50, 100, 200), "shrink": (0
 SEEDS = (0, 1, 2, 3, 4)
 
 
-def served_per_user(paths: dict[str, Path]):
-    """Return the cached run's served int8 ranker's test NDCG@10 per user."""
-    cands, feats, _ = CandidatesArtifact.load_one(paths["candidates"], "test")
-    scores = onnx_score_fn(Int8Artifact.load(paths["int8"]).ranker)(feats)
-    truth = DataArtifact.load(paths["data"]).truth("test")
-    return pipeline_per_user(cands, scores, truth, 10)
-
-
 def main() -> int:
-    config = load_config(resolve_config("pipeline"))
-    paths = cached_step_paths(config)
-    split = DataArtifact.load(paths["data"]).split
-    served = served_per_user(paths)
+    run = run_pipeline(load_config(resolve_config("pipeline")))  # make demo's cached steps
+    split = DataArtifact.load(run.path("data")).split
+    served = variant_per_user(run, "int8")
     ease = evaluate_peer(next(p for p in PEERS if p.name == "EASE"), split)
     lines = [
         "# Peers beyond EASE on ml-100k: user-KNN, and ALS over five seeds (issue 15)",
@@ -108,15 +94,15 @@ def main() -> int:
         )
         print(lines[-1], flush=True)
 
-    for peer in (USER_KNN, ALS_SMALL):
-        res = evaluate_peer(peer, split)
+    als = evaluate_peer(ALS_SMALL, split)
+    for res in (evaluate_peer(USER_KNN, split), als):
         chosen = format_params(res.params)
         valid = res.valid["ndcg@10"]
         row(res.name, str(len(res.trials)), chosen, valid, res.test["ndcg@10"], res.test_per_user)
-    for seed in SEEDS[1:]:
-        params = {**res.params, "random_state": seed}
-        valid = score_part(peer.fit, params, split, "valid")[0]["ndcg@10"]
-        test, per_user = score_part(peer.fit, params, split, "test")
+    for seed in SEEDS[1:]:  # ALS's chosen setting, refitted with the other seeds
+        params = {**als.params, "random_state": seed}
+        valid = score_part(ALS_SMALL.fit, params, split, "valid")[0]["ndcg@10"]
+        test, per_user = score_part(ALS_SMALL.fit, params, split, "test")
         row(f"ALS, seed {seed}", "-", "the same", valid, test["ndcg@10"], per_user)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "more_peers.md").write_text("\n".join(lines) + "\n")

@@ -202,9 +202,9 @@ def fit_rp3beta(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
     return _rows_times(x, w)
 
 
-def fit_als(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
-    """``implicit``'s ALS on binary ``x`` (confidence ``1 + alpha * x``); a user's score of an
-    item is the dot of their factors, as ``AlternatingLeastSquares.recommend`` ranks them.
+def als_model(x: sp.csr_matrix, params: Mapping[str, Any]) -> Any:
+    """Return ``implicit``'s ``AlternatingLeastSquares`` fitted on binary ``x`` (confidence
+    ``1 + alpha * x``).
 
     ``params``: ``factors``, ``regularization``, ``alpha``, ``iterations``, and optionally
     ``random_state`` (default 0), so a fit is reproducible. It runs on :data:`ALS_THREADS`
@@ -226,6 +226,13 @@ def fit_als(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
             num_threads=ALS_THREADS,
         )
         model.fit(sp.csr_matrix(_binary(x), dtype=np.float32), show_progress=False)
+    return model
+
+
+def fit_als(x: sp.csr_matrix, params: Mapping[str, Any]) -> ScoreFn:
+    """ALS (:func:`als_model`) on binary ``x``; a user's score of an item is the dot of their
+    factors, as ``AlternatingLeastSquares.recommend`` ranks them."""
+    model = als_model(x, params)
     users_f = np.asarray(model.user_factors, dtype=np.float32)  # (U, f)
     items_f = np.asarray(model.item_factors, dtype=np.float32)  # (I, f)
 

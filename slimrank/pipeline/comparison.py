@@ -83,8 +83,9 @@ class Comparison:
         }
 
 
-def pipeline_per_user_test(result: RunResult, key: str) -> PerUser:
-    """Return test NDCG@k per user of a pipeline variant (``int8``, ``teacher``, ``retrieval``)."""
+def variant_per_user(result: RunResult, key: str, part: str = "test") -> PerUser:
+    """Return NDCG@k per user on ``part`` (``"valid"`` or ``"test"``) of a pipeline variant
+    (``int8``, ``teacher``, ``retrieval``)."""
     from slimrank.compression.scorer import onnx_score_fn
     from slimrank.pipeline.artifacts import (
         CandidatesArtifact,
@@ -94,16 +95,16 @@ def pipeline_per_user_test(result: RunResult, key: str) -> PerUser:
     )
     from slimrank.ranking.pipeline_eval import pipeline_per_user
 
-    cands, feats, _ = CandidatesArtifact.load_one(result.path("candidates"), "test")
+    cands, feats, _ = CandidatesArtifact.load_one(result.path("candidates"), part)
     if key == "retrieval":
         scores = cands.retrieval_score
     elif key == "teacher":
-        scores = TeacherArtifact.load_scores(result.path("teacher"))["test"]
+        scores = TeacherArtifact.load_scores(result.path("teacher"))[part]
     elif key == SERVED:
         scores = onnx_score_fn(Int8Artifact.load(result.path("int8")).ranker)(feats)
     else:
         raise ValueError(f"no per-user scores for variant {key!r}")
-    truth = DataArtifact.load(result.path("data")).truth("test")
+    truth = DataArtifact.load(result.path("data")).truth(part)
     return pipeline_per_user(cands, scores, truth, result.config.k)
 
 
@@ -123,7 +124,7 @@ def compare(
     k = result.config.k
     index = describe_index(result.path("index") / INDEX)  # the index the run built
     split = DataArtifact.load(result.path("data")).split
-    per_user = {key: pipeline_per_user_test(result, key) for key, _ in PIPELINE_ROWS}
+    per_user = {key: variant_per_user(result, key) for key, _ in PIPELINE_ROWS}
     served = per_user[SERVED]
     rows = []
     for key, label in PIPELINE_ROWS:

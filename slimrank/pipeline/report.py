@@ -36,7 +36,7 @@ from slimrank.pipeline.comparison import (
     compare,
     comparison_goals,
     comparison_markdown,
-    pipeline_per_user_test,
+    variant_per_user,
 )
 from slimrank.pipeline.run import RunResult
 
@@ -176,7 +176,7 @@ def per_user_test(result: RunResult, key: str) -> PerUser:
     from slimrank.ranking.pipeline_eval import pipeline_per_user
 
     if key in ("retrieval", "teacher"):
-        return pipeline_per_user_test(result, key)
+        return variant_per_user(result, key)
     cands, feats, _ = CandidatesArtifact.load_one(result.path("candidates"), "test")
     scores = onnx_score_fn(_ranker_paths(result)[key])(feats)
     truth = DataArtifact.load(result.path("data")).truth("test")
