@@ -281,8 +281,9 @@ ALS = Peer(
 )
 # ml-100k wants far more regularization per unit of alpha than the scale grid: on validation
 # (fitted on train) 256 factors, regularization 20, alpha 2 score 0.2622 NDCG@10 (EASE
-# 0.2596; the scale grid's best, 64 factors, regularization 10, alpha 10, 0.2056), and 512
-# factors no more (0.2622-0.2623). 27 fits of 0.3-0.6 s each at 100k; at 1M one takes minutes.
+# 0.2596; the scale grid's best, 64 factors, regularization 10, alpha 10, 0.2056:
+# bench/more_peers.py), and 512 factors no more (0.2622-0.2623, a scratch check). 27 fits
+# of 0.3-0.6 s each at 100k; at 1M one takes minutes.
 ALS_SMALL = Peer(
     "ALS (implicit)",
     fit_als,
