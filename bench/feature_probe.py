@@ -11,7 +11,8 @@ cached teacher on the validation view: pipeline NDCG@10 and a paired bootstrap i
 
     .venv/bin/python bench/feature_probe.py [--config pipeline] [--peers rp3beta itemknn]
 
-``--recent N``: EASE and co-occurrence over the user's N newest items. ``--rating-ease P L2``:
+``--recent N``: EASE and co-occurrence over the user's N newest items. ``--sequence-ease W D
+B L2``: EASE with neighbours in time (``bench/sequence_ease.py``). ``--rating-ease P L2``:
 EASE fitted and scored on rows weighted by rating**P (mean 1; no served system reads rating
 values), or with P = 0 the exact EASE at that l2 that the served top-K table approximates.
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench.more_peers import fit_user_knn  # noqa: E402
 from bench.rating_ease import weighted_rows  # noqa: E402
+from bench.sequence_ease import ordered_rows, sequence_ease_weights, window_gram  # noqa: E402
 from slimrank.evaluation.baselines import EaseConfig, ease_weights  # noqa: E402
 from slimrank.evaluation.paired import paired_bootstrap  # noqa: E402
 from slimrank.evaluation.peers import (  # noqa: E402
@@ -112,6 +114,19 @@ def rating_ease_columns(
     return with_rank(np.asarray(r[users] @ ease_weights(r, EaseConfig(l2=l2))), items)
 
 
+def sequence_ease_columns(
+    observed: sp.csr_matrix, times: sp.csr_matrix, users, items, setting: list[float]
+) -> np.ndarray:
+    """Return ``(U, N, 2)``: EASE with neighbours in time (:mod:`bench.sequence_ease`) fitted
+    on ``observed`` ordered by ``times``, with its log1p rank in the list."""
+    window, decay, beta, l2 = setting
+    gram_w = window_gram(ordered_rows(observed, times), observed.shape[1], int(window), decay)
+    x = sp.csr_matrix(observed, dtype=np.float64)
+    x.data[:] = 1.0
+    weights = sequence_ease_weights(x, gram_w, beta, l2)
+    return with_rank(np.asarray(x[users] @ weights), items)
+
+
 def with_rank(full: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Return ``(U, N, 2)``: ``full`` (U, I) at each candidate, and its log1p rank in the list."""
     real = items >= 0
@@ -142,6 +157,13 @@ def main() -> int:
         nargs=2,
         metavar=("POWER", "L2"),
         help="EASE on rating**POWER weighted rows (mean 1) with this l2, and its rank",
+    )
+    parser.add_argument(
+        "--sequence-ease",
+        type=float,
+        nargs=4,
+        metavar=("WINDOW", "DECAY", "BETA", "L2"),
+        help="EASE with neighbours in time (bench/sequence_ease.py), and its rank",
     )
     parser.add_argument("--out", default="feature_probe")
     args = parser.parse_args()
@@ -191,6 +213,15 @@ def main() -> int:
         names += (name, f"{name}_rank")
         weights = weighted_rows(data.split, power)
         add(lambda observed, users, items: rating_ease_columns(observed, weights, users, items, l2))
+    if args.sequence_ease:
+        names += ("sequence_ease", "sequence_ease_rank")
+        times = data.seen_times("valid")  # a fold's history is part of the training items
+        setting = args.sequence_ease
+        add(
+            lambda observed, users, items: sequence_ease_columns(
+                observed, times, users, items, setting
+            )
+        )
     feats = widen(feats, np.concatenate(train_extra, axis=-1), names)
     v_feats = widen(v_feats, np.concatenate(valid_extra, axis=-1), names)
     result = train_pipeline_teacher(config.teacher, k, data, (feats, labels), (v_cands, v_feats))
@@ -202,7 +233,8 @@ def main() -> int:
         "# Peer scores as teacher features, on validation (issue 15)",
         "",
         f"`bench/feature_probe.py --config {args.config} --peers {' '.join(args.peers)} "
-        f"--recent {args.recent} --rating-ease {args.rating_ease}`: "
+        f"--recent {args.recent} --rating-ease {args.rating_ease} "
+        f"--sequence-ease {args.sequence_ease}`: "
         f"columns {', '.join(names)} appended; the pipeline's teacher config and seed. "
         "Pipeline NDCG@10 on the validation view; the interval is the row minus the cached "
         "teacher (same features without these columns), paired over users.",
