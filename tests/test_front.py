@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 from serve_process import Server, scrape, start_ready
 
@@ -36,7 +37,12 @@ from slimrank.front import haproxy_conf
 from slimrank.front.cli import PRINTED_PREFIX
 from slimrank.front.config import FrontConfig, nginx_rate
 from slimrank.front.nginx_conf import REFUSAL_MESSAGE, outcome, render
-from slimrank.front.refusal import QUEUE_MESSAGE, RATE_MESSAGE, refusal_headers
+from slimrank.front.refusal import (
+    QUEUE_MESSAGE,
+    RATE_MESSAGE,
+    refusal_headers,
+    too_large_message,
+)
 from slimrank.front.run import OUTCOMES, process_tag, remove_stale_dirs, write_pems
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
@@ -305,6 +311,9 @@ def test_log_lines_are_read_as_outcomes() -> None:
     assert outcome("<190>slimrank_front: PASSED 200 - 8") == "server_refused"
     assert outcome("<190>slimrank_front: PASSED 502 - -") == "upstream_error"
     assert outcome("<190>slimrank_front: PASSED 504 - -") == "upstream_error"
+    # The front's own answer to a request over its size limit (a 200 in gRPC form).
+    assert outcome("<190>slimrank_front: TOO_LARGE 413 - -") == "other"
+    assert outcome("<190>slimrank_front: PASSED 499 - -") == "other"
     assert outcome("garbage") is None
     assert outcome("<190>slimrank_front: PASSED 200") is None
 
@@ -899,6 +908,56 @@ def test_a_metrics_port_in_use_is_a_clear_error(proxy: Proxy, server) -> None:
     assert result.returncode == 2, result.stderr
     assert f"slimrank: error: cannot serve metrics on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_request_over_the_size_limit_is_a_grpc_refusal_the_client_does_not_retry(
+    proxy: Proxy, server
+) -> None:
+    # nginx (--rate) refuses a body over --max-message-bytes itself; its own HTTP 413 would
+    # reach a gRPC caller as UNKNOWN, so it answers RESOURCE_EXHAUSTED naming the limit, with
+    # a negative retry pushback that stops the client's retry policy. HAProxy leaves the limit
+    # to the server, whose own answer passes through. Either way the front goes on serving.
+    limit = 65536
+    extra = ("--max-message-bytes", str(limit)) if proxy.engine == "nginx" else ()
+    front = Front(proxy, server.target, *proxy.open_limit, *extra)
+    # nginx: about 100 kB, over the front's limit, under gRPC's 256 kB retry buffer (a larger
+    # message is never retried, pushback or not). HAProxy: over the server's 1 MiB.
+    recent = [f"item{i:07d}" for i in range(8_000 if proxy.engine == "nginx" else 90_000)]
+    try:
+        with SlimrankClient(front.target, timeout=10, retries=3) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.recommend("nobody", 5, recent=recent)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            if proxy.engine == "nginx":
+                config = FrontConfig(rate=1000, max_message_bytes=limit)
+                assert err.value.details() == too_large_message(config)
+                assert str(limit) in err.value.details()
+                trailers = dict((m.key, m.value) for m in err.value.trailing_metadata())
+                assert trailers["grpc-retry-pushback-ms"] == "-1"
+                # Any other path over the limit gets the same answer, and is not counted
+                # among the Recommender calls.
+                with grpc.insecure_channel(front.target) as channel:
+                    check = channel.unary_unary(
+                        "/grpc.health.v1.Health/Check",
+                        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+                    )
+                    with pytest.raises(grpc.RpcError) as health_err:
+                        check(health_pb2.HealthCheckRequest(service="x" * 100_000), timeout=10)
+                assert health_err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert health_err.value.details() == too_large_message(config)
+            else:
+                assert "larger than max" in err.value.details()
+            assert client.recommend("u0", 3).item_ids
+            assert client.health() == "SERVING"
+        # One refused call: the client did not retry it.
+        if proxy.engine == "nginx":
+            expected = outcomes(forwarded=1, other=1)
+        else:
+            expected = outcomes(forwarded=1, server_refused=1)
+        assert front.calls_when(expected) == expected
+    finally:
+        front.close()
 
 
 def test_calls_the_server_refuses_are_counted_as_its_refusals(proxy: Proxy) -> None:

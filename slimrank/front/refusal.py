@@ -20,6 +20,28 @@ QUEUE_MESSAGE = (
 )
 
 
+def too_large_message(config: FrontConfig) -> str:
+    """The ``grpc-message`` of the front's answer to a request over its size limit."""
+    return (
+        f"request larger than the front's limit of {config.max_message_bytes} bytes "
+        "(slimrank front --max-message-bytes, as the server's); not retried: send less, "
+        "e.g. fewer recent items or a shorter batch"
+    )
+
+
+def too_large_headers(config: FrontConfig) -> list[tuple[str, str]]:
+    """Return the gRPC status headers of the front's answer to a request over its size
+    limit: ``grpc-status`` 8 (RESOURCE_EXHAUSTED, the code the server gives a message over
+    its own limit), the message, and a negative ``grpc-retry-pushback-ms``, which tells a
+    client's gRPC retry policy not to retry (gRFC A6): the same request would fail again."""
+    code = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    return [
+        ("grpc-status", code),
+        ("grpc-message", too_large_message(config)),
+        ("grpc-retry-pushback-ms", "-1"),
+    ]
+
+
 def refusal_message(config: FrontConfig) -> str:
     """The ``grpc-message`` of the front's refusal: which limit refused the call."""
     return RATE_MESSAGE if config.rate is not None else QUEUE_MESSAGE
