@@ -47,6 +47,7 @@ from slimrank.front.run import OUTCOMES, process_tag, remove_stale_dirs, write_p
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
 from slimrank.serving.loader import random_flat_bundle
+from slimrank.serving.proto.slimrank.v1 import recommender_pb2, recommender_pb2_grpc
 from slimrank.serving.security import TLSConfig, channel_credentials
 from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import ModelSnapshot, SnapshotHolder, random_snapshot
@@ -956,6 +957,38 @@ def test_a_request_over_the_size_limit_is_a_grpc_refusal_the_client_does_not_ret
         else:
             expected = outcomes(forwarded=1, server_refused=1)
         assert front.calls_when(expected) == expected
+    finally:
+        front.close()
+
+
+def test_metadata_over_the_servers_limit_does_not_end_the_callers_connection(
+    proxy: Proxy, server
+) -> None:
+    # 24 kB of metadata is over gRPC's hard limit at the server (16 kB): called directly, the
+    # server answers RESOURCE_EXHAUSTED. Through the front the call must reach the server and
+    # get its answer, never a GOAWAY that ends the caller's connection and every call on it
+    # (UNAVAILABLE: nginx's 8 kB and HAProxy's 16 kB header buffers did that). The server's
+    # limit counts HPACK-encoded bytes, which nginx re-encodes, so through nginx the call may
+    # also pass: either way the channel goes on serving.
+    front = Front(proxy, server.target, *proxy.open_limit)
+    request = recommender_pb2.RecommendRequest(user_id="u0", k=3)
+    big = [("x-big", "".join(np.random.default_rng(0).choice(list("ABCDEFGHIJKLMNOP"), 24_000)))]
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                recommender_pb2_grpc.RecommenderStub(channel).Recommend(
+                    request, metadata=big, timeout=10
+                )
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with grpc.insecure_channel(front.target) as channel:
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            for _ in range(3):
+                try:
+                    assert len(stub.Recommend(request, metadata=big, timeout=10).items) == 3
+                except grpc.RpcError as got:
+                    assert got.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, got
+                    assert "metadata size exceeds" in got.details()
+                assert len(stub.Recommend(request, timeout=10).items) == 3
     finally:
         front.close()
 

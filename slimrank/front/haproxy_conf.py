@@ -94,6 +94,10 @@ global
   log 127.0.0.1:{log_port} len 1024 local0 info
   log-tag {LOG_TAG}
   tune.h2.max-concurrent-streams 1024
+  # Headers up to about 31 kB reach the server, whose gRPC answers metadata over its own
+  # limit (8-16 kB) with RESOURCE_EXHAUSTED; at the 16 kB default HAProxy would end the
+  # caller's whole connection (GOAWAY) instead.
+  tune.bufsize 32768
 
 defaults
   mode http

@@ -74,6 +74,10 @@ http {{
     listen {config.host}:{port}{"" if config.tls is None else " ssl"} http2 reuseport;
     server_name slimrank_front;{listen_tls}{upstream_tls}
     http2_max_concurrent_streams 1024;
+    # Header fields up to 32 kB reach the server, whose gRPC answers metadata over its own
+    # limit (8-16 kB) with RESOURCE_EXHAUSTED; at the 8 kB default nginx would end the
+    # caller's whole connection (GOAWAY) instead.
+    large_client_header_buffers 4 32k;
     # A gRPC body is the message and a 5-byte frame header.
     client_max_body_size {config.max_message_bytes + GRPC_FRAME_HEADER_BYTES};
     grpc_set_header X-Forwarded-For $remote_addr;
