@@ -129,6 +129,13 @@ def test_what_is_not_a_json_call_is_refused_plainly(start: Callable[..., Running
     assert post(f"{r.url}/v1/recommend", json.dumps(ok).encode(), "text/plain")[0] == 415
     assert post(f"{r.url}/v1/recommend", b"{not json")[0] == 400
     assert post(f"{r.url}/v1/recommend", b"\xff\xfe")[0] == 400
+    # JSON, but not an object: said as such, not as a field named after an array's item.
+    for body in (b"[1, 2]", b"42", b"null", b'"u1"', b"", b"  \n"):
+        status, answer, _ = post(f"{r.url}/v1/recommend", body)
+        assert (status, answer["code"]) == (400, "INVALID_ARGUMENT"), body
+        assert answer["message"].startswith("body must be a JSON object"), answer
+        assert "field" not in answer
+    assert post(f"{r.url}/v1/recommend", b' \r\n\t{"user_id": "u1", "k": 3}')[0] == 200
     status, answer, _ = post(f"{r.url}/v1/nothing", ok)
     assert (status, answer["code"]) == (404, "NOT_FOUND")
     status, _, headers = post(f"{r.url}/v1/recommend", b"", method="GET")

@@ -251,6 +251,13 @@ class HttpApi:
             if len(raw) > self.max_body_bytes:
                 message = f"request body is larger than {self.max_body_bytes} bytes"
                 return self._count(path, error_response(413, "PAYLOAD_TOO_LARGE", message), start)
+            if not raw.lstrip(b" \t\r\n").startswith(b"{"):
+                # protobuf's parser reads a JSON array's items as field names ("field 1").
+                message = (
+                    f"body must be a JSON object: a {route.request.DESCRIPTOR.name} in "
+                    "protobuf's JSON mapping"
+                )
+                return self._count(path, error_response(400, "INVALID_ARGUMENT", message), start)
             try:
                 request = json_format.Parse(raw, route.request())
             except (json_format.ParseError, UnicodeDecodeError, ValueError) as error:
