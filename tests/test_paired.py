@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import binom
 
 from slimrank.evaluation.paired import PerUser, paired_bootstrap
 
@@ -55,3 +56,19 @@ def test_different_users_are_an_error() -> None:
         )
     with pytest.raises(ValueError, match="ascending"):
         PerUser(np.array([1, 0]), np.zeros(2))
+
+
+def test_the_interval_is_the_percentile_interval_of_the_resampled_means() -> None:
+    # 4 users of 400 gain 1.0, the rest nothing: a resampled mean is Binomial(400, 0.01)/400,
+    # whose 2.5% and 97.5% quantiles are 1/400 and 8/400 (the exact binomial quantiles).
+    # Skewed so that other bootstrap intervals differ: the "basic" one would be
+    # [2 * 0.01 - 8/400, 2 * 0.01 - 1/400] = [0, 0.0175], the normal one symmetric about 0.01.
+    diff = np.zeros(400)
+    diff[[3, 50, 200, 399]] = 1.0
+    users = np.arange(400)
+    want_low, want_high = binom.ppf([0.025, 0.975], 400, 0.01) / 400
+    for seed in (0, 1):
+        out = paired_bootstrap(PerUser(users, diff), PerUser(users, np.zeros(400)), seed=seed)
+        assert out.diff == pytest.approx(0.01)
+        assert (out.low, out.high) == pytest.approx((want_low, want_high))
+        assert (want_low, want_high) == pytest.approx((0.0025, 0.02))
