@@ -216,6 +216,27 @@ def test_top10_disagreement_alone_makes_the_gate_fall_back(setup: dict, tmp_path
     assert record["attempts"][0]["same_top_k"] == first.same_top_k
 
 
+def test_both_marks_are_met_at_equality(setup: dict, tmp_path: Path) -> None:
+    """ "At least" both marks: a ratio equal to ``min_ratio`` and a top-10 share equal to
+    ``min_same_top_k`` pass."""
+    lists = _all_real(setup["lists"])
+    flat = GateConfig(mode="weights", min_ratio=0.99, min_same_top_k=0.0)
+    decision = gate_int8(setup["fp32"], tmp_path / "a", lambda _: 0.99, 1.0, None, flat)
+    assert decision.attempts[0].ratio == 0.99
+    assert decision.accepted and len(decision.attempts) == 1
+    # The first attempt's share of lists with the fp32 top-10, measured; then asked for.
+    strict = GateConfig(mode="weights", min_ratio=0.5, min_same_top_k=1.0)
+    probe = gate_int8(setup["fp32"], tmp_path / "b", lambda _: 1.0, 1.0, None, strict, lists=lists)
+    share = probe.attempts[0].same_top_k
+    assert share is not None and 0 < share < 1.0
+    exact = GateConfig(mode="weights", min_ratio=0.99, min_same_top_k=share)
+    decision = gate_int8(
+        setup["fp32"], tmp_path / "c", lambda _: 1.0, 1.0, None, exact, lists=lists
+    )
+    assert decision.attempts[0].same_top_k == share
+    assert decision.accepted and len(decision.attempts) == 1
+
+
 def test_rejects_when_even_fp32_misses_the_mark(setup: dict, tmp_path: Path) -> None:
     metric = _ndcg_metric(setup["lists"], _relevance(_target(setup["lists"])))
     # A teacher twice as good as NDCG can be: nothing passes.
