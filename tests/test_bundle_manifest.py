@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from slimrank.bundle.checksums import (
     ALTERED,
     MISSING,
+    NOT_A_FILE,
     RESIZED,
     TRUNCATED,
     UNEXPECTED,
@@ -104,6 +105,22 @@ def test_check_tree_reports_every_kind(tmp_path):
         "d",
         "sub/b.txt",
     ]
+
+
+def test_check_tree_refuses_a_link_or_directory_in_place_of_a_file(tmp_path):
+    # A symlink to identical bytes would hash the same, but what it points at can change
+    # after the check (or lie outside the bundle): only regular files pass.
+    (tmp_path / "tree").mkdir()
+    root = _tree(tmp_path / "tree")
+    expected = hash_tree(root)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"hello")
+    (root / "a.bin").unlink()
+    os.symlink(outside, root / "a.bin")
+    (root / "sub" / "b.txt").unlink()
+    (root / "sub" / "b.txt").mkdir()
+    got = {p.name: p.kind for p in check_tree(root, expected)}
+    assert got == {"a.bin": NOT_A_FILE, "sub/b.txt": NOT_A_FILE}
 
 
 def test_version_names_sort_by_sequence():
