@@ -46,6 +46,18 @@ def test_user_id() -> None:
         check_user_id("abcde", 4)
 
 
+def test_the_limits_are_inclusive() -> None:
+    """At most ``max_count`` ids of at most ``max_length`` characters: both are allowed."""
+    assert check_ids(["abcde", "vwxyz"], 2, 5, "exclude_item_ids") == ("abcde", "vwxyz")
+    assert check_user_id("abcd", 4) == "abcd"
+
+
+def test_ids_are_kept_as_sent() -> None:
+    """Recent items are oldest first and may repeat; any non-empty id is the caller's own."""
+    assert check_ids(["b", "a", " ", "b"], 4, 5, "recent_item_ids") == ("b", "a", " ", "b")
+    assert check_user_id(" u1 ", 8) == " u1 "
+
+
 def test_vector() -> None:
     got = check_vector([1.0, 2.0, 3.0], 3)
     assert got.dtype == np.float32 and got.tolist() == [1.0, 2.0, 3.0]
