@@ -153,6 +153,29 @@ def test_validation_errors_are_invalid_argument_naming_the_field(
     assert invalid == 5
 
 
+def test_the_documented_limits_are_accepted_and_one_past_them_refused(
+    start: Callable[..., Running],
+) -> None:
+    """README: k in [1, 100]; id lists hold at most 1,000 ids of at most 256 characters."""
+    r = start()
+    longest = "x" * 256
+    ids = [f"{i:0256d}" for i in range(1000)]  # 1,000 distinct ids, none an item's
+    got = r.client.recommend(longest, 100, recent=ids, exclude=ids)
+    assert len(got.item_ids) == 100 and got.user_source == "POPULAR"
+    too_long, too_many = longest + "x", [*ids, "i1"]
+    for kwargs, field in [
+        ({"user_id": too_long}, "user_id"),
+        ({"user_id": "u1", "recent": [too_long]}, "recent_item_ids"),
+        ({"user_id": "u1", "exclude": [too_long]}, "exclude_item_ids"),
+        ({"user_id": "u1", "recent": too_many}, "recent_item_ids"),
+        ({"user_id": "u1", "exclude": too_many}, "exclude_item_ids"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            r.client.recommend(k=5, **kwargs)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert info.value.details().startswith(f"{field}: "), info.value.details()
+
+
 def test_message_size_limit(start: Callable[..., Running]) -> None:
     r = start(config=ServerConfig(max_message_bytes=4096))
     with pytest.raises(grpc.RpcError) as info:
