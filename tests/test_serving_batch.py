@@ -71,6 +71,37 @@ def test_the_batch_is_bounded_and_names_the_bad_request(served) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_batch_of_exactly_max_batch_is_answered(served) -> None:
+    _, _, client, _ = served
+    requests = [BatchRequest(f"u{u}", 3) for u in range(8)]  # max_batch=8
+    got = client.recommend_batch(requests, page_size=8)
+    assert [a.item_ids for a in got] == [client.recommend(f"u{u}", 3).item_ids for u in range(8)]
+
+
+def test_a_reload_mid_batch_does_not_mix_two_models() -> None:
+    snap, entered, release = blocking(random_snapshot("v1", dim=16))
+    holder = SnapshotHolder(snap)
+    server, port = create_server(ServerConfig(), holder, CollectorRegistry())
+    server.mark_serving()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = recommender_pb2_grpc.RecommenderStub(channel)
+    batch = recommender_pb2.RecommendBatchRequest(
+        requests=[recommender_pb2.RecommendRequest(user_id=f"u{u}", k=2) for u in range(3)]
+    )
+    try:
+        running = stub.RecommendBatch.future(batch, timeout=10)
+        assert entered.acquire(timeout=5)  # the first request is being ranked on v1
+        holder.swap(random_snapshot("v2", dim=16, seed=1))
+        release.set()
+        versions = [r.model_version for r in running.result(timeout=10).responses]
+        assert versions == ["v1", "v1", "v1"]
+        assert stub.Recommend(batch.requests[0], timeout=5).model_version == "v2"
+    finally:
+        release.set()
+        channel.close()
+        server.shutdown(0).wait(5)
+
+
 def test_a_batch_takes_an_admission_slot_and_is_shed_like_a_call() -> None:
     snap, entered, release = blocking(random_snapshot("v1", dim=16))
     holder = SnapshotHolder(snap)
