@@ -49,6 +49,8 @@ def test_empty_queries_and_an_empty_index() -> None:
     index = IdIndex(np.asarray(["b", "a"]))
     assert index.rows([]).dtype == np.int64 and index.rows([]).shape == (0,)
     np.testing.assert_array_equal(index.rows(["a", "a", "c", "b"]), [1, 1, -1, 0])
+    np.testing.assert_array_equal(index.rows(["b"]), [0])  # one key; row 0 is a row
+    assert "b" in index and index["b"] == 0 and index.row("b") == 0
     empty = IdIndex(np.empty(0, dtype=str))
     assert len(empty) == 0 and "a" not in empty and empty.row("") == -1
     np.testing.assert_array_equal(empty.rows(["a", ""]), [-1, -1])
@@ -57,6 +59,8 @@ def test_empty_queries_and_an_empty_index() -> None:
 def test_refuses_repeated_ids_and_non_strings() -> None:
     with pytest.raises(ValueError, match="not unique"):
         IdIndex(np.asarray(["a", "b", "a"]))
+    with pytest.raises(ValueError, match="not unique"):
+        IdIndex(np.asarray(["a", "a"]))
     with pytest.raises(ValueError, match="unicode"):
         IdIndex(np.arange(3))
     with pytest.raises(ValueError, match="unicode"):
