@@ -238,3 +238,11 @@ def test_request_features_are_those_of_one_more_user_with_that_history(
         if n == 0:  # a vector with no history at all (a Search query) is the same
             bare = UserQuery(UserSource.RECENT, -1, vector)
             np.testing.assert_array_equal(featurize(bare, Retrieved(items, scores)), got)
+
+
+def test_request_features_need_a_known_row_or_a_vector() -> None:
+    """A query with neither (the popular fallback) is never featurized: it fails loudly."""
+    featurize = RequestFeaturizer(_tables(FeatureConfig()))
+    items = np.arange(5)
+    with pytest.raises(ValueError, match="without a vector"):
+        featurize(UserQuery(UserSource.POPULAR, -1, None), Retrieved(items, np.ones(5, "f4")))
