@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from slimrank.serving.config import ServerConfig
+from slimrank.serving.decoding import Malformed, lenient, malformed_message
 from slimrank.serving.proto.slimrank.v1 import recommender_pb2
 from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
@@ -80,3 +81,25 @@ def test_a_malformed_body_is_invalid_argument_and_one_warning_line(
         recommender_pb2.SearchResponse if method == SEARCH else recommender_pb2.RecommendResponse
     )
     assert len(response.FromString(answer).items) == 3
+
+
+def test_the_answer_and_the_log_line_say_which_method_and_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    parse = lenient(recommender_pb2.RecommendRequest.FromString)
+    body = BODIES[RECOMMEND]["corrupt wire format"]
+    request = parse(body)
+    assert isinstance(request, Malformed) and request.size == len(body)
+    with pytest.raises(Exception) as info:
+        recommender_pb2.RecommendRequest.FromString(body)
+    reason = str(info.value)
+    assert reason
+    with caplog.at_level(logging.WARNING):
+        message = malformed_message(RECOMMEND, request, "ipv4:10.0.0.7:5000")
+    assert message == f"request body: not a valid request message for {RECOMMEND} ({reason})"
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"{RECOMMEND} from ipv4:10.0.0.7:5000: malformed request body (3 bytes)")
+    assert reason in line
+    # An error without a message is named by its type.
+    silent = Malformed(ValueError(), 5)
+    assert malformed_message(SEARCH, silent, "p").endswith(f"{SEARCH} (ValueError)")
