@@ -105,3 +105,17 @@ def test_refreeze_does_nothing_unless_the_process_froze_its_heap(collector_off: 
     assert not tracked(later)
     heap.thaw()
     assert tracked(made) and tracked(later)
+
+
+def test_refreeze_collects_the_garbage_made_since_the_freeze(collector_off: None) -> None:
+    """A cycle dropped after freeze() is collected by the next refreeze(), not frozen with it
+    (frozen, it would never be collected)."""
+    heap.freeze()
+    cycle = Node()
+    cycle.other = Node()
+    cycle.other.other = cycle
+    garbage = weakref.ref(cycle)
+    del cycle
+    assert garbage() is not None  # the collector is off: the cycle lives on
+    heap.refreeze()
+    assert garbage() is None
