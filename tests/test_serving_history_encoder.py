@@ -241,6 +241,14 @@ def test_the_bundle_loader_reads_the_verified_model(tmp_path: Path) -> None:
     assert load_history_encoder(open_bundle(root, version), "elsewhere") is None
 
 
+def test_a_bundle_listing_only_part_of_the_model_has_no_encoder(tmp_path: Path) -> None:
+    """Both files must be in the manifest (verified): a config alone is no model to load."""
+    model_dir = save_model(_model(hidden=(16,)), tmp_path / "model")
+    root = tmp_path / "bundles"
+    version = publish(root, {f"two_tower/{MODEL_CONFIG}": model_dir / MODEL_CONFIG})
+    assert load_history_encoder(open_bundle(root, version), "two_tower") is None
+
+
 def test_a_tower_the_encoder_cannot_compute_is_a_bundle_error_naming_it(tmp_path: Path) -> None:
     model_dir = save_model(_model(hidden=(16,)), tmp_path / "model")
     weights = {k: v.numpy() for k, v in _model(hidden=(16,)).state_dict().items()}
