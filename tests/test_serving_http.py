@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import threading
@@ -145,6 +146,30 @@ def test_what_is_not_a_json_call_is_refused_plainly(start: Callable[..., Running
     assert post(f"{r.url}/v1/recommend", ok)[0] == 200  # the server is fine afterwards
 
 
+def test_a_body_up_to_the_limit_is_read_and_one_byte_more_is_413(
+    start: Callable[..., Running],
+) -> None:
+    """README: a body over the limit (1 MiB by default) is 413; the limit itself is not over."""
+    r = start(max_http_body_bytes=2048)
+    body = json.dumps({"user_id": "u1", "k": 3}).encode()
+    at_limit = body + b" " * (2048 - len(body))  # trailing JSON whitespace
+    assert len(at_limit) == 2048
+    assert post(f"{r.url}/v1/recommend", at_limit)[0] == 200
+    status, answer, _ = post(f"{r.url}/v1/recommend", at_limit + b" ")
+    assert (status, answer["code"]) == (413, "PAYLOAD_TOO_LARGE")
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON"])
+def test_application_json_with_parameters_or_in_any_case_is_json(
+    start: Callable[..., Running], content_type: str
+) -> None:
+    """A media type is case-insensitive and may carry parameters (RFC 9110, 8.3.1)."""
+    r = start()
+    body = json.dumps({"user_id": "u1", "k": 3}).encode()
+    status, answer, _ = post(f"{r.url}/v1/recommend", body, content_type)
+    assert status == 200 and len(answer["items"]) == 3
+
+
 def test_http_and_grpc_share_admission_and_http_sheds_with_429(
     start: Callable[..., Running],
 ) -> None:
@@ -179,6 +204,42 @@ def test_http_and_grpc_share_admission_and_http_sheds_with_429(
     assert r.sample("slimrank_http_requests_total", {**route, "status": "200"}) == 1
     assert r.sample("slimrank_http_request_duration_seconds_count", route) == 2
     assert post(f"{r.url}/v1/recommend", {"user_id": "u2", "k": 3})[0] == 200  # slot given back
+
+
+def test_the_routes_answer_series_exist_before_any_call(start: Callable[..., Running]) -> None:
+    """Every route's 200, 400 and 429 series are exported at 0 from the start, so a rate over
+    them (an alert, a dashboard) has data before the first refusal."""
+    r = start()
+    for route in ("/v1/recommend", "/v1/search", "/v1/recommend:batch"):
+        for status in ("200", "400", "429"):
+            labels = {"route": route, "status": status}
+            assert r.registry.get_sample_value("slimrank_http_requests_total", labels) == 0.0
+
+
+def test_a_batch_is_not_timed_as_one_call_for_admission() -> None:
+    """The HTTP core with the real batch servicer: a batch's handler time is many calls' time
+    and stays out of the estimate of one call (Admission.observe), as on gRPC."""
+    from slimrank.serving.admission import Admission
+    from slimrank.serving.batch import BatchRecommenderServicer
+    from slimrank.serving.http_api import HttpApi
+    from slimrank.serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics(CollectorRegistry())
+    holder = SnapshotHolder(random_snapshot("v1", dim=DIM))
+    servicer = BatchRecommenderServicer(holder, ServerConfig(), metrics)
+    admission = Admission(limit=4, total=8)
+    api = HttpApi(servicer, admission, metrics, None, 1 << 20)
+
+    def call(path: str, body: dict) -> int:
+        raw = json.dumps(body).encode()
+        return asyncio.run(api.handle("POST", path, "application/json", raw)).status
+
+    batch = {"requests": [{"user_id": f"u{u}", "k": 5} for u in range(20)]}
+    assert call("/v1/recommend:batch", batch) == 200
+    assert admission.mean_service_s == 0.0
+    assert call("/v1/recommend", {"user_id": "u1", "k": 5}) == 200
+    assert admission.mean_service_s > 0.0
+    assert admission.total_in_progress == admission.limited_in_progress == 0
 
 
 def test_http_calls_are_timed_by_stage_like_grpc_calls(start: Callable[..., Running]) -> None:
@@ -252,17 +313,36 @@ def test_every_grpc_code_has_the_gateway_http_status() -> None:
     from slimrank.serving.http_api import HTTP_STATUS
 
     assert set(HTTP_STATUS) == set(grpc.StatusCode)
+    # The HTTP mapping google/rpc/code.proto gives each code (README: the status table).
     expected = {
+        grpc.StatusCode.OK: 200,
+        grpc.StatusCode.CANCELLED: 499,
+        grpc.StatusCode.UNKNOWN: 500,
         grpc.StatusCode.INVALID_ARGUMENT: 400,
-        grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-        grpc.StatusCode.UNAVAILABLE: 503,
-        grpc.StatusCode.NOT_FOUND: 404,
         grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-        grpc.StatusCode.UNAUTHENTICATED: 401,
+        grpc.StatusCode.NOT_FOUND: 404,
+        grpc.StatusCode.ALREADY_EXISTS: 409,
         grpc.StatusCode.PERMISSION_DENIED: 403,
+        grpc.StatusCode.UNAUTHENTICATED: 401,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+        grpc.StatusCode.FAILED_PRECONDITION: 400,
+        grpc.StatusCode.ABORTED: 409,
+        grpc.StatusCode.OUT_OF_RANGE: 400,
+        grpc.StatusCode.UNIMPLEMENTED: 501,
         grpc.StatusCode.INTERNAL: 500,
+        grpc.StatusCode.UNAVAILABLE: 503,
+        grpc.StatusCode.DATA_LOSS: 500,
     }
-    assert {code: HTTP_STATUS[code] for code in expected} == expected
+    assert expected == HTTP_STATUS
+
+
+def test_only_an_invalid_argument_error_names_a_field() -> None:
+    from slimrank.serving.http_api import error_response
+
+    named = json.loads(error_response(400, "INVALID_ARGUMENT", "k: must be in [1, 100]").body)
+    assert named["field"] == "k"
+    other = json.loads(error_response(404, "NOT_FOUND", "version: v9 is not in the store").body)
+    assert other == {"code": "NOT_FOUND", "message": "version: v9 is not in the store"}
 
 
 def test_a_failing_ranker_is_500_without_details(start: Callable[..., Running]) -> None:
