@@ -292,6 +292,8 @@ def test_a_reload_swaps_the_catalog_with_the_model(
         ("genre=Comedy|Drama", ItemFilter("genre", ("Comedy", "Drama"))),
         ("release_year=1990..1999", ItemFilter("release_year", low=1990.0, high=1999.0)),
         ("release_year=..1980", ItemFilter("release_year", high=1980.0)),
+        ("release_year=1990..", ItemFilter("release_year", low=1990.0)),
+        ("genre=|Comedy||Drama|", ItemFilter("genre", ("Comedy", "Drama"))),
     ],
 )
 def test_query_filters_parse(text: str, expected: ItemFilter) -> None:
