@@ -193,6 +193,113 @@ def test_query_errors_are_one_line_and_exit_2(
     assert "\n" not in err
 
 
+def test_query_trims_the_recent_items_and_defaults_to_10(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [str(i) for i in read_npy(served.bundle.file("items.npy"))[[3, 8]]]
+    expected = served.client.recommend("", 4, recent=items)
+    assert expected.user_source == "RECENT"
+    target = served.client.target
+    assert (
+        main(["query", "--target", target, "--recent", f" {items[0]} , ,{items[1]} ", "-k", "4"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    rows = [line.split("│") for line in out.splitlines() if line.startswith("│")]
+    assert [r[2].strip() for r in rows] == list(expected.item_ids)
+    assert [r[1].strip() for r in rows] == ["1", "2", "3", "4"]  # ranks count from 1
+    assert out.startswith("anonymous user (recent): ")
+    user = str(read_npy(served.bundle.file("users.npy"))[2])
+    assert main(["query", "--target", target, "--user", user]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"user {user} (known): ")
+    assert sum(line.startswith("│") for line in out.splitlines()) == 10  # -k defaults to 10
+
+
+def test_query_k_below_1_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:  # nothing is asked: the command line is refused first
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(SystemExit) as info:
+        main(["query", "--target", closed, "--user", "u1", "-k", "0", "--timeout", "1"])
+    assert info.value.code == 2
+    assert "-k 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_query_exits_1_on_another_grpc_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Module docstring: 2 for unreachable or INVALID_ARGUMENT, 1 for any other gRPC error."""
+    from slimrank.serving.snapshot import random_snapshot
+
+    snap = random_snapshot("v1", dim=8)
+    calls = []
+
+    def failing(features: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        if len(calls) > 1:  # the warm-up passes
+            raise RuntimeError("broken ranker")
+        return snap.score(features)
+
+    holder = SnapshotHolder(dataclasses.replace(snap, score=failing))
+    server, port = create_server(ServerConfig(), holder, CollectorRegistry())
+    server.mark_serving()
+    try:
+        assert main(["query", "--target", f"127.0.0.1:{port}", "--user", "u1"]) == 1
+    finally:
+        server.shutdown(0).wait(5)
+    lines = capsys.readouterr().err.splitlines()  # the server's log lines share stderr
+    assert any(line.startswith("slimrank query: INTERNAL: ") for line in lines), lines
+
+
+def test_query_table_shows_each_score() -> None:
+    import io
+
+    from rich.console import Console
+
+    from slimrank.serving.client import Ranked
+    from slimrank.serving.query import recommendation_table
+
+    ranked = Ranked(("i1", "i2"), (2.5, 1.23456), "v7", 200, "RECENT")
+    out = io.StringIO()
+    Console(file=out, width=100).print(recommendation_table(ranked, {"i1": "Heat"}))
+    rows = [line.split("│") for line in out.getvalue().splitlines() if line.startswith("│")]
+    assert [(r[1].strip(), r[2].strip(), r[3].strip()) for r in rows][:1] == [("1", "i1", "Heat")]
+    np.testing.assert_allclose([float(r[4]) for r in rows], ranked.scores, atol=1e-4)
+
+
+def test_query_titles_of_a_version_not_in_the_store_are_current_ones(served: Served) -> None:
+    """bundle_titles: a version absent from the local store (the server's may be newer) reads
+    CURRENT's titles rather than failing."""
+    from slimrank.serving.query import bundle_titles
+
+    current = bundle_titles(served.run.bundles)
+    assert current and bundle_titles(served.run.bundles, "v999-not-here") == current
+
+
+@pytest.mark.parametrize("source", ["movielens-100k", "ml-100k"])
+def test_query_titles_of_a_movielens_bundle_come_from_the_data_cache(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    from slimrank.bundle import publish
+    from slimrank.data.fetch import ML100K_FILES, movielens_dir
+    from slimrank.serving.query import bundle_titles
+
+    monkeypatch.setenv("SLIMRANK_DATA", str(tmp_path / "data"))
+    cache = movielens_dir()
+    cache.mkdir(parents=True)
+    for name in ML100K_FILES:
+        (cache / name).write_text("")
+    (cache / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\n1\tToy Story\n2\tHeat\n"
+    )
+    (tmp_path / "x.txt").write_text("x")
+    root = tmp_path / "bundles"
+    publish(root, {"x.txt": tmp_path / "x.txt"}, config={"data": {"source": source}})
+    assert bundle_titles(root) == {"1": "Toy Story", "2": "Heat"}
+    other = tmp_path / "other"
+    publish(other, {"x.txt": tmp_path / "x.txt"}, config={"data": {"source": "logs"}})
+    assert bundle_titles(other) is None
+
+
 def _republish(served: Served, root, edit) -> str:
     """Publish a copy of the served bundle whose files ``edit(directory)`` changed (checksums
     are recomputed: the bundle verifies, but what it holds is wrong)."""
