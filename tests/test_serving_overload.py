@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from registry_samples import sample_sum
 
 from slimrank.serving.admission import (
+    STALL_MIN_S,
     Admission,
     HeldUpCalls,
     LoadActivity,
@@ -362,6 +363,13 @@ def test_admission_bounds_and_tickets() -> None:
     assert admission.enter(True) is Refusal.IN_PROGRESS  # a is still held
     a.release()
     assert isinstance(admission.enter(True), Ticket)
+
+
+def test_admission_needs_a_limit_of_at_least_1_within_the_total() -> None:
+    for limit, total in [(0, 4), (5, 4)]:
+        with pytest.raises(ValueError, match="need 1 <= limit <= total"):
+            Admission(limit=limit, total=total)
+    assert Admission(limit=1, total=1).enter(True) is not Refusal.IN_PROGRESS
 
 
 def test_admission_refuses_when_the_expected_wait_is_too_long() -> None:
@@ -927,6 +935,33 @@ def test_the_calls_the_core_reads_in_after_a_stall_are_held_up_by_it_later_ones_
     assert held_up.allowance(12, 0.1) == 0.1 and held_up.allowance(13, 0.1) == 0.0
     assert not held_up.needs_read(1.026, "s2")  # the catch-up is over
     assert held_up.needs_read(1.026, "s3")
+
+
+def test_the_edges_of_a_stall_a_standing_queue_and_a_reread() -> None:
+    """Exact edges (binary fractions: no rounding). A stall is longer than STALL_MIN_S and
+    than STALL_FACTOR times the usual time; a queue stands once it has waited burst_wait_s
+    (as Admission reads standing_s); a stall's tail ends at twice its length, and a stall
+    reported then is a new one; the core's queue is read again reread_s after the last read,
+    and a read that finds fewer calls keeps those already counted as held up."""
+    assert not is_stall(STALL_MIN_S, 0.001) and is_stall(STALL_MIN_S + 1e-9, 0.001)
+    assert not is_stall(0.5, 0.125) and is_stall(0.5 + 1e-9, 0.125)
+    queue = StandingQueue(burst_wait_s=0.125, recovery_s=1.0, now=0.0)
+    assert queue.standing(0.125) == 0.125  # stood for burst_wait_s: overload
+    queue.empty(0.25)
+    assert queue.standing(0.3125) == math.inf  # remembered, no fresh allowance
+    now = [1.0]
+    loading = LoadActivity(clock=lambda: now[0])
+    assert loading.stalled(0.25)
+    now[0] = 1.5  # twice 0.25 s later: the tail is over
+    assert loading.stall_s() == 0.0
+    assert loading.stalled(0.125)  # a new, shorter stall, not the old one extended
+    assert loading.stall_s() == 0.125
+    held_up = HeldUpCalls(catch_up_s=1.0, reread_s=0.125)
+    assert held_up.needs_read(0.0, "s")
+    held_up.counted(0.0, 48)
+    assert held_up.needs_read(0.125, "s")
+    held_up.counted(0.125, 30)  # the loop has taken some of the 48 meanwhile
+    assert held_up.allowance(48, 0.3) == 0.3
 
 
 def test_at_a_transient_load_every_call_in_a_stalls_tail_may_wait_for_its_backlog() -> None:
