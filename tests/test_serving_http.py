@@ -128,6 +128,10 @@ def test_what_is_not_a_json_call_is_refused_plainly(start: Callable[..., Running
     r = start(max_http_body_bytes=2048)
     ok = {"user_id": "u1", "k": 3}
     assert post(f"{r.url}/v1/recommend", json.dumps(ok).encode(), "text/plain")[0] == 415
+    # JSON under a structured-syntax suffix is JSON (README, Calling slimrank); text/json not.
+    assert post(f"{r.url}/v1/recommend", ok, "application/vnd.api+json")[0] == 200
+    assert post(f"{r.url}/v1/recommend", ok, "text/json")[0] == 415
+    assert post(f"{r.url}/v1/recommend", ok, "application/jsonx")[0] == 415
     assert post(f"{r.url}/v1/recommend", b"{not json")[0] == 400
     assert post(f"{r.url}/v1/recommend", b"\xff\xfe")[0] == 400
     # JSON, but not an object: said as such, not as a field named after an array's item.
