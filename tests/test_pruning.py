@@ -17,6 +17,7 @@ from slimrank.compression.pruning import (
     MagnitudePruner,
     PruningSchedule,
     fold_masks,
+    magnitude_mask,
     magnitude_prune,
     sparsity_report,
 )
@@ -169,6 +170,30 @@ def test_one_shot_magnitude_prune_removes_smallest_weights() -> None:
     assert layer_model[0].weight[0, 0].item() == pytest.approx(0.1)  # input kept
 
 
+def test_magnitude_mask_prunes_round_of_sparsity_times_numel_ties_to_the_lower_index() -> None:
+    # 0.6 * 6 = 3.6: round() prunes 4 weights, truncation would prune 3.
+    weight = torch.tensor([[0.5, -0.1, 0.6], [0.2, -0.3, 0.4]])
+    mask = magnitude_mask(weight, 0.6)
+    assert mask.tolist() == [[True, False, True], [False, False, False]]
+    # 24 tied magnitudes (more than a small-array sort keeps in order by chance): the first
+    # round(0.5 * 24) = 12 in flattened order go.
+    tied = torch.ones(4, 6)
+    assert magnitude_mask(tied, 0.5).flatten().tolist() == [False] * 12 + [True] * 12
+    with pytest.raises(ValueError, match="sparsity"):
+        magnitude_prune(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)), 1.0)
+
+
+def test_sparsity_report_counts_exact_zeros_over_all_weights() -> None:
+    model = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.0, 1.0, 0.0, 2.0], [0.0, 3.0, 0.0, 1e-30]]))
+        model[2].weight.copy_(torch.tensor([[1.0, 2.0]]))
+    report = sparsity_report(model)
+    assert report["0"] == 4 / 8  # 1e-30 is small, not zero
+    assert report["2"] == 0.0
+    assert report["all"] == 4 / 10  # pooled over the 10 weights, not the mean of the layers
+
+
 def _mlp(seed: int) -> MLPRanker:
     torch.manual_seed(seed)
     model = MLPRanker(MLPConfig(6, (8, 5), dropout=0.1)).eval()
@@ -225,6 +250,63 @@ def test_structured_pruning_refuses_non_chain_models() -> None:
         prune_units(model, 0.5)
     with pytest.raises(ValueError, match=r"keep\[0\]"):
         shrink_units(_mlp(0), [[], [0]])
+
+
+def test_unit_scores_by_hand_count_the_bias() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 0.5]]))
+        model[0].bias.copy_(torch.tensor([-1.0, 3.0]))
+        model[2].weight.copy_(torch.tensor([[2.0, -1.0]]))
+    # unit 0: (|1| + |-2| + |-1|) * |2| = 8; unit 1: (0.5 + 0.5 + 3) * |-1| = 4.
+    (scores,) = unit_scores(model)
+    assert scores.tolist() == [8.0, 4.0]
+
+
+def test_prune_units_keeps_width_minus_round_fraction_and_at_least_one() -> None:
+    model = MLPRanker(MLPConfig(4, (8, 5)))
+    # 0.45 * 8 = 3.6 -> 4 units removed, not 3; 0.45 * 5 = 2.25 -> 2 removed.
+    assert prune_units(model, 0.45).config.hidden == (4, 3)
+    # Per layer: 0.15 * 5 = 0.75 -> 1 removed, not 0.
+    assert prune_units(model, [0.45, 0.15]).config.hidden == (4, 4)
+    # 0.95 of 8 and of 5 rounds to every unit: one stays in each layer.
+    assert prune_units(model, 0.95).config.hidden == (1, 1)
+    with pytest.raises(ValueError, match="fraction"):
+        prune_units(model, 1.0)
+
+
+def test_prune_units_ties_go_to_the_lower_unit_index() -> None:
+    # 24 hidden units with identical weights score the same; the first 12 are kept.
+    model = nn.Sequential(nn.Linear(3, 24), nn.ReLU(), nn.Linear(24, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+        model[0].bias.fill_(0.1)
+        model[2].weight.fill_(1.0)
+        model[0].weight[:12, 0] = -0.5  # marks the first 12 units, same magnitudes
+    pruned = prune_units(model, 0.5)
+    assert pruned[0].weight[:, 0].tolist() == [-0.5] * 12
+    expected = shrink_units(model, [list(range(12))])
+    for a, b in zip(pruned.parameters(), expected.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_shrink_units_refuses_indices_outside_the_layer() -> None:
+    model = _mlp(0)  # hidden widths (8, 5)
+    with pytest.raises(ValueError, match=r"keep\[0\]"):
+        shrink_units(model, [[-1, 2], [0]])  # -1 would silently mean unit 7
+    with pytest.raises(ValueError, match=r"keep\[1\]"):
+        shrink_units(model, [[0], [5]])
+
+
+def test_shrink_units_takes_each_kept_unit_once_in_index_order() -> None:
+    model = _mlp(2)
+    x = torch.randn(10, 6)
+    messy = shrink_units(model, [[5, 1, 1, 3], [4, 0, 4]])
+    clean = shrink_units(model, [[1, 3, 5], [0, 4]])
+    assert messy.config.hidden == (3, 2)
+    for a, b in zip(messy.parameters(), clean.parameters(), strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(messy(x), clean(x), rtol=0, atol=0)
 
 
 def test_prune_then_finetune_under_distillation_recovers_teacher_order() -> None:
