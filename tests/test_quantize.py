@@ -17,6 +17,7 @@ from slimrank.compression.agreement import same_top_k
 from slimrank.compression.export import export_onnx, load_mlp, save_mlp
 from slimrank.compression.gate import quantize
 from slimrank.compression.quantize import (
+    CandidateReader,
     QuantConfig,
     fp32_nodes,
     int8_weight,
@@ -181,6 +182,84 @@ def test_int8_weight_rounding_is_within_half_a_step() -> None:
     assert scale[2] == 1.0
     _, scale_t = int8_weight(w, axis=None)
     assert scale_t.shape == () and scale_t == np.abs(w).max() / 127
+
+
+def _hand_graph(path: Path) -> dict[str, np.ndarray]:
+    """Write ``features (M, 3) -> scores (M,)`` through MatMul, Gemm transB=1, Gemm transB=0
+    and a MatMul with a 1-D weight; each 2-D weight's output channels differ in size 10x."""
+    rng = np.random.default_rng(7)
+    w = {
+        "w1": rng.normal(size=(3, 5)) * 10.0 ** np.arange(5)[None, :],  # (K, N) MatMul
+        "w2": rng.normal(size=(4, 5)) * 10.0 ** np.arange(4)[:, None],  # (N, K) transB=1
+        "w3": rng.normal(size=(4, 2)) * 10.0 ** np.arange(2)[None, :],  # (K, N) no transB
+        "w4": rng.normal(size=(2,)),  # 1-D: not a 2-D initializer, stays fp32
+    }
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    nodes = [
+        onnx.helper.make_node("MatMul", ["features", "w1"], ["h1"], name="mm1"),
+        onnx.helper.make_node("Gemm", ["h1", "w2"], ["h2"], name="gemm_t", transB=1),
+        onnx.helper.make_node("Gemm", ["h2", "w3"], ["h3"], name="gemm_n"),  # transB 0
+        onnx.helper.make_node("MatMul", ["h3", "w4"], ["scores"], name="mm_vec"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "hand",
+        [onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["M", 3])],
+        [onnx.helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["M"])],
+        [numpy_helper.from_array(v, k) for k, v in w.items()],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return w
+
+
+def test_weight_only_int8_scales_each_output_channel_of_each_weight_layout(
+    tmp_path: Path,
+) -> None:
+    import onnxruntime as ort
+
+    w = _hand_graph(tmp_path / "hand.onnx")
+    path = quantize_onnx_weights(tmp_path / "hand.onnx", tmp_path / "hand.int8.onnx")
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    # The output channel is a column of a (K, N) weight and a row of a transposed (N, K) one:
+    # one scale per channel, and each channel's largest weight maps to +-127.
+    for name, axis in (("w1", 1), ("w2", 0), ("w3", 1)):
+        q, scale = stored[f"{name}_quantized"], stored[f"{name}_scale"]
+        assert scale.shape == (w[name].shape[axis],)
+        peak = np.abs(q.astype(np.int16)).max(axis=1 - axis)
+        assert peak.tolist() == [127] * w[name].shape[axis]
+        np.testing.assert_allclose(scale, np.abs(w[name]).max(axis=1 - axis) / 127, rtol=1e-6)
+    assert "w4_quantized" not in stored and stored["w4"].dtype == np.float32
+    assert fp32_nodes(path, quantizable_nodes(tmp_path / "hand.onnx")) == ["mm_vec"]
+    x = np.random.default_rng(8).normal(size=(20, 3)).astype(np.float32)
+    reference = ((x @ w["w1"]) @ w["w2"].T @ w["w3"]) @ w["w4"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (scores,) = session.run(None, {"features": x})
+    # Per-channel steps are 1/254 of each channel's range: well under 2% of the scores' spread.
+    assert np.abs(scores - reference).max() < 0.02 * reference.std()
+
+    # per_channel=False: one scale per tensor, so the small channels use only a few levels.
+    path = quantize_onnx_weights(
+        tmp_path / "hand.onnx", tmp_path / "hand.t.onnx", QuantConfig(per_channel=False)
+    )
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    assert stored["w1_scale"].shape == ()
+    assert stored["w1_scale"] == pytest.approx(np.abs(w["w1"]).max() / 127, rel=1e-6)
+    assert np.abs(stored["w1_quantized"][:, 0].astype(np.int16)).max() < 2
+
+
+def test_calibration_reader_feeds_equal_batches_and_rewinds() -> None:
+    features = np.arange(30, dtype=np.float32).reshape(10, 3)
+    reader = CandidateReader(features, batch=4)
+    first = [b["features"] for b in iter(reader.get_next, None)]
+    assert [len(b) for b in first] == [4, 4]  # the last 2 rows are dropped, not a short batch
+    np.testing.assert_array_equal(np.concatenate(first), features[:8])
+    reader.rewind()
+    assert [len(b["features"]) for b in iter(reader.get_next, None)] == [4, 4]
+    # Fewer rows than the batch: one batch of all of them.
+    small = CandidateReader(features[:5], batch=256)
+    assert [len(b["features"]) for b in iter(small.get_next, None)] == [5]
 
 
 def test_torch_dynamic_int8_close_to_fp32(trained: dict) -> None:
