@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from slimrank.compression.export import Standardized, export_onnx
-from slimrank.compression.flops import count_cost, linear_cost, onnx_linear_cost
+from slimrank.compression.flops import (
+    LinearCost,
+    count_cost,
+    flops_ratio,
+    linear_cost,
+    onnx_linear_cost,
+)
 from slimrank.compression.gate import quantizable_nodes, quantize
 from slimrank.compression.quantize import QuantConfig
 from slimrank.evaluation.paired import PairedInterval
@@ -57,6 +63,43 @@ def test_torch_cost_of_the_small_model_is_the_hand_count(small: dict) -> None:
     assert cost.sparsity == 0.25
     assert (cost.layers, cost.int8_layers) == (3, 0)
     assert count_cost(small["raw"], 4).flops_per_candidate == FLOPS
+
+
+def test_count_cost_is_per_candidate_and_leaves_the_model_as_it_was() -> None:
+    model = MLPRanker(MLPConfig(4, (3, 2)))
+    for candidates in (1, 3, 8, 50):  # divided by the batch it ran, whatever its size
+        assert count_cost(model, 4, candidates).flops_per_candidate == FLOPS
+    # Counted in eval mode and the mode restored: a BatchNorm's running statistics are not
+    # moved by the zeros the counter feeds, and a model in training stays in training.
+    bn = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1))
+    bn.train()
+    count_cost(bn, 4)
+    assert bn.training and bn[1].training
+    assert int(bn[1].num_batches_tracked) == 0
+    torch.testing.assert_close(bn[1].running_var, torch.ones(3), rtol=0, atol=0)
+    model.eval()
+    count_cost(model, 4)
+    assert not model.training
+
+
+def test_flops_ratio_runs_the_teacher_on_its_own_input_width() -> None:
+    student = MLPRanker(MLPConfig(4, (3, 2)))  # 40 FLOPs on 4 features
+    teacher = MLPRanker(MLPConfig(10, (8,)))  # 2 * (10 * 8 + 8) = 176 FLOPs on 10 features
+    assert flops_ratio(student, teacher, 4, teacher_input_dim=10) == pytest.approx(40 / 176)
+    assert LinearCost(0, 0, 0).sparsity == 0.0
+
+
+def test_uint8_weights_count_as_8_bit_layers(small: dict) -> None:
+    path = quantize(
+        "dynamic",
+        small["onnx"],
+        small["dir"] / "dynamic-u8.onnx",
+        small["calib"],
+        QuantConfig(weight_type="uint8"),
+    )
+    cost = onnx_linear_cost(path)
+    assert (cost.weights, cost.flops_per_candidate, cost.layers) == (WEIGHTS, FLOPS, 3)
+    assert cost.int8_layers == 3
 
 
 @pytest.mark.parametrize("variant", ["fp32", "weights", "static", "dynamic"])
