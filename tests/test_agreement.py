@@ -48,3 +48,12 @@ def test_pads_never_count_and_short_lists_agree() -> None:
     assert same_top_k(reference, candidate, k=2) == 0.0
     with pytest.raises(ValueError, match="reference's shape"):
         same_top_k(reference, candidate[:, :3], k=2)
+
+
+def test_long_runs_of_ties_keep_list_order_and_no_lists_give_nan() -> None:
+    # 30 tied scores: a non-stable sort reorders runs this long; the stable one never does.
+    scores = np.zeros((2, 30))
+    scores[1, 20] = 1.0
+    np.testing.assert_array_equal(top_k(scores, 4), [[0, 1, 2, 3], [20, 0, 1, 2]])
+    assert same_top_k(scores, np.zeros_like(scores), k=3) == 1 / 2
+    assert np.isnan(same_top_k(np.zeros((0, 5)), np.zeros((0, 5)), k=2))

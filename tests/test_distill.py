@@ -10,7 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimrank.compression.distill import DistillConfig, distillation_loss, hard_loss, soft_loss
+from slimrank.compression.distill import (
+    DistillConfig,
+    distillation_loss,
+    hard_loss,
+    pseudo_label_config,
+    pseudo_labels,
+    soft_loss,
+)
 from slimrank.compression.fit import TrainConfig, train_student
 from slimrank.compression.flops import count_cost, flops_ratio
 from slimrank.compression.lists import pad_lists
@@ -76,6 +83,42 @@ def test_list_without_positives_adds_no_hard_loss() -> None:
     y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     m = torch.ones(2, 3, dtype=torch.bool)
     assert hard_loss(s, y, m).item() == pytest.approx(math.log(3.0), abs=1e-6)
+
+
+def test_empty_lists_and_negative_labels_add_nothing() -> None:
+    s, t, _, m = _tensors(pad=False)
+    # A second list with no real candidate is left out of the soft average, not counted as 0.
+    s2, t2, m2 = torch.cat([s, s + 1.0]), torch.cat([t, t * 3.0]), torch.cat([m, ~m])
+    assert soft_loss(s2, t2, m2, 2.0).item() == pytest.approx(SOFT, abs=1e-6)
+    # A negative label (e.g. -1 for "unlabelled") is clamped to 0, not a negative weight.
+    y_neg = torch.tensor([[1.0, -1.0, 0.0]])
+    assert hard_loss(s, y_neg, m).item() == pytest.approx(HARD, abs=1e-6)
+
+
+def test_the_teacher_gets_no_gradient() -> None:
+    s, t, y, m = _tensors(pad=False)
+    t.requires_grad_()
+    loss = distillation_loss(s, t, y, m, DistillConfig(temperature=2.0, hard_weight=0.5))
+    loss.total.backward()
+    assert t.grad is None
+    assert s.grad is not None
+
+
+def test_pseudo_label_config_is_the_label_term_alone() -> None:
+    config = pseudo_label_config()
+    assert (config.soft_weight, config.hard_weight, config.hard_loss) == (0.0, 1.0, "listwise")
+    assert pseudo_label_config("bce").hard_loss == "bce"
+    s, t, y, m = _tensors(pad=True)
+    assert distillation_loss(s, t, y, m, config).total.item() == pytest.approx(HARD, abs=1e-6)
+
+
+def test_pseudo_label_ties_go_to_the_earlier_candidate_in_long_lists() -> None:
+    teacher = torch.zeros(2, 40)  # 40 tied scores: more than a small sort keeps in order
+    teacher[1, 30] = 1.0
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    labels = pseudo_labels(teacher, mask, 5)
+    assert torch.nonzero(labels[0]).flatten().tolist() == [0, 1, 2, 3, 4]
+    assert torch.nonzero(labels[1]).flatten().tolist() == [0, 1, 2, 3, 30]
 
 
 def test_config_rejects_bad_values_naming_the_field() -> None:

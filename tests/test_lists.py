@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slimrank.compression.lists import standardization, standardized_lists
+from slimrank.compression.lists import ListData, pad_lists, standardization, standardized_lists
 
 
 def lists(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -64,3 +64,18 @@ def test_standardized_lists_are_z_scores_with_zero_pads(block: int) -> None:
     np.testing.assert_array_equal(data.teacher_scores.numpy(), np.where(mask, teacher, 0.0))
     np.testing.assert_array_equal(data.labels.numpy(), labels)
     np.testing.assert_array_equal(data.mask.numpy(), mask)
+
+
+def test_pad_lists_pads_to_the_longest_list_and_checks_every_array() -> None:
+    feats = [np.ones((2, 3), np.float32), np.full((4, 3), 2.0, np.float32)]
+    scores = [np.array([1.0, 2.0]), np.array([3.0, 4.0, 5.0, 6.0])]
+    labels = [np.array([1.0, 0.0]), np.array([0.0, 0.0, 1.0, 0.0])]
+    data = pad_lists(feats, scores, labels)
+    assert tuple(data.features.shape) == (2, 4, 3)
+    assert data.mask.tolist() == [[True, True, False, False], [True] * 4]
+    assert data.teacher_scores.tolist() == [[1.0, 2.0, 0.0, 0.0], [3.0, 4.0, 5.0, 6.0]]
+    assert float(data.features[0, 2:].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="list=1"):
+        pad_lists(feats, scores, [labels[0], labels[1][:3]])  # one label short
+    with pytest.raises(ValueError, match="mask"):
+        ListData(data.features, data.teacher_scores, data.labels, data.mask.float())
