@@ -19,6 +19,7 @@ from slimrank.ranking.features import (
     candidate_features,
     known_users,
     new_user,
+    side_matrix,
 )
 from slimrank.ranking.histories import Histories, latest_times
 from slimrank.ranking.neighbors import (
@@ -364,6 +365,30 @@ def test_joint_tables_of_width_zero_give_zeros() -> None:
         np.testing.assert_array_equal(best.view(np.uint32), np.zeros((1, 3), np.uint32))
 
 
+def test_max_over_negative_weights_when_the_history_fills_the_row() -> None:
+    # Item 2's in-neighbours: 0 (W[0, 2] = -0.5) and 1 (W[1, 2] = -0.2); width 2.
+    table = NeighborTable(
+        np.array([[3, 3], [3, 3], [0, 1]]), np.array([[0, 0], [0, 0], [-0.5, -0.2]])
+    )
+    items = np.array([[2, -1]])
+    both = Histories(np.array([0, 2]), np.array([1, 0]), 3)  # as long as the row is wide
+    total, best = history_signals(both, table, items)
+    assert total[0].tolist() == pytest.approx([-0.7, 0.0])
+    assert best[0].tolist() == pytest.approx([-0.2, 0.0])  # every history item holds a weight
+    one = Histories(np.array([0, 1]), np.array([0]), 3)
+    assert history_signals(one, table, items)[1][0].tolist() == pytest.approx([-0.5, 0.0])
+
+
+def test_neighbor_tables_check_rows_and_catalogs() -> None:
+    table = NeighborTable(np.array([[1, 3, 3], [0, 2, 3], [3, 3, 3]]), np.ones((3, 3)))
+    assert table.lengths.tolist() == [1, 2, 0]  # pads (item row 3) do not count
+    with pytest.raises(ValueError, match="item rows"):
+        NeighborTable(np.array([[4], [0], [1]]), np.ones((3, 1)))  # past the pad row
+    other = NeighborTable(np.full((4, 1), 4), np.zeros((4, 1)))
+    with pytest.raises(ValueError, match="different catalogs"):
+        JointNeighbors.of((table, other))
+
+
 def test_one_users_recent_history_equals_the_batch_rows() -> None:
     # The one-row read (a request's user) is a slice; it must give what the batch read gives
     # for that row, for every cap, and a copy the caller may change.
@@ -417,6 +442,15 @@ def test_histories_newest_first_and_capped() -> None:
         Histories(np.array([0, 1]), np.array([9]), 9)
 
 
+def test_history_ties_and_untimed_items_go_by_item_row() -> None:
+    observed = sp.csr_matrix(np.array([[1, 1, 1, 1, 1]], dtype=np.float32))
+    # Items 1 and 3 tie at t=5, item 4 is newest; items 0 and 2 have no time.
+    times = sp.csr_matrix(np.array([[0.0, 5.0, 0.0, 5.0, 9.0]]))
+    np.testing.assert_array_equal(Histories.from_matrix(observed, times).row(0), [4, 1, 3, 0, 2])
+    with pytest.raises(ValueError, match="decrease"):
+        Histories(np.array([0, 2, 1, 2]), np.array([0, 1]), 3)
+
+
 def test_the_history_cap_reads_the_newest_items_only() -> None:
     # u0 saw 0 (t=3), 1 (t=1), 2 (t=2); u1 saw 1 and 3, so 1 and 3 co-occur, and 0, 1, 2 do.
     history = sp.csr_matrix(np.array([[1, 1, 1, 0], [0, 1, 0, 1]], dtype=np.float32))
@@ -435,6 +469,56 @@ def test_the_history_cap_reads_the_newest_items_only() -> None:
     assert candidate_features(wide, cands).values[0, 0, wide.layout.column["cooc_sum"]] > 0
 
 
+def test_cooc_mean_divides_by_the_items_read_and_user_log_history_counts_them_all() -> None:
+    # The data of the test above: u0's newest two are 0 and 2, its whole history 3 items.
+    history = sp.csr_matrix(np.array([[1, 1, 1, 0], [0, 1, 0, 1]], dtype=np.float32))
+    times = sp.csr_matrix(np.array([[3.0, 1.0, 2.0, 0], [0, 1.0, 0, 1.0]]))
+    vecs = np.ones((4, 2), dtype=np.float32)
+    config = FeatureConfig(history_cap=2, ease_lambda=0)
+    tables = build_feature_tables(history, vecs[:2], vecs, config=config, time=times)
+    # Candidate 1 (counts: item 0 once, 1 twice, 2 once): C[0, 1] = C[2, 1] = 1 / sqrt(2).
+    cands = Candidates(np.array([0]), np.array([[1]]), np.array([[0.0]]))
+    got = candidate_features(tables, cands).values[0, 0]
+    col = tables.layout.column
+    assert got[col["cooc_sum"]] == pytest.approx(2**0.5, rel=1e-6)
+    assert got[col["cooc_mean"]] == pytest.approx(2**0.5 / 2, rel=1e-6)  # 2 items read, not 3
+    assert got[col["user_log_history"]] == pytest.approx(np.log1p(3), rel=1e-6)  # all 3 count
+
+
+def test_item_statistics_come_from_item_history_and_user_rows_from_history() -> None:
+    history = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32))
+    items_seen = sp.csr_matrix(np.array([[1, 1, 1, 0], [0, 1, 0, 1]], dtype=np.float32))
+    vecs = np.eye(4, 2, dtype=np.float32)
+    config = FeatureConfig(ease_lambda=0)
+    tables = build_feature_tables(history, vecs[:2], vecs, config=config, item_history=items_seen)
+    np.testing.assert_allclose(tables.item_log_popularity, np.log1p([1, 2, 1, 1]))
+    assert tables.cooc.to_csr()[1, 3] == pytest.approx(1 / np.sqrt(2), rel=1e-6)
+    np.testing.assert_array_equal(tables.history.row(0), [0])
+    with pytest.raises(ValueError, match="item_history"):
+        build_feature_tables(history, vecs[:2], vecs, config=config, item_history=items_seen[:1])
+
+
+def test_side_matrix_standardizes_numerics_and_one_hots_up_to_max_onehot() -> None:
+    table = FeatureTable(
+        4,
+        categorical={"a": np.array([0, 1, 2, 1]), "b": np.array([0, 1, 2, 3])},
+        cardinality={"a": 3, "b": 4},
+        numeric={"x": np.array([1.0, 2.0, 3.0, 6.0], np.float32)},
+    )
+    values, names = side_matrix(table, 4, max_onehot=3)  # "a" has exactly 3 values: kept
+    assert names == ("a=0", "a=1", "a=2", "x")
+    np.testing.assert_array_equal(values[:, :3], np.eye(3)[[0, 1, 2, 1]])
+    x = np.array([1.0, 2.0, 3.0, 6.0])
+    np.testing.assert_allclose(values[:, 3], (x - 3.0) / x.std(), rtol=1e-6)
+    with pytest.raises(ValueError, match="expected 5"):
+        side_matrix(table, 5, max_onehot=3)
+
+
+def test_auto_ease_is_exact_up_to_and_at_ease_max_items() -> None:
+    config = FeatureConfig(ease_max_items=20)
+    assert config.ease_is_exact(20) and not config.ease_is_exact(21)
+
+
 def test_local_ease_over_every_neighbour_is_exact_ease() -> None:
     # Each column of EASE is the ridge regression of that item on all the others, so the local
     # regression over a full neighbourhood is EASE itself.
@@ -448,6 +532,50 @@ def test_local_ease_over_every_neighbour_is_exact_ease() -> None:
     small = ease_local_table(history, cooc, 20.0, 100, local_neighbors=5).to_csr().toarray()
     both = (small != 0) & (np.abs(exact) > 1e-3)
     assert both.sum() > 30 and (np.sign(small[both]) == np.sign(exact[both])).mean() > 0.7
+
+
+def local_ease_reference(history: sp.csr_matrix, cooc: NeighborTable, l2: float, local: int):
+    """Dense loops over the docstring of ``ease_local_table``: ``(I, I)`` ``B[h, j]``."""
+    x = (history.toarray() > 0).astype(np.float64)
+    gram = x.T @ x
+    n = gram.shape[0]
+    near = [[h for h in cooc.indices[j, :local] if h < n] for j in range(n)]
+    b = np.zeros((n, n))
+    for j in range(n):
+        s = near[j]
+        if not s:
+            continue
+        g = np.zeros((len(s), len(s)))
+        for p, a in enumerate(s):
+            for q, c in enumerate(s):
+                if a == c:
+                    g[p, q] = gram[a, a] + l2
+                elif c in near[a] or a in near[c]:  # a pair held in either row counts
+                    g[p, q] = gram[a, c]
+        b[s, j] = np.linalg.solve(g, gram[s, j])
+    return b
+
+
+def test_local_ease_over_small_neighbourhoods_equals_dense_loops() -> None:
+    history = random_history(11, 60, 25, 0.12)
+    cooc = cooccurrence_table(history, k=100)
+    assert len(set(np.minimum(cooc.lengths, 5).tolist())) > 1  # neighbourhoods of several sizes
+    want = local_ease_reference(history, cooc, 5.0, 5)
+    full = ease_local_table(history, cooc, 5.0, 100, local_neighbors=5).to_csr().toarray()
+    np.testing.assert_allclose(full, want.T, atol=1e-5)
+    # Each row keeps its k largest weights by magnitude: on denser data several rows' strongest
+    # weights include a negative one that the k largest by value would drop.
+    history = random_history(2, 30, 15, 0.5)
+    cooc = cooccurrence_table(history, k=100)
+    want = local_ease_reference(history, cooc, 1.0, 4).T  # (I, I): row j holds B[., j]
+    k = 2
+    kept = ease_local_table(history, cooc, 1.0, k, local_neighbors=4).to_csr().toarray()
+    top = np.zeros_like(want)
+    for j, row in enumerate(want):
+        strongest = np.argsort(-np.abs(row), kind="stable")[:k]
+        top[j, strongest] = row[strongest]
+    assert (top < 0).sum() >= 5
+    np.testing.assert_allclose(kept, top, atol=1e-5)
 
 
 def test_ease_method_auto_switches_at_the_threshold() -> None:
@@ -534,7 +662,8 @@ def test_list_stats_columns_match_a_per_user_loop() -> None:
     items = cands.items.copy()
     items[3, 8:] = -1
     items[11, 2:] = -1
-    cands = Candidates(cands.user, items, np.where(items >= 0, cands.retrieval_score, 0.0))
+    # A pad's retrieval score is whatever the miner left there: it must not enter the z-scores.
+    cands = Candidates(cands.user, items, np.where(items >= 0, cands.retrieval_score, 50.0))
     feats = candidate_features(tables, cands)
     col = tables.layout.column
     plain = candidate_features(
