@@ -196,6 +196,49 @@ def test_prune_keeps_last_k_current_and_its_predecessor(tmp_path):
         StoreConfig(keep=0)
 
 
+def test_prune_protects_the_rollback_target_that_is_still_there(tmp_path):
+    v1, v2, v3 = (publish(tmp_path, _files(i)) for i in range(3))
+    # The most recently served earlier version is gone (deleted by hand): the rollback target
+    # is now v1, and pruning to one version must keep it.
+    os.rename(tmp_path / v2, tmp_path / ".tmp-gone")
+    assert store.prune(tmp_path, StoreConfig(keep=1)) == []
+    assert list_versions(tmp_path) == [v1, v3]
+    assert rollback(tmp_path) == (v3, v1, [f"{v2}: no longer present"])
+
+
+def test_rollback_candidates_name_each_version_once(tmp_path):
+    v1, v2 = (publish(tmp_path, _files(i)) for i in range(2))
+    promote(tmp_path, v1)
+    v3 = publish(tmp_path, _files(3))
+    assert store.served_stack(tmp_path) == [v1, v2, v1, v3]
+    assert store.rollback_candidates(tmp_path) == [v1, v2]
+
+
+def test_versions_list_by_sequence_past_six_digits_and_only_real_directories(tmp_path):
+    for name in ("v1000000-20260101T000000Z", "v999999-20260101T000000Z"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MANIFEST).write_text("{}")
+    assert list_versions(tmp_path) == ["v999999-20260101T000000Z", "v1000000-20260101T000000Z"]
+    # A symlink named like a version, to a real version, is not a version.
+    (tmp_path / "v000005-20260101T000000Z").symlink_to(tmp_path / "v999999-20260101T000000Z")
+    assert "v000005-20260101T000000Z" not in list_versions(tmp_path)
+    (tmp_path / "CURRENT").write_text("v000005-20260101T000000Z\n")
+    with pytest.raises(IntegrityError, match="CURRENT"):
+        current_version(tmp_path)
+
+
+def test_published_files_are_read_only_and_stray_tmp_files_are_left_alone(tmp_path):
+    (tmp_path / ".tmp-notes").write_text("not a staging directory")
+    v = publish(tmp_path, _files(1))
+    for path in open_bundle(tmp_path, v).files.values():
+        assert path.stat().st_mode & 0o222 == 0
+    assert (tmp_path / ".tmp-notes").is_file()
+    # Sequence numbers are ASCII digits only: another script's "1" is not version 1.
+    assert store.resolve_version(tmp_path, "1") == v
+    with pytest.raises(BundleError):
+        store.resolve_version(tmp_path, "\u0661")
+
+
 def test_stale_and_manifestless_directories_are_invisible(tmp_path):
     v = publish(tmp_path, _files(1))
     # A staging dir that already got its manifest, and a version-named dir without one.
