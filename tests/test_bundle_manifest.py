@@ -34,7 +34,7 @@ from slimrank.bundle.manifest import (
     manifest_from_dict,
     read_manifest,
 )
-from slimrank.bundle.versions import format_version, parse_version, version_key
+from slimrank.bundle.versions import format_version, parse_version, utc_iso, version_key
 from slimrank.errors import IntegrityError
 
 WHEN = dt.datetime(2026, 11, 22, 14, 30, tzinfo=dt.UTC)
@@ -129,6 +129,11 @@ def test_version_names_sort_by_sequence():
     assert [version_key(n) for n in sorted(names, key=version_key)] == [1, 2, 10, 1_000_000]
     for bad in ("v12-20261122T143000Z", "v000001-20261399T143000Z", ".tmp-v000001", "CURRENT"):
         assert parse_version(bad) is None
+    assert parse_version("v00001-20261122T143000Z") is None  # at least six digits
+    # Names and created stamps are UTC, whole seconds, whatever zone the clock was read in.
+    later = dt.datetime(2026, 11, 23, 1, 30, 0, 999_999, tzinfo=dt.timezone(dt.timedelta(hours=11)))
+    assert format_version(4, later) == "v000004-20261122T143000Z"
+    assert utc_iso(later) == "2026-11-22T14:30:00Z"
     with pytest.raises(ValueError):
         format_version(0, WHEN)
 
@@ -183,8 +188,12 @@ def test_manifest_refuses_nan():
         (lambda d: d.update(version="latest"), "version"),
         (lambda d: d["files"].update({"x": {"size": -1, "sha256": "a" * 64}}), "x"),
         (lambda d: d["files"].update({"x": {"size": 1, "sha256": "zz"}}), "x"),
+        (lambda d: d["files"].update({"x": {"size": 1, "sha256": "a" * 63}}), "x"),  # short
+        (lambda d: d["files"].update({"x": {"size": 1, "sha256": "A" * 64}}), "x"),  # not lower
+        (lambda d: d["files"].update({"x": {"size": 1, "sha256": "g" * 64}}), "x"),  # not hex
         (lambda d: d["files"].update({"../x": {"size": 1, "sha256": "a" * 64}}), r"\.\./x"),
         (lambda d: d.update(parent=3), "parent"),
+        (lambda d: d.update(created=20261122), "created"),
     ],
 )
 def test_malformed_manifest_is_an_integrity_error(tmp_path, mutate, why):
@@ -204,9 +213,16 @@ def test_unparsable_or_missing_manifest_names_the_file(tmp_path):
     path.write_text('{"format_version": 1, "version": NaN')
     with pytest.raises(IntegrityError, match=re.escape(str(path))):
         read_manifest(path)
+    # Well-formed apart from a non-standard constant (Python's json writes NaN by default).
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        path.write_text(json.dumps(_manifest().to_dict()).replace("1.5", constant))
+        with pytest.raises(IntegrityError, match=constant):
+            read_manifest(path)
 
 
-@pytest.mark.parametrize("name", ["", "/abs", "a/../b", "a//b", "./a", "a\\b", "manifest.json"])
+@pytest.mark.parametrize(
+    "name", ["", "/abs", "a/../b", "a//b", "./a", "a\\b", "manifest.json", "a\0b"]
+)
 def test_check_name_refuses_unsafe_names(name):
     with pytest.raises(ValueError):
         check_name(name)
