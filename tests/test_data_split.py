@@ -38,6 +38,15 @@ def test_part_sizes_follow_recbole_rule(total: int, expected: list[int]) -> None
     assert part_sizes(total, (0.8, 0.1, 0.1)) == expected
 
 
+def test_part_sizes_normalize_the_ratios_and_leave_a_zero_part_empty() -> None:
+    # Ratios are normalized first: 8:1:1 is 0.8/0.1/0.1.
+    for total in (1, 2, 5, 9, 20, 30):
+        assert part_sizes(total, (8, 1, 1)) == part_sizes(total, (0.8, 0.1, 0.1))
+    # RecBole's borrowing is for parts with 0 < ratio * n < 1; a zero ratio stays empty.
+    # n = 5, (0.9, 0.1, 0): valid's 0.5 borrows one from train, test has nothing to borrow.
+    assert part_sizes(5, (0.9, 0.1, 0.0)) == [4, 1, 0]
+
+
 def test_split_counts_per_user_follow_the_rule() -> None:
     inter = _interactions()
     split = split_random(inter, 30, 41, seed=7)
@@ -87,6 +96,11 @@ def test_split_parts_rejects_bad_ratios() -> None:
         split_parts(np.zeros(3, dtype=np.int64), (1.0,), seed=0)
     with pytest.raises(ValueError, match="ratios"):
         split_parts(np.zeros(3, dtype=np.int64), (0.8, -0.1, 0.3), seed=0)
+    with pytest.raises(ValueError, match="ratios"):
+        split_parts(np.zeros(3, dtype=np.int64), (0.0, 0.0, 0.0), seed=0)
+    # A Split is train / valid / test: two ratios would silently leave the test part empty.
+    with pytest.raises(ValueError, match="three ratios"):
+        split_random(_interactions(), 30, 41, ratios=(0.9, 0.1))
 
 
 def test_seen_matrices_and_popularity_use_the_right_parts() -> None:
