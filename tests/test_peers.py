@@ -15,12 +15,15 @@ from slimrank.evaluation.peers import (
     Peer,
     evaluate_peer,
     fit_item_knn,
+    fit_item_knn_sparse,
     fit_most_popular,
+    format_params,
     item_knn_weights,
     keep_top_k,
     observed_interactions,
     protocol_check,
     rp3beta_weights,
+    score_fitted,
     score_part,
 )
 
@@ -68,6 +71,46 @@ def test_keep_top_k_by_row_and_column_with_ties_to_the_lower_index() -> None:
     w = np.array([[3.0, 1.0, 3.0], [0.0, 2.0, 5.0], [4.0, 4.0, 1.0]])
     np.testing.assert_array_equal(keep_top_k(w, 1, axis=1), [[3, 0, 0], [0, 0, 5], [4, 0, 0]])
     np.testing.assert_array_equal(keep_top_k(w, 2, axis=0), [[3, 0, 3], [0, 2, 5], [4, 4, 0]])
+
+
+def test_keep_top_k_refuses_k_0_and_breaks_long_runs_of_ties_by_index() -> None:
+    with pytest.raises(ValueError, match="k=0"):
+        keep_top_k(np.ones((2, 3)), 0, axis=1)
+    # 30 tied entries: more than a small sort keeps in order by chance.
+    w = np.ones((2, 30))
+    w[1, 25] = 2.0
+    kept = keep_top_k(w, 3, axis=1)
+    assert np.flatnonzero(kept[0]).tolist() == [0, 1, 2]
+    assert np.flatnonzero(kept[1]).tolist() == [0, 1, 25]
+    np.testing.assert_array_equal(keep_top_k(w.T, 3, axis=0), kept.T)
+
+
+def test_peers_read_interactions_as_binary() -> None:
+    # Ratings and a repeated pair count once, as in the binary matrix every peer is fit on.
+    # (data, indices, indptr) keeps user 1's two entries for item 0 as they are.
+    rated = sp.csr_matrix(
+        (np.array([5.0, 3.0, 4.0, 2.0]), np.array([0, 1, 0, 0]), np.array([0, 2, 4])),
+        shape=(2, 3),
+    )
+    assert not rated.has_canonical_format
+    popularity = fit_most_popular(rated, {})(np.array([0]))
+    np.testing.assert_array_equal(popularity, [[2, 1, 0]])
+    binary = sp.csr_matrix(np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    for fit, params in ((fit_item_knn, {"k": 2, "shrink": 1.0}), (fit_item_knn_sparse, {"k": 2})):
+        np.testing.assert_allclose(
+            fit(rated, params)(np.arange(2)), fit(binary, params)(np.arange(2)), rtol=1e-6
+        )
+
+
+def test_sparse_item_knn_scores_like_item_knn_without_shrink() -> None:
+    # The hand example below with k = 1: item 1's nearest is item 2 (1/sqrt 2 > 0.5), so a user
+    # holding only item 0 gets nothing for item 1, though item 1 is item 0's nearest.
+    x = sp.csr_matrix(np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1]], dtype=float))
+    sparse = fit_item_knn_sparse(x, {"k": 1})(np.arange(3))
+    dense = fit_item_knn(x, {"k": 1, "shrink": 0.0})(np.arange(3))
+    np.testing.assert_allclose(sparse, dense, rtol=1e-6)
+    r = 1 / np.sqrt(2)
+    np.testing.assert_allclose(sparse, [[0.5, 0, r], [0, 0, 0], [0.5, r, r]], rtol=1e-6)
 
 
 def test_item_knn_matches_a_brute_force_loop() -> None:
@@ -172,6 +215,22 @@ def test_evaluate_peer_selects_on_validation_and_refits_on_train_plus_valid() ->
     assert result.test_per_user.mean == pytest.approx(result.test["ndcg@10"])
 
 
+def test_selection_keeps_the_first_setting_on_a_tie_and_scores_only_users_with_items() -> None:
+    split = _hand_split()
+    # Most popular ignores its setting: every trial ties, and the first in grid order stays.
+    result = evaluate_peer(Peer("most popular", fit_most_popular, {"unused": (1, 2, 3)}), split)
+    assert len({value for _, value in result.trials}) == 1
+    assert result.params == {"unused": 1}
+    assert format_params(result.params) == "unused=1"
+    assert format_params({}) == "-"
+    # User 2 has no test item: asked for, it is left out rather than scored as a miss.
+    no_test_2 = dataclasses.replace(split, test=interactions_of([(0, 3), (1, 1)]))
+    fitted = fit_most_popular(observed_interactions(no_test_2, "test"), {})
+    metrics, per_user = score_fitted(fitted, no_test_2, "test", k=2, users=np.arange(3))
+    assert metrics["users"] == 2.0
+    np.testing.assert_array_equal(per_user.users, [0, 1])
+
+
 def test_the_pipeline_views_read_what_the_peers_read() -> None:
     from slimrank.data.dataset import FeatureTable
     from slimrank.pipeline.artifacts import DataArtifact
@@ -224,6 +283,7 @@ def test_item_item_peers_are_skipped_past_the_dense_limit() -> None:
 
     kept, skipped = peers_for(1_000, max_items=2_000)
     assert kept == PEERS and skipped == ()
+    assert peers_for(2_000, max_items=2_000) == (PEERS, ())  # up to and at the limit
     kept, skipped = peers_for(3_000, max_items=2_000)
     assert [p.name for p in kept] == ["most popular"]
     assert skipped == (
