@@ -67,6 +67,18 @@ def test_a_served_pipeline_snapshot_is_freed_by_reference_counting_alone(
     assert ref() is None, "a reference cycle keeps the snapshot: freezing the heap would leak it"
 
 
+def dropped_cycle() -> weakref.ref:
+    """Make two Nodes that refer to each other, drop them, and return a weak reference to
+    one: alive until a collection (the collector is off)."""
+    cycle = Node()
+    cycle.other = Node()
+    cycle.other.other = cycle
+    garbage = weakref.ref(cycle)
+    del cycle
+    assert garbage() is not None  # the collector is off: the cycle lives on
+    return garbage
+
+
 def test_a_reload_frees_the_old_snapshot_and_freezes_the_new_one(
     run: TinyRun, collector_off: None
 ) -> None:
@@ -75,12 +87,7 @@ def test_a_reload_frees_the_old_snapshot_and_freezes_the_new_one(
     made before a freeze is collected by it, not frozen."""
     holder = SnapshotHolder(load_current(run.bundles))
     warm_up(holder.get())
-    cycle = Node()
-    cycle.other = Node()
-    cycle.other.other = cycle
-    garbage = weakref.ref(cycle)
-    del cycle
-    assert garbage() is not None  # the collector is off: the cycle lives on
+    garbage = dropped_cycle()
     heap.freeze()
     assert garbage() is None  # collected before freezing
     old = weakref.ref(holder.get())
@@ -111,11 +118,6 @@ def test_refreeze_collects_the_garbage_made_since_the_freeze(collector_off: None
     """A cycle dropped after freeze() is collected by the next refreeze(), not frozen with it
     (frozen, it would never be collected)."""
     heap.freeze()
-    cycle = Node()
-    cycle.other = Node()
-    cycle.other.other = cycle
-    garbage = weakref.ref(cycle)
-    del cycle
-    assert garbage() is not None  # the collector is off: the cycle lives on
+    garbage = dropped_cycle()
     heap.refreeze()
     assert garbage() is None
