@@ -15,6 +15,7 @@ from slimrank.ranking.candidates import Candidates, exact_search, mine_candidate
 from slimrank.ranking.feature_io import load_tables, save_tables
 from slimrank.ranking.features import (
     FeatureConfig,
+    FeatureTables,
     build_feature_tables,
     candidate_features,
     known_users,
@@ -451,13 +452,18 @@ def test_history_ties_and_untimed_items_go_by_item_row() -> None:
         Histories(np.array([0, 2, 1, 2]), np.array([0, 1]), 3)
 
 
-def test_the_history_cap_reads_the_newest_items_only() -> None:
-    # u0 saw 0 (t=3), 1 (t=1), 2 (t=2); u1 saw 1 and 3, so 1 and 3 co-occur, and 0, 1, 2 do.
+def capped_history() -> tuple[sp.csr_matrix, np.ndarray, FeatureTables]:
+    """u0 saw 0 (t=3), 1 (t=1), 2 (t=2); u1 saw 1 and 3, so 1 and 3 co-occur, and 0, 1, 2 do.
+    Return the history, all-ones item vectors and the tables with a history cap of 2."""
     history = sp.csr_matrix(np.array([[1, 1, 1, 0], [0, 1, 0, 1]], dtype=np.float32))
     times = sp.csr_matrix(np.array([[3.0, 1.0, 2.0, 0], [0, 1.0, 0, 1.0]]))
     vecs = np.ones((4, 2), dtype=np.float32)
     config = FeatureConfig(history_cap=2, ease_lambda=0)
-    tables = build_feature_tables(history, vecs[:2], vecs, config=config, time=times)
+    return history, vecs, build_feature_tables(history, vecs[:2], vecs, config=config, time=times)
+
+
+def test_the_history_cap_reads_the_newest_items_only() -> None:
+    history, vecs, tables = capped_history()
     users = known_users(tables, np.array([0]))
     np.testing.assert_array_equal(users.history.items, [0, 2])  # newest two: 0 then 2
     assert users.n_history.tolist() == [3]
@@ -471,11 +477,7 @@ def test_the_history_cap_reads_the_newest_items_only() -> None:
 
 def test_cooc_mean_divides_by_the_items_read_and_user_log_history_counts_them_all() -> None:
     # The data of the test above: u0's newest two are 0 and 2, its whole history 3 items.
-    history = sp.csr_matrix(np.array([[1, 1, 1, 0], [0, 1, 0, 1]], dtype=np.float32))
-    times = sp.csr_matrix(np.array([[3.0, 1.0, 2.0, 0], [0, 1.0, 0, 1.0]]))
-    vecs = np.ones((4, 2), dtype=np.float32)
-    config = FeatureConfig(history_cap=2, ease_lambda=0)
-    tables = build_feature_tables(history, vecs[:2], vecs, config=config, time=times)
+    _, _, tables = capped_history()
     # Candidate 1 (counts: item 0 once, 1 twice, 2 once): C[0, 1] = C[2, 1] = 1 / sqrt(2).
     cands = Candidates(np.array([0]), np.array([[1]]), np.array([[0.0]]))
     got = candidate_features(tables, cands).values[0, 0]
