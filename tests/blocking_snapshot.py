@@ -1,4 +1,5 @@
-"""A snapshot whose ranker can be held, for tests of admission and shedding."""
+"""Snapshots whose ranker misbehaves after the warm-up call: held (for tests of admission
+and shedding) or failing (for tests of how a ranker's error is answered)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,16 @@ def blocking(snap: ModelSnapshot) -> tuple[ModelSnapshot, threading.Semaphore, t
         return snap.score(features)
 
     return dataclasses.replace(snap, score=score), entered, release
+
+
+def failing(snap: ModelSnapshot, message: str) -> ModelSnapshot:
+    """A snapshot whose scorer passes the warm-up call, then raises ``RuntimeError(message)``."""
+    calls = []
+
+    def score(features: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError(message)
+        return snap.score(features)
+
+    return dataclasses.replace(snap, score=score)

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from blocking_snapshot import blocking
+from blocking_snapshot import blocking, failing
 from prometheus_client import CollectorRegistry
 from registry_samples import sample_sum
 
@@ -350,16 +350,7 @@ def test_only_an_invalid_argument_error_names_a_field() -> None:
 
 
 def test_a_failing_ranker_is_500_without_details(start: Callable[..., Running]) -> None:
-    snap = random_snapshot("v1", dim=DIM)
-    calls = []
-
-    def flaky(features: np.ndarray) -> np.ndarray:
-        calls.append(1)
-        if len(calls) > 1:  # the warm-up passes
-            raise RuntimeError("secret internals")
-        return snap.score(features)
-
-    r = start(dataclasses.replace(snap, score=flaky))
+    r = start(failing(random_snapshot("v1", dim=DIM), "secret internals"))
     status, answer, _ = post(f"{r.url}/v1/recommend", {"user_id": "u1", "k": 3})
     assert (status, answer["code"]) == (500, "INTERNAL")
     assert "secret" not in answer["message"]

@@ -17,6 +17,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from blocking_snapshot import failing
 from prometheus_client import CollectorRegistry
 from served_store import serving
 from tiny_pipeline import TinyRun, tiny_pipeline
@@ -230,16 +231,7 @@ def test_query_exits_1_on_another_grpc_error(capsys: pytest.CaptureFixture[str])
     """Module docstring: 2 for unreachable or INVALID_ARGUMENT, 1 for any other gRPC error."""
     from slimrank.serving.snapshot import random_snapshot
 
-    snap = random_snapshot("v1", dim=8)
-    calls = []
-
-    def failing(features: np.ndarray) -> np.ndarray:
-        calls.append(1)
-        if len(calls) > 1:  # the warm-up passes
-            raise RuntimeError("broken ranker")
-        return snap.score(features)
-
-    holder = SnapshotHolder(dataclasses.replace(snap, score=failing))
+    holder = SnapshotHolder(failing(random_snapshot("v1", dim=8), "broken ranker"))
     server, port = create_server(ServerConfig(), holder, CollectorRegistry())
     server.mark_serving()
     try:
