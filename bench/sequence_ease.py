@@ -30,6 +30,7 @@ import scipy.sparse as sp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from slimrank.evaluation.baselines import ease_from_gram  # noqa: E402
 from slimrank.evaluation.metrics import per_user_metrics  # noqa: E402
 from slimrank.evaluation.paired import PerUser, paired_bootstrap  # noqa: E402
 from slimrank.evaluation.peers import observed_interactions, truth_of  # noqa: E402
@@ -81,11 +82,8 @@ def sequence_ease_weights(
     gram = (x.T @ x).toarray()
     counts = np.diag(gram).copy()
     gram += beta * gram_window
-    gram[np.diag_indices_from(gram)] = counts + l2
-    p = np.linalg.inv(gram)
-    b = -p / np.diag(p)[None, :]
-    np.fill_diagonal(b, 0.0)
-    return b
+    gram[np.diag_indices_from(gram)] = counts
+    return ease_from_gram(gram, l2)
 
 
 def per_user(observed: sp.csr_matrix, weights: np.ndarray, truth, users) -> PerUser:

@@ -38,9 +38,15 @@ def ease_weights(train: sp.csr_matrix, config: EaseConfig) -> np.ndarray:
     B = I - P diag(1 / diag(P)) with P = (X^T X + l2 I)^-1 (Steck, 2019).
     """
     x = sp.csr_matrix(train, dtype=np.float64)
-    gram = (x.T @ x).toarray()  # (I, I)
-    gram[np.diag_indices_from(gram)] += config.l2
+    return ease_from_gram((x.T @ x).toarray(), config.l2).astype(np.float32)
+
+
+def ease_from_gram(gram: np.ndarray, l2: float) -> np.ndarray:
+    """Return EASE's ``(I, I)`` B (zero diagonal) solved on an item-item ``gram`` (float64,
+    changed in place: ``l2`` is added to its diagonal): B = I - P diag(1 / diag(P)) with
+    P = (gram + l2 I)^-1."""
+    gram[np.diag_indices_from(gram)] += l2
     p = np.linalg.inv(gram)
     b = -p / np.diag(p)[None, :]
     np.fill_diagonal(b, 0.0)
-    return b.astype(np.float32)
+    return b
