@@ -185,6 +185,7 @@ def main() -> int:
         raise SystemExit("training lists are not the folds' users in order: re-run candidates")
     bounds = np.cumsum([0] + [len(u) for u in fold_users])
     names: tuple[str, ...] = ()
+    train_times = data.seen_times("valid")  # a fold's history is part of the training items
     train_extra, valid_extra = [], []
 
     def add(columns) -> None:
@@ -204,7 +205,6 @@ def main() -> int:
         n = args.recent
         names += (f"ease_recent{n}", f"ease_recent{n}_rank", f"cooc_recent{n}")
         names += (f"cooc_recent{n}_rank",)
-        train_times = data.seen_times("valid")  # a fold's history is part of the training items
         add(lambda observed, users, items: recent_columns(observed, train_times, users, items, n))
     if args.rating_ease:
         power, l2 = args.rating_ease
@@ -215,11 +215,10 @@ def main() -> int:
         add(lambda observed, users, items: rating_ease_columns(observed, weights, users, items, l2))
     if args.sequence_ease:
         names += ("sequence_ease", "sequence_ease_rank")
-        times = data.seen_times("valid")  # a fold's history is part of the training items
         setting = args.sequence_ease
         add(
             lambda observed, users, items: sequence_ease_columns(
-                observed, times, users, items, setting
+                observed, train_times, users, items, setting
             )
         )
     feats = widen(feats, np.concatenate(train_extra, axis=-1), names)

@@ -33,11 +33,14 @@ sys.path.insert(0, str(HERE.parent))
 from slimrank.evaluation.baselines import ease_from_gram  # noqa: E402
 from slimrank.evaluation.metrics import per_user_metrics  # noqa: E402
 from slimrank.evaluation.paired import PerUser, paired_bootstrap  # noqa: E402
-from slimrank.evaluation.peers import observed_interactions, truth_of  # noqa: E402
+from slimrank.evaluation.peers import (  # noqa: E402
+    observed_interactions,
+    observed_times,
+    truth_of,
+)
 from slimrank.evaluation.protocol import evaluated_users, rank_users  # noqa: E402
 from slimrank.pipeline.config import DataConfig  # noqa: E402
 from slimrank.pipeline.steps import data_step  # noqa: E402
-from slimrank.ranking.histories import latest_times  # noqa: E402
 
 RESULTS = HERE / "results"
 PEER_L2 = 500.0
@@ -94,18 +97,11 @@ def per_user(observed: sp.csr_matrix, weights: np.ndarray, truth, users) -> PerU
     return PerUser(users, per_user_metrics(top, truth[users], 10)["ndcg"])
 
 
-def part_times(split, part: str) -> sp.csr_matrix:
-    """Return the latest timestamp of each (user, item) a system reads when scoring ``part``."""
-    parts = [split.train] if part == "valid" else [split.train, split.valid]
-    cat = [np.concatenate([getattr(p, f) for p in parts]) for f in ("user", "item", "timestamp")]
-    return latest_times(*cat, (split.n_users, split.n_items))
-
-
 def main() -> int:
     split = data_step(DataConfig(source="movielens-100k")).split
     seen, truth = observed_interactions(split, "valid"), truth_of(split, "valid")
     users = evaluated_users(truth)
-    rows = ordered_rows(seen, part_times(split, "valid"))
+    rows = ordered_rows(seen, observed_times(split, "valid"))
     base = per_user(seen, sequence_ease_weights(seen, 0.0, 0.0, PEER_L2), truth, users)
     lines = [
         "# EASE with neighbours in time (ml-100k validation, issue 15)",
@@ -140,7 +136,7 @@ def main() -> int:
         window, decay, beta, l2 = best[1]
         seen_t, truth_t = observed_interactions(split, "test"), truth_of(split, "test")
         users_t = evaluated_users(truth_t)
-        rows_t = ordered_rows(seen_t, part_times(split, "test"))
+        rows_t = ordered_rows(seen_t, observed_times(split, "test"))
         gram_t = window_gram(rows_t, split.n_items, window, decay)
         seq = per_user(seen_t, sequence_ease_weights(seen_t, gram_t, beta, l2), truth_t, users_t)
         ease = per_user(seen_t, sequence_ease_weights(seen_t, 0.0, 0.0, PEER_L2), truth_t, users_t)

@@ -21,6 +21,7 @@ from slimrank.evaluation.peers import (
     item_knn_weights,
     keep_top_k,
     observed_interactions,
+    observed_times,
     protocol_check,
     rp3beta_weights,
     score_fitted,
@@ -57,6 +58,8 @@ def test_observed_interactions_is_train_for_valid_and_train_plus_valid_for_test(
     np.testing.assert_array_equal(observed_interactions(split, "test").toarray(), both)
     with pytest.raises(ValueError, match="part"):
         observed_interactions(split, "train")
+    with pytest.raises(ValueError, match="part"):
+        observed_times(split, "train")
 
 
 def test_most_popular_counts_what_the_part_may_read() -> None:
@@ -254,6 +257,12 @@ def test_the_pipeline_views_read_what_the_peers_read() -> None:
         expected = observed_interactions(split, part).toarray()
         np.testing.assert_array_equal(data.seen(part).toarray(), expected)
         np.testing.assert_array_equal(data.seen_times(part).toarray() != 0, expected != 0)
+        # Each (user, item)'s latest timestamp among the interactions the part may read.
+        latest = np.zeros(expected.shape)
+        for p in [split.train] if part == "valid" else [split.train, split.valid]:
+            for u, i, t in zip(p.user, p.item, p.timestamp, strict=True):
+                latest[u, i] = max(latest[u, i], t)
+        np.testing.assert_array_equal(observed_times(split, part).toarray(), latest)
         hist = history_for(split, part)
         pooled = np.zeros_like(expected)
         for u in range(3):

@@ -77,6 +77,19 @@ def observed_interactions(split: Split, part: str) -> sp.csr_matrix:
     raise ValueError(f"part={part!r}: must be one of {PARTS}")
 
 
+def observed_times(split: Split, part: str) -> sp.csr_matrix:
+    """Return the latest timestamp of each (user, item) of :func:`observed_interactions`."""
+    from slimrank.ranking.histories import latest_times
+
+    if part not in PARTS:
+        raise ValueError(f"part={part!r}: must be one of {PARTS}")
+    parts = [split.train] if part == "valid" else [split.train, split.valid]
+    columns = [
+        np.concatenate([getattr(p, f) for p in parts]) for f in ("user", "item", "timestamp")
+    ]
+    return latest_times(*columns, (split.n_users, split.n_items))
+
+
 def truth_of(split: Split, part: str) -> sp.csr_matrix:
     """Return the relevant items of ``part`` (``"valid"`` or ``"test"``)."""
     if part not in PARTS:

@@ -36,10 +36,9 @@ from slimrank.bundle.formats import (
     write_tensors,
 )
 from slimrank.data.dataset import FeatureTable, Interactions, Split
-from slimrank.evaluation.peers import observed_interactions
+from slimrank.evaluation.peers import observed_interactions, observed_times
 from slimrank.ranking.candidates import Candidates
 from slimrank.ranking.features import CandidateFeatures
-from slimrank.ranking.histories import latest_times
 
 if TYPE_CHECKING:
     from slimrank.ranking.features import FeatureTables
@@ -263,15 +262,7 @@ class DataArtifact(Artifact):
 
     def seen_times(self, view: str) -> sp.csr_matrix:
         """Return the latest timestamp of each (user, item) users already have in ``view``."""
-        parts = [self.split.train] if view == "valid" else [self.split.train, self.split.valid]
-        shape = (self.split.n_users, self.split.n_items)
-        return latest_times(
-            *(
-                np.concatenate([getattr(p, f) for p in parts])
-                for f in ("user", "item", "timestamp")
-            ),
-            shape,
-        )
+        return observed_times(self.split, view)
 
     def save(self, directory: Path) -> None:
         split_f, users_f, items_f, user_feat_f, item_feat_f, info_f = DATA_FILES
