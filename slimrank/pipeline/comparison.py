@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from slimrank.evaluation.paired import PairedInterval, PerUser, paired_bootstrap
@@ -83,9 +84,11 @@ class Comparison:
         }
 
 
-def variant_per_user(result: RunResult, key: str, part: str = "test") -> PerUser:
+def variant_per_user(
+    result: RunResult, key: str, part: str = "test", ranker: Path | None = None
+) -> PerUser:
     """Return NDCG@k per user on ``part`` (``"valid"`` or ``"test"``) of a pipeline variant
-    (``int8``, ``teacher``, ``retrieval``)."""
+    (``int8``, ``teacher``, ``retrieval``), or of any other variant's ONNX ``ranker``."""
     from slimrank.compression.scorer import onnx_score_fn
     from slimrank.pipeline.artifacts import (
         CandidatesArtifact,
@@ -100,6 +103,8 @@ def variant_per_user(result: RunResult, key: str, part: str = "test") -> PerUser
         scores = cands.retrieval_score
     elif key == "teacher":
         scores = TeacherArtifact.load_scores(result.path("teacher"))[part]
+    elif ranker is not None:
+        scores = onnx_score_fn(ranker)(feats)
     elif key == SERVED:
         scores = onnx_score_fn(Int8Artifact.load(result.path("int8")).ranker)(feats)
     else:

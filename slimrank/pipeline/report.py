@@ -24,7 +24,6 @@ from slimrank.evaluation.paired import PerUser, paired_bootstrap
 from slimrank.pipeline import artifacts
 from slimrank.pipeline.artifacts import (
     CandidatesArtifact,
-    DataArtifact,
     Int8Artifact,
     PrecisionArtifact,
     SeedsArtifact,
@@ -172,15 +171,9 @@ def _ranker_paths(result: RunResult) -> dict[str, Path]:
 
 def per_user_test(result: RunResult, key: str) -> PerUser:
     """Return test NDCG@k per user of one variant (retrieval, teacher, or an ONNX student)."""
-    from slimrank.compression.scorer import onnx_score_fn
-    from slimrank.ranking.pipeline_eval import pipeline_per_user
-
     if key in ("retrieval", "teacher"):
         return variant_per_user(result, key)
-    cands, feats, _ = CandidatesArtifact.load_one(result.path("candidates"), "test")
-    scores = onnx_score_fn(_ranker_paths(result)[key])(feats)
-    truth = DataArtifact.load(result.path("data")).truth("test")
-    return pipeline_per_user(cands, scores, truth, result.config.k)
+    return variant_per_user(result, key, ranker=_ranker_paths(result)[key])
 
 
 def vs_teacher(result: RunResult, resamples: int = 10_000) -> dict[str, tuple[float, ...]]:
