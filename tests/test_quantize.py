@@ -76,6 +76,23 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.set_num_threads(threads)
 
 
+def test_exported_bytes_do_not_depend_on_the_checkout(trained: dict, tmp_path: Path) -> None:
+    """No build path or exporter note ships in a ranker: the same model gives the same bytes."""
+    import slimrank
+
+    checkout = str(Path(slimrank.__file__).resolve().parent.parent).encode()
+    again = export_onnx(trained["model"], tmp_path / "elsewhere" / "ranker.onnx", DIM)
+    int8 = quantize_onnx_weights(trained["onnx"], tmp_path / "ranker.int8.onnx")
+    assert again.read_bytes() == trained["onnx"].read_bytes()
+    for path in (trained["onnx"], int8):
+        data = path.read_bytes()
+        assert checkout not in data and b"stack_trace" not in data and b"pkg.torch" not in data
+        graph = onnx.load(str(path)).graph
+        notes = [v.metadata_props for v in (*graph.node, *graph.input, *graph.output)]
+        notes += [v.metadata_props for v in (*graph.value_info, *graph.initializer)]
+        assert not graph.metadata_props and not any(notes)
+
+
 def _score(path: Path, lists: np.ndarray) -> np.ndarray:
     scorer = Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
     return scorer.score(lists.reshape(-1, DIM)).reshape(lists.shape[:2])  # (U, N)

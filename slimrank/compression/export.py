@@ -65,9 +65,30 @@ def export_onnx(model: nn.Module, path: str | Path, input_dim: int) -> Path:
     finally:
         model.train(was_training)
     program.save(str(path))
+    graph = onnx.load(str(path))
+    strip_build_metadata(graph)
+    onnx.save(graph, str(path))
     onnx.checker.check_model(str(path))
     log.info("exported %s to %s (opset %d)", type(model).__name__, path, OPSET)
     return path
+
+
+def strip_build_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's debugging notes from ``model`` in place; return it.
+
+    torch's exporter annotates every node, value and the graph with ``metadata_props``: stack
+    traces holding the build checkout's absolute paths, FX node text and class names. None of it
+    affects what the graph computes, but it made a ranker's bytes (and so its bundle's sha256)
+    depend on where the repository was cloned, and shipped build-machine paths inside bundles.
+    The model-level ``metadata_props`` are kept: they are ours, not the exporter's.
+    """
+    graph = model.graph
+    del graph.metadata_props[:]
+    for node in graph.node:
+        del node.metadata_props[:]
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        del value.metadata_props[:]
+    return model
 
 
 def save_mlp(model: MLPRanker, path: str | Path) -> Path:
