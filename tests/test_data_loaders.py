@@ -100,6 +100,34 @@ def test_bad_csv_logs_name_file_column_row_and_line(
     assert str(path) in str(err)
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "column"),
+    [
+        ("logs.csv", "user_id,item_id,timestamp,user_id\nu1,i1,1,u9\n", "user_id"),
+        ("logs.tsv", "user_id\titem_id\ttimestamp\ttimestamp\nu1\ti1\t1\t2\n", "timestamp"),
+    ],
+)
+def test_a_repeated_column_name_is_refused_not_guessed(
+    tmp_path: Path, name: str, text: str, column: str
+) -> None:
+    """pandas would read the second copy as ``user_id.1`` and keep the first without a word."""
+    path = _write(tmp_path / name, text)
+    with pytest.raises(DataError, match="more than once") as info:
+        load_logs(path)
+    assert (info.value.path, info.value.column, info.value.line) == (str(path), column, 1)
+    users = _write(tmp_path / "users.csv", "user_id,age,age\nu1,30,31\n")
+    with pytest.raises(DataError, match="more than once") as info:
+        load_logs(_write(tmp_path / "l.csv", LOGS_CSV), user_features=users)
+    assert (info.value.path, info.value.column) == (str(users), "age")
+
+
+def test_names_that_only_look_repeated_are_read(tmp_path: Path) -> None:
+    """A real ``user_id.1`` column, or a quoted name holding a comma, is not a repeat."""
+    text = 'user_id,item_id,timestamp,user_id.1,"a,b"\nu1,i1,1,x,y\n'
+    ds = load_logs(_write(tmp_path / "logs.csv", text))
+    assert list(ds.users.ids) == ["u1"] and list(ds.items.ids) == ["i1"]
+
+
 def test_bad_parquet_logs_have_row_but_no_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.parquet"
     pd.DataFrame({"user_id": ["a", None], "item_id": ["x", "y"], "timestamp": [1, 2]}).to_parquet(

@@ -155,10 +155,15 @@ def read_table(path: Path, id_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     try:
         if _is_csv(path):
             sep = "\t" if path.name.endswith(".tsv") else ","
+            # pandas renames a repeated header ("a", "a.1"), so read the header as it is first.
+            header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str)
+            _refuse_repeated_columns(header.iloc[0].tolist(), path)
             dtype = dict.fromkeys(id_columns, str)
             return pd.read_csv(path, sep=sep, dtype=dtype, keep_default_na=False, na_values=[""])
         if path.name.endswith(PARQUET_SUFFIXES):
-            return pd.read_parquet(path)
+            return pd.read_parquet(path)  # pyarrow refuses a repeated column name itself
+    except DataError:
+        raise
     except UnicodeDecodeError as err:
         line = first_undecodable_line(path)
         raise _unparsable(f"not UTF-8 ({err.reason})", path, line) from err
@@ -169,6 +174,17 @@ def read_table(path: Path, id_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     raise DataError(
         f"unknown file type; expected one of {CSV_SUFFIXES + PARQUET_SUFFIXES}", path=path
     )
+
+
+def _refuse_repeated_columns(names: list[object], path: Path) -> None:
+    """Raise if a column name appears twice: which of the two is meant cannot be known."""
+    seen: set[object] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(
+                "column name appears more than once", path=path, column=str(name), line=1
+            )
+        seen.add(name)
 
 
 # pandas' C parser names a bad line in one of these ways: 1-based "line N" (a row with too many
