@@ -268,3 +268,31 @@ def test_retrain_publishes_a_version_naming_its_parent_teacher(run: Run, tmp_pat
     for name in ("catalog/catalog.json", "catalog/catalog.safetensors", "catalog/titles.npy"):
         assert bundle.manifest.files[name].sha256 == old.manifest.files[name].sha256
     assert read_serving(bundle.path).catalog_directory == "catalog"
+
+
+def test_retrain_refuses_logs_with_no_row_it_can_append(
+    run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Unknown ids and held-out pairs only: an error naming the file, and nothing published.
+
+    Retraining on the unchanged data would publish a version that learned nothing new.
+    """
+    data = DataArtifact.load(run_pipeline(_config(run)).path("data"))
+    test = data.split.test
+    logs = tmp_path / "other_catalog.csv"
+    pd.DataFrame(
+        {
+            "user_id": ["nobody", data.user_ids[0], data.user_ids[test.user[0]]],
+            "item_id": [data.item_ids[0], "no-such-item", data.item_ids[test.item[0]]],
+            "timestamp": [1_700_000_000, 1_700_000_001, 1_700_000_002],
+        }
+    ).to_csv(logs, index=False)
+    before = (list_versions(run.bundles), current_version(run.bundles))
+    args = ["retrain", "--teacher", str(run.bundles / run.version), "--logs", str(logs)]
+    for _ in range(2):  # the refused data step left nothing behind to be mistaken for a cache
+        capsys.readouterr()
+        assert main([*args, *_args(run.cache, run.bundles, tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert str(logs) in err and "no row can be appended" in err
+        assert "2 name a user or item the bundle does not know, 1 are held out" in err
+    assert (list_versions(run.bundles), current_version(run.bundles)) == before

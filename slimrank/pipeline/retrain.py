@@ -23,6 +23,7 @@ from slimrank.bundle import Bundle, open_bundle
 from slimrank.bundle.formats import write_json
 from slimrank.config import ConfigError
 from slimrank.data.dataset import Interactions, Split
+from slimrank.errors import DataError
 from slimrank.pipeline import artifacts
 from slimrank.pipeline.artifacts import DataArtifact
 from slimrank.pipeline.cache import StepCache, StepOutput
@@ -104,6 +105,13 @@ def import_bundle(
     def write_data(out: Path) -> None:
         base = DataArtifact.load(bundle.path / "data")
         data, found = append_logs(base, load_logs(logs))
+        if not found["appended"]:  # retraining on the same data would publish nothing new
+            raise DataError(
+                f"no row can be appended to bundle {bundle.version}'s training part: "
+                f"{found['dropped_unknown_id']} name a user or item the bundle does not know, "
+                f"{found['dropped_in_valid_or_test']} are held out in its valid or test part",
+                path=logs,
+            )
         counts.update(found)
         data.save(out)
         write_json(out / "retrain.json", {"bundle": bundle.version, **found})
