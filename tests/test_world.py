@@ -21,6 +21,7 @@ from slimrank.data.world import (
     make_items,
     top_k_by_score,
     true_top_k,
+    write_world,
 )
 
 SMALL = WorldConfig(
@@ -194,3 +195,44 @@ def test_bad_world_size_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path
     code = main(["data", "generate", "world", "--users", "0", "--out", str(tmp_path / "w")])
     assert code != 0
     assert "n_users" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--chunk-users", "0"], "--chunk-users 0: must be >= 1"), ([], "not a directory")],
+)
+def test_bad_generate_flags_are_one_line_and_write_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path, flags: list[str], message: str
+) -> None:
+    """A bad ``--chunk-users`` or an ``--out`` that is a file: exit 2, no traceback, no files."""
+    out = tmp_path / ("w" if flags else "a_file")
+    if not flags:
+        out.write_text("keep me")
+    args = ["data", "generate", "world", "--users", "30", "--items", "50", *flags]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    if flags:
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert list(tmp_path.iterdir()) == [out] and out.read_text() == "keep me"
+
+
+def test_an_interrupted_world_leaves_the_previous_one_whole(tmp_path) -> None:
+    """A run that fails part way changes no file of ``out`` and leaves no staging behind."""
+    out = tmp_path / "world"
+    small = WorldConfig(n_users=60, n_items=80, per_user=8, seed=1)
+    write_world(small, out, chunk_users=20)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupt(done: int, total: int) -> None:
+        if done >= 20:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the middle of a long world
+
+    with pytest.raises(KeyboardInterrupt):
+        write_world(dataclasses.replace(small, seed=2), out, chunk_users=20, progress=interrupt)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["world"]
+    counts = write_world(dataclasses.replace(small, seed=2), out, chunk_users=20)
+    assert load_world_config(out).seed == 2 and counts["users"] == 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]

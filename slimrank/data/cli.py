@@ -78,12 +78,17 @@ def _generate(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise SlimrankError(str(err)) from err
+    if args.chunk_users < 1:
+        raise SlimrankError(f"--chunk-users {args.chunk_users}: must be >= 1")
     console = Console()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("users", total=config.n_users)
-        counts = write_world(
-            config, args.out, args.chunk_users, lambda done, _: bar.update(task, completed=done)
-        )
+        try:
+            counts = write_world(
+                config, args.out, args.chunk_users, lambda done, _: bar.update(task, completed=done)
+            )
+        except NotADirectoryError as err:
+            raise SlimrankError(f"--out {err}") from err
     console.print(
         f"wrote {counts['interactions']:,} interactions of {counts['users']:,} users over "
         f"{counts['items']:,} items to {args.out}"

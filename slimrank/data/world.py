@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -430,12 +433,33 @@ def write_world(
     is unknown to the logs, and the logs loader refuses feature rows of unknown ids).
     Streams ``chunk_users`` users at a time (one Parquet row group each). ``progress`` is
     called as ``progress(users_done, n_users)`` after each chunk. Returns the row counts.
+
+    The files are written into a staging directory beside ``out`` and moved into it only
+    when all four are complete, so a failed or interrupted run leaves ``out`` as it was.
     """
+    require(chunk_users >= 1, "write_world", "chunk_users", chunk_users, "must be >= 1")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        counts = _write_world_files(config, staging, chunk_users, progress)
+        out.mkdir(exist_ok=True)
+        for name in (INTERACTIONS_FILE, USERS_FILE, ITEMS_FILE, WORLD_FILE):
+            os.replace(staging / name, out / name)  # world.json last: it names a whole world
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
+def _write_world_files(
+    config: WorldConfig, out: Path, chunk_users: int, progress: object
+) -> dict[str, int]:
+    """Write the four files of :func:`write_world` into the existing directory ``out``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     items = make_items(config)
     inter_schema = pa.schema(
         [("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64())]
