@@ -36,6 +36,14 @@ def test_list_marks_current_and_shows_metrics(root, capsys):
     assert "t-1" in rows[v1]
 
 
+def test_bundles_flag_names_the_same_root_as_root(root, tmp_path, capsys, monkeypatch):
+    """``--bundles``, as ``serve``, ``pipeline`` and ``retrain`` spell it, is ``--root`` here."""
+    monkeypatch.setenv("SLIMRANK_BUNDLES", str(tmp_path / "elsewhere"))
+    assert run(capsys, "list", "--root", str(root)) == run(capsys, "list", "--bundles", str(root))
+    code, out, _ = run(capsys, "verify", "--bundles", str(root))
+    assert code == 0 and current_version(root) in out
+
+
 def test_root_from_environment_and_empty_root(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SLIMRANK_BUNDLES", str(tmp_path / "none"))
     code, out, _ = run(capsys, "list")

@@ -296,3 +296,21 @@ def test_retrain_refuses_logs_with_no_row_it_can_append(
         assert str(logs) in err and "no row can be appended" in err
         assert "2 name a user or item the bundle does not know, 1 are held out" in err
     assert (list_versions(run.bundles), current_version(run.bundles)) == before
+
+
+def test_pipeline_and_retrain_find_the_store_in_slimrank_bundles(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``--bundles`` they use ``$SLIMRANK_BUNDLES``, the root ``serve`` watches."""
+    store = tmp_path / "store"
+    monkeypatch.setenv("SLIMRANK_BUNDLES", str(store))
+    monkeypatch.chdir(tmp_path)  # where ./bundles would be
+    args = ["--cache-dir", str(run.cache), "--out", str(tmp_path / "out")]
+    assert main(["pipeline", "--config", str(TINY), *args]) == 0  # cached: publishes only
+    version = current_version(store)
+    assert version is not None and not (tmp_path / "bundles").exists()
+    logs = tmp_path / "new_logs.csv"
+    _new_logs(run, logs)
+    retrain = ["retrain", "--teacher", version, "--logs", str(logs), "--min-ratio", "0.5"]
+    assert main([*retrain, *args]) == 0  # the teacher is found by version name in the store
+    assert len(list_versions(store)) == 2 and not (tmp_path / "bundles").exists()

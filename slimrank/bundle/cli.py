@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,9 +22,9 @@ from slimrank.bundle.manifest import (
     flat_metrics,
     read_manifest,
 )
+from slimrank.bundle.root import ROOT_HELP, bundles_root
 from slimrank.errors import IntegrityError
 
-ENV_ROOT = "SLIMRANK_BUNDLES"
 # How many metrics `list` shows per version (the first ones in dotted-key order).
 _LIST_METRICS = 4
 
@@ -33,12 +32,7 @@ _LIST_METRICS = 4
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``bundle`` command and its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--root",
-        type=Path,
-        default=None,
-        help=f"bundles directory (default: ${ENV_ROOT}, else ./bundles)",
-    )
+    common.add_argument("--root", "--bundles", dest="root", type=Path, help=ROOT_HELP)
     bundle = sub.add_parser("bundle", help="list, verify, promote and roll back model bundles")
     cmds = bundle.add_subparsers(dest="bundle_command", metavar="SUBCOMMAND", required=True)
 
@@ -65,11 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_diff)
 
 
-def bundles_root(args: argparse.Namespace) -> Path:
-    """Return ``--root``, else ``$SLIMRANK_BUNDLES``, else ``./bundles``."""
-    if args.root is not None:
-        return args.root
-    return Path(os.environ.get(ENV_ROOT) or "bundles")
+def _root(args: argparse.Namespace) -> Path:
+    """Return ``--root`` (or ``--bundles``), else ``$SLIMRANK_BUNDLES``, else ``./bundles``."""
+    return bundles_root(args.root)
 
 
 def _console() -> Console:
@@ -85,7 +77,7 @@ def _gate_text(gate: dict) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print a table of versions; CURRENT is marked with ``*``."""
-    root = bundles_root(args)
+    root = _root(args)
     versions = store.list_versions(root)
     console = _console()
     if not versions:
@@ -135,7 +127,7 @@ def _size(n: int) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Print the manifest of a version as JSON."""
-    root = bundles_root(args)
+    root = _root(args)
     version = store.resolve_version(root, args.version)
     manifest = read_manifest(root / version / MANIFEST)
     sys.stdout.write(manifest.to_json().decode())
@@ -144,7 +136,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a version; ``IntegrityError`` (exit 2) names every bad file."""
-    root = bundles_root(args)
+    root = _root(args)
     bundle = store.open_bundle(root, args.version)
     m = bundle.manifest
     print(f"{bundle.version}: OK ({len(m.files)} files, {m.total_bytes} bytes verified)")
@@ -153,14 +145,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Make a verified version CURRENT."""
-    old, new = store.promote(bundles_root(args), args.version)
+    old, new = store.promote(_root(args), args.version)
     print(f"CURRENT: {old or '(none)'} -> {new}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Move CURRENT back to the most recently served earlier version that verifies."""
-    old, new, skipped = store.rollback(bundles_root(args))
+    old, new, skipped = store.rollback(_root(args))
     for reason in skipped:
         print(f"skipped {reason}")
     print(f"rolled back CURRENT: {old} -> {new}")
@@ -169,7 +161,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Print every publish, promote and rollback that moved CURRENT."""
-    root = bundles_root(args)
+    root = _root(args)
     table = Table(title=f"CURRENT history in {root}")
     for column in ("at", "action", "from", "to"):
         table.add_column(column, no_wrap=True)
@@ -191,7 +183,7 @@ def _load(root: Path, name: str | None) -> Manifest:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     """Print the files and metrics that differ between two versions (as JSON)."""
-    root = bundles_root(args)
+    root = _root(args)
     old, new = _load(root, args.old), _load(root, args.new)
     d = diff_manifests(old, new)
     out = {

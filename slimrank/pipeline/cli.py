@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from slimrank.bundle.root import ROOT_HELP, bundles_root
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -65,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundles", default="bundles", help="bundle store root")
+    parser.add_argument("--bundles", type=Path, help=ROOT_HELP)
     parser.add_argument("--cache-dir", help="step cache directory (default: from the config)")
     parser.add_argument("--out", default="runs/pipeline", help="directory for the report files")
     parser.add_argument(
@@ -145,7 +148,8 @@ def _finish(result: RunResult, args: argparse.Namespace, console: Console, title
     plot_report(report, out / "compression.png")
     print_report(report, console, title)
     gate = result.gate()
-    version = publish_run(result, args.bundles, report.to_dict())
+    bundles = bundles_root(args.bundles)
+    version = publish_run(result, bundles, report.to_dict())
     console.print(f"teacher version: {result.teacher_version}")
     if version is None:
         attempts = {mode: d["ratio"] for mode, d in gate["decisions"].items()}
@@ -158,7 +162,7 @@ def _finish(result: RunResult, args: argparse.Namespace, console: Console, title
         )
         return EXIT_GATE_FAILED
     console.print(
-        f"[green]published[/] {version} to {args.bundles} (current); int8 mode {gate['mode']}, "
+        f"[green]published[/] {version} to {bundles} (current); int8 mode {gate['mode']}, "
         f"report in {out}"
     )
     return 0
@@ -194,7 +198,7 @@ def _retrain(args: argparse.Namespace) -> int:
     from slimrank.pipeline.run import run_pipeline
 
     console = Console()
-    bundle = find_bundle(args.teacher, args.bundles)
+    bundle = find_bundle(args.teacher, bundles_root(args.bundles))
     config = load_config(args.config) if args.config else bundle_config(bundle)
     config = _configure(config, args)
     provided, teacher, counts = import_bundle(bundle, args.logs, StepCache(config.cache_dir))

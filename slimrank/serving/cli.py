@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slimrank.bundle.root import ROOT_HELP, bundles_root
 from slimrank.serving.config import ReloadConfig, ServerConfig
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENV_ROOT = "SLIMRANK_BUNDLES"
 ENV_ADMIN_TOKEN_FILE = "SLIMRANK_ADMIN_TOKEN_FILE"
 # Threads beyond max_inflight, so that shed calls, health checks and admin calls get one.
 SPARE_THREADS = 4
@@ -52,12 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--bundles",
-        type=Path,
-        default=None,
-        help=f"bundles directory (default: ${ENV_ROOT}, else ./bundles)",
-    )
+    p.add_argument("--bundles", type=Path, help=ROOT_HELP)
     p.add_argument("--host", default=defaults.host, help="gRPC bind address (default %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port, 0 picks one (%(default)s)")
     p.add_argument("--metrics-host", default=defaults.metrics_host, help="/metrics bind address")
@@ -301,8 +296,7 @@ def _spec_from_args(args: argparse.Namespace) -> ServeSpec:
         reload = ReloadConfig(poll_interval_s=args.poll_interval, backoff_s=args.reload_backoff)
     except (OSError, ValueError) as err:
         parser.error(str(err))
-    bundles = args.bundles or Path(os.environ.get(ENV_ROOT) or "bundles")
-    return ServeSpec(bundles, server, reload, tls, token, args.admin_insecure)
+    return ServeSpec(bundles_root(args.bundles), server, reload, tls, token, args.admin_insecure)
 
 
 def _announce(
