@@ -269,6 +269,10 @@ def test_cli_reports_a_bad_flag_without_a_traceback(tmp_path, capsys):
     args = ["retrieval", "train", "--dataset", str(path), "--out", str(tmp_path / "run")]
     assert main([*args, "--loss", "bpr"]) == 2  # bpr needs leave_one_out examples
     assert "TrainConfig.loss='bpr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # argparse's usage error, before any data is read
+        main([*args, "--hidden", "16,abc"])
+    assert info.value.code == 2
+    assert "argument --hidden: not comma-separated integers: '16,abc'" in capsys.readouterr().err
 
 
 def test_an_epoch_logs_its_progress_a_tenth_at_a_time(caplog):

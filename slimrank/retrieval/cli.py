@@ -19,6 +19,14 @@ METRICS_FILE = "metrics.json"
 SPLIT_SEED = 2020  # the protocol's split seed (DESIGN.md)
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """Parse ``--hidden``: comma-separated layer sizes, empty for none."""
+    try:
+        return tuple(int(h) for h in text.split(",") if h.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated integers: {text!r}") from None
+
+
 def register(sub: Any) -> None:
     """Add the ``retrieval`` command and its subcommands to ``sub``."""
     parser = sub.add_parser("retrieval", help="two-tower retrieval model: train, evaluate")
@@ -35,7 +43,10 @@ def register(sub: Any) -> None:
     train.add_argument("--epochs", type=int, default=300, help="maximum epochs")
     train.add_argument("--dim", type=int, default=200, help="output (and embedding) dimension d")
     train.add_argument(
-        "--hidden", default="", help="comma-separated MLP hidden sizes; empty: linear towers"
+        "--hidden",
+        type=_sizes,
+        default=(),
+        help="comma-separated MLP hidden sizes; empty: linear towers",
     )
     train.add_argument(
         "--projection",
@@ -120,7 +131,7 @@ def train_command(args: argparse.Namespace) -> int:
     if history_dropout is None:
         history_dropout = 0.5 if args.examples == "multinomial" else 0.0
     try:
-        hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+        hidden = args.hidden
         model_config = TwoTowerConfig(
             n_users=dataset.n_users,
             n_items=dataset.n_items,
