@@ -893,7 +893,7 @@ def test_a_port_in_use_is_a_clear_error(proxy: Proxy, server) -> None:
         )
     assert result.returncode == 2, result.stderr
     assert "front on" not in result.stdout
-    assert f"slimrank: error: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert f"slimrank: error: cannot listen for gRPC on 127.0.0.1:{port}: " in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -907,7 +907,7 @@ def test_a_metrics_port_in_use_is_a_clear_error(proxy: Proxy, server) -> None:
             *("--upstream", server.target, "--port", "0", "--metrics-port", str(port)),
         )
     assert result.returncode == 2, result.stderr
-    assert f"slimrank: error: cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+    assert f"slimrank: error: cannot listen for metrics on 127.0.0.1:{port}: " in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,6 +127,37 @@ def test_serve_refuses_a_corrupt_current(
     corrupt(tmp_path, version)
     assert main(["serve", "--bundles", str(tmp_path), "--port", "0", "--metrics-port", "-1"]) == 2
     assert "items.npy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "what", "extra"),
+    [
+        ("--port", "gRPC", []),
+        ("--metrics-port", "metrics", ["--port", "0"]),
+        ("--http-port", "HTTP/JSON", ["--port", "0"]),
+        ("--port", "gRPC", ["--workers", "2"]),
+        ("--metrics-port", "metrics", ["--port", "0", "--workers", "2"]),
+    ],
+)
+def test_serve_names_a_port_it_cannot_listen_on(
+    tmp_path: Path, flag: str, what: str, extra: list[str]
+) -> None:
+    """A port already taken is one line naming the listener and address, exit 2, no traceback."""
+    publish_flat(tmp_path, "a", seed=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["serve", "--bundles", str(tmp_path), "--host", "127.0.0.1", *extra]
+        result = subprocess.run(
+            [sys.executable, "-m", "slimrank.cli", *args, flag, str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"slimrank: error: cannot listen for {what} on 127.0.0.1:{port}: " in result.stderr
+    assert "Traceback" not in result.stderr and "Errno" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from serve_process import READY, Server
 from slimrank.bundle import publish
 from slimrank.serving.client import SlimrankClient
 from slimrank.serving.config import ServerConfig
+from slimrank.serving.listen import ListenError
 from slimrank.serving.loader import random_flat_bundle
 from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import SnapshotHolder, random_snapshot
@@ -174,7 +175,7 @@ def test_a_port_is_shared_only_when_every_server_asks_for_it() -> None:
         ServerConfig(so_reuseport=True), SnapshotHolder(random_snapshot("v1")), CollectorRegistry()
     )
     try:
-        with pytest.raises(RuntimeError, match="Failed to bind"):
+        with pytest.raises(ListenError, match=f"cannot listen for gRPC on .*:{port}: in use"):
             create_server(
                 ServerConfig(port=port), SnapshotHolder(random_snapshot("v2")), CollectorRegistry()
             )

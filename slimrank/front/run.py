@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from slimrank.errors import SlimrankError
 from slimrank.front import haproxy_conf, nginx_conf
 from slimrank.front.config import FrontConfig
+from slimrank.serving.listen import listening
 from slimrank.serving.metrics import MetricsEndpoint, start_metrics_endpoint
 from slimrank.serving.stop_request import StopRequest, stop_on
 from slimrank.serving.workers import reserve_port
@@ -53,7 +54,8 @@ _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
 class FrontError(SlimrankError):
-    """The front could not start: its proxy missing, its config refused, or a port taken."""
+    """The front could not start: its proxy missing or its config refused (a port taken is a
+    :class:`~slimrank.serving.listen.ListenError`)."""
 
 
 def find_proxy(engine: str, binary: str) -> str:
@@ -259,12 +261,8 @@ class ProxyProcess:
 def _metrics_endpoint(config: FrontConfig, registry: CollectorRegistry) -> MetricsEndpoint | None:
     if config.metrics_port is None:
         return None
-    try:
+    with listening("metrics", config.metrics_host, config.metrics_port):
         return start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
-    except OSError as err:
-        raise FrontError(
-            f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {err}"
-        ) from err
 
 
 def _proxy_args(config: FrontConfig, binary: str, prefix: Path, conf: Path) -> list[list[str]]:
@@ -327,12 +325,7 @@ def run_front(
             with contextlib.ExitStack() as held:
                 # Held (SO_REUSEPORT, not listening) until the proxy has bound it too, so that
                 # port 0's pick is not taken meanwhile; both proxies listen with reuseport.
-                try:
-                    port = held.enter_context(reserve_port(config.host, config.port))
-                except OSError as err:
-                    raise FrontError(
-                        f"cannot listen on {config.host}:{config.port}: {err}"
-                    ) from err
+                port = held.enter_context(reserve_port(config.host, config.port))  # ListenError
                 conf = prefix / ("nginx.conf" if engine == "nginx" else "haproxy.cfg")
                 conf.write_text(conf_module.render(config, str(prefix), port, reader.port))
                 if engine == "haproxy":

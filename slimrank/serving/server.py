@@ -35,6 +35,7 @@ from slimrank.serving.config import ServerConfig
 from slimrank.serving.core_queue import CoreQueue
 from slimrank.serving.freeze_watch import FreezeWatch
 from slimrank.serving.interceptors import ConcurrencyLimitInterceptor, MetricsInterceptor
+from slimrank.serving.listen import GRPC_REASON, ListenError, listening
 from slimrank.serving.metrics import MetricsEndpoint, ServingMetrics, start_metrics_endpoint
 from slimrank.serving.proto.slimrank.v1 import (
     admin_pb2,
@@ -217,13 +218,23 @@ def create_server(
         server, health_servicer, port, pools, admission = loop.run(
             _start_aio(config, metrics, servicers, credentials, interceptors, holder.loading)
         )
-        if config.http_port is not None:
-            http = _start_http(loop, config, servicers[0], admission, metrics, pools)
         if config.freeze_watch_s is not None:
             watch = FreezeWatch(holder.loading, config.freeze_watch_s, metrics.stalls.inc).start()
-    endpoint = None
-    if config.metrics_port is not None:
-        endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
+    slimrank = SlimrankServer(
+        server, health_servicer, metrics, None, config.grace_s, loop, pools, watch, admission
+    )
+    try:
+        if loop is not None and config.http_port is not None:
+            with listening("HTTP/JSON", config.http_host, config.http_port):
+                slimrank.http = _start_http(loop, config, servicers[0], admission, metrics, pools)
+        if config.metrics_port is not None:
+            with listening("metrics", config.metrics_host, config.metrics_port):
+                slimrank.metrics_endpoint = start_metrics_endpoint(
+                    config.metrics_host, config.metrics_port, registry
+                )
+    except ListenError:
+        slimrank.shutdown(0).wait(config.grace_s + LISTENER_CLOSE_S)  # the gRPC port is open
+        raise
     own = "" if config.own_port is None else f" (and its own port {config.own_port})"
     log.info(
         "gRPC (%s) on %s:%d%s, model %s",
@@ -233,12 +244,8 @@ def create_server(
         own,
         holder.get().version,
     )
-    slimrank = SlimrankServer(
-        server, health_servicer, metrics, endpoint, config.grace_s, loop, pools, watch, admission
-    )
-    if loop is not None and config.http_port is not None:
-        slimrank.http = http
-        log.info("HTTP/JSON on %s:%d", config.http_host, http.port)
+    if slimrank.http is not None:
+        log.info("HTTP/JSON on %s:%d", config.http_host, slimrank.http_port)
     return slimrank, port
 
 
@@ -267,12 +274,13 @@ def _bind(
         if wanted is None:
             continue
         address = f"{config.host}:{wanted}"
-        if credentials is None:
-            bound = server.add_insecure_port(address)
-        else:
-            bound = server.add_secure_port(address, credentials)
-        if bound == 0:
-            raise OSError(f"could not bind {address}")
+        with listening("gRPC", config.host, wanted):
+            if credentials is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, credentials)
+            if bound == 0:  # older grpc releases return 0 instead of raising
+                raise OSError(None, GRPC_REASON)
         port = port or bound
     return port
 
@@ -426,16 +434,20 @@ def serve_forever(
     serving life: the event loop thread is stopped once the server has
     (:func:`stop_loop_thread`).
     """
-    server, port = create_server(
-        config,
-        holder,
-        registry,
-        reload_fn,
-        reload_lock=reload_lock,
-        credentials=credentials,
-        interceptors=interceptors,
-        recommender=recommender,
-    )
+    try:
+        server, port = create_server(
+            config,
+            holder,
+            registry,
+            reload_fn,
+            reload_lock=reload_lock,
+            credentials=credentials,
+            interceptors=interceptors,
+            recommender=recommender,
+        )
+    except BaseException:
+        stop_loop_thread()  # as below: before a half-started grpc.aio server is released
+        raise
     with stop_on(STOP_SIGNALS, then=after_stop) as stop:
         try:
             heap.freeze()  # what lives as long as the process is no longer walked by the GC

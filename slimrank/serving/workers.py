@@ -31,6 +31,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from slimrank.serving.config import ServerConfig
+from slimrank.serving.listen import listening
 from slimrank.serving.loader import SnapshotLoader, default_loaders
 from slimrank.serving.metrics import start_metrics_endpoint
 from slimrank.serving.reload import (
@@ -169,7 +170,8 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host.strip("[]"), port))
+        with listening("gRPC", host, port):
+            sock.bind((host.strip("[]"), port))
         yield int(sock.getsockname()[1])
     finally:
         sock.close()
@@ -271,9 +273,9 @@ def serve_workers(
                 if spec.server.metrics_port is not None:
                     registry = CollectorRegistry()
                     multiprocess.MultiProcessCollector(registry, path=str(metrics_dir))
-                    endpoint = start_metrics_endpoint(
-                        spec.server.metrics_host, spec.server.metrics_port, registry
-                    )
+                    host, mport = spec.server.metrics_host, spec.server.metrics_port
+                    with listening("metrics", host, mport):
+                        endpoint = start_metrics_endpoint(host, mport, registry)
                 log.info("%d workers serving on %s:%d", n, spec.server.host, port)
                 if on_ready is not None:
                     mport = None if endpoint is None else endpoint.port
