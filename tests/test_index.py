@@ -254,6 +254,8 @@ def test_a_dimension_pq_m_does_not_divide_is_zero_padded(catalog, tmp_path) -> N
 def test_bad_tuning_config_is_named() -> None:
     with pytest.raises(ValueError, match=re.escape("TuningConfig.target=1.5")):
         TuningConfig(target=1.5)
+    with pytest.raises(ValueError, match=re.escape("TuningConfig.target=0")):
+        TuningConfig(target=0)
     with pytest.raises(ValueError, match=re.escape("TuningConfig.nprobe")):
         TuningConfig(nprobe=(8, 4))
 
@@ -305,3 +307,90 @@ def test_a_search_from_another_thread_uses_the_configured_openmp_threads(default
         pytest.skip("a new thread starts at one OpenMP thread here (one core or OMP_NUM_THREADS)")
     assert default_index.config.threads == 1
     assert seen["after"] == 1
+
+
+# --- plan boundaries, missing results, id map and sidecar checks ----------------------------
+
+
+def test_the_plan_never_asks_for_more_lists_or_pq_bits_than_the_catalog_trains() -> None:
+    """Pins the shrink rules at every catalog size: lists and 2**bits codes each get at least
+    39 training points, bits never drop below 4 (else Flat), and flat_below is exclusive."""
+    for config in (IndexConfig(flat_below=0), IndexConfig(pq_bits=8, fastscan=False, flat_below=0)):
+        for n in range(1, 6_000):
+            plan = plan_index(config, n, 32)
+            if plan.factory_string == "Flat":
+                continue
+            assert plan.nlist * 39 <= n, (n, plan)
+            assert plan.pq_bits >= 4 and 39 * 2**plan.pq_bits <= n, (n, plan)
+            assert f"IVF{plan.nlist}," in plan.factory_string
+    assert plan_index(IndexConfig(), 999, 64).factory_string == "Flat"
+    assert plan_index(IndexConfig(), 1_000, 64).factory_string == "IVF16,PQ32x4fs,Refine(SQ8)"
+
+
+def test_a_small_k_search_is_the_top_of_a_recall_k_search(default_index, catalog) -> None:
+    """Refine's tuned recall holds at recall_k: a k=10 search keeps the top 10 of that search."""
+    assert "k_factor_rf" in default_index.params
+    small = default_index.search(catalog["held_out"], 10)
+    large = default_index.search(catalog["held_out"], TUNING.recall_k)
+    np.testing.assert_array_equal(small[1], large[1][:, :10])
+    np.testing.assert_array_equal(small[0], large[0][:, :10])
+
+
+def test_missing_results_are_minus_one_at_minus_inf_and_ids_map_every_row() -> None:
+    """Fewer items than k: the tail is index -1 with score -inf; ids() maps row 0 like any row."""
+    rng = np.random.default_rng(4)
+    xb = rng.normal(size=(5, 4)).astype(np.float32)
+    xq = rng.normal(size=(3, 4)).astype(np.float32)
+    ids = np.array([10, 11, 12, 13, 14])
+    index = build_index(xb, IndexConfig(kind="flat"), item_ids=ids, progress=False)
+    scores, found = index.search(xq, 7)
+    want = np.argsort(-(xq @ xb.T), axis=1)  # (3, 5) brute force, best first
+    np.testing.assert_array_equal(found[:, :5], want)
+    np.testing.assert_allclose(scores[:, :5], np.take_along_axis(xq @ xb.T, want, 1), rtol=1e-5)
+    assert (found[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
+    np.testing.assert_array_equal(index.ids(found), np.where(found < 0, -1, ids[found]))
+    np.testing.assert_array_equal(index.ids(np.array([0, 4, -1])), [10, 14, -1])
+
+
+def test_float_item_ids_and_tuning_vectors_of_another_catalog_are_refused(catalog) -> None:
+    """Ids must be integers; tune_index needs exactly the indexed vectors."""
+    x = np.ones((10, 4), np.float32)
+    with pytest.raises(DataError, match="expected integers"):
+        build_index(x, IndexConfig(kind="flat"), item_ids=np.arange(10) + 0.5)
+    config = dataclasses.replace(CONFIG, kind="ivfflat", tuning=TuningConfig(enabled=False))
+    index = build_index(catalog["xb"], config, progress=False)
+    with pytest.raises(DataError, match=f"{N - 1} rows, the index holds {N}"):
+        tune_index(index, catalog["xb"][:-1], catalog["tune_q"], TUNING)
+
+
+def test_tuning_can_choose_to_probe_every_list() -> None:
+    """nprobe = nlist (exhaustive) is in the grid, so a recall target of 1.0 is reachable."""
+    rng = np.random.default_rng(7)
+    xb = rng.normal(size=(2_000, 16)).astype(np.float32)  # no clusters: no list is enough alone
+    xq = rng.normal(size=(100, 16)).astype(np.float32)
+    tuning = TuningConfig(recall_k=10, target=1.0, nprobe=(1, 2, 4, 8, 16, 32))
+    index = build_index(xb, IndexConfig(kind="ivfflat", nlist=32, tuning=tuning), tune_queries=xq)
+    assert index.tuning is not None and index.tuning.met_target
+    flat = faiss.IndexFlatIP(16)
+    flat.add(xb)
+    _, truth = flat.search(xq, 10)
+    _, found = index.search(xq, 10)
+    assert recall_at_k(found, truth, 10) == 1.0
+
+
+def test_a_sidecar_of_another_format_or_size_is_refused(catalog, tmp_path) -> None:
+    """load_index checks format_version and that the FAISS file holds the sidecar's ntotal."""
+    import json
+
+    index = build_index(catalog["xb"][:500], IndexConfig(kind="flat"), progress=False)
+    save_index(index, tmp_path)
+    sidecar = tmp_path / "index.json"
+    meta = json.loads(sidecar.read_text())
+    for key, value, message in (
+        ("format_version", 2, "format_version 2, expected 1"),
+        ("ntotal", 499, "ntotal=499"),
+        ("d", D + 1, f"d={D + 1}"),
+    ):
+        sidecar.write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(DataError, match=message):
+            load_index(tmp_path)
