@@ -202,3 +202,25 @@ def test_describe_index_names_the_factory_and_the_transform_and_a_bad_sidecar(
         describe_index(tmp_path / "idx")
     with pytest.raises(DataError, match=re.escape("index.json")):
         describe_index(tmp_path / "missing")
+
+
+def test_max_norm_reads_every_row_of_every_chunk() -> None:
+    """max_norm is the largest row norm, whichever row and chunk holds it (a plain loop)."""
+    rng = np.random.default_rng(2)
+    xb = rng.normal(size=(10, 3)).astype(np.float32)
+    for row in (0, 3, 9):
+        x = xb.copy()
+        x[row] *= 10
+        want = max(float(np.linalg.norm(v.astype(np.float64))) for v in x)
+        for chunk in (1, 3, 100):
+            assert max_norm(x, chunk=chunk) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_transform_record_with_an_unknown_field_is_refused() -> None:
+    """parse_transform accepts exactly kind and max_norm; anything else is named."""
+    from slimrank.retrieval.mips import parse_transform
+
+    assert parse_transform({"kind": "mips_l2", "max_norm": 2}, "t") == 2.0
+    assert parse_transform({"kind": "none"}, "t") is None
+    with pytest.raises(ValueError, match=re.escape("t: unknown field(s) ['scale']")):
+        parse_transform({"kind": "mips_l2", "max_norm": 2.0, "scale": 1}, "t")
