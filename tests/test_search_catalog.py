@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 
 from slimrank.data.dataset import FeatureTable
-from slimrank.search.build import build_catalog, item_attributes, item_documents
+from slimrank.search.build import (
+    TextIndexConfig,
+    build_catalog,
+    item_attributes,
+    item_documents,
+)
 from slimrank.search.catalog import load_catalog_dir, save_catalog
-from slimrank.search.filters import FilterError, ItemFilter
+from slimrank.search.filters import FilterError, ItemAttributes, ItemFilter
 
 GENRES = ["Action", "Comedy", "Drama"]
 # item: (genre flags, year or None for missing, country)
@@ -80,6 +85,7 @@ def test_filters_keep_exactly_the_items_a_brute_force_check_keeps() -> None:
         ([ItemFilter("release_year")], "filters[0]", "needs min or max"),
         ([ItemFilter("release_year", low=2000, high=1990)], "filters[0].min", "above max"),
         ([ItemFilter("release_year", high=float("nan"))], "filters[0].max", "finite"),
+        ([ItemFilter("release_year", low=float("-inf"))], "filters[0].min", "finite"),
     ],
 )
 def test_bad_filters_name_the_field(filters: list[ItemFilter], field: str, message: str) -> None:
@@ -99,7 +105,8 @@ def test_documents_join_text_columns_and_labels() -> None:
 
 def test_the_catalog_round_trips_through_safetensors_json_and_npy(tmp_path: Path) -> None:
     titles = np.asarray([f"Title {i}" for i in range(len(ITEMS))])
-    catalog = build_catalog(np.arange(len(ITEMS)).astype(str), table(), {"title": titles})
+    ids = np.arange(len(ITEMS)).astype(str)
+    catalog = build_catalog(ids, table(), {"title": titles}, config=TextIndexConfig(1.2, 0.5))
     save_catalog(tmp_path / "catalog", catalog)
     assert sorted(p.name for p in (tmp_path / "catalog").iterdir()) == [
         "catalog.json",
@@ -110,8 +117,49 @@ def test_the_catalog_round_trips_through_safetensors_json_and_npy(tmp_path: Path
     assert back.text.vocab == catalog.text.vocab and back.fields == catalog.fields
     np.testing.assert_array_equal(back.text.weights.toarray(), catalog.text.weights.toarray())
     np.testing.assert_array_equal(back.titles, titles)
+    assert (back.text.k1, back.text.b) == (catalog.text.k1, catalog.text.b) == (1.2, 0.5)
     for text in ("comedy", "title 3 drama", "dram"):
         np.testing.assert_array_equal(back.text.score(text), catalog.text.score(text))
     f = [ItemFilter("genre", ("Drama",)), ItemFilter("release_year", low=1990)]
     np.testing.assert_array_equal(back.attributes.mask(f), catalog.attributes.mask(f))
     assert np.isnan(back.attributes.numeric["release_year"][3])
+
+
+def test_range_bounds_are_inclusive_and_any_of_keeps_every_listed_value() -> None:
+    """min and max both keep items on the bound (min == max is one value); a categorical
+    any_of keeps items with any of its values, checked against brute force."""
+    attrs = item_attributes(table())
+    got = attrs.mask([ItemFilter("release_year", low=1995)])
+    np.testing.assert_array_equal(got, brute(lambda g, y, c: y is not None and y >= 1995))
+    got = attrs.mask([ItemFilter("release_year", low=1995, high=1995)])
+    np.testing.assert_array_equal(got, brute(lambda g, y, c: y == 1995))
+    got = attrs.mask([ItemFilter("release_year", low=1977, high=2001)])
+    np.testing.assert_array_equal(got, brute(lambda g, y, c: y is not None))
+    got = attrs.mask([ItemFilter("country", ("fr", "us"))])
+    np.testing.assert_array_equal(got, brute(lambda g, y, c: c in ("fr", "us")))
+
+
+def test_a_missing_categorical_value_adds_no_word_and_codes_must_fit_the_vocabulary() -> None:
+    """Code -1 (missing) is not read as the last label; a code past the vocabulary is refused."""
+    vocab = ("fr", "us")
+    attrs = ItemAttributes(3, categorical={"country": (np.array([0, -1, 1]), vocab)})
+    docs, _ = item_documents({"title": np.array(["a", "b", "c"])}, attrs)
+    assert docs == ["a fr", "b", "c us"]
+    with pytest.raises(ValueError, match="'country' codes do not fit"):
+        ItemAttributes(3, categorical={"country": (np.array([0, 2, 1]), vocab)})
+
+
+def test_bm25_b_outside_0_1_and_a_catalog_of_another_format_are_refused(tmp_path: Path) -> None:
+    """TextIndexConfig names a bad b; load_catalog_dir refuses a catalog.json of format 2."""
+    import json
+    import re
+
+    with pytest.raises(ValueError, match=re.escape("TextIndexConfig.b=1.5")):
+        TextIndexConfig(b=1.5)
+    titles = np.asarray([f"Title {i}" for i in range(len(ITEMS))])
+    catalog = build_catalog(titles, table(), {"title": titles})
+    save_catalog(tmp_path, catalog)
+    spec = json.loads((tmp_path / "catalog.json").read_text())
+    (tmp_path / "catalog.json").write_text(json.dumps({**spec, "format": 2}))
+    with pytest.raises(ValueError, match="format 2, this version reads format 1"):
+        load_catalog_dir(tmp_path)
