@@ -105,3 +105,35 @@ def test_an_unsorted_or_repeating_vocabulary_is_refused(vocab: tuple[str, ...]) 
 
     with pytest.raises(ValueError, match="sorted and distinct"):
         TextIndex(vocab, sp.csr_matrix((2, 3), dtype=np.float32))
+
+
+def test_typo_edit_budget_and_penalty_follow_the_token_length() -> None:
+    """3-letter tokens get one edit, 8-letter tokens two, each edit costing typo_penalty."""
+    index = build_text_index(DOCS, config=MatchConfig(typo_penalty=0.2))
+    [short] = index.expansions("scx ")  # 3 letters, one substitution from "sci"
+    assert short.kind == "typo" and [index.vocab[t] for t in short.terms] == ["sci"]
+    [long] = index.expansions("satrgaet ")  # 8 letters, two swaps from "stargate"
+    assert long.kind == "typo" and [index.vocab[t] for t in long.terms] == ["stargate"]
+    np.testing.assert_allclose(
+        index.score("satrgaet "), 0.6 * brute_bm25(DOCS, "stargate"), rtol=1e-5
+    )
+    assert index.expansions("sx ")[0].kind == "none"  # 2 letters: exact or prefix only
+
+
+def test_a_typo_matches_only_the_terms_at_the_smallest_distance() -> None:
+    """Of two terms within the edit budget, only the nearer one is matched."""
+    index = build_text_index(["abcdefgh", "abcdefxy"])
+    [expansion] = index.expansions("abcdefgx ")  # 1 edit from abcdefgh, 2 from abcdefxy
+    assert [index.vocab[t] for t in expansion.terms] == ["abcdefgh"]
+
+
+def test_a_prefix_counts_as_one_matched_word_only_where_it_matches() -> None:
+    """A prefix expanding to several terms adds one matched word to the items holding any."""
+    index = build_text_index(DOCS)
+    _, matched = index.match("sta")  # star and stargate
+    want = [int(any(t.startswith("sta") for t in tokenize(d))) for d in DOCS]
+    np.testing.assert_array_equal(matched, want)
+    _, matched = index.match("drama sta")
+    np.testing.assert_array_equal(
+        matched, np.asarray(want) + ["drama" in tokenize(d) for d in DOCS]
+    )
