@@ -330,8 +330,64 @@ def test_the_stages_filter_before_they_cut_to_n(served: Served) -> None:
     assert hits.rows.tolist() == rows[:3]
     query = snap.user_query(str(snap.user_ids[2]), [])
     drop = snap.seen_rows(2)
+    before = allowed.copy()
     got = retrieve_allowed(snap, query, 4, drop, allowed)
+    np.testing.assert_array_equal(allowed, before)  # the caller's mask is not changed
     eligible = [r for r in np.flatnonzero(allowed) if r not in set(drop.tolist())]
     dots = snap.item_vectors[eligible] @ query.vector
     assert got.rows.tolist() == [eligible[i] for i in np.argsort(-dots, kind="stable")[:4]]
     np.testing.assert_allclose(got.scores, np.sort(dots)[::-1][:4], rtol=1e-6)
+
+
+def test_k_above_the_candidate_count_still_returns_k_matches(served: Served) -> None:
+    """The candidate cut is max(candidates, k): k items come back whenever k match."""
+    from slimrank.serving.text_search import search_text
+
+    snap = served.snapshot
+    query = snap.user_query("", [])
+    rows, _, count = search_text(snap, query, ALL_WORDS, 5, TextSearchConfig(candidates=3))
+    bm25, matched = snap.catalog.text.match(ALL_WORDS)  # type: ignore[union-attr]
+    score = matched + bm25 / (bm25.max() + 1.0)
+    best = sorted(np.flatnonzero(matched), key=lambda r: (-score[r], -snap.popularity[r]))
+    assert count == 5 and sorted(rows.tolist()) == sorted(best[:5])
+
+
+def test_text_checks_allow_whitespace_controls_and_exactly_the_maximum_length() -> None:
+    """Tabs and line breaks are spaces; 512 characters pass, 513 do not."""
+    from slimrank.serving.text_validation import MAX_TEXT_LENGTH, check_text
+    from slimrank.serving.validation import ValidationError
+
+    for text in ("star\twars", "star\r\nwars", "x" * MAX_TEXT_LENGTH):
+        assert check_text(text) == text
+    with pytest.raises(ValidationError, match="longer than 512 characters \\(513\\)"):
+        check_text("x" * (MAX_TEXT_LENGTH + 1))
+
+
+def test_filter_messages_convert_each_bound_alone_and_are_capped() -> None:
+    """A max-only or min-only message keeps just that bound; at most MAX_FILTERS filters."""
+    from slimrank.serving.text_validation import MAX_FILTERS, filters_from_proto
+    from slimrank.serving.validation import ValidationError
+
+    pb = recommender_pb2.ItemFilter
+    got = filters_from_proto(
+        [pb(field="year", max=1980), pb(field="year", min=-5), pb(field="g", any_of=["a", "b"])]
+    )
+    assert got == (
+        ItemFilter("year", high=1980.0),
+        ItemFilter("year", low=-5.0),
+        ItemFilter("g", ("a", "b")),
+    )
+    assert len(filters_from_proto([pb(field="g", any_of=["a"])] * MAX_FILTERS)) == MAX_FILTERS
+    with pytest.raises(ValidationError, match="at most 16 allowed, got 17"):
+        filters_from_proto([pb(field="g", any_of=["a"])] * (MAX_FILTERS + 1))
+
+
+def test_filters_on_a_model_without_a_catalog_are_refused_not_ignored() -> None:
+    """check_filters: no filters is None; filters with no catalog are an error, never dropped."""
+    from slimrank.serving.text_validation import check_filters
+    from slimrank.serving.validation import ValidationError
+
+    assert check_filters(None, [], "v1") is None
+    with pytest.raises(ValidationError, match="model v1 has no item attributes") as info:
+        check_filters(None, [ItemFilter("genre", ("g1",))], "v1")
+    assert info.value.field == "filters"
