@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,12 @@ from slimrank.data.dataset import Interactions, Split, split_random
 from slimrank.evaluation.baselines import EaseConfig, ease_weights
 from slimrank.evaluation.peers import (
     PARTS,
+    PEERS,
     Peer,
     evaluate_peer,
     fit_ease,
     fit_most_popular,
+    format_params,
     score_part,
 )
 
@@ -113,6 +116,8 @@ def test_most_popular_evaluation_is_fast_at_ml100k_size() -> None:
 
 
 def test_baseline_cli_on_a_logs_file(tmp_path: Path, capsys) -> None:
+    """Every peer is printed with its validation-chosen row; --quick runs each grid's first
+    setting only."""
     split_rows = ["user_id,item_id,timestamp"]
     rng = np.random.default_rng(3)
     for u in range(30):
@@ -126,3 +131,9 @@ def test_baseline_cli_on_a_logs_file(tmp_path: Path, capsys) -> None:
         assert name in out
     assert "RecBole" not in out
     assert "train + valid" in out
+    # --quick tries the first setting of each grid only: that is the one each row shows, and
+    # no peer reports a range of settings tried.
+    for peer in PEERS:
+        first = format_params({key: values[0] for key, values in peer.grid.items()})
+        assert re.search(rf"{re.escape(peer.name)} +│ {re.escape(first)} +│ valid", out), peer
+    assert "settings (" not in out
