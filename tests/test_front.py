@@ -226,6 +226,9 @@ def test_rates_are_written_as_nginx_reads_them() -> None:
     assert nginx_rate(0.5) == "30r/m"
     assert nginx_rate(2.5) == "150r/m"
     assert nginx_rate(1 / 60) == "1r/m"
+    # 31 / 60 * 60 is 31.000000000000004 in floating point: still 31 a minute.
+    assert nginx_rate(31 / 60) == "31r/m"
+    assert nginx_rate(125 / 60) == "125r/m"
     for bad in (0, -5, 0.3333, 1 / 120, float("nan"), float("inf")):
         assert nginx_rate(bad) is None, bad
 
@@ -289,6 +292,38 @@ def test_a_config_takes_exactly_one_limit() -> None:
         render(FrontConfig(in_flight=2), "/tmp/x", 50050, 5140)
     with pytest.raises(ValueError, match="HAProxy front needs in_flight"):
         haproxy_conf.render(FrontConfig(rate=10), "/tmp/x", 50050, 5140)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"in_flight": 2, "upstream": "h.example:65536"}, "upstream"),
+        ({"rate": 10, "port": 65536}, "port"),
+        ({"in_flight": 2, "queue": 10_001}, "queue"),
+        ({"in_flight": 2, "worker_processes": 2}, "worker_processes"),
+        ({"rate": 10, "upstream": "127.0.0.1:1", "upstream_ca": "/ca.pem"}, "upstream_name"),
+        ({"rate": 10, "upstream": "[::1]:1", "upstream_ca": "/ca.pem"}, "upstream_name"),
+        ({"rate": 10, "upstream": "h.example:1", "upstream_ca": "/ca.pem;x"}, "upstream_ca"),
+        (
+            {"rate": 10, "upstream": "h.example:1", "upstream_ca": "/ca", "upstream_name": "a;b"},
+            "upstream_name",
+        ),
+        ({"rate": 10, "metrics_host": "a b"}, "metrics_host"),
+        ({"rate": 10, "retry_after_s": 3600.5}, "retry_after_s"),
+    ],
+    ids=lambda v: "" if isinstance(v, str) else ",".join(f"{k}={w}" for k, w in v.items()),
+)
+def test_a_config_past_its_ranges_or_unsafe_in_a_proxy_config_is_named(
+    fields: dict, named: str
+) -> None:
+    """Each field's limit, a worker count the queue front would ignore, an IP upstream whose
+    certificate name is missing, and a ';' that would end a directive in the rendered config
+    are refused naming the field; the values at the limits are accepted."""
+    with pytest.raises(ValueError) as err:
+        FrontConfig(**fields)
+    assert err.value.field == named, err.value
+    FrontConfig(in_flight=2, queue=10_000, upstream="h.example:65535", retry_after_s=3600)
+    FrontConfig(rate=10, port=65535, upstream="127.0.0.1:1", upstream_ca="/ca", upstream_name="h")
 
 
 def test_the_refusal_carries_the_servers_retry_details() -> None:
