@@ -88,7 +88,7 @@ class Proxy:
     def open_limit(self) -> tuple[str, ...]:
         if self.engine == "nginx":
             return ("--rate", "1000", "--burst", "100")
-        return ("--in-flight", "64", "--queue", "64")
+        return ("--in-flight", "64", "--queue", "48")
 
 
 @pytest.fixture(scope="module")
@@ -477,7 +477,7 @@ def test_forwarded_calls_are_answered_as_the_server_answers_them(proxy: Proxy, s
             assert front.gauge("slimrank_front_rate_limit") == 1000
         else:
             assert front.gauge("slimrank_front_in_flight_limit") == 64
-            assert front.gauge("slimrank_front_queue_limit") == 64
+            assert front.gauge("slimrank_front_queue_limit") == 48
     finally:
         front.close()
 
@@ -527,6 +527,9 @@ def test_health_and_admin_calls_are_never_limited(nginx: str, server) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 client.recommend("u1", 3)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # One bucket for every caller: another address finds it full too.
+            head = raw_http2_post(front.target, RECOMMEND, source="127.0.0.2")
+            assert "grpc-status: 8" in head, head
             for _ in range(20):
                 assert client.health() == "SERVING"
                 assert client.health("slimrank.v1.Recommender") == "SERVING"
@@ -690,8 +693,9 @@ def test_several_upstreams_are_checked_and_rendered() -> None:
     FrontConfig(in_flight=2, upstream="a.example:1,a.example:2", upstream_ca="/ca.pem")
 
 
-def raw_http2_post(target: str, path: str) -> str:
-    """The response head of an empty HTTP/2 POST (curl, prior knowledge), lower-cased."""
+def raw_http2_post(target: str, path: str, source: str | None = None) -> str:
+    """The response head of an empty HTTP/2 POST (curl, prior knowledge), lower-cased;
+    ``source``: the local address to send it from."""
     curl = shutil.which("curl")
     if curl is None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -701,6 +705,7 @@ def raw_http2_post(target: str, path: str) -> str:
         [
             *(curl, "-sS", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "-X", "POST"),
             *("-H", "content-type: application/grpc", f"http://{target}{path}"),
+            *(() if source is None else ("--interface", source)),
         ],
         capture_output=True,
         text=True,
@@ -1180,6 +1185,13 @@ def test_a_server_the_front_cannot_reach_safely_is_unavailable(
         ),
         (["--upstream-tls-name", "localhost"], "--upstream-tls-name"),
         (["--upstream-tls-ca", "missing.pem"], "--upstream-tls-ca"),
+        (
+            [
+                *("--upstream-tls-ca", "ca.pem", "--upstream-tls-name", "localhost"),
+                *("--upstream-tls-cert", "client.pem", "--upstream-tls-key", "missing.key"),
+            ],
+            "--upstream-tls-key",
+        ),
     ],
 )
 def test_bad_tls_flags_are_refused_by_name(certs: Path, args: list[str], named: str) -> None:
@@ -1188,3 +1200,29 @@ def test_bad_tls_flags_are_refused_by_name(certs: Path, args: list[str], named: 
     )
     assert result.returncode == 2, result.stderr
     assert f"error: {named}" in result.stderr, result.stderr
+
+
+def test_relative_tls_paths_reach_the_proxy_absolute(
+    nginx: str, certs: Path, tmp_path: Path
+) -> None:
+    """The proxy reads paths from its own directory: the front's relative certificate paths
+    (from the caller's directory) are printed absolute, and nginx reads them there."""
+    result = subprocess.run(
+        [
+            *(*FRONT, "--rate", "10", "--port", "50050", "--print-config"),
+            *("--tls-cert", "server.pem", "--tls-key", "server.key"),
+            *("--upstream-tls-ca", "ca.pem", "--upstream-tls-name", "localhost"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=certs,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert f"ssl_certificate {certs / 'server.pem'};" in text
+    assert f"ssl_certificate_key {certs / 'server.key'};" in text
+    assert f"grpc_ssl_trusted_certificate {certs / 'ca.pem'};" in text
+    check = nginx_check(nginx, tmp_path, text.replace(PRINTED_PREFIX, str(tmp_path)))
+    assert check.returncode == 0, check.stderr
