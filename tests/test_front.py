@@ -729,6 +729,27 @@ def test_a_dead_server_among_several_gets_no_calls(haproxy: str, server) -> None
         front.close()
 
 
+def test_every_server_down_is_unavailable_not_a_refusal(haproxy: str) -> None:
+    """With every server taken out by its check, HAProxy's 503 names no server, as a queue
+    timeout's does: the caller still sees UNAVAILABLE, never the front's busy refusal."""
+    dead = []
+    for _ in range(2):  # ports nothing listens on
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            dead.append(f"127.0.0.1:{sock.getsockname()[1]}")
+    front = Front(Proxy("haproxy", haproxy), ",".join(dead), "--in-flight", "4")
+    try:
+        time.sleep(3)  # two failed checks a second apart take both servers out
+        with SlimrankClient(front.target, timeout=10, retries=0) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.recommend("u1", 3)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        expected = outcomes(upstream_error=1)
+        assert front.calls_when(expected) == expected
+    finally:
+        front.close()
+
+
 def test_a_call_queued_past_its_timeout_is_refused_and_counted(haproxy: str) -> None:
     server, port, registry = slow_server(1.0)
     front = Front(
