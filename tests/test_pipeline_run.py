@@ -129,6 +129,18 @@ def test_report_compares_under_equal_information_paired_over_the_same_users(run:
         assert ci["diff"] == pytest.approx(served["test_ndcg"] - row["test_ndcg"], abs=1e-9)
         assert ci["low"] <= ci["diff"] <= ci["high"]
         assert ci["users"] == metrics["users"]
+    # The pipeline's own rows too: served minus that row, not the other way round.
+    for name in ("pipeline, teacher fp32", next(n for n in rows if n.startswith("two-tower"))):
+        ci = rows[name]["served_minus"]
+        assert ci["diff"] == pytest.approx(served["test_ndcg"] - rows[name]["test_ndcg"], abs=1e-9)
+    # The bar to clear is the peer (retrieval alone counts as one) with the highest test
+    # NDCG@10, not the highest validation NDCG@10 nor the weakest.
+    peers = [r for r in report["comparison"]["rows"] if r["peer"]]
+    by_test = sorted(peers, key=lambda r: r["test_ndcg"], reverse=True)
+    assert by_test[0]["test_ndcg"] > by_test[1]["test_ndcg"]  # one strongest, no tie
+    assert report["comparison"]["strongest_peer"] == by_test[0]["name"]
+    markdown = (run.out / "compression.md").read_text()
+    assert f"Strongest peer (highest test NDCG@10): {by_test[0]['name']}." in markdown
 
 
 def test_report_sparsity_and_flops_match_what_the_steps_recorded(run: Run) -> None:
