@@ -249,6 +249,7 @@ def test_equal_information_goal_needs_the_margin_and_an_interval_above_zero() ->
     assert comparison_goals(_comparison(0.012, 0.003))[0][1]
     assert "strongest peer (EASE)" in comparison_goals(_comparison(0.012, 0.003))[0][0]
     assert not comparison_goals(_comparison(0.008, 0.003))[0][1]  # under 0.01
+    assert comparison_goals(_comparison(0.01, 0.003))[0][1]  # exactly the margin is enough
     assert not comparison_goals(_comparison(0.012, -0.001))[0][1]  # interval reaches zero
 
 
