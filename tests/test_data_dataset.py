@@ -122,13 +122,22 @@ def test_table_from_frame_types_and_alignment() -> None:
     assert table.cardinality["city"] == 2
 
 
+def test_piped_multi_hot_ignores_empty_tokens() -> None:
+    """``"a||b"``, a trailing ``"|"`` or a lone ``"|"`` add no empty-string column."""
+    frame = pd.DataFrame({"tags": ["a||b", "c|", "|"]})
+    table = table_from_frame(frame, np.array([0, 1, 2]), 3)
+    assert table.vocab["tags"] == ["a", "b", "c"]
+    np.testing.assert_array_equal(table.multi_hot["tags"], [[1, 1, 0], [0, 0, 1], [0, 0, 0]])
+
+
 def test_dataset_checks_indices_and_table_sizes() -> None:
     inter = Interactions(np.array([0, 1]), np.array([0, 2]), np.ones(2), np.zeros(2))
     users, items = IdMap(["a", "b"]), IdMap(["x", "y", "z"])
     ds = Dataset("d", users, items, inter, FeatureTable.empty(2), FeatureTable.empty(3))
     assert (ds.n_users, ds.n_items) == (2, 3)
     with pytest.raises(ValueError, match="item indices"):
-        Dataset("d", users, IdMap(["x"]), inter, FeatureTable.empty(2), FeatureTable.empty(1))
+        # Item index 2 in a catalog of 2: one past the end is out of range too.
+        Dataset("d", users, IdMap(["x", "y"]), inter, FeatureTable.empty(2), FeatureTable.empty(2))
     with pytest.raises(ValueError, match="user_features"):
         Dataset("d", users, items, inter, FeatureTable.empty(5), FeatureTable.empty(3))
 
