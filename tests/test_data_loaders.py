@@ -13,6 +13,7 @@ import pytest
 from slimrank.cli import main
 from slimrank.data.dataset import load_dataset
 from slimrank.data.fetch import extract_movielens, fetch_movielens_100k, is_fetched
+from slimrank.data.info import dataset_summary
 from slimrank.data.logs import load_logs
 from slimrank.data.movielens import load_atomic_dataset
 from slimrank.data.titles import read_titles
@@ -84,6 +85,8 @@ def test_csv_feature_file_types(tmp_path: Path) -> None:
         ("user_id,item_id,timestamp,rating\nu1,i1,1,4\nu1,i2,2,good\n", "rating", 1, "number"),
         ("user_id,item_id,timestamp\nu1,i1,1\nu2,i1,1\nu1,i1,1\n", "user_id", 2, "duplicate"),
         ("user_id,item_id,timestamp\nu1,i1,1600000000000\n", "timestamp", 0, "milliseconds"),
+        ("user_id,item_id,timestamp\nu1,i1,100000000000\n", "timestamp", 0, "milliseconds"),
+        ("user_id,item_id,timestamp\nu1,i1,1\n  ,i2,2\n", "user_id", 1, "null or empty"),
     ],
 )
 def test_bad_csv_logs_name_file_column_row_and_line(
@@ -162,6 +165,21 @@ def test_unreadable_inputs(tmp_path: Path) -> None:
         load_logs(_write(tmp_path / "logs.json", "{}"))
     with pytest.raises(DataError, match="no interactions"):
         load_logs(_write(tmp_path / "empty.csv", "user_id,item_id,timestamp\n"))
+
+
+def test_text_columns_without_an_item_table_are_an_error(tmp_path: Path) -> None:
+    """Asking for text columns with no item table to read them from raises, not ignores."""
+    with pytest.raises(DataError, match="text columns title"):
+        load_logs(_write(tmp_path / "l.csv", LOGS_CSV), text_columns=("title",))
+
+
+def test_summary_counts_distinct_pairs_once(tmp_path: Path) -> None:
+    """``data info``'s pairs and density count a (user, item) seen twice once."""
+    text = "user_id,item_id,timestamp\nu1,i1,1\nu1,i1,2\nu2,i1,3\nu2,i2,4\n"
+    summary = dataset_summary(load_logs(_write(tmp_path / "l.csv", text)))
+    assert summary["interactions"] == 4
+    assert summary["distinct user-item pairs"] == 3
+    assert summary["density"] == 3 / 4
 
 
 def test_cli_reports_data_errors_with_exit_2(tmp_path: Path, capsys) -> None:
@@ -246,6 +264,71 @@ def test_atomic_errors(tmp_path: Path) -> None:
         load_atomic_dataset(directory, "ml-100k", name="tiny")
 
 
+def test_atomic_dataset_without_rating_rates_every_interaction_one(tmp_path: Path) -> None:
+    """An ``.inter`` file with no rating column gives ratings of 1.0, as logs do."""
+    directory = _atomic_dir(tmp_path)
+    lines = [line.split("\t") for line in INTER.splitlines()]
+    text = "".join("\t".join([u, i, t]) + "\n" for u, i, _, t in lines)
+    _write(directory / "ml-100k.inter", text)
+    ds = load_atomic_dataset(directory, "ml-100k", name="tiny")
+    np.testing.assert_array_equal(ds.interactions.rating, [1, 1, 1])
+    np.testing.assert_array_equal(ds.interactions.timestamp, [881250949, 891717742, 881250950])
+
+
+def test_atomic_age_buckets_keep_the_age_group_order(tmp_path: Path) -> None:
+    """Age-bucket codes follow MovieLens-1M's groups youngest first, not the labels' sort."""
+    ds = load_atomic_dataset(_atomic_dir(tmp_path), "ml-100k", name="tiny")
+    vocab = ds.user_features.vocab["age_bucket"]
+    assert vocab == ["[UNK]", "<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
+    np.testing.assert_array_equal(ds.user_features.categorical["age_bucket"], [5, 4])
+
+
+@pytest.mark.parametrize(
+    ("suffix", "old", "new", "column", "row", "message"),
+    [
+        ("inter", "186\t302", "\t302", "user_id", 1, "empty id"),
+        ("inter", "\t242\t", "\t\t", "item_id", 0, "empty id"),
+        ("item", "302\tL.A.", "242\tL.A.", "item_id", 1, "duplicate id"),
+        ("user", "196\t49", "186\t49", "user_id", 1, "duplicate id"),
+    ],
+)
+def test_atomic_bad_ids_name_file_column_and_line(
+    tmp_path: Path, suffix: str, old: str, new: str, column: str, row: int, message: str
+) -> None:
+    """Empty ids in ``.inter`` and repeated ids in ``.user``/``.item`` are errors at their line."""
+    directory = _atomic_dir(tmp_path)
+    path = directory / f"ml-100k.{suffix}"
+    text = path.read_text(encoding="utf-8")
+    assert text.count(old) == 1
+    _write(path, text.replace(old, new))
+    with pytest.raises(DataError, match=message) as info:
+        load_atomic_dataset(directory, "ml-100k", name="tiny")
+    err = info.value
+    assert (err.path, err.column, err.row, err.line) == (str(path), column, row, row + 2)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("user_id:token\titem_id:token\trating:float\tuser_id:float", "twice"),
+        ("user_id:token\titem_id:token\trating:number\ttimestamp:float", "name:type"),
+    ],
+)
+def test_atomic_bad_headers(tmp_path: Path, header: str, message: str) -> None:
+    """A repeated column or an unknown type in the header is a DataError at line 1."""
+    directory = _atomic_dir(tmp_path)
+    path = _write(directory / "ml-100k.inter", header + INTER[INTER.index("\n") :])
+    with pytest.raises(DataError, match=message) as info:
+        load_atomic_dataset(directory, "ml-100k", name="tiny")
+    assert (info.value.path, info.value.line) == (str(path), 1)
+
+
+def test_read_titles_skips_rows_too_short_for_the_title(tmp_path: Path) -> None:
+    """A row without a title field is left out rather than raising IndexError."""
+    path = _write(tmp_path / "t.item", "item_id:token\tmovie_title:token_seq\n1\tA\n2\n3\tC\n")
+    assert read_titles(path) == {"1": "A", "3": "C"}
+
+
 def _fake_wheel(path: Path, with_files: bool = True) -> str:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("recbole/__init__.py", "")
@@ -276,6 +359,21 @@ def test_extract_missing_member_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match="ml-100k"):
         extract_movielens(wheel, home / "movielens-100k", expected_sha256=digest)
     assert list(home.iterdir()) == []
+
+
+def test_extract_replaces_a_partial_target_directory(tmp_path: Path) -> None:
+    """A target left by an older layout (some files, a stray one) is replaced as a whole."""
+    wheel = tmp_path / "recbole-1.2.1-py3-none-any.whl"
+    digest = _fake_wheel(wheel)
+    target = tmp_path / "home" / "movielens-100k"
+    target.mkdir(parents=True)
+    _write(target / "ml-100k.inter", "stale")
+    _write(target / "old-layout.txt", "stray")
+    extract_movielens(wheel, target, expected_sha256=digest)
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        ["ml-100k.inter", "ml-100k.user", "ml-100k.item"]
+    )
+    assert (target / "ml-100k.inter").read_text(encoding="utf-8") == INTER
 
 
 def test_fetch_is_a_no_op_when_cached_and_load_uses_the_cache(
