@@ -17,7 +17,7 @@ from slimrank.ranking.candidates import (
     split_history,
 )
 from slimrank.ranking.features import build_feature_tables
-from slimrank.ranking.pipeline_eval import pipeline_view
+from slimrank.ranking.pipeline_eval import pipeline_metrics, pipeline_view
 
 
 def random_data(seed: int = 0, n_users: int = 30, n_items: int = 50, d: int = 8):
@@ -87,6 +87,27 @@ def test_pair_lookup_matches_dense_indexing() -> None:
     rows, cols = rng.integers(0, 7, size=(4, 5)), rng.integers(0, 9, size=(4, 5))
     np.testing.assert_array_equal(pair_lookup(m, rows, cols), m.toarray()[rows, cols])
     assert pair_lookup(m, np.array([-1]), np.array([0]))[0] == 0.0
+
+
+def test_exact_search_breaks_ties_by_lower_item_index() -> None:
+    """Equal scores come back in item order (20 items score 1, then 20 score 2), past
+    numpy's 16-element insertion sort where an unstable sort reorders them."""
+    item_vecs = np.repeat(np.array([1.0, 2.0], dtype=np.float32), 20)[:, None]  # (40, 1)
+    scores, idx = exact_search(item_vecs)(np.ones((2, 1), dtype=np.float32), 30)
+    want = [*range(20, 40), *range(10)]
+    np.testing.assert_array_equal(idx, [want, want])
+    np.testing.assert_array_equal(scores[0], [2.0] * 20 + [1.0] * 10)
+
+
+def test_split_history_keeps_one_history_item_at_a_large_target_frac() -> None:
+    """``target_frac=0.9`` still leaves every user with two or more items one history item."""
+    counts = [2, 3, 10]
+    dense = np.zeros((3, 12), dtype=np.float32)
+    for u, c in enumerate(counts):
+        dense[u, :c] = 1.0
+    history, target = split_history(sp.csr_matrix(dense), target_frac=0.9, seed=0)
+    np.testing.assert_array_equal(np.diff(target.indptr), [1, 2, 9])
+    np.testing.assert_array_equal(np.diff(history.indptr), [1, 1, 1])
 
 
 def test_split_history_partitions_each_user() -> None:
@@ -171,3 +192,18 @@ def test_pipeline_with_every_item_retrieved_equals_the_full_ranking_protocol() -
     # With fewer candidates, relevant items beyond the retrieved ones can only be lost.
     small = pipeline_view(exact_search(item_vecs), user_vecs, tables, truth, seen, n=5)
     assert small.retrieval_only()["recall@10"] <= got["recall@10"]
+
+
+def test_pipeline_view_and_metrics_count_only_users_with_truth() -> None:
+    """The view mines lists only for users with a relevant item, and candidate recall is
+    averaged over those users: a user without truth neither gets a list nor counts as 0."""
+    user_vecs, item_vecs, seen = random_data(seed=2, n_users=6, n_items=10)
+    truth = sp.csr_matrix((np.ones(3, dtype=np.float32), ([1, 1, 4], [0, 5, 7])), shape=(6, 10))
+    empty = sp.csr_matrix((6, 10), dtype=np.float32)
+    tables = build_feature_tables(seen, user_vecs, item_vecs)
+    view = pipeline_view(exact_search(item_vecs), user_vecs, tables, truth, empty, n=10)
+    np.testing.assert_array_equal(view.cands.user, [1, 4])
+    # Lists for users 0..5 (the catalog is retrieved whole): recall 1 for users 1 and 4.
+    cands = mine_candidates(user_vecs, exact_search(item_vecs), np.arange(6), 10)
+    metrics = pipeline_metrics(cands, cands.retrieval_score, truth)
+    assert metrics["candidate_recall"] == 1.0 and metrics["users"] == 2.0
