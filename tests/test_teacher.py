@@ -123,6 +123,48 @@ def test_rank_candidates_skips_pads_and_keeps_retrieval_order_on_ties() -> None:
     np.testing.assert_array_equal(rank_candidates(items, scores, 5), [[3, 5, 7, -1, -1]])
 
 
+def test_rank_candidates_keeps_retrieval_order_on_ties_in_long_lists() -> None:
+    """Ties keep column order past numpy's 16-element insertion sort (a stable sort)."""
+    items = np.arange(100, 140)[None, :]  # (1, 40)
+    scores = np.array([[1.0] * 20 + [2.0] * 20])
+    want = [*range(120, 140), *range(100, 105)]
+    np.testing.assert_array_equal(rank_candidates(items, scores, 25), [want])
+
+
+def test_rank_candidates_rejects_nan_scores() -> None:
+    """A NaN score (a broken ranker) is an error, not a silently arbitrary order."""
+    with pytest.raises(ValueError, match="NaN"):
+        rank_candidates(np.array([[1, 2]]), np.array([[0.5, np.nan]]), 2)
+
+
+def test_normalization_is_fitted_on_real_candidates_only() -> None:
+    """Pads (all-zero rows) do not pull the standardization's mean and std."""
+    _, feats, _ = planted(5, n_users=10)
+    model = DCNv2(TeacherConfig(n_features=6, n_users=10, n_items=60, **SMALL))
+    model.fit_normalization(feats.values, feats.mask)
+    real = feats.values[feats.mask].astype(np.float64)  # (M, F)
+    np.testing.assert_allclose(model.feature_mean.numpy(), real.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(model.feature_std.numpy(), real.std(axis=0, ddof=1), rtol=1e-5)
+
+
+def test_early_stopping_keeps_the_first_best_and_stops_after_patience() -> None:
+    """A flat validation metric: epoch 0 stays best (a tie is no improvement), training stops
+    ``patience`` epochs later, and the untrained model is what comes back."""
+    cands, feats, truth = planted(6, n_users=20)
+    labels = label_candidates(cands, truth)
+    cfg = TeacherConfig(n_features=6, n_users=20, n_items=60, **SMALL)
+    train = TrainConfig(epochs=10, batch_users=10, patience=2, lr=1e-2, seed=7)
+    result = train_teacher(cfg, feats, labels, lambda _: {"ndcg@10": 0.5}, train, progress=False)
+    assert [h["epoch"] for h in result.history] == [0.0, 1.0, 2.0]
+    assert (result.best_epoch, result.best_metric) == (0, 0.5)
+    torch.manual_seed(7)  # train_teacher's seeding, then the same untrained model
+    untrained = DCNv2(cfg)
+    untrained.fit_normalization(feats.values, feats.mask)
+    np.testing.assert_array_equal(
+        teacher_scores(result.model, feats), teacher_scores(untrained, feats)
+    )
+
+
 def test_teacher_beats_retrieval_order_on_a_planted_signal(tmp_path) -> None:
     cands, feats, truth = planted(1)
     v_cands, v_feats, v_truth = planted(2, n_users=60)
@@ -188,6 +230,36 @@ def test_fold_training_set_labels_held_out_items_only() -> None:
         _, target = split_history(train, 0.2, 3 + fold)
         half = slice(fold * users_with_target, (fold + 1) * users_with_target)
         assert labels[half].sum() == target.nnz
+
+
+def test_each_fold_lists_its_own_splits_users_candidates_and_labels() -> None:
+    """Fold f's lists are split_history(seed + f)'s: one per user with a target item (a
+    one-item user has none), no candidate from that fold's history, labels its target."""
+    dense = sp.random(30, 25, density=0.3, random_state=1, format="csr").toarray()
+    dense = (dense > 0).astype(np.float32)
+    dense[0] = 0.0
+    dense[0, 3] = 1.0  # user 0 has one item: history only, never a list
+    train = sp.csr_matrix(dense)
+
+    def fit(history: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        _, _, vt = np.linalg.svd(history.toarray(), full_matrices=False)
+        return history @ vt[:4].T, vt[:4].T
+
+    feats, labels = fold_training_set(train, fit, fit(train)[1], n=8, folds=2, seed=3)
+    start = 0
+    for fold in range(2):
+        history, target = split_history(train, 0.2, 3 + fold)
+        users = np.flatnonzero(np.diff(target.indptr) > 0)
+        assert 0 not in users
+        rows = slice(start, start + len(users))
+        start += len(users)
+        np.testing.assert_array_equal(feats.user[rows], users)
+        items, real = feats.items[rows], feats.mask[rows]
+        safe = np.where(real, items, 0)
+        in_history = history.toarray()[users[:, None], safe] * real
+        assert in_history.sum() == 0  # the fold's history is excluded
+        np.testing.assert_array_equal(labels[rows], target.toarray()[users[:, None], safe] * real)
+    assert start == len(feats)
 
 
 def test_base_feature_start_ranks_by_that_feature() -> None:
