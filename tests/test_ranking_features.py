@@ -636,6 +636,28 @@ def test_rank_columns_rank_within_the_list() -> None:
             np.testing.assert_array_equal(written.view(np.uint32), want.view(np.uint32))
 
 
+def test_a_pad_takes_no_rank_from_real_candidates_with_negative_signals() -> None:
+    """Real candidates whose EASE score is below 0 rank 0, 1, ... among themselves; a pad
+    (whose signal reads 0) never ranks ahead of them."""
+    tables, _, _ = small_world(seed=5)
+    col = tables.layout.column
+    n_users, n_items = tables.n_users, tables.n_items
+    everything = Candidates(
+        np.arange(n_users),
+        np.tile(np.arange(n_items), (n_users, 1)),
+        np.zeros((n_users, n_items), dtype=np.float32),
+    )
+    ease = candidate_features(tables, everything).values[:, :, col["ease_score"]]
+    u = int(np.argmax((ease < 0).sum(axis=1)))
+    negative = np.flatnonzero(ease[u] < 0)[:4]
+    assert len(negative) >= 2
+    cands = Candidates(np.array([u]), np.array([[-1, *negative]]), np.zeros((1, 5)))
+    feats = candidate_features(tables, cands)
+    rank = np.expm1(feats.values[0, 1:, col["ease_score_rank"]]).round().astype(int)
+    expected = np.argsort(np.argsort(-ease[u, negative], kind="stable"), kind="stable")
+    np.testing.assert_array_equal(rank, expected)
+
+
 def test_item_item_tables_are_reused_from_a_subset_of_the_history() -> None:
     """``item_item``: co-occurrence and EASE come from the given tables (here built from
     u0's row alone); the user rows, popularity and vectors from ``history``."""
