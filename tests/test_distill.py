@@ -129,6 +129,16 @@ def test_config_rejects_bad_values_naming_the_field() -> None:
     assert DistillConfig.from_dict(DistillConfig().to_dict()) == DistillConfig()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"), ({"hidden": ()}, "hidden")],
+)
+def test_student_config_rejects_bad_shapes_naming_the_field(kwargs: dict, field: str) -> None:
+    """A dropout of 1 (every unit dropped) or an MLP with no hidden layer is refused."""
+    with pytest.raises(ValueError, match=rf"MLPConfig\.{field}"):
+        MLPConfig(4, **kwargs)
+
+
 def _teacher_lists(seed: int, users: int, cands: int, dim: int):
     torch.manual_seed(seed)
     teacher = MLPRanker(MLPConfig(dim, (128, 64))).eval()
