@@ -61,6 +61,16 @@ def test_logs_are_well_formed(logs: pd.DataFrame) -> None:
     assert (gaps < 900).mean() > 0.5 and (gaps > 86_400).mean() > 0.05
 
 
+def test_long_histories_are_squeezed_into_the_period() -> None:
+    """Over one day, sessions days apart cannot fit: each user's span is squeezed to 90% of
+    the period, so every timestamp still lies inside ``[start, start + days)``."""
+    config = WorldConfig(
+        n_users=200, n_items=300, per_user=30, pool_per_genre=40, popular_pool=30, days=1
+    )
+    stamps = _all(config, BLOCK_USERS).timestamp
+    assert stamps.between(config.start, config.start + 86_400).all()
+
+
 def test_popularity_is_skewed(logs: pd.DataFrame) -> None:
     counts = np.sort(np.bincount(logs.item_id, minlength=SMALL.n_items))[::-1]
     top = counts[: SMALL.n_items // 100].sum() / counts.sum()
@@ -99,6 +109,16 @@ def test_true_top_k_is_the_brute_force_ranking(logs: pd.DataFrame) -> None:
     want = np.argsort(-masked, axis=1, kind="stable")[:, :k]
     got = true_top_k(SMALL, users, k, exclude=seen, allowed=allowed, block_items=100)
     np.testing.assert_array_equal(got, want)
+
+
+def test_true_top_k_ranks_the_whole_catalog_and_checks_user_ids() -> None:
+    """``k = n_items`` is allowed (every item, best first); user id ``n_users`` is not, though
+    its block holds attributes for it."""
+    whole = true_top_k(SMALL, np.array([0]), SMALL.n_items)
+    np.testing.assert_array_equal(np.sort(whole[0]), np.arange(SMALL.n_items))
+    np.testing.assert_array_equal(whole[:, :20], true_top_k(SMALL, np.array([0]), 20))
+    with pytest.raises(ValueError, match="user ids"):
+        true_top_k(SMALL, np.array([SMALL.n_users]), 5)
 
 
 @pytest.mark.parametrize("k", [1, 3, 10, 40, 60])
