@@ -173,6 +173,17 @@ def test_text_columns_without_an_item_table_are_an_error(tmp_path: Path) -> None
         load_logs(_write(tmp_path / "l.csv", LOGS_CSV), text_columns=("title",))
 
 
+def test_text_columns_follow_their_item_ids(tmp_path: Path) -> None:
+    """Text cells land on their own item (table order differs from the log's first-seen
+    order), and an item without a row gets an empty text."""
+    logs = _write(tmp_path / "l.csv", "user_id,item_id,timestamp\nu1,a,1\nu1,b,2\nu2,c,3\n")
+    items = _write(tmp_path / "items.csv", "item_id,title,price\nc,Cee,3\na,Ay,1\n")
+    ds = load_logs(logs, item_features=items, text_columns=("title",))
+    assert list(ds.items.ids) == ["a", "b", "c"]
+    assert ds.item_text is not None and list(ds.item_text["title"]) == ["Ay", "", "Cee"]
+    assert "title" not in ds.item_features.names
+
+
 def test_summary_counts_distinct_pairs_once(tmp_path: Path) -> None:
     """``data info``'s pairs and density count a (user, item) seen twice once."""
     text = "user_id,item_id,timestamp\nu1,i1,1\nu1,i1,2\nu2,i1,3\nu2,i2,4\n"
