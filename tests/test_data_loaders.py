@@ -87,6 +87,7 @@ def test_csv_feature_file_types(tmp_path: Path) -> None:
         ("user_id,item_id,timestamp\nu1,i1,1600000000000\n", "timestamp", 0, "milliseconds"),
         ("user_id,item_id,timestamp\nu1,i1,100000000000\n", "timestamp", 0, "milliseconds"),
         ("user_id,item_id,timestamp\nu1,i1,1\n  ,i2,2\n", "user_id", 1, "null or empty"),
+        ("user_id,item_id,timestamp\nu1,i1,1\nu1,i2,01/02/2020\n", "timestamp", 1, "ISO-8601"),
     ],
 )
 def test_bad_csv_logs_name_file_column_row_and_line(
@@ -171,6 +172,15 @@ def test_text_columns_without_an_item_table_are_an_error(tmp_path: Path) -> None
     """Asking for text columns with no item table to read them from raises, not ignores."""
     with pytest.raises(DataError, match="text columns title"):
         load_logs(_write(tmp_path / "l.csv", LOGS_CSV), text_columns=("title",))
+
+
+def test_iso_dates_read_month_before_day_and_honour_their_zone(tmp_path: Path) -> None:
+    """``2020-01-02`` is the 2nd of January (not the 1st of February), and an offset moves
+    the instant to UTC."""
+    text = "user_id,item_id,timestamp\nu1,i1,2020-01-02\nu1,i2,2020-03-04T05:06:07+02:00\n"
+    ds = load_logs(_write(tmp_path / "l.csv", text))
+    want = [pd.Timestamp("2020-01-02", tz="UTC"), pd.Timestamp("2020-03-04T03:06:07", tz="UTC")]
+    np.testing.assert_array_equal(ds.interactions.timestamp, [int(t.timestamp()) for t in want])
 
 
 def test_text_columns_follow_their_item_ids(tmp_path: Path) -> None:
