@@ -44,6 +44,18 @@ def test_mining_equals_brute_force_without_excluded_items() -> None:
     np.testing.assert_array_equal(cands.user, users)
 
 
+def test_mining_in_small_batches_equals_one_batch() -> None:
+    """Batches of 4 users give every user's list, the same as one batch of all 30."""
+    user_vecs, item_vecs, seen = random_data(seed=6)
+    users = np.arange(30)[::-1]
+    search = exact_search(item_vecs)
+    whole = mine_candidates(user_vecs, search, users, n=7, exclude=seen)
+    small = mine_candidates(user_vecs, search, users, n=7, exclude=seen, batch_size=4)
+    np.testing.assert_array_equal(small.user, users)
+    np.testing.assert_array_equal(small.items, whole.items)
+    np.testing.assert_array_equal(small.retrieval_score, whole.retrieval_score)
+
+
 def test_mining_pads_when_too_few_items_remain() -> None:
     user_vecs, item_vecs, _ = random_data(n_items=6)
     exclude = sp.csr_matrix(np.array([[1, 1, 0, 1, 0, 0]] + [[0] * 6] * 29, dtype=np.float32))
