@@ -108,6 +108,18 @@ def test_scores_shape_pads_and_unknown_ids() -> None:
     torch.testing.assert_close(a, b)
 
 
+def test_standardized_features_are_clipped_before_the_network() -> None:
+    """With identity standardization, a feature of 100 scores as one at ``clip`` (2 here),
+    and -100 as -2; within the clip the score moves."""
+    torch.manual_seed(0)
+    cfg = TeacherConfig(n_features=3, n_users=1, n_items=1, clip=2.0, **SMALL)
+    model = DCNv2(cfg).eval()
+    far = torch.tensor([[[100.0, -100.0, 0.5]]])
+    at_clip = torch.tensor([[[2.0, -2.0, 0.5]]])
+    torch.testing.assert_close(model(far), model(at_clip))
+    assert not torch.equal(model(at_clip), model(torch.tensor([[[1.0, -2.0, 0.5]]])))
+
+
 def test_listwise_loss_by_hand() -> None:
     scores = torch.tensor([[1.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
