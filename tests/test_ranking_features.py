@@ -26,6 +26,7 @@ from slimrank.ranking.histories import Histories, latest_times
 from slimrank.ranking.neighbors import (
     JointNeighbors,
     NeighborTable,
+    _item_blocks,
     cooccurrence_table,
     descending_bits,
     ease_exact_table,
@@ -656,6 +657,16 @@ def test_a_pad_takes_no_rank_from_real_candidates_with_negative_signals() -> Non
     rank = np.expm1(feats.values[0, 1:, col["ease_score_rank"]]).round().astype(int)
     expected = np.argsort(np.argsort(-ease[u, negative], kind="stable"), kind="stable")
     np.testing.assert_array_equal(rank, expected)
+
+
+def test_item_blocks_cover_the_items_within_the_budget() -> None:
+    """Blocks are consecutive, cover every item, and hold at most ``budget`` cost each
+    unless one item alone exceeds it; a block ends only where the next item would overflow."""
+    cost = np.array([3, 1, 4, 1, 5, 9, 2, 6, 0, 0, 3], dtype=np.float64)
+    blocks = _item_blocks(cost, 6)
+    assert blocks == [(0, 2), (2, 4), (4, 5), (5, 6), (6, 7), (7, 10), (10, 11)]
+    for a, b in blocks:
+        assert cost[a:b].sum() <= 6 or b - a == 1
 
 
 def test_item_item_tables_are_reused_from_a_subset_of_the_history() -> None:
