@@ -99,6 +99,13 @@ def test_pair_lookup_matches_dense_indexing() -> None:
     rows, cols = rng.integers(0, 7, size=(4, 5)), rng.integers(0, 9, size=(4, 5))
     np.testing.assert_array_equal(pair_lookup(m, rows, cols), m.toarray()[rows, cols])
     assert pair_lookup(m, np.array([-1]), np.array([0]))[0] == 0.0
+    # Outside the matrix reads 0: column 9 of row r is not column 0 of row r + 1.
+    dense = np.zeros((2, 3), np.float32)
+    dense[1, 0], dense[0, 2] = 5.0, 7.0
+    outside = pair_lookup(
+        sp.csr_matrix(dense), np.array([0, 0, 1, 2, 1]), np.array([3, 4, 3, 0, -3])
+    )
+    np.testing.assert_array_equal(outside, [0, 0, 0, 0, 0])
 
 
 def test_exact_search_breaks_ties_by_lower_item_index() -> None:

@@ -88,7 +88,7 @@ def pair_lookup(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np
     """Return ``matrix[rows, cols]`` elementwise (0 where absent) for broadcastable int arrays.
 
     Vectorized by binary search over the sorted ``row * n_cols + col`` keys of the non-zeros;
-    negative rows or columns read 0.
+    rows or columns outside the matrix (negative, or past its end) read 0.
     """
     matrix = sp.csr_matrix(matrix)
     if not matrix.has_sorted_indices:
@@ -100,7 +100,8 @@ def pair_lookup(matrix: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np
         return out
     row_of = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(matrix.indptr))
     keys = row_of * n_cols + matrix.indices.astype(np.int64)  # sorted: csr is row-major
-    valid = (rows >= 0) & (cols >= 0)
+    # A column past the end would otherwise read the next row's first columns.
+    valid = (rows >= 0) & (cols >= 0) & (rows < n_rows) & (cols < n_cols)
     query = np.where(valid, rows * n_cols + cols, -1)
     pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
     found = valid & (keys[pos] == query)
