@@ -188,6 +188,46 @@ def test_serve_rejects_bad_arguments(
     assert message in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gen_certs.sh's CA, server and client pairs, plus a passphrase-encrypted server key."""
+    out = tmp_path_factory.mktemp("certs")
+    subprocess.run(["bash", str(SCRIPT), str(out)], check=True, capture_output=True)
+    encrypt = ["openssl", "pkey", "-in", "server.key", "-aes128", "-passout", "pass:s3cret"]
+    with (out / "encrypted.key").open("wb") as encrypted:
+        subprocess.run(encrypt, cwd=out, check=True, stdout=encrypted)
+    (out / "garbage.pem").write_text("not a certificate\n")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (("garbage.pem", "server.key", None), "--tls-cert garbage.pem with --tls-key server.key"),
+        (("server.pem", "client.key", None), "KEY_VALUES_MISMATCH"),
+        (("server.key", "server.pem", None), "--tls-cert server.key with --tls-key server.pem"),
+        (("server.pem", "encrypted.key", None), "unencrypted private key"),
+        (("server.pem", "server.key", "garbage.pem"), "--tls-client-ca garbage.pem: no PEM CA"),
+        (("server.pem", "server.key", "server.key"), "--tls-client-ca server.key: no PEM CA"),
+    ],
+)
+def test_serve_names_the_tls_file_it_cannot_use(
+    certs: Path,
+    files: tuple[str, str, str | None],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checked at start with OpenSSL, where grpc would fail at bind with "Failed to bind"."""
+    monkeypatch.chdir(certs)
+    cert, key, ca = files
+    args = ["--tls-cert", cert, "--tls-key", key, *(["--tls-client-ca", ca] if ca else [])]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "0", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("mode", "token", "message"),
     [

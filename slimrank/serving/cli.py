@@ -227,7 +227,7 @@ def tls_from_args(
     ``--tls-client-ca`` (None without them); exits with a usage error naming the flags when
     they do not go together or a file is missing. ``slimrank serve`` and ``slimrank front``
     take the same three."""
-    from slimrank.serving.security import TLSConfig
+    from slimrank.serving.security import TLSConfig, check_tls_files
 
     if (cert is None) != (key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -236,7 +236,9 @@ def tls_from_args(
     if cert is None or key is None:
         return None
     try:
-        return TLSConfig(str(cert), str(key), None if client_ca is None else str(client_ca))
+        tls = TLSConfig(str(cert), str(key), None if client_ca is None else str(client_ca))
+        check_tls_files(tls)
+        return tls
     except ValueError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits

@@ -14,6 +14,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import ssl
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,30 @@ class TLSConfig(Config):
             if name == "client_ca" and value is None:
                 continue
             require(bool(value) and Path(value).is_file(), self, name, value, "is not a file")
+
+
+def check_tls_files(tls: TLSConfig) -> None:
+    """Raise ``ValueError`` naming the flag whose PEM file a TLS server could not use.
+
+    grpc takes the bytes unchecked and fails later at bind time, saying only "Failed to bind";
+    OpenSSL (through :mod:`ssl`) says what is wrong: not PEM, or a key that is not the
+    certificate's. An encrypted key is refused (no passphrase prompt).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.cert, tls.key, password=lambda: b"")
+    except ssl.SSLError as err:
+        raise ValueError(
+            f"--tls-cert {tls.cert} with --tls-key {tls.key}: not a PEM certificate chain and "
+            f"its unencrypted private key ({err.reason or err})"
+        ) from None
+    if tls.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=tls.client_ca)
+        except ssl.SSLError as err:
+            raise ValueError(
+                f"--tls-client-ca {tls.client_ca}: no PEM CA certificate ({err.reason or err})"
+            ) from None
 
 
 def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
