@@ -90,7 +90,7 @@ def test_serve_answers_follows_current_and_stops_cleanly_on_sigterm(
 
 
 def test_serve_with_mutual_tls_and_no_admin_token(
-    tmp_path: Path, launch: Callable[..., Server]
+    tmp_path: Path, launch: Callable[..., Server], capsys: pytest.CaptureFixture[str]
 ) -> None:
     subprocess.run(["bash", str(SCRIPT), str(tmp_path)], check=True, capture_output=True)
     root = tmp_path / "bundles"
@@ -116,6 +116,15 @@ def test_serve_with_mutual_tls_and_no_admin_token(
         with pytest.raises(grpc.RpcError) as err:
             client.model_info()
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # slimrank query through the same mutual TLS; without its client certificate it is refused.
+    ca, cert, key = (str(tmp_path / name) for name in ("ca.pem", "client.pem", "client.key"))
+    query = ["query", "--target", server.target, "--user", "u3", "-k", "5", "--timeout", "10"]
+    capsys.readouterr()
+    assert main([*query, "--tls-ca", ca, "--tls-cert", cert, "--tls-key", key]) == 0
+    assert f"by model {v1}" in capsys.readouterr().out
+    assert main([*query, "--tls-ca", ca]) == 2
+    assert "unreachable" in capsys.readouterr().err
+    assert main(query) == 2  # plaintext to a TLS port
     code, stderr = server.terminate()
     assert code == 0, stderr
 
@@ -224,6 +233,31 @@ def test_serve_names_the_tls_file_it_cannot_use(
     args = ["--tls-cert", cert, "--tls-key", key, *(["--tls-client-ca", ca] if ca else [])]
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--port", "0", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tls-cert", "client.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-ca", "absent.pem"], "--tls-ca absent.pem: not a file"),
+        (["--tls-ca", "garbage.pem"], "--tls-ca garbage.pem: no PEM CA certificate"),
+        (["--tls-cert", "client.pem", "--tls-key", "server.key"], "KEY_VALUES_MISMATCH"),
+        (["--tls-cert", "client.pem", "--tls-key", "encrypted.key"], "unencrypted private key"),
+    ],
+)
+def test_query_names_the_tls_file_it_cannot_use(
+    certs: Path,
+    flags: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A usage error before any call, where grpc would answer every call UNAVAILABLE."""
+    monkeypatch.chdir(certs)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["query", "--target", "127.0.0.1:9", "--user", "u1", *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--timeout", type=float, default=5.0, help="seconds per call (default %(default)s)"
     )
+    p.add_argument(
+        "--tls-ca", type=Path, help="call over TLS, trusting this CA's PEM (default: plaintext)"
+    )
+    p.add_argument("--tls-cert", type=Path, help="client certificate PEM, for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="the client certificate's key PEM")
     p.set_defaults(func=cmd_query, parser=p)
 
 
@@ -133,6 +138,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from slimrank.serving.client import SlimrankClient
+    from slimrank.serving.security import checked_channel_credentials
 
     if args.k < 1:
         args.parser.error(f"-k {args.k}: must be >= 1")
@@ -141,9 +147,15 @@ def cmd_query(args: argparse.Namespace) -> int:
         filters = [parse_filter(text) for text in args.filter]
     except ValueError as error:
         args.parser.error(str(error))
+    tls = None
+    if args.tls_ca is not None or args.tls_cert is not None or args.tls_key is not None:
+        try:  # a client certificate alone means TLS with the system's roots
+            tls = checked_channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        except ValueError as error:
+            args.parser.error(str(error))
     err = Console(file=sys.stderr, markup=False, highlight=False)
     try:
-        with SlimrankClient(args.target, timeout=args.timeout, retries=3) as client:
+        with SlimrankClient(args.target, timeout=args.timeout, retries=3, tls=tls) as client:
             if args.search:
                 ranked = client.search_text(
                     args.search, args.k, args.user, recent=recent, filters=filters

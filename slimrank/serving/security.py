@@ -51,6 +51,30 @@ class TLSConfig(Config):
             require(bool(value) and Path(value).is_file(), self, name, value, "is not a file")
 
 
+def _check_pems(
+    context: ssl.SSLContext,
+    ca_flag: str,
+    ca: str | Path | None,
+    cert: str | Path | None,
+    key: str | Path | None,
+) -> None:
+    """Load the PEM files into ``context`` with OpenSSL; ``ValueError`` names the flag."""
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except ssl.SSLError as err:
+            reason = err.reason or err
+            raise ValueError(f"{ca_flag} {ca}: no PEM CA certificate ({reason})") from None
+    if cert is not None and key is not None:
+        try:  # an encrypted key gets an empty passphrase, and fails, instead of a prompt
+            context.load_cert_chain(str(cert), str(key), password=lambda: b"")
+        except ssl.SSLError as err:
+            raise ValueError(
+                f"--tls-cert {cert} with --tls-key {key}: not a PEM certificate chain and its "
+                f"unencrypted private key ({err.reason or err})"
+            ) from None
+
+
 def check_tls_files(tls: TLSConfig) -> None:
     """Raise ``ValueError`` naming the flag whose PEM file a TLS server could not use.
 
@@ -59,20 +83,24 @@ def check_tls_files(tls: TLSConfig) -> None:
     certificate's. An encrypted key is refused (no passphrase prompt).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(tls.cert, tls.key, password=lambda: b"")
-    except ssl.SSLError as err:
-        raise ValueError(
-            f"--tls-cert {tls.cert} with --tls-key {tls.key}: not a PEM certificate chain and "
-            f"its unencrypted private key ({err.reason or err})"
-        ) from None
-    if tls.client_ca is not None:
-        try:
-            context.load_verify_locations(cafile=tls.client_ca)
-        except ssl.SSLError as err:
-            raise ValueError(
-                f"--tls-client-ca {tls.client_ca}: no PEM CA certificate ({err.reason or err})"
-            ) from None
+    _check_pems(context, "--tls-client-ca", tls.client_ca, tls.cert, tls.key)
+
+
+def checked_channel_credentials(
+    ca: str | Path | None, cert: str | Path | None, key: str | Path | None
+) -> grpc.ChannelCredentials:
+    """Return :func:`channel_credentials` after checking the files with OpenSSL.
+
+    ``ValueError`` names the flag (``--tls-ca``, ``--tls-cert``, ``--tls-key``) whose file is
+    missing or unusable, where grpc would fail each call with UNAVAILABLE.
+    """
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for flag, path in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: not a file")
+    _check_pems(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "--tls-ca", ca, cert, key)
+    return channel_credentials(ca, cert, key)
 
 
 def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
