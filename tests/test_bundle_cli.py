@@ -51,6 +51,16 @@ def test_root_from_environment_and_empty_root(tmp_path, capsys, monkeypatch):
     assert "no bundles in" in out and "none" in out
 
 
+def test_an_empty_slimrank_bundles_means_the_default_root(root, tmp_path, capsys, monkeypatch):
+    """``SLIMRANK_BUNDLES=`` (set but empty, as an env file may leave it) is ``./bundles``,
+    not the current directory."""
+    monkeypatch.setenv("SLIMRANK_BUNDLES", "")
+    monkeypatch.chdir(tmp_path)  # root is tmp_path / "bundles"
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "no bundles in" not in out
+    assert current_version(root) in out
+
+
 def test_show_and_verify(root, capsys):
     code, out, _ = run(capsys, "show", "1", "--root", str(root))
     assert code == 0
