@@ -123,6 +123,8 @@ def test_engine_config_rejects_ray_options_without_ray() -> None:
         EngineConfig(kind="spark")
     with pytest.raises(ValueError, match="ray engine"):
         EngineConfig(kind="local", workers=2)
+    with pytest.raises(ValueError, match="ray engine"):  # --ray-address is not dropped silently
+        EngineConfig(kind="local", address="auto")
     with pytest.raises(ValueError, match="workers"):
         EngineConfig(kind="ray", workers=0)
     assert EngineConfig().cache_key() == {}
