@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from slimrank.bundle.checksums import sha256_file
 from slimrank.pipeline.artifacts import DataArtifact
 from slimrank.pipeline.config import PipelineConfig, load_config
 from slimrank.pipeline.inputs import InputDigests
-from slimrank.pipeline.run import STEPS, run_pipeline
+from slimrank.pipeline.run import STEPS, cached_step_paths, run_pipeline
 from slimrank.pipeline.synthetic import synthetic_dataset
 
 
@@ -91,6 +92,8 @@ def test_a_log_rewritten_in_place_reruns_data_and_every_later_step(
     old = DataArtifact.load(first["data"].path).split
     new = DataArtifact.load(second["data"].path).split
     assert not np.array_equal(old.train.item, new.train.item)
+    # Found without running (as bench scripts find a run's outputs): keyed by the content too.
+    assert cached_step_paths(config) == {n: o.path for n, o in second.items()}
     model = "model/model.safetensors"
     assert sha256_file(first["two_tower"].path / model) != sha256_file(
         second["two_tower"].path / model
@@ -136,3 +139,19 @@ def test_input_digests_hash_only_when_stat_changes(tmp_path: Path) -> None:
     (again,) = store.digest([path])
     assert again.sha256 == sha256_file(path) != first.sha256
     assert again.changed
+
+
+def test_input_digests_key_a_file_by_its_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative name and the absolute path of one file are one record and one key, so
+    ``--logs a.csv`` and ``--logs /abs/a.csv`` share the cached outputs."""
+    path = tmp_path / "a.csv"
+    path.write_text("abc\n")
+    monkeypatch.chdir(tmp_path)
+    store = InputDigests(tmp_path / "cache")
+    (relative,) = store.digest(["a.csv"])
+    (absolute,) = store.digest([path])
+    assert relative == absolute
+    assert relative.path == str(path.resolve()) and not relative.changed
+    assert list(json.loads(store.store.read_text())) == [str(path.resolve())]
