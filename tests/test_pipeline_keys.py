@@ -193,6 +193,17 @@ def test_a_gate_that_decides_otherwise_reruns_the_int8_step(
     assert {n for n in STEPS if after[n] != before[n]} == _downstream({"int8"})
 
 
+def test_a_new_catalog_format_rebuilds_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog's file format is in its step's key: a catalog cached in an older format is
+    built again, not shipped to servers that read only the new one."""
+    import slimrank.pipeline.run as run
+
+    before = step_digests(BASE)
+    monkeypatch.setattr(run, "CATALOG_FORMAT", run.CATALOG_FORMAT + 1)
+    after = step_digests(BASE)
+    assert {n for n in STEPS if after[n] != before[n]} == _downstream({"catalog"}) == {"catalog"}
+
+
 # -- one real rerun ----------------------------------------------------------------------------
 
 
