@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slimrank.cli import main
-from slimrank.pipeline.config import load_config, resolve_config, shipped_configs
+from slimrank.pipeline.config import ConfigError, load_config, resolve_config, shipped_configs
 
 TINY = shipped_configs()["tiny"]
 
@@ -36,6 +36,11 @@ BAD = {
         "teacher.id_dropout: -0.1: must lie in [0, 1)",
     ),
     "teacher cross layers": ("[teacher]\nn_cross = -1\n", "teacher.n_cross: -1: must be >= 0"),
+    # Every user would hold every item: nothing left to recommend.
+    "synthetic per user": (
+        '[data]\nsource = "synthetic"\nsynthetic_items = 12\nsynthetic_per_user = 12\n',
+        "data.synthetic_per_user: 12: must be below synthetic_items",
+    ),
 }
 
 
@@ -124,3 +129,6 @@ def test_config_names_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert resolve_config("tiny.toml") == Path("tiny.toml")
     assert load_config("tiny.toml").k == 5
     assert load_config("tiny").k == 10
+    # A path elsewhere is not a shipped name: a mistyped directory is an error, not tiny.
+    with pytest.raises(ConfigError, match="no such config file"):
+        resolve_config(tmp_path / "configs" / "tiny.toml")

@@ -35,6 +35,8 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path: Path) -> None:
     path.write_text("k = 50\n[candidates]\nn = 20\n")
     with pytest.raises(ValueError, match=r"bad\.toml: k: 50: must be <= candidates\.n"):
         load_config(path)
+    path.write_text("k = 20\n[candidates]\nn = 20\n")  # ranking every candidate is allowed
+    assert load_config(path).k == 20
     path.write_text("[prune]\nepochs = 3\nramp_epochs = 4\n")
     with pytest.raises(ValueError, match=r"prune\.ramp_epochs: 4: .*epochs=3"):
         load_config(path)
