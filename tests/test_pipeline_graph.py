@@ -112,3 +112,30 @@ def test_the_file_check_catches_a_step_that_reaches_into_its_input_directory() -
     assert any("'split.safetensors'" in f for f in found)
     assert any("load_embeddings" in f for f in found)
     assert sum("joined with a literal" in f for f in found) == 2
+
+
+def test_step_lines_number_the_steps_and_say_how_each_ended(tmp_path: Path) -> None:
+    """``pipeline`` and ``retrain`` print ``[i/N] step`` (1-based, in table order) and whether
+    the step ran, came from the cache or was provided by the bundle."""
+    import io
+
+    from rich.console import Console
+
+    from slimrank.pipeline.cache import StepOutput
+    from slimrank.pipeline.console import StepPrinter
+
+    out = io.StringIO()
+    printer = StepPrinter(Console(file=out, width=120, color_system=None))
+    n = len(STEP_TABLE)
+    first, last = STEP_TABLE[0].name, STEP_TABLE[-1].name
+    printer(first, StepOutput(first, "0" * 64, tmp_path / "d-1", cached=False), 0.0)
+    printer("two_tower", StepOutput("two_tower", "1" * 64, tmp_path / "t-2", cached=True), 0.1)
+    printer(last, None, None)  # started: a spinner, no line
+    printer(last, StepOutput(last, "2" * 64, tmp_path / "p-3", cached=False), 2.5)
+    lines = [line.split() for line in out.getvalue().splitlines()]
+    tower = 1 + [s.name for s in STEP_TABLE].index("two_tower")
+    assert lines == [
+        ["[", "1/" + str(n) + "]", first, "provided", "d-1"],
+        ["[", f"{tower}/{n}]", "two_tower", "cached", "t-2"],
+        [f"[{n}/{n}]", last, "done", "in", "2.5", "s", "p-3"],
+    ]
