@@ -62,6 +62,17 @@ def test_pipeline_publishes_a_bundle_that_verifies(run: Run) -> None:
     assert manifest.parent is not None and manifest.parent.startswith("teacher-")
     assert manifest.gate["accepted"] is True
     assert set(manifest.metrics["variants"]) >= {"teacher", "student_distill", "int8"}
+    # The headline listings lead with: the steps' own test NDCG and the gate's ratio.
+    result = run_pipeline(_config(run))
+    decision = manifest.gate["decisions"][manifest.gate["mode"]]
+    assert manifest.metrics["headline"] == {
+        "int8_test_ndcg@10": result.metrics("int8")["test"]["ndcg@10"],
+        "teacher_test_ndcg@10": result.metrics("teacher")["test"]["ndcg@10"],
+        "int8_over_teacher_valid": decision["ratio"],
+    }
+    assert decision["ratio"] == pytest.approx(
+        result.metrics("int8")["valid"]["ndcg@10"] / result.metrics("teacher")["valid"]["ndcg@10"]
+    )
     for name in ("ranker.onnx", "items.npy", "users.npy", "user_vectors.npy", "serving.json"):
         assert name in manifest.files
     assert "teacher/teacher.safetensors" in manifest.files
@@ -221,6 +232,26 @@ def test_gate_failure_publishes_nothing_and_exits_nonzero(run: Run, tmp_path: Pa
     gate = result.gate()
     assert gate["accepted"] is False and gate["mode"] is None
     assert all(a["ratio"] < 1.5 for d in gate["decisions"].values() for a in d["attempts"])
+
+
+def test_an_imported_teacher_rescores_only_the_features_it_was_trained_on(run: Run) -> None:
+    """Re-scoring with the run's own teacher gives the scores it recorded; a teacher that
+    expects other features is refused, naming --retrain-teacher."""
+    from slimrank.pipeline.artifacts import CandidatesArtifact, TeacherArtifact, TeacherModel
+    from slimrank.pipeline.steps import rescore_teacher_step
+
+    result = run_pipeline(_config(run))
+    data = DataArtifact.load(result.path("data"))
+    candidates = CandidatesArtifact.load(result.path("candidates"))
+    model = TeacherModel.load(TeacherArtifact.model_dir(result.path("teacher")), "teacher-x")
+    again = rescore_teacher_step(model, 10, data, candidates)
+    recorded = TeacherArtifact.load_scores(result.path("teacher"))
+    for view in ("train", "valid", "test"):
+        np.testing.assert_allclose(again.scores[view], recorded[view], rtol=1e-5, atol=1e-6)
+    assert again.version == "teacher-x" and again.metrics["imported"] == "teacher-x"
+    other = dataclasses.replace(model, feature_names=model.feature_names[::-1])
+    with pytest.raises(ValueError, match="--retrain-teacher"):
+        rescore_teacher_step(other, 10, data, candidates)
 
 
 def _new_logs(run: Run, path: Path) -> int:
