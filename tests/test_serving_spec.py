@@ -107,6 +107,10 @@ def test_a_bad_transform_field_is_named(transform, named: str) -> None:
         (lambda d: d["features"].update(n_items="7"), "[features]['n_items']"),
         (lambda d: d["features"].pop("feature_names"), "[features]['feature_names']"),
         (lambda d: d["index"].update(directory="a/./b"), "[index]['directory']"),
+        # The optional directories stay inside the bundle too.
+        (lambda d: d["users"].update(tower="../other/two_tower"), "[users]['tower']"),
+        (lambda d: d.update(catalog={"directory": "/srv/catalog"}), "[catalog]['directory']"),
+        (lambda d: d.update(catalog={}), "[catalog]['directory']"),
     ],
 )
 def test_malformed_fields_are_named(edit, named: str) -> None:
