@@ -127,6 +127,8 @@ def test_engine_config_rejects_ray_options_without_ray() -> None:
         EngineConfig(kind="local", address="auto")
     with pytest.raises(ValueError, match="workers"):
         EngineConfig(kind="ray", workers=0)
+    with pytest.raises(ValueError, match="batch_users"):
+        EngineConfig(kind="ray", batch_users=0)
     assert EngineConfig().cache_key() == {}
     assert EngineConfig(kind="ray", workers=3).cache_key() == {"train_workers": 3}
 
