@@ -85,6 +85,17 @@ def test_missing_config_file_stops_with_one_line(
     assert [p for p in outs if p.exists()] == []
 
 
+def test_min_ratio_zero_is_refused_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--min-ratio 0`` is checked like any other value, not taken for "not given"."""
+    argv = ["pipeline", "--config", str(TINY), "--check-config", "--min-ratio", "0"]
+    code, err = _run_cli([*argv, "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 2
+    assert "--min-ratio 0.0: must be in (0, 1.5]" in err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_real_process_prints_no_traceback(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('[student]\nseed = "x"\n')
     done = subprocess.run(
