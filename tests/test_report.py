@@ -25,6 +25,7 @@ from slimrank.pipeline.comparison import Compared, Comparison, comparison_goals
 from slimrank.pipeline.report import (
     Report,
     Row,
+    SeedSpread,
     render_markdown,
     report_goals,
     table_cells,
@@ -207,6 +208,19 @@ def test_table_shows_sparsity_and_flops_for_every_ranker() -> None:
     assert record["cpu"]["steal_pct"] == 12.5
     assert record["comparison"]["rows"][1]["served_minus"]["low"] == 0.004
     assert record["rows"][3]["sparsity"] == 0.25 and record["rows"][3]["flops"] == FLOPS
+    # Counts switch unit at exactly a thousand and a million.
+    one_million = dataclasses.replace(report.rows[1], flops=1_000_000)
+    one_thousand = dataclasses.replace(report.rows[1], flops=1_000)
+    at = dataclasses.replace(report, rows=(one_million, one_thousand))
+    assert [c[5] for c in table_cells(at)[1]] == ["1.00M", "1.0k"]
+
+
+def test_seed_spread_is_the_range_and_the_sample_std() -> None:
+    """Three seeds 0.30, 0.32, 0.34: range 0.04, sample standard deviation 0.02."""
+    seeds = SeedSpread({0: 0.30, 1: 0.32, 2: 0.34})
+    assert seeds.spread == pytest.approx(0.04) and seeds.std == pytest.approx(0.02)
+    assert seeds.to_dict()["test_ndcg"] == {"0": 0.30, "1": 0.32, "2": 0.34}
+    assert np.isnan(SeedSpread({0: 0.3}).std)
 
 
 def _ranked(key: str, ndcg: float, flops: int | None, speedup: float | None) -> Row:
