@@ -155,3 +155,17 @@ def test_input_digests_key_a_file_by_its_absolute_path(
     assert relative == absolute
     assert relative.path == str(path.resolve()) and not relative.changed
     assert list(json.loads(store.store.read_text())) == [str(path.resolve())]
+
+
+@pytest.mark.parametrize("stored", ['{"trunc', "[]", ""])
+def test_an_unreadable_digest_store_hashes_again(tmp_path: Path, stored: str) -> None:
+    """A store that is not a JSON object (cut short, another shape) is not trusted: the file
+    is hashed again and the store rewritten, rather than the run failing."""
+    path = tmp_path / "a.csv"
+    path.write_text("abc\n")
+    store = InputDigests(tmp_path / "cache")
+    store.store.parent.mkdir()
+    store.store.write_text(stored)
+    (got,) = store.digest([path])
+    assert got.sha256 == sha256_file(path) and not got.changed
+    assert json.loads(store.store.read_text())[str(path.resolve())]["sha256"] == got.sha256
