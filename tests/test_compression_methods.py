@@ -266,6 +266,8 @@ def test_choose_mode_prefers_fewer_fallbacks_unless_another_is_clearly_faster() 
     close = {"weights": 100e-6, "static": 95e-6, "dynamic": 92e-6}
     assert choose_mode(modes, fallbacks, close, "latency", 0.1)[0] == "weights"  # within 10%
     assert choose_mode(modes, fallbacks, even, "fallbacks", 0.1)[0] == "weights"
+    exact = {"weights": 1.0, "static": 0.75, "dynamic": 1.0}  # exactly the margin is enough
+    assert choose_mode(modes, fallbacks, exact, "latency", 0.25)[0] == "static"
     assert choose_mode(["static"], {"static": 2}, {"static": 1.0}, "latency", 0.1)[0] == "static"
     assert choose_mode([], {}, {}, "latency", 0.1) == (None, "no mode passed the gate")
 
