@@ -355,5 +355,11 @@ def test_pipeline_and_retrain_find_the_store_in_slimrank_bundles(
     logs = tmp_path / "new_logs.csv"
     _new_logs(run, logs)
     retrain = ["retrain", "--teacher", version, "--logs", str(logs), "--min-ratio", "0.5"]
-    assert main([*retrain, *args]) == 0  # the teacher is found by version name in the store
+    # The bundle is found by version name in the store; --retrain-teacher trains a new teacher
+    # on the appended data instead of re-scoring with the bundle's.
+    assert main([*retrain, "--retrain-teacher", *args]) == 0
     assert len(list_versions(store)) == 2 and not (tmp_path / "bundles").exists()
+    old, new = open_bundle(store, version), open_bundle(store, current_version(store) or "")
+    assert new.manifest.parent is not None and new.manifest.parent.startswith("teacher-")
+    assert new.manifest.parent != old.manifest.parent
+    assert read_serving(new.path).teacher_version == new.manifest.parent
