@@ -99,7 +99,7 @@ def test_append_logs_keeps_known_new_pairs_only() -> None:
         "new",
         users,
         items,
-        Interactions([0, 1, 2, 1, 1], [0, 1, 0, 2, 3], np.ones(5), np.arange(5) + 100),
+        Interactions([0, 1, 2, 1, 1], [0, 1, 0, 2, 3], np.arange(5) + 1.0, np.arange(5) + 100),
         FeatureTable.empty(3),
         FeatureTable.empty(4),
     )
@@ -112,6 +112,9 @@ def test_append_logs_keeps_known_new_pairs_only() -> None:
         (1, 0),
         (0, 1),
     ]
+    # The appended rows keep their own rating and timestamp (rows 0 and 4 of the logs).
+    assert train.rating.tolist() == [1.0, 1.0, 1.0, 5.0]
+    assert train.timestamp.tolist() == [0, 1, 100, 104]
     assert merged.split.valid is split.valid and merged.split.test is split.test
 
 
