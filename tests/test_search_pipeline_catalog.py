@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,11 @@ def test_the_pipeline_catalog_indexes_the_item_tables_text(tmp_path: Path) -> No
     assert dict(zip(ids, catalog.titles, strict=True))["i1"] == "Blue Teapot"
     assert catalog.attributes.names == ["brand", "price"]
     assert "title" not in data.item_features.names  # the ranker never sees the text
+    # Items the source now lists in another order than the data step's: refused, since the
+    # catalog's rows must be the data step's items (a title on the wrong item otherwise).
+    shuffled = dataclasses.replace(data, item_ids=np.asarray(data.item_ids)[::-1])
+    with pytest.raises(ValueError, match="items differ from the data step's"):
+        catalog_step(config, TextIndexConfig(), shuffled)
 
 
 def test_unset_feature_tables_keep_the_data_steps_digest() -> None:
