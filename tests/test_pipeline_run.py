@@ -363,3 +363,27 @@ def test_pipeline_and_retrain_find_the_store_in_slimrank_bundles(
     assert new.manifest.parent is not None and new.manifest.parent.startswith("teacher-")
     assert new.manifest.parent != old.manifest.parent
     assert read_serving(new.path).teacher_version == new.manifest.parent
+
+
+def test_retrain_keys_a_bundle_by_its_content_not_its_name(run: Run, tmp_path: Path) -> None:
+    """Two stores sharing a cache may each hold a version of the same name; the second's data
+    step must not be the first's (before, the key was the version name alone)."""
+    import shutil
+
+    from slimrank.pipeline.cache import StepCache
+    from slimrank.pipeline.retrain import import_bundle
+
+    logs = tmp_path / "new_logs.csv"
+    _new_logs(run, logs)
+    cache = StepCache(tmp_path / "cache")
+    first, _, _ = import_bundle(open_bundle(run.bundles, run.version), logs, cache)
+    other = tmp_path / "other_store" / run.version
+    shutil.copytree(run.bundles / run.version, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["metrics"]["note"] = "another store's bundle of the same name"
+    (other / "manifest.json").chmod(0o644)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    second, _, _ = import_bundle(open_bundle(other.parent, run.version), logs, cache)
+    assert not second["data"].cached and second["data"].digest != first["data"].digest
+    again, _, _ = import_bundle(open_bundle(other.parent, run.version), logs, cache)
+    assert again["data"].cached and again["data"].digest == second["data"].digest

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from slimrank.bundle import Bundle, open_bundle
+from slimrank.bundle.checksums import sha256_file
 from slimrank.bundle.formats import write_json
+from slimrank.bundle.manifest import MANIFEST
 from slimrank.config import ConfigError
 from slimrank.data.dataset import Interactions, Split
 from slimrank.errors import DataError
@@ -117,7 +119,9 @@ def import_bundle(
         write_json(out / "retrain.json", {"bundle": bundle.version, **found})
 
     files = InputDigests(cache.root).digest([logs])  # keyed by content, not by path
-    data = cache.run("data", {"bundle": bundle.version}, {}, write_data, files)
+    # Keyed by content: two stores sharing a cache can hold different bundles of one name.
+    key = {"bundle": bundle.version, "manifest": sha256_file(bundle.path / MANIFEST)}
+    data = cache.run("data", key, {}, write_data, files)
     if not counts:
         counts.update(json.loads((data.path / "retrain.json").read_text()))
         counts.pop("bundle", None)
@@ -127,7 +131,7 @@ def import_bundle(
         variants = bundle.manifest.metrics.get("variants", {})
         artifacts.save_metrics(out, variants.get("two_tower", {}))
 
-    model = cache.run("two_tower", {"bundle": bundle.version}, {}, write_model)
+    model = cache.run("two_tower", key, {}, write_model)
     parent = bundle.manifest.parent or f"teacher-of-{bundle.version}"
     teacher = ImportedTeacher(bundle.path / "teacher", parent)
     outputs = {"data": data, "two_tower": model}
@@ -136,5 +140,5 @@ def import_bundle(
         def write_catalog(out: Path) -> None:
             shutil.copytree(bundle.path / "catalog", out / artifacts.CATALOG)
 
-        outputs["catalog"] = cache.run("catalog", {"bundle": bundle.version}, {}, write_catalog)
+        outputs["catalog"] = cache.run("catalog", key, {}, write_catalog)
     return outputs, teacher, counts
