@@ -92,6 +92,9 @@ def test_history_dropout_drops_about_that_share_and_keeps_bags_aligned():
     rows = bag_rows(offsets, len(items))
     # Within a bag the kept items stay in time order: strictly increasing here.
     assert np.all((np.diff(items) > 0) | (np.diff(rows) > 0))
+    # ``drop`` is the share removed, not the share kept (0.5 could not tell them apart).
+    kept, _ = history.bags(np.arange(50), drop=0.25, rng=np.random.default_rng(1))
+    assert 0.7 < len(kept) / 2000 < 0.8
     with pytest.raises(ValueError, match="rng"):
         history.bags(np.arange(3), drop=0.5)
 
@@ -110,6 +113,28 @@ def test_history_for_test_view_adds_the_validation_items():
     assert sorted(test.items[test.indptr[0] : test.indptr[1]]) == [1, 2, 4]
     with pytest.raises(ValueError, match="view"):
         history_for(split, "train")
+
+
+def test_test_view_history_keeps_the_most_recent_train_and_valid_items():
+    """The test view orders train + valid items by timestamp (not rating) and keeps the
+    ``max_history`` latest."""
+    split = Split(
+        train=Interactions(
+            np.array([0, 0, 0]),
+            np.array([1, 2, 3]),
+            np.array([5.0, 1.0, 3.0]),
+            np.array([10, 40, 20]),
+        ),
+        valid=Interactions(np.array([0]), np.array([4]), np.array([2.0]), np.array([30])),
+        test=interactions([0], [5]),
+        n_users=1,
+        n_items=6,
+    )
+    full = history_for(split, "test")
+    assert full.items.tolist() == [1, 3, 4, 2]  # times 10, 20, 30, 40
+    recent = history_for(split, "test", max_history=2)
+    assert recent.items.tolist() == [4, 2]
+    assert history_for(split, "valid", max_history=2).items.tolist() == [3, 2]
 
 
 @pytest.mark.parametrize(
@@ -183,6 +208,31 @@ def test_constant_numeric_column_standardizes_to_zero():
     assert spec.numeric_mean == {"x": 5.0}
 
 
+def test_numeric_features_are_standardized_by_the_population_std():
+    """The spec holds each numeric column's mean and population std; the encoder feeds
+    (x - mean) / std to its dense layer, added to the categorical embeddings."""
+    table = FeatureTable(
+        n_rows=4,
+        categorical={"gender": np.array([0, 2, 1, 2])},
+        cardinality={"gender": 3},
+        numeric={"age": np.array([1.0, 2.0, 3.0, 6.0], np.float32)},
+    )
+    spec = FeatureSpec.from_table(table)
+    assert spec.numeric_mean == {"age": 3.0}
+    assert spec.numeric_std["age"] == pytest.approx(np.sqrt(3.5))  # (4 + 1 + 0 + 9) / 4
+    torch.manual_seed(0)
+    model = TwoTower(TwoTowerConfig(n_users=4, n_items=2, dim=3, id_dim=3, user_features=spec))
+    encoder = model.user_tower.features
+    with torch.no_grad():
+        got = encoder(feature_tensors(table, spec)).numpy()
+    emb = encoder.embeddings[0].weight.detach().numpy()
+    w = encoder.dense.weight.detach().numpy()[:, 0]
+    b = encoder.dense.bias.detach().numpy()
+    z = (np.array([1.0, 2.0, 3.0, 6.0]) - 3.0) / np.sqrt(3.5)
+    want = emb[[0, 2, 1, 2]] + z[:, None] * w[None, :] + b[None, :]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_exported_user_vector_is_the_tower_output_on_the_mean_history():
     torch.manual_seed(0)
     users, items = tables(4, 6)
@@ -223,6 +273,8 @@ def test_export_needs_what_the_model_reads():
         export_embeddings(model, history, None, items)
     with pytest.raises(ValueError, match="rows"):
         export_embeddings(model, history, users, tables(4, 5)[1])
+    with pytest.raises(ValueError, match="rows"):  # a longer table is another catalog too
+        export_embeddings(model, history, users, tables(4, 7)[1])
 
 
 def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
