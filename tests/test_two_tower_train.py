@@ -11,7 +11,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from slimrank.cli import main
-from slimrank.data.dataset import Interactions, load_dataset, split_random
+from slimrank.data.dataset import Interactions, Split, load_dataset, split_random
 from slimrank.evaluation.protocol import topk_items
 from slimrank.retrieval.embeddings import export_embeddings, history_for, load_embeddings
 from slimrank.retrieval.train import (
@@ -218,6 +218,58 @@ def test_multinomial_loss_matches_a_by_hand_reference(drop):
         log_p = torch.log_softmax(items @ pooled + bias, dim=0)
         total = total - log_p[bag].sum()
     torch.testing.assert_close(got, total / 2)
+
+
+@pytest.mark.parametrize("logq", [True, False])
+def test_sampled_softmax_training_loss_is_the_in_batch_loss_with_log_q(logq):
+    """One batch, one epoch: the logged loss is the initial model's in-batch softmax over the
+    batch's positives, each column less the log of its item's training share when ``logq``,
+    by a plain loop (each example pools the user's other items)."""
+    train = Interactions(
+        np.array([0, 0, 0, 1, 1, 2, 2, 3, 3]),
+        np.array([0, 1, 2, 0, 1, 0, 3, 0, 4]),
+        np.ones(9, np.float32),
+        np.arange(9),
+    )
+    split = Split(
+        train=train,
+        valid=Interactions(np.array([1]), np.array([5]), np.ones(1, np.float32), np.array([9])),
+        test=Interactions(np.array([2]), np.array([5]), np.ones(1, np.float32), np.array([10])),
+        n_users=4,
+        n_items=6,
+    )
+    config = TwoTowerConfig(
+        n_users=4,
+        n_items=6,
+        dim=3,
+        id_dim=3,
+        projection=False,
+        normalize=False,
+        temperature=1.0,
+        init_std=0.5,
+    )
+    options = {"epochs": 1, "batch_size": 100, "examples": "leave_one_out", "progress": False}
+    train_config = TrainConfig(loss="sampled_softmax", logq=logq, seed=4, **options)
+    result = train_two_tower(config, train_config, split)
+    torch.manual_seed(4)
+    model = TwoTower(config)  # the weights the first (only) step starts from
+    table = model.user_tower.history.weight.detach().numpy()
+    items = model.item_tower.id_embedding.weight.detach().numpy()
+    pop = np.bincount(train.item, minlength=6)
+    losses = []
+    for b in range(9):
+        u, i = train.user[b], train.item[b]
+        others = [j for v, j in zip(train.user, train.item, strict=True) if v == u and j != i]
+        user = table[others].mean(0) if others else np.zeros(3)
+        row = []
+        for c in range(9):
+            if c == b or train.item[c] != i:
+                logit = float(user @ items[train.item[c]])
+                row.append(logit - np.log(pop[train.item[c]] / 9) if logq else logit)
+            if c == b:
+                positive = row[-1]
+        losses.append(np.log(np.sum(np.exp(row))) - positive)
+    assert result.log[0]["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
 
 
 def test_training_rejects_a_model_of_another_shape():
