@@ -313,6 +313,32 @@ def test_cli_trains_evaluates_and_writes_item_embeddings(tmp_path, capsys):
     assert json.loads((run / "train.json").read_text())["split_seed"] == 2020
 
 
+def test_cli_defaults_are_the_documented_recipe(tmp_path):
+    """Without flags: multinomial examples with half the history dropped, linear towers
+    without projection, unnormalized, item bias, sum / sqrt(n) pooling. ``--hidden`` implies
+    a projection; other examples drop nothing by default."""
+    logs = planted(2)
+    frame = pd.DataFrame(
+        {"user_id": logs.user, "item_id": logs.item, "timestamp": logs.timestamp + 1_600_000_000}
+    )
+    path = tmp_path / "logs.csv"
+    frame.to_csv(path, index=False)
+
+    def train(run: str, *flags: str) -> tuple[dict, dict]:
+        args = ["--dataset", str(path), "--out", str(tmp_path / run), "--epochs", "1"]
+        assert main(["retrieval", "train", *args, "--dim", "4", "--no-progress", *flags]) == 0
+        model = json.loads((tmp_path / run / "model_config.json").read_text())
+        return model, json.loads((tmp_path / run / "train.json").read_text())["train_config"]
+
+    model, config = train("default")
+    assert (config["examples"], config["history_dropout"]) == ("multinomial", 0.5)
+    assert (model["projection"], model["hidden"], model["normalize"]) == (False, [], False)
+    assert (model["item_bias"], model["history_power"], model["temperature"]) == (True, 0.5, 1.0)
+    model, config = train("mlp", "--hidden", "8", "--examples", "masked")
+    assert (model["projection"], model["hidden"]) == (True, [8])
+    assert (config["examples"], config["history_dropout"]) == ("masked", 0.0)
+
+
 def test_cli_reports_a_bad_flag_without_a_traceback(tmp_path, capsys):
     path = tmp_path / "logs.csv"
     pd.DataFrame({"user_id": ["a", "b"], "item_id": ["x", "y"], "timestamp": [1, 2]}).to_csv(
