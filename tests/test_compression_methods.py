@@ -1,5 +1,6 @@
 """The compression table's other methods against hand-built references: pseudo labels, Taylor
-and L1-driven pruning, fp16 weights and per-layer precision, the int8 mode choice, CPU flags."""
+and L1-driven pruning, the student loop, fp16 weights and per-layer precision, the int8 mode
+choice, CPU flags."""
 
 from __future__ import annotations
 
@@ -21,12 +22,22 @@ from slimrank.compression.cpu import (
     parse_proc_stat,
     steal_share,
 )
-from slimrank.compression.distill import DistillConfig, pseudo_labels
+from slimrank.compression.distill import DistillConfig, distillation_loss, pseudo_labels
 from slimrank.compression.export import export_onnx
-from slimrank.compression.fit import FitConfig, fit_on_valid, l1_penalty
+from slimrank.compression.fit import (
+    FitConfig,
+    Shard,
+    TrainConfig,
+    fit_epochs,
+    fit_on_valid,
+    l1_penalty,
+    state_arrays,
+    train_epoch,
+    train_student,
+)
 from slimrank.compression.flops import onnx_linear_cost
 from slimrank.compression.gate import ReferenceLists
-from slimrank.compression.gradient_pruning import TaylorPruner, ThresholdPruner
+from slimrank.compression.gradient_pruning import TaylorPruner, ThresholdPruner, taylor_mask
 from slimrank.compression.lists import ListData, pad_lists
 from slimrank.compression.precision import (
     PrecisionSearch,
@@ -158,6 +169,102 @@ def test_the_l1_penalty_in_the_loop_shrinks_the_prunable_weights() -> None:
         student, data, DistillConfig(), dataclasses.replace(config, l1=0.05), metric
     )
     assert l1_penalty(lasso).item() < 0.8 * l1_penalty(plain).item()
+
+
+# -- the student loop --------------------------------------------------------------------------
+
+
+def _student(seed: int) -> MLPRanker:
+    torch.manual_seed(seed)
+    return MLPRanker(MLPConfig(6, (16, 8)))
+
+
+def _plain_epoch(model: nn.Module, data: ListData, seed: int, batch_size: int = 8) -> float:
+    """One epoch by hand, as fit_epochs runs it: a fresh Adam, the order from ``seed``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    result = train_epoch(
+        model, optimizer, data, DistillConfig(), batch_size, torch.Generator().manual_seed(seed)
+    )
+    return result.loss_sum / result.batches
+
+
+def test_fit_keeps_the_first_of_tied_best_epochs_and_shuffles_each_epoch_anew() -> None:
+    """A tie is not better: the epoch-1 weights are kept and epochs 2 and 3 (tie, then worse)
+    exhaust patience 2. Epoch ``e`` trains with a fresh Adam on the order of seed + e."""
+    data = _lists(1)
+    values = iter([3.0, 3.0, 1.0, 5.0, 5.0])
+
+    def metric(model: nn.Module) -> float:
+        return next(values)
+
+    config = FitConfig(epochs=5, patience=2, batch_size=8, seed=10)
+    model = _student(2)
+    result = fit_epochs(model, data, DistillConfig(), config, metric)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.best_metric == 3.0
+    plain = _student(2)
+    losses = [_plain_epoch(plain, data, 10)]
+    after_first = state_arrays(plain)
+    losses += [_plain_epoch(plain, data, 11), _plain_epoch(plain, data, 12)]
+    assert [h["loss"] for h in result.history] == pytest.approx(losses, rel=1e-6)
+    for name, value in after_first.items():
+        torch.testing.assert_close(result.state[name], value)
+    assert not torch.equal(result.state["layers.0.weight"], model.layers[0].weight.detach())
+
+
+def test_train_student_logs_the_mean_batch_loss_of_each_epoch() -> None:
+    data = _lists(2)  # 30 lists, batch 8: 4 batches an epoch
+    student = _student(3)
+    result = train_student(student, data, DistillConfig(), TrainConfig(epochs=2, batch_size=8))
+    plain = _student(3)
+    optimizer = torch.optim.Adam(plain.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    expected = []
+    for _ in range(2):
+        epoch = train_epoch(plain, optimizer, data, DistillConfig(), 8, generator)
+        assert epoch.batches == 4
+        expected.append(epoch.loss_sum / 4)
+    assert list(result.epoch_loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_shard_trains_on_its_own_part_of_each_global_batch() -> None:
+    """Worker 1 of 2, one global batch of all 30 lists: its loss is the loss of the second
+    half of the epoch's order, on the initial weights."""
+    data = _lists(3)
+    model = _student(4)
+    plain = _student(4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(7)
+    got = train_epoch(model, optimizer, data, DistillConfig(), 30, generator, shard=Shard(1, 2))
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(7))
+    part = data.subset(order[15:])
+    with torch.no_grad():
+        want = distillation_loss(
+            plain(part.features), part.teacher_scores, part.labels, part.mask, DistillConfig()
+        ).total
+    assert got.batches == 1
+    assert got.loss_sum == pytest.approx(float(want), rel=1e-6)
+
+
+def test_the_loop_shows_a_taylor_pruner_each_steps_gradients() -> None:
+    """One step of the whole batch, masks at step 1: the mask is the Taylor mask of that
+    step's |w * dL/dw| on the initial weights (by hand), not a magnitude mask."""
+    data = _lists(4)
+    student = _student(5)
+    schedule = PruningSchedule(final_sparsity=0.5, begin_step=0, end_step=1, frequency=1)
+    pruner = TaylorPruner(schedule)
+    train_student(student, data, DistillConfig(), TrainConfig(epochs=1, batch_size=30), pruner)
+    plain = _student(5)
+    batch = data.subset(torch.randperm(30, generator=torch.Generator().manual_seed(0)))
+    scores = plain(batch.features)
+    distillation_loss(
+        scores, batch.teacher_scores, batch.labels, batch.mask, DistillConfig()
+    ).total.backward()
+    for name in ("layers.0", "layers.2"):
+        weight = plain.get_submodule(name).weight
+        want = taylor_mask((weight * weight.grad).abs().detach(), 0.5)
+        assert torch.equal(pruner.masks[name], want), name
+        assert not torch.equal(want, magnitude_mask(weight.detach(), 0.5))
 
 
 # -- fp16 weights and per-layer precision -------------------------------------------------------
