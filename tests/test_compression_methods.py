@@ -5,6 +5,7 @@ choice, CPU flags."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ from slimrank.compression.precision import (
 )
 from slimrank.compression.pruning import PruningSchedule, magnitude_mask
 from slimrank.compression.quantize import quantizable_nodes
-from slimrank.compression.scorer import Scorer, ScorerConfig, score_lists
+from slimrank.compression.scorer import Scorer, ScorerConfig, bench_scorer, score_lists
 from slimrank.pipeline.compress_steps import choose_mode
 from slimrank.ranking.mlp import MLPConfig, MLPRanker
 
@@ -379,6 +380,19 @@ def test_choose_mode_prefers_fewer_fallbacks_unless_another_is_clearly_faster() 
     assert choose_mode([], {}, {}, "latency", 0.1) == (None, "no mode passed the gate")
 
 
+def test_bench_scorer_reports_the_median_of_its_repeats(
+    fp32_ranker: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scripted clock readings around the real scorer's calls (warmup untimed): repeats of
+    1, 9 and 1 s give the median 1 s, not the mean."""
+    import time
+
+    readings = iter([0.0, 1.0, 10.0, 19.0, 20.0, 21.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(readings))
+    x = np.zeros((4, 6), dtype=np.float32)
+    assert bench_scorer(fp32_ranker, x, repeats=3, warmup=2) == 1.0
+
+
 def test_cpu_flags_name_vnni(tmp_path: Path) -> None:
     text = (
         "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n"
@@ -390,6 +404,14 @@ def test_cpu_flags_name_vnni(tmp_path: Path) -> None:
     assert found["flags"] == ["avx2", "avx512_vnni", "avx512f"] and found["vnni"] is True
     (tmp_path / "avx2").write_text("model name\t: Old\nflags\t: avx2 sse\n")
     assert cpu_features(tmp_path / "avx2")["vnni"] is False
+    # The AVX-VNNI of client CPUs without AVX-512 (Alder Lake and later) counts as VNNI too.
+    (tmp_path / "client").write_text("model name\t: Client\nflags\t: avx2 avx_vnni\n")
+    assert cpu_features(tmp_path / "client") == {
+        "model": "Client",
+        "cpus": os.cpu_count(),
+        "flags": ["avx2", "avx_vnni"],
+        "vnni": True,
+    }
     assert cpu_features(tmp_path / "missing")["vnni"] is None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -125,6 +126,39 @@ def test_interleaved_latency_orders_slow_and_fast() -> None:
     assert result["slow"]["p50"] >= 0.003
     assert result["fast"]["p50"] < result["slow"]["p50"]
     assert result["slow"]["p90"] >= result["slow"]["p50"]
+
+
+def test_interleaved_latency_reports_the_median_and_p90_of_each_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scripted clock: each call of ``a`` takes its next duration, ``b`` always 2 s. The p50
+    is the median (1 s for 1, 1, 1, 5, 9; the mean would be 3.4) and the p90 numpy's linear
+    percentile; warmup calls are not timed."""
+    from slimrank.compression import latency
+
+    now = [0.0]
+    durations = iter([1.0, 9.0, 1.0, 5.0, 1.0])
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    calls = {"a": 0, "b": 0}
+
+    def a() -> None:
+        calls["a"] += 1
+        if calls["a"] > 2:  # two warmup calls first
+            advance(next(durations))
+
+    def b() -> None:
+        calls["b"] += 1
+        advance(2.0)
+
+    result = latency.interleaved_latency({"a": a, "b": b}, repeats=5, warmup=2)
+    assert calls == {"a": 7, "b": 7}
+    assert result["a"]["p50"] == 1.0
+    assert result["a"]["p90"] == pytest.approx(7.4)  # 5 + 0.6 * (9 - 5), not the max
+    assert result["b"] == {"p50": 2.0, "p90": 2.0}
 
 
 def test_refit_folds_retrieve_with_models_that_never_saw_their_targets(tmp_path: Path) -> None:
