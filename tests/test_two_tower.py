@@ -296,6 +296,18 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path):
     assert not list((tmp_path / "model").glob("*.pt"))
 
 
+def test_load_refuses_weights_that_do_not_fit_the_config(tmp_path):
+    """A config naming a part the weights lack (here an item bias) is an error, not a model
+    whose missing part keeps its fresh initialization."""
+    import json
+
+    directory = save_model(TwoTower(TwoTowerConfig(n_users=3, n_items=5, dim=4)), tmp_path / "m")
+    path = directory / "model_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "item_bias": True}))
+    with pytest.raises(RuntimeError, match="item_bias"):
+        load_model(directory)
+
+
 def test_embedding_files_round_trip_without_pickle(tmp_path):
     rng = np.random.default_rng(0)
     saved = Embeddings(
@@ -340,6 +352,7 @@ def test_item_bias_is_exported_as_one_more_dimension_that_ranks_like_the_logits(
     torch.manual_seed(0)
     config = TwoTowerConfig(n_users=3, n_items=5, dim=4, id_dim=4, hidden=(), item_bias=True)
     model = TwoTower(config).eval()
+    assert torch.equal(model.item_bias.weight, torch.zeros(5, 1))  # no popularity to start
     with torch.no_grad():
         model.item_bias.weight.copy_(torch.arange(5.0)[:, None])
     history = UserHistory.from_interactions(interactions([0, 1, 1], [2, 0, 4]), 3)
