@@ -16,6 +16,7 @@ from slimrank.evaluation.protocol import topk_items
 from slimrank.retrieval.embeddings import export_embeddings, history_for, load_embeddings
 from slimrank.retrieval.train import (
     TrainConfig,
+    _masked_loss,
     _multinomial_loss,
     _pooled_history,
     evaluate_model,
@@ -270,6 +271,91 @@ def test_sampled_softmax_training_loss_is_the_in_batch_loss_with_log_q(logq):
                 positive = row[-1]
         losses.append(np.log(np.sum(np.exp(row))) - positive)
     assert result.log[0]["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_masked_loss_matches_a_by_hand_reference():
+    """Masked examples: the hidden share of each user's items are targets, predicted from the
+    mean of the rest; the loss is the mean of their -log softmax over every target."""
+    torch.manual_seed(0)
+    config = TwoTowerConfig(
+        n_users=4, n_items=6, dim=3, id_dim=3, projection=False, normalize=False, temperature=1.0
+    )
+    model = TwoTower(config)
+    logs = Interactions(
+        np.array([0, 0, 0, 0, 2, 2, 2]),
+        np.array([1, 4, 5, 0, 2, 3, 1]),
+        np.ones(7, np.float32),
+        np.arange(7),
+    )
+    targets = UserHistory.from_interactions(logs, 4)
+    group = np.array([2, 0])
+    got = _masked_loss(
+        model, targets, group, None, None, torch.arange(6), 0.4, np.random.default_rng(3)
+    )
+    bags = [[2, 3, 1], [1, 4, 5, 0]]  # users 2 then 0, oldest first
+    hidden = np.random.default_rng(3).random(7) < 0.4
+    assert 0 < hidden.sum() < 7
+    table = model.user_tower.history.weight
+    items = model.item_tower.id_embedding.weight
+    picked = []
+    start = 0
+    for bag in bags:
+        mask = hidden[start : start + len(bag)]
+        start += len(bag)
+        rest = [item for item, h in zip(bag, mask, strict=True) if not h]
+        pooled = table[rest].mean(0) if rest else torch.zeros(3)
+        log_p = torch.log_softmax(items @ pooled, dim=0)
+        picked += [log_p[item] for item, h in zip(bag, mask, strict=True) if h]
+    torch.testing.assert_close(got, -torch.stack(picked).mean())
+
+
+def test_stale_evaluations_decay_the_lr_every_lr_patience_and_threads_are_restored():
+    """A learning rate too small to move the ranking: every evaluation after the first is
+    stale, and the lr halves after each second one (epochs 4 and 6 step at half, a quarter).
+    The caller's torch thread count is back after training on one thread."""
+    split = split_random(planted(), N_USERS, N_ITEMS, seed=0)
+    config = TrainConfig(
+        epochs=6, batch_size=10_000, lr=1e-9, lr_patience=2, lr_decay=0.5, seed=0, progress=False
+    )
+    rates: list[float] = []
+
+    def record(optimizer, args, kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        result = train_two_tower(small_config(hidden=()), config, split)
+        assert torch.get_num_threads() == 2
+    finally:
+        handle.remove()
+        torch.set_num_threads(before)
+    assert len({row["recall@10"] for row in result.log}) == 1  # nothing improved
+    # One batch (one step) an epoch; the lr decays after the evaluations of epochs 3 and 5.
+    assert rates == pytest.approx([1e-9] * 3 + [0.5e-9] * 2 + [0.25e-9])
+
+
+def test_test_metrics_exclude_the_train_and_valid_items():
+    """One user, train item 0, valid 1, test 2; the model scores 0 > 1 > 2 > 3. The test
+    view excludes 0 and 1, so its top 1 is the test item; the valid view excludes only 0."""
+    config = TwoTowerConfig(
+        n_users=1, n_items=4, dim=2, id_dim=2, projection=False, normalize=False
+    )
+    model = TwoTower(config).eval()
+    with torch.no_grad():
+        model.user_tower.history.weight.copy_(torch.tensor([[1.0, 0.0]] * 4))
+        scores = torch.tensor([[5.0, 0.0], [3.0, 0.0], [2.0, 0.0], [1.0, 0.0]])
+        model.item_tower.id_embedding.weight.copy_(scores)
+
+    def part(item: int) -> Interactions:
+        return Interactions(
+            np.array([0]), np.array([item]), np.ones(1, np.float32), np.array([item])
+        )
+
+    split = Split(train=part(0), valid=part(1), test=part(2), n_users=1, n_items=4)
+    assert evaluate_model(model, split, "valid", ks=(1,))["recall@1"] == 1.0
+    assert evaluate_model(model, split, "test", ks=(1,))["recall@1"] == 1.0
 
 
 def test_training_rejects_a_model_of_another_shape():
