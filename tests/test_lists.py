@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from slimrank.compression.lists import ListData, pad_lists, standardization, standardized_lists
 
@@ -75,6 +76,10 @@ def test_pad_lists_pads_to_the_longest_list_and_checks_every_array() -> None:
     assert data.mask.tolist() == [[True, True, False, False], [True] * 4]
     assert data.teacher_scores.tolist() == [[1.0, 2.0, 0.0, 0.0], [3.0, 4.0, 5.0, 6.0]]
     assert float(data.features[0, 2:].abs().sum()) == 0.0
+    part = data.subset(torch.tensor([1]))  # every field's row, labels included
+    assert part.labels.tolist() == [[0.0, 0.0, 1.0, 0.0]]
+    assert part.teacher_scores.tolist() == [[3.0, 4.0, 5.0, 6.0]]
+    assert part.mask.tolist() == [[True] * 4] and float(part.features.sum()) == 24.0
     with pytest.raises(ValueError, match="list=1"):
         pad_lists(feats, scores, [labels[0], labels[1][:3]])  # one label short
     with pytest.raises(ValueError, match="mask"):

@@ -131,6 +131,20 @@ def test_scorer_refuses_a_file_whose_checksum_differs(trained: dict, tmp_path: P
     with pytest.raises(ValueError, match=r"\(M, 16\)"):
         scorer.score(np.zeros((3, 5), dtype=np.float32))
     assert scorer.score(np.zeros((0, DIM), dtype=np.float32)).shape == (0,)
+    threads = Scorer(trained["onnx"], good, ScorerConfig(2, 3)).session.get_session_options()
+    assert (threads.intra_op_num_threads, threads.inter_op_num_threads) == (2, 3)
+
+
+def test_score_lists_scores_each_list_in_its_own_call(trained: dict) -> None:
+    """Dynamic int8 takes one activation range per call: a list scored among lists on a
+    larger scale would round differently. The reference is a plain loop of score calls."""
+    path = quantize_onnx_dynamic(trained["onnx"], trained["dir"] / "dyn.onnx")
+    scorer = Scorer(path, sha256_file(path), ScorerConfig(intra_op_threads=1))
+    lists = trained["lists"][:3] * np.array([1.0, 20.0, 0.05], np.float32)[:, None, None]
+    got = score_lists(scorer, lists)
+    want = np.stack([scorer.score(x) for x in lists])
+    np.testing.assert_array_equal(got, want)
+    assert score_lists(scorer, np.zeros((0, 4, DIM), np.float32)).shape == (0, 4)
 
 
 def test_safetensors_round_trip_and_folded_standardization(trained: dict, tmp_path: Path) -> None:
