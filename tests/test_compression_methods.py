@@ -247,6 +247,28 @@ def test_a_shard_trains_on_its_own_part_of_each_global_batch() -> None:
     assert got.loss_sum == pytest.approx(float(want), rel=1e-6)
 
 
+def test_dropout_is_off_where_a_student_is_scored() -> None:
+    """The validation metric sees the student in eval mode, and train_student and fit_on_valid
+    return it so: a dropout student scores the same features the same way twice."""
+    data = _lists(5)
+    torch.manual_seed(6)
+    student = MLPRanker(MLPConfig(6, (16, 8), dropout=0.5))
+    seen: list[bool] = []
+
+    def metric(model: nn.Module) -> float:
+        seen.append(model.training)
+        return 0.0
+
+    config = FitConfig(epochs=2, patience=0, batch_size=8)
+    fitted, _ = fit_on_valid(student, data, DistillConfig(), config, metric)
+    trained = train_student(student, data, DistillConfig(), TrainConfig(epochs=1)).model
+    assert seen == [False, False]
+    x = data.features[0]
+    with torch.no_grad():
+        for model in (fitted, trained):
+            assert torch.equal(model(x), model(x))
+
+
 def test_the_loop_shows_a_taylor_pruner_each_steps_gradients() -> None:
     """One step of the whole batch, masks at step 1: the mask is the Taylor mask of that
     step's |w * dL/dw| on the initial weights (by hand), not a magnitude mask."""

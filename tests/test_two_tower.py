@@ -263,6 +263,21 @@ def test_exported_user_vector_is_the_tower_output_on_the_mean_history():
     np.testing.assert_allclose(np.linalg.norm(user_vecs, axis=1), 1.0, rtol=1e-5)
 
 
+def test_export_in_batches_and_of_a_user_sample_reads_each_users_own_features():
+    """Batches of 2 and a sample [3, 1] give the rows of one whole-batch export: each user's
+    feature row goes with that user."""
+    torch.manual_seed(2)
+    users, items = tables(5, 6)
+    model = TwoTower(featured_config(5, 6))
+    history = UserHistory.from_interactions(interactions([0, 1, 3, 3, 4], [1, 2, 0, 5, 4]), 5)
+    whole, _ = export_embeddings(model, history, users, items, batch_size=64)
+    assert len(np.unique(whole.round(5), axis=0)) == 5
+    batched, _ = export_embeddings(model, history, users, items, batch_size=2)
+    np.testing.assert_allclose(batched, whole, rtol=1e-5, atol=1e-6)
+    sample, _ = export_embeddings(model, history, users, items, users=np.array([3, 1]))
+    np.testing.assert_allclose(sample, whole[[3, 1]], rtol=1e-5, atol=1e-6)
+
+
 def test_export_needs_what_the_model_reads():
     users, items = tables(4, 6)
     model = TwoTower(featured_config(4, 6))

@@ -19,6 +19,7 @@ from slimrank.retrieval.train import (
     _masked_loss,
     _multinomial_loss,
     _pooled_history,
+    _user_batches,
     evaluate_model,
     train_two_tower,
 )
@@ -356,6 +357,18 @@ def test_test_metrics_exclude_the_train_and_valid_items():
     split = Split(train=part(0), valid=part(1), test=part(2), n_users=1, n_items=4)
     assert evaluate_model(model, split, "valid", ks=(1,))["recall@1"] == 1.0
     assert evaluate_model(model, split, "test", ks=(1,))["recall@1"] == 1.0
+
+
+def test_batches_hold_every_user_with_training_items_once_and_no_one_else():
+    """Users 1 and 4 have no training items: no batch holds them (a multinomial batch
+    averages over its users)."""
+    logs = Interactions(
+        np.array([0, 0, 2, 3, 3, 3, 5]), np.arange(7), np.ones(7, np.float32), np.arange(7)
+    )
+    targets = UserHistory.from_interactions(logs, 6)
+    groups = list(_user_batches(targets, 2, np.random.default_rng(0)))
+    assert sorted(np.concatenate(groups).tolist()) == [0, 2, 3, 5]
+    assert all(len(group) for group in groups)
 
 
 def test_training_rejects_a_model_of_another_shape():
