@@ -175,22 +175,18 @@ def test_training_pools_the_history_without_the_target():
     torch.testing.assert_close(got, expected)
 
 
+def _hand_config(**extra: object) -> TwoTowerConfig:
+    """4 users, 6 items, linear 3-wide towers, no normalization: small enough to check by hand."""
+    base = {"projection": False, "normalize": False, "temperature": 1.0}
+    return TwoTowerConfig(n_users=4, n_items=6, dim=3, id_dim=3, **{**base, **extra})
+
+
 @pytest.mark.parametrize("drop", [0.0, 0.5])
 def test_multinomial_loss_matches_a_by_hand_reference(drop):
     """Mult-DAE: every item of the user is a target; the input keeps a 1 - drop share of the
     history, pooled as sum / sqrt(n) over the whole history and scaled by 1 / (1 - drop)."""
     torch.manual_seed(0)
-    config = TwoTowerConfig(
-        n_users=4,
-        n_items=6,
-        dim=3,
-        id_dim=3,
-        projection=False,
-        normalize=False,
-        temperature=1.0,
-        item_bias=True,
-        history_power=0.5,
-    )
+    config = _hand_config(item_bias=True, history_power=0.5)
     model = TwoTower(config)
     with torch.no_grad():
         model.item_bias.weight.copy_(torch.linspace(-1, 1, 6)[:, None])
@@ -240,16 +236,7 @@ def test_sampled_softmax_training_loss_is_the_in_batch_loss_with_log_q(logq):
         n_users=4,
         n_items=6,
     )
-    config = TwoTowerConfig(
-        n_users=4,
-        n_items=6,
-        dim=3,
-        id_dim=3,
-        projection=False,
-        normalize=False,
-        temperature=1.0,
-        init_std=0.5,
-    )
+    config = _hand_config(init_std=0.5)
     options = {"epochs": 1, "batch_size": 100, "examples": "leave_one_out", "progress": False}
     train_config = TrainConfig(loss="sampled_softmax", logq=logq, seed=4, **options)
     result = train_two_tower(config, train_config, split)
