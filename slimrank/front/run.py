@@ -28,7 +28,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from slimrank.errors import SlimrankError
 from slimrank.front import haproxy_conf, nginx_conf
 from slimrank.front.config import FrontConfig
-from slimrank.serving.listen import listening
 from slimrank.serving.metrics import MetricsEndpoint, start_metrics_endpoint
 from slimrank.serving.stop_request import StopRequest, stop_on
 from slimrank.serving.workers import reserve_port
@@ -261,8 +260,7 @@ class ProxyProcess:
 def _metrics_endpoint(config: FrontConfig, registry: CollectorRegistry) -> MetricsEndpoint | None:
     if config.metrics_port is None:
         return None
-    with listening("metrics", config.metrics_host, config.metrics_port):
-        return start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
+    return start_metrics_endpoint(config.metrics_host, config.metrics_port, registry)
 
 
 def _proxy_args(config: FrontConfig, binary: str, prefix: Path, conf: Path) -> list[list[str]]:

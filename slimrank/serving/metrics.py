@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from slimrank.serving.admission import Refusal
+from slimrank.serving.listen import listening
 from slimrank.serving.snapshot import ModelSnapshot
 
 # 0.5 ms .. 2.5 s, roughly x2 apart: fine enough for a millisecond-scale service. 0.025 is the
@@ -229,9 +230,14 @@ def metrics_app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
 
 
 def start_metrics_endpoint(host: str, port: int, registry: CollectorRegistry) -> MetricsEndpoint:
-    """Serve ``registry`` on ``http://host:port/metrics`` in a daemon thread; port 0 picks one."""
+    """Serve ``registry`` on ``http://host:port/metrics`` in a daemon thread; port 0 picks one.
+
+    :class:`~slimrank.serving.listen.ListenError` names the address if it cannot be bound.
+    """
     server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
-    httpd = make_server(host.strip("[]"), port, metrics_app(registry), server_class, _QuietHandler)
+    app = metrics_app(registry)
+    with listening("metrics", host, port):
+        httpd = make_server(host.strip("[]"), port, app, server_class, _QuietHandler)
     thread = threading.Thread(target=httpd.serve_forever, name="slimrank-metrics", daemon=True)
     thread.start()
     return MetricsEndpoint(httpd, thread)

@@ -228,10 +228,9 @@ def create_server(
             with listening("HTTP/JSON", config.http_host, config.http_port):
                 slimrank.http = _start_http(loop, config, servicers[0], admission, metrics, pools)
         if config.metrics_port is not None:
-            with listening("metrics", config.metrics_host, config.metrics_port):
-                slimrank.metrics_endpoint = start_metrics_endpoint(
-                    config.metrics_host, config.metrics_port, registry
-                )
+            slimrank.metrics_endpoint = start_metrics_endpoint(
+                config.metrics_host, config.metrics_port, registry
+            )
     except ListenError:
         slimrank.shutdown(0).wait(config.grace_s + LISTENER_CLOSE_S)  # the gRPC port is open
         raise

@@ -273,9 +273,9 @@ def serve_workers(
                 if spec.server.metrics_port is not None:
                     registry = CollectorRegistry()
                     multiprocess.MultiProcessCollector(registry, path=str(metrics_dir))
-                    host, mport = spec.server.metrics_host, spec.server.metrics_port
-                    with listening("metrics", host, mport):
-                        endpoint = start_metrics_endpoint(host, mport, registry)
+                    endpoint = start_metrics_endpoint(
+                        spec.server.metrics_host, spec.server.metrics_port, registry
+                    )
                 log.info("%d workers serving on %s:%d", n, spec.server.host, port)
                 if on_ready is not None:
                     mport = None if endpoint is None else endpoint.port
