@@ -17,6 +17,7 @@ from serve_process import Server
 from slimrank.bundle import publish
 from slimrank.cli import main
 from slimrank.serving.client import SlimrankClient
+from slimrank.serving.listen import GRPC_REASON
 from slimrank.serving.loader import random_flat_bundle
 from slimrank.serving.security import channel_credentials
 
@@ -146,6 +147,7 @@ def test_serve_refuses_a_corrupt_current(
         ("--http-port", "HTTP/JSON", ["--port", "0"]),
         ("--port", "gRPC", ["--workers", "2"]),
         ("--metrics-port", "metrics", ["--port", "0", "--workers", "2"]),
+        ("--http-port", "HTTP/JSON", ["--port", "0", "--workers", "2"]),
     ],
 )
 def test_serve_names_a_port_it_cannot_listen_on(
@@ -165,7 +167,12 @@ def test_serve_names_a_port_it_cannot_listen_on(
             timeout=120,
         )
     assert result.returncode == 2, result.stderr
-    assert f"slimrank: error: cannot listen for {what} on 127.0.0.1:{port}: " in result.stderr
+    # grpc's own bind gives no errno; every other listener reports the socket's reason
+    reason = (
+        GRPC_REASON if flag == "--port" and "--workers" not in extra else "Address already in use"
+    )
+    line = f"slimrank: error: cannot listen for {what} on 127.0.0.1:{port}: {reason}\n"
+    assert result.stderr.endswith(line), result.stderr
     assert "Traceback" not in result.stderr and "Errno" not in result.stderr
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 from slimrank.errors import SlimrankError
@@ -25,5 +26,7 @@ def listening(what: str, host: str, port: int | None) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else GRPC_REASON
+        reason = GRPC_REASON
+        if isinstance(err, OSError) and err.errno:  # asyncio's strerror repeats the address
+            reason = os.strerror(err.errno)
         raise ListenError(f"cannot listen for {what} on {host}:{port}: {reason}") from err

@@ -31,7 +31,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from slimrank.serving.config import ServerConfig
-from slimrank.serving.listen import listening
+from slimrank.serving.listen import ListenError, listening
 from slimrank.serving.loader import SnapshotLoader, default_loaders
 from slimrank.serving.metrics import start_metrics_endpoint
 from slimrank.serving.reload import (
@@ -152,6 +152,9 @@ def _worker_main(
         # group got one too, a worker may already have drained, and with the default handler
         # back the forwarded one killed it (exit code -15, so the parent exited 1).
         code = serve_one(spec, ready, after_stop=signal.SIG_IGN)
+    except ListenError as err:  # the parent names the address as one line, exit 2
+        reports.put((pid, ListenError(str(err))))
+        raise SystemExit(2) from err
     except Exception as err:  # report any start-up failure to the parent, then exit non-zero
         log.exception("worker %d failed", pid)
         reports.put((pid, f"{type(err).__name__}: {err}"))
@@ -202,7 +205,11 @@ def _stop_all(procs: list[BaseProcess], timeout: float) -> None:
 def _await_ready(
     procs: list[BaseProcess], reports: multiprocessing.Queue, stop: StopRequest
 ) -> list[int] | None:
-    """Wait until every worker reports SERVING; None if one failed or a stop was asked."""
+    """Wait until every worker reports SERVING; None if one failed or a stop was asked.
+
+    A worker that could not listen (its own port, or ``--http-port`` taken by a process
+    that is not ours) raises its :class:`ListenError` here, so the CLI names the address.
+    """
     ready: list[int] = []
     while len(ready) < len(procs):
         if stop.is_set():
@@ -214,6 +221,8 @@ def _await_ready(
                 log.error("a worker exited before serving")
                 return None
             continue
+        if isinstance(status, ListenError):
+            raise status
         if isinstance(status, str):
             log.error("worker %d could not start: %s", pid, status)
             return None
@@ -232,7 +241,8 @@ def serve_workers(
     process on its own).
 
     Returns 0 after a requested stop, 1 if a worker failed to start or died while serving
-    (the others are stopped too, so a supervisor restarts the whole server).
+    (the others are stopped too, so a supervisor restarts the whole server). Raises
+    :class:`ListenError` if the port, or a port a worker listens on, cannot be bound.
     """
     if n < 1:
         raise ValueError(f"serve_workers: n={n!r} must be >= 1")
