@@ -2,8 +2,9 @@
 
 Logs need ``user_id``, ``item_id``, ``timestamp`` and may have ``rating`` (1.0 when absent).
 Ids are read as strings and indexed in first-seen order. ``timestamp`` is unix seconds, or an
-ISO-8601 date-time (taken as UTC when it names no zone). Feature files have ``user_id`` (or
-``item_id``) plus feature columns, typed as in :func:`slimrank.data.features.table_from_frame`.
+ISO-8601 date-time (taken as UTC when it names no zone), not before 1970. Feature files have
+``user_id`` (or ``item_id``) plus feature columns, typed as in
+:func:`slimrank.data.features.table_from_frame`.
 
 Every check raises :class:`~slimrank.errors.DataError` naming the file, the column and the first
 bad row (0-based, header excluded) and, for CSV, the line (row + 2). Loading only reads files.
@@ -228,7 +229,11 @@ def first_undecodable_line(path: Path) -> int | None:
 
 
 def parse_timestamps(column: pd.Series, path: Path) -> np.ndarray:
-    """Return int64 unix seconds of numbers or ISO-8601 date-times; the first bad row raises."""
+    """Return int64 unix seconds of numbers or ISO-8601 date-times; the first bad row raises.
+
+    Before 1970 (a negative number, or such a date) is refused: no interaction log holds
+    one, and a sentinel such as ``-1`` would silently be read as the oldest event.
+    """
     seconds = np.zeros(len(column), dtype=np.int64)  # (n,)
     if pd.api.types.is_datetime64_any_dtype(column):
         numeric = np.full(len(column), np.nan)
@@ -251,7 +256,15 @@ def parse_timestamps(column: pd.Series, path: Path) -> np.ndarray:
             f"not a unix time or ISO-8601 date-time: {_shown(column.iloc[row])}",
             **_where(path, "timestamp", row),
         )
-    too_big = np.abs(seconds) >= MAX_UNIX_SECONDS
+    early = seconds < 0
+    if early.any():  # a sentinel such as -1 would otherwise become the oldest interaction
+        row = int(np.flatnonzero(early)[0])
+        raise DataError(
+            f"{_shown(column.iloc[row])} is before 1970-01-01: timestamps of interactions "
+            "must be unix seconds from 0 on",
+            **_where(path, "timestamp", row),
+        )
+    too_big = seconds >= MAX_UNIX_SECONDS
     if too_big.any():
         row = int(np.flatnonzero(too_big)[0])
         raise DataError(
