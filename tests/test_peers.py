@@ -14,6 +14,7 @@ from slimrank.evaluation.baselines import EaseConfig, ease_weights
 from slimrank.evaluation.peers import (
     Peer,
     evaluate_peer,
+    evaluate_peers,
     fit_item_knn,
     fit_item_knn_sparse,
     fit_most_popular,
@@ -216,6 +217,22 @@ def test_evaluate_peer_selects_on_validation_and_refits_on_train_plus_valid() ->
     assert result.test == metrics
     np.testing.assert_array_equal(result.test_per_user.values, per_user.values)
     assert result.test_per_user.mean == pytest.approx(result.test["ndcg@10"])
+
+
+def test_evaluate_peers_refuses_two_peers_of_one_name_before_fitting() -> None:
+    """A result dict by name would keep only the second; ALS and ALS_SMALL share a name."""
+    fits: list[dict] = []
+
+    def fit(x: sp.csr_matrix, params: dict) -> object:
+        fits.append(params)
+        return fit_most_popular(x, params)
+
+    one, two = Peer("ALS", fit, {"a": (1,)}), Peer("ALS", fit, {"a": (2,)})
+    with pytest.raises(ValueError, match=r"repeated: \['ALS'\]"):
+        evaluate_peers(_hand_split(), peers=iter([one, Peer("pop", fit, {}), two]))
+    assert fits == []
+    found = evaluate_peers(_hand_split(), peers=iter([one, Peer("pop", fit, {})]))
+    assert list(found) == ["ALS", "pop"] and found["ALS"].params == {"a": 1}
 
 
 def test_selection_keeps_the_first_setting_on_a_tie_and_scores_only_users_with_items() -> None:

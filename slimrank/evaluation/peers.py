@@ -482,7 +482,17 @@ def evaluate_peer(
 def evaluate_peers(
     split: Split, k: int = 10, peers: Iterable[Peer] = PEERS, users: np.ndarray | None = None
 ) -> dict[str, PeerResult]:
-    """Return :func:`evaluate_peer` of every peer, by name."""
+    """Return :func:`evaluate_peer` of every peer, by name.
+
+    ``ValueError`` before any fit if two peers share a name (``ALS`` and ``ALS_SMALL`` do:
+    one grid each for the scale and the ml-100k comparisons), since one row would replace
+    the other.
+    """
+    peers = tuple(peers)
+    names = [peer.name for peer in peers]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"evaluate_peers: peer names must differ, repeated: {repeated}")
     return {peer.name: evaluate_peer(peer, split, k, users) for peer in peers}
 
 
