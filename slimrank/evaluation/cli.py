@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``baseline`` command."""
     parser = sub.add_parser(
         "baseline",
-        help="evaluate the peers (most popular, EASE, item-KNN, RP3beta) with the protocol",
+        help="evaluate the peers (most popular, EASE, item-KNN, RP3beta, ALS) with the protocol",
         description="Each peer's hyperparameters are chosen on validation (fit on train); the "
         "chosen setting is refitted on train + valid to score test, what every system may "
         "read there. Printed beside RecBole 1.2.1's test anchors (a different random split).",
