@@ -15,7 +15,9 @@ from slimrank.cli import main
 def root(tmp_path):
     r = tmp_path / "bundles"
     publish(r, {"ranker.onnx": b"one"}, metrics={"test": {"ndcg@10": 0.301}}, parent="t-1")
-    publish(r, {"ranker.onnx": b"two"}, metrics={"test": {"ndcg@10": 0.312}}, gate={"passed": True})
+    publish(
+        r, {"ranker.onnx": b"two"}, metrics={"test": {"ndcg@10": 0.312}}, gate={"accepted": True}
+    )
     return r
 
 
@@ -33,7 +35,20 @@ def test_list_marks_current_and_shows_metrics(root, capsys):
     assert set(rows) == {v1, v2}
     assert "*" in rows[v2].split("│")[1] and "*" not in rows[v1].split("│")[1]
     assert "test.ndcg@10=0.312" in rows[v2] and "pass" in rows[v2]
-    assert "t-1" in rows[v1]
+    assert "t-1" in rows[v1] and "pass" not in rows[v1]  # published without a gate
+
+
+def test_list_shows_the_gates_verdict_and_mode(tmp_path, capsys):
+    r = tmp_path / "bundles"
+    publish(r, {"a": b"1"}, gate={"accepted": True, "mode": "dynamic"})
+    publish(r, {"a": b"2"}, gate={"accepted": False, "mode": None})
+    publish(r, {"a": b"3"}, gate={"passed": True})  # not the gate's key: shown as no gate
+    code, out, _ = run(capsys, "list", "--root", str(r))
+    cells = [line.split("│") for line in out.splitlines() if "│ v0000" in line]
+    header = next(line.split("┃") for line in out.splitlines() if "┃ version" in line)
+    column = [c.strip() for c in header].index("gate")
+    assert code == 0
+    assert [c[column].strip() for c in cells] == ["pass (dynamic)", "FAIL", ""]
 
 
 def test_bundles_flag_names_the_same_root_as_root(root, tmp_path, capsys, monkeypatch):

@@ -27,6 +27,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     return tiny_pipeline(tmp_path_factory)
 
 
+def test_bundle_list_shows_the_pipeline_gates_verdict(
+    tiny: TinyRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The gate column reads what the int8 step really writes (it once read a key nothing
+    wrote, so a published pipeline bundle showed an empty cell)."""
+    manifest = open_bundle(tiny.bundles, tiny.version).manifest
+    capsys.readouterr()
+    assert main(["bundle", "list", "--root", str(tiny.bundles)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if tiny.version in line)
+    assert f"pass ({manifest.gate['mode']})" in row
+
+
 def _flip(path: Path) -> bytes:
     """Flip one bit of the middle byte in place (the size stays); return the old bytes."""
     data = path.read_bytes()

@@ -71,8 +71,14 @@ def _console() -> Console:
 
 
 def _gate_text(gate: dict) -> str:
-    passed = gate.get("passed")
-    return "" if passed is None else ("pass" if passed else "FAIL")
+    """``pass (MODE)`` or ``FAIL`` from the int8 gate's summary (``accepted``, ``mode``, as
+    the pipeline's int8 step writes it); empty for a bundle published without one."""
+    accepted = gate.get("accepted")
+    if accepted is None:
+        return ""
+    if not accepted:
+        return "FAIL"
+    return f"pass ({gate['mode']})" if gate.get("mode") else "pass"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
