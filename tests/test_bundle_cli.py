@@ -48,7 +48,7 @@ def test_list_shows_the_gates_verdict_and_mode(tmp_path, capsys):
     header = next(line.split("┃") for line in out.splitlines() if "┃ version" in line)
     column = [c.strip() for c in header].index("gate")
     assert code == 0
-    assert [c[column].strip() for c in cells] == ["pass (dynamic)", "FAIL", ""]
+    assert [c[column].strip() for c in cells] == ["", "FAIL", "pass (dynamic)"]  # newest first
 
 
 def test_bundles_flag_names_the_same_root_as_root(root, tmp_path, capsys, monkeypatch):
