@@ -284,6 +284,8 @@ def test_load_current_refuses_a_corrupt_current(tmp_path: Path) -> None:
         "v1\x00",
         "v000001-20260101T000000Z\nforged",
         "\u0661",  # ARABIC-INDIC DIGIT ONE: int() reads it as 1, but it is no sequence number
+        "v999999-20990101T000000Z",  # well formed, not in the store
+        "999999",
     ],
 )
 def test_a_bad_version_name_is_refused_with_one_warning_line(
@@ -292,7 +294,7 @@ def test_a_bad_version_name_is_refused_with_one_warning_line(
     served_version = served.holder.get().version
     with caplog.at_level(logging.INFO), pytest.raises(grpc.RpcError) as err:
         served.client.reload(name)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # no published version has the name
     assert repr(name) in err.value.details()
     assert served.holder.get().version == served_version
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -334,7 +336,7 @@ def test_current_naming_a_symlink_to_outside_the_store_is_refused(
     assert "not a published version" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         served.client.reload(v2)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # a link is not a published version
     assert not served.watcher.poll_once()
     assert served.client.recommend("u1", 3).model_version == v1
     with pytest.raises(IntegrityError, match="not a published version"):

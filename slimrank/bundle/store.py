@@ -67,6 +67,10 @@ class BundleError(SlimrankError):
     """A bundle operation that cannot be done: no such version, nothing to roll back to."""
 
 
+class VersionNotFound(BundleError, LookupError):
+    """No published version has the name asked for (``Admin.Reload`` answers NOT_FOUND)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreConfig(Config):
     """How many versions a store keeps. ``CURRENT`` and its predecessor are always kept."""
@@ -142,7 +146,7 @@ def resolve_version(root: str | Path, name: str | None) -> str:
     if name is None:
         current = current_version(root)
         if current is None:
-            raise BundleError(f"{root}: no CURRENT version (nothing published or promoted)")
+            raise VersionNotFound(f"{root}: no CURRENT version (nothing published or promoted)")
         return current
     versions = list_versions(root)
     if name.isascii() and name.isdigit():
@@ -151,7 +155,7 @@ def resolve_version(root: str | Path, name: str | None) -> str:
             return matches[0]
     elif name in versions:
         return name
-    raise BundleError(f"{root}: no published version {name!r}")
+    raise VersionNotFound(f"{root}: no published version {name!r}")
 
 
 def verify_version(root: str | Path, version: str) -> tuple[Manifest, list[Problem]]:
