@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.client
 import json
+import logging
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -161,6 +164,61 @@ def test_a_body_up_to_the_limit_is_read_and_one_byte_more_is_413(
     assert post(f"{r.url}/v1/recommend", at_limit)[0] == 200
     status, answer, _ = post(f"{r.url}/v1/recommend", at_limit + b" ")
     assert (status, answer["code"]) == (413, "PAYLOAD_TOO_LARGE")
+
+
+def _send_headers_and_part_of_the_body(port: int, body: bytes) -> socket.socket:
+    """A raw HTTP/1.1 call whose Content-Length promises ``body`` but only half of it came."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = (
+        "POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body[: len(body) // 2])
+    return sock
+
+
+def test_a_caller_stalled_in_its_body_holds_no_model_slot(start: Callable[..., Running]) -> None:
+    """The body is read before admission, as gRPC has the whole message before its call is
+    admitted: with one model slot, a caller that stops halfway through its body used to have
+    every other HTTP call refused with 429 on an idle server."""
+    r = start(max_inflight=1)
+    body = json.dumps({"user_id": "u1", "k": 3}).encode()
+    stalled = _send_headers_and_part_of_the_body(r.server.http_port, body)
+    try:
+        for _ in range(3):
+            assert post(f"{r.url}/v1/recommend", {"user_id": "u2", "k": 3})[0] == 200
+        stalled.sendall(body[len(body) // 2 :])  # the rest comes: it is answered, not lost
+        answer = stalled.makefile("rb").read()
+    finally:
+        stalled.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b'"items"' in answer
+    assert r.sample("slimrank_shed_requests_total") == 0
+
+
+def test_a_chunked_body_over_the_limit_is_a_json_413(start: Callable[..., Running]) -> None:
+    """No Content-Length to check first: the reader stops at the limit, answered in JSON."""
+    r = start(max_http_body_bytes=2048)
+    connection = http.client.HTTPConnection("127.0.0.1", r.server.http_port, timeout=10)
+    chunks = (b" " * 1024 for _ in range(3))
+    headers = {"Content-Type": "application/json"}
+    connection.request("POST", "/v1/recommend", body=chunks, headers=headers, encode_chunked=True)
+    response = connection.getresponse()
+    assert (response.status, response.getheader("Content-Type")) == (413, "application/json")
+    assert json.loads(response.read())["code"] == "PAYLOAD_TOO_LARGE"
+    connection.close()
+    route = {"route": "/v1/recommend", "status": "413"}
+    assert r.sample("slimrank_http_requests_total", route) == 1
+
+
+def test_a_caller_gone_before_its_body_arrived_is_no_server_error(
+    start: Callable[..., Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    r = start()
+    body = json.dumps({"user_id": "u1", "k": 3}).encode()
+    with caplog.at_level(logging.WARNING):
+        _send_headers_and_part_of_the_body(r.server.http_port, body).close()
+        assert post(f"{r.url}/v1/recommend", {"user_id": "u2", "k": 3})[0] == 200
+    assert [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR] == []
 
 
 @pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON"])

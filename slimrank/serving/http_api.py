@@ -68,6 +68,15 @@ _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 _PARSE_FIELD = re.compile(r'Failed to parse (\w+) field|has no field named "(\w+)"')
 
 
+class BodyTooLarge(Exception):
+    """The web server's body reader passed the limit (a chunked body, whose length no header
+    gave beforehand)."""
+
+
+class BodyLost(Exception):
+    """The caller went away before its whole body arrived: there is no one to answer."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Route:
     """One POST endpoint: the servicer method it calls and its request message."""
@@ -218,8 +227,13 @@ class HttpApi:
         body: bytes | Callable[[], Any],
         headers: tuple[tuple[str, str], ...] = (),
     ) -> HttpResponse:
-        """Answer one call. ``body`` is the bytes or an awaitable-returning reader of them
-        (read only once the call is admitted, as gRPC reads the message only then).
+        """Answer one call. ``body`` is the bytes or an awaitable-returning reader of them,
+        which may raise :class:`BodyTooLarge` (answered 413) or :class:`BodyLost` (raised).
+
+        The body is read whole before admission, as gRPC has the whole message before its
+        call is admitted: a caller that sends its headers and then stalls holds a
+        connection, not one of the model's slots (a few such callers refused every HTTP
+        call with 429 on an idle server).
         """
         start = time.perf_counter()
         route = ROUTES.get(path)
@@ -235,6 +249,13 @@ class HttpApi:
         if not _content_type_is_json(content_type):
             message = f"Content-Type must be {JSON}, got {content_type or 'none'}"
             return self._count(path, error_response(415, "UNSUPPORTED_MEDIA_TYPE", message), start)
+        try:
+            raw = body if isinstance(body, bytes) else await body()
+        except BodyTooLarge:
+            raw = None
+        if raw is None or len(raw) > self.max_body_bytes:
+            message = f"request body is larger than {self.max_body_bytes} bytes"
+            return self._count(path, error_response(413, "PAYLOAD_TOO_LARGE", message), start)
         ticket = self._admission.enter(limited=True)
         if isinstance(ticket, Refusal):
             self._metrics.refused(ticket)
@@ -247,10 +268,6 @@ class HttpApi:
                 path, error_response(429, "RESOURCE_EXHAUSTED", message, retry), start
             )
         try:
-            raw = body if isinstance(body, bytes) else await body()
-            if len(raw) > self.max_body_bytes:
-                message = f"request body is larger than {self.max_body_bytes} bytes"
-                return self._count(path, error_response(413, "PAYLOAD_TOO_LARGE", message), start)
             if not raw.lstrip(b" \t\r\n").startswith(b"{"):
                 # protobuf's parser reads a JSON array's items as field names ("field 1").
                 message = (

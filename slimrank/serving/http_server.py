@@ -13,11 +13,14 @@ as they are. This module only moves bytes; ``HttpApi`` decides every answer.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from slimrank.serving.http_api import HttpApi, error_response
+from slimrank.serving.http_api import BodyLost, BodyTooLarge, HttpApi, error_response
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -42,13 +45,26 @@ def _handler(api: HttpApi) -> Callable[[web.Request], Awaitable[web.StreamRespon
             return web.Response(
                 status=too_large.status, body=too_large.body, content_type="application/json"
             )
-        response = await api.handle(
-            request.method,
-            request.path,
-            request.headers.get("Content-Type"),
-            request.read,
-            tuple(request.headers.items()),
-        )
+
+        async def read() -> bytes:
+            try:
+                return await request.read()
+            except web.HTTPRequestEntityTooLarge as err:  # aiohttp's own is text/plain
+                raise BodyTooLarge from err
+            except ConnectionResetError as err:
+                raise BodyLost from err
+
+        try:
+            response = await api.handle(
+                request.method,
+                request.path,
+                request.headers.get("Content-Type"),
+                read,
+                tuple(request.headers.items()),
+            )
+        except BodyLost:
+            log.debug("HTTP caller %s went away before its body arrived", request.remote)
+            raise web.HTTPBadRequest from None  # never sent: the connection is gone
         return web.Response(
             status=response.status,
             body=response.body,
