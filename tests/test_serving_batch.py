@@ -56,7 +56,8 @@ def test_the_batch_is_bounded_and_names_the_bad_request(served) -> None:
     with pytest.raises(grpc.RpcError) as info:
         client.recommend_batch([BatchRequest("u1", 3)] * 9, page_size=9)  # max_batch=8
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "requests" in info.value.details() and "8" in info.value.details()
+    assert info.value.details() == "requests: must hold 1 to 8 requests (page longer lists), got 9"
+    assert set(field_violations(info.value)) == {"requests"}  # as every INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as info:
         client.recommend_batch([BatchRequest("u1", 3), BatchRequest("u2", 0)])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -69,6 +70,7 @@ def test_the_batch_is_bounded_and_names_the_bad_request(served) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.RecommendBatch(recommender_pb2.RecommendBatchRequest(), timeout=5)  # empty
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(info.value)) == {"requests"}
 
 
 def test_a_batch_of_exactly_max_batch_is_answered(served) -> None:

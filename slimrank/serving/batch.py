@@ -67,9 +67,10 @@ class BatchRecommenderServicer(RecommenderServicer):
     ) -> recommender_pb2.RecommendBatchResponse:
         n, limit = len(request.requests), self._config.max_batch
         if not 1 <= n <= limit:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{REQUESTS_FIELD}: must hold 1 to {limit} requests (page longer lists), got {n}",
+            context.abort_with_status(
+                bad_request(
+                    REQUESTS_FIELD, f"must hold 1 to {limit} requests (page longer lists), got {n}"
+                )
             )
         pinned = RecommenderServicer(_PinnedHolder(self._holder), self._config, self._metrics)  # type: ignore[arg-type]
         responses = [
