@@ -114,6 +114,13 @@ def test_recommend_and_search_answer_what_grpc_answers(start: Callable[..., Runn
         ("/v1/recommend", {"user": "u1", "k": 3}, "user"),  # unknown field
         ("/v1/search", {"query_vector": [1.0, 2.0], "k": 3}, "query_vector"),
         ("/v1/recommend:batch", {"requests": [{"k": 3}, {"k": 0}]}, "requests[1].k"),
+        ("/v1/recommend:batch", {"requests": [{"k": 3}, {"kk": 3}]}, "requests[1].kk"),
+        (
+            "/v1/recommend",
+            {"k": 3, "filters": [{"field": "genre"}, {"field": "release_year", "min": "abc"}]},
+            "filters[1].min",
+        ),
+        ("/v1/recommend", {"user_id": "u1", "k": 3.5}, "k"),
     ],
 )
 def test_bad_input_is_400_naming_the_field(

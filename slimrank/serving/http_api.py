@@ -66,6 +66,9 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 # JSON parser's own messages name the field in their text.
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 _PARSE_FIELD = re.compile(r'Failed to parse (\w+) field|has no field named "(\w+)"')
+# protobuf's parser ends some messages with where it was: 'at RecommendRequest.filters[0].min.',
+# or, for an unknown field, 'has no field named "kk" at "RecommendBatchRequest.requests[0]"'.
+_PARSE_AT = re.compile(r' at "?\w+((?:\.\w+(?:\[\d+\])?)*)"?\.?(?:\n|$)')
 
 
 class BodyTooLarge(Exception):
@@ -112,8 +115,21 @@ def error_response(
         if match:
             payload["field"] = match.group(1)
         elif parsed:
-            payload["field"] = parsed.group(1) or parsed.group(2)
+            payload["field"] = _parsed_field(message, parsed)
     return HttpResponse(status, json.dumps(payload).encode(), headers)
+
+
+def _parsed_field(message: str, parsed: re.Match[str]) -> str:
+    """The path of the field a JSON parse error is about (``requests[3].k``) when the parser
+    says where it was; else the outermost field it names."""
+    at = _PARSE_AT.search(message)
+    if at is None:
+        return parsed.group(1) or parsed.group(2)
+    path = at.group(1).lstrip(".")
+    unknown = re.search(r'has no field named "(\w+)"', message)
+    if unknown:
+        return f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+    return path or parsed.group(1) or parsed.group(2)
 
 
 class HttpContext:
