@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--config",
         default="pipeline",
-        help="pipeline TOML file, or a shipped config's name: pipeline (default), tiny",
+        help="pipeline TOML file, or a shipped config's name: pipeline (default), scale, tiny",
     )
     parser.add_argument(
         "--check-config",

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--config",
         default="pipeline",
-        help="pipeline TOML file, or a shipped config's name: pipeline (default), tiny",
+        help="pipeline TOML file, or a shipped config's name: pipeline (default), scale, tiny",
     )
     parser.add_argument("--out", default="runs/compress", help="directory for the report files")
     parser.add_argument("--cache-dir", help="step cache directory (default: from the config)")
