@@ -21,6 +21,7 @@ from slimrank.serving.proto.slimrank.v1 import recommender_pb2, recommender_pb2_
 from slimrank.serving.reload import bundle_reload_fn, load_current
 from slimrank.serving.server import create_server
 from slimrank.serving.snapshot import ModelSnapshot, Retrieved, SnapshotHolder
+from slimrank.serving.status import field_violations
 from slimrank.serving.text_search import TextSearchConfig
 
 ALL_WORDS = "red blue night river star garden winter city"  # every synthetic title has two
@@ -247,7 +248,10 @@ def test_a_vector_search_takes_filters_too(served: Served) -> None:
     assert sorted(rows) == sorted(np.flatnonzero(allowed).tolist())  # all of them, only them
     error = _search(served, query_vector=vector.tolist(), user_id="u3")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "query_vector: user_id and recent_item_ids need text" in error.details()
+    assert error.details() == "user_id: ranks a text search only, not a query_vector"
+    assert set(field_violations(error)) == {"user_id"}
+    error = _search(served, query_vector=vector.tolist(), recent_item_ids=["i1"])
+    assert error.details() == "recent_item_ids: ranks a text search only, not a query_vector"
 
 
 def test_a_reload_swaps_the_catalog_with_the_model(

@@ -191,8 +191,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         if request.text or not request.query_vector:
             return self._search_text(request, context, snapshot)
         if request.user_id or request.recent_item_ids:
+            field = "user_id" if request.user_id else "recent_item_ids"  # the one to drop
             _abort_invalid(
-                context, ValidationError("query_vector", "user_id and recent_item_ids need text")
+                context, ValidationError(field, "ranks a text search only, not a query_vector")
             )
         try:
             k = check_k(request.k, cfg.max_k)
