@@ -185,7 +185,8 @@ def _search(served: Served, **fields: object) -> grpc.RpcError:
         ({"text": "   "}, "text: must not be empty"),
         ({"text": "x" * 10_000}, "text: longer than 512 characters (10000)"),
         ({"text": "star\x07wars"}, "text: control character U+0007 at position 4"),
-        ({"text": "star\u200ewars"}, "text: control character U+200E at position 4"),
+        ({"text": "star\u200ewars"}, "text: format character U+200E at position 4"),
+        ({"text": "star\u202ewars"}, "text: format character U+202E at position 4"),
         ({"text": "star", "query_vector": [0.0] * 3}, "text: send text or query_vector"),
         ({"text": "star", "k": 0}, "k: must be in"),
         (
@@ -361,7 +362,9 @@ def test_text_checks_allow_whitespace_controls_and_exactly_the_maximum_length() 
     from slimrank.serving.text_validation import MAX_TEXT_LENGTH, check_text
     from slimrank.serving.validation import ValidationError
 
-    for text in ("star\twars", "star\r\nwars", "x" * MAX_TEXT_LENGTH):
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # a word spelled with a ZWNJ
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # an emoji joined with ZWJs
+    for text in ("star\twars", "star\r\nwars", "x" * MAX_TEXT_LENGTH, persian, family):
         assert check_text(text) == text
     with pytest.raises(ValidationError, match="longer than 512 characters \\(513\\)"):
         check_text("x" * (MAX_TEXT_LENGTH + 1))

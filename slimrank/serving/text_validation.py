@@ -16,21 +16,27 @@ from slimrank.serving.validation import ValidationError
 MAX_TEXT_LENGTH = 512
 MAX_FILTERS = 16
 _WHITESPACE_CONTROLS = "\t\n\r"
+# Zero-width non-joiner and joiner: format characters that are part of correct spelling
+# (Persian, Hindi and other scripts) and of emoji sequences, so a search box sends them.
+_JOINERS = "\u200c\u200d"
 
 
 def check_text(text: str, max_length: int = MAX_TEXT_LENGTH, field: str = "text") -> str:
     """Return ``text`` if it has a visible character, at most ``max_length``, no controls.
 
-    Tabs and line breaks count as spaces; any other control or format character
-    (Unicode categories Cc, Cf) is refused with its position.
+    Tabs and line breaks count as spaces, and the zero-width (non-)joiner is text; any other
+    control or format character (Unicode categories Cc, Cf: bidi overrides, BOMs) is
+    refused with its position.
     """
     if len(text) > max_length:
         raise ValidationError(field, f"longer than {max_length} characters ({len(text)})")
     for i, ch in enumerate(text):
-        if ch in _WHITESPACE_CONTROLS:
+        if ch in _WHITESPACE_CONTROLS or ch in _JOINERS:
             continue
-        if unicodedata.category(ch) in ("Cc", "Cf"):
-            raise ValidationError(field, f"control character U+{ord(ch):04X} at position {i}")
+        category = unicodedata.category(ch)
+        if category in ("Cc", "Cf"):
+            what = "control" if category == "Cc" else "format"
+            raise ValidationError(field, f"{what} character U+{ord(ch):04X} at position {i}")
     if not text.strip():
         raise ValidationError(field, "must not be empty or only spaces")
     return text
