@@ -151,6 +151,9 @@ def test_what_is_not_a_json_call_is_refused_plainly(start: Callable[..., Running
         assert answer["message"].startswith("body must be a JSON object"), answer
         assert "field" not in answer
     assert post(f"{r.url}/v1/recommend", b' \r\n\t{"user_id": "u1", "k": 3}')[0] == 200
+    bom = b'\xef\xbb\xbf{"user_id": "u1", "k": 3}'  # a UTF-8 BOM, which RFC 8259 lets us ignore
+    assert post(f"{r.url}/v1/recommend", bom)[0] == 200
+    assert post(f"{r.url}/v1/recommend", b"\xef\xbb\xbf")[0] == 400  # nothing after it
     status, answer, _ = post(f"{r.url}/v1/nothing", ok)
     assert (status, answer["code"]) == (404, "NOT_FOUND")
     status, _, headers = post(f"{r.url}/v1/recommend", b"", method="GET")

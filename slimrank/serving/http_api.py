@@ -65,6 +65,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 # "k: must be in [1, 100]" / "requests[3].k: ..." -> the field the message starts with; the
 # JSON parser's own messages name the field in their text.
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+UTF8_BOM = b"\xef\xbb\xbf"
 _PARSE_FIELD = re.compile(r'Failed to parse (\w+) field|has no field named "(\w+)"')
 # protobuf's parser ends some messages with where it was: 'at RecommendRequest.filters[0].min.',
 # or, for an unknown field, 'has no field named "kk" at "RecommendBatchRequest.requests[0]"'.
@@ -284,6 +285,7 @@ class HttpApi:
                 path, error_response(429, "RESOURCE_EXHAUSTED", message, retry), start
             )
         try:
+            raw = raw.removeprefix(UTF8_BOM)  # RFC 8259 lets a parser ignore one
             if not raw.lstrip(b" \t\r\n").startswith(b"{"):
                 # protobuf's parser reads a JSON array's items as field names ("field 1").
                 message = (
