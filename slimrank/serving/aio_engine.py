@@ -361,6 +361,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         pool = self._handler_pool if limited else self._other_pool
+        if pool is None and method == BATCH_METHOD:
+            # On the loop a batch would hold every call behind it for all its requests (an
+            # independent client measured online p99 at 256 ms beside one batch client); on a
+            # thread the loop keeps taking and answering calls between the GIL's turns.
+            pool = self._other_pool
         return grpc.unary_unary_rpc_method_handler(
             self._behavior(handler.unary_unary, method, accepted, ticket, pool),
             request_deserializer=lenient(handler.request_deserializer),

@@ -210,7 +210,8 @@ def _content_type_is_json(content_type: str | None) -> bool:
 class HttpApi:
     """Answers HTTP/JSON calls with the gRPC server's servicer, admission and metrics.
 
-    ``handler_pool`` runs the servicer (None: inline on the event loop), as for gRPC calls.
+    ``handler_pool`` runs the servicer (None: inline on the event loop), as for gRPC calls;
+    ``batch_pool`` runs ``RecommendBatch`` when there is no handler pool (None: inline too).
     """
 
     def __init__(
@@ -220,8 +221,10 @@ class HttpApi:
         metrics: ServingMetrics,
         handler_pool: futures.Executor | None,
         max_body_bytes: int,
+        batch_pool: futures.Executor | None = None,
     ) -> None:
         self._servicer = servicer
+        self._batch_pool = batch_pool
         self._admission = admission
         self._metrics = metrics
         self._http = HttpMetrics(metrics)
@@ -322,11 +325,14 @@ class HttpApi:
                 if observe:
                     self._admission.observe(time.perf_counter() - start)
 
+        pool = self._pool
+        if pool is None and route.method == "RecommendBatch":
+            pool = self._batch_pool  # a batch on the loop would hold every call behind it
         try:
-            if self._pool is None:
+            if pool is None:
                 message = run()
             else:
-                future = self._pool.submit(run)
+                future = pool.submit(run)
                 ticket.hold()  # the slot stays taken while the thread works, as for gRPC
                 future.add_done_callback(ticket.release)
                 message = await asyncio.shield(asyncio.wrap_future(future))

@@ -400,7 +400,14 @@ def _start_http(
     from slimrank.serving.http_server import start_http
 
     handler_pool = pools[0] if config.handler_threads > 0 else None
-    api = HttpApi(recommender, admission, metrics, handler_pool, config.max_http_body_bytes)
+    api = HttpApi(
+        recommender,
+        admission,
+        metrics,
+        handler_pool,
+        config.max_http_body_bytes,
+        batch_pool=handler_pool or pools[-1],  # as gRPC: a batch never runs on the loop
+    )
     return loop.run(
         start_http(
             api,
