@@ -26,6 +26,11 @@ at times freezes a process (the load generator sends on meanwhile). The machine'
 changes between runs on a shared VM (CPU per call and steal are printed beside each run for
 that reason), so compare within pairs.
 
+With ``--batch-beside N`` an offline job runs beside the schedule in every run: one client
+sends ``RecommendBatch`` calls of N of the same users' requests back to back (a refused one
+is sent again after 50 ms) until the schedule ends; the batches answered and refused, and
+the answered ones' p50, are recorded beside the online calls' figures.
+
 With ``--b-front "--rate 400"`` or ``--b-front "--in-flight 2"`` (or ``--a-front``) that
 variant's calls go through a ``slimrank front`` (nginx for a rate, HAProxy for calls in
 flight; started from the same tree, with those flags, an ``--upstream`` among them
@@ -47,6 +52,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,62 @@ from slimrank.compression.cpu import cpu_times, steal_share
 RECOMMEND = "/slimrank.v1.Recommender/Recommend"
 COUNTERS = ("slimrank_shed_requests_total", "slimrank_stalls_total")
 FRONT_READY = re.compile(r"front on (\S+):(\d+) metrics (\S+) pid (\d+)")
+
+
+class BatchJob:
+    """A thread sending ``RecommendBatch`` calls of ``size`` requests back to back to
+    ``target`` until :meth:`stop`: an offline job beside the online schedule."""
+
+    def __init__(self, target: str, requests: list[bytes], size: int) -> None:
+        import grpc
+
+        from slimrank.serving.proto.slimrank.v1 import recommender_pb2
+
+        self._channel = grpc.insecure_channel(target)
+        self._call = self._channel.unary_unary(
+            "/slimrank.v1.Recommender/RecommendBatch",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        batches = [requests[i : i + size] for i in range(0, len(requests) - size + 1, size)]
+        self._bodies = [
+            recommender_pb2.RecommendBatchRequest(
+                requests=[recommender_pb2.RecommendRequest.FromString(r) for r in batch]
+            ).SerializeToString()
+            for batch in batches
+        ]
+        self._stop = threading.Event()
+        self.codes: dict[str, int] = {}
+        self.latency_ms: list[float] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import grpc
+
+        i = 0
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            try:
+                self._call(self._bodies[i % len(self._bodies)], timeout=30)
+                code = "OK"
+                self.latency_ms.append(1000 * (time.perf_counter() - start))
+            except grpc.RpcError as err:
+                code = err.code().name
+                self._stop.wait(0.05)
+            self.codes[code] = self.codes.get(code, 0) + 1
+            i += 1
+
+    def stop(self) -> dict[str, Any]:
+        """Stop after the call in flight; return the batches' figures."""
+        self._stop.set()
+        self._thread.join(60)
+        self._channel.close()
+        p50 = float(np.percentile(self.latency_ms, 50)) if self.latency_ms else None
+        return {
+            "batches": dict(self.codes),
+            "batch_p50_ms": None if p50 is None else round(p50, 1),
+        }
 
 
 class FrontProcess:
@@ -167,8 +229,12 @@ def one_run(
         if args.freeze:
             freeze = {"pids": server.pids, "at_s": args.freeze_at, "for_s": args.freeze}
         job = job_for(target, RECOMMEND, requests, args.rate, args.calls, seed=seed, freeze=freeze)
+        batch_job = None if not args.batch_beside else BatchJob(target, requests, args.batch_beside)
         times0 = cpu_times()
-        out = drive(job, timeout_s=args.calls / args.rate + 120)
+        try:
+            out = drive(job, timeout_s=args.calls / args.rate + 120)
+        finally:
+            batch_figures = {} if batch_job is None else batch_job.stop()
         stolen = steal_share(times0, cpu_times())
         cpu = _cpu_seconds(server.pids) - cpu0
         if front is not None:
@@ -207,6 +273,7 @@ def one_run(
         # The share of the machine's CPU time the hypervisor gave other guests during the run.
         "steal_pct": None if stolen is None else round(100 * stolen, 1),
         **front_figures,
+        **batch_figures,
     }
 
 
@@ -251,6 +318,15 @@ def pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def batch_cell(run: dict[str, Any]) -> str:
+    """``answered / refused, p50`` of the batch job beside a run."""
+    codes = run.get("batches", {})
+    refused = codes.get("RESOURCE_EXHAUSTED", 0)
+    other = sum(n for code, n in codes.items() if code not in ("OK", "RESOURCE_EXHAUSTED"))
+    tail = f" ({other} failed otherwise)" if other else ""
+    return f"{codes.get('OK', 0)} / {refused}{tail}, {ms(run.get('batch_p50_ms'))}"
+
+
 def front_cpu(run: dict[str, Any]) -> str:
     """`` (+X front)``: the front's CPU per call beside the server's, for a run behind one."""
     cpu = run.get("front_cpu_ms_per_call")
@@ -262,6 +338,7 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     # Results recorded before steal was measured render as they were committed.
     steal = any("steal_pct" in r for r in report["runs"])
+    batch = bool(report.get("batch_beside"))
     lines = [
         f"# Serving A/B: {a} vs {b}",
         "",
@@ -273,6 +350,12 @@ def markdown(report: dict[str, Any]) -> str:
             f", each server stopped (SIGSTOP) for {report['freeze_s']:g} s from "
             f"{report['freeze_at_s']:g} s into the schedule"
             if report.get("freeze_s")
+            else ""
+        )
+        + (
+            f", beside one client sending RecommendBatch calls of {report['batch_beside']}"
+            " requests back to back"
+            if batch
             else ""
         )
         + f". CPU: {cpu_line(report['cpu'])}. "
@@ -293,8 +376,12 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "",
         "| variant | pair | answered | refused | other | p50 ms | p99 ms | refusal p50 / p99 ms"
-        " | server CPU ms/call | stalls | load |" + (" steal % |" if steal else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|" + ("---:|" if steal else ""),
+        " | server CPU ms/call | stalls | load |"
+        + (" steal % |" if steal else "")
+        + (" batches answered / refused, p50 ms |" if batch else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+        + ("---:|" if steal else "")
+        + ("---|" if batch else ""),
     ]
     for r in report["runs"]:
         lines.append(
@@ -302,7 +389,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['failed_otherwise']} | {r['p50_ms']} | {r['p99_ms']} | "
             f"{ms(r.get('refusal_p50_ms'))} / {ms(r.get('refusal_p99_ms'))} | "
             f"{r['server_cpu_ms_per_call']}{front_cpu(r)} | {r['stalls']:g} | "
-            f"{r['load_average_1m']} |" + (f" {pct(r.get('steal_pct'))} |" if steal else "")
+            f"{r['load_average_1m']} |"
+            + (f" {pct(r.get('steal_pct'))} |" if steal else "")
+            + (f" {batch_cell(r)} |" if batch else "")
         )
     lines += [
         "",
@@ -374,6 +463,13 @@ def main() -> int:
         type=serve_flags,
         help="serve B behind `slimrank front` with these flags (e.g. '--rate 400')",
     )
+    parser.add_argument(
+        "--batch-beside",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a client sends RecommendBatch calls of N requests back to back meanwhile",
+    )
     parser.add_argument("--name", help="results file suffix (default: LABEL-vs-LABEL-RATE)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("serve_args", nargs="*", help="more `slimrank serve` flags, after --")
@@ -382,6 +478,8 @@ def main() -> int:
         parser.error(f"--bundles {args.bundles}: no CURRENT there (run `make demo` first)")
     if args.rate <= 0 or args.calls < 100 or args.pairs < 1:
         parser.error("--rate must be > 0, --calls >= 100, --pairs >= 1")
+    if not 0 <= args.batch_beside <= 64:
+        parser.error("--batch-beside must be in [0, 64] (the server's max_batch)")
     if not (0 <= args.freeze <= 10) or not (0 <= args.freeze_at < args.calls / args.rate):
         parser.error("--freeze must be in [0, 10] s, --freeze-at within the schedule")
     for flag, pairs in (("--a-env", args.a_env), ("--b-env", args.b_env)):
@@ -429,6 +527,7 @@ def main() -> int:
         "calls": args.calls,
         "freeze_s": args.freeze,
         "freeze_at_s": args.freeze_at,
+        "batch_beside": args.batch_beside,
         "cpu": cpu_features(),
         "python": platform.python_version(),
         "runs": runs,
