@@ -210,8 +210,9 @@ def _content_type_is_json(content_type: str | None) -> bool:
 class HttpApi:
     """Answers HTTP/JSON calls with the gRPC server's servicer, admission and metrics.
 
-    ``handler_pool`` runs the servicer (None: inline on the event loop), as for gRPC calls;
-    ``batch_pool`` runs ``RecommendBatch`` when there is no handler pool (None: inline too).
+    ``handler_pool`` runs the servicer (None: inline on the event loop); ``batch_pool``,
+    when given, runs ``RecommendBatch`` instead, so that a batch does not hold the calls
+    queued for the handler thread.
     """
 
     def __init__(
@@ -326,8 +327,8 @@ class HttpApi:
                     self._admission.observe(time.perf_counter() - start)
 
         pool = self._pool
-        if pool is None and route.method == "RecommendBatch":
-            pool = self._batch_pool  # a batch on the loop would hold every call behind it
+        if self._batch_pool is not None and route.method == "RecommendBatch":
+            pool = self._batch_pool
         try:
             if pool is None:
                 message = run()

@@ -356,7 +356,11 @@ async def _start_aio(
             config.handler_threads, thread_name_prefix="slimrank-handler"
         )
     other_pool = futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="slimrank")
-    pools = [p for p in (handler_pool, other_pool) if p is not None]
+    http_pool = None
+    if config.http_port is not None and handler_pool is None:
+        # HTTP/JSON model calls never run on the loop (see _start_http): one thread, last.
+        http_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="slimrank-http")
+    pools = [p for p in (handler_pool, other_pool, http_pool) if p is not None]
     admission = Admission(
         config.max_inflight,
         config.max_pending_rpcs,
@@ -399,14 +403,23 @@ def _start_http(
     from slimrank.serving.http_api import HttpApi
     from slimrank.serving.http_server import start_http
 
-    handler_pool = pools[0] if config.handler_threads > 0 else None
+    # With handler threads, HTTP calls share them. Without (model calls on the loop), they
+    # run on one thread of their own: on the loop an HTTP call is admitted only when the
+    # loop reaches it, and the calls waiting for the loop are invisible to admission
+    # (grpc's core queue, which it counts, holds only gRPC calls), so HTTP never shed load.
+    # On a thread, admission counts the HTTP calls in progress as it does with
+    # --handler-threads, and the loop keeps reading new ones.
+    if config.handler_threads > 0:  # pools: handler, other
+        http_pool, batch_pool = pools[0], None
+    else:  # pools: other, http; a batch on the HTTP thread would hold every HTTP call
+        http_pool, batch_pool = pools[-1], pools[0]
     api = HttpApi(
         recommender,
         admission,
         metrics,
-        handler_pool,
+        http_pool,
         config.max_http_body_bytes,
-        batch_pool=handler_pool or pools[-1],  # as gRPC: a batch never runs on the loop
+        batch_pool=batch_pool,
     )
     return loop.run(
         start_http(
