@@ -208,6 +208,7 @@ class ServerProcess:
         if match is None:
             self.stop()
             raise RuntimeError(f"{argv[:4]}... did not report ready (got {line!r})")
+        self.ready_line = line
         self.target = f"{match[1]}:{match[2]}"
         self.metrics = match[3]  # host:port of /metrics, or what the server prints without it
         self.pids = [int(p) for p in match[4].split(",")]
