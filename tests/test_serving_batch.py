@@ -207,3 +207,29 @@ def test_a_batch_never_holds_the_event_loop_when_calls_run_on_it(batch_over: str
         client.close()
         server.shutdown(0).wait(5)
     assert batch == [4]
+
+
+def test_batches_wait_for_one_another_not_admin_calls() -> None:
+    """On their own thread (model calls on the loop): a held batch delays neither an Admin
+    call nor, over HTTP, a Recommend; the HTTP calls and the batches each have one thread."""
+    snap, entered, release = _held_once(random_snapshot("v1", dim=16))
+    config = ServerConfig(handler_threads=0, http_port=0, max_inflight=4)
+    server, port = create_server(config, SnapshotHolder(snap), CollectorRegistry())
+    server.mark_serving()
+    client = SlimrankClient(f"127.0.0.1:{port}", timeout=5.0, retries=0)
+    worker = threading.Thread(target=lambda: client.recommend_batch([BatchRequest("u1", 3)] * 2))
+    names: set[str] = set()
+    try:
+        worker.start()
+        assert entered.wait(10)
+        assert client.model_info(timeout=2.0).version == "v1"  # Admin is not behind it
+        assert (
+            len(_post(server.http_port, "/v1/recommend", {"user_id": "u3", "k": 3})["items"]) == 3
+        )
+        names = {t.name.rsplit("_", 1)[0] for t in threading.enumerate()}  # started lazily
+    finally:
+        release.set()
+        worker.join(10)
+        client.close()
+        server.shutdown(0).wait(5)
+    assert {"slimrank-batch", "slimrank-http"} <= names

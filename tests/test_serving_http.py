@@ -121,6 +121,12 @@ def test_recommend_and_search_answer_what_grpc_answers(start: Callable[..., Runn
             "filters[1].min",
         ),
         ("/v1/recommend", {"user_id": "u1", "k": 3.5}, "k"),
+        ("/v1/recommend:batch", {"requests": [{"k": 3}, {"k": 3.5}]}, "requests[1].k"),
+        (
+            "/v1/recommend:batch",
+            {"requests": [{"k": 3, "filters": [{"field": "genre", "min": "z"}]}]},
+            "requests[0].filters[0].min",
+        ),
     ],
 )
 def test_bad_input_is_400_naming_the_field(

@@ -11,7 +11,8 @@ safe choice). For each call, on the loop:
    request message is read and before any await, so a refused call never waits behind
    accepted work; the refusal is sent without reading the request.
 2. The servicers' sync methods (``Recommend(request, context)`` ...) run unchanged, either
-   inline on the loop (``handler_threads=0``) or on a small thread pool, with a
+   inline on the loop (``handler_threads=0``; ``RecommendBatch`` then on a thread of its
+   own) or on a small thread pool, with a
    :class:`SyncContext` standing in for ``grpc.ServicerContext``: ``abort`` records the code
    and details and raises, and the engine then replays them on the aio context. Admin calls
    always run on their own threads (a reload takes seconds).
@@ -228,7 +229,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
     ``interceptors`` are sync ``grpc.ServerInterceptor`` objects (e.g. the admin-token check);
     they run on the loop, in order, as they would on the sync server's polling thread.
-    Recommender calls run inline (``handler_pool`` None) or on ``handler_pool``; other sync
+    Recommender calls run inline (``handler_pool`` None) or on ``handler_pool``, except
+    ``RecommendBatch``, which runs on ``batch_pool`` when there is no handler pool; other sync
     handlers on ``other_pool``.
     """
 
@@ -241,6 +243,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         other_pool: futures.Executor,
         retry_after_s: float = 0.05,
         core_queue: CoreQueue | None = None,
+        batch_pool: futures.Executor | None = None,
     ) -> None:
         self._metrics = metrics
         # Calls waiting in gRPC's core count as ahead of a new one (set once the server exists).
@@ -262,6 +265,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self._interceptors = tuple(interceptors)
         self._handler_pool = handler_pool
         self._other_pool = other_pool
+        self._batch_pool = batch_pool
         message = (
             "server busy: refused on arrival so that accepted calls stay fast; "
             "retry with backoff, preferably on another replica"
@@ -361,11 +365,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         pool = self._handler_pool if limited else self._other_pool
-        if pool is None and method == BATCH_METHOD:
+        if pool is None and method == BATCH_METHOD and self._batch_pool is not None:
             # On the loop a batch would hold every call behind it for all its requests (an
-            # independent client measured online p99 at 256 ms beside one batch client); on a
-            # thread the loop keeps taking and answering calls between the GIL's turns.
-            pool = self._other_pool
+            # independent client measured online p99 at 256 ms beside one batch client); on
+            # its thread the loop keeps taking and answering calls between the GIL's turns,
+            # and batches wait for one another there, not Admin calls on other_pool.
+            pool = self._batch_pool
         return grpc.unary_unary_rpc_method_handler(
             self._behavior(handler.unary_unary, method, accepted, ticket, pool),
             request_deserializer=lenient(handler.request_deserializer),

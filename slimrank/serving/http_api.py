@@ -69,7 +69,7 @@ UTF8_BOM = b"\xef\xbb\xbf"
 _PARSE_FIELD = re.compile(r'Failed to parse (\w+) field|has no field named "(\w+)"')
 # protobuf's parser ends some messages with where it was: 'at RecommendRequest.filters[0].min.',
 # or, for an unknown field, 'has no field named "kk" at "RecommendBatchRequest.requests[0]"'.
-_PARSE_AT = re.compile(r' at "?\w+((?:\.\w+(?:\[\d+\])?)*)"?\.?(?:\n|$)')
+_PARSE_AT = re.compile(r' at "?\w+((?:\.\w+(?:\[\d+\])?)*)"?\.*(?:\n|$)')
 
 
 class BodyTooLarge(Exception):

@@ -356,11 +356,15 @@ async def _start_aio(
             config.handler_threads, thread_name_prefix="slimrank-handler"
         )
     other_pool = futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="slimrank")
-    http_pool = None
-    if config.http_port is not None and handler_pool is None:
-        # HTTP/JSON model calls never run on the loop (see _start_http): one thread, last.
-        http_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="slimrank-http")
-    pools = [p for p in (handler_pool, other_pool, http_pool) if p is not None]
+    batch_pool = http_pool = None
+    if handler_pool is None:
+        # Batches never run on the loop, nor on other_pool, where Admin calls would wait
+        # behind them: one thread of their own. HTTP/JSON model calls neither (_start_http).
+        batch_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="slimrank-batch")
+        if config.http_port is not None:
+            http_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="slimrank-http")
+    # Order: [handler, other] with handler threads; else [other, batch] and http last.
+    pools = [p for p in (handler_pool, other_pool, batch_pool, http_pool) if p is not None]
     admission = Admission(
         config.max_inflight,
         config.max_pending_rpcs,
@@ -372,7 +376,9 @@ async def _start_aio(
         loading=loading,
         overload_fraction=config.overload_fraction,
     )
-    serving = ServingInterceptor(metrics, admission, interceptors, handler_pool, other_pool)
+    serving = ServingInterceptor(
+        metrics, admission, interceptors, handler_pool, other_pool, batch_pool=batch_pool
+    )
     servers_before = CoreQueue.server_ids() if config.core_queue_refresh_s is not None else None
     server = grpc.aio.server(interceptors=[serving], options=_options(config))
     health_servicer = health.aio.HealthServicer()
@@ -411,8 +417,8 @@ def _start_http(
     # --handler-threads, and the loop keeps reading new ones.
     if config.handler_threads > 0:  # pools: handler, other
         http_pool, batch_pool = pools[0], None
-    else:  # pools: other, http; a batch on the HTTP thread would hold every HTTP call
-        http_pool, batch_pool = pools[-1], pools[0]
+    else:  # pools: other, batch, http; a batch on the HTTP thread would hold every HTTP call
+        http_pool, batch_pool = pools[2], pools[1]
     api = HttpApi(
         recommender,
         admission,
