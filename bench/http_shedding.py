@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import ROOT, ServerProcess, cpu_features, imported_tree
-from serving_ab import cpu_line, variant
+from serving import ROOT, ServerProcess, cpu_features
+from serving_ab import add_tree_args, alternating, check_trees, cpu_line
 
 HTTP_READY = re.compile(r"\bhttp (\S+):(\d+)")
 
@@ -147,30 +147,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--a", type=variant, required=True, help="LABEL=PATH of the first tree")
-    parser.add_argument("--b", type=variant, required=True, help="LABEL=PATH of the second tree")
-    parser.add_argument("--bundles", type=Path, default=ROOT / "runs" / "demo" / "bundles")
+    add_tree_args(parser)
     parser.add_argument("--rate", type=float, default=50.0, help="steady calls/s (50)")
     parser.add_argument("--seconds", type=float, default=10.0, help="steady phase (10 s)")
     parser.add_argument("--burst", type=int, default=500, help="calls sent at once (500)")
     parser.add_argument("--pairs", type=int, default=3, help="alternated pairs of runs (3)")
     parser.add_argument("--name", default="s33", help="results file suffix")
     args = parser.parse_args()
-    if not (args.bundles / "CURRENT").is_file():
-        parser.error(f"--bundles {args.bundles}: no CURRENT there (run `make demo` first)")
+    check_trees(parser, args)
     if args.rate <= 0 or args.seconds <= 0 or args.burst < 1 or args.pairs < 1:
         parser.error("--rate and --seconds must be > 0, --burst and --pairs >= 1")
     (a, tree_a), (b, tree_b) = args.a, args.b
-    if a == b:
-        parser.error("--a and --b need different labels")
-    for flag, (label, tree) in (("--a", args.a), ("--b", args.b)):
-        if imported_tree(tree) != tree:
-            parser.error(f"{flag} {label}: a server started in {tree} imports another slimrank")
     users = known_users(args.bundles)
     runs = []
     for pair in range(args.pairs):
-        order = [(a, tree_a), (b, tree_b)] if pair % 2 == 0 else [(b, tree_b), (a, tree_a)]
-        for label, tree in order:
+        for label, tree in alternating(pair, args.a, args.b):
             runs.append(one_run(label, tree, args, users, pair))
             print(json.dumps(runs[-1]), flush=True)
     report = {

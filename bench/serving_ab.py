@@ -182,6 +182,33 @@ def variant(spec: str) -> tuple[str, Path]:
     return label, checkout(path)
 
 
+def add_tree_args(parser: argparse.ArgumentParser) -> None:
+    """``--a`` and ``--b`` (LABEL=PATH of two checkouts) and ``--bundles``: what every A/B
+    bench of two code trees takes; check them with :func:`check_trees`."""
+    parser.add_argument("--a", type=variant, required=True, help="LABEL=PATH of the first tree")
+    parser.add_argument("--b", type=variant, required=True, help="LABEL=PATH of the second tree")
+    parser.add_argument("--bundles", type=Path, default=ROOT / "runs" / "demo" / "bundles")
+
+
+def check_trees(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage error unless ``--bundles`` has a CURRENT, the labels differ and a server started
+    in each tree imports that tree's own ``slimrank``."""
+    if not (args.bundles / "CURRENT").is_file():
+        parser.error(f"--bundles {args.bundles}: no CURRENT there (run `make demo` first)")
+    if args.a[0] == args.b[0]:
+        parser.error("--a and --b need different labels")
+    for flag, (label, tree) in (("--a", args.a), ("--b", args.b)):
+        served = imported_tree(tree)
+        if served != tree:
+            parser.error(f"{flag} {label}: a server started in {tree} imports {served}'s slimrank")
+
+
+def alternating(pair: int, a: tuple[str, Path], b: tuple[str, Path]) -> list[tuple[str, Path]]:
+    """The order of pair ``pair``'s two runs: A first in even pairs, B first in odd ones, so
+    a drift of the machine's speed favours neither."""
+    return [a, b] if pair % 2 == 0 else [b, a]
+
+
 def serve_flags(text: str) -> list[str]:
     """One variant's own ``slimrank serve`` flags, as a shell would split them."""
     try:
@@ -421,9 +448,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--a", type=variant, required=True, help="LABEL=PATH of the first tree")
-    parser.add_argument("--b", type=variant, required=True, help="LABEL=PATH of the second tree")
-    parser.add_argument("--bundles", type=Path, default=ROOT / "runs" / "demo" / "bundles")
+    add_tree_args(parser)
     parser.add_argument("--rate", type=float, default=400.0, help="Recommend calls/s offered")
     parser.add_argument("--calls", type=int, default=4000, help="calls per run")
     parser.add_argument("--pairs", type=int, default=12, help="alternated pairs of runs")
@@ -474,8 +499,7 @@ def main() -> int:
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("serve_args", nargs="*", help="more `slimrank serve` flags, after --")
     args = parser.parse_args()
-    if not (args.bundles / "CURRENT").is_file():
-        parser.error(f"--bundles {args.bundles}: no CURRENT there (run `make demo` first)")
+    check_trees(parser, args)
     if args.rate <= 0 or args.calls < 100 or args.pairs < 1:
         parser.error("--rate must be > 0, --calls >= 100, --pairs >= 1")
     if not 0 <= args.batch_beside <= 64:
@@ -487,20 +511,13 @@ def main() -> int:
         if len(set(keys)) < len(keys):
             parser.error(f"{flag}: a key given twice ({', '.join(sorted(keys))})")
     (a, tree_a), (b, tree_b) = args.a, args.b
-    if a == b:
-        parser.error("--a and --b need different labels")
-    for flag, (label, tree) in (("--a", args.a), ("--b", args.b)):
-        served = imported_tree(tree)
-        if served != tree:
-            parser.error(f"{flag} {label}: a server started in {tree} imports {served}'s slimrank")
     requests = demo_requests_from(args.bundles)
     runs = []
     flags = {a: args.a_flags, b: args.b_flags}
     envs = {a: dict(args.a_env), b: dict(args.b_env)}
     fronts = {a: args.a_front, b: args.b_front}
     for pair in range(args.pairs):
-        order = [(a, tree_a), (b, tree_b)] if pair % 2 == 0 else [(b, tree_b), (a, tree_a)]
-        for label, tree in order:
+        for label, tree in alternating(pair, args.a, args.b):
             run = one_run(
                 label,
                 tree,
